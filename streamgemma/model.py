@@ -1,0 +1,160 @@
+"""`Model`: a loaded Griffin network with its tokenizer and its state pool;
+`load`: open a checkpoint by path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import GriffinConfig
+from .errors import CheckpointError
+from .griffin import Griffin
+from .state import StatePool
+from .tokenizer import Tokenizer
+from . import weights
+
+DEFAULT_PREFILL_CHUNK = 256  # tokens per parallel chunk: bounds activation memory for any input length
+
+
+class Model:
+    """A Griffin model ready to serve sessions.
+
+    Attributes: `config` (GriffinConfig), `tokenizer` (Tokenizer or None),
+    `network` (the PyTorch module), `pool` (StatePool of all sessions' state).
+    """
+
+    def __init__(self, network: Griffin, tokenizer: Tokenizer | None = None, source: str | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        self.network = network.eval()
+        self.config: GriffinConfig = network.config
+        self.tokenizer = tokenizer
+        self.source = source
+        self.prefill_chunk = prefill_chunk
+        self.pool = StatePool(self.config, network.dtype, network.device)
+        self._fingerprint: str | None = None
+
+    def __repr__(self) -> str:
+        preset = self.config.matching_preset() or "custom"
+        return (f"Model({preset}, {self.num_parameters() / 1e6:.1f}M parameters, {self.dtype}, "
+                f"{self.device}, tokenizer={'yes' if self.tokenizer else 'no'})")
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the config and weights (see `weights.fingerprint`)."""
+        if self._fingerprint is None:
+            self._fingerprint = weights.fingerprint(self.network)
+        return self._fingerprint
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.network.parameters())
+
+    @classmethod
+    def random(cls, config: GriffinConfig, seed: int = 0, device=None, dtype=None,
+               tokenizer: Tokenizer | None = None) -> "Model":
+        """A model with random weights (tests, benchmarks). Weights are drawn on
+        the CPU in float32 from `seed`, so they do not depend on device or dtype."""
+        device, dtype = weights.resolve_device_dtype(device, dtype)
+        network = Griffin(config, dtype=torch.float32, device="cpu")
+        network.init_random_(torch.Generator().manual_seed(seed))
+        return cls(network.to(device=device, dtype=dtype), tokenizer=tokenizer, source=f"random(seed={seed})")
+
+    def session(self, seed: int | None = None) -> "Session":
+        """A new session at position 0 with its own slot in the state pool."""
+        from .session import Session
+
+        return Session(self, self.pool.allocate(), seed=seed)
+
+    def save(self, directory: str | os.PathLike, max_shard_bytes: int = 4 * 1024**3) -> None:
+        """Write the model in the Hugging Face layout (config.json, safetensors,
+        tokenizer.model) so `streamgemma.load` and transformers can read it."""
+        directory = Path(directory)
+        weights.save_hf(self.network, directory, max_shard_bytes=max_shard_bytes)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory / "tokenizer.model")
+
+    # -- batched paths (used by Session and, later, the engine) --------------------------
+    @torch.no_grad()
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """One token for each slot: returns float32 logits [B, vocab] and
+        advances each slot by one position. Slots must be distinct."""
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"decode: duplicate slots in {list(slots)}")
+        dev = self.device
+        slots_t = torch.tensor(list(slots), dtype=torch.long, device=dev)
+        tokens_t = torch.tensor(list(tokens), dtype=torch.long, device=dev)
+        pos_t = torch.tensor([self.pool.positions[s] for s in slots], dtype=torch.long, device=dev)
+        states = self.pool.gather(slots_t)
+        logits, states = self.network.forward_decode(tokens_t, pos_t, states)
+        self.pool.scatter(slots_t, states)
+        for s in slots:
+            self.pool.positions[s] += 1
+        return logits
+
+    @torch.no_grad()
+    def prefill(self, slot: int, tokens: Sequence[int], all_logits: bool = False,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """Consume `tokens` for one slot with the parallel path, in chunks of
+        `chunk_size` (default `prefill_chunk`) so memory is bounded for any length.
+        Returns float32 logits [vocab] after the last token, or [T, vocab] for
+        every token if `all_logits`. The slot's state advances chunk by chunk, so
+        an error mid-way leaves it consistent at the last finished chunk."""
+        chunk = chunk_size or self.prefill_chunk
+        dev = self.device
+        slot_t = torch.tensor([slot], dtype=torch.long, device=dev)
+        outputs = []
+        for start in range(0, len(tokens), chunk):
+            part = list(tokens[start:start + chunk])
+            p0 = self.pool.positions[slot]
+            pos = torch.arange(p0, p0 + len(part), dtype=torch.long, device=dev)[None]
+            last = start + chunk >= len(tokens)
+            mode = "all" if all_logits else ("last" if last else "none")
+            states = self.pool.gather(slot_t)
+            logits, states = self.network.forward_chunk(
+                torch.tensor([part], dtype=torch.long, device=dev), pos, states, logits=mode)
+            self.pool.scatter(slot_t, states)
+            self.pool.positions[slot] = p0 + len(part)
+            if logits is not None:
+                outputs.append(logits[0])
+        return torch.cat(outputs, dim=0) if all_logits else outputs[-1]
+
+
+def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinConfig | None = None,
+         progress: bool | None = None) -> Model:
+    """Open a checkpoint.
+
+    path: a Hugging Face directory (config.json + model.safetensors or sharded
+    safetensors with model.safetensors.index.json), an official state dict
+    (`.pt`, or a directory holding one), or a directory written by `Model.save`.
+    A `tokenizer.model` beside the weights is loaded as `model.tokenizer`.
+    device: default CUDA if available, else CPU. dtype: "float32",
+    "bfloat16", "float16" or a torch dtype; default bfloat16 on CUDA, float32
+    on CPU. config: hyper-parameters that an official state dict's shapes do
+    not carry (window, soft cap, embedding scaling); checked against the
+    weights. progress: show a progress line (default: when stderr is a terminal).
+
+    Raises CheckpointError (files, keys, shapes), DeviceError (device/dtype).
+    """
+    if str(path) == "demo" and not Path("demo").exists():
+        raise CheckpointError("the bundled demo model is not part of this version yet; "
+                              "pass the path of a checkpoint directory or .pt file")
+    device, dtype = weights.resolve_device_dtype(device, dtype)
+    ckpt = weights.discover(path)
+    network = weights.load_network(ckpt, device, dtype, config=config, progress=progress)
+    tokenizer = None
+    if ckpt.tokenizer_file is not None:
+        tokenizer = Tokenizer.from_file(ckpt.tokenizer_file)
+        if tokenizer.vocab_size > network.config.vocab_size:
+            raise CheckpointError(f"{ckpt.tokenizer_file}: has {tokenizer.vocab_size} pieces but the model's "
+                                  f"vocabulary has {network.config.vocab_size} entries")
+    return Model(network, tokenizer=tokenizer, source=str(path))

@@ -1,0 +1,441 @@
+"""Checkpoint discovery, loading and saving, dtype/device placement, fingerprint.
+
+Formats a user has on disk:
+- Hugging Face: `config.json` + `model.safetensors` (or shards with
+  `model.safetensors.index.json`), key names of transformers'
+  RecurrentGemmaForCausalLM. `model.save` writes this layout too.
+- Official PyTorch (Kaggle): a flat state dict `{variant}.pt` with the
+  reference's key names; the config is inferred from the tensor shapes.
+
+Tensors are read one at a time (safetensors are memory-mapped, `.pt` files are
+opened with `mmap=True, weights_only=True`), converted, and copied into a
+network built on the meta device, so host memory holds one tensor beyond the
+mapped file at a time. A pickle cannot run code: only `weights_only` loading is
+used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from .config import ATTENTION, GriffinConfig
+from .errors import CheckpointError, ConfigError, DeviceError
+from .griffin import Griffin
+from .progress import Progress
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt")
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+
+
+# -- key layouts ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """Where a tensor of a checkpoint layout lands in the network.
+
+    kind: "same" (copy), "transpose" (2-D), "conv" ([L, 1, K] <-> [K, L]).
+    index: a leading index into the target parameter (the MLP's fused
+    up-projection holds transformers' gate and up projections as [0] and [1]).
+    """
+
+    target: str
+    kind: str = "same"
+    index: tuple[int, ...] = ()
+
+    def source_shape(self, target_shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = target_shape[len(self.index):]
+        if self.kind == "transpose":
+            return tuple(reversed(shape))
+        if self.kind == "conv":
+            return (shape[1], 1, shape[0])
+        return tuple(shape)
+
+    def to_target(self, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "transpose":
+            return t.T
+        if self.kind == "conv":
+            return t[:, 0, :].T
+        return t
+
+    def to_source(self, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "transpose":
+            return t.T
+        if self.kind == "conv":
+            return t.T[:, None, :]
+        return t
+
+
+def official_layout(network: Griffin) -> dict[str, _Rule]:
+    """The reference state dict: our parameter names, unchanged."""
+    return {name: _Rule(name) for name, _ in network.named_parameters()}
+
+
+def hf_layout(config: GriffinConfig) -> dict[str, _Rule]:
+    """transformers' RecurrentGemmaForCausalLM key names -> network parameters."""
+    rules = {"model.embed_tokens.weight": _Rule("embedder.input_embedding"),
+             "model.final_norm.weight": _Rule("final_norm.scale")}
+    for i, kind in enumerate(config.block_types):
+        hf, us = f"model.layers.{i}.", f"blocks.{i}."
+        rules[hf + "temporal_pre_norm.weight"] = _Rule(us + "temporal_pre_norm.scale")
+        rules[hf + "channel_pre_norm.weight"] = _Rule(us + "channel_pre_norm.scale")
+        t = hf + "temporal_block."
+        if kind == ATTENTION:
+            a = us + "attention_block."
+            for h_name, o_name in (("q_proj", "proj_q"), ("k_proj", "proj_k"), ("v_proj", "proj_v"),
+                                   ("o_proj", "proj_final")):
+                rules[t + h_name + ".weight"] = _Rule(a + o_name + ".weight")
+            rules[t + "o_proj.bias"] = _Rule(a + "proj_final.bias")
+        else:
+            r = us + "recurrent_block."
+            for lin in ("linear_x", "linear_y", "linear_out"):
+                rules[t + lin + ".weight"] = _Rule(r + lin + ".weight")
+                rules[t + lin + ".bias"] = _Rule(r + lin + ".bias")
+            rules[t + "conv_1d.weight"] = _Rule(r + "conv_1d.w", "conv")
+            rules[t + "conv_1d.bias"] = _Rule(r + "conv_1d.b")
+            rules[t + "rg_lru.recurrent_param"] = _Rule(r + "rg_lru.a_param")
+            rules[t + "rg_lru.input_gate_weight"] = _Rule(r + "rg_lru.input_gate.w")
+            rules[t + "rg_lru.input_gate_bias"] = _Rule(r + "rg_lru.input_gate.b")
+            rules[t + "rg_lru.recurrent_gate_weight"] = _Rule(r + "rg_lru.a_gate.w")
+            rules[t + "rg_lru.recurrent_gate_bias"] = _Rule(r + "rg_lru.a_gate.b")
+        m, mm = hf + "mlp_block.", us + "mlp_block."
+        for j, proj in enumerate(("gate_proj", "up_proj")):
+            rules[m + proj + ".weight"] = _Rule(mm + "ffw_up.w", "transpose", (j,))
+            rules[m + proj + ".bias"] = _Rule(mm + "ffw_up.b", "same", (j, 0, 0))
+        rules[m + "down_proj.weight"] = _Rule(mm + "ffw_down.weight")
+        rules[m + "down_proj.bias"] = _Rule(mm + "ffw_down.bias")
+    return rules
+
+
+# -- discovery -----------------------------------------------------------------------
+@dataclasses.dataclass
+class Checkpoint:
+    """What `discover` found at a path."""
+
+    format: str  # "hf" or "official"
+    root: Path
+    weight_files: list[Path]
+    config_file: Path | None
+    tokenizer_file: Path | None
+
+
+def discover(path: str | os.PathLike) -> Checkpoint:
+    """Identify the checkpoint format at `path` (a directory or a `.pt` file)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix in OFFICIAL_SUFFIXES:
+            return Checkpoint("official", p.parent, [p], _beside(p.parent, "config.json"),
+                              _beside(p.parent, "tokenizer.model"))
+        if p.suffix == ".safetensors" or p.name in (HF_INDEX, "config.json"):
+            p = p.parent
+        else:
+            raise CheckpointError(f"{p}: unknown checkpoint format; expected a Hugging Face directory "
+                                  f"(config.json + *.safetensors) or an official state dict "
+                                  f"({', '.join(OFFICIAL_SUFFIXES)})")
+    tokenizer = _beside(p, "tokenizer.model")
+    if (p / "config.json").is_file() and ((p / HF_INDEX).is_file() or (p / HF_SINGLE).is_file()):
+        if (p / HF_INDEX).is_file():
+            files = _shards_from_index(p / HF_INDEX)
+        else:
+            files = [p / HF_SINGLE]
+        return Checkpoint("hf", p, files, p / "config.json", tokenizer)
+    official = sorted(f for f in p.iterdir() if f.suffix in OFFICIAL_SUFFIXES and f.is_file())
+    if len(official) == 1:
+        return Checkpoint("official", p, official, _beside(p, "config.json"), tokenizer)
+    if len(official) > 1:
+        raise CheckpointError(f"{p}: several state dicts ({', '.join(f.name for f in official)}); "
+                              "pass the path of the one to load")
+    seen = ", ".join(sorted(f.name for f in p.iterdir())[:10]) or "nothing"
+    if (p / "config.json").is_file():
+        raise CheckpointError(f"{p}: has config.json but no {HF_SINGLE} or {HF_INDEX}")
+    raise CheckpointError(f"{p}: no checkpoint found (found: {seen}); expected config.json + "
+                          f"{HF_SINGLE} (Hugging Face) or one {'/'.join(OFFICIAL_SUFFIXES)} state dict")
+
+
+def _beside(directory: Path, name: str) -> Path | None:
+    f = directory / name
+    return f if f.is_file() else None
+
+
+def _shards_from_index(index_file: Path) -> list[Path]:
+    try:
+        index = json.loads(index_file.read_text())
+        weight_map = index["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+    files = [index_file.parent / n for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index_file}: shard files listed in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+# -- tensor sources ------------------------------------------------------------------
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Path, Callable[[], torch.Tensor], tuple[int, ...], int]]:
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+        # The handle stays open (memory-mapped) while the getters are alive.
+        for key in handle.keys():
+            sl = handle.get_slice(key)
+            shape = tuple(sl.get_shape())
+            nbytes = _numel(shape) * _dtype_size(sl.get_dtype())
+            yield key, f, (lambda h=handle, k=key: h.get_tensor(k)), shape, nbytes
+
+
+def _dtype_size(name: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1}.get(name, 4)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _load_official(f: Path) -> Mapping[str, torch.Tensor]:
+    """torch.load restricted to tensors (no code runs from the pickle)."""
+    try:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) file
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(f"{f}: refused to load: the pickle holds more than tensors ({first}). "
+                              "Only plain state dicts are accepted; nothing from the file was executed.") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{f}: not a readable PyTorch state dict ({e})") from None
+    if isinstance(sd, Mapping) and "model_state_dict" in sd and isinstance(sd["model_state_dict"], Mapping):
+        sd = sd["model_state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{f}: expected a flat state dict of tensors, got {type(sd).__name__}")
+    return sd
+
+
+# -- placement -------------------------------------------------------------------------
+def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA if available else CPU; bfloat16 on CUDA, float32 on CPU.
+    Raises DeviceError if the device or dtype cannot run the model."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"unknown device {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device} requested but CUDA is not available in this PyTorch build/machine")
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {device}: only 'cpu' and 'cuda' are supported")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise DeviceError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise DeviceError(f"dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use dtype='float16' or 'float32'")
+    try:  # a tiny probe of what the model does, so failures surface here and not mid-generation
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        torch.tanh(a @ a).sum().item()
+    except RuntimeError as e:
+        raise DeviceError(f"device {device} cannot run dtype {dtype} ({e})") from None
+    return device, dtype
+
+
+# -- loading -------------------------------------------------------------------------
+def build_config(ckpt: Checkpoint, config: GriffinConfig | None) -> GriffinConfig:
+    """The config of a checkpoint: config.json for Hugging Face; the tensor shapes
+    (plus an optional config.json or `config` argument) for official state dicts."""
+    if ckpt.format == "hf":
+        try:
+            found = GriffinConfig.from_hf_dict(read_json(ckpt.config_file), source=str(ckpt.config_file))
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        if config is not None and config != found:
+            raise CheckpointError(f"{ckpt.config_file}: describes {_diff(found, config)}, "
+                                  "which contradicts the config passed to load()")
+        return found
+    return config  # official: inferred after the shapes are read
+
+
+def _diff(a: GriffinConfig, b: GriffinConfig) -> str:
+    parts = [f"{k}={getattr(a, k)!r} (expected {getattr(b, k)!r})" for k in a.to_dict()
+             if getattr(a, k) != getattr(b, k)]
+    return ", ".join(parts)
+
+
+def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                 config: GriffinConfig | None = None, progress: bool | None = None) -> Griffin:
+    """Read a checkpoint into a new network on `device` in `dtype`."""
+    if ckpt.format == "hf":
+        cfg = build_config(ckpt, config)
+        sources = list(_iter_safetensors(ckpt.weight_files))
+        layout_of = hf_layout
+    else:
+        f = ckpt.weight_files[0]
+        sd = _load_official(f)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        hypers = {}
+        if config is None and ckpt.config_file is not None:
+            config = _config_beside(ckpt.config_file)
+        if config is not None:
+            hypers = {k: getattr(config, k) for k in ("attention_window", "logits_soft_cap",
+                                                      "embeddings_scale_by_sqrt_dim", "conv_width",
+                                                      "rms_norm_eps", "rope_base")}
+        try:
+            cfg = GriffinConfig.from_official_shapes(shapes, source=str(f), **hypers)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        if config is not None and config != cfg:
+            raise CheckpointError(f"{f}: the tensor shapes give {_diff(cfg, config)}, "
+                                  "which contradicts the given config")
+        sources = [(k, f, (lambda v=v: v), tuple(v.shape), v.numel() * v.element_size()) for k, v in sd.items()]
+        layout_of = lambda c: official_layout(Griffin(c, device="meta"))  # noqa: E731
+
+    layout = layout_of(cfg)
+    with torch.device("meta"):
+        network = Griffin(cfg, dtype=dtype)
+    network = network.to_empty(device=device)
+    params = dict(network.named_parameters())
+    _check_keys(ckpt, [s[0] for s in sources], layout)
+
+    total = sum(s[4] for s in sources)
+    bar = Progress(f"loading {ckpt.root.name or ckpt.root}", total, unit="B", enabled=progress)
+    with torch.no_grad():
+        for key, file, get, shape, nbytes in sources:
+            rule = layout[key]
+            target = params[rule.target]
+            expected = rule.source_shape(tuple(target.shape))
+            if shape != expected:
+                raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)} but the config "
+                                      f"({_config_source(ckpt)}) implies {list(expected)}")
+            if key == "lm_head.weight":  # tied to the embedding: nothing to copy
+                bar.advance(nbytes)
+                continue
+            tensor = get()
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
+            dst = target[rule.index] if rule.index else target
+            dst.copy_(rule.to_target(tensor).to(device=device, dtype=dtype))
+            bar.advance(nbytes)
+    bar.close()
+    return network
+
+
+def _config_beside(path: Path) -> GriffinConfig:
+    data = read_json(path)
+    try:
+        if "model_type" in data or "hidden_size" in data:
+            return GriffinConfig.from_hf_dict(data, source=str(path))
+        return GriffinConfig.from_dict(data)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _config_source(ckpt: Checkpoint) -> str:
+    return str(ckpt.config_file) if ckpt.format == "hf" else "inferred from the state dict and hyper-parameters"
+
+
+def _check_keys(ckpt: Checkpoint, keys: list[str], layout: dict[str, _Rule]) -> None:
+    present = set(keys)
+    allowed_extra = {"lm_head.weight"} if ckpt.format == "hf" else set()
+    unexpected = sorted(present - set(layout) - allowed_extra)
+    missing = sorted(set(layout) - present)
+    where = ", ".join(str(f) for f in ckpt.weight_files[:3]) + (" ..." if len(ckpt.weight_files) > 3 else "")
+    if missing:
+        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s) the config requires, e.g. "
+                              f"{', '.join(repr(k) for k in missing[:5])}")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor(s) not in a {ckpt.format} RecurrentGemma "
+                              f"checkpoint of this config: {', '.join(repr(k) for k in unexpected[:5])}")
+    if "lm_head.weight" in present:
+        layout["lm_head.weight"] = _Rule("embedder.input_embedding")  # tied: shape-checked, then skipped
+
+
+# -- saving --------------------------------------------------------------------------
+def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**3) -> None:
+    """Write `network` as a Hugging Face checkpoint (config.json + safetensors,
+    sharded with an index file above `max_shard_bytes`)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    params = dict(network.named_parameters())
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, rule in hf_layout(network.config).items():
+        t = params[rule.target].detach()
+        t = t[rule.index] if rule.index else t
+        t = rule.to_source(t).contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    for old in list(directory.glob("model*.safetensors")) + [directory / HF_INDEX]:
+        if old.exists():
+            old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / HF_SINGLE), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(p.numel() * p.element_size() for p in network.parameters())
+        (directory / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": weight_map}, indent=2))
+    hf_config = network.config.to_hf_dict()
+    hf_config["torch_dtype"] = str(network.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+
+
+# -- fingerprint -----------------------------------------------------------------------
+def fingerprint(network: Griffin, samples: int = 64) -> str:
+    """A digest of the config and the weights that costs little: per parameter,
+    its name, shape and `samples` evenly spaced values rounded to bfloat16 (so
+    the same weights loaded in float32 or bfloat16 give the same digest)."""
+    h = hashlib.sha256(network.config.to_json().encode())
+    for name, p in sorted(network.named_parameters()):
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        vals = flat.index_select(0, idx).to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(vals)
+    return h.hexdigest()[:32]

@@ -52,6 +52,17 @@ class Session:
         if self._closed:
             raise RuntimeError("this session is closed")
 
+    # -- host-side state beyond the pool (saved in snapshots) ------------------------------
+    def _extra_state(self) -> dict:
+        """Session state that lives outside the pool, as msgpack-ready values:
+        {"rng": bytes | None (sampler RNG state), "detok_pending": bytes (UTF-8
+        bytes not yet emitted), "recent_ids": list[int] (recent token ids the
+        detokenizer and penalties need)}. Snapshots store it verbatim."""
+        return {"rng": None, "detok_pending": b"", "recent_ids": []}
+
+    def _restore_extra_state(self, extra: dict) -> None:
+        """Inverse of `_extra_state` (values already validated by the caller)."""
+
     # -- state -----------------------------------------------------------------------
     @property
     def position(self) -> int:

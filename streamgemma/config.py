@@ -270,11 +270,11 @@ class GriffinConfig:
         fields = dict(vocab_size=vocab, width=width, mlp_width=mlp_width, num_heads=num_heads,
                       lru_width=lru_width, block_types=tuple(block_types))
         defaults = {}
-        for name, preset in _PRESETS.items():
-            p = dict(preset)
-            if name != "tiny" and all(p[k] == v for k, v in fields.items() if k != "vocab_size"):
-                defaults = {k: p[k] for k in ("attention_window", "logits_soft_cap",
-                                              "embeddings_scale_by_sqrt_dim")}
+        for name in _PRESETS:
+            preset = cls.preset(name)
+            if name != "tiny" and all(getattr(preset, k) == v for k, v in fields.items() if k != "vocab_size"):
+                defaults = {k: getattr(preset, k) for k in ("attention_window", "logits_soft_cap",
+                                                            "embeddings_scale_by_sqrt_dim")}
                 break
         defaults.update(hypers)
         try:

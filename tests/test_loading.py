@@ -1,0 +1,280 @@
+"""Loading every checkpoint format through `sg.load`, saving, and the errors
+for bad input."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import streamgemma as sg
+from conftest import random_tokens
+from reference import hf_model, official_griffin, rel_err
+from streamgemma.griffin import Griffin
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    cfg = sg.GriffinConfig.preset("tiny")
+    path = tmp_path_factory.mktemp("hf")
+    hf_model(cfg, seed=3).save_pretrained(path)
+    return path
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def logits_of(model, n=12):
+    return model.session().feed(random_tokens(n, model.config.vocab_size, seed=1))
+
+
+def train_tokenizer(directory: Path, vocab_size: int = 400) -> Path:
+    import sentencepiece as spm
+
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7}"
+                                for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "spm"),
+                                   vocab_size=vocab_size, byte_fallback=True, minloglevel=2)
+    return directory / "spm.model"
+
+
+# -- formats -------------------------------------------------------------------------------
+def test_hf_single_and_sharded_give_the_same_model(hf_dir, tmp_path):
+    from transformers import RecurrentGemmaForCausalLM
+
+    single = sg.load(hf_dir)
+    sharded_dir = tmp_path / "sharded"
+    RecurrentGemmaForCausalLM.from_pretrained(hf_dir).save_pretrained(sharded_dir, max_shard_size="100KB")
+    assert (sharded_dir / "model.safetensors.index.json").is_file()
+    assert len(list(sharded_dir.glob("model-*.safetensors"))) > 1
+    sharded = sg.load(sharded_dir)
+    assert torch.equal(logits_of(single), logits_of(sharded))
+    assert single.fingerprint == sharded.fingerprint
+
+
+def test_official_state_dict_by_file_and_by_directory(tmp_path):
+    cfg = sg.GriffinConfig.preset("tiny")
+    torch.save(official_griffin(cfg, seed=4).state_dict(), tmp_path / "tiny.pt")
+    by_file = sg.load(tmp_path / "tiny.pt", config=cfg)
+    by_dir = sg.load(tmp_path, config=cfg)
+    assert by_file.config == cfg
+    assert torch.equal(logits_of(by_file), logits_of(by_dir))
+
+
+def test_official_state_dict_with_config_json_beside_it(tmp_path):
+    cfg = sg.GriffinConfig.preset("tiny")
+    torch.save(official_griffin(cfg, seed=4).state_dict(), tmp_path / "tiny.pt")
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    assert sg.load(tmp_path / "tiny.pt").config == cfg
+
+
+@pytest.mark.parametrize("name", ["recurrentgemma-2b", "recurrentgemma-9b", "griffin-7b", "hawk-7b"])
+def test_config_inferred_from_official_shapes_and_hf_json(name):
+    cfg = sg.GriffinConfig.preset(name)
+    shapes = {k: tuple(p.shape) for k, p in Griffin(cfg, device="meta").named_parameters()}
+    assert sg.GriffinConfig.from_official_shapes(shapes) == cfg
+    assert sg.GriffinConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg
+    assert cfg.matching_preset() == name
+
+
+def test_preset_parameter_counts():
+    for name, count in (("recurrentgemma-2b", 2_682_862_080), ("recurrentgemma-9b", 8_579_977_216)):
+        cfg = sg.GriffinConfig.preset(name)
+        assert sum(p.numel() for p in Griffin(cfg, device="meta").parameters()) == count
+        assert cfg.num_parameters() == count
+
+
+def test_save_load_round_trip_with_tokenizer_and_shards(tmp_path):
+    tok = sg.Tokenizer.from_file(train_tokenizer(tmp_path))
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny", vocab_size=512), seed=5, tokenizer=tok)
+    model.save(tmp_path / "one")
+    model.save(tmp_path / "many", max_shard_bytes=40_000)
+    assert len(list((tmp_path / "many").glob("model-*.safetensors"))) > 1
+    for d in ("one", "many"):
+        loaded = sg.load(tmp_path / d)
+        assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == tok.vocab_size
+        assert torch.equal(logits_of(loaded), logits_of(model))
+        assert loaded.fingerprint == model.fingerprint
+    text = "the lazy dog"
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode(text)) == text
+    s = loaded.session()
+    s.feed(text)  # text input works once a tokenizer is present; BOS is added at position 0
+    assert s.position == len(tok.encode(text)) + 1
+
+
+def test_dtype_and_fingerprint(hf_dir):
+    f32 = sg.load(hf_dir, dtype="float32")
+    bf16 = sg.load(hf_dir, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.network.blocks[0].recurrent_block.linear_x.weight.dtype == torch.bfloat16
+    assert f32.fingerprint == bf16.fingerprint  # same weights, whatever the dtype
+    other = sg.Model.random(f32.config, seed=99)
+    assert other.fingerprint != f32.fingerprint
+    assert rel_err(logits_of(bf16), logits_of(f32)) < 5e-2
+
+
+def test_progress_line(hf_dir, capsys):
+    sg.load(hf_dir, progress=True)
+    err = capsys.readouterr().err
+    assert "loading" in err and "100%" in err
+
+
+# -- bad input ---------------------------------------------------------------------------
+def error_of(fn, *args, kind=sg.CheckpointError, **kwargs) -> str:
+    with pytest.raises(kind) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def test_missing_and_unknown_paths(tmp_path):
+    assert "no such file" in error_of(sg.load, tmp_path / "nope")
+    assert "no checkpoint found" in error_of(sg.load, tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"x" * 10)
+    assert "unknown checkpoint format" in error_of(sg.load, tmp_path / "weights.bin")
+    (tmp_path / "config.json").write_text("{}")
+    assert "no model.safetensors" in error_of(sg.load, tmp_path)
+
+
+def test_hf_missing_and_unexpected_keys(hf_dir, tmp_path):
+    tensors = load_file(hf_dir / "model.safetensors")
+    d = copy_dir(hf_dir, tmp_path / "missing")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.2.temporal_block.k_proj.weight"},
+              d / "model.safetensors")
+    msg = error_of(sg.load, d)
+    assert "missing" in msg and "model.layers.2.temporal_block.k_proj.weight" in msg and "model.safetensors" in msg
+    d = copy_dir(hf_dir, tmp_path / "extra")
+    save_file({**tensors, "model.layers.0.surprise.weight": torch.zeros(2)}, d / "model.safetensors")
+    assert "model.layers.0.surprise.weight" in error_of(sg.load, d)
+
+
+def test_config_contradicting_the_weights(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 2 * 100
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = error_of(sg.load, d)
+    assert "model.layers.0.mlp_block" in msg and "100" in msg and "config.json" in msg
+    cfg = sg.GriffinConfig.preset("tiny")
+    torch.save(official_griffin(cfg).state_dict(), tmp_path / "tiny.pt")
+    msg = error_of(sg.load, tmp_path / "tiny.pt", config=cfg.replace(mlp_width=100))
+    assert "mlp_width=192" in msg and "expected 100" in msg
+
+
+def test_bad_config_json(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "j")
+    (d / "config.json").write_text("{not json")
+    assert "config.json" in error_of(sg.load, d)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    assert "model_type" in error_of(sg.load, d)
+    (d / "config.json").write_text(json.dumps({"model_type": "recurrent_gemma", "hidden_size": 64}))
+    assert "missing field" in error_of(sg.load, d)
+
+
+def test_corrupt_and_truncated_files(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "corrupt")
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert "safetensors" in error_of(sg.load, d)
+    cfg = sg.GriffinConfig.preset("tiny")
+    torch.save(official_griffin(cfg).state_dict(), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert "cut.pt" in error_of(sg.load, tmp_path / "cut" / "cut.pt", config=cfg)
+
+
+def test_missing_shard(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "s")
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    assert "model-00001-of-00002.safetensors" in error_of(sg.load, d)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_does_not_execute(tmp_path):
+    payload = _Payload()
+    payload.marker = tmp_path / "pwned"
+    torch.save({"embedder.input_embedding": torch.zeros(2, 2), "evil": payload}, tmp_path / "evil.pt")
+    msg = error_of(sg.load, tmp_path / "evil.pt")
+    assert "evil.pt" in msg and "refused" in msg
+    assert not payload.marker.exists()
+
+
+def test_not_a_state_dict(tmp_path):
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    assert "state dict" in error_of(sg.load, tmp_path / "list.pt")
+    torch.save({"embedder.input_embedding": torch.zeros(4, 4)}, tmp_path / "partial.pt")
+    assert "blocks.0" in error_of(sg.load, tmp_path / "partial.pt")
+
+
+def test_integer_weights_rejected(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "int")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.final_norm.weight"] = tensors["model.final_norm.weight"].to(torch.int32)
+    save_file(tensors, d / "model.safetensors")
+    assert "model.final_norm.weight" in error_of(sg.load, d)
+
+
+def test_tokenizer_larger_than_vocabulary(tmp_path):
+    tok_path = train_tokenizer(tmp_path, vocab_size=300)  # more pieces than tiny's 256 ids
+    cfg = sg.GriffinConfig.preset("tiny")  # 256 entries
+    sg.Model.random(cfg).save(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.model").write_bytes(tok_path.read_bytes())
+    assert "300 pieces" in error_of(sg.load, tmp_path / "m")
+
+
+def test_bad_device_and_dtype(hf_dir):
+    assert "int8" in error_of(sg.load, hf_dir, dtype="int8", kind=sg.DeviceError)
+    assert "unknown device" in error_of(sg.load, hf_dir, device="warp-drive", kind=sg.DeviceError)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in error_of(sg.load, hf_dir, device="cuda", kind=sg.DeviceError)
+
+
+def test_bad_config_values():
+    with pytest.raises(sg.ConfigError, match="num_heads"):
+        sg.GriffinConfig.preset("tiny", num_heads=3)
+    with pytest.raises(sg.ConfigError, match="block_types"):
+        sg.GriffinConfig.preset("tiny", block_types=("recurrent", "mamba"))
+    with pytest.raises(sg.ConfigError, match="unknown preset"):
+        sg.GriffinConfig.preset("gemma-7b")
+
+
+def test_bad_session_input():
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"))
+    s = model.session()
+    with pytest.raises(ValueError, match="256"):
+        s.step(256)
+    with pytest.raises(ValueError, match="-1"):
+        s.step(-1)
+    with pytest.raises(TypeError, match="1.5"):
+        s.step(1.5)
+    with pytest.raises(ValueError, match="no tokens"):
+        s.feed([])
+    with pytest.raises(ValueError, match="tokenizer"):
+        s.feed("hello")
+    assert s.position == 0  # nothing was consumed by the failed calls
+    s.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        s.step(1)
+
+
+def test_pool_grows_and_sessions_stay_independent():
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"))
+    tokens = random_tokens(10, 256, seed=2)
+    ref = model.session().feed(tokens)
+    sessions = [model.session() for _ in range(5)]
+    for i, s in enumerate(sessions):
+        s.feed(random_tokens(3 + i, 256, seed=10 + i))
+    late = model.session()
+    assert torch.equal(late.feed(tokens), ref)
+    assert model.pool.capacity >= 7

@@ -388,11 +388,11 @@ class Griffin(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("a_param"):
                 # Decay radius r uniform in [0.9, 0.999] as the reference: a_param = softplus^-1(-log r).
-                r = torch.empty(p.shape).uniform_(0.9, 0.999, generator=generator)
+                r = torch.empty(p.shape, device=generator.device).uniform_(0.9, 0.999, generator=generator)
                 p.copy_(torch.log(1 / r - 1))
             elif p.ndim >= 2:
                 # nn.Linear weights are [out, in]; the official `.w` tensors are [..., in, out].
                 fan_in = p.shape[-2] if name.endswith(".w") else p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+                p.copy_(torch.randn(p.shape, generator=generator, device=generator.device) / math.sqrt(fan_in))
             else:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=generator, device=generator.device) * 0.1)

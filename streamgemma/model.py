@@ -11,6 +11,7 @@ import torch
 
 from .config import GriffinConfig
 from .errors import CheckpointError
+from .fast_decode import GraphedDecoder, KernelDecoder, check_kernels_usable, kernels_available
 from .griffin import Griffin
 from .state import StatePool
 from .tokenizer import Tokenizer
@@ -27,7 +28,7 @@ class Model:
     """
 
     def __init__(self, network: Griffin, tokenizer: Tokenizer | None = None, source: str | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, decode_kernels: bool | None = None):
         self.network = network.eval()
         self.config: GriffinConfig = network.config
         self.tokenizer = tokenizer
@@ -35,6 +36,12 @@ class Model:
         self.prefill_chunk = prefill_chunk
         self.pool = StatePool(self.config, network.dtype, network.device)
         self._fingerprint: str | None = None
+        # None: the Triton decode step (in CUDA graphs) on CUDA, the PyTorch reference elsewhere.
+        self.decode_kernels = kernels_available(self.device) if decode_kernels is None else decode_kernels
+        if self.decode_kernels:
+            check_kernels_usable(self.device)
+        self._kernel_decoder: KernelDecoder | None = None
+        self._graphed: GraphedDecoder | None = None
 
     def __repr__(self) -> str:
         preset = self.config.matching_preset() or "custom"
@@ -61,13 +68,14 @@ class Model:
 
     @classmethod
     def random(cls, config: GriffinConfig, seed: int = 0, device=None, dtype=None,
-               tokenizer: Tokenizer | None = None) -> "Model":
+               tokenizer: Tokenizer | None = None, **options) -> "Model":
         """A model with random weights (tests, benchmarks). Weights are drawn on
         the CPU in float32 from `seed`, so they do not depend on device or dtype."""
         device, dtype = weights.resolve_device_dtype(device, dtype)
         network = Griffin(config, dtype=torch.float32, device="cpu")
         network.init_random_(torch.Generator().manual_seed(seed))
-        return cls(network.to(device=device, dtype=dtype), tokenizer=tokenizer, source=f"random(seed={seed})")
+        return cls(network.to(device=device, dtype=dtype), tokenizer=tokenizer, source=f"random(seed={seed})",
+                   **options)
 
     def session(self, seed: int | None = None) -> "Session":
         """A new session at position 0 with its own slot in the state pool."""
@@ -90,16 +98,31 @@ class Model:
         advances each slot by one position. Slots must be distinct."""
         if len(set(slots)) != len(slots):
             raise ValueError(f"decode: duplicate slots in {list(slots)}")
-        dev = self.device
-        slots_t = torch.tensor(list(slots), dtype=torch.long, device=dev)
-        tokens_t = torch.tensor(list(tokens), dtype=torch.long, device=dev)
-        pos_t = torch.tensor([self.pool.positions[s] for s in slots], dtype=torch.long, device=dev)
-        states = self.pool.gather(slots_t)
-        logits, states = self.network.forward_decode(tokens_t, pos_t, states)
-        self.pool.scatter(slots_t, states)
+        positions = [self.pool.positions[s] for s in slots]
+        if self.decode_kernels:
+            logits = self._decode_with_kernels(list(slots), list(tokens), positions)
+        else:
+            dev = self.device
+            slots_t = torch.tensor(list(slots), dtype=torch.long, device=dev)
+            states = self.pool.gather(slots_t)
+            logits, states = self.network.forward_decode(torch.tensor(list(tokens), dtype=torch.long, device=dev),
+                                                         torch.tensor(positions, dtype=torch.long, device=dev),
+                                                         states)
+            self.pool.scatter(slots_t, states)
         for s in slots:
             self.pool.positions[s] += 1
         return logits
+
+    def _decode_with_kernels(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        if self._kernel_decoder is None:
+            self._kernel_decoder = KernelDecoder(self.network, self.pool)
+            if self.device.type == "cuda":
+                self._graphed = GraphedDecoder(self._kernel_decoder)
+        if self._graphed is not None:
+            return self._graphed.step(tokens, slots, positions)
+        dev = self.device
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
+        return self._kernel_decoder.step(as_tensor(tokens), as_tensor(slots), as_tensor(positions))
 
     @torch.no_grad()
     def prefill(self, slot: int, tokens: Sequence[int], all_logits: bool = False,
@@ -130,7 +153,7 @@ class Model:
 
 
 def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinConfig | None = None,
-         progress: bool | None = None) -> Model:
+         progress: bool | None = None, decode_kernels: bool | None = None) -> Model:
     """Open a checkpoint.
 
     path: a Hugging Face directory (config.json + model.safetensors or sharded
@@ -142,6 +165,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
     on CPU. config: hyper-parameters that an official state dict's shapes do
     not carry (window, soft cap, embedding scaling); checked against the
     weights. progress: show a progress line (default: when stderr is a terminal).
+    decode_kernels: use the Triton decode step (default: on CUDA).
 
     Raises CheckpointError (files, keys, shapes), DeviceError (device/dtype).
     """
@@ -157,4 +181,4 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
         if tokenizer.vocab_size > network.config.vocab_size:
             raise CheckpointError(f"{ckpt.tokenizer_file}: has {tokenizer.vocab_size} pieces but the model's "
                                   f"vocabulary has {network.config.vocab_size} entries")
-    return Model(network, tokenizer=tokenizer, source=str(path))
+    return Model(network, tokenizer=tokenizer, source=str(path), decode_kernels=decode_kernels)

@@ -42,6 +42,7 @@ class StatePool:
         self.layers: list[LayerState] = [self._alloc_layer(kind, capacity) for kind in config.block_types]
         self.positions: list[int] = [0] * capacity
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self.generation = 0  # bumped when the tensors are reallocated (captured graphs go stale)
 
     @property
     def capacity(self) -> int:
@@ -102,6 +103,7 @@ class StatePool:
                 dst[:old].copy_(src)
             grown.append(fresh)
         self.layers = grown
+        self.generation += 1
         self.positions += [0] * (new - old)
         self._free = list(range(new - 1, old - 1, -1)) + self._free
 

@@ -1,0 +1,182 @@
+"""Local-attention decode over the ring buffer: multi-query (one key/value
+head), one query token per row at its own position, the current key plus the
+`window` previous ones (2049 keys for RecurrentGemma).
+
+Split-KV in two launches:
+- `_attn_partial_kernel`, grid (rows, splits): each program applies RoPE to the
+  row's queries, scans its slice of the ring with an online softmax, and
+  writes (max, sum, weighted values) for every head. MQA: a key tile is loaded
+  once and used by all heads.
+- `_attn_combine_kernel`, grid (rows,): merges the splits and the current
+  token's key/value, writes the output, then stores the current key (roped) and
+  value into the ring at pos % window. It runs after every partial program, so
+  the entry it overwrites (position pos - window, still inside this query's
+  window) has been read.
+Rows whose slot is -1 are padding: their output row is zeroed, nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG = -1.0e30  # finite "minus infinity": keeps exp(m - m_new) defined when a split has no valid key
+
+
+@triton.jit
+def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexpr):
+    """Load [heads x dims] values at base_ptr + head * HD + dim and rotate the first
+    half of each head as the reference does (pairs d, d + HD/4 within that half)."""
+    Q4: tl.constexpr = HD // 4
+    R: tl.constexpr = HD // 2
+    offs = heads[:, None] * HD + dims[None, :]
+    x = tl.load(base_ptr + offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    partner = tl.where(dims < Q4, dims + Q4, tl.where(dims < R, dims - Q4, dims))
+    xp = tl.load(base_ptr + heads[:, None] * HD + partner[None, :], mask=row_mask[:, None], other=0.0)
+    xp = xp.to(tl.float32)
+    fi = tl.where(dims < R, dims % Q4, 0)
+    theta = p.to(tl.float32) * tl.load(inv_freq_ptr + fi)
+    sign = tl.where(dims < Q4, -1.0, 1.0)
+    rotated = x * tl.cos(theta)[None, :] + sign[None, :] * xp * tl.sin(theta)[None, :]
+    return tl.where((dims < R)[None, :], rotated, x)
+
+
+@triton.jit
+def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr, pos_ptr, inv_freq_ptr,
+                         m_ptr, l_ptr, acc_ptr, W, NSPLIT, split_len, scale, H,
+                         HP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    slot = tl.load(slots_ptr + row)
+    if slot >= 0:
+        p = tl.load(pos_ptr + row)
+        heads = tl.arange(0, HP)
+        dims = tl.arange(0, HD)
+        hmask = heads < H
+        q = _rope_rows(qkv_ptr + row * qkv_stride, heads, dims, p, inv_freq_ptr, hmask, HD)
+        q = (q * scale).to(ring_k_ptr.dtype.element_ty)
+        m = tl.full((HP,), _NEG, tl.float32)
+        l = tl.zeros((HP,), tl.float32)
+        acc = tl.zeros((HP, HD), tl.float32)
+        ring_base = slot.to(tl.int64) * W * HD
+        start = split * split_len
+        for n0 in range(start, start + split_len, BN):
+            idx = n0 + tl.arange(0, BN)
+            # ring index j holds a real key iff j < p (before the first wrap) or p >= W
+            valid = idx < tl.minimum(p, W)
+            kv_off = ring_base + idx[:, None] * HD + dims[None, :]
+            k = tl.load(ring_k_ptr + kv_off, mask=valid[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid[None, :], s, _NEG)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            pexp = tl.where(valid[None, :], tl.exp(s - m_new[:, None]), 0.0)
+            l = l * alpha + tl.sum(pexp, axis=1)
+            v = tl.load(ring_v_ptr + kv_off, mask=valid[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(pexp.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(pexp.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        stat = (row * NSPLIT + split) * HP + heads
+        tl.store(m_ptr + stat, m)
+        tl.store(l_ptr + stat, l)
+        tl.store(acc_ptr + stat[:, None] * HD + dims[None, :], acc)
+
+
+@triton.jit
+def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr, pos_ptr, inv_freq_ptr,
+                         m_ptr, l_ptr, acc_ptr, out_ptr, W, NSPLIT, scale, H,
+                         HP: tl.constexpr, HD: tl.constexpr, NSP: tl.constexpr):
+    row = tl.program_id(0)
+    heads = tl.arange(0, HP)
+    dims = tl.arange(0, HD)
+    hmask = heads < H
+    out_off = row * H * HD + heads[:, None] * HD + dims[None, :]
+    slot = tl.load(slots_ptr + row)
+    if slot < 0:
+        tl.store(out_ptr + out_off, tl.zeros((HP, HD), tl.float32).to(out_ptr.dtype.element_ty),
+                 mask=hmask[:, None])
+    else:
+        p = tl.load(pos_ptr + row)
+        base = qkv_ptr + row * qkv_stride
+        q = _rope_rows(base, heads, dims, p, inv_freq_ptr, hmask, HD)
+        one = tl.arange(0, 1)
+        k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
+        v_cur = tl.load(base + (H + 1) * HD + dims).to(tl.float32)
+        # what the ring holds is in the model dtype: score the current key the same way
+        k_cur = k_cur.to(ring_k_ptr.dtype.element_ty).to(tl.float32)
+        v_cur = v_cur.to(ring_v_ptr.dtype.element_ty).to(tl.float32)
+        q = (q * scale).to(ring_k_ptr.dtype.element_ty).to(tl.float32)  # as the partial pass rounds it
+        s_cur = tl.sum(q * k_cur, axis=1)  # [HP]
+
+        splits = tl.arange(0, NSP)
+        stat = (row * NSPLIT + splits[:, None]) * HP + heads[None, :]
+        smask = (splits < NSPLIT)[:, None]
+        m_all = tl.load(m_ptr + stat, mask=smask, other=_NEG)
+        l_all = tl.load(l_ptr + stat, mask=smask, other=0.0)
+        mx = tl.maximum(tl.max(m_all, axis=0), s_cur)
+        w_all = tl.exp(m_all - mx[None, :])
+        w_cur = tl.exp(s_cur - mx)
+        total = tl.sum(l_all * w_all, axis=0) + w_cur
+        o = w_cur[:, None] * v_cur[None, :]
+        for sp in range(0, NSPLIT):
+            st = (row * NSPLIT + sp) * HP + heads
+            w = tl.exp(tl.load(m_ptr + st) - mx)
+            o += tl.load(acc_ptr + st[:, None] * HD + dims[None, :]) * w[:, None]
+        o = o / total[:, None]
+        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+        ring_off = slot.to(tl.int64) * W * HD + (p % W) * HD
+        tl.store(ring_k_ptr + ring_off + one[:, None] * HD + dims[None, :], k_cur.to(ring_k_ptr.dtype.element_ty))
+        tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
+
+
+def splits_for(batch: int, window: int, block: int, target_programs: int = 264) -> tuple[int, int]:
+    """(number of splits, keys per split): enough programs to fill the GPU at
+    small batch, one split per row once the batch alone fills it."""
+    blocks = triton.cdiv(window, block)
+    per_split = max(1, triton.cdiv(blocks, max(1, target_programs // max(batch, 1))))
+    split_len = per_split * block
+    return triton.cdiv(window, split_len), split_len
+
+
+def attention_decode(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, slots: torch.Tensor,
+                     pos: torch.Tensor, inv_freq: torch.Tensor, num_heads: int, out: torch.Tensor,
+                     scratch: dict | None = None) -> torch.Tensor:
+    """qkv: [B, (H + 2) * hd] = q (H heads) | k | v before RoPE (model dtype);
+    ring_k/ring_v: pool rings [S, W, hd] (the current k/v are written at pos % W);
+    slots, pos: [B] int64; inv_freq: [hd / 4] float32 RoPE frequencies;
+    out: [B, H * hd] model dtype. scratch: optional preallocated partials
+    (see `attention_scratch`), so the call allocates nothing (CUDA graphs)."""
+    batch = qkv.shape[0]
+    _, window, hd = ring_k.shape
+    hp = max(16, triton.next_power_of_2(num_heads))
+    block = min(64, max(16, triton.next_power_of_2(window)))
+    nsplit, split_len = splits_for(batch, window, block)
+    if scratch is None:
+        scratch = attention_scratch(batch, nsplit, hp, hd, qkv.device)
+    m, l, acc = scratch["m"], scratch["l"], scratch["acc"]
+    assert m.numel() >= batch * nsplit * hp, "attention scratch too small"
+    scale = hd ** -0.5
+    ieee = qkv.dtype == torch.float32
+    _attn_partial_kernel[(batch, nsplit)](
+        qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc,
+        window, nsplit, split_len, scale, num_heads, HP=hp, HD=hd, BN=block, IEEE=ieee,
+        num_warps=8 if hd >= 256 else 4)
+    _attn_combine_kernel[(batch,)](
+        qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc, out,
+        window, nsplit, scale, num_heads, HP=hp, HD=hd, NSP=triton.next_power_of_2(nsplit),
+        num_warps=8 if hd >= 256 else 4)
+    return out
+
+
+def attention_scratch(batch: int, nsplit: int, hp: int, hd: int, device) -> dict:
+    """Float32 partial results of the split-KV pass for `batch` rows."""
+    return {"m": torch.empty(batch * nsplit * hp, dtype=torch.float32, device=device),
+            "l": torch.empty(batch * nsplit * hp, dtype=torch.float32, device=device),
+            "acc": torch.empty(batch * nsplit * hp * hd, dtype=torch.float32, device=device)}

@@ -1,0 +1,79 @@
+"""Small fused row kernels of the decode step: residual add + RMSNorm, GeGLU,
+and the logits soft-cap with the cast to float32. Each replaces two to four
+eager PyTorch ops (and their round trips through device memory)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .recurrent_decode import _gelu_tanh
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, delta_ptr, scale_ptr, normed_ptr, D, eps,
+                        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        # the residual stream is kept in the model dtype, as in the reference
+        x = (x.to(tl.float32) + tl.load(delta_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * D + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / D
+    y = xf / tl.sqrt(var + eps) * (1.0 + tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32))
+    tl.store(normed_ptr + row * D + cols, y.to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, scale: torch.Tensor, eps: float,
+                normed: torch.Tensor) -> torch.Tensor:
+    """x: residual stream [B, D] (x += delta in place when delta is given);
+    scale: [D]; normed: [B, D] output = x / rms(x) * (1 + scale)."""
+    batch, width = x.shape
+    _add_rmsnorm_kernel[(batch,)](x, delta if delta is not None else x, scale, normed, width, eps,
+                                  HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(width),
+                                  num_warps=8 if width >= 2048 else 4)
+    return normed
+
+
+@triton.jit
+def _geglu_kernel(in_ptr, out_ptr, E, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < E
+    gate = tl.load(in_ptr + row * 2 * E + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(in_ptr + row * 2 * E + E + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * E + cols, (_gelu_tanh(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def geglu(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """gate_up: [B, 2E] (gate | up); out: [B, E] = gelu_tanh(gate) * up."""
+    batch, e = out.shape
+    block = 1024
+    _geglu_kernel[(batch, triton.cdiv(e, block))](gate_up, out, e, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _softcap_kernel(in_ptr, out_ptr, V, cap, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    x = tl.load(in_ptr + row * V + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        x = cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)  # cap * tanh(x / cap)
+    tl.store(out_ptr + row * V + cols, x, mask=mask)
+
+
+def softcap(logits: torch.Tensor, cap: float, out: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V] model dtype; out: [B, V] float32 = cap * tanh(logits / cap)
+    (a plain cast when cap is 0)."""
+    batch, vocab = logits.shape
+    block = 2048
+    _softcap_kernel[(batch, triton.cdiv(vocab, block))](logits, out, vocab, float(cap or 1.0),
+                                                        HAS_CAP=bool(cap), BLOCK=block)
+    return out

@@ -1,0 +1,130 @@
+"""Recurrent-block decode kernels: one token per row, state updated in place in
+the pool at each row's slot (-1 marks a padding row, which is skipped).
+
+Two launches, because the conv must finish reading a channel's buffer before it
+is shifted, while the block-diagonal gates need every channel of a head:
+- `conv1d_decode`: causal depthwise conv of width K over (buffer, current x),
+  then shifts the buffer; each program owns its channels, so no races.
+- `rglru_decode`: both block-diagonal gates (as [rows, bw] x [bw, BJ] dots),
+  the RG-LRU update with the float32 state in place, and the gelu(y) product.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # tanh(u) = 2 sigmoid(2u) - 1: portable across Triton versions and the interpreter.
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))
+
+
+@triton.jit
+def _conv1d_decode_kernel(xy_ptr, xy_stride, conv_ptr, slots_ptr, pos_ptr, w_ptr, b_ptr, out_ptr,
+                          L, K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < L
+    slot = tl.load(slots_ptr + row)
+    if slot >= 0:
+        p = tl.load(pos_ptr + row)
+        x = tl.load(xy_ptr + row * xy_stride + cols, mask=cmask, other=0.0)
+        acc = x.to(tl.float32) * tl.load(w_ptr + (K - 1) * L + cols, mask=cmask, other=0.0).to(tl.float32)
+        buf = conv_ptr + slot * (K - 1) * L
+        for k in tl.static_range(1, K):
+            # the input k steps back sits at buffer row K-1-k; it exists only if p >= k
+            prev = tl.load(buf + (K - 1 - k) * L + cols, mask=cmask, other=0.0).to(tl.float32)
+            prev = tl.where(p >= k, prev, 0.0)
+            acc += prev * tl.load(w_ptr + (K - 1 - k) * L + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * L + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+        # shift the buffer: every read of these channels above is done (same program)
+        for r in tl.static_range(0, K - 2):
+            v = tl.load(buf + (r + 1) * L + cols, mask=cmask)
+            tl.store(buf + r * L + cols, v, mask=cmask)
+        tl.store(buf + (K - 2) * L + cols, x.to(conv_ptr.dtype.element_ty), mask=cmask)
+
+
+def conv1d_decode(xy: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+                  w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """xy: [B, >=L] (the first L columns are linear_x's output, model dtype);
+    conv_state: pool buffer [S, K-1, L] (updated in place); slots, pos: [B] int64;
+    w: [K, L]; b: [L]; out: [B, L] model dtype (conv output; padding rows untouched)."""
+    batch = xy.shape[0]
+    k, width = w.shape
+    block = min(1024, triton.next_power_of_2(width))
+    _conv1d_decode_kernel[(batch, triton.cdiv(width, block))](
+        xy, xy.stride(0), conv_state, slots, pos, w, b, out, width, K=k, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _rglru_decode_kernel(xc_ptr, y_ptr, y_stride, h_ptr, slots_ptr, pos_ptr,
+                         wx_ptr, bx_ptr, wa_ptr, ba_ptr, neg8_softplus_ptr, out_ptr,
+                         B, L, BW, BWP: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
+                         IEEE: tl.constexpr):
+    # BW: channels per head (block width); BWP: BW rounded up to a power of two
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    head = tl.program_id(1)
+    jcols = tl.program_id(2) * BJ + tl.arange(0, BJ)  # within the head
+    icols = tl.arange(0, BWP)
+    jmask = jcols < BW
+    imask = icols < BW
+    slots = tl.load(slots_ptr + rows, mask=rows < B, other=-1)
+    live = slots >= 0
+    p = tl.load(pos_ptr + rows, mask=live, other=1)
+
+    xh = tl.load(xc_ptr + rows[:, None] * L + head * BW + icols[None, :],
+                 mask=live[:, None] & imask[None, :], other=0.0)
+    w_off = head * BW * BW + icols[:, None] * BW + jcols[None, :]
+    wmask = imask[:, None] & jmask[None, :]
+    wx = tl.load(wx_ptr + w_off, mask=wmask, other=0.0)
+    wa = tl.load(wa_ptr + w_off, mask=wmask, other=0.0)
+    if IEEE:
+        gx = tl.dot(xh, wx, input_precision="ieee")
+        ga = tl.dot(xh, wa, input_precision="ieee")
+    else:
+        gx = tl.dot(xh, wx)
+        ga = tl.dot(xh, wa)
+    gx = tl.sigmoid(gx + tl.load(bx_ptr + head * BW + jcols, mask=jmask, other=0.0).to(tl.float32)[None, :])
+    ga = tl.sigmoid(ga + tl.load(ba_ptr + head * BW + jcols, mask=jmask, other=0.0).to(tl.float32)[None, :])
+
+    ch = head * BW + jcols  # channel index in [0, L)
+    log_a = tl.load(neg8_softplus_ptr + ch, mask=jmask, other=0.0)[None, :] * ga
+    a = tl.exp(log_a)
+    mult = tl.sqrt(1.0 - tl.exp(2.0 * log_a))
+    reset = (p == 0)[:, None]
+    a = tl.where(reset, 0.0, a)
+    mult = tl.where(reset, 1.0, mult)
+
+    mask2 = live[:, None] & jmask[None, :]
+    xj = tl.load(xc_ptr + rows[:, None] * L + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
+    h_off = slots[:, None].to(tl.int64) * L + ch[None, :]
+    h = tl.load(h_ptr + h_off, mask=mask2, other=0.0)
+    h = a * h + xj * gx * mult
+    tl.store(h_ptr + h_off, h, mask=mask2)
+    y = tl.load(y_ptr + rows[:, None] * y_stride + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
+    out = h.to(out_ptr.dtype.element_ty).to(tl.float32) * _gelu_tanh(y)
+    tl.store(out_ptr + rows[:, None] * L + ch[None, :], out.to(out_ptr.dtype.element_ty), mask=mask2)
+
+
+def rglru_decode(xc: torch.Tensor, y: torch.Tensor, h_state: torch.Tensor, slots: torch.Tensor,
+                 pos: torch.Tensor, wx: torch.Tensor, bx: torch.Tensor, wa: torch.Tensor, ba: torch.Tensor,
+                 neg8_softplus_a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """xc: conv output [B, L]; y: linear_y's output (pre-gelu), a [B, L] view
+    whose rows may be strided; h_state: pool [S, L] float32 (updated in place);
+    wx/wa: gate weights [H, bw, bw] ([in, out] per block); bx/ba: [H, bw];
+    neg8_softplus_a: -8 * softplus(a_param) [L] float32; out: [B, L] model
+    dtype = h.to(dtype) * gelu_tanh(y) (padding rows untouched)."""
+    batch, width = xc.shape
+    heads, bw, _ = wx.shape
+    bwp = max(16, triton.next_power_of_2(bw))
+    bj = min(32, bwp)
+    _rglru_decode_kernel[(triton.cdiv(batch, 16), heads, triton.cdiv(bw, bj))](
+        xc, y, y.stride(0), h_state, slots, pos, wx, bx, wa, ba, neg8_softplus_a, out,
+        batch, width, bw, BWP=bwp, BJ=bj, BB=16, IEEE=xc.dtype == torch.float32)
+    return out

@@ -1,0 +1,212 @@
+"""The batched one-token decode step on the Triton kernels, and its CUDA-graph
+replay.
+
+`KernelDecoder.step(tokens, slots, pos)` runs the same function as
+`Griffin.forward_decode` + the pool's gather/scatter, but reads and writes the
+state in place at each row's slot (-1 = padding row) with a handful of fused
+kernels per layer and one matrix product per projection (projections that
+read the same input are fused into one weight; the network's parameters
+become views into the fused weights, so no weight is stored twice).
+
+`GraphedDecoder` captures that step once per batch-size bucket in a CUDA graph
+so a step costs one graph launch plus three small host-to-device copies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .config import ATTENTION
+from .errors import DeviceError
+from .griffin import Griffin
+from .state import StatePool
+
+
+def _fuse_rows(*linears_weights: torch.Tensor) -> torch.Tensor:
+    return torch.cat([w.detach() for w in linears_weights], dim=0).contiguous()
+
+
+class KernelDecoder:
+    """One decode step for many sessions, state updated in place in the pool."""
+
+    def __init__(self, network: Griffin, pool: StatePool):
+        from streamgemma.kernels import attention_decode, elementwise, recurrent_decode
+
+        self._attn, self._ew, self._rec = attention_decode, elementwise, recurrent_decode
+        self.network, self.pool, self.config = network, pool, network.config
+        cfg = self.config
+        self.layers = []
+        with torch.no_grad():
+            for block in network.blocks:
+                if block.kind == ATTENTION:
+                    att = block.attention_block
+                    w_qkv = _fuse_rows(att.proj_q.weight, att.proj_k.weight, att.proj_v.weight)
+                    d, hd = cfg.width, cfg.head_dim
+                    att.proj_q.weight.data = w_qkv[:d]
+                    att.proj_k.weight.data = w_qkv[d:d + hd]
+                    att.proj_v.weight.data = w_qkv[d + hd:]
+                    entry = {"w_qkv": w_qkv}
+                else:
+                    rec = block.recurrent_block
+                    l = cfg.lru_width
+                    w_xy = _fuse_rows(rec.linear_x.weight, rec.linear_y.weight)
+                    b_xy = _fuse_rows(rec.linear_x.bias, rec.linear_y.bias)
+                    rec.linear_x.weight.data, rec.linear_y.weight.data = w_xy[:l], w_xy[l:]
+                    rec.linear_x.bias.data, rec.linear_y.bias.data = b_xy[:l], b_xy[l:]
+                    neg8 = (-8.0 * F.softplus(rec.rg_lru.a_param.detach().float())).contiguous()
+                    entry = {"w_xy": w_xy, "b_xy": b_xy, "neg8_softplus_a": neg8}
+                up = block.mlp_block.ffw_up
+                e = cfg.mlp_width
+                # official layout [2, D, E] ([in, out]) -> one [2E, D] weight for F.linear
+                w_up = up.w.detach().transpose(1, 2).reshape(2 * e, cfg.width).contiguous()
+                up.w.data = w_up.view(2, e, cfg.width).transpose(1, 2)
+                entry["w_up"], entry["b_up"] = w_up, up.b.detach().reshape(2 * e)
+                self.layers.append(entry)
+            hd = cfg.head_dim
+            n = hd // 4  # rotated pairs per head: RoPE covers the first half of the head
+            exponents = 2 * torch.arange(n, device=network.device) / (hd // 2)
+            self.inv_freq = (1.0 / (cfg.rope_base ** exponents)).float().contiguous()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, slots, pos: [B] int64 on the device (slot -1: padding row,
+        whose state is untouched). Returns float32 logits [B, vocab] (into `out`
+        if given). Positions are read, not advanced: the caller owns them."""
+        cfg, net = self.config, self.network
+        batch = tokens.shape[0]
+        x = net.embedder.encode(tokens).contiguous()  # residual stream [B, D], model dtype
+        normed = torch.empty_like(x)
+        delta = None
+        eps = cfg.rms_norm_eps
+        for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
+            self._ew.add_rmsnorm(x, delta, block.temporal_pre_norm.scale, eps, normed)
+            if block.kind == ATTENTION:
+                att = block.attention_block
+                qkv = F.linear(normed, entry["w_qkv"])
+                mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
+                self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq,
+                                            cfg.num_heads, mixed)
+                delta = F.linear(mixed, att.proj_final.weight, att.proj_final.bias)
+            else:
+                rec = block.recurrent_block
+                l = cfg.lru_width
+                xy = F.linear(normed, entry["w_xy"], entry["b_xy"])
+                xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
+                self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
+                gated = torch.empty_like(xc)
+                lru = rec.rg_lru
+                self._rec.rglru_decode(xc, xy[:, l:], state[1], slots, pos, lru.input_gate.w, lru.input_gate.b,
+                                       lru.a_gate.w, lru.a_gate.b, entry["neg8_softplus_a"], gated)
+                delta = F.linear(gated, rec.linear_out.weight, rec.linear_out.bias)
+            self._ew.add_rmsnorm(x, delta, block.channel_pre_norm.scale, eps, normed)
+            gate_up = F.linear(normed, entry["w_up"], entry["b_up"])
+            hidden = torch.empty(batch, cfg.mlp_width, dtype=x.dtype, device=x.device)
+            self._ew.geglu(gate_up, hidden)
+            delta = F.linear(hidden, block.mlp_block.ffw_down.weight, block.mlp_block.ffw_down.bias)
+        self._ew.add_rmsnorm(x, delta, net.final_norm.scale, eps, normed)
+        logits = F.linear(normed, net.embedder.input_embedding)
+        if out is None:
+            out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=x.device)
+        return self._ew.softcap(logits, cfg.logits_soft_cap, out)
+
+
+class GraphedDecoder:
+    """`KernelDecoder.step` replayed from CUDA graphs, one per batch bucket.
+
+    Rows beyond the live batch are padding (slot -1). Graphs are captured on
+    first use of a bucket and recaptured if the pool reallocates its tensors.
+    """
+
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+    def __init__(self, decoder: KernelDecoder, buckets: tuple[int, ...] = BUCKETS):
+        self.decoder = decoder
+        self.buckets = tuple(sorted(buckets))
+        self._graphs: dict[int, dict] = {}
+        self._pool_generation = decoder.pool.generation
+        self._mempool = torch.cuda.graph_pool_handle()
+
+    def _bucket(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def _capture(self, bucket: int) -> dict:
+        dev = self.decoder.network.device
+        g = {
+            "tokens": torch.zeros(bucket, dtype=torch.long, device=dev),
+            "slots": torch.full((bucket,), -1, dtype=torch.long, device=dev),
+            "pos": torch.zeros(bucket, dtype=torch.long, device=dev),
+            "host": torch.zeros(3, bucket, dtype=torch.long).pin_memory(),
+            "copied": torch.cuda.Event(),
+            "logits": torch.empty(bucket, self.decoder.config.vocab_size, dtype=torch.float32, device=dev),
+        }
+        # Warm up (compiles the kernels) on a side stream with every row padding:
+        # the kernels then touch no session's state.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.decoder.step(g["tokens"], g["slots"], g["pos"], out=g["logits"])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            self.decoder.step(g["tokens"], g["slots"], g["pos"], out=g["logits"])
+        g["graph"] = graph
+        g["copied"].record()
+        return g
+
+    def step(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Host lists of equal length B. Returns float32 logits [B, vocab] (a
+        fresh tensor: the graph's buffer is reused by the next step)."""
+        batch = len(tokens)
+        if self.decoder.pool.generation != self._pool_generation:
+            self._graphs.clear()
+            self._pool_generation = self.decoder.pool.generation
+        bucket = self._bucket(batch)
+        if bucket is None:  # larger than the largest bucket: run in bucket-sized pieces
+            top = self.buckets[-1]
+            return torch.cat([self.step(tokens[i:i + top], slots[i:i + top], positions[i:i + top])
+                              for i in range(0, batch, top)])
+        if bucket not in self._graphs:
+            self._graphs[bucket] = self._capture(bucket)
+        g = self._graphs[bucket]
+        g["copied"].synchronize()  # the previous step's copy has finished reading the host buffer
+        host = g["host"]
+        host[0, :batch] = torch.tensor(tokens)
+        host[0, batch:] = 0
+        host[1, :batch] = torch.tensor(slots)
+        host[1, batch:] = -1
+        host[2, :batch] = torch.tensor(positions)
+        host[2, batch:] = 0
+        g["tokens"].copy_(host[0], non_blocking=True)
+        g["slots"].copy_(host[1], non_blocking=True)
+        g["pos"].copy_(host[2], non_blocking=True)
+        g["copied"].record()
+        g["graph"].replay()
+        return g["logits"][:batch].clone()
+
+
+def kernels_available(device: torch.device) -> bool:
+    """True where the decode kernels run by default: CUDA devices with Triton."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_kernels_usable(device: torch.device) -> None:
+    """Raise DeviceError unless the kernels can run on `device`: CUDA, or the
+    CPU under Triton's interpreter (TRITON_INTERPRET=1, used by the CPU tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise DeviceError("decode_kernels=True needs Triton (pip install triton)") from None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise DeviceError(f"the Triton kernels cannot run on {device}: use CUDA, or set "
+                          "TRITON_INTERPRET=1 to run them (slowly) on the CPU for testing")

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-_NEG = -1.0e30  # finite "minus infinity": keeps exp(m - m_new) defined when a split has no valid key
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m - m_new) defined when a split has no valid key
 
 
 @triton.jit

@@ -9,7 +9,7 @@ read the same input are fused into one weight; the network's parameters
 become views into the fused weights, so no weight is stored twice).
 
 `GraphedDecoder` captures that step once per batch-size bucket in a CUDA graph
-so a step costs one graph launch plus three small host-to-device copies.
+so a step costs one graph launch plus one small host-to-device copy.
 """
 
 from __future__ import annotations
@@ -135,11 +135,13 @@ class GraphedDecoder:
 
     def _capture(self, bucket: int) -> dict:
         dev = self.decoder.network.device
+        # rows: tokens, slots, positions; one pinned host buffer -> one copy per step
+        inputs = torch.zeros(3, bucket, dtype=torch.long, device=dev)
+        inputs[1] = -1
+        host = torch.zeros(3, bucket, dtype=torch.long).pin_memory()
         g = {
-            "tokens": torch.zeros(bucket, dtype=torch.long, device=dev),
-            "slots": torch.full((bucket,), -1, dtype=torch.long, device=dev),
-            "pos": torch.zeros(bucket, dtype=torch.long, device=dev),
-            "host": torch.zeros(3, bucket, dtype=torch.long).pin_memory(),
+            "inputs": inputs, "tokens": inputs[0], "slots": inputs[1], "pos": inputs[2],
+            "host": host, "host_np": host.numpy(),
             "copied": torch.cuda.Event(),
             "logits": torch.empty(bucket, self.decoder.config.vocab_size, dtype=torch.float32, device=dev),
         }
@@ -174,16 +176,12 @@ class GraphedDecoder:
             self._graphs[bucket] = self._capture(bucket)
         g = self._graphs[bucket]
         g["copied"].synchronize()  # the previous step's copy has finished reading the host buffer
-        host = g["host"]
-        host[0, :batch] = torch.tensor(tokens)
-        host[0, batch:] = 0
-        host[1, :batch] = torch.tensor(slots)
-        host[1, batch:] = -1
-        host[2, :batch] = torch.tensor(positions)
-        host[2, batch:] = 0
-        g["tokens"].copy_(host[0], non_blocking=True)
-        g["slots"].copy_(host[1], non_blocking=True)
-        g["pos"].copy_(host[2], non_blocking=True)
+        host = g["host_np"]
+        host[0, :batch] = tokens
+        host[1, :batch] = slots
+        host[2, :batch] = positions
+        host[0, batch:], host[1, batch:], host[2, batch:] = 0, -1, 0
+        g["inputs"].copy_(g["host"], non_blocking=True)
         g["copied"].record()
         g["graph"].replay()
         return g["logits"][:batch].clone()

@@ -74,8 +74,8 @@ def test_decode_step_matches_reference_mixed_positions_and_padding(dtype):
 
 def test_sessions_with_kernels_equal_reference_across_ring_wraps():
     cfg = sg.GriffinConfig.preset("tiny")
-    ref = sg.Model.random(cfg, seed=6, device=DEV, decode_kernels=False)
-    fast = sg.Model.random(cfg, seed=6, device=DEV, decode_kernels=True)
+    ref = sg.Model.random(cfg, seed=6, device=DEV, dtype="float32", decode_kernels=False)
+    fast = sg.Model.random(cfg, seed=6, device=DEV, dtype="float32", decode_kernels=True)
     prompt = random_tokens(5, cfg.vocab_size, seed=7)
     tail = random_tokens(3 * cfg.attention_window, cfg.vocab_size, seed=8)
     rs, fs = ref.session(), fast.session()

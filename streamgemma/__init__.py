@@ -1,14 +1,16 @@
 """streamgemma: streaming, stateful text generation with RecurrentGemma / Griffin models."""
 
+from .chat import Chat
 from .config import GriffinConfig
-from .errors import CheckpointError, ConfigError, DeviceError, SnapshotError, StreamgemmaError
+from .errors import CheckpointError, ConfigError, DeviceError, SnapshotError, StoppedError, StreamgemmaError
 from .model import Model, load
-from .session import Session
-from .tokenizer import Tokenizer
+from .sampling import SamplingParams
+from .session import Session, Token
+from .tokenizer import Detokenizer, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GriffinConfig", "Model", "Session", "Tokenizer", "load",
-    "StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "SnapshotError",
+    "GriffinConfig", "Model", "Session", "Token", "SamplingParams", "Chat", "Tokenizer", "Detokenizer", "load",
+    "StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "SnapshotError", "StoppedError",
 ]

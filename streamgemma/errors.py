@@ -20,3 +20,8 @@ class DeviceError(StreamgemmaError, RuntimeError):
 
 class SnapshotError(StreamgemmaError, ValueError):
     """Base of every snapshot decode/validation failure."""
+
+
+class StoppedError(StreamgemmaError, RuntimeError):
+    """`generate()` was called on a session whose last generation ended at a
+    stop (stop token or stop string) with no new input since."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +36,10 @@ class Model:
         self.source = source
         self.prefill_chunk = prefill_chunk
         self.pool = StatePool(self.config, network.dtype, network.device)
+        # Sessions of one model share the pool; `Session` holds this while it
+        # touches the pool, so sessions may be driven from several threads
+        # (agenerate steps run in worker threads).
+        self.lock = threading.RLock()
         self._fingerprint: str | None = None
         # None: the Triton decode step (in CUDA graphs) on CUDA, the PyTorch reference elsewhere.
         self.decode_kernels = kernels_available(self.device) if decode_kernels is None else decode_kernels
@@ -81,7 +86,9 @@ class Model:
         """A new session at position 0 with its own slot in the state pool."""
         from .session import Session
 
-        return Session(self, self.pool.allocate(), seed=seed)
+        with self.lock:
+            slot = self.pool.allocate()
+        return Session(self, slot, seed=seed)
 
     def save(self, directory: str | os.PathLike, max_shard_bytes: int = 4 * 1024**3) -> None:
         """Write the model in the Hugging Face layout (config.json, safetensors,

@@ -1,23 +1,86 @@
 """`Session`: one conversation's state in the pool, advanced token by token
-(`step`) or many tokens at a time (`feed`)."""
+(`step`), many tokens at a time (`feed`), or by sampling (`generate`)."""
 
 from __future__ import annotations
 
+import array
+import dataclasses
+import functools
 import numbers
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator, Sequence
 
 import torch
+
+from .errors import StoppedError
+from .sampling import SamplingParams, StopStrings, apply_penalties, new_generator, sample
+from .tokenizer import END_OF_TURN, Detokenizer
 
 if TYPE_CHECKING:
     from .model import Model
 
+# Token ids a session remembers, for repetition/presence penalties and to
+# rebuild the detokenizer after a snapshot. Fixed so a session's memory does
+# not grow with its length: penalties see the last 1024 tokens only.
+RECENT_IDS_WINDOW = 1024
+MAX_PENDING_BYTES = 3  # a UTF-8 character is at most 4 bytes; the 4th completes it
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One generated token.
+
+    id: the token id. text: the text it completes, UTF-8 safe: "" while the
+    bytes of a character are still arriving or while text is held back because
+    it may be the start of a stop string. finish_reason: on the last token of a
+    generation, "stop" (a stop token or stop string) or "length" (max_tokens);
+    else None.
+    """
+
+    id: int
+    text: str
+    finish_reason: str | None = None
+
+
+class RecentIds:
+    """The last `capacity` token ids in a ring preallocated at creation, so its
+    size does not depend on how many ids went through it."""
+
+    def __init__(self, capacity: int = RECENT_IDS_WINDOW, ids: Iterable[int] = ()):
+        self.capacity = capacity
+        self._ring = array.array("q", bytes(8 * capacity))
+        self._count = 0  # ids ever added (the ring holds the last min(count, capacity))
+        self.extend(ids)
+
+    def extend(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            self._ring[self._count % self.capacity] = i
+            self._count += 1
+
+    def __len__(self) -> int:
+        return min(self._count, self.capacity)
+
+    def __iter__(self) -> Iterator[int]:
+        """Oldest first."""
+        start = self._count - len(self)
+        return (self._ring[k % self.capacity] for k in range(start, self._count))
+
+    def copy(self) -> "RecentIds":
+        return RecentIds(self.capacity, self)
+
+    @property
+    def nbytes(self) -> int:
+        return self._ring.itemsize * len(self._ring)
+
 
 class Session:
     """A live conversation. Its state has a fixed size (one slot of the model's
-    state pool) whatever the number of tokens consumed.
+    state pool plus a few kilobytes on the host) whatever the number of tokens
+    consumed.
 
     Create with `model.session()`; release with `close()` (or a `with` block;
     the slot is also released when the session is garbage collected).
+    A session is driven by one caller at a time; sessions of one model may be
+    driven from different threads.
     """
 
     def __init__(self, model: "Model", slot: int, seed: int | None = None):
@@ -25,13 +88,21 @@ class Session:
         self.slot = slot
         self.seed = seed
         self._closed = False
+        self._recent = RecentIds()
+        tok = model.tokenizer
+        self._detok: Detokenizer | None = tok.detokenizer() if tok is not None else None
+        self._rng: torch.Generator | None = None  # created from `seed` when first needed
+        self._logits: torch.Tensor | None = None  # float32 [vocab] after the last consumed token
+        self._stopped_by: str | None = None  # the stop that ended the last generation, until new input
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
         """Release this session's slot. Further calls raise."""
         if not self._closed:
             self._closed = True
-            self.model.pool.release(self.slot)
+            self._logits = None
+            with self.model.lock:
+                self.model.pool.release(self.slot)
 
     def __enter__(self) -> "Session":
         return self
@@ -52,22 +123,93 @@ class Session:
         if self._closed:
             raise RuntimeError("this session is closed")
 
+    def reset(self) -> None:
+        """Back to position 0: empty state, no history. A session created with
+        a seed samples as if new again; one without keeps its random stream."""
+        self._check_open()
+        with self.model.lock:
+            self.model.pool.reset(self.slot)
+        self._recent = RecentIds()
+        tok = self.model.tokenizer
+        self._detok = tok.detokenizer() if tok is not None else None
+        self._logits = None
+        self._stopped_by = None
+        if self.seed is not None:
+            self._rng = None
+
+    def fork(self) -> "Session":
+        """An independent copy: same state, position, next-token logits, sampler
+        RNG state and detokenizer state, in a new slot. Either can then go on
+        without affecting the other."""
+        self._check_open()
+        with self.model.lock:
+            slot = self.model.pool.allocate()
+            self.model.pool.copy_slot(self.slot, slot)
+        child = Session(self.model, slot, seed=self.seed)
+        child._recent = self._recent.copy()
+        child._detok = self._detok.copy() if self._detok is not None else None
+        if self._rng is not None:
+            child._rng = torch.Generator(device=self.model.device)
+            child._rng.set_state(self._rng.get_state())
+        child._logits = self._logits.clone() if self._logits is not None else None
+        child._stopped_by = self._stopped_by
+        return child
+
     # -- host-side state beyond the pool (saved in snapshots) ------------------------------
     def _extra_state(self) -> dict:
         """Session state that lives outside the pool, as msgpack-ready values:
         {"rng": bytes | None (sampler RNG state), "detok_pending": bytes (UTF-8
-        bytes not yet emitted), "recent_ids": list[int] (recent token ids the
-        detokenizer and penalties need)}. Snapshots store it verbatim."""
-        return {"rng": None, "detok_pending": b"", "recent_ids": []}
+        bytes not yet emitted), "recent_ids": list[int] (the last
+        RECENT_IDS_WINDOW token ids, oldest first)}. Snapshots store it verbatim."""
+        return {
+            "rng": self._generator().get_state().numpy().tobytes(),
+            "detok_pending": bytes(self._detok.pending) if self._detok is not None else b"",
+            "recent_ids": list(self._recent),
+        }
 
     def _restore_extra_state(self, extra: dict) -> None:
-        """Inverse of `_extra_state` (values already validated by the caller)."""
+        """Inverse of `_extra_state` (values already validated by the caller).
+        The next-token logits are not part of it: feed or step before generating."""
+        rng = extra["rng"]
+        if rng is not None:
+            g = torch.Generator(device=self.model.device)
+            try:
+                g.set_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
+            except RuntimeError as e:
+                raise ValueError(f"RNG state of {len(rng)} bytes does not fit a {self.model.device} "
+                                 f"generator ({e})") from None
+            self._rng = g
+        self._recent = RecentIds(RECENT_IDS_WINDOW, [int(i) for i in extra["recent_ids"]])
+        tok = self.model.tokenizer
+        if tok is not None:
+            text_ids = [i for i in self._recent if i < tok.vocab_size]
+            self._detok = Detokenizer.resume(tok, text_ids, bytes(extra["detok_pending"]), RECENT_IDS_WINDOW)
+        self._logits = None
+        self._stopped_by = None
+
+    def state_bytes(self) -> int:
+        """Bytes this session holds: its slot of the state pool (device), the
+        next-token logits, and host state (RNG state, recent-id ring, pending
+        detokenizer bytes at their bound). Constant over the session's life."""
+        logits = self.model.config.vocab_size * 4
+        rng = self._generator().get_state().numel()
+        return self.model.pool.slot_bytes() + logits + rng + self._recent.nbytes + MAX_PENDING_BYTES
 
     # -- state -----------------------------------------------------------------------
     @property
     def position(self) -> int:
         """Tokens consumed so far (the absolute position of the next token)."""
         return self.model.pool.positions[self.slot]
+
+    @property
+    def recent_ids(self) -> list[int]:
+        """The last RECENT_IDS_WINDOW token ids consumed, oldest first."""
+        return list(self._recent)
+
+    def _generator(self) -> torch.Generator:
+        if self._rng is None:
+            self._rng = new_generator(self.model.device, self.seed)
+        return self._rng
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         vocab = self.model.config.vocab_size
@@ -82,30 +224,157 @@ class Session:
             out.append(int(t))
         return out
 
+    def _consumed(self, ids: list[int], logits: torch.Tensor) -> str:
+        """Record ids the pool just consumed; returns the text they complete."""
+        self._recent.extend(ids)
+        self._logits = logits
+        self._stopped_by = None
+        if self._detok is None:
+            return ""
+        # Ids beyond the tokenizer (a model may have spare embedding rows) have no text.
+        n = self.model.tokenizer.vocab_size
+        return "".join(self._detok.push(i) for i in ids if i < n)
+
     def step(self, token_id: int) -> torch.Tensor:
         """Consume one token; return float32 logits [vocab] (on the model's
         device) for the next token."""
         self._check_open()
         (token,) = self._check_ids([token_id])
-        return self.model.decode([self.slot], [token])[0]
+        with self.model.lock:
+            logits = self.model.decode([self.slot], [token])[0]
+        self._consumed([token], logits)
+        return logits
 
-    def feed(self, ids_or_text: Sequence[int] | str) -> torch.Tensor:
+    def feed(self, ids_or_text: Sequence[int] | str, add_bos: bool | None = None) -> torch.Tensor:
         """Consume many tokens with the parallel path (chunked, so any length
         runs in bounded memory); return float32 logits [vocab] after the last.
 
-        Text is tokenized with the model's tokenizer; BOS is prepended when the
-        session is at position 0.
+        Text is tokenized with the model's tokenizer; BOS is prepended when
+        add_bos is True, or when it is None (default) and the session is at
+        position 0. Token ids are consumed as given.
         """
         self._check_open()
         if isinstance(ids_or_text, str):
             tok = self.model.tokenizer
             if tok is None:
                 raise ValueError("feed(text) needs a tokenizer, and this model has none; pass token ids")
-            ids = tok.encode(ids_or_text, add_bos=self.position == 0)
+            if not ids_or_text:
+                raise ValueError("feed() got an empty string: there is nothing to consume")
+            ids = tok.encode(ids_or_text, add_bos=self.position == 0 if add_bos is None else add_bos)
         else:
             if isinstance(ids_or_text, torch.Tensor):
                 ids_or_text = ids_or_text.reshape(-1).tolist()
             ids = self._check_ids(ids_or_text)
         if not ids:
             raise ValueError("feed() got no tokens")
-        return self.model.prefill(self.slot, ids)
+        with self.model.lock:
+            logits = self.model.prefill(self.slot, ids)
+        self._consumed(ids, logits)
+        return logits
+
+    # -- generation --------------------------------------------------------------------
+    def generate(self, max_tokens: int | None = 256, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, stop: Sequence[str] | str = (),
+                 stop_token_ids: Sequence[int] | None = None, seed: int | None = None) -> Iterator[Token]:
+        """Sample tokens one at a time, consuming each, and yield them as `Token`s.
+
+        Arguments are those of `SamplingParams` (validated here, before any
+        work). The generation ends after max_tokens, or at a stop: a stop token
+        (default: the tokenizer's eos and <end_of_turn>), which is consumed and
+        yielded with no text of its own, or a stop string, whose token is
+        consumed and yielded with the text before the stop string. Every
+        yielded token is part of the session's state.
+
+        After a stop, the session must get new input (`feed`/`step`) before it
+        can generate again: a second `generate()` raises `StoppedError`, as
+        continuing past an end-of-turn would have the model answer itself.
+        Sampling runs on the model's device with the session's generator: the
+        same seed gives the same tokens.
+        """
+        self._check_open()
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, repetition_penalty=repetition_penalty,
+                                presence_penalty=presence_penalty, stop=stop,
+                                stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids),
+                                seed=seed)
+        if self._logits is None:
+            if self.position == 0:
+                raise ValueError("generate() needs a prompt: feed text or token ids first")
+            raise ValueError("this session has no next-token logits (it was restored from a snapshot): "
+                             "feed or step input before generate()")
+        if self._stopped_by is not None:
+            raise StoppedError(f"the last generation ended at {self._stopped_by}; feed new input "
+                               f"(e.g. the next user turn) before generating again")
+        tok = self.model.tokenizer
+        if params.stop and tok is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
+        stop_ids = self._stop_ids(params)
+        if params.seed is not None:
+            self._rng = new_generator(self.model.device, params.seed)
+        return self._generate(params, stop_ids)
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        tok = self.model.tokenizer
+        if params.stop_token_ids is not None:
+            self._check_ids(params.stop_token_ids)
+            return frozenset(params.stop_token_ids)
+        if tok is None:
+            return frozenset()
+        return frozenset(i for i in (tok.eos_id, tok.piece_id(END_OF_TURN)) if i is not None and i >= 0)
+
+    def _generate(self, params: SamplingParams, stop_ids: frozenset[int]) -> Iterator[Token]:
+        tok = self.model.tokenizer
+        # Only ids the tokenizer can spell are sampled (the model may have spare rows).
+        allowed = tok.vocab_size if tok is not None else self.model.config.vocab_size
+        penalize = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+        stops = StopStrings(params.stop) if params.stop else None
+        generated = 0
+        while True:
+            with self.model.lock:
+                logits = self._logits[:allowed]
+                recent = [i for i in self._recent if i < allowed] if penalize else []
+                if recent:
+                    logits = apply_penalties(logits, torch.tensor(recent, device=logits.device),
+                                             params.repetition_penalty, params.presence_penalty)
+                token = int(sample(logits, params, None if params.greedy else self._generator()).item())
+                next_logits = self.model.decode([self.slot], [token])[0]
+            text = self._consumed([token], next_logits)
+            generated += 1
+            finish = None
+            if token in stop_ids:
+                text = ""  # a stop token's own text (e.g. "<end_of_turn>") is never emitted
+                finish = "stop"
+                self._stopped_by = f"stop token {token} ({tok.piece(token) if tok else 'no tokenizer'})"
+            elif stops is not None:
+                text, hit = stops.push(text)
+                if hit:
+                    finish = "stop"
+                    self._stopped_by = f"stop string {stops.matched!r}"
+            if finish is None and params.max_tokens is not None and generated >= params.max_tokens:
+                finish = "length"
+            if finish is not None and stops is not None and stops.matched is None:
+                text += stops.flush()  # ended without a stop string: held-back text is plain output
+            yield Token(token, text, finish)
+            if finish is not None:
+                return
+
+    async def agenerate(self, **sampling) -> AsyncIterator[Token]:
+        """`generate` for asyncio/anyio: each token is computed in a worker
+        thread so the event loop stays free. Same arguments as `generate`.
+
+        On cancellation, the token being computed finishes (it is consumed by
+        the session: `position` tells where the session is) and nothing runs
+        on the session after the cancellation has been delivered.
+        """
+        import anyio.to_thread
+
+        tokens = self.generate(**sampling)
+        try:
+            while True:
+                tok = await anyio.to_thread.run_sync(functools.partial(next, tokens, None))
+                if tok is None:
+                    return
+                yield tok
+        finally:
+            tokens.close()

@@ -1,10 +1,19 @@
-"""SentencePiece tokenizer wrapper (Gemma's `tokenizer.model`)."""
+"""Tokenization: the SentencePiece wrapper (Gemma's `tokenizer.model`), an
+incremental detokenizer that streams UTF-8-safe text, and the Gemma chat turn
+format."""
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
+from typing import Iterable
 
 from .errors import CheckpointError
+
+SPACE_SYMBOL = "\u2581"  # SentencePiece's "▁": a space inside a piece
+REPLACEMENT_CHARACTER = "\ufffd"
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
 
 
 class Tokenizer:
@@ -23,6 +32,7 @@ class Tokenizer:
             self._sp.LoadFromSerializedProto(model_proto)
         except (RuntimeError, OSError) as e:
             raise CheckpointError(f"{source}: not a SentencePiece model ({e})") from None
+        self._strip_mode = self._probe_first_space_rule()
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -32,6 +42,9 @@ class Tokenizer:
         except OSError as e:
             raise CheckpointError(f"{p}: cannot read tokenizer ({e})") from None
         return cls(data, source=str(p))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, {self.vocab_size} pieces)"
 
     @property
     def vocab_size(self) -> int:
@@ -45,6 +58,26 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of an exact piece such as "<end_of_turn>", or None if the
+        vocabulary does not have it."""
+        i = self._sp.PieceToId(piece)
+        return None if i == self._sp.unk_id() and piece != self._sp.IdToPiece(i) else i
+
+    def piece(self, token_id: int) -> str:
+        """The raw piece of a token id ("▁hello", "<0xE2>", "<eos>")."""
+        self.check_ids([token_id])
+        return self._sp.IdToPiece(int(token_id))
+
+    def check_ids(self, ids: Iterable[int]) -> list[int]:
+        """`ids` as ints; raises ValueError naming the first id outside the vocabulary."""
+        out = [int(i) for i in ids]
+        for k, i in enumerate(out):
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} at index {k} is outside the tokenizer's "
+                                 f"vocabulary [0, {self.vocab_size})")
+        return out
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text` (with BOS first if `add_bos`)."""
         if not isinstance(text, str):
@@ -52,9 +85,162 @@ class Tokenizer:
         ids = self._sp.EncodeAsIds(text)
         return [self.bos_id, *ids] if add_bos and self.bos_id >= 0 else ids
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of token ids."""
-        return self._sp.DecodeIds([int(i) for i in ids])
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids (invalid UTF-8 from byte pieces becomes U+FFFD, one per byte)."""
+        return self._sp.DecodeIds(self.check_ids(ids))
+
+    def detokenizer(self) -> "Detokenizer":
+        """A fresh incremental detokenizer for a stream that starts at position 0."""
+        return Detokenizer(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self._proto)
+
+    # SentencePiece drops the "▁" of the first piece of a decode when the model
+    # adds a dummy prefix (not Gemma's). How it does so has changed between
+    # versions, so ask the installed library rather than parse the proto:
+    # "none" (keep the space), "once" (strip one leading ▁ of the first visible
+    # piece) or "while_empty" (strip from every piece until text appears).
+    def _probe_first_space_rule(self) -> str:
+        sp = self._sp
+        word = next((i for i in range(sp.GetPieceSize()) if self._is_text(i)
+                     and sp.IdToPiece(i).startswith(SPACE_SYMBOL) and len(sp.IdToPiece(i)) > 1), None)
+        if word is None or sp.DecodeIds([word]).startswith(" "):
+            return "none"
+        space = sp.PieceToId(SPACE_SYMBOL)
+        if sp.IdToPiece(space) != SPACE_SYMBOL:
+            return "once"
+        return "while_empty" if sp.DecodeIds([space, word]) == sp.DecodeIds([word]) else "once"
+
+    def _is_text(self, i: int) -> bool:
+        sp = self._sp
+        return not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i))
+
+
+class Detokenizer:
+    """Turns a stream of token ids into text as soon as the text is final.
+
+    Matches `Tokenizer.decode` of the whole stream: concatenating the results
+    of `push` and a final `flush` equals `tokenizer.decode(all ids)`. A
+    character spelled by byte-fallback pieces (`<0xE2><0x82><0xAC>`) is
+    emitted whole once its last byte arrives; bytes that cannot form a valid
+    character become U+FFFD, one per byte, as SentencePiece does. The leading
+    "▁" of the first piece follows SentencePiece's decode rule for the model.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        sp = tokenizer._sp
+        self._unk_surface = sp.DecodeIds([sp.unk_id()]) if sp.unk_id() >= 0 else ""
+        self.pending = bytearray()  # bytes of byte pieces that do not yet form a character
+        self._text_seen = False  # any text emitted since position 0
+        self._first_space_consumed = False  # the previous piece had its leading ▁ stripped
+        self._at_start = True  # the first-piece rule may still apply
+
+    @classmethod
+    def resume(cls, tokenizer: Tokenizer, recent_ids: list[int], pending: bytes, window: int) -> "Detokenizer":
+        """A detokenizer in the state it had after `recent_ids` (the last
+        `window` ids at most) with `pending` bytes still undecoded."""
+        d = cls(tokenizer)
+        if len(recent_ids) >= window:  # the stream is older than the window: well past its start
+            d._at_start = False
+        else:  # the window holds the whole stream: replay it
+            for i in recent_ids:
+                d.push(i)
+        d.pending = bytearray(pending)
+        return d
+
+    def copy(self) -> "Detokenizer":
+        """An independent copy (for `Session.fork`)."""
+        d = Detokenizer.__new__(Detokenizer)
+        d.__dict__.update(self.__dict__)
+        d.pending = bytearray(self.pending)
+        return d
+
+    def push(self, token_id: int) -> str:
+        """Text that token `token_id` completes ("" while bytes are pending)."""
+        sp = self._tok._sp
+        token_id = int(token_id)
+        if not 0 <= token_id < sp.GetPieceSize():
+            raise ValueError(f"token id {token_id} is outside the tokenizer's vocabulary [0, {sp.GetPieceSize()})")
+        if sp.IsByte(token_id):
+            self.pending.append(int(sp.IdToPiece(token_id)[3:5], 16))
+            return self._emit(self._drain())
+        text = self._flush_bytes()
+        if self._first_space_consumed or self._text_seen or text:
+            self._at_start = False
+        self._first_space_consumed = False
+        if sp.IsControl(token_id):
+            return self._emit(text)
+        if sp.IsUnknown(token_id):
+            return self._emit(text + self._unk_surface)
+        piece = sp.IdToPiece(token_id)
+        if self._at_start and self._tok._strip_mode != "none" and piece.startswith(SPACE_SYMBOL):
+            piece = piece[1:]
+            self._first_space_consumed = self._tok._strip_mode == "once"
+        return self._emit(text + piece.replace(SPACE_SYMBOL, " "))
+
+    def flush(self) -> str:
+        """Text of bytes still pending at the end of the stream (U+FFFD each)."""
+        return self._emit(self._flush_bytes())
+
+    def _emit(self, text: str) -> str:
+        if text:
+            self._text_seen = True
+        return text
+
+    def _flush_bytes(self) -> str:
+        text = self._drain() + REPLACEMENT_CHARACTER * len(self.pending)
+        self.pending.clear()
+        return text
+
+    def _drain(self) -> str:
+        """Decode whole characters from the front of `pending`, leaving a
+        prefix that may still become a valid character."""
+        out = []
+        while self.pending:
+            n = _utf8_length(self.pending[0])
+            head = bytes(self.pending[:n])
+            if n and len(head) == n:
+                try:
+                    out.append(head.decode("utf-8"))
+                    del self.pending[:n]
+                    continue
+                except UnicodeDecodeError:
+                    pass
+            elif n:
+                try:  # incomplete: wait for more bytes if it can still be a valid character
+                    codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+                    break
+                except UnicodeDecodeError:
+                    pass
+            out.append(REPLACEMENT_CHARACTER)
+            del self.pending[0]
+        return "".join(out)
+
+
+def _utf8_length(lead: int) -> int:
+    """Bytes in a UTF-8 character starting with byte `lead`; 0 if it cannot start one."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+# -- Gemma chat format -------------------------------------------------------------------
+def gemma_turn(role: str, text: str) -> str:
+    """One complete Gemma chat turn: "<start_of_turn>{role}\\n{text}<end_of_turn>\\n".
+    role: "user" or "model"."""
+    if role not in ("user", "model"):
+        raise ValueError(f"chat role must be 'user' or 'model', got {role!r}")
+    return f"{START_OF_TURN}{role}\n{text}{END_OF_TURN}\n"
+
+
+def gemma_model_prefix() -> str:
+    """What opens the model's turn, after which the model writes its reply."""
+    return f"{START_OF_TURN}model\n"

@@ -1,0 +1,62 @@
+"""`Chat`: Gemma chat turns on a live session. Each turn feeds only its own
+tokens; the history is never re-read."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator
+
+import torch
+
+from .session import Session, Token
+from .tokenizer import END_OF_TURN, START_OF_TURN, gemma_model_prefix, gemma_turn
+
+
+class Chat:
+    """Multi-turn chat in Gemma's format on `session`:
+
+        <start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n...
+
+    `user(text)` appends a user turn and opens the model's turn; `reply(...)`
+    generates the model's turn (stopping at <end_of_turn> or eos). If a reply
+    ended any other way (max_tokens, a stop string, the caller stopped
+    reading), the next `user` closes the model's turn first.
+    """
+
+    def __init__(self, session: Session):
+        tok = session.model.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer, and this model has none")
+        missing = [p for p in (START_OF_TURN, END_OF_TURN) if tok.piece_id(p) is None]
+        if missing:
+            raise ValueError(f"the tokenizer ({tok.source}) has no {' or '.join(missing)} piece: "
+                             f"it is not a Gemma chat tokenizer")
+        self.session = session
+        self._end_of_turn = tok.piece_id(END_OF_TURN)
+        self._model_turn_open = False
+
+    def user(self, text: str) -> torch.Tensor:
+        """Append a user turn and open the model's turn; returns the float32
+        logits [vocab] for the reply's first token."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"a user turn needs some text, got {text!r}")
+        prefix = ""
+        if self._model_turn_open:
+            # An <end_of_turn> the model produced is already consumed; only its newline is missing.
+            last = self.session.recent_ids[-1:]
+            prefix = "\n" if last == [self._end_of_turn] else f"{END_OF_TURN}\n"
+        self._model_turn_open = True
+        return self.session.feed(prefix + gemma_turn("user", text) + gemma_model_prefix())
+
+    def reply(self, **sampling) -> Iterator[Token]:
+        """Generate the model's turn; arguments as `Session.generate`."""
+        self._check_turn()
+        return self.session.generate(**sampling)
+
+    def areply(self, **sampling) -> AsyncIterator[Token]:
+        """`reply` for asyncio/anyio (see `Session.agenerate`)."""
+        self._check_turn()
+        return self.session.agenerate(**sampling)
+
+    def _check_turn(self) -> None:
+        if not self._model_turn_open:
+            raise ValueError("reply() needs a user turn first: call user(text)")

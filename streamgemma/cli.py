@@ -1,0 +1,173 @@
+"""The `streamgemma` command: generate text, chat, and describe a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence, TextIO
+
+EPILOG = """examples:
+  streamgemma info --model ./recurrentgemma-2b-it
+  streamgemma generate --model ./recurrentgemma-2b-it "The tide" --max-tokens 50 --temperature 0.7
+  echo "Tell me a joke" | streamgemma chat --model ./recurrentgemma-2b-it
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamgemma", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Streaming, stateful text generation with RecurrentGemma / Griffin models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("model")
+        g.add_argument("--model", required=True, metavar="PATH",
+                       help="checkpoint: a Hugging Face directory, an official .pt file, or a directory "
+                            "written by Model.save")
+        g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+        g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+
+    def sampling_args(p: argparse.ArgumentParser, default_max: int) -> None:
+        g = p.add_argument_group("sampling")
+        g.add_argument("--max-tokens", type=int, default=default_max, metavar="N",
+                       help=f"most tokens to generate (default {default_max})")
+        g.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 is greedy (default 1.0)")
+        g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K likeliest tokens (0: off)")
+        g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
+        g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                       help="drop tokens below P x the top probability (0: off)")
+        g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="(1: off)")
+        g.add_argument("--presence-penalty", type=float, default=0.0, metavar="A", help="(0: off)")
+        g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="stop when TEXT appears (not printed); repeatable")
+        g.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+
+    p = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
+                            description="Continue PROMPT and stream the generated text to stdout.")
+    p.add_argument("prompt", metavar="PROMPT", help='the text to continue ("-" reads it from stdin)')
+    p.add_argument("--no-bos", action="store_true", help="do not put the BOS token before the prompt")
+    model_args(p)
+    sampling_args(p, default_max=256)
+
+    p = commands.add_parser("chat", help="interactive multi-turn chat (Gemma turn format)",
+                            description="Chat with an instruction-tuned model. Each line read from stdin is "
+                                        "one user turn; the reply is streamed to stdout. End with Ctrl-D.")
+    model_args(p)
+    sampling_args(p, default_max=1024)
+
+    p = commands.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint: "
+                            "architecture preset, parameter count, dtype, tokenizer, state per session.")
+    model_args(p)
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """Generation keyword arguments from the flags, validated (before the slow model load)."""
+    from .sampling import SamplingParams
+
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty, stop=args.stop, seed=args.seed)
+    SamplingParams(**kwargs)
+    return kwargs
+
+
+def _load(args: argparse.Namespace):
+    import streamgemma
+
+    return streamgemma.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _info(args: argparse.Namespace, out: TextIO) -> None:
+    model = _load(args)
+    cfg, tok = model.config, model.tokenizer
+    attention = len(cfg.attention_layers)
+    lines = [
+        ("model", args.model),
+        ("architecture", cfg.matching_preset() or "custom (no preset matches)"),
+        ("layers", f"{cfg.num_layers} ({cfg.num_layers - attention} recurrent, {attention} local attention)"),
+        ("width", f"{cfg.width} (lru {cfg.lru_width}, {cfg.num_heads} heads, window {cfg.attention_window})"),
+        ("vocabulary", f"{cfg.vocab_size:,}"),
+        ("parameters", f"{model.num_parameters():,}"),
+        ("dtype", str(model.dtype).removeprefix("torch.")),
+        ("device", str(model.device)),
+        ("state per session", f"{model.pool.slot_bytes() / 2**20:.2f} MiB"),
+        ("tokenizer", f"{tok.vocab_size:,} pieces (bos {tok.bos_id}, eos {tok.eos_id}, chat turns "
+                      f"{'yes' if tok.piece_id('<start_of_turn>') is not None else 'no'})" if tok else "none"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        out.write(f"{key + ':':<{width + 1}} {value}\n")
+
+
+def _generate(args: argparse.Namespace, out: TextIO) -> None:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    sampling = _sampling(args)
+    model = _load(args)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.model: text generation needs one")
+    with model.session(seed=args.seed) as session:
+        session.feed(prompt, add_bos=not args.no_bos)
+        for token in session.generate(**sampling):
+            out.write(token.text)
+            out.flush()
+    out.write("\n")
+
+
+def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
+    from .chat import Chat
+
+    sampling = _sampling(args)
+    model = _load(args)
+    interactive = inp.isatty()
+    with model.session(seed=args.seed) as session:
+        chat = Chat(session)
+        if interactive:
+            sys.stderr.write("Chatting; each line is one turn. Ctrl-D ends.\n")
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = inp.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            chat.user(line.rstrip("\n"))
+            # The seed applies to the whole conversation, not again at each turn.
+            for token in chat.reply(**{**sampling, "seed": None}):
+                out.write(token.text)
+                out.flush()
+            out.write("\n")
+            out.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    from .errors import StreamgemmaError
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            _info(args, sys.stdout)
+        elif args.command == "generate":
+            _generate(args, sys.stdout)
+        else:
+            _chat(args, sys.stdout, sys.stdin)
+    except (StreamgemmaError, ValueError, TypeError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # the reader went away (e.g. `| head`): not an error
+            return 0
+        sys.stdout.flush()
+        sys.stderr.write(f"streamgemma {args.command}: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tiny models: per-op work is microseconds, and OpenMP threads spinning on a busy
+# 2-core CI machine make each op ~20x slower than one thread.
+torch.set_num_threads(1)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 import streamgemma as sg  # noqa: E402

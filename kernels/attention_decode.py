@@ -7,7 +7,7 @@ Split-KV in two launches:
   row's queries, scans its slice of the ring with an online softmax, and
   writes (max, sum, weighted values) for every head. MQA: a key tile is loaded
   once and used by all heads.
-- `_attn_combine_kernel`, grid (rows,): merges the splits and the current
+- `_attn_combine_kernel`, grid (rows, heads): merges the splits and the current
   token's key/value, writes the output, then stores the current key (roped) and
   value into the ring at pos % window. It runs after every partial program, so
   the entry it overwrites (position pos - window, still inside this query's
@@ -93,47 +93,45 @@ def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
 def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr, pos_ptr, inv_freq_ptr,
                          m_ptr, l_ptr, acc_ptr, out_ptr, W, NSPLIT, scale, H,
                          HP: tl.constexpr, HD: tl.constexpr, NSP: tl.constexpr):
+    # one program per (row, head): the merge is split across heads so it is not
+    # one long serial program per row
     row = tl.program_id(0)
-    heads = tl.arange(0, HP)
+    head = tl.program_id(1)
     dims = tl.arange(0, HD)
-    hmask = heads < H
-    out_off = row * H * HD + heads[:, None] * HD + dims[None, :]
+    one = tl.arange(0, 1)
+    out_off = row * H * HD + head * HD + dims
     slot = tl.load(slots_ptr + row)
     if slot < 0:
-        tl.store(out_ptr + out_off, tl.zeros((HP, HD), tl.float32).to(out_ptr.dtype.element_ty),
-                 mask=hmask[:, None])
+        tl.store(out_ptr + out_off, tl.zeros((HD,), tl.float32).to(out_ptr.dtype.element_ty))
     else:
         p = tl.load(pos_ptr + row)
         base = qkv_ptr + row * qkv_stride
-        q = _rope_rows(base, heads, dims, p, inv_freq_ptr, hmask, HD)
-        one = tl.arange(0, 1)
+        q = _rope_rows(base, one + head, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
         k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
         v_cur = tl.load(base + (H + 1) * HD + dims).to(tl.float32)
         # what the ring holds is in the model dtype: score the current key the same way
         k_cur = k_cur.to(ring_k_ptr.dtype.element_ty).to(tl.float32)
         v_cur = v_cur.to(ring_v_ptr.dtype.element_ty).to(tl.float32)
         q = (q * scale).to(ring_k_ptr.dtype.element_ty).to(tl.float32)  # as the partial pass rounds it
-        s_cur = tl.sum(q * k_cur, axis=1)  # [HP]
+        s_cur = tl.sum(tl.sum(q * k_cur, axis=1), axis=0)
 
         splits = tl.arange(0, NSP)
-        stat = (row * NSPLIT + splits[:, None]) * HP + heads[None, :]
-        smask = (splits < NSPLIT)[:, None]
+        smask = splits < NSPLIT
+        stat = (row * NSPLIT + splits) * HP + head
         m_all = tl.load(m_ptr + stat, mask=smask, other=_NEG)
         l_all = tl.load(l_ptr + stat, mask=smask, other=0.0)
         mx = tl.maximum(tl.max(m_all, axis=0), s_cur)
-        w_all = tl.exp(m_all - mx[None, :])
+        w_all = tl.exp(m_all - mx)
         w_cur = tl.exp(s_cur - mx)
         total = tl.sum(l_all * w_all, axis=0) + w_cur
-        o = w_cur[:, None] * v_cur[None, :]
-        for sp in range(0, NSPLIT):
-            st = (row * NSPLIT + sp) * HP + heads
-            w = tl.exp(tl.load(m_ptr + st) - mx)
-            o += tl.load(acc_ptr + st[:, None] * HD + dims[None, :]) * w[:, None]
-        o = o / total[:, None]
-        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
-        ring_off = slot.to(tl.int64) * W * HD + (p % W) * HD
-        tl.store(ring_k_ptr + ring_off + one[:, None] * HD + dims[None, :], k_cur.to(ring_k_ptr.dtype.element_ty))
-        tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
+        acc = tl.load(acc_ptr + stat[:, None] * HD + dims[None, :], mask=smask[:, None], other=0.0)
+        o = tl.sum(acc * w_all[:, None], axis=0) + w_cur * v_cur
+        tl.store(out_ptr + out_off, (o / total).to(out_ptr.dtype.element_ty))
+        if head == 0:  # after every partial program has read the ring: store the current key/value
+            ring_off = slot.to(tl.int64) * W * HD + (p % W) * HD
+            tl.store(ring_k_ptr + ring_off + one[:, None] * HD + dims[None, :],
+                     k_cur.to(ring_k_ptr.dtype.element_ty))
+            tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
 
 
 def splits_for(batch: int, window: int, block: int, target_programs: int = 264) -> tuple[int, int]:
@@ -168,7 +166,7 @@ def attention_decode(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tens
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc,
         window, nsplit, split_len, scale, num_heads, HP=hp, HD=hd, BN=block, IEEE=ieee,
         num_warps=8 if hd >= 256 else 4)
-    _attn_combine_kernel[(batch,)](
+    _attn_combine_kernel[(batch, num_heads)](
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc, out,
         window, nsplit, scale, num_heads, HP=hp, HD=hd, NSP=triton.next_power_of_2(nsplit),
         num_warps=8 if hd >= 256 else 4)

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, Sequence
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
+
+from . import snapshot as snapshot_format
+from .snapshot_store import write_file_atomic
 
 if TYPE_CHECKING:
     from .model import Model
@@ -25,6 +29,8 @@ class Session:
         self.slot = slot
         self.seed = seed
         self._closed = False
+        # The user metadata of the snapshot this session was restored from.
+        self.snapshot_metadata: dict = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -62,6 +68,24 @@ class Session:
 
     def _restore_extra_state(self, extra: dict) -> None:
         """Inverse of `_extra_state` (values already validated by the caller)."""
+
+    # -- snapshots ---------------------------------------------------------------------
+    def snapshot(self, metadata: Mapping[str, Any] | None = None) -> bytes:
+        """This session's complete state as bytes (format v1, see
+        docs/snapshot-format.md): the state tensors (attention rings only as far
+        as filled), the position, the sampler and detokenizer state, and
+        `metadata`, a dict with str keys of None/bool/int/float/str/bytes/list/
+        dict values (at most 1 MiB as msgpack; SnapshotMetadataError otherwise).
+        `model.restore(blob)` continues exactly where this session is."""
+        self._check_open()
+        return snapshot_format.encode(self.model.pool, self.slot, fingerprint=self.model.fingerprint,
+                                      extra=self._extra_state(), seed=self.seed, metadata=metadata)
+
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+        """Write `snapshot(metadata)` to `path` atomically: a reader (or a crash)
+        sees the previous file or the complete new one, never a partial one.
+        Restore with `model.restore_file(path)`."""
+        write_file_atomic(path, self.snapshot(metadata))
 
     # -- state -----------------------------------------------------------------------
     @property

@@ -26,7 +26,7 @@ import torch
 import zstandard
 
 from .config import ATTENTION, GriffinConfig
-from .errors import (ConfigError, SnapshotCorrupted, SnapshotError, SnapshotFormatError, SnapshotMetadataError,
+from .errors import (SnapshotCorrupted, SnapshotError, SnapshotFormatError, SnapshotMetadataError,
                      SnapshotModelMismatch, SnapshotVersionError)
 from .state import StatePool
 
@@ -241,7 +241,7 @@ def _validate(doc: Any, config: GriffinConfig, fingerprint: str) -> SnapshotCont
                                   f"{unknown} for format version {version}")
     _check_model(doc["model"], config, fingerprint)
     dtype_name = doc["dtype"]
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise SnapshotFormatError(f"the snapshot's dtype {_short(dtype_name)} is not one of {', '.join(DTYPES)}")
     dtype = DTYPES[dtype_name]
     position = doc["position"]
@@ -285,7 +285,7 @@ def _check_model(model: Any, config: GriffinConfig, fingerprint: str) -> None:
 def _describe(config_dict: dict) -> str:
     try:
         config = GriffinConfig.from_dict(config_dict)
-    except (ConfigError, TypeError, ValueError):
+    except Exception:  # untrusted values; this only words an error message
         return "an unreadable config"
     name = config.matching_preset()
     shape = f"{config.num_layers} layers, width {config.width}, vocab {config.vocab_size}"

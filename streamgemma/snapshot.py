@@ -128,18 +128,15 @@ def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, 
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise SnapshotFormatError(f"the session's seed {seed!r} is not an int or None")
     position = pool.positions[slot]
+    segments = _ring_segments(position, config.attention_window)
     layers = []
     payload = 0
     for kind, tensors in zip(config.block_types, pool.layers):
-        if kind == ATTENTION:
-            rows = _ring_rows(position, config.attention_window, tensors[0].device)
-            arrays = [t[slot].index_select(0, rows) for t in tensors]
-        else:
-            arrays = [t[slot] for t in tensors]
         layer = {"kind": kind}
-        for name, t in zip(_TENSOR_NAMES[kind], arrays):
-            layer[name] = _tensor_map(t)
-            payload += t.numel() * t.element_size()
+        for name, t in zip(_TENSOR_NAMES[kind], tensors):
+            parts = [t[slot][a:b] for a, b in segments] if kind == ATTENTION else [t[slot]]
+            layer[name] = _tensor_map(parts)
+            payload += len(layer[name]["data"])
         layers.append(layer)
     document = {
         "magic": MAGIC,
@@ -159,17 +156,33 @@ def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, 
     return zstandard.ZstdCompressor(level=COMPRESSION_LEVEL, write_checksum=True).compress(packed)
 
 
-def _ring_rows(position: int, window: int, device: torch.device) -> torch.Tensor:
-    """Ring indices of the filled entries, oldest first: positions
-    position - n .. position - 1 with n = min(position, window). int64 [n]."""
+def _ring_segments(position: int, window: int) -> list[tuple[int, int]]:
+    """Ring index ranges [start, stop) holding positions position - n ..
+    position - 1 (n = min(position, window)), oldest first: one range before
+    the ring wraps, two after."""
     n = min(position, window)
-    return (torch.arange(n, dtype=torch.long) + (position - n)).remainder_(window).to(device)
+    start = (position - n) % window
+    first = min(n, window - start)
+    return [(start, start + first)] + ([(0, n - first)] if n > first else [])
 
 
-def _tensor_map(t: torch.Tensor) -> dict:
-    host = t.contiguous().cpu()  # one device-to-host copy (none on CPU)
-    raw = host.reshape(-1).view(torch.uint8).numpy()
-    return {"dtype": _DTYPE_NAMES[host.dtype], "shape": list(host.shape), "data": memoryview(raw)}
+def _tensor_map(parts: list[torch.Tensor]) -> dict:
+    """The record of the concatenation of `parts` (same device and dtype) along
+    dim 0. CPU tensors are read through numpy views (a memory copy, no torch
+    kernel); device tensors are joined on the device and copied to the host once."""
+    if parts[0].device.type == "cpu":
+        views = [_byte_view(p) for p in parts]
+        raw = views[0] if len(views) == 1 else np.concatenate(views)
+    else:
+        raw = _byte_view((torch.cat(parts) if len(parts) > 1 else parts[0]).cpu())
+    shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
+    return {"dtype": _DTYPE_NAMES[parts[0].dtype], "shape": shape, "data": memoryview(raw.reshape(-1))}
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy uint8 view of a CPU tensor with a contiguous last dim: same
+    shape, the last dim in bytes. Writable: it aliases the tensor."""
+    return t.view(torch.uint8).numpy()
 
 
 # -- decode ------------------------------------------------------------------------------
@@ -404,21 +417,34 @@ def _require_little_endian() -> None:
 
 # -- load -------------------------------------------------------------------------------------
 def load_into(pool: StatePool, slot: int, contents: SnapshotContents) -> None:
-    """Write validated contents into `slot` of `pool` (which must have been
-    reset: ring entries the snapshot does not hold stay zero) and set its
-    position. Tensors are cast to the pool's dtype and moved to its device;
-    the RG-LRU state stays float32."""
-    window = pool.config.attention_window
+    """Write validated contents into `slot` of `pool` and set its position.
+    Every entry of the slot is written (ring entries the snapshot does not hold
+    become zero, as in a fresh slot). Tensors are cast to the pool's dtype and
+    moved to its device; the RG-LRU state stays float32."""
+    segments = _ring_segments(contents.position, pool.config.attention_window)
     for kind, tensors, records in zip(pool.config.block_types, pool.layers, contents.layers):
         for dst_all, record in zip(tensors, records):
-            dst = dst_all[slot]
-            src = _host_tensor(record).to(device=dst.device, dtype=dst.dtype)
+            dst, src = _destination_and_source(dst_all[slot], record)
             if kind == ATTENTION:
-                if record.shape[0]:
-                    dst.index_copy_(0, _ring_rows(contents.position, window, dst.device), src)
+                done = 0
+                for a, b in segments:
+                    dst[a:b] = src[done:done + b - a]
+                    done += b - a
+                dst[done:] = 0  # unfilled rows: only before the ring wraps, when segments start at 0
             else:
-                dst.copy_(src)
+                dst[...] = src
     pool.positions[slot] = contents.position
+
+
+def _destination_and_source(dst: torch.Tensor, record: TensorRecord):
+    """(destination, source) that slice-assign into each other: numpy byte views
+    for a CPU destination of the record's dtype (a plain memory copy, no torch
+    kernel), else the destination tensor and the record cast and moved to it."""
+    if dst.device.type == "cpu" and dst.dtype == record.dtype:
+        view = _byte_view(dst)
+        src = np.frombuffer(record.data, dtype=np.uint8).reshape(*record.shape[:-1], view.shape[-1])
+        return view, src
+    return dst, _host_tensor(record).to(device=dst.device, dtype=dst.dtype)
 
 
 def _host_tensor(record: TensorRecord) -> torch.Tensor:
@@ -426,7 +452,7 @@ def _host_tensor(record: TensorRecord) -> torch.Tensor:
     alias the read-only bytes, which torch warns about)."""
     out = torch.empty(record.shape, dtype=record.dtype)
     if out.numel():
-        np.copyto(out.reshape(-1).view(torch.uint8).numpy(), np.frombuffer(record.data, dtype=np.uint8))
+        np.copyto(_byte_view(out).reshape(-1), np.frombuffer(record.data, dtype=np.uint8))
     return out
 
 

@@ -97,6 +97,16 @@ def test_restore_from_file_in_a_fresh_model(model, tmp_path, position):
         assert torch.equal(a, b)
 
 
+def test_load_into_overwrites_every_entry_of_a_used_slot(model):
+    short, _ = run_conversation(model, 5)  # rings hold 5 of 8 rows
+    used, _ = run_conversation(model, 30)
+    contents = snapshot_format.decode(short.snapshot(), model.config, model.fingerprint)
+    snapshot_format.load_into(model.pool, used.slot, contents)
+    assert used.position == 5
+    for a, b in zip(slot_state(short), slot_state(used)):
+        assert torch.equal(a, b)
+
+
 def test_a_restored_session_snapshots_identically(model, blob30):
     restored = model.restore(blob30)
     assert restored.snapshot(restored.snapshot_metadata) == blob30
@@ -246,7 +256,7 @@ def test_valid_frames_of_garbage_are_refused(model, content):
 
 
 @fuzz
-@given(value=st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(),
+@given(value=st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats() | st.text() | st.binary(),
                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(), kids, max_size=4),
                           max_leaves=12),
        field=st.sampled_from(sorted(snapshot_format._TOP_KEYS) + ["layer", "tensor", "extra.recent_ids"]))

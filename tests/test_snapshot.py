@@ -3,7 +3,10 @@ directory store."""
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -464,3 +467,11 @@ def test_concurrent_writers_leave_one_valid_snapshot(model, tmp_path):
     final = store.get("shared")
     assert final in blobs
     assert model.restore(final).snapshot_metadata["writer"] in (5, 17, 30)
+
+
+def test_snapshot_resume_example_runs():
+    example = Path(__file__).resolve().parent.parent / "examples" / "snapshot_resume.py"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(example.parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert "identical continuation, bit for bit" in done.stdout

@@ -22,15 +22,19 @@ import torch
 
 import streamgemma as sg
 from streamgemma import snapshot as snapshot_format
+from streamgemma.config import ATTENTION
 from streamgemma.state import StatePool
 
 
 def fill_random(pool: StatePool, slot: int, position: int, seed: int = 0) -> None:
-    """Random state in `slot`, as a session at `position` would have."""
+    """Random state in `slot`, as a session at `position` would have: ring
+    rows for positions not reached yet stay zero."""
     gen = torch.Generator().manual_seed(seed)
-    for layer in pool.layers:
+    for kind, layer in zip(pool.config.block_types, pool.layers):
         for t in layer:
             t[slot].copy_(torch.randn(t[slot].shape, generator=gen).to(t.dtype))
+            if kind == ATTENTION:
+                t[slot][position:] = 0
     pool.positions[slot] = position
 
 

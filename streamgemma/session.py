@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -70,7 +70,7 @@ class Session:
         """Inverse of `_extra_state` (values already validated by the caller)."""
 
     # -- snapshots ---------------------------------------------------------------------
-    def snapshot(self, metadata: Mapping[str, Any] | None = None) -> bytes:
+    def snapshot(self, metadata: dict[str, Any] | None = None) -> bytes:
         """This session's complete state as bytes (format v1, see
         docs/snapshot-format.md): the state tensors (attention rings only as far
         as filled), the position, the sampler and detokenizer state, and
@@ -81,7 +81,7 @@ class Session:
         return snapshot_format.encode(self.model.pool, self.slot, fingerprint=self.model.fingerprint,
                                       extra=self._extra_state(), seed=self.seed, metadata=metadata)
 
-    def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+    def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
         """Write `snapshot(metadata)` to `path` atomically: a reader (or a crash)
         sees the previous file or the complete new one, never a partial one.
         Restore with `model.restore_file(path)`."""

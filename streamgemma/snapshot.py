@@ -108,12 +108,12 @@ def max_file_bytes(config: GriffinConfig) -> int:
 
 # -- encode ----------------------------------------------------------------------------
 def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, Any], seed: int | None = None,
-           metadata: Mapping[str, Any] | None = None) -> bytes:
+           metadata: dict[str, Any] | None = None) -> bytes:
     """Snapshot of `slot` in `pool` as bytes.
 
     fingerprint: the model's `fingerprint`. extra: the session's host state
     ({"rng": bytes | None, "detok_pending": bytes, "recent_ids": list[int]}).
-    seed: the session's seed. metadata: a map with str keys of plain msgpack
+    seed: the session's seed. metadata: a dict with str keys of plain msgpack
     values (None, bool, int, float, str, bytes, list, dict), at most
     MAX_METADATA_BYTES encoded; raises SnapshotMetadataError otherwise.
 
@@ -123,7 +123,7 @@ def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, 
     _require_little_endian()
     config = pool.config
     metadata = {} if metadata is None else metadata
-    _check_metadata(metadata, SnapshotMetadataError)
+    metadata_bytes = _check_metadata(metadata, SnapshotMetadataError)
     _check_extra(extra, config.vocab_size, "the session's host state", SnapshotFormatError)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise SnapshotFormatError(f"the session's seed {seed!r} is not an int or None")
@@ -150,8 +150,9 @@ def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, 
                   "recent_ids": extra["recent_ids"]},
         "metadata": metadata,
     }
+    host_bytes = len(extra["rng"] or b"") + len(extra["detok_pending"]) + 9 * len(extra["recent_ids"])
     # Presizing the buffer saves the reallocations of a growing one (state is tens of MB).
-    packer = msgpack.Packer(buf_size=payload + MAX_METADATA_BYTES + _ENVELOPE_BYTES)
+    packer = msgpack.Packer(buf_size=payload + metadata_bytes + host_bytes + _ENVELOPE_BYTES)
     packed = packer.pack(document)
     return zstandard.ZstdCompressor(level=COMPRESSION_LEVEL, write_checksum=True).compress(packed)
 
@@ -292,7 +293,7 @@ def _check_model(model: Any, config: GriffinConfig, fingerprint: str) -> None:
         detail = "configs differ in " + ", ".join(diffs[:6]) + (", ..." if len(diffs) > 6 else "")
     raise SnapshotModelMismatch(
         f"this snapshot was made with model {_short(saved_fp)} ({_describe(saved_config)}), but it is being "
-        f"restored into model {fingerprint} ({_describe(ours)}): {detail}")
+        f"restored into model {fingerprint!r} ({_describe(ours)}): {detail}")
 
 
 def _describe(config_dict: dict) -> str:
@@ -366,7 +367,8 @@ def _check_extra(extra: Any, vocab_size: int, where: str, error: type[SnapshotEr
             raise error(f"{where}: recent_ids[{i}] = {_short(t)} is not a token id in [0, {vocab_size})")
 
 
-def _check_metadata(metadata: Any, error: type[SnapshotError]) -> None:
+def _check_metadata(metadata: Any, error: type[SnapshotError]) -> int:
+    """Validate user metadata (see docs/snapshot-format.md); returns its msgpack size."""
     if not isinstance(metadata, dict):
         raise error(f"snapshot metadata must be a dict with str keys, got {type(metadata).__name__}")
     _check_plain(metadata, "metadata", 0, error)
@@ -376,6 +378,7 @@ def _check_metadata(metadata: Any, error: type[SnapshotError]) -> None:
         raise error(f"snapshot metadata cannot be encoded as msgpack: {e}") from None
     if size > MAX_METADATA_BYTES:
         raise error(f"snapshot metadata is {size} bytes as msgpack, more than the {MAX_METADATA_BYTES} allowed")
+    return size
 
 
 def _check_plain(value: Any, where: str, depth: int, error: type[SnapshotError]) -> None:

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from .config import GriffinConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, SnapshotError, SnapshotFormatError
 from .griffin import Griffin
 from .state import StatePool
 from .tokenizer import Tokenizer
@@ -91,7 +91,15 @@ class Model:
         session = self.session(seed=contents.seed)
         try:
             snapshot_format.load_into(self.pool, session.slot, contents)
-            session._restore_extra_state(contents.extra)
+            try:
+                session._restore_extra_state(contents.extra)
+            except (ValueError, TypeError, RuntimeError) as e:
+                # Only the session can judge its RNG/detokenizer bytes (e.g. a generator
+                # state of the wrong size); a bad one is still a bad snapshot.
+                if isinstance(e, SnapshotError):
+                    raise
+                raise SnapshotFormatError(f"the snapshot's sampler or detokenizer state cannot be "
+                                          f"restored: {e}") from e
         except BaseException:
             session.close()
             raise

@@ -1,6 +1,7 @@
 """Snapshots: exact suspend/resume, validation of untrusted bytes, the
 directory store."""
 
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -125,6 +126,21 @@ def test_extra_state_round_trips_through_the_hooks(model, monkeypatch):
     assert received == [extra]
 
 
+def test_extra_state_the_session_rejects_is_a_snapshot_error(model, monkeypatch):
+    def reject(self, extra):
+        raise RuntimeError("generator state has the wrong size")
+
+    s, _ = run_conversation(model, 12)
+    blob = s.snapshot()
+    model.session().close()  # a free slot, so the restore below does not grow the pool
+    gc.collect()
+    free_before = len(model.pool._free)
+    monkeypatch.setattr(sg.Session, "_restore_extra_state", reject)
+    with pytest.raises(sg.SnapshotFormatError, match="wrong size"):
+        model.restore(blob)
+    assert len(model.pool._free) == free_before  # the slot taken for the restore was given back
+
+
 @pytest.mark.parametrize("bad", [
     {"rng": None, "detok_pending": b"", "recent_ids": [256]},  # outside the vocabulary
     {"rng": "text", "detok_pending": b"", "recent_ids": []},
@@ -176,10 +192,11 @@ def test_restore_into_other_config_is_refused(model, blob30):
         other.restore(blob30)
 
 
-def test_restore_float32_snapshot_into_bfloat16_model(model):
+@pytest.mark.parametrize("position", [5, 30])
+def test_restore_float32_snapshot_into_bfloat16_model(model, position):
     """Documented in docs/snapshot-format.md: state is rounded to bfloat16, the
     RG-LRU state stays exact; logits then stay within 0.1 standard deviations."""
-    s, token = run_conversation(model, 30)
+    s, token = run_conversation(model, position)
     low = sg.Model.random(model.config, seed=0, device="cpu", dtype="bfloat16")
     restored = low.restore(s.snapshot())
     for kind, a, b in zip([k for k in model.config.block_types for _ in range(2)],

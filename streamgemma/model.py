@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from .config import GriffinConfig
-from .errors import CheckpointError, SnapshotError, SnapshotFormatError
+from .errors import CheckpointError
 from .griffin import Griffin
 from .state import StatePool
 from .tokenizer import Tokenizer
@@ -84,22 +84,15 @@ class Model:
         identical); the RG-LRU state stays float32. `session.snapshot_metadata`
         holds the snapshot's metadata.
 
-        Everything is validated before a slot is taken; failures raise a
-        SnapshotError subclass: SnapshotFormatError, SnapshotCorrupted,
+        The blob is fully validated before a slot is taken (only the session's
+        own RNG/detokenizer bytes are judged after, by the session); failures
+        raise a SnapshotError subclass: SnapshotFormatError, SnapshotCorrupted,
         SnapshotVersionError, SnapshotModelMismatch."""
         contents = snapshot_format.decode(blob, self.config, self.fingerprint)
         session = self.session(seed=contents.seed)
         try:
             snapshot_format.load_into(self.pool, session.slot, contents)
-            try:
-                session._restore_extra_state(contents.extra)
-            except (ValueError, TypeError, RuntimeError) as e:
-                # Only the session can judge its RNG/detokenizer bytes (e.g. a generator
-                # state of the wrong size); a bad one is still a bad snapshot.
-                if isinstance(e, SnapshotError):
-                    raise
-                raise SnapshotFormatError(f"the snapshot's sampler or detokenizer state cannot be "
-                                          f"restored: {e}") from e
+            snapshot_format.restore_host_state(session, contents.extra)
         except BaseException:
             session.close()
             raise

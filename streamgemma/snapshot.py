@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import msgpack
 import numpy as np
@@ -29,6 +29,9 @@ from .config import ATTENTION, GriffinConfig
 from .errors import (SnapshotCorrupted, SnapshotError, SnapshotFormatError, SnapshotMetadataError,
                      SnapshotModelMismatch, SnapshotVersionError)
 from .state import StatePool
+
+if TYPE_CHECKING:
+    from .session import Session
 
 MAGIC = "streamgemma-snapshot"
 FORMAT_VERSION = 1
@@ -437,6 +440,18 @@ def load_into(pool: StatePool, slot: int, contents: SnapshotContents) -> None:
             else:
                 dst[...] = src
     pool.positions[slot] = contents.position
+
+
+def restore_host_state(session: Session, extra: dict) -> None:
+    """Hand validated host state to `session._restore_extra_state`. Only the
+    session can judge its RNG/detokenizer bytes (e.g. a generator state of the
+    wrong size); if it refuses them, the snapshot is bad: SnapshotFormatError."""
+    try:
+        session._restore_extra_state(extra)
+    except SnapshotError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise SnapshotFormatError(f"the snapshot's sampler or detokenizer state cannot be restored: {e}") from e
 
 
 def _destination_and_source(dst: torch.Tensor, record: TensorRecord):

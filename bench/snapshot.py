@@ -65,6 +65,8 @@ def main() -> None:
 
     config = sg.GriffinConfig.preset(args.preset)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
     dtype = snapshot_format.DTYPES[args.dtype]
     position = config.attention_window + 123 if args.position is None else args.position
     pool = StatePool(config, dtype, device, capacity=2)

@@ -248,7 +248,7 @@ def _validate(doc: Any, config: GriffinConfig, fingerprint: str) -> SnapshotCont
         raise SnapshotFormatError(f"not a streamgemma snapshot: the msgpack map has no {MAGIC!r} tag")
     version = doc.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise SnapshotFormatError(f"the snapshot's format version is {version!r}; expected an int >= 1")
+        raise SnapshotFormatError(f"the snapshot's format version is {_short(version)}; expected an int >= 1")
     if version > FORMAT_VERSION:
         raise SnapshotVersionError(f"the snapshot is in format version {version}, newer than version "
                                    f"{FORMAT_VERSION} that this streamgemma reads: upgrade streamgemma")

@@ -2,15 +2,21 @@
 
 from .chat import Chat
 from .config import GriffinConfig
-from .errors import CheckpointError, ConfigError, DeviceError, SnapshotError, StoppedError, StreamgemmaError
+from .errors import (CheckpointError, ConfigError, DeviceError, SnapshotCorrupted, SnapshotError,
+                     SnapshotFormatError, SnapshotIdError, SnapshotMetadataError, SnapshotModelMismatch,
+                     SnapshotNotFound, SnapshotVersionError, StoppedError, StreamgemmaError)
 from .model import Model, load
 from .sampling import SamplingParams
 from .session import Session, Token
+from .snapshot_store import DirectorySnapshotStore, SnapshotStore
 from .tokenizer import Detokenizer, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GriffinConfig", "Model", "Session", "Token", "SamplingParams", "Chat", "Tokenizer", "Detokenizer", "load",
-    "StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "SnapshotError", "StoppedError",
+    "SnapshotStore", "DirectorySnapshotStore",
+    "StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "StoppedError", "SnapshotError",
+    "SnapshotFormatError", "SnapshotCorrupted", "SnapshotVersionError", "SnapshotModelMismatch",
+    "SnapshotMetadataError", "SnapshotNotFound", "SnapshotIdError",
 ]

@@ -25,3 +25,36 @@ class SnapshotError(StreamgemmaError, ValueError):
 class StoppedError(StreamgemmaError, RuntimeError):
     """`generate()` was called on a session whose last generation ended at a
     stop (stop token or stop string) with no new input since."""
+
+
+class SnapshotFormatError(SnapshotError):
+    """The bytes are not a streamgemma snapshot, or its content does not follow
+    the format (missing or mistyped fields, impossible sizes)."""
+
+
+class SnapshotCorrupted(SnapshotError):
+    """The snapshot was damaged after it was written: truncated, or its zstd
+    checksum does not match."""
+
+
+class SnapshotVersionError(SnapshotError):
+    """The snapshot was written in a format version this streamgemma cannot read."""
+
+
+class SnapshotModelMismatch(SnapshotError):
+    """The snapshot was made with another model (other config or other weights)."""
+
+
+class SnapshotMetadataError(SnapshotError, TypeError):
+    """User metadata is not a map of plain msgpack values, or is too large."""
+
+
+class SnapshotNotFound(SnapshotError, KeyError):
+    """A snapshot store has no snapshot under this id."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SnapshotIdError(SnapshotError):
+    """A session id cannot name a snapshot in a store (bad characters, length)."""

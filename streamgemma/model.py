@@ -16,6 +16,7 @@ from .fast_decode import GraphedDecoder, KernelDecoder, check_kernels_usable, ke
 from .griffin import Griffin
 from .state import StatePool
 from .tokenizer import Tokenizer
+from . import snapshot as snapshot_format
 from . import weights
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per parallel chunk: bounds activation memory for any input length
@@ -89,6 +90,34 @@ class Model:
         with self.lock:
             slot = self.pool.allocate()
         return Session(self, slot, seed=seed)
+
+    def restore(self, blob: bytes | bytearray | memoryview) -> "Session":
+        """A new session that continues exactly where the snapshotted one was
+        (bit-identical on the same device and dtype). The snapshot may come from
+        another device or dtype: state is cast to this model's dtype (from
+        float32 to bfloat16 this rounds it, so the continuation is close, not
+        identical); the RG-LRU state stays float32. `session.snapshot_metadata`
+        holds the snapshot's metadata.
+
+        The blob is fully validated before a slot is taken (only the session's
+        own RNG/detokenizer bytes are judged after, by the session); failures
+        raise a SnapshotError subclass: SnapshotFormatError, SnapshotCorrupted,
+        SnapshotVersionError, SnapshotModelMismatch."""
+        contents = snapshot_format.decode(blob, self.config, self.fingerprint)
+        session = self.session(seed=contents.seed)
+        try:
+            snapshot_format.load_into(self.pool, session.slot, contents)
+            snapshot_format.restore_host_state(session, contents.extra)
+        except BaseException:
+            session.close()
+            raise
+        session.snapshot_metadata = contents.metadata
+        return session
+
+    def restore_file(self, path: str | os.PathLike) -> "Session":
+        """`restore` the snapshot file at `path` (as written by `Session.save`
+        or a DirectorySnapshotStore). OSError if it cannot be read."""
+        return self.restore(snapshot_format.read_file(path, self.config))
 
     def save(self, directory: str | os.PathLike, max_shard_bytes: int = 4 * 1024**3) -> None:
         """Write the model in the Hugging Face layout (config.json, safetensors,

@@ -7,12 +7,15 @@ import array
 import dataclasses
 import functools
 import numbers
-from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator, Sequence
+import os
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Sequence
 
 import torch
 
+from . import snapshot as snapshot_format
 from .errors import StoppedError
 from .sampling import SamplingParams, StopStrings, apply_penalties, new_generator, sample
+from .snapshot_store import write_file_atomic
 from .tokenizer import END_OF_TURN, Detokenizer
 
 if TYPE_CHECKING:
@@ -94,6 +97,8 @@ class Session:
         self._rng: torch.Generator | None = None  # created from `seed` when first needed
         self._logits: torch.Tensor | None = None  # float32 [vocab] after the last consumed token
         self._stopped_by: str | None = None  # the stop that ended the last generation, until new input
+        # The user metadata of the snapshot this session was restored from.
+        self.snapshot_metadata: dict = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -194,6 +199,24 @@ class Session:
         logits = self.model.config.vocab_size * 4
         rng = self._generator().get_state().numel()
         return self.model.pool.slot_bytes() + logits + rng + self._recent.nbytes + MAX_PENDING_BYTES
+
+    # -- snapshots ---------------------------------------------------------------------
+    def snapshot(self, metadata: dict[str, Any] | None = None) -> bytes:
+        """This session's complete state as bytes (format v1, see
+        docs/snapshot-format.md): the state tensors (attention rings only as far
+        as filled), the position, the sampler and detokenizer state, and
+        `metadata`, a dict with str keys of None/bool/int/float/str/bytes/list/
+        dict values (at most 1 MiB as msgpack; SnapshotMetadataError otherwise).
+        `model.restore(blob)` continues exactly where this session is."""
+        self._check_open()
+        return snapshot_format.encode(self.model.pool, self.slot, fingerprint=self.model.fingerprint,
+                                      extra=self._extra_state(), seed=self.seed, metadata=metadata)
+
+    def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
+        """Write `snapshot(metadata)` to `path` atomically: a reader (or a crash)
+        sees the previous file or the complete new one, never a partial one.
+        Restore with `model.restore_file(path)`."""
+        write_file_atomic(path, self.snapshot(metadata))
 
     # -- state -----------------------------------------------------------------------
     @property

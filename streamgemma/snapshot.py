@@ -1,0 +1,487 @@
+"""Snapshot format v1: one session's complete state as bytes, a zstd frame
+(with content checksum) around one msgpack map. docs/snapshot-format.md is
+the specification; this module is its implementation.
+
+- `encode` reads one slot of a state pool into a snapshot.
+- `decode` turns untrusted bytes into validated `SnapshotContents` without
+  allocating a tensor: the frame, every size, the schema and the model's
+  identity are checked first, and every failure is a `SnapshotError` subclass.
+- `load_into` writes validated contents into a slot of a pool (casting to the
+  pool's dtype and device).
+
+`Session.snapshot` and `Model.restore` are the public entry points; these
+functions are the layer under them (benchmarks use them on a bare pool).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Mapping
+
+import msgpack
+import numpy as np
+import torch
+import zstandard
+
+from .config import ATTENTION, GriffinConfig
+from .errors import (SnapshotCorrupted, SnapshotError, SnapshotFormatError, SnapshotMetadataError,
+                     SnapshotModelMismatch, SnapshotVersionError)
+from .state import StatePool
+
+if TYPE_CHECKING:
+    from .session import Session
+
+MAGIC = "streamgemma-snapshot"
+FORMAT_VERSION = 1
+# Level 1 is the fastest level that still entropy-codes literals (negative
+# levels store them raw): bf16/fp32 state has redundant exponent bytes, so it
+# shrinks the state by about a fifth at decode speeds far above 1 GB/s.
+COMPRESSION_LEVEL = 1
+
+MAX_METADATA_BYTES = 1 << 20  # user metadata, msgpack-encoded
+MAX_HOST_BYTES = 1 << 20  # each of the RNG state and the detokenizer's pending bytes
+MAX_CONTAINER_LEN = 1 << 16  # entries of any list or map (recent_ids, metadata containers)
+MAX_METADATA_DEPTH = 32
+MAX_FINGERPRINT_CHARS = 256
+_ENVELOPE_BYTES = 1 << 16  # keys, config, per-tensor headers: everything but the payloads above
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_MAX_POSITION = 1 << 62
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_TOP_KEYS = frozenset({"magic", "version", "model", "dtype", "position", "seed", "layers", "extra",
+                       "metadata"})
+_EXTRA_KEYS = frozenset({"rng", "detok_pending", "recent_ids"})
+_TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
+_TENSOR_NAMES = {"recurrent": ("conv", "h"), ATTENTION: ("keys", "values")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRecord:
+    """One state tensor as stored: little-endian C-order bytes of `dtype` and `shape`."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotContents:
+    """A decoded, validated snapshot (no tensors allocated yet).
+
+    layers: per layer, (conv [conv_width-1, lru_width] in `dtype`, h [lru_width]
+    float32) for recurrent layers, (keys, values) [min(position, window),
+    head_dim] in `dtype` for attention layers, rows oldest to newest.
+    extra: the session's host state ({"rng", "detok_pending", "recent_ids"}).
+    """
+
+    fingerprint: str
+    config: GriffinConfig
+    dtype: torch.dtype
+    position: int
+    seed: int | None
+    layers: tuple[tuple[TensorRecord, TensorRecord], ...]
+    extra: dict
+    metadata: dict
+
+
+# -- sizes ----------------------------------------------------------------------------
+def max_snapshot_bytes(config: GriffinConfig) -> int:
+    """Upper bound of a decoded (decompressed) snapshot of a model with `config`:
+    its full state at 4 bytes per element (the widest dtype) plus the largest
+    metadata and host state the format allows. Decoding refuses anything larger
+    before allocating, so a small blob cannot make it allocate more."""
+    state = 0
+    for kind in config.block_types:
+        if kind == ATTENTION:
+            state += 2 * config.attention_window * config.head_dim * 4
+        else:
+            state += (config.conv_width - 1) * config.lru_width * 4 + config.lru_width * 4
+    return state + MAX_METADATA_BYTES + 2 * MAX_HOST_BYTES + 9 * MAX_CONTAINER_LEN + _ENVELOPE_BYTES
+
+
+def max_file_bytes(config: GriffinConfig) -> int:
+    """Upper bound of a compressed snapshot: zstd's worst case on incompressible
+    input adds a few bytes per 128 KiB block to `max_snapshot_bytes`."""
+    limit = max_snapshot_bytes(config)
+    return limit + (limit >> 8) + 4096
+
+
+# -- encode ----------------------------------------------------------------------------
+def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, Any], seed: int | None = None,
+           metadata: dict[str, Any] | None = None) -> bytes:
+    """Snapshot of `slot` in `pool` as bytes.
+
+    fingerprint: the model's `fingerprint`. extra: the session's host state
+    ({"rng": bytes | None, "detok_pending": bytes, "recent_ids": list[int]}).
+    seed: the session's seed. metadata: a dict with str keys of plain msgpack
+    values (None, bool, int, float, str, bytes, list, dict), at most
+    MAX_METADATA_BYTES encoded; raises SnapshotMetadataError otherwise.
+
+    Every state tensor is copied to the host once (attention rings are put in
+    logical order on their device first, keeping only the filled rows).
+    """
+    _require_little_endian()
+    config = pool.config
+    metadata = {} if metadata is None else metadata
+    metadata_bytes = _check_metadata(metadata, SnapshotMetadataError)
+    _check_extra(extra, config.vocab_size, "the session's host state", SnapshotFormatError)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise SnapshotFormatError(f"the session's seed {seed!r} is not an int or None")
+    position = pool.positions[slot]
+    segments = _ring_segments(position, config.attention_window)
+    layers = []
+    payload = 0
+    for kind, tensors in zip(config.block_types, pool.layers):
+        layer = {"kind": kind}
+        for name, t in zip(_TENSOR_NAMES[kind], tensors):
+            parts = [t[slot][a:b] for a, b in segments] if kind == ATTENTION else [t[slot]]
+            layer[name] = _tensor_map(parts)
+            payload += len(layer[name]["data"])
+        layers.append(layer)
+    document = {
+        "magic": MAGIC,
+        "version": FORMAT_VERSION,
+        "model": {"fingerprint": fingerprint, "config": config.to_dict()},
+        "dtype": _DTYPE_NAMES[pool.dtype],
+        "position": position,
+        "seed": seed,
+        "layers": layers,
+        "extra": {"rng": extra["rng"], "detok_pending": extra["detok_pending"],
+                  "recent_ids": extra["recent_ids"]},
+        "metadata": metadata,
+    }
+    host_bytes = len(extra["rng"] or b"") + len(extra["detok_pending"]) + 9 * len(extra["recent_ids"])
+    # Presizing the buffer saves the reallocations of a growing one (state is tens of MB).
+    packer = msgpack.Packer(buf_size=payload + metadata_bytes + host_bytes + _ENVELOPE_BYTES)
+    packed = packer.pack(document)
+    return zstandard.ZstdCompressor(level=COMPRESSION_LEVEL, write_checksum=True).compress(packed)
+
+
+def _ring_segments(position: int, window: int) -> list[tuple[int, int]]:
+    """Ring index ranges [start, stop) holding positions position - n ..
+    position - 1 (n = min(position, window)), oldest first: one range before
+    the ring wraps, two after."""
+    n = min(position, window)
+    start = (position - n) % window
+    first = min(n, window - start)
+    return [(start, start + first)] + ([(0, n - first)] if n > first else [])
+
+
+def _tensor_map(parts: list[torch.Tensor]) -> dict:
+    """The record of the concatenation of `parts` (same device and dtype) along
+    dim 0. CPU tensors are read through numpy views (a memory copy, no torch
+    kernel); device tensors are joined on the device and copied to the host once."""
+    if parts[0].device.type == "cpu":
+        views = [_byte_view(p) for p in parts]
+        raw = views[0] if len(views) == 1 else np.concatenate(views)
+    else:
+        raw = _byte_view((torch.cat(parts) if len(parts) > 1 else parts[0]).cpu())
+    shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
+    return {"dtype": _DTYPE_NAMES[parts[0].dtype], "shape": shape, "data": memoryview(raw.reshape(-1))}
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy uint8 view of a CPU tensor with a contiguous last dim: same
+    shape, the last dim in bytes. Writable: it aliases the tensor."""
+    return t.view(torch.uint8).numpy()
+
+
+# -- decode ------------------------------------------------------------------------------
+def decode(blob: bytes | bytearray | memoryview, config: GriffinConfig, fingerprint: str) -> SnapshotContents:
+    """Validate `blob` as a snapshot for the model with `config` and
+    `fingerprint`, without allocating a tensor.
+
+    Raises (all subclasses of SnapshotError): SnapshotFormatError (not a
+    snapshot, malformed, impossible sizes), SnapshotCorrupted (truncated or
+    damaged), SnapshotVersionError (newer format), SnapshotModelMismatch
+    (another model's snapshot).
+    """
+    _require_little_endian()
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise SnapshotFormatError(f"a snapshot is bytes, got {type(blob).__name__}")
+    limit = max_snapshot_bytes(config)
+    document = _unpack(_decompress(bytes(blob), limit), limit)
+    return _validate(document, config, fingerprint)
+
+
+def _decompress(data: bytes, limit: int) -> bytes:
+    if len(data) < len(_ZSTD_MAGIC) or not data.startswith(_ZSTD_MAGIC):
+        raise SnapshotFormatError("not a streamgemma snapshot: it does not start with a zstd frame "
+                                  f"(first bytes {data[:8].hex() or 'none: it is empty'})")
+    try:
+        frame = zstandard.get_frame_parameters(data)
+    except zstandard.ZstdError as e:
+        raise SnapshotCorrupted(f"the snapshot's zstd frame header is truncated or damaged ({e})") from None
+    if not frame.has_checksum:
+        raise SnapshotFormatError("the zstd frame has no content checksum; streamgemma always writes one, "
+                                  "so this was not written by streamgemma or its header is damaged")
+    if frame.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise SnapshotFormatError("the zstd frame does not declare its content size; streamgemma always "
+                                  "does, so this was not written by streamgemma or its header is damaged")
+    if frame.content_size > limit:
+        raise SnapshotFormatError(f"the snapshot declares {frame.content_size} bytes of content, more than "
+                                  f"the {limit} bytes any snapshot of this model can have: it is not a "
+                                  "snapshot of this model, or it is damaged")
+    try:
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise SnapshotCorrupted(f"the snapshot is truncated or damaged: zstd could not decompress it "
+                                f"or its checksum does not match ({e})") from None
+
+
+def _unpack(packed: bytes, limit: int) -> Any:
+    try:
+        return msgpack.unpackb(packed, raw=False, strict_map_key=True, use_list=True,
+                               max_bin_len=limit, max_str_len=MAX_METADATA_BYTES,
+                               max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN,
+                               max_ext_len=0)
+    except Exception as e:  # msgpack raises ValueError, TypeError, its own classes, UnicodeDecodeError...
+        raise SnapshotFormatError(f"the snapshot's content is not a valid msgpack document "
+                                  f"({type(e).__name__}: {e}); it was not written by streamgemma") from None
+
+
+def _validate(doc: Any, config: GriffinConfig, fingerprint: str) -> SnapshotContents:
+    if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
+        raise SnapshotFormatError(f"not a streamgemma snapshot: the msgpack map has no {MAGIC!r} tag")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SnapshotFormatError(f"the snapshot's format version is {_short(version)}; expected an int >= 1")
+    if version > FORMAT_VERSION:
+        raise SnapshotVersionError(f"the snapshot is in format version {version}, newer than version "
+                                   f"{FORMAT_VERSION} that this streamgemma reads: upgrade streamgemma")
+    if set(doc) != _TOP_KEYS:
+        missing, unknown = sorted(_TOP_KEYS - set(doc)), sorted(set(doc) - _TOP_KEYS)
+        raise SnapshotFormatError(f"the snapshot's map has missing fields {missing} and unknown fields "
+                                  f"{unknown} for format version {version}")
+    _check_model(doc["model"], config, fingerprint)
+    dtype_name = doc["dtype"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise SnapshotFormatError(f"the snapshot's dtype {_short(dtype_name)} is not one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+    position = doc["position"]
+    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < _MAX_POSITION:
+        raise SnapshotFormatError(f"the snapshot's position {_short(position)} is not an int in [0, 2**62)")
+    seed = doc["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise SnapshotFormatError(f"the snapshot's seed {_short(seed)} is not an int or nil")
+    layers = _check_layers(doc["layers"], config, dtype, position)
+    _check_extra(doc["extra"], config.vocab_size, "the snapshot's extra state", SnapshotFormatError)
+    _check_metadata(doc["metadata"], SnapshotFormatError)
+    return SnapshotContents(fingerprint=doc["model"]["fingerprint"], config=config, dtype=dtype,
+                            position=position, seed=seed, layers=layers, extra=doc["extra"],
+                            metadata=doc["metadata"])
+
+
+def _check_model(model: Any, config: GriffinConfig, fingerprint: str) -> None:
+    if not isinstance(model, dict) or set(model) != {"fingerprint", "config"}:
+        raise SnapshotFormatError("the snapshot's 'model' field is not a map of 'fingerprint' and 'config'")
+    saved_fp, saved_config = model["fingerprint"], model["config"]
+    if not isinstance(saved_fp, str) or len(saved_fp) > MAX_FINGERPRINT_CHARS:
+        raise SnapshotFormatError(f"the snapshot's model fingerprint {_short(saved_fp)} is not a short string")
+    if not isinstance(saved_config, dict):
+        raise SnapshotFormatError("the snapshot's model config is not a map")
+    ours = config.to_dict()
+    if saved_fp == fingerprint and saved_config == ours:
+        return
+    if saved_config == ours:
+        detail = ("same architecture but different weights: restore it with the weights the "
+                  "conversation ran on")
+    else:
+        fields = sorted(set(saved_config) | set(ours))
+        diffs = [f"{k} (snapshot {_short(saved_config.get(k))}, model {_short(ours.get(k))})"
+                 for k in fields if saved_config.get(k) != ours.get(k)]
+        detail = "configs differ in " + ", ".join(diffs[:6]) + (", ..." if len(diffs) > 6 else "")
+    raise SnapshotModelMismatch(
+        f"this snapshot was made with model {_short(saved_fp)} ({_describe(saved_config)}), but it is being "
+        f"restored into model {fingerprint!r} ({_describe(ours)}): {detail}")
+
+
+def _describe(config_dict: dict) -> str:
+    try:
+        config = GriffinConfig.from_dict(config_dict)
+    except Exception:  # untrusted values; this only words an error message
+        return "an unreadable config"
+    name = config.matching_preset()
+    shape = f"{config.num_layers} layers, width {config.width}, vocab {config.vocab_size}"
+    return f"{name}: {shape}" if name else shape
+
+
+def _check_layers(layers: Any, config: GriffinConfig, dtype: torch.dtype,
+                  position: int) -> tuple[tuple[TensorRecord, TensorRecord], ...]:
+    if not isinstance(layers, list) or len(layers) != config.num_layers:
+        count = len(layers) if isinstance(layers, list) else "no list of"
+        raise SnapshotFormatError(f"the snapshot has {count} layers; this model has {config.num_layers}")
+    rows = min(position, config.attention_window)
+    out = []
+    for i, (kind, layer) in enumerate(zip(config.block_types, layers)):
+        names = _TENSOR_NAMES[kind]
+        if not isinstance(layer, dict) or layer.get("kind") != kind or set(layer) != {"kind", *names}:
+            found = layer.get("kind") if isinstance(layer, dict) else None
+            raise SnapshotFormatError(f"layer {i} of the snapshot is not a {kind} layer with fields "
+                                      f"{list(names)} (found kind {_short(found)}): this model's block "
+                                      f"{i} is {kind}")
+        if kind == ATTENTION:
+            expected = [(dtype, (rows, config.head_dim))] * 2
+        else:
+            expected = [(dtype, (config.conv_width - 1, config.lru_width)), (torch.float32, (config.lru_width,))]
+        out.append(tuple(_check_tensor(layer[name], f"layer {i} ({kind}) tensor {name!r}", *exp)
+                         for name, exp in zip(names, expected)))
+    return tuple(out)
+
+
+def _check_tensor(record: Any, where: str, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorRecord:
+    if not isinstance(record, dict) or set(record) != _TENSOR_KEYS:
+        raise SnapshotFormatError(f"{where} is not a map of {sorted(_TENSOR_KEYS)}")
+    if record["dtype"] != _DTYPE_NAMES[dtype]:
+        raise SnapshotFormatError(f"{where} has dtype {_short(record['dtype'])}, expected {_DTYPE_NAMES[dtype]}")
+    if record["shape"] != list(shape):
+        raise SnapshotFormatError(f"{where} has shape {_short(record['shape'])}, but this model's config "
+                                  f"needs {list(shape)}")
+    data = record["data"]
+    nbytes = int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
+    if not isinstance(data, bytes) or len(data) != nbytes:
+        size = len(data) if isinstance(data, bytes) else f"no bytes ({type(data).__name__})"
+        raise SnapshotFormatError(f"{where} has {size} bytes of data; shape {list(shape)} of "
+                                  f"{_DTYPE_NAMES[dtype]} needs {nbytes}")
+    return TensorRecord(dtype=dtype, shape=shape, data=data)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_extra(extra: Any, vocab_size: int, where: str, error: type[SnapshotError]) -> None:
+    if not isinstance(extra, Mapping) or set(extra) != _EXTRA_KEYS:
+        keys = sorted(map(str, extra)) if isinstance(extra, Mapping) else type(extra).__name__
+        raise error(f"{where} must be a map with exactly the keys {sorted(_EXTRA_KEYS)}, got {keys}")
+    rng, pending, ids = extra["rng"], extra["detok_pending"], extra["recent_ids"]
+    if rng is not None and (not isinstance(rng, bytes) or len(rng) > MAX_HOST_BYTES):
+        raise error(f"{where}: 'rng' must be None or at most {MAX_HOST_BYTES} bytes, got {_short(rng)}")
+    if not isinstance(pending, bytes) or len(pending) > MAX_HOST_BYTES:
+        raise error(f"{where}: 'detok_pending' must be at most {MAX_HOST_BYTES} bytes, got {_short(pending)}")
+    if not isinstance(ids, list) or len(ids) > MAX_CONTAINER_LEN:
+        raise error(f"{where}: 'recent_ids' must be a list of at most {MAX_CONTAINER_LEN} token ids, "
+                    f"got {_short(ids)}")
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise error(f"{where}: recent_ids[{i}] = {_short(t)} is not a token id in [0, {vocab_size})")
+
+
+def _check_metadata(metadata: Any, error: type[SnapshotError]) -> int:
+    """Validate user metadata (see docs/snapshot-format.md); returns its msgpack size."""
+    if not isinstance(metadata, dict):
+        raise error(f"snapshot metadata must be a dict with str keys, got {type(metadata).__name__}")
+    _check_plain(metadata, "metadata", 0, error)
+    try:
+        size = len(msgpack.packb(metadata))
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. a str with lone surrogates
+        raise error(f"snapshot metadata cannot be encoded as msgpack: {e}") from None
+    if size > MAX_METADATA_BYTES:
+        raise error(f"snapshot metadata is {size} bytes as msgpack, more than the {MAX_METADATA_BYTES} allowed")
+    return size
+
+
+def _check_plain(value: Any, where: str, depth: int, error: type[SnapshotError]) -> None:
+    """Accept exactly the values that round-trip unchanged through msgpack."""
+    if value is None or isinstance(value, (bool, float, str, bytes)):
+        return
+    if isinstance(value, int):
+        if not -(1 << 63) <= value < (1 << 64):
+            raise error(f"{where} = {value} does not fit in 64 bits")
+        return
+    if not isinstance(value, (list, dict)):
+        raise error(f"{where} is a {type(value).__name__}; metadata values must be None, bool, int, "
+                    "float, str, bytes, list, or dict with str keys")
+    if depth >= MAX_METADATA_DEPTH:
+        raise error(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
+    if len(value) > MAX_CONTAINER_LEN:
+        raise error(f"{where} has {len(value)} entries, more than {MAX_CONTAINER_LEN}")
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]", depth + 1, error)
+        return
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise error(f"{where} has a key {_short(k)} of type {type(k).__name__}; keys must be str")
+        _check_plain(v, f"{where}[{k!r}]", depth + 1, error)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of an untrusted value, cut so a message stays readable."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _require_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise SnapshotFormatError("snapshots store little-endian tensor bytes; this big-endian host "
+                                  "cannot read or write them")
+
+
+# -- load -------------------------------------------------------------------------------------
+def load_into(pool: StatePool, slot: int, contents: SnapshotContents) -> None:
+    """Write validated contents into `slot` of `pool` and set its position.
+    Every entry of the slot is written (ring entries the snapshot does not hold
+    become zero, as in a fresh slot). Tensors are cast to the pool's dtype and
+    moved to its device; the RG-LRU state stays float32."""
+    segments = _ring_segments(contents.position, pool.config.attention_window)
+    for kind, tensors, records in zip(pool.config.block_types, pool.layers, contents.layers):
+        for dst_all, record in zip(tensors, records):
+            dst, src = _destination_and_source(dst_all[slot], record)
+            if kind == ATTENTION:
+                done = 0
+                for a, b in segments:
+                    dst[a:b] = src[done:done + b - a]
+                    done += b - a
+                dst[done:] = 0  # unfilled rows: only before the ring wraps, when segments start at 0
+            else:
+                dst[...] = src
+    pool.positions[slot] = contents.position
+
+
+def restore_host_state(session: Session, extra: dict) -> None:
+    """Hand validated host state to `session._restore_extra_state`. Only the
+    session can judge its RNG/detokenizer bytes (e.g. a generator state of the
+    wrong size); if it refuses them, the snapshot is bad: SnapshotFormatError."""
+    try:
+        session._restore_extra_state(extra)
+    except SnapshotError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise SnapshotFormatError(f"the snapshot's sampler or detokenizer state cannot be restored: {e}") from e
+
+
+def _destination_and_source(dst: torch.Tensor, record: TensorRecord):
+    """(destination, source) that slice-assign into each other: numpy byte views
+    for a CPU destination of the record's dtype (a plain memory copy, no torch
+    kernel), else the destination tensor and the record cast and moved to it."""
+    if dst.device.type == "cpu" and dst.dtype == record.dtype:
+        view = _byte_view(dst)
+        src = np.frombuffer(record.data, dtype=np.uint8).reshape(*record.shape[:-1], view.shape[-1])
+        return view, src
+    return dst, _host_tensor(record).to(device=dst.device, dtype=dst.dtype)
+
+
+def _host_tensor(record: TensorRecord) -> torch.Tensor:
+    """A CPU tensor holding a copy of the record's bytes (torch.frombuffer would
+    alias the read-only bytes, which torch warns about)."""
+    out = torch.empty(record.shape, dtype=record.dtype)
+    if out.numel():
+        np.copyto(_byte_view(out).reshape(-1), np.frombuffer(record.data, dtype=np.uint8))
+    return out
+
+
+def read_file(path: str | os.PathLike, config: GriffinConfig) -> bytes:
+    """The bytes of a snapshot file, refusing files larger than any snapshot
+    of a model with `config` can be (so a wrong path does not read gigabytes).
+    OSError (missing file, permissions) propagates."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        limit = max_file_bytes(config)
+        if size > limit:
+            raise SnapshotFormatError(f"{os.fspath(path)} is {size} bytes, larger than the {limit} bytes any "
+                                      "snapshot of this model can be: it is not a snapshot of this model")
+        return f.read(limit + 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import hashlib
 import functools
 import numbers
 import os
@@ -165,32 +166,46 @@ class Session:
         """Session state that lives outside the pool, as msgpack-ready values:
         {"rng": bytes | None (sampler RNG state), "detok_pending": bytes (UTF-8
         bytes not yet emitted), "recent_ids": list[int] (the last
-        RECENT_IDS_WINDOW token ids, oldest first)}. Snapshots store it verbatim."""
+        RECENT_IDS_WINDOW token ids, oldest first), "logits": bytes | None
+        (float32 next-token logits [vocab], so a restored session can generate
+        at once), "stopped": str | None (the stop that ended the last
+        generation)}. Snapshots store it verbatim."""
+        logits = None
+        if self._logits is not None:
+            logits = self._logits.detach().float().cpu().contiguous().numpy().tobytes()
         return {
             "rng": self._generator().get_state().numpy().tobytes(),
             "detok_pending": bytes(self._detok.pending) if self._detok is not None else b"",
             "recent_ids": list(self._recent),
+            "logits": logits,
+            "stopped": self._stopped_by,
         }
 
     def _restore_extra_state(self, extra: dict) -> None:
         """Inverse of `_extra_state` (values already validated by the caller).
-        The next-token logits are not part of it: feed or step before generating."""
+
+        The sampler continues exactly on the same device type. A CPU and a CUDA
+        generator keep different states, so restoring onto the other kind seeds
+        a fresh generator from the saved state's bytes: deterministic, but not
+        the draws the original would have made."""
         rng = extra["rng"]
         if rng is not None:
             g = torch.Generator(device=self.model.device)
-            try:
-                g.set_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
-            except RuntimeError as e:
-                raise ValueError(f"RNG state of {len(rng)} bytes does not fit a {self.model.device} "
-                                 f"generator ({e})") from None
+            state = torch.frombuffer(bytearray(rng), dtype=torch.uint8)
+            if state.numel() == g.get_state().numel():
+                g.set_state(state)
+            else:
+                g.manual_seed(int.from_bytes(hashlib.sha256(rng).digest()[:8], "little"))
             self._rng = g
         self._recent = RecentIds(RECENT_IDS_WINDOW, [int(i) for i in extra["recent_ids"]])
         tok = self.model.tokenizer
         if tok is not None:
             text_ids = [i for i in self._recent if i < tok.vocab_size]
             self._detok = Detokenizer.resume(tok, text_ids, bytes(extra["detok_pending"]), RECENT_IDS_WINDOW)
-        self._logits = None
-        self._stopped_by = None
+        logits = extra.get("logits")
+        self._logits = None if logits is None else \
+            torch.frombuffer(bytearray(logits), dtype=torch.float32).to(self.model.device)
+        self._stopped_by = extra.get("stopped")
 
     def state_bytes(self) -> int:
         """Bytes this session holds: its slot of the state pool (device), the

@@ -53,7 +53,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _TOP_KEYS = frozenset({"magic", "version", "model", "dtype", "position", "seed", "layers", "extra",
                        "metadata"})
-_EXTRA_KEYS = frozenset({"rng", "detok_pending", "recent_ids"})
+_EXTRA_KEYS = frozenset({"rng", "detok_pending", "recent_ids", "logits", "stopped"})
+MAX_STOPPED_CHARS = 4096  # the description of the stop that ended the last generation
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
 _TENSOR_NAMES = {"recurrent": ("conv", "h"), ATTENTION: ("keys", "values")}
 
@@ -74,7 +75,8 @@ class SnapshotContents:
     layers: per layer, (conv [conv_width-1, lru_width] in `dtype`, h [lru_width]
     float32) for recurrent layers, (keys, values) [min(position, window),
     head_dim] in `dtype` for attention layers, rows oldest to newest.
-    extra: the session's host state ({"rng", "detok_pending", "recent_ids"}).
+    extra: the session's host state ({"rng", "detok_pending", "recent_ids",
+    "logits", "stopped"}).
     """
 
     fingerprint: str
@@ -99,7 +101,8 @@ def max_snapshot_bytes(config: GriffinConfig) -> int:
             state += 2 * config.attention_window * config.head_dim * 4
         else:
             state += (config.conv_width - 1) * config.lru_width * 4 + config.lru_width * 4
-    return state + MAX_METADATA_BYTES + 2 * MAX_HOST_BYTES + 9 * MAX_CONTAINER_LEN + _ENVELOPE_BYTES
+    logits = 4 * config.vocab_size + 4 * MAX_STOPPED_CHARS
+    return state + logits + MAX_METADATA_BYTES + 2 * MAX_HOST_BYTES + 9 * MAX_CONTAINER_LEN + _ENVELOPE_BYTES
 
 
 def max_file_bytes(config: GriffinConfig) -> int:
@@ -115,7 +118,8 @@ def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, 
     """Snapshot of `slot` in `pool` as bytes.
 
     fingerprint: the model's `fingerprint`. extra: the session's host state
-    ({"rng": bytes | None, "detok_pending": bytes, "recent_ids": list[int]}).
+    ({"rng": bytes | None, "detok_pending": bytes, "recent_ids": list[int],
+    "logits": bytes | None, "stopped": str | None}).
     seed: the session's seed. metadata: a dict with str keys of plain msgpack
     values (None, bool, int, float, str, bytes, list, dict), at most
     MAX_METADATA_BYTES encoded; raises SnapshotMetadataError otherwise.
@@ -149,11 +153,11 @@ def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, 
         "position": position,
         "seed": seed,
         "layers": layers,
-        "extra": {"rng": extra["rng"], "detok_pending": extra["detok_pending"],
-                  "recent_ids": extra["recent_ids"]},
+        "extra": {k: extra[k] for k in sorted(_EXTRA_KEYS)},
         "metadata": metadata,
     }
-    host_bytes = len(extra["rng"] or b"") + len(extra["detok_pending"]) + 9 * len(extra["recent_ids"])
+    host_bytes = (len(extra["rng"] or b"") + len(extra["detok_pending"]) + 9 * len(extra["recent_ids"])
+                  + len(extra["logits"] or b"") + 4 * len(extra["stopped"] or ""))
     # Presizing the buffer saves the reallocations of a growing one (state is tens of MB).
     packer = msgpack.Packer(buf_size=payload + metadata_bytes + host_bytes + _ENVELOPE_BYTES)
     packed = packer.pack(document)
@@ -368,6 +372,13 @@ def _check_extra(extra: Any, vocab_size: int, where: str, error: type[SnapshotEr
     for i, t in enumerate(ids):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
             raise error(f"{where}: recent_ids[{i}] = {_short(t)} is not a token id in [0, {vocab_size})")
+    logits, stopped = extra["logits"], extra["stopped"]
+    if logits is not None and (not isinstance(logits, bytes) or len(logits) != 4 * vocab_size):
+        raise error(f"{where}: 'logits' must be None or {4 * vocab_size} bytes (float32 [vocab]), "
+                    f"got {_short(logits)}")
+    if stopped is not None and (not isinstance(stopped, str) or len(stopped) > MAX_STOPPED_CHARS):
+        raise error(f"{where}: 'stopped' must be None or a string of at most {MAX_STOPPED_CHARS} "
+                    f"characters, got {_short(stopped)}")
 
 
 def _check_metadata(metadata: Any, error: type[SnapshotError]) -> int:

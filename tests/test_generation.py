@@ -114,16 +114,16 @@ def test_extra_state_round_trip_continues_exactly(model):
     s.feed(PROMPT)
     list(s.generate(max_tokens=9, stop_token_ids=[]))
     extra = s._extra_state()
-    assert set(extra) == {"rng", "detok_pending", "recent_ids"}
+    assert set(extra) == {"rng", "detok_pending", "recent_ids", "logits", "stopped"}
     assert isinstance(extra["rng"], bytes) and isinstance(extra["detok_pending"], bytes)
     assert extra["recent_ids"] == s.recent_ids and all(type(i) is int for i in extra["recent_ids"])
+    assert len(extra["logits"]) == 4 * model.config.vocab_size and extra["stopped"] is None
     other = model.session()
     model.pool.copy_slot(s.slot, other.slot)
     other._restore_extra_state(extra)
-    with pytest.raises(ValueError, match="no next-token logits"):
-        other.generate()
-    a = [(t.id, t.text) for t in (s.step(9), s.generate(max_tokens=15, stop_token_ids=[]))[1]]
-    b = [(t.id, t.text) for t in (other.step(9), other.generate(max_tokens=15, stop_token_ids=[]))[1]]
+    # the next-token logits travel too: both continue at once, sampling alike
+    a = [(t.id, t.text) for t in s.generate(max_tokens=15, stop_token_ids=[])]
+    b = [(t.id, t.text) for t in other.generate(max_tokens=15, stop_token_ids=[])]
     assert a == b
 
 
@@ -244,3 +244,22 @@ def test_chat_needs_a_chat_tokenizer_and_a_user_turn(model):
     bare = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu", dtype="float32")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         sg.Chat(bare.session())
+
+
+@pytest.mark.parametrize("generated_before", [0, 3, 20])  # right after feed; before and after the ring (8) wraps
+@pytest.mark.parametrize("via", ["bytes", "file"])
+def test_sampled_generation_resumes_exactly_after_a_snapshot(model, tmp_path, generated_before, via):
+    sampling = dict(temperature=0.9, top_p=0.9, repetition_penalty=1.1, stop_token_ids=[])
+    s = model.session(seed=21)
+    s.feed(PROMPT)
+    if generated_before:
+        list(s.generate(max_tokens=generated_before, **sampling))
+    if via == "bytes":
+        restored = model.restore(s.snapshot())
+    else:
+        s.save(tmp_path / "s.sgsnap")
+        restored = model.restore_file(tmp_path / "s.sgsnap")
+    want = [(t.id, t.text) for t in s.generate(max_tokens=25, **sampling)]
+    got = [(t.id, t.text) for t in restored.generate(max_tokens=25, **sampling)]
+    assert got == want
+    assert restored.position == s.position

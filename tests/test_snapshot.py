@@ -117,7 +117,8 @@ def test_a_restored_session_snapshots_identically(model, blob30):
 
 
 def test_extra_state_round_trips_through_the_hooks(model, monkeypatch):
-    extra = {"rng": b"\x01\x02generator-state", "detok_pending": b"\xe2\x82", "recent_ids": [5, 0, 255, 17]}
+    extra = {"rng": b"\x01\x02generator-state", "detok_pending": b"\xe2\x82", "recent_ids": [5, 0, 255, 17],
+             "logits": bytes(range(256)) * 4, "stopped": "stop string 'END'"}
     received = []
     monkeypatch.setattr(sg.Session, "_extra_state", lambda self: dict(extra))
     monkeypatch.setattr(sg.Session, "_restore_extra_state", lambda self, d: received.append(d))
@@ -142,9 +143,12 @@ def test_extra_state_the_session_rejects_is_a_snapshot_error(model, monkeypatch)
 
 
 @pytest.mark.parametrize("bad", [
-    {"rng": None, "detok_pending": b"", "recent_ids": [256]},  # outside the vocabulary
-    {"rng": "text", "detok_pending": b"", "recent_ids": []},
-    {"rng": None, "detok_pending": b"", "recent_ids": [], "more": 1},
+    {"rng": None, "detok_pending": b"", "recent_ids": [256], "logits": None, "stopped": None},  # outside the vocabulary
+    {"rng": "text", "detok_pending": b"", "recent_ids": [], "logits": None, "stopped": None},
+    {"rng": None, "detok_pending": b"", "recent_ids": [], "logits": None, "stopped": None, "more": 1},
+    {"rng": None, "detok_pending": b"", "recent_ids": [], "logits": b"\x00" * 12, "stopped": None},  # wrong size
+    {"rng": None, "detok_pending": b"", "recent_ids": [], "logits": None, "stopped": 7},
+    {"rng": None, "detok_pending": b"", "recent_ids": []},  # the v1 keys are all required
 ])
 def test_invalid_extra_state_is_refused_when_snapshotting(model, monkeypatch, bad):
     monkeypatch.setattr(sg.Session, "_extra_state", lambda self: bad)

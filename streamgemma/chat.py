@@ -22,7 +22,10 @@ class Chat:
     reading), the next `user` closes the model's turn first.
     """
 
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, model_turn_open: bool | None = None):
+        """model_turn_open: whether the session's history ends inside a model
+        turn (default: it does iff the session has consumed tokens, as a
+        conversation restored from a snapshot taken after a reply)."""
         tok = session.model.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer, and this model has none")
@@ -32,7 +35,7 @@ class Chat:
                              f"it is not a Gemma chat tokenizer")
         self.session = session
         self._end_of_turn = tok.piece_id(END_OF_TURN)
-        self._model_turn_open = False
+        self._model_turn_open = session.position > 0 if model_turn_open is None else model_turn_open
 
     def user(self, text: str) -> torch.Tensor:
         """Append a user turn and open the model's turn; returns the float32

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                                         "one user turn; the reply is streamed to stdout. End with Ctrl-D.")
     model_args(p)
     sampling_args(p, default_max=1024)
+    g = p.add_argument_group("snapshots")
+    g.add_argument("--resume", metavar="FILE", help="continue the conversation saved in FILE")
+    g.add_argument("--save", metavar="FILE", help="save the conversation to FILE after every reply "
+                   "(atomically: a crash leaves the previous complete file)")
 
     p = commands.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint: "
                             "architecture preset, parameter count, dtype, tokenizer, state per session.")
@@ -123,10 +127,12 @@ def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
     sampling = _sampling(args)
     model = _load(args)
     interactive = inp.isatty()
-    with model.session(seed=args.seed) as session:
+    session = model.restore_file(args.resume) if args.resume else model.session(seed=args.seed)
+    with session:
         chat = Chat(session)
         if interactive:
-            sys.stderr.write("Chatting; each line is one turn. Ctrl-D ends.\n")
+            resumed = f" (resumed at position {session.position})" if args.resume else ""
+            sys.stderr.write(f"Chatting{resumed}; each line is one turn. Ctrl-D ends.\n")
         while True:
             if interactive:
                 sys.stderr.write("> ")
@@ -143,6 +149,8 @@ def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
                 out.flush()
             out.write("\n")
             out.flush()
+            if args.save:
+                session.save(args.save, metadata={"kind": "chat"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

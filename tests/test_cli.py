@@ -84,3 +84,23 @@ def test_embed_step_example_runs():
                        text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("digits: ")
+
+
+def test_chat_save_then_resume_continues_the_conversation(capsys, monkeypatch, saved_model_dir, tmp_path):
+    """Two turns in one process equal one turn, --save, exit, --resume, the second turn."""
+    snap = tmp_path / "chat.sgsnap"
+    common = ["chat", "--model", str(saved_model_dir), "--seed", "4", "--max-tokens", "6", "--temperature", "0.8"]
+    rc, both, _ = cli(capsys, monkeypatch, *common, stdin="first question\nsecond question\n")
+    assert rc == 0
+    rc, first, _ = cli(capsys, monkeypatch, *common, "--save", snap, stdin="first question\n")
+    assert rc == 0 and snap.is_file()
+    rc, second, _ = cli(capsys, monkeypatch, *common, "--resume", snap, stdin="second question\n")
+    assert rc == 0
+    assert first + second == both
+
+
+def test_chat_resume_of_a_bad_file_is_one_line(capsys, monkeypatch, saved_model_dir, tmp_path):
+    bad = tmp_path / "bad.sgsnap"
+    bad.write_bytes(b"not a snapshot")
+    rc, _, err = cli(capsys, monkeypatch, "chat", "--model", str(saved_model_dir), "--resume", bad)
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -73,9 +73,11 @@ def main() -> None:
     src, dst = pool.allocate(), pool.allocate()
     fill_random(pool, src, position)
     fingerprint = "bench-" + args.preset
-    # Roughly what a sampling session carries: a CPU generator state and recent ids.
+    # Roughly what a sampling session carries: a CPU generator state, recent ids and
+    # its next-token logits (float32 [vocab], random so they do not compress).
+    logits = torch.randn(config.vocab_size, generator=torch.Generator().manual_seed(0))
     extra = {"rng": torch.Generator().get_state().numpy().tobytes(), "detok_pending": b"",
-             "recent_ids": list(range(256))}
+             "recent_ids": list(range(256)), "logits": logits.numpy().tobytes(), "stopped": None}
 
     def snapshot() -> bytes:
         return snapshot_format.encode(pool, src, fingerprint=fingerprint, extra=extra, seed=0,

@@ -124,7 +124,10 @@ def rglru_decode(xc: torch.Tensor, y: torch.Tensor, h_state: torch.Tensor, slots
     heads, bw, _ = wx.shape
     bwp = max(16, triton.next_power_of_2(bw))
     bj = min(32, bwp)
-    _rglru_decode_kernel[(triton.cdiv(batch, 16), heads, triton.cdiv(bw, bj))](
+    # Each program reads its gate-weight tile once for BB rows: larger batches take
+    # more rows per program so the weights are not re-read for every 16 rows.
+    bb = 16 if batch <= 16 else (32 if batch <= 32 else 64)
+    _rglru_decode_kernel[(triton.cdiv(batch, bb), heads, triton.cdiv(bw, bj))](
         xc, y, y.stride(0), h_state, slots, pos, wx, bx, wa, ba, neg8_softplus_a, out,
-        batch, width, bw, BWP=bwp, BJ=bj, BB=16, IEEE=xc.dtype == torch.float32)
+        batch, width, bw, BWP=bwp, BJ=bj, BB=bb, IEEE=xc.dtype == torch.float32)
     return out

@@ -91,3 +91,25 @@ def test_kernel_decode_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(sg.DeviceError, match="TRITON_INTERPRET"):
         sg.Model.random(sg.GriffinConfig.preset("tiny"), decode_kernels=True)
+
+
+def test_decode_step_matches_reference_at_a_larger_batch():
+    """40 rows: the RG-LRU kernel then takes 64 rows per program; every other row is idle."""
+    cfg = sg.GriffinConfig.preset("tiny")
+    ref = sg.Model.random(cfg, seed=5, device=DEV, dtype="float32", decode_kernels=False)
+    fast = sg.Model.random(cfg, seed=5, device=DEV, dtype="float32", decode_kernels=True)
+    for m in (ref, fast):
+        while m.pool.capacity < 80:
+            m.pool._grow()
+        random_pool(m, seed=6)
+    slots = list(range(0, 80, 2))
+    positions = [(7 * i) % 50 for i in range(40)]
+    tokens = random_tokens(40, cfg.vocab_size, seed=7)
+    want = reference_step(ref, tokens, slots, positions)
+    decoder = KernelDecoder(fast.network, fast.pool)
+    as_t = lambda v: torch.tensor(v, device=DEV)  # noqa: E731
+    got = decoder.step(as_t(tokens), as_t(slots), as_t(positions))
+    assert rel_err(got, want) < TOL[torch.float32]
+    for rl, fl in zip(ref.pool.layers, fast.pool.layers):
+        for rt, ft in zip(rl, fl):
+            assert rel_err(ft, rt) < TOL[torch.float32]

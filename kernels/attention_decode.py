@@ -61,7 +61,9 @@ def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
         acc = tl.zeros((HP, HD), tl.float32)
         ring_base = slot.to(tl.int64) * W * HD
         start = split * split_len
-        for n0 in range(start, start + split_len, BN):
+        # only ring indices below min(p, W) hold keys: stop there (early positions, idle splits)
+        stop = tl.minimum(start + split_len, tl.minimum(p, W))
+        for n0 in range(start, stop, BN):
             idx = n0 + tl.arange(0, BN)
             # ring index j holds a real key iff j < p (before the first wrap) or p >= W
             valid = idx < tl.minimum(p, W)

@@ -128,7 +128,6 @@ class GraphedDecoder:
         self.buckets = tuple(sorted(buckets))
         self._graphs: dict[int, dict] = {}
         self._pool_generation = decoder.pool.generation
-        self._mempool = torch.cuda.graph_pool_handle()
 
     def _bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
@@ -154,15 +153,17 @@ class GraphedDecoder:
                 self.decoder.step(g["tokens"], g["slots"], g["pos"], out=g["logits"])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
+        # Each bucket's graph keeps its own memory pool: sharing one across captures
+        # tripped an allocator assertion (torch 2.11) when a second bucket was captured.
+        with torch.cuda.graph(graph):
             self.decoder.step(g["tokens"], g["slots"], g["pos"], out=g["logits"])
         g["graph"] = graph
         g["copied"].record()
         return g
 
     def step(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
-        """Host lists of equal length B. Returns float32 logits [B, vocab] (a
-        fresh tensor: the graph's buffer is reused by the next step)."""
+        """Host lists of equal length B. Returns float32 logits [B, vocab]: a
+        view of the graph's output buffer, overwritten by the next step."""
         batch = len(tokens)
         if self.decoder.pool.generation != self._pool_generation:
             self._graphs.clear()
@@ -170,7 +171,7 @@ class GraphedDecoder:
         bucket = self._bucket(batch)
         if bucket is None:  # larger than the largest bucket: run in bucket-sized pieces
             top = self.buckets[-1]
-            return torch.cat([self.step(tokens[i:i + top], slots[i:i + top], positions[i:i + top])
+            return torch.cat([self.step(tokens[i:i + top], slots[i:i + top], positions[i:i + top]).clone()
                               for i in range(0, batch, top)])
         if bucket not in self._graphs:
             self._graphs[bucket] = self._capture(bucket)
@@ -184,7 +185,7 @@ class GraphedDecoder:
         g["inputs"].copy_(g["host"], non_blocking=True)
         g["copied"].record()
         g["graph"].replay()
-        return g["logits"][:batch].clone()
+        return g["logits"][:batch]
 
 
 def kernels_available(device: torch.device) -> bool:

@@ -131,7 +131,11 @@ class Model:
     @torch.no_grad()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """One token for each slot: returns float32 logits [B, vocab] and
-        advances each slot by one position. Slots must be distinct."""
+        advances each slot by one position. Slots must be distinct.
+
+        On the graphed CUDA path the returned tensor is a view of a buffer that
+        the next `decode` call overwrites (copying 1 GB/s of logits at large
+        batch would cost more than the step): clone what you keep."""
         if len(set(slots)) != len(slots):
             raise ValueError(f"decode: duplicate slots in {list(slots)}")
         positions = [self.pool.positions[s] for s in slots]

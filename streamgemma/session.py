@@ -279,7 +279,7 @@ class Session:
         self._check_open()
         (token,) = self._check_ids([token_id])
         with self.model.lock:
-            logits = self.model.decode([self.slot], [token])[0]
+            logits = self.model.decode([self.slot], [token])[0].clone()  # decode's buffer is reused
         self._consumed([token], logits)
         return logits
 
@@ -376,7 +376,7 @@ class Session:
                     logits = apply_penalties(logits, torch.tensor(recent, device=logits.device),
                                              params.repetition_penalty, params.presence_penalty)
                 token = int(sample(logits, params, None if params.greedy else self._generator()).item())
-                next_logits = self.model.decode([self.slot], [token])[0]
+                next_logits = self.model.decode([self.slot], [token])[0].clone()  # decode's buffer is reused
             text = self._consumed([token], next_logits)
             generated += 1
             finish = None

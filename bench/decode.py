@@ -102,8 +102,8 @@ def time_hf_generate(cfg: sg.GriffinConfig, batch: int, new_tokens: int, prompt:
 def check_against_reference(cfg: sg.GriffinConfig) -> dict:
     """One kernel step vs the PyTorch reference step on 2B shapes, 4 sessions at
     mixed positions (0, 100, exactly the window, past many wraps)."""
-    fast = random_model(cfg, decode_kernels=True)
-    ref = sg.Model(fast.network, decode_kernels=False)  # same weights, reference path
+    fast = random_model(cfg, kernels=True)
+    ref = sg.Model(fast.network, kernels=False)  # same weights, reference path
     positions = [0, 100, cfg.attention_window, 50_000]
     out = {}
     for m in (ref, fast):

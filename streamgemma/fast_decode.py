@@ -205,7 +205,7 @@ def check_kernels_usable(device: torch.device) -> None:
     try:
         import triton  # noqa: F401
     except ImportError:
-        raise DeviceError("decode_kernels=True needs Triton (pip install triton)") from None
+        raise DeviceError("kernels=True needs Triton (pip install triton)") from None
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise DeviceError(f"the Triton kernels cannot run on {device}: use CUDA, or set "
                           "TRITON_INTERPRET=1 to run them (slowly) on the CPU for testing")

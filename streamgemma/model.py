@@ -30,7 +30,7 @@ class Model:
     """
 
     def __init__(self, network: Griffin, tokenizer: Tokenizer | None = None, source: str | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, decode_kernels: bool | None = None):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kernels: bool | None = None):
         self.network = network.eval()
         self.config: GriffinConfig = network.config
         self.tokenizer = tokenizer
@@ -43,8 +43,8 @@ class Model:
         self.lock = threading.RLock()
         self._fingerprint: str | None = None
         # None: the Triton decode step (in CUDA graphs) on CUDA, the PyTorch reference elsewhere.
-        self.decode_kernels = kernels_available(self.device) if decode_kernels is None else decode_kernels
-        if self.decode_kernels:
+        self.kernels = kernels_available(self.device) if kernels is None else kernels
+        if self.kernels:
             check_kernels_usable(self.device)
         self._kernel_decoder: KernelDecoder | None = None
         self._graphed: GraphedDecoder | None = None
@@ -139,7 +139,7 @@ class Model:
         if len(set(slots)) != len(slots):
             raise ValueError(f"decode: duplicate slots in {list(slots)}")
         positions = [self.pool.positions[s] for s in slots]
-        if self.decode_kernels:
+        if self.kernels:
             logits = self._decode_with_kernels(list(slots), list(tokens), positions)
         else:
             dev = self.device
@@ -184,7 +184,7 @@ class Model:
             mode = "all" if all_logits else ("last" if last else "none")
             states = self.pool.gather(slot_t)
             logits, states = self.network.forward_chunk(
-                torch.tensor([part], dtype=torch.long, device=dev), pos, states, logits=mode)
+                torch.tensor([part], dtype=torch.long, device=dev), pos, states, logits=mode, kernels=self.kernels)
             self.pool.scatter(slot_t, states)
             self.pool.positions[slot] = p0 + len(part)
             if logits is not None:
@@ -193,7 +193,7 @@ class Model:
 
 
 def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinConfig | None = None,
-         progress: bool | None = None, decode_kernels: bool | None = None) -> Model:
+         progress: bool | None = None, kernels: bool | None = None) -> Model:
     """Open a checkpoint.
 
     path: a Hugging Face directory (config.json + model.safetensors or sharded
@@ -205,7 +205,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
     on CPU. config: hyper-parameters that an official state dict's shapes do
     not carry (window, soft cap, embedding scaling); checked against the
     weights. progress: show a progress line (default: when stderr is a terminal).
-    decode_kernels: use the Triton decode step (default: on CUDA).
+    kernels: use the Triton kernels for decode and prefill (default: on CUDA).
 
     Raises CheckpointError (files, keys, shapes), DeviceError (device/dtype).
     """
@@ -221,4 +221,4 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
         if tokenizer.vocab_size > network.config.vocab_size:
             raise CheckpointError(f"{ckpt.tokenizer_file}: has {tokenizer.vocab_size} pieces but the model's "
                                   f"vocabulary has {network.config.vocab_size} entries")
-    return Model(network, tokenizer=tokenizer, source=str(path), decode_kernels=decode_kernels)
+    return Model(network, tokenizer=tokenizer, source=str(path), kernels=kernels)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_snapshot_resume_is_bit_identical_on_cuda(dtype):
     model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=1, device="cuda", dtype=dtype)
-    assert model.decode_kernels
+    assert model.kernels
     s = model.session(seed=3)
     s.feed(random_tokens(20, 256, seed=2))
     sampling = dict(temperature=0.8, top_k=40, stop_token_ids=[])

@@ -45,8 +45,8 @@ def reference_step(model, tokens, slots, positions):
 @pytest.mark.parametrize("dtype", dtypes())
 def test_decode_step_matches_reference_mixed_positions_and_padding(dtype):
     cfg = sg.GriffinConfig.preset("tiny")
-    ref = sg.Model.random(cfg, seed=3, device=DEV, dtype=dtype, decode_kernels=False)
-    fast = sg.Model.random(cfg, seed=3, device=DEV, dtype=dtype, decode_kernels=True)
+    ref = sg.Model.random(cfg, seed=3, device=DEV, dtype=dtype, kernels=False)
+    fast = sg.Model.random(cfg, seed=3, device=DEV, dtype=dtype, kernels=True)
     slots_live = [ref.pool.allocate() for _ in range(5)]
     for m in (ref, fast):
         while m.pool.capacity < 8:
@@ -74,8 +74,8 @@ def test_decode_step_matches_reference_mixed_positions_and_padding(dtype):
 
 def test_sessions_with_kernels_equal_reference_across_ring_wraps():
     cfg = sg.GriffinConfig.preset("tiny")
-    ref = sg.Model.random(cfg, seed=6, device=DEV, dtype="float32", decode_kernels=False)
-    fast = sg.Model.random(cfg, seed=6, device=DEV, dtype="float32", decode_kernels=True)
+    ref = sg.Model.random(cfg, seed=6, device=DEV, dtype="float32", kernels=False)
+    fast = sg.Model.random(cfg, seed=6, device=DEV, dtype="float32", kernels=True)
     prompt = random_tokens(5, cfg.vocab_size, seed=7)
     tail = random_tokens(3 * cfg.attention_window, cfg.vocab_size, seed=8)
     rs, fs = ref.session(), fast.session()
@@ -90,14 +90,14 @@ def test_kernel_decode_refused_where_it_cannot_run(monkeypatch):
         pytest.skip("checks the CPU refusal; this machine has CUDA")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(sg.DeviceError, match="TRITON_INTERPRET"):
-        sg.Model.random(sg.GriffinConfig.preset("tiny"), decode_kernels=True)
+        sg.Model.random(sg.GriffinConfig.preset("tiny"), kernels=True)
 
 
 def test_decode_step_matches_reference_at_a_larger_batch():
     """40 rows: the RG-LRU kernel then takes 64 rows per program; every other row is idle."""
     cfg = sg.GriffinConfig.preset("tiny")
-    ref = sg.Model.random(cfg, seed=5, device=DEV, dtype="float32", decode_kernels=False)
-    fast = sg.Model.random(cfg, seed=5, device=DEV, dtype="float32", decode_kernels=True)
+    ref = sg.Model.random(cfg, seed=5, device=DEV, dtype="float32", kernels=False)
+    fast = sg.Model.random(cfg, seed=5, device=DEV, dtype="float32", kernels=True)
     for m in (ref, fast):
         while m.pool.capacity < 80:
             m.pool._grow()
@@ -113,3 +113,24 @@ def test_decode_step_matches_reference_at_a_larger_batch():
     for rl, fl in zip(ref.pool.layers, fast.pool.layers):
         for rt, ft in zip(rl, fl):
             assert rel_err(ft, rt) < TOL[torch.float32]
+
+
+def test_prefill_with_kernels_equals_reference_steps_for_any_split():
+    """feed() on the Triton scan + fused attention vs the reference one-token path:
+    splits straddling ring wraps, starting at position 0 and mid-session."""
+    cfg = sg.GriffinConfig.preset("tiny")
+    ref = sg.Model.random(cfg, seed=11, device=DEV, dtype="float32", kernels=False)
+    fast = sg.Model.random(cfg, seed=11, device=DEV, dtype="float32", kernels=True)
+    tokens = random_tokens(5 * cfg.attention_window + 3, cfg.vocab_size, seed=12)
+    rs = ref.session()
+    want = torch.stack([rs.step(t) for t in tokens])
+    for cuts in ([1, 9, 20], [7, 8, 16, 33], [40]):
+        fs = fast.session()
+        bounds = [0, *cuts, len(tokens)]
+        for a, b in zip(bounds, bounds[1:]):
+            got = fast.prefill(fs.slot, tokens[a:b], all_logits=True, chunk_size=6)  # chunks inside each feed
+            assert rel_err(got, want[a:b]) < TOL[torch.float32]
+        assert fs.position == len(tokens)
+    fs = fast.session()
+    got = fast.prefill(fs.slot, tokens, all_logits=True, chunk_size=11)
+    assert rel_err(got, want) < TOL[torch.float32]

@@ -21,54 +21,20 @@ import torch.nn.functional as F
 
 from .config import ATTENTION
 from .errors import DeviceError
+from .fused_weights import FusedWeights
 from .griffin import Griffin
 from .state import StatePool
-
-
-def _fuse_rows(*linears_weights: torch.Tensor) -> torch.Tensor:
-    return torch.cat([w.detach() for w in linears_weights], dim=0).contiguous()
 
 
 class KernelDecoder:
     """One decode step for many sessions, state updated in place in the pool."""
 
-    def __init__(self, network: Griffin, pool: StatePool):
+    def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights):
         from streamgemma.kernels import attention_decode, elementwise, recurrent_decode
 
         self._attn, self._ew, self._rec = attention_decode, elementwise, recurrent_decode
         self.network, self.pool, self.config = network, pool, network.config
-        cfg = self.config
-        self.layers = []
-        with torch.no_grad():
-            for block in network.blocks:
-                if block.kind == ATTENTION:
-                    att = block.attention_block
-                    w_qkv = _fuse_rows(att.proj_q.weight, att.proj_k.weight, att.proj_v.weight)
-                    d, hd = cfg.width, cfg.head_dim
-                    att.proj_q.weight.data = w_qkv[:d]
-                    att.proj_k.weight.data = w_qkv[d:d + hd]
-                    att.proj_v.weight.data = w_qkv[d + hd:]
-                    entry = {"w_qkv": w_qkv}
-                else:
-                    rec = block.recurrent_block
-                    l = cfg.lru_width
-                    w_xy = _fuse_rows(rec.linear_x.weight, rec.linear_y.weight)
-                    b_xy = _fuse_rows(rec.linear_x.bias, rec.linear_y.bias)
-                    rec.linear_x.weight.data, rec.linear_y.weight.data = w_xy[:l], w_xy[l:]
-                    rec.linear_x.bias.data, rec.linear_y.bias.data = b_xy[:l], b_xy[l:]
-                    neg8 = (-8.0 * F.softplus(rec.rg_lru.a_param.detach().float())).contiguous()
-                    entry = {"w_xy": w_xy, "b_xy": b_xy, "neg8_softplus_a": neg8}
-                up = block.mlp_block.ffw_up
-                e = cfg.mlp_width
-                # official layout [2, D, E] ([in, out]) -> one [2E, D] weight for F.linear
-                w_up = up.w.detach().transpose(1, 2).reshape(2 * e, cfg.width).contiguous()
-                up.w.data = w_up.view(2, e, cfg.width).transpose(1, 2)
-                entry["w_up"], entry["b_up"] = w_up, up.b.detach().reshape(2 * e)
-                self.layers.append(entry)
-            hd = cfg.head_dim
-            n = hd // 4  # rotated pairs per head: RoPE covers the first half of the head
-            exponents = 2 * torch.arange(n, device=network.device) / (hd // 2)
-            self.inv_freq = (1.0 / (cfg.rope_base ** exponents)).float().contiguous()
+        self.layers, self.inv_freq = fused.layers, fused.inv_freq
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,

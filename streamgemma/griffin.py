@@ -98,11 +98,9 @@ class RGLRU(nn.Module):
         self.input_gate = BlockDiagonalLinear(width, num_heads, dtype, device)
         self.a_gate = BlockDiagonalLinear(width, num_heads, dtype, device)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, h: torch.Tensor,
-                kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, L] model dtype; pos: [B, T] int64; h: [B, L] float32.
-        Returns y [B, T, L] (model dtype) and the state after the last token.
-        kernels: run the scan with the Triton kernel (no autograd)."""
+        Returns y [B, T, L] (model dtype) and the state after the last token."""
         reset = (pos == 0)[..., None]
         gate_x = torch.sigmoid(self.input_gate(x))
         gate_a = torch.sigmoid(self.a_gate(x))
@@ -114,11 +112,6 @@ class RGLRU(nn.Module):
         normalized_x = (x * gate_x) * multiplier.type(x.dtype)
         a = torch.where(reset, torch.zeros_like(a), a).float()
         xs = normalized_x.float()
-        if kernels:
-            from streamgemma.kernels.rglru_scan import rglru_scan
-
-            h = h.clone()  # the kernel leaves the final state in it
-            return rglru_scan(a, xs, h, x.dtype), h
         ys = []
         for t in range(x.shape[1]):  # the reference's sequential scan; kernels replace it on GPU
             h = a[:, t] * h + xs[:, t]
@@ -161,13 +154,12 @@ class RecurrentBlock(nn.Module):
         self.conv_1d = Conv1D(l, cfg.conv_width, dtype, device)
         self.rg_lru = RGLRU(l, cfg.num_heads, dtype, device)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: LayerState,
-                kernels: bool = False) -> tuple[torch.Tensor, LayerState]:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         """x: [B, T, D]; pos: [B, T]; state: (conv [B, K-1, L], h [B, L] fp32)."""
         conv_buf, h = state
         y = gelu_tanh(self.linear_y(x))
         xb, conv_buf = self.conv_1d(self.linear_x(x), pos, conv_buf)
-        xb, h = self.rg_lru(xb, pos, h, kernels=kernels)
+        xb, h = self.rg_lru(xb, pos, h)
         return self.linear_out(xb * y), (conv_buf, h)
 
 
@@ -211,14 +203,11 @@ class LocalAttentionBlock(nn.Module):
         probs = torch.softmax(logits, dim=-1).type_as(q)
         return torch.einsum("bnts,bsh->btnh", probs, values).flatten(-2)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: LayerState | None,
-                kernels: bool = False) -> tuple[torch.Tensor, LayerState | None]:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: LayerState | None) -> tuple[torch.Tensor, LayerState | None]:
         """Parallel path. x: [B, T, D]; pos: [B, T], consecutive per row;
         state: rings (keys, values) [B, W, h] or None (no history, no state kept).
         Keys of the previous W positions are read in logical order; the chunk's
-        own keys are written into the returned rings. kernels: attend with
-        PyTorch's fused scaled_dot_product_attention instead of the explicit
-        softmax (no [heads, T, W + T] float32 logits in memory)."""
+        own keys are written into the returned rings."""
         q, k, v = self._qkv(x, pos)
         if state is None:
             keys, values, kpos = k, v, pos
@@ -233,13 +222,7 @@ class LocalAttentionBlock(nn.Module):
             kpos = torch.cat([torch.where(prev >= 0, prev, torch.full_like(prev, -(2 ** 62))), pos], dim=1)
         qpos = pos[..., None]
         mask = (kpos[:, None, :] <= qpos) & (kpos[:, None, :] >= qpos - self.window)
-        if kernels:
-            mixed = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys[:, None], values[:, None], attn_mask=mask[:, None],
-                scale=self.head_dim ** -0.5, enable_gqa=True)
-            out = self.proj_final(mixed.transpose(1, 2).flatten(-2))
-        else:
-            out = self.proj_final(self._attend(q, keys, values, mask))
+        out = self.proj_final(self._attend(q, keys, values, mask))
         if state is None:
             return out, None
         n = min(x.shape[1], self.window)
@@ -294,19 +277,17 @@ class ResidualBlock(nn.Module):
         self.channel_pre_norm = RMSNorm(cfg.width, cfg.rms_norm_eps, dtype, device)
         self.mlp_block = MLPBlock(cfg, dtype, device)
 
-    def forward(self, x, pos, state, decode: bool = False, kernels: bool = False):
+    def forward(self, x, pos, state, decode: bool = False):
         normed = self.temporal_pre_norm(x)
         if self.kind == ATTENTION:
-            if decode:
-                y, state = self.attention_block.forward_decode(normed, pos, state)
-            else:
-                y, state = self.attention_block(normed, pos, state, kernels=kernels)
+            fn = self.attention_block.forward_decode if decode else self.attention_block.forward
+            y, state = fn(normed, pos, state)
         else:
             if decode:
                 y, state = self.recurrent_block(normed[:, None], pos[:, None], state)
                 y = y[:, 0]
             else:
-                y, state = self.recurrent_block(normed, pos, state, kernels=kernels)
+                y, state = self.recurrent_block(normed, pos, state)
         residual = x + y
         return residual + self.mlp_block(self.channel_pre_norm(residual)), state
 
@@ -358,7 +339,7 @@ class Griffin(nn.Module):
         return logits.float()
 
     def forward_chunk(self, tokens: torch.Tensor, pos: torch.Tensor, states: list[LayerState] | None,
-                      logits: Literal["all", "last", "none"] = "last", kernels: bool = False):
+                      logits: Literal["all", "last", "none"] = "last"):
         """Parallel path.
 
         tokens, pos: [B, T] int64 (positions consecutive per row; position 0
@@ -366,7 +347,6 @@ class Griffin(nn.Module):
         (see module doc), or None for a stateless pass (training).
         Returns (logits, new_states): logits float32 [B, T, V] ("all"),
         [B, V] ("last") or None; new_states like `states` (None if None).
-        kernels: the Triton RG-LRU scan and fused attention (inference only).
         """
         if states is None:
             states = [self._zero_recurrent(tokens.shape[0]) if b.kind != ATTENTION else None
@@ -377,7 +357,7 @@ class Griffin(nn.Module):
         x = self.embedder.encode(tokens)
         new_states = []
         for block, state in zip(self.blocks, states):
-            x, state = block(x, pos, state, kernels=kernels)
+            x, state = block(x, pos, state)
             new_states.append(state)
         if logits == "none":
             out = None

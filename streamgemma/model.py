@@ -13,6 +13,8 @@ import torch
 from .config import GriffinConfig
 from .errors import CheckpointError
 from .fast_decode import GraphedDecoder, KernelDecoder, check_kernels_usable, kernels_available
+from .fast_prefill import KernelPrefill
+from .fused_weights import FusedWeights
 from .griffin import Griffin
 from .state import StatePool
 from .tokenizer import Tokenizer
@@ -30,12 +32,14 @@ class Model:
     """
 
     def __init__(self, network: Griffin, tokenizer: Tokenizer | None = None, source: str | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kernels: bool | None = None):
+                 prefill_chunk: int | None = None, kernels: bool | None = None):
         self.network = network.eval()
         self.config: GriffinConfig = network.config
         self.tokenizer = tokenizer
         self.source = source
-        self.prefill_chunk = prefill_chunk
+        # Tokens per parallel chunk. Larger chunks amortise per-chunk launches on a GPU;
+        # memory stays bounded by the chunk whatever the input length.
+        self.prefill_chunk = prefill_chunk or (2048 if network.device.type == "cuda" else DEFAULT_PREFILL_CHUNK)
         self.pool = StatePool(self.config, network.dtype, network.device)
         # Sessions of one model share the pool; `Session` holds this while it
         # touches the pool, so sessions may be driven from several threads
@@ -46,7 +50,9 @@ class Model:
         self.kernels = kernels_available(self.device) if kernels is None else kernels
         if self.kernels:
             check_kernels_usable(self.device)
+        self._fused: FusedWeights | None = None
         self._kernel_decoder: KernelDecoder | None = None
+        self._kernel_prefill: KernelPrefill | None = None
         self._graphed: GraphedDecoder | None = None
 
     def __repr__(self) -> str:
@@ -153,9 +159,14 @@ class Model:
             self.pool.positions[s] += 1
         return logits
 
+    def _fused_weights(self) -> FusedWeights:
+        if self._fused is None:
+            self._fused = FusedWeights(self.network)
+        return self._fused
+
     def _decode_with_kernels(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         if self._kernel_decoder is None:
-            self._kernel_decoder = KernelDecoder(self.network, self.pool)
+            self._kernel_decoder = KernelDecoder(self.network, self.pool, self._fused_weights())
             if self.device.type == "cuda":
                 self._graphed = GraphedDecoder(self._kernel_decoder)
         if self._graphed is not None:
@@ -182,13 +193,19 @@ class Model:
             pos = torch.arange(p0, p0 + len(part), dtype=torch.long, device=dev)[None]
             last = start + chunk >= len(tokens)
             mode = "all" if all_logits else ("last" if last else "none")
-            states = self.pool.gather(slot_t)
-            logits, states = self.network.forward_chunk(
-                torch.tensor([part], dtype=torch.long, device=dev), pos, states, logits=mode, kernels=self.kernels)
-            self.pool.scatter(slot_t, states)
+            part_t = torch.tensor(part, dtype=torch.long, device=dev)
+            if self.kernels:
+                if self._kernel_prefill is None:
+                    self._kernel_prefill = KernelPrefill(self.network, self.pool, self._fused_weights())
+                logits = self._kernel_prefill.chunk(slot, part_t, p0, logits=mode)
+            else:
+                states = self.pool.gather(slot_t)
+                logits, states = self.network.forward_chunk(part_t[None], pos, states, logits=mode)
+                self.pool.scatter(slot_t, states)
+                logits = None if logits is None else logits[0]
             self.pool.positions[slot] = p0 + len(part)
             if logits is not None:
-                outputs.append(logits[0])
+                outputs.append(logits if all_logits else logits.reshape(-1))
         return torch.cat(outputs, dim=0) if all_logits else outputs[-1]
 
 

@@ -12,6 +12,7 @@ import streamgemma as sg
 from conftest import random_tokens
 from reference import rel_err
 from streamgemma.fast_decode import KernelDecoder
+from streamgemma.fused_weights import FusedWeights
 from streamgemma.state import StatePool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,7 +58,7 @@ def test_decode_step_matches_reference_mixed_positions_and_padding(dtype):
     tokens = random_tokens(5, cfg.vocab_size, seed=5)
     want = reference_step(ref, tokens, slots_live, positions)
 
-    decoder = KernelDecoder(fast.network, fast.pool)
+    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
     # a padding row (-1) in the middle: its output is ignored, no state may change
     slots = torch.tensor(slots_live[:2] + [-1] + slots_live[2:], device=DEV)
     pos = torch.tensor(positions[:2] + [7] + positions[2:], device=DEV)
@@ -106,7 +107,7 @@ def test_decode_step_matches_reference_at_a_larger_batch():
     positions = [(7 * i) % 50 for i in range(40)]
     tokens = random_tokens(40, cfg.vocab_size, seed=7)
     want = reference_step(ref, tokens, slots, positions)
-    decoder = KernelDecoder(fast.network, fast.pool)
+    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
     as_t = lambda v: torch.tensor(v, device=DEV)  # noqa: E731
     got = decoder.step(as_t(tokens), as_t(slots), as_t(positions))
     assert rel_err(got, want) < TOL[torch.float32]

@@ -1,0 +1,44 @@
+"""Where a prefill (`Session.feed`) spends its time, RecurrentGemma-2B shapes, bf16:
+wall time for several prompt lengths and the profiler's top operators.
+
+    python bench/profile_prefill.py [--tokens 512] [--chunk 2048]
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import streamgemma as sg
+from decode import random_model
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=2048)
+    args = ap.parse_args()
+    model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"))
+    model.prefill_chunk = args.chunk
+    ids = torch.randint(3, 256_000, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
+    for n in (16, 128, 512, 2048, 4096):  # warm-up and timings
+        for _ in range(2):
+            s = model.session()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            s.feed(ids[:n])
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t) * 1e3
+            s.close()
+        print(f"feed {n:5d} tokens: {ms:8.2f} ms ({n / ms * 1e3:8.0f} tokens/s)", flush=True)
+    s = model.session()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        s.feed(ids[: args.tokens])
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()

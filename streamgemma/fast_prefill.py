@@ -1,0 +1,107 @@
+"""Prefill of one session's chunk on the kernel path, state read and written
+in place at the session's slot.
+
+Same function as `Griffin.forward_chunk` on the slot's gathered state, with
+far fewer launches per layer (prefill of short inputs is bound by launches,
+not arithmetic): fused projections (see fused_weights.py), Triton kernels for
+the norms, the conv over the chunk, the whole RG-LRU (gates' nonlinearities,
+scan, gelu product) and RoPE, and PyTorch's fused attention over the ring's
+previous keys plus the chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .config import ATTENTION
+from .fused_weights import FusedWeights
+from .griffin import Griffin
+from .state import StatePool
+
+
+class KernelPrefill:
+    """Consumes chunks of tokens for one slot of `pool`."""
+
+    def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights):
+        from streamgemma.kernels import elementwise, recurrent_prefill, rope
+
+        self._ew, self._rec, self._rope = elementwise, recurrent_prefill, rope
+        self.network, self.pool, self.config = network, pool, network.config
+        self.layers, self.inv_freq = fused.layers, fused.inv_freq
+
+    @torch.no_grad()
+    def chunk(self, slot: int, tokens: torch.Tensor, p0: int,
+              logits: Literal["all", "last", "none"] = "last") -> torch.Tensor | None:
+        """tokens: [T] int64 on the device, the slot's next tokens, the first at
+        position p0 (the pool's position is not advanced here). Returns float32
+        logits [T, vocab] ("all"), [1, vocab] ("last") or None."""
+        cfg, net = self.config, self.network
+        eps = cfg.rms_norm_eps
+        x = net.embedder.encode(tokens).contiguous()  # residual stream [T, D], model dtype
+        normed = torch.empty_like(x)
+        delta = None
+        for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
+            self._ew.add_rmsnorm(x, delta, block.temporal_pre_norm.scale, eps, normed)
+            if block.kind == ATTENTION:
+                delta = self._attention(block.attention_block, entry, state, slot, normed, p0)
+            else:
+                delta = self._recurrent(block.recurrent_block, entry, state, slot, normed, p0)
+            self._ew.add_rmsnorm(x, delta, block.channel_pre_norm.scale, eps, normed)
+            hidden = torch.empty(x.shape[0], cfg.mlp_width, dtype=x.dtype, device=x.device)
+            self._ew.geglu(F.linear(normed, entry["w_up"], entry["b_up"]), hidden)
+            delta = F.linear(hidden, block.mlp_block.ffw_down.weight, block.mlp_block.ffw_down.bias)
+        if logits == "none":
+            return None
+        rows = slice(None) if logits == "all" else slice(-1, None)
+        x, delta = x[rows].contiguous(), delta[rows].contiguous()
+        normed = torch.empty_like(x)
+        self._ew.add_rmsnorm(x, delta, net.final_norm.scale, eps, normed)
+        out = torch.empty(x.shape[0], cfg.vocab_size, dtype=torch.float32, device=x.device)
+        return self._ew.softcap(F.linear(normed, net.embedder.input_embedding), cfg.logits_soft_cap, out)
+
+    def _recurrent(self, rec, entry, state, slot: int, normed: torch.Tensor, p0: int) -> torch.Tensor:
+        cfg = self.config
+        steps, l = normed.shape[0], cfg.lru_width
+        conv, h = state
+        xy = F.linear(normed, entry["w_xy"], entry["b_xy"])  # [T, 2L]: x | y
+        xc = torch.empty(steps, l, dtype=normed.dtype, device=normed.device)
+        self._rec.conv1d_chunk(xy, conv, slot, p0, rec.conv_1d.w, rec.conv_1d.b, xc)
+        # the new buffer is the last K-1 inputs of (buffer, chunk); after the conv has read it
+        conv[slot] = torch.cat([conv[slot], xy[:, :l]])[-(cfg.conv_width - 1):]
+        heads, bw = cfg.num_heads, l // cfg.num_heads
+        gates = torch.matmul(xc.view(steps, heads, bw).transpose(0, 1), entry["w_gates"])  # [2, H, T, bw]
+        gated = torch.empty_like(xc)
+        lru = rec.rg_lru
+        self._rec.rglru_chunk(gates, lru.input_gate.b, lru.a_gate.b, xc, xy[:, l:], h, slot, p0,
+                              entry["neg8_softplus_a"], gated)
+        return F.linear(gated, rec.linear_out.weight, rec.linear_out.bias)
+
+    def _attention(self, att, entry, state, slot: int, normed: torch.Tensor, p0: int) -> torch.Tensor:
+        cfg = self.config
+        steps, d, hd, w = normed.shape[0], cfg.width, cfg.head_dim, cfg.attention_window
+        dev = normed.device
+        ring_k, ring_v = state[0][slot], state[1][slot]
+        qkv = F.linear(normed, entry["w_qkv"])
+        self._rope.rope_chunk(qkv, cfg.num_heads, hd, p0, self.inv_freq)
+        q, k, v = qkv[:, :d].view(steps, cfg.num_heads, hd), qkv[:, d:d + hd], qkv[:, d + hd:]
+        prev = min(p0, w)  # ring entries that hold keys: positions p0 - prev .. p0 - 1
+        if prev:
+            idx = torch.arange(p0 - prev, p0, device=dev) % w
+            keys = torch.cat([ring_k.index_select(0, idx), k])
+            values = torch.cat([ring_v.index_select(0, idx), v])
+        else:
+            keys, values = k, v
+        kpos = torch.arange(p0 - prev, p0 + steps, device=dev)
+        qpos = kpos[prev:, None]
+        mask = (kpos[None] <= qpos) & (kpos[None] >= qpos - w)  # [T, prev + T]
+        mixed = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None, None], values[None, None],
+                                               attn_mask=mask[None, None], scale=hd ** -0.5, enable_gqa=True)
+        mixed = mixed[0].transpose(0, 1).reshape(steps, d)
+        n = min(steps, w)  # the chunk's last keys go into the ring
+        where = torch.arange(p0 + steps - n, p0 + steps, device=dev) % w
+        ring_k.index_copy_(0, where, k[-n:])
+        ring_v.index_copy_(0, where, v[-n:])
+        return F.linear(mixed, att.proj_final.weight, att.proj_final.bias)

@@ -25,7 +25,8 @@ def _combine(a1, x1, a2, x2):
     return a1 * a2, a2 * x1 + x2
 
 
-@triton.jit
+# slot and p0 are host ints: unspecialised, so 0 and 1 are not turned into constants
+@triton.jit(do_not_specialize=["slot", "p0"])
 def _conv1d_chunk_kernel(xy_ptr, xy_stride, conv_ptr, slot, p0, w_ptr, b_ptr, out_ptr, T, L,
                          K: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -61,7 +62,7 @@ def conv1d_chunk(xy: torch.Tensor, conv_state: torch.Tensor, slot: int, p0: int,
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot", "p0"])
 def _rglru_chunk_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, y_ptr, y_stride, h_ptr, slot, p0,
                         neg8_ptr, out_ptr, T, L, BW, TT: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

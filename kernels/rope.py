@@ -10,7 +10,7 @@ import triton.language as tl
 from .attention_decode import _rope_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["p0"])
 def _rope_chunk_kernel(qkv_ptr, qkv_stride, p0, inv_freq_ptr, HD: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)  # 0 .. H-1 are queries, H is the key

@@ -36,3 +36,23 @@ def test_graphed_batches_equal_single_sessions():
     for row, twin in zip(batched, twins):
         # other batch sizes pick other matmul kernels: equal to float32 rounding, not bitwise
         assert rel_err(row, twin.step(9)) < 1e-4
+
+
+def test_bfloat16_prefill_and_decode_stay_close_to_float32_reference():
+    """The kernel paths in bfloat16 against the float32 reference path on the same
+    weights, across ring wraps: within 5e-2 of the logits' scale (the bound of
+    test_numerics' half-precision test, whose reasoning applies here)."""
+    cfg = sg.GriffinConfig.preset("tiny")
+    ref = sg.Model.random(cfg, seed=4, device="cuda", dtype="float32", kernels=False)
+    fast = sg.Model.random(cfg, seed=4, device="cuda", dtype="bfloat16", kernels=True)
+    tokens = random_tokens(5 * cfg.attention_window + 3, 256, seed=5)
+    rs = ref.session()
+    want = torch.stack([rs.step(t) for t in tokens])
+    fs = fast.session()
+    fed = torch.cat([fast.prefill(fs.slot, tokens[a:b], all_logits=True, chunk_size=7)
+                     for a, b in ((0, 5), (5, 30), (30, len(tokens)))])
+    assert rel_err(fed, want) < 5e-2
+    assert (fed.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    ss = fast.session()
+    stepped = torch.stack([ss.step(t) for t in tokens])
+    assert rel_err(stepped, want) < 5e-2

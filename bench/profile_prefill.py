@@ -22,8 +22,9 @@ def main():
     model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"))
     model.prefill_chunk = args.chunk
     ids = torch.randint(3, 256_000, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
-    for n in (16, 128, 512, 2048, 4096):  # warm-up and timings
-        for _ in range(2):
+    # each length twice: the first call of a new length shows any per-shape set-up cost
+    for n in (16, 128, 512, 2048, 4096, 17, 33, 100, 1000):
+        for rep in range(2):
             s = model.session()
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -31,7 +32,8 @@ def main():
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t) * 1e3
             s.close()
-        print(f"feed {n:5d} tokens: {ms:8.2f} ms ({n / ms * 1e3:8.0f} tokens/s)", flush=True)
+            print(f"feed {n:5d} tokens ({'first' if rep == 0 else 'again'}): {ms:8.2f} ms "
+                  f"({n / ms * 1e3:8.0f} tokens/s)", flush=True)
     s = model.session()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         s.feed(ids[: args.tokens])

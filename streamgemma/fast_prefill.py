@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ATTENTION
 from .fused_weights import FusedWeights
@@ -97,8 +98,14 @@ class KernelPrefill:
         kpos = torch.arange(p0 - prev, p0 + steps, device=dev)
         qpos = kpos[prev:, None]
         mask = (kpos[None] <= qpos) & (kpos[None] >= qpos - w)  # [T, prev + T]
-        mixed = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None, None], values[None, None],
-                                               attn_mask=mask[None, None], scale=hd ** -0.5, enable_gqa=True)
+        heads = cfg.num_heads
+        # Multi-query: the one key/value head is broadcast (a stride-0 view, no copy). The
+        # memory-efficient backend takes any mask and shape without per-shape planning;
+        # cuDNN's built a new plan for every new chunk length (tens of ms each).
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            mixed = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], keys[None, None].expand(1, heads, -1, -1),
+                values[None, None].expand(1, heads, -1, -1), attn_mask=mask[None, None], scale=hd ** -0.5)
         mixed = mixed[0].transpose(0, 1).reshape(steps, d)
         n = min(steps, w)  # the chunk's last keys go into the ring
         where = torch.arange(p0 + steps - n, p0 + steps, device=dev) % w

@@ -19,6 +19,9 @@ Writes (data/ is in .gitignore):
     OUT/tokens/tokenizer.model              SentencePiece, vocab 4096, byte fallback
     OUT/tokens/train.npy, heldout.npy       uint16 token ids; each document is BOS + text + EOS
     OUT/tokens/meta.json                    counts and provenance
+    SAMPLE (default tests/data/demo_heldout/sample.txt)
+                                            ~40 KB of held-out documents, committed: the
+                                            demo model's loss test reads it
 `OUT/tokens` is all that training needs (a few MB): carry it to the GPU machine.
 """
 
@@ -127,7 +130,7 @@ def train_tokenizer(train_txt: Path, prefix: Path, vocab_size: int, seed: int) -
     spm.SentencePieceTrainer.train(
         input=str(train_txt), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=False,  # as Gemma
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
@@ -146,6 +149,24 @@ def tokenize(sp, docs: list[str]) -> np.ndarray:
     return arr.astype(np.uint16)
 
 
+def heldout_sample(held: list[str], limit: int) -> list[str]:
+    """Whole paragraphs from the first held-out documents, up to `limit` bytes."""
+    out, size = [], 0
+    for doc in held:
+        paras = []
+        for para in doc.split("\n\n"):
+            n = len(para.encode()) + 2
+            if size + n > limit:
+                break
+            paras.append(para)
+            size += n
+        if paras:
+            out.append("\n\n".join(paras))
+        if size + 200 > limit:
+            break
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", type=Path, default=DOC_ROOT, help=f"HTML root (default {DOC_ROOT})")
@@ -153,6 +174,9 @@ def main() -> None:
     ap.add_argument("--heldout", type=float, default=0.02, help="fraction of documents held out (default 0.02)")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample", type=Path, default=Path("tests/data/demo_heldout/sample.txt"),
+                    help="where to write the committed held-out sample")
+    ap.add_argument("--sample-bytes", type=int, default=40_000)
     args = ap.parse_args()
 
     if not args.source.is_dir():
@@ -167,6 +191,9 @@ def main() -> None:
     # Documents never contain a run of 3 newlines (normalised away) so "\n\n\n" separates them.
     (out / "train.txt").write_text("\n\n\n".join(t for _, t in train) + "\n", encoding="utf-8")
     (out / "heldout.txt").write_text("\n\n\n".join(t for _, t in held) + "\n", encoding="utf-8")
+    args.sample.parent.mkdir(parents=True, exist_ok=True)
+    args.sample.write_text("\n\n\n".join(heldout_sample([t for _, t in held], args.sample_bytes)) + "\n",
+                           encoding="utf-8")
     for f in LICENSE_FILES:
         if f.exists():
             shutil.copy(f, out / "SOURCE-COPYRIGHT.txt")

@@ -40,7 +40,8 @@ for _name in ("msgpack", "zstandard"):
         __import__(_name)
     except ImportError:
         sys.modules[_name] = types.ModuleType(_name)
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 
 from streamgemma.config import GriffinConfig, griffin_pattern  # noqa: E402
 from streamgemma.griffin import Griffin  # noqa: E402
@@ -104,6 +105,21 @@ def heldout_loss(net: Griffin, data: np.ndarray, seq: int, device, amp: bool, ba
     return total / count
 
 
+def sample_loss(model, documents: list[str]) -> tuple[float, int]:
+    """Mean next-token cross-entropy (nats/token) of BOS + document + EOS, each document
+    read by its own session through streamgemma's prefill path: the same computation as
+    tests/test_demo.py, whose held-out loss test compares against this value."""
+    tok = model.tokenizer
+    total, count = 0.0, 0
+    for doc in documents:
+        ids = [tok.bos_id] + tok.encode(doc) + [tok.eos_id]
+        with model.session() as s:
+            logits = model.prefill(s.slot, ids[:-1], all_logits=True)
+        total += float(F.cross_entropy(logits.float(), torch.tensor(ids[1:]), reduction="sum"))
+        count += len(ids) - 1
+    return total / count, count
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("data/demo/tokens"))
@@ -124,6 +140,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample", type=Path, default=REPO / "tests" / "data" / "demo_heldout" / "sample.txt",
+                    help="the committed held-out sample that tests/test_demo.py evaluates")
     args = ap.parse_args()
 
     t_start = time.time()
@@ -183,7 +201,7 @@ def main() -> None:
         step += 1
         tokens_seen += args.batch * args.seq
         if step % args.log_every == 0 or step == 1:
-            lv, gv = float(loss), float(gnorm)
+            lv, gv = loss.item(), gnorm.item()
             if not (math.isfinite(lv) and math.isfinite(gv)):
                 raise SystemExit(f"step {step}: loss {lv} grad norm {gv} is not finite")
             now = time.time()
@@ -211,12 +229,10 @@ def main() -> None:
         chosen = best[2]
     else:
         chosen = step
-    # Save in bfloat16 (what ships) and measure the held-out loss of exactly those weights, in float32 on the CPU
-    # like the package test does.
-    net_bf16 = net.to(device="cpu", dtype=torch.bfloat16)
-    shipped = net_bf16.to(dtype=torch.float32)
-    shipped_loss = heldout_loss(shipped, held, args.seq, torch.device("cpu"), False)
-    net_bf16 = shipped.to(dtype=torch.bfloat16)
+    # nn.Module.to works in place: round the weights to bfloat16 (what ships), score them in float32.
+    shipped = net.to(dtype=torch.bfloat16).to(dtype=torch.float32)
+    shipped_loss = heldout_loss(shipped, held, args.seq, device, False)
+    net_bf16 = shipped.to(device="cpu", dtype=torch.bfloat16)
 
     from streamgemma.model import Model
     from streamgemma.tokenizer import Tokenizer
@@ -224,7 +240,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     Model(net_bf16, tokenizer=Tokenizer.from_file(tok_file), kernels=False).save(args.out)
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    # Reload what was written through the package's loader and score the committed sample.
+    from streamgemma.model import load
+
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    reloaded = load(args.out, device="cpu", dtype="float32", progress=False, kernels=False)
+    documents = [d for d in args.sample.read_text(encoding="utf-8").split("\n\n\n") if d.strip()]
+    s_loss, s_tokens = sample_loss(reloaded, documents)
     metrics = {
+        "sample_loss_nats_per_token": round(s_loss, 4), "sample_tokens": s_tokens,
+        "sample": str(args.sample.relative_to(REPO)) if args.sample.is_relative_to(REPO) else str(args.sample),
         "heldout_loss_nats_per_token": round(shipped_loss, 4),
         "heldout_loss_at_training_dtype": round(min(final, best[0]), 4),
         "heldout_tokens": int(len(held)), "eval_window": args.seq,
@@ -239,7 +264,8 @@ def main() -> None:
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(f"saved {args.out} ({size / 1e6:.1f} MB of weights); held-out loss (bf16 weights, fp32 compute) "
-          f"{shipped_loss:.4f} nats/token; {step} steps, {tokens_seen:,} tokens in {train_seconds:.0f}s; "
+          f"{shipped_loss:.4f} nats/token, on the committed sample {s_loss:.4f}; {step} steps, "
+          f"{tokens_seen:,} tokens in {train_seconds:.0f}s; "
           f"total {time.time() - t_start:.0f}s", flush=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def main() -> None:
     DEMO.mkdir(exist_ok=True)
     for f in FILES:
         shutil.copy(args.outdir / f, DEMO / f)
+        os.chmod(DEMO / f, 0o644)  # save_hf writes its temp files 0600
     shutil.copy(REPO / "tests" / "data" / "demo_heldout" / "PSF-LICENSE.txt", DEMO / "PSF-LICENSE.txt")
     (DEMO / "README.md").write_text(README.format(
         layers=len(cfg["block_types"]), groups=len(cfg["block_types"]) // 3, width=cfg["width"],

@@ -21,7 +21,7 @@ DATA = Path(__file__).parent / "data" / "demo_heldout"
 # recorded value is computed the same way, float32 on the CPU, by the training script).
 LOSS_MARGIN = 0.02
 # And whatever metrics.json says, the demo must be far better than chance (ln 4096 = 8.3).
-MAX_SAMPLE_LOSS = 4.0
+MAX_SAMPLE_LOSS = 3.55  # the shipped weights measured 3.254 (metrics.json)
 
 
 def _demo_installed() -> bool:

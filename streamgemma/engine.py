@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import secrets
 from typing import AsyncIterator, Sequence
 
@@ -32,6 +33,8 @@ from .model import Model
 from .sampling import SamplingParams
 from .session import Generation, Session, Token
 from .snapshot_store import SnapshotStore, validate_session_id
+
+log = logging.getLogger("streamgemma.engine")
 
 DEFAULT_PREFILL_CHUNK = 64  # tokens of appended input per tick: bounds how long decoders wait
 
@@ -226,9 +229,10 @@ class Engine:
             blob = await anyio.to_thread.run_sync(self.store.get, session_id)
         except (SnapshotNotFound, StreamgemmaError):
             raise EngineError("unknown_session", f"no session {session_id!r}") from None
-        es = self.sessions.get(session_id)  # opened by someone else while we read
+        position = await anyio.to_thread.run_sync(_snapshot_position, self.model, blob)
+        # Another request may have resumed it while we read: there is one EngineSession per id.
+        es = self.sessions.get(session_id)
         if es is None:
-            position = await anyio.to_thread.run_sync(_snapshot_position, self.model, blob)
             es = EngineSession(session_id, None, position)
             self.sessions[session_id] = es
         return es
@@ -322,9 +326,9 @@ class Engine:
         if es.closed:
             return
         es.closed = True
-        self._finish(es, "cancelled")
-        self._fail_inputs(es, EngineError("closed", "the session was closed"))
-        async with self._model_lock:
+        async with self._model_lock:  # not while a tick's worker thread uses the session
+            self._finish(es, "cancelled")
+            self._fail_inputs(es, EngineError("closed", "the session was closed"))
             if es.live is not None:
                 es.live.close()
                 es.live = None
@@ -344,8 +348,12 @@ class Engine:
                 self._finish(es, "cancelled")
                 self._fail_inputs(es, EngineError("closed", "the server is shutting down"))
                 if es.live is not None:
-                    await self._suspend(es)
-                    stored.append(es.id)
+                    try:
+                        await self._suspend(es)
+                    except Exception:  # noqa: BLE001 - one failed write must not lose the others
+                        log.exception("could not suspend session %s", es.id)
+                    else:
+                        stored.append(es.id)
         return stored
 
     # -- scheduler -------------------------------------------------------------------
@@ -375,26 +383,32 @@ class Engine:
                 es = waiting[self._prefill_turn % len(waiting)]
                 self._prefill_turn += 1
                 await self._prefill_chunk(es)
-            batch = [es for es in self.sessions.values()
+            batch = [(es.generation.generation, es.live.slot) for es in self.sessions.values()
                      if es.generation is not None and not es.inputs and es.live is not None]
             if batch:
                 tokens = await anyio.to_thread.run_sync(self._decode_batch, batch)
-                for es, token in zip(batch, tokens):
-                    self._deliver(es, token)
+                by_generation = {id(es.generation.generation): es for es in self.sessions.values()
+                                 if es.generation is not None}
+                for (generation, _), token in zip(batch, tokens):
+                    es = by_generation.get(id(generation))
+                    if es is not None:
+                        self._deliver(es, token)
         # Let the event loop run sends and new requests between ticks.
         await anyio.sleep(0)
 
-    def _decode_batch(self, batch: list[EngineSession]) -> list[Token]:
-        """Worker thread: sample each row, one decode call for all, accept each."""
+    def _decode_batch(self, batch: list[tuple[Generation, int]]) -> list[Token]:
+        """Worker thread: sample each row, one decode call for all (generation,
+        slot) pairs, accept each. Touches only what it is given: the event
+        loop may detach a generation meanwhile."""
         model = self.model
         with model.lock:
-            picked = [es.generation.generation.pick() for es in batch]
-            logits = model.decode([es.live.slot for es in batch], picked)
+            picked = [generation.pick() for generation, _ in batch]
+            logits = model.decode([slot for _, slot in batch], picked)
             # decode's result may be a reused buffer: each session keeps its own row.
             rows = [logits[i].clone() for i in range(len(batch))]
         self.decode_calls += 1
         self.decoded_tokens += len(batch)
-        return [es.generation.generation.accept(t, row) for es, t, row in zip(batch, picked, rows)]
+        return [generation.accept(t, row) for (generation, _), t, row in zip(batch, picked, rows)]
 
     async def _prefill_chunk(self, es: EngineSession) -> None:
         pending = es.inputs[0]

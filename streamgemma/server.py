@@ -240,6 +240,12 @@ class _Connection:
         except (ValueError, TypeError, StoppedError) as e:
             code = "snapshot_error" if isinstance(e, SnapshotError) else "invalid"
             self._error(code, str(e), rid, request.session)
+        except ProtocolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one failed request must not end the connection
+            log.exception("request %r failed", request)
+            self._error("internal", f"the server failed on this request: {type(e).__name__}: {e}", rid,
+                        request.session)
 
     async def _open(self, request: Open) -> None:
         if len(self.sessions) >= self.limits.sessions_per_connection:

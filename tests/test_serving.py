@@ -398,3 +398,72 @@ def test_transcript_agent_example_runs(capsys):
     assert out.count("[summary after") == 2  # after lines 7 and 14
     assert "> Ada: Thanks. Let's wrap up; same time next week." in out
     assert "[stored at position" in out
+
+
+def test_idle_connection_is_closed_and_its_session_stays_resumable():
+    srv = Server(Engine(text_model(), max_active=2), port=0, limits=Limits(idle_timeout=0.3))
+
+    async def main(url):
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "open"}))
+            sid = json.loads(await ws.recv())["session"]
+            with anyio.fail_after(10):
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.recv()
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1000, "idle timeout")
+        async with sg.Client(url) as client:
+            assert (await client.open(sid)).id == sid
+
+    with serve_in_thread(srv) as url:
+        run(main, url)
+
+
+class _StalledSocket:
+    """A websocket whose peer never reads: send() blocks for ever."""
+
+    def __init__(self):
+        self.close_code = None
+        self.sent = 0
+        self.frames: list[str] = []
+
+    async def send(self, frame):
+        self.sent += 1
+        await anyio.sleep_forever()
+
+    async def recv(self):
+        if self.frames:
+            return self.frames.pop(0)
+        await anyio.sleep_forever()
+
+    async def close(self, code=1000, reason=""):
+        self.close_code = (code, reason)
+
+
+def test_a_reader_that_stalls_is_disconnected_without_slowing_other_sessions():
+    from streamgemma.server import _Connection
+
+    async def main():
+        engine = Engine(text_model(), max_active=4)
+        server = Server(engine, port=0, limits=Limits(send_queue=8))
+        stalled = _StalledSocket()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            opened = await engine.open()
+            await engine.consumed(engine.append(opened, PROMPT))
+            # The stalled client opens a session and asks for a long generation.
+            stalled.frames = [json.dumps({"type": "open", "session": opened.id}),
+                              json.dumps({"type": "generate", "max_tokens": 4000, "stop_token_ids": []})]
+            with anyio.fail_after(20):
+                await _Connection(server, stalled).run()  # returns once it disconnected the client
+            assert stalled.close_code[0] == 1008 and "slowly" in stalled.close_code[1]
+            assert opened.generation is None or opened.generation.cancelled
+            # Meanwhile and afterwards, another session generates at full speed.
+            other = await engine.open()
+            await engine.consumed(engine.append(other, PROMPT))
+            stream = await engine.generate(other, SamplingParams(max_tokens=20, stop_token_ids=()))
+            with anyio.fail_after(10):
+                assert len([t async for t in stream]) == 20
+            assert opened.generation is None  # the abandoned generation was ended, not left running
+            tg.cancel_scope.cancel()
+
+    run(main)

@@ -183,7 +183,9 @@ class ClientSession:
         Tokens arrive as the server sends them; the last one carries
         finish_reason "stop" or "length". Afterwards `last_done` holds the
         `done` event (reason, position; reason "cancelled" after `cancel`).
-        Leaving the loop early cancels the generation."""
+        Leaving the loop early cancels the generation (when the iterator is
+        closed: at once with `contextlib.aclosing(session.generate(...))`,
+        else when Python finalizes it)."""
         client = self.client
         if self.id in client._streams:
             raise ServerError("generating", "a generation is already running on this session")

@@ -88,6 +88,59 @@ def test_engine_batches_sessions_and_suspends_least_recently_used():
     assert engine.decoded_tokens == 60 and engine.decode_calls <= 24
 
 
+def test_long_append_is_interleaved_with_other_sessions_decoding():
+    model = text_model()
+    long_input = model.tokenizer.encode(" ".join([PROMPT] * 60))  # many prefill chunks
+
+    async def main():
+        engine = Engine(model, max_active=4, prefill_chunk=32)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            talker, listener = await engine.open(), await engine.open()
+            await engine.consumed(engine.append(talker, PROMPT))
+            stream = await engine.generate(talker, SamplingParams(max_tokens=4000, stop_token_ids=()))
+            await stream.__anext__()
+            chunks_before = engine.prefill_calls
+            pending = engine.append(listener, long_input)
+            tokens_during = 0
+            while not pending.consumed.is_set():
+                await stream.__anext__()
+                tokens_during += 1
+            chunks = engine.prefill_calls - chunks_before
+            await stream.aclose()
+            position = await engine.consumed(pending)
+            tg.cancel_scope.cancel()
+        return chunks, tokens_during, position
+
+    chunks, tokens_during, position = run(main)
+    assert position == len(long_input)
+    assert chunks == -(-len(long_input) // 32)
+    # One decode tick between consecutive chunks: the talker kept streaming all along.
+    assert tokens_during >= chunks - 1
+
+
+def test_capacity_error_when_every_slot_is_busy():
+    async def main():
+        engine = Engine(text_model(), max_active=1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            busy = await engine.open()
+            await engine.consumed(engine.append(busy, PROMPT))
+            stream = await engine.generate(busy, SamplingParams(max_tokens=4000, stop_token_ids=()))
+            with pytest.raises(sg.EngineError) as refused:
+                await engine.open()
+            assert refused.value.code == "capacity"
+            await stream.aclose()  # cancels; once it has ended the slot can be lent again
+            with anyio.fail_after(10):
+                while busy.generation is not None:
+                    await anyio.sleep(0.01)
+            second = await engine.open()
+            assert busy.live is None and second.live is not None  # busy was suspended to make room
+            tg.cancel_scope.cancel()
+
+    run(main)
+
+
 # -- the websocket server ------------------------------------------------------------------
 def test_tokens_stream_and_match_a_plain_session(server):
     expected = reference_ids(text_model(), PROMPT, 12, 5, seed=3)

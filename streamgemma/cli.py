@@ -7,6 +7,7 @@ import sys
 from typing import Sequence, TextIO
 
 EPILOG = """examples:
+  streamgemma generate "The tide" --max-tokens 50      # the bundled demo model
   streamgemma info --model ./recurrentgemma-2b-it
   streamgemma generate --model ./recurrentgemma-2b-it "The tide" --max-tokens 50 --temperature 0.7
   echo "Tell me a joke" | streamgemma chat --model ./recurrentgemma-2b-it
@@ -22,9 +23,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("model")
-        g.add_argument("--model", required=True, metavar="PATH",
-                       help="checkpoint: a Hugging Face directory, an official .pt file, or a directory "
-                            "written by Model.save")
+        g.add_argument("--model", default="demo", metavar="PATH",
+                       help="checkpoint: a Hugging Face directory, an official .pt file, a directory "
+                            "written by Model.save, or 'demo', the small model bundled with the package "
+                            "(the default)")
         g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
         g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")

@@ -209,13 +209,29 @@ class Model:
         return torch.cat(outputs, dim=0) if all_logits else outputs[-1]
 
 
+DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.model")
+
+
+def demo_path() -> Path:
+    """The directory of the small demo model that ships inside the package
+    (`sg.load("demo")`); CheckpointError if the installation lacks its files."""
+    directory = Path(__file__).resolve().parent / "demo"
+    missing = [name for name in DEMO_FILES if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"the bundled demo model is incomplete: {', '.join(missing)} missing from "
+                              f"{directory}; reinstall streamgemma, or pass the path of a checkpoint")
+    return directory
+
+
 def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinConfig | None = None,
          progress: bool | None = None, kernels: bool | None = None) -> Model:
     """Open a checkpoint.
 
     path: a Hugging Face directory (config.json + model.safetensors or sharded
     safetensors with model.safetensors.index.json), an official state dict
-    (`.pt`, or a directory holding one), or a directory written by `Model.save`.
+    (`.pt`, or a directory holding one), a directory written by `Model.save`,
+    or "demo": the small model that ships with the package (unless a
+    directory named "demo" exists in the working directory).
     A `tokenizer.model` beside the weights is loaded as `model.tokenizer`.
     device: default CUDA if available, else CPU. dtype: "float32",
     "bfloat16", "float16" or a torch dtype; default bfloat16 on CUDA, float32
@@ -227,8 +243,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
     Raises CheckpointError (files, keys, shapes), DeviceError (device/dtype).
     """
     if str(path) == "demo" and not Path("demo").exists():
-        raise CheckpointError("the bundled demo model is not part of this version yet; "
-                              "pass the path of a checkpoint directory or .pt file")
+        path = demo_path()
     device, dtype = weights.resolve_device_dtype(device, dtype)
     ckpt = weights.discover(path)
     network = weights.load_network(ckpt, device, dtype, config=config, progress=progress)

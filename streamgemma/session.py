@@ -347,8 +347,8 @@ class Session:
         if self._logits is None:
             if self.position == 0:
                 raise ValueError("generate() needs a prompt: feed text or token ids first")
-            raise ValueError("this session has no next-token logits (it was restored from a snapshot): "
-                             "feed or step input before generate()")
+            raise ValueError("this session has no next-token logits (its snapshot was taken before any "
+                             "logits existed): feed or step input before generate()")
         if self._stopped_by is not None:
             raise StoppedError(f"the last generation ended at {self._stopped_by}; feed new input "
                                f"(e.g. the next user turn) before generating again")

@@ -71,7 +71,7 @@ def test_user_errors_are_one_line_without_traceback(capsys, monkeypatch, saved_m
 
 
 def test_usage_and_help(capsys, monkeypatch):
-    assert cli(capsys, monkeypatch, "generate", "hi")[0] == 2  # --model is required
+    assert cli(capsys, monkeypatch, "generate")[0] == 2  # PROMPT is required (--model defaults to the demo)
     rc, out, _ = cli(capsys, monkeypatch, "--help")
     assert rc == 0 and all(c in out for c in ("generate", "chat", "info"))
     rc, out, _ = cli(capsys, monkeypatch, "generate", "--help")

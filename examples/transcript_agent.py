@@ -2,14 +2,16 @@
 server session line by line, and every N lines ask for a running summary,
 printing its tokens as they arrive.
 
-    python examples/transcript_agent.py                      # self-contained: tiny model, in-process server
+    python examples/transcript_agent.py                      # the bundled demo model, in-process server
+    python examples/transcript_agent.py --model tiny          # a tiny random model: noise, fastest
     python examples/transcript_agent.py --model ./recurrentgemma-2b-it
     python examples/transcript_agent.py --url ws://127.0.0.1:8765/v1/stream --token "$STREAMGEMMA_TOKEN"
 
-Without --url it starts a server in this process on a free loopback port.
-Without --model that server runs a tiny random model with a tokenizer
-trained on the transcript, so it finishes in seconds and its "summaries" are
-noise; with a real instruction-tuned checkpoint they are summaries.
+Without --url it starts a server in this process on a free loopback port,
+by default on the small demo model bundled with streamgemma (it runs in
+seconds on a CPU; it writes English in the style of the Python docs and is
+not instruction-tuned, so its "summaries" are only continuations). With a
+real instruction-tuned checkpoint they are summaries.
 """
 
 from __future__ import annotations
@@ -79,14 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=40, help="tokens per summary (default 40)")
     parser.add_argument("--url", help="a running server (default: start one in this process)")
     parser.add_argument("--token", default=os.environ.get("STREAMGEMMA_TOKEN"), help="bearer token")
-    parser.add_argument("--model", help="checkpoint for the in-process server (default: a tiny random model)")
+    parser.add_argument("--model", default="demo",
+                        help="checkpoint for the in-process server: a path, 'demo' (default), or 'tiny' "
+                             "(random weights, a tokenizer trained on the transcript)")
     args = parser.parse_args(argv)
     text = Path(args.transcript).read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.strip()]
     with contextlib.ExitStack() as stack:
         url = args.url
         if url is None:
-            model = sg.load(args.model) if args.model else tiny_model_for(text)
+            model = tiny_model_for(text) if args.model == "tiny" else sg.load(args.model)
             server = sg.Server(sg.Engine(model, max_active=4), port=0, token=args.token)
             url = stack.enter_context(sg.server.serve_in_thread(server))
         anyio.run(follow, url, args.token, lines, args.every, args.max_tokens, backend="asyncio")

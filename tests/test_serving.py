@@ -446,11 +446,12 @@ def test_transcript_agent_example_runs(capsys):
     import runpy
 
     example = runpy.run_path(str(Path(__file__).parent.parent / "examples" / "transcript_agent.py"))
-    assert example["main"](["--every", "7", "--max-tokens", "6"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("[summary after") == 2  # after lines 7 and 14
-    assert "> Ada: Thanks. Let's wrap up; same time next week." in out
-    assert "[stored at position" in out
+    for model in ("demo", "tiny"):
+        assert example["main"](["--every", "7", "--max-tokens", "6", "--model", model]) == 0
+        out = capsys.readouterr().out
+        assert out.count("[summary after") == 2  # after lines 7 and 14
+        assert "> Ada: Thanks. Let's wrap up; same time next week." in out
+        assert "[stored at position" in out
 
 
 def test_idle_connection_is_closed_and_its_session_stays_resumable():

@@ -355,7 +355,7 @@ def test_disconnect_mid_generation_then_resume_elsewhere(server):
             session = await client.open()
             start = await session.append(PROMPT)
             received = 0
-            async for _ in session.generate(max_tokens=4000, stop_token_ids=NO_STOP):
+            async for _ in session.generate(max_tokens=4000, seed=4, stop_token_ids=NO_STOP):
                 received += 1
                 if received == 2:
                     break
@@ -368,8 +368,11 @@ def test_disconnect_mid_generation_then_resume_elsewhere(server):
         async with sg.Client(server.url) as client:
             resumed = await client.open(sid)
             assert resumed.position == es.position >= start + received
-            more = [t async for t in resumed.generate(max_tokens=5, stop_token_ids=NO_STOP)]
+            more = [t.id async for t in resumed.generate(max_tokens=5, stop_token_ids=NO_STOP)]
             assert len(more) == 5 and resumed.position == es.position
+            # Exactly what a session that generated as many tokens without interruption does next.
+            generated = resumed.position - 5 - start
+            assert more == reference_ids(text_model(), PROMPT, generated, 5, seed=4)[1]
             # One connection at a time holds a session.
             async with sg.Client(server.url) as other:
                 with pytest.raises(sg.ServerError) as busy:

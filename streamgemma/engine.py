@@ -37,12 +37,13 @@ from .snapshot_store import SnapshotStore, validate_session_id
 log = logging.getLogger("streamgemma.engine")
 
 DEFAULT_PREFILL_CHUNK = 64  # tokens of appended input per tick: bounds how long decoders wait
+DEFAULT_MAX_PENDING_TOKENS = 1 << 20  # appended but unconsumed tokens per session: bounds host memory
 
 
 class EngineError(StreamgemmaError):
     """A request the engine cannot serve. `code` names the reason for clients
     (see docs/protocol.md): unknown_session, session_busy, generating,
-    capacity, closed."""
+    not_generating, capacity, closed, limit."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -171,7 +172,8 @@ class Engine:
     max_active: sessions holding a pool slot at once (the decode batch size
     bound); more may be open, the idle ones suspended to `store` (default: an
     in-memory store). prefill_chunk: tokens of appended input consumed per
-    tick. Run the scheduler with `await engine.run()` in a task group (it
+    tick. max_pending_tokens: input appended to one session and not yet
+    consumed (more is refused with EngineError("limit")). Run the scheduler with `await engine.run()` in a task group (it
     returns when cancelled); call the other methods from the same event loop.
 
     Counters for monitoring: `decode_calls`, `decoded_tokens`,
@@ -179,7 +181,7 @@ class Engine:
     """
 
     def __init__(self, model: Model, max_active: int = 64, store: SnapshotStore | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active!r}")
         if prefill_chunk < 1:
@@ -188,6 +190,7 @@ class Engine:
         self.max_active = max_active
         self.store = store if store is not None else _MemoryStore()
         self.prefill_chunk = prefill_chunk
+        self.max_pending_tokens = max_pending_tokens
         self.sessions: dict[str, EngineSession] = {}
         self._model_lock = anyio.Lock()
         self._wake = anyio.Event()
@@ -260,6 +263,10 @@ class Engine:
                     raise ValueError(f"token at index {i} is {t!r}: expected an int in [0, {vocab})")
             if not ids:
                 raise ValueError("no tokens to append")
+        queued = sum(len(p.ids) - p.offset for p in es.inputs)
+        if queued + len(ids) > self.max_pending_tokens:
+            raise EngineError("limit", f"{queued} tokens of this session's input are still waiting to be consumed; "
+                                       f"at most {self.max_pending_tokens} may wait: wait for 'appended' replies")
         pending = _PendingInput(ids)
         es.inputs.append(pending)
         self._touch(es)

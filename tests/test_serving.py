@@ -334,6 +334,21 @@ def test_token_is_required_when_set():
         run(main, url)
 
 
+def test_unconsumed_input_is_bounded():
+    srv = Server(Engine(text_model(), max_active=2, max_pending_tokens=40), port=0)
+
+    async def main(url):
+        async with sg.Client(url) as client:
+            session = await client.open()
+            with pytest.raises(sg.ServerError) as refused:
+                await session.append(list(range(10, 51)))  # 41 tokens
+            assert refused.value.code == "limit"
+            assert await session.append(list(range(10, 50))) == 40  # 40 fit
+
+    with serve_in_thread(srv) as url:
+        run(main, url)
+
+
 def test_sessions_per_connection_limit():
     srv = Server(Engine(text_model(), max_active=4), port=0, limits=Limits(sessions_per_connection=2))
 

@@ -11,6 +11,7 @@ EPILOG = """examples:
   streamgemma info --model ./recurrentgemma-2b-it
   streamgemma generate --model ./recurrentgemma-2b-it "The tide" --max-tokens 50 --temperature 0.7
   echo "Tell me a joke" | streamgemma chat --model ./recurrentgemma-2b-it
+  streamgemma serve --model ./recurrentgemma-2b-it --port 8765 --store ./sessions --token "$TOKEN"
 """
 
 
@@ -61,6 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="FILE", help="continue the conversation saved in FILE")
     g.add_argument("--save", metavar="FILE", help="save the conversation to FILE after every reply "
                    "(atomically: a crash leaves the previous complete file)")
+
+    p = commands.add_parser("serve", help="serve sessions over a websocket (docs/protocol.md)",
+                            description="Serve streaming sessions at ws://HOST:PORT/v1/stream. SIGTERM or "
+                                        "Ctrl-C snapshots every live session to the store, then exits.")
+    model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    g.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $STREAMGEMMA_TOKEN; "
+                                   "none: no authentication)")
+    g.add_argument("--store", metavar="DIR", help="directory for suspended sessions (default: memory only, "
+                                                 "so sessions do not survive a restart)")
+    g.add_argument("--max-active", type=int, default=64, metavar="N",
+                   help="sessions holding a state slot at once: the decode batch bound (default 64)")
+    g.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                   help="largest max_tokens a generation may ask for (default 4096)")
 
     p = commands.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint: "
                             "architecture preset, parameter count, dtype, tokenizer, state per session.")
@@ -155,6 +172,41 @@ def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
                 session.save(args.save, metadata={"kind": "chat"})
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import logging
+    import os
+    import signal
+
+    import anyio
+
+    from .engine import Engine
+    from .server import Limits, Server
+    from .snapshot_store import DirectorySnapshotStore
+
+    logging.basicConfig(level=logging.INFO, format="streamgemma serve: %(message)s")
+    token = args.token if args.token is not None else os.environ.get("STREAMGEMMA_TOKEN")
+    store = DirectorySnapshotStore(args.store) if args.store else None
+    model = _load(args)
+    server = Server(Engine(model, max_active=args.max_active, store=store), host=args.host, port=args.port,
+                    token=token, limits=Limits(max_tokens=args.max_tokens))
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        logging.getLogger("streamgemma.server").info(
+                            "%s: suspending sessions and exiting", signal.Signals(signum).name)
+                        server.stop()
+                        return
+
+            tg.start_soon(stop_on_signal)
+            await server.serve()
+            tg.cancel_scope.cancel()
+
+    anyio.run(run, backend="asyncio")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
     from .errors import StreamgemmaError
@@ -165,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _info(args, sys.stdout)
         elif args.command == "generate":
             _generate(args, sys.stdout)
+        elif args.command == "serve":
+            _serve(args)
         else:
             _chat(args, sys.stdout, sys.stdin)
     except (StreamgemmaError, ValueError, TypeError, OSError) as e:

@@ -330,12 +330,20 @@ class Session:
         Sampling runs on the model's device with the session's generator: the
         same seed gives the same tokens.
         """
-        self._check_open()
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty,
                                 presence_penalty=presence_penalty, stop=stop,
                                 stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids),
                                 seed=seed)
+        return self._generate(self.start_generation(params))
+
+    def start_generation(self, params: SamplingParams) -> "Generation":
+        """Check that this session can generate with `params` and return the
+        `Generation` that picks and accepts its tokens (reseeding the sampler
+        if params.seed is set). `generate` drives it one token at a time; the
+        batching engine drives many sessions' generations with one `decode`
+        call per token. Raises as `generate` does."""
+        self._check_open()
         if self._logits is None:
             if self.position == 0:
                 raise ValueError("generate() needs a prompt: feed text or token ids first")
@@ -344,13 +352,12 @@ class Session:
         if self._stopped_by is not None:
             raise StoppedError(f"the last generation ended at {self._stopped_by}; feed new input "
                                f"(e.g. the next user turn) before generating again")
-        tok = self.model.tokenizer
-        if params.stop and tok is None:
+        if params.stop and self.model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         stop_ids = self._stop_ids(params)
         if params.seed is not None:
             self._rng = new_generator(self.model.device, params.seed)
-        return self._generate(params, stop_ids)
+        return Generation(self, params, stop_ids)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         tok = self.model.tokenizer
@@ -361,40 +368,14 @@ class Session:
             return frozenset()
         return frozenset(i for i in (tok.eos_id, tok.piece_id(END_OF_TURN)) if i is not None and i >= 0)
 
-    def _generate(self, params: SamplingParams, stop_ids: frozenset[int]) -> Iterator[Token]:
-        tok = self.model.tokenizer
-        # Only ids the tokenizer can spell are sampled (the model may have spare rows).
-        allowed = tok.vocab_size if tok is not None else self.model.config.vocab_size
-        penalize = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-        stops = StopStrings(params.stop) if params.stop else None
-        generated = 0
+    def _generate(self, generation: "Generation") -> Iterator[Token]:
         while True:
             with self.model.lock:
-                logits = self._logits[:allowed]
-                recent = [i for i in self._recent if i < allowed] if penalize else []
-                if recent:
-                    logits = apply_penalties(logits, torch.tensor(recent, device=logits.device),
-                                             params.repetition_penalty, params.presence_penalty)
-                token = int(sample(logits, params, None if params.greedy else self._generator()).item())
+                token = generation.pick()
                 next_logits = self.model.decode([self.slot], [token])[0].clone()  # decode's buffer is reused
-            text = self._consumed([token], next_logits)
-            generated += 1
-            finish = None
-            if token in stop_ids:
-                text = ""  # a stop token's own text (e.g. "<end_of_turn>") is never emitted
-                finish = "stop"
-                self._stopped_by = f"stop token {token} ({tok.piece(token) if tok else 'no tokenizer'})"
-            elif stops is not None:
-                text, hit = stops.push(text)
-                if hit:
-                    finish = "stop"
-                    self._stopped_by = f"stop string {stops.matched!r}"
-            if finish is None and params.max_tokens is not None and generated >= params.max_tokens:
-                finish = "length"
-            if finish is not None and stops is not None and stops.matched is None:
-                text += stops.flush()  # ended without a stop string: held-back text is plain output
-            yield Token(token, text, finish)
-            if finish is not None:
+            out = generation.accept(token, next_logits)
+            yield out
+            if out.finish_reason is not None:
                 return
 
     async def agenerate(self, **sampling) -> AsyncIterator[Token]:
@@ -416,3 +397,65 @@ class Session:
                 yield tok
         finally:
             tokens.close()
+
+
+class Generation:
+    """One generation in progress on a session: `pick()` samples the next token
+    from the session's logits (penalties, the session's RNG); after the caller
+    has run the model on that token, `accept(token, logits)` records it in the
+    session and returns the `Token` to stream (stop tokens, stop strings,
+    max_tokens). Split in two so a caller can run one batched `decode` for
+    many sessions between the two halves. Create with
+    `Session.start_generation`."""
+
+    def __init__(self, session: Session, params: SamplingParams, stop_ids: frozenset[int]):
+        self.session = session
+        self.params = params
+        self.stop_ids = stop_ids
+        tok = session.model.tokenizer
+        # Only ids the tokenizer can spell are sampled (the model may have spare rows).
+        self._allowed = tok.vocab_size if tok is not None else session.model.config.vocab_size
+        self._penalize = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+        self._stops = StopStrings(params.stop) if params.stop else None
+        self.generated = 0
+        self.finish_reason: str | None = None
+
+    def pick(self) -> int:
+        """The next token id, sampled from the session's current logits."""
+        s, params = self.session, self.params
+        logits = s._logits[:self._allowed]
+        recent = [i for i in s._recent if i < self._allowed] if self._penalize else []
+        if recent:
+            logits = apply_penalties(logits, torch.tensor(recent, device=logits.device),
+                                     params.repetition_penalty, params.presence_penalty)
+        return int(sample(logits, params, None if params.greedy else s._generator()).item())
+
+    def accept(self, token: int, next_logits: torch.Tensor) -> Token:
+        """Record that the session consumed `token` (its state already
+        advanced), with `next_logits` (float32 [vocab], owned by the caller:
+        not a reused buffer) the logits after it. Returns the Token to stream;
+        its finish_reason is set when the generation has ended."""
+        s, params, tok = self.session, self.params, self.session.model.tokenizer
+        text = s._consumed([token], next_logits)
+        self.generated += 1
+        finish = None
+        if token in self.stop_ids:
+            text = ""  # a stop token's own text (e.g. "<end_of_turn>") is never emitted
+            finish = "stop"
+            s._stopped_by = f"stop token {token} ({tok.piece(token) if tok else 'no tokenizer'})"
+        elif self._stops is not None:
+            text, hit = self._stops.push(text)
+            if hit:
+                finish = "stop"
+                s._stopped_by = f"stop string {self._stops.matched!r}"
+        if finish is None and params.max_tokens is not None and self.generated >= params.max_tokens:
+            finish = "length"
+        if finish is not None and self._stops is not None and self._stops.matched is None:
+            text += self._stops.flush()  # ended without a stop string: held-back text is plain output
+        self.finish_reason = finish
+        return Token(token, text, finish)
+
+    def flush(self) -> str:
+        """Text held back as a possible stop-string start, released when the
+        generation is ended early (cancelled)."""
+        return self._stops.flush() if self._stops is not None else ""

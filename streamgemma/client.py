@@ -1,0 +1,231 @@
+"""`Client`: the protocol of docs/protocol.md from an async application, so
+nobody has to write JSON frames by hand.
+
+    async with sg.Client("ws://127.0.0.1:8765/v1/stream", token=T) as client:
+        session = await client.open()
+        await session.append("Hello")
+        async for token in session.generate(max_tokens=20):
+            print(token.text, end="")
+
+One connection carries many sessions; a background task reads events and
+routes them to the request or generation waiting for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any, AsyncIterator, Sequence
+
+import anyio
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from .errors import StreamgemmaError
+from .session import Token
+
+
+class ServerError(StreamgemmaError):
+    """The server answered a request with an `error` event: `code` and message
+    as sent (see docs/protocol.md)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Client:
+    """An async connection to a streamgemma server. Use as `async with`.
+
+    url: ws://host:port/v1/stream. token: sent as `Authorization: Bearer`.
+    timeout: seconds to wait for the reply to one request. Further keyword
+    arguments go to `websockets.asyncio.client.connect` (e.g. max_size)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, **connect_options: Any):
+        self.url = url
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._connect = connect(url, additional_headers=headers, **connect_options)
+        self._ws: ClientConnection | None = None
+        self._ids = itertools.count(1)
+        self._replies: dict[int, _Reply] = {}
+        self._streams: dict[str, anyio.abc.ObjectSendStream] = {}  # session id -> its generation's events
+        self._generations: set[int] = set()  # ids of generate requests in flight
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._closed_error: BaseException | None = None
+
+    async def __aenter__(self) -> "Client":
+        self._ws = await self._connect.__aenter__()
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        self._tasks.start_soon(self._read)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._tasks.cancel_scope.cancel()
+        await self._tasks.__aexit__(None, None, None)
+        await self._connect.__aexit__(*exc_info)
+
+    async def open(self, session: str | None = None, seed: int | None = None) -> "ClientSession":
+        """A new session (session None) or the stored session `session`."""
+        msg: dict[str, Any] = {"type": "open"}
+        if session is not None:
+            msg["session"] = session
+        if seed is not None:
+            msg["seed"] = seed
+        reply = await self.request(msg)
+        return ClientSession(self, reply["session"], reply["position"])
+
+    async def request(self, msg: dict) -> dict:
+        """Send `msg` with a fresh id and return the server's reply event;
+        an `error` reply raises ServerError."""
+        request_id = next(self._ids)
+        reply = _Reply()
+        self._replies[request_id] = reply
+        try:
+            await self._send({**msg, "id": request_id})
+            with anyio.fail_after(self.timeout):
+                await reply.ready.wait()
+        finally:
+            self._replies.pop(request_id, None)
+        return reply.result()
+
+    async def _send(self, msg: dict) -> None:
+        if self._closed_error is not None:
+            raise ConnectionError(f"the connection is closed: {self._closed_error}")
+        await self._ws.send(json.dumps(msg))
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self._ws:
+                self._route(json.loads(frame))
+        except websockets.ConnectionClosed as e:
+            self._closed_error = e
+        else:
+            self._closed_error = ConnectionError("closed by the server")
+        finally:
+            error = {"type": "error", "code": "connection_closed", "message": str(self._closed_error)}
+            for reply in self._replies.values():
+                reply.set(error)
+            for stream in self._streams.values():
+                stream.close()
+
+    def _route(self, msg: dict) -> None:
+        kind, session, request_id = msg.get("type"), msg.get("session"), msg.get("id")
+        if kind in ("token", "done") or (kind == "error" and request_id in self._generations):
+            stream = self._streams.get(session)
+            if stream is not None:
+                try:
+                    stream.send_nowait(msg)
+                except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
+            return
+        reply = self._replies.get(request_id)
+        if reply is not None:
+            reply.set(msg)
+        # Other events answer requests sent without an id (cancel): nothing waits for them.
+
+
+class _Reply:
+    def __init__(self):
+        self.ready = anyio.Event()
+        self.msg: dict | None = None
+
+    def set(self, msg: dict) -> None:
+        if self.msg is None:
+            self.msg = msg
+            self.ready.set()
+
+    def result(self) -> dict:
+        if self.msg.get("type") == "error":
+            raise ServerError(self.msg.get("code", "?"), self.msg.get("message", ""))
+        return self.msg
+
+
+class ClientSession:
+    """A session on the server, seen from a `Client`: `id` (keep it to resume
+    later) and `position` (as of the last reply)."""
+
+    def __init__(self, client: Client, session_id: str, position: int):
+        self.client = client
+        self.id = session_id
+        self.position = position
+        self.last_done: dict | None = None  # the `done` event of the last generation
+
+    def __repr__(self) -> str:
+        return f"ClientSession({self.id!r}, position={self.position})"
+
+    async def append(self, text_or_tokens: str | Sequence[int]) -> int:
+        """Send input; returns the position once the server consumed it."""
+        msg: dict[str, Any] = {"type": "append", "session": self.id}
+        if isinstance(text_or_tokens, str):
+            msg["text"] = text_or_tokens
+        else:
+            msg["tokens"] = list(text_or_tokens)
+        reply = await self.client.request(msg)
+        self.position = reply["position"]
+        return self.position
+
+    async def send_append(self, text_or_tokens: str | Sequence[int]) -> None:
+        """Send input without waiting for it to be consumed (e.g. while a
+        generation streams: it is consumed before the next token)."""
+        msg: dict[str, Any] = {"type": "append", "session": self.id}
+        if isinstance(text_or_tokens, str):
+            msg["text"] = text_or_tokens
+        else:
+            msg["tokens"] = list(text_or_tokens)
+        await self.client._send(msg)
+
+    async def generate(self, **sampling: Any) -> AsyncIterator[Token]:
+        """Start a generation (arguments as `Session.generate`: max_tokens,
+        temperature, top_k, top_p, min_p, repetition_penalty,
+        presence_penalty, stop, stop_token_ids, seed) and yield its tokens.
+        Tokens arrive as the server sends them; the last one carries
+        finish_reason "stop" or "length". Afterwards `last_done` holds the
+        `done` event (reason, position; reason "cancelled" after `cancel`).
+        Leaving the loop early cancels the generation (when the iterator is
+        closed: at once with `contextlib.aclosing(session.generate(...))`,
+        else when Python finalizes it)."""
+        client = self.client
+        if self.id in client._streams:
+            raise ServerError("generating", "a generation is already running on this session")
+        send, receive = anyio.create_memory_object_stream[dict](1 << 16)
+        client._streams[self.id] = send
+        request_id = next(client._ids)
+        client._generations.add(request_id)
+        finished = False
+        try:
+            await client._send({"type": "generate", "session": self.id, "id": request_id, **sampling})
+            async with receive:
+                async for msg in receive:
+                    if msg["type"] == "error":
+                        finished = True
+                        raise ServerError(msg.get("code", "?"), msg.get("message", ""))
+                    if msg["type"] == "done":
+                        finished = True
+                        self.last_done = msg
+                        self.position = msg["position"]
+                        return
+                    yield Token(msg["id"], msg["text"], msg.get("finish_reason"))
+            raise ConnectionError(f"the connection closed during the generation: {client._closed_error}")
+        finally:
+            client._streams.pop(self.id, None)
+            client._generations.discard(request_id)
+            if not finished and client._closed_error is None:
+                with anyio.CancelScope(shield=True):
+                    await client._send({"type": "cancel", "session": self.id})
+
+    async def cancel(self) -> None:
+        """Cancel the running generation: its iterator ends, and `last_done`
+        has reason "cancelled" (unless it ended first). No-op when none runs."""
+        await self.client._send({"type": "cancel", "session": self.id})
+
+    async def snapshot(self) -> int:
+        """Store the session on the server; returns its position."""
+        reply = await self.client.request({"type": "snapshot", "session": self.id})
+        self.position = reply["position"]
+        return self.position
+
+    async def close(self) -> None:
+        """End the session on the server for good (its stored snapshot is deleted)."""
+        await self.client.request({"type": "close", "session": self.id})

@@ -1,0 +1,515 @@
+"""`Engine`: continuous batching of many sessions of one model.
+
+All sessions that are generating advance together: each tick runs one
+`model.decode` call over every such session (one row each), then samples
+each row with that session's own parameters and RNG. Appended input is
+prefilled between ticks in bounded chunks, one session at a time in round
+robin, so a long append never stalls the decoders for more than one chunk.
+
+Only `max_active` sessions hold a slot of the model's state pool. When
+another one needs a slot, the least recently used idle session (no
+generation, no pending input) is snapshotted to the `SnapshotStore` and its
+slot freed; it is restored the next time it is used.
+
+Every model call runs in a worker thread (anyio.to_thread), one at a time
+(`_model_lock`), so the event loop stays free to read and write sockets.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import secrets
+from typing import AsyncIterator, Sequence
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .errors import SnapshotNotFound, StreamgemmaError
+from .model import Model
+from .sampling import SamplingParams
+from .session import Generation, Session, Token
+from .snapshot_store import SnapshotStore, validate_session_id
+
+log = logging.getLogger("streamgemma.engine")
+
+DEFAULT_PREFILL_CHUNK = 64  # tokens of appended input per tick: bounds how long decoders wait
+DEFAULT_MAX_PENDING_TOKENS = 1 << 20  # appended but unconsumed tokens per session: bounds host memory
+
+
+class EngineError(StreamgemmaError):
+    """A request the engine cannot serve. `code` names the reason for clients
+    (see docs/protocol.md): unknown_session, session_busy, generating,
+    not_generating, capacity, closed, limit."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """The end of a generation: reason "length", "stop" or "cancelled", the
+    session's position after it, and `text`: on a cancelled generation, text
+    that was held back as a possible start of a stop string (else "")."""
+
+    reason: str
+    position: int
+    text: str = ""
+
+
+class _PendingInput:
+    """Token ids appended to a session and not yet consumed."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+        self.offset = 0  # ids[:offset] are consumed
+        self.consumed = anyio.Event()
+        self.position = -1  # the session's position once all ids are consumed
+        self.error: BaseException | None = None
+
+
+class _ActiveGeneration:
+    """A generation the scheduler is advancing, and where its tokens go."""
+
+    def __init__(self, generation: Generation, sink: MemoryObjectSendStream):
+        self.generation = generation
+        self.sink = sink
+        self.cancelled = False
+
+
+class EngineSession:
+    """A session managed by an `Engine`: live in a pool slot, or suspended in
+    the engine's store. Use it through the engine's methods."""
+
+    def __init__(self, session_id: str, live: Session | None, position: int):
+        self.id = session_id
+        self.live = live
+        self._position = position
+        self.inputs: collections.deque[_PendingInput] = collections.deque()
+        self.generation: _ActiveGeneration | None = None
+        self.last_used = 0
+        self.closed = False
+        self.owner: object | None = None  # the connection attached to it, if any
+
+    @property
+    def position(self) -> int:
+        """Tokens consumed so far."""
+        return self.live.position if self.live is not None else self._position
+
+    @property
+    def idle(self) -> bool:
+        return self.generation is None and not self.inputs
+
+    def __repr__(self) -> str:
+        return f"EngineSession({self.id!r}, position={self.position}, {'live' if self.live else 'suspended'})"
+
+
+class TokenStream:
+    """The tokens of one generation, as an async iterator of `Token`; after
+    it ends, `done` holds the `Done`. Closing it early (aclose, or leaving an
+    `async for`) cancels the generation."""
+
+    def __init__(self, engine: "Engine", session: EngineSession, receive: MemoryObjectReceiveStream):
+        self._engine = engine
+        self._session = session
+        self._receive = receive
+        self.done: Done | None = None
+
+    def __aiter__(self) -> "TokenStream":
+        return self
+
+    async def __anext__(self) -> Token:
+        if self.done is not None:
+            raise StopAsyncIteration
+        try:
+            item = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        if isinstance(item, Done):
+            self.done = item
+            await self._receive.aclose()
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        """Stop consuming: the generation is cancelled (if still running)."""
+        if self.done is None:
+            self._engine.cancel(self._session)
+        await self._receive.aclose()
+
+
+class _MemoryStore(SnapshotStore):
+    """Snapshots in a dict: the store of an engine given none. Sessions
+    survive suspension, not the process."""
+
+    def __init__(self):
+        self._blobs: dict[str, bytes] = {}
+
+    def put(self, session_id: str, blob: bytes) -> None:
+        self._blobs[validate_session_id(session_id)] = bytes(blob)
+
+    def get(self, session_id: str) -> bytes:
+        try:
+            return self._blobs[validate_session_id(session_id)]
+        except KeyError:
+            raise SnapshotNotFound(f"no snapshot for session {session_id!r}") from None
+
+    def delete(self, session_id: str) -> None:
+        if self._blobs.pop(validate_session_id(session_id), None) is None:
+            raise SnapshotNotFound(f"no snapshot for session {session_id!r}")
+
+    def list(self) -> list[str]:
+        return sorted(self._blobs)
+
+
+class Engine:
+    """Schedules many sessions of `model` onto batched decode steps.
+
+    max_active: sessions holding a pool slot at once (the decode batch size
+    bound); more may be open, the idle ones suspended to `store` (default: an
+    in-memory store). prefill_chunk: tokens of appended input consumed per
+    tick. max_pending_tokens: input appended to one session and not yet
+    consumed (more is refused with EngineError("limit")). Run the scheduler with `await engine.run()` in a task group (it
+    returns when cancelled); call the other methods from the same event loop.
+
+    Counters for monitoring: `decode_calls`, `decoded_tokens`,
+    `prefill_calls`, `suspensions`, `resumptions`.
+    """
+
+    def __init__(self, model: Model, max_active: int = 64, store: SnapshotStore | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS):
+        if max_active < 1:
+            raise ValueError(f"max_active must be >= 1, got {max_active!r}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk!r}")
+        self.model = model
+        self.max_active = max_active
+        self.store = store if store is not None else _MemoryStore()
+        self.prefill_chunk = prefill_chunk
+        self.max_pending_tokens = max_pending_tokens
+        self.sessions: dict[str, EngineSession] = {}
+        self._model_lock = anyio.Lock()
+        self._wake = anyio.Event()
+        self._clock = itertools.count(1)  # orders uses for least-recently-used suspension
+        self._prefill_turn = 0  # round-robin cursor over sessions with pending input
+        self.decode_calls = 0
+        self.decoded_tokens = 0
+        self.prefill_calls = 0
+        self.suspensions = 0
+        self.resumptions = 0
+
+    # -- sessions --------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        """Sessions holding a pool slot now."""
+        return sum(1 for s in self.sessions.values() if s.live is not None)
+
+    async def open(self, seed: int | None = None) -> EngineSession:
+        """A new session at position 0 with an unguessable id."""
+        async with self._model_lock:
+            await self._make_room()
+            live = self.model.session(seed=seed)
+        sid = secrets.token_urlsafe(16)
+        es = EngineSession(sid, live, 0)
+        self.sessions[sid] = es
+        self._touch(es)
+        return es
+
+    async def resume(self, session_id: str) -> EngineSession:
+        """The session `session_id`: already in the engine (live or suspended),
+        or stored in the store (e.g. by an engine before a restart). It is
+        restored into a slot when next used. EngineError("unknown_session")
+        if neither has it."""
+        es = self.sessions.get(session_id)
+        if es is not None:
+            return es
+        try:
+            validate_session_id(session_id)
+            blob = await anyio.to_thread.run_sync(self.store.get, session_id)
+        except (SnapshotNotFound, StreamgemmaError):
+            raise EngineError("unknown_session", f"no session {session_id!r}") from None
+        position = await anyio.to_thread.run_sync(_snapshot_position, self.model, blob)
+        # Another request may have resumed it while we read: there is one EngineSession per id.
+        es = self.sessions.get(session_id)
+        if es is None:
+            es = EngineSession(session_id, None, position)
+            self.sessions[session_id] = es
+        return es
+
+    def append(self, es: EngineSession, ids_or_text: Sequence[int] | str) -> _PendingInput:
+        """Queue input for `es`; returns at once. Text is tokenized now, with
+        BOS when it is the session's first input. The input is consumed
+        before the session's next sampled token (also during a generation:
+        the generation continues from the new state). Await
+        `engine.consumed(pending)` for the position after it."""
+        self._check_usable(es)
+        if isinstance(ids_or_text, str):
+            tok = self.model.tokenizer
+            if tok is None:
+                raise ValueError("text input needs a tokenizer, and this model has none; send token ids")
+            if not ids_or_text:
+                raise ValueError("the text is empty: there is nothing to append")
+            first = es.position == 0 and not es.inputs
+            ids = tok.encode(ids_or_text, add_bos=first)
+        else:
+            ids = list(ids_or_text)
+            vocab = self.model.config.vocab_size
+            for i, t in enumerate(ids):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(f"token at index {i} is {t!r}: expected an int in [0, {vocab})")
+            if not ids:
+                raise ValueError("no tokens to append")
+        queued = sum(len(p.ids) - p.offset for p in es.inputs)
+        if queued + len(ids) > self.max_pending_tokens:
+            raise EngineError("limit", f"{queued} tokens of this session's input are still waiting to be consumed; "
+                                       f"at most {self.max_pending_tokens} may wait: wait for 'appended' replies")
+        pending = _PendingInput(ids)
+        es.inputs.append(pending)
+        self._touch(es)
+        self._wake.set()
+        return pending
+
+    async def consumed(self, pending: _PendingInput) -> int:
+        """Wait until `pending` (from `append`) is consumed; the session's
+        position after it. Raises what consuming it raised."""
+        await pending.consumed.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.position
+
+    async def generate(self, es: EngineSession, params: SamplingParams) -> TokenStream:
+        """Start a generation on `es`; its tokens arrive on the returned
+        stream. Pending input is consumed first. Raises EngineError
+        ("generating") if one is already running, ValueError/StoppedError as
+        `Session.generate` (no prompt, ended at a stop, ...)."""
+        self._check_usable(es)
+        if es.generation is not None:
+            raise EngineError("generating", "a generation is already running on this session; cancel it first")
+        if params.max_tokens is None:
+            raise ValueError("the engine needs max_tokens (a bound on the generation)")
+        # Validate against the state the generation will start from: wait for
+        # the scheduler to consume pending input (in chunks, between ticks).
+        for pending in list(es.inputs):
+            await self.consumed(pending)
+        if es.generation is not None:
+            raise EngineError("generating", "a generation is already running on this session; cancel it first")
+        async with self._model_lock:
+            await self._ensure_live(es)
+            generation = await anyio.to_thread.run_sync(es.live.start_generation, params)
+        # The buffer holds a whole generation, so the scheduler never waits on a reader.
+        send, receive = anyio.create_memory_object_stream(params.max_tokens + 1)
+        es.generation = _ActiveGeneration(generation, send)
+        self._touch(es)
+        self._wake.set()
+        return TokenStream(self, es, receive)
+
+    def cancel(self, es: EngineSession) -> bool:
+        """Cancel the running generation of `es`, if any (True if there was
+        one). Its stream then ends with Done("cancelled") at the next tick;
+        a token being computed is still consumed and delivered first."""
+        if es.generation is None or es.generation.cancelled:
+            return False
+        es.generation.cancelled = True
+        self._wake.set()
+        return True
+
+    async def snapshot(self, es: EngineSession) -> int:
+        """Store the state of `es` in the store under its id (between two
+        ticks: a consistent state, also mid-generation). Returns its position."""
+        self._check_usable(es)
+        async with self._model_lock:
+            if es.live is not None:
+                blob = await anyio.to_thread.run_sync(es.live.snapshot)
+                await anyio.to_thread.run_sync(self.store.put, es.id, blob)
+            return es.position  # a suspended session is already in the store
+
+    async def close(self, es: EngineSession) -> None:
+        """End `es` for good: cancel its generation, free its slot, fail its
+        pending input, delete its stored snapshot."""
+        if es.closed:
+            return
+        es.closed = True
+        async with self._model_lock:  # not while a tick's worker thread uses the session
+            self._finish(es, "cancelled")
+            self._fail_inputs(es, EngineError("closed", "the session was closed"))
+            if es.live is not None:
+                es.live.close()
+                es.live = None
+            try:
+                await anyio.to_thread.run_sync(self.store.delete, es.id)
+            except SnapshotNotFound:
+                pass
+        self.sessions.pop(es.id, None)
+
+    async def suspend_all(self) -> list[str]:
+        """Shutdown: cancel every generation, snapshot every live session to
+        the store and free its slot. Returns the ids stored. Input appended but
+        not yet consumed is dropped (its `consumed` raises)."""
+        stored = []
+        async with self._model_lock:
+            for es in list(self.sessions.values()):
+                self._finish(es, "cancelled")
+                self._fail_inputs(es, EngineError("closed", "the server is shutting down"))
+                if es.live is not None:
+                    try:
+                        await self._suspend(es)
+                    except Exception:  # noqa: BLE001 - one failed write must not lose the others
+                        log.exception("could not suspend session %s", es.id)
+                    else:
+                        stored.append(es.id)
+        return stored
+
+    # -- scheduler -------------------------------------------------------------------
+    async def run(self) -> None:
+        """The scheduler loop: ticks while there is work, sleeps otherwise.
+        Runs until cancelled (an in-flight model call finishes first, so
+        session state is never left half-updated)."""
+        while True:
+            if not self._has_work():
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                continue
+            await self._tick()
+
+    def _has_work(self) -> bool:
+        return any(es.inputs or es.generation is not None for es in self.sessions.values())
+
+    async def _tick(self) -> None:
+        """One scheduling round: end cancelled generations, consume one chunk
+        of appended input (round robin), then one decode for all generators."""
+        async with self._model_lock:
+            for es in list(self.sessions.values()):
+                if es.generation is not None and es.generation.cancelled:
+                    self._finish(es, "cancelled")
+            waiting = [es for es in self.sessions.values() if es.inputs]
+            if waiting:
+                es = waiting[self._prefill_turn % len(waiting)]
+                self._prefill_turn += 1
+                await self._prefill_chunk(es)
+            batch = [(es.generation.generation, es.live.slot) for es in self.sessions.values()
+                     if es.generation is not None and not es.inputs and es.live is not None]
+            if batch:
+                tokens = await anyio.to_thread.run_sync(self._decode_batch, batch)
+                by_generation = {id(es.generation.generation): es for es in self.sessions.values()
+                                 if es.generation is not None}
+                for (generation, _), token in zip(batch, tokens):
+                    es = by_generation.get(id(generation))
+                    if es is not None:
+                        self._deliver(es, token)
+        # Let the event loop run sends and new requests between ticks.
+        await anyio.sleep(0)
+
+    def _decode_batch(self, batch: list[tuple[Generation, int]]) -> list[Token]:
+        """Worker thread: sample each row, one decode call for all (generation,
+        slot) pairs, accept each. Touches only what it is given: the event
+        loop may detach a generation meanwhile."""
+        model = self.model
+        with model.lock:
+            picked = [generation.pick() for generation, _ in batch]
+            logits = model.decode([slot for _, slot in batch], picked)
+            # decode's result may be a reused buffer: each session keeps its own row.
+            rows = [logits[i].clone() for i in range(len(batch))]
+        self.decode_calls += 1
+        self.decoded_tokens += len(batch)
+        return [generation.accept(t, row) for (generation, _), t, row in zip(batch, picked, rows)]
+
+    async def _prefill_chunk(self, es: EngineSession) -> None:
+        pending = es.inputs[0]
+        try:
+            await self._ensure_live(es)
+            chunk = pending.ids[pending.offset:pending.offset + self.prefill_chunk]
+            await anyio.to_thread.run_sync(es.live.feed, chunk)
+            self.prefill_calls += 1
+        except Exception as e:  # noqa: BLE001 - delivered to whoever awaits this input
+            es.inputs.popleft()
+            pending.error = e
+            pending.consumed.set()
+            return
+        pending.offset += len(chunk)
+        if pending.offset >= len(pending.ids):
+            es.inputs.popleft()
+            pending.position = es.position
+            pending.consumed.set()
+
+    def _deliver(self, es: EngineSession, token: Token) -> None:
+        active = es.generation
+        try:
+            active.sink.send_nowait(token)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            active.cancelled = True  # nobody is listening any more
+        if token.finish_reason is not None:
+            self._finish(es, token.finish_reason)
+        elif active.cancelled:
+            self._finish(es, "cancelled")
+
+    def _finish(self, es: EngineSession, reason: str) -> None:
+        """End the generation of `es` (if any) with `reason`."""
+        active, es.generation = es.generation, None
+        if active is None:
+            return
+        # Text held back as a possible stop-string start is plain output after all.
+        held = active.generation.flush() if reason == "cancelled" else ""
+        _send_quietly(active.sink, Done(reason, es.position, held))
+        active.sink.close()
+        self._touch(es)
+
+    def _fail_inputs(self, es: EngineSession, error: BaseException) -> None:
+        while es.inputs:
+            pending = es.inputs.popleft()
+            pending.error = error
+            pending.consumed.set()
+
+    # -- slots -----------------------------------------------------------------------
+    async def _ensure_live(self, es: EngineSession) -> None:
+        """Give `es` a slot, restoring it from the store (caller holds _model_lock)."""
+        if es.live is not None:
+            return
+        await self._make_room()
+        blob = await anyio.to_thread.run_sync(self.store.get, es.id)
+        es.live = await anyio.to_thread.run_sync(self.model.restore, blob)
+        self.resumptions += 1
+
+    async def _make_room(self) -> None:
+        """Free a slot if max_active are taken: suspend the least recently
+        used idle session (caller holds _model_lock)."""
+        live = [es for es in self.sessions.values() if es.live is not None]
+        if len(live) < self.max_active:
+            return
+        idle = [es for es in live if es.idle]
+        if not idle:
+            raise EngineError("capacity", f"all {self.max_active} slots are busy generating or consuming input; "
+                                          "retry later")
+        await self._suspend(min(idle, key=lambda es: es.last_used))
+
+    async def _suspend(self, es: EngineSession) -> None:
+        blob = await anyio.to_thread.run_sync(es.live.snapshot)
+        await anyio.to_thread.run_sync(self.store.put, es.id, blob)
+        es._position = es.live.position
+        es.live.close()
+        es.live = None
+        self.suspensions += 1
+
+    def _touch(self, es: EngineSession) -> None:
+        es.last_used = next(self._clock)
+
+    def _check_usable(self, es: EngineSession) -> None:
+        if es.closed:
+            raise EngineError("closed", f"session {es.id!r} is closed")
+
+
+def _send_quietly(sink: MemoryObjectSendStream, item: object) -> None:
+    try:
+        sink.send_nowait(item)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
+        pass
+
+
+def _snapshot_position(model: Model, blob: bytes) -> int:
+    """The position recorded in a snapshot (validating it against `model`)."""
+    from . import snapshot as snapshot_format
+
+    return snapshot_format.decode(blob, model.config, model.fingerprint).position

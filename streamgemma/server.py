@@ -1,0 +1,313 @@
+"""The websocket adapter: `Server` puts an `Engine` behind the protocol of
+docs/protocol.md (websockets on asyncio, driven through anyio).
+
+Access model: with a token, every connection must present
+`Authorization: Bearer <token>` or is refused with HTTP 401 before the
+websocket opens. A session id (secrets.token_urlsafe, 128 bits) is a
+capability: whoever knows it (and the token) may resume the session, from any
+connection, but only one connection holds a session at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import logging
+from http import HTTPStatus
+from typing import Any, Iterator
+
+import anyio
+import anyio.from_thread
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+from .engine import Engine, EngineError, EngineSession
+from .errors import SnapshotError, StoppedError
+from .protocol import (PATH, Append, Cancel, Close, Generate, Open, ProtocolError, Request, Snapshot, event,
+                       parse_request)
+
+log = logging.getLogger("streamgemma.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-server limits (defaults in parentheses).
+
+    max_message_bytes: largest frame a client may send (1 MiB); a larger one
+    closes the connection with code 1009. sessions_per_connection: sessions one
+    connection may hold (16). max_tokens: largest max_tokens of a generation
+    (4096); default_max_tokens: when a generate omits it (256).
+    send_queue: events queued for one connection (4096 frames); a client
+    that reads so slowly that it fills up is disconnected (code 1008) so it
+    never slows other sessions. ping_interval / ping_timeout: websocket
+    keepalive (20 s / 20 s). idle_timeout: a connection that sends nothing for
+    this long while none of its sessions generates is closed (300 s).
+    """
+
+    max_message_bytes: int = 1 << 20
+    sessions_per_connection: int = 16
+    max_tokens: int = 4096
+    default_max_tokens: int = 256
+    send_queue: int = 4096
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    idle_timeout: float = 300.0
+
+
+class Server:
+    """Serves `engine` at ws://host:port/v1/stream.
+
+    token: the bearer token every connection must present (None: no auth).
+    `await server.serve()` runs the engine's scheduler and the websocket
+    server until `stop()` (or cancellation); on the way out it closes every
+    connection and suspends every live session to the engine's store, so a
+    new server on the same store resumes them exactly.
+    """
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+                 limits: Limits = Limits()):
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.token = token or None
+        self.limits = limits
+        self._stop = anyio.Event()
+
+    @property
+    def url(self) -> str:
+        """The websocket URL clients connect to (the bound port once serving)."""
+        return f"ws://{self.host}:{self.port}{PATH}"
+
+    def stop(self) -> None:
+        """Ask `serve` to shut down (call from the server's event loop)."""
+        self._stop.set()
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until `stop()`. Reports the bound port through task_status
+        (port 0 picks a free one)."""
+        limits = self.limits
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.engine.run)
+                async with serve(self._handle, self.host, self.port, process_request=self._check_request,
+                                 max_size=limits.max_message_bytes, ping_interval=limits.ping_interval,
+                                 ping_timeout=limits.ping_timeout, close_timeout=5) as ws_server:
+                    self.port = ws_server.sockets[0].getsockname()[1]
+                    log.info("listening on %s", self.url)
+                    task_status.started(self.port)
+                    await self._stop.wait()
+                # Leaving `serve` closed every connection (their generations are cancelled).
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                stored = await self.engine.suspend_all()
+                log.info("suspended %d sessions to %r", len(stored), self.engine.store)
+
+    def _check_request(self, connection: ServerConnection, request: websockets.http11.Request):
+        """Before the handshake: the path and the bearer token."""
+        if request.path.split("?", 1)[0] != PATH:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: the websocket endpoint is {PATH}\n")
+        if self.token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                reason = "wrong bearer token" if given else "missing Authorization: Bearer <token> header"
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, f"unauthorized: {reason}\n")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        await _Connection(self, ws).run()
+
+
+class _Connection:
+    """One client connection: reads requests, writes events through a bounded
+    queue, and holds the sessions it opened until they are closed or it ends."""
+
+    def __init__(self, server: Server, ws: ServerConnection):
+        self.server = server
+        self.engine = server.engine
+        self.limits = server.limits
+        self.ws = ws
+        self.sessions: dict[str, EngineSession] = {}
+        self._starting: dict[str, bool] = {}  # session id -> cancel requested, while a generate is starting
+        self._outbox, self._outbox_reader = anyio.create_memory_object_stream[str](server.limits.send_queue)
+        self._overflowed = False
+        self._tasks: anyio.abc.TaskGroup | None = None
+
+    async def run(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tasks = tg
+                tg.start_soon(self._write)
+                await self._read()
+                tg.cancel_scope.cancel()
+        finally:
+            # Sessions outlive the connection (resumable by id); their generations do not.
+            for es in self.sessions.values():
+                self.engine.cancel(es)
+                es.owner = None
+            self._outbox.close()
+            if self._overflowed:
+                with anyio.move_on_after(5, shield=True):
+                    await self.ws.close(1008, "send queue full: the client reads too slowly")
+
+    def send(self, frame: str) -> None:
+        """Queue an event; never waits (a full queue disconnects the client)."""
+        try:
+            self._outbox.send_nowait(frame)
+        except anyio.WouldBlock:
+            self._overflowed = True
+            self._tasks.cancel_scope.cancel()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    async def _write(self) -> None:
+        try:
+            async for frame in self._outbox_reader:
+                await self.ws.send(frame)
+        except websockets.ConnectionClosed:
+            self._tasks.cancel_scope.cancel()
+
+    async def _read(self) -> None:
+        while True:
+            with anyio.move_on_after(self.limits.idle_timeout) as idle:
+                try:
+                    frame = await self.ws.recv()
+                except websockets.ConnectionClosed:
+                    return
+            if idle.cancelled_caught:
+                if any(es.generation is not None for es in self.sessions.values()) or self._starting:
+                    continue
+                await self.ws.close(1000, "idle timeout")
+                return
+            try:
+                request = parse_request(frame, self.limits.max_tokens, self.limits.default_max_tokens)
+                await self._dispatch(request)
+            except ProtocolError as e:
+                self._error(e.code, str(e), e.request_id, e.session)
+
+    def _error(self, code: str, message: str, request_id: Any = None, session: str | None = None) -> None:
+        fields = {"code": code, "message": message}
+        if session is not None:
+            fields["session"] = session
+        self.send(event("error", request_id, **fields))
+
+    def _session_of(self, request: Request) -> EngineSession:
+        if request.session is None:
+            if len(self.sessions) == 1:
+                return next(iter(self.sessions.values()))
+            raise ProtocolError("bad_message", "name the session (\"session\": ID): this connection holds "
+                                               f"{len(self.sessions)} sessions", request.id)
+        es = self.sessions.get(request.session)
+        if es is None or es.closed:
+            raise ProtocolError("unknown_session", f"this connection has no session {request.session!r}; "
+                                                   "open it first", request.id, request.session)
+        return es
+
+    async def _dispatch(self, request: Request) -> None:
+        rid = request.id
+        try:
+            if isinstance(request, Open):
+                await self._open(request)
+                return
+            es = self._session_of(request)
+            if isinstance(request, Append):
+                pending = self.engine.append(es, request.text if request.text is not None else request.tokens)
+                self._tasks.start_soon(self._acknowledge_append, es, pending, rid)
+            elif isinstance(request, Generate):
+                if es.id in self._starting or es.generation is not None:
+                    raise EngineError("generating", "a generation is already running on this session; "
+                                                    "cancel it first")
+                self._starting[es.id] = False
+                self._tasks.start_soon(self._generate, es, request)
+            elif isinstance(request, Cancel):
+                if es.id in self._starting:
+                    self._starting[es.id] = True
+                elif not self.engine.cancel(es):
+                    raise EngineError("not_generating", "no generation is running on this session")
+            elif isinstance(request, Snapshot):
+                position = await self.engine.snapshot(es)
+                self.send(event("snapshot", rid, session=es.id, position=position))
+            elif isinstance(request, Close):
+                self.engine.cancel(es)
+                await self.engine.close(es)
+                self.sessions.pop(es.id, None)
+                self.send(event("closed", rid, session=es.id))
+        except EngineError as e:
+            self._error(e.code, str(e), rid, request.session)
+        except (ValueError, TypeError, StoppedError) as e:
+            code = "snapshot_error" if isinstance(e, SnapshotError) else "invalid"
+            self._error(code, str(e), rid, request.session)
+        except ProtocolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one failed request must not end the connection
+            log.exception("request %r failed", request)
+            self._error("internal", f"the server failed on this request: {type(e).__name__}: {e}", rid,
+                        request.session)
+
+    async def _open(self, request: Open) -> None:
+        if len(self.sessions) >= self.limits.sessions_per_connection:
+            raise ProtocolError("limit", f"this connection already holds {len(self.sessions)} sessions "
+                                         f"(the limit); close one first", request.id)
+        if request.session is None:
+            es = await self.engine.open(seed=request.seed)
+        else:
+            es = await self.engine.resume(request.session)
+            if es.owner is not None and es.owner is not self:
+                raise EngineError("session_busy", "another connection holds this session")
+        es.owner = self
+        self.sessions[es.id] = es
+        self.send(event("opened", request.id, session=es.id, position=es.position))
+
+    async def _acknowledge_append(self, es: EngineSession, pending, request_id: Any) -> None:
+        try:
+            position = await self.engine.consumed(pending)
+        except EngineError as e:
+            self._error(e.code, str(e), request_id, es.id)
+        except (ValueError, TypeError) as e:
+            self._error("invalid", str(e), request_id, es.id)
+        else:
+            self.send(event("appended", request_id, session=es.id, position=position))
+
+    async def _generate(self, es: EngineSession, request: Generate) -> None:
+        try:
+            stream = await self.engine.generate(es, request.params)
+        except EngineError as e:
+            self._error(e.code, str(e), request.id, es.id)
+            return
+        except (ValueError, TypeError, StoppedError) as e:
+            self._error("invalid", str(e), request.id, es.id)
+            return
+        finally:
+            cancel_requested = self._starting.pop(es.id, False)
+        if cancel_requested:
+            self.engine.cancel(es)
+        async with contextlib.aclosing(stream):
+            async for token in stream:
+                # A token's "id" is the token id; the request id comes back on "done".
+                fields = {"session": es.id, "id": token.id, "text": token.text}
+                if token.finish_reason is not None:
+                    fields["finish_reason"] = token.finish_reason
+                self.send(event("token", None, **fields))
+        done = stream.done
+        if done is not None:
+            fields = {"session": es.id, "reason": done.reason, "position": done.position}
+            if done.text:
+                fields["text"] = done.text
+            self.send(event("done", request.id, **fields))
+
+
+@contextlib.contextmanager
+def serve_in_thread(server: Server) -> Iterator[str]:
+    """Run `server` on an event loop in a background thread; yields its URL.
+    Leaving the block stops it (sessions are suspended to the store, as on
+    SIGTERM). For tests, examples and notebooks."""
+    with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal:
+        future, _port = portal.start_task(server.serve)
+        try:
+            yield server.url
+        finally:
+            portal.call(server.stop)
+            future.result(timeout=60)

@@ -1,0 +1,541 @@
+"""The engine and the websocket server: a real server on 127.0.0.1, real
+websockets clients, a tiny model with a trained tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+import streamgemma as sg
+from streamgemma.engine import Engine
+from streamgemma.sampling import SamplingParams
+from streamgemma.server import Limits, Server, serve_in_thread
+from textfixtures import saved_model_dir, text_model  # noqa: F401 (fixture)
+
+PROMPT = "the quick brown fox jumps over the lazy dog"
+NO_STOP = []  # stop_token_ids=[]: generations run to max_tokens, so lengths are known
+
+
+def reference_ids(model: sg.Model, prompt: str, *lengths: int, seed: int, feed_between=None) -> list[list[int]]:
+    """Token ids of consecutive generations on a plain Session (the first reseeded)."""
+    session = model.session()
+    session.feed(prompt)
+    out = []
+    for k, n in enumerate(lengths):
+        if k and feed_between is not None:
+            session.feed(feed_between)
+        out.append([t.id for t in session.generate(max_tokens=n, seed=seed if k == 0 else None,
+                                                    stop_token_ids=NO_STOP)])
+    session.close()
+    return out
+
+
+@pytest.fixture
+def server():
+    srv = Server(Engine(text_model(), max_active=32), port=0)
+    with serve_in_thread(srv):
+        yield srv
+
+
+def run(main, *args):
+    return anyio.run(main, *args, backend="asyncio")
+
+
+# -- engine ------------------------------------------------------------------------------
+def test_engine_batches_sessions_and_suspends_least_recently_used():
+    model, reference = text_model(), text_model()
+    expected = {i: reference_ids(reference, PROMPT + f" {i}", 10, seed=i)[0] for i in range(6)}
+
+    async def main():
+        engine = Engine(model, max_active=3)
+        got = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            sessions = [await engine.open() for _ in range(6)]  # more than max_active: some are suspended
+            assert engine.active == 3 and engine.suspensions == 3
+            for i, es in enumerate(sessions):
+                await engine.consumed(engine.append(es, PROMPT + f" {i}"))
+
+            async def generate(i, es):
+                stream = await engine.generate(es, SamplingParams(max_tokens=10, seed=i, stop_token_ids=()))
+                got[i] = [t.id async for t in stream]
+                assert stream.done.reason == "length"
+
+            async with anyio.create_task_group() as gens:
+                for i, es in enumerate(sessions[:3]):
+                    gens.start_soon(generate, i, es)
+            async with anyio.create_task_group() as gens:
+                for i, es in enumerate(sessions[3:], start=3):
+                    gens.start_soon(generate, i, es)
+            tg.cancel_scope.cancel()
+        return engine, got
+
+    engine, got = run(main)
+    assert got == expected  # suspension and resumption do not change a single token
+    assert engine.resumptions > 0
+    # 60 tokens in two waves of 3 sessions: about 20 decode calls, not 60.
+    assert engine.decoded_tokens == 60 and engine.decode_calls <= 24
+
+
+def test_long_append_is_interleaved_with_other_sessions_decoding():
+    model = text_model()
+    long_input = model.tokenizer.encode(" ".join([PROMPT] * 60))  # many prefill chunks
+
+    async def main():
+        engine = Engine(model, max_active=4, prefill_chunk=32)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            talker, listener = await engine.open(), await engine.open()
+            await engine.consumed(engine.append(talker, PROMPT))
+            stream = await engine.generate(talker, SamplingParams(max_tokens=4000, stop_token_ids=()))
+            await stream.__anext__()
+            chunks_before = engine.prefill_calls
+            pending = engine.append(listener, long_input)
+            tokens_during = 0
+            while not pending.consumed.is_set():
+                await stream.__anext__()
+                tokens_during += 1
+            chunks = engine.prefill_calls - chunks_before
+            await stream.aclose()
+            position = await engine.consumed(pending)
+            tg.cancel_scope.cancel()
+        return chunks, tokens_during, position
+
+    chunks, tokens_during, position = run(main)
+    assert position == len(long_input)
+    assert chunks == -(-len(long_input) // 32)
+    # One decode tick between consecutive chunks: the talker kept streaming all along.
+    assert tokens_during >= chunks - 1
+
+
+def test_capacity_error_when_every_slot_is_busy():
+    async def main():
+        engine = Engine(text_model(), max_active=1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            busy = await engine.open()
+            await engine.consumed(engine.append(busy, PROMPT))
+            stream = await engine.generate(busy, SamplingParams(max_tokens=4000, stop_token_ids=()))
+            with pytest.raises(sg.EngineError) as refused:
+                await engine.open()
+            assert refused.value.code == "capacity"
+            await stream.aclose()  # cancels; once it has ended the slot can be lent again
+            with anyio.fail_after(10):
+                while busy.generation is not None:
+                    await anyio.sleep(0.01)
+            second = await engine.open()
+            assert busy.live is None and second.live is not None  # busy was suspended to make room
+            tg.cancel_scope.cancel()
+
+    run(main)
+
+
+# -- the websocket server ------------------------------------------------------------------
+def test_tokens_stream_and_match_a_plain_session(server):
+    expected = reference_ids(text_model(), PROMPT, 12, 5, seed=3)
+
+    async def main():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"type": "open", "id": "o"}))
+            opened = json.loads(await ws.recv())
+            assert opened["type"] == "opened" and opened["id"] == "o" and opened["position"] == 0
+            await ws.send(json.dumps({"type": "append", "text": PROMPT, "id": 1}))
+            appended = json.loads(await ws.recv())
+            assert appended["type"] == "appended" and appended["id"] == 1 and appended["position"] > 0
+            await ws.send(json.dumps({"type": "generate", "id": 2, "max_tokens": 12, "seed": 3,
+                                      "stop_token_ids": []}))
+            events = []
+            while not events or events[-1]["type"] != "done":
+                events.append(json.loads(await ws.recv()))  # one frame per token: streamed
+            done = events.pop()
+            assert done == {"type": "done", "id": 2, "session": opened["session"], "reason": "length",
+                            "position": appended["position"] + 12}
+            assert [e["type"] for e in events] == ["token"] * 12
+            assert events[-1]["finish_reason"] == "length"
+            first = [e["id"] for e in events]
+            # Without a seed the sampler continues where it was.
+            await ws.send(json.dumps({"type": "generate", "max_tokens": 5, "stop_token_ids": []}))
+            second = []
+            while True:
+                e = json.loads(await ws.recv())
+                if e["type"] == "done":
+                    break
+                second.append(e["id"])
+            text = "".join(e["text"] for e in events)
+            return first, second, text
+
+    first, second, text = run(main)
+    assert [first, second] == expected
+    assert text == text_model().tokenizer.decode(first)
+
+
+def test_twenty_concurrent_sessions_share_decode_calls(server):
+    reference = text_model()
+    expected = {i: reference_ids(reference, PROMPT + f" {i}", 16, seed=i)[0] for i in range(20)}
+    engine = server.engine
+    calls0, tokens0 = engine.decode_calls, engine.decoded_tokens
+
+    async def one(i, got):
+        async with sg.Client(server.url) as client:
+            session = await client.open()
+            await session.append(PROMPT + f" {i}")
+            got[i] = [t.id async for t in session.generate(max_tokens=16, seed=i, stop_token_ids=NO_STOP)]
+            assert session.last_done["reason"] == "length"
+
+    async def main():
+        got = {}
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(one, i, got)
+        return got
+
+    got = run(main)
+    assert got == expected
+    calls, tokens = engine.decode_calls - calls0, engine.decoded_tokens - tokens0
+    assert tokens == 20 * 16
+    # Batched: each decode call advanced several sessions (one call per token would be 320).
+    assert calls <= tokens / 4, (calls, tokens)
+
+
+def test_append_during_generation_is_consumed_before_the_next_token(server):
+    model = text_model()
+    extra = model.tokenizer.encode(" hello world")
+    prompt_len = len(model.tokenizer.encode(PROMPT, add_bos=True))
+    total = 40
+
+    async def main():
+        async with sg.Client(server.url) as client:
+            session = await client.open()
+            await session.append(PROMPT)
+            ids = []
+            async for tok in session.generate(max_tokens=total, seed=9, stop_token_ids=NO_STOP):
+                ids.append(tok.id)
+                if len(ids) == 3:
+                    await session.send_append(extra)
+            return ids, session.position
+
+    ids, position = run(main)
+    assert len(ids) == total and position == prompt_len + total + len(extra)
+    # Which token the input landed after depends on timing (at the earliest after the 3rd,
+    # whose arrival triggered the append); find it by replaying the cuts in order.
+    cut = next((k for k in range(3, total)
+                if ids == sum(reference_ids(model, PROMPT, k, total - k, seed=9, feed_between=extra), [])), None)
+    assert cut is not None
+    # And it is not the stream of a generation that ignored the input.
+    assert ids != reference_ids(model, PROMPT, total, seed=9)[0]
+
+
+def test_cancel_stops_the_generation_and_keeps_the_session_usable(server):
+    async def main():
+        async with sg.Client(server.url) as client:
+            session = await client.open()
+            start = await session.append(PROMPT)
+            got = []
+            async for tok in session.generate(max_tokens=4000, seed=1, stop_token_ids=NO_STOP):
+                got.append(tok)
+                if len(got) == 3:
+                    await session.cancel()
+            done = session.last_done
+            assert done["reason"] == "cancelled"
+            # Every token the session consumed was delivered: the position says so.
+            assert done["position"] == start + len(got) and len(got) < 50
+            es = server.engine.sessions[session.id]
+            assert es.generation is None
+            more = [t async for t in session.generate(max_tokens=4, stop_token_ids=NO_STOP)]
+            assert len(more) == 4 and session.position == done["position"] + 4
+            # Leaving the loop early cancels too.
+            async for _ in session.generate(max_tokens=4000, stop_token_ids=NO_STOP):
+                break
+            with anyio.fail_after(10):
+                while es.generation is not None:
+                    await anyio.sleep(0.01)
+            await session.close()
+            assert session.id not in server.engine.sessions
+
+    run(main)
+
+
+def test_bad_messages_get_errors_and_the_connection_survives(server):
+    async def main():
+        async with connect(server.url) as ws:
+            async def ask(frame):
+                await ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+                return json.loads(await ws.recv())
+
+            e = await ask("{not json")
+            assert (e["type"], e["code"]) == ("error", "bad_json")
+            e = await ask({"type": "teleport", "id": 7})
+            assert (e["type"], e["code"], e["id"]) == ("error", "unknown_type", 7)
+            e = await ask([1, 2])
+            assert e["code"] == "bad_message"
+            e = await ask({"type": "append", "text": "x"})  # no session open
+            assert e["code"] == "bad_message"
+            e = await ask({"type": "open", "session": "no-such-session"})
+            assert e["code"] == "unknown_session"
+            opened = await ask({"type": "open"})
+            sid = opened["session"]
+            e = await ask({"type": "generate", "max_tokens": 5})  # no prompt yet
+            assert e["code"] == "invalid" and "prompt" in e["message"]
+            e = await ask({"type": "generate", "max_tokens": 10**9})
+            assert e["code"] == "limit"
+            e = await ask({"type": "generate", "temperature": -1})
+            assert e["code"] == "bad_message" and "temperature" in e["message"]
+            e = await ask({"type": "append", "tokens": [1, 10**9]})
+            assert e["code"] == "invalid"
+            e = await ask({"type": "append", "text": "hi", "colour": "red"})
+            assert e["code"] == "bad_message" and "colour" in e["message"]
+            e = await ask({"type": "cancel"})
+            assert e["code"] == "not_generating"
+            # Still alive and serving:
+            e = await ask({"type": "append", "text": PROMPT, "session": sid})
+            assert e["type"] == "appended"
+            snap = await ask({"type": "snapshot", "id": "s"})
+            assert snap == {"type": "snapshot", "id": "s", "session": sid, "position": e["position"]}
+            assert sid in server.engine.store.list()
+            assert (await ask({"type": "close"}))["type"] == "closed"
+            # An oversized frame closes the connection with 1009 (message too big).
+            await ws.send("x" * (server.limits.max_message_bytes + 1))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd.code == 1009
+
+    run(main)
+
+
+def test_token_is_required_when_set():
+    srv = Server(Engine(text_model(), max_active=2), port=0, token="s3cret")
+
+    async def main(url):
+        for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with connect(url, additional_headers=headers):
+                    pass
+            assert refused.value.response.status_code == 401
+        with pytest.raises(websockets.InvalidStatus) as missing:
+            async with connect(url.replace("/v1/stream", "/elsewhere")):
+                pass
+        assert missing.value.response.status_code == 404
+        async with sg.Client(url, token="s3cret") as client:
+            session = await client.open()
+            assert len(session.id) >= 22  # 128 random bits, url-safe
+
+    with serve_in_thread(srv) as url:
+        run(main, url)
+
+
+def test_unconsumed_input_is_bounded():
+    srv = Server(Engine(text_model(), max_active=2, max_pending_tokens=40), port=0)
+
+    async def main(url):
+        async with sg.Client(url) as client:
+            session = await client.open()
+            with pytest.raises(sg.ServerError) as refused:
+                await session.append(list(range(10, 51)))  # 41 tokens
+            assert refused.value.code == "limit"
+            assert await session.append(list(range(10, 50))) == 40  # 40 fit
+
+    with serve_in_thread(srv) as url:
+        run(main, url)
+
+
+def test_sessions_per_connection_limit():
+    srv = Server(Engine(text_model(), max_active=4), port=0, limits=Limits(sessions_per_connection=2))
+
+    async def main(url):
+        async with sg.Client(url) as client:
+            await client.open()
+            await client.open()
+            with pytest.raises(sg.ServerError) as e:
+                await client.open()
+            assert e.value.code == "limit"
+
+    with serve_in_thread(srv) as url:
+        run(main, url)
+
+
+def test_disconnect_mid_generation_then_resume_elsewhere(server):
+    async def main():
+        async with sg.Client(server.url) as client:
+            session = await client.open()
+            start = await session.append(PROMPT)
+            received = 0
+            async for _ in session.generate(max_tokens=4000, seed=4, stop_token_ids=NO_STOP):
+                received += 1
+                if received == 2:
+                    break
+            sid = session.id
+        # The connection is gone: its generation stops, the session stays resumable.
+        es = server.engine.sessions[sid]
+        with anyio.fail_after(10):
+            while es.generation is not None or es.owner is not None:
+                await anyio.sleep(0.01)
+        async with sg.Client(server.url) as client:
+            resumed = await client.open(sid)
+            assert resumed.position == es.position >= start + received
+            more = [t.id async for t in resumed.generate(max_tokens=5, stop_token_ids=NO_STOP)]
+            assert len(more) == 5 and resumed.position == es.position
+            # Exactly what a session that generated as many tokens without interruption does next.
+            generated = resumed.position - 5 - start
+            assert more == reference_ids(text_model(), PROMPT, generated, 5, seed=4)[1]
+            # One connection at a time holds a session.
+            async with sg.Client(server.url) as other:
+                with pytest.raises(sg.ServerError) as busy:
+                    await other.open(sid)
+                assert busy.value.code == "session_busy"
+
+    run(main)
+
+
+def _start_cli_server(model_dir: Path, store: Path) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "STREAMGEMMA_TOKEN": "tok"}
+    proc = subprocess.Popen([sys.executable, "-m", "streamgemma.cli", "serve", "--model", str(model_dir),
+                             "--port", "0", "--store", str(store), "--device", "cpu"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        match = re.search(r"listening on (ws://\S+)", line)
+        if match:
+            return proc, match.group(1)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"the server did not start: {proc.stderr.read()}")
+
+
+def _stop_cli_server(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err
+    return err
+
+
+def test_sigterm_snapshots_sessions_and_a_restarted_server_continues_exactly(saved_model_dir, tmp_path):  # noqa: F811
+    store = tmp_path / "store"
+    expected = reference_ids(sg.load(saved_model_dir, device="cpu"), PROMPT, 6, 6, seed=5)
+
+    async def first_half(url):
+        async with sg.Client(url, token="tok") as client:
+            session = await client.open()
+            await session.append(PROMPT)
+            ids = [t.id async for t in session.generate(max_tokens=6, seed=5, stop_token_ids=NO_STOP)]
+            return session.id, session.position, ids
+
+    async def second_half(url, sid):
+        async with sg.Client(url, token="tok") as client:
+            session = await client.open(sid)
+            position = session.position
+            ids = [t.id async for t in session.generate(max_tokens=6, stop_token_ids=NO_STOP)]
+            return position, ids
+
+    proc, url = _start_cli_server(saved_model_dir, store)
+    try:
+        sid, position, first = run(first_half, url)
+    finally:
+        log = _stop_cli_server(proc)
+    assert "suspended 1 sessions" in log
+    assert (store / f"{sid}.sgsnap").is_file()
+
+    proc, url = _start_cli_server(saved_model_dir, store)
+    try:
+        resumed_at, second = run(second_half, url, sid)
+    finally:
+        _stop_cli_server(proc)
+    assert resumed_at == position
+    assert [first, second] == expected
+
+
+def test_transcript_agent_example_runs(capsys):
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).parent.parent / "examples" / "transcript_agent.py"))
+    for model in ("demo", "tiny"):
+        assert example["main"](["--every", "7", "--max-tokens", "6", "--model", model]) == 0
+        out = capsys.readouterr().out
+        assert out.count("[summary after") == 2  # after lines 7 and 14
+        assert "> Ada: Thanks. Let's wrap up; same time next week." in out
+        assert "[stored at position" in out
+
+
+def test_idle_connection_is_closed_and_its_session_stays_resumable():
+    srv = Server(Engine(text_model(), max_active=2), port=0, limits=Limits(idle_timeout=0.3))
+
+    async def main(url):
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "open"}))
+            sid = json.loads(await ws.recv())["session"]
+            with anyio.fail_after(10):
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.recv()
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1000, "idle timeout")
+        async with sg.Client(url) as client:
+            assert (await client.open(sid)).id == sid
+
+    with serve_in_thread(srv) as url:
+        run(main, url)
+
+
+class _StalledSocket:
+    """A websocket whose peer never reads: send() blocks for ever."""
+
+    def __init__(self):
+        self.close_code = None
+        self.sent = 0
+        self.frames: list[str] = []
+
+    async def send(self, frame):
+        self.sent += 1
+        await anyio.sleep_forever()
+
+    async def recv(self):
+        if self.frames:
+            return self.frames.pop(0)
+        await anyio.sleep_forever()
+
+    async def close(self, code=1000, reason=""):
+        self.close_code = (code, reason)
+
+
+def test_a_reader_that_stalls_is_disconnected_without_slowing_other_sessions():
+    from streamgemma.server import _Connection
+
+    async def main():
+        engine = Engine(text_model(), max_active=4)
+        server = Server(engine, port=0, limits=Limits(send_queue=8))
+        stalled = _StalledSocket()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            opened = await engine.open()
+            await engine.consumed(engine.append(opened, PROMPT))
+            # The stalled client opens a session and asks for a long generation.
+            stalled.frames = [json.dumps({"type": "open", "session": opened.id}),
+                              json.dumps({"type": "generate", "max_tokens": 4000, "stop_token_ids": []})]
+            with anyio.fail_after(20):
+                await _Connection(server, stalled).run()  # returns once it disconnected the client
+            assert stalled.close_code[0] == 1008 and "slowly" in stalled.close_code[1]
+            assert opened.generation is None or opened.generation.cancelled
+            # Meanwhile and afterwards, another session generates at full speed.
+            other = await engine.open()
+            await engine.consumed(engine.append(other, PROMPT))
+            stream = await engine.generate(other, SamplingParams(max_tokens=20, stop_token_ids=()))
+            with anyio.fail_after(10):
+                assert len([t async for t in stream]) == 20
+            assert opened.generation is None  # the abandoned generation was ended, not left running
+            tg.cancel_scope.cancel()
+
+    run(main)

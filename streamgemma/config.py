@@ -76,10 +76,6 @@ class GriffinConfig:
     def attention_layers(self) -> tuple[int, ...]:
         return tuple(i for i, b in enumerate(self.block_types) if b == ATTENTION)
 
-    @property
-    def recurrent_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, b in enumerate(self.block_types) if b == RECURRENT)
-
     def num_parameters(self) -> int:
         """Parameter count (the LM head is tied to the embedding, counted once)."""
         d, e, l, h = self.width, self.mlp_width, self.lru_width, self.num_heads

@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import logging
 import secrets
-from typing import AsyncIterator, Sequence
+from typing import Sequence
 
 import anyio
 import anyio.to_thread
@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .errors import SnapshotNotFound, StreamgemmaError
 from .model import Model
 from .sampling import SamplingParams
-from .session import Generation, Session, Token
+from .session import Generation, Session, Token, check_token_ids
 from .snapshot_store import SnapshotStore, validate_session_id
 
 log = logging.getLogger("streamgemma.engine")
@@ -256,11 +256,7 @@ class Engine:
             first = es.position == 0 and not es.inputs
             ids = tok.encode(ids_or_text, add_bos=first)
         else:
-            ids = list(ids_or_text)
-            vocab = self.model.config.vocab_size
-            for i, t in enumerate(ids):
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise ValueError(f"token at index {i} is {t!r}: expected an int in [0, {vocab})")
+            ids = check_token_ids(ids_or_text, self.model.config.vocab_size)
             if not ids:
                 raise ValueError("no tokens to append")
         queued = sum(len(p.ids) - p.offset for p in es.inputs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -20,6 +20,9 @@ from .state import StatePool
 from .tokenizer import Tokenizer
 from . import snapshot as snapshot_format
 from . import weights
+
+if TYPE_CHECKING:
+    from .session import Session
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per parallel chunk: bounds activation memory for any input length
 
@@ -185,12 +188,10 @@ class Model:
         an error mid-way leaves it consistent at the last finished chunk."""
         chunk = chunk_size or self.prefill_chunk
         dev = self.device
-        slot_t = torch.tensor([slot], dtype=torch.long, device=dev)
         outputs = []
         for start in range(0, len(tokens), chunk):
             part = list(tokens[start:start + chunk])
             p0 = self.pool.positions[slot]
-            pos = torch.arange(p0, p0 + len(part), dtype=torch.long, device=dev)[None]
             last = start + chunk >= len(tokens)
             mode = "all" if all_logits else ("last" if last else "none")
             part_t = torch.tensor(part, dtype=torch.long, device=dev)
@@ -199,6 +200,8 @@ class Model:
                     self._kernel_prefill = KernelPrefill(self.network, self.pool, self._fused_weights())
                 logits = self._kernel_prefill.chunk(slot, part_t, p0, logits=mode)
             else:
+                slot_t = torch.tensor([slot], dtype=torch.long, device=dev)
+                pos = torch.arange(p0, p0 + len(part), dtype=torch.long, device=dev)[None]
                 states = self.pool.gather(slot_t)
                 logits, states = self.network.forward_chunk(part_t[None], pos, states, logits=mode)
                 self.pool.scatter(slot_t, states)

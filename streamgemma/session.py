@@ -76,6 +76,22 @@ class RecentIds:
         return self._ring.itemsize * len(self._ring)
 
 
+def check_token_ids(ids: Iterable, vocab_size: int) -> list[int]:
+    """`ids` as a list of ints. TypeError names an entry that is not an integer
+    (one-element integer tensors are accepted); ValueError names an id outside
+    [0, vocab_size)."""
+    out = []
+    for i, t in enumerate(ids):
+        if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_floating_point():
+            t = int(t.item())
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"token at index {i} is {t!r} ({type(t).__name__}); expected an int")
+        if not 0 <= int(t) < vocab_size:
+            raise ValueError(f"token id {int(t)} at index {i} is outside the vocabulary [0, {vocab_size})")
+        out.append(int(t))
+    return out
+
+
 class Session:
     """A live conversation. Its state has a fixed size (one slot of the model's
     state pool plus a few kilobytes on the host) whatever the number of tokens
@@ -250,17 +266,7 @@ class Session:
         return self._rng
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        vocab = self.model.config.vocab_size
-        out = []
-        for i, t in enumerate(ids):
-            if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_floating_point():
-                t = int(t.item())
-            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                raise TypeError(f"token at index {i} is {t!r} ({type(t).__name__}); expected an int")
-            if not 0 <= int(t) < vocab:
-                raise ValueError(f"token id {int(t)} at index {i} is outside the vocabulary [0, {vocab})")
-            out.append(int(t))
-        return out
+        return check_token_ids(ids, self.model.config.vocab_size)
 
     def _consumed(self, ids: list[int], logits: torch.Tensor) -> str:
         """Record ids the pool just consumed; returns the text they complete."""

@@ -1,10 +1,25 @@
 """`Engine`: continuous batching of many sessions of one model.
 
-All sessions that are generating advance together: each tick runs one
-`model.decode` call over every such session (one row each), then samples
-each row with that session's own parameters and RNG. Appended input is
-prefilled between ticks in bounded chunks, one session at a time in round
-robin, so a long append never stalls the decoders for more than one chunk.
+A tick, in order:
+1. Generations cancelled since the last tick end (Done("cancelled")).
+2. One chunk (`prefill_chunk` tokens) of appended input is consumed, for
+   one session: the sessions with pending input take turns (round robin),
+   so a long append never stalls the decoders for more than one chunk, and
+   every waiting session progresses.
+3. Every session that is generating and has no pending input advances by
+   one token (fairness: all of them, every tick; input appended to a
+   generating session is consumed before its next token, so it sits out
+   the ticks until then). The tick samples all their rows at once
+   (`sampling.sample_rows`: each row with its session's parameters and
+   RNG, one device-to-host read of the ids for the whole batch), runs ONE
+   `model.decode` over them, copies the logits rows the sessions keep in ONE
+   copy (each session's logits are then a row of that copy), and records
+   each token in its session (detokenizer, stop strings). On CUDA the host
+   does that recording while the GPU still runs the decode: nothing in it
+   waits for the device.
+4. Tokens are delivered to their streams in the event loop.
+A session gets exactly the tokens `Session.generate` would give it with the
+same seed, whatever else is in the batch.
 
 Only `max_active` sessions hold a slot of the model's state pool. When
 another one needs a slot, the least recently used idle session (no
@@ -30,8 +45,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .errors import SnapshotNotFound, StreamgemmaError
 from .model import Model
-from .sampling import SamplingParams
-from .session import Generation, Session, Token, check_token_ids
+import torch
+
+from .sampling import SamplingParams, sample_rows
+from .session import Generation, Session, Token, check_token_ids, sampled_vocab
 from .snapshot_store import SnapshotStore, validate_session_id
 
 log = logging.getLogger("streamgemma.engine")
@@ -192,10 +209,18 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_pending_tokens = max_pending_tokens
         self.sessions: dict[str, EngineSession] = {}
+        # Sessions with a generation, and those with pending input (in turn
+        # order): a tick looks at these, not at every open session.
+        self._generating: dict[str, EngineSession] = {}
+        self._waiting: dict[str, EngineSession] = {}
         self._model_lock = anyio.Lock()
         self._wake = anyio.Event()
         self._clock = itertools.count(1)  # orders uses for least-recently-used suspension
-        self._prefill_turn = 0  # round-robin cursor over sessions with pending input
+        # The last tick's copy of the logits [B, V] and its rows, each the `_logits`
+        # of the session in that row (worker thread only).
+        self._kept: torch.Tensor | None = None
+        self._kept_rows: tuple[torch.Tensor, ...] = ()
+        self._kept_sessions: list[Session] = []
         self.decode_calls = 0
         self.decoded_tokens = 0
         self.prefill_calls = 0
@@ -265,6 +290,7 @@ class Engine:
                                        f"at most {self.max_pending_tokens} may wait: wait for 'appended' replies")
         pending = _PendingInput(ids)
         es.inputs.append(pending)
+        self._waiting.setdefault(es.id, es)
         self._touch(es)
         self._wake.set()
         return pending
@@ -299,6 +325,7 @@ class Engine:
         # The buffer holds a whole generation, so the scheduler never waits on a reader.
         send, receive = anyio.create_memory_object_stream(params.max_tokens + 1)
         es.generation = _ActiveGeneration(generation, send)
+        self._generating[es.id] = es
         self._touch(es)
         self._wake.set()
         return TokenStream(self, es, receive)
@@ -340,6 +367,8 @@ class Engine:
             except SnapshotNotFound:
                 pass
         self.sessions.pop(es.id, None)
+        self._generating.pop(es.id, None)
+        self._waiting.pop(es.id, None)
 
     async def suspend_all(self) -> list[str]:
         """Shutdown: cancel every generation, snapshot every live session to
@@ -372,46 +401,64 @@ class Engine:
             await self._tick()
 
     def _has_work(self) -> bool:
-        return any(es.inputs or es.generation is not None for es in self.sessions.values())
+        return bool(self._generating or self._waiting)
 
     async def _tick(self) -> None:
-        """One scheduling round: end cancelled generations, consume one chunk
-        of appended input (round robin), then one decode for all generators."""
+        """One scheduling round (see the module docstring)."""
         async with self._model_lock:
-            for es in list(self.sessions.values()):
-                if es.generation is not None and es.generation.cancelled:
+            for es in list(self._generating.values()):
+                if es.generation.cancelled:
                     self._finish(es, "cancelled")
-            waiting = [es for es in self.sessions.values() if es.inputs]
-            if waiting:
-                es = waiting[self._prefill_turn % len(waiting)]
-                self._prefill_turn += 1
+            if self._waiting:
+                es = next(iter(self._waiting.values()))
                 await self._prefill_chunk(es)
-            batch = [(es.generation.generation, es.live.slot) for es in self.sessions.values()
-                     if es.generation is not None and not es.inputs and es.live is not None]
+                if es.inputs and self._waiting.pop(es.id, None) is not None:
+                    self._waiting[es.id] = es  # next turn: after the others waiting
+            batch = [(es, es.generation) for es in self._generating.values() if not es.inputs and es.live is not None]
             if batch:
-                tokens = await anyio.to_thread.run_sync(self._decode_batch, batch)
-                by_generation = {id(es.generation.generation): es for es in self.sessions.values()
-                                 if es.generation is not None}
-                for (generation, _), token in zip(batch, tokens):
-                    es = by_generation.get(id(generation))
-                    if es is not None:
+                generations = [active.generation for _, active in batch]
+                slots = [es.live.slot for es, _ in batch]
+                tokens = await anyio.to_thread.run_sync(self._decode_batch, generations, slots)
+                for (es, active), token in zip(batch, tokens):
+                    if es.generation is active:  # not ended meanwhile
                         self._deliver(es, token)
         # Let the event loop run sends and new requests between ticks.
         await anyio.sleep(0)
 
-    def _decode_batch(self, batch: list[tuple[Generation, int]]) -> list[Token]:
-        """Worker thread: sample each row, one decode call for all (generation,
-        slot) pairs, accept each. Touches only what it is given: the event
-        loop may detach a generation meanwhile."""
+    def _decode_batch(self, generations: list[Generation], slots: list[int]) -> list[Token]:
+        """Worker thread: sample every row at once, one decode call for all,
+        one copy of the logits rows the sessions keep, accept each token.
+        Touches only the generations it is given and the kept-logits state."""
         model = self.model
         with model.lock:
-            picked = [generation.pick() for generation, _ in batch]
-            logits = model.decode([slot for _, slot in batch], picked)
-            # decode's result may be a reused buffer: each session keeps its own row.
-            rows = [logits[i].clone() for i in range(len(batch))]
+            logits = self._batch_logits(generations)
+            vocab = sampled_vocab(model)
+            rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
+            picked = sample_rows(rows, [g.sample_row() for g in generations])
+            out = model.decode(slots, picked)
+            # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
+            kept = out.clone(memory_format=torch.contiguous_format)
+        self._kept, self._kept_rows = kept, kept.unbind(0)
+        self._kept_sessions = [g.session for g in generations]
         self.decode_calls += 1
-        self.decoded_tokens += len(batch)
-        return [generation.accept(t, row) for (generation, _), t, row in zip(batch, picked, rows)]
+        self.decoded_tokens += len(generations)
+        return [g.accept(t, row) for g, t, row in zip(generations, picked, self._kept_rows)]
+
+    def _batch_logits(self, generations: list[Generation]) -> torch.Tensor:
+        """The sessions' current logits as one float32 [B, V] tensor: the last
+        tick's copy when the batch is the same sessions in the same order with
+        those logits (the steady state), else a stack of their rows."""
+        sessions = [g.session for g in generations]
+        rows = self._kept_rows
+        if len(rows) == len(sessions) and all(s._logits is r for s, r in zip(sessions, rows)):
+            return self._kept
+        # A session that left the batch copies its row out, so that the old
+        # [B, V] buffer is freed rather than kept alive by one row of it.
+        staying = set(map(id, sessions))
+        for s, r in zip(self._kept_sessions, rows):
+            if s._logits is r and id(s) not in staying:
+                s._logits = r.clone()
+        return torch.stack([s._logits for s in sessions])
 
     async def _prefill_chunk(self, es: EngineSession) -> None:
         pending = es.inputs[0]
@@ -424,12 +471,16 @@ class Engine:
             es.inputs.popleft()
             pending.error = e
             pending.consumed.set()
+            if not es.inputs:
+                self._waiting.pop(es.id, None)
             return
         pending.offset += len(chunk)
         if pending.offset >= len(pending.ids):
             es.inputs.popleft()
             pending.position = es.position
             pending.consumed.set()
+        if not es.inputs:
+            self._waiting.pop(es.id, None)
 
     def _deliver(self, es: EngineSession, token: Token) -> None:
         active = es.generation
@@ -447,6 +498,7 @@ class Engine:
         active, es.generation = es.generation, None
         if active is None:
             return
+        self._generating.pop(es.id, None)
         # Text held back as a possible stop-string start is plain output after all.
         held = active.generation.flush() if reason == "cancelled" else ""
         _send_quietly(active.sink, Done(reason, es.position, held))
@@ -454,6 +506,7 @@ class Engine:
         self._touch(es)
 
     def _fail_inputs(self, es: EngineSession, error: BaseException) -> None:
+        self._waiting.pop(es.id, None)
         while es.inputs:
             pending = es.inputs.popleft()
             pending.error = error

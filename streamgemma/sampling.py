@@ -1,12 +1,16 @@
-"""Sampling: `SamplingParams` (validated settings of one generation) and the
-ops that pick the next token from float32 logits on the model's device."""
+"""Sampling: `SamplingParams` (validated settings of one generation) and
+`sample_rows`, which picks the next token of many rows of float32 logits on
+the model's device at once, each row with its own settings and generator.
+`Session.generate` (one row) and the engine (a batch) both sample through it,
+so a session gets the same tokens either way."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -96,44 +100,273 @@ def new_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return g
 
 
-def apply_penalties(logits: torch.Tensor, recent: torch.Tensor, repetition: float, presence: float) -> torch.Tensor:
-    """Penalize tokens in `recent` ([N] int64, on the logits' device; repeats
-    count once). logits: float32 [V]. Returns a new [V] tensor."""
-    seen = torch.zeros_like(logits, dtype=torch.bool).index_fill_(0, recent, True)
-    out = logits
-    if repetition != 1.0:
-        out = torch.where(seen, torch.where(out > 0, out / repetition, out * repetition), out)
-    if presence != 0.0:
-        out = out - seen.to(out.dtype) * presence
+class SampleRow(NamedTuple):
+    """What sampling needs of one row besides its logits.
+
+    params: the generation's settings. generator: the session's generator
+    (unused, may be None, when params.greedy; None on a sampled row means
+    torch's default generator). recent: the ids the penalties see, an int64
+    CPU tensor [N] (order and repeats do not matter; ids outside the sampled
+    vocabulary are ignored), or None when the row has no penalty.
+    """
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    recent: torch.Tensor | None = None
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
+    """The next token id of every row, with ONE device-to-host transfer.
+
+    logits: float32 [B, V] on the model's device (a strided view is fine,
+    e.g. columns sliced to the tokenizer's vocabulary); row i is sampled with
+    rows[i]. Row i's token depends only on logits[i] and rows[i] (not on the
+    other rows), so a session gets the same token alone (`Session.generate`,
+    B = 1) as in any batch of the engine.
+
+    How a row is sampled, in this order: penalties on the recent ids
+    (positive logits divided by repetition_penalty, negative multiplied;
+    presence_penalty subtracted); greedy rows take the argmax. Sampled rows:
+    logits / temperature; top_k keeps logits >= the k-th largest; top_p keeps
+    the smallest prefix of the tokens sorted by probability (stable sort, ties
+    by id) whose mass before each kept token is < top_p; min_p keeps logits
+    >= max + log(min_p) (probability >= min_p x the top one's). The token is
+    argmax(scaled logits - log(E)) with E ~ Exp(1) per entry (the Gumbel-max
+    trick: a draw from softmax of the filtered logits, with no normalisation).
+
+    The generator's stream: each sampled row (temperature > 0) draws exactly
+    one `exponential_` of V float32 values from its generator per token, and
+    nothing else; greedy rows draw nothing. A restored generator state thus
+    continues exactly, alone or batched.
+
+    Cost: the greedy rows share one argmax, the sampled rows one set of
+    batched ops over [S, V]; a filter or penalty runs once over the rows that
+    have it. Per row there is only the exponential_ draw into that row of a
+    shared [S, V] noise buffer (one kernel launch on CUDA). The host never
+    waits for the device except for the final read of the B ids.
+    """
+    if not rows:
+        return []
+    values, order = _sample_on_device(logits, rows)
+    out = [0] * len(rows)
+    for i, v in zip(order, values.tolist()):
+        out[i] = v
     return out
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token id, a 0-dim int64 tensor on the logits' device.
+    """The next token id, a 0-dim int64 tensor on the logits' device: one row
+    of `sample_rows` (same draws, same token), without reading it back.
 
-    logits: float32 [V] (penalties already applied). Everything stays on the
-    device; the caller reads the id with one `.item()`. `generator` is only
-    used when sampling (temperature > 0).
+    logits: float32 [V] (penalties are applied by `sample_rows` from the row's
+    recent ids; here there are none). `generator` is only used when sampling
+    (temperature > 0).
     """
-    if params.greedy:
-        return torch.argmax(logits)
-    logits = logits / params.temperature
-    vocab = logits.shape[-1]
-    if 0 < params.top_k < vocab:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    values, _ = _sample_on_device(logits[None], [SampleRow(params, generator)])
+    return values[0]
+
+
+def apply_penalties(logits: torch.Tensor, recent: torch.Tensor, repetition: float, presence: float) -> torch.Tensor:
+    """Penalize tokens in `recent` ([N] int64 ids < V, on any device; repeats
+    count once). logits: float32 [V]. Returns a new [V] tensor, the values
+    `sample_rows` samples from."""
+    ids = recent.to(device=logits.device, dtype=torch.int64).reshape(1, -1)
+    factors = torch.tensor([[float(repetition), float(presence)]], dtype=torch.float32, device=logits.device)
+    return _penalize(logits[None], ids, factors[:, 0:1], factors[:, 1:2])[0]
+
+
+# -- implementation --------------------------------------------------------------------
+def _penalize(x: torch.Tensor, ids: torch.Tensor, repetition: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """x: float32 [P, V]; ids: int64 [P, W], entries >= V are padding;
+    repetition, presence: float32 [P, 1]. A factor of 1 (or presence 0)
+    leaves a row's values bit for bit as they were, so rows with different
+    penalties can share one call."""
+    rows, vocab = x.shape
+    seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=x.device)
+    seen = seen.scatter_(1, ids.clamp_max(vocab), True)[:, :vocab]
+    x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
+    return x - seen.to(x.dtype) * presence
+
+
+class _Upload:
+    """Host values gathered before any device work, then sent in one copy per
+    dtype (a pinned, non-blocking copy on CUDA: the host does not wait)."""
+
+    def __init__(self):
+        self._parts: dict[torch.dtype, list[torch.Tensor]] = {torch.int64: [], torch.float32: []}
+        self._sizes: dict[torch.dtype, int] = {torch.int64: 0, torch.float32: 0}
+
+    def add(self, values, dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        t = t.reshape(-1).to(dtype)
+        start = self._sizes[dtype]
+        self._parts[dtype].append(t)
+        self._sizes[dtype] += t.numel()
+        return dtype, start, t.numel()
+
+    def send(self, device: torch.device) -> dict[torch.dtype, torch.Tensor]:
+        out = {}
+        for dtype, parts in self._parts.items():
+            if parts:
+                host = torch.cat(parts) if len(parts) > 1 else parts[0]
+                if device.type == "cuda":
+                    out[dtype] = host.pin_memory().to(device, non_blocking=True)
+                else:
+                    out[dtype] = host.to(device)
+        return out
+
+
+def _subset(x: torch.Tensor, local: list[int], index: torch.Tensor | None, fn) -> torch.Tensor:
+    """Apply `fn` ([n, V] -> [n, V]) to rows `local` of x ([R, V]). All rows:
+    returns fn(x). Else x must be a private tensor: it is updated in place
+    (`index`: `local` on the device) and returned."""
+    if len(local) == x.shape[0]:
+        return fn(x)
+    x.index_copy_(0, index, fn(x.index_select(0, index)))
+    return x
+
+
+def _sample_on_device(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, list[int]]:
+    """Token ids [B] on the device, in the order `order` of rows (greedy rows
+    first, then sampled ones)."""
+    batch, vocab = logits.shape
+    if len(rows) != batch:
+        raise ValueError(f"sample_rows: {batch} rows of logits but {len(rows)} SampleRows")
+    dev = logits.device
+
+    # Host pass: group the rows and gather every per-row value before any device work.
+    greedy: list[int] = []
+    sampled: list[int] = []
+    for i, row in enumerate(rows):
+        (greedy if row.params.temperature == 0 else sampled).append(i)
+    upload = _Upload()
+    plans = [_GroupPlan(greedy, rows, batch, vocab, upload, sampled=False),
+             _GroupPlan(sampled, rows, batch, vocab, upload, sampled=True)]
+    device_values = upload.send(dev) if any(p.needs_upload for p in plans) else {}
+
+    outputs = []
+    for plan in plans:
+        if plan.members:
+            outputs.append(plan.run(logits, device_values))
+    values = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return values, greedy + sampled
+
+
+class _GroupPlan:
+    """The work for the greedy rows, or for the sampled rows, of one call."""
+
+    def __init__(self, members: list[int], rows: Sequence[SampleRow], batch: int, vocab: int, upload: _Upload,
+                 sampled: bool):
+        self.members = members
+        self.sampled = sampled
+        self.all_rows = len(members) == batch
+        self._slices: dict[str, tuple] = {}
+        self.needs_upload = False
+        if not members:
+            return
+
+        def put(name: str, values, dtype: torch.dtype) -> None:
+            self._slices[name] = upload.add(values, dtype)
+            self.needs_upload = True
+
+        if not self.all_rows:
+            put("members", members, torch.int64)
+        params = [rows[i].params for i in members]
+        # Penalties: local row indices, factors, recent ids padded to one width.
+        self.penalized = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0]
+        if self.penalized:
+            recents = [rows[members[j]].recent for j in self.penalized]
+            width = max(1, max((0 if r is None else r.numel()) for r in recents))
+            ids = torch.full((len(recents), width), vocab, dtype=torch.int64)
+            for k, r in enumerate(recents):
+                if r is not None and r.numel():
+                    ids[k, :r.numel()] = r
+            put("pen_rows", self.penalized, torch.int64)
+            put("pen_ids", ids, torch.int64)
+            put("pen_factors", [[params[j].repetition_penalty, params[j].presence_penalty] for j in self.penalized],
+                torch.float32)
+            self._pen_width = width
+        if not sampled:
+            return
+        self.generators = [rows[i].generator for i in members]
+        temps = [p.temperature for p in params]
+        # Dividing by 1 is exact: a batch of temperature-1 rows skips the division.
+        self.scale = any(t != 1.0 for t in temps)
+        if self.scale:
+            put("temps", temps, torch.float32)
+        self.top_k = [j for j, p in enumerate(params) if 0 < p.top_k < vocab]
+        if self.top_k:
+            put("top_k_rows", self.top_k, torch.int64)
+            put("top_k_index", [params[j].top_k - 1 for j in self.top_k], torch.int64)
+            self._k_max = max(params[j].top_k for j in self.top_k)
+        self.top_p = [j for j, p in enumerate(params) if p.top_p < 1.0]
+        if self.top_p:
+            put("top_p_rows", self.top_p, torch.int64)
+            put("top_p", [params[j].top_p for j in self.top_p], torch.float32)
+        self.min_p = [j for j, p in enumerate(params) if p.min_p > 0.0]
+        if self.min_p:
+            put("min_p_rows", self.min_p, torch.int64)
+            put("log_min_p", [math.log(params[j].min_p) for j in self.min_p], torch.float32)
+
+    def _get(self, values: dict[torch.dtype, torch.Tensor], name: str) -> torch.Tensor:
+        dtype, start, n = self._slices[name]
+        return values[dtype][start:start + n]
+
+    def run(self, logits: torch.Tensor, values: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+        n = len(self.members)
+        get = functools.partial(self._get, values)
+        x = logits if self.all_rows else logits.index_select(0, get("members"))
+        private = not self.all_rows  # x may be updated in place
+        if self.penalized:
+            if not private and len(self.penalized) < n:
+                x, private = x.clone(), True
+            ids = get("pen_ids").view(len(self.penalized), self._pen_width)
+            factors = get("pen_factors").view(-1, 2)
+            x = _subset(x, self.penalized, get("pen_rows"),
+                        lambda r: _penalize(r, ids, factors[:, 0:1], factors[:, 1:2]))
+            private = True
+        if not self.sampled:
+            return x.argmax(dim=-1)
+        filtered = bool(self.top_k or self.top_p or self.min_p)
+        temps = get("temps")[:, None] if self.scale else None
+        if filtered and temps is not None:  # the filters' thresholds are on the scaled logits
+            x = x.div_(temps) if private else x / temps
+            private = True
+        filters = [(self.top_k, "top_k_rows", self._top_k), (self.top_p, "top_p_rows", self._top_p),
+                   (self.min_p, "min_p_rows", self._min_p)]
+        for local, name, fn in filters:
+            if local:
+                if not private and len(local) < n:
+                    x, private = x.clone(), True
+                x = _subset(x, local, get(name), functools.partial(fn, values))
+                private = True
+        # One exponential_ per row from that row's generator (the documented stream).
+        noise = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)
+        for row, g in zip(noise.unbind(0), self.generators):
+            row.exponential_(generator=g)
+        # An Exp(1) draw can round to 0 on some backends: keep its log finite.
+        noise.clamp_min_(1e-20).log_()
+        if temps is not None and not filtered:
+            # log(E) - x / T in one pass, the exact negation of x / T - log(E) (both
+            # round once, after the same rounded x / T): its argmin is the same token.
+            return torch.addcdiv(noise, x, temps, value=-1.0, out=noise).argmin(dim=-1)
+        return torch.sub(x, noise, out=noise).argmax(dim=-1)
+
+    def _top_k(self, values, x: torch.Tensor) -> torch.Tensor:
+        kth = torch.topk(x, self._k_max, dim=-1).values.gather(1, self._get(values, "top_k_index")[:, None])
+        return x.masked_fill(x < kth, -math.inf)
+
+    def _top_p(self, values, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(x, dim=-1)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         # Keep a token if the mass before it is below top_p: the top token always stays.
-        drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
-        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter_(0, order, drop_sorted), 0.0)
-    if params.min_p > 0.0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    # Exponential race (argmax of p / Exp(1)) draws from p without normalizing
-    # and without the host round-trip torch.multinomial can need.
-    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
-    return torch.argmax(probs / noise)
+        drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= self._get(values, "top_p")[:, None]
+        drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
+        return x.masked_fill(drop, -math.inf)
+
+    def _min_p(self, values, x: torch.Tensor) -> torch.Tensor:
+        floor = x.amax(dim=-1, keepdim=True) + self._get(values, "log_min_p")[:, None]
+        return x.masked_fill(x < floor, -math.inf)
 
 
 class StopStrings:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import hashlib
 import functools
+import hashlib
+import math
 import numbers
 import os
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Sequence
@@ -15,7 +16,7 @@ import torch
 
 from . import snapshot as snapshot_format
 from .errors import StoppedError
-from .sampling import SamplingParams, StopStrings, apply_penalties, new_generator, sample
+from .sampling import SampleRow, SamplingParams, StopStrings, new_generator, sample_rows
 from .snapshot_store import write_file_atomic
 from .tokenizer import END_OF_TURN, Detokenizer
 
@@ -29,7 +30,7 @@ RECENT_IDS_WINDOW = 1024
 MAX_PENDING_BYTES = 3  # a UTF-8 character is at most 4 bytes; the 4th completes it
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Token:
     """One generated token.
 
@@ -59,6 +60,18 @@ class RecentIds:
         for i in ids:
             self._ring[self._count % self.capacity] = i
             self._count += 1
+
+    def append(self, i: int) -> None:
+        self._ring[self._count % self.capacity] = i
+        self._count += 1
+
+    def tensor(self) -> torch.Tensor:
+        """The ids as an int64 CPU tensor [len(self)] in ring order (not oldest
+        first), sharing memory with the ring: copy it before the next append."""
+        n = len(self)
+        if n == 0:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.frombuffer(self._ring, dtype=torch.int64, count=n)
 
     def __len__(self) -> int:
         return min(self._count, self.capacity)
@@ -111,6 +124,8 @@ class Session:
         self._recent = RecentIds()
         tok = model.tokenizer
         self._detok: Detokenizer | None = tok.detokenizer() if tok is not None else None
+        # Ids below this have text (a model may have spare embedding rows beyond the tokenizer).
+        self._text_vocab = tok.vocab_size if tok is not None else 0
         self._rng: torch.Generator | None = None  # created from `seed` when first needed
         self._logits: torch.Tensor | None = None  # float32 [vocab] after the last consumed token
         self._stopped_by: str | None = None  # the stop that ended the last generation, until new input
@@ -270,6 +285,8 @@ class Session:
 
     def _consumed(self, ids: list[int], logits: torch.Tensor) -> str:
         """Record ids the pool just consumed; returns the text they complete."""
+        if len(ids) == 1:
+            return self._consumed_one(ids[0], logits)
         self._recent.extend(ids)
         self._logits = logits
         self._stopped_by = None
@@ -278,6 +295,16 @@ class Session:
         # Ids beyond the tokenizer (a model may have spare embedding rows) have no text.
         n = self.model.tokenizer.vocab_size
         return "".join(self._detok.push(i) for i in ids if i < n)
+
+    def _consumed_one(self, token: int, logits: torch.Tensor) -> str:
+        """`_consumed([token], logits)`: the per-token path of generation, kept lean."""
+        self._recent.append(token)
+        self._logits = logits
+        self._stopped_by = None
+        detok = self._detok
+        if detok is None or token >= self._text_vocab:
+            return ""
+        return detok.push(token)
 
     def step(self, token_id: int) -> torch.Tensor:
         """Consume one token; return float32 logits [vocab] (on the model's
@@ -411,53 +438,57 @@ class Generation:
     has run the model on that token, `accept(token, logits)` records it in the
     session and returns the `Token` to stream (stop tokens, stop strings,
     max_tokens). Split in two so a caller can run one batched `decode` for
-    many sessions between the two halves. Create with
-    `Session.start_generation`."""
+    many sessions between the two halves: the engine samples many generations
+    at once with `sampling.sample_rows` over their `sample_row()`s, which is
+    what `pick()` does for one. Create with `Session.start_generation`."""
 
     def __init__(self, session: Session, params: SamplingParams, stop_ids: frozenset[int]):
         self.session = session
         self.params = params
         self.stop_ids = stop_ids
-        tok = session.model.tokenizer
         # Only ids the tokenizer can spell are sampled (the model may have spare rows).
-        self._allowed = tok.vocab_size if tok is not None else session.model.config.vocab_size
+        self.vocab = sampled_vocab(session.model)
         self._penalize = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
         self._stops = StopStrings(params.stop) if params.stop else None
+        self._max_tokens = params.max_tokens if params.max_tokens is not None else math.inf
         self.generated = 0
         self.finish_reason: str | None = None
 
+    def sample_row(self) -> SampleRow:
+        """The sampling inputs of the next token (see `sampling.sample_rows`);
+        its logits are `session._logits[:self.vocab]`."""
+        s, params = self.session, self.params
+        return SampleRow(params, None if params.greedy else s._generator(),
+                         s._recent.tensor() if self._penalize else None)
+
     def pick(self) -> int:
         """The next token id, sampled from the session's current logits."""
-        s, params = self.session, self.params
-        logits = s._logits[:self._allowed]
-        recent = [i for i in s._recent if i < self._allowed] if self._penalize else []
-        if recent:
-            logits = apply_penalties(logits, torch.tensor(recent, device=logits.device),
-                                     params.repetition_penalty, params.presence_penalty)
-        return int(sample(logits, params, None if params.greedy else s._generator()).item())
+        return sample_rows(self.session._logits[None, :self.vocab], [self.sample_row()])[0]
 
     def accept(self, token: int, next_logits: torch.Tensor) -> Token:
         """Record that the session consumed `token` (its state already
         advanced), with `next_logits` (float32 [vocab], owned by the caller:
         not a reused buffer) the logits after it. Returns the Token to stream;
         its finish_reason is set when the generation has ended."""
-        s, params, tok = self.session, self.params, self.session.model.tokenizer
-        text = s._consumed([token], next_logits)
+        s = self.session
+        text = s._consumed_one(token, next_logits)
         self.generated += 1
         finish = None
+        stops = self._stops
         if token in self.stop_ids:
             text = ""  # a stop token's own text (e.g. "<end_of_turn>") is never emitted
             finish = "stop"
+            tok = s.model.tokenizer
             s._stopped_by = f"stop token {token} ({tok.piece(token) if tok else 'no tokenizer'})"
-        elif self._stops is not None:
-            text, hit = self._stops.push(text)
+        elif stops is not None:
+            text, hit = stops.push(text)
             if hit:
                 finish = "stop"
-                s._stopped_by = f"stop string {self._stops.matched!r}"
-        if finish is None and params.max_tokens is not None and self.generated >= params.max_tokens:
+                s._stopped_by = f"stop string {stops.matched!r}"
+        if finish is None and self.generated >= self._max_tokens:
             finish = "length"
-        if finish is not None and self._stops is not None and self._stops.matched is None:
-            text += self._stops.flush()  # ended without a stop string: held-back text is plain output
+        if finish is not None and stops is not None and stops.matched is None:
+            text += stops.flush()  # ended without a stop string: held-back text is plain output
         self.finish_reason = finish
         return Token(token, text, finish)
 
@@ -465,3 +496,11 @@ class Generation:
         """Text held back as a possible stop-string start, released when the
         generation is ended early (cancelled)."""
         return self._stops.flush() if self._stops is not None else ""
+
+
+def sampled_vocab(model: "Model") -> int:
+    """How many leading logits entries generation samples from: the
+    tokenizer's pieces (a checkpoint may have spare embedding rows beyond
+    them), or the whole vocabulary without a tokenizer."""
+    tok = model.tokenizer
+    return tok.vocab_size if tok is not None else model.config.vocab_size

@@ -1,0 +1,157 @@
+"""Host cost of one engine tick per generating session, without the model.
+
+The model's `decode` is replaced by a stub that advances the slots' positions
+and returns a preallocated float32 logits tensor [B, vocab] (vocab 256,000 as
+RecurrentGemma-2B by default), so what is timed is what the engine adds to a
+decode step: sampling every row, copying the logits rows the sessions keep,
+recording each token in its session (detokenizer, stop strings), and
+delivering it to the session's stream.
+
+Two figures per batch size B (all B sessions generating):
+  worker  `Engine._decode_batch` (sample, stub decode, keep rows, accept)
+  tick    `Engine._tick` as the scheduler runs it (worker + thread hop +
+          delivering B tokens to their streams)
+each as microseconds per session per tick, and the tick in milliseconds.
+
+    python bench/engine_tick.py                          # CPU, vocab 256000, B = 1, 16, 64, 256
+    python bench/engine_tick.py --device cuda            # the GPU: sampling runs there
+    python bench/engine_tick.py --vocab 512 --mix mixed --tokenizer demo
+
+On a CPU, sampling a 256,000-entry row is real arithmetic (~ms per row), so
+the figure there is mostly compute; use a small --vocab to see the Python
+overhead alone. On CUDA the arithmetic is the GPU's and the figure is the
+host's part of the tick (the tick waits once for the sampled ids).
+
+--mix: plain (temperature 1, the default params), greedy, or mixed (a
+rotation of greedy / temperature / top-k / top-p / min-p / penalties).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import anyio
+import torch
+
+import streamgemma as sg
+from streamgemma.engine import Engine
+from streamgemma.sampling import SamplingParams
+
+MIXED = (
+    dict(temperature=0.0),
+    dict(temperature=0.8),
+    dict(temperature=1.0, top_k=40),
+    dict(temperature=0.7, top_p=0.9),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=0.9, repetition_penalty=1.2, presence_penalty=0.3),
+)
+
+
+def params_for(mix: str, i: int, max_tokens: int) -> SamplingParams:
+    if mix == "plain":
+        extra = {}
+    elif mix == "greedy":
+        extra = dict(temperature=0.0)
+    else:
+        extra = MIXED[i % len(MIXED)]
+    return SamplingParams(max_tokens=max_tokens, stop_token_ids=(), seed=i, **extra)
+
+
+class StubDecode:
+    """Stands in for `Model.decode`: advances positions, returns a fixed buffer
+    (as the graphed CUDA path returns its reused output buffer)."""
+
+    def __init__(self, model: sg.Model, max_batch: int):
+        self.pool = model.pool
+        g = torch.Generator().manual_seed(0)
+        # Soft-capped-looking logits: a few likely tokens, a long tail.
+        logits = torch.randn(max_batch, model.config.vocab_size, generator=g) * 3.0
+        self.logits = logits.to(model.device)
+
+    def __call__(self, slots, tokens) -> torch.Tensor:
+        for s in slots:
+            self.pool.positions[s] += 1
+        return self.logits[:len(slots)]
+
+
+def build_model(device: str, vocab: int, tokenizer: str) -> sg.Model:
+    tok = sg.load("demo", device="cpu").tokenizer if tokenizer == "demo" else None
+    config = sg.GriffinConfig.preset("tiny", vocab_size=max(vocab, tok.vocab_size if tok else 0))
+    return sg.Model.random(config, seed=0, device=device, dtype="float32", tokenizer=tok)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str, device: str) -> tuple[float, float]:
+    engine = Engine(model, max_active=batch)
+    sessions = []
+    for i in range(batch):
+        es = await engine.open()
+        await anyio.to_thread.run_sync(es.live.feed, [2, 10 + i % 50, 20])
+        sessions.append(es)
+    model.decode = StubDecode(model, batch)
+    streams = [await engine.generate(es, params_for(mix, i, warmup + ticks + 2)) for i, es in enumerate(sessions)]
+
+    worker_time = 0.0
+    decode_batch = engine._decode_batch
+
+    def timed(*args):
+        nonlocal worker_time
+        start = time.perf_counter()
+        out = decode_batch(*args)
+        sync(device)
+        worker_time += time.perf_counter() - start
+        return out
+
+    engine._decode_batch = timed
+    for _ in range(warmup):
+        await engine._tick()
+    worker_time = 0.0
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(ticks):
+        await engine._tick()
+    sync(device)
+    tick_time = time.perf_counter() - start
+    assert engine.decoded_tokens == (warmup + ticks) * batch, "every session generated on every tick"
+    for stream in streams:
+        await stream.aclose()
+    for es in sessions:
+        await engine.close(es)
+    del model.decode
+    return worker_time / ticks, tick_time / ticks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--vocab", type=int, default=256_000)
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--ticks", type=int, default=0, help="timed ticks per batch size (default: by batch size)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--mix", choices=("plain", "greedy", "mixed"), default="plain")
+    ap.add_argument("--tokenizer", choices=("none", "demo"), default="none",
+                    help="demo: the bundled model's tokenizer (4,096 pieces: only those ids are sampled)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a small shared CPU, OpenMP threads spinning "
+                         "against other work make per-op times erratic; 0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.device, args.vocab, args.tokenizer)
+    allowed = model.tokenizer.vocab_size if model.tokenizer else model.config.vocab_size
+    print(f"device {args.device}, vocab {model.config.vocab_size} (sampled over {allowed}), mix {args.mix}, "
+          f"tokenizer {args.tokenizer}, torch threads {torch.get_num_threads()}")
+    print(f"{'B':>5} {'worker us/session':>18} {'tick us/session':>16} {'tick ms':>9}")
+    for b in (int(x) for x in args.batches.split(",")):
+        ticks = args.ticks or max(5, min(200, 2000 // b))
+        worker, tick = anyio.run(measure, model, b, ticks, args.warmup, args.mix, args.device)
+        print(f"{b:>5} {worker / b * 1e6:>18.1f} {tick / b * 1e6:>16.1f} {tick * 1e3:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

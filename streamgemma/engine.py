@@ -41,12 +41,11 @@ from typing import Sequence
 
 import anyio
 import anyio.to_thread
+import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import SnapshotNotFound, StreamgemmaError
 from .model import Model
-import torch
-
 from .sampling import SamplingParams, sample_rows
 from .session import Generation, Session, Token, check_token_ids, sampled_vocab
 from .snapshot_store import SnapshotStore, validate_session_id

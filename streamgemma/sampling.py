@@ -344,8 +344,12 @@ class _GroupPlan:
         noise = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)
         for row, g in zip(noise.unbind(0), self.generators):
             row.exponential_(generator=g)
-        # An Exp(1) draw can round to 0 on some backends: keep its log finite.
-        noise.clamp_min_(1e-20).log_()
+        if noise.device.type != "cuda":
+            # The CPU's Exp(1) draw can round to 0: keep its log finite (a masked
+            # -inf minus -inf would be NaN). CUDA's exponential_ never returns 0,
+            # so there the clamp would change nothing and only cost a pass.
+            noise.clamp_min_(1e-20)
+        noise.log_()
         if temps is not None and not filtered:
             # log(E) - x / T in one pass, the exact negation of x / T - log(E) (both
             # round once, after the same rounded x / T): its argmin is the same token.

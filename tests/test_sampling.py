@@ -141,14 +141,18 @@ def rows_of(specs, generators):
     return out
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 2, 5, 16, 33])
 @pytest.mark.parametrize("vocab", [97, 512, 1001])
-def test_batched_rows_equal_single_rows(batch, vocab):
+def test_batched_rows_equal_single_rows(batch, vocab, device):
     specs = make_rows(batch, vocab, seed=batch * 7 + vocab)
-    logits = torch.randn(batch, vocab + 9, generator=torch.Generator().manual_seed(vocab)) * 4
+    logits = torch.randn(batch, vocab + 9, generator=torch.Generator().manual_seed(vocab)).to(device) * 4
     logits = logits[:, :vocab]  # a column-sliced view, as the engine passes with spare vocabulary rows
-    together = [torch.Generator().manual_seed(s) for _, s, _ in specs]
-    alone = [torch.Generator().manual_seed(s) for _, s, _ in specs]
+    together = [torch.Generator(device).manual_seed(s) for _, s, _ in specs]
+    alone = [torch.Generator(device).manual_seed(s) for _, s, _ in specs]
     for step in range(3):  # the generators' streams continue identically
         batched = sample_rows(logits, rows_of(specs, together))
         single = [sample_rows(logits[i:i + 1].contiguous(), rows_of(specs[i:i + 1], alone[i:i + 1]))[0]
@@ -165,7 +169,7 @@ def test_batched_rows_equal_single_rows_with_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        test_batched_rows_equal_single_rows(24, 4099)
+        test_batched_rows_equal_single_rows(24, 4099, "cpu")
     finally:
         torch.set_num_threads(before)
 

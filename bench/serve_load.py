@@ -1,74 +1,268 @@
-"""Load on the websocket server: N concurrent clients on loopback, each on its
-own connection, append a prompt, then generate; some append more input while
-generating. Prints aggregate generated tokens/s and the p50/p99 time between
-consecutive tokens of one stream, as seen by the clients, and how many
-tokens each decode call carried on average (the batching).
+"""Load on the websocket server: N concurrent clients, each on its own
+connection, append a prompt, then all generate at once. Prints one JSON result:
+aggregate tokens/s over the steady phase, gaps between tokens and between
+frames per stream, and how many tokens each decode call carried.
 
-    python bench/serve_load.py                          # tiny random model, in-process server
-    python bench/serve_load.py --model ./recurrentgemma-2b --clients 64 --tokens 128
-    python bench/serve_load.py --url ws://127.0.0.1:8765/v1/stream --token T
+    python bench/serve_load.py                                   # tiny random model on the CPU
+    python bench/serve_load.py --preset 2b --device cuda --clients 256 --tokens 256 --procs 8
+    python bench/serve_load.py --no-coalesce ...                 # one frame per token
+    python bench/serve_load.py --url ws://127.0.0.1:8765/v1/stream --token T   # a running server
 
-Without --url a server runs in this process (another thread), so the clients
-and the server share the host's CPU: for GPU numbers, that is fine (the
-model runs on the GPU); on a CPU both compete.
+The server (unless --url) runs in this process, on its own event loop in a
+thread; the clients run in --procs worker processes (spawned, each with its own
+event loop), so they never take the server's GIL. The clients speak the
+protocol with websockets directly, to time every frame as it arrives.
 
-CPU reference (2-core AMD EPYC, tiny random model whose decode step alone
-takes ~7 ms, 128-token prompts, 64 tokens per client):
-
-    clients   tokens/s   gap p50   gap p99   tokens per decode call
-          1       78      11.7 ms   15.3 ms     1.0
-          8      325      17.0 ms   38.5 ms     7.3
-         32      739      23.9 ms   40.3 ms    21.6
-         64      684      35.0 ms   68.3 ms    27.3
+How the figures are computed (times from time.monotonic, shared by all
+processes on one host; connection set-up and prompt prefill happen before the
+clients start generating together and are not counted):
+- steady tokens/s: tokens received by all clients between the moment the
+  last stream received its first token and the moment the first stream
+  received its last token (all streams generating), divided by that time.
+  overall tokens/s: all tokens / (last token anywhere - first token anywhere).
+- token gaps: per stream, the time between consecutive tokens as the client
+  sees them. Tokens that arrive in one coalesced frame have a gap of 0, so
+  frame gaps (the time between consecutive frames of a stream) are reported
+  too; with --no-coalesce the two are the same.
+- tokens per decode call: the engine's counters, over the whole run and over
+  the steady phase (sampled every 10 ms in the server process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import multiprocessing
+import os
+import threading
 import time
+import traceback
 
 import anyio
+from websockets.asyncio.client import connect
 
-import streamgemma as sg
-
-
-async def one_client(url: str, token: str | None, index: int, prompt: list[int], tokens: int,
-                     interject: bool, gaps: list[float], counts: list[int]) -> None:
-    async with sg.Client(url, token=token) as client:
-        session = await client.open(seed=index)
-        await session.append(prompt)
-        last = None
-        n = 0
-        async for _ in session.generate(max_tokens=tokens, stop_token_ids=[]):
-            now = time.perf_counter()
-            if last is not None:
-                gaps.append(now - last)
-            last = now
-            n += 1
-            if interject and n == tokens // 2:
-                await session.send_append(prompt[:8])  # consumed before the next token
-        counts.append(n)
-        await session.close()
+PRESETS = {"2b": "recurrentgemma-2b", "9b": "recurrentgemma-9b"}  # short names; other presets by full name
 
 
-async def load(url: str, token: str | None, clients: int, prompt_len: int, tokens: int, vocab: int) -> dict:
-    gaps: list[float] = []
-    counts: list[int] = []
+# -- models and the in-process server --------------------------------------------------------
+def build_model(args: argparse.Namespace):
+    """The served model: a checkpoint (--model) or random weights with a
+    preset's shapes (--preset; bfloat16 on CUDA, float32 on the CPU)."""
+    import torch
+
+    import streamgemma as sg
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(1)  # small models' ops are microseconds: threads only add overhead
+    if args.model:
+        return sg.load(args.model, device=device)
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    config = sg.GriffinConfig.preset(PRESETS.get(args.preset, args.preset))
+    return sg.Model.random(config, seed=0, device=device, dtype=dtype)
+
+
+def warm_up(model, sessions: int, prompt_tokens: int) -> float:
+    """On CUDA: grow the state pool to `sessions` slots and run a prefill of
+    `prompt_tokens` and a decode at every batch bucket up to `sessions`, so
+    kernel compilation and CUDA-graph capture happen before the measurement.
+    Returns seconds spent (0 on the CPU, where there is nothing to prepare)."""
+    if model.device.type != "cuda":
+        return 0.0
+    import torch
+
     start = time.perf_counter()
+    live = [model.session() for _ in range(sessions)]
+    live[0].feed([11 + k % 200 for k in range(prompt_tokens)])
+    batch = 1
+    while True:
+        model.decode([s.slot for s in live[:batch]], [11] * batch)
+        if batch >= sessions:
+            break
+        batch = min(2 * batch, sessions)
+    torch.cuda.synchronize()
+    for s in live:
+        s.close()
+    return time.perf_counter() - start
+
+
+def percentiles(values: list[float], scale: float = 1e3) -> dict:
+    """p50/p99/max of `values` (nearest rank) times `scale`, rounded."""
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
+    return {"p50": round(scale * pick(0.50), 2), "p99": round(scale * pick(0.99), 2), "max": round(scale * v[-1], 2)}
+
+
+class CounterSampler:
+    """Samples the engine's decode counters every `period` s in a thread:
+    (time.monotonic, decode_calls, decoded_tokens)."""
+
+    def __init__(self, engine, period: float = 0.01):
+        self.engine, self.period = engine, period
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "CounterSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.engine.decode_calls, self.engine.decoded_tokens))
+            self._stop.wait(self.period)
+
+    def between(self, t0: float, t1: float) -> tuple[float, int, int]:
+        """(seconds, decode calls, decoded tokens) from the last sample <= t0 to the first >= t1."""
+        before = [s for s in self.samples if s[0] <= t0] or self.samples[:1]
+        after = [s for s in self.samples if s[0] >= t1] or self.samples[-1:]
+        a, b = before[-1], after[0]
+        return b[0] - a[0], b[1] - a[1], b[2] - a[2]
+
+
+# -- clients (in worker processes) -------------------------------------------------------------
+def prompt_of(index: int, length: int) -> list[int]:
+    """A distinct prompt per client; ids in [10, 250) exist in every vocabulary here."""
+    return [(17 * index + 31 * k) % 240 + 10 for k in range(length)]
+
+
+async def one_client(url: str, headers: dict | None, index: int, opts: dict, ready, go: anyio.Event) -> dict:
+    """One connection, one session: prompt, wait for `go`, generate; the
+    arrival time and token count of every frame."""
+    times: list[float] = []
+    counts: list[int] = []
+    async with connect(url, additional_headers=headers, max_size=None) as ws:
+        async def ask(msg: dict, want: str) -> dict:
+            await ws.send(json.dumps(msg))
+            reply = json.loads(await ws.recv())
+            if reply.get("type") != want:
+                raise RuntimeError(f"client {index}: {msg['type']} got {reply}")
+            return reply
+
+        await ask({"type": "open", "seed": index}, "opened")
+        prompt = prompt_of(index, opts["prompt"])
+        await ask({"type": "append", "tokens": prompt}, "appended")
+        ready()
+        await go.wait()
+        generate = {"type": "generate", "id": "g", "max_tokens": opts["tokens"], "stop_token_ids": []}
+        if opts["coalesce"]:
+            generate["coalesce"] = True
+        await ws.send(json.dumps(generate))
+        received, interjected = 0, not opts["interject"] or index % 2 == 0
+        while True:
+            e = json.loads(await ws.recv())
+            now = time.monotonic()
+            kind = e["type"]
+            if kind == "token" or kind == "tokens":
+                n = 1 if kind == "token" else len(e["ids"])
+                times.append(now)
+                counts.append(n)
+                received += n
+                if not interjected and received >= opts["tokens"] // 2:
+                    interjected = True  # consumed before the next token; its `appended` is skipped below
+                    await ws.send(json.dumps({"type": "append", "tokens": prompt[:8]}))
+            elif kind == "done":
+                break
+            elif kind != "appended":
+                raise RuntimeError(f"client {index}: unexpected {e}")
+        await ws.send(json.dumps({"type": "close", "id": "c"}))
+        while json.loads(await ws.recv()).get("type") != "closed":
+            pass
+    return {"times": times, "counts": counts}
+
+
+async def worker_main(url: str, token: str | None, indices: list[int], opts: dict, barrier) -> list[dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    go, all_ready = anyio.Event(), anyio.Event()
+    waiting = [len(indices)]
+
+    def ready() -> None:
+        waiting[0] -= 1
+        if waiting[0] == 0:
+            all_ready.set()
+
+    results: dict[int, dict] = {}
+
+    async def run_one(i: int) -> None:
+        results[i] = await one_client(url, headers, i, opts, ready, go)
+
     async with anyio.create_task_group() as tg:
-        for i in range(clients):
-            prompt = [(17 * i + 31 * k) % (vocab - 10) + 10 for k in range(prompt_len)]
-            tg.start_soon(one_client, url, token, i, prompt, tokens, i % 2 == 1, gaps, counts)
-    elapsed = time.perf_counter() - start
-    gaps.sort()
+        for i in indices:
+            tg.start_soon(run_one, i)
+        await all_ready.wait()
+        await anyio.to_thread.run_sync(barrier.wait)  # every process is ready: generate together
+        go.set()
+    return [results[i] for i in indices]
+
+
+def worker(url: str, token: str | None, indices: list[int], opts: dict, barrier, queue) -> None:
+    """A worker process: its share of the clients on one event loop."""
+    try:
+        queue.put(("ok", anyio.run(worker_main, url, token, indices, opts, barrier, backend="asyncio")))
+    except BaseException:  # noqa: BLE001 - reported to the main process, which fails the run
+        barrier.abort()
+        queue.put(("error", traceback.format_exc()))
+
+
+def run_clients(url: str, token: str | None, clients: int, procs: int, opts: dict) -> tuple[float, list[dict]]:
+    """Run the clients in `procs` processes; (time they were released to
+    generate, per-client frame records)."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds CUDA and server threads
+    procs = max(1, min(procs, clients))
+    barrier, queue = ctx.Barrier(procs + 1), ctx.Queue()
+    shares = [list(range(p, clients, procs)) for p in range(procs)]
+    workers = [ctx.Process(target=worker, args=(url, token, share, opts, barrier, queue), daemon=True)
+               for share in shares]
+    for w in workers:
+        w.start()
+    try:
+        barrier.wait(timeout=opts["timeout"])
+        released = time.monotonic()
+        records = []
+        for _ in workers:
+            status, payload = queue.get(timeout=opts["timeout"])
+            if status != "ok":
+                raise RuntimeError(f"a client process failed:\n{payload}")
+            records += payload
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.kill()
+    return released, records
+
+
+def summarize(released: float, records: list[dict]) -> dict:
+    firsts = [r["times"][0] for r in records]
+    lasts = [r["times"][-1] for r in records]
+    generated = sum(sum(r["counts"]) for r in records)
+    t0, t1 = max(firsts), min(lasts)
+    steady_tokens = sum(n for r in records for t, n in zip(r["times"], r["counts"]) if t0 < t <= t1)
+    token_gaps, frame_gaps = [], []
+    for r in records:
+        for k, (t, n) in enumerate(zip(r["times"], r["counts"])):
+            if k:
+                frame_gaps.append(t - r["times"][k - 1])
+                token_gaps.append(t - r["times"][k - 1])
+            token_gaps += [0.0] * (n - 1)  # the other tokens of a frame arrive with it
+    frames = sum(len(r["times"]) for r in records)
     return {
-        "clients": clients, "tokens_per_client": tokens, "prompt_tokens": prompt_len,
-        "generated": sum(counts), "seconds": round(elapsed, 3),
-        "tokens_per_s": round(sum(counts) / elapsed, 1),
-        "gap_p50_ms": round(1e3 * statistics.median(gaps), 2),
-        "gap_p99_ms": round(1e3 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 2),
+        "generated": generated,
+        "frames": frames,
+        "tokens_per_frame": round(generated / frames, 2),
+        "steady": {"seconds": round(t1 - t0, 3), "tokens": steady_tokens,
+                   "tokens_per_s": round(steady_tokens / (t1 - t0), 1) if t1 > t0 else None},
+        "overall_tokens_per_s": round(generated / (max(lasts) - min(firsts)), 1),
+        "token_gap_ms": percentiles(token_gaps),
+        "frame_gap_ms": percentiles(frame_gaps),
+        "first_token_ms": percentiles([t - released for t in firsts]),
+        "_window": (t0, t1),
     }
 
 
@@ -77,34 +271,53 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="tokens each client generates")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per client")
+    parser.add_argument("--procs", type=int, default=2, help="client worker processes")
+    parser.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
+                        help="ask for coalesced token frames (default: yes)")
+    parser.add_argument("--coalesce-ms", type=float, default=20.0,
+                        help="in-process server's least time between two frames of a coalesced stream")
+    parser.add_argument("--interject", action="store_true",
+                        help="odd-numbered clients append 8 tokens halfway through their generation")
     parser.add_argument("--url", help="a running server (default: one in this process)")
     parser.add_argument("--token", help="bearer token of --url")
-    parser.add_argument("--model", help="checkpoint for the in-process server (default: tiny random, CPU)")
-    parser.add_argument("--device", help="device of --model")
-    parser.add_argument("--max-active", type=int, default=256)
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--preset", default="tiny", help="random weights with this preset's shapes: tiny, 2b, ...")
+    parser.add_argument("--model", help="a checkpoint instead of --preset")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--max-active", type=int, help="engine slots (default: --clients)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before giving up")
+    parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
+    opts = {"tokens": args.tokens, "prompt": args.prompt, "coalesce": args.coalesce, "interject": args.interject,
+            "timeout": args.timeout}
+    result: dict = {"clients": args.clients, "procs": args.procs, "tokens_per_client": args.tokens,
+                    "prompt_tokens": args.prompt, "coalesce": args.coalesce, "interject": args.interject}
 
     if args.url:
-        result = anyio.run(load, args.url, args.token, args.clients, args.prompt, args.tokens, 256,
-                           backend="asyncio")
+        released, records = run_clients(args.url, args.token, args.clients, args.procs, opts)
+        result.update(summarize(released, records))
+        result.pop("_window")
     else:
-        if args.model:
-            model = sg.load(args.model, device=args.device)
-        else:
-            import torch
+        import streamgemma as sg
 
-            torch.set_num_threads(1)  # a tiny model's ops are microseconds: threads only add overhead
-            model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu", dtype="float32")
-        engine = sg.Engine(model, max_active=args.max_active)
-        server = sg.Server(engine, port=0, limits=sg.Limits(max_tokens=max(4096, args.tokens)))
-        with sg.server.serve_in_thread(server) as url:
-            result = anyio.run(load, url, None, args.clients, args.prompt, args.tokens,
-                               model.config.vocab_size, backend="asyncio")
-        result["model"] = model.source
-        result["device"] = str(model.device)
-        result["decode_calls"] = engine.decode_calls
-        result["tokens_per_decode_call"] = round(engine.decoded_tokens / max(1, engine.decode_calls), 2)
+        model = build_model(args)
+        warm_s = warm_up(model, args.clients, args.prompt)
+        engine = sg.Engine(model, max_active=args.max_active or args.clients)
+        limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
+        server = sg.Server(engine, port=0, limits=limits)
+        with sg.server.serve_in_thread(server) as url, CounterSampler(engine) as counters:
+            released, records = run_clients(url, None, args.clients, args.procs, opts)
+        summary = summarize(released, records)
+        seconds, calls, decoded = counters.between(*summary.pop("_window"))
+        result.update(model=model.source, preset=None if args.model else args.preset, device=str(model.device),
+                      dtype=str(model.dtype).replace("torch.", ""), coalesce_interval_ms=args.coalesce_ms,
+                      warm_up_s=round(warm_s, 1), **summary)
+        result["decode"] = {
+            "calls": engine.decode_calls,
+            "tokens_per_call": round(engine.decoded_tokens / max(1, engine.decode_calls), 2),
+            "steady_tokens_per_call": round(decoded / max(1, calls), 2),
+            "steady_engine_tokens_per_s": round(decoded / seconds, 1) if seconds > 0 else None,
+        }
+    result["host_cpus"] = os.cpu_count()
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -38,12 +38,17 @@ class Client:
     """An async connection to a streamgemma server. Use as `async with`.
 
     url: ws://host:port/v1/stream. token: sent as `Authorization: Bearer`.
-    timeout: seconds to wait for the reply to one request. Further keyword
+    timeout: seconds to wait for the reply to one request. coalesce: ask the
+    server to send the tokens of a generation that are ready at once in one
+    `tokens` frame (docs/protocol.md); `generate` still yields one `Token` per
+    token. Set it False for a server that predates the field. Further keyword
     arguments go to `websockets.asyncio.client.connect` (e.g. max_size)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, **connect_options: Any):
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, coalesce: bool = True,
+                 **connect_options: Any):
         self.url = url
         self.timeout = timeout
+        self.coalesce = coalesce
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self._connect = connect(url, additional_headers=headers, **connect_options)
         self._ws: ClientConnection | None = None
@@ -112,7 +117,7 @@ class Client:
 
     def _route(self, msg: dict) -> None:
         kind, session, request_id = msg.get("type"), msg.get("session"), msg.get("id")
-        if kind in ("token", "done") or (kind == "error" and request_id in self._generations):
+        if kind in ("token", "tokens", "done") or (kind == "error" and request_id in self._generations):
             stream = self._streams.get(session)
             if stream is not None:
                 try:
@@ -195,7 +200,10 @@ class ClientSession:
         client._generations.add(request_id)
         finished = False
         try:
-            await client._send({"type": "generate", "session": self.id, "id": request_id, **sampling})
+            msg = {"type": "generate", "session": self.id, "id": request_id, **sampling}
+            if client.coalesce:
+                msg["coalesce"] = True
+            await client._send(msg)
             async with receive:
                 async for msg in receive:
                     if msg["type"] == "error":
@@ -206,7 +214,12 @@ class ClientSession:
                         self.last_done = msg
                         self.position = msg["position"]
                         return
-                    yield Token(msg["id"], msg["text"], msg.get("finish_reason"))
+                    if msg["type"] == "tokens":  # several tokens in one frame: the last may finish
+                        last = len(msg["ids"]) - 1
+                        for k, (token_id, text) in enumerate(zip(msg["ids"], msg["texts"])):
+                            yield Token(token_id, text, msg.get("finish_reason") if k == last else None)
+                    else:
+                        yield Token(msg["id"], msg["text"], msg.get("finish_reason"))
             raise ConnectionError(f"the connection closed during the generation: {client._closed_error}")
         finally:
             client._streams.pop(self.id, None)

@@ -151,6 +151,24 @@ class TokenStream:
             raise StopAsyncIteration
         return item
 
+    def take_ready(self) -> list[Token]:
+        """The tokens already produced and not yet taken, without waiting
+        (possibly none). When the generation's end is among them, `done` is
+        set and iteration stops after them. Lets a writer send every token
+        that is ready in one frame."""
+        tokens: list[Token] = []
+        while self.done is None:
+            try:
+                item = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            if isinstance(item, Done):
+                self.done = item
+                self._receive.close()
+                break
+            tokens.append(item)
+        return tokens
+
     async def aclose(self) -> None:
         """Stop consuming: the generation is cancelled (if still running)."""
         if self.done is None:

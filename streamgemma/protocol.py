@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 from .sampling import SamplingParams
+from .session import Token
 
 PATH = "/v1/stream"
 
@@ -48,9 +49,13 @@ class Append:
 
 @dataclasses.dataclass(frozen=True)
 class Generate:
+    """Start a generation. coalesce: the client accepts `tokens` frames
+    (several tokens in one frame) besides `token` frames."""
+
     id: Any = None
     session: str | None = None
     params: SamplingParams = SamplingParams()
+    coalesce: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +84,7 @@ _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "rep
 _ALLOWED = {
     "open": {"type", "id", "session", "seed"},
     "append": {"type", "id", "session", "text", "tokens"},
-    "generate": {"type", "id", "session", *_SAMPLING_FIELDS},
+    "generate": {"type", "id", "session", "coalesce", *_SAMPLING_FIELDS},
     "cancel": {"type", "id", "session"},
     "snapshot": {"type", "id", "session"},
     "close": {"type", "id", "session"},
@@ -121,6 +126,9 @@ def parse_request(frame: str | bytes, max_tokens_limit: int, default_max_tokens:
         if kind == "append":
             return _append(msg, request_id, session)
         if kind == "generate":
+            coalesce = msg.get("coalesce", False)
+            if not isinstance(coalesce, bool):
+                raise ValueError(f"\"coalesce\" must be true or false, got {_short(coalesce)}")
             fields = {k: msg[k] for k in _SAMPLING_FIELDS if k in msg}
             fields.setdefault("max_tokens", default_max_tokens)
             if fields["max_tokens"] is None:
@@ -134,7 +142,7 @@ def parse_request(frame: str | bytes, max_tokens_limit: int, default_max_tokens:
             if params.max_tokens > max_tokens_limit:
                 raise ProtocolError("limit", f"max_tokens {params.max_tokens} is above this server's limit "
                                              f"of {max_tokens_limit}", request_id, session)
-            return Generate(request_id, session, params)
+            return Generate(request_id, session, params, coalesce)
         return {"cancel": Cancel, "snapshot": Snapshot, "close": Close}[kind](request_id, session)
     except (ValueError, TypeError) as e:
         raise ProtocolError("bad_message", f"{kind}: {e}", request_id, session) from None
@@ -165,6 +173,11 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# Compact separators: events are read by programs, and every byte and
+# microsecond counts at tens of thousands of frames per second.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
 def event(kind: str, request_id: Any = None, **fields: Any) -> str:
     """One server event as a JSON text frame; `id` is included when the
     request had one."""
@@ -172,5 +185,36 @@ def event(kind: str, request_id: Any = None, **fields: Any) -> str:
     if request_id is not None:
         msg["id"] = request_id
     msg.update(fields)
-    return json.dumps(msg, ensure_ascii=False, allow_nan=False)
+    return _encode(msg)
 
+
+class TokenFrames:
+    """Encodes the token events of one generation of session `session_id`.
+
+    The frames are built from a prefix made once per generation, not from a
+    dict per token: this is the server's hottest path (one frame per token
+    per client). The result is the JSON `event` would give, compactly.
+    """
+
+    def __init__(self, session_id: str):
+        sid = _encode(session_id)
+        self._token = '{"type":"token","session":' + sid + ',"id":'
+        self._tokens = '{"type":"tokens","session":' + sid + ',"ids":['
+
+    def token(self, token: Token) -> str:
+        """`{"type":"token","session":S,"id":ID,"text":T[,"finish_reason":R]}`."""
+        return f'{self._token}{int(token.id)},"text":{_encode(token.text)}{_finish(token.finish_reason)}}}'
+
+    def tokens(self, tokens: Sequence[Token]) -> str:
+        """One frame for `tokens` (1 or more, in order): a `token` event for
+        one, else `{"type":"tokens","session":S,"ids":[...],"texts":[...]
+        [,"finish_reason":R]}` with the finish_reason of the last token."""
+        if len(tokens) == 1:
+            return self.token(tokens[0])
+        ids = ",".join([str(int(t.id)) for t in tokens])
+        texts = ",".join([_encode(t.text) for t in tokens])
+        return f'{self._tokens}{ids}],"texts":[{texts}]{_finish(tokens[-1].finish_reason)}}}'
+
+
+def _finish(reason: str | None) -> str:
+    return "" if reason is None else ',"finish_reason":' + _encode(reason)

@@ -22,10 +22,10 @@ import anyio.from_thread
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
-from .engine import Engine, EngineError, EngineSession
+from .engine import Engine, EngineError, EngineSession, TokenStream
 from .errors import SnapshotError, StoppedError
-from .protocol import (PATH, Append, Cancel, Close, Generate, Open, ProtocolError, Request, Snapshot, event,
-                       parse_request)
+from .protocol import (PATH, Append, Cancel, Close, Generate, Open, ProtocolError, Request, Snapshot, TokenFrames,
+                       event, parse_request)
 
 log = logging.getLogger("streamgemma.server")
 
@@ -43,6 +43,12 @@ class Limits:
     never slows other sessions. ping_interval / ping_timeout: websocket
     keepalive (20 s / 20 s). idle_timeout: a connection that sends nothing for
     this long while none of its sessions generates is closed (300 s).
+    coalesce_interval: for a generation that asked for coalescing, the least
+    time between two of its frames (0.02 s, at most 0.1 s): each frame
+    carries every token ready by then, so a token waits at most this long and
+    the server sends at most 1/coalesce_interval frames per second per
+    generation however fast the model decodes. 0: send whatever is ready
+    whenever the connection's writer gets to it.
     """
 
     max_message_bytes: int = 1 << 20
@@ -53,6 +59,12 @@ class Limits:
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     idle_timeout: float = 300.0
+    coalesce_interval: float = 0.02
+
+    def __post_init__(self):
+        if not 0 <= self.coalesce_interval <= 0.1:
+            raise ValueError(f"coalesce_interval must be in [0, 0.1] seconds (it adds latency), "
+                             f"got {self.coalesce_interval!r}")
 
 
 class Server:
@@ -164,9 +176,17 @@ class _Connection:
             pass
 
     async def _write(self) -> None:
+        reader = self._outbox_reader
         try:
-            async for frame in self._outbox_reader:
+            async for frame in reader:
                 await self.ws.send(frame)
+                # Frames queued meanwhile go out now, without a scheduling round each.
+                while True:
+                    try:
+                        frame = reader.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    await self.ws.send(frame)
         except websockets.ConnectionClosed:
             self._tasks.cancel_scope.cancel()
 
@@ -284,19 +304,33 @@ class _Connection:
             cancel_requested = self._starting.pop(es.id, False)
         if cancel_requested:
             self.engine.cancel(es)
+        # A token's "id" is the token id; the request id comes back on "done".
+        frames = TokenFrames(es.id)
         async with contextlib.aclosing(stream):
-            async for token in stream:
-                # A token's "id" is the token id; the request id comes back on "done".
-                fields = {"session": es.id, "id": token.id, "text": token.text}
-                if token.finish_reason is not None:
-                    fields["finish_reason"] = token.finish_reason
-                self.send(event("token", None, **fields))
+            if request.coalesce:
+                await self._send_coalesced(stream, frames)
+            else:
+                async for token in stream:
+                    self.send(frames.token(token))
         done = stream.done
         if done is not None:
             fields = {"session": es.id, "reason": done.reason, "position": done.position}
             if done.text:
                 fields["text"] = done.text
             self.send(event("done", request.id, **fields))
+
+    async def _send_coalesced(self, stream: TokenStream, frames: TokenFrames) -> None:
+        """One frame per batch of ready tokens, at most one frame per
+        coalesce_interval: after each frame the task sleeps, the engine's
+        tokens pile up in the stream meanwhile, and the next frame takes
+        them all. Fewer frames is less server work per token (a frame's
+        encoding and websocket send cost the same for 1 token or 20)."""
+        interval = self.limits.coalesce_interval
+        async for first in stream:
+            batch = [first, *stream.take_ready()]
+            self.send(frames.tokens(batch))
+            if interval and stream.done is None and batch[-1].finish_reason is None:
+                await anyio.sleep(interval)
 
 
 @contextlib.contextmanager

@@ -180,6 +180,80 @@ def test_tokens_stream_and_match_a_plain_session(server):
     assert text == text_model().tokenizer.decode(first)
 
 
+def test_token_frames_are_the_json_of_the_events():
+    from streamgemma.protocol import TokenFrames
+
+    frames = TokenFrames("s-1")
+    one = sg.Token(7, 'say "hi"\\\n\u00e9\U0001F600', None)
+    assert json.loads(frames.token(one)) == {"type": "token", "session": "s-1", "id": 7, "text": one.text}
+    last = sg.Token(9, "", "length")
+    assert json.loads(frames.tokens([last])) == {"type": "token", "session": "s-1", "id": 9, "text": "",
+                                                 "finish_reason": "length"}
+    assert json.loads(frames.tokens([one, last])) == {"type": "tokens", "session": "s-1", "ids": [7, 9],
+                                                      "texts": [one.text, ""], "finish_reason": "length"}
+    with pytest.raises(ValueError, match="coalesce_interval"):
+        Limits(coalesce_interval=0.5)
+
+
+def test_coalesced_and_plain_streams_deliver_the_same_tokens():
+    model = text_model()
+    session = model.session()
+    session.feed(PROMPT)
+    expected = [(t.id, t.text, t.finish_reason) for t in session.generate(max_tokens=40, seed=3, stop_token_ids=[])]
+    # A long interval makes the engine produce several tokens per frame even on a fast CPU.
+    srv = Server(Engine(text_model(), max_active=4), port=0, limits=Limits(coalesce_interval=0.05))
+
+    async def stream(ws, sid, **fields):
+        """(id, text, finish_reason) per token, and the frame types, of one generation."""
+        await ws.send(json.dumps({"type": "generate", "id": "g", "session": sid, "max_tokens": 40, "seed": 3,
+                                  "stop_token_ids": [], **fields}))
+        tokens, kinds = [], []
+        while True:
+            e = json.loads(await ws.recv())
+            kinds.append(e["type"])
+            if e["type"] == "done":
+                assert e["reason"] == "length" and e["id"] == "g"
+                return tokens, kinds
+            if e["type"] == "tokens":
+                assert len(e["ids"]) == len(e["texts"]) > 1
+                tokens += [(i, t, None) for i, t in zip(e["ids"], e["texts"])]
+                tokens[-1] = (*tokens[-1][:2], e.get("finish_reason"))
+            else:
+                assert e["type"] == "token", e
+                tokens.append((e["id"], e["text"], e.get("finish_reason")))
+
+    async def main(url):
+        async with connect(url) as ws:
+            async def ask(msg):
+                await ws.send(json.dumps(msg))
+                return json.loads(await ws.recv())
+
+            sids = []
+            for _ in range(2):
+                sid = (await ask({"type": "open"}))["session"]
+                assert (await ask({"type": "append", "session": sid, "text": PROMPT}))["type"] == "appended"
+                sids.append(sid)
+            # Bad values of the field: an error, and the connection goes on.
+            for bad in ("yes", 1, None, [True]):
+                e = await ask({"type": "generate", "id": 5, "session": sids[0], "coalesce": bad})
+                assert (e["type"], e["code"], e["id"]) == ("error", "bad_message", 5) and "coalesce" in e["message"]
+            coalesced, kinds = await stream(ws, sids[0], coalesce=True)
+            plain, plain_kinds = await stream(ws, sids[1])
+            assert set(plain_kinds) == {"token", "done"} and len(plain_kinds) == 41
+            async with sg.Client(url) as client:  # coalesces by default, yields one Token per token
+                third = await client.open()
+                await third.append(PROMPT)
+                via_client = [(t.id, t.text, t.finish_reason)
+                              async for t in third.generate(max_tokens=40, seed=3, stop_token_ids=NO_STOP)]
+            return coalesced, kinds, plain, via_client
+
+    with serve_in_thread(srv) as url:
+        coalesced, kinds, plain, via_client = run(main, url)
+    assert "tokens" in kinds and len(kinds) < 41  # fewer frames than tokens
+    assert coalesced == plain == via_client == expected
+    assert "".join(t[1] for t in coalesced) == model.tokenizer.decode([t[0] for t in expected])
+
+
 def test_twenty_concurrent_sessions_share_decode_calls(server):
     reference = text_model()
     expected = {i: reference_ids(reference, PROMPT + f" {i}", 16, seed=i)[0] for i in range(20)}

@@ -2,10 +2,17 @@
 
 A tick, in order:
 1. Generations cancelled since the last tick end (Done("cancelled")).
-2. One chunk (`prefill_chunk` tokens) of appended input is consumed, for
-   one session: the sessions with pending input take turns (round robin),
-   so a long append never stalls the decoders for more than one chunk, and
-   every waiting session progresses.
+2. Short input rides along with the decoders: while some session is
+   generating (so a decode runs this tick anyway), a live session whose
+   pending input is at most `step_input_tokens` tokens consumes one of them
+   as an extra row of that decode (what `Session.step` does), at no cost to
+   the others. Otherwise one chunk (`prefill_chunk` tokens) of appended
+   input is consumed for one session with the parallel path: the sessions
+   with pending input take turns (round robin), so a long append never
+   stalls the decoders for more than one chunk, and every waiting session
+   progresses. (On a GPU a short prefill costs ~20 ms of launches, while a
+   decode row costs almost nothing: a transcript line appended to each of
+   256 generating sessions would otherwise stall them all for seconds.)
 3. Every session that is generating and has no pending input advances by
    one token (fairness: all of them, every tick; input appended to a
    generating session is consumed before its next token, so it sits out
@@ -54,6 +61,7 @@ log = logging.getLogger("streamgemma.engine")
 
 DEFAULT_PREFILL_CHUNK = 64  # tokens of appended input per tick: bounds how long decoders wait
 DEFAULT_MAX_PENDING_TOKENS = 1 << 20  # appended but unconsumed tokens per session: bounds host memory
+DEFAULT_STEP_INPUT_TOKENS = 16  # pending input this short rides along in decode rows (one token per tick)
 
 
 class EngineError(StreamgemmaError):
@@ -207,19 +215,27 @@ class Engine:
     bound); more may be open, the idle ones suspended to `store` (default: an
     in-memory store). prefill_chunk: tokens of appended input consumed per
     tick. max_pending_tokens: input appended to one session and not yet
-    consumed (more is refused with EngineError("limit")). Run the scheduler with `await engine.run()` in a task group (it
-    returns when cancelled); call the other methods from the same event loop.
+    consumed (more is refused with EngineError("limit")). step_input_tokens:
+    pending input at most this long is consumed one token per tick in the
+    decode batch while others generate (0: always prefill). Run the
+    scheduler with `await engine.run()` in a task group (it returns when
+    cancelled); call the other methods from the same event loop.
 
-    Counters for monitoring: `decode_calls`, `decoded_tokens`,
-    `prefill_calls`, `suspensions`, `resumptions`.
+    Counters for monitoring: `decode_calls`, `decoded_tokens` (generated),
+    `decoded_input_tokens` (input consumed in decode rows), `prefill_calls`,
+    `suspensions`, `resumptions`.
     """
 
     def __init__(self, model: Model, max_active: int = 64, store: SnapshotStore | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS,
+                 step_input_tokens: int = DEFAULT_STEP_INPUT_TOKENS):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active!r}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk!r}")
+        if step_input_tokens < 0:
+            raise ValueError(f"step_input_tokens must be >= 0 (0: always prefill), got {step_input_tokens!r}")
+        self.step_input_tokens = step_input_tokens
         self.model = model
         self.max_active = max_active
         self.store = store if store is not None else _MemoryStore()
@@ -240,6 +256,7 @@ class Engine:
         self._kept_sessions: list[Session] = []
         self.decode_calls = 0
         self.decoded_tokens = 0
+        self.decoded_input_tokens = 0
         self.prefill_calls = 0
         self.suspensions = 0
         self.resumptions = 0
@@ -426,39 +443,66 @@ class Engine:
             for es in list(self._generating.values()):
                 if es.generation.cancelled:
                     self._finish(es, "cancelled")
-            if self._waiting:
-                es = next(iter(self._waiting.values()))
-                await self._prefill_chunk(es)
-                if es.inputs and self._waiting.pop(es.id, None) is not None:
-                    self._waiting[es.id] = es  # next turn: after the others waiting
+            decoding = any(not es.inputs and es.live is not None for es in self._generating.values())
+            riders = [es for es in self._waiting.values() if self._rides_along(es)] if decoding else []
+            chunked = next((es for es in self._waiting.values() if es not in riders), None)
+            if chunked is not None:
+                await self._prefill_chunk(chunked)
+                if chunked.inputs and self._waiting.pop(chunked.id, None) is not None:
+                    self._waiting[chunked.id] = chunked  # next turn: after the others waiting
+            # Requests that arrived during the prefill count: input appended to a
+            # generator is consumed before its next token.
             batch = [(es, es.generation) for es in self._generating.values() if not es.inputs and es.live is not None]
+            riders = [es for es in riders if es.inputs and es.live is not None]
             if batch:
                 generations = [active.generation for _, active in batch]
                 slots = [es.live.slot for es, _ in batch]
-                tokens = await anyio.to_thread.run_sync(self._decode_batch, generations, slots)
+                inputs = [(es.live, es.inputs[0].ids[es.inputs[0].offset]) for es in riders]
+                tokens = await anyio.to_thread.run_sync(self._decode_batch, generations, slots, inputs)
                 for (es, active), token in zip(batch, tokens):
                     if es.generation is active:  # not ended meanwhile
                         self._deliver(es, token)
+                for es in riders:
+                    self._input_consumed(es, 1)
         # Let the event loop run sends and new requests between ticks.
         await anyio.sleep(0)
 
-    def _decode_batch(self, generations: list[Generation], slots: list[int]) -> list[Token]:
-        """Worker thread: sample every row at once, one decode call for all,
-        one copy of the logits rows the sessions keep, accept each token.
-        Touches only the generations it is given and the kept-logits state."""
+    def _rides_along(self, es: EngineSession) -> bool:
+        """Whether the pending input of `es` is consumed in this tick's decode
+        rows instead of by a prefill chunk (see the module docstring)."""
+        if es.live is None or es.closed:
+            return False
+        remaining = 0
+        for pending in es.inputs:
+            remaining += len(pending.ids) - pending.offset
+            if remaining > self.step_input_tokens:
+                return False
+        return remaining > 0
+
+    def _decode_batch(self, generations: list[Generation], slots: list[int],
+                      inputs: Sequence[tuple[Session, int]] = ()) -> list[Token]:
+        """Worker thread: sample every generation's row at once, one decode
+        call for those rows plus one row per (session, input token) of
+        `inputs`, one copy of the logits rows the sessions keep, accept each
+        sampled token (an input token is recorded like `Session.step` does).
+        Touches only the sessions it is given and the kept-logits state."""
         model = self.model
         with model.lock:
             logits = self._batch_logits(generations)
             vocab = sampled_vocab(model)
             rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
             picked = sample_rows(rows, [g.sample_row() for g in generations])
-            out = model.decode(slots, picked)
+            out = model.decode(slots + [s.slot for s, _ in inputs], picked + [t for _, t in inputs])
             # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
             kept = out.clone(memory_format=torch.contiguous_format)
         self._kept, self._kept_rows = kept, kept.unbind(0)
-        self._kept_sessions = [g.session for g in generations]
+        self._kept_sessions = [g.session for g in generations] + [s for s, _ in inputs]
         self.decode_calls += 1
         self.decoded_tokens += len(generations)
+        self.decoded_input_tokens += len(inputs)
+        n = len(generations)
+        for (session, token), row in zip(inputs, self._kept_rows[n:]):
+            session._consumed([token], row)
         return [g.accept(t, row) for g, t, row in zip(generations, picked, self._kept_rows)]
 
     def _batch_logits(self, generations: list[Generation]) -> torch.Tensor:
@@ -491,7 +535,12 @@ class Engine:
             if not es.inputs:
                 self._waiting.pop(es.id, None)
             return
-        pending.offset += len(chunk)
+        self._input_consumed(es, len(chunk))
+
+    def _input_consumed(self, es: EngineSession, count: int) -> None:
+        """`count` tokens of the first pending input of `es` were consumed."""
+        pending = es.inputs[0]
+        pending.offset += count
         if pending.offset >= len(pending.ids):
             es.inputs.popleft()
             pending.position = es.position

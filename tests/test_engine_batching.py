@@ -5,6 +5,7 @@ different parameters and a batch that changes, get exactly the tokens of
 from __future__ import annotations
 
 import anyio
+import pytest
 
 from streamgemma.engine import Engine
 from streamgemma.sampling import SamplingParams
@@ -93,3 +94,47 @@ def test_engine_continues_exactly_after_a_session_leaves_and_rejoins():
         return a, b
 
     assert anyio.run(main, backend="asyncio") == (first, second)
+
+
+def test_short_input_rides_along_in_decode_rows_and_long_input_is_prefilled():
+    """While others generate, input of at most step_input_tokens is consumed
+    one token per tick as extra decode rows (no prefill call), exactly as
+    `Session.step` would; longer input goes through prefill chunks."""
+    model, plain = text_model(), text_model()
+    short = model.tokenizer.encode(" hello there", add_bos=False)
+    long = model.tokenizer.encode(" and a much longer line of transcript text that keeps going on", add_bos=False)
+    assert len(short) <= 4 < len(long)
+    s = plain.session()
+    s.feed(PROMPTS[0])
+    for t in short:
+        s.step(t)
+    expected = [t.id for t in s.generate(max_tokens=6, seed=5, stop_token_ids=[])]
+
+    async def main():
+        engine = Engine(model, max_active=4, step_input_tokens=4)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            es, other = await engine.open(), await engine.open()
+            await engine.consumed(engine.append(other, PROMPTS[1]))
+            await engine.consumed(engine.append(es, PROMPTS[0]))
+            background = await engine.generate(other, SamplingParams(max_tokens=4000, stop_token_ids=()))
+            await background.__anext__()
+            prefills, rows = engine.prefill_calls, engine.decoded_input_tokens
+            position = await engine.consumed(engine.append(es, short))
+            assert (engine.prefill_calls, engine.decoded_input_tokens) == (prefills, rows + len(short))
+            assert position == es.position
+            got = [t.id async for t in await engine.generate(es, SamplingParams(max_tokens=6, seed=5,
+                                                                                stop_token_ids=()))]
+            prefills = engine.prefill_calls
+            await engine.consumed(engine.append(es, long))
+            assert engine.prefill_calls > prefills  # too long to ride along
+            await background.aclose()
+            tg.cancel_scope.cancel()
+        return got
+
+    assert anyio.run(main, backend="asyncio") == expected
+
+
+def test_engine_rejects_a_negative_step_input_tokens():
+    with pytest.raises(ValueError, match="step_input_tokens"):
+        Engine(text_model(), step_input_tokens=-1)

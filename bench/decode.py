@@ -99,9 +99,10 @@ def time_hf_generate(cfg: sg.GriffinConfig, batch: int, new_tokens: int, prompt:
     return batch * new_tokens / elapsed
 
 
-def check_against_reference(cfg: sg.GriffinConfig) -> dict:
+def check_against_reference(cfg: sg.GriffinConfig, one_by_one: bool = False) -> dict:
     """One kernel step vs the PyTorch reference step on 2B shapes, 4 sessions at
-    mixed positions (0, 100, exactly the window, past many wraps)."""
+    mixed positions (0, 100, exactly the window, past many wraps): decoded
+    together (batch 4: the matmul path) or one_by_one (batch 1: the GEMV path)."""
     fast = random_model(cfg, kernels=True)
     ref = sg.Model(fast.network, kernels=False)  # same weights, reference path
     positions = [0, 100, cfg.attention_window, 50_000]
@@ -112,7 +113,11 @@ def check_against_reference(cfg: sg.GriffinConfig) -> dict:
         fill_random_state(m, slots, 0)
         for s, p in zip(slots, positions):
             m.pool.positions[s] = p
-        out[m is fast] = (m.decode(slots, [5, 6, 7, 8]).float(),
+        if one_by_one:
+            logits = torch.cat([m.decode([s], [t]).float().clone() for s, t in zip(slots, [5, 6, 7, 8])])
+        else:
+            logits = m.decode(slots, [5, 6, 7, 8]).float()
+        out[m is fast] = (logits,
                           [t.float().clone() for layer in m.pool.layers for t in layer])
         for s in sessions:
             s.close()
@@ -126,6 +131,23 @@ def check_against_reference(cfg: sg.GriffinConfig) -> dict:
     return result
 
 
+def configure_gemv(args) -> None:
+    """Apply --gemv-max-batch / --gemv-configs / --no-pdl (module-level settings)."""
+    from streamgemma.fast_decode import KernelDecoder
+    from streamgemma.kernels import gemv, pdl
+
+    if args.gemv_max_batch is not None:
+        KernelDecoder.GEMV_MAX_BATCH = min(args.gemv_max_batch, gemv.MAX_BATCH)
+    if args.gemv_configs:
+        with open(args.gemv_configs) as f:
+            best = json.load(f)["best"]
+        for key, cfg in best.items():
+            b, epi, n, k = key.split(",")
+            gemv.CONFIG_OVERRIDE[(int(b), epi, int(n), int(k))] = tuple(cfg)
+    if args.no_pdl:
+        pdl.set_enabled(False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
@@ -133,13 +155,20 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=16, help="new tokens per transformers generate (0: skip)")
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gemv-max-batch", type=int, default=None,
+                    help="largest batch on the fused GEMV path (0: matmul path only)")
+    ap.add_argument("--gemv-configs", default=None, help="JSON from bench/tune_gemv.py --json")
+    ap.add_argument("--no-pdl", action="store_true", help="decode kernels without programmatic dependent launch")
     args = ap.parse_args()
+    configure_gemv(args)
     batches = [int(b) for b in args.batches.split(",")]
     cfg = sg.GriffinConfig.preset("recurrentgemma-2b")
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.check:
         results["check"] = check_against_reference(cfg)
-        print("check vs reference (bf16):", results["check"], flush=True)
+        print("check vs reference (bf16, batch 4):", results["check"], flush=True)
+        results["check_batch1"] = check_against_reference(cfg, one_by_one=True)
+        print("check vs reference (bf16, batch 1 x 4):", results["check_batch1"], flush=True)
 
     bw = copy_bandwidth()
     model = random_model(cfg)

@@ -21,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
+
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m - m_new) defined when a split has no valid key
 
 
@@ -45,7 +48,11 @@ def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexp
 @triton.jit
 def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr, pos_ptr, inv_freq_ptr,
                          m_ptr, l_ptr, acc_ptr, W, NSPLIT, split_len, scale, H,
-                         HP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+                         HP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+                         PDL: tl.constexpr):
+    if PDL:  # everything here depends on earlier kernels
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     split = tl.program_id(1)
     slot = tl.load(slots_ptr + row)
@@ -94,9 +101,12 @@ def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
 @triton.jit
 def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr, pos_ptr, inv_freq_ptr,
                          m_ptr, l_ptr, acc_ptr, out_ptr, W, NSPLIT, scale, H,
-                         HP: tl.constexpr, HD: tl.constexpr, NSP: tl.constexpr):
+                         HP: tl.constexpr, HD: tl.constexpr, NSP: tl.constexpr, PDL: tl.constexpr):
     # one program per (row, head): the merge is split across heads so it is not
     # one long serial program per row
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.arange(0, HD)
@@ -167,11 +177,11 @@ def attention_decode(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tens
     _attn_partial_kernel[(batch, nsplit)](
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc,
         window, nsplit, split_len, scale, num_heads, HP=hp, HD=hd, BN=block, IEEE=ieee,
-        num_warps=8 if hd >= 256 else 4)
+        PDL=pdl.enabled(), num_warps=8 if hd >= 256 else 4, **pdl.launch_kwargs())
     _attn_combine_kernel[(batch, num_heads)](
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc, out,
         window, nsplit, scale, num_heads, HP=hp, HD=hd, NSP=triton.next_power_of_2(nsplit),
-        num_warps=8 if hd >= 256 else 4)
+        PDL=pdl.enabled(), num_warps=8 if hd >= 256 else 4, **pdl.launch_kwargs())
     return out
 
 

@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
+
 
 @triton.jit
 def _gelu_tanh(x):
@@ -63,10 +66,10 @@ def conv1d_decode(xy: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tenso
 
 
 @triton.jit
-def _rglru_decode_kernel(xc_ptr, y_ptr, y_stride, h_ptr, slots_ptr, pos_ptr,
+def _rglru_decode_kernel(xc_ptr, xc_stride, y_ptr, y_stride, h_ptr, slots_ptr, pos_ptr,
                          wx_ptr, bx_ptr, wa_ptr, ba_ptr, neg8_softplus_ptr, out_ptr,
                          B, L, BW, BWP: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, PDL: tl.constexpr):
     # BW: channels per head (block width); BWP: BW rounded up to a power of two
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     head = tl.program_id(1)
@@ -74,16 +77,20 @@ def _rglru_decode_kernel(xc_ptr, y_ptr, y_stride, h_ptr, slots_ptr, pos_ptr,
     icols = tl.arange(0, BWP)
     jmask = jcols < BW
     imask = icols < BW
-    slots = tl.load(slots_ptr + rows, mask=rows < B, other=-1)
-    live = slots >= 0
-    p = tl.load(pos_ptr + rows, mask=live, other=1)
-
-    xh = tl.load(xc_ptr + rows[:, None] * L + head * BW + icols[None, :],
-                 mask=live[:, None] & imask[None, :], other=0.0)
+    # the gate weights depend on no earlier kernel: load them before waiting (PDL)
     w_off = head * BW * BW + icols[:, None] * BW + jcols[None, :]
     wmask = imask[:, None] & jmask[None, :]
     wx = tl.load(wx_ptr + w_off, mask=wmask, other=0.0)
     wa = tl.load(wa_ptr + w_off, mask=wmask, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    slots = tl.load(slots_ptr + rows, mask=rows < B, other=-1)
+    live = slots >= 0
+    p = tl.load(pos_ptr + rows, mask=live, other=1)
+
+    xh = tl.load(xc_ptr + rows[:, None] * xc_stride + head * BW + icols[None, :],
+                 mask=live[:, None] & imask[None, :], other=0.0)
     if IEEE:
         gx = tl.dot(xh, wx, input_precision="ieee")
         ga = tl.dot(xh, wa, input_precision="ieee")
@@ -102,24 +109,27 @@ def _rglru_decode_kernel(xc_ptr, y_ptr, y_stride, h_ptr, slots_ptr, pos_ptr,
     mult = tl.where(reset, 1.0, mult)
 
     mask2 = live[:, None] & jmask[None, :]
-    xj = tl.load(xc_ptr + rows[:, None] * L + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
+    xj = tl.load(xc_ptr + rows[:, None] * xc_stride + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
     h_off = slots[:, None].to(tl.int64) * L + ch[None, :]
     h = tl.load(h_ptr + h_off, mask=mask2, other=0.0)
     h = a * h + xj * gx * mult
     tl.store(h_ptr + h_off, h, mask=mask2)
     y = tl.load(y_ptr + rows[:, None] * y_stride + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
     out = h.to(out_ptr.dtype.element_ty).to(tl.float32) * _gelu_tanh(y)
-    tl.store(out_ptr + rows[:, None] * L + ch[None, :], out.to(out_ptr.dtype.element_ty), mask=mask2)
+    # padding rows get zeros: what follows multiplies every row, and must not meet garbage
+    out = tl.where(live[:, None], out, 0.0)
+    tl.store(out_ptr + rows[:, None] * L + ch[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(rows < B)[:, None] & jmask[None, :])
 
 
 def rglru_decode(xc: torch.Tensor, y: torch.Tensor, h_state: torch.Tensor, slots: torch.Tensor,
                  pos: torch.Tensor, wx: torch.Tensor, bx: torch.Tensor, wa: torch.Tensor, ba: torch.Tensor,
                  neg8_softplus_a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """xc: conv output [B, L]; y: linear_y's output (pre-gelu), a [B, L] view
-    whose rows may be strided; h_state: pool [S, L] float32 (updated in place);
+    """xc: conv output [B, L]; y: linear_y's output (pre-gelu); both [B, L]
+    views whose rows may be strided; h_state: pool [S, L] float32 (updated in place);
     wx/wa: gate weights [H, bw, bw] ([in, out] per block); bx/ba: [H, bw];
     neg8_softplus_a: -8 * softplus(a_param) [L] float32; out: [B, L] model
-    dtype = h.to(dtype) * gelu_tanh(y) (padding rows untouched)."""
+    dtype = h.to(dtype) * gelu_tanh(y) (zeros in padding rows)."""
     batch, width = xc.shape
     heads, bw, _ = wx.shape
     bwp = max(16, triton.next_power_of_2(bw))
@@ -128,6 +138,7 @@ def rglru_decode(xc: torch.Tensor, y: torch.Tensor, h_state: torch.Tensor, slots
     # more rows per program so the weights are not re-read for every 16 rows.
     bb = 16 if batch <= 16 else (32 if batch <= 32 else 64)
     _rglru_decode_kernel[(triton.cdiv(batch, bb), heads, triton.cdiv(bw, bj))](
-        xc, y, y.stride(0), h_state, slots, pos, wx, bx, wa, ba, neg8_softplus_a, out,
-        batch, width, bw, BWP=bwp, BJ=bj, BB=bb, IEEE=xc.dtype == torch.float32)
+        xc, xc.stride(0), y, y.stride(0), h_state, slots, pos, wx, bx, wa, ba, neg8_softplus_a, out,
+        batch, width, bw, BWP=bwp, BJ=bj, BB=bb, IEEE=xc.dtype == torch.float32, PDL=pdl.enabled(),
+        **pdl.launch_kwargs())
     return out

@@ -8,6 +8,10 @@ kernels per layer and one matrix product per projection (projections that
 read the same input are fused into one weight; the network's parameters
 become views into the fused weights, so no weight is stored twice).
 
+At batch 1 (`KernelDecoder.GEMV_MAX_BATCH`) the products are the fused GEMV
+kernel of `kernels/gemv.py` instead of cuBLAS: the norms, GeGLU, conv1d,
+embedding lookup and soft-cap ride in the products' prologues and epilogues.
+
 `GraphedDecoder` captures that step once per batch-size bucket in a CUDA graph
 so a step costs one graph launch plus one small host-to-device copy.
 """
@@ -29,12 +33,20 @@ from .state import StatePool
 class KernelDecoder:
     """One decode step for many sessions, state updated in place in the pool."""
 
-    def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights):
-        from streamgemma.kernels import attention_decode, elementwise, recurrent_decode
+    # Largest batch on the fused GEMV path. Its products run on the CUDA cores:
+    # at batch 2+ on 2B shapes they lost to cuBLAS on an H100 (bench/NOTES.md).
+    GEMV_MAX_BATCH = 1
 
-        self._attn, self._ew, self._rec = attention_decode, elementwise, recurrent_decode
+    def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights):
+        from streamgemma.kernels import attention_decode, elementwise, gemv, recurrent_decode
+
+        self._attn, self._ew, self._rec, self._gemv = attention_decode, elementwise, recurrent_decode, gemv
         self.network, self.pool, self.config = network, pool, network.config
         self.layers, self.inv_freq = fused.layers, fused.inv_freq
+        # Batches up to this size take the fused GEMV path (weight-streaming
+        # products with the norms, GeGLU, conv and soft-cap folded in); larger
+        # ones the cuBLAS products, which win once the weights are reused by many rows.
+        self.gemv_max_batch = min(self.GEMV_MAX_BATCH, gemv.MAX_BATCH)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
@@ -42,6 +54,8 @@ class KernelDecoder:
         """tokens, slots, pos: [B] int64 on the device (slot -1: padding row,
         whose state is untouched). Returns float32 logits [B, vocab] (into `out`
         if given). Positions are read, not advanced: the caller owns them."""
+        if tokens.shape[0] <= self.gemv_max_batch:
+            return self._step_gemv(tokens, slots, pos, out)
         cfg, net = self.config, self.network
         batch = tokens.shape[0]
         x = net.embedder.encode(tokens).contiguous()  # residual stream [B, D], model dtype
@@ -78,6 +92,64 @@ class KernelDecoder:
         if out is None:
             out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=x.device)
         return self._ew.softcap(logits, cfg.logits_soft_cap, out)
+
+    def _step_gemv(self, tokens, slots, pos, out):
+        """The small-batch step: five launches per recurrent layer (x|y product
+        with norm and conv, RG-LRU, out product, gate|up product with norm and
+        GeGLU, down product) and six per attention layer. The residual stream
+        lives in two buffers used in turn: each normalising product reads one
+        and writes `x + delta` to the other."""
+        cfg, net, gemv = self.config, self.network, self._gemv.gemv
+        batch, dev, dtype = tokens.shape[0], tokens.device, net.dtype
+        d, l, eps = cfg.width, cfg.lru_width, cfg.rms_norm_eps
+        res = [torch.empty(batch, d, dtype=dtype, device=dev) for _ in range(2)]
+        cur = None  # index into res of the residual stream (before `delta`); None: the embeddings
+        delta = None
+
+        def normed(weight, scale, out, **kw):
+            nonlocal cur, delta
+            if cur is None:  # the first product reads the embedding rows itself (Embedder.encode)
+                src = dict(src=net.embedder.input_embedding, tokens=tokens, emb_scale=net.embedder.scale)
+                nxt = 0
+            else:
+                src = dict(src=res[cur], delta=delta)
+                nxt = 1 - cur
+            gemv(weight=weight, out=out, norm_scale=scale, eps=eps, residual_out=res[nxt], **src, **kw)
+            cur, delta = nxt, None
+
+        for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
+            pre = block.temporal_pre_norm.scale
+            if block.kind == ATTENTION:
+                att = block.attention_block
+                qkv = torch.empty(batch, entry["w_qkv"].shape[0], dtype=dtype, device=dev)
+                normed(entry["w_qkv"], pre, qkv)
+                mixed = torch.empty(batch, cfg.width, dtype=dtype, device=dev)
+                self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq,
+                                            cfg.num_heads, mixed)
+                delta = gemv(mixed, att.proj_final.weight, torch.empty(batch, d, dtype=dtype, device=dev),
+                             bias=att.proj_final.bias)
+            else:
+                rec = block.recurrent_block
+                xy = torch.empty(batch, 2 * l, dtype=dtype, device=dev)  # conv output | y
+                normed(entry["w_xy"], pre, xy, bias=entry["b_xy"], epilogue="conv",
+                       conv=(state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b))
+                gated = torch.empty(batch, l, dtype=dtype, device=dev)
+                lru = rec.rg_lru
+                self._rec.rglru_decode(xy[:, :l], xy[:, l:], state[1], slots, pos, lru.input_gate.w,
+                                       lru.input_gate.b, lru.a_gate.w, lru.a_gate.b,
+                                       entry["neg8_softplus_a"], gated)
+                delta = gemv(gated, rec.linear_out.weight, torch.empty(batch, d, dtype=dtype, device=dev),
+                             bias=rec.linear_out.bias)
+            hidden = torch.empty(batch, cfg.mlp_width, dtype=dtype, device=dev)
+            normed(entry["w_up"], block.channel_pre_norm.scale, hidden, bias=entry["b_up"], epilogue="geglu")
+            down = block.mlp_block.ffw_down
+            delta = gemv(hidden, down.weight, torch.empty(batch, d, dtype=dtype, device=dev), bias=down.bias)
+        if out is None:
+            out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=dev)
+        # the last residual is not needed after the final norm: no residual_out
+        gemv(res[cur], net.embedder.input_embedding, out, delta=delta, norm_scale=net.final_norm.scale,
+             eps=eps, epilogue="softcap", cap=cfg.logits_soft_cap)
+        return out
 
 
 class GraphedDecoder:

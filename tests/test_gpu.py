@@ -56,3 +56,25 @@ def test_bfloat16_prefill_and_decode_stay_close_to_float32_reference():
     ss = fast.session()
     stepped = torch.stack([ss.step(t) for t in tokens])
     assert rel_err(stepped, want) < 5e-2
+
+
+def test_dependent_launches_change_no_result():
+    """The batch-1 graphed step (fused GEMV path) with programmatic dependent
+    launch on and off: identical logits step after step (a kernel touching an
+    earlier kernel's output before its wait would race)."""
+    from streamgemma.kernels import pdl
+
+    if not pdl.supported():
+        pytest.skip("needs compute capability 9.0+")
+    tokens = random_tokens(40, 256, seed=8)
+    outs = []
+    try:
+        for on in (True, False):
+            pdl.set_enabled(on)
+            model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=7, device="cuda", dtype="bfloat16")
+            s = model.session()
+            s.feed(tokens[:5])
+            outs.append(torch.stack([s.step(t).clone() for t in tokens[5:]]))
+    finally:
+        pdl.set_enabled(None)
+    assert torch.equal(outs[0], outs[1])

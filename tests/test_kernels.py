@@ -43,8 +43,10 @@ def reference_step(model, tokens, slots, positions):
     return logits
 
 
+@pytest.mark.parametrize("path", ["gemv", "matmul"])
 @pytest.mark.parametrize("dtype", dtypes())
-def test_decode_step_matches_reference_mixed_positions_and_padding(dtype):
+def test_decode_step_matches_reference_mixed_positions_and_padding(dtype, path):
+    """Six rows: the fused small-batch GEMV path and the matmul path (larger batches)."""
     cfg = sg.GriffinConfig.preset("tiny")
     ref = sg.Model.random(cfg, seed=3, device=DEV, dtype=dtype, kernels=False)
     fast = sg.Model.random(cfg, seed=3, device=DEV, dtype=dtype, kernels=True)
@@ -59,6 +61,7 @@ def test_decode_step_matches_reference_mixed_positions_and_padding(dtype):
     want = reference_step(ref, tokens, slots_live, positions)
 
     decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
+    decoder.gemv_max_batch = 8 if path == "gemv" else 0
     # a padding row (-1) in the middle: its output is ignored, no state may change
     slots = torch.tensor(slots_live[:2] + [-1] + slots_live[2:], device=DEV)
     pos = torch.tensor(positions[:2] + [7] + positions[2:], device=DEV)
@@ -133,3 +136,86 @@ def test_prefill_with_kernels_equals_reference_steps_for_any_split():
     fs = fast.session()
     got = fast.prefill(fs.slot, tokens, all_logits=True, chunk_size=11)
     assert rel_err(got, want) < TOL[torch.float32]
+
+
+def _gemv_case(epilogue: str, batch: int, seed: int):
+    """Random inputs for one fused GEMV call and what it must produce (torch, float32)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEV)  # noqa: E731
+    k, n = 50, 37  # neither a multiple of the blocks below
+    w = rnd(2 * n if epilogue == "geglu" else n, k) / k ** 0.5
+    bias = rnd(w.shape[0])
+    x, delta, scale = rnd(batch, k), rnd(batch, k), rnd(k) * 0.1
+    x_new = x + delta
+    normed = x_new / torch.sqrt(x_new.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + scale)
+    call = dict(src=x, delta=delta, norm_scale=scale, eps=1e-6, bias=bias, epilogue=epilogue)
+    y = normed @ w.T + bias
+    want = {"residual": x_new}
+    if epilogue == "geglu":
+        want["out"] = torch.nn.functional.gelu(y[:, :n], approximate="tanh") * y[:, n:]
+    elif epilogue == "softcap":
+        call.update(bias=None, cap=3.0)
+        want["out"] = 3.0 * torch.tanh((normed @ w.T) / 3.0)
+    elif epilogue == "conv":
+        # the first L = 20 features are conv channels, the other 17 y; slot -1: a padding row
+        l, ck = 20, 4
+        state = rnd(batch + 2, ck - 1, l)
+        cw, cb = rnd(ck, l), rnd(l)
+        slots = torch.tensor([-1] + list(range(2, batch + 1)), device=DEV)[:batch]
+        slots[0] = -1 if batch > 1 else 0
+        pos = torch.tensor([0, 1, 2, 3, 100, 7, 9, 11][:batch], device=DEV)
+        full = torch.cat([state[slots.clamp(min=0)], y[:, None, :l]], dim=1)  # [B, ck, L]
+        conv = cb + sum(full[:, ck - 1 - j] * cw[ck - 1 - j] * (pos >= j)[:, None] for j in range(ck))
+        new_state = state.clone()
+        live = slots >= 0
+        new_state[slots[live]] = full[live, 1:]
+        call["conv"] = (state, slots, pos, cw, cb)
+        want.update(out=torch.cat([conv, y[:, l:]], dim=1), state=new_state, live=live)
+    else:
+        want["out"] = y
+    return w, call, want
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "geglu", "conv", "softcap"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_gemv_fused_variants_match_torch(epilogue, batch):
+    """Small blocks (8 features x 16 columns) so a call spans several programs and
+    K tiles with ragged edges; outputs poisoned so every element is proven written."""
+    from streamgemma.kernels.gemv import gemv
+
+    w, call, want = _gemv_case(epilogue, batch, seed=batch * 10 + len(epilogue))
+    n_out = w.shape[0] // 2 if epilogue == "geglu" else w.shape[0]
+    out = torch.full((batch, n_out), float("nan"), device=DEV)
+    residual = torch.full_like(call["src"], float("nan"))
+    gemv(weight=w, out=out, residual_out=residual, config=(8, 16, 4), **call)
+    rows = want.get("live", torch.ones(batch, dtype=torch.bool, device=DEV))
+    if epilogue == "conv":  # padding rows' conv outputs are unspecified; their state is untouched
+        assert rel_err(out[rows], want["out"][rows]) < 1e-5
+        assert rel_err(out[:, 20:], want["out"][:, 20:]) < 1e-5
+        assert torch.equal(call["conv"][0], want["state"]) or rel_err(call["conv"][0], want["state"]) < 1e-6
+    else:
+        assert rel_err(out, want["out"]) < 1e-5
+    assert rel_err(residual, want["residual"]) < 1e-6
+
+
+def test_gemv_plain_input_and_embedding_source():
+    """No norm (the output projections: input read as is, strided output rows) and
+    the first layer's source (embedding rows of tokens, scaled)."""
+    from streamgemma.kernels.gemv import gemv
+
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEV)  # noqa: E731
+    x, w = rnd(3, 70), rnd(45, 70)
+    out = torch.full((3, 60), float("nan"), device=DEV)[:, 5:50]  # a strided view: row stride 60
+    gemv(x, w, out, config=(16, 32, 4))
+    assert rel_err(out, x @ w.T) < 1e-5
+    table, scale = rnd(30, 70), rnd(70) * 0.1
+    tokens = torch.tensor([4, 29], device=DEV)
+    res = torch.full((2, 70), float("nan"), device=DEV)
+    out = torch.full((2, 45), float("nan"), device=DEV)
+    gemv(weight=w, out=out, src=table, tokens=tokens, emb_scale=2.5, norm_scale=scale, residual_out=res,
+         config=(16, 32, 4))
+    e = table[tokens] * 2.5
+    normed = e / torch.sqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + scale)
+    assert rel_err(res, e) < 1e-6
+    assert rel_err(out, normed @ w.T) < 1e-5

@@ -1,0 +1,230 @@
+"""The fused small-batch GEMV (kernels/gemv.py) against the matmul path on the
+RecurrentGemma-2B projection shapes (bf16): correctness, then a block-size
+sweep per shape and batch bucket, each variant timed as one CUDA graph of
+back-to-back launches cycling through enough weight copies to miss L2.
+
+    python bench/tune_gemv.py [--batches 1,2,4,8] [--json best.json] [--quick] [--pdl]
+
+Prints per shape and batch: the matmul path (cuBLAS + its row kernels) and the
+best GEMV config, in microseconds per call and weight-read TB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+D, L, E, QKV, V = 2560, 2560, 7680, 3072, 256000
+
+# name: (weight rows, K, epilogue, norm, bias)
+SHAPES = {
+    "qkv": (QKV, D, "plain", True, False),
+    "xy": (2 * L, D, "conv", True, True),
+    "out": (D, D, "plain", False, True),
+    "up": (2 * E, D, "geglu", True, True),
+    "down": (D, E, "plain", False, True),
+    "lm": (V, D, "softcap", True, False),
+}
+
+
+def configs(bb: int, quick: bool) -> list[tuple[int, int, int]]:
+    """(BN, BK, num_warps) candidates: register use grows with BB * BN * BK / threads."""
+    cand = {
+        1: [(8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8), (4, 256, 4),
+            (4, 512, 4), (4, 1024, 8), (4, 512, 2), (8, 256, 2), (2, 1024, 4), (2, 512, 2)],
+        2: [(8, 256, 4), (16, 256, 8), (8, 512, 8)],
+        4: [(8, 128, 4), (16, 128, 8), (8, 256, 8)],
+        8: [(4, 128, 4), (4, 256, 8), (8, 64, 4), (8, 128, 4), (8, 128, 8), (8, 256, 8), (16, 64, 4),
+            (16, 128, 8)],
+    }[bb]
+    return cand[:3] if quick else cand
+
+
+class Case:
+    """One shape's tensors, `copies` weight copies (to defeat L2), batch rows."""
+
+    def __init__(self, name: str, batch: int, copies: int, seed: int = 0):
+        n_rows, k, self.epi, self.norm, has_bias = SHAPES[name]
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)  # noqa: E731
+        self.name, self.batch, self.k, self.n_rows = name, batch, k, n_rows
+        # drawn in bf16 directly: no float32 copy of the 1.3 GB LM head
+        self.weights = [torch.empty(n_rows, k, device="cuda", dtype=torch.bfloat16).normal_(0, k ** -0.5, generator=g)
+                        for _ in range(copies)]
+        self.bias = (rnd(n_rows) * 0.1).bfloat16() if has_bias else None
+        self.x = rnd(batch, k).bfloat16()
+        self.delta = rnd(batch, k).bfloat16()
+        self.scale = (rnd(k) * 0.1).bfloat16()
+        n_out = n_rows // 2 if self.epi == "geglu" else n_rows
+        self.out = torch.empty(batch, n_out, device="cuda",
+                               dtype=torch.float32 if self.epi == "softcap" else torch.bfloat16)
+        self.res = torch.empty_like(self.x)
+        if self.epi == "conv":
+            self.conv_state = (rnd(batch, 3, L) * 0.5).bfloat16()
+            self.cw, self.cb = (rnd(4, L) * 0.5).bfloat16(), (rnd(L) * 0.1).bfloat16()
+            self.slots = torch.arange(batch, device="cuda")
+            self.pos = torch.full((batch,), 100, device="cuda")
+
+    def gemv(self, i: int, config):
+        from streamgemma.kernels.gemv import gemv
+        kw = dict(bias=self.bias, epilogue=self.epi, config=config)
+        if self.norm:
+            kw.update(delta=self.delta, norm_scale=self.scale, residual_out=self.res)
+        if self.epi == "conv":
+            kw["conv"] = (self.conv_state, self.slots, self.pos, self.cw, self.cb)
+        if self.epi == "softcap":
+            kw["cap"] = 30.0
+        gemv(self.x, self.weights[i], self.out, **kw)
+        return self.out
+
+    def matmul(self, i: int, fresh: bool = False):
+        """What the matmul path runs for this projection. Its add_rmsnorm adds delta
+        in place (into `res`); fresh=True first copies x there, as the check needs."""
+        from streamgemma.kernels import elementwise, recurrent_decode
+        x = self.x
+        if self.norm:
+            if fresh:
+                self.res.copy_(self.x)
+            x = elementwise.add_rmsnorm(self.res, self.delta, self.scale, 1e-6, torch.empty_like(self.x))
+        y = F.linear(x, self.weights[i], self.bias)
+        if self.epi == "geglu":
+            return elementwise.geglu(y, self.out)
+        if self.epi == "softcap":
+            return elementwise.softcap(y, 30.0, self.out)
+        if self.epi == "conv":
+            xc = torch.empty(self.batch, L, device="cuda", dtype=torch.bfloat16)
+            recurrent_decode.conv1d_decode(y, self.conv_state, self.slots, self.pos, self.cw, self.cb, xc)
+            return xc
+        return y
+
+
+def graph_time_us(fn, copies: int, launches: int = 48, reps: int = 7) -> float:
+    """Median time per call of fn(i) replayed from one graph, i cycling over copies."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for j in range(launches):
+            fn(j % copies)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / launches)
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def copies_for(name: str) -> int:
+    n_rows, k = SHAPES[name][:2]
+    return max(1, min(8, -(-200_000_000 // (n_rows * k * 2))))
+
+
+def _compile(job):
+    """Worker: run each (shape, batch, config) once, so the Triton cache holds them."""
+    name, batch, cfgs, with_pdl = job
+    from streamgemma.kernels import pdl
+    case = Case(name, batch, 1)
+    failed = []
+    for c in cfgs:
+        for on in ((False, True) if with_pdl else (False,)):
+            pdl.set_enabled(on)
+            try:
+                case.gemv(0, c)
+            except Exception as e:  # noqa: BLE001 - report, keep compiling the rest
+                failed.append((c, repr(e)[:200]))
+    torch.cuda.synchronize()
+    return failed
+
+
+def check(case: Case) -> float:
+    """GEMV vs the matmul path on the same inputs (conv state restored between)."""
+    if case.epi == "conv":
+        saved = case.conv_state.clone()
+    want = case.matmul(0, fresh=True).float().clone()
+    if case.epi == "conv":
+        want_state = case.conv_state.clone()
+        case.conv_state.copy_(saved)
+    case.out.fill_(float("nan"))
+    got = case.gemv(0, None).float()
+    got = got[:, :L] if case.epi == "conv" else got
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    if case.epi == "conv":
+        err = max(err, ((case.conv_state.float() - want_state.float()).abs().max()
+                        / want_state.float().abs().max()).item())
+    return err
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pdl", action="store_true", help="also time the best 3 configs with PDL launches")
+    args = ap.parse_args()
+    from streamgemma.kernels import pdl
+    pdl.set_enabled(False)  # the sweep times plain launches; --pdl adds PDL timings
+    batches = [int(b) for b in args.batches.split(",")]
+    shapes = args.shapes.split(",")
+    jobs = [(name, b, configs(b, args.quick)) for name in shapes for b in batches]
+    # compile every variant in parallel processes first (fills the on-disk cache)
+    split = [(n, b, cs[i::2], args.pdl) for n, b, cs in jobs for i in range(2)]
+    ctx = __import__("multiprocessing").get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(14, os.cpu_count() or 4), mp_context=ctx) as ex:
+        for (n, b, _, _), failed in zip(split, ex.map(_compile, split)):
+            for c, msg in failed:
+                print(f"compile/run failed {n} b{b} {c}: {msg}", flush=True)
+
+    results, best = [], {}
+    print(f"{'shape':6} {'B':>2} {'matmul us':>10} {'TB/s':>6} {'gemv us':>8} {'TB/s':>6}  best config   err", flush=True)
+    for name, b, cfgs in jobs:
+        copies = copies_for(name)
+        case = Case(name, b, copies)
+        nbytes = case.weights[0].numel() * 2
+        err = check(case)
+        t_mm = graph_time_us(lambda i: case.matmul(i), copies)
+        timed = []
+        for c in cfgs:
+            try:
+                timed.append((graph_time_us(lambda i: case.gemv(i, c), copies), c))
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} b{b} {c} failed: {e!r}"[:200], flush=True)
+        timed.sort()
+        t_best, c_best = timed[0]
+        pdl_times = []
+        if args.pdl:
+            from streamgemma.kernels import pdl
+            pdl.set_enabled(True)
+            pdl_times = [(graph_time_us(lambda i: case.gemv(i, c), copies), c) for _, c in timed[:3]]
+            pdl.set_enabled(False)
+            print("    with PDL: " + ", ".join(f"{c}: {t:.1f} us" for t, c in pdl_times), flush=True)
+        best[f"{b},{case.epi},{case.n_rows},{case.k}"] = list(c_best)
+        results.append(dict(shape=name, batch=b, matmul_us=t_mm, gemv_us=t_best, config=c_best, err=err,
+                            all=[(t, c) for t, c in timed], pdl=pdl_times))
+        print(f"{name:6} {b:2d} {t_mm:10.1f} {nbytes / t_mm / 1e6:6.2f} {t_best:8.1f} {nbytes / t_best / 1e6:6.2f}"
+              f"  {str(c_best):13} {err:.1e}", flush=True)
+        del case
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"best": best, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

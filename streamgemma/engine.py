@@ -23,7 +23,9 @@ A tick, in order:
    copy (each session's logits are then a row of that copy), and records
    each token in its session (detokenizer, stop strings). On CUDA the host
    does that recording while the GPU still runs the decode: nothing in it
-   waits for the device.
+   waits for the device. (On CUDA this host work runs on the event loop's
+   thread and only the wait for the sampled ids in a worker thread; on the
+   CPU, where the model's arithmetic is the cost, all of it in a worker.)
 4. Tokens are delivered to their streams in the event loop.
 A session gets exactly the tokens `Session.generate` would give it with the
 same seed, whatever else is in the batch.
@@ -40,6 +42,7 @@ Every model call runs in a worker thread (anyio.to_thread), one at a time
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -53,7 +56,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .errors import SnapshotNotFound, StreamgemmaError
 from .model import Model
-from .sampling import SamplingParams, sample_rows
+from .sampling import PendingIds, SamplingParams
 from .session import Generation, Session, Token, check_token_ids, sampled_vocab
 from .snapshot_store import SnapshotStore, validate_session_id
 
@@ -236,6 +239,7 @@ class Engine:
         if step_input_tokens < 0:
             raise ValueError(f"step_input_tokens must be >= 0 (0: always prefill), got {step_input_tokens!r}")
         self.step_input_tokens = step_input_tokens
+        self._host_work_in_loop = model.device.type == "cuda"  # see _decode
         self.model = model
         self.max_active = max_active
         self.store = store if store is not None else _MemoryStore()
@@ -458,7 +462,7 @@ class Engine:
                 generations = [active.generation for _, active in batch]
                 slots = [es.live.slot for es, _ in batch]
                 inputs = [(es.live, es.inputs[0].ids[es.inputs[0].offset]) for es in riders]
-                tokens = await anyio.to_thread.run_sync(self._decode_batch, generations, slots, inputs)
+                tokens = await self._decode(generations, slots, inputs)
                 for (es, active), token in zip(batch, tokens):
                     if es.generation is active:  # not ended meanwhile
                         self._deliver(es, token)
@@ -479,19 +483,45 @@ class Engine:
                 return False
         return remaining > 0
 
+    async def _decode(self, generations: list[Generation], slots: list[int],
+                      inputs: Sequence[tuple[Session, int]]) -> list[Token]:
+        """`_decode_batch`, run where it is cheapest. On the CPU the model's
+        work is the cost: all of it goes to a worker thread, so the event
+        loop stays free. On CUDA the host only launches work and keeps books,
+        and in a worker thread that Python would fight the event loop for the
+        GIL (with 256 streams a tick's sampling took 14 ms instead of ~3):
+        so it runs here, and only the waits for the device (which release the
+        GIL) go to a thread."""
+        if not self._host_work_in_loop:
+            return await anyio.to_thread.run_sync(self._decode_batch, generations, slots, inputs)
+        lock = self.model.lock  # an RLock: it must be taken (and released) by this thread
+        while not lock.acquire(blocking=False):  # a Session outside the engine is using the model
+            await anyio.sleep(0.001)
+        try:
+            pending = self._sample(generations)
+            await anyio.to_thread.run_sync(pending.wait)
+            return self._decode_batch(generations, slots, inputs, pending, locked=True)
+        finally:
+            lock.release()
+
+    def _sample(self, generations: list[Generation]) -> PendingIds:
+        logits = self._batch_logits(generations)
+        vocab = sampled_vocab(self.model)
+        rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
+        return PendingIds(rows, [g.sample_row() for g in generations])
+
     def _decode_batch(self, generations: list[Generation], slots: list[int],
-                      inputs: Sequence[tuple[Session, int]] = ()) -> list[Token]:
-        """Worker thread: sample every generation's row at once, one decode
-        call for those rows plus one row per (session, input token) of
-        `inputs`, one copy of the logits rows the sessions keep, accept each
-        sampled token (an input token is recorded like `Session.step` does).
-        Touches only the sessions it is given and the kept-logits state."""
+                      inputs: Sequence[tuple[Session, int]] = (), pending: PendingIds | None = None,
+                      locked: bool = False) -> list[Token]:
+        """Sample every generation's row at once (unless `pending` holds
+        them), one decode call for those rows plus one row per (session,
+        input token) of `inputs`, one copy of the logits rows the sessions
+        keep, accept each sampled token (an input token is recorded like
+        `Session.step` does). Touches only the sessions it is given and the
+        kept-logits state. `locked`: the caller holds the model's lock."""
         model = self.model
-        with model.lock:
-            logits = self._batch_logits(generations)
-            vocab = sampled_vocab(model)
-            rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
-            picked = sample_rows(rows, [g.sample_row() for g in generations])
+        with contextlib.nullcontext() if locked else model.lock:
+            picked = (pending if pending is not None else self._sample(generations)).ids()
             out = model.decode(slots + [s.slot for s, _ in inputs], picked + [t for _, t in inputs])
             # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
             kept = out.clone(memory_format=torch.contiguous_format)

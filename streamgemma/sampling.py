@@ -145,13 +145,41 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     shared [S, V] noise buffer (one kernel launch on CUDA). The host never
     waits for the device except for the final read of the B ids.
     """
-    if not rows:
-        return []
-    values, order = _sample_on_device(logits, rows)
-    out = [0] * len(rows)
-    for i, v in zip(order, values.tolist()):
-        out[i] = v
-    return out
+    return PendingIds(logits, rows).ids()
+
+
+class PendingIds:
+    """`sample_rows` in two halves: constructing it launches the device work
+    and the copy of the ids to the host; `wait()` blocks until they are there
+    (on CUDA it waits on an event, which releases the GIL, so a caller can
+    wait in a worker thread while its own thread keeps launching and
+    bookkeeping); `ids()` returns them (waiting if needed)."""
+
+    def __init__(self, logits: torch.Tensor, rows: Sequence[SampleRow]):
+        self._order: list[int] = []
+        self._host: torch.Tensor | None = None
+        self._event = None
+        if not rows:
+            return
+        values, self._order = _sample_on_device(logits, rows)
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def ids(self) -> list[int]:
+        self.wait()
+        out = [0] * len(self._order)
+        for i, v in zip(self._order, self._host.tolist() if self._order else ()):
+            out[i] = v
+        return out
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

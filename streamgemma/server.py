@@ -104,7 +104,10 @@ class Server:
                 tg.start_soon(self.engine.run)
                 async with serve(self._handle, self.host, self.port, process_request=self._check_request,
                                  max_size=limits.max_message_bytes, ping_interval=limits.ping_interval,
-                                 ping_timeout=limits.ping_timeout, close_timeout=5) as ws_server:
+                                 ping_timeout=limits.ping_timeout, close_timeout=5,
+                                 # Token frames are tens of bytes: deflating them costs more
+                                 # server CPU than it saves on the wire.
+                                 compression=None) as ws_server:
                     self.port = ws_server.sockets[0].getsockname()[1]
                     log.info("listening on %s", self.url)
                     task_status.started(self.port)

@@ -31,13 +31,17 @@ def reference(model, prompt: str, kind: dict, max_tokens: int) -> list[int]:
     return ids
 
 
-def test_engine_tokens_equal_session_generate_with_mixed_params_and_a_changing_batch():
+@pytest.mark.parametrize("host_work_in_loop", [False, True], ids=["cpu-tick", "cuda-style-tick"])
+def test_engine_tokens_equal_session_generate_with_mixed_params_and_a_changing_batch(host_work_in_loop):
+    """Also with the tick CUDA uses (host work on the event loop, only the
+    waits in a thread), forced here on the CPU."""
     model, plain = text_model(), text_model()
     lengths = [12, 20, 7, 16, 25, 30]
     expected = [reference(plain, p, k, n) for p, k, n in zip(PROMPTS, ENGINE_KINDS, lengths)]
 
     async def main():
         engine = Engine(model, max_active=8)
+        engine._host_work_in_loop = host_work_in_loop
         got = {}
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)

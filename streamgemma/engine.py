@@ -50,9 +50,9 @@ import secrets
 from typing import Sequence
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import torch
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import SnapshotNotFound, StreamgemmaError
 from .model import Model
@@ -99,12 +99,41 @@ class _PendingInput:
         self.error: BaseException | None = None
 
 
+class _TokenQueue:
+    """One generation's tokens (then its `Done`) from the scheduler to the
+    reader: a deque, and an event made only while the reader waits. (anyio's
+    memory object streams take a scheduling round per item; with 256 streams
+    at hundreds of tokens/s each that was a large share of the server's time.)
+    Unbounded, but a generation puts at most max_tokens + 1 items."""
+
+    def __init__(self):
+        self.items: collections.deque = collections.deque()
+        self.reader_gone = False
+        self._wakeup: anyio.Event | None = None
+
+    def put(self, item: object) -> bool:
+        """Queue `item`; False (and nothing queued) if the reader has gone."""
+        if self.reader_gone:
+            return False
+        self.items.append(item)
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+        return True
+
+    async def get(self) -> object:
+        while not self.items:
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+        return self.items.popleft()
+
+
 class _ActiveGeneration:
     """A generation the scheduler is advancing, and where its tokens go."""
 
-    def __init__(self, generation: Generation, sink: MemoryObjectSendStream):
+    def __init__(self, generation: Generation, queue: _TokenQueue):
         self.generation = generation
-        self.sink = sink
+        self.queue = queue
         self.cancelled = False
 
 
@@ -140,10 +169,10 @@ class TokenStream:
     it ends, `done` holds the `Done`. Closing it early (aclose, or leaving an
     `async for`) cancels the generation."""
 
-    def __init__(self, engine: "Engine", session: EngineSession, receive: MemoryObjectReceiveStream):
+    def __init__(self, engine: "Engine", session: EngineSession, queue: _TokenQueue):
         self._engine = engine
         self._session = session
-        self._receive = receive
+        self._queue = queue
         self.done: Done | None = None
 
     def __aiter__(self) -> "TokenStream":
@@ -152,13 +181,12 @@ class TokenStream:
     async def __anext__(self) -> Token:
         if self.done is not None:
             raise StopAsyncIteration
-        try:
-            item = await self._receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise StopAsyncIteration from None
+        if self._queue.reader_gone:
+            raise StopAsyncIteration
+        item = await self._queue.get()
         if isinstance(item, Done):
             self.done = item
-            await self._receive.aclose()
+            self._queue.reader_gone = True
             raise StopAsyncIteration
         return item
 
@@ -168,14 +196,12 @@ class TokenStream:
         set and iteration stops after them. Lets a writer send every token
         that is ready in one frame."""
         tokens: list[Token] = []
-        while self.done is None:
-            try:
-                item = self._receive.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                break
+        items = self._queue.items
+        while self.done is None and items:
+            item = items.popleft()
             if isinstance(item, Done):
                 self.done = item
-                self._receive.close()
+                self._queue.reader_gone = True
                 break
             tokens.append(item)
         return tokens
@@ -184,7 +210,8 @@ class TokenStream:
         """Stop consuming: the generation is cancelled (if still running)."""
         if self.done is None:
             self._engine.cancel(self._session)
-        await self._receive.aclose()
+        self._queue.reader_gone = True
+        await anyio.lowlevel.checkpoint()
 
 
 class _MemoryStore(SnapshotStore):
@@ -361,12 +388,12 @@ class Engine:
             await self._ensure_live(es)
             generation = await anyio.to_thread.run_sync(es.live.start_generation, params)
         # The buffer holds a whole generation, so the scheduler never waits on a reader.
-        send, receive = anyio.create_memory_object_stream(params.max_tokens + 1)
-        es.generation = _ActiveGeneration(generation, send)
+        queue = _TokenQueue()
+        es.generation = _ActiveGeneration(generation, queue)
         self._generating[es.id] = es
         self._touch(es)
         self._wake.set()
-        return TokenStream(self, es, receive)
+        return TokenStream(self, es, queue)
 
     def cancel(self, es: EngineSession) -> bool:
         """Cancel the running generation of `es`, if any (True if there was
@@ -580,9 +607,7 @@ class Engine:
 
     def _deliver(self, es: EngineSession, token: Token) -> None:
         active = es.generation
-        try:
-            active.sink.send_nowait(token)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        if not active.queue.put(token):
             active.cancelled = True  # nobody is listening any more
         if token.finish_reason is not None:
             self._finish(es, token.finish_reason)
@@ -597,8 +622,7 @@ class Engine:
         self._generating.pop(es.id, None)
         # Text held back as a possible stop-string start is plain output after all.
         held = active.generation.flush() if reason == "cancelled" else ""
-        _send_quietly(active.sink, Done(reason, es.position, held))
-        active.sink.close()
+        active.queue.put(Done(reason, es.position, held))
         self._touch(es)
 
     def _fail_inputs(self, es: EngineSession, error: BaseException) -> None:
@@ -644,13 +668,6 @@ class Engine:
     def _check_usable(self, es: EngineSession) -> None:
         if es.closed:
             raise EngineError("closed", f"session {es.id!r} is closed")
-
-
-def _send_quietly(sink: MemoryObjectSendStream, item: object) -> None:
-    try:
-        sink.send_nowait(item)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
-        pass
 
 
 def _snapshot_position(model: Model, blob: bytes) -> int:

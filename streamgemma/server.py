@@ -10,6 +10,7 @@ connection, but only one connection holds a session at a time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hmac
@@ -147,7 +148,12 @@ class _Connection:
         self.ws = ws
         self.sessions: dict[str, EngineSession] = {}
         self._starting: dict[str, bool] = {}  # session id -> cancel requested, while a generate is starting
-        self._outbox, self._outbox_reader = anyio.create_memory_object_stream[str](server.limits.send_queue)
+        # Frames waiting for the writer task: a bounded deque and a wake-up event
+        # (cheaper per frame than an anyio memory stream, which takes a
+        # scheduling round per item).
+        self._outbox: collections.deque[str] = collections.deque()
+        self._outbox_ready = anyio.Event()
+        self._outbox_closed = False
         self._overflowed = False
         self._tasks: anyio.abc.TaskGroup | None = None
 
@@ -163,33 +169,32 @@ class _Connection:
             for es in self.sessions.values():
                 self.engine.cancel(es)
                 es.owner = None
-            self._outbox.close()
+            self._outbox_closed = True
             if self._overflowed:
                 with anyio.move_on_after(5, shield=True):
                     await self.ws.close(1008, "send queue full: the client reads too slowly")
 
     def send(self, frame: str) -> None:
         """Queue an event; never waits (a full queue disconnects the client)."""
-        try:
-            self._outbox.send_nowait(frame)
-        except anyio.WouldBlock:
+        if self._outbox_closed:
+            return
+        if len(self._outbox) >= self.limits.send_queue:
             self._overflowed = True
             self._tasks.cancel_scope.cancel()
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+            return
+        self._outbox.append(frame)
+        self._outbox_ready.set()
 
     async def _write(self) -> None:
-        reader = self._outbox_reader
+        outbox = self._outbox
         try:
-            async for frame in reader:
-                await self.ws.send(frame)
-                # Frames queued meanwhile go out now, without a scheduling round each.
-                while True:
-                    try:
-                        frame = reader.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                    await self.ws.send(frame)
+            while True:
+                while not outbox:
+                    self._outbox_ready = anyio.Event()
+                    await self._outbox_ready.wait()
+                # Everything queued goes out now, without a scheduling round per frame.
+                while outbox:
+                    await self.ws.send(outbox.popleft())
         except websockets.ConnectionClosed:
             self._tasks.cancel_scope.cancel()
 

@@ -433,9 +433,18 @@ def fingerprint(network: Griffin, samples: int = 64) -> str:
     h = hashlib.sha256(network.config.to_json().encode())
     for name, p in sorted(network.named_parameters()):
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        idx = sample_indices(flat.numel(), samples).to(flat.device)
         vals = flat.index_select(0, idx).to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(vals)
     return h.hexdigest()[:32]
+
+
+def sample_indices(numel: int, samples: int) -> torch.Tensor:
+    """`min(samples, numel)` evenly spaced indices into `numel` elements, first
+    and last included: int64 [n] on the CPU. Integer arithmetic, so it is
+    exact for any size (a float32 linspace rounds past the last element of a
+    tensor over 2**24 elements, such as the 2B model's 655M-entry embedding)."""
+    n = min(samples, numel)
+    return torch.arange(n, dtype=torch.int64) * (numel - 1) // max(1, n - 1)

@@ -278,3 +278,13 @@ def test_pool_grows_and_sessions_stay_independent():
     late = model.session()
     assert torch.equal(late.feed(tokens), ref)
     assert model.pool.capacity >= 7
+
+
+def test_fingerprint_sample_indices_stay_in_range_for_huge_tensors():
+    from streamgemma.weights import sample_indices
+
+    for numel in (1, 2, 63, 64, 65, 1000, 2**24 + 1, 256_000 * 2560):
+        idx = sample_indices(numel, 64)
+        assert idx.numel() == min(64, numel)
+        assert idx[0] == 0 and idx[-1] == numel - 1
+        assert bool((idx[1:] > idx[:-1]).all()) and int(idx.max()) < numel

@@ -476,7 +476,8 @@ class Engine:
                     self._finish(es, "cancelled")
             decoding = any(not es.inputs and es.live is not None for es in self._generating.values())
             riders = [es for es in self._waiting.values() if self._rides_along(es)] if decoding else []
-            chunked = next((es for es in self._waiting.values() if es not in riders), None)
+            riding = {es.id for es in riders}
+            chunked = next((es for es in self._waiting.values() if es.id not in riding), None)
             if chunked is not None:
                 await self._prefill_chunk(chunked)
                 if chunked.inputs and self._waiting.pop(chunked.id, None) is not None:

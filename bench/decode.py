@@ -140,7 +140,9 @@ def configure_gemv(args) -> None:
         KernelDecoder.GEMV_MAX_BATCH = min(args.gemv_max_batch, gemv.MAX_BATCH)
     if args.gemv_configs:
         with open(args.gemv_configs) as f:
-            best = json.load(f)["best"]
+            tuned = json.load(f)
+        # the PDL-timed winners when PDL is on and the sweep timed them
+        best = tuned["best"] if args.no_pdl else (tuned.get("best_pdl") or tuned["best"])
         for key, cfg in best.items():
             b, epi, n, k = key.split(",")
             gemv.CONFIG_OVERRIDE[(int(b), epi, int(n), int(k))] = tuple(cfg)

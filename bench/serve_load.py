@@ -31,6 +31,7 @@ clients start generating together and are not counted):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ import time
 import traceback
 
 import anyio
+import anyio.from_thread
 from websockets.asyncio.client import connect
 
 PRESETS = {"2b": "recurrentgemma-2b", "9b": "recurrentgemma-9b"}  # short names; other presets by full name
@@ -84,6 +86,26 @@ def warm_up(model, sessions: int, prompt_tokens: int) -> float:
     for s in live:
         s.close()
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def profiled_loop(portal, path: str | None):
+    """cProfile the server's event-loop thread (where the engine's CUDA host
+    work and all websocket work run) while the block runs; stats to `path`."""
+    if not path:
+        yield
+        return
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    portal.call(prof.enable)  # runs in the loop's thread: that thread is profiled
+    try:
+        yield
+    finally:
+        portal.call(prof.disable)
+        prof.dump_stats(path)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def percentiles(values: list[float], scale: float = 1e3) -> dict:
@@ -286,6 +308,7 @@ def main() -> None:
     parser.add_argument("--max-active", type=int, help="engine slots (default: --clients)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before giving up")
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--profile", help="write a cProfile of the server's event-loop thread to this file")
     args = parser.parse_args()
     opts = {"tokens": args.tokens, "prompt": args.prompt, "coalesce": args.coalesce, "interject": args.interject,
             "timeout": args.timeout}
@@ -304,8 +327,14 @@ def main() -> None:
         engine = sg.Engine(model, max_active=args.max_active or args.clients)
         limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
         server = sg.Server(engine, port=0, limits=limits)
-        with sg.server.serve_in_thread(server) as url, CounterSampler(engine) as counters:
-            released, records = run_clients(url, None, args.clients, args.procs, opts)
+        with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal, CounterSampler(engine) as counters:
+            future, _port = portal.start_task(server.serve)
+            try:
+                with profiled_loop(portal, args.profile):
+                    released, records = run_clients(server.url, None, args.clients, args.procs, opts)
+            finally:
+                portal.call(server.stop)
+                future.result(timeout=60)
         summary = summarize(released, records)
         seconds, calls, decoded = counters.between(*summary.pop("_window"))
         result.update(model=model.source, preset=None if args.model else args.preset, device=str(model.device),

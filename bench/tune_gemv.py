@@ -176,7 +176,7 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--pdl", action="store_true", help="also time the best 3 configs with PDL launches")
+    ap.add_argument("--pdl", action="store_true", help="also time every config with PDL launches (the best 4 printed)")
     args = ap.parse_args()
     from streamgemma.kernels import pdl
     pdl.set_enabled(False)  # the sweep times plain launches; --pdl adds PDL timings
@@ -191,7 +191,7 @@ def main():
             for c, msg in failed:
                 print(f"compile/run failed {n} b{b} {c}: {msg}", flush=True)
 
-    results, best = [], {}
+    results, best, best_pdl = [], {}, {}
     print(f"{'shape':6} {'B':>2} {'matmul us':>10} {'TB/s':>6} {'gemv us':>8} {'TB/s':>6}  best config   err", flush=True)
     for name, b, cfgs in jobs:
         copies = copies_for(name)
@@ -211,10 +211,13 @@ def main():
         if args.pdl:
             from streamgemma.kernels import pdl
             pdl.set_enabled(True)
-            pdl_times = [(graph_time_us(lambda i: case.gemv(i, c), copies), c) for _, c in timed[:3]]
+            pdl_times = sorted((graph_time_us(lambda i: case.gemv(i, c), copies), c) for _, c in timed)[:4]
             pdl.set_enabled(False)
             print("    with PDL: " + ", ".join(f"{c}: {t:.1f} us" for t, c in pdl_times), flush=True)
-        best[f"{b},{case.epi},{case.n_rows},{case.k}"] = list(c_best)
+        key = f"{b},{case.epi},{case.n_rows},{case.k}"
+        best[key] = list(c_best)
+        if pdl_times:
+            best_pdl[key] = list(pdl_times[0][1])
         results.append(dict(shape=name, batch=b, matmul_us=t_mm, gemv_us=t_best, config=c_best, err=err,
                             all=[(t, c) for t, c in timed], pdl=pdl_times))
         print(f"{name:6} {b:2d} {t_mm:10.1f} {nbytes / t_mm / 1e6:6.2f} {t_best:8.1f} {nbytes / t_best / 1e6:6.2f}"
@@ -223,7 +226,7 @@ def main():
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"best": best, "results": results}, f, indent=1)
+            json.dump({"best": best, "best_pdl": best_pdl, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

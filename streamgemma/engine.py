@@ -190,6 +190,18 @@ class TokenStream:
             raise StopAsyncIteration
         return item
 
+    @property
+    def ready(self) -> bool:
+        """Whether tokens (or the end) are waiting to be taken."""
+        return self.done is None and bool(self._queue.items)
+
+    @property
+    def ending(self) -> bool:
+        """Whether the generation's end is among the items waiting: taking
+        them now ends the stream."""
+        items = self._queue.items
+        return self.done is None and bool(items) and isinstance(items[-1], Done)
+
     def take_ready(self) -> list[Token]:
         """The tokens already produced and not yet taken, without waiting
         (possibly none). When the generation's end is among them, `done` is
@@ -279,6 +291,7 @@ class Engine:
         self._waiting: dict[str, EngineSession] = {}
         self._model_lock = anyio.Lock()
         self._wake = anyio.Event()
+        self._ticked = anyio.Event()  # set (and replaced) after each tick's tokens are delivered
         self._clock = itertools.count(1)  # orders uses for least-recently-used suspension
         # The last tick's copy of the logits [B, V] and its rows, each the `_logits`
         # of the session in that row (worker thread only).
@@ -496,8 +509,16 @@ class Engine:
                         self._deliver(es, token)
                 for es in riders:
                     self._input_consumed(es, 1)
+        ticked, self._ticked = self._ticked, anyio.Event()
+        ticked.set()
         # Let the event loop run sends and new requests between ticks.
         await anyio.sleep(0)
+
+    async def wait_tick(self) -> None:
+        """Return after the next scheduler tick has delivered its tokens. Lets
+        a consumer of many streams (the server's frame writer) look at all of
+        them once per tick instead of waking once per token."""
+        await self._ticked.wait()
 
     def _rides_along(self, es: EngineSession) -> bool:
         """Whether the pending input of `es` is consumed in this tick's decode

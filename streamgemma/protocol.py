@@ -197,6 +197,7 @@ class TokenFrames:
     """
 
     def __init__(self, session_id: str):
+        self.session_id = session_id
         sid = _encode(session_id)
         self._token = '{"type":"token","session":' + sid + ',"id":'
         self._tokens = '{"type":"tokens","session":' + sid + ',"ids":['

@@ -10,16 +10,20 @@ connection, but only one connection holds a session at a time.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
 import hmac
 import logging
+import math
+import time
 from http import HTTPStatus
 from typing import Any, Iterator
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -86,6 +90,7 @@ class Server:
         self.token = token or None
         self.limits = limits
         self._stop = anyio.Event()
+        self._pump = _TokenPump(engine, limits.coalesce_interval)
 
     @property
     def url(self) -> str:
@@ -103,6 +108,7 @@ class Server:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.engine.run)
+                tg.start_soon(self._pump.run)
                 async with serve(self._handle, self.host, self.port, process_request=self._check_request,
                                  max_size=limits.max_message_bytes, ping_interval=limits.ping_interval,
                                  ping_timeout=limits.ping_timeout, close_timeout=5,
@@ -150,9 +156,12 @@ class _Connection:
         self._starting: dict[str, bool] = {}  # session id -> cancel requested, while a generate is starting
         # Frames waiting for the writer task: a bounded deque and a wake-up event
         # (cheaper per frame than an anyio memory stream, which takes a
-        # scheduling round per item).
+        # scheduling round per item). The event is asyncio's, reused with
+        # clear(): anyio's cannot be cleared, and making one per wait was a
+        # visible share of the loop's time. (websockets.asyncio ties the
+        # server to asyncio anyway.)
         self._outbox: collections.deque[str] = collections.deque()
-        self._outbox_ready = anyio.Event()
+        self._outbox_ready = asyncio.Event()
         self._outbox_closed = False
         self._overflowed = False
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -189,9 +198,8 @@ class _Connection:
         outbox = self._outbox
         try:
             while True:
-                while not outbox:
-                    self._outbox_ready = anyio.Event()
-                    await self._outbox_ready.wait()
+                await self._outbox_ready.wait()
+                self._outbox_ready.clear()
                 # Everything queued goes out now, without a scheduling round per frame.
                 while outbox:
                     await self.ws.send(outbox.popleft())
@@ -313,32 +321,105 @@ class _Connection:
         if cancel_requested:
             self.engine.cancel(es)
         # A token's "id" is the token id; the request id comes back on "done".
-        frames = TokenFrames(es.id)
-        async with contextlib.aclosing(stream):
-            if request.coalesce:
-                await self._send_coalesced(stream, frames)
+        outgoing = _Outgoing(self, stream, TokenFrames(es.id), request.id, request.coalesce)
+        try:
+            await self.server._pump.stream(outgoing)
+        finally:
+            await stream.aclose()  # cancels the generation if it has not ended (e.g. the connection closed)
+
+
+class _Outgoing:
+    """One generation's way to its client: its token stream, how its frames
+    are made and sent, and when the last frame went out."""
+
+    __slots__ = ("conn", "stream", "frames", "request_id", "coalesce", "last_sent", "finished")
+
+    def __init__(self, conn: _Connection, stream: TokenStream, frames: TokenFrames, request_id: Any,
+                 coalesce: bool):
+        self.conn, self.stream, self.frames = conn, stream, frames
+        self.request_id, self.coalesce = request_id, coalesce
+        self.last_sent = -math.inf
+        self.finished = anyio.Event()
+
+    def send_ready(self, now: float) -> None:
+        """Queue frames for every token ready now, then the `done` event if
+        the generation ended."""
+        tokens = self.stream.take_ready()
+        conn, frames = self.conn, self.frames
+        if tokens:
+            if self.coalesce:
+                conn.send(frames.tokens(tokens))
             else:
-                async for token in stream:
-                    self.send(frames.token(token))
-        done = stream.done
+                for token in tokens:
+                    conn.send(frames.token(token))
+            self.last_sent = now
+        done = self.stream.done
         if done is not None:
-            fields = {"session": es.id, "reason": done.reason, "position": done.position}
+            fields = {"session": frames.session_id, "reason": done.reason, "position": done.position}
             if done.text:
                 fields["text"] = done.text
-            self.send(event("done", request.id, **fields))
+            conn.send(event("done", self.request_id, **fields))
+            self.finished.set()
 
-    async def _send_coalesced(self, stream: TokenStream, frames: TokenFrames) -> None:
-        """One frame per batch of ready tokens, at most one frame per
-        coalesce_interval: after each frame the task sleeps, the engine's
-        tokens pile up in the stream meanwhile, and the next frame takes
-        them all. Fewer frames is less server work per token (a frame's
-        encoding and websocket send cost the same for 1 token or 20)."""
-        interval = self.limits.coalesce_interval
-        async for first in stream:
-            batch = [first, *stream.take_ready()]
-            self.send(frames.tokens(batch))
-            if interval and stream.done is None and batch[-1].finish_reason is None:
-                await anyio.sleep(interval)
+
+class _TokenPump:
+    """Moves tokens from the engine to the connections' send queues for
+    every generation of the server, in one pass after each engine tick.
+
+    With a task per generation, each token (or coalesced frame) cost a
+    wake-up of that task, a timer and a few event objects: at 256 streams,
+    most of the event loop's time. Here a tick's tokens cost one wake-up of
+    this task and a look at each stream. A coalesced stream gets a frame when
+    `interval` has passed since its last one (each frame takes every token
+    ready by then); the others get one frame per token, every tick; a
+    generation's end is sent at once, with any tokens before it.
+    """
+
+    def __init__(self, engine: Engine, interval: float):
+        self.engine = engine
+        self.interval = interval
+        self._streams: dict[int, _Outgoing] = {}
+        self._added = anyio.Event()
+
+    async def stream(self, outgoing: _Outgoing) -> None:
+        """Send `outgoing`'s tokens and end until its generation has ended
+        (its `done` queued); leaving early (cancellation) stops sending."""
+        key = id(outgoing)
+        self._streams[key] = outgoing
+        self._added.set()
+        try:
+            outgoing.send_ready(time.monotonic())  # tokens ready before it was registered
+            if not outgoing.finished.is_set():
+                await outgoing.finished.wait()
+        finally:
+            self._streams.pop(key, None)
+
+    async def run(self) -> None:
+        while True:
+            if not self._streams:
+                self._added = anyio.Event()
+                await self._added.wait()
+            # Wake at the next tick, or when a coalesced frame falls due without one.
+            with anyio.move_on_after(self._next_due()):
+                await self.engine.wait_tick()
+            self.pump()
+            await anyio.lowlevel.checkpoint()
+
+    def _next_due(self) -> float:
+        """Seconds until a stream holding tokens is due a frame (inf: none)."""
+        now, interval, wait = time.monotonic(), self.interval, math.inf
+        for out in self._streams.values():
+            if out.stream.ready:
+                wait = min(wait, out.last_sent + interval - now if out.coalesce else 0.0)
+        return max(0.0, wait)
+
+    def pump(self) -> None:
+        """Queue the frames due now (see the class docstring)."""
+        now, interval = time.monotonic(), self.interval
+        for out in list(self._streams.values()):
+            stream = out.stream
+            if stream.ready and (not out.coalesce or now - out.last_sent >= interval or stream.ending):
+                out.send_ready(now)
 
 
 @contextlib.contextmanager

@@ -95,6 +95,9 @@ def _check_real(name: str, v, lo: float | None = None) -> None:
         raise ValueError(f"{name} must be >= {lo}, got {v!r}")
 
 
+_U64 = 2 ** 64
+
+
 class SampleRow(NamedTuple):
     """What sampling needs of one row besides its logits.
 
@@ -320,13 +323,18 @@ class _GroupPlan:
             self._pen_width = width
         if not sampled:
             return
-        words = []
+        # Each row's stream as the kernel's four 32-bit words (`philox.stream_words`,
+        # inlined: this loop is per row and per tick).
+        words: list[int] = []
         for i in members:
             rng = rows[i].rng
             if rng is None:
                 raise ValueError(f"sample_rows: row {i} samples (temperature {rows[i].params.temperature}) "
                                  "but has no random stream (SampleRow.rng is None)")
-            words.append(stream_words(*rng))
+            seed, counter = rng
+            if not (0 <= seed < _U64 and 0 <= counter < _U64):
+                stream_words(seed, counter)  # raises, naming the values
+            words += (seed & 0xFFFFFFFF, seed >> 32, counter & 0xFFFFFFFF, counter >> 32)
         put("rng_words", words, torch.int64)
         temps = [p.temperature for p in params]
         # Dividing by 1 is exact: a batch of temperature-1 rows skips the division.

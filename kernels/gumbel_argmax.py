@@ -16,6 +16,11 @@ v maximising x[s, v] / T[s] - log(-log(u)).
   that reach the row's maximum.
 Every value of a row depends only on that row's inputs, so a row samples the
 same token alone or in any batch.
+
+H100 (Triton 3.6): 210-250 us for 256 rows of 256,000 entries whatever the
+tile size (128-1024 calls, 2-8 warps; BLOCK 512 / 4 warps kept), about
+1 TB/s of logits: the Philox rounds and the two logs per entry bound it, not
+memory. The host pays ~50 us for the two launches at any batch size.
 """
 
 from __future__ import annotations

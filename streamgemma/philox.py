@@ -1,7 +1,6 @@
 """The sampler's random numbers: a counter-based stream per session.
 
-A session's stream is a pair (seed, counter): seed in [0, 2**64), counter
->= 0. The noise for one token is a pure function of (seed, counter, vocab
+A session's stream is a pair (seed, counter), both in [0, 2**64). The noise for one token is a pure function of (seed, counter, vocab
 entry), so
 
 - every row of a batch gets its noise from ONE kernel launch (no per-session
@@ -59,8 +58,8 @@ STATE_BYTES = 20  # magic + seed (u64 LE) + counter (u64 LE)
 # -- the stream's state ---------------------------------------------------------------
 @dataclasses.dataclass
 class RandomStream:
-    """One session's random stream: `seed` in [0, 2**64), `counter` >= 0 (the
-    number of sampled tokens drawn since the stream was seeded). Mutable:
+    """One session's random stream: `seed` and `counter` in [0, 2**64) (the
+    counter is the number of sampled tokens drawn since the stream was seeded). Mutable:
     `take()` hands out the current (seed, counter) and advances the counter."""
 
     seed: int

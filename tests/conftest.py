@@ -28,7 +28,8 @@ def _kernels_of_this_checkout() -> None:
     beside the main one), the install's mapping would hand these tests the
     other checkout's kernels. A no-op where the two agree (CI)."""
     root = Path(__file__).resolve().parents[1]
-    if Path(sg.__file__).resolve().parent != root / "streamgemma" or "streamgemma.kernels" in sys.modules:
+    if (Path(sg.__file__).resolve().parent != root / "streamgemma" or "streamgemma.kernels" in sys.modules
+            or not (root / "kernels" / "__init__.py").is_file()):
         return
     found = importlib.util.find_spec("streamgemma.kernels")
     if found is not None and found.origin and Path(found.origin).resolve().parent == root / "kernels":

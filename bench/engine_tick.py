@@ -36,6 +36,15 @@ tick, before -> after the batched tick; noisy to +-20%):
 At vocab 512 about 13 of the ~19 us left are the CPU exponential_ call of
 each row (a kernel launch on CUDA); the rest is sampling bookkeeping,
 accept (recent ids, detokenizer, stop checks) and the Token.
+
+The figures above were taken with a torch.Generator per session (one
+exponential_ per sampled row). Sampling now draws its noise from each
+session's Philox stream: one kernel for all rows on CUDA (no per-row
+launch; bench/sampling.py times that step alone: on an H100 its host cost
+for 256 rows fell from 3.4 to 0.56 ms); on the CPU the PyTorch reference of
+that noise costs about 9 ms per row at vocab 256,000 on the same VM (the
+int64 Philox rounds), a little more than exponential_ did. This benchmark
+has not been re-run since.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch
 import streamgemma as sg
 from streamgemma import snapshot as snapshot_format
 from streamgemma.config import ATTENTION
+from streamgemma.philox import RandomStream
 from streamgemma.state import StatePool
 
 
@@ -73,10 +74,10 @@ def main() -> None:
     src, dst = pool.allocate(), pool.allocate()
     fill_random(pool, src, position)
     fingerprint = "bench-" + args.preset
-    # Roughly what a sampling session carries: a CPU generator state, recent ids and
-    # its next-token logits (float32 [vocab], random so they do not compress).
+    # Roughly what a sampling session carries: its random stream (20 bytes), recent ids
+    # and its next-token logits (float32 [vocab], random so they do not compress).
     logits = torch.randn(config.vocab_size, generator=torch.Generator().manual_seed(0))
-    extra = {"rng": torch.Generator().get_state().numpy().tobytes(), "detok_pending": b"",
+    extra = {"rng": RandomStream(0, 123).to_bytes(), "detok_pending": b"",
              "recent_ids": list(range(256)), "logits": logits.numpy().tobytes(), "stopped": None}
 
     def snapshot() -> bytes:

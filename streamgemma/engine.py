@@ -18,7 +18,8 @@ A tick, in order:
    generating session is consumed before its next token, so it sits out
    the ticks until then). The tick samples all their rows at once
    (`sampling.sample_rows`: each row with its session's parameters and
-   RNG, one device-to-host read of the ids for the whole batch), runs ONE
+   random stream, the noise of all rows in one kernel on CUDA, one
+   device-to-host read of the ids for the whole batch), runs ONE
    `model.decode` over them, copies the logits rows the sessions keep in ONE
    copy (each session's logits are then a row of that copy), and records
    each token in its session (detokenizer, stop strings). On CUDA the host

@@ -1,8 +1,10 @@
 """Sampling: `SamplingParams` (validated settings of one generation) and
 `sample_rows`, which picks the next token of many rows of float32 logits on
-the model's device at once, each row with its own settings and generator.
-`Session.generate` (one row) and the engine (a batch) both sample through it,
-so a session gets the same tokens either way."""
+the model's device at once, each row with its own settings and random stream
+(a counter-based Philox stream, `philox.RandomStream`: the noise of every
+row comes from one kernel launch on CUDA). `Session.generate` (one row) and
+the engine (a batch) both sample through it, so a session gets the same
+tokens either way."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import numbers
 from typing import NamedTuple, Sequence
 
 import torch
+
+from .philox import RandomStream, gumbel_argmax_reference, stream_words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +33,9 @@ class SamplingParams:
     presence_penalty: subtracted once from the logit of every recent token (0: off).
     stop: strings that end the generation; they are never emitted, even when
     they span several tokens. stop_token_ids: ids that end the generation
-    (None: the tokenizer's eos and <end_of_turn>). seed: reseeds the session's
-    generator at the start of the generation (None: keep its current state).
+    (None: the tokenizer's eos and <end_of_turn>). seed: restarts the session's
+    random stream at the start of the generation, as (seed mod 2**64, counter
+    0) (None: keep the stream where it is).
     """
 
     max_tokens: int | None = 256
@@ -90,28 +95,22 @@ def _check_real(name: str, v, lo: float | None = None) -> None:
         raise ValueError(f"{name} must be >= {lo}, got {v!r}")
 
 
-def new_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """A generator on `device`, seeded with `seed` (None: from OS entropy)."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+_U64 = 2 ** 64
 
 
 class SampleRow(NamedTuple):
     """What sampling needs of one row besides its logits.
 
-    params: the generation's settings. generator: the session's generator
-    (unused, may be None, when params.greedy; None on a sampled row means
-    torch's default generator). recent: the ids the penalties see, an int64
-    CPU tensor [N] (order and repeats do not matter; ids outside the sampled
-    vocabulary are ignored), or None when the row has no penalty.
+    params: the generation's settings. rng: the row's (seed, counter) in its
+    random stream, ints in [0, 2**64) (`RandomStream.take()`); required on a
+    sampled row (temperature > 0), unused (may be None) on a greedy one.
+    recent: the ids the penalties see, an int64 CPU tensor [N] (order and
+    repeats do not matter; ids outside the sampled vocabulary are ignored),
+    or None when the row has no penalty.
     """
 
     params: SamplingParams
-    generator: torch.Generator | None = None
+    rng: tuple[int, int] | None = None
     recent: torch.Tensor | None = None
 
 
@@ -131,18 +130,25 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     the smallest prefix of the tokens sorted by probability (stable sort, ties
     by id) whose mass before each kept token is < top_p; min_p keeps logits
     >= max + log(min_p) (probability >= min_p x the top one's). The token is
-    argmax(scaled logits - log(E)) with E ~ Exp(1) per entry (the Gumbel-max
-    trick: a draw from softmax of the filtered logits, with no normalisation).
+    the smallest index v maximising x[v] - log(-log(u[v])) (float32), x the
+    scaled, filtered logits, u[v] in (0, 1) from Philox4x32-10 at the row's
+    (seed, counter) (the Gumbel-max trick: a draw from softmax(x), with no
+    normalisation; `streamgemma.philox` defines u exactly). x / T is one
+    correctly rounded float32 division wherever it is computed.
 
-    The generator's stream: each sampled row (temperature > 0) draws exactly
-    one `exponential_` of V float32 values from its generator per token, and
-    nothing else; greedy rows draw nothing. A restored generator state thus
-    continues exactly, alone or batched.
+    The random stream: a sampled row uses its rows[i].rng = (seed, counter)
+    and nothing else (the caller then advances its counter by 1:
+    `RandomStream.take()`); greedy rows use none. The noise is a function of
+    (seed, counter, v) alone, so a restored stream continues exactly, alone
+    or batched, and on CPU and CUDA alike up to the rounding of the logits
+    and of the log.
 
     Cost: the greedy rows share one argmax, the sampled rows one set of
     batched ops over [S, V]; a filter or penalty runs once over the rows that
-    have it. Per row there is only the exponential_ draw into that row of a
-    shared [S, V] noise buffer (one kernel launch on CUDA). The host never
+    have it. The noise, the temperature (when no filter needs it earlier)
+    and the argmax of all sampled rows are one Triton kernel on CUDA (two
+    launches; the PyTorch reference on the CPU). Per row the host only packs
+    four integers into the one upload of per-row values. The host never
     waits for the device except for the final read of the B ids.
     """
     return PendingIds(logits, rows).ids()
@@ -182,15 +188,16 @@ class PendingIds:
         return out
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: SamplingParams, rng: RandomStream | None) -> torch.Tensor:
     """The next token id, a 0-dim int64 tensor on the logits' device: one row
-    of `sample_rows` (same draws, same token), without reading it back.
+    of `sample_rows` (same noise, same token), without reading it back.
 
     logits: float32 [V] (penalties are applied by `sample_rows` from the row's
-    recent ids; here there are none). `generator` is only used when sampling
-    (temperature > 0).
+    recent ids; here there are none). `rng` is only used, and then advanced
+    by one, when sampling (temperature > 0); it may be None for greedy params.
     """
-    values, _ = _sample_on_device(logits[None], [SampleRow(params, generator)])
+    row = SampleRow(params, None if params.greedy or rng is None else rng.take())
+    values, _ = _sample_on_device(logits[None], [row])
     return values[0]
 
 
@@ -316,7 +323,19 @@ class _GroupPlan:
             self._pen_width = width
         if not sampled:
             return
-        self.generators = [rows[i].generator for i in members]
+        # Each row's stream as the kernel's four 32-bit words (`philox.stream_words`,
+        # inlined: this loop is per row and per tick).
+        words: list[int] = []
+        for i in members:
+            rng = rows[i].rng
+            if rng is None:
+                raise ValueError(f"sample_rows: row {i} samples (temperature {rows[i].params.temperature}) "
+                                 "but has no random stream (SampleRow.rng is None)")
+            seed, counter = rng
+            if not (0 <= seed < _U64 and 0 <= counter < _U64):
+                stream_words(seed, counter)  # raises, naming the values
+            words += (seed & 0xFFFFFFFF, seed >> 32, counter & 0xFFFFFFFF, counter >> 32)
+        put("rng_words", words, torch.int64)
         temps = [p.temperature for p in params]
         # Dividing by 1 is exact: a batch of temperature-1 rows skips the division.
         self.scale = any(t != 1.0 for t in temps)
@@ -356,10 +375,10 @@ class _GroupPlan:
         if not self.sampled:
             return x.argmax(dim=-1)
         filtered = bool(self.top_k or self.top_p or self.min_p)
-        temps = get("temps")[:, None] if self.scale else None
+        temps = get("temps") if self.scale else None
         if filtered and temps is not None:  # the filters' thresholds are on the scaled logits
-            x = x.div_(temps) if private else x / temps
-            private = True
+            x = x.div_(temps[:, None]) if private else x / temps[:, None]
+            private, temps = True, None
         filters = [(self.top_k, "top_k_rows", self._top_k), (self.top_p, "top_p_rows", self._top_p),
                    (self.min_p, "min_p_rows", self._min_p)]
         for local, name, fn in filters:
@@ -368,21 +387,9 @@ class _GroupPlan:
                     x, private = x.clone(), True
                 x = _subset(x, local, get(name), functools.partial(fn, values))
                 private = True
-        # One exponential_ per row from that row's generator (the documented stream).
-        noise = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)
-        for row, g in zip(noise.unbind(0), self.generators):
-            row.exponential_(generator=g)
-        if noise.device.type != "cuda":
-            # The CPU's Exp(1) draw can round to 0: keep its log finite (a masked
-            # -inf minus -inf would be NaN). CUDA's exponential_ never returns 0,
-            # so there the clamp would change nothing and only cost a pass.
-            noise.clamp_min_(1e-20)
-        noise.log_()
-        if temps is not None and not filtered:
-            # log(E) - x / T in one pass, the exact negation of x / T - log(E) (both
-            # round once, after the same rounded x / T): its argmin is the same token.
-            return torch.addcdiv(noise, x, temps, value=-1.0, out=noise).argmin(dim=-1)
-        return torch.sub(x, noise, out=noise).argmax(dim=-1)
+        # Noise, x / T (unfiltered batches: done above otherwise) and the argmax of every
+        # row at once. x may still be the caller's strided logits view: it is read once.
+        return gumbel_argmax(x, get("rng_words").view(n, 4), temps)
 
     def _top_k(self, values, x: torch.Tensor) -> torch.Tensor:
         kth = torch.topk(x, self._k_max, dim=-1).values.gather(1, self._get(values, "top_k_index")[:, None])
@@ -399,6 +406,30 @@ class _GroupPlan:
     def _min_p(self, values, x: torch.Tensor) -> torch.Tensor:
         floor = x.amax(dim=-1, keepdim=True) + self._get(values, "log_min_p")[:, None]
         return x.masked_fill(x < floor, -math.inf)
+
+
+def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax over v of x[s, v] / temps[s] - log(-log(u[s, v])) per row s, the
+    smallest v on ties (the definition: `streamgemma.philox`), int64 [S] on
+    x's device. x: float32 [S, V] (strided views are fine); words: int64
+    [S, 4] (`philox.stream_words` of each row's (seed, counter)); temps:
+    float32 [S] or None. The Triton kernel on CUDA, the PyTorch reference
+    elsewhere (or where Triton is missing)."""
+    kernel = _kernel(x.device.type)
+    if kernel is not None:
+        return kernel(x, words, temps)
+    return gumbel_argmax_reference(x, words, temps)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_type: str):
+    if device_type != "cuda":
+        return None
+    try:
+        from streamgemma.kernels.gumbel_argmax import gumbel_argmax as kernel
+    except ImportError:  # no Triton: the reference runs on the GPU too (same tokens, more launches)
+        return None
+    return kernel
 
 
 class StopStrings:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import array
 import dataclasses
 import functools
-import hashlib
 import math
 import numbers
 import os
@@ -16,7 +15,8 @@ import torch
 
 from . import snapshot as snapshot_format
 from .errors import StoppedError
-from .sampling import SampleRow, SamplingParams, StopStrings, new_generator, sample_rows
+from .philox import STATE_BYTES as RNG_STATE_BYTES, RandomStream
+from .sampling import SampleRow, SamplingParams, StopStrings, sample_rows
 from .snapshot_store import write_file_atomic
 from .tokenizer import END_OF_TURN, Detokenizer
 
@@ -126,7 +126,8 @@ class Session:
         self._detok: Detokenizer | None = tok.detokenizer() if tok is not None else None
         # Ids below this have text (a model may have spare embedding rows beyond the tokenizer).
         self._text_vocab = tok.vocab_size if tok is not None else 0
-        self._rng: torch.Generator | None = None  # created from `seed` when first needed
+        # The sampler's counter-based stream: (seed, counter), seed from `seed` or the OS's entropy.
+        self._rng = RandomStream.seeded(seed)
         self._logits: torch.Tensor | None = None  # float32 [vocab] after the last consumed token
         self._stopped_by: str | None = None  # the stop that ended the last generation, until new input
         # The user metadata of the snapshot this session was restored from.
@@ -172,7 +173,7 @@ class Session:
         self._logits = None
         self._stopped_by = None
         if self.seed is not None:
-            self._rng = None
+            self._rng = RandomStream.seeded(self.seed)
 
     def fork(self) -> "Session":
         """An independent copy: same state, position, next-token logits, sampler
@@ -185,9 +186,7 @@ class Session:
         child = Session(self.model, slot, seed=self.seed)
         child._recent = self._recent.copy()
         child._detok = self._detok.copy() if self._detok is not None else None
-        if self._rng is not None:
-            child._rng = torch.Generator(device=self.model.device)
-            child._rng.set_state(self._rng.get_state())
+        child._rng = self._rng.copy()
         child._logits = self._logits.clone() if self._logits is not None else None
         child._stopped_by = self._stopped_by
         return child
@@ -195,7 +194,8 @@ class Session:
     # -- host-side state beyond the pool (saved in snapshots) ------------------------------
     def _extra_state(self) -> dict:
         """Session state that lives outside the pool, as msgpack-ready values:
-        {"rng": bytes | None (sampler RNG state), "detok_pending": bytes (UTF-8
+        {"rng": bytes (the sampler's stream, `RandomStream.to_bytes`: b"PHX1" +
+        seed + counter, 20 bytes), "detok_pending": bytes (UTF-8
         bytes not yet emitted), "recent_ids": list[int] (the last
         RECENT_IDS_WINDOW token ids, oldest first), "logits": bytes | None
         (float32 next-token logits [vocab], so a restored session can generate
@@ -205,7 +205,7 @@ class Session:
         if self._logits is not None:
             logits = self._logits.detach().float().cpu().contiguous().numpy().tobytes()
         return {
-            "rng": self._generator().get_state().numpy().tobytes(),
+            "rng": self._rng.to_bytes(),
             "detok_pending": bytes(self._detok.pending) if self._detok is not None else b"",
             "recent_ids": list(self._recent),
             "logits": logits,
@@ -215,19 +215,15 @@ class Session:
     def _restore_extra_state(self, extra: dict) -> None:
         """Inverse of `_extra_state` (values already validated by the caller).
 
-        The sampler continues exactly on the same device type. A CPU and a CUDA
-        generator keep different states, so restoring onto the other kind seeds
-        a fresh generator from the saved state's bytes: deterministic, but not
-        the draws the original would have made."""
+        The sampler's stream continues exactly, on any device (its noise is a
+        function of (seed, counter) alone). An `rng` of nil keeps the stream
+        this session was created with. The torch.Generator state of an older
+        snapshot cannot be continued: the stream is seeded from its bytes
+        (`RandomStream.from_bytes`: deterministic, not the draws the original
+        would have made). ValueError for malformed PHX1 bytes."""
         rng = extra["rng"]
         if rng is not None:
-            g = torch.Generator(device=self.model.device)
-            state = torch.frombuffer(bytearray(rng), dtype=torch.uint8)
-            if state.numel() == g.get_state().numel():
-                g.set_state(state)
-            else:
-                g.manual_seed(int.from_bytes(hashlib.sha256(rng).digest()[:8], "little"))
-            self._rng = g
+            self._rng = RandomStream.from_bytes(rng)
         self._recent = RecentIds(RECENT_IDS_WINDOW, [int(i) for i in extra["recent_ids"]])
         tok = self.model.tokenizer
         if tok is not None:
@@ -240,11 +236,11 @@ class Session:
 
     def state_bytes(self) -> int:
         """Bytes this session holds: its slot of the state pool (device), the
-        next-token logits, and host state (RNG state, recent-id ring, pending
-        detokenizer bytes at their bound). Constant over the session's life."""
+        next-token logits, and host state (the random stream as a snapshot
+        stores it, recent-id ring, pending detokenizer bytes at their bound).
+        Constant over the session's life."""
         logits = self.model.config.vocab_size * 4
-        rng = self._generator().get_state().numel()
-        return self.model.pool.slot_bytes() + logits + rng + self._recent.nbytes + MAX_PENDING_BYTES
+        return self.model.pool.slot_bytes() + logits + RNG_STATE_BYTES + self._recent.nbytes + MAX_PENDING_BYTES
 
     # -- snapshots ---------------------------------------------------------------------
     def snapshot(self, metadata: dict[str, Any] | None = None) -> bytes:
@@ -274,11 +270,6 @@ class Session:
     def recent_ids(self) -> list[int]:
         """The last RECENT_IDS_WINDOW token ids consumed, oldest first."""
         return list(self._recent)
-
-    def _generator(self) -> torch.Generator:
-        if self._rng is None:
-            self._rng = new_generator(self.model.device, self.seed)
-        return self._rng
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         return check_token_ids(ids, self.model.config.vocab_size)
@@ -360,8 +351,10 @@ class Session:
         After a stop, the session must get new input (`feed`/`step`) before it
         can generate again: a second `generate()` raises `StoppedError`, as
         continuing past an end-of-turn would have the model answer itself.
-        Sampling runs on the model's device with the session's generator: the
-        same seed gives the same tokens.
+        Sampling runs on the model's device with the session's random stream
+        (seed, counter), which each sampled token advances by one (greedy ones
+        leave it): the same seed gives the same tokens, alone or in the
+        engine's batches, and on CPU and CUDA up to floating-point rounding.
         """
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty,
@@ -372,10 +365,11 @@ class Session:
 
     def start_generation(self, params: SamplingParams) -> "Generation":
         """Check that this session can generate with `params` and return the
-        `Generation` that picks and accepts its tokens (reseeding the sampler
-        if params.seed is set). `generate` drives it one token at a time; the
-        batching engine drives many sessions' generations with one `decode`
-        call per token. Raises as `generate` does."""
+        `Generation` that picks and accepts its tokens (restarting the random
+        stream at (params.seed, counter 0) if params.seed is set). `generate`
+        drives it one token at a time; the batching engine drives many
+        sessions' generations with one `decode` call per token. Raises as
+        `generate` does."""
         self._check_open()
         if self._logits is None:
             if self.position == 0:
@@ -389,7 +383,7 @@ class Session:
             raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         stop_ids = self._stop_ids(params)
         if params.seed is not None:
-            self._rng = new_generator(self.model.device, params.seed)
+            self._rng = RandomStream.seeded(params.seed)
         return Generation(self, params, stop_ids)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
@@ -456,9 +450,11 @@ class Generation:
 
     def sample_row(self) -> SampleRow:
         """The sampling inputs of the next token (see `sampling.sample_rows`);
-        its logits are `session._logits[:self.vocab]`."""
+        its logits are `session._logits[:self.vocab]`. A sampled generation
+        hands out the session's current (seed, counter) and advances the
+        counter by one: call it once per token."""
         s, params = self.session, self.params
-        return SampleRow(params, None if params.greedy else s._generator(),
+        return SampleRow(params, None if params.greedy else s._rng.take(),
                          s._recent.tensor() if self._penalize else None)
 
     def pick(self) -> int:

@@ -455,8 +455,8 @@ def load_into(pool: StatePool, slot: int, contents: SnapshotContents) -> None:
 
 def restore_host_state(session: Session, extra: dict) -> None:
     """Hand validated host state to `session._restore_extra_state`. Only the
-    session can judge its RNG/detokenizer bytes (e.g. a generator state of the
-    wrong size); if it refuses them, the snapshot is bad: SnapshotFormatError."""
+    session can judge its RNG/detokenizer bytes (e.g. a "PHX1" sampler state of
+    the wrong size); if it refuses them, the snapshot is bad: SnapshotFormatError."""
     try:
         session._restore_extra_state(extra)
     except SnapshotError:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from streamgemma.philox import RandomStream
 from streamgemma.sampling import (SampleRow, SamplingParams, StopStrings, apply_penalties, sample,
                                   sample_rows)
 
@@ -41,7 +42,7 @@ def logits_fixture():
 
 def test_greedy_and_degenerate_filters_pick_the_argmax():
     logits = logits_fixture()
-    g = torch.Generator().manual_seed(0)
+    g = RandomStream(0)
     assert sample(logits, SamplingParams(temperature=0), None).item() == 1
     for params in (SamplingParams(top_k=1), SamplingParams(top_p=1e-6), SamplingParams(min_p=0.99)):
         assert {sample(logits, params, g).item() for _ in range(50)} == {1}
@@ -49,7 +50,7 @@ def test_greedy_and_degenerate_filters_pick_the_argmax():
 
 def test_top_k_and_top_p_keep_only_the_likeliest():
     logits = logits_fixture()
-    g = torch.Generator().manual_seed(0)
+    g = RandomStream(0)
     seen = {sample(logits, SamplingParams(top_k=2), g).item() for _ in range(300)}
     assert seen == {1, 2}
     # p(1) ~ 0.53, p(2) ~ 0.32: 0.8 is reached only with both.
@@ -59,16 +60,25 @@ def test_top_k_and_top_p_keep_only_the_likeliest():
 
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([0.1, 0.6, 0.3]))
-    g = torch.Generator().manual_seed(1)
-    counts = torch.bincount(torch.stack([sample(logits, SamplingParams(), g) for _ in range(4000)]), minlength=3)
+    # 4000 consecutive counters of one stream, as 4000 rows of one call
+    draws = sample_rows(logits.expand(4000, 3), [SampleRow(SamplingParams(), (1, c)) for c in range(4000)])
+    counts = torch.bincount(torch.tensor(draws), minlength=3)
     assert torch.allclose(counts / 4000.0, torch.tensor([0.1, 0.6, 0.3]), atol=0.03)
 
 
-def test_same_generator_state_same_draws():
+def test_same_stream_state_same_draws_and_each_sample_advances_it_by_one():
     logits = torch.randn(100)
-    a = [sample(logits, SamplingParams(), torch.Generator().manual_seed(7)).item() for _ in range(5)]
-    b = [sample(logits, SamplingParams(), torch.Generator().manual_seed(7)).item() for _ in range(5)]
-    assert a == b
+    a, b = RandomStream(7, 3), RandomStream(7, 3)
+    first = [sample(logits, SamplingParams(), a).item() for _ in range(5)]
+    assert [sample(logits, SamplingParams(), b).item() for _ in range(5)] == first
+    assert a == b == RandomStream(7, 8)
+    again = [sample(logits, SamplingParams(), RandomStream(7, c)).item() for c in range(3, 8)]
+    assert again == first  # (seed, counter) is the whole state
+
+
+def test_a_sampled_row_without_a_stream_is_refused():
+    with pytest.raises(ValueError, match="row 1 samples .* no random stream"):
+        sample_rows(torch.zeros(2, 5), [SampleRow(SamplingParams(temperature=0)), SampleRow(SamplingParams())])
 
 
 def test_penalties():
@@ -133,11 +143,13 @@ def make_rows(batch: int, vocab: int, seed: int):
     return specs
 
 
-def rows_of(specs, generators):
+def rows_of(specs, streams):
+    """SampleRows as `Generation.sample_row` makes them: a sampled row takes
+    (seed, counter) from its stream and advances it."""
     out = []
-    for (params, _, recent), g in zip(specs, generators):
+    for (params, _, recent), g in zip(specs, streams):
         penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-        out.append(SampleRow(params, g, recent if penalized else None))
+        out.append(SampleRow(params, None if params.greedy else g.take(), recent if penalized else None))
     return out
 
 
@@ -152,15 +164,14 @@ def test_batched_rows_equal_single_rows(batch, vocab, device):
     specs = make_rows(batch, vocab, seed=batch * 7 + vocab)
     logits = torch.randn(batch, vocab + 9, generator=torch.Generator().manual_seed(vocab)).to(device) * 4
     logits = logits[:, :vocab]  # a column-sliced view, as the engine passes with spare vocabulary rows
-    together = [torch.Generator(device).manual_seed(s) for _, s, _ in specs]
-    alone = [torch.Generator(device).manual_seed(s) for _, s, _ in specs]
-    for step in range(3):  # the generators' streams continue identically
+    together = [RandomStream.seeded(s) for _, s, _ in specs]
+    alone = [RandomStream.seeded(s) for _, s, _ in specs]
+    for step in range(3):  # the streams continue identically
         batched = sample_rows(logits, rows_of(specs, together))
         single = [sample_rows(logits[i:i + 1].contiguous(), rows_of(specs[i:i + 1], alone[i:i + 1]))[0]
                   for i in range(batch)]
         assert batched == single, f"step {step}"
-        for i, (a, b) in enumerate(zip(together, alone)):
-            assert torch.equal(a.get_state(), b.get_state()), f"row {i} generator state, step {step}"
+        assert together == alone, f"stream states, step {step}"
         logits = logits.roll(1, dims=1)
 
 
@@ -179,17 +190,18 @@ def test_sample_is_one_row_of_sample_rows():
     logits = torch.randn(300, generator=torch.Generator().manual_seed(3))
     for kind in KINDS:
         params = SamplingParams(**kind)
-        a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-        assert sample(logits, params, a).item() == sample_rows(logits[None], [SampleRow(params, b)])[0]
-        assert torch.equal(a.get_state(), b.get_state())
+        a = RandomStream(5, 2)
+        want = sample_rows(logits[None], [SampleRow(params, None if params.greedy else (5, 2))])[0]
+        assert sample(logits, params, a).item() == want
+        assert a == RandomStream(5, 2 if params.greedy else 3)
 
 
-def test_greedy_rows_draw_nothing_from_their_generator():
-    g = torch.Generator().manual_seed(1)
-    state = g.get_state()
+def test_greedy_rows_draw_nothing_from_their_stream():
+    g = RandomStream(1, 4)
     logits = torch.randn(4, 50)
-    assert sample_rows(logits, [SampleRow(SamplingParams(temperature=0), g)] * 4) == logits.argmax(-1).tolist()
-    assert torch.equal(g.get_state(), state)
+    greedy = SamplingParams(temperature=0)
+    assert [sample(row, greedy, g).item() for row in logits] == logits.argmax(-1).tolist()
+    assert g == RandomStream(1, 4)
 
 
 def test_penalties_in_a_batch_touch_only_their_row():
@@ -202,9 +214,8 @@ def test_penalties_in_a_batch_touch_only_their_row():
 
 def test_min_p_keeps_tokens_at_least_min_p_times_the_top_one():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    g = torch.Generator().manual_seed(0)
-    rows = [SampleRow(SamplingParams(min_p=0.2), g)] * 8
-    seen = {t for _ in range(100) for t in sample_rows(logits.expand(8, 4), rows)}
+    rows = [SampleRow(SamplingParams(min_p=0.2), (0, c)) for c in range(800)]
+    seen = set(sample_rows(logits.expand(800, 4), rows))
     assert seen == {0, 1, 2}  # 0.05 < 0.2 x 0.5
 
 
@@ -215,8 +226,7 @@ def test_a_scaled_row_gets_the_same_token_beside_filtered_rows():
     plain = SamplingParams(temperature=0.7)
     for neighbour in (SamplingParams(temperature=0.7, top_k=3), SamplingParams(min_p=0.3), SamplingParams()):
         for seed in range(20):
-            alone = sample_rows(logits[:1], [SampleRow(plain, torch.Generator().manual_seed(seed))])
-            rows = [SampleRow(plain, torch.Generator().manual_seed(seed)),
-                    SampleRow(neighbour, torch.Generator().manual_seed(1)),
+            alone = sample_rows(logits[:1], [SampleRow(plain, (seed, 0))])
+            rows = [SampleRow(plain, (seed, 0)), SampleRow(neighbour, (1, 0)),
                     SampleRow(SamplingParams(temperature=0), None)]
             assert sample_rows(logits, rows)[0] == alone[0]

@@ -120,10 +120,10 @@ async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str
     worker_time = 0.0
     decode_batch = engine._decode_batch
 
-    def timed(*args):
+    def timed(*args, **kwargs):
         nonlocal worker_time
         start = time.perf_counter()
-        out = decode_batch(*args)
+        out = decode_batch(*args, **kwargs)
         sync(device)
         worker_time += time.perf_counter() - start
         return out

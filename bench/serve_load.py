@@ -21,7 +21,8 @@ clients start generating together and are not counted):
   received its last token (all streams generating), divided by that time.
   overall tokens/s: all tokens / (last token anywhere - first token anywhere).
 - token gaps: per stream, the time between consecutive tokens as the client
-  sees them. Tokens that arrive in one coalesced frame have a gap of 0, so
+  sees them (all of the run; steady_frame_gap_ms: frame gaps with both
+  frames inside the steady window). Tokens that arrive in one coalesced frame have a gap of 0, so
   frame gaps (the time between consecutive frames of a stream) are reported
   too; with --no-coalesce the two are the same.
 - tokens per decode call: the engine's counters, over the whole run and over
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -117,6 +119,33 @@ def percentiles(values: list[float], scale: float = 1e3) -> dict:
     return {"p50": round(scale * pick(0.50), 2), "p99": round(scale * pick(0.99), 2), "max": round(scale * v[-1], 2)}
 
 
+class GcPauses:
+    """Durations of the garbage collector's runs in this process (all
+    threads stop for them) while the block runs."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._start))
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        longest = sorted((d for _, d in self.pauses), reverse=True)[:3]
+        return {"collections": len(self.pauses), "gen2": sum(1 for g, _ in self.pauses if g == 2),
+                "longest_ms": [round(1e3 * d, 1) for d in longest]}
+
+
 class CounterSampler:
     """Samples the engine's decode counters every `period` s in a thread:
     (time.monotonic, decode_calls, decoded_tokens)."""
@@ -139,6 +168,19 @@ class CounterSampler:
         while not self._stop.is_set():
             self.samples.append((time.monotonic(), self.engine.decode_calls, self.engine.decoded_tokens))
             self._stop.wait(self.period)
+
+    def stalls(self, t0: float, t1: float, top: int = 5) -> list[float]:
+        """The longest spans (ms) in [t0, t1] over which no decode call
+        finished, longest first (resolution: the sampling period)."""
+        spans, last_change, last_calls = [], None, None
+        for t, calls, _ in self.samples:
+            if t < t0 or t > t1:
+                continue
+            if calls != last_calls:
+                if last_change is not None:
+                    spans.append(t - last_change)
+                last_change, last_calls = t, calls
+        return [round(1e3 * x, 1) for x in sorted(spans, reverse=True)[:top]]
 
     def between(self, t0: float, t1: float) -> tuple[float, int, int]:
         """(seconds, decode calls, decoded tokens) from the last sample <= t0 to the first >= t1."""
@@ -266,12 +308,14 @@ def summarize(released: float, records: list[dict]) -> dict:
     generated = sum(sum(r["counts"]) for r in records)
     t0, t1 = max(firsts), min(lasts)
     steady_tokens = sum(n for r in records for t, n in zip(r["times"], r["counts"]) if t0 < t <= t1)
-    token_gaps, frame_gaps = [], []
+    token_gaps, frame_gaps, steady_frame_gaps = [], [], []
     for r in records:
         for k, (t, n) in enumerate(zip(r["times"], r["counts"])):
             if k:
                 frame_gaps.append(t - r["times"][k - 1])
                 token_gaps.append(t - r["times"][k - 1])
+                if r["times"][k - 1] >= t0 and t <= t1:
+                    steady_frame_gaps.append(t - r["times"][k - 1])
             token_gaps += [0.0] * (n - 1)  # the other tokens of a frame arrive with it
     frames = sum(len(r["times"]) for r in records)
     return {
@@ -283,6 +327,7 @@ def summarize(released: float, records: list[dict]) -> dict:
         "overall_tokens_per_s": round(generated / (max(lasts) - min(firsts)), 1),
         "token_gap_ms": percentiles(token_gaps),
         "frame_gap_ms": percentiles(frame_gaps),
+        "steady_frame_gap_ms": percentiles(steady_frame_gaps),  # both frames inside the steady window
         "first_token_ms": percentiles([t - released for t in firsts]),
         "_window": (t0, t1),
     }
@@ -327,7 +372,9 @@ def main() -> None:
         engine = sg.Engine(model, max_active=args.max_active or args.clients)
         limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
         server = sg.Server(engine, port=0, limits=limits)
-        with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal, CounterSampler(engine) as counters:
+        gc_pauses = GcPauses()
+        with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal, CounterSampler(engine) as counters, \
+                gc_pauses:
             future, _port = portal.start_task(server.serve)
             try:
                 with profiled_loop(portal, args.profile):
@@ -336,7 +383,8 @@ def main() -> None:
                 portal.call(server.stop)
                 future.result(timeout=60)
         summary = summarize(released, records)
-        seconds, calls, decoded = counters.between(*summary.pop("_window"))
+        window = summary.pop("_window")
+        seconds, calls, decoded = counters.between(*window)
         result.update(model=model.source, preset=None if args.model else args.preset, device=str(model.device),
                       dtype=str(model.dtype).replace("torch.", ""), coalesce_interval_ms=args.coalesce_ms,
                       warm_up_s=round(warm_s, 1), **summary)
@@ -345,7 +393,9 @@ def main() -> None:
             "tokens_per_call": round(engine.decoded_tokens / max(1, engine.decode_calls), 2),
             "steady_tokens_per_call": round(decoded / max(1, calls), 2),
             "steady_engine_tokens_per_s": round(decoded / seconds, 1) if seconds > 0 else None,
+            "longest_pauses_ms": counters.stalls(*window),
         }
+        result["gc"] = gc_pauses.summary()
     result["host_cpus"] = os.cpu_count()
     print(json.dumps(result, indent=2))
     if args.json:

@@ -66,7 +66,9 @@ def _lane_score(row_ptr, w, v, V, temp, HAS_TEMP: tl.constexpr):
     return tl.where(mask, score, float("-inf"))
 
 
-@triton.jit(do_not_specialize=["stride", "V", "n_tiles"])
+# Pointers too: the rows' words and temperatures are slices of one upload at
+# varying offsets, and a new alignment would compile a new variant mid-service.
+@triton.jit(do_not_specialize=["x_ptr", "stride", "words_ptr", "temps_ptr", "V", "n_tiles"])
 def _gumbel_tiles_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, tile_idx_ptr, V, n_tiles,
                          HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)

@@ -11,16 +11,22 @@ time how long a client waits for a stored session to take input again.
    `Generation` per session, fed chosen ids: what `Session.step` does, a
    wave of --wave sessions per call), and the sessions are snapshotted to a
    DirectorySnapshotStore from --threads threads (compression and file writes
-   release the GIL). Reported: count, bytes, seconds.
+   release the GIL), at the zstd level the engine writes suspended sessions
+   with (--level). Reported: count, bytes, seconds.
 2. Serve: an engine on that store with --max-active slots, all of them held
    by other idle sessions with the same kind of context (opened and fed by
    clients that then disconnect), so every resume restores into a slot
-   and suspends the least recently used session to make room.
+   and suspends the least recently used session to make room (its state
+   copied to host memory; its snapshot written by the engine's background
+   writer).
 3. Measure, for --resumes random stored ids, one at a time on a fresh
-   connection (connecting is not timed): `open` with the id until `opened`,
-   then `append` of one token until `appended` (the restore happens here:
-   the input needs the session's state in a slot). Reported: p50/p99/max of
-   open, append and both together.
+   connection (connecting is not timed): `open` with the id until `opened`
+   (reads and validates the stored snapshot), then `append` of one token
+   until `appended` (the restore happens here: the input needs the
+   session's state in a slot; the token is then consumed as a decode row,
+   or by a prefill if the engine's idle_step_input_tokens is 0). Reported:
+   p50/p99/max of open, append and both together, and the engine's calls
+   during the measurement (which path the appends took).
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ import anyio
 from websockets.asyncio.client import connect
 
 from serve_load import build_model, percentiles, prompt_of
+from streamgemma.engine import SUSPEND_COMPRESSION_LEVEL  # noqa: E402 - after serve_load, as the others
 
 
-def fill_store(model, store, sessions: int, prompt: int, distinct: int, wave: int, threads: int) -> list[str]:
-    """Store `sessions` distinct idle sessions; returns their ids."""
+def fill_store(model, store, sessions: int, prompt: int, distinct: int, wave: int, threads: int,
+               level: int) -> list[str]:
+    """Store `sessions` distinct idle sessions (zstd `level`); returns their ids."""
     import streamgemma as sg
+    from streamgemma import snapshot as snapshot_format
 
     base = model.session(seed=0)
     base.feed(prompt_of(0, prompt))
@@ -53,7 +62,7 @@ def fill_store(model, store, sessions: int, prompt: int, distinct: int, wave: in
 
     def store_one(item: tuple[str, "sg.Session"]) -> None:
         sid, session = item
-        store.put(sid, session.snapshot())
+        store.put(sid, snapshot_format.encode_contents(session._capture(), level))
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for start in range(0, sessions, wave):
@@ -129,6 +138,9 @@ def main() -> None:
     parser.add_argument("--wave", type=int, default=256, help="sessions built per batched decode call")
     parser.add_argument("--threads", type=int, default=8, help="threads that snapshot and write")
     parser.add_argument("--store", help="store directory (default: a temporary one, removed afterwards)")
+    parser.add_argument("--level", type=int, default=SUSPEND_COMPRESSION_LEVEL,
+                        help="zstd level of the stored sessions and of the engine's writes "
+                             f"(default: the engine's, {SUSPEND_COMPRESSION_LEVEL})")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
 
@@ -143,11 +155,11 @@ def main() -> None:
         store = sg.DirectorySnapshotStore(directory)
         model.fingerprint  # computed once, outside the timed fill
         start = time.perf_counter()
-        ids = fill_store(model, store, sessions, args.prompt, args.distinct, args.wave, args.threads)
+        ids = fill_store(model, store, sessions, args.prompt, args.distinct, args.wave, args.threads, args.level)
         fill_s = time.perf_counter() - start
         sizes = [os.path.getsize(store.path(sid)) for sid in ids]
 
-        engine = sg.Engine(model, max_active=max_active, store=store)
+        engine = sg.Engine(model, max_active=max_active, store=store, compression_level=args.level)
         server = sg.Server(engine, port=0)
         picked = random.Random(0).sample(ids, min(args.resumes, len(ids)))
         warm = [i for i in ids if i not in set(picked)][:3]
@@ -159,9 +171,11 @@ def main() -> None:
             held = engine.active
             position = args.prompt + args.distinct
             anyio.run(time_resumes, url, warm, position, backend="asyncio")  # first restores compile/allocate
-            before = engine.resumptions, engine.suspensions
+            counters = ("resumptions", "suspensions", "prefill_calls", "decode_calls", "decoded_input_tokens")
+            before = {name: getattr(engine, name) for name in counters}
             timings = anyio.run(time_resumes, url, picked, position, backend="asyncio")
-            resumed, suspended = engine.resumptions - before[0], engine.suspensions - before[1]
+            during = {name: getattr(engine, name) - before[name] for name in counters}
+            unwritten = engine.unwritten
     finally:
         if not args.store:
             shutil.rmtree(directory, ignore_errors=True)
@@ -173,7 +187,10 @@ def main() -> None:
                   "context_tokens": args.prompt + args.distinct},
         "fill_s": round(fill_s, 2), "fill_sessions_per_s": round(len(ids) / fill_s, 1),
         "slots_held": held, "max_active": max_active, "hold_s": round(hold_s, 2),
-        "resumes": len(timings), "restores": resumed, "suspensions": suspended,
+        "resumes": len(timings), "restores": during["resumptions"], "suspensions": during["suspensions"],
+        "prefill_calls": during["prefill_calls"], "decode_calls": during["decode_calls"],
+        "decoded_input_tokens": during["decoded_input_tokens"], "unwritten_at_end": unwritten,
+        "idle_step_input_tokens": engine.idle_step_input_tokens, "compression_level": engine.compression_level,
         "open_ms": percentiles([t[0] for t in timings]),
         "append_ms": percentiles([t[1] for t in timings]),
         "resume_ms": percentiles([t[0] + t[1] for t in timings]),

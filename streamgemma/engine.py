@@ -6,13 +6,18 @@ A tick, in order:
    generating (so a decode runs this tick anyway), a live session whose
    pending input is at most `step_input_tokens` tokens consumes one of them
    as an extra row of that decode (what `Session.step` does), at no cost to
-   the others. Otherwise one chunk (`prefill_chunk` tokens) of appended
-   input is consumed for one session with the parallel path: the sessions
-   with pending input take turns (round robin), so a long append never
-   stalls the decoders for more than one chunk, and every waiting session
-   progresses. (On a GPU a short prefill costs ~20 ms of launches, while a
-   decode row costs almost nothing: a transcript line appended to each of
-   256 generating sessions would otherwise stall them all for seconds.)
+   the others. When nobody generates, input of at most
+   `idle_step_input_tokens` tokens (CUDA: 4, CPU: 1) is consumed the same
+   way, in a decode of input rows only. Otherwise one chunk (`prefill_chunk` tokens)
+   of appended input is consumed for one session with the parallel path:
+   the sessions with pending input take turns (round robin), so a long
+   append never stalls the decoders for more than one chunk, and every
+   waiting session progresses; a suspended session whose turn it is and
+   whose input is short is restored and rides along. (On a GPU a short
+   prefill costs ~20 ms of launches, while a decode step costs ~3 ms and a
+   row in a running one almost nothing: a transcript line appended to each
+   of 256 generating sessions would otherwise stall them all for seconds,
+   and a one-token append to an idle engine would cost a prefill.)
 3. Every session that is generating and has no pending input advances by
    one token (fairness: all of them, every tick; input appended to a
    generating session is consumed before its next token, so it sits out
@@ -33,8 +38,20 @@ same seed, whatever else is in the batch.
 
 Only `max_active` sessions hold a slot of the model's state pool. When
 another one needs a slot, the least recently used idle session (no
-generation, no pending input) is snapshotted to the `SnapshotStore` and its
-slot freed; it is restored the next time it is used.
+generation, no pending input) is suspended: its state is copied to host
+memory (`Session._capture`, ~1 ms) and its slot freed at once; encoding the
+snapshot (msgpack, zstd at `compression_level`) and `store.put` happen in
+a writer thread (write-behind, one thread, so writes of one session land in
+order). Until its write has succeeded the engine keeps the copy, and a
+session resumed meanwhile is restored from it; a failed write is logged
+and the copy kept (retried when the writer must make room, by `snapshot`
+and by `suspend_all`), so no session is lost while the process lives. At
+most `max_unwritten` copies wait: a suspension beyond that waits for the
+writer (and is refused, EngineError "capacity", if all of them have failed
+twice). `snapshot` and `suspend_all` return once their writes are stored;
+`close` deletes after any queued write. A suspended session is restored
+the next time it is used (`resume` keeps what it read from the store for
+that, so the store is read and decoded once per resumption).
 
 Every model call runs in a worker thread (anyio.to_thread), one at a time
 (`_model_lock`), so the event loop stays free to read and write sockets.
@@ -43,8 +60,10 @@ Every model call runs in a worker thread (anyio.to_thread), one at a time
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import secrets
@@ -54,7 +73,9 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import torch
+import zstandard
 
+from . import snapshot as snapshot_format
 from .errors import SnapshotNotFound, StreamgemmaError
 from .model import Model
 from .sampling import PendingIds, SamplingParams
@@ -66,6 +87,18 @@ log = logging.getLogger("streamgemma.engine")
 DEFAULT_PREFILL_CHUNK = 64  # tokens of appended input per tick: bounds how long decoders wait
 DEFAULT_MAX_PENDING_TOKENS = 1 << 20  # appended but unconsumed tokens per session: bounds host memory
 DEFAULT_STEP_INPUT_TOKENS = 16  # pending input this short rides along in decode rows (one token per tick)
+# ... and when nobody generates: on CUDA a decode step (~3 ms, a CUDA graph) per
+# token beats a prefill call (~20 ms of launches) up to about 4 tokens; on the
+# CPU both cost about the model's arithmetic, so only a single token (where a
+# decode row and a prefill cost the same) takes a decode row.
+DEFAULT_IDLE_STEP_INPUT_TOKENS = {"cuda": 4}
+DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER = 1
+DEFAULT_MAX_UNWRITTEN = 32  # suspended sessions' host copies waiting for the writer: bounds host memory
+# Suspensions' snapshots skip entropy coding: the resume path decompresses 5-8x
+# faster and the writer compresses ~5x faster, for files ~15-25% larger
+# (bench/NOTES.md, "Resume"). Any level makes a valid snapshot.
+SUSPEND_COMPRESSION_LEVEL = -1
+_PRELOADED = 8  # stored sessions read by `resume` and kept for their restore
 
 
 class EngineError(StreamgemmaError):
@@ -251,6 +284,36 @@ class _MemoryStore(SnapshotStore):
         return sorted(self._blobs)
 
 
+class _Write:
+    """A suspended session's snapshot on its way to the store: the captured
+    state, kept in memory until `future` (encode + store.put, in the writer
+    thread) has succeeded; then `contents` is None (the store has it)."""
+
+    def __init__(self, contents: snapshot_format.SnapshotContents, future: concurrent.futures.Future):
+        self.contents: snapshot_format.SnapshotContents | None = contents
+        self.future = future
+        future.add_done_callback(self._done)
+
+    def _done(self, future: concurrent.futures.Future) -> None:  # in the writer thread
+        if future.exception() is None:
+            self.contents = None
+
+    @property
+    def written(self) -> bool:
+        return self.future.done() and self.future.exception() is None
+
+    @property
+    def failed(self) -> bool:
+        return self.future.done() and self.future.exception() is not None
+
+
+def _log_failed_write(session_id: str, store: SnapshotStore, future: concurrent.futures.Future) -> None:
+    error = future.exception()
+    if error is not None:
+        log.error("could not write session %s to %r; its state stays in memory (the write is retried later)",
+                  session_id, store, exc_info=error)
+
+
 class Engine:
     """Schedules many sessions of `model` onto batched decode steps.
 
@@ -260,25 +323,46 @@ class Engine:
     tick. max_pending_tokens: input appended to one session and not yet
     consumed (more is refused with EngineError("limit")). step_input_tokens:
     pending input at most this long is consumed one token per tick in the
-    decode batch while others generate (0: always prefill). Run the
-    scheduler with `await engine.run()` in a task group (it returns when
+    decode batch while others generate (0: always prefill).
+    idle_step_input_tokens: the same when nobody generates (default: 4 on
+    CUDA, 1 elsewhere; 0: always prefill). max_unwritten: suspended sessions
+    whose snapshots may wait in host memory for the background writer (each
+    holds a copy of its state: at most a slot's size plus the logits).
+    compression_level: zstd level of the snapshots the engine writes. Run
+    the scheduler with `await engine.run()` in a task group (it returns when
     cancelled); call the other methods from the same event loop.
 
     Counters for monitoring: `decode_calls`, `decoded_tokens` (generated),
     `decoded_input_tokens` (input consumed in decode rows), `prefill_calls`,
-    `suspensions`, `resumptions`.
+    `suspensions`, `resumptions`; `unwritten` (snapshots waiting for or
+    failed in the writer).
     """
 
     def __init__(self, model: Model, max_active: int = 64, store: SnapshotStore | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS,
-                 step_input_tokens: int = DEFAULT_STEP_INPUT_TOKENS):
+                 step_input_tokens: int = DEFAULT_STEP_INPUT_TOKENS, idle_step_input_tokens: int | None = None,
+                 max_unwritten: int = DEFAULT_MAX_UNWRITTEN, compression_level: int = SUSPEND_COMPRESSION_LEVEL):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active!r}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk!r}")
-        if step_input_tokens < 0:
-            raise ValueError(f"step_input_tokens must be >= 0 (0: always prefill), got {step_input_tokens!r}")
+        if idle_step_input_tokens is None:
+            idle_step_input_tokens = DEFAULT_IDLE_STEP_INPUT_TOKENS.get(model.device.type,
+                                                                        DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER)
+        for name, value in (("step_input_tokens", step_input_tokens),
+                            ("idle_step_input_tokens", idle_step_input_tokens)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 (0: always prefill), got {value!r}")
+        if max_unwritten < 1:
+            raise ValueError(f"max_unwritten must be >= 1, got {max_unwritten!r}")
+        if isinstance(compression_level, bool) or not isinstance(compression_level, int) \
+                or compression_level > zstandard.MAX_COMPRESSION_LEVEL:
+            raise ValueError(f"compression_level must be an int <= {zstandard.MAX_COMPRESSION_LEVEL} "
+                             f"(zstd; negative: faster), got {compression_level!r}")
         self.step_input_tokens = step_input_tokens
+        self.idle_step_input_tokens = idle_step_input_tokens
+        self.max_unwritten = max_unwritten
+        self.compression_level = compression_level
         self._host_work_in_loop = model.device.type == "cuda"  # see _decode
         self.model = model
         self.max_active = max_active
@@ -299,6 +383,12 @@ class Engine:
         self._kept: torch.Tensor | None = None
         self._kept_rows: tuple[torch.Tensor, ...] = ()
         self._kept_sessions: list[Session] = []
+        # Write-behind of suspended sessions: one writer thread, so writes (and
+        # deletes) of one id reach the store in the order they were queued.
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamgemma-writer")
+        self._unwritten: dict[str, _Write] = {}
+        # State `resume` read from the store, kept for the restore that usually follows.
+        self._preloaded: collections.OrderedDict[str, snapshot_format.SnapshotContents] = collections.OrderedDict()
         self.decode_calls = 0
         self.decoded_tokens = 0
         self.decoded_input_tokens = 0
@@ -311,6 +401,11 @@ class Engine:
     def active(self) -> int:
         """Sessions holding a pool slot now."""
         return sum(1 for s in self.sessions.values() if s.live is not None)
+
+    @property
+    def unwritten(self) -> int:
+        """Suspended sessions' snapshots in host memory, not (yet) in the store."""
+        return sum(1 for w in self._unwritten.values() if not w.written)
 
     async def open(self, seed: int | None = None) -> EngineSession:
         """A new session at position 0 with an unguessable id."""
@@ -336,12 +431,16 @@ class Engine:
             blob = await anyio.to_thread.run_sync(self.store.get, session_id)
         except (SnapshotNotFound, StreamgemmaError):
             raise EngineError("unknown_session", f"no session {session_id!r}") from None
-        position = await anyio.to_thread.run_sync(_snapshot_position, self.model, blob)
+        contents = await anyio.to_thread.run_sync(self._decode_snapshot, blob)
         # Another request may have resumed it while we read: there is one EngineSession per id.
         es = self.sessions.get(session_id)
         if es is None:
-            es = EngineSession(session_id, None, position)
+            es = EngineSession(session_id, None, contents.position)
             self.sessions[session_id] = es
+            # Kept for the restore that usually follows (a few at most: bounded memory).
+            self._preloaded[session_id] = contents
+            while len(self._preloaded) > _PRELOADED:
+                self._preloaded.popitem(last=False)
         return es
 
     def append(self, es: EngineSession, ids_or_text: Sequence[int] | str) -> _PendingInput:
@@ -421,13 +520,21 @@ class Engine:
 
     async def snapshot(self, es: EngineSession) -> int:
         """Store the state of `es` in the store under its id (between two
-        ticks: a consistent state, also mid-generation). Returns its position."""
+        ticks: a consistent state, also mid-generation), and wait until it
+        is stored. Returns its position. Raises what the store raised."""
         self._check_usable(es)
         async with self._model_lock:
+            future = None
             if es.live is not None:
-                blob = await anyio.to_thread.run_sync(es.live.snapshot)
-                await anyio.to_thread.run_sync(self.store.put, es.id, blob)
-            return es.position  # a suspended session is already in the store
+                contents = await anyio.to_thread.run_sync(es.live._capture)
+                future = self._writer.submit(self._write, es.id, contents)
+            elif es.id in self._unwritten:  # suspended, its write queued (or failed: retried)
+                write = self._unwritten[es.id]
+                future = (self._start_write(es.id, write.contents) if write.failed else write).future
+            position = es.position
+        if future is not None:
+            await anyio.to_thread.run_sync(future.result)
+        return position
 
     async def close(self, es: EngineSession) -> None:
         """End `es` for good: cancel its generation, free its slot, fail its
@@ -441,19 +548,23 @@ class Engine:
             if es.live is not None:
                 es.live.close()
                 es.live = None
-            try:
-                await anyio.to_thread.run_sync(self.store.delete, es.id)
-            except SnapshotNotFound:
-                pass
+        self._unwritten.pop(es.id, None)
+        self._preloaded.pop(es.id, None)
+        try:  # through the writer: after any write of this session still queued there
+            await anyio.to_thread.run_sync(self._writer.submit(self.store.delete, es.id).result)
+        except SnapshotNotFound:
+            pass
         self.sessions.pop(es.id, None)
         self._generating.pop(es.id, None)
         self._waiting.pop(es.id, None)
 
     async def suspend_all(self) -> list[str]:
         """Shutdown: cancel every generation, snapshot every live session to
-        the store and free its slot. Returns the ids stored. Input appended but
-        not yet consumed is dropped (its `consumed` raises)."""
-        stored = []
+        the store and free its slot, and wait until every suspended
+        session's snapshot is stored (failed writes are retried once).
+        Returns the ids of the engine's sessions whose state is now in the
+        store; one that could not be stored is logged as an error. Input
+        appended but not yet consumed is dropped (its `consumed` raises)."""
         async with self._model_lock:
             for es in list(self.sessions.values()):
                 self._finish(es, "cancelled")
@@ -463,9 +574,13 @@ class Engine:
                         await self._suspend(es)
                     except Exception:  # noqa: BLE001 - one failed write must not lose the others
                         log.exception("could not suspend session %s", es.id)
-                    else:
-                        stored.append(es.id)
-        return stored
+            self._retry_failed_writes()
+            await anyio.to_thread.run_sync(concurrent.futures.wait, [w.future for w in self._unwritten.values()])
+        for sid, write in self._unwritten.items():
+            if write.failed:
+                log.error("session %s could not be stored; it is lost when this process exits", sid)
+        self._forget_written()
+        return [sid for sid, es in self.sessions.items() if es.live is None and sid not in self._unwritten]
 
     # -- scheduler -------------------------------------------------------------------
     async def run(self) -> None:
@@ -489,18 +604,22 @@ class Engine:
                 if es.generation.cancelled:
                     self._finish(es, "cancelled")
             decoding = any(not es.inputs and es.live is not None for es in self._generating.values())
-            riders = [es for es in self._waiting.values() if self._rides_along(es)] if decoding else []
+            short = self.step_input_tokens if decoding else self.idle_step_input_tokens
+            riders = [es for es in self._waiting.values() if es.live is not None and self._input_fits(es, short)]
             riding = {es.id for es in riders}
-            chunked = next((es for es in self._waiting.values() if es.id not in riding), None)
-            if chunked is not None:
-                await self._prefill_chunk(chunked)
-                if chunked.inputs and self._waiting.pop(chunked.id, None) is not None:
-                    self._waiting[chunked.id] = chunked  # next turn: after the others waiting
+            turn = next((es for es in self._waiting.values() if es.id not in riding), None)
+            if turn is not None and self._input_fits(turn, short):  # suspended: restored, then it rides along
+                if await self._restore_for_input(turn):
+                    riders.append(turn)
+            elif turn is not None:
+                await self._prefill_chunk(turn)
+                if turn.inputs and self._waiting.pop(turn.id, None) is not None:
+                    self._waiting[turn.id] = turn  # next turn: after the others waiting
             # Requests that arrived during the prefill count: input appended to a
             # generator is consumed before its next token.
             batch = [(es, es.generation) for es in self._generating.values() if not es.inputs and es.live is not None]
             riders = [es for es in riders if es.inputs and es.live is not None]
-            if batch:
+            if batch or riders:
                 generations = [active.generation for _, active in batch]
                 slots = [es.live.slot for es, _ in batch]
                 inputs = [(es.live, es.inputs[0].ids[es.inputs[0].offset]) for es in riders]
@@ -521,15 +640,16 @@ class Engine:
         them once per tick instead of waking once per token."""
         await self._ticked.wait()
 
-    def _rides_along(self, es: EngineSession) -> bool:
-        """Whether the pending input of `es` is consumed in this tick's decode
-        rows instead of by a prefill chunk (see the module docstring)."""
-        if es.live is None or es.closed:
+    def _input_fits(self, es: EngineSession, limit: int) -> bool:
+        """Whether the pending input of `es` is at most `limit` tokens, so it
+        rides along in decode rows rather than taking prefill chunks (see
+        the module docstring)."""
+        if es.closed:
             return False
         remaining = 0
         for pending in es.inputs:
             remaining += len(pending.ids) - pending.offset
-            if remaining > self.step_input_tokens:
+            if remaining > limit:
                 return False
         return remaining > 0
 
@@ -548,8 +668,10 @@ class Engine:
         while not lock.acquire(blocking=False):  # a Session outside the engine is using the model
             await anyio.sleep(0.001)
         try:
-            pending = self._sample(generations)
-            await anyio.to_thread.run_sync(pending.wait)
+            pending = None
+            if generations:  # (none when only input rides along)
+                pending = self._sample(generations)
+                await anyio.to_thread.run_sync(pending.wait)
             return self._decode_batch(generations, slots, inputs, pending, locked=True)
         finally:
             lock.release()
@@ -571,7 +693,9 @@ class Engine:
         kept-logits state. `locked`: the caller holds the model's lock."""
         model = self.model
         with contextlib.nullcontext() if locked else model.lock:
-            picked = (pending if pending is not None else self._sample(generations)).ids()
+            if pending is None and generations:
+                pending = self._sample(generations)
+            picked = pending.ids() if pending is not None else []
             out = model.decode(slots + [s.slot for s, _ in inputs], picked + [t for _, t in inputs])
             # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
             kept = out.clone(memory_format=torch.contiguous_format)
@@ -609,13 +733,27 @@ class Engine:
             await anyio.to_thread.run_sync(es.live.feed, chunk)
             self.prefill_calls += 1
         except Exception as e:  # noqa: BLE001 - delivered to whoever awaits this input
-            es.inputs.popleft()
-            pending.error = e
-            pending.consumed.set()
-            if not es.inputs:
-                self._waiting.pop(es.id, None)
+            self._input_failed(es, e)
             return
         self._input_consumed(es, len(chunk))
+
+    async def _restore_for_input(self, es: EngineSession) -> bool:
+        """Give `es` a slot so its pending input can ride along; False (and
+        its first input failed with the error) if that fails."""
+        try:
+            await self._ensure_live(es)
+        except Exception as e:  # noqa: BLE001 - delivered to whoever awaits this input
+            self._input_failed(es, e)
+            return False
+        return True
+
+    def _input_failed(self, es: EngineSession, error: BaseException) -> None:
+        """The first pending input of `es` cannot be consumed: hand `error` to its waiter."""
+        pending = es.inputs.popleft()
+        pending.error = error
+        pending.consumed.set()
+        if not es.inputs:
+            self._waiting.pop(es.id, None)
 
     def _input_consumed(self, es: EngineSession, count: int) -> None:
         """`count` tokens of the first pending input of `es` were consumed."""
@@ -655,14 +793,20 @@ class Engine:
             pending.error = error
             pending.consumed.set()
 
-    # -- slots -----------------------------------------------------------------------
+    # -- slots and the store -----------------------------------------------------------
     async def _ensure_live(self, es: EngineSession) -> None:
-        """Give `es` a slot, restoring it from the store (caller holds _model_lock)."""
+        """Give `es` a slot, restoring its state: from memory if its write is
+        still pending (or failed) or `resume` just read it, else from the
+        store (caller holds _model_lock)."""
         if es.live is not None:
             return
         await self._make_room()
-        blob = await anyio.to_thread.run_sync(self.store.get, es.id)
-        es.live = await anyio.to_thread.run_sync(self.model.restore, blob)
+        write = self._unwritten.get(es.id)
+        contents = write.contents if write is not None else self._preloaded.pop(es.id, None)
+        if contents is None:  # (also when its write has just succeeded)
+            contents = await anyio.to_thread.run_sync(self._read_snapshot, es.id)
+        es.live = await anyio.to_thread.run_sync(self.model._restore_contents, contents)
+        self._preloaded.pop(es.id, None)
         self.resumptions += 1
 
     async def _make_room(self) -> None:
@@ -678,12 +822,65 @@ class Engine:
         await self._suspend(min(idle, key=lambda es: es.last_used))
 
     async def _suspend(self, es: EngineSession) -> None:
-        blob = await anyio.to_thread.run_sync(es.live.snapshot)
-        await anyio.to_thread.run_sync(self.store.put, es.id, blob)
+        """Copy the state of `es` to host memory, free its slot, queue the write."""
+        await self._make_writer_room()
+        contents = await anyio.to_thread.run_sync(es.live._capture)
         es._position = es.live.position
         es.live.close()
         es.live = None
+        self._start_write(es.id, contents)
         self.suspensions += 1
+
+    def _start_write(self, session_id: str, contents: snapshot_format.SnapshotContents) -> _Write:
+        """Queue the write of `contents` as the snapshot of `session_id`; it
+        replaces any earlier one (the writer runs them in order)."""
+        future = self._writer.submit(self._write, session_id, contents)
+        future.add_done_callback(functools.partial(_log_failed_write, session_id, self.store))
+        write = self._unwritten[session_id] = _Write(contents, future)
+        return write
+
+    def _retry_failed_writes(self) -> None:
+        for sid, write in list(self._unwritten.items()):
+            if write.failed:
+                self._start_write(sid, write.contents)
+
+    def _write(self, session_id: str, contents: snapshot_format.SnapshotContents) -> None:
+        """In the writer thread: encode and store."""
+        self.store.put(session_id, snapshot_format.encode_contents(contents, self.compression_level))
+
+    async def _make_writer_room(self) -> None:
+        """Wait until fewer than max_unwritten snapshots are held for the
+        writer. If all those held have failed, retry them once; if they
+        fail again, refuse (EngineError "capacity"): the store is broken,
+        and suspending more would only pile up state in memory."""
+        retried = False
+        while True:
+            self._forget_written()
+            if len(self._unwritten) < self.max_unwritten:
+                return
+            oldest = next((w.future for w in self._unwritten.values() if not w.future.done()), None)
+            if oldest is not None:
+                await anyio.to_thread.run_sync(concurrent.futures.wait, [oldest])
+            elif not retried:
+                self._retry_failed_writes()
+                retried = True
+            else:
+                raise EngineError("capacity", f"{len(self._unwritten)} suspended sessions could not be written "
+                                              f"to the store {self.store!r} (see the server log); retry later")
+
+    def _forget_written(self) -> None:
+        """Drop the host copies that are stored, and failed ones of sessions
+        live again (their live state supersedes them)."""
+        for sid, write in list(self._unwritten.items()):
+            es = self.sessions.get(sid)
+            if write.written or (write.failed and (es is None or es.live is not None)):
+                del self._unwritten[sid]
+
+    def _read_snapshot(self, session_id: str) -> snapshot_format.SnapshotContents:
+        return self._decode_snapshot(self.store.get(session_id))
+
+    def _decode_snapshot(self, blob: bytes) -> snapshot_format.SnapshotContents:
+        return snapshot_format.decode(blob, self.model.config, self.model.fingerprint)
 
     def _touch(self, es: EngineSession) -> None:
         es.last_used = next(self._clock)
@@ -692,9 +889,3 @@ class Engine:
         if es.closed:
             raise EngineError("closed", f"session {es.id!r} is closed")
 
-
-def _snapshot_position(model: Model, blob: bytes) -> int:
-    """The position recorded in a snapshot (validating it against `model`)."""
-    from . import snapshot as snapshot_format
-
-    return snapshot_format.decode(blob, model.config, model.fingerprint).position

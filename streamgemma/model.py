@@ -112,7 +112,10 @@ class Model:
         own RNG/detokenizer bytes are judged after, by the session); failures
         raise a SnapshotError subclass: SnapshotFormatError, SnapshotCorrupted,
         SnapshotVersionError, SnapshotModelMismatch."""
-        contents = snapshot_format.decode(blob, self.config, self.fingerprint)
+        return self._restore_contents(snapshot_format.decode(blob, self.config, self.fingerprint))
+
+    def _restore_contents(self, contents: snapshot_format.SnapshotContents) -> "Session":
+        """`restore` of validated contents (decoded, or captured by `Session._capture`)."""
         session = self.session(seed=contents.seed)
         try:
             snapshot_format.load_into(self.pool, session.slot, contents)

@@ -250,9 +250,15 @@ class Session:
         `metadata`, a dict with str keys of None/bool/int/float/str/bytes/list/
         dict values (at most 1 MiB as msgpack; SnapshotMetadataError otherwise).
         `model.restore(blob)` continues exactly where this session is."""
+        return snapshot_format.encode_contents(self._capture(metadata))
+
+    def _capture(self, metadata: dict[str, Any] | None = None) -> snapshot_format.SnapshotContents:
+        """`snapshot` before encoding: the state copied to host memory
+        (`model._restore_contents` continues from it). The engine suspends
+        sessions with this and encodes in the background."""
         self._check_open()
-        return snapshot_format.encode(self.model.pool, self.slot, fingerprint=self.model.fingerprint,
-                                      extra=self._extra_state(), seed=self.seed, metadata=metadata)
+        return snapshot_format.capture(self.model.pool, self.slot, fingerprint=self.model.fingerprint,
+                                       extra=self._extra_state(), seed=self.seed, metadata=metadata)
 
     def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
         """Write `snapshot(metadata)` to `path` atomically: a reader (or a crash)

@@ -2,7 +2,10 @@
 (with content checksum) around one msgpack map. docs/snapshot-format.md is
 the specification; this module is its implementation.
 
-- `encode` reads one slot of a state pool into a snapshot.
+- `encode` reads one slot of a state pool into a snapshot: `capture` (a
+  validated host copy of the slot, `SnapshotContents`), then
+  `encode_contents` (msgpack, zstd). The engine captures when it suspends a
+  session and encodes later, in a background writer.
 - `decode` turns untrusted bytes into validated `SnapshotContents` without
   allocating a tensor: the frame, every size, the schema and the model's
   identity are checked first, and every failure is a `SnapshotError` subclass.
@@ -16,6 +19,7 @@ functions are the layer under them (benchmarks use them on a bare pool).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Mapping
@@ -61,16 +65,18 @@ _TENSOR_NAMES = {"recurrent": ("conv", "h"), ATTENTION: ("keys", "values")}
 
 @dataclasses.dataclass(frozen=True)
 class TensorRecord:
-    """One state tensor as stored: little-endian C-order bytes of `dtype` and `shape`."""
+    """One state tensor as stored: little-endian C-order bytes of `dtype` and
+    `shape` (bytes when decoded, a read-only view of a host copy when captured)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclasses.dataclass(frozen=True)
 class SnapshotContents:
-    """A decoded, validated snapshot (no tensors allocated yet).
+    """A decoded, validated snapshot (no tensors allocated yet), or a captured
+    one (`capture`: the same, with its tensor bytes in host memory).
 
     layers: per layer, (conv [conv_width-1, lru_width] in `dtype`, h [lru_width]
     float32) for recurrent layers, (keys, values) [min(position, window),
@@ -114,8 +120,8 @@ def max_file_bytes(config: GriffinConfig) -> int:
 
 # -- encode ----------------------------------------------------------------------------
 def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, Any], seed: int | None = None,
-           metadata: dict[str, Any] | None = None) -> bytes:
-    """Snapshot of `slot` in `pool` as bytes.
+           metadata: dict[str, Any] | None = None, level: int = COMPRESSION_LEVEL) -> bytes:
+    """Snapshot of `slot` in `pool` as bytes: `encode_contents(capture(...))`.
 
     fingerprint: the model's `fingerprint`. extra: the session's host state
     ({"rng": bytes | None, "detok_pending": bytes, "recent_ids": list[int],
@@ -123,45 +129,73 @@ def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, 
     seed: the session's seed. metadata: a dict with str keys of plain msgpack
     values (None, bool, int, float, str, bytes, list, dict), at most
     MAX_METADATA_BYTES encoded; raises SnapshotMetadataError otherwise.
+    level: the zstd level (any level makes a valid snapshot).
+    """
+    contents = capture(pool, slot, fingerprint=fingerprint, extra=extra, seed=seed, metadata=metadata)
+    return encode_contents(contents, level)
+
+
+def capture(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, Any], seed: int | None = None,
+            metadata: dict[str, Any] | None = None) -> SnapshotContents:
+    """The state of `slot` in `pool` copied to host memory, validated as
+    `encode` validates it, not yet encoded: what `encode_contents` turns into
+    bytes and `load_into` writes back into a slot. Arguments as `encode`.
 
     Every state tensor is copied to the host once (attention rings are put in
-    logical order on their device first, keeping only the filled rows).
+    logical order on their device first, keeping only the filled rows); the
+    slot may be reused as soon as this returns.
     """
     _require_little_endian()
     config = pool.config
     metadata = {} if metadata is None else metadata
-    metadata_bytes = _check_metadata(metadata, SnapshotMetadataError)
+    _check_metadata(metadata, SnapshotMetadataError)
     _check_extra(extra, config.vocab_size, "the session's host state", SnapshotFormatError)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise SnapshotFormatError(f"the session's seed {seed!r} is not an int or None")
     position = pool.positions[slot]
     segments = _ring_segments(position, config.attention_window)
     layers = []
-    payload = 0
     for kind, tensors in zip(config.block_types, pool.layers):
+        parts = [[t[slot][a:b] for a, b in segments] if kind == ATTENTION else [t[slot]] for t in tensors]
+        layers.append(tuple(_host_record(p) for p in parts))
+    return SnapshotContents(fingerprint=fingerprint, config=config, dtype=pool.dtype, position=position,
+                            seed=seed, layers=tuple(layers), extra={k: extra[k] for k in sorted(_EXTRA_KEYS)},
+                            metadata=metadata)
+
+
+def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL) -> bytes:
+    """`contents` (from `capture` or `decode`) as snapshot bytes, compressed
+    at zstd `level`: 1 (the default) shrinks state by about a fifth; negative
+    levels store literals raw, which compresses and decompresses several
+    times faster at almost no size gain (bench/NOTES.md, "Resume")."""
+    _require_little_endian()
+    layers = []
+    payload = 0
+    for kind, records in zip(contents.config.block_types, contents.layers):
         layer = {"kind": kind}
-        for name, t in zip(_TENSOR_NAMES[kind], tensors):
-            parts = [t[slot][a:b] for a, b in segments] if kind == ATTENTION else [t[slot]]
-            layer[name] = _tensor_map(parts)
-            payload += len(layer[name]["data"])
+        for name, record in zip(_TENSOR_NAMES[kind], records):
+            layer[name] = {"dtype": _DTYPE_NAMES[record.dtype], "shape": list(record.shape), "data": record.data}
+            payload += len(record.data)
         layers.append(layer)
+    extra = contents.extra
     document = {
         "magic": MAGIC,
         "version": FORMAT_VERSION,
-        "model": {"fingerprint": fingerprint, "config": config.to_dict()},
-        "dtype": _DTYPE_NAMES[pool.dtype],
-        "position": position,
-        "seed": seed,
+        "model": {"fingerprint": contents.fingerprint, "config": contents.config.to_dict()},
+        "dtype": _DTYPE_NAMES[contents.dtype],
+        "position": contents.position,
+        "seed": contents.seed,
         "layers": layers,
-        "extra": {k: extra[k] for k in sorted(_EXTRA_KEYS)},
-        "metadata": metadata,
+        "extra": extra,
+        "metadata": contents.metadata,
     }
     host_bytes = (len(extra["rng"] or b"") + len(extra["detok_pending"]) + 9 * len(extra["recent_ids"])
                   + len(extra["logits"] or b"") + 4 * len(extra["stopped"] or ""))
-    # Presizing the buffer saves the reallocations of a growing one (state is tens of MB).
-    packer = msgpack.Packer(buf_size=payload + metadata_bytes + host_bytes + _ENVELOPE_BYTES)
+    # Presizing the buffer saves the reallocations of a growing one (state is tens of MB;
+    # metadata is usually small, and the buffer grows if it is not).
+    packer = msgpack.Packer(buf_size=payload + host_bytes + _ENVELOPE_BYTES)
     packed = packer.pack(document)
-    return zstandard.ZstdCompressor(level=COMPRESSION_LEVEL, write_checksum=True).compress(packed)
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(packed)
 
 
 def _ring_segments(position: int, window: int) -> list[tuple[int, int]]:
@@ -174,17 +208,18 @@ def _ring_segments(position: int, window: int) -> list[tuple[int, int]]:
     return [(start, start + first)] + ([(0, n - first)] if n > first else [])
 
 
-def _tensor_map(parts: list[torch.Tensor]) -> dict:
+def _host_record(parts: list[torch.Tensor]) -> TensorRecord:
     """The record of the concatenation of `parts` (same device and dtype) along
-    dim 0. CPU tensors are read through numpy views (a memory copy, no torch
-    kernel); device tensors are joined on the device and copied to the host once."""
+    dim 0, in host memory of its own. CPU tensors are copied through numpy
+    views (a memory copy, no torch kernel); device tensors are joined on the
+    device and copied to the host once."""
     if parts[0].device.type == "cpu":
         views = [_byte_view(p) for p in parts]
-        raw = views[0] if len(views) == 1 else np.concatenate(views)
+        raw = views[0].copy() if len(views) == 1 else np.concatenate(views)
     else:
         raw = _byte_view((torch.cat(parts) if len(parts) > 1 else parts[0]).cpu())
-    shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
-    return {"dtype": _DTYPE_NAMES[parts[0].dtype], "shape": shape, "data": memoryview(raw.reshape(-1))}
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    return TensorRecord(dtype=parts[0].dtype, shape=shape, data=memoryview(raw.reshape(-1)).toreadonly())
 
 
 def _byte_view(t: torch.Tensor) -> np.ndarray:
@@ -345,16 +380,12 @@ def _check_tensor(record: Any, where: str, dtype: torch.dtype, shape: tuple[int,
         raise SnapshotFormatError(f"{where} has shape {_short(record['shape'])}, but this model's config "
                                   f"needs {list(shape)}")
     data = record["data"]
-    nbytes = int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
     if not isinstance(data, bytes) or len(data) != nbytes:
         size = len(data) if isinstance(data, bytes) else f"no bytes ({type(data).__name__})"
         raise SnapshotFormatError(f"{where} has {size} bytes of data; shape {list(shape)} of "
                                   f"{_DTYPE_NAMES[dtype]} needs {nbytes}")
     return TensorRecord(dtype=dtype, shape=shape, data=data)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _check_extra(extra: Any, vocab_size: int, where: str, error: type[SnapshotError]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+import torch
 
 from streamgemma.engine import Engine
 from streamgemma.sampling import SamplingParams
@@ -142,3 +143,71 @@ def test_short_input_rides_along_in_decode_rows_and_long_input_is_prefilled():
 def test_engine_rejects_a_negative_step_input_tokens():
     with pytest.raises(ValueError, match="step_input_tokens"):
         Engine(text_model(), step_input_tokens=-1)
+
+
+@pytest.mark.parametrize("host_work_in_loop", [False, True], ids=["cpu-tick", "cuda-style-tick"])
+def test_short_input_on_an_idle_engine_is_consumed_in_decode_rows(host_work_in_loop):
+    """With nobody generating, input of at most idle_step_input_tokens is
+    consumed one token per tick in a decode of input rows only, batched
+    across sessions: what `Session.step` gives (bit for bit in a batch of
+    one; in a larger batch the CPU's matmuls may round the last bits
+    differently, as for generation rows: the same tokens follow), and what
+    `Session.feed` gives up to rounding. A suspended session with such input
+    is restored and rides along. Nothing is prefilled."""
+    model, plain = text_model(), text_model()
+    tails = [model.tokenizer.encode(t, add_bos=False)[:3] for t in (" hello there world", " the lazy dog jumps")]
+    assert all(len(t) == 3 for t in tails)
+    expected_logits, expected_ids = [], []
+    for prompt, tail in zip(PROMPTS, tails):
+        s = plain.session()
+        s.feed(prompt)
+        fed = s.fork()
+        for t in tail:
+            s.step(t)
+        assert torch.allclose(s._logits, fed.feed(tail), atol=1e-5)
+        expected_logits.append(s._logits.clone())
+        expected_ids.append([t.id for t in s.generate(max_tokens=5, seed=9, stop_token_ids=[])])
+
+    async def main():
+        engine = Engine(model, max_active=2, idle_step_input_tokens=4)
+        engine._host_work_in_loop = host_work_in_loop
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            a, b = await engine.open(), await engine.open()
+            for es, prompt in zip((a, b), PROMPTS):
+                await engine.consumed(engine.append(es, prompt))
+            counts = engine.prefill_calls, engine.decode_calls, engine.decoded_input_tokens
+            await engine.consumed(engine.append(a, tails[0]))  # alone: three decodes of one row
+            assert (engine.prefill_calls, engine.decode_calls, engine.decoded_input_tokens) == \
+                (counts[0], counts[1] + 3, counts[2] + 3)
+            logits = [a.live._logits.clone()]
+            third = await engine.open()  # suspends b, the least recently used
+            assert b.live is None
+            counts = engine.prefill_calls, engine.decode_calls, engine.resumptions
+            # b is restored by the tick (a is suspended for it), then rides along with third.
+            pending = [engine.append(b, tails[1]), engine.append(third, tails[0][:2])]
+            for p in pending:
+                await engine.consumed(p)
+            assert (engine.prefill_calls, engine.decode_calls, engine.resumptions) == \
+                (counts[0], counts[1] + 3, counts[2] + 1)
+            logits.append(b.live._logits.clone())
+            await engine.close(third)
+            ids = []
+            for es in (a, b):
+                stream = await engine.generate(es, SamplingParams(max_tokens=5, seed=9, stop_token_ids=()))
+                ids.append([t.id async for t in stream])
+            tg.cancel_scope.cancel()
+        return logits, ids
+
+    logits, ids = anyio.run(main, backend="asyncio")
+    assert torch.equal(logits[0], expected_logits[0])  # batches of one row: bit for bit
+    assert torch.allclose(logits[1], expected_logits[1], atol=1e-5)
+    assert ids == expected_ids
+
+
+def test_idle_step_input_tokens_defaults_by_device():
+    model = text_model()
+    assert Engine(model).idle_step_input_tokens == 1  # CPU: a decode row costs what a prefill does
+    assert Engine(model, idle_step_input_tokens=0).idle_step_input_tokens == 0
+    with pytest.raises(ValueError, match="idle_step_input_tokens"):
+        Engine(model, idle_step_input_tokens=-1)

@@ -1,0 +1,226 @@
+"""The engine's suspension: a suspended session's state is captured at once
+and written to the store in the background (write-behind). Until the write
+has succeeded the engine resumes it from memory; shutdown, snapshot and close
+wait for or account for pending writes; a store that fails loses nothing."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import anyio
+import pytest
+import torch
+
+import streamgemma as sg
+from streamgemma.engine import Engine, _MemoryStore
+from streamgemma.sampling import SamplingParams
+from textfixtures import text_model
+
+PROMPT = "the quick brown fox jumps over the lazy dog"
+
+
+class GatedStore(_MemoryStore):
+    """An in-memory store whose `put` waits until `gate` is set (a slow
+    disk), and fails while `failing` is set (a broken one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.failing = False
+        self.puts = 0
+
+    def put(self, session_id: str, blob: bytes) -> None:
+        if not self.gate.wait(10):  # a test that failed with the gate closed ends, not hangs
+            raise TimeoutError("the test never opened the gate")
+        self.puts += 1
+        if self.failing:
+            raise OSError("disk full")
+        super().put(session_id, blob)
+
+
+def plain_after(prompt: str, seed: int | None = None, n: int = 0) -> sg.Session:
+    """A plain session after `prompt` and `n` generated tokens (seeded with `seed`)."""
+    s = text_model().session()
+    s.feed(prompt)
+    if n:
+        list(s.generate(max_tokens=n, seed=seed, stop_token_ids=[]))
+    return s
+
+
+def tokens_after(prompt: str, seed: int, n: int) -> list[int]:
+    return [t.id for t in plain_after(prompt).generate(max_tokens=n, seed=seed, stop_token_ids=[])]
+
+
+async def generate(engine: Engine, es, seed: int, n: int) -> list[int]:
+    stream = await engine.generate(es, SamplingParams(max_tokens=n, seed=seed, stop_token_ids=()))
+    return [t.id async for t in stream]
+
+
+def same_state(blob: bytes, plain: sg.Session) -> bool:
+    """Whether the snapshot `blob` holds the state of `plain`: same position,
+    logits, and the same tokens next."""
+    restored = text_model().restore(blob)
+    if restored.position != plain.position or not torch.equal(restored._logits, plain._logits):
+        return False
+    return ([t.id for t in restored.generate(max_tokens=5, seed=11, stop_token_ids=[])]
+            == [t.id for t in plain.generate(max_tokens=5, seed=11, stop_token_ids=[])])
+
+
+def test_a_session_resumed_before_its_write_finished_continues_exactly():
+    model, store = text_model(), GatedStore()
+    prompts = [PROMPT + " a", PROMPT + " b"]
+
+    async def main():
+        engine = Engine(model, max_active=1, store=store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            a = await engine.open()
+            await engine.consumed(engine.append(a, prompts[0]))
+            store.gate.clear()  # the disk stalls: no write finishes until the gate opens
+            b = await engine.open()  # suspends a; its snapshot waits for the writer
+            assert a.live is None and engine.unwritten == 1 and store.list() == []
+            await engine.consumed(engine.append(b, prompts[1]))
+            with anyio.fail_after(10):
+                got_a = await generate(engine, a, seed=3, n=8)  # restored from memory; b suspended
+            assert engine.unwritten == 2 and store.list() == [] and engine.resumptions == 1
+            store.gate.set()
+            got_b = await generate(engine, b, seed=4, n=8)  # a suspended again, b from memory or store
+            await engine.suspend_all()
+            assert engine.unwritten == 0
+            tg.cancel_scope.cancel()
+        return a, b, got_a, got_b
+
+    a, b, got_a, got_b = anyio.run(main, backend="asyncio")
+    assert got_a == tokens_after(prompts[0], 3, 8)
+    assert got_b == tokens_after(prompts[1], 4, 8)
+    # The store ends with the latest state of each (writes of one session land in order).
+    assert same_state(store.get(a.id), plain_after(prompts[0], 3, 8))
+    assert same_state(store.get(b.id), plain_after(prompts[1], 4, 8))
+
+
+def test_shutdown_waits_for_pending_writes_and_stores_every_session():
+    model, store = text_model(), GatedStore()
+
+    async def main():
+        engine = Engine(model, max_active=1, store=store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            sessions = []
+            for i in range(3):
+                es = await engine.open()
+                await engine.consumed(engine.append(es, PROMPT + f" {i}"))
+                sessions.append(es)
+                store.gate.clear()  # later writes stall
+            assert engine.unwritten == 2 and store.list() == []
+            done = []
+
+            async def shutdown():
+                done.append(await engine.suspend_all())
+
+            tg.start_soon(shutdown)
+            await anyio.sleep(0.2)
+            assert not done  # waiting for the writer
+            store.gate.set()
+            with anyio.fail_after(10):
+                while not done:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        return sessions, done[0]
+
+    sessions, stored = anyio.run(main, backend="asyncio")
+    assert sorted(stored) == sorted(es.id for es in sessions) == store.list()
+    for i, es in enumerate(sessions):
+        assert same_state(store.get(es.id), plain_after(PROMPT + f" {i}"))
+
+
+def test_a_failing_store_loses_no_session(caplog):
+    model, store = text_model(), GatedStore()
+
+    async def main():
+        engine = Engine(model, max_active=1, store=store, max_unwritten=2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            a, b = await engine.open(), await engine.open()  # a is suspended (at position 0)
+            await engine.consumed(engine.append(b, PROMPT + " b"))
+            store.failing = True
+            await engine.consumed(engine.append(a, PROMPT + " a"))  # a restored, b suspended: put fails
+            with anyio.fail_after(10):
+                while store.puts < 2:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.05)
+            assert "could not write session" in caplog.text and engine.unwritten == 1
+            with pytest.raises(OSError, match="disk full"):
+                await engine.snapshot(b)  # retried, fails again: the caller hears of it
+            # b is still resumable, from memory, exactly.
+            got_b = await generate(engine, b, seed=7, n=6)
+            # The writer may hold at most max_unwritten snapshots: with all of them
+            # failed, a suspension is refused instead of piling up state in memory.
+            c = await engine.open()  # suspends b (its write fails too)
+            await engine.consumed(engine.append(c, PROMPT + " c"))
+            with pytest.raises(sg.EngineError) as refused:
+                await engine.consumed(engine.append(b, " more"))  # needs a slot: would suspend c
+            assert refused.value.code == "capacity" and "could not be written" in str(refused.value)
+            assert c.live is not None and a.live is None  # nothing was dropped
+            # The store recovers: everything is stored at shutdown.
+            store.failing = False
+            stored = await engine.suspend_all()
+            tg.cancel_scope.cancel()
+        return a, b, c, got_b, stored
+
+    with caplog.at_level(logging.ERROR, logger="streamgemma.engine"):
+        a, b, c, got_b, stored = anyio.run(main, backend="asyncio")
+    assert got_b == tokens_after(PROMPT + " b", 7, 6)
+    assert sorted(stored) == store.list() == sorted([a.id, b.id, c.id])
+    assert same_state(store.get(a.id), plain_after(PROMPT + " a"))
+    assert same_state(store.get(b.id), plain_after(PROMPT + " b", 7, 6))
+    assert same_state(store.get(c.id), plain_after(PROMPT + " c"))
+
+
+def test_snapshot_waits_for_a_pending_write_and_close_deletes_after_it():
+    model, store = text_model(), GatedStore()
+
+    async def main():
+        engine = Engine(model, max_active=1, store=store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            a = await engine.open()
+            await engine.consumed(engine.append(a, PROMPT))
+            store.gate.clear()
+            b = await engine.open()  # a's write stalls
+            await engine.consumed(engine.append(b, PROMPT + " b"))
+            c = await engine.open()  # b's write stalls behind it
+            events = []
+
+            async def snapshot_a():
+                events.append(("snapshot", await engine.snapshot(a)))
+
+            async def close_b():
+                await engine.close(b)
+                events.append(("closed", b.id in store.list()))
+
+            tg.start_soon(snapshot_a)
+            tg.start_soon(close_b)
+            await anyio.sleep(0.2)
+            assert events == []  # both wait for the writer
+            store.gate.set()
+            with anyio.fail_after(10):
+                while len(events) < 2:
+                    await anyio.sleep(0.01)
+            await engine.close(c)
+            tg.cancel_scope.cancel()
+        return a, events
+
+    a, events = anyio.run(main, backend="asyncio")
+    assert sorted(events) == [("closed", False), ("snapshot", len(text_model().tokenizer.encode(PROMPT,
+                                                                                                add_bos=True)))]
+    assert store.list() == [a.id]  # b's write landed before its delete, not after
+    assert same_state(store.get(a.id), plain_after(PROMPT))
+
+
+def test_engine_rejects_bad_write_behind_settings():
+    with pytest.raises(ValueError, match="max_unwritten"):
+        Engine(text_model(), max_unwritten=0)
+    with pytest.raises(ValueError, match="compression_level"):
+        Engine(text_model(), compression_level=23)

@@ -75,12 +75,16 @@ def warm_up(model, sessions: int, prompt_tokens: int) -> float:
         return 0.0
     import torch
 
+    import streamgemma as sg
+
     start = time.perf_counter()
     live = [model.session() for _ in range(sessions)]
     live[0].feed([11 + k % 200 for k in range(prompt_tokens)])
     batch = 1
+    rows = [sg.sampling.SampleRow(sg.SamplingParams(), (k, 0)) for k in range(sessions)]
     while True:
-        model.decode([s.slot for s in live[:batch]], [11] * batch)
+        logits = model.decode([s.slot for s in live[:batch]], [11] * batch)
+        sg.sampling.sample_rows(logits[:batch], rows[:batch])  # compiles the sampling kernel
         if batch >= sessions:
             break
         batch = min(2 * batch, sessions)
@@ -353,6 +357,8 @@ def main() -> None:
     parser.add_argument("--max-active", type=int, help="engine slots (default: --clients)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before giving up")
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                        help="gc.freeze() after the warm-up, as `streamgemma serve` does (default: yes)")
     parser.add_argument("--profile", help="write a cProfile of the server's event-loop thread to this file")
     args = parser.parse_args()
     opts = {"tokens": args.tokens, "prompt": args.prompt, "coalesce": args.coalesce, "interject": args.interject,
@@ -369,6 +375,9 @@ def main() -> None:
 
         model = build_model(args)
         warm_s = warm_up(model, args.clients, args.prompt)
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()  # as `streamgemma serve` does after loading the model
         engine = sg.Engine(model, max_active=args.max_active or args.clients)
         limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
         server = sg.Server(engine, port=0, limits=limits)

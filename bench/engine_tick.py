@@ -107,8 +107,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str, device: str) -> tuple[float, float]:
+async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str, device: str,
+                  in_loop: bool = False, profile=None) -> tuple[float, float]:
     engine = Engine(model, max_active=batch)
+    if in_loop:
+        engine._host_work_in_loop = True  # the CUDA arrangement: host work on the loop's thread
     sessions = []
     for i in range(batch):
         es = await engine.open()
@@ -133,11 +136,15 @@ async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str
         await engine._tick()
     worker_time = 0.0
     sync(device)
+    if profile is not None:
+        profile.enable()
     start = time.perf_counter()
     for _ in range(ticks):
         await engine._tick()
     sync(device)
     tick_time = time.perf_counter() - start
+    if profile is not None:
+        profile.disable()
     assert engine.decoded_tokens == (warmup + ticks) * batch, "every session generated on every tick"
     for stream in streams:
         await stream.aclose()
@@ -160,7 +167,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a small shared CPU, OpenMP threads spinning "
                          "against other work make per-op times erratic; 0: torch's default)")
+    ap.add_argument("--in-loop", action="store_true",
+                    help="on the CPU too, run the tick's host work on the event loop's thread (as on CUDA)")
+    ap.add_argument("--profile", help="cProfile the timed ticks (the loop's thread) into this file")
     args = ap.parse_args()
+    prof = None
+    if args.profile:
+        import cProfile
+        prof = cProfile.Profile()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args.device, args.vocab, args.tokenizer)
@@ -170,8 +184,10 @@ def main() -> None:
     print(f"{'B':>5} {'worker us/session':>18} {'tick us/session':>16} {'tick ms':>9}")
     for b in (int(x) for x in args.batches.split(",")):
         ticks = args.ticks or max(5, min(200, 2000 // b))
-        worker, tick = anyio.run(measure, model, b, ticks, args.warmup, args.mix, args.device)
+        worker, tick = anyio.run(measure, model, b, ticks, args.warmup, args.mix, args.device, args.in_loop, prof)
         print(f"{b:>5} {worker / b * 1e6:>18.1f} {tick / b * 1e6:>16.1f} {tick * 1e3:>9.2f}")
+    if prof is not None:
+        prof.dump_stats(args.profile)
 
 
 if __name__ == "__main__":

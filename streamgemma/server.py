@@ -26,6 +26,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.protocol import State
 
 from .engine import Engine, EngineError, EngineSession, TokenStream
 from .errors import SnapshotError, StoppedError
@@ -184,8 +185,11 @@ class _Connection:
                     await self.ws.close(1008, "send queue full: the client reads too slowly")
 
     def send(self, frame: str) -> None:
-        """Queue an event; never waits (a full queue disconnects the client)."""
+        """Send an event, or queue it; never waits (a full queue disconnects
+        the client)."""
         if self._outbox_closed:
+            return
+        if not self._outbox and self._write_now(frame):
             return
         if len(self._outbox) >= self.limits.send_queue:
             self._overflowed = True
@@ -193,6 +197,27 @@ class _Connection:
             return
         self._outbox.append(frame)
         self._outbox_ready.set()
+
+    def _write_now(self, frame: str) -> bool:
+        """Write `frame` to the socket at once, when nothing is queued before
+        it and the socket's buffer is empty (the client keeps up); False
+        otherwise, and the frame goes through the queue and the writer task,
+        which waits for a slow client. A frame through websockets' `send`
+        costs a wake-up of the writer and an async context per frame: at 256
+        streams, a large share of the event loop's time. This writes the same
+        bytes through the connection's own protocol object, synchronously,
+        so frames never interleave or reorder (the writer, too, writes a
+        frame before it ever waits)."""
+        ws = self.ws
+        transport = ws.transport
+        if (ws.protocol.state is not State.OPEN or transport is None or transport.is_closing()
+                or transport.get_write_buffer_size()):
+            return False
+        ws.protocol.send_text(frame.encode())
+        for data in ws.protocol.data_to_send():
+            if data:
+                transport.write(data)
+        return True
 
     async def _write(self) -> None:
         outbox = self._outbox

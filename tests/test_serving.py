@@ -564,13 +564,30 @@ def test_idle_connection_is_closed_and_its_session_stays_resumable():
         run(main, url)
 
 
+class _StalledTransport:
+    """The socket of a peer that reads nothing: its write buffer never drains."""
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 1 << 20
+
+
 class _StalledSocket:
-    """A websocket whose peer never reads: send() blocks for ever."""
+    """A websocket whose peer never reads: send() blocks for ever, and the
+    transport's buffer is full (so the server never writes to it directly)."""
 
     def __init__(self):
+        from types import SimpleNamespace
+
+        from websockets.protocol import State
+
         self.close_code = None
         self.sent = 0
         self.frames: list[str] = []
+        self.protocol = SimpleNamespace(state=State.OPEN)
+        self.transport = _StalledTransport()
 
     async def send(self, frame):
         self.sent += 1

@@ -631,3 +631,65 @@ def test_a_reader_that_stalls_is_disconnected_without_slowing_other_sessions():
             tg.cancel_scope.cancel()
 
     run(main)
+
+
+class _RecordingSocket:
+    """A websocket whose socket buffer is empty or not as the test says; it
+    records every frame in the order it reaches the wire, whether written
+    directly (protocol + transport) or through send()."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        from websockets.protocol import State
+
+        self.wire: list[str] = []
+        self.buffered = 0  # the transport's write buffer size
+        self.send_started = anyio.Event()
+        self.release = anyio.Event()
+        pending: list[bytes] = []
+        self.protocol = SimpleNamespace(state=State.OPEN, send_text=pending.append,
+                                        data_to_send=lambda: [pending.pop(0)] if pending else [])
+        self.transport = SimpleNamespace(is_closing=lambda: False, get_write_buffer_size=lambda: self.buffered,
+                                         write=lambda data: self.wire.append(data.decode()))
+
+    async def send(self, frame):
+        self.wire.append(frame)  # written before websockets' send waits to drain
+        self.send_started.set()
+        await self.release.wait()
+
+    async def recv(self):
+        await anyio.sleep_forever()
+
+    async def close(self, code=1000, reason=""):
+        pass
+
+
+def test_frames_keep_their_order_between_direct_writes_and_the_queue():
+    from streamgemma.server import _Connection
+
+    async def main():
+        server = Server(Engine(text_model(), max_active=1), port=0)
+        ws = _RecordingSocket()
+        conn = _Connection(server, ws)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(conn.run)
+            await anyio.sleep(0.01)
+            conn.send("a")  # the client keeps up: straight to the socket
+            ws.buffered = 100  # the client falls behind: queued, for the writer task
+            conn.send("b")
+            conn.send("c")
+            ws.buffered = 0
+            conn.send("d")  # the queue is not empty: d waits behind b and c
+            assert ws.wire == ["a"]
+            await ws.send_started.wait()  # the writer put b on the wire and waits for it to drain
+            conn.send("e")  # c is still queued: e goes behind it
+            ws.release.set()
+            with anyio.fail_after(5):
+                while len(ws.wire) < 5:
+                    await anyio.sleep(0.01)
+            conn.send("f")  # queue empty, buffer empty: direct again
+            assert ws.wire == ["a", "b", "c", "d", "e", "f"]
+            tg.cancel_scope.cancel()
+
+    run(main)

@@ -66,34 +66,6 @@ def build_model(args: argparse.Namespace):
     return sg.Model.random(config, seed=0, device=device, dtype=dtype)
 
 
-def warm_up(model, sessions: int, prompt_tokens: int) -> float:
-    """On CUDA: grow the state pool to `sessions` slots and run a prefill of
-    `prompt_tokens` and a decode at every batch bucket up to `sessions`, so
-    kernel compilation and CUDA-graph capture happen before the measurement.
-    Returns seconds spent (0 on the CPU, where there is nothing to prepare)."""
-    if model.device.type != "cuda":
-        return 0.0
-    import torch
-
-    import streamgemma as sg
-
-    start = time.perf_counter()
-    live = [model.session() for _ in range(sessions)]
-    live[0].feed([11 + k % 200 for k in range(prompt_tokens)])
-    batch = 1
-    rows = [sg.sampling.SampleRow(sg.SamplingParams(), (k, 0)) for k in range(sessions)]
-    while True:
-        logits = model.decode([s.slot for s in live[:batch]], [11] * batch)
-        sg.sampling.sample_rows(logits[:batch], rows[:batch])  # compiles the sampling kernel
-        if batch >= sessions:
-            break
-        batch = min(2 * batch, sessions)
-    torch.cuda.synchronize()
-    for s in live:
-        s.close()
-    return time.perf_counter() - start
-
-
 @contextlib.contextmanager
 def profiled_loop(portal, path: str | None):
     """cProfile the server's event-loop thread (where the engine's CUDA host
@@ -374,7 +346,8 @@ def main() -> None:
         import streamgemma as sg
 
         model = build_model(args)
-        warm_s = warm_up(model, args.clients, args.prompt)
+        # kernels compiled and graphs captured before the clients connect, as `streamgemma serve` does
+        warm_s = model.warm_up(args.clients, prompt_tokens=args.prompt)
         if args.gc_freeze:
             gc.collect()
             gc.freeze()  # as `streamgemma serve` does after loading the model

@@ -188,6 +188,10 @@ def _serve(args: argparse.Namespace) -> None:
     token = args.token if args.token is not None else os.environ.get("STREAMGEMMA_TOKEN")
     store = DirectorySnapshotStore(args.store) if args.store else None
     model = _load(args)
+    log = logging.getLogger("streamgemma.server")
+    if model.device.type == "cuda":
+        log.info("compiling kernels and capturing decode graphs for up to %d sessions ...", args.max_active)
+        log.info("ready after %.1f s", model.warm_up(args.max_active))
     # What exists now (modules, the model, compiled kernels) lives as long as the
     # process: freezing it keeps the collector's full passes from walking it each
     # time (at 256 streams on an H100 such a pass stalled every stream ~85 ms).
@@ -201,8 +205,7 @@ def _serve(args: argparse.Namespace) -> None:
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
-                        logging.getLogger("streamgemma.server").info(
-                            "%s: suspending sessions and exiting", signal.Signals(signum).name)
+                        log.info("%s: suspending sessions and exiting", signal.Signals(signum).name)
                         server.stop()
                         return
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -138,6 +139,41 @@ class Model:
         weights.save_hf(self.network, directory, max_shard_bytes=max_shard_bytes)
         if self.tokenizer is not None:
             self.tokenizer.save(directory / "tokenizer.model")
+
+    def warm_up(self, max_batch: int = 1, prompt_tokens: int = 16) -> float:
+        """Do the fast paths' one-time work now instead of in the first
+        requests: on CUDA, compile the kernels (prefill of `prompt_tokens`,
+        decode, sampling) and capture the decode graph of every batch bucket
+        up to `max_batch` (the state pool grows to `max_batch` slots, as it
+        would as sessions arrive). A server calls this before it listens:
+        otherwise the first generation waits ~1 s for compilation, and every
+        stream stalls while a new batch size's graph is captured. Returns the
+        seconds spent; on the CPU there is nothing to prepare (returns 0)."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
+        if self.device.type != "cuda":
+            return 0.0
+        from .sampling import SampleRow, SamplingParams, sample_rows
+
+        start = time.perf_counter()
+        sessions = [self.session() for _ in range(max_batch)]
+        try:
+            sessions[0].feed([1 + k % 100 for k in range(prompt_tokens)], add_bos=False)
+            sampled = [SampleRow(SamplingParams(), (k, 0)) for k in range(max_batch)]
+            greedy = SampleRow(SamplingParams(temperature=0))
+            batch = 1
+            while True:
+                logits = self.decode([s.slot for s in sessions[:batch]], [1] * batch)
+                sample_rows(logits[:batch], sampled[:batch])
+                sample_rows(logits[:1], [greedy])
+                if batch == max_batch:
+                    break
+                batch = min(2 * batch, max_batch)
+            torch.cuda.synchronize(self.device)
+        finally:
+            for s in sessions:
+                s.close()
+        return time.perf_counter() - start
 
     # -- batched paths (used by Session and, later, the engine) --------------------------
     @torch.no_grad()

@@ -263,3 +263,12 @@ def test_sampled_generation_resumes_exactly_after_a_snapshot(model, tmp_path, ge
     got = [(t.id, t.text) for t in restored.generate(max_tokens=25, **sampling)]
     assert got == want
     assert restored.position == s.position
+
+
+def test_warm_up_has_nothing_to_do_on_the_cpu_and_checks_its_argument():
+    m = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0)
+    free = len(m.pool._free)
+    assert m.warm_up(8) == 0.0
+    assert len(m.pool._free) == free
+    with pytest.raises(ValueError, match="max_batch"):
+        m.warm_up(0)

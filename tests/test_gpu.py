@@ -78,3 +78,14 @@ def test_dependent_launches_change_no_result():
     finally:
         pdl.set_enabled(None)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_warm_up_captures_every_bucket_and_leaves_no_session_behind():
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=4, device="cuda", dtype="bfloat16")
+    seconds = model.warm_up(5, prompt_tokens=8)
+    assert seconds > 0
+    assert model._graphed is not None and {1, 2, 4, 8} <= set(model._graphed._graphs)
+    assert len(model.pool._free) == model.pool.capacity  # every warm-up session was closed
+    s = model.session(seed=1)
+    s.feed(random_tokens(10, 256, seed=3))
+    assert len(list(s.generate(max_tokens=4, stop_token_ids=[]))) == 4

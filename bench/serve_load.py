@@ -126,9 +126,10 @@ class CounterSampler:
     """Samples the engine's decode counters every `period` s in a thread:
     (time.monotonic, decode_calls, decoded_tokens)."""
 
-    def __init__(self, engine, period: float = 0.01):
-        self.engine, self.period = engine, period
+    def __init__(self, engine, server=None, period: float = 0.01):
+        self.engine, self.server, self.period = engine, server, period
         self.samples: list[tuple[float, int, int]] = []
+        self.phases: list[dict] = []  # per sample: engine phase seconds and the server's frame work
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -143,6 +144,11 @@ class CounterSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.samples.append((time.monotonic(), self.engine.decode_calls, self.engine.decoded_tokens))
+            phases = dict(self.engine.phase_seconds)
+            if self.server is not None:
+                phases.update(frames=self.server.pump_seconds, frames_direct=self.server.frames_direct,
+                              frames_queued=self.server.frames_queued)
+            self.phases.append(phases)
             self._stop.wait(self.period)
 
     def stalls(self, t0: float, t1: float, top: int = 5) -> list[float]:
@@ -157,6 +163,19 @@ class CounterSampler:
                     spans.append(t - last_change)
                 last_change, last_calls = t, calls
         return [round(1e3 * x, 1) for x in sorted(spans, reverse=True)[:top]]
+
+    def per_tick(self, t0: float, t1: float) -> dict:
+        """Mean milliseconds per decode call in [t0, t1] of each engine phase
+        and of the server's frame work (written by the event loop's thread
+        and read here without a lock: monitoring figures, good to a sample),
+        and the frames written directly / queued over the window."""
+        i = max([k for k, s in enumerate(self.samples) if s[0] <= t0] or [0])
+        j = min([k for k, s in enumerate(self.samples) if s[0] >= t1] or [len(self.samples) - 1])
+        calls = self.samples[j][1] - self.samples[i][1]
+        a, b = self.phases[i], self.phases[j]
+        out = {k: round(1e3 * (b[k] - a[k]) / max(1, calls), 3) for k in a if not k.startswith("frames_")}
+        out.update({k: b[k] - a[k] for k in a if k.startswith("frames_")})
+        return out
 
     def between(self, t0: float, t1: float) -> tuple[float, int, int]:
         """(seconds, decode calls, decoded tokens) from the last sample <= t0 to the first >= t1."""
@@ -355,8 +374,8 @@ def main() -> None:
         limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
         server = sg.Server(engine, port=0, limits=limits)
         gc_pauses = GcPauses()
-        with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal, CounterSampler(engine) as counters, \
-                gc_pauses:
+        with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal, \
+                CounterSampler(engine, server) as counters, gc_pauses:
             future, _port = portal.start_task(server.serve)
             try:
                 with profiled_loop(portal, args.profile):
@@ -376,6 +395,7 @@ def main() -> None:
             "steady_tokens_per_call": round(decoded / max(1, calls), 2),
             "steady_engine_tokens_per_s": round(decoded / seconds, 1) if seconds > 0 else None,
             "longest_pauses_ms": counters.stalls(*window),
+            "steady_ms_per_call": counters.per_tick(*window),
         }
         result["gc"] = gc_pauses.summary()
     result["host_cpus"] = os.cpu_count()

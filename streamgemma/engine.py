@@ -67,6 +67,7 @@ import functools
 import itertools
 import logging
 import secrets
+import time
 from typing import Sequence
 
 import anyio
@@ -332,7 +333,9 @@ class Engine:
     the scheduler with `await engine.run()` in a task group (it returns when
     cancelled); call the other methods from the same event loop.
 
-    Counters for monitoring: `decode_calls`, `decoded_tokens` (generated),
+    Counters for monitoring: `phase_seconds` (where the scheduler's time
+    goes; on the CPU "decode" includes the sampling, which runs with it in a
+    worker thread), `decode_calls`, `decoded_tokens` (generated),
     `decoded_input_tokens` (input consumed in decode rows), `prefill_calls`,
     `suspensions`, `resumptions`; `unwritten` (snapshots waiting for or
     failed in the writer).
@@ -389,6 +392,11 @@ class Engine:
         self._unwritten: dict[str, _Write] = {}
         # State `resume` read from the store, kept for the restore that usually follows.
         self._preloaded: collections.OrderedDict[str, snapshot_format.SnapshotContents] = collections.OrderedDict()
+        # Where the scheduler's time goes, cumulative seconds (monitoring):
+        # "prefill" (prefill chunks), "sample" (issuing the sampling), "wait"
+        # (for the sampled ids: the device's time, GIL released), "decode"
+        # (decode call, logits copy, accepting tokens), "deliver" (to streams).
+        self.phase_seconds: dict[str, float] = dict.fromkeys(("prefill", "sample", "wait", "decode", "deliver"), 0.0)
         self.decode_calls = 0
         self.decoded_tokens = 0
         self.decoded_input_tokens = 0
@@ -612,7 +620,9 @@ class Engine:
                 if await self._restore_for_input(turn):
                     riders.append(turn)
             elif turn is not None:
+                started = time.perf_counter()
                 await self._prefill_chunk(turn)
+                self.phase_seconds["prefill"] += time.perf_counter() - started
                 if turn.inputs and self._waiting.pop(turn.id, None) is not None:
                     self._waiting[turn.id] = turn  # next turn: after the others waiting
             # Requests that arrived during the prefill count: input appended to a
@@ -624,11 +634,13 @@ class Engine:
                 slots = [es.live.slot for es, _ in batch]
                 inputs = [(es.live, es.inputs[0].ids[es.inputs[0].offset]) for es in riders]
                 tokens = await self._decode(generations, slots, inputs)
+                started = time.perf_counter()
                 for (es, active), token in zip(batch, tokens):
                     if es.generation is active:  # not ended meanwhile
                         self._deliver(es, token)
                 for es in riders:
                     self._input_consumed(es, 1)
+                self.phase_seconds["deliver"] += time.perf_counter() - started
         ticked, self._ticked = self._ticked, anyio.Event()
         ticked.set()
         # Let the event loop run sends and new requests between ticks.
@@ -663,16 +675,28 @@ class Engine:
         so it runs here, and only the waits for the device (which release the
         GIL) go to a thread."""
         if not self._host_work_in_loop:
-            return await anyio.to_thread.run_sync(self._decode_batch, generations, slots, inputs)
+            t0 = time.perf_counter()
+            tokens = await anyio.to_thread.run_sync(self._decode_batch, generations, slots, inputs)
+            self.phase_seconds["decode"] += time.perf_counter() - t0
+            return tokens
         lock = self.model.lock  # an RLock: it must be taken (and released) by this thread
         while not lock.acquire(blocking=False):  # a Session outside the engine is using the model
             await anyio.sleep(0.001)
+        phases = self.phase_seconds
         try:
             pending = None
             if generations:  # (none when only input rides along)
+                t0 = time.perf_counter()
                 pending = self._sample(generations)
+                t1 = time.perf_counter()
                 await anyio.to_thread.run_sync(pending.wait)
-            return self._decode_batch(generations, slots, inputs, pending, locked=True)
+                t2 = time.perf_counter()
+                phases["sample"] += t1 - t0
+                phases["wait"] += t2 - t1
+            t0 = time.perf_counter()
+            tokens = self._decode_batch(generations, slots, inputs, pending, locked=True)
+            phases["decode"] += time.perf_counter() - t0
+            return tokens
         finally:
             lock.release()
 

@@ -92,6 +92,16 @@ class Server:
         self.limits = limits
         self._stop = anyio.Event()
         self._pump = _TokenPump(engine, limits.coalesce_interval)
+        # Monitoring: frames written straight to a socket / through a writer task.
+        self.frames_direct = 0
+        self.frames_queued = 0
+
+    @property
+    def pump_seconds(self) -> float:
+        """Seconds spent building and writing token frames (monitoring;
+        with `frames_direct` / `frames_queued`: frames written straight to a
+        socket / handed to a connection's writer task for a lagging client)."""
+        return self._pump.seconds
 
     @property
     def url(self) -> str:
@@ -190,11 +200,13 @@ class _Connection:
         if self._outbox_closed:
             return
         if not self._outbox and self._write_now(frame):
+            self.server.frames_direct += 1
             return
         if len(self._outbox) >= self.limits.send_queue:
             self._overflowed = True
             self._tasks.cancel_scope.cancel()
             return
+        self.server.frames_queued += 1
         self._outbox.append(frame)
         self._outbox_ready.set()
 
@@ -403,6 +415,7 @@ class _TokenPump:
     def __init__(self, engine: Engine, interval: float):
         self.engine = engine
         self.interval = interval
+        self.seconds = 0.0  # spent in pump(): building and writing frames (monitoring)
         self._streams: dict[int, _Outgoing] = {}
         self._added = anyio.Event()
 
@@ -445,6 +458,7 @@ class _TokenPump:
             stream = out.stream
             if stream.ready and (not out.coalesce or now - out.last_sent >= interval or stream.ending):
                 out.send_ready(now)
+        self.seconds += time.monotonic() - now
 
 
 @contextlib.contextmanager

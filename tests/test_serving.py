@@ -259,6 +259,7 @@ def test_twenty_concurrent_sessions_share_decode_calls(server):
     expected = {i: reference_ids(reference, PROMPT + f" {i}", 16, seed=i)[0] for i in range(20)}
     engine = server.engine
     calls0, tokens0 = engine.decode_calls, engine.decoded_tokens
+    frames0, decode_s0 = server.frames_direct + server.frames_queued, engine.phase_seconds["decode"]
 
     async def one(i, got):
         async with sg.Client(server.url) as client:
@@ -280,6 +281,9 @@ def test_twenty_concurrent_sessions_share_decode_calls(server):
     assert tokens == 20 * 16
     # Batched: each decode call advanced several sessions (one call per token would be 320).
     assert calls <= tokens / 4, (calls, tokens)
+    # The monitoring counters moved: every token went out in some frame, decoding took time.
+    assert server.frames_direct + server.frames_queued - frames0 >= 20
+    assert engine.phase_seconds["decode"] > decode_s0 and server.pump_seconds > 0
 
 
 def test_append_during_generation_is_consumed_before_the_next_token(server):

@@ -457,7 +457,13 @@ class _TokenPump:
         for out in list(self._streams.values()):
             stream = out.stream
             if stream.ready and (not out.coalesce or now - out.last_sent >= interval or stream.ending):
-                out.send_ready(now)
+                try:
+                    out.send_ready(now)
+                except Exception as e:  # noqa: BLE001 - one broken stream must not stop the others
+                    log.exception("sending tokens of session %s failed", out.frames.session_id)
+                    out.conn.send(event("error", out.request_id, code="internal", session=out.frames.session_id,
+                                        message=f"the server failed to send tokens: {type(e).__name__}: {e}"))
+                    out.finished.set()  # its generate task ends, which cancels the generation
         self.seconds += time.monotonic() - now
 
 

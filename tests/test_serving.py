@@ -697,3 +697,32 @@ def test_frames_keep_their_order_between_direct_writes_and_the_queue():
             tg.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_stream_whose_frames_fail_ends_with_an_error_and_the_others_go_on(server, monkeypatch):
+    from streamgemma.protocol import TokenFrames
+
+    real = TokenFrames.token
+
+    def token(self, tok):
+        if self.session_id == broken[0]:
+            raise RuntimeError("cannot encode")
+        return real(self, tok)
+
+    broken = [None]
+    monkeypatch.setattr(TokenFrames, "token", token)
+
+    async def main():
+        async with sg.Client(server.url, coalesce=False) as a, sg.Client(server.url, coalesce=False) as b:
+            sa, sb = await a.open(), await b.open()
+            await sa.append(PROMPT)
+            await sb.append(PROMPT)
+            broken[0] = sa.id
+            with pytest.raises(sg.ServerError, match="internal"):
+                async for _ in sa.generate(max_tokens=8, stop_token_ids=NO_STOP):
+                    pass
+            got = [t.id async for t in sb.generate(max_tokens=8, stop_token_ids=NO_STOP)]
+            assert len(got) == 8
+            await sa.append(" and again")  # the failed stream's session is still usable
+
+    run(main)

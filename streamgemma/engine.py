@@ -379,7 +379,7 @@ class Engine:
         self._waiting: dict[str, EngineSession] = {}
         self._model_lock = anyio.Lock()
         self._wake = anyio.Event()
-        self._ticked = anyio.Event()  # set (and replaced) after each tick's tokens are delivered
+        self._ticked = anyio.Event()  # set (and replaced) after a tick's tokens or a generation's end
         self._clock = itertools.count(1)  # orders uses for least-recently-used suspension
         # The last tick's copy of the logits [B, V] and its rows, each the `_logits`
         # of the session in that row (worker thread only).
@@ -641,16 +641,20 @@ class Engine:
                 for es in riders:
                     self._input_consumed(es, 1)
                 self.phase_seconds["deliver"] += time.perf_counter() - started
-        ticked, self._ticked = self._ticked, anyio.Event()
-        ticked.set()
+        self._signal_delivered()
         # Let the event loop run sends and new requests between ticks.
         await anyio.sleep(0)
 
     async def wait_tick(self) -> None:
-        """Return after the next scheduler tick has delivered its tokens. Lets
-        a consumer of many streams (the server's frame writer) look at all of
+        """Return after the next scheduler tick has delivered its tokens, or
+        a generation has ended outside a tick (closed, shut down). Lets a
+        consumer of many streams (the server's frame writer) look at all of
         them once per tick instead of waking once per token."""
         await self._ticked.wait()
+
+    def _signal_delivered(self) -> None:
+        ticked, self._ticked = self._ticked, anyio.Event()
+        ticked.set()
 
     def _input_fits(self, es: EngineSession, limit: int) -> bool:
         """Whether the pending input of `es` is at most `limit` tokens, so it
@@ -809,6 +813,7 @@ class Engine:
         held = active.generation.flush() if reason == "cancelled" else ""
         active.queue.put(Done(reason, es.position, held))
         self._touch(es)
+        self._signal_delivered()  # (also outside a tick: close, shutdown)
 
     def _fail_inputs(self, es: EngineSession, error: BaseException) -> None:
         self._waiting.pop(es.id, None)

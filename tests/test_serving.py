@@ -726,3 +726,55 @@ def test_a_stream_whose_frames_fail_ends_with_an_error_and_the_others_go_on(serv
             await sa.append(" and again")  # the failed stream's session is still usable
 
     run(main)
+
+
+def test_closing_a_session_mid_generation_sends_its_done_then_closed(server):
+    async def main():
+        async with connect(server.url) as ws:
+            async def ask(msg):
+                await ws.send(json.dumps(msg))
+
+            await ask({"type": "open"})
+            sid = json.loads(await ws.recv())["session"]
+            await ask({"type": "append", "text": PROMPT})
+            assert json.loads(await ws.recv())["type"] == "appended"
+            await ask({"type": "generate", "id": "g", "max_tokens": 4000, "stop_token_ids": [], "coalesce": True})
+            first = json.loads(await ws.recv())
+            assert first["type"] in ("token", "tokens")
+            await ask({"type": "close", "id": "c", "session": sid})
+            kinds = []
+            with anyio.fail_after(10):
+                while "closed" not in kinds:
+                    e = json.loads(await ws.recv())
+                    kinds.append(e["type"])
+                    if e["type"] == "done":
+                        assert e["reason"] == "cancelled" and e["id"] == "g"
+            assert "done" in kinds
+
+    run(main)
+
+
+def test_a_generation_ended_outside_a_tick_wakes_the_token_pump():
+    """close() ends a generation without a scheduler tick; whoever waits for
+    delivered tokens (the server's pump) must still see its end."""
+
+    async def main():
+        engine = Engine(text_model(), max_active=2)  # no scheduler running: no ticks at all
+        es = await engine.open()
+        await anyio.to_thread.run_sync(es.live.feed, PROMPT)
+        stream = await engine.generate(es, SamplingParams(max_tokens=50, stop_token_ids=()))
+        woke = anyio.Event()
+
+        async def waiter():
+            await engine.wait_tick()
+            woke.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.sleep(0.01)
+            await engine.close(es)
+            with anyio.fail_after(5):
+                await woke.wait()
+        assert stream.ending and stream.take_ready() == [] and stream.done.reason == "cancelled"
+
+    run(main)

@@ -420,8 +420,8 @@ class _TokenPump:
         self._added = anyio.Event()
 
     async def stream(self, outgoing: _Outgoing) -> None:
-        """Send `outgoing`'s tokens and end until its generation has ended
-        (its `done` queued); leaving early (cancellation) stops sending."""
+        """Send `outgoing`'s tokens, then its `done`, returning once the
+        generation has ended; leaving early (cancellation) stops sending."""
         key = id(outgoing)
         self._streams[key] = outgoing
         self._added.set()
@@ -463,6 +463,7 @@ class _TokenPump:
                     log.exception("sending tokens of session %s failed", out.frames.session_id)
                     out.conn.send(event("error", out.request_id, code="internal", session=out.frames.session_id,
                                         message=f"the server failed to send tokens: {type(e).__name__}: {e}"))
+                    self._streams.pop(id(out), None)
                     out.finished.set()  # its generate task ends, which cancels the generation
         self.seconds += time.monotonic() - now
 

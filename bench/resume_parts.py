@@ -23,7 +23,6 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import time
 
 import msgpack
 import torch
@@ -34,21 +33,13 @@ from streamgemma import snapshot as snapshot_format
 from streamgemma.engine import SUSPEND_COMPRESSION_LEVEL
 from streamgemma.state import StatePool
 
+import snapshot as snapshot_bench  # bench/snapshot.py
 from snapshot import fill_random
 
 
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
     """Median wall time in ms of `repeats` calls (after one warm-up), and the last result."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+    times, result = snapshot_bench.timed(fn, repeats, device)
     return statistics.median(times), result
 
 

@@ -26,14 +26,7 @@ import torch
 from streamgemma.philox import RandomStream, stream_words
 from streamgemma.sampling import PendingIds, SampleRow, SamplingParams
 
-MIXED = (
-    dict(temperature=0.0),
-    dict(temperature=0.8),
-    dict(temperature=1.0, top_k=40),
-    dict(temperature=0.7, top_p=0.9),
-    dict(temperature=1.0, min_p=0.05),
-    dict(temperature=0.9, repetition_penalty=1.2, presence_penalty=0.3),
-)
+from engine_tick import MIXED  # the same rotation of settings as bench/engine_tick.py
 
 
 def rows_for(batch: int, mix: str, streams: list[RandomStream]) -> list[SampleRow]:

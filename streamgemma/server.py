@@ -433,30 +433,28 @@ class _TokenPump:
             self._streams.pop(key, None)
 
     async def run(self) -> None:
+        next_due = math.inf
         while True:
             if not self._streams:
                 self._added = anyio.Event()
                 await self._added.wait()
             # Wake at the next tick, or when a coalesced frame falls due without one.
-            with anyio.move_on_after(self._next_due()):
+            with anyio.move_on_after(next_due):
                 await self.engine.wait_tick()
-            self.pump()
+            next_due = self.pump()
             await anyio.lowlevel.checkpoint()
 
-    def _next_due(self) -> float:
-        """Seconds until a stream holding tokens is due a frame (inf: none)."""
-        now, interval, wait = time.monotonic(), self.interval, math.inf
-        for out in self._streams.values():
-            if out.stream.ready:
-                wait = min(wait, out.last_sent + interval - now if out.coalesce else 0.0)
-        return max(0.0, wait)
-
-    def pump(self) -> None:
-        """Queue the frames due now (see the class docstring)."""
-        now, interval = time.monotonic(), self.interval
+    def pump(self) -> float:
+        """Queue the frames due now (see the class docstring). Returns the
+        seconds until a stream still holding tokens is due a frame (inf: none)."""
+        now, interval, next_due = time.monotonic(), self.interval, math.inf
         for out in list(self._streams.values()):
             stream = out.stream
-            if stream.ready and (not out.coalesce or now - out.last_sent >= interval or stream.ending):
+            if not stream.ready:
+                continue
+            if out.coalesce and now - out.last_sent < interval and not stream.ending:
+                next_due = min(next_due, out.last_sent + interval - now)
+            else:
                 try:
                     out.send_ready(now)
                 except Exception as e:  # noqa: BLE001 - one broken stream must not stop the others
@@ -466,6 +464,7 @@ class _TokenPump:
                     self._streams.pop(id(out), None)
                     out.finished.set()  # its generate task ends, which cancels the generation
         self.seconds += time.monotonic() - now
+        return next_due
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ recording each token in its session (detokenizer, stop strings), and
 delivering it to the session's stream.
 
 Two figures per batch size B (all B sessions generating):
-  worker  `Engine._decode_batch` (sample, stub decode, keep rows, accept)
+  worker  the engine's host work of the model call (sample, decode launch,
+          keep rows, accept; on the CPU also the model's arithmetic)
   tick    `Engine._tick` as the scheduler runs it (worker + thread hop +
           delivering B tokens to their streams)
 each as microseconds per session per tick, and the tick in milliseconds.
@@ -16,6 +17,9 @@ each as microseconds per session per tick, and the tick in milliseconds.
     python bench/engine_tick.py                          # CPU, vocab 256000, B = 1, 16, 64, 256
     python bench/engine_tick.py --device cuda            # the GPU: sampling runs there
     python bench/engine_tick.py --vocab 512 --mix mixed --tokenizer demo
+    python bench/engine_tick.py --device cuda --preset 2b --batches 256 --trace --ticks 20
+                      # the real model's decode (no stub): the engine's whole tick,
+                      # and with --trace where the GPU's time per tick goes
 
 On a CPU, sampling a 256,000-entry row is real arithmetic (~ms per row), so
 the figure there is mostly compute; use a small --vocab to see the Python
@@ -96,7 +100,11 @@ class StubDecode:
         return self.logits[:len(slots)]
 
 
-def build_model(device: str, vocab: int, tokenizer: str) -> sg.Model:
+def build_model(device: str, vocab: int, tokenizer: str, preset: str = "tiny") -> sg.Model:
+    if preset != "tiny":  # the real shapes, random weights; bfloat16 on CUDA
+        config = sg.GriffinConfig.preset({"2b": "recurrentgemma-2b"}.get(preset, preset))
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        return sg.Model.random(config, seed=0, device=device, dtype=dtype)
     tok = sg.load("demo", device="cpu").tokenizer if tokenizer == "demo" else None
     config = sg.GriffinConfig.preset("tiny", vocab_size=max(vocab, tok.vocab_size if tok else 0))
     return sg.Model.random(config, seed=0, device=device, dtype="float32", tokenizer=tok)
@@ -108,36 +116,28 @@ def sync(device: str) -> None:
 
 
 async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str, device: str,
-                  in_loop: bool = False, profile=None) -> tuple[float, float]:
+                  in_loop: bool = False, profile=None, stub: bool = True, trace=None) -> tuple[float, float]:
     engine = Engine(model, max_active=batch)
     if in_loop:
         engine._host_work_in_loop = True  # the CUDA arrangement: host work on the loop's thread
     sessions = []
+    prompt = [2] + [10 + k % 50 for k in range(2 if stub else 126)] + [20]
     for i in range(batch):
         es = await engine.open()
-        await anyio.to_thread.run_sync(es.live.feed, [2, 10 + i % 50, 20])
+        await anyio.to_thread.run_sync(es.live.feed, prompt)
         sessions.append(es)
-    model.decode = StubDecode(model, batch)
+    if stub:
+        model.decode = StubDecode(model, batch)
     streams = [await engine.generate(es, params_for(mix, i, warmup + ticks + 2)) for i, es in enumerate(sessions)]
 
-    worker_time = 0.0
-    decode_batch = engine._decode_batch
-
-    def timed(*args, **kwargs):
-        nonlocal worker_time
-        start = time.perf_counter()
-        out = decode_batch(*args, **kwargs)
-        sync(device)
-        worker_time += time.perf_counter() - start
-        return out
-
-    engine._decode_batch = timed
     for _ in range(warmup):
         await engine._tick()
-    worker_time = 0.0
     sync(device)
+    phases = dict(engine.phase_seconds)
     if profile is not None:
         profile.enable()
+    if trace is not None:
+        trace.start()
     start = time.perf_counter()
     for _ in range(ticks):
         await engine._tick()
@@ -145,13 +145,40 @@ async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str
     tick_time = time.perf_counter() - start
     if profile is not None:
         profile.disable()
+    if trace is not None:
+        trace.stop()
     assert engine.decoded_tokens == (warmup + ticks) * batch, "every session generated on every tick"
     for stream in streams:
         await stream.aclose()
     for es in sessions:
         await engine.close(es)
-    del model.decode
+    if stub:
+        del model.decode
+    # the host's model work: everything but the wait for the device's ids
+    worker_time = sum(engine.phase_seconds[k] - phases[k] for k in ("sample", "decode"))
     return worker_time / ticks, tick_time / ticks
+
+
+def gpu_summary(trace, ticks: int) -> str:
+    """Where the device's time per tick went: kernels and copies by name
+    (the top ones) and the time it sat idle, from a torch.profiler run."""
+    events = [e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not events:
+        return "no device activity recorded"
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    busy, end = 0.0, spans[0][0]
+    for a, b in spans:  # union of the intervals (graph replays may overlap with copies)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    wall = spans[-1][1] - spans[0][0]
+    by_name: dict[str, float] = {}
+    for e in events:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    lines = [f"device per tick: busy {busy / ticks / 1e3:.3f} ms, idle {(wall - busy) / ticks / 1e3:.3f} ms"]
+    lines += [f"  {us / ticks / 1e3:8.3f} ms  {name[:100]}" for name, us in top]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -170,6 +197,12 @@ def main() -> None:
     ap.add_argument("--in-loop", action="store_true",
                     help="on the CPU too, run the tick's host work on the event loop's thread (as on CUDA)")
     ap.add_argument("--profile", help="cProfile the timed ticks (the loop's thread) into this file")
+    ap.add_argument("--preset", default="tiny",
+                    help="tiny (default, --vocab applies), 2b or a preset name: that model's shapes, random weights")
+    ap.add_argument("--real-decode", action="store_true",
+                    help="the model's real decode instead of the stub (always with a preset other than tiny)")
+    ap.add_argument("--trace", action="store_true",
+                    help="torch.profiler over the timed ticks: the device's busy and idle time per tick")
     args = ap.parse_args()
     prof = None
     if args.profile:
@@ -177,15 +210,25 @@ def main() -> None:
         prof = cProfile.Profile()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.device, args.vocab, args.tokenizer)
+    model = build_model(args.device, args.vocab, args.tokenizer, args.preset)
+    stub = args.preset == "tiny" and not args.real_decode
+    if not stub and args.device.startswith("cuda"):
+        model.warm_up(max(int(x) for x in args.batches.split(",")), prompt_tokens=128)
     allowed = model.tokenizer.vocab_size if model.tokenizer else model.config.vocab_size
     print(f"device {args.device}, vocab {model.config.vocab_size} (sampled over {allowed}), mix {args.mix}, "
           f"tokenizer {args.tokenizer}, torch threads {torch.get_num_threads()}")
     print(f"{'B':>5} {'worker us/session':>18} {'tick us/session':>16} {'tick ms':>9}")
     for b in (int(x) for x in args.batches.split(",")):
         ticks = args.ticks or max(5, min(200, 2000 // b))
-        worker, tick = anyio.run(measure, model, b, ticks, args.warmup, args.mix, args.device, args.in_loop, prof)
+        trace = None
+        if args.trace:
+            from torch.profiler import ProfilerActivity, profile
+            trace = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        worker, tick = anyio.run(measure, model, b, ticks, args.warmup, args.mix, args.device, args.in_loop, prof,
+                                 stub, trace)
         print(f"{b:>5} {worker / b * 1e6:>18.1f} {tick / b * 1e6:>16.1f} {tick * 1e3:>9.2f}")
+        if trace is not None:
+            print(gpu_summary(trace, ticks))
     if prof is not None:
         prof.dump_stats(args.profile)
 

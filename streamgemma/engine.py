@@ -27,11 +27,13 @@ A tick, in order:
    device-to-host read of the ids for the whole batch), runs ONE
    `model.decode` over them, copies the logits rows the sessions keep in ONE
    copy (each session's logits are then a row of that copy), and records
-   each token in its session (detokenizer, stop strings). On CUDA the host
-   does that recording while the GPU still runs the decode: nothing in it
-   waits for the device. (On CUDA this host work runs on the event loop's
-   thread and only the wait for the sampled ids in a worker thread; on the
-   CPU, where the model's arithmetic is the cost, all of it in a worker.)
+   each token in its session (detokenizer, stop strings). On CUDA the decode
+   takes the sampled ids from the device, so it is launched before they
+   reach the host, and the host records the tokens while the GPU runs the
+   decode: the device goes from one step to the next without waiting for
+   the host. (On CUDA this host work runs on the event loop's thread and
+   only the wait for the sampled ids in a worker thread; on the CPU, where
+   the model's arithmetic is the cost, all of it in a worker.)
 4. Tokens are delivered to their streams in the event loop.
 A session gets exactly the tokens `Session.generate` would give it with the
 same seed, whatever else is in the batch.
@@ -671,13 +673,14 @@ class Engine:
 
     async def _decode(self, generations: list[Generation], slots: list[int],
                       inputs: Sequence[tuple[Session, int]]) -> list[Token]:
-        """`_decode_batch`, run where it is cheapest. On the CPU the model's
-        work is the cost: all of it goes to a worker thread, so the event
-        loop stays free. On CUDA the host only launches work and keeps books,
-        and in a worker thread that Python would fight the event loop for the
-        GIL (with 256 streams a tick's sampling took 14 ms instead of ~3):
-        so it runs here, and only the waits for the device (which release the
-        GIL) go to a thread."""
+        """The tick's model work, run where it is cheapest. On the CPU the
+        model's work is the cost: all of it (`_decode_batch`) goes to a
+        worker thread, so the event loop stays free. On CUDA the host only
+        launches work and keeps books, and in a worker thread that Python
+        would fight the event loop for the GIL (with 256 streams a tick's
+        sampling took 14 ms instead of ~3): so it runs here (sample, launch
+        the decode on the device's ids, accept), and only the wait for the
+        ids (which releases the GIL) goes to a thread."""
         if not self._host_work_in_loop:
             t0 = time.perf_counter()
             tokens = await anyio.to_thread.run_sync(self._decode_batch, generations, slots, inputs)
@@ -688,18 +691,22 @@ class Engine:
             await anyio.sleep(0.001)
         phases = self.phase_seconds
         try:
-            pending = None
-            if generations:  # (none when only input rides along)
-                t0 = time.perf_counter()
-                pending = self._sample(generations)
-                t1 = time.perf_counter()
-                await anyio.to_thread.run_sync(pending.wait)
-                t2 = time.perf_counter()
-                phases["sample"] += t1 - t0
-                phases["wait"] += t2 - t1
             t0 = time.perf_counter()
-            tokens = self._decode_batch(generations, slots, inputs, pending, locked=True)
-            phases["decode"] += time.perf_counter() - t0
+            pending = self._sample(generations) if generations else None  # (none when only input rides along)
+            t1 = time.perf_counter()
+            # The decode reads the sampled ids on the device: it is queued right
+            # behind the sampling, so the device goes on to the step while the
+            # host waits for the ids and keeps the books (a host round trip per
+            # tick left the GPU idle ~1 ms of a ~5 ms tick at batch 256).
+            self._launch_decode(generations, slots, inputs, pending.device_ids if pending is not None else [])
+            t2 = time.perf_counter()
+            if pending is not None:
+                await anyio.to_thread.run_sync(pending.wait)
+            t3 = time.perf_counter()
+            tokens = self._accept(generations, inputs, pending.ids() if pending is not None else [])
+            phases["sample"] += t1 - t0
+            phases["wait"] += t3 - t2
+            phases["decode"] += (t2 - t1) + (time.perf_counter() - t3)
             return tokens
         finally:
             lock.release()
@@ -711,31 +718,51 @@ class Engine:
         return PendingIds(rows, [g.sample_row() for g in generations])
 
     def _decode_batch(self, generations: list[Generation], slots: list[int],
-                      inputs: Sequence[tuple[Session, int]] = (), pending: PendingIds | None = None,
-                      locked: bool = False) -> list[Token]:
-        """Sample every generation's row at once (unless `pending` holds
-        them), one decode call for those rows plus one row per (session,
-        input token) of `inputs`, one copy of the logits rows the sessions
-        keep, accept each sampled token (an input token is recorded like
-        `Session.step` does). Touches only the sessions it is given and the
-        kept-logits state. `locked`: the caller holds the model's lock."""
-        model = self.model
-        with contextlib.nullcontext() if locked else model.lock:
-            if pending is None and generations:
-                pending = self._sample(generations)
-            picked = pending.ids() if pending is not None else []
-            out = model.decode(slots + [s.slot for s, _ in inputs], picked + [t for _, t in inputs])
-            # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
-            kept = out.clone(memory_format=torch.contiguous_format)
+                      inputs: Sequence[tuple[Session, int]] = ()) -> list[Token]:
+        """The whole tick's model work in one call (the CPU's arrangement, in
+        a worker thread): sample every generation's row at once, then
+        `_launch_decode` with the ids, then `_accept`."""
+        with self.model.lock:
+            picked = self._sample(generations).ids() if generations else []
+            self._launch_decode(generations, slots, inputs, picked)
+        return self._accept(generations, inputs, picked)
+
+    def _launch_decode(self, generations: list[Generation], slots: list[int],
+                       inputs: Sequence[tuple[Session, int]], tokens: list[int] | torch.Tensor) -> None:
+        """One decode call for the generations' rows (`tokens`: their sampled
+        ids, host ints or an int64 tensor on the device) plus one row per
+        (session, input token) of `inputs`, and one copy of the logits rows
+        the sessions keep. Caller holds the model's lock. Nothing here waits
+        for the device."""
+        riders = [t for _, t in inputs]
+        if isinstance(tokens, torch.Tensor):
+            if riders:
+                extra = torch.tensor(riders, dtype=torch.int64)
+                if tokens.device.type == "cuda":
+                    extra = extra.pin_memory()
+                tokens = torch.cat([tokens, extra.to(tokens.device, non_blocking=True)])
+        else:
+            tokens = list(tokens) + riders
+        out = self.model.decode(slots + [s.slot for s, _ in inputs], tokens)
+        # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
+        kept = out.clone(memory_format=torch.contiguous_format)
         self._kept, self._kept_rows = kept, kept.unbind(0)
         self._kept_sessions = [g.session for g in generations] + [s for s, _ in inputs]
         self.decode_calls += 1
         self.decoded_tokens += len(generations)
         self.decoded_input_tokens += len(inputs)
+
+    def _accept(self, generations: list[Generation], inputs: Sequence[tuple[Session, int]],
+                picked: list[int]) -> list[Token]:
+        """Record the tick's tokens in their sessions (the last `_launch_decode`
+        consumed them): each generation's sampled token (detokenizer, stop
+        strings), each input token as `Session.step` does. Touches only
+        these sessions; needs no device work."""
+        rows = self._kept_rows
         n = len(generations)
-        for (session, token), row in zip(inputs, self._kept_rows[n:]):
+        for (session, token), row in zip(inputs, rows[n:]):
             session._consumed([token], row)
-        return [g.accept(t, row) for g, t, row in zip(generations, picked, self._kept_rows)]
+        return [g.accept(t, row) for g, t, row in zip(generations, picked, rows)]
 
     def _batch_logits(self, generations: list[Generation]) -> torch.Tensor:
         """The sessions' current logits as one float32 [B, V] tensor: the last

@@ -199,10 +199,12 @@ class GraphedDecoder:
         g["copied"].record()
         return g
 
-    def step(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
-        """Host lists of equal length B. Returns float32 logits [B, vocab]: a
-        view of the graph's output buffer, overwritten by the next step."""
-        batch = len(tokens)
+    def step(self, tokens: list[int] | torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Host lists of equal length B (tokens may instead be an int64 [B]
+        tensor on the device: copied into the graph's input in stream order,
+        never read by the host). Returns float32 logits [B, vocab]: a view of
+        the graph's output buffer, overwritten by the next step."""
+        batch = len(slots)
         if self.decoder.pool.generation != self._pool_generation:
             self._graphs.clear()
             self._pool_generation = self.decoder.pool.generation
@@ -216,12 +218,15 @@ class GraphedDecoder:
         g = self._graphs[bucket]
         g["copied"].synchronize()  # the previous step's copy has finished reading the host buffer
         host = g["host_np"]
-        host[0, :batch] = tokens
+        on_device = isinstance(tokens, torch.Tensor)
+        host[0, :batch] = 0 if on_device else tokens
         host[1, :batch] = slots
         host[2, :batch] = positions
         host[0, batch:], host[1, batch:], host[2, batch:] = 0, -1, 0
         g["inputs"].copy_(g["host"], non_blocking=True)
         g["copied"].record()
+        if on_device:
+            g["tokens"][:batch].copy_(tokens)
         g["graph"].replay()
         return g["logits"][:batch]
 

@@ -177,23 +177,37 @@ class Model:
 
     # -- batched paths (used by Session and, later, the engine) --------------------------
     @torch.no_grad()
-    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    def decode(self, slots: Sequence[int], tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """One token for each slot: returns float32 logits [B, vocab] and
         advances each slot by one position. Slots must be distinct.
+
+        tokens: B ids on the host, or an int64 tensor [B] on the model's
+        device. A device tensor is read by the device itself, in stream
+        order: a caller that samples on the device can launch this step
+        before the sampled ids reach the host (nothing waits for them).
 
         On the graphed CUDA path the returned tensor is a view of a buffer that
         the next `decode` call overwrites (a copy would cost 262 MB of traffic
         per step at batch 256): clone what you keep."""
         if len(set(slots)) != len(slots):
             raise ValueError(f"decode: duplicate slots in {list(slots)}")
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dtype != torch.long or tuple(tokens.shape) != (len(slots),) \
+                    or tokens.device.type != self.device.type:
+                raise ValueError(f"decode: tokens must be int64 [{len(slots)}] on {self.device}, got "
+                                 f"{tokens.dtype} {list(tokens.shape)} on {tokens.device}")
+        else:
+            tokens = list(tokens)
+            if len(tokens) != len(slots):
+                raise ValueError(f"decode: {len(slots)} slots but {len(tokens)} tokens")
         positions = [self.pool.positions[s] for s in slots]
         if self.kernels:
-            logits = self._decode_with_kernels(list(slots), list(tokens), positions)
+            logits = self._decode_with_kernels(list(slots), tokens, positions)
         else:
             dev = self.device
             slots_t = torch.tensor(list(slots), dtype=torch.long, device=dev)
             states = self.pool.gather(slots_t)
-            logits, states = self.network.forward_decode(torch.tensor(list(tokens), dtype=torch.long, device=dev),
+            logits, states = self.network.forward_decode(_long_tensor(tokens, dev),
                                                          torch.tensor(positions, dtype=torch.long, device=dev),
                                                          states)
             self.pool.scatter(slots_t, states)
@@ -206,7 +220,8 @@ class Model:
             self._fused = FusedWeights(self.network)
         return self._fused
 
-    def _decode_with_kernels(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def _decode_with_kernels(self, slots: list[int], tokens: list[int] | torch.Tensor,
+                             positions: list[int]) -> torch.Tensor:
         if self._kernel_decoder is None:
             self._kernel_decoder = KernelDecoder(self.network, self.pool, self._fused_weights())
             if self.device.type == "cuda":
@@ -214,8 +229,8 @@ class Model:
         if self._graphed is not None:
             return self._graphed.step(tokens, slots, positions)
         dev = self.device
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
-        return self._kernel_decoder.step(as_tensor(tokens), as_tensor(slots), as_tensor(positions))
+        return self._kernel_decoder.step(_long_tensor(tokens, dev), _long_tensor(slots, dev),
+                                         _long_tensor(positions, dev))
 
     @torch.no_grad()
     def prefill(self, slot: int, tokens: Sequence[int], all_logits: bool = False,
@@ -296,3 +311,10 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
             raise CheckpointError(f"{ckpt.tokenizer_file}: has {tokenizer.vocab_size} pieces but the model's "
                                   f"vocabulary has {network.config.vocab_size} entries")
     return Model(network, tokenizer=tokenizer, source=str(path), kernels=kernels)
+
+
+def _long_tensor(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int64 [N] on `device` from host ints (or a tensor already there)."""
+    if isinstance(values, torch.Tensor):
+        return values
+    return torch.tensor(values, dtype=torch.long, device=device)

@@ -159,15 +159,24 @@ class PendingIds:
     and the copy of the ids to the host; `wait()` blocks until they are there
     (on CUDA it waits on an event, which releases the GIL, so a caller can
     wait in a worker thread while its own thread keeps launching and
-    bookkeeping); `ids()` returns them (waiting if needed)."""
+    bookkeeping); `ids()` returns them (waiting if needed). `device_ids`
+    holds them on the device (int64 [B], row order) as soon as the work is
+    launched: a decode step can take them from there before the host has
+    them."""
 
     def __init__(self, logits: torch.Tensor, rows: Sequence[SampleRow]):
-        self._order: list[int] = []
         self._host: torch.Tensor | None = None
         self._event = None
+        self.device_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
         if not rows:
             return
-        values, self._order = _sample_on_device(logits, rows)
+        values, order = _sample_on_device(logits, rows)
+        if any(i != j for i, j in enumerate(order)):  # grouped (greedy rows first): back to row order
+            index = torch.tensor(order, dtype=torch.int64)
+            if values.device.type == "cuda":
+                index = index.pin_memory()
+            values = torch.empty_like(values).index_copy_(0, index.to(values.device, non_blocking=True), values)
+        self.device_ids = values
         if values.device.type == "cuda":
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
@@ -182,10 +191,7 @@ class PendingIds:
 
     def ids(self) -> list[int]:
         self.wait()
-        out = [0] * len(self._order)
-        for i, v in zip(self._order, self._host.tolist() if self._order else ()):
-            out[i] = v
-        return out
+        return self._host.tolist() if self._host is not None else []
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, rng: RandomStream | None) -> torch.Tensor:

@@ -152,3 +152,25 @@ def test_reset_at_position_zero_forgets_history():
     again = model.session()  # reuses the released slot: must start clean
     assert again.slot == reused.slot
     assert torch.equal(again.feed(tokens), fresh)
+
+
+def test_decode_takes_tokens_from_a_device_tensor():
+    """Tokens as an int64 tensor on the model's device (how the engine feeds
+    sampled ids without reading them back) give the same step as host ints;
+    a tensor of the wrong shape or dtype is refused with a clear error."""
+    cfg = sg.GriffinConfig.preset("tiny")
+    model = sg.Model.random(cfg, seed=9)
+    sessions = [model.session() for _ in range(3)]
+    for i, s in enumerate(sessions):
+        s.feed(random_tokens(2 + 5 * i, cfg.vocab_size, seed=i))
+    twins = [model.restore(s.snapshot()) for s in sessions]
+    tokens = [5, 17, 3]
+    want = model.decode([t.slot for t in twins], tokens).clone()
+    got = model.decode([s.slot for s in sessions], torch.tensor(tokens))
+    assert torch.equal(got, want)
+    assert [s.position for s in sessions] == [t.position for t in twins]
+    for bad in (torch.tensor(tokens, dtype=torch.int32), torch.tensor(tokens[:2]), torch.tensor([tokens])):
+        with pytest.raises(ValueError, match="int64"):
+            model.decode([s.slot for s in sessions], bad)
+    with pytest.raises(ValueError, match="3 slots but 2 tokens"):
+        model.decode([s.slot for s in sessions], tokens[:2])

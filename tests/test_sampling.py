@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from streamgemma.philox import RandomStream
-from streamgemma.sampling import (SampleRow, SamplingParams, StopStrings, apply_penalties, sample,
+from streamgemma.sampling import (PendingIds, SampleRow, SamplingParams, StopStrings, apply_penalties, sample,
                                   sample_rows)
 
 
@@ -230,3 +230,19 @@ def test_a_scaled_row_gets_the_same_token_beside_filtered_rows():
             rows = [SampleRow(plain, (seed, 0)), SampleRow(neighbour, (1, 0)),
                     SampleRow(SamplingParams(temperature=0), None)]
             assert sample_rows(logits, rows)[0] == alone[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pending_ids_on_the_device_are_in_row_order(device):
+    """Greedy and sampled rows are computed in two groups; `device_ids` (what
+    the engine's decode reads) and `ids()` are both in the rows' order."""
+    specs = make_rows(17, 300, seed=5)
+    assert {p.greedy for p, _, _ in specs} == {True, False}  # both groups present
+    logits = torch.randn(17, 300, generator=torch.Generator().manual_seed(1)).to(device) * 4
+    streams = [RandomStream.seeded(s) for _, s, _ in specs]
+    pending = PendingIds(logits, rows_of(specs, streams))
+    assert pending.device_ids.device.type == device
+    assert pending.device_ids.tolist() == pending.ids()
+    alone = [RandomStream.seeded(s) for _, s, _ in specs]
+    assert pending.ids() == [sample_rows(logits[i:i + 1], rows_of(specs[i:i + 1], alone[i:i + 1]))[0]
+                             for i in range(17)]

@@ -3,7 +3,8 @@
 One run prints: the measured copy bandwidth and the batch-1 floor (one read of
 the weights per token); streamgemma tokens/s at batch 1, 8, 64, 256 and
 transformers' `generate` at the same batches; ms/token at batch 1 at positions
-~100, ~3,000 and ~50,000; GPU memory per extra session. With --check it first
+~100, ~3,000 and ~50,000; `Session.generate` tokens/s at batch 1 (the
+application's loop, sampling included); GPU memory per extra session. With --check it first
 compares the kernel step with the PyTorch reference step on 2B shapes.
 
 Session state is filled with random values and positions are set directly:
@@ -76,6 +77,21 @@ def time_decode(model: sg.Model, batch: int, steps: int, position: int = 100) ->
     for s in sessions:
         s.close()
     return elapsed / steps
+
+
+def time_generate(model: sg.Model, tokens: int) -> float:
+    """Seconds per token of `Session.generate` at batch 1: what an application
+    sees (sampling at temperature 1 on the device, each token read back and
+    handed to the caller; the next step is queued before the host has it)."""
+    s = model.session(seed=0)
+    s.feed([2, 3, 4, 5])
+    list(s.generate(max_tokens=4, stop_token_ids=[]))  # warm-up: sampling kernel, graph
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    n = sum(1 for _ in s.generate(max_tokens=tokens, stop_token_ids=[]))
+    elapsed = time.perf_counter() - start
+    s.close()
+    return elapsed / n
 
 
 def time_hf_generate(cfg: sg.GriffinConfig, batch: int, new_tokens: int, prompt: int = 16) -> float:
@@ -200,6 +216,9 @@ def main() -> None:
         sec = time_decode(model, 1, args.steps, position=pos)
         results["ms_per_token_by_position"][pos] = sec * 1e3
         print(f"batch 1 at position {pos:6d}: {sec * 1e3:.3f} ms/token", flush=True)
+    sec = time_generate(model, args.steps)
+    results["session_generate_batch1_tok_s"] = 1 / sec
+    print(f"Session.generate batch 1: {1 / sec:.0f} tokens/s, {sec * 1e3:.3f} ms/token", flush=True)
     del model
     torch.cuda.empty_cache()
 

@@ -16,7 +16,7 @@ import torch
 from . import snapshot as snapshot_format
 from .errors import StoppedError
 from .philox import STATE_BYTES as RNG_STATE_BYTES, RandomStream
-from .sampling import SampleRow, SamplingParams, StopStrings, sample_rows
+from .sampling import PendingIds, SampleRow, SamplingParams, StopStrings, sample_rows
 from .snapshot_store import write_file_atomic
 from .tokenizer import END_OF_TURN, Detokenizer
 
@@ -402,10 +402,15 @@ class Session:
         return frozenset(i for i in (tok.eos_id, tok.piece_id(END_OF_TURN)) if i is not None and i >= 0)
 
     def _generate(self, generation: "Generation") -> Iterator[Token]:
+        vocab = generation.vocab
         while True:
             with self.model.lock:
-                token = generation.pick()
-                next_logits = self.model.decode([self.slot], [token])[0].clone()  # decode's buffer is reused
+                # The step reads the sampled id on the device, so it is queued before
+                # the id reaches the host: the device goes on while the host waits
+                # for the id, then records the token and hands it to the caller.
+                pending = PendingIds(self._logits[None, :vocab], [generation.sample_row()])
+                next_logits = self.model.decode([self.slot], pending.device_ids)[0].clone()  # a reused buffer
+                token = pending.ids()[0]
             out = generation.accept(token, next_logits)
             yield out
             if out.finish_reason is not None:

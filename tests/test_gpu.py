@@ -89,3 +89,16 @@ def test_warm_up_captures_every_bucket_and_leaves_no_session_behind():
     s = model.session(seed=1)
     s.feed(random_tokens(10, 256, seed=3))
     assert len(list(s.generate(max_tokens=4, stop_token_ids=[]))) == 4
+
+
+def test_graphed_decode_takes_tokens_on_the_device():
+    """The engine's CUDA tick feeds the sampled ids to the graph from the
+    device: the same logits as host ids (same bucket, so bit for bit)."""
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=2, device="cuda", dtype="bfloat16")
+    sessions = [model.session() for _ in range(3)]
+    for i, s in enumerate(sessions):
+        s.feed(random_tokens(3 + 7 * i, 256, seed=i))
+    twins = [model.restore(s.snapshot()) for s in sessions]
+    want = model.decode([t.slot for t in twins], [5, 17, 3]).clone()
+    got = model.decode([s.slot for s in sessions], torch.tensor([5, 17, 3], device="cuda"))
+    assert torch.equal(got, want)

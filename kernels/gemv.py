@@ -67,26 +67,14 @@ def _residual_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, rows, rmask, k, kmask
     return v
 
 
-@triton.jit
-def _prefetch_l2(ptr, nbytes):
-    """Ask the TMA unit (one thread of the program) to bring `nbytes` at
-    `ptr` into L2 (cp.async.bulk.prefetch, Hopper): no registers, no wait.
-    ptr 16-byte aligned, nbytes a multiple of 16."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit(do_not_specialize=["B", "eps", "emb_scale", "cap", "pf_programs"])
+@triton.jit(do_not_specialize=["B", "eps", "emb_scale", "cap"])
 def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr, eps,
                  w_ptr, bias_ptr, out_ptr, out_stride,
                  conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, L,
-                 cap, B, N, K, pf_programs,
+                 cap, B, N, K,
                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  SRC: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr, WRITE_RES: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EPI: tl.constexpr, CONVK: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, EPI: tl.constexpr, CONVK: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B
@@ -98,16 +86,6 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
     # GeGLU: the gate feature n pairs with the up feature N + n of the [2N, K] weight
     u_rows = w_rows + N * K
 
-    if PREFETCH:
-        # The first programs (launched early by PDL, while the previous kernel
-        # still runs) have their whole weight slice streamed into L2 before
-        # they wait: the memory keeps streaming across the kernel boundary.
-        if pid < pf_programs:
-            n0 = pid * BN
-            nbytes = (tl.minimum(N - n0, BN) * K * 2).to(tl.int32)  # (16-bit weights)
-            _prefetch_l2(w_ptr + n0.to(tl.int64) * K, nbytes)
-            if EPI == GEGLU:
-                _prefetch_l2(w_ptr + (N + n0).to(tl.int64) * K, nbytes)
     # The first weight tiles depend on no earlier kernel: load them before waiting.
     w_next = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0)
     if EPI == GEGLU:
@@ -206,9 +184,6 @@ _CONFIGS = {1: (2, 512, 2), 2: (8, 256, 4), 4: (8, 128, 4), 8: (4, 128, 4)}
 _CONFIGS_CONV = {1: (8, 256, 2)}
 CONFIG_OVERRIDE: dict = {}  # (batch bucket, epilogue, N, K) -> (BN, BK, num_warps), for tuning
 MAX_BATCH = 8
-# Weight bytes per launch that the first programs prefetch into L2 before their
-# PDL wait (0: none); only with PDL, 16-bit weights and 16-byte aligned rows.
-L2_PREFETCH_BYTES = {"bytes": 0}
 
 
 def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -251,19 +226,14 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     dummy = weight
     grid = (triton.cdiv(n_out, bn),)
     kwargs = dict(num_warps=warps, **pdl.launch_kwargs())
-    slice_bytes = bn * k * weight.element_size() * (2 if epilogue == "geglu" else 1)
-    budget = L2_PREFETCH_BYTES["bytes"]
-    prefetch = (budget > 0 and pdl.enabled() and weight.element_size() == 2
-                and (k * 2) % 16 == 0 and weight.data_ptr() % 16 == 0)
-    pf_programs = budget // slice_bytes if prefetch else 0
     _gemv_kernel[grid](
         src, tokens if tokens is not None else dummy, float(emb_scale or 1.0),
         delta if delta is not None else dummy, residual_out if residual_out is not None else dummy,
         norm_scale if norm_scale is not None else dummy, float(eps),
         weight, bias if bias is not None else dummy, out, out.stride(0),
         conv_state, slots, pos, conv_w, conv_b, lw,
-        float(cap or 0.0), batch, n_out, k, pf_programs,
+        float(cap or 0.0), batch, n_out, k,
         BB=bb, BN=bn, BK=bk, SRC=1 if tokens is not None else 0, HAS_DELTA=delta is not None,
         NORM=norm_scale is not None, WRITE_RES=residual_out is not None, HAS_BIAS=bias is not None,
-        EPI=epi, CONVK=convk, PDL=pdl.enabled(), PREFETCH=prefetch, **kwargs)
+        EPI=epi, CONVK=convk, PDL=pdl.enabled(), **kwargs)
     return out

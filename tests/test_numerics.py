@@ -1,6 +1,8 @@
 """The model against its ground truths (the official reference and transformers),
 and the parallel path against the one-token path."""
 
+import functools
+
 import pytest
 import torch
 
@@ -166,10 +168,12 @@ def test_decode_takes_tokens_from_a_device_tensor():
     twins = [model.restore(s.snapshot()) for s in sessions]
     tokens = [5, 17, 3]
     want = model.decode([t.slot for t in twins], tokens).clone()
-    got = model.decode([s.slot for s in sessions], torch.tensor(tokens))
+    on_device = functools.partial(torch.tensor, device=model.device)
+    got = model.decode([s.slot for s in sessions], on_device(tokens))
     assert torch.equal(got, want)
     assert [s.position for s in sessions] == [t.position for t in twins]
-    for bad in (torch.tensor(tokens, dtype=torch.int32), torch.tensor(tokens[:2]), torch.tensor([tokens])):
+    for bad in (on_device(tokens, dtype=torch.int32), on_device(tokens[:2]), on_device([tokens]),
+                torch.tensor(tokens, device="meta")):
         with pytest.raises(ValueError, match="int64"):
             model.decode([s.slot for s in sessions], bad)
     with pytest.raises(ValueError, match="3 slots but 2 tokens"):

@@ -14,6 +14,7 @@ import math
 import numbers
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from .philox import RandomStream, gumbel_argmax_reference, stream_words
@@ -293,6 +294,32 @@ def _sample_on_device(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[
     return values, greedy + sampled
 
 
+def _stream_words_of(rows: Sequence[SampleRow], index: Sequence[int]) -> torch.Tensor:
+    """`philox.stream_words` of every row's (seed, counter), int64 [R, 4]: in
+    one numpy pass when every stream is a pair of Python ints in range (the
+    engine's case: this runs per row and per tick), else row by row (which
+    names a missing stream or a value out of range). index: the rows'
+    numbers, for errors."""
+    rngs = [r.rng for r in rows]
+    if all(type(p) is tuple and len(p) == 2 and type(p[0]) is int and type(p[1]) is int for p in rngs):
+        try:
+            pairs = np.array(rngs, dtype=np.uint64).reshape(len(rows), 2)
+        except OverflowError:  # below 0 or beyond 64 bits: named below
+            pairs = None
+        if pairs is not None:
+            words = np.empty((len(rows), 4), dtype=np.int64)
+            words[:, 0::2] = pairs & np.uint64(0xFFFFFFFF)
+            words[:, 1::2] = pairs >> np.uint64(32)
+            return torch.from_numpy(words)
+    out = []
+    for i, r in zip(index, rows):
+        if r.rng is None:
+            raise ValueError(f"sample_rows: row {i} samples (temperature {r.params.temperature}) "
+                             "but has no random stream (SampleRow.rng is None)")
+        out.append(stream_words(*r.rng))  # raises, naming the values
+    return torch.tensor(out, dtype=torch.int64).reshape(len(rows), 4)
+
+
 class _GroupPlan:
     """The work for the greedy rows, or for the sampled rows, of one call."""
 
@@ -329,19 +356,7 @@ class _GroupPlan:
             self._pen_width = width
         if not sampled:
             return
-        # Each row's stream as the kernel's four 32-bit words (`philox.stream_words`,
-        # inlined: this loop is per row and per tick).
-        words: list[int] = []
-        for i in members:
-            rng = rows[i].rng
-            if rng is None:
-                raise ValueError(f"sample_rows: row {i} samples (temperature {rows[i].params.temperature}) "
-                                 "but has no random stream (SampleRow.rng is None)")
-            seed, counter = rng
-            if not (0 <= seed < _U64 and 0 <= counter < _U64):
-                stream_words(seed, counter)  # raises, naming the values
-            words += (seed & 0xFFFFFFFF, seed >> 32, counter & 0xFFFFFFFF, counter >> 32)
-        put("rng_words", words, torch.int64)
+        put("rng_words", _stream_words_of([rows[i] for i in members], members), torch.int64)
         temps = [p.temperature for p in params]
         # Dividing by 1 is exact: a batch of temperature-1 rows skips the division.
         self.scale = any(t != 1.0 for t in temps)

@@ -40,6 +40,15 @@ def test_engine_tokens_equal_session_generate_with_mixed_params_and_a_changing_b
     lengths = [12, 20, 7, 16, 25, 30]
     expected = [reference(plain, p, k, n) for p, k, n in zip(PROMPTS, ENGINE_KINDS, lengths)]
 
+    on_device = []  # per decode call: were the tokens a tensor (the sampled ids, never read back first)?
+    decode = model.decode
+
+    def recording_decode(slots, tokens):
+        on_device.append(isinstance(tokens, torch.Tensor))
+        return decode(slots, tokens)
+
+    model.decode = recording_decode
+
     async def main():
         engine = Engine(model, max_active=8)
         engine._host_work_in_loop = host_work_in_loop
@@ -69,6 +78,9 @@ def test_engine_tokens_equal_session_generate_with_mixed_params_and_a_changing_b
     assert [got[i] for i in range(len(PROMPTS))] == expected
     assert engine.decode_calls < sum(lengths)  # rows did share decode calls
     assert len(expected[5]) < lengths[5]  # the stop string did end one early
+    # The CUDA arrangement queues each decode on the sampled ids where they are;
+    # the CPU's samples and decodes in one worker call, with host ids.
+    assert any(on_device) if host_work_in_loop else not any(on_device)
 
 
 def test_engine_continues_exactly_after_a_session_leaves_and_rejoins():

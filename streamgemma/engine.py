@@ -691,6 +691,9 @@ class Engine:
             await anyio.sleep(0.001)
         phases = self.phase_seconds
         try:
+            # A cancellation requested earlier (e.g. shutdown during a prefill) ends
+            # the tick here, before any session is touched...
+            await anyio.lowlevel.checkpoint_if_cancelled()
             t0 = time.perf_counter()
             pending = self._sample(generations) if generations else None  # (none when only input rides along)
             t1 = time.perf_counter()
@@ -701,7 +704,10 @@ class Engine:
             self._launch_decode(generations, slots, inputs, pending.device_ids if pending is not None else [])
             t2 = time.perf_counter()
             if pending is not None:
-                await anyio.to_thread.run_sync(pending.wait)
+                # ... and none arrives between launching the step and recording its
+                # tokens: the sessions' books must match what the device consumed.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(pending.wait)
             t3 = time.perf_counter()
             tokens = self._accept(generations, inputs, pending.ids() if pending is not None else [])
             phases["sample"] += t1 - t0

@@ -223,3 +223,52 @@ def test_idle_step_input_tokens_defaults_by_device():
     assert Engine(model, idle_step_input_tokens=0).idle_step_input_tokens == 0
     with pytest.raises(ValueError, match="idle_step_input_tokens"):
         Engine(model, idle_step_input_tokens=-1)
+
+
+@pytest.mark.parametrize("host_work_in_loop,when", [(False, "before"), (True, "before"), (True, "after")],
+                         ids=["cpu-tick-before-the-call", "cuda-style-before-the-call", "cuda-style-after-the-launch"])
+def test_a_cancellation_during_a_tick_never_splits_a_step_from_its_books(host_work_in_loop, when):
+    """Shutdown cancels the scheduler at any await of a tick (a cancellation
+    requested while the tick waits for a prefill's thread or the model lock
+    fires at its next checkpoint). A step whose decode was launched must still
+    have its token recorded and delivered (position, recent ids, random
+    stream and the stream of tokens agree); a step not started must leave the
+    session untouched."""
+    model = text_model()
+
+    async def main():
+        engine = Engine(model, max_active=2)
+        engine._host_work_in_loop = host_work_in_loop
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            es = await engine.open()
+            await engine.consumed(engine.append(es, "hello world"))
+            stream = await engine.generate(es, SamplingParams(max_tokens=50, seed=3, stop_token_ids=()))
+            async for _ in stream:
+                break  # the generation is under way
+            if when == "before":
+                decode = engine._decode
+
+                async def cancel_then_decode(*args):
+                    tg.cancel_scope.cancel()
+                    return await decode(*args)
+
+                engine._decode = cancel_then_decode
+            else:
+                launch = engine._launch_decode
+
+                def launch_then_cancel(*args):
+                    launch(*args)
+                    tg.cancel_scope.cancel()
+
+                engine._launch_decode = launch_then_cancel
+            state = (es.live._rng.copy(), es.live.position, len(stream._queue.items))
+        return es, stream, state
+
+    es, stream, (rng, position, queued) = anyio.run(main, backend="asyncio")
+    s = es.live
+    assert s._recent._count == s.position  # every consumed token is in the session's books
+    if when == "after":  # the step ran: one more token consumed, recorded and delivered
+        assert (s.position, len(stream._queue.items), s._rng.counter) == (position + 1, queued + 1, rng.counter + 1)
+    else:  # cancelled before any work: nothing moved
+        assert (s.position, len(stream._queue.items), s._rng) == (position, queued, rng)

@@ -186,6 +186,15 @@ class CounterSampler:
 
 
 # -- clients (in worker processes) -------------------------------------------------------------
+async def request(ws, msg: dict, want: str, who: str = "") -> dict:
+    """Send `msg` on the websocket and return the reply, which must be of type `want`."""
+    await ws.send(json.dumps(msg))
+    reply = json.loads(await ws.recv())
+    if reply.get("type") != want:
+        raise RuntimeError(f"{who}{msg['type']} got {reply}")
+    return reply
+
+
 def prompt_of(index: int, length: int) -> list[int]:
     """A distinct prompt per client; ids in [10, 250) exist in every vocabulary here."""
     return [(17 * index + 31 * k) % 240 + 10 for k in range(length)]
@@ -198,11 +207,7 @@ async def one_client(url: str, headers: dict | None, index: int, opts: dict, rea
     counts: list[int] = []
     async with connect(url, additional_headers=headers, max_size=None) as ws:
         async def ask(msg: dict, want: str) -> dict:
-            await ws.send(json.dumps(msg))
-            reply = json.loads(await ws.recv())
-            if reply.get("type") != want:
-                raise RuntimeError(f"client {index}: {msg['type']} got {reply}")
-            return reply
+            return await request(ws, msg, want, who=f"client {index}: ")
 
         await ask({"type": "open", "seed": index}, "opened")
         prompt = prompt_of(index, opts["prompt"])
@@ -399,9 +404,14 @@ def main() -> None:
         }
         result["gc"] = gc_pauses.summary()
     result["host_cpus"] = os.cpu_count()
+    report(result, args.json)
+
+
+def report(result: dict, path: str | None) -> None:
+    """Print the result as JSON, and also write it to `path` if given."""
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
 
 

@@ -44,7 +44,7 @@ import time
 import anyio
 from websockets.asyncio.client import connect
 
-from serve_load import build_model, percentiles, prompt_of
+from serve_load import build_model, percentiles, prompt_of, report, request
 from streamgemma.engine import SUSPEND_COMPRESSION_LEVEL  # noqa: E402 - after serve_load, as the others
 
 
@@ -91,11 +91,7 @@ async def hold_slots(url: str, count: int, prompt: int, per_connection: int) -> 
     async def one_connection(first: int, n: int) -> None:
         async with connect(url) as ws:
             async def ask(msg: dict, want: str) -> dict:
-                await ws.send(json.dumps(msg))
-                reply = json.loads(await ws.recv())
-                if reply.get("type") != want:
-                    raise RuntimeError(f"{msg['type']} got {reply}")
-                return reply
+                return await request(ws, msg, want)
 
             for k in range(first, first + n):
                 sid = (await ask({"type": "open"}, "opened"))["session"]
@@ -196,10 +192,7 @@ def main() -> None:
         "resume_ms": percentiles([t[0] + t[1] for t in timings]),
         "host_cpus": os.cpu_count(),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

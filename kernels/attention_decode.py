@@ -28,15 +28,18 @@ _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m - m_new) de
 
 
 @triton.jit
-def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexpr):
+def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexpr, CACHE: tl.constexpr = ""):
     """Load [heads x dims] values at base_ptr + head * HD + dim and rotate the first
-    half of each head as the reference does (pairs d, d + HD/4 within that half)."""
+    half of each head as the reference does (pairs d, d + HD/4 within that half).
+    CACHE: the loads' cache modifier (".cg" where another program of the same
+    launch wrote the values)."""
     Q4: tl.constexpr = HD // 4
     R: tl.constexpr = HD // 2
     offs = heads[:, None] * HD + dims[None, :]
-    x = tl.load(base_ptr + offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    x = tl.load(base_ptr + offs, mask=row_mask[:, None], other=0.0, cache_modifier=CACHE).to(tl.float32)
     partner = tl.where(dims < Q4, dims + Q4, tl.where(dims < R, dims - Q4, dims))
-    xp = tl.load(base_ptr + heads[:, None] * HD + partner[None, :], mask=row_mask[:, None], other=0.0)
+    xp = tl.load(base_ptr + heads[:, None] * HD + partner[None, :], mask=row_mask[:, None], other=0.0,
+                 cache_modifier=CACHE)
     xp = xp.to(tl.float32)
     fi = tl.where(dims < R, dims % Q4, 0)
     theta = p.to(tl.float32) * tl.load(inv_freq_ptr + fi)

@@ -219,3 +219,48 @@ def test_gemv_plain_input_and_embedding_source():
     normed = e / torch.sqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + scale)
     assert rel_err(res, e) < 1e-6
     assert rel_err(out, normed @ w.T) < 1e-5
+
+
+def test_persistent_body_matches_reference_at_batch_1():
+    """The one-launch body (every layer in one persistent kernel, then the LM
+    head) at positions 0, before the first wrap, exactly the window and after
+    wraps; a padding row (slot -1) changes no state. Under the interpreter the
+    grid is one program (programs run one after another there, so they could
+    never meet at a barrier): every task and row block runs in program 0."""
+    cfg = sg.GriffinConfig.preset("tiny")
+    ref = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=False)
+    fast = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=True)
+    for m in (ref, fast):
+        while m.pool.capacity < 4:
+            m.pool._grow()
+        random_pool(m, seed=9)
+    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
+    decoder.use_persistent_body()
+    as_t = lambda v: torch.tensor([v], device=DEV)  # noqa: E731
+    w = cfg.attention_window
+    for slot, position, token in [(1, 0, 5), (2, 3, 17), (3, w, 200), (0, 2 * w + 5, 9)]:
+        want = reference_step(ref, [token], [slot], [position])
+        out = torch.full((1, cfg.vocab_size), float("nan"), device=DEV)
+        got = decoder.step(as_t(token), as_t(slot), as_t(position), out=out)
+        assert rel_err(got, want) < TOL[torch.float32]
+        for rl, fl in zip(ref.pool.layers, fast.pool.layers):
+            for rt, ft in zip(rl, fl):
+                assert rel_err(ft, rt) < TOL[torch.float32]
+    before = [t.clone() for layer in fast.pool.layers for t in layer]
+    got = decoder.step(as_t(3), as_t(-1), as_t(7))
+    assert torch.isfinite(got).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in fast.pool.layers for t in layer)))
+    assert decoder._body.barriers_given_up() == 0
+
+
+def test_persistent_body_refuses_shapes_it_cannot_run():
+    from streamgemma.kernels.persistent_decode import DecodeBody
+
+    cfg = sg.GriffinConfig.preset("tiny")
+    model = sg.Model.random(cfg, seed=1, device=DEV, dtype="float32", kernels=True)
+    decoder = KernelDecoder(model.network, model.pool, FusedWeights(model.network))
+    dims = dict(width=cfg.width, lru_width=cfg.lru_width, mlp_width=cfg.mlp_width, num_heads=cfg.num_heads,
+                head_dim=24, window=cfg.attention_window, conv_width=cfg.conv_width)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        DecodeBody(decoder._body_layers(), model.network.embedder.input_embedding, 1.0, decoder.inv_freq,
+                   1e-6, dims)

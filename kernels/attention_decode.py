@@ -28,7 +28,7 @@ _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m - m_new) de
 
 
 @triton.jit
-def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexpr, CACHE: tl.constexpr = ""):
+def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexpr, CACHE: tl.constexpr):
     """Load [heads x dims] values at base_ptr + head * HD + dim and rotate the first
     half of each head as the reference does (pairs d, d + HD/4 within that half).
     CACHE: the loads' cache modifier (".cg" where another program of the same
@@ -64,7 +64,7 @@ def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
         heads = tl.arange(0, HP)
         dims = tl.arange(0, HD)
         hmask = heads < H
-        q = _rope_rows(qkv_ptr + row * qkv_stride, heads, dims, p, inv_freq_ptr, hmask, HD)
+        q = _rope_rows(qkv_ptr + row * qkv_stride, heads, dims, p, inv_freq_ptr, hmask, HD, "")
         q = (q * scale).to(ring_k_ptr.dtype.element_ty)
         m = tl.full((HP,), _NEG, tl.float32)
         l = tl.zeros((HP,), tl.float32)
@@ -121,8 +121,8 @@ def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
     else:
         p = tl.load(pos_ptr + row)
         base = qkv_ptr + row * qkv_stride
-        q = _rope_rows(base, one + head, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
-        k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
+        q = _rope_rows(base, one + head, dims, p, inv_freq_ptr, one >= 0, HD, "")  # [1, HD]
+        k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD, "")  # [1, HD]
         v_cur = tl.load(base + (H + 1) * HD + dims).to(tl.float32)
         # what the ring holds is in the model dtype: score the current key the same way
         k_cur = k_cur.to(ring_k_ptr.dtype.element_ty).to(tl.float32)

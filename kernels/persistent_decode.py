@@ -70,18 +70,36 @@ def _ptr(row_ptr, col, DT: tl.constexpr):
 
 
 @triton.jit
-def _grid_sync(sync_ptr, target):
-    """Arrive at the barrier and wait until `target` arrivals are counted."""
+def _grid_arrive(sync_ptr):
+    """Count this program in at the next barrier: its stores of the phase are
+    released to every program that passes the barrier. Arrive before requesting
+    the next phase's weights: a release waits for the program's outstanding
+    memory operations, and those loads must not be among them."""
     tl.debug_barrier()  # every thread's stores are done before the release
     tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
-    seen = tl.load(sync_ptr, volatile=True)
-    spins = 0
-    while (seen < target) & (spins < _SPIN_LIMIT):
-        seen = tl.load(sync_ptr, volatile=True)
-        spins += 1
-    if seen < target:
-        tl.atomic_add(sync_ptr + 1, 1)
-    tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _grid_wait(sync_ptr, target, WAIT: tl.constexpr, POLL_ONE: tl.constexpr):
+    """Wait until `target` arrivals are counted. POLL_ONE: one thread per
+    program polls (a scalar acquire load, broadcast to the others) instead of
+    one load per warp. WAIT False: do not wait, a racy variant that only
+    exists to time the barriers."""
+    if WAIT:
+        if POLL_ONE:
+            seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        else:
+            seen = tl.load(sync_ptr, volatile=True)
+        spins = 0
+        while (seen < target) & (spins < _SPIN_LIMIT):
+            if POLL_ONE:
+                seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+            else:
+                seen = tl.load(sync_ptr, volatile=True)
+            spins += 1
+        if seen < target:
+            tl.atomic_add(sync_ptr + 1, 1)
+        tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -322,7 +340,8 @@ def _decode_body_kernel(
         RP_IN: tl.constexpr, BK_IN: tl.constexpr, RP_D: tl.constexpr, BK_MIX: tl.constexpr,
         RP_UP: tl.constexpr, BK_UP: tl.constexpr, BK_DOWN: tl.constexpr,
         BWP: tl.constexpr, BJ: tl.constexpr, HP: tl.constexpr, HD: tl.constexpr, BNK: tl.constexpr,
-        CD: tl.constexpr, NSP: tl.constexpr, IEEE: tl.constexpr):
+        CD: tl.constexpr, NSP: tl.constexpr, IEEE: tl.constexpr, WAIT: tl.constexpr,
+        POLL_ONE: tl.constexpr):
     pid = tl.program_id(0)
     tok = tl.load(tok_ptr)
     slot = tl.load(slot_ptr)
@@ -346,10 +365,11 @@ def _decode_body_kernel(
         if kind == 0:
             _conv_epilogue(acc, rows_in, mask_in, _ptr(row, B_IN, DT), a_ptr, _ptr(row, STATE0, DT),
                            _ptr(row, CONV_W, DT), _ptr(row, CONV_B, DT), slot, p, L, CONVK)
+            _grid_arrive(sync_ptr)
             gates = _ptr(row, GATES, DT)
             wx, wa = _gate_tiles(gates, pid, n_gate_tasks, H, BW, BWP, BJ)
             barrier += 1
-            _grid_sync(sync_ptr, barrier * NPROG)
+            _grid_wait(sync_ptr, barrier * NPROG, WAIT, POLL_ONE)
             # 2. RG-LRU
             for task in range(pid, n_gate_tasks, NPROG):
                 _rglru_task(task, wx, wa, a_ptr, _ptr(row, STATE1, tl.float32), _ptr(row, GATE_BX, DT),
@@ -358,18 +378,20 @@ def _decode_body_kernel(
             k_mix = L
         else:
             tl.store(a_ptr + rows_in, acc.to(DT), mask=mask_in)
+            _grid_arrive(sync_ptr)
             ring_k = _ptr(row, STATE0, DT)
             ring_v = _ptr(row, STATE1, DT)
             k, v = _kv_tiles(ring_k, ring_v, pid, NSPLIT, slot, p, W, HD, BNK)
             barrier += 1
-            _grid_sync(sync_ptr, barrier * NPROG)
+            _grid_wait(sync_ptr, barrier * NPROG, WAIT, POLL_ONE)
             # 2. split-KV partials
             for task in range(pid, NSPLIT, NPROG):
                 _attn_partial_task(task, k, v, a_ptr, inv_freq_ptr, m_ptr, l_ptr, acc_ptr, slot, p, W, H, scale,
                                    HP, HD, BNK, IEEE)
                 k, v = _kv_tiles(ring_k, ring_v, task + NPROG, NSPLIT, slot, p, W, HD, BNK)
+            _grid_arrive(sync_ptr)
             barrier += 1
-            _grid_sync(sync_ptr, barrier * NPROG)
+            _grid_wait(sync_ptr, barrier * NPROG, WAIT, POLL_ONE)
             # 3. merge, current key/value into the ring
             for task in range(pid, n_merge_tasks, NPROG):
                 _attn_merge_task(task, a_ptr, inv_freq_ptr, m_ptr, l_ptr, acc_ptr, ring_k, ring_v, g_ptr,
@@ -377,19 +399,21 @@ def _decode_body_kernel(
             k_mix = H * HD
         # the mixer's output projection (the host checks every width is a multiple of 16)
         k_mix = tl.multiple_of(k_mix, 16)
+        _grid_arrive(sync_ptr)
         w_mix = _ptr(row, W_MIX, DT)
         first_mix = _weight_tile(w_mix, rows_d, mask_d, 0, k_mix, BK_MIX)
         barrier += 1
-        _grid_sync(sync_ptr, barrier * NPROG)
+        _grid_wait(sync_ptr, barrier * NPROG, WAIT, POLL_ONE)
         acc, _ = _project(w_mix, first_mix, rows_d, mask_d, k_mix, g_ptr, emb_row, emb_scale, False, x_ptr,
                           False, x_ptr, eps, False, False, 0, first_mix, BK_MIX)
         _add_residual(acc, rows_d, mask_d, _ptr(row, B_MIX, DT), x_ptr)
         # MLP: gate|up with GeGLU
+        _grid_arrive(sync_ptr)
         w_up = _ptr(row, W_UP, DT)
         first_g = _weight_tile(w_up, rows_up, mask_up, 0, D, BK_UP)
         first_u = _weight_tile(w_up + E * D, rows_up, mask_up, 0, D, BK_UP)
         barrier += 1
-        _grid_sync(sync_ptr, barrier * NPROG)
+        _grid_wait(sync_ptr, barrier * NPROG, WAIT, POLL_ONE)
         gate, up = _project(w_up, first_g, rows_up, mask_up, D, x_ptr, emb_row, emb_scale, False, x_ptr,
                             False, _ptr(row, MLP_NORM, DT), eps, True, True, E * D, first_u, BK_UP)
         b_up = _ptr(row, B_UP, DT)
@@ -397,13 +421,15 @@ def _decode_body_kernel(
         up = (up + tl.load(b_up + E + rows_up, mask=mask_up, other=0.0).to(tl.float32)).to(DT).to(tl.float32)
         tl.store(hid_ptr + rows_up, (_gelu_tanh(gate) * up).to(DT), mask=mask_up)
         # down projection
+        _grid_arrive(sync_ptr)
         w_down = _ptr(row, W_DOWN, DT)
         first_d = _weight_tile(w_down, rows_d, mask_d, 0, E, BK_DOWN)
         barrier += 1
-        _grid_sync(sync_ptr, barrier * NPROG)
+        _grid_wait(sync_ptr, barrier * NPROG, WAIT, POLL_ONE)
         acc, _ = _project(w_down, first_d, rows_d, mask_d, E, hid_ptr, emb_row, emb_scale, False, x_ptr,
                           False, x_ptr, eps, False, False, 0, first_d, BK_DOWN)
         _add_residual(acc, rows_d, mask_d, _ptr(row, B_DOWN, DT), x_ptr)
+        _grid_arrive(sync_ptr)  # (after the last layer too: nobody waits for that one)
         # the next layer's first input tile (none after the last layer); assigned
         # on every path so the old tile is not kept alive through the loop
         nxt = table_ptr + tl.minimum(layer + 1, n_layers - 1) * NCOL
@@ -414,7 +440,7 @@ def _decode_body_kernel(
         first = _weight_tile(w_in, rows_in, mask_in, 0, D, BK_IN)
         if layer + 1 < n_layers:
             barrier += 1
-            _grid_sync(sync_ptr, barrier * NPROG)
+            _grid_wait(sync_ptr, barrier * NPROG, WAIT, POLL_ONE)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -466,6 +492,8 @@ class DecodeBody:
         self.sync = torch.zeros(2, dtype=torch.int32, device=dev)  # [arrivals, barriers that gave up]
         self.num_warps = num_warps
         self.tile_elements = tile_elements
+        self.wait = True  # False only to time the barriers (racy: wrong results)
+        self.poll_one = False
         self.launch_options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
         self.interpreted = not embedding.is_cuda
         self.cooperative = cooperative and not self.interpreted
@@ -507,7 +535,8 @@ class DecodeBody:
                     RP_IN=rp_in, BK_IN=bk(rp_in, d), RP_D=rp_d, BK_MIX=bk(rp_d, max(l, h * hd)),
                     RP_UP=rp_up, BK_UP=bk(rp_up, d), BK_DOWN=bk(rp_d, e),
                     BWP=_pow2(bw), BJ=min(8, _pow2(bw)), HP=self.hp, HD=hd, BNK=self.bnk,
-                    CD=min(hd, 32), NSP=_pow2(self.nsplit), IEEE=self.dtype == torch.float32)
+                    CD=min(hd, 32), NSP=_pow2(self.nsplit), IEEE=self.dtype == torch.float32,
+                    WAIT=self.wait, POLL_ONE=self.poll_one)
 
     def _args(self, tokens, slots, pos):
         dims = self.dims

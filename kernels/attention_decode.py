@@ -28,18 +28,15 @@ _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m - m_new) de
 
 
 @triton.jit
-def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexpr, CACHE: tl.constexpr):
+def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexpr):
     """Load [heads x dims] values at base_ptr + head * HD + dim and rotate the first
-    half of each head as the reference does (pairs d, d + HD/4 within that half).
-    CACHE: the loads' cache modifier (".cg" where another program of the same
-    launch wrote the values)."""
+    half of each head as the reference does (pairs d, d + HD/4 within that half)."""
     Q4: tl.constexpr = HD // 4
     R: tl.constexpr = HD // 2
     offs = heads[:, None] * HD + dims[None, :]
-    x = tl.load(base_ptr + offs, mask=row_mask[:, None], other=0.0, cache_modifier=CACHE).to(tl.float32)
+    x = tl.load(base_ptr + offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
     partner = tl.where(dims < Q4, dims + Q4, tl.where(dims < R, dims - Q4, dims))
-    xp = tl.load(base_ptr + heads[:, None] * HD + partner[None, :], mask=row_mask[:, None], other=0.0,
-                 cache_modifier=CACHE)
+    xp = tl.load(base_ptr + heads[:, None] * HD + partner[None, :], mask=row_mask[:, None], other=0.0)
     xp = xp.to(tl.float32)
     fi = tl.where(dims < R, dims % Q4, 0)
     theta = p.to(tl.float32) * tl.load(inv_freq_ptr + fi)
@@ -64,7 +61,7 @@ def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
         heads = tl.arange(0, HP)
         dims = tl.arange(0, HD)
         hmask = heads < H
-        q = _rope_rows(qkv_ptr + row * qkv_stride, heads, dims, p, inv_freq_ptr, hmask, HD, "")
+        q = _rope_rows(qkv_ptr + row * qkv_stride, heads, dims, p, inv_freq_ptr, hmask, HD)
         q = (q * scale).to(ring_k_ptr.dtype.element_ty)
         m = tl.full((HP,), _NEG, tl.float32)
         l = tl.zeros((HP,), tl.float32)
@@ -121,8 +118,8 @@ def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
     else:
         p = tl.load(pos_ptr + row)
         base = qkv_ptr + row * qkv_stride
-        q = _rope_rows(base, one + head, dims, p, inv_freq_ptr, one >= 0, HD, "")  # [1, HD]
-        k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD, "")  # [1, HD]
+        q = _rope_rows(base, one + head, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
+        k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
         v_cur = tl.load(base + (H + 1) * HD + dims).to(tl.float32)
         # what the ring holds is in the model dtype: score the current key the same way
         k_cur = k_cur.to(ring_k_ptr.dtype.element_ty).to(tl.float32)

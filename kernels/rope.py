@@ -17,7 +17,7 @@ def _rope_chunk_kernel(qkv_ptr, qkv_stride, p0, inv_freq_ptr, HD: tl.constexpr):
     one = tl.arange(0, 1)
     dims = tl.arange(0, HD)
     base = qkv_ptr + row * qkv_stride
-    rotated = _rope_rows(base, one + head, dims, p0 + row, inv_freq_ptr, one >= 0, HD, "")
+    rotated = _rope_rows(base, one + head, dims, p0 + row, inv_freq_ptr, one >= 0, HD)
     tl.store(base + (one[:, None] + head) * HD + dims[None, :], rotated.to(qkv_ptr.dtype.element_ty))
 
 

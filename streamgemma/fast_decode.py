@@ -47,46 +47,6 @@ class KernelDecoder:
         # products with the norms, GeGLU, conv and soft-cap folded in); larger
         # ones the cuBLAS products, which win once the weights are reused by many rows.
         self.gemv_max_batch = min(self.GEMV_MAX_BATCH, gemv.MAX_BATCH)
-        self._body = None  # the persistent batch-1 body (see use_persistent_body)
-        self._body_generation = None
-
-    def use_persistent_body(self, enabled: bool = True, **options) -> None:
-        """Batch 1 runs the whole layer stack in one persistent launch
-        (`kernels/persistent_decode.py`) followed by the LM-head GEMV, instead
-        of ~5 launches per layer. options go to `DecodeBody` (programs,
-        programs_per_sm, num_warps, cooperative)."""
-        if not enabled:
-            self._body = None
-            return
-        from streamgemma.kernels.persistent_decode import DecodeBody
-
-        cfg, net = self.config, self.network
-        dims = dict(width=cfg.width, lru_width=cfg.lru_width, mlp_width=cfg.mlp_width, num_heads=cfg.num_heads,
-                    head_dim=cfg.head_dim, window=cfg.attention_window, conv_width=cfg.conv_width)
-        self._body = DecodeBody(self._body_layers(), net.embedder.input_embedding, net.embedder.scale or 1.0,
-                                self.inv_freq, cfg.rms_norm_eps, dims, **options)
-        self._body_generation = self.pool.generation
-
-    def _body_layers(self) -> list[dict]:
-        """The persistent body's per-layer tensors (the pool's state included)."""
-        layers = []
-        for block, entry, state in zip(self.network.blocks, self.layers, self.pool.layers):
-            mlp = block.mlp_block
-            row = dict(pre_norm=block.temporal_pre_norm.scale, mlp_norm=block.channel_pre_norm.scale,
-                       w_up=entry["w_up"], b_up=entry["b_up"], w_down=mlp.ffw_down.weight,
-                       b_down=mlp.ffw_down.bias, state0=state[0], state1=state[1])
-            if block.kind == ATTENTION:
-                att = block.attention_block
-                row.update(kind=1, w_in=entry["w_qkv"], w_mix=att.proj_final.weight, b_mix=att.proj_final.bias)
-            else:
-                rec = block.recurrent_block
-                lru = rec.rg_lru
-                row.update(kind=0, w_in=entry["w_xy"], b_in=entry["b_xy"], conv_w=rec.conv_1d.w,
-                           conv_b=rec.conv_1d.b, gates=entry["w_gates"], gate_bx=lru.input_gate.b,
-                           gate_ba=lru.a_gate.b, neg8_softplus_a=entry["neg8_softplus_a"],
-                           w_mix=rec.linear_out.weight, b_mix=rec.linear_out.bias)
-            layers.append(row)
-        return layers
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
@@ -141,15 +101,6 @@ class KernelDecoder:
         and writes `x + delta` to the other."""
         cfg, net, gemv = self.config, self.network, self._gemv.gemv
         batch, dev, dtype = tokens.shape[0], tokens.device, net.dtype
-        if batch == 1 and self._body is not None:
-            if self._body_generation != self.pool.generation:
-                self._body.set_layers(self._body_layers())
-                self._body_generation = self.pool.generation
-            x = self._body(tokens, slots, pos)
-            if out is None:
-                out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=dev)
-            return gemv(x.view(1, -1), net.embedder.input_embedding, out, norm_scale=net.final_norm.scale,
-                        eps=cfg.rms_norm_eps, epilogue="softcap", cap=cfg.logits_soft_cap)
         d, l, eps = cfg.width, cfg.lru_width, cfg.rms_norm_eps
         res = [torch.empty(batch, d, dtype=dtype, device=dev) for _ in range(2)]
         cur = None  # index into res of the residual stream (before `delta`); None: the embeddings

@@ -45,6 +45,15 @@ def _kernels_of_this_checkout() -> None:
 _kernels_of_this_checkout()
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python that must import this checkout: the
+    checkout first on PYTHONPATH, then whatever the parent had there (where
+    the dependencies may live)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 @pytest.fixture
 def tiny_config() -> sg.GriffinConfig:
     return sg.GriffinConfig.preset("tiny")

@@ -4,7 +4,6 @@ Most runs call `main` in-process (fast); one runs the real command in a
 subprocess with piped stdin."""
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from streamgemma.cli import main
 from textfixtures import saved_model_dir  # noqa: F401 (fixture)
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,8 @@ def cli(capsys, monkeypatch, *args, stdin=""):
 
 
 def test_info(capsys, monkeypatch, saved_model_dir):
-    rc, out, err = cli(capsys, monkeypatch, "info", "--model", saved_model_dir)
+    # on the CPU the checkpoint's float32 is kept (CUDA would default to bfloat16)
+    rc, out, err = cli(capsys, monkeypatch, "info", "--model", saved_model_dir, "--device", "cpu")
     assert rc == 0, err
     fields = dict(line.split(":", 1) for line in out.splitlines())
     assert fields["architecture"].strip() == "tiny"
@@ -48,7 +49,7 @@ def test_generate(capsys, monkeypatch, saved_model_dir):
 
 
 def test_chat_with_piped_stdin_in_a_subprocess(saved_model_dir):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "streamgemma.cli", "chat", "--model", str(saved_model_dir),
                         "--seed", "1", "--max-tokens", "8"], input="hello there\n\ncafé 😀?\n",
                        capture_output=True, text=True, env=env, timeout=60)
@@ -79,7 +80,7 @@ def test_usage_and_help(capsys, monkeypatch):
 
 
 def test_embed_step_example_runs():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "embed_step.py")], capture_output=True,
                        text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr

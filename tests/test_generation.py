@@ -266,7 +266,7 @@ def test_sampled_generation_resumes_exactly_after_a_snapshot(model, tmp_path, ge
 
 
 def test_warm_up_has_nothing_to_do_on_the_cpu_and_checks_its_argument():
-    m = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0)
+    m = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu")
     free = len(m.pool._free)
     assert m.warm_up(8) == 0.0
     assert len(m.pool._free) == free

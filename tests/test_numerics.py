@@ -1,5 +1,9 @@
 """The model against its ground truths (the official reference and transformers),
-and the parallel path against the one-token path."""
+and the parallel path against the one-token path.
+
+These check the reference path in float32 on the CPU, also on a machine with
+a GPU (where a model would default to CUDA and bfloat16); the kernel path's
+GPU numerics are tests/test_gpu.py's and tests/test_kernels.py's."""
 
 import functools
 
@@ -10,6 +14,7 @@ import streamgemma as sg
 from conftest import random_tokens
 from reference import hf_logits, hf_model, official_griffin, official_logits, rel_err
 
+CPU = "cpu"
 TOL = 1e-4  # float32: max |ours - ref| / max |ref| over all positions
 
 
@@ -46,7 +51,7 @@ def step_all(model, tokens):
 
 def test_official_reference_well_past_the_window(official_checkpoint):
     cfg, net, path = official_checkpoint
-    model = sg.load(path, config=cfg)
+    model = sg.load(path, device=CPU, config=cfg)
     tokens = random_tokens(6 * cfg.attention_window + 5, cfg.vocab_size, seed=3)  # 6 ring wraps
     ref = official_logits(net, tokens)
     for chunk in (1, 3, cfg.attention_window, 13, len(tokens)):
@@ -56,7 +61,7 @@ def test_official_reference_well_past_the_window(official_checkpoint):
 
 def test_transformers_up_to_the_window(hf_checkpoint):
     cfg, hf, path = hf_checkpoint
-    model = sg.load(path)
+    model = sg.load(path, device=CPU)
     assert model.config == cfg
     tokens = random_tokens(cfg.attention_window, cfg.vocab_size, seed=4)
     ref = hf_logits(hf, tokens)
@@ -69,7 +74,7 @@ def test_transformers_reads_what_we_save(hf_checkpoint, tmp_path):
     from transformers import RecurrentGemmaForCausalLM
 
     cfg, hf, path = hf_checkpoint
-    model = sg.load(path)
+    model = sg.load(path, device=CPU)
     model.save(tmp_path)
     again = RecurrentGemmaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     tokens = random_tokens(cfg.attention_window, cfg.vocab_size, seed=5)
@@ -78,7 +83,7 @@ def test_transformers_reads_what_we_save(hf_checkpoint, tmp_path):
 
 def test_feed_chunks_equal_one_feed_equal_steps():
     cfg = sg.GriffinConfig.preset("tiny")
-    model = sg.Model.random(cfg, seed=0)
+    model = sg.Model.random(cfg, seed=0, device=CPU)
     tokens = random_tokens(5 * cfg.attention_window + 3, cfg.vocab_size, seed=6)
     whole = model.session().feed(tokens)
     stepped = step_all(model, tokens)[-1]
@@ -95,7 +100,7 @@ def test_feed_chunks_equal_one_feed_equal_steps():
 
 def test_mixed_feed_and_step_in_one_session():
     cfg = sg.GriffinConfig.preset("tiny")
-    model = sg.Model.random(cfg, seed=7)
+    model = sg.Model.random(cfg, seed=7, device=CPU)
     tokens = random_tokens(40, cfg.vocab_size, seed=8)
     ref = step_all(model, tokens)
     s = model.session()
@@ -109,7 +114,7 @@ def test_mixed_feed_and_step_in_one_session():
 def test_batched_decode_rows_at_different_positions():
     """One decode call serving sessions at different positions equals each alone."""
     cfg = sg.GriffinConfig.preset("tiny")
-    model = sg.Model.random(cfg, seed=9)
+    model = sg.Model.random(cfg, seed=9, device=CPU)
     prompts = [random_tokens(n, cfg.vocab_size, seed=n) for n in (1, 7, 8, 19)]
     sessions = [model.session() for _ in prompts]
     for s, p in zip(sessions, prompts):
@@ -132,8 +137,8 @@ def test_half_precision_stays_close_to_float32(dtype, bound):
     bounds hold with margin while still catching a wrong op (errors of order 1)."""
     cfg = sg.GriffinConfig.preset("tiny")
     for seed in range(3):
-        ref = sg.Model.random(cfg, seed=seed)
-        half = sg.Model.random(cfg, seed=seed, dtype=dtype)
+        ref = sg.Model.random(cfg, seed=seed, device=CPU)
+        half = sg.Model.random(cfg, seed=seed, dtype=dtype, device=CPU)
         tokens = random_tokens(48, cfg.vocab_size, seed=seed)
         want = feed_all(ref, tokens, 16)
         got_feed = feed_all(half, tokens, 16)
@@ -145,7 +150,7 @@ def test_half_precision_stays_close_to_float32(dtype, bound):
 
 def test_reset_at_position_zero_forgets_history():
     cfg = sg.GriffinConfig.preset("tiny")
-    model = sg.Model.random(cfg, seed=10)
+    model = sg.Model.random(cfg, seed=10, device=CPU)
     tokens = random_tokens(20, cfg.vocab_size, seed=11)
     fresh = model.session().feed(tokens)
     reused = model.session()
@@ -161,7 +166,7 @@ def test_decode_takes_tokens_from_a_device_tensor():
     sampled ids without reading them back) give the same step as host ints;
     a tensor of the wrong shape or dtype is refused with a clear error."""
     cfg = sg.GriffinConfig.preset("tiny")
-    model = sg.Model.random(cfg, seed=9)
+    model = sg.Model.random(cfg, seed=9, device=CPU)
     sessions = [model.session() for _ in range(3)]
     for i, s in enumerate(sessions):
         s.feed(random_tokens(2 + 5 * i, cfg.vocab_size, seed=i))

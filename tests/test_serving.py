@@ -4,7 +4,6 @@ websockets clients, a tiny model with a trained tokenizer."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from streamgemma.engine import Engine
 from streamgemma.sampling import SamplingParams
 from streamgemma.server import Limits, Server, serve_in_thread
 from textfixtures import saved_model_dir, text_model  # noqa: F401 (fixture)
+from conftest import subprocess_env
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 NO_STOP = []  # stop_token_ids=[]: generations run to max_tokens, so lengths are known
@@ -476,7 +476,7 @@ def test_disconnect_mid_generation_then_resume_elsewhere(server):
 
 
 def _start_cli_server(model_dir: Path, store: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "STREAMGEMMA_TOKEN": "tok"}
+    env = subprocess_env(STREAMGEMMA_TOKEN="tok")
     proc = subprocess.Popen([sys.executable, "-m", "streamgemma.cli", "serve", "--model", str(model_dir),
                              "--port", "0", "--store", str(store), "--device", "cpu"],
                             stderr=subprocess.PIPE, text=True, env=env)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import streamgemma as sg
 from streamgemma import snapshot as snapshot_format
 from streamgemma.snapshot_store import write_file_atomic
-from conftest import random_tokens
+from conftest import random_tokens, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -500,6 +500,6 @@ def test_concurrent_writers_leave_one_valid_snapshot(model, tmp_path):
 def test_snapshot_resume_example_runs():
     example = Path(__file__).resolve().parent.parent / "examples" / "snapshot_resume.py"
     done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(example.parent.parent)})
+                          env=subprocess_env())
     assert done.returncode == 0, done.stderr
     assert "identical continuation, bit for bit" in done.stdout

@@ -46,52 +46,73 @@ def _rope_rows(base_ptr, heads, dims, p, inv_freq_ptr, row_mask, HD: tl.constexp
 
 
 @triton.jit
+def _attend_tile(q, k, v, valid, m, l, acc, IEEE: tl.constexpr):
+    """One tile of keys into the online softmax: (m, l, acc) updated. q: [HP, HD]
+    scaled queries; k, v: the tile's keys and values [BN, HD] (zeros where not
+    valid); valid: [BN]."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(valid[None, :], s, _NEG)
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    pexp = tl.where(valid[None, :], tl.exp(s - m_new[:, None]), 0.0)
+    l = l * alpha + tl.sum(pexp, axis=1)
+    if IEEE:
+        pv = tl.dot(pexp.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(pexp.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l, acc
+
+
+@triton.jit
 def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr, pos_ptr, inv_freq_ptr,
                          m_ptr, l_ptr, acc_ptr, W, NSPLIT, split_len, scale, H,
-                         HP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
-                         PDL: tl.constexpr):
-    if PDL:  # everything here depends on earlier kernels
-        gdc_launch_dependents()
-        gdc_wait()
+                         HP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, ONE_TILE: tl.constexpr,
+                         IEEE: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
-    slot = tl.load(slots_ptr + row)
+    dims = tl.arange(0, HD)
+    slot = tl.load(slots_ptr + row, cache_modifier=".cg")
+    p = tl.load(pos_ptr + row, cache_modifier=".cg")
+    ring_base = tl.maximum(slot, 0).to(tl.int64) * W * HD
+    start = split * split_len
+    # ring index j holds a real key iff j < p (before the first wrap) or p >= W:
+    # stop at min(p, W) (early positions, idle splits); a padding row reads nothing
+    stop = tl.where(slot >= 0, tl.minimum(start + split_len, tl.minimum(p, W)), start)
+    if ONE_TILE:
+        # The ring holds keys of earlier steps only (this step's key is written by
+        # the combine kernel): a split of one tile requests it before waiting for
+        # the q|k|v product (PDL), read past L1. (Holding a tile across the wait
+        # costs registers: with longer splits, occupancy matters more.)
+        idx = start + tl.arange(0, BN)
+        valid = idx < stop
+        kv_off = ring_base + idx[:, None] * HD + dims[None, :]
+        k_first = tl.load(ring_k_ptr + kv_off, mask=valid[:, None], other=0.0, cache_modifier=".cg")
+        v_first = tl.load(ring_v_ptr + kv_off, mask=valid[:, None], other=0.0, cache_modifier=".cg")
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     if slot >= 0:
-        p = tl.load(pos_ptr + row)
         heads = tl.arange(0, HP)
-        dims = tl.arange(0, HD)
         hmask = heads < H
         q = _rope_rows(qkv_ptr + row * qkv_stride, heads, dims, p, inv_freq_ptr, hmask, HD)
         q = (q * scale).to(ring_k_ptr.dtype.element_ty)
         m = tl.full((HP,), _NEG, tl.float32)
         l = tl.zeros((HP,), tl.float32)
         acc = tl.zeros((HP, HD), tl.float32)
-        ring_base = slot.to(tl.int64) * W * HD
-        start = split * split_len
-        # only ring indices below min(p, W) hold keys: stop there (early positions, idle splits)
-        stop = tl.minimum(start + split_len, tl.minimum(p, W))
-        for n0 in range(start, stop, BN):
-            idx = n0 + tl.arange(0, BN)
-            # ring index j holds a real key iff j < p (before the first wrap) or p >= W
-            valid = idx < tl.minimum(p, W)
-            kv_off = ring_base + idx[:, None] * HD + dims[None, :]
-            k = tl.load(ring_k_ptr + kv_off, mask=valid[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid[None, :], s, _NEG)
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp(m - m_new)
-            pexp = tl.where(valid[None, :], tl.exp(s - m_new[:, None]), 0.0)
-            l = l * alpha + tl.sum(pexp, axis=1)
-            v = tl.load(ring_v_ptr + kv_off, mask=valid[:, None], other=0.0)
-            if IEEE:
-                pv = tl.dot(pexp.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(pexp.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
+        if ONE_TILE:
+            m, l, acc = _attend_tile(q, k_first, v_first, valid, m, l, acc, IEEE)
+        else:
+            for n0 in range(start, stop, BN):
+                tile = n0 + tl.arange(0, BN)
+                in_tile = tile < stop
+                tile_off = ring_base + tile[:, None] * HD + dims[None, :]
+                k = tl.load(ring_k_ptr + tile_off, mask=in_tile[:, None], other=0.0)
+                v = tl.load(ring_v_ptr + tile_off, mask=in_tile[:, None], other=0.0)
+                m, l, acc = _attend_tile(q, k, v, in_tile, m, l, acc, IEEE)
         stat = (row * NSPLIT + split) * HP + heads
         tl.store(m_ptr + stat, m)
         tl.store(l_ptr + stat, l)
@@ -176,7 +197,7 @@ def attention_decode(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tens
     ieee = qkv.dtype == torch.float32
     _attn_partial_kernel[(batch, nsplit)](
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc,
-        window, nsplit, split_len, scale, num_heads, HP=hp, HD=hd, BN=block, IEEE=ieee,
+        window, nsplit, split_len, scale, num_heads, HP=hp, HD=hd, BN=block, ONE_TILE=split_len == block, IEEE=ieee,
         PDL=pdl.enabled(), num_warps=8 if hd >= 256 else 4, **pdl.launch_kwargs())
     _attn_combine_kernel[(batch, num_heads)](
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc, out,

@@ -51,20 +51,66 @@ _EPILOGUES = {"plain": 0, "geglu": 1, "conv": 2, "softcap": 3}
 
 
 @triton.jit
-def _residual_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, rows, rmask, k, kmask, K,
-                   SRC: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """[BB, BK] of the residual stream in the model dtype (what add_rmsnorm stores)."""
+def _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k, K,
+                SRC: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr, SMALL: tl.constexpr):
+    """Columns k of the product's input: with NORM the residual stream [BB, BK] in
+    the model dtype (what add_rmsnorm stores) and the norm scale [BK]; without,
+    the input rows [BB, BK] as stored (and a placeholder scale)."""
+    kmask = k < K
     m = rmask[:, None] & kmask[None, :]
-    if SRC == SRC_TOKENS:
-        tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
-        v = tl.load(src_ptr + tok[:, None].to(tl.int64) * K + k[None, :], mask=m, other=0.0)
-        v = (v.to(tl.float32) * emb_scale).to(src_ptr.dtype.element_ty)
+    if NORM:
+        if SRC == SRC_TOKENS:
+            tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
+            v = tl.load(src_ptr + tok[:, None].to(tl.int64) * K + k[None, :], mask=m, other=0.0)
+            v = (v.to(tl.float32) * emb_scale).to(src_ptr.dtype.element_ty)
+        else:
+            v = tl.load(src_ptr + rows[:, None] * K + k[None, :], mask=m, other=0.0)
+            if HAS_DELTA:
+                d = tl.load(delta_ptr + rows[:, None] * K + k[None, :], mask=m, other=0.0)
+                v = (v.to(tl.float32) + d.to(tl.float32)).to(src_ptr.dtype.element_ty)
+        scale = tl.load(nscale_ptr + k, mask=kmask, other=0.0, eviction_policy=SMALL)
     else:
         v = tl.load(src_ptr + rows[:, None] * K + k[None, :], mask=m, other=0.0)
-        if HAS_DELTA:
-            d = tl.load(delta_ptr + rows[:, None] * K + k[None, :], mask=m, other=0.0)
-            v = (v.to(tl.float32) + d.to(tl.float32)).to(src_ptr.dtype.element_ty)
-    return v
+        scale = kmask
+    return v, scale
+
+
+@triton.jit
+def _weight_tile(rows_ptr, k, nmask, K, POLICY: tl.constexpr):
+    """[BN, BK] of weight rows at columns k (zeros past K or past the last feature)."""
+    return tl.load(rows_ptr + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0,
+                   eviction_policy=POLICY)
+
+
+@triton.jit
+def _conv_inputs(conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L,
+                 CONVK: tl.constexpr, CONVR: tl.constexpr, SMALL: tl.constexpr):
+    """What the conv epilogue needs besides the product, all readable before the
+    product: the earlier inputs' share of the conv (+ bias) [BB, BN] float32, the
+    current input's tap [BN], the buffer rows to shift down [BB, CONVR, BN], and
+    where the buffer lives (row 0's offsets [BB, BN], the rows' [BB, CONVR, BN]),
+    which elements are written (mask [BB, BN]) and which features are conv channels."""
+    is_x = (n < L) & nmask
+    ch = tl.where(is_x, n, 0)
+    slots = tl.load(slots_ptr + rows, mask=rmask, other=-1, cache_modifier=".cg")
+    p = tl.load(pos_ptr + rows, mask=rmask, other=0, cache_modifier=".cg")
+    cm = (slots >= 0)[:, None] & is_x[None, :]
+    base = slots[:, None].to(tl.int64) * (CONVK - 1) * L + ch[None, :]  # buffer row 0, [BB, BN]
+    r = tl.arange(0, CONVR)
+    held = r < CONVK - 1  # buffer rows: r holds the input CONVK-1-r steps back
+    off = base[:, None, :] + r[None, :, None] * L
+    m3 = cm[:, None, :] & held[None, :, None]
+    old = tl.load(conv_ptr + off, mask=m3, other=0.0, cache_modifier=".cg").to(tl.float32)
+    taps = tl.load(cw_ptr + r[:, None] * L + ch[None, :], mask=held[:, None] & is_x[None, :], other=0.0,
+                   eviction_policy=SMALL).to(tl.float32)
+    # an input j steps back exists only if the position is >= j (reset without zeroing)
+    exists = p[:, None] >= (CONVK - 1 - r)[None, :]
+    earlier = tl.sum(tl.where(exists[:, :, None], old * taps[None, :, :], 0.0), axis=1)
+    earlier += tl.load(cb_ptr + ch, mask=is_x, other=0.0, eviction_policy=SMALL).to(tl.float32)[None, :]
+    tap_now = tl.load(cw_ptr + (CONVK - 1) * L + ch, mask=is_x, other=0.0, eviction_policy=SMALL).to(tl.float32)
+    shifted = tl.load(conv_ptr + off + L, mask=m3 & (r < CONVK - 2)[None, :, None], other=0.0,
+                      cache_modifier=".cg")
+    return earlier, tap_now, shifted, base, off, cm, is_x
 
 
 @triton.jit(do_not_specialize=["B", "eps", "emb_scale", "cap"])
@@ -74,7 +120,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
                  cap, B, N, K,
                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  SRC: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr, WRITE_RES: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EPI: tl.constexpr, CONVK: tl.constexpr, PDL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, EPI: tl.constexpr, CONVK: tl.constexpr, CONVR: tl.constexpr,
+                 DEPTH: tl.constexpr, XPIPE: tl.constexpr, STREAM: tl.constexpr, SMALL: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B
@@ -86,14 +133,45 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
     # GeGLU: the gate feature n pairs with the up feature N + n of the [2N, K] weight
     u_rows = w_rows + N * K
 
-    # The first weight tiles depend on no earlier kernel: load them before waiting.
-    w_next = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0)
+    # Everything that depends on no earlier kernel of this step is requested
+    # before waiting for it: the first DEPTH - 1 weight tiles, the bias, and for
+    # the conv its weights and the buffer (written by the previous step). The
+    # first product of a step (SRC_TOKENS) reads the buffer after the wait: only
+    # then is everything queued before the step known to be done.
+    w0 = _weight_tile(w_rows, kk, nmask, K, STREAM)
+    w1 = w0
+    if DEPTH == 3:
+        w1 = _weight_tile(w_rows, kk + BK, nmask, K, STREAM)
     if EPI == GEGLU:
-        u_next = tl.load(u_rows + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0)
+        u0 = _weight_tile(u_rows, kk, nmask, K, STREAM)
+        u1 = u0
+        if DEPTH == 3:
+            u1 = _weight_tile(u_rows, kk + BK, nmask, K, STREAM)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n, mask=nmask, other=0.0, eviction_policy=SMALL).to(tl.float32)
+        if EPI == GEGLU:
+            bias_u = tl.load(bias_ptr + N + n, mask=nmask, other=0.0, eviction_policy=SMALL).to(tl.float32)
+    if EPI == CONV:
+        if SRC == SRC_X:
+            earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = _conv_inputs(
+                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR, SMALL)
     if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+        if SRC == SRC_TOKENS:
+            # The next kernels read state before they wait: let them start only
+            # once everything queued before this step is done.
+            gdc_wait()
+            gdc_launch_dependents()
+        else:
+            gdc_launch_dependents()
+            gdc_wait()
+    if EPI == CONV:
+        if SRC == SRC_TOKENS:
+            earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = _conv_inputs(
+                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR, SMALL)
 
+    if XPIPE:
+        x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, kk, K,
+                                     SRC, HAS_DELTA, NORM, SMALL)
     acc = tl.zeros((BB, BN, BK), tl.float32)
     ss = tl.zeros((BB,), tl.float32)
     if EPI == GEGLU:
@@ -101,28 +179,40 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
     for k0 in range(0, K, BK):
         k = k0 + kk
         kmask = k < K
-        w = w_next
-        nk = k + BK
-        w_next = tl.load(w_rows + nk[None, :], mask=nmask[:, None] & (nk < K)[None, :], other=0.0)
+        # DEPTH tiles in flight: the one used now and the next DEPTH - 1
+        w = w0
+        if DEPTH == 3:
+            w0 = w1
+            w1 = _weight_tile(w_rows, k + 2 * BK, nmask, K, STREAM)
+        else:
+            w0 = _weight_tile(w_rows, k + BK, nmask, K, STREAM)
         if EPI == GEGLU:
-            u = u_next
-            u_next = tl.load(u_rows + nk[None, :], mask=nmask[:, None] & (nk < K)[None, :], other=0.0)
+            u = u0
+            if DEPTH == 3:
+                u0 = u1
+                u1 = _weight_tile(u_rows, k + 2 * BK, nmask, K, STREAM)
+            else:
+                u0 = _weight_tile(u_rows, k + BK, nmask, K, STREAM)
+        if XPIPE:  # the input's next tile requested with the weights' (one L2 round trip less per tile)
+            v = x_next
+            scale = s_next
+            x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k + BK,
+                                         K, SRC, HAS_DELTA, NORM, SMALL)
+        else:
+            v, scale = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k, K,
+                                   SRC, HAS_DELTA, NORM, SMALL)
         if NORM:
             # The rms is gathered on the way and applied after the loop (no first
             # pass over the row): the product sees x * (1 + scale) unrounded.
-            v = _residual_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, rows, rmask, k, kmask, K,
-                               SRC, HAS_DELTA)
             if WRITE_RES:
                 if pid == 0:
                     tl.store(res_out_ptr + rows[:, None] * K + k[None, :], v,
                              mask=rmask[:, None] & kmask[None, :])
             v = v.to(tl.float32)
             ss += tl.sum(v * v, axis=1)
-            scale = tl.load(nscale_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-            xin = v * (1.0 + scale[None, :])
+            xin = v * (1.0 + scale.to(tl.float32)[None, :])
         else:
-            xin = tl.load(src_ptr + rows[:, None] * K + k[None, :],
-                          mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            xin = v.to(tl.float32)
         acc += w.to(tl.float32)[None, :, :] * xin[:, None, :]
         if EPI == GEGLU:
             acc_u += u.to(tl.float32)[None, :, :] * xin[:, None, :]
@@ -132,7 +222,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
         inv = 1.0 / tl.sqrt(ss / K + eps)
         res = res * inv[:, None]
     if HAS_BIAS:
-        res += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        res += bias[None, :]
     omask = rmask[:, None] & nmask[None, :]
     out_off = rows[:, None] * out_stride + n[None, :]
     if EPI == GEGLU:
@@ -140,7 +230,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
         if NORM:
             up = up * inv[:, None]
         if HAS_BIAS:
-            up += tl.load(bias_ptr + N + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            up += bias_u[None, :]
         gate = res.to(dtype).to(tl.float32)
         up = up.to(dtype).to(tl.float32)
         tl.store(out_ptr + out_off, (_gelu_tanh(gate) * up).to(out_ptr.dtype.element_ty), mask=omask)
@@ -152,27 +242,14 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
     elif EPI == CONV:
         # features [0, L) are linear_x (-> conv), [L, 2L) linear_y (stored as is)
         v = res.to(dtype)
-        is_x = n < L
-        slots = tl.load(slots_ptr + rows, mask=rmask, other=-1)
-        p = tl.load(pos_ptr + rows, mask=rmask, other=0)
-        cm = (slots >= 0)[:, None] & (is_x & nmask)[None, :]
-        ch = tl.where(is_x, n, 0)
-        buf = conv_ptr + slots[:, None].to(tl.int64) * (CONVK - 1) * L + ch[None, :]
-        conv = v.to(tl.float32) * tl.load(cw_ptr + (CONVK - 1) * L + ch, mask=is_x, other=0.0).to(tl.float32)[None, :]
-        for j in tl.static_range(1, CONVK):
-            # the input j steps back sits at buffer row CONVK-1-j; it exists only if p >= j
-            prev = tl.load(buf + (CONVK - 1 - j) * L, mask=cm, other=0.0).to(tl.float32)
-            prev = tl.where(p[:, None] >= j, prev, 0.0)
-            conv += prev * tl.load(cw_ptr + (CONVK - 1 - j) * L + ch, mask=is_x, other=0.0).to(tl.float32)[None, :]
-        conv += tl.load(cb_ptr + ch, mask=is_x, other=0.0).to(tl.float32)[None, :]
+        conv = v.to(tl.float32) * tap_now[None, :] + earlier
         tl.store(out_ptr + out_off, tl.where(is_x[None, :], conv.to(dtype), v), mask=omask)
-        # Several threads may hold copies of one element: every read of the buffer
-        # above must be done before any thread shifts it.
+        # Several threads may hold copies of one buffer element: every thread's
+        # read of the buffer (before the product) must be done before any shifts it.
         tl.debug_barrier()
-        for r in tl.static_range(0, CONVK - 2):
-            tl.store(buf + r * L, tl.load(buf + (r + 1) * L, mask=cm), mask=cm)
-        tl.debug_barrier()
-        tl.store(buf + (CONVK - 2) * L, v.to(conv_ptr.dtype.element_ty), mask=cm)
+        r = tl.arange(0, CONVR)
+        tl.store(conv_ptr + conv_off, shifted, mask=cm[:, None, :] & (r < CONVK - 2)[None, :, None])
+        tl.store(conv_ptr + conv_base + (CONVK - 2) * L, v.to(conv_ptr.dtype.element_ty), mask=cm)
     else:
         tl.store(out_ptr + out_off, res.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -183,6 +260,10 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
 _CONFIGS = {1: (2, 512, 2), 2: (8, 256, 4), 4: (8, 128, 4), 8: (4, 128, 4)}
 _CONFIGS_CONV = {1: (8, 256, 2)}
 CONFIG_OVERRIDE: dict = {}  # (batch bucket, epilogue, N, K) -> (BN, BK, num_warps), for tuning
+# Weight tiles in flight per program (2 or 3), and L2 eviction hints: the weights
+# stream through once per step ("evict_first"), the small per-layer vectors
+# (biases, norm scales, conv taps) are worth keeping ("evict_last"). For bench/.
+STREAM_OPTIONS: dict = {"depth": 2, "evict": True, "xpipe": False}
 MAX_BATCH = 8
 
 
@@ -235,5 +316,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         float(cap or 0.0), batch, n_out, k,
         BB=bb, BN=bn, BK=bk, SRC=1 if tokens is not None else 0, HAS_DELTA=delta is not None,
         NORM=norm_scale is not None, WRITE_RES=residual_out is not None, HAS_BIAS=bias is not None,
-        EPI=epi, CONVK=convk, PDL=pdl.enabled(), **kwargs)
+        EPI=epi, CONVK=convk, CONVR=triton.next_power_of_2(max(convk - 1, 1)),
+        DEPTH=STREAM_OPTIONS["depth"], XPIPE=STREAM_OPTIONS["xpipe"], STREAM="evict_first" if STREAM_OPTIONS["evict"] else "",
+        SMALL="evict_last" if STREAM_OPTIONS["evict"] else "", PDL=pdl.enabled(), **kwargs)
     return out

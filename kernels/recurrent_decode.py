@@ -77,44 +77,48 @@ def _rglru_decode_kernel(xc_ptr, xc_stride, y_ptr, y_stride, h_ptr, slots_ptr, p
     icols = tl.arange(0, BWP)
     jmask = jcols < BW
     imask = icols < BW
-    # the gate weights depend on no earlier kernel: load them before waiting (PDL)
+    # Requested before waiting for the previous kernel (PDL): the gate weights and
+    # biases, and the state, which only the previous step wrote (read past L1).
     w_off = head * BW * BW + icols[:, None] * BW + jcols[None, :]
     wmask = imask[:, None] & jmask[None, :]
     wx = tl.load(wx_ptr + w_off, mask=wmask, other=0.0)
     wa = tl.load(wa_ptr + w_off, mask=wmask, other=0.0)
+    ch = head * BW + jcols  # channel index in [0, L)
+    bx = tl.load(bx_ptr + ch, mask=jmask, other=0.0).to(tl.float32)
+    ba = tl.load(ba_ptr + ch, mask=jmask, other=0.0).to(tl.float32)
+    neg8_softplus = tl.load(neg8_softplus_ptr + ch, mask=jmask, other=0.0)
+    slots = tl.load(slots_ptr + rows, mask=rows < B, other=-1, cache_modifier=".cg")
+    live = slots >= 0
+    p = tl.load(pos_ptr + rows, mask=live, other=1, cache_modifier=".cg")
+    mask2 = live[:, None] & jmask[None, :]
+    h_off = slots[:, None].to(tl.int64) * L + ch[None, :]
+    h = tl.load(h_ptr + h_off, mask=mask2, other=0.0, cache_modifier=".cg")
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    slots = tl.load(slots_ptr + rows, mask=rows < B, other=-1)
-    live = slots >= 0
-    p = tl.load(pos_ptr + rows, mask=live, other=1)
 
     xh = tl.load(xc_ptr + rows[:, None] * xc_stride + head * BW + icols[None, :],
                  mask=live[:, None] & imask[None, :], other=0.0)
+    xj = tl.load(xc_ptr + rows[:, None] * xc_stride + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + rows[:, None] * y_stride + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
     if IEEE:
         gx = tl.dot(xh, wx, input_precision="ieee")
         ga = tl.dot(xh, wa, input_precision="ieee")
     else:
         gx = tl.dot(xh, wx)
         ga = tl.dot(xh, wa)
-    gx = tl.sigmoid(gx + tl.load(bx_ptr + head * BW + jcols, mask=jmask, other=0.0).to(tl.float32)[None, :])
-    ga = tl.sigmoid(ga + tl.load(ba_ptr + head * BW + jcols, mask=jmask, other=0.0).to(tl.float32)[None, :])
+    gx = tl.sigmoid(gx + bx[None, :])
+    ga = tl.sigmoid(ga + ba[None, :])
 
-    ch = head * BW + jcols  # channel index in [0, L)
-    log_a = tl.load(neg8_softplus_ptr + ch, mask=jmask, other=0.0)[None, :] * ga
+    log_a = neg8_softplus[None, :] * ga
     a = tl.exp(log_a)
     mult = tl.sqrt(1.0 - tl.exp(2.0 * log_a))
     reset = (p == 0)[:, None]
     a = tl.where(reset, 0.0, a)
     mult = tl.where(reset, 1.0, mult)
 
-    mask2 = live[:, None] & jmask[None, :]
-    xj = tl.load(xc_ptr + rows[:, None] * xc_stride + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
-    h_off = slots[:, None].to(tl.int64) * L + ch[None, :]
-    h = tl.load(h_ptr + h_off, mask=mask2, other=0.0)
     h = a * h + xj * gx * mult
     tl.store(h_ptr + h_off, h, mask=mask2)
-    y = tl.load(y_ptr + rows[:, None] * y_stride + ch[None, :], mask=mask2, other=0.0).to(tl.float32)
     out = h.to(out_ptr.dtype.element_ty).to(tl.float32) * _gelu_tanh(y)
     # padding rows get zeros: what follows multiplies every row, and must not meet garbage
     out = tl.where(live[:, None], out, 0.0)

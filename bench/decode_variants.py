@@ -3,15 +3,13 @@ shapes, random bf16 weights): each variant's logits and state against the
 PyTorch reference step, then its graph replay time and step-loop time, the
 variants taken in turn for several rounds so drift shows.
 
-A variant is a setting of `kernels/gemv.py`'s STREAM_OPTIONS and
-CONFIG_OVERRIDE (see VARIANTS): "base" (the defaults), "noevict" (no L2
-eviction hints), "depth3" (three weight tiles in flight per program), "xpipe"
-(each input tile requested an iteration ahead), "xy2x512" (x|y product in
-programs of 2 features x 512 columns). A checkout without STREAM_OPTIONS runs
-"base" only, so an older tree can be timed by the same script.
+A variant is a set of GEMV block shapes (`kernels/gemv.py`'s CONFIG_OVERRIDE,
+see VARIANTS; "+" joins them, "base" is the defaults) or "nopdl" (plain
+launches). An older checkout can be timed by the same script ("base"), in its
+own process, for an A/B on one machine.
 
-    python bench/decode_variants.py [--variants base,depth3] [--positions 100,3000] [--rounds 2]
-                                    [--batches 64,256] [--json out.json]
+    python bench/decode_variants.py [--variants base,up4x256+xy8x256] [--positions 100,3000]
+                                    [--rounds 2] [--batches 64,256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,40 +23,24 @@ import torch
 import streamgemma as sg
 from decode import fill_random_state, random_model, time_decode
 
-# name: (STREAM_OPTIONS changes, CONFIG_OVERRIDE entries); "+" joins variants
-XY = (1, "conv", 5120, 2560)  # CONFIG_OVERRIDE keys at 2B shapes, batch 1: the x|y product
-LM = (1, "softcap", 256000, 2560)  # the LM head
-VARIANTS = {"base": ({}, {}), "noevict": ({"evict": False}, {}), "depth3": ({"depth": 3}, {}),
-            "xpipe": ({"xpipe": True}, {}), "noxpipe": ({"xpipe": False}, {}),
-            "xy2x512": ({}, {XY: (2, 512, 2)}), "xy4x256": ({}, {XY: (4, 256, 2)}), "xy8x256": ({}, {XY: (8, 256, 2)}),
-            "lm4x512": ({}, {LM: (4, 512, 4)}), "lm8x256": ({}, {LM: (8, 256, 4)}), "lm2x1024": ({}, {LM: (2, 1024, 4)})}
-
-
-def variant(name: str) -> tuple[dict, dict]:
-    opts, configs = {}, {}
-    for part in name.split("+"):
-        opts.update(VARIANTS[part][0])
-        configs.update(VARIANTS[part][1])
-    return opts, configs
-
-
-_DEFAULTS: dict = {}
+# name: CONFIG_OVERRIDE entries, keyed (batch bucket, epilogue, N, K) at 2B shapes, batch 1
+XY, UP, LM = (1, "conv", 5120, 2560), (1, "geglu", 15360, 2560), (1, "softcap", 256000, 2560)
+DOWN, OUT, QKV = (1, "plain", 2560, 7680), (1, "plain", 2560, 2560), (1, "plain", 3072, 2560)
+VARIANTS = {"base": {}, "nopdl": {},
+            "xy8x256": {XY: (8, 256, 2)}, "xy4x256": {XY: (4, 256, 2)}, "xy2x512": {XY: (2, 512, 2)},
+            "up2x512": {UP: (2, 512, 2)}, "up4x256": {UP: (4, 256, 2)}, "up4x128": {UP: (4, 128, 2)},
+            "down2x1024": {DOWN: (2, 1024, 4)}, "out4x256": {OUT: (4, 256, 2)}, "qkv4x256": {QKV: (4, 256, 2)},
+            "lm2x512": {LM: (2, 512, 2)}, "lm8x256": {LM: (8, 256, 4)}, "lm16x256": {LM: (16, 256, 4)}}
 
 
 def apply(model: sg.Model, name: str) -> None:
-    """Set the variant's options and drop captured graphs (they hold the old kernels)."""
-    from streamgemma.kernels import gemv
+    """Set the variant's block shapes and drop captured graphs (they hold the old kernels)."""
+    from streamgemma.kernels import gemv, pdl
 
-    opts = getattr(gemv, "STREAM_OPTIONS", None)
-    if opts is None:
-        if name != "base":
-            raise SystemExit(f"this checkout has no STREAM_OPTIONS: variant {name!r} cannot run")
-    else:
-        _DEFAULTS.setdefault("opts", dict(opts))
-        opts.clear()
-        opts.update(_DEFAULTS["opts"], **variant(name)[0])
     gemv.CONFIG_OVERRIDE.clear()
-    gemv.CONFIG_OVERRIDE.update(variant(name)[1])
+    for part in name.split("+"):
+        gemv.CONFIG_OVERRIDE.update(VARIANTS[part])
+    pdl.set_enabled(False if "nopdl" in name.split("+") else None)
     if model._graphed is not None:
         model._graphed._graphs.clear()
 
@@ -100,12 +82,14 @@ def replay_ms(model: sg.Model, position: int, replays: int = 200, reps: int = 5)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="base,noevict,xpipe,xy2x512")
+    ap.add_argument("--variants", default="base,nopdl")
     ap.add_argument("--positions", default="3000")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batches", default="", help="also time these batches (step loop), first variant, first round "
                     "(the variants change only the batch-1 products)")
+    ap.add_argument("--grow-before-round", type=int, default=-1,
+                    help="before this round, grow the state pool to 256+ sessions (moves every slot's state)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = sg.GriffinConfig.preset("recurrentgemma-2b")
@@ -120,6 +104,12 @@ def main() -> None:
         print(name, "check", results["checks"][name], flush=True)
     del ref
     for rnd in range(args.rounds):
+        if rnd == args.grow_before_round:
+            sessions = [model.session() for _ in range(257)]
+            for s in sessions:
+                s.close()
+            print("pool capacity now", model.pool.capacity, flush=True)
+            results["timings"].append({"pool_capacity": model.pool.capacity, "before_round": rnd})
         for name in variants:
             apply(model, name)
             for p in positions:

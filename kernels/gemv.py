@@ -4,9 +4,11 @@ so they cost no launch and no round trip through device memory.
 
 At batch 1-8 a projection is a pure weight stream: each program owns BN output
 features and walks their [BN, K] weight rows in [BN, BK] tiles (K contiguous:
-wide coalesced loads), the next tile loaded before the current one is used so
-two tiles are in flight. The batch rows ([BB, BK] of the input) are multiplied
-into a float32 [BB, BN, BK] accumulator that is reduced over K once, at the end.
+wide coalesced loads), the next weight tile and the next input tile loaded
+before the current ones are used. The batch rows ([BB, BK] of the input) are
+multiplied into a float32 [BB, BN, BK] accumulator that is reduced over K once,
+at the end. Weights are loaded "evict_first" (they pass through L2 once per
+step), the small per-layer vectors "evict_last" (they are read every step).
 
 Fused around the product (all optional, chosen by constexpr flags):
 - prologue: the input row is the residual stream after `x + delta` (or the
@@ -18,8 +20,10 @@ Fused around the product (all optional, chosen by constexpr flags):
   matching gate and up features); the recurrent block's causal conv1d on the
   x half of a fused x|y weight (each program owns its channels: it reads and
   shifts their conv buffer, no races); the logits soft-cap into float32.
-- programmatic dependent launch (see `pdl.py`): the first weight tile is
-  loaded before waiting for the previous kernel.
+- programmatic dependent launch (see `pdl.py`): what no earlier kernel of the
+  step writes (the first weight tile, the bias, the conv taps and buffer) is
+  requested before waiting for the previous kernel, so the epilogue waits on
+  no memory round trip.
 
 Rounding follows the unfused path (residual rounded to the model dtype, matmul
 output rounded after the bias, then the row operation on the rounded values)
@@ -52,7 +56,7 @@ _EPILOGUES = {"plain": 0, "geglu": 1, "conv": 2, "softcap": 3}
 
 @triton.jit
 def _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k, K,
-                SRC: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr, SMALL: tl.constexpr):
+                SRC: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr):
     """Columns k of the product's input: with NORM the residual stream [BB, BK] in
     the model dtype (what add_rmsnorm stores) and the norm scale [BK]; without,
     the input rows [BB, BK] as stored (and a placeholder scale)."""
@@ -68,7 +72,7 @@ def _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask,
             if HAS_DELTA:
                 d = tl.load(delta_ptr + rows[:, None] * K + k[None, :], mask=m, other=0.0)
                 v = (v.to(tl.float32) + d.to(tl.float32)).to(src_ptr.dtype.element_ty)
-        scale = tl.load(nscale_ptr + k, mask=kmask, other=0.0, eviction_policy=SMALL)
+        scale = tl.load(nscale_ptr + k, mask=kmask, other=0.0, eviction_policy="evict_last")
     else:
         v = tl.load(src_ptr + rows[:, None] * K + k[None, :], mask=m, other=0.0)
         scale = kmask
@@ -76,15 +80,17 @@ def _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask,
 
 
 @triton.jit
-def _weight_tile(rows_ptr, k, nmask, K, POLICY: tl.constexpr):
-    """[BN, BK] of weight rows at columns k (zeros past K or past the last feature)."""
+def _weight_tile(rows_ptr, k, nmask, K):
+    """[BN, BK] of weight rows at columns k (zeros past K or past the last feature).
+    Weights stream through L2 once per step: marked first to evict, so they do
+    not push out what is read again soon (activations, biases, norm scales)."""
     return tl.load(rows_ptr + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0,
-                   eviction_policy=POLICY)
+                   eviction_policy="evict_first")
 
 
 @triton.jit
 def _conv_inputs(conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L,
-                 CONVK: tl.constexpr, CONVR: tl.constexpr, SMALL: tl.constexpr):
+                 CONVK: tl.constexpr, CONVR: tl.constexpr):
     """What the conv epilogue needs besides the product, all readable before the
     product: the earlier inputs' share of the conv (+ bias) [BB, BN] float32, the
     current input's tap [BN], the buffer rows to shift down [BB, CONVR, BN], and
@@ -102,12 +108,12 @@ def _conv_inputs(conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, n
     m3 = cm[:, None, :] & held[None, :, None]
     old = tl.load(conv_ptr + off, mask=m3, other=0.0, cache_modifier=".cg").to(tl.float32)
     taps = tl.load(cw_ptr + r[:, None] * L + ch[None, :], mask=held[:, None] & is_x[None, :], other=0.0,
-                   eviction_policy=SMALL).to(tl.float32)
+                   eviction_policy="evict_last").to(tl.float32)
     # an input j steps back exists only if the position is >= j (reset without zeroing)
     exists = p[:, None] >= (CONVK - 1 - r)[None, :]
     earlier = tl.sum(tl.where(exists[:, :, None], old * taps[None, :, :], 0.0), axis=1)
-    earlier += tl.load(cb_ptr + ch, mask=is_x, other=0.0, eviction_policy=SMALL).to(tl.float32)[None, :]
-    tap_now = tl.load(cw_ptr + (CONVK - 1) * L + ch, mask=is_x, other=0.0, eviction_policy=SMALL).to(tl.float32)
+    earlier += tl.load(cb_ptr + ch, mask=is_x, other=0.0, eviction_policy="evict_last").to(tl.float32)[None, :]
+    tap_now = tl.load(cw_ptr + (CONVK - 1) * L + ch, mask=is_x, other=0.0, eviction_policy="evict_last").to(tl.float32)
     shifted = tl.load(conv_ptr + off + L, mask=m3 & (r < CONVK - 2)[None, :, None], other=0.0,
                       cache_modifier=".cg")
     return earlier, tap_now, shifted, base, off, cm, is_x
@@ -121,7 +127,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  SRC: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr, WRITE_RES: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EPI: tl.constexpr, CONVK: tl.constexpr, CONVR: tl.constexpr,
-                 DEPTH: tl.constexpr, XPIPE: tl.constexpr, STREAM: tl.constexpr, SMALL: tl.constexpr, PDL: tl.constexpr):
+                 PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B
@@ -134,27 +140,21 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
     u_rows = w_rows + N * K
 
     # Everything that depends on no earlier kernel of this step is requested
-    # before waiting for it: the first DEPTH - 1 weight tiles, the bias, and for
-    # the conv its weights and the buffer (written by the previous step). The
-    # first product of a step (SRC_TOKENS) reads the buffer after the wait: only
-    # then is everything queued before the step known to be done.
-    w0 = _weight_tile(w_rows, kk, nmask, K, STREAM)
-    w1 = w0
-    if DEPTH == 3:
-        w1 = _weight_tile(w_rows, kk + BK, nmask, K, STREAM)
+    # before waiting for it: the first weight tile, the bias, and for the conv
+    # its taps and the buffer (written by the previous step). The first product
+    # of a step (SRC_TOKENS) reads the buffer after the wait: only then is
+    # everything queued before the step known to be done.
+    w_next = _weight_tile(w_rows, kk, nmask, K)
     if EPI == GEGLU:
-        u0 = _weight_tile(u_rows, kk, nmask, K, STREAM)
-        u1 = u0
-        if DEPTH == 3:
-            u1 = _weight_tile(u_rows, kk + BK, nmask, K, STREAM)
+        u_next = _weight_tile(u_rows, kk, nmask, K)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + n, mask=nmask, other=0.0, eviction_policy=SMALL).to(tl.float32)
+        bias = tl.load(bias_ptr + n, mask=nmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         if EPI == GEGLU:
-            bias_u = tl.load(bias_ptr + N + n, mask=nmask, other=0.0, eviction_policy=SMALL).to(tl.float32)
+            bias_u = tl.load(bias_ptr + N + n, mask=nmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
     if EPI == CONV:
         if SRC == SRC_X:
             earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = _conv_inputs(
-                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR, SMALL)
+                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
     if PDL:
         if SRC == SRC_TOKENS:
             # The next kernels read state before they wait: let them start only
@@ -167,11 +167,10 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
     if EPI == CONV:
         if SRC == SRC_TOKENS:
             earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = _conv_inputs(
-                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR, SMALL)
+                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
 
-    if XPIPE:
-        x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, kk, K,
-                                     SRC, HAS_DELTA, NORM, SMALL)
+    x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, kk, K,
+                                 SRC, HAS_DELTA, NORM)
     acc = tl.zeros((BB, BN, BK), tl.float32)
     ss = tl.zeros((BB,), tl.float32)
     if EPI == GEGLU:
@@ -179,28 +178,18 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
     for k0 in range(0, K, BK):
         k = k0 + kk
         kmask = k < K
-        # DEPTH tiles in flight: the one used now and the next DEPTH - 1
-        w = w0
-        if DEPTH == 3:
-            w0 = w1
-            w1 = _weight_tile(w_rows, k + 2 * BK, nmask, K, STREAM)
-        else:
-            w0 = _weight_tile(w_rows, k + BK, nmask, K, STREAM)
+        # Two tiles of weights in flight (the one used now and the next), and the
+        # input's next tile requested with them: no round trip to L2 waits in
+        # the loop. (A third weight tile lost: more registers, fewer programs.)
+        w = w_next
+        w_next = _weight_tile(w_rows, k + BK, nmask, K)
         if EPI == GEGLU:
-            u = u0
-            if DEPTH == 3:
-                u0 = u1
-                u1 = _weight_tile(u_rows, k + 2 * BK, nmask, K, STREAM)
-            else:
-                u0 = _weight_tile(u_rows, k + BK, nmask, K, STREAM)
-        if XPIPE:  # the input's next tile requested with the weights' (one L2 round trip less per tile)
-            v = x_next
-            scale = s_next
-            x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k + BK,
-                                         K, SRC, HAS_DELTA, NORM, SMALL)
-        else:
-            v, scale = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k, K,
-                                   SRC, HAS_DELTA, NORM, SMALL)
+            u = u_next
+            u_next = _weight_tile(u_rows, k + BK, nmask, K)
+        v = x_next
+        scale = s_next
+        x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k + BK, K,
+                                     SRC, HAS_DELTA, NORM)
         if NORM:
             # The rms is gathered on the way and applied after the loop (no first
             # pass over the row): the product sees x * (1 + scale) unrounded.
@@ -254,16 +243,13 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
         tl.store(out_ptr + out_off, res.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-# (BN, BK, num_warps) per batch-row bucket, measured on an H100 with bench/tune_gemv.py
-# on the 2B shapes (bench/NOTES.md). At batch 1 many small programs won on every
-# shape (more independent loads in flight per SM); the conv epilogue prefers BK 256.
+# (BN, BK, num_warps) per batch-row bucket, measured on an H100 on the 2B shapes
+# (bench/tune_gemv.py per shape, then bench/decode_variants.py on the whole
+# step; bench/NOTES.md). At batch 1 many small programs won (more independent
+# loads in flight per SM); the fused epilogues prefer their own shapes.
 _CONFIGS = {1: (2, 512, 2), 2: (8, 256, 4), 4: (8, 128, 4), 8: (4, 128, 4)}
-_CONFIGS_CONV = {1: (8, 256, 2)}
+_CONFIGS_EPILOGUE = {(1, "conv"): (4, 256, 2), (1, "geglu"): (4, 128, 2), (1, "softcap"): (8, 256, 4)}
 CONFIG_OVERRIDE: dict = {}  # (batch bucket, epilogue, N, K) -> (BN, BK, num_warps), for tuning
-# Weight tiles in flight per program (2 or 3), and L2 eviction hints: the weights
-# stream through once per step ("evict_first"), the small per-layer vectors
-# (biases, norm scales, conv taps) are worth keeping ("evict_last"). For bench/.
-STREAM_OPTIONS: dict = {"depth": 2, "evict": True, "xpipe": False}
 MAX_BATCH = 8
 
 
@@ -295,7 +281,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     bb = triton.next_power_of_2(batch)
     if config is None and not weight.is_cuda:
         config = (64, 64, 4)  # Triton's interpreter (CPU tests): per-program cost dominates
-    default = _CONFIGS_CONV.get(bb, _CONFIGS[bb]) if epilogue == "conv" else _CONFIGS[bb]
+    default = _CONFIGS_EPILOGUE.get((bb, epilogue), _CONFIGS[bb])
     bn, bk, warps = config or CONFIG_OVERRIDE.get((bb, epilogue, n_rows, k)) or default
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     if conv is not None:
@@ -317,6 +303,5 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         BB=bb, BN=bn, BK=bk, SRC=1 if tokens is not None else 0, HAS_DELTA=delta is not None,
         NORM=norm_scale is not None, WRITE_RES=residual_out is not None, HAS_BIAS=bias is not None,
         EPI=epi, CONVK=convk, CONVR=triton.next_power_of_2(max(convk - 1, 1)),
-        DEPTH=STREAM_OPTIONS["depth"], XPIPE=STREAM_OPTIONS["xpipe"], STREAM="evict_first" if STREAM_OPTIONS["evict"] else "",
-        SMALL="evict_last" if STREAM_OPTIONS["evict"] else "", PDL=pdl.enabled(), **kwargs)
+        PDL=pdl.enabled(), **kwargs)
     return out

@@ -77,12 +77,13 @@ def _rglru_decode_kernel(xc_ptr, xc_stride, y_ptr, y_stride, h_ptr, slots_ptr, p
     icols = tl.arange(0, BWP)
     jmask = jcols < BW
     imask = icols < BW
-    # Requested before waiting for the previous kernel (PDL): the gate weights and
+    # Requested before waiting for the previous kernel (PDL): the gate weights
+    # (streamed once per step, like the projections': first to evict from L2) and
     # biases, and the state, which only the previous step wrote (read past L1).
     w_off = head * BW * BW + icols[:, None] * BW + jcols[None, :]
     wmask = imask[:, None] & jmask[None, :]
-    wx = tl.load(wx_ptr + w_off, mask=wmask, other=0.0)
-    wa = tl.load(wa_ptr + w_off, mask=wmask, other=0.0)
+    wx = tl.load(wx_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
+    wa = tl.load(wa_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
     ch = head * BW + jcols  # channel index in [0, L)
     bx = tl.load(bx_ptr + ch, mask=jmask, other=0.0).to(tl.float32)
     ba = tl.load(ba_ptr + ch, mask=jmask, other=0.0).to(tl.float32)

@@ -4,8 +4,8 @@ PyTorch reference step, then its graph replay time and step-loop time, the
 variants taken in turn for several rounds so drift shows.
 
 A variant is a set of GEMV block shapes (`kernels/gemv.py`'s CONFIG_OVERRIDE,
-see VARIANTS; "+" joins them, "base" is the defaults) or "nopdl" (plain
-launches). An older checkout can be timed by the same script ("base"), in its
+see VARIANTS), RG-LRU launch shapes (RGLRU), attention key tiles (ATTN), or
+"nopdl" (plain launches); "+" joins them, "base" is the defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
     python bench/decode_variants.py [--variants base,up4x256+xy8x256] [--positions 100,3000]
@@ -31,15 +31,27 @@ VARIANTS = {"base": {}, "nopdl": {},
             "up2x512": {UP: (2, 512, 2)}, "up4x256": {UP: (4, 256, 2)}, "up4x128": {UP: (4, 128, 2)},
             "down2x1024": {DOWN: (2, 1024, 4)}, "out4x256": {OUT: (4, 256, 2)}, "qkv4x256": {QKV: (4, 256, 2)},
             "lm2x512": {LM: (2, 512, 2)}, "lm8x256": {LM: (8, 256, 4)}, "lm16x256": {LM: (16, 256, 4)}}
+# RG-LRU programs (channels per program, warps) and attention key tiles at batch 1
+RGLRU = {"rg16": (16, 4), "rg64": (64, 4), "rg32w4": (32, 4), "rg32w8": (32, 8), "rg16w2": (16, 2)}
+ATTN = {"att32": 32, "att16": 16}
 
 
 def apply(model: sg.Model, name: str) -> None:
     """Set the variant's block shapes and drop captured graphs (they hold the old kernels)."""
     from streamgemma.kernels import gemv, pdl
 
+    from streamgemma.kernels import attention_decode, recurrent_decode
+
     gemv.CONFIG_OVERRIDE.clear()
+    recurrent_decode.LAUNCH_OVERRIDE.clear()
+    attention_decode.BLOCK_OVERRIDE.clear()
     for part in name.split("+"):
-        gemv.CONFIG_OVERRIDE.update(VARIANTS[part])
+        if part in RGLRU:
+            recurrent_decode.LAUNCH_OVERRIDE["rglru"] = RGLRU[part]
+        elif part in ATTN:
+            attention_decode.BLOCK_OVERRIDE[1] = ATTN[part]
+        else:
+            gemv.CONFIG_OVERRIDE.update(VARIANTS[part])
     pdl.set_enabled(False if "nopdl" in name.split("+") else None)
     if model._graphed is not None:
         model._graphed._graphs.clear()

@@ -167,6 +167,9 @@ def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
             tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
 
 
+BLOCK_OVERRIDE: dict = {}  # batch -> keys per tile (default 64), for tuning
+
+
 def splits_for(batch: int, window: int, block: int, target_programs: int = 264) -> tuple[int, int]:
     """(number of splits, keys per split): enough programs to fill the GPU at
     small batch, one split per row once the batch alone fills it."""
@@ -187,7 +190,7 @@ def attention_decode(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tens
     batch = qkv.shape[0]
     _, window, hd = ring_k.shape
     hp = max(16, triton.next_power_of_2(num_heads))
-    block = min(64, max(16, triton.next_power_of_2(window)))
+    block = min(BLOCK_OVERRIDE.get(batch, 64), max(16, triton.next_power_of_2(window)))
     nsplit, split_len = splits_for(batch, window, block)
     if scratch is None:
         scratch = attention_scratch(batch, nsplit, hp, hd, qkv.device)

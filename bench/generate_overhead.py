@@ -1,8 +1,7 @@
 """What `Session.generate` costs beyond the decode step at batch 1
 (RecurrentGemma-2B shapes, random bf16 weights): per token, the graph replay
-alone against the whole generate loop (sampling, copies, bookkeeping), with
-the sampled ids copied to the host on a side stream or on the caller's
-stream, taken in turn for several rounds. With --trace, the GPU work of a few
+alone against the whole generate loop (sampling, copies, bookkeeping), for
+several rounds. With --trace, the GPU work of a few
 generated tokens outside the decode graph, by name (profiler).
 
     python bench/generate_overhead.py [--tokens 256] [--rounds 3] [--trace] [--json out.json]
@@ -18,7 +17,6 @@ import torch
 
 import streamgemma as sg
 from decode import random_model
-from streamgemma.sampling import PendingIds
 
 
 def generate_ms(model: sg.Model, tokens: int) -> float:
@@ -73,13 +71,9 @@ def main() -> None:
     model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"))
     results = {"device": torch.cuda.get_device_name(), "rows": []}
     for rnd in range(args.rounds):
-        for side in (True, False):
-            PendingIds.COPY_ON_SIDE_STREAM = side
-            row = {"round": rnd, "side_stream_copy": side, "generate_ms": generate_ms(model, args.tokens),
-                   "replay_ms": replay_ms(model)}
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
-    PendingIds.COPY_ON_SIDE_STREAM = True
+        row = {"round": rnd, "generate_ms": generate_ms(model, args.tokens), "replay_ms": replay_ms(model)}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
     if args.trace:
         results["trace"] = trace(model)
         for name, v in sorted(results["trace"].items(), key=lambda kv: -kv[1]["us_per_token"]):

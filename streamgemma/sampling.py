@@ -165,8 +165,6 @@ class PendingIds:
     launched: a decode step can take them from there before the host has
     them."""
 
-    COPY_ON_SIDE_STREAM = True  # see __init__; False queues the copy on the caller's stream
-
     def __init__(self, logits: torch.Tensor, rows: Sequence[SampleRow]):
         self._host: torch.Tensor | None = None
         self._event = None
@@ -182,21 +180,9 @@ class PendingIds:
         self.device_ids = values
         if values.device.type == "cuda":
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()
-            if self.COPY_ON_SIDE_STREAM:
-                # The copy to the host runs beside the caller's stream, so the work
-                # queued next (a decode step on these ids) need not wait for it.
-                sampled = torch.cuda.Event()
-                sampled.record()
-                side = torch.cuda.Stream(device=values.device)
-                side.wait_event(sampled)
-                with torch.cuda.stream(side):
-                    self._host.copy_(values, non_blocking=True)
-                    self._event.record()
-                values.record_stream(side)  # the allocator must not reuse it before the copy
-            else:
-                self._host.copy_(values, non_blocking=True)
-                self._event.record()
+            self._event.record()
         else:
             self._host = values
 

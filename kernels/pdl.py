@@ -1,10 +1,18 @@
 """Programmatic dependent launch (PDL, Hopper and later), shared by the decode
 kernels: a kernel launched with it may start while the previous one is still
-running. Each such kernel first loads what depends on no earlier kernel (its
-weights), then waits (`gdc_wait`) before it reads or writes anything an
-earlier kernel touches, and lets the next kernel launch early
-(`gdc_launch_dependents`). On by default where the GPU supports it (CUDA
-compute capability 9.0+); `set_enabled(False)` turns it off."""
+running. Each such kernel first requests what no earlier kernel of the step
+writes, then waits (`gdc_wait`) before it reads or writes anything else, and
+lets the next kernel launch early (`gdc_launch_dependents`). On by default
+where the GPU supports it (CUDA compute capability 9.0+); `set_enabled(False)`
+turns it off.
+
+What may be read before the wait: weights; the step's inputs (slots,
+positions); and state that only earlier steps wrote (conv buffer, RG-LRU
+state, ring entries other than this step's), read with `.cg` so no stale L1
+line is used. This holds because the step's first kernel (the first GEMV,
+or on the matmul path a plain launch) lets the next kernels launch only
+after its own wait. By then, everything queued before the step (a state
+reset, a restored snapshot) is done."""
 
 from __future__ import annotations
 

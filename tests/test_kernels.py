@@ -117,6 +117,37 @@ def test_decode_step_matches_reference_at_a_larger_batch():
             assert rel_err(ft, rt) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_attention_splits_of_several_key_tiles_match_reference(monkeypatch, batch):
+    """At large batches a split of the ring holds several key tiles, scanned in a
+    loop after the wait (one-tile splits request theirs before it). Tiny shapes
+    need a longer window, 16-key tiles and few splits for that: 2 splits of 32."""
+    import dataclasses
+
+    from streamgemma.kernels import attention_decode
+
+    cfg = dataclasses.replace(sg.GriffinConfig.preset("tiny"), attention_window=64)
+    monkeypatch.setitem(attention_decode.BLOCK_OVERRIDE, batch, 16)
+    monkeypatch.setattr(attention_decode, "splits_for", lambda b, window, block, target_programs=264: (2, 32))
+    ref = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=False)
+    fast = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=True)
+    for m in (ref, fast):
+        while m.pool.capacity < 4:
+            m.pool._grow()
+        random_pool(m, seed=9)
+    # inside the first tile, across both splits, past several wraps of the ring
+    slots, positions = [0, 2, 3][:batch], [5, 40, 3 * 64 + 7][-batch:]
+    tokens = random_tokens(batch, cfg.vocab_size, seed=10)
+    want = reference_step(ref, tokens, slots, positions)
+    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
+    as_t = lambda v: torch.tensor(v, device=DEV)  # noqa: E731
+    got = decoder.step(as_t(tokens), as_t(slots), as_t(positions))
+    assert rel_err(got, want) < TOL[torch.float32]
+    for rl, fl in zip(ref.pool.layers, fast.pool.layers):
+        for rt, ft in zip(rl, fl):
+            assert rel_err(ft, rt) < TOL[torch.float32]
+
+
 def test_prefill_with_kernels_equals_reference_steps_for_any_split():
     """feed() on the Triton scan + fused attention vs the reference one-token path:
     splits straddling ring wraps, starting at position 0 and mid-session."""

@@ -11,24 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 import streamgemma as sg
-from decode import random_model
-
-
-def generate_ms(model: sg.Model, tokens: int) -> float:
-    s = model.session(seed=0)
-    s.feed([2, 3, 4, 5])
-    list(s.generate(max_tokens=4, stop_token_ids=[]))  # warm-up: sampling kernel, graph
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    n = sum(1 for _ in s.generate(max_tokens=tokens, stop_token_ids=[]))
-    elapsed = time.perf_counter() - start
-    s.close()
-    return elapsed / n * 1e3
+from decode import random_model, time_generate
 
 
 def replay_ms(model: sg.Model, replays: int = 200) -> float:
@@ -71,7 +58,7 @@ def main() -> None:
     model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"))
     results = {"device": torch.cuda.get_device_name(), "rows": []}
     for rnd in range(args.rounds):
-        row = {"round": rnd, "generate_ms": generate_ms(model, args.tokens), "replay_ms": replay_ms(model)}
+        row = {"round": rnd, "generate_ms": time_generate(model, args.tokens) * 1e3, "replay_ms": replay_ms(model)}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     if args.trace:

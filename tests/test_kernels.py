@@ -95,18 +95,17 @@ def test_kernel_decode_refused_where_it_cannot_run(monkeypatch):
         sg.Model.random(sg.GriffinConfig.preset("tiny"), device="cpu", kernels=True)
 
 
-def test_decode_step_matches_reference_at_a_larger_batch():
-    """40 rows: the RG-LRU kernel then takes 64 rows per program; every other row is idle."""
-    cfg = sg.GriffinConfig.preset("tiny")
-    ref = sg.Model.random(cfg, seed=5, device=DEV, dtype="float32", kernels=False)
-    fast = sg.Model.random(cfg, seed=5, device=DEV, dtype="float32", kernels=True)
+def _check_step_against_reference(cfg, seed: int, capacity: int, slots: list[int], positions: list[int]):
+    """Random pools of `capacity` slots in two models with the same weights; one
+    KernelDecoder step on the given rows vs the reference step: logits and every
+    slot's state (rows not decoded must be untouched)."""
+    ref = sg.Model.random(cfg, seed=seed, device=DEV, dtype="float32", kernels=False)
+    fast = sg.Model.random(cfg, seed=seed, device=DEV, dtype="float32", kernels=True)
     for m in (ref, fast):
-        while m.pool.capacity < 80:
+        while m.pool.capacity < capacity:
             m.pool._grow()
-        random_pool(m, seed=6)
-    slots = list(range(0, 80, 2))
-    positions = [(7 * i) % 50 for i in range(40)]
-    tokens = random_tokens(40, cfg.vocab_size, seed=7)
+        random_pool(m, seed=seed + 1)
+    tokens = random_tokens(len(slots), cfg.vocab_size, seed=seed + 2)
     want = reference_step(ref, tokens, slots, positions)
     decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
     as_t = lambda v: torch.tensor(v, device=DEV)  # noqa: E731
@@ -115,6 +114,12 @@ def test_decode_step_matches_reference_at_a_larger_batch():
     for rl, fl in zip(ref.pool.layers, fast.pool.layers):
         for rt, ft in zip(rl, fl):
             assert rel_err(ft, rt) < TOL[torch.float32]
+
+
+def test_decode_step_matches_reference_at_a_larger_batch():
+    """40 rows: the RG-LRU kernel then takes 64 rows per program; every other row is idle."""
+    _check_step_against_reference(sg.GriffinConfig.preset("tiny"), seed=5, capacity=80,
+                                  slots=list(range(0, 80, 2)), positions=[(7 * i) % 50 for i in range(40)])
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -129,23 +134,9 @@ def test_attention_splits_of_several_key_tiles_match_reference(monkeypatch, batc
     cfg = dataclasses.replace(sg.GriffinConfig.preset("tiny"), attention_window=64)
     monkeypatch.setitem(attention_decode.BLOCK_OVERRIDE, batch, 16)
     monkeypatch.setattr(attention_decode, "splits_for", lambda b, window, block, target_programs=264: (2, 32))
-    ref = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=False)
-    fast = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=True)
-    for m in (ref, fast):
-        while m.pool.capacity < 4:
-            m.pool._grow()
-        random_pool(m, seed=9)
     # inside the first tile, across both splits, past several wraps of the ring
-    slots, positions = [0, 2, 3][:batch], [5, 40, 3 * 64 + 7][-batch:]
-    tokens = random_tokens(batch, cfg.vocab_size, seed=10)
-    want = reference_step(ref, tokens, slots, positions)
-    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
-    as_t = lambda v: torch.tensor(v, device=DEV)  # noqa: E731
-    got = decoder.step(as_t(tokens), as_t(slots), as_t(positions))
-    assert rel_err(got, want) < TOL[torch.float32]
-    for rl, fl in zip(ref.pool.layers, fast.pool.layers):
-        for rt, ft in zip(rl, fl):
-            assert rel_err(ft, rt) < TOL[torch.float32]
+    _check_step_against_reference(cfg, seed=8, capacity=4, slots=[0, 2, 3][:batch],
+                                  positions=[5, 40, 3 * 64 + 7][-batch:])
 
 
 def test_prefill_with_kernels_equals_reference_steps_for_any_split():

@@ -4,7 +4,8 @@ One run prints: the measured copy bandwidth and the batch-1 floor (one read of
 the weights per token); streamgemma tokens/s at batch 1, 8, 64, 256 and
 transformers' `generate` at the same batches; ms/token at batch 1 at positions
 ~100, ~3,000 and ~50,000; `Session.generate` tokens/s at batch 1 (the
-application's loop, sampling included); GPU memory per extra session. With --check it first
+application's loop, sampling included); the GPU time of one batch-1 step
+(graph replays back to back); GPU memory per extra session. With --check it first
 compares the kernel step with the PyTorch reference step on 2B shapes.
 
 Session state is filled with random values and positions are set directly:
@@ -92,6 +93,24 @@ def time_generate(model: sg.Model, tokens: int) -> float:
     elapsed = time.perf_counter() - start
     s.close()
     return elapsed / n
+
+
+def graph_replay_ms(model: sg.Model, replays: int = 200, reps: int = 5) -> float:
+    """GPU time of one batch-1 step: the median over `reps` of the mean time of
+    `replays` back-to-back replays of the captured batch-1 graph (no host work
+    between them). The graph must have been captured (any batch-1 decode); it
+    replays its last inputs."""
+    g = model._graphed._graphs[1]["graph"]
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / replays)
+    return sorted(times)[len(times) // 2]
 
 
 def time_hf_generate(cfg: sg.GriffinConfig, batch: int, new_tokens: int, prompt: int = 16) -> float:
@@ -219,6 +238,10 @@ def main() -> None:
     sec = time_generate(model, args.steps)
     results["session_generate_batch1_tok_s"] = 1 / sec
     print(f"Session.generate batch 1: {1 / sec:.0f} tokens/s, {sec * 1e3:.3f} ms/token", flush=True)
+    ms = graph_replay_ms(model)
+    results["graph_replay_batch1_ms"] = ms
+    print(f"batch 1 GPU time per step (graph replay): {ms:.3f} ms, {1e3 / ms:.0f} tokens/s "
+          f"({floor * 1e3 / ms:.0%} of the floor)", flush=True)
     del model
     torch.cuda.empty_cache()
 

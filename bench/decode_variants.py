@@ -21,7 +21,7 @@ import time
 import torch
 
 import streamgemma as sg
-from decode import fill_random_state, random_model, time_decode
+from decode import fill_random_state, graph_replay_ms, random_model, time_decode
 
 # name: CONFIG_OVERRIDE entries, keyed (batch bucket, epilogue, N, K) at 2B shapes, batch 1
 XY, UP, LM = (1, "conv", 5120, 2560), (1, "geglu", 15360, 2560), (1, "softcap", 256000, 2560)
@@ -73,23 +73,14 @@ def check(model: sg.Model, ref: sg.Model, position: int) -> dict:
             "top1_equal": bool(got.argmax() == want.argmax())}
 
 
-def replay_ms(model: sg.Model, position: int, replays: int = 200, reps: int = 5) -> float:
-    """Median over reps of the mean graph replay time (batch 1, GPU time only)."""
+def replay_ms(model: sg.Model, position: int) -> float:
+    """GPU time of one batch-1 step at `position` (graph replays back to back)."""
     s = model.session()
     fill_random_state(model, [s.slot], position)
     model.decode([s.slot], [1])  # captures the graph
-    g = model._graphed._graphs[1]
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(replays):
-            g["graph"].replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / replays)
+    ms = graph_replay_ms(model)
     s.close()
-    return sorted(times)[len(times) // 2]
+    return ms
 
 
 def main() -> None:

@@ -15,18 +15,7 @@ import json
 import torch
 
 import streamgemma as sg
-from decode import random_model, time_generate
-
-
-def replay_ms(model: sg.Model, replays: int = 200) -> float:
-    g = model._graphed._graphs[1]["graph"]
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(replays):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / replays
+from decode import graph_replay_ms, random_model, time_generate
 
 
 def trace(model: sg.Model, tokens: int = 16) -> dict:
@@ -58,7 +47,7 @@ def main() -> None:
     model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"))
     results = {"device": torch.cuda.get_device_name(), "rows": []}
     for rnd in range(args.rounds):
-        row = {"round": rnd, "generate_ms": time_generate(model, args.tokens) * 1e3, "replay_ms": replay_ms(model)}
+        row = {"round": rnd, "generate_ms": time_generate(model, args.tokens) * 1e3, "replay_ms": graph_replay_ms(model)}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     if args.trace:

@@ -24,8 +24,8 @@ import time
 import torch
 
 import streamgemma as sg
-from streamgemma.griffin import Griffin
-from streamgemma.state import StatePool
+from streamgemma.model.griffin import Griffin
+from streamgemma.model.pool import StatePool
 
 
 def copy_bandwidth(nbytes: int = 4 << 30) -> float:
@@ -168,7 +168,7 @@ def check_against_reference(cfg: sg.GriffinConfig, one_by_one: bool = False) -> 
 
 def configure_gemv(args) -> None:
     """Apply --gemv-max-batch / --gemv-configs / --no-pdl (module-level settings)."""
-    from streamgemma.fast_decode import KernelDecoder
+    from streamgemma.fast.decode import KernelDecoder
     from streamgemma.kernels import gemv, pdl
 
     if args.gemv_max_batch is not None:

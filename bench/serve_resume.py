@@ -45,14 +45,14 @@ import anyio
 from websockets.asyncio.client import connect
 
 from serve_load import build_model, percentiles, prompt_of, report, request
-from streamgemma.engine import SUSPEND_COMPRESSION_LEVEL  # noqa: E402 - after serve_load, as the others
+from streamgemma.serve.engine import SUSPEND_COMPRESSION_LEVEL  # noqa: E402 - after serve_load, as the others
 
 
 def fill_store(model, store, sessions: int, prompt: int, distinct: int, wave: int, threads: int,
                level: int) -> list[str]:
     """Store `sessions` distinct idle sessions (zstd `level`); returns their ids."""
     import streamgemma as sg
-    from streamgemma import snapshot as snapshot_format
+    from streamgemma.session import snapshot as snapshot_format
 
     base = model.session(seed=0)
     base.feed(prompt_of(0, prompt))

@@ -21,10 +21,10 @@ import time
 import torch
 
 import streamgemma as sg
-from streamgemma import snapshot as snapshot_format
+from streamgemma.session import snapshot as snapshot_format
 from streamgemma.config import ATTENTION
-from streamgemma.philox import RandomStream
-from streamgemma.state import StatePool
+from streamgemma.sampling.philox import RandomStream
+from streamgemma.model.pool import StatePool
 
 
 def fill_random(pool: StatePool, slot: int, position: int, seed: int = 0) -> None:

@@ -1,26 +1,40 @@
-"""streamgemma: streaming, stateful text generation with RecurrentGemma / Griffin models."""
+"""streamgemma: streaming, stateful text generation with RecurrentGemma / Griffin models.
 
-from .chat import Chat
-from .client import Client, ClientSession, ServerError
-from .config import GriffinConfig
-from .errors import (CheckpointError, ConfigError, DeviceError, SnapshotCorrupted, SnapshotError,
-                     SnapshotFormatError, SnapshotIdError, SnapshotMetadataError, SnapshotModelMismatch,
-                     SnapshotNotFound, SnapshotVersionError, StoppedError, StreamgemmaError)
-from .engine import Engine, EngineError
-from .model import Model, load
-from .sampling import SamplingParams
-from .server import Limits, Server
-from .session import Session, Token
-from .snapshot_store import DirectorySnapshotStore, SnapshotStore
-from .tokenizer import Detokenizer, Tokenizer
+Names are imported on first use, so `import streamgemma.client` (or `sg.Client`)
+does not import torch."""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GriffinConfig", "Model", "Session", "Token", "SamplingParams", "Chat", "Tokenizer", "Detokenizer", "load",
-    "SnapshotStore", "DirectorySnapshotStore",
-    "Engine", "EngineError", "Server", "Limits", "Client", "ClientSession", "ServerError",
-    "StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "StoppedError", "SnapshotError",
-    "SnapshotFormatError", "SnapshotCorrupted", "SnapshotVersionError", "SnapshotModelMismatch",
-    "SnapshotMetadataError", "SnapshotNotFound", "SnapshotIdError",
-]
+_EXPORTS = {
+    "GriffinConfig": "config",
+    "Tokenizer": "tokenizer", "Detokenizer": "tokenizer",
+    "Token": "types",
+    "Model": "session.model", "load": "session.model",
+    "Session": "session.session", "Chat": "session.chat",
+    "SnapshotStore": "session.store", "DirectorySnapshotStore": "session.store",
+    "SamplingParams": "sampling.params",
+    "Engine": "serve.engine", "EngineError": "serve.engine",
+    "Server": "serve.server", "Limits": "serve.server",
+    "Client": "client.client", "ClientSession": "client.client", "ServerError": "client.client",
+    **dict.fromkeys(("StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "StoppedError",
+                     "SnapshotError", "SnapshotFormatError", "SnapshotCorrupted", "SnapshotVersionError",
+                     "SnapshotModelMismatch", "SnapshotMetadataError", "SnapshotNotFound", "SnapshotIdError"),
+                    "errors"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamgemma' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

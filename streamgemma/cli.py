@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _sampling(args: argparse.Namespace) -> dict:
     """Generation keyword arguments from the flags, validated (before the slow model load)."""
-    from .sampling import SamplingParams
+    from .sampling.params import SamplingParams
 
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -141,7 +141,7 @@ def _generate(args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
-    from .chat import Chat
+    from .session.chat import Chat
 
     sampling = _sampling(args)
     model = _load(args)
@@ -180,15 +180,15 @@ def _serve(args: argparse.Namespace) -> None:
 
     import anyio
 
-    from .engine import Engine
-    from .server import Limits, Server
-    from .snapshot_store import DirectorySnapshotStore
+    from .serve.engine import Engine
+    from .serve.server import Limits, Server
+    from .session.store import DirectorySnapshotStore
 
     logging.basicConfig(level=logging.INFO, format="streamgemma serve: %(message)s")
     token = args.token if args.token is not None else os.environ.get("STREAMGEMMA_TOKEN")
     store = DirectorySnapshotStore(args.store) if args.store else None
     model = _load(args)
-    log = logging.getLogger("streamgemma.server")
+    log = logging.getLogger("streamgemma.serve.server")
     if model.device.type == "cuda":
         log.info("compiling kernels and capturing decode graphs for up to %d sessions ...", args.max_active)
         log.info("ready after %.1f s", model.warm_up(args.max_active))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import streamgemma as sg
-from streamgemma.model import demo_path
+from streamgemma.session.model import demo_path
 
 DATA = Path(__file__).parent / "data" / "demo_heldout"
 # The held-out loss of the shipped weights on tests/data/demo_heldout/sample.txt, in nats

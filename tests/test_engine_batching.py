@@ -8,8 +8,8 @@ import anyio
 import pytest
 import torch
 
-from streamgemma.engine import Engine
-from streamgemma.sampling import SamplingParams
+from streamgemma.serve.engine import Engine
+from streamgemma.sampling.params import SamplingParams
 from textfixtures import text_model
 
 PROMPTS = ["the quick brown fox", "hello world", "stream gemma token", "café naïve über", "jumps over lazy dog",

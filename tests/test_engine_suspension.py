@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import streamgemma as sg
-from streamgemma.engine import Engine, _MemoryStore
-from streamgemma.sampling import SamplingParams
+from streamgemma.serve.engine import Engine, _MemoryStore
+from streamgemma.sampling.params import SamplingParams
 from textfixtures import text_model
 
 PROMPT = "the quick brown fox jumps over the lazy dog"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import streamgemma as sg
-from streamgemma.session import RECENT_IDS_WINDOW
+from streamgemma.session.session import RECENT_IDS_WINDOW
 from textfixtures import model, text_model, trained_tokenizer  # noqa: F401 (fixture)
 
 PROMPT = "the quick brown fox 東京 😀"

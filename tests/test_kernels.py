@@ -11,9 +11,9 @@ import torch
 import streamgemma as sg
 from conftest import random_tokens
 from reference import rel_err
-from streamgemma.fast_decode import KernelDecoder
-from streamgemma.fused_weights import FusedWeights
-from streamgemma.state import StatePool
+from streamgemma.fast.decode import KernelDecoder
+from streamgemma.fast.fused_weights import FusedWeights
+from streamgemma.model.pool import StatePool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}

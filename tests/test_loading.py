@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import streamgemma as sg
 from conftest import random_tokens
 from reference import hf_model, official_griffin, rel_err
-from streamgemma.griffin import Griffin
+from streamgemma.model.griffin import Griffin
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +281,7 @@ def test_pool_grows_and_sessions_stay_independent():
 
 
 def test_fingerprint_sample_indices_stay_in_range_for_huge_tensors():
-    from streamgemma.weights import sample_indices
+    from streamgemma.model.checkpoint import sample_indices
 
     for numel in (1, 2, 63, 64, 65, 1000, 2**24 + 1, 256_000 * 2560):
         idx = sample_indices(numel, 64)

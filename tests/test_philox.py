@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import streamgemma as sg
-from streamgemma import philox
-from streamgemma import snapshot as snapshot_format
-from streamgemma.philox import RandomStream
+from streamgemma.sampling import philox
+from streamgemma.session import snapshot as snapshot_format
+from streamgemma.sampling.philox import RandomStream
 from textfixtures import model  # noqa: F401 (fixture)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,7 +170,8 @@ def test_kernel_row_alone_equals_row_in_batch():
 def test_sampling_on_cuda_picks_the_cpu_tokens():
     """The same logits and streams on the CPU (reference) and CUDA (kernel):
     the same tokens, up to near-ties that the log's last bit may break apart."""
-    from streamgemma.sampling import SampleRow, SamplingParams, sample_rows
+    from streamgemma.sampling.sampler import SampleRow, sample_rows
+    from streamgemma.sampling.params import SamplingParams
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 4099, generator=g) * 3

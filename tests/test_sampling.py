@@ -7,9 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from streamgemma.philox import RandomStream
-from streamgemma.sampling import (PendingIds, SampleRow, SamplingParams, StopStrings, apply_penalties, sample,
-                                  sample_rows)
+from streamgemma.sampling.philox import RandomStream
+from streamgemma.sampling.sampler import PendingIds, SampleRow, apply_penalties, sample, sample_rows
+from streamgemma.sampling.params import SamplingParams
+from streamgemma.sampling.stops import StopStrings
 
 
 @pytest.mark.parametrize("field,value,words", [

@@ -17,9 +17,9 @@ import websockets
 from websockets.asyncio.client import connect
 
 import streamgemma as sg
-from streamgemma.engine import Engine
-from streamgemma.sampling import SamplingParams
-from streamgemma.server import Limits, Server, serve_in_thread
+from streamgemma.serve.engine import Engine
+from streamgemma.sampling.params import SamplingParams
+from streamgemma.serve.server import Limits, Server, serve_in_thread
 from textfixtures import saved_model_dir, text_model  # noqa: F401 (fixture)
 from conftest import subprocess_env
 
@@ -181,7 +181,7 @@ def test_tokens_stream_and_match_a_plain_session(server):
 
 
 def test_token_frames_are_the_json_of_the_events():
-    from streamgemma.protocol import TokenFrames
+    from streamgemma.serve.protocol import TokenFrames
 
     frames = TokenFrames("s-1")
     one = sg.Token(7, 'say "hi"\\\n\u00e9\U0001F600', None)
@@ -607,7 +607,7 @@ class _StalledSocket:
 
 
 def test_a_reader_that_stalls_is_disconnected_without_slowing_other_sessions():
-    from streamgemma.server import _Connection
+    from streamgemma.serve.server import _Connection
 
     async def main():
         engine = Engine(text_model(), max_active=4)
@@ -670,7 +670,7 @@ class _RecordingSocket:
 
 
 def test_frames_keep_their_order_between_direct_writes_and_the_queue():
-    from streamgemma.server import _Connection
+    from streamgemma.serve.server import _Connection
 
     async def main():
         server = Server(Engine(text_model(), max_active=1), port=0)
@@ -700,7 +700,7 @@ def test_frames_keep_their_order_between_direct_writes_and_the_queue():
 
 
 def test_a_stream_whose_frames_fail_ends_with_an_error_and_the_others_go_on(server, monkeypatch):
-    from streamgemma.protocol import TokenFrames
+    from streamgemma.serve.protocol import TokenFrames
 
     real = TokenFrames.token
 

@@ -16,8 +16,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import streamgemma as sg
-from streamgemma import snapshot as snapshot_format
-from streamgemma.snapshot_store import write_file_atomic
+from streamgemma.session import snapshot as snapshot_format
+from streamgemma.session.store import write_file_atomic
 from conftest import random_tokens, subprocess_env
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import streamgemma as sg
-from streamgemma.griffin import Griffin
+from streamgemma.model.griffin import Griffin
 
 
 def test_gradients_reach_every_parameter_and_are_finite():

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from streamgemma.config import GriffinConfig, griffin_pattern  # noqa: E402
-from streamgemma.griffin import Griffin  # noqa: E402
+from streamgemma.model.griffin import Griffin  # noqa: E402
 
 
 def demo_config(vocab_size: int, width: int, layers: int, heads: int) -> GriffinConfig:
@@ -240,14 +240,14 @@ def main() -> None:
     shipped_loss = heldout_loss(shipped, held, args.seq, device, False)
     net_bf16 = shipped.to(device="cpu", dtype=torch.bfloat16)
 
-    from streamgemma.model import Model
+    from streamgemma.session.model import Model
     from streamgemma.tokenizer import Tokenizer
 
     args.out.mkdir(parents=True, exist_ok=True)
     Model(net_bf16, tokenizer=Tokenizer.from_file(tok_file), kernels=False).save(args.out)
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     # Reload what was written through the package's loader and score the committed sample.
-    from streamgemma.model import load
+    from streamgemma.session.model import load
 
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     reloaded = load(args.out, device="cpu", dtype="float32", progress=False, kernels=False)

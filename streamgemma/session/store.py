@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import SnapshotIdError, SnapshotNotFound
+from ..errors import SnapshotIdError, SnapshotNotFound
 
 # Ids become file names: no separators, no leading dot (so no '.', '..' or
 # hidden/temp names), short enough for a 255-byte file name with our suffixes.

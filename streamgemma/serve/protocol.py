@@ -11,8 +11,8 @@ import dataclasses
 import json
 from typing import Any, Sequence, Union
 
-from .sampling import SamplingParams
-from .session import Token
+from ..sampling.params import SamplingParams
+from ..types import Token
 
 PATH = "/v1/stream"
 

@@ -7,8 +7,9 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
-from .session import Session, Token
-from .tokenizer import END_OF_TURN, START_OF_TURN, gemma_model_prefix, gemma_turn
+from ..types import Token
+from .session import Session
+from ..tokenizer import END_OF_TURN, START_OF_TURN, gemma_model_prefix, gemma_turn
 
 
 class Chat:

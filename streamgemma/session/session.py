@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import array
-import dataclasses
 import functools
 import math
 import numbers
@@ -14,11 +13,14 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Sequen
 import torch
 
 from . import snapshot as snapshot_format
-from .errors import StoppedError
-from .philox import STATE_BYTES as RNG_STATE_BYTES, RandomStream
-from .sampling import PendingIds, SampleRow, SamplingParams, StopStrings, sample_rows
-from .snapshot_store import write_file_atomic
-from .tokenizer import END_OF_TURN, Detokenizer
+from ..errors import StoppedError
+from ..sampling.philox import STATE_BYTES as RNG_STATE_BYTES, RandomStream
+from ..sampling.sampler import PendingIds, SampleRow, sample_rows
+from ..sampling.params import SamplingParams
+from ..sampling.stops import StopStrings
+from .store import write_file_atomic
+from ..tokenizer import END_OF_TURN, Detokenizer
+from ..types import Token
 
 if TYPE_CHECKING:
     from .model import Model
@@ -28,22 +30,6 @@ if TYPE_CHECKING:
 # not grow with its length: penalties see the last 1024 tokens only.
 RECENT_IDS_WINDOW = 1024
 MAX_PENDING_BYTES = 3  # a UTF-8 character is at most 4 bytes; the 4th completes it
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Token:
-    """One generated token.
-
-    id: the token id. text: the text it completes, UTF-8 safe: "" while the
-    bytes of a character are still arriving or while text is held back because
-    it may be the start of a stop string. finish_reason: on the last token of a
-    generation, "stop" (a stop token or stop string) or "length" (max_tokens);
-    else None.
-    """
-
-    id: int
-    text: str
-    finish_reason: str | None = None
 
 
 class RecentIds:

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import zstandard
 
-from .config import ATTENTION, GriffinConfig
-from .errors import (SnapshotCorrupted, SnapshotError, SnapshotFormatError, SnapshotMetadataError,
+from ..config import ATTENTION, GriffinConfig
+from ..errors import (SnapshotCorrupted, SnapshotError, SnapshotFormatError, SnapshotMetadataError,
                      SnapshotModelMismatch, SnapshotVersionError)
-from .state import StatePool
+from ..model.pool import StatePool
 
 if TYPE_CHECKING:
     from .session import Session

@@ -23,11 +23,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .config import ATTENTION
-from .errors import DeviceError
+from ..config import ATTENTION
+from ..errors import DeviceError
 from .fused_weights import FusedWeights
-from .griffin import Griffin
-from .state import StatePool
+from ..model.griffin import Griffin
+from ..model.pool import StatePool
 
 
 class KernelDecoder:

@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .config import GriffinConfig
-from .errors import CheckpointError
-from .fast_decode import GraphedDecoder, KernelDecoder, check_kernels_usable, kernels_available
-from .fast_prefill import KernelPrefill
-from .fused_weights import FusedWeights
-from .griffin import Griffin
-from .state import StatePool
-from .tokenizer import Tokenizer
+from ..config import GriffinConfig
+from ..errors import CheckpointError
+from ..fast.decode import GraphedDecoder, KernelDecoder, check_kernels_usable, kernels_available
+from ..fast.prefill import KernelPrefill
+from ..fast.fused_weights import FusedWeights
+from ..model.griffin import Griffin
+from ..model.pool import StatePool
+from ..tokenizer import Tokenizer
 from . import snapshot as snapshot_format
-from . import weights
+from ..model import checkpoint as weights
 
 if TYPE_CHECKING:
     from .session import Session
@@ -153,7 +153,8 @@ class Model:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
         if self.device.type != "cuda":
             return 0.0
-        from .sampling import SampleRow, SamplingParams, sample_rows
+        from ..sampling.sampler import SampleRow, sample_rows
+        from ..sampling.params import SamplingParams
 
         start = time.perf_counter()
         sessions = [self.session() for _ in range(max_batch)]
@@ -272,7 +273,7 @@ DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.model")
 def demo_path() -> Path:
     """The directory of the small demo model that ships inside the package
     (`sg.load("demo")`); CheckpointError if the installation lacks its files."""
-    directory = Path(__file__).resolve().parent / "demo"
+    directory = Path(__file__).resolve().parents[1] / "demo"
     missing = [name for name in DEMO_FILES if not (directory / name).is_file()]
     if missing:
         raise CheckpointError(f"the bundled demo model is incomplete: {', '.join(missing)} missing from "

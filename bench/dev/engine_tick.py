@@ -60,8 +60,8 @@ import anyio
 import torch
 
 import streamgemma as sg
-from streamgemma.engine import Engine
-from streamgemma.sampling import SamplingParams
+from streamgemma.serve.engine import Engine
+from streamgemma.sampling.params import SamplingParams
 
 MIXED = (
     dict(temperature=0.0),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ATTENTION, GriffinConfig
+from ..config import ATTENTION, GriffinConfig
 from .griffin import LayerState
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATTENTION, GriffinConfig
+from ..config import ATTENTION, GriffinConfig
 
 _MAX_SQRT_GRADIENT = 1000.0
 _MASK_VALUE = -2.3819763e38  # the reference's masked-logit value

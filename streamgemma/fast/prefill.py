@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .config import ATTENTION
+from ..config import ATTENTION
 from .fused_weights import FusedWeights
-from .griffin import Griffin
-from .state import StatePool
+from ..model.griffin import Griffin
+from ..model.pool import StatePool
 
 
 class KernelPrefill:

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -78,14 +77,16 @@ import anyio.to_thread
 import torch
 import zstandard
 
-from . import snapshot as snapshot_format
-from .errors import SnapshotNotFound, StreamgemmaError
-from .model import Model
-from .sampling import PendingIds, SamplingParams
-from .session import Generation, Session, Token, check_token_ids, sampled_vocab
-from .snapshot_store import SnapshotStore, validate_session_id
+from ..session import snapshot as snapshot_format
+from ..errors import SnapshotNotFound, StreamgemmaError
+from ..session.model import Model
+from ..sampling.sampler import PendingIds
+from ..sampling.params import SamplingParams
+from ..session.session import Generation, Session, check_token_ids, sampled_vocab
+from ..types import Token
+from ..session.store import SnapshotStore, validate_session_id
 
-log = logging.getLogger("streamgemma.engine")
+log = logging.getLogger("streamgemma.serve.engine")
 
 DEFAULT_PREFILL_CHUNK = 64  # tokens of appended input per tick: bounds how long decoders wait
 DEFAULT_MAX_PENDING_TOKENS = 1 << 20  # appended but unconsumed tokens per session: bounds host memory

@@ -21,8 +21,8 @@ import anyio
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from .errors import StreamgemmaError
-from .session import Token
+from ..errors import StreamgemmaError
+from ..types import Token
 
 
 class ServerError(StreamgemmaError):

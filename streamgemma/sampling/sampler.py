@@ -1,5 +1,4 @@
-"""Sampling: `SamplingParams` (validated settings of one generation) and
-`sample_rows`, which picks the next token of many rows of float32 logits on
+"""`sample_rows` picks the next token of many rows of float32 logits on
 the model's device at once, each row with its own settings and random stream
 (a counter-based Philox stream, `philox.RandomStream`: the noise of every
 row comes from one kernel launch on CUDA). `Session.generate` (one row) and
@@ -8,92 +7,15 @@ tokens either way."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import numbers
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from .params import SamplingParams
 from .philox import RandomStream, gumbel_argmax_reference, stream_words
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How a generation picks tokens and when it ends.
-
-    max_tokens: most tokens to generate (None: until a stop).
-    temperature: 0 is greedy (argmax); otherwise logits are divided by it.
-    top_k: keep the k most likely tokens (0: off). top_p: keep the smallest set
-    whose probability reaches p (1: off). min_p: drop tokens whose probability
-    is below min_p x the top token's (0: off).
-    repetition_penalty: >1 discourages tokens seen among the session's recent
-    ids (positive logits divided by it, negative multiplied; 1: off).
-    presence_penalty: subtracted once from the logit of every recent token (0: off).
-    stop: strings that end the generation; they are never emitted, even when
-    they span several tokens. stop_token_ids: ids that end the generation
-    (None: the tokenizer's eos and <end_of_turn>). seed: restarts the session's
-    random stream at the start of the generation, as (seed mod 2**64, counter
-    0) (None: keep the stream where it is).
-    """
-
-    max_tokens: int | None = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
-        _check_real("temperature", self.temperature, lo=0.0)
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        _check_real("top_p", self.top_p)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check_real("min_p", self.min_p)
-        if not 0.0 <= self.min_p < 1.0:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
-        _check_real("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
-        _check_real("presence_penalty", self.presence_penalty)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        for s in stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
-        object.__setattr__(self, "stop", stop)
-        if self.stop_token_ids is not None:
-            ids = tuple(self.stop_token_ids)
-            for i in ids:
-                if not _is_int(i) or i < 0:
-                    raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {i!r}")
-            object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _check_real(name: str, v, lo: float | None = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v!r}")
 
 
 _U64 = 2 ** 64
@@ -134,7 +56,7 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     the smallest index v maximising x[v] - log(-log(u[v])) (float32), x the
     scaled, filtered logits, u[v] in (0, 1) from Philox4x32-10 at the row's
     (seed, counter) (the Gumbel-max trick: a draw from softmax(x), with no
-    normalisation; `streamgemma.philox` defines u exactly). x / T is one
+    normalisation; `streamgemma.sampling.philox` defines u exactly). x / T is one
     correctly rounded float32 division wherever it is computed.
 
     The random stream: a sampled row uses its rows[i].rng = (seed, counter)
@@ -431,7 +353,7 @@ class _GroupPlan:
 
 def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None = None) -> torch.Tensor:
     """argmax over v of x[s, v] / temps[s] - log(-log(u[s, v])) per row s, the
-    smallest v on ties (the definition: `streamgemma.philox`), int64 [S] on
+    smallest v on ties (the definition: `streamgemma.sampling.philox`), int64 [S] on
     x's device. x: float32 [S, V] (strided views are fine); words: int64
     [S, 4] (`philox.stream_words` of each row's (seed, counter)); temps:
     float32 [S] or None. The Triton kernel on CUDA, the PyTorch reference
@@ -451,35 +373,3 @@ def _kernel(device_type: str):
     except ImportError:  # no Triton: the reference runs on the GPU too (same tokens, more launches)
         return None
     return kernel
-
-
-class StopStrings:
-    """Holds back streamed text that might be the start of a stop string.
-
-    `push(text)` returns (text safe to emit, stopped). Once a stop string is
-    complete, the text before it is returned with stopped=True and nothing
-    from the stop string on is ever emitted.
-    """
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.held = ""
-        self.matched: str | None = None  # the stop string that ended the text, once one has
-
-    def push(self, text: str) -> tuple[str, bool]:
-        buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            at = min(hits)
-            self.matched = next(s for s in self.stops if buf.find(s) == at)
-            self.held = ""
-            return buf[:at], True
-        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
-                    if buf.endswith(s[:k])), default=0)
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
-
-    def flush(self) -> str:
-        """Held-back text, released because the generation ended without a stop string."""
-        text, self.held = self.held, ""
-        return text

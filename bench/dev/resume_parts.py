@@ -29,9 +29,9 @@ import torch
 import zstandard
 
 import streamgemma as sg
-from streamgemma import snapshot as snapshot_format
-from streamgemma.engine import SUSPEND_COMPRESSION_LEVEL
-from streamgemma.state import StatePool
+from streamgemma.session import snapshot as snapshot_format
+from streamgemma.serve.engine import SUSPEND_COMPRESSION_LEVEL
+from streamgemma.model.pool import StatePool
 
 import snapshot as snapshot_bench  # bench/snapshot.py
 from snapshot import fill_random

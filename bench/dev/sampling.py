@@ -23,8 +23,9 @@ import time
 
 import torch
 
-from streamgemma.philox import RandomStream, stream_words
-from streamgemma.sampling import PendingIds, SampleRow, SamplingParams
+from streamgemma.sampling.philox import RandomStream, stream_words
+from streamgemma.sampling.sampler import PendingIds, SampleRow
+from streamgemma.sampling.params import SamplingParams
 
 from engine_tick import MIXED  # the same rotation of settings as bench/engine_tick.py
 

@@ -29,11 +29,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
 
 from .engine import Engine, EngineError, EngineSession, TokenStream
-from .errors import SnapshotError, StoppedError
+from ..errors import SnapshotError, StoppedError
 from .protocol import (PATH, Append, Cancel, Close, Generate, Open, ProtocolError, Request, Snapshot, TokenFrames,
                        event, parse_request)
 
-log = logging.getLogger("streamgemma.server")
+log = logging.getLogger("streamgemma.serve.server")
 
 
 @dataclasses.dataclass(frozen=True)

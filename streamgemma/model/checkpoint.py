@@ -27,10 +27,10 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from .config import ATTENTION, GriffinConfig
-from .errors import CheckpointError, ConfigError, DeviceError
+from ..config import ATTENTION, GriffinConfig
+from ..errors import CheckpointError, ConfigError, DeviceError
 from .griffin import Griffin
-from .progress import Progress
+from ..progress import Progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt")

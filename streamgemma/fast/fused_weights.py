@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import ATTENTION
-from .griffin import Griffin
+from ..config import ATTENTION
+from ..model.griffin import Griffin
 
 
 def _cat_rows(*tensors: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""`SamplingParams`: the validated settings of one generation (no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How a generation picks tokens and when it ends.
+
+    max_tokens: most tokens to generate (None: until a stop).
+    temperature: 0 is greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0: off). top_p: keep the smallest set
+    whose probability reaches p (1: off). min_p: drop tokens whose probability
+    is below min_p x the top token's (0: off).
+    repetition_penalty: >1 discourages tokens seen among the session's recent
+    ids (positive logits divided by it, negative multiplied; 1: off).
+    presence_penalty: subtracted once from the logit of every recent token (0: off).
+    stop: strings that end the generation; they are never emitted, even when
+    they span several tokens. stop_token_ids: ids that end the generation
+    (None: the tokenizer's eos and <end_of_turn>). seed: restarts the session's
+    random stream at the start of the generation, as (seed mod 2**64, counter
+    0) (None: keep the stream where it is).
+    """
+
+    max_tokens: int | None = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
+        _check_real("temperature", self.temperature, lo=0.0)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        _check_real("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_real("min_p", self.min_p)
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+        _check_real("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        _check_real("presence_penalty", self.presence_penalty)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        object.__setattr__(self, "stop", stop)
+        if self.stop_token_ids is not None:
+            ids = tuple(self.stop_token_ids)
+            for i in ids:
+                if not _is_int(i) or i < 0:
+                    raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {i!r}")
+            object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_real(name: str, v, lo: float | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v!r}")

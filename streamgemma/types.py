@@ -1,0 +1,21 @@
+"""Plain values shared by the SDK and its client (no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Token:
+    """One generated token.
+
+    id: the token id. text: the text it completes, UTF-8 safe: "" while the
+    bytes of a character are still arriving or while text is held back because
+    it may be the start of a stop string. finish_reason: on the last token of a
+    generation, "stop" (a stop token or stop string) or "length" (max_tokens);
+    else None.
+    """
+
+    id: int
+    text: str
+    finish_reason: str | None = None

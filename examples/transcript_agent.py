@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if url is None:
             model = tiny_model_for(text) if args.model == "tiny" else sg.load(args.model)
             server = sg.Server(sg.Engine(model, max_active=4), port=0, token=args.token)
-            url = stack.enter_context(sg.server.serve_in_thread(server))
+            url = stack.enter_context(sg.serve_in_thread(server))
         anyio.run(follow, url, args.token, lines, args.every, args.max_tokens, backend="asyncio")
     return 0
 

@@ -50,8 +50,7 @@ def test_engine_tokens_equal_session_generate_with_mixed_params_and_a_changing_b
     model.decode = recording_decode
 
     async def main():
-        engine = Engine(model, max_active=8)
-        engine._host_work_in_loop = host_work_in_loop
+        engine = Engine(model, max_active=8, host_work="loop" if host_work_in_loop else "thread")
         got = {}
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
@@ -69,14 +68,14 @@ def test_engine_tokens_equal_session_generate_with_mixed_params_and_a_changing_b
             # A session that left the batch holds its own logits row, not the batch's buffer.
             vocab = model.config.vocab_size
             for es in sessions:
-                if es.live._logits is not None and es.live._logits.untyped_storage().nbytes() != 4 * vocab:
-                    assert es.live._logits._base is engine._kept  # only rows of the last tick's copy
+                if es.live.logits is not None and es.live.logits.untyped_storage().nbytes() != 4 * vocab:
+                    assert es.live.logits._base is engine.executor.kept  # only rows of the last tick's copy
             tg.cancel_scope.cancel()
         return engine, got
 
     engine, got = anyio.run(main, backend="asyncio")
     assert [got[i] for i in range(len(PROMPTS))] == expected
-    assert engine.decode_calls < sum(lengths)  # rows did share decode calls
+    assert engine.stats.decode_calls < sum(lengths)  # rows did share decode calls
     assert len(expected[5]) < lengths[5]  # the stop string did end one early
     # The CUDA arrangement queues each decode on the sampled ids where they are;
     # the CPU's samples and decodes in one worker call, with host ids.
@@ -136,15 +135,15 @@ def test_short_input_rides_along_in_decode_rows_and_long_input_is_prefilled():
             await engine.consumed(engine.append(es, PROMPTS[0]))
             background = await engine.generate(other, SamplingParams(max_tokens=4000, stop_token_ids=()))
             await background.__anext__()
-            prefills, rows = engine.prefill_calls, engine.decoded_input_tokens
+            prefills, rows = engine.stats.prefill_calls, engine.stats.decoded_input_tokens
             position = await engine.consumed(engine.append(es, short))
-            assert (engine.prefill_calls, engine.decoded_input_tokens) == (prefills, rows + len(short))
+            assert (engine.stats.prefill_calls, engine.stats.decoded_input_tokens) == (prefills, rows + len(short))
             assert position == es.position
             got = [t.id async for t in await engine.generate(es, SamplingParams(max_tokens=6, seed=5,
                                                                                 stop_token_ids=()))]
-            prefills = engine.prefill_calls
+            prefills = engine.stats.prefill_calls
             await engine.consumed(engine.append(es, long))
-            assert engine.prefill_calls > prefills  # too long to ride along
+            assert engine.stats.prefill_calls > prefills  # too long to ride along
             await background.aclose()
             tg.cancel_scope.cancel()
         return got
@@ -176,33 +175,32 @@ def test_short_input_on_an_idle_engine_is_consumed_in_decode_rows(host_work_in_l
         fed = s.fork()
         for t in tail:
             s.step(t)
-        assert torch.allclose(s._logits, fed.feed(tail), atol=1e-5)
-        expected_logits.append(s._logits.clone())
+        assert torch.allclose(s.logits, fed.feed(tail), atol=1e-5)
+        expected_logits.append(s.logits.clone())
         expected_ids.append([t.id for t in s.generate(max_tokens=5, seed=9, stop_token_ids=[])])
 
     async def main():
-        engine = Engine(model, max_active=2, idle_step_input_tokens=4)
-        engine._host_work_in_loop = host_work_in_loop
+        engine = Engine(model, max_active=2, idle_step_input_tokens=4, host_work="loop" if host_work_in_loop else "thread")
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
             a, b = await engine.open(), await engine.open()
             for es, prompt in zip((a, b), PROMPTS):
                 await engine.consumed(engine.append(es, prompt))
-            counts = engine.prefill_calls, engine.decode_calls, engine.decoded_input_tokens
+            counts = engine.stats.prefill_calls, engine.stats.decode_calls, engine.stats.decoded_input_tokens
             await engine.consumed(engine.append(a, tails[0]))  # alone: three decodes of one row
-            assert (engine.prefill_calls, engine.decode_calls, engine.decoded_input_tokens) == \
+            assert (engine.stats.prefill_calls, engine.stats.decode_calls, engine.stats.decoded_input_tokens) == \
                 (counts[0], counts[1] + 3, counts[2] + 3)
-            logits = [a.live._logits.clone()]
+            logits = [a.live.logits.clone()]
             third = await engine.open()  # suspends b, the least recently used
             assert b.live is None
-            counts = engine.prefill_calls, engine.decode_calls, engine.resumptions
+            counts = engine.stats.prefill_calls, engine.stats.decode_calls, engine.stats.resumptions
             # b is restored by the tick (a is suspended for it), then rides along with third.
             pending = [engine.append(b, tails[1]), engine.append(third, tails[0][:2])]
             for p in pending:
                 await engine.consumed(p)
-            assert (engine.prefill_calls, engine.decode_calls, engine.resumptions) == \
+            assert (engine.stats.prefill_calls, engine.stats.decode_calls, engine.stats.resumptions) == \
                 (counts[0], counts[1] + 3, counts[2] + 1)
-            logits.append(b.live._logits.clone())
+            logits.append(b.live.logits.clone())
             await engine.close(third)
             ids = []
             for es in (a, b):
@@ -219,8 +217,8 @@ def test_short_input_on_an_idle_engine_is_consumed_in_decode_rows(host_work_in_l
 
 def test_idle_step_input_tokens_defaults_by_device():
     model = text_model()
-    assert Engine(model).idle_step_input_tokens == 1  # CPU: a decode row costs what a prefill does
-    assert Engine(model, idle_step_input_tokens=0).idle_step_input_tokens == 0
+    assert Engine(model).scheduler.idle_step_input_tokens == 1  # CPU: a decode row costs what a prefill does
+    assert Engine(model, idle_step_input_tokens=0).scheduler.idle_step_input_tokens == 0
     with pytest.raises(ValueError, match="idle_step_input_tokens"):
         Engine(model, idle_step_input_tokens=-1)
 
@@ -237,8 +235,7 @@ def test_a_cancellation_during_a_tick_never_splits_a_step_from_its_books(host_wo
     model = text_model()
 
     async def main():
-        engine = Engine(model, max_active=2)
-        engine._host_work_in_loop = host_work_in_loop
+        engine = Engine(model, max_active=2, host_work="loop" if host_work_in_loop else "thread")
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
             es = await engine.open()
@@ -247,28 +244,28 @@ def test_a_cancellation_during_a_tick_never_splits_a_step_from_its_books(host_wo
             async for _ in stream:
                 break  # the generation is under way
             if when == "before":
-                decode = engine._decode
+                decode = engine.executor.run
 
                 async def cancel_then_decode(*args):
                     tg.cancel_scope.cancel()
                     return await decode(*args)
 
-                engine._decode = cancel_then_decode
+                engine.executor.run = cancel_then_decode
             else:
-                launch = engine._launch_decode
+                launch = engine.executor.launch_decode
 
                 def launch_then_cancel(*args):
                     launch(*args)
                     tg.cancel_scope.cancel()
 
-                engine._launch_decode = launch_then_cancel
-            state = (es.live._rng.copy(), es.live.position, len(stream._queue.items))
+                engine.executor.launch_decode = launch_then_cancel
+            state = (es.live.state.rng.copy(), es.live.position, stream.queued)
         return es, stream, state
 
     es, stream, (rng, position, queued) = anyio.run(main, backend="asyncio")
     s = es.live
-    assert s._recent._count == s.position  # every consumed token is in the session's books
+    assert s.state.recent.count == s.position  # every consumed token is in the session's books
     if when == "after":  # the step ran: one more token consumed, recorded and delivered
-        assert (s.position, len(stream._queue.items), s._rng.counter) == (position + 1, queued + 1, rng.counter + 1)
+        assert (s.position, stream.queued, s.state.rng.counter) == (position + 1, queued + 1, rng.counter + 1)
     else:  # cancelled before any work: nothing moved
-        assert (s.position, len(stream._queue.items), s._rng) == (position, queued, rng)
+        assert (s.position, stream.queued, s.state.rng) == (position, queued, rng)

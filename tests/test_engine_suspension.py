@@ -13,14 +13,15 @@ import pytest
 import torch
 
 import streamgemma as sg
-from streamgemma.serve.engine import Engine, _MemoryStore
+from streamgemma.serve.engine import Engine
+from streamgemma.serve.offload import MemoryStore
 from streamgemma.sampling.params import SamplingParams
 from textfixtures import text_model
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
 
-class GatedStore(_MemoryStore):
+class GatedStore(MemoryStore):
     """An in-memory store whose `put` waits until `gate` is set (a slow
     disk), and fails while `failing` is set (a broken one)."""
 
@@ -62,7 +63,7 @@ def same_state(blob: bytes, plain: sg.Session) -> bool:
     """Whether the snapshot `blob` holds the state of `plain`: same position,
     logits, and the same tokens next."""
     restored = text_model().restore(blob)
-    if restored.position != plain.position or not torch.equal(restored._logits, plain._logits):
+    if restored.position != plain.position or not torch.equal(restored.logits, plain.logits):
         return False
     return ([t.id for t in restored.generate(max_tokens=5, seed=11, stop_token_ids=[])]
             == [t.id for t in plain.generate(max_tokens=5, seed=11, stop_token_ids=[])])
@@ -84,7 +85,7 @@ def test_a_session_resumed_before_its_write_finished_continues_exactly():
             await engine.consumed(engine.append(b, prompts[1]))
             with anyio.fail_after(10):
                 got_a = await generate(engine, a, seed=3, n=8)  # restored from memory; b suspended
-            assert engine.unwritten == 2 and store.list() == [] and engine.resumptions == 1
+            assert engine.unwritten == 2 and store.list() == [] and engine.stats.resumptions == 1
             store.gate.set()
             got_b = await generate(engine, b, seed=4, n=8)  # a suspended again, b from memory or store
             await engine.suspend_all()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import streamgemma as sg
-from streamgemma.session.session import RECENT_IDS_WINDOW
+from streamgemma.session.host import RECENT_IDS_WINDOW
 from textfixtures import model, text_model, trained_tokenizer  # noqa: F401 (fixture)
 
 PROMPT = "the quick brown fox 東京 😀"
@@ -21,7 +21,7 @@ def test_streamed_text_is_the_decode_of_the_generated_ids(model):
     prompt_ids = s.recent_ids
     tokens = list(s.generate(max_tokens=60, stop_token_ids=[]))
     tok = model.tokenizer
-    streamed = "".join(t.text for t in tokens) + s._detok.flush()
+    streamed = "".join(t.text for t in tokens) + s.state.detok.flush()
     assert tok.decode(prompt_ids) + streamed == tok.decode(prompt_ids + ids_of(tokens))
     assert s.position == len(prompt_ids) + 60
     assert tokens[-1].finish_reason == "length" and all(t.finish_reason is None for t in tokens[:-1])
@@ -113,14 +113,14 @@ def test_extra_state_round_trip_continues_exactly(model):
     s = model.session(seed=8)
     s.feed(PROMPT)
     list(s.generate(max_tokens=9, stop_token_ids=[]))
-    extra = s._extra_state()
+    extra = s.state.to_extra()
     assert set(extra) == {"rng", "detok_pending", "recent_ids", "logits", "stopped"}
     assert isinstance(extra["rng"], bytes) and isinstance(extra["detok_pending"], bytes)
     assert extra["recent_ids"] == s.recent_ids and all(type(i) is int for i in extra["recent_ids"])
     assert len(extra["logits"]) == 4 * model.config.vocab_size and extra["stopped"] is None
     other = model.session()
     model.pool.copy_slot(s.slot, other.slot)
-    other._restore_extra_state(extra)
+    other.restore_host(extra)
     # the next-token logits travel too: both continue at once, sampling alike
     a = [(t.id, t.text) for t in s.generate(max_tokens=15, stop_token_ids=[])]
     b = [(t.id, t.text) for t in other.generate(max_tokens=15, stop_token_ids=[])]
@@ -132,10 +132,10 @@ def test_pending_bytes_survive_the_extra_state(model):
     crab = tok.encode("🦀")  # four byte pieces
     s = model.session()
     s.feed([tok.bos_id, *crab[:2]])
-    assert s._extra_state()["detok_pending"] == "🦀".encode()[:2]
+    assert s.state.to_extra()["detok_pending"] == "🦀".encode()[:2]
     other = model.session()
-    other._restore_extra_state(s._extra_state())
-    assert "".join(other._detok.push(i) for i in crab[2:]) == "🦀"
+    other.restore_host(s.state.to_extra())
+    assert "".join(other.state.detok.push(i) for i in crab[2:]) == "🦀"
 
 
 def test_state_memory_does_not_grow(model):
@@ -149,7 +149,7 @@ def test_state_memory_does_not_grow(model):
     assert s.position == 10_000
     assert s.state_bytes() == small
     assert model.pool.capacity == capacity
-    extra = s._extra_state()
+    extra = s.state.to_extra()
     assert len(extra["recent_ids"]) == RECENT_IDS_WINDOW and len(extra["detok_pending"]) <= 3
     assert small < model.pool.slot_bytes() + 20_000  # the host side is a few kilobytes
 

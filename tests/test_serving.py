@@ -63,7 +63,7 @@ def test_engine_batches_sessions_and_suspends_least_recently_used():
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
             sessions = [await engine.open() for _ in range(6)]  # more than max_active: some are suspended
-            assert engine.active == 3 and engine.suspensions == 3
+            assert engine.active == 3 and engine.stats.suspensions == 3
             for i, es in enumerate(sessions):
                 await engine.consumed(engine.append(es, PROMPT + f" {i}"))
 
@@ -83,9 +83,9 @@ def test_engine_batches_sessions_and_suspends_least_recently_used():
 
     engine, got = run(main)
     assert got == expected  # suspension and resumption do not change a single token
-    assert engine.resumptions > 0
+    assert engine.stats.resumptions > 0
     # 60 tokens in two waves of 3 sessions: about 20 decode calls, not 60.
-    assert engine.decoded_tokens == 60 and engine.decode_calls <= 24
+    assert engine.stats.decoded_tokens == 60 and engine.stats.decode_calls <= 24
 
 
 def test_long_append_is_interleaved_with_other_sessions_decoding():
@@ -100,13 +100,13 @@ def test_long_append_is_interleaved_with_other_sessions_decoding():
             await engine.consumed(engine.append(talker, PROMPT))
             stream = await engine.generate(talker, SamplingParams(max_tokens=4000, stop_token_ids=()))
             await stream.__anext__()
-            chunks_before = engine.prefill_calls
+            chunks_before = engine.stats.prefill_calls
             pending = engine.append(listener, long_input)
             tokens_during = 0
             while not pending.consumed.is_set():
                 await stream.__anext__()
                 tokens_during += 1
-            chunks = engine.prefill_calls - chunks_before
+            chunks = engine.stats.prefill_calls - chunks_before
             await stream.aclose()
             position = await engine.consumed(pending)
             tg.cancel_scope.cancel()
@@ -258,8 +258,8 @@ def test_twenty_concurrent_sessions_share_decode_calls(server):
     reference = text_model()
     expected = {i: reference_ids(reference, PROMPT + f" {i}", 16, seed=i)[0] for i in range(20)}
     engine = server.engine
-    calls0, tokens0 = engine.decode_calls, engine.decoded_tokens
-    frames0, decode_s0 = server.frames_direct + server.frames_queued, engine.phase_seconds["decode"]
+    calls0, tokens0 = engine.stats.decode_calls, engine.stats.decoded_tokens
+    frames0, decode_s0 = server.frames_direct + server.frames_queued, engine.stats.phase_seconds["decode"]
 
     async def one(i, got):
         async with sg.Client(server.url) as client:
@@ -277,13 +277,13 @@ def test_twenty_concurrent_sessions_share_decode_calls(server):
 
     got = run(main)
     assert got == expected
-    calls, tokens = engine.decode_calls - calls0, engine.decoded_tokens - tokens0
+    calls, tokens = engine.stats.decode_calls - calls0, engine.stats.decoded_tokens - tokens0
     assert tokens == 20 * 16
     # Batched: each decode call advanced several sessions (one call per token would be 320).
     assert calls <= tokens / 4, (calls, tokens)
     # The monitoring counters moved: every token went out in some frame, decoding took time.
     assert server.frames_direct + server.frames_queued - frames0 >= 20
-    assert engine.phase_seconds["decode"] > decode_s0 and server.pump_seconds > 0
+    assert engine.stats.phase_seconds["decode"] > decode_s0 and server.pump_seconds > 0
 
 
 def test_append_during_generation_is_consumed_before_the_next_token(server):
@@ -568,19 +568,9 @@ def test_idle_connection_is_closed_and_its_session_stays_resumable():
         run(main, url)
 
 
-class _StalledTransport:
-    """The socket of a peer that reads nothing: its write buffer never drains."""
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 1 << 20
-
-
 class _StalledSocket:
-    """A websocket whose peer never reads: send() blocks for ever, and the
-    transport's buffer is full (so the server never writes to it directly)."""
+    """A websocket whose peer never reads: what the server writes directly
+    piles up in a buffer nobody drains, and send() blocks for ever."""
 
     def __init__(self):
         from types import SimpleNamespace
@@ -589,9 +579,17 @@ class _StalledSocket:
 
         self.close_code = None
         self.sent = 0
+        self.buffered = 0
         self.frames: list[str] = []
-        self.protocol = SimpleNamespace(state=State.OPEN)
-        self.transport = _StalledTransport()
+        self.state = State.OPEN
+        self.send_in_progress = None
+        self.protocol = SimpleNamespace(state=State.OPEN, send_text=self._buffer)
+
+    def _buffer(self, data: bytes) -> None:
+        self.buffered += len(data)
+
+    def send_data(self) -> None:
+        pass
 
     async def send(self, frame):
         self.sent += 1
@@ -638,9 +636,8 @@ def test_a_reader_that_stalls_is_disconnected_without_slowing_other_sessions():
 
 
 class _RecordingSocket:
-    """A websocket whose socket buffer is empty or not as the test says; it
-    records every frame in the order it reaches the wire, whether written
-    directly (protocol + transport) or through send()."""
+    """A websocket that records every frame in the order it reaches the wire,
+    whether written directly (websockets' broadcast) or through send()."""
 
     def __init__(self):
         from types import SimpleNamespace
@@ -648,14 +645,16 @@ class _RecordingSocket:
         from websockets.protocol import State
 
         self.wire: list[str] = []
-        self.buffered = 0  # the transport's write buffer size
         self.send_started = anyio.Event()
         self.release = anyio.Event()
-        pending: list[bytes] = []
-        self.protocol = SimpleNamespace(state=State.OPEN, send_text=pending.append,
-                                        data_to_send=lambda: [pending.pop(0)] if pending else [])
-        self.transport = SimpleNamespace(is_closing=lambda: False, get_write_buffer_size=lambda: self.buffered,
-                                         write=lambda data: self.wire.append(data.decode()))
+        self._pending: list[bytes] = []
+        self.state = State.OPEN
+        self.send_in_progress = None
+        self.protocol = SimpleNamespace(state=State.OPEN, send_text=self._pending.append)
+
+    def send_data(self) -> None:
+        self.wire.extend(data.decode() for data in self._pending)
+        self._pending.clear()
 
     async def send(self, frame):
         self.wire.append(frame)  # written before websockets' send waits to drain
@@ -670,7 +669,7 @@ class _RecordingSocket:
 
 
 def test_frames_keep_their_order_between_direct_writes_and_the_queue():
-    from streamgemma.serve.server import _Connection
+    from streamgemma.serve.server import WRITE_BUDGET, _Connection
 
     async def main():
         server = Server(Engine(text_model(), max_active=1), port=0)
@@ -679,21 +678,20 @@ def test_frames_keep_their_order_between_direct_writes_and_the_queue():
         async with anyio.create_task_group() as tg:
             tg.start_soon(conn.run)
             await anyio.sleep(0.01)
-            conn.send("a")  # the client keeps up: straight to the socket
-            ws.buffered = 100  # the client falls behind: queued, for the writer task
-            conn.send("b")
-            conn.send("c")
-            ws.buffered = 0
-            conn.send("d")  # the queue is not empty: d waits behind b and c
-            assert ws.wire == ["a"]
-            await ws.send_started.wait()  # the writer put b on the wire and waits for it to drain
-            conn.send("e")  # c is still queued: e goes behind it
+            big = "b" * WRITE_BUDGET
+            conn.send("a")  # within the budget: straight to the socket
+            conn.send(big)  # still direct; the budget is now spent
+            conn.send("c")  # queued, for the writer task (whose send waits for the socket to drain)
+            conn.send("d")  # the queue is not empty: d waits behind c
+            assert ws.wire == ["a", big]
+            await ws.send_started.wait()  # the writer put c on the wire and waits for it to drain
+            conn.send("e")  # d is still queued: e goes behind it
             ws.release.set()
             with anyio.fail_after(5):
                 while len(ws.wire) < 5:
                     await anyio.sleep(0.01)
-            conn.send("f")  # queue empty, buffer empty: direct again
-            assert ws.wire == ["a", "b", "c", "d", "e", "f"]
+            conn.send("f")  # the writer drained the socket: direct again
+            assert ws.wire == ["a", big, "c", "d", "e", "f"]
             tg.cancel_scope.cancel()
 
     run(main)

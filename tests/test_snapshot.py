@@ -16,6 +16,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import streamgemma as sg
+from streamgemma.session.host import HostState
 from streamgemma.session import snapshot as snapshot_format
 from streamgemma.session.store import write_file_atomic
 from conftest import random_tokens, subprocess_env
@@ -120,15 +121,15 @@ def test_extra_state_round_trips_through_the_hooks(model, monkeypatch):
     extra = {"rng": b"\x01\x02generator-state", "detok_pending": b"\xe2\x82", "recent_ids": [5, 0, 255, 17],
              "logits": bytes(range(256)) * 4, "stopped": "stop string 'END'"}
     received = []
-    monkeypatch.setattr(sg.Session, "_extra_state", lambda self: dict(extra))
-    monkeypatch.setattr(sg.Session, "_restore_extra_state", lambda self, d: received.append(d))
+    monkeypatch.setattr(HostState, "to_extra", lambda self: dict(extra))
+    monkeypatch.setattr(sg.Session, "restore_host", lambda self, d: received.append(d))
     s, _ = run_conversation(model, 12)
     model.restore(s.snapshot())
     assert received == [extra]
 
 
 def test_extra_state_the_session_rejects_is_a_snapshot_error(model, monkeypatch):
-    def reject(self, extra):
+    def reject(extra, tokenizer, rng, device):
         raise RuntimeError("generator state has the wrong size")
 
     s, _ = run_conversation(model, 12)
@@ -136,7 +137,7 @@ def test_extra_state_the_session_rejects_is_a_snapshot_error(model, monkeypatch)
     model.session().close()  # a free slot, so the restore below does not grow the pool
     gc.collect()
     free_before = len(model.pool._free)
-    monkeypatch.setattr(sg.Session, "_restore_extra_state", reject)
+    monkeypatch.setattr(HostState, "from_extra", reject)
     with pytest.raises(sg.SnapshotFormatError, match="wrong size"):
         model.restore(blob)
     assert len(model.pool._free) == free_before  # the slot taken for the restore was given back
@@ -151,7 +152,7 @@ def test_extra_state_the_session_rejects_is_a_snapshot_error(model, monkeypatch)
     {"rng": None, "detok_pending": b"", "recent_ids": []},  # the v1 keys are all required
 ])
 def test_invalid_extra_state_is_refused_when_snapshotting(model, monkeypatch, bad):
-    monkeypatch.setattr(sg.Session, "_extra_state", lambda self: bad)
+    monkeypatch.setattr(HostState, "to_extra", lambda self: bad)
     with pytest.raises(sg.SnapshotError):
         model.session().snapshot()
 

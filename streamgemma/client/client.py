@@ -13,6 +13,7 @@ routes them to the request or generation waiting for them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from typing import Any, AsyncIterator, Sequence
@@ -57,19 +58,20 @@ class Client:
         self._streams: dict[str, anyio.abc.ObjectSendStream] = {}  # session id -> its generation's events
         self._generations: set[int] = set()  # ids of generate requests in flight
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._exit: contextlib.AsyncExitStack | None = None
         self._closed_error: BaseException | None = None
 
     async def __aenter__(self) -> "Client":
-        self._ws = await self._connect.__aenter__()
-        self._tasks = anyio.create_task_group()
-        await self._tasks.__aenter__()
-        self._tasks.start_soon(self._read)
+        async with contextlib.AsyncExitStack() as stack:
+            self._ws = await stack.enter_async_context(self._connect)
+            self._tasks = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(self._tasks.cancel_scope.cancel)  # on exit: stop the reader, then close
+            self._tasks.start_soon(self._read)
+            self._exit = stack.pop_all()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
-        self._tasks.cancel_scope.cancel()
-        await self._tasks.__aexit__(None, None, None)
-        await self._connect.__aexit__(*exc_info)
+    async def __aexit__(self, *exc_info) -> bool | None:
+        return await self._exit.__aexit__(*exc_info)
 
     async def open(self, session: str | None = None, seed: int | None = None) -> "ClientSession":
         """A new session (session None) or the stored session `session`."""

@@ -34,7 +34,6 @@ in one launch for all rows and is tested against it."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import operator
 import secrets
 import struct
@@ -94,19 +93,13 @@ class RandomStream:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "RandomStream":
-        """Inverse of `to_bytes`. Bytes that do not start with b"PHX1" are the
-        RNG state of an older snapshot (a torch.Generator's: 5056 bytes for a
-        CPU one, 16 for a CUDA one), which cannot be continued: the stream is
-        then seeded deterministically from them, seed =
-        int.from_bytes(sha256(data)[:8], "little"), counter 0. ValueError for
-        b"PHX1" bytes of the wrong length."""
+        """Inverse of `to_bytes`; ValueError for anything else."""
         data = bytes(data)
-        if data.startswith(STATE_MAGIC):
-            if len(data) != STATE_BYTES:
-                raise ValueError(f"a PHX1 sampler state is {STATE_BYTES} bytes, got {len(data)}")
-            seed, counter = struct.unpack("<QQ", data[len(STATE_MAGIC):])
-            return cls(seed, counter)
-        return cls(int.from_bytes(hashlib.sha256(data).digest()[:8], "little"), 0)
+        if not data.startswith(STATE_MAGIC) or len(data) != STATE_BYTES:
+            raise ValueError(f"a sampler state is {STATE_BYTES} bytes starting with {STATE_MAGIC!r}, "
+                             f"got {len(data)} bytes starting with {data[:4]!r}")
+        seed, counter = struct.unpack("<QQ", data[len(STATE_MAGIC):])
+        return cls(seed, counter)
 
 
 def stream_words(seed: int, counter: int) -> tuple[int, int, int, int]:

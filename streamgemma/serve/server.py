@@ -25,15 +25,21 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import websockets
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.protocol import State
 
-from .engine import Engine, EngineError, EngineSession, TokenStream
 from ..errors import SnapshotError, StoppedError
+from .engine import Engine
+from .record import EngineError, EngineSession
+from .streams import TokenStream
 from .protocol import (PATH, Append, Cancel, Close, Generate, Open, ProtocolError, Request, Snapshot, TokenFrames,
                        event, parse_request)
 
 log = logging.getLogger("streamgemma.serve.server")
+
+# Bytes a connection may be sent without waiting for its socket to drain; beyond
+# that, frames queue (Limits.send_queue) behind the writer's backpressure.
+WRITE_BUDGET = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +181,7 @@ class _Connection:
         self._outbox_ready = asyncio.Event()
         self._outbox_closed = False
         self._overflowed = False
+        self._unconfirmed = 0  # bytes written by _write_now since the writer last drained
         self._tasks: anyio.abc.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -211,24 +218,18 @@ class _Connection:
         self._outbox_ready.set()
 
     def _write_now(self, frame: str) -> bool:
-        """Write `frame` to the socket at once, when nothing is queued before
-        it and the socket's buffer is empty (the client keeps up); False
+        """Write `frame` at once with websockets' synchronous `broadcast`, when
+        nothing is queued before it and fewer than WRITE_BUDGET bytes went out
+        this way since the writer task last saw the socket drained; False
         otherwise, and the frame goes through the queue and the writer task,
-        which waits for a slow client. A frame through websockets' `send`
-        costs a wake-up of the writer and an async context per frame: at 256
-        streams, a large share of the event loop's time. This writes the same
-        bytes through the connection's own protocol object, synchronously,
-        so frames never interleave or reorder (the writer, too, writes a
-        frame before it ever waits)."""
-        ws = self.ws
-        transport = ws.transport
-        if (ws.protocol.state is not State.OPEN or transport is None or transport.is_closing()
-                or transport.get_write_buffer_size()):
+        whose `send` waits for a slow client. (`send` per frame costs a
+        wake-up and an async context: at 256 streams, a large share of the
+        loop's time.) Frames never reorder: the writer empties the queue
+        before anything is written directly again."""
+        if self._unconfirmed >= WRITE_BUDGET or self.ws.state is not State.OPEN:
             return False
-        ws.protocol.send_text(frame.encode())
-        for data in ws.protocol.data_to_send():
-            if data:
-                transport.write(data)
+        broadcast([self.ws], frame)
+        self._unconfirmed += len(frame)
         return True
 
     async def _write(self) -> None:
@@ -240,6 +241,7 @@ class _Connection:
                 # Everything queued goes out now, without a scheduling round per frame.
                 while outbox:
                     await self.ws.send(outbox.popleft())
+                self._unconfirmed = 0  # `send` returned: the socket's buffer is below its high-water mark
         except websockets.ConnectionClosed:
             self._tasks.cancel_scope.cancel()
 

@@ -22,7 +22,7 @@ import dataclasses
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import msgpack
 import numpy as np
@@ -33,9 +33,6 @@ from ..config import ATTENTION, GriffinConfig
 from ..errors import (SnapshotCorrupted, SnapshotError, SnapshotFormatError, SnapshotMetadataError,
                      SnapshotModelMismatch, SnapshotVersionError)
 from ..model.pool import StatePool
-
-if TYPE_CHECKING:
-    from .session import Session
 
 MAGIC = "streamgemma-snapshot"
 FORMAT_VERSION = 1
@@ -482,18 +479,6 @@ def load_into(pool: StatePool, slot: int, contents: SnapshotContents) -> None:
             else:
                 dst[...] = src
     pool.positions[slot] = contents.position
-
-
-def restore_host_state(session: Session, extra: dict) -> None:
-    """Hand validated host state to `session._restore_extra_state`. Only the
-    session can judge its RNG/detokenizer bytes (e.g. a "PHX1" sampler state of
-    the wrong size); if it refuses them, the snapshot is bad: SnapshotFormatError."""
-    try:
-        session._restore_extra_state(extra)
-    except SnapshotError:
-        raise
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise SnapshotFormatError(f"the snapshot's sampler or detokenizer state cannot be restored: {e}") from e
 
 
 def _destination_and_source(dst: torch.Tensor, record: TensorRecord):

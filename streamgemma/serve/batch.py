@@ -1,0 +1,156 @@
+"""The model work of a tick: sample every generating row at once, run ONE
+decode over them plus the riding input rows, keep ONE copy of the logits
+(each session's logits are then a row of it), and accept the tokens.
+
+Two strategies, picked by where the cost is:
+- `ThreadedBatch` (CPU): the model's arithmetic is the cost, so all of it
+  runs in a worker thread and the event loop stays free.
+- `InLoopBatch` (CUDA): the host only launches work and keeps books; in a
+  worker thread that Python would fight the event loop for the GIL. So it
+  samples, launches the decode on the device's sampled ids and accepts in
+  the loop, and only the wait for the ids (which releases the GIL) goes to
+  a thread. The decode is queued right behind the sampling, so the device
+  goes on to the step while the host waits for the ids.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import torch
+
+from ..sampling.sampler import PendingIds
+from ..session.generation import Generation
+from ..session.host import HostState
+from ..session.model import Model
+from ..session.session import Session
+from ..types import Token
+from .record import EngineStats
+
+Inputs = Sequence[tuple[Session, int]]  # (session, its next input token)
+
+
+class BatchExecutor:
+    def __init__(self, model: Model, stats: EngineStats):
+        self.model = model
+        self.stats = stats
+        # The last tick's copy of the logits [B, V], its rows, and whose logits each row is.
+        self.kept: torch.Tensor | None = None
+        self._kept_rows: tuple[torch.Tensor, ...] = ()
+        self._kept_states: list[HostState] = []
+
+    async def run(self, generations: list[Generation], slots: list[int], inputs: Inputs) -> list[Token]:
+        """Advance `generations` (in `slots`) by one sampled token each and
+        consume one token for each of `inputs`; the generations' Tokens."""
+        raise NotImplementedError
+
+    def sample(self, generations: list[Generation]) -> PendingIds:
+        logits = self._batch_logits(generations)
+        vocab = generations[0].vocab
+        rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
+        return PendingIds(rows, [g.sample_row() for g in generations])
+
+    def launch_decode(self, generations: list[Generation], slots: list[int], inputs: Inputs,
+                      tokens: list[int] | torch.Tensor) -> None:
+        """One decode call for the generations' rows (`tokens`: their ids, host
+        ints or an int64 device tensor) plus a row per input, and one copy of
+        the logits. Caller holds the model's lock; nothing here waits for the device."""
+        riders = [t for _, t in inputs]
+        if isinstance(tokens, torch.Tensor):
+            if riders:
+                extra = torch.tensor(riders, dtype=torch.int64)
+                if tokens.device.type == "cuda":
+                    extra = extra.pin_memory()
+                tokens = torch.cat([tokens, extra.to(tokens.device, non_blocking=True)])
+        else:
+            tokens = list(tokens) + riders
+        out = self.model.decode(slots + [s.slot for s, _ in inputs], tokens)
+        # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
+        self.kept = out.clone(memory_format=torch.contiguous_format)
+        self._kept_rows = self.kept.unbind(0)
+        self._kept_states = [g.state for g in generations] + [s.state for s, _ in inputs]
+        self.stats.decode_calls += 1
+        self.stats.decoded_tokens += len(generations)
+        self.stats.decoded_input_tokens += len(inputs)
+
+    def accept(self, generations: list[Generation], inputs: Inputs, picked: list[int]) -> list[Token]:
+        """Record the tokens the last `launch_decode` consumed in their sessions."""
+        rows = self._kept_rows
+        for (session, token), row in zip(inputs, rows[len(generations):]):
+            session.state.consume_one(token, row)
+        return [g.accept(t, row) for g, t, row in zip(generations, picked, rows)]
+
+    def _batch_logits(self, generations: list[Generation]) -> torch.Tensor:
+        """The sessions' logits as one float32 [B, V] tensor: the last tick's
+        copy when the batch is the same sessions in the same order (the steady
+        state), else a stack of their rows."""
+        states = [g.state for g in generations]
+        rows = self._kept_rows
+        if len(rows) == len(states) and all(s.logits is r for s, r in zip(states, rows)):
+            return self.kept
+        # A session that left the batch copies its row out, so the old buffer is freed.
+        staying = set(map(id, states))
+        for s, r in zip(self._kept_states, rows):
+            if s.logits is r and id(s) not in staying:
+                s.logits = r.clone()
+        return torch.stack([s.logits for s in states])
+
+
+class ThreadedBatch(BatchExecutor):
+    async def run(self, generations: list[Generation], slots: list[int], inputs: Inputs) -> list[Token]:
+        t0 = time.perf_counter()
+        tokens = await anyio.to_thread.run_sync(self._run_sync, generations, slots, inputs)
+        self.stats.phase_seconds["decode"] += time.perf_counter() - t0
+        return tokens
+
+    def _run_sync(self, generations: list[Generation], slots: list[int], inputs: Inputs) -> list[Token]:
+        with self.model.lock:
+            picked = self.sample(generations).ids() if generations else []
+            self.launch_decode(generations, slots, inputs, picked)
+        return self.accept(generations, inputs, picked)
+
+
+class InLoopBatch(BatchExecutor):
+    async def run(self, generations: list[Generation], slots: list[int], inputs: Inputs) -> list[Token]:
+        lock = self.model.lock  # an RLock: taken and released by this thread
+        while not lock.acquire(blocking=False):  # a Session outside the engine is using the model
+            await anyio.sleep(0.001)
+        phases = self.stats.phase_seconds
+        try:
+            # A cancellation requested earlier ends the tick here, before any session is touched...
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            t0 = time.perf_counter()
+            pending = self.sample(generations) if generations else None
+            t1 = time.perf_counter()
+            self.launch_decode(generations, slots, inputs, pending.device_ids if pending is not None else [])
+            t2 = time.perf_counter()
+            if pending is not None:
+                # ... and none arrives between launching the step and recording its
+                # tokens: the sessions' books must match what the device consumed.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(pending.wait)
+            t3 = time.perf_counter()
+            tokens = self.accept(generations, inputs, pending.ids() if pending is not None else [])
+            phases["sample"] += t1 - t0
+            phases["wait"] += t3 - t2
+            phases["decode"] += (t2 - t1) + (time.perf_counter() - t3)
+            return tokens
+        finally:
+            lock.release()
+
+
+STRATEGIES = {"thread": ThreadedBatch, "loop": InLoopBatch}
+
+
+def batch_executor(model: Model, stats: EngineStats, host_work: str | None = None) -> BatchExecutor:
+    """host_work: "loop" (InLoopBatch) or "thread" (ThreadedBatch); default
+    "loop" on CUDA, "thread" elsewhere."""
+    if host_work is None:
+        host_work = "loop" if model.device.type == "cuda" else "thread"
+    if host_work not in STRATEGIES:
+        raise ValueError(f"host_work must be one of {sorted(STRATEGIES)}, got {host_work!r}")
+    return STRATEGIES[host_work](model, stats)

@@ -1,0 +1,234 @@
+"""Suspension: moving sessions between pool slots and the store.
+
+A suspended session's state is copied to host memory (`Session.capture`,
+about a millisecond) and its slot freed at once; encoding and `store.put`
+happen in one writer thread (write-behind; one thread, so writes of one
+session land in order). Until its write has succeeded the host copy is kept,
+and a session resumed meanwhile is restored from it; a failed write is
+logged and the copy kept (retried when the writer must make room, and by
+`snapshot` and `flush`), so no session is lost while the process lives. At
+most `max_unwritten` copies wait; beyond that a suspension waits for the
+writer, and is refused (EngineError "capacity") once all of them have failed
+twice."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import logging
+from typing import Callable
+
+import anyio.to_thread
+
+from ..errors import SnapshotNotFound
+from ..session import snapshot as snapshot_format
+from ..session.model import Model
+from ..session.session import Session
+from ..session.store import SnapshotStore, validate_session_id
+from .record import EngineError, EngineStats
+
+log = logging.getLogger("streamgemma.engine")
+
+# Suspensions skip entropy coding: resume decompresses 5-8x faster, for files
+# 15-25% larger (bench/NOTES.md, "Resume"). Any level makes a valid snapshot.
+SUSPEND_COMPRESSION_LEVEL = -1
+DEFAULT_MAX_UNWRITTEN = 32  # host copies waiting for the writer: bounds host memory
+PRELOADED = 8  # sessions read by `read` and kept for the restore that follows
+
+
+class MemoryStore(SnapshotStore):
+    """Snapshots in a dict: the store of an engine given none. Sessions
+    survive suspension, not the process."""
+
+    def __init__(self):
+        self._blobs: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._blobs)} sessions)"
+
+    def put(self, session_id: str, blob: bytes) -> None:
+        self._blobs[validate_session_id(session_id)] = bytes(blob)
+
+    def get(self, session_id: str) -> bytes:
+        try:
+            return self._blobs[validate_session_id(session_id)]
+        except KeyError:
+            raise SnapshotNotFound(f"no snapshot for session {session_id!r}") from None
+
+    def delete(self, session_id: str) -> None:
+        if self._blobs.pop(validate_session_id(session_id), None) is None:
+            raise SnapshotNotFound(f"no snapshot for session {session_id!r}")
+
+    def list(self) -> list[str]:
+        return sorted(self._blobs)
+
+
+class Write:
+    """A snapshot on its way to the store: the captured state, kept until
+    `future` (encode + store.put in the writer thread) has succeeded."""
+
+    def __init__(self, contents: snapshot_format.SnapshotContents, future: concurrent.futures.Future):
+        self.contents: snapshot_format.SnapshotContents | None = contents
+        self.future = future
+        future.add_done_callback(self._done)
+
+    def _done(self, future: concurrent.futures.Future) -> None:  # in the writer thread
+        if future.exception() is None:
+            self.contents = None
+
+    @property
+    def written(self) -> bool:
+        return self.future.done() and self.future.exception() is None
+
+    @property
+    def failed(self) -> bool:
+        return self.future.done() and self.future.exception() is not None
+
+
+class Offloader:
+    """Suspends sessions of `model` to `store` and restores them.
+    `superseded(id)` tells whether a failed write no longer matters (the
+    session is live again, or gone). Async methods run in the engine's event loop;
+    the caller holds the engine's model lock where the docstring says so."""
+
+    def __init__(self, model: Model, store: SnapshotStore, stats: EngineStats, superseded: Callable[[str], bool],
+                 max_unwritten: int = DEFAULT_MAX_UNWRITTEN, compression_level: int = SUSPEND_COMPRESSION_LEVEL):
+        self.model = model
+        self.store = store
+        self.stats = stats
+        self.max_unwritten = max_unwritten
+        self.compression_level = compression_level
+        self._superseded = superseded
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamgemma-writer")
+        self._unwritten: dict[str, Write] = {}
+        self._preloaded: collections.OrderedDict[str, snapshot_format.SnapshotContents] = collections.OrderedDict()
+
+    @property
+    def unwritten(self) -> int:
+        """Suspended sessions' snapshots in host memory, not (yet) in the store."""
+        return sum(1 for w in self._unwritten.values() if not w.written)
+
+    def failed(self) -> list[str]:
+        """Ids whose latest write failed (their state is only in memory)."""
+        return [sid for sid, w in self._unwritten.items() if w.failed]
+
+    def pending(self, session_id: str) -> bool:
+        return session_id in self._unwritten
+
+    async def read(self, session_id: str) -> snapshot_format.SnapshotContents:
+        """Read and validate the stored snapshot of `session_id`. Raises what
+        the store or the decoder raised."""
+        validate_session_id(session_id)
+        blob = await anyio.to_thread.run_sync(self.store.get, session_id)
+        return await anyio.to_thread.run_sync(self._decode, blob)
+
+    def keep(self, session_id: str, contents: snapshot_format.SnapshotContents) -> None:
+        """Keep what `read` returned for the restore that usually follows (a few at most)."""
+        self._preloaded[session_id] = contents
+        while len(self._preloaded) > PRELOADED:
+            self._preloaded.popitem(last=False)
+
+    async def restore(self, session_id: str) -> Session:
+        """A live session from the newest state of `session_id`: its pending or
+        failed write, what `keep` holds, else the store (caller holds the
+        model lock)."""
+        write = self._unwritten.get(session_id)
+        contents = write.contents if write is not None else self._preloaded.pop(session_id, None)
+        if contents is None:  # (also when its write has just succeeded)
+            blob = await anyio.to_thread.run_sync(self.store.get, session_id)
+            contents = await anyio.to_thread.run_sync(self._decode, blob)
+        live = await anyio.to_thread.run_sync(self.model.restore, contents)
+        self._preloaded.pop(session_id, None)
+        self.stats.resumptions += 1
+        return live
+
+    async def suspend(self, session_id: str, live: Session) -> None:
+        """Copy `live` to host memory, close it (freeing its slot) and queue
+        the write (caller holds the model lock)."""
+        await self._make_writer_room()
+        contents = await anyio.to_thread.run_sync(live.capture)
+        live.close()
+        self._start_write(session_id, contents)
+        self.stats.suspensions += 1
+
+    async def snapshot(self, session_id: str, live: Session | None) -> concurrent.futures.Future | None:
+        """Queue a write of the state of `session_id` (of `live`, or its pending
+        or failed suspension) and return its future (caller holds the model
+        lock; await the future outside it). None if the store is up to date."""
+        if live is not None:
+            contents = await anyio.to_thread.run_sync(live.capture)
+            return self._writer.submit(self._write, session_id, contents)
+        write = self._unwritten.get(session_id)
+        if write is None:
+            return None
+        return (self._start_write(session_id, write.contents) if write.failed else write).future
+
+    async def delete(self, session_id: str) -> None:
+        """Forget `session_id` and delete its snapshot, after any write of it
+        still queued."""
+        self._unwritten.pop(session_id, None)
+        self._preloaded.pop(session_id, None)
+        try:
+            await anyio.to_thread.run_sync(self._writer.submit(self.store.delete, session_id).result)
+        except SnapshotNotFound:
+            pass
+
+    async def flush(self) -> list[str]:
+        """Retry failed writes once and wait for every write; the ids that
+        could not be stored."""
+        self._retry_failed()
+        await anyio.to_thread.run_sync(concurrent.futures.wait, [w.future for w in self._unwritten.values()])
+        failed = self.failed()
+        self._forget_written()
+        return failed
+
+    def _start_write(self, session_id: str, contents: snapshot_format.SnapshotContents) -> Write:
+        """Queue the write; it replaces any earlier one of the same id."""
+        future = self._writer.submit(self._write, session_id, contents)
+        future.add_done_callback(functools.partial(self._log_failure, session_id))
+        write = self._unwritten[session_id] = Write(contents, future)
+        return write
+
+    def _log_failure(self, session_id: str, future: concurrent.futures.Future) -> None:
+        error = future.exception()
+        if error is not None:
+            log.error("could not write session %s to %r; its state stays in memory (the write is retried later)",
+                      session_id, self.store, exc_info=error)
+
+    def _retry_failed(self) -> None:
+        for sid, write in list(self._unwritten.items()):
+            if write.failed:
+                self._start_write(sid, write.contents)
+
+    def _write(self, session_id: str, contents: snapshot_format.SnapshotContents) -> None:
+        """In the writer thread: encode and store."""
+        self.store.put(session_id, snapshot_format.encode_contents(contents, self.compression_level))
+
+    def _decode(self, blob: bytes) -> snapshot_format.SnapshotContents:
+        return snapshot_format.decode(blob, self.model.config, self.model.fingerprint)
+
+    async def _make_writer_room(self) -> None:
+        """Wait until fewer than max_unwritten copies are held. If all those
+        held have failed, retry them once; if they fail again, refuse: the
+        store is broken, and suspending more would pile up state in memory."""
+        retried = False
+        while True:
+            self._forget_written()
+            if len(self._unwritten) < self.max_unwritten:
+                return
+            oldest = next((w.future for w in self._unwritten.values() if not w.future.done()), None)
+            if oldest is not None:
+                await anyio.to_thread.run_sync(concurrent.futures.wait, [oldest])
+            elif not retried:
+                self._retry_failed()
+                retried = True
+            else:
+                raise EngineError("capacity", f"{len(self._unwritten)} suspended sessions could not be written "
+                                              f"to the store {self.store!r} (see the server log); retry later")
+
+    def _forget_written(self) -> None:
+        """Drop copies that are stored, and failed ones of sessions live again."""
+        for sid, write in list(self._unwritten.items()):
+            if write.written or (write.failed and self._superseded(sid)):
+                del self._unwritten[sid]

@@ -28,7 +28,8 @@ import anyio
 import streamgemma as sg
 
 HERE = Path(__file__).parent
-SUMMARY_REQUEST = "<start_of_turn>user\nSummarize the meeting so far in two sentences.<end_of_turn>\n<start_of_turn>model\n"
+SUMMARY_REQUEST = ("<start_of_turn>user\nSummarize the meeting so far in two sentences.<end_of_turn>\n"
+                   "<start_of_turn>model\n")
 END_OF_SUMMARY = "<end_of_turn>\n"
 
 

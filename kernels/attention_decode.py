@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
-from .pdl import gdc_launch_dependents, gdc_wait
+from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(m - m_new) defined when a split has no valid key
 
@@ -167,7 +166,7 @@ def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
             tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
 
 
-BLOCK_OVERRIDE: dict = {}  # batch -> keys per tile (default 64), for tuning
+DEFAULT_BLOCK = 64  # keys per tile
 
 
 def splits_for(batch: int, window: int, block: int, target_programs: int = 264) -> tuple[int, int]:
@@ -180,37 +179,31 @@ def splits_for(batch: int, window: int, block: int, target_programs: int = 264) 
 
 
 def attention_decode(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, slots: torch.Tensor,
-                     pos: torch.Tensor, inv_freq: torch.Tensor, num_heads: int, out: torch.Tensor,
-                     scratch: dict | None = None) -> torch.Tensor:
+                     pos: torch.Tensor, inv_freq: torch.Tensor, num_heads: int, out: torch.Tensor, *,
+                     block: int | None = None, pdl: bool = False) -> torch.Tensor:
     """qkv: [B, (H + 2) * hd] = q (H heads) | k | v before RoPE (model dtype);
     ring_k/ring_v: pool rings [S, W, hd] (the current k/v are written at pos % W);
     slots, pos: [B] int64; inv_freq: [hd / 4] float32 RoPE frequencies;
-    out: [B, H * hd] model dtype. scratch: optional preallocated partials
-    (see `attention_scratch`), so the call allocates nothing (CUDA graphs)."""
+    out: [B, H * hd] model dtype. block: keys per tile (default DEFAULT_BLOCK);
+    pdl: launch with programmatic dependent launch (see pdl.py)."""
     batch = qkv.shape[0]
     _, window, hd = ring_k.shape
     hp = max(16, triton.next_power_of_2(num_heads))
-    block = min(BLOCK_OVERRIDE.get(batch, 64), max(16, triton.next_power_of_2(window)))
+    block = min(block or DEFAULT_BLOCK, max(16, triton.next_power_of_2(window)))
     nsplit, split_len = splits_for(batch, window, block)
-    if scratch is None:
-        scratch = attention_scratch(batch, nsplit, hp, hd, qkv.device)
-    m, l, acc = scratch["m"], scratch["l"], scratch["acc"]
-    assert m.numel() >= batch * nsplit * hp, "attention scratch too small"
+    # float32 partial results of the split-KV pass (max, sum, weighted values)
+    m = torch.empty(batch * nsplit * hp, dtype=torch.float32, device=qkv.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(batch * nsplit * hp * hd, dtype=torch.float32, device=qkv.device)
     scale = hd ** -0.5
     ieee = qkv.dtype == torch.float32
+    warps = 8 if hd >= 256 else 4
     _attn_partial_kernel[(batch, nsplit)](
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc,
         window, nsplit, split_len, scale, num_heads, HP=hp, HD=hd, BN=block, ONE_TILE=split_len == block, IEEE=ieee,
-        PDL=pdl.enabled(), num_warps=8 if hd >= 256 else 4, **pdl.launch_kwargs())
+        PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
     _attn_combine_kernel[(batch, num_heads)](
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc, out,
         window, nsplit, scale, num_heads, HP=hp, HD=hd, NSP=triton.next_power_of_2(nsplit),
-        PDL=pdl.enabled(), num_warps=8 if hd >= 256 else 4, **pdl.launch_kwargs())
+        PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
     return out
-
-
-def attention_scratch(batch: int, nsplit: int, hp: int, hd: int, device) -> dict:
-    """Float32 partial results of the split-KV pass for `batch` rows."""
-    return {"m": torch.empty(batch * nsplit * hp, dtype=torch.float32, device=device),
-            "l": torch.empty(batch * nsplit * hp, dtype=torch.float32, device=device),
-            "acc": torch.empty(batch * nsplit * hp * hd, dtype=torch.float32, device=device)}

@@ -33,14 +33,14 @@ before the product (the scale is applied after it), which is closer to exact.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 from .recurrent_decode import _gelu_tanh
-
-from . import pdl
-from .pdl import gdc_launch_dependents, gdc_wait
 
 # epilogues
 PLAIN = tl.constexpr(0)
@@ -51,7 +51,7 @@ SOFTCAP = tl.constexpr(3)
 SRC_X = tl.constexpr(0)  # src[b] (+ delta[b]), normalised if NORM
 SRC_TOKENS = tl.constexpr(1)  # src[token[b]] * emb_scale (the embedding table), normalised
 
-_EPILOGUES = {"plain": 0, "geglu": 1, "conv": 2, "softcap": 3}
+_EPILOGUES = MappingProxyType({"plain": 0, "geglu": 1, "conv": 2, "softcap": 3})
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
         kmask = k < K
         # Two tiles of weights in flight (the one used now and the next), and the
         # input's next tile requested with them: no round trip to L2 waits in
-        # the loop. (A third weight tile lost: more registers, fewer programs.)
+        # the loop.
         w = w_next
         w_next = _weight_tile(w_rows, k + BK, nmask, K)
         if EPI == GEGLU:
@@ -243,21 +243,32 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
         tl.store(out_ptr + out_off, res.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-# (BN, BK, num_warps) per batch-row bucket, measured on an H100 on the 2B shapes
-# (bench/tune_gemv.py per shape, then bench/decode_variants.py on the whole
-# step; bench/NOTES.md). At batch 1 many small programs won (more independent
-# loads in flight per SM); the fused epilogues prefer their own shapes.
-_CONFIGS = {1: (2, 512, 2), 2: (8, 256, 4), 4: (8, 128, 4), 8: (4, 128, 4)}
-_CONFIGS_EPILOGUE = {(1, "conv"): (4, 256, 2), (1, "geglu"): (4, 128, 2), (1, "softcap"): (8, 256, 4)}
-CONFIG_OVERRIDE: dict = {}  # (batch bucket, epilogue, N, K) -> (BN, BK, num_warps), for tuning
 MAX_BATCH = 8
+# (BN, BK, num_warps) at batch 1, per epilogue, tuned on the 2B shapes (bench/dev/tune_gemv.py):
+# many small programs keep more independent loads in flight per SM.
+BATCH1_CONFIGS = MappingProxyType({"plain": (2, 512, 2), "conv": (4, 256, 2), "geglu": (4, 128, 2),
+                                   "softcap": (8, 256, 4)})
+# Triton's interpreter (CPU tests): the cost per program dominates.
+INTERPRETER_CONFIG = (64, 64, 4)
+
+
+def default_config(batch_bucket: int, epilogue: str, on_gpu: bool = True) -> tuple[int, int, int]:
+    """(BN, BK, num_warps) for a call whose batch rounds up to `batch_bucket`.
+    Batches above 1 take the matmul path unless a KernelConfig raises
+    gemv_max_batch; they get an untuned shape that keeps the float32
+    accumulator at 4096 values per program."""
+    if not on_gpu:
+        return INTERPRETER_CONFIG
+    if batch_bucket == 1:
+        return BATCH1_CONFIGS[epilogue]
+    return 8, max(16, 512 // batch_bucket), 4
 
 
 def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: torch.Tensor | None = None,
          delta: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None, eps: float = 1e-6,
          residual_out: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
          emb_scale: float | None = None, epilogue: str = "plain", conv: tuple | None = None,
-         cap: float = 0.0, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         cap: float = 0.0, config: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
     """out[b] = f(input[b] @ weight.T) for a small batch (B <= MAX_BATCH rows).
 
     src: [B, K] input rows (model dtype), or with `tokens` ([B] int64) the
@@ -272,17 +283,16 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     conv_b [L]): out[:, :L] = causal conv of the x half (state shifted in
     place, slot -1 rows untouched), out[:, L:] = the y half; "softcap" -> out
     [B, N] float32 = cap * tanh(logits / cap) (plain cast when cap is 0).
-    out may have a row stride (out.stride(1) must be 1)."""
+    out may have a row stride (out.stride(1) must be 1).
+    config: (BN, BK, num_warps), default `default_config`; pdl: launch with
+    programmatic dependent launch (see pdl.py)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
     n_rows, k = weight.shape
     epi = _EPILOGUES[epilogue]
     n_out = n_rows // 2 if epilogue == "geglu" else n_rows
     bb = triton.next_power_of_2(batch)
-    if config is None and not weight.is_cuda:
-        config = (64, 64, 4)  # Triton's interpreter (CPU tests): per-program cost dominates
-    default = _CONFIGS_EPILOGUE.get((bb, epilogue), _CONFIGS[bb])
-    bn, bk, warps = config or CONFIG_OVERRIDE.get((bb, epilogue, n_rows, k)) or default
+    bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda)
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     if conv is not None:
         conv_state, slots, pos, conv_w, conv_b = conv
@@ -292,7 +302,6 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         convk, lw = 2, 1
     dummy = weight
     grid = (triton.cdiv(n_out, bn),)
-    kwargs = dict(num_warps=warps, **pdl.launch_kwargs())
     _gemv_kernel[grid](
         src, tokens if tokens is not None else dummy, float(emb_scale or 1.0),
         delta if delta is not None else dummy, residual_out if residual_out is not None else dummy,
@@ -303,5 +312,5 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         BB=bb, BN=bn, BK=bk, SRC=1 if tokens is not None else 0, HAS_DELTA=delta is not None,
         NORM=norm_scale is not None, WRITE_RES=residual_out is not None, HAS_BIAS=bias is not None,
         EPI=epi, CONVK=convk, CONVR=triton.next_power_of_2(max(convk - 1, 1)),
-        PDL=pdl.enabled(), **kwargs)
+        PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
     return out

@@ -2,7 +2,7 @@
 trick and the argmax, reading each row's logits once.
 
 The definition (and its pure-PyTorch reference, which these kernels are
-tested against) is `streamgemma.philox`: for row s with stream words
+tested against) is `streamgemma.sampling.philox`: for row s with stream words
 (key0, key1, counter1, counter2) and vocab entry v, Philox4x32-10 of counter
 (v >> 2, counter1, counter2, 0) under key (key0, key1) gives four words; word
 v & 3, w, gives u = (2 * (w >> 9) + 1) * 2**-24, and the token is the smallest
@@ -15,12 +15,8 @@ v maximising x[s, v] / T[s] - log(-log(u)).
 - `_argmax_tiles_kernel`, grid (rows,): the smallest index among the tiles
   that reach the row's maximum.
 Every value of a row depends only on that row's inputs, so a row samples the
-same token alone or in any batch.
-
-H100 (Triton 3.6): 210-250 us for 256 rows of 256,000 entries whatever the
-tile size (128-1024 calls, 2-8 warps; BLOCK 512 / 4 warps kept), about
-1 TB/s of logits: the Philox rounds and the two logs per entry bound it, not
-memory. The host pays ~50 us for the two launches at any batch size.
+same token alone or in any batch. The Philox rounds and the two logs per
+entry bound it, not memory, so the tile size matters little.
 """
 
 from __future__ import annotations
@@ -141,7 +137,7 @@ def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | No
                   block: int | None = None) -> torch.Tensor:
     """The sampled token of every row: argmax over v of x[s, v] / temps[s] -
     log(-log(u[s, v])), the smallest v on ties, u from row s's Philox stream
-    (see the module docstring; `streamgemma.philox.gumbel_argmax_reference`
+    (see the module docstring; `streamgemma.sampling.philox.gumbel_argmax_reference`
     is the same function in PyTorch).
 
     x: float32 [S, V], any row stride, column stride 1 (a view of the first V
@@ -181,7 +177,7 @@ def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | No
 def philox_words(words: torch.Tensor, vocab: int, block: int = 64) -> torch.Tensor:
     """Raw 32-bit words, as the sampling kernel draws them: int64 [S, 4 *
     ceil(vocab / 4)] (entry v of row s at [s, v]), for testing the kernel's
-    Philox against `streamgemma.philox.noise_words`. words: int64 [S, 4]."""
+    Philox against `streamgemma.sampling.philox.noise_words`. words: int64 [S, 4]."""
     rows = words.shape[0]
     calls = triton.cdiv(vocab, 4)
     out = torch.empty(rows, 4 * calls, dtype=torch.int64, device=words.device)

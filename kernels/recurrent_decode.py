@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
-from .pdl import gdc_launch_dependents, gdc_wait
+from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 
 
 @triton.jit
@@ -63,9 +62,6 @@ def conv1d_decode(xy: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tenso
     _conv1d_decode_kernel[(batch, triton.cdiv(width, block))](
         xy, xy.stride(0), conv_state, slots, pos, w, b, out, width, K=k, BLOCK=block)
     return out
-
-
-LAUNCH_OVERRIDE: dict = {}  # "rglru" -> (channels per program, num_warps), for tuning
 
 
 @triton.jit
@@ -132,23 +128,31 @@ def _rglru_decode_kernel(xc_ptr, xc_stride, y_ptr, y_stride, h_ptr, slots_ptr, p
 
 def rglru_decode(xc: torch.Tensor, y: torch.Tensor, h_state: torch.Tensor, slots: torch.Tensor,
                  pos: torch.Tensor, wx: torch.Tensor, bx: torch.Tensor, wa: torch.Tensor, ba: torch.Tensor,
-                 neg8_softplus_a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                 neg8_softplus_a: torch.Tensor, out: torch.Tensor, *, launch: tuple[int, int] | None = None,
+                 pdl: bool = False) -> torch.Tensor:
     """xc: conv output [B, L]; y: linear_y's output (pre-gelu); both [B, L]
     views whose rows may be strided; h_state: pool [S, L] float32 (updated in place);
     wx/wa: gate weights [H, bw, bw] ([in, out] per block); bx/ba: [H, bw];
     neg8_softplus_a: -8 * softplus(a_param) [L] float32; out: [B, L] model
-    dtype = h.to(dtype) * gelu_tanh(y) (zeros in padding rows)."""
+    dtype = h.to(dtype) * gelu_tanh(y) (zeros in padding rows).
+    launch: (channels per program, num_warps), default `default_launch`;
+    pdl: launch with programmatic dependent launch (see pdl.py)."""
     batch, width = xc.shape
     heads, bw, _ = wx.shape
     bwp = max(16, triton.next_power_of_2(bw))
     # Each program reads its gate-weight tile once for BB rows: larger batches take
     # more rows per program so the weights are not re-read for every 16 rows.
     bb = 16 if batch <= 16 else (32 if batch <= 32 else 64)
-    # 8 warps at small batch: a batch-1 step 17 us faster on an H100 (bench/NOTES.md)
-    bj, warps = LAUNCH_OVERRIDE.get("rglru", (32, 8 if bb == 16 else 4))
+    bj, warps = launch or default_launch(bb)
     bj = min(bj, bwp)
     _rglru_decode_kernel[(triton.cdiv(batch, bb), heads, triton.cdiv(bw, bj))](
         xc, xc.stride(0), y, y.stride(0), h_state, slots, pos, wx, bx, wa, ba, neg8_softplus_a, out,
-        batch, width, bw, BWP=bwp, BJ=bj, BB=bb, IEEE=xc.dtype == torch.float32, PDL=pdl.enabled(), num_warps=warps,
-        **pdl.launch_kwargs())
+        batch, width, bw, BWP=bwp, BJ=bj, BB=bb, IEEE=xc.dtype == torch.float32, PDL=pdl, num_warps=warps,
+        **launch_kwargs(pdl))
     return out
+
+
+def default_launch(rows_per_program: int) -> tuple[int, int]:
+    """(channels per program, num_warps) of `rglru_decode`: more warps while
+    few rows share a program (the small-batch step is latency-bound)."""
+    return 32, 8 if rows_per_program == 16 else 4

@@ -14,7 +14,7 @@ _EXPORTS = {
     "Model": "session.model", "load": "session.model",
     "Session": "session.session", "Chat": "session.chat",
     "SnapshotStore": "session.store", "DirectorySnapshotStore": "session.store",
-    "SamplingParams": "sampling.params",
+    "SamplingParams": "sampling.params", "KernelConfig": "fast.tuning",
     "Engine": "serve.engine", "EngineError": "serve.record",
     "Server": "serve.server", "Limits": "serve.server", "serve_in_thread": "serve.server",
     "Client": "client.client", "ClientSession": "client.client", "ServerError": "client.client",

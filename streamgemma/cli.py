@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 EPILOG = """examples:
   streamgemma generate "The tide" --max-tokens 50      # the bundled demo model
@@ -82,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint: "
                             "architecture preset, parameter count, dtype, tokenizer, state per session.")
     model_args(p)
+
+    p = commands.add_parser("bench", help="benchmarks: decode, prefill, serve, resume, snapshot",
+                            add_help=False, prefix_chars="\0")  # every argument goes to `streamgemma.bench`
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -192,9 +197,8 @@ def _serve(args: argparse.Namespace) -> None:
     if model.device.type == "cuda":
         log.info("compiling kernels and capturing decode graphs for up to %d sessions ...", args.max_active)
         log.info("ready after %.1f s", model.warm_up(args.max_active))
-    # What exists now (modules, the model, compiled kernels) lives as long as the
-    # process: freezing it keeps the collector's full passes from walking it each
-    # time (at 256 streams on an H100 such a pass stalled every stream ~85 ms).
+    # What exists now lives as long as the process: frozen, the collector's full
+    # passes stop walking it and stalling every stream (bench/NOTES.md).
     gc.collect()
     gc.freeze()
     server = Server(Engine(model, max_active=args.max_active, store=store), host=args.host, port=args.port,
@@ -221,6 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import StreamgemmaError
 
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        bench_main(args.bench_args)
+        return 0
     try:
         if args.command == "info":
             _info(args, sys.stdout)

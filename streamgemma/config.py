@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -95,7 +96,7 @@ class GriffinConfig:
         return tuple(_PRESETS)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "GriffinConfig":
+    def preset(cls, name: str, **overrides: Any) -> GriffinConfig:
         """A named preset: recurrentgemma-2b, recurrentgemma-9b, griffin-7b, hawk-7b, tiny."""
         if name not in _PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(_PRESETS)}")
@@ -110,7 +111,7 @@ class GriffinConfig:
                 return name
         return None
 
-    def replace(self, **changes: Any) -> "GriffinConfig":
+    def replace(self, **changes: Any) -> GriffinConfig:
         return dataclasses.replace(self, **changes)
 
     # -- serialisation -----------------------------------------------------------
@@ -120,7 +121,7 @@ class GriffinConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GriffinConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> GriffinConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -169,7 +170,7 @@ class GriffinConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> "GriffinConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> GriffinConfig:
         """Build from a Hugging Face RecurrentGemma `config.json` mapping."""
         model_type = d.get("model_type")
         if model_type not in (None, "recurrent_gemma"):
@@ -223,7 +224,7 @@ class GriffinConfig:
 
     @classmethod
     def from_official_shapes(cls, shapes: Mapping[str, tuple[int, ...]], source: str = "state dict",
-                             **hypers: Any) -> "GriffinConfig":
+                             **hypers: Any) -> GriffinConfig:
         """Infer the config of an official (Kaggle) PyTorch state dict from its shapes.
 
         Shapes do not carry the window, the soft cap or the embedding scaling:

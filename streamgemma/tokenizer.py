@@ -5,8 +5,8 @@ format."""
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .errors import CheckpointError
 
@@ -35,7 +35,7 @@ class Tokenizer:
         self._strip_mode = self._probe_first_space_rule()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
+    def from_file(cls, path: str | Path) -> Tokenizer:
         p = Path(path)
         try:
             data = p.read_bytes()
@@ -89,7 +89,7 @@ class Tokenizer:
         """Text of token ids (invalid UTF-8 from byte pieces becomes U+FFFD, one per byte)."""
         return self._sp.DecodeIds(self.check_ids(ids))
 
-    def detokenizer(self) -> "Detokenizer":
+    def detokenizer(self) -> Detokenizer:
         """A fresh incremental detokenizer for a stream that starts at position 0."""
         return Detokenizer(self)
 
@@ -138,7 +138,7 @@ class Detokenizer:
         self._at_start = True  # the first-piece rule may still apply
 
     @classmethod
-    def resume(cls, tokenizer: Tokenizer, recent_ids: list[int], pending: bytes, window: int) -> "Detokenizer":
+    def resume(cls, tokenizer: Tokenizer, recent_ids: list[int], pending: bytes, window: int) -> Detokenizer:
         """A detokenizer in the state it had after `recent_ids` (the last
         `window` ids at most) with `pending` bytes still undecoded."""
         d = cls(tokenizer)
@@ -150,7 +150,7 @@ class Detokenizer:
         d.pending = bytearray(pending)
         return d
 
-    def copy(self) -> "Detokenizer":
+    def copy(self) -> Detokenizer:
         """An independent copy (for `Session.fork`)."""
         d = Detokenizer.__new__(Detokenizer)
         d.__dict__.update(self.__dict__)

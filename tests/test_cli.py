@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
+from textfixtures import saved_model_dir  # noqa: F401 (fixture)
 
 from streamgemma.cli import main
-from textfixtures import saved_model_dir  # noqa: F401 (fixture)
-from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +48,7 @@ def test_generate(capsys, monkeypatch, saved_model_dir):
     assert rc == 0, err
 
 
+@pytest.mark.slow
 def test_chat_with_piped_stdin_in_a_subprocess(saved_model_dir):
     env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "streamgemma.cli", "chat", "--model", str(saved_model_dir),

@@ -69,6 +69,7 @@ def test_demo_loads_with_its_tokenizer_and_provenance(demo):
     assert size <= 20 * 2**20, f"the demo directory is {size / 2**20:.1f} MiB"
 
 
+@pytest.mark.slow
 def test_heldout_loss_matches_the_recorded_value(demo):
     recorded = json.loads((demo_path() / "metrics.json").read_text())["sample_loss_nats_per_token"]
     loss, count = sample_loss(demo, sample_documents())

@@ -7,10 +7,10 @@ from __future__ import annotations
 import anyio
 import pytest
 import torch
-
-from streamgemma.serve.engine import Engine
-from streamgemma.sampling.params import SamplingParams
 from textfixtures import text_model
+
+from streamgemma.sampling.params import SamplingParams
+from streamgemma.serve.engine import Engine
 
 PROMPTS = ["the quick brown fox", "hello world", "stream gemma token", "café naïve über", "jumps over lazy dog",
            "123 4567 . , ! ?"]
@@ -180,7 +180,8 @@ def test_short_input_on_an_idle_engine_is_consumed_in_decode_rows(host_work_in_l
         expected_ids.append([t.id for t in s.generate(max_tokens=5, seed=9, stop_token_ids=[])])
 
     async def main():
-        engine = Engine(model, max_active=2, idle_step_input_tokens=4, host_work="loop" if host_work_in_loop else "thread")
+        engine = Engine(model, max_active=2, idle_step_input_tokens=4,
+                        host_work="loop" if host_work_in_loop else "thread")
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
             a, b = await engine.open(), await engine.open()

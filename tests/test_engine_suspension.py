@@ -11,12 +11,12 @@ import threading
 import anyio
 import pytest
 import torch
+from textfixtures import text_model
 
 import streamgemma as sg
+from streamgemma.sampling.params import SamplingParams
 from streamgemma.serve.engine import Engine
 from streamgemma.serve.offload import MemoryStore
-from streamgemma.sampling.params import SamplingParams
-from textfixtures import text_model
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 

@@ -3,10 +3,10 @@
 import anyio
 import pytest
 import torch
+from textfixtures import model, text_model, trained_tokenizer  # noqa: F401 (fixture)
 
 import streamgemma as sg
 from streamgemma.session.host import RECENT_IDS_WINDOW
-from textfixtures import model, text_model, trained_tokenizer  # noqa: F401 (fixture)
 
 PROMPT = "the quick brown fox 東京 😀"
 

@@ -3,10 +3,10 @@ fork and snapshots. Skipped where there is no GPU (CI); run on the GPU machine."
 
 import pytest
 import torch
-
-import streamgemma as sg
 from conftest import random_tokens
 from reference import rel_err
+
+import streamgemma as sg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -62,21 +62,19 @@ def test_dependent_launches_change_no_result():
     """The batch-1 graphed step (fused GEMV path) with programmatic dependent
     launch on and off: identical logits step after step (a kernel touching an
     earlier kernel's output before its wait would race)."""
+    from streamgemma.fast.tuning import KernelConfig
     from streamgemma.kernels import pdl
 
     if not pdl.supported():
         pytest.skip("needs compute capability 9.0+")
     tokens = random_tokens(40, 256, seed=8)
     outs = []
-    try:
-        for on in (True, False):
-            pdl.set_enabled(on)
-            model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=7, device="cuda", dtype="bfloat16")
-            s = model.session()
-            s.feed(tokens[:5])
-            outs.append(torch.stack([s.step(t).clone() for t in tokens[5:]]))
-    finally:
-        pdl.set_enabled(None)
+    for on in (True, False):
+        model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=7, device="cuda", dtype="bfloat16",
+                                kernel_config=KernelConfig(pdl=on))
+        s = model.session()
+        s.feed(tokens[:5])
+        outs.append(torch.stack([s.step(t).clone() for t in tokens[5:]]))
     assert torch.equal(outs[0], outs[1])
 
 

@@ -7,10 +7,10 @@ poisoned with NaN first so an unwritten element fails the comparison."""
 
 import pytest
 import torch
-
-import streamgemma as sg
 from conftest import random_tokens
 from reference import rel_err
+
+import streamgemma as sg
 from streamgemma.fast.decode import KernelDecoder
 from streamgemma.fast.fused_weights import FusedWeights
 from streamgemma.model.pool import StatePool
@@ -76,6 +76,7 @@ def test_decode_step_matches_reference_mixed_positions_and_padding(dtype, path):
             assert rel_err(ft, rt) < TOL[dtype]  # live slots updated alike, idle slots untouched
 
 
+@pytest.mark.slow
 def test_sessions_with_kernels_equal_reference_across_ring_wraps():
     cfg = sg.GriffinConfig.preset("tiny")
     ref = sg.Model.random(cfg, seed=6, device=DEV, dtype="float32", kernels=False)
@@ -95,7 +96,8 @@ def test_kernel_decode_refused_where_it_cannot_run(monkeypatch):
         sg.Model.random(sg.GriffinConfig.preset("tiny"), device="cpu", kernels=True)
 
 
-def _check_step_against_reference(cfg, seed: int, capacity: int, slots: list[int], positions: list[int]):
+def _check_step_against_reference(cfg, seed: int, capacity: int, slots: list[int], positions: list[int],
+                                  kernel_config=None):
     """Random pools of `capacity` slots in two models with the same weights; one
     KernelDecoder step on the given rows vs the reference step: logits and every
     slot's state (rows not decoded must be untouched)."""
@@ -107,7 +109,7 @@ def _check_step_against_reference(cfg, seed: int, capacity: int, slots: list[int
         random_pool(m, seed=seed + 1)
     tokens = random_tokens(len(slots), cfg.vocab_size, seed=seed + 2)
     want = reference_step(ref, tokens, slots, positions)
-    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
+    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network), kernel_config)
     as_t = lambda v: torch.tensor(v, device=DEV)  # noqa: E731
     got = decoder.step(as_t(tokens), as_t(slots), as_t(positions))
     assert rel_err(got, want) < TOL[torch.float32]
@@ -116,6 +118,7 @@ def _check_step_against_reference(cfg, seed: int, capacity: int, slots: list[int
             assert rel_err(ft, rt) < TOL[torch.float32]
 
 
+@pytest.mark.slow
 def test_decode_step_matches_reference_at_a_larger_batch():
     """40 rows: the RG-LRU kernel then takes 64 rows per program; every other row is idle."""
     _check_step_against_reference(sg.GriffinConfig.preset("tiny"), seed=5, capacity=80,
@@ -129,16 +132,18 @@ def test_attention_splits_of_several_key_tiles_match_reference(monkeypatch, batc
     need a longer window, 16-key tiles and few splits for that: 2 splits of 32."""
     import dataclasses
 
+    from streamgemma.fast.tuning import KernelConfig
     from streamgemma.kernels import attention_decode
 
     cfg = dataclasses.replace(sg.GriffinConfig.preset("tiny"), attention_window=64)
-    monkeypatch.setitem(attention_decode.BLOCK_OVERRIDE, batch, 16)
     monkeypatch.setattr(attention_decode, "splits_for", lambda b, window, block, target_programs=264: (2, 32))
     # inside the first tile, across both splits, past several wraps of the ring
     _check_step_against_reference(cfg, seed=8, capacity=4, slots=[0, 2, 3][:batch],
-                                  positions=[5, 40, 3 * 64 + 7][-batch:])
+                                  positions=[5, 40, 3 * 64 + 7][-batch:],
+                                  kernel_config=KernelConfig(attention_blocks={batch: 16}))
 
 
+@pytest.mark.slow
 def test_prefill_with_kernels_equals_reference_steps_for_any_split():
     """feed() on the Triton scan + fused attention vs the reference one-token path:
     splits straddling ring wraps, starting at position 0 and mid-session."""

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_tokens
+from reference import hf_model, official_griffin, rel_err
 from safetensors.torch import load_file, save_file
 
 import streamgemma as sg
-from conftest import random_tokens
-from reference import hf_model, official_griffin, rel_err
 from streamgemma.model.griffin import Griffin
 
 
@@ -112,7 +112,8 @@ def test_save_load_round_trip_with_tokenizer_and_shards(tmp_path):
 def test_dtype_and_fingerprint(hf_dir):
     f32 = sg.load(hf_dir, dtype="float32")
     bf16 = sg.load(hf_dir, dtype=torch.bfloat16)
-    assert bf16.dtype == torch.bfloat16 and bf16.network.blocks[0].recurrent_block.linear_x.weight.dtype == torch.bfloat16
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.network.blocks[0].recurrent_block.linear_x.weight.dtype == torch.bfloat16
     assert f32.fingerprint == bf16.fingerprint  # same weights, whatever the dtype
     other = sg.Model.random(f32.config, seed=99)
     assert other.fingerprint != f32.fingerprint

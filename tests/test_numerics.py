@@ -9,10 +9,10 @@ import functools
 
 import pytest
 import torch
-
-import streamgemma as sg
 from conftest import random_tokens
 from reference import hf_logits, hf_model, official_griffin, official_logits, rel_err
+
+import streamgemma as sg
 
 CPU = "cpu"
 TOL = 1e-4  # float32: max |ours - ref| / max |ref| over all positions
@@ -120,7 +120,7 @@ def test_batched_decode_rows_at_different_positions():
     for s, p in zip(sessions, prompts):
         s.feed(p)
     alone = []
-    for s, p in zip(sessions, prompts):
+    for p in prompts:
         twin = model.session()
         twin.feed(p)
         alone.append(twin.step(5))

@@ -10,12 +10,12 @@ import struct
 
 import pytest
 import torch
+from textfixtures import model  # noqa: F401 (fixture)
 
 import streamgemma as sg
 from streamgemma.sampling import philox
-from streamgemma.session import snapshot as snapshot_format
 from streamgemma.sampling.philox import RandomStream
-from textfixtures import model  # noqa: F401 (fixture)
+from streamgemma.session import snapshot as snapshot_format
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MASK = 0xFFFFFFFF
@@ -169,8 +169,8 @@ def test_kernel_row_alone_equals_row_in_batch():
 def test_sampling_on_cuda_picks_the_cpu_tokens():
     """The same logits and streams on the CPU (reference) and CUDA (kernel):
     the same tokens, up to near-ties that the log's last bit may break apart."""
-    from streamgemma.sampling.sampler import SampleRow, sample_rows
     from streamgemma.sampling.params import SamplingParams
+    from streamgemma.sampling.sampler import SampleRow, sample_rows
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 4099, generator=g) * 3

@@ -5,11 +5,12 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from streamgemma.sampling.params import SamplingParams
 from streamgemma.sampling.philox import RandomStream
 from streamgemma.sampling.sampler import PendingIds, SampleRow, apply_penalties, sample, sample_rows
-from streamgemma.sampling.params import SamplingParams
 from streamgemma.sampling.stops import StopStrings
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import anyio
 import pytest
 import websockets
+from conftest import subprocess_env
+from textfixtures import saved_model_dir, text_model  # noqa: F401 (fixture)
 from websockets.asyncio.client import connect
 
 import streamgemma as sg
-from streamgemma.serve.engine import Engine
 from streamgemma.sampling.params import SamplingParams
+from streamgemma.serve.engine import Engine
 from streamgemma.serve.server import Limits, Server, serve_in_thread
-from textfixtures import saved_model_dir, text_model  # noqa: F401 (fixture)
-from conftest import subprocess_env
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 NO_STOP = []  # stop_token_ids=[]: generations run to max_tokens, so lengths are known
@@ -93,7 +93,7 @@ def test_long_append_is_interleaved_with_other_sessions_decoding():
     long_input = model.tokenizer.encode(" ".join([PROMPT] * 60))  # many prefill chunks
 
     async def main():
-        engine = Engine(model, max_active=4, prefill_chunk=32)
+        engine = Engine(model, max_active=4, input_chunk=32)
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
             talker, listener = await engine.open(), await engine.open()

@@ -1,11 +1,12 @@
 """The streaming detokenizer against SentencePiece's own decode, and the chat format."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from textfixtures import UNSEEN_TEXT, tokenizer, trained_tokenizer  # noqa: F401 (fixture)
 
 import streamgemma as sg
 from streamgemma.tokenizer import Detokenizer, gemma_model_prefix, gemma_turn
-from textfixtures import UNSEEN_TEXT, trained_tokenizer, tokenizer  # noqa: F401 (fixture)
 
 MULTIBYTE = ["café naïve über", "東京 日本語", "hello 😀 world 🎉", UNSEEN_TEXT, " leading space", "  two", "a\nb\n\nc"]
 

@@ -27,7 +27,7 @@ def corpus(lines: int = 2000, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(lines)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_tokenizer(gemma_like: bool = True) -> sg.Tokenizer:
     """A SentencePiece BPE model with Gemma's special ids (pad 0, eos 1, bos 2,
     unk 3) and chat symbols. gemma_like: no dummy prefix and no whitespace

@@ -3,12 +3,13 @@ shapes, random bf16 weights): each variant's logits and state against the
 PyTorch reference step, then its graph replay time and step-loop time, the
 variants taken in turn for several rounds so drift shows.
 
-A variant is a set of GEMV block shapes (`kernels/gemv.py`'s CONFIG_OVERRIDE,
-see VARIANTS), RG-LRU launch shapes (RGLRU), attention key tiles (ATTN), or
-"nopdl" (plain launches); "+" joins them, "base" is the defaults. An older checkout can be timed by the same script ("base"), in its
+A variant is a `KernelConfig` (streamgemma/fast/tuning.py) built from parts:
+GEMV block shapes (VARIANTS), RG-LRU launch shapes (RGLRU), attention key
+tiles (ATTN), or "nopdl" (plain launches); "+" joins them, "base" is the
+defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
-    python bench/decode_variants.py [--variants base,up4x256+xy8x256] [--positions 100,3000]
+    python bench/dev/decode_variants.py [--variants base,up4x256+xy8x256] [--positions 100,3000]
                                     [--rounds 2] [--batches 64,256] [--json out.json]
 """
 
@@ -21,9 +22,11 @@ import time
 import torch
 
 import streamgemma as sg
-from decode import fill_random_state, graph_replay_ms, random_model, time_decode
+from streamgemma.bench.decode import time_decode
+from streamgemma.fast.tuning import KernelConfig
+from streamgemma.model.griffin import Griffin
 
-# name: CONFIG_OVERRIDE entries, keyed (batch bucket, epilogue, N, K) at 2B shapes, batch 1
+# name: KernelConfig.gemv_blocks entries, keyed (batch bucket, epilogue, N, K) at 2B shapes, batch 1
 XY, UP, LM = (1, "conv", 5120, 2560), (1, "geglu", 15360, 2560), (1, "softcap", 256000, 2560)
 DOWN, OUT, QKV = (1, "plain", 2560, 7680), (1, "plain", 2560, 2560), (1, "plain", 3072, 2560)
 VARIANTS = {"base": {}, "nopdl": {},
@@ -36,25 +39,58 @@ RGLRU = {"rg16": (16, 4), "rg64": (64, 4), "rg32w4": (32, 4), "rg32w8": (32, 8),
 ATTN = {"att32": 32, "att16": 16}
 
 
-def apply(model: sg.Model, name: str) -> None:
-    """Set the variant's block shapes and drop captured graphs (they hold the old kernels)."""
-    from streamgemma.kernels import gemv, pdl
+def random_model(cfg: sg.GriffinConfig, dtype=torch.bfloat16) -> sg.Model:
+    """Random weights drawn on the GPU (a 2B model in seconds)."""
+    with torch.device("meta"):
+        net = Griffin(cfg, dtype=dtype)
+    net = net.to_empty(device="cuda")
+    net.init_random_(torch.Generator(device="cuda").manual_seed(0))
+    return sg.Model(net, source="random 2B shapes")
 
-    from streamgemma.kernels import attention_decode, recurrent_decode
 
-    gemv.CONFIG_OVERRIDE.clear()
-    recurrent_decode.LAUNCH_OVERRIDE.clear()
-    attention_decode.BLOCK_OVERRIDE.clear()
-    for part in name.split("+"):
+def fill_random_state(model: sg.Model, slots: list[int], position: int) -> None:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for layer in model.pool.layers:
+        for t in layer:
+            t.copy_(torch.randn(t.shape, generator=g, device="cuda").to(t.dtype) * 0.5)
+    for s in slots:
+        model.pool.positions[s] = position
+
+
+def graph_replay_ms(model: sg.Model, replays: int = 200, reps: int = 5) -> float:
+    """GPU time of one batch-1 step: median over `reps` of back-to-back replays
+    of the captured batch-1 graph."""
+    graph = model._graphed._graphs[1]["graph"]
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / replays)
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_config(name: str) -> KernelConfig:
+    """The KernelConfig of a variant name ("+" joins parts)."""
+    parts = name.split("+")
+    gemv_blocks, attention_blocks, rglru_launch = {}, {}, None
+    for part in parts:
         if part in RGLRU:
-            recurrent_decode.LAUNCH_OVERRIDE["rglru"] = RGLRU[part]
+            rglru_launch = RGLRU[part]
         elif part in ATTN:
-            attention_decode.BLOCK_OVERRIDE[1] = ATTN[part]
+            attention_blocks[1] = ATTN[part]
         else:
-            gemv.CONFIG_OVERRIDE.update(VARIANTS[part])
-    pdl.set_enabled(False if "nopdl" in name.split("+") else None)
-    if model._graphed is not None:
-        model._graphed._graphs.clear()
+            gemv_blocks.update(VARIANTS[part])
+    return KernelConfig(gemv_blocks=gemv_blocks, attention_blocks=attention_blocks, rglru_launch=rglru_launch,
+                        pdl=False if "nopdl" in parts else None)
+
+
+def apply(model: sg.Model, name: str) -> None:
+    """Switch the model to the variant: its next decode builds a new decoder and captures new graphs."""
+    model.kernel_config = kernel_config(name)
 
 
 def check(model: sg.Model, ref: sg.Model, position: int) -> dict:

@@ -10,14 +10,14 @@ delivering it to the session's stream.
 Two figures per batch size B (all B sessions generating):
   worker  the engine's host work of the model call (sample, decode launch,
           keep rows, accept; on the CPU also the model's arithmetic)
-  tick    `Engine._tick` as the scheduler runs it (worker + thread hop +
+  tick    `Engine.tick` as the scheduler runs it (worker + thread hop +
           delivering B tokens to their streams)
 each as microseconds per session per tick, and the tick in milliseconds.
 
-    python bench/engine_tick.py                          # CPU, vocab 256000, B = 1, 16, 64, 256
-    python bench/engine_tick.py --device cuda            # the GPU: sampling runs there
-    python bench/engine_tick.py --vocab 512 --mix mixed --tokenizer demo
-    python bench/engine_tick.py --device cuda --preset 2b --batches 256 --trace --ticks 20
+    python bench/dev/engine_tick.py                          # CPU, vocab 256000, B = 1, 16, 64, 256
+    python bench/dev/engine_tick.py --device cuda            # the GPU: sampling runs there
+    python bench/dev/engine_tick.py --vocab 512 --mix mixed --tokenizer demo
+    python bench/dev/engine_tick.py --device cuda --preset 2b --batches 256 --trace --ticks 20
                       # the real model's decode (no stub): the engine's whole tick,
                       # and with --trace where the GPU's time per tick goes
 
@@ -44,7 +44,7 @@ accept (recent ids, detokenizer, stop checks) and the Token.
 The figures above were taken with a torch.Generator per session (one
 exponential_ per sampled row). Sampling now draws its noise from each
 session's Philox stream: one kernel for all rows on CUDA (no per-row
-launch; bench/sampling.py times that step alone: on an H100 its host cost
+launch; sampling.py times that step alone: on an H100 its host cost
 for 256 rows fell from 3.4 to 0.56 ms); on the CPU the PyTorch reference of
 that noise costs about 9 ms per row at vocab 256,000 on the same VM (the
 int64 Philox rounds), a little more than exponential_ did. This benchmark
@@ -60,8 +60,8 @@ import anyio
 import torch
 
 import streamgemma as sg
-from streamgemma.serve.engine import Engine
 from streamgemma.sampling.params import SamplingParams
+from streamgemma.serve.engine import Engine
 
 MIXED = (
     dict(temperature=0.0),
@@ -117,12 +117,11 @@ def sync(device: str) -> None:
 
 async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str, device: str,
                   in_loop: bool = False, profile=None, stub: bool = True, trace=None) -> tuple[float, float]:
-    engine = Engine(model, max_active=batch)
-    if in_loop:
-        engine._host_work_in_loop = True  # the CUDA arrangement: host work on the loop's thread
+    # in_loop: the CUDA arrangement, host work on the loop's thread
+    engine = Engine(model, max_active=batch, host_work="loop" if in_loop else None)
     sessions = []
     prompt = [2] + [10 + k % 50 for k in range(2 if stub else 126)] + [20]
-    for i in range(batch):
+    for _ in range(batch):
         es = await engine.open()
         await anyio.to_thread.run_sync(es.live.feed, prompt)
         sessions.append(es)
@@ -131,23 +130,23 @@ async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str
     streams = [await engine.generate(es, params_for(mix, i, warmup + ticks + 2)) for i, es in enumerate(sessions)]
 
     for _ in range(warmup):
-        await engine._tick()
+        await engine.tick()
     sync(device)
-    phases = dict(engine.phase_seconds)
+    phases = dict(engine.stats.phase_seconds)
     if profile is not None:
         profile.enable()
     if trace is not None:
         trace.start()
     start = time.perf_counter()
     for _ in range(ticks):
-        await engine._tick()
+        await engine.tick()
     sync(device)
     tick_time = time.perf_counter() - start
     if profile is not None:
         profile.disable()
     if trace is not None:
         trace.stop()
-    assert engine.decoded_tokens == (warmup + ticks) * batch, "every session generated on every tick"
+    assert engine.stats.decoded_tokens == (warmup + ticks) * batch, "every session generated on every tick"
     for stream in streams:
         await stream.aclose()
     for es in sessions:
@@ -155,7 +154,7 @@ async def measure(model: sg.Model, batch: int, ticks: int, warmup: int, mix: str
     if stub:
         del model.decode
     # the host's model work: everything but the wait for the device's ids
-    worker_time = sum(engine.phase_seconds[k] - phases[k] for k in ("sample", "decode"))
+    worker_time = sum(engine.stats.phase_seconds[k] - phases[k] for k in ("sample", "decode"))
     return worker_time / ticks, tick_time / ticks
 
 

@@ -4,7 +4,7 @@ alone against the whole generate loop (sampling, copies, bookkeeping), for
 several rounds. With --trace, the GPU work of a few
 generated tokens outside the decode graph, by name (profiler).
 
-    python bench/generate_overhead.py [--tokens 256] [--rounds 3] [--trace] [--json out.json]
+    python bench/dev/generate_overhead.py [--tokens 256] [--rounds 3] [--trace] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,7 +15,24 @@ import json
 import torch
 
 import streamgemma as sg
-from decode import graph_replay_ms, random_model, time_generate
+from streamgemma.bench.decode import time_generate
+
+
+def graph_replay_ms(model: sg.Model, replays: int = 200, reps: int = 5) -> float:
+    """GPU time of one batch-1 step: the median over `reps` of the mean time of
+    `replays` back-to-back replays of the captured batch-1 graph (captured by
+    an earlier batch-1 decode; it replays its last inputs)."""
+    graph = model._graphed._graphs[1]["graph"]
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / replays)
+    return sorted(times)[len(times) // 2]
 
 
 def trace(model: sg.Model, tokens: int = 16) -> dict:
@@ -44,10 +61,11 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"))
+    model = sg.Model.random(sg.GriffinConfig.preset("recurrentgemma-2b"), device="cuda", dtype="bfloat16")
     results = {"device": torch.cuda.get_device_name(), "rows": []}
     for rnd in range(args.rounds):
-        row = {"round": rnd, "generate_ms": time_generate(model, args.tokens) * 1e3, "replay_ms": graph_replay_ms(model)}
+        row = {"round": rnd, "generate_ms": time_generate(model, args.tokens) * 1e3,
+               "replay_ms": graph_replay_ms(model)}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     if args.trace:

@@ -2,7 +2,7 @@
 kernel time by kernel name from the PyTorch profiler (eager step), the graph
 replay alone, and the full `Model.decode` call (host work included).
 
-    python bench/profile_decode.py [--batch 1]
+    python bench/dev/profile_decode.py [--batch 1]
 """
 
 import argparse
@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import streamgemma as sg
-from decode import fill_random_state, random_model
+from streamgemma.bench.decode import sessions_at
 
 
 def median_ms(fn, n=50):
@@ -31,10 +31,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     cfg = sg.GriffinConfig.preset("recurrentgemma-2b")
-    model = random_model(cfg)
-    sessions = [model.session() for _ in range(args.batch)]
+    model = sg.Model.random(cfg, device="cuda", dtype="bfloat16")
+    sessions = sessions_at(model, args.batch, 100)  # held: a collected session frees its slot
     slots = [s.slot for s in sessions]
-    fill_random_state(model, slots, 100)
     tokens = [1] * args.batch
     model.decode(slots, tokens)  # builds the decoder, captures the graph
     dec = model._kernel_decoder

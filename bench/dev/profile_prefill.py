@@ -1,7 +1,7 @@
 """Where a prefill (`Session.feed`) spends its time, RecurrentGemma-2B shapes, bf16:
 wall time for several prompt lengths and the profiler's top operators.
 
-    python bench/profile_prefill.py [--tokens 512] [--chunk 2048]
+    python bench/dev/profile_prefill.py [--tokens 512] [--chunk 2048]
 """
 
 import argparse
@@ -11,7 +11,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import streamgemma as sg
-from decode import random_model
 
 
 def main():
@@ -19,7 +18,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=2048)
     args = ap.parse_args()
-    model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"))
+    model = sg.Model.random(sg.GriffinConfig.preset("recurrentgemma-2b"), device="cuda", dtype="bfloat16")
     model.prefill_chunk = args.chunk
     ids = torch.randint(3, 256_000, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
     # each length twice: the first call of a new length shows any per-shape set-up cost

@@ -2,9 +2,9 @@
 one session of a real model shape (default RecurrentGemma-2B, bfloat16
 state, random values; no weights needed).
 
-    python bench/resume_parts.py                         # CPU
-    python bench/resume_parts.py --device cuda           # state on the GPU
-    python bench/resume_parts.py --store /mnt/disk/dir   # where the files go
+    python bench/dev/resume_parts.py                         # CPU
+    python bench/dev/resume_parts.py --device cuda           # state on the GPU
+    python bench/dev/resume_parts.py --store /mnt/disk/dir   # where the files go
 
 Suspension, as the engine does it: `capture` (the slot's state and host
 state copied to host memory: what the engine waits for), then in its writer
@@ -12,7 +12,7 @@ thread `encode_contents` (msgpack, zstd) and `DirectorySnapshotStore.put`
 (temp file, fsync, rename, directory fsync). Restore: `store.get`, `decode`
 (zstd decompress, msgpack unpack, validation), `load_into` (into a slot);
 from a capture still held in memory only `load_into`. Each at two
-positions: --position (default 68: bench/serve_resume.py's sessions) and a
+positions: --position (default 68: `streamgemma bench resume`'s sessions) and a
 full attention window, and at zstd level 1 (the format's default) and the
 engine's suspension level.
 """
@@ -23,23 +23,43 @@ import argparse
 import shutil
 import statistics
 import tempfile
+import time
 
 import msgpack
 import torch
 import zstandard
 
 import streamgemma as sg
-from streamgemma.session import snapshot as snapshot_format
-from streamgemma.serve.engine import SUSPEND_COMPRESSION_LEVEL
+from streamgemma.config import ATTENTION
 from streamgemma.model.pool import StatePool
+from streamgemma.serve.offload import SUSPEND_COMPRESSION_LEVEL
+from streamgemma.session import snapshot as snapshot_format
 
-import snapshot as snapshot_bench  # bench/snapshot.py
-from snapshot import fill_random
+
+def fill_random(pool: StatePool, slot: int, position: int, seed: int = 0) -> None:
+    """Random state in `slot`, as a session at `position` would have: ring
+    rows for positions not reached yet stay zero."""
+    gen = torch.Generator().manual_seed(seed)
+    for kind, layer in zip(pool.config.block_types, pool.layers):
+        for t in layer:
+            t[slot].copy_(torch.randn(t[slot].shape, generator=gen).to(t.dtype))
+            if kind == ATTENTION:
+                t[slot][position:] = 0
+    pool.positions[slot] = position
 
 
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
     """Median wall time in ms of `repeats` calls (after one warm-up), and the last result."""
-    times, result = snapshot_bench.timed(fn, repeats, device)
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), result
 
 

@@ -3,9 +3,9 @@ the host time to issue the work (what the engine's tick pays per token on
 CUDA) and the wall time until the ids are on the host, plus the device time
 of the Philox/Gumbel-max kernel alone on CUDA.
 
-    python bench/sampling.py                      # CPU, vocab 256000, B = 1, 16, 64, 256
-    python bench/sampling.py --device cuda
-    python bench/sampling.py --mix mixed          # greedy / temperature / top-k / top-p / min-p / penalties
+    python bench/dev/sampling.py                      # CPU, vocab 256000, B = 1, 16, 64, 256
+    python bench/dev/sampling.py --device cuda
+    python bench/dev/sampling.py --mix mixed          # greedy / temperature / top-k / top-p / min-p / penalties
 
 H100 (torch 2.11, Triton 3.6), vocab 256,000, temperature != 1 on every row:
 the kernel alone takes 210-250 us for 256 rows (about 1 TB/s of logits: it is
@@ -23,11 +23,19 @@ import time
 
 import torch
 
+from streamgemma.sampling.params import SamplingParams
 from streamgemma.sampling.philox import RandomStream, stream_words
 from streamgemma.sampling.sampler import PendingIds, SampleRow
-from streamgemma.sampling.params import SamplingParams
 
-from engine_tick import MIXED  # the same rotation of settings as bench/engine_tick.py
+# The same rotation of settings as engine_tick.py.
+MIXED = (
+    dict(temperature=0.0),
+    dict(temperature=0.8),
+    dict(temperature=1.0, top_k=40),
+    dict(temperature=0.7, top_p=0.9),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=0.9, repetition_penalty=1.2, presence_penalty=0.3),
+)
 
 
 def rows_for(batch: int, mix: str, streams: list[RandomStream]) -> list[SampleRow]:

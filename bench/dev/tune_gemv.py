@@ -3,10 +3,12 @@ RecurrentGemma-2B projection shapes (bf16): correctness, then a block-size
 sweep per shape and batch bucket, each variant timed as one CUDA graph of
 back-to-back launches cycling through enough weight copies to miss L2.
 
-    python bench/tune_gemv.py [--batches 1,2,4,8] [--json best.json] [--quick] [--pdl]
+    python bench/dev/tune_gemv.py [--batches 1,2,4,8] [--json best.json] [--quick] [--pdl]
 
 Prints per shape and batch: the matmul path (cuBLAS + its row kernels) and the
-best GEMV config, in microseconds per call and weight-read TB/s.
+best GEMV config, in microseconds per call and weight-read TB/s. The JSON's
+"best" (or "best_pdl") table becomes a KernelConfig through
+`streamgemma.fast.tuning.gemv_blocks_from_json`.
 """
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ class Case:
             self.slots = torch.arange(batch, device="cuda")
             self.pos = torch.full((batch,), 100, device="cuda")
 
-    def gemv(self, i: int, config):
+    def gemv(self, i: int, config, pdl: bool = False):
         from streamgemma.kernels.gemv import gemv
-        kw = dict(bias=self.bias, epilogue=self.epi, config=config)
+        kw = dict(bias=self.bias, epilogue=self.epi, config=config, pdl=pdl)
         if self.norm:
             kw.update(delta=self.delta, norm_scale=self.scale, residual_out=self.res)
         if self.epi == "conv":
@@ -138,34 +140,32 @@ def copies_for(name: str) -> int:
 def _compile(job):
     """Worker: run each (shape, batch, config) once, so the Triton cache holds them."""
     name, batch, cfgs, with_pdl = job
-    from streamgemma.kernels import pdl
-    case = Case(name, batch, 1)
+    shape_case = Case(name, batch, 1)
     failed = []
     for c in cfgs:
         for on in ((False, True) if with_pdl else (False,)):
-            pdl.set_enabled(on)
             try:
-                case.gemv(0, c)
+                shape_case.gemv(0, c, pdl=on)
             except Exception as e:  # noqa: BLE001 - report, keep compiling the rest
                 failed.append((c, repr(e)[:200]))
     torch.cuda.synchronize()
     return failed
 
 
-def check(case: Case) -> float:
+def check(shape_case: Case) -> float:
     """GEMV vs the matmul path on the same inputs (conv state restored between)."""
-    if case.epi == "conv":
-        saved = case.conv_state.clone()
-    want = case.matmul(0, fresh=True).float().clone()
-    if case.epi == "conv":
-        want_state = case.conv_state.clone()
-        case.conv_state.copy_(saved)
-    case.out.fill_(float("nan"))
-    got = case.gemv(0, None).float()
-    got = got[:, :L] if case.epi == "conv" else got
+    if shape_case.epi == "conv":
+        saved = shape_case.conv_state.clone()
+    want = shape_case.matmul(0, fresh=True).float().clone()
+    if shape_case.epi == "conv":
+        want_state = shape_case.conv_state.clone()
+        shape_case.conv_state.copy_(saved)
+    shape_case.out.fill_(float("nan"))
+    got = shape_case.gemv(0, None).float()
+    got = got[:, :L] if shape_case.epi == "conv" else got
     err = ((got - want).abs().max() / want.abs().max()).item()
-    if case.epi == "conv":
-        err = max(err, ((case.conv_state.float() - want_state.float()).abs().max()
+    if shape_case.epi == "conv":
+        err = max(err, ((shape_case.conv_state.float() - want_state.float()).abs().max()
                         / want_state.float().abs().max()).item())
     return err
 
@@ -178,8 +178,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pdl", action="store_true", help="also time every config with PDL launches (the best 4 printed)")
     args = ap.parse_args()
-    from streamgemma.kernels import pdl
-    pdl.set_enabled(False)  # the sweep times plain launches; --pdl adds PDL timings
+    # the sweep times plain launches; --pdl adds PDL timings
     batches = [int(b) for b in args.batches.split(",")]
     shapes = args.shapes.split(",")
     jobs = [(name, b, configs(b, args.quick)) for name in shapes for b in batches]
@@ -192,29 +191,28 @@ def main():
                 print(f"compile/run failed {n} b{b} {c}: {msg}", flush=True)
 
     results, best, best_pdl = [], {}, {}
-    print(f"{'shape':6} {'B':>2} {'matmul us':>10} {'TB/s':>6} {'gemv us':>8} {'TB/s':>6}  best config   err", flush=True)
+    header = f"{'shape':6} {'B':>2} {'matmul us':>10} {'TB/s':>6} {'gemv us':>8} {'TB/s':>6}  best config   err"
+    print(header, flush=True)
     for name, b, cfgs in jobs:
         copies = copies_for(name)
-        case = Case(name, b, copies)
-        nbytes = case.weights[0].numel() * 2
-        err = check(case)
-        t_mm = graph_time_us(lambda i: case.matmul(i), copies)
+        shape_case = Case(name, b, copies)
+        nbytes = shape_case.weights[0].numel() * 2
+        err = check(shape_case)
+        t_mm = graph_time_us(lambda i, sc=shape_case: sc.matmul(i), copies)
         timed = []
         for c in cfgs:
             try:
-                timed.append((graph_time_us(lambda i: case.gemv(i, c), copies), c))
+                timed.append((graph_time_us(lambda i, sc=shape_case, c=c: sc.gemv(i, c), copies), c))
             except Exception as e:  # noqa: BLE001
                 print(f"  {name} b{b} {c} failed: {e!r}"[:200], flush=True)
         timed.sort()
         t_best, c_best = timed[0]
         pdl_times = []
         if args.pdl:
-            from streamgemma.kernels import pdl
-            pdl.set_enabled(True)
-            pdl_times = sorted((graph_time_us(lambda i: case.gemv(i, c), copies), c) for _, c in timed)[:4]
-            pdl.set_enabled(False)
+            pdl_times = sorted((graph_time_us(lambda i, sc=shape_case, c=c: sc.gemv(i, c, pdl=True),
+                                                copies), c) for _, c in timed)[:4]
             print("    with PDL: " + ", ".join(f"{c}: {t:.1f} us" for t, c in pdl_times), flush=True)
-        key = f"{b},{case.epi},{case.n_rows},{case.k}"
+        key = f"{b},{shape_case.epi},{shape_case.n_rows},{shape_case.k}"
         best[key] = list(c_best)
         if pdl_times:
             best_pdl[key] = list(pdl_times[0][1])
@@ -222,7 +220,7 @@ def main():
                             all=[(t, c) for t, c in timed], pdl=pdl_times))
         print(f"{name:6} {b:2d} {t_mm:10.1f} {nbytes / t_mm / 1e6:6.2f} {t_best:8.1f} {nbytes / t_best / 1e6:6.2f}"
               f"  {str(c_best):13} {err:.1e}", flush=True)
-        del case
+        del shape_case
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import anyio
 import websockets
@@ -61,7 +62,7 @@ class Client:
         self._exit: contextlib.AsyncExitStack | None = None
         self._closed_error: BaseException | None = None
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         async with contextlib.AsyncExitStack() as stack:
             self._ws = await stack.enter_async_context(self._connect)
             self._tasks = await stack.enter_async_context(anyio.create_task_group())
@@ -73,7 +74,7 @@ class Client:
     async def __aexit__(self, *exc_info) -> bool | None:
         return await self._exit.__aexit__(*exc_info)
 
-    async def open(self, session: str | None = None, seed: int | None = None) -> "ClientSession":
+    async def open(self, session: str | None = None, seed: int | None = None) -> ClientSession:
         """A new session (session None) or the stored session `session`."""
         msg: dict[str, Any] = {"type": "open"}
         if session is not None:

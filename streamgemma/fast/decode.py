@@ -8,9 +8,10 @@ kernels per layer and one matrix product per projection (projections that
 read the same input are fused into one weight; the network's parameters
 become views into the fused weights, so no weight is stored twice).
 
-At batch 1 (`KernelDecoder.GEMV_MAX_BATCH`) the products are the fused GEMV
-kernel of `kernels/gemv.py` instead of cuBLAS: the norms, GeGLU, conv1d,
-embedding lookup and soft-cap ride in the products' prologues and epilogues.
+Up to `KernelConfig.gemv_max_batch` rows (default 1) the products are the
+fused GEMV kernel of `kernels/gemv.py` instead of cuBLAS: the norms, GeGLU,
+conv1d, embedding lookup and soft-cap ride in the products' prologues and
+epilogues. Block shapes and launch options come from the `KernelConfig`.
 
 `GraphedDecoder` captures that step once per batch-size bucket in a CUDA graph
 so a step costs one graph launch plus one small host-to-device copy.
@@ -25,28 +26,32 @@ import torch.nn.functional as F
 
 from ..config import ATTENTION
 from ..errors import DeviceError
-from .fused_weights import FusedWeights
 from ..model.griffin import Griffin
 from ..model.pool import StatePool
+from .fused_weights import FusedWeights
+from .tuning import KernelConfig
 
 
 class KernelDecoder:
-    """One decode step for many sessions, state updated in place in the pool."""
+    """One decode step for many sessions, state updated in place in the pool,
+    launched as `kernel_config` says (default: `KernelConfig()`)."""
 
-    # Largest batch on the fused GEMV path. Its products run on the CUDA cores:
-    # at batch 2+ on 2B shapes they lost to cuBLAS on an H100 (bench/NOTES.md).
-    GEMV_MAX_BATCH = 1
-
-    def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights):
-        from streamgemma.kernels import attention_decode, elementwise, gemv, recurrent_decode
+    def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights,
+                 kernel_config: KernelConfig | None = None):
+        from streamgemma.kernels import attention_decode, elementwise, gemv, pdl, recurrent_decode
 
         self._attn, self._ew, self._rec, self._gemv = attention_decode, elementwise, recurrent_decode, gemv
         self.network, self.pool, self.config = network, pool, network.config
         self.layers, self.inv_freq = fused.layers, fused.inv_freq
-        # Batches up to this size take the fused GEMV path (weight-streaming
-        # products with the norms, GeGLU, conv and soft-cap folded in); larger
-        # ones the cuBLAS products, which win once the weights are reused by many rows.
-        self.gemv_max_batch = min(self.GEMV_MAX_BATCH, gemv.MAX_BATCH)
+        kc = self.kernel_config = kernel_config or KernelConfig()
+        if kc.gemv_max_batch > gemv.MAX_BATCH:
+            raise ValueError(f"gemv_max_batch {kc.gemv_max_batch} is above the GEMV kernel's {gemv.MAX_BATCH}")
+        self.gemv_max_batch = kc.gemv_max_batch
+        supported = pdl.supported(network.device)
+        if kc.pdl and not supported:
+            raise DeviceError(f"KernelConfig(pdl=True): {network.device} has no programmatic dependent launch "
+                              "(needs a compiled CUDA device of compute capability 9.0+)")
+        self.pdl = supported if kc.pdl is None else kc.pdl
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
@@ -68,8 +73,7 @@ class KernelDecoder:
                 att = block.attention_block
                 qkv = F.linear(normed, entry["w_qkv"])
                 mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
-                self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq,
-                                            cfg.num_heads, mixed)
+                self._attention(qkv, state, slots, pos, mixed)
                 delta = F.linear(mixed, att.proj_final.weight, att.proj_final.bias)
             else:
                 rec = block.recurrent_block
@@ -78,9 +82,7 @@ class KernelDecoder:
                 xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
                 self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
                 gated = torch.empty_like(xc)
-                lru = rec.rg_lru
-                self._rec.rglru_decode(xc, xy[:, l:], state[1], slots, pos, lru.input_gate.w, lru.input_gate.b,
-                                       lru.a_gate.w, lru.a_gate.b, entry["neg8_softplus_a"], gated)
+                self._rglru(rec.rg_lru, entry, xc, xy[:, l:], state, slots, pos, gated)
                 delta = F.linear(gated, rec.linear_out.weight, rec.linear_out.bias)
             self._ew.add_rmsnorm(x, delta, block.channel_pre_norm.scale, eps, normed)
             gate_up = F.linear(normed, entry["w_up"], entry["b_up"])
@@ -93,18 +95,31 @@ class KernelDecoder:
             out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=x.device)
         return self._ew.softcap(logits, cfg.logits_soft_cap, out)
 
+    def _attention(self, qkv, state, slots, pos, out):
+        self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq, self.config.num_heads, out,
+                                    block=self.kernel_config.attention_block(qkv.shape[0]), pdl=self.pdl)
+
+    def _rglru(self, lru, entry, xc, y, state, slots, pos, out):
+        self._rec.rglru_decode(xc, y, state[1], slots, pos, lru.input_gate.w, lru.input_gate.b, lru.a_gate.w,
+                               lru.a_gate.b, entry["neg8_softplus_a"], out, launch=self.kernel_config.rglru_launch,
+                               pdl=self.pdl)
+
     def _step_gemv(self, tokens, slots, pos, out):
         """The small-batch step: five launches per recurrent layer (x|y product
         with norm and conv, RG-LRU, out product, gate|up product with norm and
         GeGLU, down product) and six per attention layer. The residual stream
         lives in two buffers used in turn: each normalising product reads one
         and writes `x + delta` to the other."""
-        cfg, net, gemv = self.config, self.network, self._gemv.gemv
+        cfg, net, kc = self.config, self.network, self.kernel_config
         batch, dev, dtype = tokens.shape[0], tokens.device, net.dtype
         d, l, eps = cfg.width, cfg.lru_width, cfg.rms_norm_eps
         res = [torch.empty(batch, d, dtype=dtype, device=dev) for _ in range(2)]
         cur = None  # index into res of the residual stream (before `delta`); None: the embeddings
         delta = None
+
+        def gemv(src, weight, out, epilogue="plain", **kw):
+            config = kc.gemv_block(batch, epilogue, *weight.shape)
+            return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, pdl=self.pdl, **kw)
 
         def normed(weight, scale, out, **kw):
             nonlocal cur, delta
@@ -124,8 +139,7 @@ class KernelDecoder:
                 qkv = torch.empty(batch, entry["w_qkv"].shape[0], dtype=dtype, device=dev)
                 normed(entry["w_qkv"], pre, qkv)
                 mixed = torch.empty(batch, cfg.width, dtype=dtype, device=dev)
-                self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq,
-                                            cfg.num_heads, mixed)
+                self._attention(qkv, state, slots, pos, mixed)
                 delta = gemv(mixed, att.proj_final.weight, torch.empty(batch, d, dtype=dtype, device=dev),
                              bias=att.proj_final.bias)
             else:
@@ -134,10 +148,7 @@ class KernelDecoder:
                 normed(entry["w_xy"], pre, xy, bias=entry["b_xy"], epilogue="conv",
                        conv=(state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b))
                 gated = torch.empty(batch, l, dtype=dtype, device=dev)
-                lru = rec.rg_lru
-                self._rec.rglru_decode(xy[:, :l], xy[:, l:], state[1], slots, pos, lru.input_gate.w,
-                                       lru.input_gate.b, lru.a_gate.w, lru.a_gate.b,
-                                       entry["neg8_softplus_a"], gated)
+                self._rglru(rec.rg_lru, entry, xy[:, :l], xy[:, l:], state, slots, pos, gated)
                 delta = gemv(gated, rec.linear_out.weight, torch.empty(batch, d, dtype=dtype, device=dev),
                              bias=rec.linear_out.bias)
             hidden = torch.empty(batch, cfg.mlp_width, dtype=dtype, device=dev)
@@ -192,7 +203,7 @@ class GraphedDecoder:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Each bucket's graph keeps its own memory pool: sharing one across captures
-        # tripped an allocator assertion (torch 2.11) when a second bucket was captured.
+        # tripped an allocator assertion when a second bucket was captured.
         with torch.cuda.graph(graph):
             self.decoder.step(g["tokens"], g["slots"], g["pos"], out=g["logits"])
         g["graph"] = graph

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ATTENTION
-from .fused_weights import FusedWeights
 from ..model.griffin import Griffin
 from ..model.pool import StatePool
+from .fused_weights import FusedWeights
 
 
 class KernelPrefill:
@@ -100,8 +100,8 @@ class KernelPrefill:
         mask = (kpos[None] <= qpos) & (kpos[None] >= qpos - w)  # [T, prev + T]
         heads = cfg.num_heads
         # Multi-query: the one key/value head is broadcast (a stride-0 view, no copy). The
-        # memory-efficient backend takes any mask and shape without per-shape planning;
-        # cuDNN's built a new plan for every new chunk length (tens of ms each).
+        # memory-efficient backend takes any mask and shape without per-shape planning
+        # (cuDNN's plans anew for every new chunk length).
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             mixed = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], keys[None, None].expand(1, heads, -1, -1),

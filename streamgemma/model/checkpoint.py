@@ -22,15 +22,15 @@ import json
 import os
 import pickle
 import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import torch
 
 from ..config import ATTENTION, GriffinConfig
 from ..errors import CheckpointError, ConfigError, DeviceError
-from .griffin import Griffin
 from ..progress import Progress
+from .griffin import Griffin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -193,7 +193,8 @@ def read_json(path: Path) -> dict:
 
 
 # -- tensor sources ------------------------------------------------------------------
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Path, Callable[[], torch.Tensor], tuple[int, ...], int]]:
+def _iter_safetensors(
+        files: list[Path]) -> Iterator[tuple[str, Path, Callable[[], torch.Tensor], tuple[int, ...], int]]:
     from safetensors import SafetensorError, safe_open
 
     for f in files:

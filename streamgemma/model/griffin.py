@@ -185,7 +185,8 @@ class LocalAttentionBlock(nn.Module):
     def __init__(self, cfg: GriffinConfig, dtype, device):
         super().__init__()
         d, hd = cfg.width, cfg.head_dim
-        self.num_heads, self.head_dim, self.window, self.rope_base = cfg.num_heads, hd, cfg.attention_window, cfg.rope_base
+        self.num_heads, self.head_dim = cfg.num_heads, hd
+        self.window, self.rope_base = cfg.attention_window, cfg.rope_base
         self.proj_q = nn.Linear(d, d, bias=False, dtype=dtype, device=device)
         self.proj_k = nn.Linear(d, hd, bias=False, dtype=dtype, device=device)
         self.proj_v = nn.Linear(d, hd, bias=False, dtype=dtype, device=device)
@@ -203,7 +204,8 @@ class LocalAttentionBlock(nn.Module):
         probs = torch.softmax(logits, dim=-1).type_as(q)
         return torch.einsum("bnts,bsh->btnh", probs, values).flatten(-2)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: LayerState | None) -> tuple[torch.Tensor, LayerState | None]:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor,
+                state: LayerState | None) -> tuple[torch.Tensor, LayerState | None]:
         """Parallel path. x: [B, T, D]; pos: [B, T], consecutive per row;
         state: rings (keys, values) [B, W, h] or None (no history, no state kept).
         Keys of the previous W positions are read in logical order; the chunk's

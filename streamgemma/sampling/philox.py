@@ -1,7 +1,7 @@
 """The sampler's random numbers: a counter-based stream per session.
 
-A session's stream is a pair (seed, counter), both in [0, 2**64). The noise for one token is a pure function of (seed, counter, vocab
-entry), so
+A session's stream is a pair (seed, counter), both in [0, 2**64). The noise
+for one token is a pure function of (seed, counter, vocab entry), so
 
 - every row of a batch gets its noise from ONE kernel launch (no per-session
   generator object to call), on any device;
@@ -71,7 +71,7 @@ class RandomStream:
             raise ValueError(f"a stream's counter must be in [0, 2**64), got {self.counter}")
 
     @classmethod
-    def seeded(cls, seed: int | None) -> "RandomStream":
+    def seeded(cls, seed: int | None) -> RandomStream:
         """A stream at counter 0. seed: any int, reduced mod 2**64 (so -1 and
         2**64 - 1 are one seed, as torch.manual_seed had it); None: 64 bits from
         the OS's entropy (`secrets`). TypeError for a seed that is not an int."""
@@ -83,7 +83,7 @@ class RandomStream:
         self.counter += 1
         return out
 
-    def copy(self) -> "RandomStream":
+    def copy(self) -> RandomStream:
         return RandomStream(self.seed, self.counter)
 
     def to_bytes(self) -> bytes:
@@ -92,7 +92,7 @@ class RandomStream:
         return STATE_MAGIC + struct.pack("<QQ", self.seed, self.counter)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "RandomStream":
+    def from_bytes(cls, data: bytes) -> RandomStream:
         """Inverse of `to_bytes`; ValueError for anything else."""
         data = bytes(data)
         if not data.startswith(STATE_MAGIC) or len(data) != STATE_BYTES:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .params import SamplingParams
 from .philox import RandomStream, gumbel_argmax_reference, stream_words
-
 
 _U64 = 2 ** 64
 
@@ -364,7 +364,7 @@ def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | No
     return gumbel_argmax_reference(x, words, temps)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(device_type: str):
     if device_type != "cuda":
         return None

@@ -16,7 +16,7 @@ Two strategies, picked by where the cost is:
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import anyio
 import anyio.lowlevel

@@ -16,7 +16,7 @@ import itertools
 import logging
 import secrets
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import anyio
 import anyio.to_thread
@@ -29,14 +29,18 @@ from ..session.session import check_token_ids
 from ..session.store import SnapshotStore
 from .batch import batch_executor
 from .offload import DEFAULT_MAX_UNWRITTEN, SUSPEND_COMPRESSION_LEVEL, MemoryStore, Offloader
-from .record import ActiveGeneration, Done, EngineError, EngineSession, EngineStats, PendingInput
-from .scheduler import (DEFAULT_IDLE_STEP_INPUT_TOKENS, DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER,
-                        DEFAULT_STEP_INPUT_TOKENS, Scheduler)
+from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
+from .scheduler import (
+    DEFAULT_IDLE_STEP_INPUT_TOKENS,
+    DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER,
+    DEFAULT_STEP_INPUT_TOKENS,
+    Scheduler,
+)
 from .streams import TokenQueue, TokenStream
 
 log = logging.getLogger("streamgemma.engine")
 
-DEFAULT_PREFILL_CHUNK = 64  # tokens of appended input per tick: bounds how long decoders wait
+DEFAULT_INPUT_CHUNK = 64  # tokens of queued input prefilled per tick: bounds how long decoders wait
 DEFAULT_MAX_PENDING_TOKENS = 1 << 20  # queued input tokens per session: bounds host memory
 
 
@@ -45,7 +49,7 @@ class Engine:
 
     max_active: sessions holding a pool slot at once (the decode batch size
     bound); more may be open, the idle ones suspended to `store` (default: an
-    in-memory store). prefill_chunk: tokens of queued input consumed per
+    in-memory store). input_chunk: tokens of queued input consumed per
     prefill. max_pending_tokens: input queued for one session (more is
     refused with EngineError("limit")). step_input_tokens /
     idle_step_input_tokens: see `scheduler` (0: always prefill; the idle
@@ -57,14 +61,14 @@ class Engine:
     """
 
     def __init__(self, model: Model, max_active: int = 64, store: SnapshotStore | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS,
+                 input_chunk: int = DEFAULT_INPUT_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS,
                  step_input_tokens: int = DEFAULT_STEP_INPUT_TOKENS, idle_step_input_tokens: int | None = None,
                  max_unwritten: int = DEFAULT_MAX_UNWRITTEN, compression_level: int = SUSPEND_COMPRESSION_LEVEL,
                  host_work: str | None = None):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active!r}")
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk!r}")
+        if input_chunk < 1:
+            raise ValueError(f"input_chunk must be >= 1, got {input_chunk!r}")
         if max_unwritten < 1:
             raise ValueError(f"max_unwritten must be >= 1, got {max_unwritten!r}")
         if isinstance(compression_level, bool) or not isinstance(compression_level, int) \
@@ -76,17 +80,17 @@ class Engine:
                                                                         DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER)
         self.model = model
         self.max_active = max_active
-        self.prefill_chunk = prefill_chunk
+        self.input_chunk = input_chunk
         self.max_pending_tokens = max_pending_tokens
         self.store = store if store is not None else MemoryStore()
         self.stats = EngineStats()
         self.scheduler = Scheduler(step_input_tokens, idle_step_input_tokens)
         self.executor = batch_executor(model, self.stats, host_work)
         self.offloader = Offloader(model, self.store, self.stats, self._superseded, max_unwritten, compression_level)
-        self.sessions: dict[str, EngineSession] = {}
+        self.sessions: dict[str, SessionRecord] = {}
         # Sessions with a generation, and those with queued input (in turn order).
-        self._generating: dict[str, EngineSession] = {}
-        self._waiting: dict[str, EngineSession] = {}
+        self._generating: dict[str, SessionRecord] = {}
+        self._waiting: dict[str, SessionRecord] = {}
         self._model_lock = anyio.Lock()
         self._wake = anyio.Event()
         self._ticked = anyio.Event()  # set (and replaced) after a tick's tokens or a generation's end
@@ -103,18 +107,18 @@ class Engine:
         """Suspended sessions' snapshots in host memory, not (yet) in the store."""
         return self.offloader.unwritten
 
-    async def open(self, seed: int | None = None) -> EngineSession:
+    async def open(self, seed: int | None = None) -> SessionRecord:
         """A new session at position 0 with an unguessable id."""
         async with self._model_lock:
             await self._make_room()
             live = self.model.session(seed=seed)
         sid = secrets.token_urlsafe(16)
-        es = EngineSession(sid, live, 0)
+        es = SessionRecord(sid, live, 0)
         self.sessions[sid] = es
         self._touch(es)
         return es
 
-    async def resume(self, session_id: str) -> EngineSession:
+    async def resume(self, session_id: str) -> SessionRecord:
         """The session `session_id`: in the engine (live or suspended), or in
         the store (e.g. from before a restart); restored into a slot when next
         used. EngineError("unknown_session") if neither has it."""
@@ -125,14 +129,14 @@ class Engine:
             contents = await self.offloader.read(session_id)
         except (SnapshotNotFound, StreamgemmaError):
             raise EngineError("unknown_session", f"no session {session_id!r}") from None
-        # Another request may have resumed it while we read: one EngineSession per id.
+        # Another request may have resumed it while we read: one SessionRecord per id.
         es = self.sessions.get(session_id)
         if es is None:
-            es = self.sessions[session_id] = EngineSession(session_id, None, contents.position)
+            es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
             self.offloader.keep(session_id, contents)
         return es
 
-    def append(self, es: EngineSession, ids_or_text: Sequence[int] | str) -> PendingInput:
+    def append(self, es: SessionRecord, ids_or_text: Sequence[int] | str) -> PendingInput:
         """Queue input for `es`; returns at once. Text is tokenized now, with
         BOS when it is the session's first input. It is consumed before the
         session's next sampled token (a running generation continues from the
@@ -169,7 +173,7 @@ class Engine:
             raise pending.error
         return pending.position
 
-    async def generate(self, es: EngineSession, params: SamplingParams) -> TokenStream:
+    async def generate(self, es: SessionRecord, params: SamplingParams) -> TokenStream:
         """Start a generation on `es`; its tokens arrive on the returned
         stream. Queued input is consumed first. Raises EngineError
         ("generating") if one is already running, ValueError/StoppedError as
@@ -194,7 +198,7 @@ class Engine:
         self._wake.set()
         return TokenStream(queue, lambda: self.cancel(es))
 
-    def cancel(self, es: EngineSession) -> bool:
+    def cancel(self, es: SessionRecord) -> bool:
         """Cancel the running generation of `es`, if any (True if there was
         one). Its stream then ends with Done("cancelled") at the next tick; a
         token being computed is still consumed and delivered first."""
@@ -204,7 +208,7 @@ class Engine:
         self._wake.set()
         return True
 
-    async def snapshot(self, es: EngineSession) -> int:
+    async def snapshot(self, es: SessionRecord) -> int:
         """Store the state of `es` under its id (between two ticks: a
         consistent state, also mid-generation) and wait until it is stored.
         Returns its position. Raises what the store raised."""
@@ -216,7 +220,7 @@ class Engine:
             await anyio.to_thread.run_sync(future.result)
         return position
 
-    async def close(self, es: EngineSession) -> None:
+    async def close(self, es: SessionRecord) -> None:
         """End `es` for good: cancel its generation, free its slot, fail its
         queued input, delete its stored snapshot."""
         if es.closed:
@@ -307,11 +311,11 @@ class Engine:
         ticked, self._ticked = self._ticked, anyio.Event()
         ticked.set()
 
-    async def _prefill_chunk(self, es: EngineSession) -> None:
+    async def _prefill_chunk(self, es: SessionRecord) -> None:
         pending = es.inputs[0]
         try:
             await self._ensure_live(es)
-            chunk = pending.ids[pending.offset:pending.offset + self.prefill_chunk]
+            chunk = pending.ids[pending.offset:pending.offset + self.input_chunk]
             await anyio.to_thread.run_sync(es.live.feed, chunk)
             self.stats.prefill_calls += 1
         except Exception as e:  # noqa: BLE001 - delivered to whoever awaits this input
@@ -319,7 +323,7 @@ class Engine:
             return
         self._input_consumed(es, len(chunk))
 
-    async def _restore_for_input(self, es: EngineSession) -> bool:
+    async def _restore_for_input(self, es: SessionRecord) -> bool:
         """Give `es` a slot so its input can ride along; False (its first input
         failed with the error) if that fails."""
         try:
@@ -329,7 +333,7 @@ class Engine:
             return False
         return True
 
-    def _input_failed(self, es: EngineSession, error: BaseException) -> None:
+    def _input_failed(self, es: SessionRecord, error: BaseException) -> None:
         pending = es.inputs.popleft()
         es.queued_tokens -= pending.remaining
         pending.error = error
@@ -337,7 +341,7 @@ class Engine:
         if not es.inputs:
             self._waiting.pop(es.id, None)
 
-    def _input_consumed(self, es: EngineSession, count: int) -> None:
+    def _input_consumed(self, es: SessionRecord, count: int) -> None:
         """`count` tokens of the first queued input of `es` were consumed."""
         pending = es.inputs[0]
         pending.offset += count
@@ -349,7 +353,7 @@ class Engine:
         if not es.inputs:
             self._waiting.pop(es.id, None)
 
-    def _fail_inputs(self, es: EngineSession, error: BaseException) -> None:
+    def _fail_inputs(self, es: SessionRecord, error: BaseException) -> None:
         self._waiting.pop(es.id, None)
         while es.inputs:
             pending = es.inputs.popleft()
@@ -357,7 +361,7 @@ class Engine:
             pending.consumed.set()
         es.queued_tokens = 0
 
-    def _deliver(self, es: EngineSession, token) -> None:
+    def _deliver(self, es: SessionRecord, token) -> None:
         active = es.generation
         if not active.queue.put(token):
             active.cancelled = True  # nobody is listening any more
@@ -366,7 +370,7 @@ class Engine:
         elif active.cancelled:
             self._finish(es, "cancelled")
 
-    def _finish(self, es: EngineSession, reason: str) -> None:
+    def _finish(self, es: SessionRecord, reason: str) -> None:
         """End the generation of `es` (if any) with `reason`."""
         active, es.generation = es.generation, None
         if active is None:
@@ -379,7 +383,7 @@ class Engine:
         self._signal_delivered()  # (also outside a tick: close, shutdown)
 
     # -- slots -------------------------------------------------------------------------
-    async def _ensure_live(self, es: EngineSession) -> None:
+    async def _ensure_live(self, es: SessionRecord) -> None:
         """Give `es` a slot, restoring its state (caller holds _model_lock)."""
         if es.live is not None:
             return
@@ -398,7 +402,7 @@ class Engine:
                                           "retry later")
         await self._suspend(min(idle, key=lambda es: es.last_used))
 
-    async def _suspend(self, es: EngineSession) -> None:
+    async def _suspend(self, es: SessionRecord) -> None:
         position = es.live.position
         await self.offloader.suspend(es.id, es.live)
         es.suspended_position, es.live = position, None
@@ -407,9 +411,9 @@ class Engine:
         es = self.sessions.get(session_id)
         return es is None or es.live is not None
 
-    def _touch(self, es: EngineSession) -> None:
+    def _touch(self, es: SessionRecord) -> None:
         es.last_used = next(self._clock)
 
-    def _check_usable(self, es: EngineSession) -> None:
+    def _check_usable(self, es: SessionRecord) -> None:
         if es.closed:
             raise EngineError("closed", f"session {es.id!r} is closed")

@@ -17,7 +17,7 @@ import collections
 import concurrent.futures
 import functools
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import anyio.to_thread
 
@@ -30,8 +30,8 @@ from .record import EngineError, EngineStats
 
 log = logging.getLogger("streamgemma.engine")
 
-# Suspensions skip entropy coding: resume decompresses 5-8x faster, for files
-# 15-25% larger (bench/NOTES.md, "Resume"). Any level makes a valid snapshot.
+# Suspensions skip entropy coding: resumes decompress faster, files are a little
+# larger (bench/NOTES.md). Any level makes a valid snapshot.
 SUSPEND_COMPRESSION_LEVEL = -1
 DEFAULT_MAX_UNWRITTEN = 32  # host copies waiting for the writer: bounds host memory
 PRELOADED = 8  # sessions read by `read` and kept for the restore that follows

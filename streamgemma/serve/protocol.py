@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from ..sampling.params import SamplingParams
 from ..types import Token
@@ -76,7 +77,7 @@ class Close:
     session: str | None = None
 
 
-Request = Union[Open, Append, Generate, Cancel, Snapshot, Close]
+Request = Open | Append | Generate | Cancel | Snapshot | Close
 
 # Sampling fields a generate request may carry (those of SamplingParams).
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",

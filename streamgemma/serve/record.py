@@ -1,4 +1,4 @@
-"""The engine's books: what it knows of each session (`EngineSession`), its
+"""The engine's books: what it knows of each session (`SessionRecord`), its
 queued input, its running generation, and the engine's counters. Plain
 records; the scheduler reads them, the engine changes them."""
 
@@ -59,7 +59,7 @@ class ActiveGeneration:
         self.cancelled = False
 
 
-class EngineSession:
+class SessionRecord:
     """A session managed by an `Engine`: live in a pool slot, or suspended in
     the engine's store. Use it through the engine's methods."""
 
@@ -88,7 +88,7 @@ class EngineSession:
         return first.ids[first.offset]
 
     def __repr__(self) -> str:
-        return f"EngineSession({self.id!r}, position={self.position}, {'live' if self.live else 'suspended'})"
+        return f"SessionRecord({self.id!r}, position={self.position}, {'live' if self.live else 'suspended'})"
 
 
 @dataclasses.dataclass

@@ -21,9 +21,9 @@ that arrived meanwhile counts). Neither touches a device or an event loop.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
-from .record import EngineSession
+from .record import SessionRecord
 
 DEFAULT_STEP_INPUT_TOKENS = 16
 # When nobody generates: on CUDA a decode step (a CUDA graph) per token beats a
@@ -35,16 +35,16 @@ DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER = 1
 
 @dataclasses.dataclass
 class InputPlan:
-    cancelled: list[EngineSession]  # generations to end now
-    riders: list[EngineSession]  # live sessions that consume one input token in this tick's decode
-    restore: EngineSession | None = None  # suspended, short input: restore it, then it rides along
-    prefill: EngineSession | None = None  # consumes one chunk of its first input with the parallel path
+    cancelled: list[SessionRecord]  # generations to end now
+    riders: list[SessionRecord]  # live sessions that consume one input token in this tick's decode
+    restore: SessionRecord | None = None  # suspended, short input: restore it, then it rides along
+    prefill: SessionRecord | None = None  # consumes one chunk of its first input with the parallel path
 
 
 @dataclasses.dataclass
 class DecodePlan:
-    batch: list[EngineSession]  # generating sessions that sample and consume a token
-    riders: list[EngineSession]  # sessions that consume their next input token in the same decode
+    batch: list[SessionRecord]  # generating sessions that sample and consume a token
+    riders: list[SessionRecord]  # sessions that consume their next input token in the same decode
 
     def __bool__(self) -> bool:
         return bool(self.batch or self.riders)
@@ -59,7 +59,7 @@ class Scheduler:
         self.step_input_tokens = step_input_tokens
         self.idle_step_input_tokens = idle_step_input_tokens
 
-    def plan_input(self, generating: Iterable[EngineSession], waiting: Iterable[EngineSession]) -> InputPlan:
+    def plan_input(self, generating: Iterable[SessionRecord], waiting: Iterable[SessionRecord]) -> InputPlan:
         """generating: sessions with a generation; waiting: sessions with
         queued input, in turn order."""
         generating, waiting = list(generating), list(waiting)
@@ -75,11 +75,11 @@ class Scheduler:
         return InputPlan(cancelled, riders, prefill=turn)
 
     @staticmethod
-    def plan_decode(generating: Iterable[EngineSession], riders: Iterable[EngineSession]) -> DecodePlan:
+    def plan_decode(generating: Iterable[SessionRecord], riders: Iterable[SessionRecord]) -> DecodePlan:
         batch = [es for es in generating if es.generation is not None and not es.inputs and es.live is not None]
         return DecodePlan(batch, [es for es in riders if es.inputs and es.live is not None])
 
 
-def _fits(es: EngineSession, limit: int) -> bool:
+def _fits(es: SessionRecord, limit: int) -> bool:
     """Whether the queued input of `es` is short enough to ride along."""
     return not es.closed and 0 < es.queued_tokens <= limit

@@ -18,8 +18,9 @@ import hmac
 import logging
 import math
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
-from typing import Any, Iterator
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -30,10 +31,22 @@ from websockets.protocol import State
 
 from ..errors import SnapshotError, StoppedError
 from .engine import Engine
-from .record import EngineError, EngineSession
+from .protocol import (
+    PATH,
+    Append,
+    Cancel,
+    Close,
+    Generate,
+    Open,
+    ProtocolError,
+    Request,
+    Snapshot,
+    TokenFrames,
+    event,
+    parse_request,
+)
+from .record import EngineError, SessionRecord
 from .streams import TokenStream
-from .protocol import (PATH, Append, Cancel, Close, Generate, Open, ProtocolError, Request, Snapshot, TokenFrames,
-                       event, parse_request)
 
 log = logging.getLogger("streamgemma.serve.server")
 
@@ -169,7 +182,7 @@ class _Connection:
         self.engine = server.engine
         self.limits = server.limits
         self.ws = ws
-        self.sessions: dict[str, EngineSession] = {}
+        self.sessions: dict[str, SessionRecord] = {}
         self._starting: dict[str, bool] = {}  # session id -> cancel requested, while a generate is starting
         # Frames waiting for the writer task: a bounded deque and a wake-up event
         # (cheaper per frame than an anyio memory stream, which takes a
@@ -269,7 +282,7 @@ class _Connection:
             fields["session"] = session
         self.send(event("error", request_id, **fields))
 
-    def _session_of(self, request: Request) -> EngineSession:
+    def _session_of(self, request: Request) -> SessionRecord:
         if request.session is None:
             if len(self.sessions) == 1:
                 return next(iter(self.sessions.values()))
@@ -336,7 +349,7 @@ class _Connection:
         self.sessions[es.id] = es
         self.send(event("opened", request.id, session=es.id, position=es.position))
 
-    async def _acknowledge_append(self, es: EngineSession, pending, request_id: Any) -> None:
+    async def _acknowledge_append(self, es: SessionRecord, pending, request_id: Any) -> None:
         try:
             position = await self.engine.consumed(pending)
         except EngineError as e:
@@ -346,7 +359,7 @@ class _Connection:
         else:
             self.send(event("appended", request_id, session=es.id, position=position))
 
-    async def _generate(self, es: EngineSession, request: Generate) -> None:
+    async def _generate(self, es: SessionRecord, request: Generate) -> None:
         try:
             stream = await self.engine.generate(es, request.params)
         except EngineError as e:

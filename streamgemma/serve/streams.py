@@ -4,7 +4,7 @@ generation, read as a `TokenStream`."""
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
@@ -51,7 +51,7 @@ class TokenStream:
         self._cancel = cancel
         self.done: Done | None = None
 
-    def __aiter__(self) -> "TokenStream":
+    def __aiter__(self) -> TokenStream:
         return self
 
     async def __anext__(self) -> Token:

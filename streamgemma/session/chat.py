@@ -3,13 +3,13 @@ tokens; the history is never re-read."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import torch
 
+from ..tokenizer import END_OF_TURN, START_OF_TURN, gemma_model_prefix, gemma_turn
 from ..types import Token
 from .session import Session
-from ..tokenizer import END_OF_TURN, START_OF_TURN, gemma_model_prefix, gemma_turn
 
 
 class Chat:
@@ -55,11 +55,6 @@ class Chat:
         """Generate the model's turn; arguments as `Session.generate`."""
         self._check_turn()
         return self.session.generate(**sampling)
-
-    def areply(self, **sampling) -> AsyncIterator[Token]:
-        """`reply` for asyncio/anyio (see `Session.agenerate`)."""
-        self._check_turn()
-        return self.session.agenerate(**sampling)
 
     def _check_turn(self) -> None:
         if not self._model_turn_open:

@@ -5,7 +5,7 @@ generation). It is defined here once; snapshots store its `to_extra()`."""
 from __future__ import annotations
 
 import array
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -52,7 +52,7 @@ class RecentIds:
         start = self.count - len(self)
         return (self._ring[k % self.capacity] for k in range(start, self.count))
 
-    def copy(self) -> "RecentIds":
+    def copy(self) -> RecentIds:
         return RecentIds(self.capacity, self)
 
     @property
@@ -96,7 +96,7 @@ class HostState:
             return ""
         return self.detok.push(token)
 
-    def copy(self) -> "HostState":
+    def copy(self) -> HostState:
         other = HostState.__new__(HostState)
         other.tokenizer, other.text_vocab, other.stopped = self.tokenizer, self.text_vocab, self.stopped
         other.rng = self.rng.copy()
@@ -126,7 +126,7 @@ class HostState:
 
     @classmethod
     def from_extra(cls, extra: dict, tokenizer: Tokenizer | None, rng: RandomStream,
-                   device: torch.device) -> "HostState":
+                   device: torch.device) -> HostState:
         """Inverse of `to_extra` (values validated by the snapshot decoder);
         an `rng` of None keeps `rng`. ValueError for a malformed stream state."""
         state = cls(tokenizer, rng if extra["rng"] is None else RandomStream.from_bytes(extra["rng"]))

@@ -6,24 +6,23 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..config import GriffinConfig
 from ..errors import CheckpointError
 from ..fast.decode import GraphedDecoder, KernelDecoder, check_kernels_usable, kernels_available
-from ..fast.prefill import KernelPrefill
 from ..fast.fused_weights import FusedWeights
+from ..fast.prefill import KernelPrefill
+from ..fast.tuning import KernelConfig
+from ..model import checkpoint as weights
 from ..model.griffin import Griffin
 from ..model.pool import StatePool
 from ..tokenizer import Tokenizer
 from . import snapshot as snapshot_format
-from ..model import checkpoint as weights
-
-if TYPE_CHECKING:
-    from .session import Session
+from .session import Session
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per parallel chunk: bounds activation memory for any input length
 
@@ -32,11 +31,14 @@ class Model:
     """A Griffin model ready to serve sessions.
 
     Attributes: `config` (GriffinConfig), `tokenizer` (Tokenizer or None),
-    `network` (the PyTorch module), `pool` (StatePool of all sessions' state).
+    `network` (the PyTorch module), `pool` (StatePool of all sessions' state),
+    `kernel_config` (KernelConfig: launch choices of the Triton decode kernels;
+    a replacement takes effect at the next decode, whose graphs are captured anew).
     """
 
     def __init__(self, network: Griffin, tokenizer: Tokenizer | None = None, source: str | None = None,
-                 prefill_chunk: int | None = None, kernels: bool | None = None):
+                 prefill_chunk: int | None = None, kernels: bool | None = None,
+                 kernel_config: KernelConfig | None = None):
         self.network = network.eval()
         self.config: GriffinConfig = network.config
         self.tokenizer = tokenizer
@@ -54,6 +56,7 @@ class Model:
         self.kernels = kernels_available(self.device) if kernels is None else kernels
         if self.kernels:
             check_kernels_usable(self.device)
+        self.kernel_config = kernel_config or KernelConfig()
         self._fused: FusedWeights | None = None
         self._kernel_decoder: KernelDecoder | None = None
         self._kernel_prefill: KernelPrefill | None = None
@@ -84,7 +87,7 @@ class Model:
 
     @classmethod
     def random(cls, config: GriffinConfig, seed: int = 0, device=None, dtype=None,
-               tokenizer: Tokenizer | None = None, **options) -> "Model":
+               tokenizer: Tokenizer | None = None, **options) -> Model:
         """A model with random weights (tests, benchmarks). Weights are drawn on
         the CPU in float32 from `seed`, so they do not depend on device or dtype."""
         device, dtype = weights.resolve_device_dtype(device, dtype)
@@ -93,41 +96,38 @@ class Model:
         return cls(network.to(device=device, dtype=dtype), tokenizer=tokenizer, source=f"random(seed={seed})",
                    **options)
 
-    def session(self, seed: int | None = None) -> "Session":
+    def session(self, seed: int | None = None) -> Session:
         """A new session at position 0 with its own slot in the state pool."""
-        from .session import Session
-
         with self.lock:
             slot = self.pool.allocate()
         return Session(self, slot, seed=seed)
 
-    def restore(self, blob: bytes | bytearray | memoryview) -> "Session":
+    def restore(self, snapshot: bytes | bytearray | memoryview | snapshot_format.SnapshotContents) -> Session:
         """A new session that continues exactly where the snapshotted one was
-        (bit-identical on the same device and dtype). The snapshot may come from
-        another device or dtype: state is cast to this model's dtype (from
-        float32 to bfloat16 this rounds it, so the continuation is close, not
-        identical); the RG-LRU state stays float32. `session.snapshot_metadata`
-        holds the snapshot's metadata.
+        (bit-identical on the same device and dtype). `snapshot` is a blob
+        from `Session.snapshot` or what `Session.capture` returned. The
+        snapshot may come from another device or dtype: state is cast to this
+        model's dtype (from float32 to bfloat16 this rounds it, so the
+        continuation is close, not identical); the RG-LRU state stays float32.
+        `session.snapshot_metadata` holds the snapshot's metadata.
 
-        The blob is fully validated before a slot is taken (only the session's
-        own RNG/detokenizer bytes are judged after, by the session); failures
-        raise a SnapshotError subclass: SnapshotFormatError, SnapshotCorrupted,
+        A blob is fully validated before a slot is taken; failures raise a
+        SnapshotError subclass: SnapshotFormatError, SnapshotCorrupted,
         SnapshotVersionError, SnapshotModelMismatch."""
-        return self._restore_contents(snapshot_format.decode(blob, self.config, self.fingerprint))
-
-    def _restore_contents(self, contents: snapshot_format.SnapshotContents) -> "Session":
-        """`restore` of validated contents (decoded, or captured by `Session._capture`)."""
+        contents = snapshot
+        if not isinstance(contents, snapshot_format.SnapshotContents):
+            contents = snapshot_format.decode(snapshot, self.config, self.fingerprint)
         session = self.session(seed=contents.seed)
         try:
             snapshot_format.load_into(self.pool, session.slot, contents)
-            snapshot_format.restore_host_state(session, contents.extra)
+            session.restore_host(contents.extra)
         except BaseException:
             session.close()
             raise
         session.snapshot_metadata = contents.metadata
         return session
 
-    def restore_file(self, path: str | os.PathLike) -> "Session":
+    def restore_file(self, path: str | os.PathLike) -> Session:
         """`restore` the snapshot file at `path` (as written by `Session.save`
         or a DirectorySnapshotStore). OSError if it cannot be read."""
         return self.restore(snapshot_format.read_file(path, self.config))
@@ -153,8 +153,8 @@ class Model:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
         if self.device.type != "cuda":
             return 0.0
-        from ..sampling.sampler import SampleRow, sample_rows
         from ..sampling.params import SamplingParams
+        from ..sampling.sampler import SampleRow, sample_rows
 
         start = time.perf_counter()
         sessions = [self.session() for _ in range(max_batch)]
@@ -223,8 +223,8 @@ class Model:
 
     def _decode_with_kernels(self, slots: list[int], tokens: list[int] | torch.Tensor,
                              positions: list[int]) -> torch.Tensor:
-        if self._kernel_decoder is None:
-            self._kernel_decoder = KernelDecoder(self.network, self.pool, self._fused_weights())
+        if self._kernel_decoder is None or self._kernel_decoder.kernel_config is not self.kernel_config:
+            self._kernel_decoder = KernelDecoder(self.network, self.pool, self._fused_weights(), self.kernel_config)
             if self.device.type == "cuda":
                 self._graphed = GraphedDecoder(self._kernel_decoder)
         if self._graphed is not None:
@@ -282,7 +282,8 @@ def demo_path() -> Path:
 
 
 def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinConfig | None = None,
-         progress: bool | None = None, kernels: bool | None = None) -> Model:
+         progress: bool | None = None, kernels: bool | None = None,
+         kernel_config: KernelConfig | None = None) -> Model:
     """Open a checkpoint.
 
     path: a Hugging Face directory (config.json + model.safetensors or sharded
@@ -297,6 +298,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
     not carry (window, soft cap, embedding scaling); checked against the
     weights. progress: show a progress line (default: when stderr is a terminal).
     kernels: use the Triton kernels for decode and prefill (default: on CUDA).
+    kernel_config: their launch choices (default: `KernelConfig()`).
 
     Raises CheckpointError (files, keys, shapes), DeviceError (device/dtype).
     """
@@ -311,7 +313,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
         if tokenizer.vocab_size > network.config.vocab_size:
             raise CheckpointError(f"{ckpt.tokenizer_file}: has {tokenizer.vocab_size} pieces but the model's "
                                   f"vocabulary has {network.config.vocab_size} entries")
-    return Model(network, tokenizer=tokenizer, source=str(path), kernels=kernels)
+    return Model(network, tokenizer=tokenizer, source=str(path), kernels=kernels, kernel_config=kernel_config)
 
 
 def _long_tensor(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:

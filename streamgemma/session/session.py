@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import numbers
 import os
-from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -99,7 +100,7 @@ class Session:
         rng = RandomStream.seeded(self.seed) if self.seed is not None else self.state.rng
         self.state = HostState(self.model.tokenizer, rng)
 
-    def fork(self) -> "Session":
+    def fork(self) -> Session:
         """An independent copy: same state, position, next-token logits, sampler
         stream and detokenizer state, in a new slot."""
         self._check_open()

@@ -22,7 +22,8 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -30,15 +31,20 @@ import torch
 import zstandard
 
 from ..config import ATTENTION, GriffinConfig
-from ..errors import (SnapshotCorrupted, SnapshotError, SnapshotFormatError, SnapshotMetadataError,
-                     SnapshotModelMismatch, SnapshotVersionError)
+from ..errors import (
+    SnapshotCorrupted,
+    SnapshotError,
+    SnapshotFormatError,
+    SnapshotMetadataError,
+    SnapshotModelMismatch,
+    SnapshotVersionError,
+)
 from ..model.pool import StatePool
 
 MAGIC = "streamgemma-snapshot"
 FORMAT_VERSION = 1
-# Level 1 is the fastest level that still entropy-codes literals (negative
-# levels store them raw): bf16/fp32 state has redundant exponent bytes, so it
-# shrinks the state by about a fifth at decode speeds far above 1 GB/s.
+# The fastest level that still entropy-codes literals, which the state's
+# redundant exponent bytes reward (bench/NOTES.md).
 COMPRESSION_LEVEL = 1
 
 MAX_METADATA_BYTES = 1 << 20  # user metadata, msgpack-encoded

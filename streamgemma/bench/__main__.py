@@ -1,0 +1,4 @@
+from streamgemma.bench import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Snapshots: size, `Session.snapshot` ms and `Model.restore` ms of one session
+past a full attention window.
+
+The session consumes --position random ids (default: the window + 123, so
+the ring has wrapped), then is snapshotted (device -> bytes) and restored
+(bytes -> validated -> device, into a new session) --repeats times each,
+after one warm-up; a restored session's own snapshot must equal the
+original's byte for byte. The state holds the real activations of random
+weights; the snapshot also carries the float32 next-token logits.
+
+    streamgemma bench snapshot                                # 2B shapes, cuda if available
+    streamgemma bench snapshot --device cpu --json snapshot.json
+    streamgemma bench snapshot --preset tiny --device cpu --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from .common import build_model, describe, sync, token_ids
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--position", type=int, default=None,
+                        help="tokens the session has consumed (default: the attention window + 123)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed snapshots and restores (default 20)")
+
+
+def timed_ms(fn, repeats: int, model, after=None) -> tuple[list[float], object]:
+    """Wall times in ms of `repeats` calls after one warm-up, and the last
+    result; `after(result)` runs outside the timing for all but the last."""
+    times, result = [], fn()
+    for _ in range(repeats):
+        if after is not None:
+            after(result)
+        sync(model)
+        start = time.perf_counter()
+        result = fn()
+        sync(model)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times, result
+
+
+def summary(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    model = build_model(args)
+    print(model)
+    position = model.config.attention_window + 123 if args.position is None else args.position
+    session = model.session(seed=0)
+    session.feed(token_ids(position, model.config.vocab_size))
+    model.fingerprint  # noqa: B018 - computed once (a digest of the weights), outside the timings
+
+    snap_times, blob = timed_ms(session.snapshot, args.repeats, model)
+    # Each restored session is closed before the next restore: its slot is
+    # reused, so the pool does not grow inside the timing.
+    restore_times, restored = timed_ms(lambda: model.restore(blob), args.repeats, model, after=lambda r: r.close())
+    if restored.snapshot() != blob:
+        raise RuntimeError("a restored session's snapshot differs from the original's")
+    raw = session.state_bytes()
+    restored.close()
+    session.close()
+
+    out = {"model": describe(model), "position": position, "window": model.config.attention_window,
+           "repeats": args.repeats, "state_MB": raw / 1e6, "snapshot_MB": len(blob) / 1e6,
+           "snapshot_ms": summary(snap_times), "restore_ms": summary(restore_times)}
+    print(f"position {position} (window {model.config.attention_window}), {args.repeats} repeats")
+    print(f"state {raw / 1e6:.2f} MB (Session.state_bytes), "
+          f"snapshot {len(blob) / 1e6:.2f} MB ({len(blob) / raw:.2f} x)")
+    for name, times in (("snapshot", snap_times), ("restore", restore_times)):
+        s = summary(times)
+        print(f"{name:<9} median {s['median']:8.2f} ms   min {s['min']:8.2f}   max {s['max']:8.2f}")
+    return out

@@ -47,6 +47,17 @@ class Tokenizer:
         return f"Tokenizer({self.source!r}, {self.vocab_size} pieces)"
 
     @property
+    def processor(self):
+        """The underlying `sentencepiece.SentencePieceProcessor`."""
+        return self._sp
+
+    @property
+    def first_space_rule(self) -> str:
+        """How decoding treats the leading "▁" of the first piece: "none"
+        (kept), "once" or "while_empty" (stripped), as SentencePiece does for this model."""
+        return self._strip_mode
+
+    @property
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
 
@@ -128,23 +139,22 @@ class Detokenizer:
     "▁" of the first piece follows SentencePiece's decode rule for the model.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
-        self._tok = tokenizer
-        sp = tokenizer._sp
+    def __init__(self, tokenizer: Tokenizer, at_start: bool = True):
+        self._sp = sp = tokenizer.processor
+        self._strip_mode = tokenizer.first_space_rule
         self._unk_surface = sp.DecodeIds([sp.unk_id()]) if sp.unk_id() >= 0 else ""
         self.pending = bytearray()  # bytes of byte pieces that do not yet form a character
         self._text_seen = False  # any text emitted since position 0
         self._first_space_consumed = False  # the previous piece had its leading ▁ stripped
-        self._at_start = True  # the first-piece rule may still apply
+        self._at_start = at_start  # the first-piece rule may still apply
 
     @classmethod
     def resume(cls, tokenizer: Tokenizer, recent_ids: list[int], pending: bytes, window: int) -> Detokenizer:
         """A detokenizer in the state it had after `recent_ids` (the last
         `window` ids at most) with `pending` bytes still undecoded."""
-        d = cls(tokenizer)
-        if len(recent_ids) >= window:  # the stream is older than the window: well past its start
-            d._at_start = False
-        else:  # the window holds the whole stream: replay it
+        whole = len(recent_ids) < window  # else the stream is older than the window: well past its start
+        d = cls(tokenizer, at_start=whole)
+        if whole:  # replay it
             for i in recent_ids:
                 d.push(i)
         d.pending = bytearray(pending)
@@ -159,7 +169,7 @@ class Detokenizer:
 
     def push(self, token_id: int) -> str:
         """Text that token `token_id` completes ("" while bytes are pending)."""
-        sp = self._tok._sp
+        sp = self._sp
         token_id = int(token_id)
         if not 0 <= token_id < sp.GetPieceSize():
             raise ValueError(f"token id {token_id} is outside the tokenizer's vocabulary [0, {sp.GetPieceSize()})")
@@ -175,9 +185,9 @@ class Detokenizer:
         if sp.IsUnknown(token_id):
             return self._emit(text + self._unk_surface)
         piece = sp.IdToPiece(token_id)
-        if self._at_start and self._tok._strip_mode != "none" and piece.startswith(SPACE_SYMBOL):
+        if self._at_start and self._strip_mode != "none" and piece.startswith(SPACE_SYMBOL):
             piece = piece[1:]
-            self._first_space_consumed = self._tok._strip_mode == "once"
+            self._first_space_consumed = self._strip_mode == "once"
         return self._emit(text + piece.replace(SPACE_SYMBOL, " "))
 
     def flush(self) -> str:

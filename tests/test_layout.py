@@ -106,3 +106,14 @@ def test_the_client_side_imports_without_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr or f"importing {module} imported torch"
+
+
+def test_no_object_reaches_into_another_objects_private_members():
+    """`x._name` only on self or cls (a module's own helpers are called by bare name)."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{name}:{node.lineno} .{node.attr}")
+    assert found == []

@@ -613,7 +613,7 @@ def test_a_reader_that_stalls_is_disconnected_without_slowing_other_sessions():
         stalled = _StalledSocket()
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
-            tg.start_soon(server._pump.run)  # what Server.serve runs beside the connections
+            tg.start_soon(server.pump.run)  # what Server.serve runs beside the connections
             opened = await engine.open()
             await engine.consumed(engine.append(opened, PROMPT))
             # The stalled client opens a session and asks for a long generation.

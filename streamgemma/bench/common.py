@@ -79,6 +79,9 @@ def git_commit() -> dict:
     """The commit of the streamgemma tree being measured (the one imported,
     which may not be the working directory's), whether its tracked files
     differ from it, and where the figure came from."""
+    # The variable wins: a copied tree may sit in a checkout whose .git is stale.
+    if os.environ.get("STREAMGEMMA_COMMIT"):
+        return {"commit": os.environ["STREAMGEMMA_COMMIT"], "dirty": None, "from": "STREAMGEMMA_COMMIT"}
     package = Path(sg.__file__).resolve().parent
     # Only if that repository tracks the package: a tree copied into another
     # checkout must not report the outer checkout's commit.
@@ -87,8 +90,6 @@ def git_commit() -> dict:
         if commit:
             status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package)
             return {"commit": commit, "dirty": bool(status), "from": "git"}
-    if os.environ.get("STREAMGEMMA_COMMIT"):
-        return {"commit": os.environ["STREAMGEMMA_COMMIT"], "dirty": None, "from": "STREAMGEMMA_COMMIT"}
     return {"commit": "unknown", "dirty": None, "from": None}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -91,17 +91,42 @@ class Client:
         reply = _Reply()
         self._replies[request_id] = reply
         try:
-            await self._send({**msg, "id": request_id})
+            await self.send({**msg, "id": request_id})
             with anyio.fail_after(self.timeout):
                 await reply.ready.wait()
         finally:
             self._replies.pop(request_id, None)
         return reply.result()
 
-    async def _send(self, msg: dict) -> None:
+    async def send(self, msg: dict) -> None:
+        """Send `msg` without waiting for a reply (e.g. a cancel, or an append
+        whose `appended` nobody awaits)."""
         if self._closed_error is not None:
             raise ConnectionError(f"the connection is closed: {self._closed_error}")
         await self._ws.send(json.dumps(msg))
+
+    @property
+    def closed_error(self) -> BaseException | None:
+        """Why the connection closed, once it has."""
+        return self._closed_error
+
+    @contextlib.contextmanager
+    def generation_events(self, session_id: str) -> Iterator[tuple[int, anyio.abc.ObjectReceiveStream]]:
+        """Route the events of one generation on `session_id` (tokens, done, or
+        an error answering the request) to the yielded stream, under the
+        yielded request id. One generation per session at a time."""
+        if session_id in self._streams:
+            raise ServerError("generating", "a generation is already running on this session")
+        send, receive = anyio.create_memory_object_stream[dict](1 << 16)
+        request_id = next(self._ids)
+        self._streams[session_id] = send
+        self._generations.add(request_id)
+        try:
+            with receive:
+                yield request_id, receive
+        finally:
+            self._streams.pop(session_id, None)
+            self._generations.discard(request_id)
 
     async def _read(self) -> None:
         try:
@@ -182,7 +207,7 @@ class ClientSession:
             msg["text"] = text_or_tokens
         else:
             msg["tokens"] = list(text_or_tokens)
-        await self.client._send(msg)
+        await self.client.send(msg)
 
     async def generate(self, **sampling: Any) -> AsyncIterator[Token]:
         """Start a generation (arguments as `Session.generate`: max_tokens,
@@ -195,20 +220,14 @@ class ClientSession:
         closed: at once with `contextlib.aclosing(session.generate(...))`,
         else when Python finalizes it)."""
         client = self.client
-        if self.id in client._streams:
-            raise ServerError("generating", "a generation is already running on this session")
-        send, receive = anyio.create_memory_object_stream[dict](1 << 16)
-        client._streams[self.id] = send
-        request_id = next(client._ids)
-        client._generations.add(request_id)
         finished = False
-        try:
-            msg = {"type": "generate", "session": self.id, "id": request_id, **sampling}
-            if client.coalesce:
-                msg["coalesce"] = True
-            await client._send(msg)
-            async with receive:
-                async for msg in receive:
+        with client.generation_events(self.id) as (request_id, events):
+            try:
+                msg = {"type": "generate", "session": self.id, "id": request_id, **sampling}
+                if client.coalesce:
+                    msg["coalesce"] = True
+                await client.send(msg)
+                async for msg in events:
                     if msg["type"] == "error":
                         finished = True
                         raise ServerError(msg.get("code", "?"), msg.get("message", ""))
@@ -223,18 +242,16 @@ class ClientSession:
                             yield Token(token_id, text, msg.get("finish_reason") if k == last else None)
                     else:
                         yield Token(msg["id"], msg["text"], msg.get("finish_reason"))
-            raise ConnectionError(f"the connection closed during the generation: {client._closed_error}")
-        finally:
-            client._streams.pop(self.id, None)
-            client._generations.discard(request_id)
-            if not finished and client._closed_error is None:
-                with anyio.CancelScope(shield=True):
-                    await client._send({"type": "cancel", "session": self.id})
+                raise ConnectionError(f"the connection closed during the generation: {client.closed_error}")
+            finally:
+                if not finished and client.closed_error is None:
+                    with anyio.CancelScope(shield=True):
+                        await client.send({"type": "cancel", "session": self.id})
 
     async def cancel(self) -> None:
         """Cancel the running generation: its iterator ends, and `last_done`
         has reason "cancelled" (unless it ended first). No-op when none runs."""
-        await self.client._send({"type": "cancel", "session": self.id})
+        await self.client.send({"type": "cancel", "session": self.id})
 
     async def snapshot(self) -> int:
         """Store the session on the server; returns its position."""

@@ -110,7 +110,7 @@ class Server:
         self.token = token or None
         self.limits = limits
         self._stop = anyio.Event()
-        self._pump = _TokenPump(engine, limits.coalesce_interval)
+        self.pump = _TokenPump(engine, limits.coalesce_interval)
         # Monitoring: frames written straight to a socket / through a writer task.
         self.frames_direct = 0
         self.frames_queued = 0
@@ -120,7 +120,7 @@ class Server:
         """Seconds spent building and writing token frames (monitoring;
         with `frames_direct` / `frames_queued`: frames written straight to a
         socket / handed to a connection's writer task for a lagging client)."""
-        return self._pump.seconds
+        return self.pump.seconds
 
     @property
     def url(self) -> str:
@@ -138,7 +138,7 @@ class Server:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.engine.run)
-                tg.start_soon(self._pump.run)
+                tg.start_soon(self.pump.run)
                 async with serve(self._handle, self.host, self.port, process_request=self._check_request,
                                  max_size=limits.max_message_bytes, ping_interval=limits.ping_interval,
                                  ping_timeout=limits.ping_timeout, close_timeout=5,
@@ -375,7 +375,7 @@ class _Connection:
         # A token's "id" is the token id; the request id comes back on "done".
         outgoing = _Outgoing(self, stream, TokenFrames(es.id), request.id, request.coalesce)
         try:
-            await self.server._pump.stream(outgoing)
+            await self.server.pump.stream(outgoing)
         finally:
             await stream.aclose()  # cancels the generation if it has not ended (e.g. the connection closed)
 

@@ -20,6 +20,7 @@ import json
 import time
 
 import torch
+from generate_overhead import graph_replay_ms  # a sibling dev tool (run as python bench/dev/...)
 
 import streamgemma as sg
 from streamgemma.bench.decode import time_decode
@@ -57,20 +58,6 @@ def fill_random_state(model: sg.Model, slots: list[int], position: int) -> None:
         model.pool.positions[s] = position
 
 
-def graph_replay_ms(model: sg.Model, replays: int = 200, reps: int = 5) -> float:
-    """GPU time of one batch-1 step: median over `reps` of back-to-back replays
-    of the captured batch-1 graph."""
-    graph = model._graphed._graphs[1]["graph"]
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(replays):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / replays)
-    return sorted(times)[len(times) // 2]
 
 
 def kernel_config(name: str) -> KernelConfig:

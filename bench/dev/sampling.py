@@ -22,20 +22,11 @@ import argparse
 import time
 
 import torch
+from engine_tick import MIXED  # the same rotation of settings (a sibling script: run from bench/dev or its path)
 
 from streamgemma.sampling.params import SamplingParams
 from streamgemma.sampling.philox import RandomStream, stream_words
 from streamgemma.sampling.sampler import PendingIds, SampleRow
-
-# The same rotation of settings as engine_tick.py.
-MIXED = (
-    dict(temperature=0.0),
-    dict(temperature=0.8),
-    dict(temperature=1.0, top_k=40),
-    dict(temperature=0.7, top_p=0.9),
-    dict(temperature=1.0, min_p=0.05),
-    dict(temperature=0.9, repetition_penalty=1.2, presence_penalty=0.3),
-)
 
 
 def rows_for(batch: int, mix: str, streams: list[RandomStream]) -> list[SampleRow]:

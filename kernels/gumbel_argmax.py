@@ -12,7 +12,7 @@ v maximising x[s, v] / T[s] - log(-log(u)).
   calls (4 * BLOCK vocab entries; lane l of call j is entry 4j + l, loaded
   with a stride of 4 per lane: the four lanes together read contiguous
   memory) and writes its tile's (max score, smallest index reaching it).
-- `_argmax_tiles_kernel`, grid (rows,): the smallest index among the tiles
+- `argmax_tiles_kernel`, grid (rows,): the smallest index among the tiles
   that reach the row's maximum.
 Every value of a row depends only on that row's inputs, so a row samples the
 same token alone or in any batch. The Philox rounds and the two logs per
@@ -35,7 +35,7 @@ _NO_INDEX = tl.constexpr(2147483647)  # loses every "smallest index" comparison
 
 
 @triton.jit
-def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 on uint32 tensors (the round of Random123: the key is
     bumped between rounds). Products and sums wrap modulo 2**32 on purpose."""
     for r in tl.static_range(10):
@@ -51,15 +51,21 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def gumbel_score(x, w):
+    """x - log(-log(u)), u from the raw Philox words w of x's entries: the score
+    the token maximises (also the filtered draw's, `sampling_filters`)."""
+    u = ((w >> 9) * 2 + 1).to(tl.float32) * _TWO_M24  # < 2**24 times a power of two: exact
+    return x - tl.log(-tl.log(u))
+
+
+@triton.jit
 def _lane_score(row_ptr, w, v, V, temp, HAS_TEMP: tl.constexpr):
     """x[v] / T - log(-log(u)) for one lane's entries v (int32 [BLOCK]); -inf past V."""
     mask = v < V
     x = tl.load(row_ptr + v, mask=mask, other=float("-inf"))
     if HAS_TEMP:
         x = tl.math.div_rn(x, temp)  # correctly rounded, as torch's x / T in the reference and the filters
-    u = ((w >> 9) * 2 + 1).to(tl.float32) * _TWO_M24  # < 2**24 times a power of two: exact
-    score = x - tl.log(-tl.log(u))
-    return tl.where(mask, score, float("-inf"))
+    return tl.where(mask, gumbel_score(x, w), float("-inf"))
 
 
 # Pointers too: the rows' words and temperatures are slices of one upload at
@@ -75,7 +81,7 @@ def _gumbel_tiles_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, tile
     ctr_lo = tl.load(words_ptr + row * 4 + 2).to(tl.uint32)
     ctr_hi = tl.load(words_ptr + row * 4 + 3).to(tl.uint32)
     zero = tl.zeros([BLOCK], dtype=tl.uint32)
-    w0, w1, w2, w3 = _philox4x32_10(j.to(tl.uint32), zero + ctr_lo, zero + ctr_hi, zero, k0, k1)
+    w0, w1, w2, w3 = philox4x32_10(j.to(tl.uint32), zero + ctr_lo, zero + ctr_hi, zero, k0, k1)
     row_ptr = x_ptr + row.to(tl.int64) * stride
     temp = 1.0
     if HAS_TEMP:
@@ -101,7 +107,7 @@ def _gumbel_tiles_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, tile
 
 
 @triton.jit(do_not_specialize=["n_tiles"])
-def _argmax_tiles_kernel(tile_max_ptr, tile_idx_ptr, out_ptr, n_tiles, BLOCK_T: tl.constexpr):
+def argmax_tiles_kernel(tile_max_ptr, tile_idx_ptr, out_ptr, n_tiles, BLOCK_T: tl.constexpr):
     row = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     mask = t < n_tiles
@@ -121,7 +127,7 @@ def _philox_words_kernel(words_ptr, out_ptr, calls, BLOCK: tl.constexpr):
     k1 = tl.load(words_ptr + row * 4 + 1).to(tl.uint32)
     c1 = tl.load(words_ptr + row * 4 + 2).to(tl.uint32)
     c2 = tl.load(words_ptr + row * 4 + 3).to(tl.uint32)
-    w0, w1, w2, w3 = _philox4x32_10(j.to(tl.uint32), zero + c1, zero + c2, zero, k0, k1)
+    w0, w1, w2, w3 = philox4x32_10(j.to(tl.uint32), zero + c1, zero + c2, zero, k0, k1)
     base = out_ptr + row.to(tl.int64) * 4 * calls + 4 * j
     mask = j < calls
     tl.store(base, w0.to(tl.int64), mask=mask)
@@ -169,7 +175,7 @@ def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | No
     _gumbel_tiles_kernel[(rows, n_tiles)](x, x.stride(0), words, temps.contiguous() if has_temp else x,
                                           tile_max, tile_idx, vocab, n_tiles, HAS_TEMP=has_temp, BLOCK=block,
                                           num_warps=4)
-    _argmax_tiles_kernel[(rows,)](tile_max, tile_idx, out, n_tiles, BLOCK_T=triton.next_power_of_2(n_tiles),
+    argmax_tiles_kernel[(rows,)](tile_max, tile_idx, out, n_tiles, BLOCK_T=triton.next_power_of_2(n_tiles),
                                   num_warps=4 if n_tiles > 256 else 1)
     return out
 

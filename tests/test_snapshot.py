@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import streamgemma as sg
 from streamgemma.session import snapshot as snapshot_format
+from streamgemma.session import snapshot_bytes
 from streamgemma.session.host import HostState
 from streamgemma.session.store import write_file_atomic
 
@@ -506,3 +507,49 @@ def test_snapshot_resume_example_runs():
                           env=subprocess_env())
     assert done.returncode == 0, done.stderr
     assert "identical continuation, bit for bit" in done.stdout
+
+
+# -- the fast paths: one host copy, pieces instead of a packed copy, threads ------------------
+@pytest.mark.parametrize("position", [3, 30])
+def test_packed_pieces_are_exactly_msgpack_of_the_document(model, position):
+    """The encoder streams the document in pieces (tensor data as is): their
+    concatenation is msgpack's own packing, so the format is unchanged."""
+    s, _ = run_conversation(model, position)
+    blob = s.snapshot({"k": [1, 2.5, b"x" * 300]})
+    document = unpack(blob)
+    assert zstandard.ZstdDecompressor().decompress(blob) == msgpack.packb(document)
+    for size in (0, 5, 255, 256, 65535, 65536, 70000):  # every bin header width
+        doc = {"layers": [{"kind": "k", "t": {"dtype": "x", "shape": [size], "data": b"\x01" * size}}], "z": 1}
+        assert b"".join(snapshot_bytes.msgpack_pieces(doc)) == msgpack.packb(doc)
+    s.close()
+
+
+def test_threaded_compression_writes_one_valid_frame(model, blob30, monkeypatch):
+    contents = snapshot_format.decode(blob30, model.config, model.fingerprint)
+    monkeypatch.setattr(snapshot_format, "_THREADED_BYTES", 0)
+    monkeypatch.setattr(snapshot_format, "_THREADS", 2)
+    threaded = snapshot_format.encode_contents(contents)
+    frame = zstandard.get_frame_parameters(threaded)
+    assert frame.has_checksum and frame.content_size != zstandard.CONTENTSIZE_UNKNOWN
+    assert unpack(threaded) == unpack(blob30)
+    assert snapshot_format.decode(threaded, model.config, model.fingerprint).position == contents.position
+
+
+@pytest.mark.parametrize("position", [0, 3, 30])
+def test_captured_records_are_slices_of_one_arena(model, position):
+    s = run_conversation(model, position)[0] if position else model.session()
+    contents = s.capture()
+    records = [r for layer in contents.layers for r in layer]
+    arena = contents.arena.numpy()
+    for r in records:
+        assert bytes(r.data) == arena[r.offset:r.offset + len(r.data)].tobytes()
+    # Staged for a device (here the CPU, the same code): from the arena, or gathered
+    # from separate records (a decoded blob), the same tensors.
+    decoded = snapshot_format.decode(snapshot_format.encode_contents(contents), model.config, model.fingerprint)
+    for c in (contents, decoded):
+        rs = [r for layer in c.layers for r in layer]
+        arena = c.arena if c is contents else None
+        staged = snapshot_bytes.to_device([r.data for r in rs], torch.device("cpu"), arena, [r.offset for r in rs])
+        assert all(torch.equal(t.view(r.dtype).view(r.shape), snapshot_bytes.host_tensor(r.data, r.dtype, r.shape))
+                   for t, r in zip(staged, rs))
+    s.close()

@@ -1,4 +1,4 @@
-"""Benchmarks: `streamgemma bench decode|prefill|serve|resume|snapshot`, or
+"""Benchmarks: `streamgemma bench decode|prefill|serve|resume|snapshot|isolation|sampling`, or
 `python -m streamgemma.bench ...`.
 
 Each command prints its figures as it goes; with --json PATH it writes them
@@ -16,7 +16,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot")
+COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -52,7 +52,8 @@ async def one_client(url: str, headers: dict | None, index: int, opts: dict, rea
         await request(ws, {"type": "append", "tokens": prompt}, "appended", who)
         ready()
         await go.wait()
-        generate = {"type": "generate", "id": "g", "max_tokens": opts["tokens"], "stop_token_ids": []}
+        generate = {"type": "generate", "id": "g", "max_tokens": opts["tokens"], "stop_token_ids": [],
+                    **opts.get("sampling", {})}
         if opts["coalesce"]:
             generate["coalesce"] = True
         await ws.send(json.dumps(generate))

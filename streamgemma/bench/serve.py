@@ -22,6 +22,7 @@ connection set-up and prompt prefill are not counted):
 
     streamgemma bench serve                                           # 2B shapes, 256 clients x 512 tokens
     streamgemma bench serve --no-coalesce                             # one frame per token
+    streamgemma bench serve --temperature 0.8 --top-k 40 --top-p 0.95  # clients sample with filters
     streamgemma bench serve --url ws://HOST:PORT/v1/stream --token T  # a running server
     streamgemma bench serve --preset tiny --device cpu --clients 4 --tokens 8 --procs 1
 """
@@ -56,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of the batch-N decode baseline (default 64; 0: not run)")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="gc.freeze() after the warm-up, as `streamgemma serve` does (default: yes)")
+    g = parser.add_argument_group("sampling (each client's generate request; default: the protocol's)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--url", help="a running server instead of one in this process")
     parser.add_argument("--token", help="bearer token of --url")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before giving up (default 600)")
@@ -164,14 +171,23 @@ class CounterSampler:
                 "ms_per_call": per_call, **counts}
 
 
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def sampling_of(args: argparse.Namespace) -> dict:
+    """The sampling fields given on the command line, as the protocol names them."""
+    return {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
+
+
 def options(args: argparse.Namespace) -> dict:
     return {"tokens": args.tokens, "prompt": args.prompt, "coalesce": args.coalesce,
-            "interject": args.interject, "timeout": args.timeout}
+            "interject": args.interject, "timeout": args.timeout, "sampling": sampling_of(args)}
 
 
 def run(args: argparse.Namespace) -> dict:
     out: dict = {"clients": args.clients, "procs": args.procs, "tokens_per_client": args.tokens,
-                 "prompt_tokens": args.prompt, "coalesce": args.coalesce, "interject": args.interject}
+                 "prompt_tokens": args.prompt, "coalesce": args.coalesce, "interject": args.interject,
+                 "sampling": sampling_of(args)}
     if args.url:
         released, records = run_clients(args.url, args.token, args.clients, args.procs, options(args))
         out.update(summarize(released, records))
@@ -190,6 +206,11 @@ def run(args: argparse.Namespace) -> dict:
     model = build_model(args)
     print(model)
     warm_s = model.warm_up(args.clients, prompt_tokens=args.prompt)  # as `streamgemma serve` does
+    if sampling_of(args):  # compile the sampling settings' kernels before any client waits on them
+        s = model.session(seed=0)
+        s.feed([2, 3, 4, 5])
+        list(s.generate(max_tokens=2, stop_token_ids=[], **sampling_of(args)))
+        s.close()
     if args.decode_steps:
         sec = time_decode(model, args.clients, args.decode_steps)
         out["decode_alone_tok_s"] = args.clients / sec

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--position", type=int, default=None,
                         help="tokens the session has consumed (default: the attention window + 123)")
     parser.add_argument("--repeats", type=int, default=20, help="timed snapshots and restores (default 20)")
+    parser.add_argument("--level", type=int, default=None,
+                        help="zstd level of Session.snapshot (default: the library's, 1; the engine suspends at -1)")
 
 
 def timed_ms(fn, repeats: int, model, after=None) -> tuple[list[float], object]:
@@ -55,18 +57,21 @@ def run(args: argparse.Namespace) -> dict:
     session.feed(token_ids(position, model.config.vocab_size))
     model.fingerprint  # noqa: B018 - computed once (a digest of the weights), outside the timings
 
-    snap_times, blob = timed_ms(session.snapshot, args.repeats, model)
+    def snapshot(s):  # `level` only when asked: older trees' Session.snapshot has no such argument
+        return s.snapshot() if args.level is None else s.snapshot(level=args.level)
+
+    snap_times, blob = timed_ms(lambda: snapshot(session), args.repeats, model)
     # Each restored session is closed before the next restore: its slot is
     # reused, so the pool does not grow inside the timing.
     restore_times, restored = timed_ms(lambda: model.restore(blob), args.repeats, model, after=lambda r: r.close())
-    if restored.snapshot() != blob:
+    if snapshot(restored) != blob:
         raise RuntimeError("a restored session's snapshot differs from the original's")
     raw = session.state_bytes()
     restored.close()
     session.close()
 
     out = {"model": describe(model), "position": position, "window": model.config.attention_window,
-           "repeats": args.repeats, "state_MB": raw / 1e6, "snapshot_MB": len(blob) / 1e6,
+           "repeats": args.repeats, "level": args.level, "state_MB": raw / 1e6, "snapshot_MB": len(blob) / 1e6,
            "snapshot_ms": summary(snap_times), "restore_ms": summary(restore_times)}
     print(f"position {position} (window {model.config.attention_window}), {args.repeats} repeats")
     print(f"state {raw / 1e6:.2f} MB (Session.state_bytes), "

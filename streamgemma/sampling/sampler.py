@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .filters import sample_filtered
 from .params import SamplingParams
 from .philox import RandomStream, gumbel_argmax_reference, stream_words
 
@@ -50,14 +51,15 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     (positive logits divided by repetition_penalty, negative multiplied;
     presence_penalty subtracted); greedy rows take the argmax. Sampled rows:
     logits / temperature; top_k keeps logits >= the k-th largest; top_p keeps
-    the smallest prefix of the tokens sorted by probability (stable sort, ties
-    by id) whose mass before each kept token is < top_p; min_p keeps logits
-    >= max + log(min_p) (probability >= min_p x the top one's). The token is
-    the smallest index v maximising x[v] - log(-log(u[v])) (float32), x the
-    scaled, filtered logits, u[v] in (0, 1) from Philox4x32-10 at the row's
-    (seed, counter) (the Gumbel-max trick: a draw from softmax(x), with no
-    normalisation; `streamgemma.sampling.philox` defines u exactly). x / T is one
-    correctly rounded float32 division wherever it is computed.
+    the tokens in order of logit (ties by id) while the probability mass
+    before each is < top_p; min_p keeps logits >= max + log(min_p)
+    (probability >= min_p x the top one's); `filters` defines the kept set
+    exactly (masses in integer arithmetic). The token is the smallest index v
+    maximising x[v] - log(-log(u[v])) (float32), x the scaled, filtered
+    logits, u[v] in (0, 1) from Philox4x32-10 at the row's (seed, counter)
+    (the Gumbel-max trick: a draw from softmax(x), with no normalisation;
+    `streamgemma.sampling.philox` defines u exactly). x / T is one correctly
+    rounded float32 division wherever it is computed.
 
     The random stream: a sampled row uses its rows[i].rng = (seed, counter)
     and nothing else (the caller then advances its counter by 1:
@@ -66,13 +68,15 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     or batched, and on CPU and CUDA alike up to the rounding of the logits
     and of the log.
 
-    Cost: the greedy rows share one argmax, the sampled rows one set of
-    batched ops over [S, V]; a filter or penalty runs once over the rows that
-    have it. The noise, the temperature (when no filter needs it earlier)
-    and the argmax of all sampled rows are one Triton kernel on CUDA (two
-    launches; the PyTorch reference on the CPU). Per row the host only packs
-    four integers into the one upload of per-row values. The host never
-    waits for the device except for the final read of the B ids.
+    Cost: the greedy rows share one argmax; penalties are one copy of the
+    penalized rows plus a gather and a scatter of their recent ids. Without
+    filters, the noise, x / T and the argmax of all sampled rows are one
+    Triton kernel on CUDA (two launches); with filters, the sort-free kernels
+    of `filters` (a radix search per filter, then the noise and argmax over
+    the kept tokens, reading about k tiles per row under top_k). The PyTorch
+    forms run on the CPU. Per row the host only packs a few numbers into the
+    one upload of per-row values. The host never waits for the device except
+    for the final read of the B ids.
     """
     return PendingIds(logits, rows).ids()
 
@@ -131,25 +135,39 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: RandomStream | Non
 
 
 def apply_penalties(logits: torch.Tensor, recent: torch.Tensor, repetition: float, presence: float) -> torch.Tensor:
-    """Penalize tokens in `recent` ([N] int64 ids < V, on any device; repeats
-    count once). logits: float32 [V]. Returns a new [V] tensor, the values
-    `sample_rows` samples from."""
-    ids = recent.to(device=logits.device, dtype=torch.int64).reshape(1, -1)
+    """Penalize tokens in `recent` ([N] int64 ids, on any device; repeats
+    count once, ids >= V are ignored). logits: float32 [V]. Returns a new [V]
+    tensor, the values `sample_rows` samples from."""
+    ids = _penalty_ids([recent.cpu()], logits.shape[0]).to(logits.device)
     factors = torch.tensor([[float(repetition), float(presence)]], dtype=torch.float32, device=logits.device)
     return _penalize(logits[None], ids, factors[:, 0:1], factors[:, 1:2])[0]
 
 
 # -- implementation --------------------------------------------------------------------
+def _penalty_ids(recents: Sequence[torch.Tensor | None], vocab: int) -> torch.Tensor:
+    """int64 [P, W] rows of ids < vocab to penalize, padded with a repeat of the
+    row's first such id (a repeat is penalized once, so no two writes of a
+    scatter differ); a row with none is all `vocab` (nothing is written)."""
+    sizes = [0 if r is None else r.numel() for r in recents]
+    ids = np.full((len(recents), max(1, max(sizes))), vocab, dtype=np.int64)
+    for k, (r, n) in enumerate(zip(recents, sizes)):
+        if n:
+            ids[k, :n] = r.numpy()
+    usable = ids < vocab
+    first = ids[np.arange(len(ids)), usable.argmax(axis=1)]
+    fill = np.where(usable.any(axis=1), first, vocab)
+    return torch.from_numpy(np.where(usable, ids, fill[:, None]))
+
+
 def _penalize(x: torch.Tensor, ids: torch.Tensor, repetition: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-    """x: float32 [P, V]; ids: int64 [P, W], entries >= V are padding;
-    repetition, presence: float32 [P, 1]. A factor of 1 (or presence 0)
-    leaves a row's values bit for bit as they were, so rows with different
-    penalties can share one call."""
-    rows, vocab = x.shape
-    seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=x.device)
-    seen = seen.scatter_(1, ids.clamp_max(vocab), True)[:, :vocab]
-    x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
-    return x - seen.to(x.dtype) * presence
+    """x: float32 [P, V]; ids: int64 [P, W] from `_penalty_ids`; repetition,
+    presence: float32 [P, 1]. A new [P, V] tensor (one copy of x); only the
+    ids' entries change, each once (what the gather reads is the original)."""
+    present = ids < x.shape[1]
+    at = torch.where(present, ids, 0)
+    before = x.gather(1, at)
+    after = torch.where(before > 0, before / repetition, before * repetition) - presence
+    return x.clone().scatter_(1, at, torch.where(present, after, before))
 
 
 class _Upload:
@@ -265,17 +283,12 @@ class _GroupPlan:
         # Penalties: local row indices, factors, recent ids padded to one width.
         self.penalized = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0]
         if self.penalized:
-            recents = [rows[members[j]].recent for j in self.penalized]
-            width = max(1, max((0 if r is None else r.numel()) for r in recents))
-            ids = torch.full((len(recents), width), vocab, dtype=torch.int64)
-            for k, r in enumerate(recents):
-                if r is not None and r.numel():
-                    ids[k, :r.numel()] = r
+            ids = _penalty_ids([rows[members[j]].recent for j in self.penalized], vocab)
             put("pen_rows", self.penalized, torch.int64)
             put("pen_ids", ids, torch.int64)
             put("pen_factors", [[params[j].repetition_penalty, params[j].presence_penalty] for j in self.penalized],
                 torch.float32)
-            self._pen_width = width
+            self._pen_width = ids.shape[1]
         if not sampled:
             return
         put("rng_words", _stream_words_of([rows[i] for i in members], members), torch.int64)
@@ -284,19 +297,15 @@ class _GroupPlan:
         self.scale = any(t != 1.0 for t in temps)
         if self.scale:
             put("temps", temps, torch.float32)
-        self.top_k = [j for j, p in enumerate(params) if 0 < p.top_k < vocab]
-        if self.top_k:
-            put("top_k_rows", self.top_k, torch.int64)
-            put("top_k_index", [params[j].top_k - 1 for j in self.top_k], torch.int64)
-            self._k_max = max(params[j].top_k for j in self.top_k)
-        self.top_p = [j for j, p in enumerate(params) if p.top_p < 1.0]
-        if self.top_p:
-            put("top_p_rows", self.top_p, torch.int64)
-            put("top_p", [params[j].top_p for j in self.top_p], torch.float32)
-        self.min_p = [j for j, p in enumerate(params) if p.min_p > 0.0]
-        if self.min_p:
-            put("min_p_rows", self.min_p, torch.int64)
-            put("log_min_p", [math.log(params[j].min_p) for j in self.min_p], torch.float32)
+        # Filters: per member, off values where a row has none (top_k 0, top_p 1, log(min_p) -inf).
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        self.has_top_k = any(top_k)
+        self.has_top_p = any(p.top_p < 1.0 for p in params)
+        self.filtered = self.has_top_k or self.has_top_p or any(p.min_p > 0.0 for p in params)
+        if self.filtered:
+            put("top_k", top_k, torch.int64)
+            put("top_p", [p.top_p for p in params], torch.float32)
+            put("log_min_p", [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params], torch.float32)
 
     def _get(self, values: dict[torch.dtype, torch.Tensor], name: str) -> torch.Tensor:
         dtype, start, n = self._slices[name]
@@ -317,38 +326,13 @@ class _GroupPlan:
             private = True
         if not self.sampled:
             return x.argmax(dim=-1)
-        filtered = bool(self.top_k or self.top_p or self.min_p)
+        words = get("rng_words").view(n, 4)
         temps = get("temps") if self.scale else None
-        if filtered and temps is not None:  # the filters' thresholds are on the scaled logits
-            x = x.div_(temps[:, None]) if private else x / temps[:, None]
-            private, temps = True, None
-        filters = [(self.top_k, "top_k_rows", self._top_k), (self.top_p, "top_p_rows", self._top_p),
-                   (self.min_p, "min_p_rows", self._min_p)]
-        for local, name, fn in filters:
-            if local:
-                if not private and len(local) < n:
-                    x, private = x.clone(), True
-                x = _subset(x, local, get(name), functools.partial(fn, values))
-                private = True
-        # Noise, x / T (unfiltered batches: done above otherwise) and the argmax of every
-        # row at once. x may still be the caller's strided logits view: it is read once.
-        return gumbel_argmax(x, get("rng_words").view(n, 4), temps)
-
-    def _top_k(self, values, x: torch.Tensor) -> torch.Tensor:
-        kth = torch.topk(x, self._k_max, dim=-1).values.gather(1, self._get(values, "top_k_index")[:, None])
-        return x.masked_fill(x < kth, -math.inf)
-
-    def _top_p(self, values, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(x, dim=-1)
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        # Keep a token if the mass before it is below top_p: the top token always stays.
-        drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= self._get(values, "top_p")[:, None]
-        drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
-        return x.masked_fill(drop, -math.inf)
-
-    def _min_p(self, values, x: torch.Tensor) -> torch.Tensor:
-        floor = x.amax(dim=-1, keepdim=True) + self._get(values, "log_min_p")[:, None]
-        return x.masked_fill(x < floor, -math.inf)
+        if self.filtered:
+            # x / T is computed where x is read (x may still be the caller's strided logits view).
+            return sample_filtered(x, words, temps, get("top_k"), get("top_p"), get("log_min_p"),
+                                   has_top_k=self.has_top_k, has_top_p=self.has_top_p)
+        return gumbel_argmax(x, words, temps)
 
 
 def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None = None) -> torch.Tensor:

@@ -117,13 +117,15 @@ class Session:
         return self.model.pool.slot_bytes() + self.state.nbytes(self.model.config.vocab_size)
 
     # -- snapshots ---------------------------------------------------------------------
-    def snapshot(self, metadata: dict[str, Any] | None = None) -> bytes:
+    def snapshot(self, metadata: dict[str, Any] | None = None,
+                 level: int = snapshot_format.COMPRESSION_LEVEL) -> bytes:
         """This session's complete state as bytes (format v1, see
         docs/snapshot-format.md), with `metadata`: a dict with str keys of
         None/bool/int/float/str/bytes/list/dict values (at most 1 MiB as
-        msgpack; SnapshotMetadataError otherwise). `model.restore(blob)`
-        continues exactly where this session is."""
-        return snapshot_format.encode_contents(self.capture(metadata))
+        msgpack; SnapshotMetadataError otherwise). `level`: zstd level (1:
+        compact; -1: about a quarter larger, several times faster to restore).
+        `model.restore(blob)` continues exactly where this session is."""
+        return snapshot_format.encode_contents(self.capture(metadata), level)
 
     def capture(self, metadata: dict[str, Any] | None = None) -> snapshot_format.SnapshotContents:
         """`snapshot` before encoding: the state copied to host memory and
@@ -143,10 +145,11 @@ class Session:
         except (ValueError, TypeError, RuntimeError) as e:
             raise SnapshotFormatError(f"the snapshot's sampler or detokenizer state cannot be restored: {e}") from e
 
-    def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
-        """Write `snapshot(metadata)` to `path` atomically (temp file, fsync,
-        rename). Restore with `model.restore_file(path)`."""
-        write_file_atomic(path, self.snapshot(metadata))
+    def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+             level: int = snapshot_format.COMPRESSION_LEVEL) -> None:
+        """Write `snapshot(metadata, level)` to `path` atomically (temp file,
+        fsync, rename). Restore with `model.restore_file(path)`."""
+        write_file_atomic(path, self.snapshot(metadata, level))
 
     # -- state -----------------------------------------------------------------------
     @property

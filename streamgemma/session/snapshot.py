@@ -11,6 +11,7 @@ the specification; this module is its implementation.
   identity are checked first, and every failure is a `SnapshotError` subclass.
 - `load_into` writes validated contents into a slot of a pool (casting to the
   pool's dtype and device).
+The bulk copies and the streamed packing are in `snapshot_bytes`.
 
 `Session.snapshot` and `Model.restore` are the public entry points; these
 functions are the layer under them (benchmarks use them on a bare pool).
@@ -26,7 +27,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 import zstandard
 
@@ -40,12 +40,18 @@ from ..errors import (
     SnapshotVersionError,
 )
 from ..model.pool import StatePool
+from . import snapshot_bytes
 
 MAGIC = "streamgemma-snapshot"
 FORMAT_VERSION = 1
-# The fastest level that still entropy-codes literals, which the state's
-# redundant exponent bytes reward (bench/NOTES.md).
+# Stored snapshots entropy-code literals (level 1: about a fifth smaller); the
+# engine's suspensions use -1, which restores several times faster
+# (bench/NOTES.md, "Snapshots"). Any level makes a valid snapshot.
 COMPRESSION_LEVEL = 1
+# zstd's workers pay off only on a large state; 1 MiB jobs.
+_THREADS = min(16, os.cpu_count() or 1)
+_JOB_BYTES = 1 << 20
+_THREADED_BYTES = 4 << 20
 
 MAX_METADATA_BYTES = 1 << 20  # user metadata, msgpack-encoded
 MAX_HOST_BYTES = 1 << 20  # each of the RNG state and the detokenizer's pending bytes
@@ -74,6 +80,7 @@ class TensorRecord:
     dtype: torch.dtype
     shape: tuple[int, ...]
     data: bytes | memoryview
+    offset: int | None = dataclasses.field(default=None, compare=False)  # in the contents' arena
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +93,9 @@ class SnapshotContents:
     head_dim] in `dtype` for attention layers, rows oldest to newest.
     extra: the session's host state ({"rng", "detok_pending", "recent_ids",
     "logits", "stopped"}).
+    arena: when captured, the host buffer (uint8, pinned on CUDA) that every
+    record's data is a slice of, at the record's offset: `load_into` moves the
+    whole state to the device in one copy.
     """
 
     fingerprint: str
@@ -96,6 +106,7 @@ class SnapshotContents:
     layers: tuple[tuple[TensorRecord, TensorRecord], ...]
     extra: dict
     metadata: dict
+    arena: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 # -- sizes ----------------------------------------------------------------------------
@@ -144,9 +155,10 @@ def capture(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str,
     `encode` validates it, not yet encoded: what `encode_contents` turns into
     bytes and `load_into` writes back into a slot. Arguments as `encode`.
 
-    Every state tensor is copied to the host once (attention rings are put in
-    logical order on their device first, keeping only the filled rows); the
-    slot may be reused as soon as this returns.
+    The slot's tensors are joined on their device (attention rings in logical
+    order, only the filled rows) and copied to the host in one transfer (into
+    pinned memory on a GPU: the contents' arena); the slot may be reused as
+    soon as this returns.
     """
     _require_little_endian()
     config = pool.config
@@ -157,30 +169,34 @@ def capture(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str,
         raise SnapshotFormatError(f"the session's seed {seed!r} is not an int or None")
     position = pool.positions[slot]
     segments = _ring_segments(position, config.attention_window)
-    layers = []
+    groups = []
     for kind, tensors in zip(config.block_types, pool.layers):
-        parts = [[t[slot][a:b] for a, b in segments] if kind == ATTENTION else [t[slot]] for t in tensors]
-        layers.append(tuple(_host_record(p) for p in parts))
+        groups += [[t[slot][a:b] for a, b in segments] if kind == ATTENTION else [t[slot]] for t in tensors]
+    arena, offsets = snapshot_bytes.gather_to_host(groups)
+    records = []
+    for parts, offset in zip(groups, offsets):
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        data = snapshot_bytes.read_only(arena, offset, shape, parts[0].dtype)
+        records.append(TensorRecord(dtype=parts[0].dtype, shape=shape, data=data, offset=offset))
     return SnapshotContents(fingerprint=fingerprint, config=config, dtype=pool.dtype, position=position,
-                            seed=seed, layers=tuple(layers), extra={k: extra[k] for k in sorted(_EXTRA_KEYS)},
-                            metadata=metadata)
+                            seed=seed, layers=tuple(zip(records[0::2], records[1::2])),
+                            extra={k: extra[k] for k in sorted(_EXTRA_KEYS)}, metadata=metadata, arena=arena)
 
 
 def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL) -> bytes:
     """`contents` (from `capture` or `decode`) as snapshot bytes, compressed
-    at zstd `level`: 1 (the default) shrinks state by about a fifth; negative
-    levels store literals raw, which compresses and decompresses several
-    times faster at almost no size gain (bench/NOTES.md, "Resume")."""
+    at zstd `level`: 1 (the default) and above entropy-code literals, which
+    shrinks bf16 state by about a fifth; negative levels store them raw, so
+    the snapshot decompresses several times faster (bench/NOTES.md,
+    "Snapshots"). A large state is compressed by several threads (still one
+    frame)."""
     _require_little_endian()
     layers = []
-    payload = 0
     for kind, records in zip(contents.config.block_types, contents.layers):
         layer = {"kind": kind}
         for name, record in zip(_TENSOR_NAMES[kind], records):
             layer[name] = {"dtype": _DTYPE_NAMES[record.dtype], "shape": list(record.shape), "data": record.data}
-            payload += len(record.data)
         layers.append(layer)
-    extra = contents.extra
     document = {
         "magic": MAGIC,
         "version": FORMAT_VERSION,
@@ -189,16 +205,18 @@ def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL) 
         "position": contents.position,
         "seed": contents.seed,
         "layers": layers,
-        "extra": extra,
+        "extra": contents.extra,
         "metadata": contents.metadata,
     }
-    host_bytes = (len(extra["rng"] or b"") + len(extra["detok_pending"]) + 9 * len(extra["recent_ids"])
-                  + len(extra["logits"] or b"") + 4 * len(extra["stopped"] or ""))
-    # Presizing the buffer saves the reallocations of a growing one (state is tens of MB;
-    # metadata is usually small, and the buffer grows if it is not).
-    packer = msgpack.Packer(buf_size=payload + host_bytes + _ENVELOPE_BYTES)
-    packed = packer.pack(document)
-    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(packed)
+    pieces = snapshot_bytes.msgpack_pieces(document)
+    size = sum(map(len, pieces))
+    threads = _THREADS if size >= _THREADED_BYTES else 0
+    params = zstandard.ZstdCompressionParameters.from_level(level, write_checksum=True, threads=threads,
+                                                            job_size=_JOB_BYTES if threads else 0)
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj(size=size)
+    out = [stream.compress(p) for p in pieces]
+    out.append(stream.flush())
+    return b"".join(out)
 
 
 def _ring_segments(position: int, window: int) -> list[tuple[int, int]]:
@@ -209,26 +227,6 @@ def _ring_segments(position: int, window: int) -> list[tuple[int, int]]:
     start = (position - n) % window
     first = min(n, window - start)
     return [(start, start + first)] + ([(0, n - first)] if n > first else [])
-
-
-def _host_record(parts: list[torch.Tensor]) -> TensorRecord:
-    """The record of the concatenation of `parts` (same device and dtype) along
-    dim 0, in host memory of its own. CPU tensors are copied through numpy
-    views (a memory copy, no torch kernel); device tensors are joined on the
-    device and copied to the host once."""
-    if parts[0].device.type == "cpu":
-        views = [_byte_view(p) for p in parts]
-        raw = views[0].copy() if len(views) == 1 else np.concatenate(views)
-    else:
-        raw = _byte_view((torch.cat(parts) if len(parts) > 1 else parts[0]).cpu())
-    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-    return TensorRecord(dtype=parts[0].dtype, shape=shape, data=memoryview(raw.reshape(-1)).toreadonly())
-
-
-def _byte_view(t: torch.Tensor) -> np.ndarray:
-    """A numpy uint8 view of a CPU tensor with a contiguous last dim: same
-    shape, the last dim in bytes. Writable: it aliases the tensor."""
-    return t.view(torch.uint8).numpy()
 
 
 # -- decode ------------------------------------------------------------------------------
@@ -471,40 +469,32 @@ def load_into(pool: StatePool, slot: int, contents: SnapshotContents) -> None:
     """Write validated contents into `slot` of `pool` and set its position.
     Every entry of the slot is written (ring entries the snapshot does not hold
     become zero, as in a fresh slot). Tensors are cast to the pool's dtype and
-    moved to its device; the RG-LRU state stays float32."""
+    moved to its device (all of them in one host-to-device copy); the RG-LRU
+    state stays float32."""
     segments = _ring_segments(contents.position, pool.config.attention_window)
-    for kind, tensors, records in zip(pool.config.block_types, pool.layers, contents.layers):
-        for dst_all, record in zip(tensors, records):
-            dst, src = _destination_and_source(dst_all[slot], record)
-            if kind == ATTENTION:
-                done = 0
-                for a, b in segments:
-                    dst[a:b] = src[done:done + b - a]
-                    done += b - a
-                dst[done:] = 0  # unfilled rows: only before the ring wraps, when segments start at 0
-            else:
-                dst[...] = src
+    records = [r for layer in contents.layers for r in layer]
+    sources = None
+    if pool.device.type != "cpu":  # one host-to-device copy of every tensor's bytes
+        captured = contents.arena is not None and all(r.offset is not None for r in records)
+        staged = snapshot_bytes.to_device([r.data for r in records], pool.device,
+                                          contents.arena if captured else None, [r.offset for r in records])
+        sources = [b.view(r.dtype).view(r.shape) for b, r in zip(staged, records)]
+    destinations = [t[slot] for layer in pool.layers for t in layer]
+    kinds = [kind for kind in pool.config.block_types for _ in range(2)]
+    for i, (kind, dst, record) in enumerate(zip(kinds, destinations, records)):
+        if sources is None:
+            dst, src = snapshot_bytes.cpu_destination_and_source(dst, record.data, record.dtype, record.shape)
+        else:
+            src = sources[i].to(dst.dtype)
+        if kind == ATTENTION:
+            done = 0
+            for a, b in segments:
+                dst[a:b] = src[done:done + b - a]
+                done += b - a
+            dst[done:] = 0  # unfilled rows: only before the ring wraps, when segments start at 0
+        else:
+            dst[...] = src
     pool.positions[slot] = contents.position
-
-
-def _destination_and_source(dst: torch.Tensor, record: TensorRecord):
-    """(destination, source) that slice-assign into each other: numpy byte views
-    for a CPU destination of the record's dtype (a plain memory copy, no torch
-    kernel), else the destination tensor and the record cast and moved to it."""
-    if dst.device.type == "cpu" and dst.dtype == record.dtype:
-        view = _byte_view(dst)
-        src = np.frombuffer(record.data, dtype=np.uint8).reshape(*record.shape[:-1], view.shape[-1])
-        return view, src
-    return dst, _host_tensor(record).to(device=dst.device, dtype=dst.dtype)
-
-
-def _host_tensor(record: TensorRecord) -> torch.Tensor:
-    """A CPU tensor holding a copy of the record's bytes (torch.frombuffer would
-    alias the read-only bytes, which torch warns about)."""
-    out = torch.empty(record.shape, dtype=record.dtype)
-    if out.numel():
-        np.copyto(_byte_view(out).reshape(-1), np.frombuffer(record.data, dtype=np.uint8))
-    return out
 
 
 def read_file(path: str | os.PathLike, config: GriffinConfig) -> bytes:

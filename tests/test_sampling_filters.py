@@ -1,0 +1,244 @@
+"""Top-k / top-p / min-p without a sort: the definition (`filters.keep_mask`)
+against the sort-based sampler it replaced (`sampler_ref`), the kernels
+against the definition (under the interpreter on CPU), penalties, and the
+sampled frequencies against the truncated distribution."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from streamgemma.sampling import filters
+from streamgemma.sampling.params import SamplingParams
+from streamgemma.sampling.philox import gumbel_argmax_reference
+from streamgemma.sampling.sampler import SampleRow, apply_penalties, sample_rows
+from streamgemma.sampling.sampler_ref import filter_reference, penalize_reference, sample_rows_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+INF = math.inf
+
+
+def random_row(rng: random.Random, g: torch.Generator, vocab: int) -> torch.Tensor:
+    """Logits with the cases that matter: ties (rounded values, equal rows),
+    -inf entries, all -inf, a peaked or a flat distribution."""
+    x = torch.randn(vocab, generator=g) * rng.choice([0.3, 1.0, 3.0, 8.0])
+    shape = rng.random()
+    if shape < 0.25:
+        x = (x * 2).round() / 2  # many ties
+    elif shape < 0.3:
+        x[:] = rng.choice([0.0, -0.0, 1.5])  # every token tied (0.0 and -0.0 are one value)
+    if rng.random() < 0.15:
+        x[torch.rand(vocab, generator=g) < 0.6] = -INF
+    if rng.random() < 0.03:
+        x[:] = -INF
+    return x
+
+
+def random_filters(rng: random.Random, vocab: int) -> tuple[int, float, float]:
+    top_k = rng.choice([0, 0, 1, 2, 5, 40, vocab - 1, vocab, vocab + 7])
+    top_p = rng.choice([1.0, 1.0, 0.95, 0.9, 0.5, 0.999, 1e-6, 0.3])
+    min_p = rng.choice([0.0, 0.0, 0.05, 0.3, 1e-9, 0.999])
+    return top_k, top_p, min_p
+
+
+def filter_tensors(specs, vocab, device="cpu"):
+    k = torch.tensor([t if 0 < t < vocab else 0 for t, _, _ in specs], dtype=torch.int64, device=device)
+    p = torch.tensor([q for _, q, _ in specs], dtype=torch.float32, device=device)
+    lmp = torch.tensor([math.log(m) if m > 0 else -INF for _, _, m in specs], dtype=torch.float32, device=device)
+    return k, p, lmp
+
+
+def exact_mass_before(x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Each token's probability mass before it (order of x descending, ties by
+    id), in float64, over the top_k-kept tokens: the quantity top_p compares."""
+    vocab = x.shape[0]
+    if 0 < top_k < vocab:
+        x = x.masked_fill(x < torch.topk(x, top_k).values[-1], -INF)
+    probs = torch.softmax(x.double(), dim=0)
+    order = torch.sort(filters.sortable_keys(x), descending=True, stable=True).indices
+    before = torch.empty_like(probs)
+    before[order] = probs[order].cumsum(0) - probs[order]
+    return before
+
+
+def test_keep_mask_is_the_sort_based_kept_set():
+    """The exact (integer-mass) definition keeps the same tokens as the float32
+    sort-based filters over many random rows and settings, ties and -inf rows
+    included (a row of only -inf keeps everything in both; its token is 0).
+    They may differ only on a token whose exact mass-before is top_p up to
+    float32 rounding (e.g. 50 tied tokens and top_p 0.5: the reference's
+    float32 0.02 is 0.0199999996, so it keeps a 26th token whose exact
+    mass-before is 0.5, not below it); such rows are rare."""
+    g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    boundary_rows = 0
+    for vocab in (3, 50, 257, 1001):
+        rows = [random_row(rng, g, vocab) for _ in range(150)]
+        specs = [random_filters(rng, vocab) for _ in rows]
+        got = filters.keep_mask(torch.stack(rows), *filter_tensors(specs, vocab))
+        for i, (x, (k, p, m)) in enumerate(zip(rows, specs)):
+            want = filter_reference(x, k, p, m) > -INF
+            finite = x > -INF
+            if not finite.any():
+                assert got[i].all()
+                continue
+            differ = (got[i] & finite) != want
+            if differ.any():
+                boundary_rows += 1
+                near = (exact_mass_before(x, k)[differ] - p).abs() <= 1e-6
+                assert near.all(), (vocab, i, k, p, m, differ.nonzero().flatten().tolist())
+    assert boundary_rows <= 3
+
+
+def test_keep_mask_edges():
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, -INF, 3.0]])
+    k, p, lmp = filter_tensors([(2, 1.0, 0.0)], 6)
+    assert filters.keep_mask(x, k, p, lmp).tolist() == [[False, True, True, False, False, True]]  # ties with the 2nd
+    # Three tied tokens of mass ~1/3 each, top_p 0.5: the two smallest ids stay.
+    x = torch.tensor([[0.0, 5.0, 5.0, -INF, 5.0]])
+    k, p, lmp = filter_tensors([(0, 0.5, 0.0)], 5)
+    assert filters.keep_mask(x, k, p, lmp).tolist() == [[False, True, True, False, False]]
+    k, p, lmp = filter_tensors([(0, 1e-9, 0.0)], 5)  # the top token always stays
+    assert filters.keep_mask(x, k, p, lmp).tolist() == [[False, True, False, False, False]]
+    # min_p 0.999 keeps exactly the maximum's ties; keys see 0.0 and -0.0 as one value.
+    x = torch.tensor([[0.0, -0.0, -1.0]])
+    k, p, lmp = filter_tensors([(1, 0.999, 0.999)], 3)
+    assert filters.keep_mask(x, k, p, lmp).tolist() == [[True, True, False]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_rows_gives_the_reference_tokens(device):
+    """Same seeds, same tokens as the sort-based sampler: penalties, greedy and
+    sampled rows, every filter mix, one batch and each row alone. On CUDA the
+    kernels' log may round apart from torch's by an ulp: a near tie may then
+    go the other way (as for the unfiltered kernel)."""
+    g = torch.Generator().manual_seed(1)
+    rng = random.Random(1)
+    vocab, batch = 300, 48
+    logits = torch.stack([random_row(rng, g, vocab) for _ in range(batch)])
+    rows = []
+    for i in range(batch):
+        top_k, top_p, min_p = random_filters(rng, vocab)
+        params = SamplingParams(temperature=rng.choice([0.0, 0.5, 1.0, 1.7]), top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=rng.choice([1.0, 1.3, 0.8]), presence_penalty=rng.choice([0.0, 0.4]))
+        recent = torch.tensor([rng.randrange(vocab + 20) for _ in range(rng.randrange(0, 30))], dtype=torch.int64)
+        rows.append(SampleRow(params, None if params.greedy else (rng.getrandbits(64), i), recent))
+    want = sample_rows_reference(logits, rows)
+    batched = sample_rows(logits.to(device), rows)
+    alone = [sample_rows(logits[i:i + 1].to(device), rows[i:i + 1])[0] for i in range(batch)]
+    assert batched == alone
+    differ = sum(a != b for a, b in zip(batched, want))
+    assert differ == 0 if device == "cpu" else differ <= 1
+
+
+def test_penalties_equal_the_reference():
+    g = torch.Generator().manual_seed(2)
+    rng = random.Random(2)
+    for _ in range(40):
+        vocab = rng.choice([5, 64, 300])
+        x = torch.randn(vocab, generator=g) * 3
+        x[rng.randrange(vocab)] = 0.0
+        recent = torch.tensor([rng.randrange(vocab + 5) for _ in range(rng.randrange(0, 40))], dtype=torch.int64)
+        rep, pres = rng.choice([1.0, 1.5, 0.7]), rng.choice([0.0, 0.5, -0.3])
+        assert torch.equal(apply_penalties(x, recent, rep, pres), penalize_reference(x, recent, rep, pres))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_frequencies_follow_the_truncated_distribution(device):
+    """4,000 draws (consecutive counters of one stream) against the filtered,
+    renormalised distribution: within 4.5 standard deviations per token."""
+    probs = torch.tensor([0.30, 0.22, 0.18, 0.12, 0.08, 0.06, 0.04])
+    logits = probs.log()
+    cases = [(SamplingParams(top_k=3), [0, 1, 2]),
+             (SamplingParams(top_p=0.75), [0, 1, 2, 3]),  # mass before token 3 is 0.70 < 0.75
+             (SamplingParams(min_p=0.25), [0, 1, 2, 3, 4]),  # 0.08 >= 0.25 x 0.30
+             (SamplingParams(temperature=0.5, top_k=5, top_p=0.9), None)]
+    n = 4000
+    for params, kept in cases:
+        scaled = torch.softmax(logits / params.temperature, dim=0)
+        if kept is None:  # T 0.5 sharpens: [0.41, 0.22, 0.15, 0.06, 0.03, ...]; 0.9 needs 4, top_k allows 5
+            order = scaled.argsort(descending=True)
+            mass_before = scaled[order].cumsum(0) - scaled[order]
+            kept = sorted(order[(mass_before < 0.9)][:5].tolist())
+        want = torch.zeros(7)
+        want[kept] = scaled[kept] / scaled[kept].sum()
+        rows = [SampleRow(params, (12345, c)) for c in range(n)]
+        draws = torch.tensor(sample_rows(logits.expand(n, 7).to(device), rows))
+        freq = torch.bincount(draws, minlength=7).float() / n
+        assert set(draws.tolist()) <= set(kept)
+        sd = (want * (1 - want) / n).sqrt()
+        assert ((freq - want).abs() <= 4.5 * sd + 1e-9).all(), (params, freq.tolist(), want.tolist())
+
+
+# -- the kernels against the definition ------------------------------------------------------
+def kernel():
+    from streamgemma.kernels.sampling_filters import filtered_gumbel_argmax
+    return filtered_gumbel_argmax
+
+
+def draw_definition(x, words, temps, k, p, lmp):
+    xs = x if temps is None else x / temps[:, None]
+    keep = filters.keep_mask(xs, k, p, lmp)
+    return gumbel_argmax_reference(xs.masked_fill(~keep, -INF), words)
+
+
+@pytest.mark.parametrize("tile,replicas", [(32, 3), (64, 1)])
+def test_kernels_draw_the_definitions_tokens(tile, replicas):
+    """Under the interpreter the kernels' tokens equal the PyTorch form's, for
+    several tiles per row (tile maxima, tie counts across tiles), replicated
+    first-digit histograms, strided rows and every filter mix."""
+    g = torch.Generator().manual_seed(tile)
+    rng = random.Random(tile)
+    vocab, batch = 173, 8
+    dev = DEVICES[-1]
+    wide = torch.stack([random_row(rng, g, vocab + 3) for _ in range(batch)])
+    x = wide[:, :vocab]
+    specs = [random_filters(rng, vocab) for _ in range(batch)]
+    specs[0], specs[1] = (3, 0.6, 0.0), (0, 0.5, 0.05)
+    x[1] = 0.75  # all tied: top_p 0.5 keeps the first half by id
+    words = torch.tensor([[rng.getrandbits(32) for _ in range(4)] for _ in range(batch)], dtype=torch.int64)
+    temps = torch.rand(batch, generator=g) + 0.4
+    for t in (None, temps):
+        k, p, lmp = filter_tensors(specs, vocab)
+        want = draw_definition(x, words, t, k, p, lmp)
+        got = kernel()(x.to(dev), words.to(dev), None if t is None else t.to(dev), k.to(dev), p.to(dev), lmp.to(dev),
+                       tile=tile, replicas=replicas)
+        assert got.cpu().tolist() == want.tolist()
+    assert want[1] < math.ceil(vocab / 2)
+
+
+def test_kernel_rows_alone_equal_rows_in_a_batch_and_searches_can_be_skipped():
+    g = torch.Generator().manual_seed(5)
+    rng = random.Random(5)
+    vocab, batch = 97, 5
+    dev = DEVICES[-1]
+    x = torch.stack([random_row(rng, g, vocab) for _ in range(batch)]).to(dev)
+    words = torch.randint(0, 2 ** 32, (batch, 4), generator=g).to(dev)
+    specs = [(5, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.1), (7, 0.9, 0.02), (0, 1.0, 0.0)]
+    k, p, lmp = filter_tensors(specs, vocab, dev)
+    batched = kernel()(x, words, None, k, p, lmp, tile=32)
+    alone = [kernel()(x[i:i + 1], words[i:i + 1], None, k[i:i + 1], p[i:i + 1], lmp[i:i + 1], tile=32).item()
+             for i in range(batch)]
+    assert batched.tolist() == alone
+    # A batch with no top_p row need not run the top_p search (likewise top_k).
+    only_k = kernel()(x[:1], words[:1], None, k[:1], p[:1], lmp[:1], tile=32, has_top_p=False)
+    only_p = kernel()(x[1:2], words[1:2], None, k[1:2], p[1:2], lmp[1:2], tile=32, has_top_k=False)
+    assert [only_k.item(), only_p.item()] == alone[:2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernels_on_cuda_keep_the_cpu_set_at_2b_vocabulary():
+    """256,000-token rows on the GPU: the compiled kernels draw the CPU
+    definition's tokens (up to an ulp of log at near ties)."""
+    g = torch.Generator().manual_seed(7)
+    vocab, batch = 256000, 12
+    x = (torch.randn(batch, vocab, generator=g) * 1.0).to(torch.bfloat16).float()  # bf16 logits: many ties
+    words = torch.randint(0, 2 ** 32, (batch, 4), generator=g)
+    specs = [(40, 0.95, 0.0), (0, 0.95, 0.0), (0, 1.0, 0.05), (40, 1.0, 0.0), (1000, 0.5, 0.0), (0, 0.999, 0.0),
+             (3, 0.9, 0.1), (0, 0.2, 0.0), (50000, 0.97, 0.0), (0, 1.0, 0.5), (10, 0.3, 0.0), (0, 0.99, 1e-4)]
+    k, p, lmp = filter_tensors(specs, vocab)
+    temps = torch.full((batch,), 0.8)
+    want = draw_definition(x, words, temps, k, p, lmp)
+    got = kernel()(x.cuda(), words.cuda(), temps.cuda(), k.cuda(), p.cuda(), lmp.cuda()).cpu()
+    assert (got != want).sum() <= 1, (got.tolist(), want.tolist())

@@ -1,29 +1,32 @@
-"""Quickstart: save a model in the Hugging Face layout, load it back through
-`streamgemma.load`, and drive a session token by token.
+"""Quickstart: load the bundled demo model, stream a continuation, then drive
+the same session token by token with your own (greedy) loop.
 
-With a real checkpoint, replace the first block by
-`model = sg.load("path/to/recurrentgemma-2b")`. Until the bundled demo model
-lands, this uses a tiny model with random weights, so its tokens are noise.
+The demo model is small and was trained on the Python documentation, so it
+writes documentation-flavoured English. With a real checkpoint pass its path,
+or a Hugging Face Hub id: `sg.load("google/recurrentgemma-2b-it")`
+(docs/loading.md).
 """
-
-import tempfile
 
 import streamgemma as sg
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as checkpoint:
-        sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0).save(checkpoint)
-        model = sg.load(checkpoint)
-        print(model)
+    model = sg.load("demo")
+    print(model)
 
-        session = model.session()
-        logits = session.feed([2, 17, 42, 99])  # a prompt, consumed in parallel
-        for _ in range(16):  # greedy decoding, one token at a time
-            token = int(logits.argmax())
-            print(token, end=" ", flush=True)
-            logits = session.step(token)
-        print(f"\nposition {session.position}, state {model.pool.slot_bytes():,} bytes per session")
+    with model.session(seed=0) as session:
+        session.feed("The json module")  # the prompt, read in parallel
+        for token in session.generate(max_tokens=40, temperature=0.7, top_p=0.95, stop=["\n\n"]):
+            print(token.text, end="", flush=True)
+        print()
+
+        logits = session.feed(" For example,")
+        ids = []
+        for _ in range(20):  # greedy decoding, one token at a time
+            ids.append(int(logits.argmax()))
+            logits = session.step(ids[-1])
+        print("greedy:", model.tokenizer.decode(ids))
+        print(f"position {session.position}, state {session.state_bytes():,} bytes per session")
 
 
 if __name__ == "__main__":

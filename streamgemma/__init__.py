@@ -20,7 +20,8 @@ _EXPORTS = {
     "Client": "client.client", "ClientSession": "client.client", "ServerError": "client.client",
     **dict.fromkeys(("StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "StoppedError",
                      "SnapshotError", "SnapshotFormatError", "SnapshotCorrupted", "SnapshotVersionError",
-                     "SnapshotModelMismatch", "SnapshotMetadataError", "SnapshotNotFound", "SnapshotIdError"),
+                     "SnapshotModelMismatch", "SnapshotMetadataError", "SnapshotNotFound", "SnapshotIdError",
+                     "CapacityError"),
                     "errors"),
 }
 

@@ -20,17 +20,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamgemma", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Streaming, stateful text generation with RecurrentGemma / Griffin models.")
+    parser.add_argument("--version", action="version", version=f"streamgemma {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_args(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("model")
         g.add_argument("--model", default="demo", metavar="PATH",
                        help="checkpoint: a Hugging Face directory, an official .pt file, a directory "
-                            "written by Model.save, or 'demo', the small model bundled with the package "
-                            "(the default)")
+                            "written by Model.save, a Hugging Face Hub id (owner/name, with huggingface_hub "
+                            "installed), or 'demo', the small model bundled with the package (the default)")
         g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
         g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+        _threads_arg(g)
 
     def sampling_args(p: argparse.ArgumentParser, default_max: int) -> None:
         g = p.add_argument_group("sampling")
@@ -47,16 +49,28 @@ def _parser() -> argparse.ArgumentParser:
                        help="stop when TEXT appears (not printed); repeatable")
         g.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
 
+    def stats_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--stats", "--verbose", action="store_true", dest="stats",
+                       help="print timings to stderr: prompt tokens, time to first token, tokens/s")
+
     p = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
                             description="Continue PROMPT and stream the generated text to stdout.")
-    p.add_argument("prompt", metavar="PROMPT", help='the text to continue ("-" reads it from stdin)')
+    p.add_argument("prompt", metavar="PROMPT", help='the text to continue ("-" reads it from stdin, without its '
+                                                    'trailing newline; "" generates from BOS alone)')
     p.add_argument("--no-bos", action="store_true", help="do not put the BOS token before the prompt")
+    stats_arg(p)
     model_args(p)
     sampling_args(p, default_max=256)
 
     p = commands.add_parser("chat", help="interactive multi-turn chat (Gemma turn format)",
-                            description="Chat with an instruction-tuned model. Each line read from stdin is "
-                                        "one user turn; the reply is streamed to stdout. End with Ctrl-D.")
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Chat in Gemma's turn format; replies stream to stdout.\n"
+                                        "Without --model this is the bundled demo model, which is not\n"
+                                        "instruction-tuned: for real replies use an -it checkpoint, e.g.\n"
+                                        "--model google/recurrentgemma-2b-it.\n\n" + _chat_help())
+    p.add_argument("--system", metavar="TEXT", help="a system prompt, put at the top of the first user turn "
+                                                   "(Gemma has no system role)")
+    stats_arg(p)
     model_args(p)
     sampling_args(p, default_max=1024)
     g = p.add_argument_group("snapshots")
@@ -79,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="sessions holding a state slot at once: the decode batch bound (default 64)")
     g.add_argument("--max-tokens", type=int, default=4096, metavar="N",
                    help="largest max_tokens a generation may ask for (default 4096)")
+    _serve_limit_args(p)
 
     p = commands.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint: "
                             "architecture preset, parameter count, dtype, tokenizer, state per session.")
@@ -94,6 +109,8 @@ def _sampling(args: argparse.Namespace) -> dict:
     """Generation keyword arguments from the flags, validated (before the slow model load)."""
     from .sampling.params import SamplingParams
 
+    if args.max_tokens < 1:  # SamplingParams also allows None, which no flag can give
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 presence_penalty=args.presence_penalty, stop=args.stop, seed=args.seed)
@@ -101,10 +118,32 @@ def _sampling(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _threads_arg(group) -> None:
+    """The --threads option, for every command that loads a model."""
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="torch CPU threads (default: OMP_NUM_THREADS if set, else one per 10M parameters "
+                            "and at most all CPUs but one, so a busy neighbour or the server's event loop "
+                            "does not stall every op)")
+
+
 def _load(args: argparse.Namespace):
     import streamgemma
 
-    return streamgemma.load(args.model, device=args.device, dtype=args.dtype)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    return streamgemma.load(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _chat_help() -> str:
+    from .console import CHAT_HELP
+
+    return CHAT_HELP
 
 
 def _info(args: argparse.Namespace, out: TextIO) -> None:
@@ -130,51 +169,70 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _generate(args: argparse.Namespace, out: TextIO) -> None:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt:
-        raise ValueError("the prompt is empty")
+    from .console import Stats
+
+    # `echo text |` ends the prompt with a newline nobody meant as part of it.
+    prompt = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
+    if not prompt and args.no_bos:
+        raise ValueError("the prompt is empty and --no-bos leaves out BOS: there is nothing to continue")
     sampling = _sampling(args)
     model = _load(args)
-    if model.tokenizer is None:
+    tok = model.tokenizer
+    if tok is None:
         raise ValueError(f"{args.model} has no tokenizer.model: text generation needs one")
+    if not prompt and tok.bos_id < 0:
+        raise ValueError(f"the prompt is empty and {args.model}'s tokenizer has no BOS token to start from")
     with model.session(seed=args.seed) as session:
-        session.feed(prompt, add_bos=not args.no_bos)
-        for token in session.generate(**sampling):
+        stats = Stats(session.position)
+        if prompt:
+            session.feed(prompt, add_bos=not args.no_bos)
+        else:  # the text starts from BOS alone
+            session.feed([tok.bos_id])
+        stats.prompt_read(session.position)
+        for token in stats.count(session.generate(**sampling)):
             out.write(token.text)
             out.flush()
     out.write("\n")
+    if args.stats:
+        out.flush()
+        sys.stderr.write(stats.summary())
 
 
 def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
-    from .session.chat import Chat
+    from .console import chat_loop
 
     sampling = _sampling(args)
     model = _load(args)
-    interactive = inp.isatty()
     session = model.restore_file(args.resume) if args.resume else model.session(seed=args.seed)
+    if args.system and session.position:
+        sys.stderr.write("streamgemma chat: --system is ignored: the resumed conversation has its first turn\n")
     with session:
-        chat = Chat(session)
-        if interactive:
-            resumed = f" (resumed at position {session.position})" if args.resume else ""
-            sys.stderr.write(f"Chatting{resumed}; each line is one turn. Ctrl-D ends.\n")
-        while True:
-            if interactive:
-                sys.stderr.write("> ")
-                sys.stderr.flush()
-            line = inp.readline()
-            if not line:
-                break
-            if not line.strip():
-                continue
-            chat.user(line.rstrip("\n"))
-            # The seed applies to the whole conversation, not again at each turn.
-            for token in chat.reply(**{**sampling, "seed": None}):
-                out.write(token.text)
-                out.flush()
-            out.write("\n")
-            out.flush()
-            if args.save:
-                session.save(args.save, metadata={"kind": "chat"})
+        chat_loop(session, out, inp, sys.stderr, sampling=sampling, system=args.system, save=args.save,
+                  stats=args.stats)
+
+
+def _serve_limit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits (docs/serving.md#limits)")
+    g.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="connections at once; more get HTTP 503 (default 1024)")
+    g.add_argument("--max-sessions", type=int, default=4096, metavar="N",
+                   help="sessions held by all connections at once (default 4096)")
+    g.add_argument("--rate", type=float, default=200.0, metavar="N",
+                   help="frames a second one connection may send before the server reads it more slowly "
+                        "(default 200)")
+    g.add_argument("--max-queued-tokens", type=int, default=1 << 22, metavar="N",
+                   help="input tokens waiting to be consumed, all sessions together (default 4194304)")
+    g.add_argument("--max-queued-bytes", type=int, default=1 << 24, metavar="N",
+                   help="bytes of text waiting to be tokenized, all sessions together (default 16 MiB)")
+    g.add_argument("--input-share", type=float, default=0.15, metavar="F",
+                   help="most of the time input may take while sessions generate (default 0.15)")
+    g.add_argument("--session-ttl", type=float, metavar="SECONDS",
+                   help="delete sessions no connection holds and nobody used for this long, snapshot "
+                        "included (default: keep them)")
+    g = p.add_argument_group("logging")
+    loud = g.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    loud.add_argument("-v", "--verbose", action="store_true", help="log debugging detail too")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -185,14 +243,38 @@ def _serve(args: argparse.Namespace) -> None:
 
     import anyio
 
+    from .errors import ServeError, StreamgemmaError
     from .serve.engine import Engine
     from .serve.server import Limits, Server
+    from .session import snapshot as snapshot_format
     from .session.store import DirectorySnapshotStore
 
-    logging.basicConfig(level=logging.INFO, format="streamgemma serve: %(message)s")
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="streamgemma serve: %(message)s")
+    if args.verbose:
+        logging.getLogger("streamgemma").setLevel(logging.DEBUG)
+    else:  # our own line per connection says it better
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    # Every option is checked before the (slow) model load; a failure is one line.
     token = args.token if args.token is not None else os.environ.get("STREAMGEMMA_TOKEN")
-    store = DirectorySnapshotStore(args.store) if args.store else None
+    if token is not None and not token.strip():
+        raise ServeError("the token is empty (--token or STREAMGEMMA_TOKEN): set a token, or unset both to "
+                         "run without authentication")
+    if not 0 <= args.port <= 65535:
+        raise ServeError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    limits = Limits(max_tokens=args.max_tokens, max_connections=args.max_connections,
+                    max_sessions=args.max_sessions, messages_per_second=args.rate)
+    if not 0 < args.input_share <= 1:
+        raise ServeError(f"--input-share must be in (0, 1], got {args.input_share}")
+    if args.session_ttl is not None and not args.session_ttl > 0:
+        raise ServeError(f"--session-ttl must be > 0 seconds, got {args.session_ttl}")
+    if min(args.max_queued_tokens, args.max_queued_bytes, args.max_active) < 1:
+        raise ServeError("--max-queued-tokens, --max-queued-bytes and --max-active must be >= 1")
+    if args.store:
+        DirectorySnapshotStore(args.store).prepare()  # writable? (before the load, to fail fast)
     model = _load(args)
+    store = (DirectorySnapshotStore(args.store, max_bytes=snapshot_format.max_file_bytes(model.config))
+             if args.store else None)
     log = logging.getLogger("streamgemma.serve.server")
     if model.device.type == "cuda":
         log.info("compiling kernels and capturing decode graphs for up to %d sessions ...", args.max_active)
@@ -201,23 +283,39 @@ def _serve(args: argparse.Namespace) -> None:
     # passes stop walking it and stalling every stream (bench/NOTES.md).
     gc.collect()
     gc.freeze()
-    server = Server(Engine(model, max_active=args.max_active, store=store), host=args.host, port=args.port,
-                    token=token, limits=Limits(max_tokens=args.max_tokens))
+    engine = Engine(model, max_active=args.max_active, store=store, max_queued_tokens=args.max_queued_tokens,
+                    max_queued_text_bytes=args.max_queued_bytes, input_share=args.input_share,
+                    session_ttl=args.session_ttl)
+    server = Server(engine, host=args.host, port=args.port, token=token, limits=limits)
+
+    failed: list[BaseException] = []
 
     async def run() -> None:
         async with anyio.create_task_group() as tg:
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
-                        log.info("%s: suspending sessions and exiting", signal.Signals(signum).name)
-                        server.stop()
-                        return
+                        if server.stopping:
+                            log.warning("%s: still saving sessions (SIGKILL abandons them)",
+                                        signal.Signals(signum).name)
+                        else:
+                            log.info("%s: saving sessions and exiting", signal.Signals(signum).name)
+                            server.stop()
 
             tg.start_soon(stop_on_signal)
-            await server.serve()
-            tg.cancel_scope.cancel()
+            try:
+                await server.serve()
+            except (StreamgemmaError, OSError) as e:  # raised below, not wrapped by the task group
+                failed.append(e)
+            finally:
+                tg.cancel_scope.cancel()
 
     anyio.run(run, backend="asyncio")
+    if failed:
+        raise failed[0]
+    if server.lost and engine.store.durable:
+        raise ServeError(f"{len(server.lost)} sessions could not be saved to {engine.store.describe()}: "
+                         f"{', '.join(server.lost)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,3 +58,29 @@ class SnapshotNotFound(SnapshotError, KeyError):
 
 class SnapshotIdError(SnapshotError):
     """A session id cannot name a snapshot in a store (bad characters, length)."""
+
+
+class InvalidValueError(StreamgemmaError, ValueError):
+    """A value outside what streamgemma can honour (a seed the snapshot format
+    cannot hold, a float that float32 turns into 0 or infinity, a position past
+    the format's bound). `field` names the argument or protocol field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class StoreError(StreamgemmaError, RuntimeError):
+    """A snapshot store cannot be used (not writable, not a directory), or
+    sessions could not be saved to it."""
+
+
+class ServeError(StreamgemmaError, RuntimeError):
+    """`streamgemma serve` cannot start (the address is taken, a bad option),
+    or shut down without saving every session."""
+
+
+class CapacityError(StreamgemmaError, RuntimeError):
+    """No room for another session: the sessions open hold all of the state
+    pool's memory budget (or its session limit). Close sessions, or load the
+    model with a larger `max_state_bytes=` / `max_sessions=`."""

@@ -4,6 +4,8 @@ Most runs call `main` in-process (fast); one runs the real command in a
 subprocess with piped stdin."""
 
 import io
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from conftest import subprocess_env
 from textfixtures import saved_model_dir  # noqa: F401 (fixture)
 
+import streamgemma as sg
 from streamgemma.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +65,9 @@ def test_chat_with_piped_stdin_in_a_subprocess(saved_model_dir):
 @pytest.mark.parametrize("args,message", [
     (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0.0, got -1.0"),
     (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
-    (["generate", ""], "the prompt is empty"),
+    (["generate", "hi", "--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+    (["generate", "", "--no-bos"], "the prompt is empty and --no-bos leaves out BOS"),
+    (["generate", "hi", "--threads", "0"], "--threads must be >= 1, got 0"),
     (["info"], "no such file or directory"),
 ])
 def test_user_errors_are_one_line_without_traceback(capsys, monkeypatch, saved_model_dir, args, message):
@@ -70,6 +75,7 @@ def test_user_errors_are_one_line_without_traceback(capsys, monkeypatch, saved_m
     rc, _, err = cli(capsys, monkeypatch, *args, "--model", model)
     assert rc == 1
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+    assert "None" not in err  # no flag can give None
 
 
 def test_usage_and_help(capsys, monkeypatch):
@@ -106,3 +112,110 @@ def test_chat_resume_of_a_bad_file_is_one_line(capsys, monkeypatch, saved_model_
     bad.write_bytes(b"not a snapshot")
     rc, _, err = cli(capsys, monkeypatch, "chat", "--model", str(saved_model_dir), "--resume", bad)
     assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- generate: stdin, an empty prompt, --version, --stats (issue #22, item 7) -----------------------
+def test_a_stdin_prompt_loses_its_trailing_newline(capsys, monkeypatch, saved_model_dir):
+    flags = ["--model", saved_model_dir, "--seed", "3", "--max-tokens", "12", "--temperature", "0"]
+    rc, piped, err = cli(capsys, monkeypatch, "generate", "-", *flags, stdin="the quick brown fox\n")
+    assert rc == 0, err
+    assert piped == cli(capsys, monkeypatch, "generate", "the quick brown fox", *flags)[1]
+
+
+def test_an_empty_prompt_generates_from_bos_alone(capsys, monkeypatch, saved_model_dir):
+    flags = ["--model", saved_model_dir, "--seed", "3", "--max-tokens", "8", "--stop", "x"]
+    rc, out, err = cli(capsys, monkeypatch, "generate", "", *flags)
+    assert rc == 0 and err == "", err
+    assert cli(capsys, monkeypatch, "generate", "-", *flags, stdin="\n")[1] == out
+
+
+def test_version(capsys, monkeypatch):
+    rc, out, _ = cli(capsys, monkeypatch, "--version")
+    assert rc == 0 and out.strip() == f"streamgemma {sg.__version__}"
+
+
+def test_stats_prints_a_timing_summary_to_stderr(capsys, monkeypatch, saved_model_dir):
+    rc, out, err = cli(capsys, monkeypatch, "generate", "the quick brown fox", "--model", saved_model_dir,
+                       "--max-tokens", "6", "--seed", "1", "--stats")
+    assert rc == 0, err
+    fields = dict(line.split(":", 1) for line in err.splitlines())
+    prompt_tokens = len(sg.load(saved_model_dir).tokenizer.encode("the quick brown fox", add_bos=True))
+    assert fields["prompt"].strip().startswith(f"{prompt_tokens} tokens in ")
+    assert fields["time to first token"].strip().endswith(" ms")
+    assert " tokens in " in fields["generated"] and "tokens/s" in fields["generated"]
+
+
+def test_threads_sets_torchs_threads(capsys, monkeypatch, saved_model_dir):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    calls = []
+    rc, _, err = cli(capsys, monkeypatch, "info", "--model", saved_model_dir, "--threads", "3")
+    assert rc == 0 and calls == [3], err
+    calls.clear()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    rc, _, err = cli(capsys, monkeypatch, "info", "--model", saved_model_dir)
+    assert rc == 0 and calls == [1], err  # a tiny model: one thread (sg.load's default)
+
+
+# -- chat: Ctrl-C, commands, multi-line input, --system (issue #22, items 5 and 6) -------------------
+def chat_prefix_ids(model_dir, turn: str) -> list[int]:
+    """The ids a conversation starts with when its first user turn is `turn`."""
+    from streamgemma.tokenizer import gemma_model_prefix, gemma_turn
+
+    tok = sg.load(model_dir).tokenizer
+    return tok.encode(gemma_turn("user", turn) + gemma_model_prefix(), add_bos=True)
+
+
+def saved_ids(model_dir, snapshot) -> list[int]:
+    return sg.load(model_dir).restore_file(snapshot).recent_ids
+
+
+class CtrlCAtFirstWrite(io.StringIO):
+    """stdout that sends this process SIGINT when the first reply text arrives,
+    as a user pressing Ctrl-C while a reply streams."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent = False
+
+    def write(self, text):
+        if text.strip() and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().write(text)
+
+
+def test_ctrl_c_stops_only_the_reply_and_the_chat_goes_on(monkeypatch, capsys, saved_model_dir, tmp_path):
+    out = CtrlCAtFirstWrite()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n"))
+    snap = tmp_path / "chat.sgsnap"
+    rc = main(["chat", "--model", str(saved_model_dir), "--seed", "1", "--max-tokens", "40", "--save", str(snap)])
+    err = capsys.readouterr().err
+    assert out.sent and rc == 0, err  # before: KeyboardInterrupt ended the chat with 130
+    assert err.count("(reply stopped)") == 1
+    # The second turn is in the saved conversation: the chat went on after the stopped reply.
+    tok = sg.load(saved_model_dir).tokenizer
+    assert "second question" in tok.decode(saved_ids(saved_model_dir, snap))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_chat_commands_multiline_input_and_system_prompt(capsys, monkeypatch, saved_model_dir, tmp_path):
+    snaps = [tmp_path / f"{k}.sgsnap" for k in range(3)]
+    script = (f'/help\n"""\nline one\nline two\n"""\n/save {snaps[0]}\n/reset\n'
+              f"first \\\nsecond\n/save {snaps[1]}\n/reset\n//slash\n/save {snaps[2]}\n/nonsense\n")
+    rc, out, err = cli(capsys, monkeypatch, "chat", "--model", saved_model_dir, "--system", "Be brief.",
+                       "--max-tokens", "3", "--seed", "0", stdin=script)
+    assert rc == 0, err
+    assert "/reset" in err and "/save PATH" in err  # /help
+    assert "unknown command /nonsense" in err
+    for snap, turn in zip(snaps, ("line one\nline two", "first \nsecond", "/slash")):
+        expected = chat_prefix_ids(saved_model_dir, f"Be brief.\n\n{turn}")
+        assert saved_ids(saved_model_dir, snap)[:len(expected)] == expected, turn
+
+
+def test_chat_help_says_it_defaults_to_the_demo_model(capsys, monkeypatch):
+    rc, out, _ = cli(capsys, monkeypatch, "chat", "--help")
+    assert rc == 0 and "bundled demo model" in out and "not\ninstruction-tuned" in out
+    assert "Ctrl-C" in out and "/reset" in out and "--system" in out and "--threads" in out

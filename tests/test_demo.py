@@ -7,10 +7,13 @@ import importlib.util
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 import streamgemma as sg
 from streamgemma.session.model import demo_path
@@ -123,3 +126,17 @@ def test_snapshot_continues_bit_identically(demo):
         assert r.position == position
         got = [t.id for t in r.generate(**sampling)]
     assert len(first) == 20 and got == expected
+
+
+def test_the_quickstart_example_prints_text_from_the_demo_model(demo):
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "examples" / "quickstart.py")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("Model(") and "tokenizer=yes" in lines[0]
+    known = word_list(demo)
+    # The streamed continuation, and the greedy loop's text: English words, not token ids.
+    for text in (lines[1], next(line for line in lines if line.startswith("greedy:")).removeprefix("greedy:")):
+        words = re.findall(r"[a-z]+", text.lower())
+        assert len(words) >= 3 and sum(w in known for w in words) >= 0.6 * len(words), text

@@ -289,3 +289,28 @@ def test_fingerprint_sample_indices_stay_in_range_for_huge_tensors():
         assert idx.numel() == min(64, numel)
         assert idx[0] == 0 and idx[-1] == numel - 1
         assert bool((idx[1:] > idx[:-1]).all()) and int(idx.max()) < numel
+
+
+# -- torch threads (issue #22, item 1; the figures: bench/RESULTS.md, "CPU threads") ----------------
+def test_default_threads_one_for_small_models_and_never_every_cpu(monkeypatch):
+    from streamgemma.session import model as model_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert model_module.default_threads(5_858_560) == 1  # the demo model
+    assert model_module.default_threads(71_000_000) == 7
+    assert model_module.default_threads(2_683_000_000) == 15  # all CPUs but one
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert model_module.default_threads(2_683_000_000) == 1
+
+
+def test_load_sets_torch_threads_unless_omp_num_threads_is_set(monkeypatch, hf_dir):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    sg.load(hf_dir, device="cpu")
+    sg.load(hf_dir, device="cpu", threads=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    sg.load(hf_dir, device="cpu")  # the user chose: left alone
+    assert calls == [1, 2]
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        sg.load(hf_dir, threads=0)

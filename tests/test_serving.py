@@ -367,7 +367,9 @@ def test_bad_messages_get_errors_and_the_connection_survives(server):
             assert e["code"] == "invalid" and "prompt" in e["message"]
             e = await ask({"type": "generate", "max_tokens": 10**9})
             assert e["code"] == "limit"
-            e = await ask({"type": "generate", "temperature": -1})
+            e = await ask({"type": "generate", "temperature": -1})  # out of range: invalid, the field named
+            assert (e["code"], e["field"]) == ("invalid", "temperature") and "temperature" in e["message"]
+            e = await ask({"type": "generate", "temperature": "hot"})  # a wrong type
             assert e["code"] == "bad_message" and "temperature" in e["message"]
             e = await ask({"type": "append", "tokens": [1, 10**9]})
             assert e["code"] == "invalid"
@@ -526,7 +528,7 @@ def test_sigterm_snapshots_sessions_and_a_restarted_server_continues_exactly(sav
         sid, position, first = run(first_half, url)
     finally:
         log = _stop_cli_server(proc)
-    assert "suspended 1 sessions" in log
+    assert "1 sessions saved to directory" in log and "0 could not be saved" in log
     assert (store / f"{sid}.sgsnap").is_file()
 
     proc, url = _start_cli_server(saved_model_dir, store)
@@ -605,7 +607,7 @@ class _StalledSocket:
 
 
 def test_a_reader_that_stalls_is_disconnected_without_slowing_other_sessions():
-    from streamgemma.serve.server import _Connection
+    from streamgemma.serve.connection import Connection
 
     async def main():
         engine = Engine(text_model(), max_active=4)
@@ -620,7 +622,7 @@ def test_a_reader_that_stalls_is_disconnected_without_slowing_other_sessions():
             stalled.frames = [json.dumps({"type": "open", "session": opened.id}),
                               json.dumps({"type": "generate", "max_tokens": 4000, "stop_token_ids": []})]
             with anyio.fail_after(20):
-                await _Connection(server, stalled).run()  # returns once it disconnected the client
+                await Connection(server, stalled).run()  # returns once it disconnected the client
             assert stalled.close_code[0] == 1008 and "slowly" in stalled.close_code[1]
             assert opened.generation is None or opened.generation.cancelled
             # Meanwhile and afterwards, another session generates at full speed.
@@ -669,12 +671,12 @@ class _RecordingSocket:
 
 
 def test_frames_keep_their_order_between_direct_writes_and_the_queue():
-    from streamgemma.serve.server import WRITE_BUDGET, _Connection
+    from streamgemma.serve.connection import WRITE_BUDGET, Connection
 
     async def main():
         server = Server(Engine(text_model(), max_active=1), port=0)
         ws = _RecordingSocket()
-        conn = _Connection(server, ws)
+        conn = Connection(server, ws)
         async with anyio.create_task_group() as tg:
             tg.start_soon(conn.run)
             await anyio.sleep(0.01)

@@ -16,7 +16,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling")
+COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling", "fuzz")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -36,10 +37,33 @@ class ServerError(StreamgemmaError):
         self.code = code
 
 
+class GenerationRoute:
+    """The events of one generation, as the Client routes them to it: tokens,
+    then `done` (or an `error` answering its request), after which `ended`
+    is set and `events` ends once drained."""
+
+    def __init__(self, request_id: int):
+        self.request_id = request_id
+        self.send, self.events = anyio.create_memory_object_stream[dict](1 << 16)
+        self.ended = anyio.Event()
+        self.cancel_sent = False
+
+    def deliver(self, msg: dict) -> None:
+        with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.send.send_nowait(msg)
+        if msg.get("type") in ("done", "error"):
+            self.close()
+
+    def close(self) -> None:
+        self.send.close()
+        self.ended.set()
+
+
 class Client:
     """An async connection to a streamgemma server. Use as `async with`.
 
-    url: ws://host:port/v1/stream. token: sent as `Authorization: Bearer`.
+    url: ws://host:port/v1/stream. token: sent as `Authorization: Bearer`;
+    a refused one raises ServerError with code "unauthorized".
     timeout: seconds to wait for the reply to one request. coalesce: ask the
     server to send the tokens of a generation that are ready at once in one
     `tokens` frame (docs/protocol.md); `generate` still yields one `Token` per
@@ -56,7 +80,7 @@ class Client:
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
-        self._streams: dict[str, anyio.abc.ObjectSendStream] = {}  # session id -> its generation's events
+        self._streams: dict[str, GenerationRoute] = {}  # session id -> its running generation
         self._generations: set[int] = set()  # ids of generate requests in flight
         self._tasks: anyio.abc.TaskGroup | None = None
         self._exit: contextlib.AsyncExitStack | None = None
@@ -64,7 +88,10 @@ class Client:
 
     async def __aenter__(self) -> Client:
         async with contextlib.AsyncExitStack() as stack:
-            self._ws = await stack.enter_async_context(self._connect)
+            try:
+                self._ws = await stack.enter_async_context(self._connect)
+            except websockets.InvalidStatus as e:  # refused before the websocket opened
+                raise _refusal(e.response.status_code, e.response.body) from e
             self._tasks = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._tasks.cancel_scope.cancel)  # on exit: stop the reader, then close
             self._tasks.start_soon(self._read)
@@ -111,22 +138,28 @@ class Client:
         return self._closed_error
 
     @contextlib.contextmanager
-    def generation_events(self, session_id: str) -> Iterator[tuple[int, anyio.abc.ObjectReceiveStream]]:
+    def generation_events(self, session_id: str) -> Iterator[GenerationRoute]:
         """Route the events of one generation on `session_id` (tokens, done, or
-        an error answering the request) to the yielded stream, under the
-        yielded request id. One generation per session at a time."""
+        an error answering the request) to the yielded route, whose
+        `request_id` the generate request must carry. One generation per
+        session at a time; the route ends with its `done`."""
         if session_id in self._streams:
-            raise ServerError("generating", "a generation is already running on this session")
-        send, receive = anyio.create_memory_object_stream[dict](1 << 16)
-        request_id = next(self._ids)
-        self._streams[session_id] = send
-        self._generations.add(request_id)
+            raise ServerError("generating", "a generation is already running on this session: read it to its "
+                                            "end, or close its iterator (contextlib.aclosing) or cancel() first")
+        route = GenerationRoute(next(self._ids))
+        self._streams[session_id] = route
+        self._generations.add(route.request_id)
         try:
-            with receive:
-                yield request_id, receive
+            with route.events:
+                yield route
         finally:
-            self._streams.pop(session_id, None)
-            self._generations.discard(request_id)
+            self._end_route(session_id, route)
+
+    def _end_route(self, session_id: str, route: GenerationRoute) -> None:
+        route.close()
+        if self._streams.get(session_id) is route:
+            del self._streams[session_id]
+        self._generations.discard(route.request_id)
 
     async def _read(self) -> None:
         try:
@@ -140,23 +173,30 @@ class Client:
             error = {"type": "error", "code": "connection_closed", "message": str(self._closed_error)}
             for reply in self._replies.values():
                 reply.set(error)
-            for stream in self._streams.values():
-                stream.close()
+            for route in self._streams.values():
+                route.close()
 
     def _route(self, msg: dict) -> None:
         kind, session, request_id = msg.get("type"), msg.get("session"), msg.get("id")
         if kind in ("token", "tokens", "done") or (kind == "error" and request_id in self._generations):
-            stream = self._streams.get(session)
-            if stream is not None:
-                try:
-                    stream.send_nowait(msg)
-                except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass
+            route = self._streams.get(session)
+            # A token's "id" is its token id; done and error carry the generate request's id.
+            if route is not None and (kind in ("token", "tokens") or request_id == route.request_id):
+                route.deliver(msg)
+                if route.ended.is_set():  # the session may start its next generation now
+                    self._end_route(session, route)
             return
         reply = self._replies.get(request_id)
         if reply is not None:
             reply.set(msg)
         # Other events answer requests sent without an id (cancel): nothing waits for them.
+
+
+def _refusal(status: int, body: bytes | None) -> ServerError:
+    """The ServerError for an HTTP status that refused the websocket."""
+    code = "unauthorized" if status in (401, 403) else f"http_{status}"
+    text = (body or b"").decode("utf-8", "replace").strip().removeprefix(f"{code}:").strip()
+    return ServerError(code, text or f"the server refused the connection (HTTP {status})")
 
 
 class _Reply:
@@ -184,6 +224,8 @@ class ClientSession:
         self.id = session_id
         self.position = position
         self.last_done: dict | None = None  # the `done` event of the last generation
+        # The generation started last: (a weak reference to its iterator, its route).
+        self._running: tuple[weakref.ref, GenerationRoute] | None = None
 
     def __repr__(self) -> str:
         return f"ClientSession({self.id!r}, position={self.position})"
@@ -209,32 +251,37 @@ class ClientSession:
             msg["tokens"] = list(text_or_tokens)
         await self.client.send(msg)
 
-    async def generate(self, **sampling: Any) -> AsyncIterator[Token]:
+    def generate(self, **sampling: Any) -> AsyncIterator[Token]:
         """Start a generation (arguments as `Session.generate`: max_tokens,
         temperature, top_k, top_p, min_p, repetition_penalty,
         presence_penalty, stop, stop_token_ids, seed) and yield its tokens.
         Tokens arrive as the server sends them; the last one carries
         finish_reason "stop" or "length". Afterwards `last_done` holds the
         `done` event (reason, position; reason "cancelled" after `cancel`).
-        Leaving the loop early cancels the generation (when the iterator is
-        closed: at once with `contextlib.aclosing(session.generate(...))`,
-        else when Python finalizes it)."""
+
+        Leaving the loop early cancels the generation: at once inside
+        `contextlib.aclosing(session.generate(...))`, else when the next
+        generation on this session starts. Either waits (up to the client's
+        timeout, shielded from cancellation) for the server's `done`, so the
+        session is ready for the next request and `position` counts every
+        token the session consumed, the ones never read included."""
+        me: list[weakref.ref] = []
+        tokens = self._tokens(sampling, me)
+        me.append(weakref.ref(tokens))
+        return tokens
+
+    async def _tokens(self, sampling: dict, me: list[weakref.ref]) -> AsyncIterator[Token]:
+        await self._settle()
         client = self.client
-        finished = False
-        with client.generation_events(self.id) as (request_id, events):
+        with client.generation_events(self.id) as route:
+            self._running = (me[0], route)
             try:
-                msg = {"type": "generate", "session": self.id, "id": request_id, **sampling}
+                msg = {"type": "generate", "session": self.id, "id": route.request_id, **sampling}
                 if client.coalesce:
                     msg["coalesce"] = True
                 await client.send(msg)
-                async for msg in events:
-                    if msg["type"] == "error":
-                        finished = True
-                        raise ServerError(msg.get("code", "?"), msg.get("message", ""))
-                    if msg["type"] == "done":
-                        finished = True
-                        self.last_done = msg
-                        self.position = msg["position"]
+                async for msg in route.events:
+                    if self._note_end(msg):
                         return
                     if msg["type"] == "tokens":  # several tokens in one frame: the last may finish
                         last = len(msg["ids"]) - 1
@@ -244,9 +291,46 @@ class ClientSession:
                         yield Token(msg["id"], msg["text"], msg.get("finish_reason"))
                 raise ConnectionError(f"the connection closed during the generation: {client.closed_error}")
             finally:
-                if not finished and client.closed_error is None:
-                    with anyio.CancelScope(shield=True):
-                        await client.send({"type": "cancel", "session": self.id})
+                await self._stop(route)
+
+    def _note_end(self, msg: dict) -> bool:
+        """True if `msg` ends the generation (`done` is recorded; an error raises)."""
+        if msg["type"] == "error":
+            raise ServerError(msg.get("code", "?"), msg.get("message", ""))
+        if msg["type"] == "done":
+            self.last_done = msg
+            self.position = msg["position"]
+            return True
+        return False
+
+    async def _settle(self) -> None:
+        """Before a generation starts: if the last one's loop was left without
+        closing its iterator (a plain `break`; Python finalizes it later, if
+        ever), stop that generation now. One that is still being read is left
+        alone: starting another then fails with "generating", as it should."""
+        if self._running is not None:
+            reader, route = self._running
+            if reader() is None:
+                await self._stop(route)
+
+    async def _stop(self, route: GenerationRoute) -> None:
+        """Cancel `route`'s generation unless it ended, and read its events up
+        to the server's `done` (recording its position): shielded, and for at
+        most the client's timeout."""
+        client = self.client
+        with anyio.CancelScope(shield=True):
+            if not route.ended.is_set() and not route.cancel_sent and client.closed_error is None:
+                route.cancel_sent = True
+                # A connection closing meanwhile ends the route too (the reader closes every route).
+                with contextlib.suppress(ConnectionError, websockets.ConnectionClosed):
+                    await client.send({"type": "cancel", "session": self.id})
+            with anyio.move_on_after(client.timeout) as waited:
+                with contextlib.suppress(anyio.ClosedResourceError, anyio.EndOfStream, ServerError):
+                    async for msg in route.events:
+                        self._note_end(msg)
+        if waited.cancelled_caught:
+            raise TimeoutError(f"the server did not end the cancelled generation on session {self.id} within "
+                               f"{client.timeout} s")
 
     async def cancel(self) -> None:
         """Cancel the running generation: its iterator ends, and `last_done`

@@ -15,30 +15,32 @@ tokens a session consumes.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from ..config import ATTENTION, GriffinConfig
+from ..errors import CapacityError
 from .griffin import LayerState
-
-
-class PoolFullError(RuntimeError):
-    """No free slot is left and the pool may not grow."""
 
 
 class StatePool:
     """Preallocated per-layer state tensors for `capacity` slots.
 
-    The pool grows (doubling) when a slot is requested and none is free, unless
-    `max_capacity` is reached. Growing reallocates the tensors, so code that
-    captures tensor addresses (CUDA graphs) must size the pool up front.
+    The pool grows (doubling) when a slot is requested and none is free, up to
+    `max_capacity` slots and `max_bytes` of state (None: no bound); past them
+    `allocate` raises CapacityError. Growing reallocates the tensors, so code
+    that captures tensor addresses (CUDA graphs) must size the pool up front.
     """
 
     def __init__(self, config: GriffinConfig, dtype: torch.dtype, device: torch.device | str,
-                 capacity: int = 1, max_capacity: int | None = None):
+                 capacity: int = 1, max_capacity: int | None = None, max_bytes: int | None = None):
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_capacity = max_capacity
+        self.max_bytes = max_bytes
         self.layers: list[LayerState] = [self._alloc_layer(kind, capacity) for kind in config.block_types]
         self.positions: list[int] = [0] * capacity
         self._free: list[int] = list(range(capacity - 1, -1, -1))
@@ -89,20 +91,27 @@ class StatePool:
                 t[dst].copy_(t[src])
         self.positions[dst] = self.positions[src]
 
+    def max_slots(self) -> int | None:
+        """The most slots the pool may hold: the tighter of `max_capacity` and
+        `max_bytes` (None: unbounded)."""
+        bounds = [b for b in (self.max_capacity, None if self.max_bytes is None else
+                              self.max_bytes // self.slot_bytes()) if b is not None]
+        return min(bounds) if bounds else None
+
     def _grow(self) -> None:
         old = self.capacity
         new = max(1, 2 * old)
-        if self.max_capacity is not None:
-            new = min(new, self.max_capacity)
+        limit = self.max_slots()
+        if limit is not None:
+            new = min(new, limit)
         if new <= old:
-            raise PoolFullError(f"all {old} state slots are in use (max_capacity={self.max_capacity})")
-        grown = []
-        for kind, layer in zip(self.config.block_types, self.layers):
+            raise CapacityError(self._full_message())
+        # Layer by layer, so the old tensors of one layer at most live beside the new ones.
+        for i, kind in enumerate(self.config.block_types):
             fresh = self._alloc_layer(kind, new)
-            for dst, src in zip(fresh, layer):
+            for dst, src in zip(fresh, self.layers[i]):
                 dst[:old].copy_(src)
-            grown.append(fresh)
-        self.layers = grown
+            self.layers[i] = fresh
         self.generation += 1
         self.positions += [0] * (new - old)
         self._free = list(range(new - 1, old - 1, -1)) + self._free
@@ -117,3 +126,61 @@ class StatePool:
         for layer, state in zip(self.layers, states):
             for dst, src in zip(layer, state):
                 dst.index_copy_(0, slots, src.to(dst.dtype))
+
+    def _full_message(self) -> str:
+        if self.max_capacity is not None and self.capacity >= self.max_capacity:
+            why = f"max_sessions={self.max_capacity:,} allows no more"
+        else:
+            why = (f"they fill the state budget of {self.max_bytes / 2**20:,.0f} MiB at "
+                   f"{self.slot_bytes() / 2**20:.2f} MiB each (max_state_bytes)")
+        return (f"no room for another session: {self.capacity:,} sessions are open and {why}; close sessions "
+                f"you no longer need, or load the model with a larger max_state_bytes= or max_sessions=")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that new allocations on `device` may take now: free device memory
+    on CUDA; on the host, the kernel's MemAvailable, bounded by the cgroup's
+    limit (a container's OOM killer counts that, not the machine). None where
+    it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        host = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(host, _cgroup_headroom() or host)
+
+
+def _cgroup_headroom() -> int | None:
+    """The memory this process's cgroup may still take (limit - usage), or None."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)  # hierarchy id : controllers : path
+        if len(parts) != 3:
+            continue
+        _, controllers, group = parts
+        if controllers == "":  # cgroup v2
+            names, base = ("memory.max", "memory.current"), Path("/sys/fs/cgroup")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            names, base = ("memory.limit_in_bytes", "memory.usage_in_bytes"), Path("/sys/fs/cgroup/memory")
+        else:
+            continue
+        # Inside a container the group's path may be its mount's root.
+        for root in (base / group.lstrip("/"), base):
+            try:
+                limit, usage = ((root / name).read_text().strip() for name in names)
+                if limit != "max" and int(limit) < 2**60:  # v1 says "no limit" with a huge number
+                    return max(0, int(limit) - int(usage))
+                break
+            except (OSError, ValueError):
+                continue
+    return None

@@ -12,6 +12,8 @@ time (`_model_lock`), so the event loop stays free to read and write sockets.
 
 from __future__ import annotations
 
+import array
+import contextlib
 import itertools
 import logging
 import secrets
@@ -20,19 +22,26 @@ from collections.abc import Sequence
 
 import anyio
 import anyio.to_thread
-import zstandard
 
-from ..errors import SnapshotNotFound, StreamgemmaError
+from ..errors import SnapshotError, SnapshotIdError, SnapshotNotFound
 from ..sampling.params import SamplingParams
 from ..session.model import Model
-from ..session.session import check_token_ids
 from ..session.store import SnapshotStore
+from ..validate import check_position, check_sampling, check_seed
+from . import expiry
 from .batch import batch_executor
+from .inputs import (
+    DEFAULT_MAX_PENDING_TOKENS,
+    DEFAULT_MAX_QUEUED_TEXT_BYTES,
+    DEFAULT_MAX_QUEUED_TOKENS,
+    InputQueues,
+)
 from .offload import DEFAULT_MAX_UNWRITTEN, SUSPEND_COMPRESSION_LEVEL, MemoryStore, Offloader
 from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
 from .scheduler import (
     DEFAULT_IDLE_STEP_INPUT_TOKENS,
     DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER,
+    DEFAULT_INPUT_SHARE,
     DEFAULT_STEP_INPUT_TOKENS,
     Scheduler,
 )
@@ -41,7 +50,7 @@ from .streams import TokenQueue, TokenStream
 log = logging.getLogger("streamgemma.engine")
 
 DEFAULT_INPUT_CHUNK = 64  # tokens of queued input prefilled per tick: bounds how long decoders wait
-DEFAULT_MAX_PENDING_TOKENS = 1 << 20  # queued input tokens per session: bounds host memory
+SETTLE_WAIT_S = 5.0  # for a cancelled generation to end at a tick, before ending it outside one
 
 
 class Engine:
@@ -50,47 +59,53 @@ class Engine:
     max_active: sessions holding a pool slot at once (the decode batch size
     bound); more may be open, the idle ones suspended to `store` (default: an
     in-memory store). input_chunk: tokens of queued input consumed per
-    prefill. max_pending_tokens: input queued for one session (more is
-    refused with EngineError("limit")). step_input_tokens /
-    idle_step_input_tokens: see `scheduler` (0: always prefill; the idle
-    default is 4 on CUDA, 1 elsewhere). max_unwritten, compression_level:
-    see `offload`. host_work: "loop" or "thread" (see `batch`; default by
-    device). Run the scheduler with `await engine.run()` in a task group (it
-    returns when cancelled); call the other methods from the same event loop.
-    `stats` holds counters for monitoring.
+    prefill. Queued input is bounded (more is refused with
+    EngineError("limit")): max_pending_tokens for one session (1,048,576),
+    max_queued_tokens for all (4,194,304), max_queued_text_bytes of text
+    waiting to be tokenized, all sessions (16 MiB). input_share: the most of
+    the scheduler's time input takes while sessions generate (0.15; see
+    `scheduler`). step_input_tokens / idle_step_input_tokens: see
+    `scheduler` (0: always prefill; the idle default is 4 on CUDA, 1
+    elsewhere). session_ttl: seconds after which a session nobody holds
+    (`owner` None) and nobody used is closed, its snapshot deleted (None:
+    never). max_unwritten, compression_level: see `offload`. host_work:
+    "loop" or "thread" (see `batch`; default by device). Run the scheduler
+    with `await engine.run()` in a task group (it returns when cancelled);
+    call the other methods from the same event loop. `stats` holds counters
+    for monitoring.
     """
 
     def __init__(self, model: Model, max_active: int = 64, store: SnapshotStore | None = None,
                  input_chunk: int = DEFAULT_INPUT_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS,
+                 max_queued_tokens: int = DEFAULT_MAX_QUEUED_TOKENS,
+                 max_queued_text_bytes: int = DEFAULT_MAX_QUEUED_TEXT_BYTES, input_share: float = DEFAULT_INPUT_SHARE,
                  step_input_tokens: int = DEFAULT_STEP_INPUT_TOKENS, idle_step_input_tokens: int | None = None,
-                 max_unwritten: int = DEFAULT_MAX_UNWRITTEN, compression_level: int = SUSPEND_COMPRESSION_LEVEL,
-                 host_work: str | None = None):
+                 session_ttl: float | None = None, max_unwritten: int = DEFAULT_MAX_UNWRITTEN,
+                 compression_level: int = SUSPEND_COMPRESSION_LEVEL, host_work: str | None = None):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active!r}")
         if input_chunk < 1:
             raise ValueError(f"input_chunk must be >= 1, got {input_chunk!r}")
-        if max_unwritten < 1:
-            raise ValueError(f"max_unwritten must be >= 1, got {max_unwritten!r}")
-        if isinstance(compression_level, bool) or not isinstance(compression_level, int) \
-                or compression_level > zstandard.MAX_COMPRESSION_LEVEL:
-            raise ValueError(f"compression_level must be an int <= {zstandard.MAX_COMPRESSION_LEVEL} "
-                             f"(zstd; negative: faster), got {compression_level!r}")
+        if session_ttl is not None and not session_ttl > 0:
+            raise ValueError(f"session_ttl must be > 0 seconds or None (never), got {session_ttl!r}")
         if idle_step_input_tokens is None:
             idle_step_input_tokens = DEFAULT_IDLE_STEP_INPUT_TOKENS.get(model.device.type,
                                                                         DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER)
         self.model = model
         self.max_active = max_active
         self.input_chunk = input_chunk
-        self.max_pending_tokens = max_pending_tokens
+        self.session_ttl = session_ttl
         self.store = store if store is not None else MemoryStore()
         self.stats = EngineStats()
-        self.scheduler = Scheduler(step_input_tokens, idle_step_input_tokens)
+        self.scheduler = Scheduler(step_input_tokens, idle_step_input_tokens, input_share)
+        self.inputs = InputQueues(model.tokenizer, model.config.vocab_size, max_pending_tokens, max_queued_tokens,
+                                  max_queued_text_bytes)
         self.executor = batch_executor(model, self.stats, host_work)
         self.offloader = Offloader(model, self.store, self.stats, self._superseded, max_unwritten, compression_level)
         self.sessions: dict[str, SessionRecord] = {}
-        # Sessions with a generation, and those with queued input (in turn order).
-        self._generating: dict[str, SessionRecord] = {}
-        self._waiting: dict[str, SessionRecord] = {}
+        self.unsaved: list[str] = []  # after `suspend_all`: sessions it could not store
+        self._generating: dict[str, SessionRecord] = {}  # sessions with a generation
+        self._riding: set[str] = set()  # ids planned to ride along in the tick being run
         self._model_lock = anyio.Lock()
         self._wake = anyio.Event()
         self._ticked = anyio.Event()  # set (and replaced) after a tick's tokens or a generation's end
@@ -108,8 +123,11 @@ class Engine:
         return self.offloader.unwritten
 
     async def open(self, seed: int | None = None) -> SessionRecord:
-        """A new session at position 0 with an unguessable id."""
-        async with self._model_lock:
+        """A new session at position 0 with an unguessable id. seed: None or
+        an int in [-2**63, 2**64) (what a snapshot stores)."""
+        check_seed(seed)
+        await self.wait_input_turn()
+        async with self._model_lock, self._input_work():
             await self._make_room()
             live = self.model.session(seed=seed)
         sid = secrets.token_urlsafe(16)
@@ -121,46 +139,39 @@ class Engine:
     async def resume(self, session_id: str) -> SessionRecord:
         """The session `session_id`: in the engine (live or suspended), or in
         the store (e.g. from before a restart); restored into a slot when next
-        used. EngineError("unknown_session") if neither has it."""
-        es = self.sessions.get(session_id)
-        if es is not None:
-            return es
-        try:
-            contents = await self.offloader.read(session_id)
-        except (SnapshotNotFound, StreamgemmaError):
-            raise EngineError("unknown_session", f"no session {session_id!r}") from None
-        # Another request may have resumed it while we read: one SessionRecord per id.
+        used. EngineError("unknown_session") if neither has it,
+        EngineError("snapshot_error") if its snapshot is damaged or of
+        another model. A generation being cancelled ends first, so the
+        session's position is final when this returns."""
         es = self.sessions.get(session_id)
         if es is None:
-            es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
-            self.offloader.keep(session_id, contents)
+            try:
+                await self.wait_input_turn()
+                async with self._input_work():
+                    contents = await self.offloader.read(session_id)
+            except (SnapshotNotFound, SnapshotIdError):
+                raise EngineError("unknown_session", "no such session") from None
+            except SnapshotError as e:
+                raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} (close it to "
+                                                    "delete it)") from None
+            # Another request may have resumed it while we read: one SessionRecord per id.
+            es = self.sessions.get(session_id)
+            if es is None:
+                es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
+                self.offloader.keep(session_id, contents)
+        if es.generation is not None and es.generation.cancelled:
+            await self._settle(es)  # so the position reported is final
         return es
 
-    def append(self, es: SessionRecord, ids_or_text: Sequence[int] | str) -> PendingInput:
-        """Queue input for `es`; returns at once. Text is tokenized now, with
-        BOS when it is the session's first input. It is consumed before the
-        session's next sampled token (a running generation continues from the
-        new state). Await `engine.consumed(pending)` for the position after it."""
+    def append(self, es: SessionRecord, ids_or_text: Sequence[int] | array.array | str) -> PendingInput:
+        """Queue input for `es`; returns at once. Text gets BOS first when it
+        is the session's first input; short text is tokenized now, longer text
+        in the session's next input turn. It is consumed before the session's
+        next sampled token (a running generation continues from the new state).
+        Await `engine.consumed(pending)` for the position after it. Raises
+        EngineError("limit") past a bound on queued input (see the class)."""
         self._check_usable(es)
-        if isinstance(ids_or_text, str):
-            tok = self.model.tokenizer
-            if tok is None:
-                raise ValueError("text input needs a tokenizer, and this model has none; send token ids")
-            if not ids_or_text:
-                raise ValueError("the text is empty: there is nothing to append")
-            ids = tok.encode(ids_or_text, add_bos=es.position == 0 and not es.inputs)
-        else:
-            ids = check_token_ids(ids_or_text, self.model.config.vocab_size)
-            if not ids:
-                raise ValueError("no tokens to append")
-        if es.queued_tokens + len(ids) > self.max_pending_tokens:
-            raise EngineError("limit", f"{es.queued_tokens} tokens of this session's input are still waiting to be "
-                                       f"consumed; at most {self.max_pending_tokens} may wait: wait for 'appended' "
-                                       "replies")
-        pending = PendingInput(ids)
-        es.inputs.append(pending)
-        es.queued_tokens += len(ids)
-        self._waiting.setdefault(es.id, es)
+        pending = self.inputs.add(es, ids_or_text)
         self._touch(es)
         self._wake.set()
         return pending
@@ -183,12 +194,15 @@ class Engine:
             raise EngineError("generating", "a generation is already running on this session; cancel it first")
         if params.max_tokens is None:
             raise ValueError("the engine needs max_tokens (a bound on the generation)")
+        check_sampling(params)
         # Validate against the state the generation will start from.
         for pending in list(es.inputs):
             await self.consumed(pending)
         if es.generation is not None:
             raise EngineError("generating", "a generation is already running on this session; cancel it first")
+        check_position(es.position + params.max_tokens, "max_tokens")
         async with self._model_lock:
+            self._check_usable(es)  # (closed while its input was consumed)
             await self._ensure_live(es)
             generation = await anyio.to_thread.run_sync(es.live.start_generation, params)
         queue = TokenQueue()  # holds a whole generation, so the scheduler never waits on a reader
@@ -214,6 +228,7 @@ class Engine:
         Returns its position. Raises what the store raised."""
         self._check_usable(es)
         async with self._model_lock:
+            self._check_usable(es)  # (closed while we waited)
             future = await self.offloader.snapshot(es.id, es.live)
             position = es.position
         if future is not None:
@@ -228,24 +243,58 @@ class Engine:
         es.closed = True
         async with self._model_lock:  # not while a tick's worker thread uses the session
             self._finish(es, "cancelled")
-            self._fail_inputs(es, EngineError("closed", "the session was closed"))
+            self.inputs.drop(es, EngineError("closed", "the session was closed"))
             if es.live is not None:
                 es.live.close()
                 es.live = None
         await self.offloader.delete(es.id)
         self.sessions.pop(es.id, None)
         self._generating.pop(es.id, None)
-        self._waiting.pop(es.id, None)
+
+    async def discard(self, session_id: str) -> None:
+        """`close` a session by id that may not be open: one only in the store,
+        also one whose snapshot cannot be restored (damaged, or of another
+        model) is deleted. EngineError("unknown_session") if there is none."""
+        es = self.sessions.get(session_id)
+        if es is not None:
+            await self.close(es)
+            return
+        try:
+            await self.offloader.delete(session_id, missing_ok=False)
+        except (SnapshotNotFound, SnapshotIdError):
+            raise EngineError("unknown_session", "no such session") from None
+
+    async def detach(self, es: SessionRecord) -> None:
+        """The client holding `es` is gone: cancel its generation and drop its
+        queued input (the client was never told it landed); returns once the
+        generation has ended, so the session's position is final."""
+        self.cancel(es)
+        async with self._model_lock:  # not while a tick consumes its input
+            self.stats.dropped_inputs += self.inputs.drop(
+                es, EngineError("closed", "the connection ended before this input was consumed"))
+        await self._settle(es)
+        es.last_active = time.monotonic()
+
+    async def _settle(self, es: SessionRecord) -> None:
+        """Wait for the cancelled generation of `es` to end (at the next tick);
+        end it here if no tick comes (the scheduler has stopped)."""
+        if es.generation is not None:
+            with anyio.move_on_after(SETTLE_WAIT_S):
+                await es.generation.ended.wait()
+        if es.generation is not None:
+            async with self._model_lock:
+                self._finish(es, "cancelled")
 
     async def suspend_all(self) -> list[str]:
         """Shutdown: cancel every generation, suspend every live session and
         wait until every snapshot is stored (failed writes retried once).
-        Returns the ids whose state is now in the store; one that could not
-        be stored is logged as an error. Queued input is dropped."""
+        Returns the ids whose state is now in the store; those that could not
+        be stored are logged as errors and listed in `unsaved`. Queued input
+        is dropped."""
         async with self._model_lock:
             for es in list(self.sessions.values()):
                 self._finish(es, "cancelled")
-                self._fail_inputs(es, EngineError("closed", "the server is shutting down"))
+                self.inputs.drop(es, EngineError("closed", "the server is shutting down"))
                 if es.live is not None:
                     try:
                         await self._suspend(es)
@@ -254,50 +303,65 @@ class Engine:
             failed = await self.offloader.flush()
         for sid in failed:
             log.error("session %s could not be stored; it is lost when this process exits", sid)
+        self.unsaved = [sid for sid, es in self.sessions.items() if es.live is not None or sid in failed]
         return [sid for sid, es in self.sessions.items()
                 if es.live is None and not self.offloader.pending(sid)]
 
     # -- scheduler -------------------------------------------------------------------
     async def run(self) -> None:
-        """The scheduler loop: ticks while there is work, sleeps otherwise.
-        Runs until cancelled (an in-flight model call finishes first, so
-        session state is never left half-updated)."""
-        while True:
-            if not (self._generating or self._waiting):
-                self._wake = anyio.Event()
-                await self._wake.wait()
-                continue
-            await self.tick()
+        """The scheduler loop: ticks while there is work, sleeps otherwise;
+        with a session_ttl, also expires unused sessions. Runs until
+        cancelled (an in-flight model call finishes first, so session state
+        is never left half-updated)."""
+        async with anyio.create_task_group() as tg:
+            if self.session_ttl is not None:
+                tg.start_soon(expiry.expire_periodically, self)
+            while True:
+                if not (self._generating or self.inputs.waiting):
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                await self.tick()
 
     async def tick(self) -> None:
         """One scheduling round (see `scheduler`)."""
         async with self._model_lock:
-            plan = self.scheduler.plan_input(self._generating.values(), self._waiting.values())
+            plan = self.scheduler.plan_input(self._generating.values(), self.inputs.waiting.values(),
+                                             time.monotonic())
             for es in plan.cancelled:
                 self._finish(es, "cancelled")
             riders = list(plan.riders)
-            if plan.restore is not None and await self._restore_for_input(plan.restore):
-                riders.append(plan.restore)
-            elif plan.prefill is not None:
-                started = time.perf_counter()
-                await self._prefill_chunk(plan.prefill)
-                self.stats.phase_seconds["prefill"] += time.perf_counter() - started
-                turn = plan.prefill
-                if turn.inputs and self._waiting.pop(turn.id, None) is not None:
-                    self._waiting[turn.id] = turn  # its next turn comes after the others waiting
+            self._riding = {es.id for es in riders}  # kept in their slots if the input turn can make room otherwise
+            turn = plan.restore or plan.prefill
+            input_seconds = 0.0  # this tick's input work, for the scheduler's input budget
+            if turn is not None:
+                started = time.monotonic()
+                if plan.restore is not None:
+                    if await self._restore_for_input(turn):
+                        riders.append(turn)
+                else:
+                    await self._input_turn(turn)
+                    self.inputs.next_turn(turn)
+                input_seconds = time.monotonic() - started
+                self.stats.phase_seconds["prefill"] += input_seconds
             decode = self.scheduler.plan_decode(self._generating.values(), riders)
             if decode:
                 batch = [(es, es.generation) for es in decode.batch]
+                started = time.monotonic()
                 tokens = await self.executor.run([active.generation for _, active in batch],
                                                  [es.live.slot for es in decode.batch],
                                                  [(es.live, es.next_input_token()) for es in decode.riders])
+                input_seconds += self.scheduler.decoded(len(batch), len(decode.riders), time.monotonic() - started)
                 started = time.perf_counter()
                 for (es, active), token in zip(batch, tokens):
                     if es.generation is active:  # not ended meanwhile
                         self._deliver(es, token)
                 for es in decode.riders:
-                    self._input_consumed(es, 1)
+                    self.inputs.consumed(es, 1)
                 self.stats.phase_seconds["deliver"] += time.perf_counter() - started
+            if plan.decoding and input_seconds:
+                self.scheduler.charge_input(input_seconds, time.monotonic())
+            self._riding = set()
         self._signal_delivered()
         await anyio.sleep(0)  # let the event loop run sends and new requests between ticks
 
@@ -311,17 +375,22 @@ class Engine:
         ticked, self._ticked = self._ticked, anyio.Event()
         ticked.set()
 
-    async def _prefill_chunk(self, es: SessionRecord) -> None:
-        pending = es.inputs[0]
+    async def _input_turn(self, es: SessionRecord) -> None:
+        """Tokenize the first queued input of `es` if it is text, else consume
+        one chunk of its queued ids (across appends) in one prefill."""
+        text = self.inputs.text_to_tokenize(es)
         try:
+            if text is not None:
+                self.inputs.tokenized(es, text, await anyio.to_thread.run_sync(self.inputs.tokenize, text))
+                return
             await self._ensure_live(es)
-            chunk = pending.ids[pending.offset:pending.offset + self.input_chunk]
+            chunk = self.inputs.take(es, self.input_chunk)
             await anyio.to_thread.run_sync(es.live.feed, chunk)
             self.stats.prefill_calls += 1
         except Exception as e:  # noqa: BLE001 - delivered to whoever awaits this input
             self._input_failed(es, e)
             return
-        self._input_consumed(es, len(chunk))
+        self.inputs.consumed(es, len(chunk))
 
     async def _restore_for_input(self, es: SessionRecord) -> bool:
         """Give `es` a slot so its input can ride along; False (its first input
@@ -334,32 +403,14 @@ class Engine:
         return True
 
     def _input_failed(self, es: SessionRecord, error: BaseException) -> None:
-        pending = es.inputs.popleft()
-        es.queued_tokens -= pending.remaining
-        pending.error = error
-        pending.consumed.set()
-        if not es.inputs:
-            self._waiting.pop(es.id, None)
+        self.inputs.fail_first(es, error)
+        self.stats.dropped_inputs += 1
 
-    def _input_consumed(self, es: SessionRecord, count: int) -> None:
-        """`count` tokens of the first queued input of `es` were consumed."""
-        pending = es.inputs[0]
-        pending.offset += count
-        es.queued_tokens -= count
-        if pending.remaining <= 0:
-            es.inputs.popleft()
-            pending.position = es.position
-            pending.consumed.set()
-        if not es.inputs:
-            self._waiting.pop(es.id, None)
-
-    def _fail_inputs(self, es: SessionRecord, error: BaseException) -> None:
-        self._waiting.pop(es.id, None)
-        while es.inputs:
-            pending = es.inputs.popleft()
-            pending.error = error
-            pending.consumed.set()
-        es.queued_tokens = 0
+    async def expire(self) -> int:
+        """Close sessions nobody holds (`owner` None) and nobody used for
+        `session_ttl` seconds, and delete stored snapshots not written for as
+        long; returns how many. `run` does it periodically (see `expiry`)."""
+        return await expiry.expire(self) if self.session_ttl is not None else 0
 
     def _deliver(self, es: SessionRecord, token) -> None:
         active = es.generation
@@ -379,6 +430,7 @@ class Engine:
         # Text held back as a possible stop-string start is plain output after all.
         held = active.generation.flush() if reason == "cancelled" else ""
         active.queue.put(Done(reason, es.position, held))
+        active.ended.set()
         self._touch(es)
         self._signal_delivered()  # (also outside a tick: close, shutdown)
 
@@ -392,15 +444,42 @@ class Engine:
 
     async def _make_room(self) -> None:
         """Free a slot if max_active are taken: suspend the least recently
-        used idle session (caller holds _model_lock)."""
+        used idle session, else one that only waits for its input turn (it
+        is restored on its turn: waiting input never holds a slot, or a
+        client could take every slot with slow input). Caller holds _model_lock."""
         live = [es for es in self.sessions.values() if es.live is not None]
         if len(live) < self.max_active:
             return
-        idle = [es for es in live if es.idle]
+        waiting = [es for es in live if es.generation is None and not es.idle]
+        # Riders of this tick last: one suspended now just drops out of its decode.
+        idle = ([es for es in live if es.idle] or [es for es in waiting if es.id not in self._riding]
+                or waiting)
         if not idle:
-            raise EngineError("capacity", f"all {self.max_active} slots are busy generating or consuming input; "
-                                          "retry later")
+            raise EngineError("capacity", f"all {self.max_active} slots are busy generating; retry later")
         await self._suspend(min(idle, key=lambda es: es.last_used))
+
+    def charge_input(self, seconds: float) -> None:
+        """Work done for a client outside the ticks (parsing its frames, its
+        open or resume) counts as input while sessions generate: it takes
+        the processor time and event loop that decoding needs."""
+        if self.scheduler.decoding(self._generating.values()):
+            self.scheduler.charge_input(seconds, time.monotonic())
+
+    async def wait_input_turn(self) -> None:
+        """While sessions generate, wait until the input budget allows more
+        input work: for requests whose work is not queued for a tick."""
+        budget = self.scheduler.budget
+        while self.scheduler.decoding(self._generating.values()) and not budget.allows(now := time.monotonic()):
+            await anyio.sleep(budget.next_turn_at - now)
+
+    @contextlib.asynccontextmanager
+    async def _input_work(self):
+        """Charge the block's time (not the wait for the lock) to the input budget."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.charge_input(time.monotonic() - started)
 
     async def _suspend(self, es: SessionRecord) -> None:
         position = es.live.position
@@ -413,6 +492,7 @@ class Engine:
 
     def _touch(self, es: SessionRecord) -> None:
         es.last_used = next(self._clock)
+        es.last_active = time.monotonic()
 
     def _check_usable(self, es: SessionRecord) -> None:
         if es.closed:

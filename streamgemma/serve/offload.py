@@ -17,9 +17,11 @@ import collections
 import concurrent.futures
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 import anyio.to_thread
+import zstandard
 
 from ..errors import SnapshotNotFound
 from ..session import snapshot as snapshot_format
@@ -39,29 +41,41 @@ PRELOADED = 8  # sessions read by `read` and kept for the restore that follows
 
 class MemoryStore(SnapshotStore):
     """Snapshots in a dict: the store of an engine given none. Sessions
-    survive suspension, not the process."""
+    survive suspension, not the process (`durable` is False)."""
+
+    durable = False
 
     def __init__(self):
         self._blobs: dict[str, bytes] = {}
+        self._written: dict[str, float] = {}  # time.monotonic() of each put
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._blobs)} sessions)"
 
+    def describe(self) -> str:
+        return "memory"
+
     def put(self, session_id: str, blob: bytes) -> None:
         self._blobs[validate_session_id(session_id)] = bytes(blob)
+        self._written[session_id] = time.monotonic()
 
     def get(self, session_id: str) -> bytes:
         try:
             return self._blobs[validate_session_id(session_id)]
         except KeyError:
-            raise SnapshotNotFound(f"no snapshot for session {session_id!r}") from None
+            raise SnapshotNotFound(f"no snapshot for session {session_id}") from None
 
     def delete(self, session_id: str) -> None:
         if self._blobs.pop(validate_session_id(session_id), None) is None:
-            raise SnapshotNotFound(f"no snapshot for session {session_id!r}")
+            raise SnapshotNotFound(f"no snapshot for session {session_id}")
+        self._written.pop(session_id, None)
 
     def list(self) -> list[str]:
         return sorted(self._blobs)
+
+    def older_than(self, seconds: float) -> list[str]:
+        cutoff = time.monotonic() - seconds
+        return sorted(sid for sid, t in self._written.items() if t < cutoff)
 
 
 class Write:
@@ -94,6 +108,12 @@ class Offloader:
 
     def __init__(self, model: Model, store: SnapshotStore, stats: EngineStats, superseded: Callable[[str], bool],
                  max_unwritten: int = DEFAULT_MAX_UNWRITTEN, compression_level: int = SUSPEND_COMPRESSION_LEVEL):
+        if max_unwritten < 1:
+            raise ValueError(f"max_unwritten must be >= 1, got {max_unwritten!r}")
+        if isinstance(compression_level, bool) or not isinstance(compression_level, int) \
+                or compression_level > zstandard.MAX_COMPRESSION_LEVEL:
+            raise ValueError(f"compression_level must be an int <= {zstandard.MAX_COMPRESSION_LEVEL} "
+                             f"(zstd; negative: faster), got {compression_level!r}")
         self.model = model
         self.store = store
         self.stats = stats
@@ -158,21 +178,24 @@ class Offloader:
         lock; await the future outside it). None if the store is up to date."""
         if live is not None:
             contents = await anyio.to_thread.run_sync(live.capture)
-            return self._writer.submit(self._write, session_id, contents)
+            future = self._writer.submit(self._write, session_id, contents)
+            future.add_done_callback(self._count_failure)  # the caller hears of it, and logs it
+            return future
         write = self._unwritten.get(session_id)
         if write is None:
             return None
         return (self._start_write(session_id, write.contents) if write.failed else write).future
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, missing_ok: bool = True) -> None:
         """Forget `session_id` and delete its snapshot, after any write of it
-        still queued."""
-        self._unwritten.pop(session_id, None)
+        still queued. SnapshotNotFound if there is none, unless missing_ok."""
+        had_write = self._unwritten.pop(session_id, None) is not None
         self._preloaded.pop(session_id, None)
         try:
             await anyio.to_thread.run_sync(self._writer.submit(self.store.delete, session_id).result)
         except SnapshotNotFound:
-            pass
+            if not (missing_ok or had_write):
+                raise
 
     async def flush(self) -> list[str]:
         """Retry failed writes once and wait for every write; the ids that
@@ -190,11 +213,18 @@ class Offloader:
         write = self._unwritten[session_id] = Write(contents, future)
         return write
 
+    def _count_failure(self, future: concurrent.futures.Future) -> None:
+        if future.exception() is not None:
+            self.stats.write_failures += 1
+
     def _log_failure(self, session_id: str, future: concurrent.futures.Future) -> None:
+        self._count_failure(future)
         error = future.exception()
         if error is not None:
-            log.error("could not write session %s to %r; its state stays in memory (the write is retried later)",
-                      session_id, self.store, exc_info=error)
+            # One line per failure (a full disk fails every write); the traceback for debugging.
+            log.error("could not write session %s to %s: %s: %s; its state stays in memory (the write is "
+                      "retried later)", session_id, self.store.describe(), type(error).__name__, error)
+            log.debug("the failed write of session %s", session_id, exc_info=error)
 
     def _retry_failed(self) -> None:
         for sid, write in list(self._unwritten.items()):

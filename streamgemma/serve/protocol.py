@@ -3,17 +3,25 @@ and validated from JSON text frames, and the events the server sends back.
 
 Parsing never raises anything but `ProtocolError`, whose `code` and message
 go back to the client in an `error` event; the connection survives it.
+Wrong types are `bad_message`; a value of the right type outside its range
+is `invalid` with the `field` named (the same checks as the Python API's,
+from `validate`). Messages never echo untrusted input at length.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
+import types
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import InvalidValueError
 from ..sampling.params import SamplingParams
+from ..session.store import SESSION_ID_PATTERN
 from ..types import Token
+from ..validate import check_sampling, check_seed, short
 
 PATH = "/v1/stream"
 
@@ -22,11 +30,13 @@ class ProtocolError(Exception):
     """A request the server refuses. `code` is machine-readable (see
     docs/protocol.md); `request_id` echoes the client's id when known."""
 
-    def __init__(self, code: str, message: str, request_id: Any = None, session: str | None = None):
+    def __init__(self, code: str, message: str, request_id: Any = None, session: str | None = None,
+                 field: str | None = None):
         super().__init__(message)
         self.code = code
         self.request_id = request_id
         self.session = session
+        self.field = field  # the offending field, for `invalid`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +55,7 @@ class Append:
     id: Any = None
     session: str | None = None
     text: str | None = None
-    tokens: tuple[int, ...] | None = None
+    tokens: array.array | None = None  # int32 ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +110,7 @@ def parse_request(frame: str | bytes, max_tokens_limit: int, default_max_tokens:
     try:
         msg = json.loads(frame, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
-        raise ProtocolError("bad_json", f"the frame is not valid JSON: {e}") from None
+        raise ProtocolError("bad_json", f"the frame is not valid JSON: {short(str(e), 200)}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_message", "a message is a JSON object with a \"type\"")
     request_id = msg.get("id")
@@ -108,45 +118,63 @@ def parse_request(frame: str | bytes, max_tokens_limit: int, default_max_tokens:
         raise ProtocolError("bad_message", "\"id\" must be a string or an integer")
     if isinstance(request_id, str) and len(request_id) > 200:
         raise ProtocolError("bad_message", "\"id\" is longer than 200 characters")
+    if isinstance(request_id, str) and not _is_unicode(request_id):
+        raise ProtocolError("bad_message", "\"id\" is not valid Unicode (a lone surrogate)")
     kind = msg.get("type")
-    if kind not in _ALLOWED:
-        raise ProtocolError("unknown_type", f"unknown message type {_short(kind)}; expected one of "
+    if not isinstance(kind, str) or kind not in _ALLOWED:  # type first: a list or object is unhashable
+        raise ProtocolError("unknown_type", f"unknown message type {short(kind)}; expected one of "
                                             f"{', '.join(sorted(_ALLOWED))}", request_id)
     unknown = set(msg) - _ALLOWED[kind]
     if unknown:
-        raise ProtocolError("bad_message", f"{kind}: unknown fields {sorted(unknown)}", request_id)
+        names = ", ".join(short(k, 30) for k in sorted(unknown)[:5])
+        raise ProtocolError("bad_message", f"{kind}: unknown fields {names}", request_id)
     session = msg.get("session")
-    if session is not None and not isinstance(session, str):
-        raise ProtocolError("bad_message", "\"session\" must be a string", request_id)
+    if session is not None and not (isinstance(session, str) and SESSION_ID_PATTERN.fullmatch(session)):
+        raise ProtocolError("bad_message", "\"session\" must be a session id (1-200 ASCII letters, digits, "
+                                           "'_', '-', '.')", request_id)
     try:
         if kind == "open":
-            seed = msg.get("seed")
-            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-                raise ValueError("\"seed\" must be an integer")
-            return Open(request_id, session, seed)
+            return Open(request_id, session, check_seed(msg.get("seed")))
         if kind == "append":
             return _append(msg, request_id, session)
         if kind == "generate":
-            coalesce = msg.get("coalesce", False)
-            if not isinstance(coalesce, bool):
-                raise ValueError(f"\"coalesce\" must be true or false, got {_short(coalesce)}")
-            fields = {k: msg[k] for k in _SAMPLING_FIELDS if k in msg}
-            fields.setdefault("max_tokens", default_max_tokens)
-            if fields["max_tokens"] is None:
-                raise ValueError("max_tokens must be a positive integer (the server needs a bound)")
-            for key in ("stop", "stop_token_ids"):
-                if key in fields and fields[key] is not None:
-                    if not isinstance(fields[key], list):
-                        raise ValueError(f"\"{key}\" must be a list")
-                    fields[key] = tuple(fields[key])
-            params = SamplingParams(**fields)
-            if params.max_tokens > max_tokens_limit:
-                raise ProtocolError("limit", f"max_tokens {params.max_tokens} is above this server's limit "
-                                             f"of {max_tokens_limit}", request_id, session)
-            return Generate(request_id, session, params, coalesce)
+            return _generate(msg, request_id, session, max_tokens_limit, default_max_tokens)
         return {"cancel": Cancel, "snapshot": Snapshot, "close": Close}[kind](request_id, session)
+    except InvalidValueError as e:
+        raise ProtocolError("invalid", f"{kind}: {e}", request_id, session, e.field) from None
     except (ValueError, TypeError) as e:
         raise ProtocolError("bad_message", f"{kind}: {e}", request_id, session) from None
+
+
+def _generate(msg: dict, request_id: Any, session: str | None, max_tokens_limit: int,
+              default_max_tokens: int) -> Generate:
+    coalesce = msg.get("coalesce", False)
+    if not isinstance(coalesce, bool):
+        raise ValueError(f"\"coalesce\" must be true or false, got {short(coalesce)}")
+    fields = {k: msg[k] for k in _SAMPLING_FIELDS if k in msg}
+    fields.setdefault("max_tokens", default_max_tokens)
+    if fields["max_tokens"] is None:
+        raise ValueError("max_tokens must be a positive integer (the server needs a bound)")
+    for key in ("stop", "stop_token_ids"):
+        if key in fields and fields[key] is not None:
+            if not isinstance(fields[key], list):
+                raise ValueError(f"\"{key}\" must be a list")
+            fields[key] = tuple(fields[key])
+    for text in fields.get("stop") or ():
+        if not isinstance(text, str):
+            raise ValueError(f"\"stop\" must hold strings, got {short(text)}")
+        if not text or not _is_unicode(text):
+            raise InvalidValueError("stop", "stop strings must be non-empty, valid Unicode (no lone surrogate)")
+    # Types and ranges of the numbers, as the Python API checks them.
+    check_sampling(types.SimpleNamespace(**{**_DEFAULTS, **fields}))
+    params = SamplingParams(**fields)
+    if params.max_tokens > max_tokens_limit:
+        raise ProtocolError("limit", f"max_tokens {params.max_tokens} is above this server's limit "
+                                     f"of {max_tokens_limit}", request_id, session, "max_tokens")
+    return Generate(request_id, session, params, coalesce)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
 
 
 def _append(msg: dict, request_id: Any, session: str | None) -> Append:
@@ -156,22 +184,34 @@ def _append(msg: dict, request_id: Any, session: str | None) -> Append:
     if text is not None:
         if not isinstance(text, str) or not text:
             raise ValueError("\"text\" must be a non-empty string")
+        if not _is_unicode(text):
+            raise InvalidValueError("text", "the text is not valid Unicode (it holds a lone surrogate), so it "
+                                            "cannot be tokenized")
         return Append(request_id, session, text=text)
     if not isinstance(tokens, list) or not tokens:
         raise ValueError("\"tokens\" must be a non-empty list of token ids")
-    for t in tokens:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise ValueError(f"\"tokens\" must hold integers, got {_short(t)}")
-    return Append(request_id, session, tokens=tuple(tokens))
+    if set(map(type, tokens)) != {int}:  # (one pass in C; bools and floats are not ids)
+        bad = next(t for t in tokens if type(t) is not int)
+        raise ValueError(f"\"tokens\" must hold integers, got {short(bad)}")
+    try:
+        ids = array.array("i", tokens)
+    except OverflowError:
+        raise InvalidValueError("tokens", "\"tokens\" holds an id outside the int32 range; token ids are in "
+                                          "[0, vocabulary size)") from None
+    return Append(request_id, session, tokens=ids)
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` can be encoded as UTF-8 (JSON lets lone surrogates through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # Compact separators: events are read by programs, and every byte and

@@ -4,8 +4,12 @@ records; the scheduler reads them, the engine changes them."""
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
+import logging
+import time
+from collections.abc import Callable
 
 import anyio
 
@@ -13,11 +17,13 @@ from ..errors import StreamgemmaError
 from ..session.generation import Generation
 from ..session.session import Session
 
+log = logging.getLogger("streamgemma.engine")
+
 
 class EngineError(StreamgemmaError):
     """A request the engine cannot serve. `code` names the reason for clients
     (see docs/protocol.md): unknown_session, session_busy, generating,
-    not_generating, capacity, closed, limit."""
+    not_generating, capacity, closed, limit, snapshot_error."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -36,18 +42,58 @@ class Done:
 
 
 class PendingInput:
-    """Token ids appended to a session and not yet consumed."""
+    """Input appended to a session and not yet consumed: token ids (an int32
+    array: 4 bytes a token, where a list costs about 36), or text that is
+    tokenized when its turn comes (`ids` None until then). Small: a client
+    may queue many thousands (slots, and the event made only if awaited)."""
 
-    def __init__(self, ids: list[int]):
+    __slots__ = ("ids", "text", "add_bos", "text_bytes", "offset", "position", "error", "done", "_event",
+                 "_callbacks")
+
+    def __init__(self, ids: array.array | None, text: str | None = None, add_bos: bool = False,
+                 text_bytes: int = 0):
         self.ids = ids
+        self.text = text
+        self.add_bos = add_bos  # put BOS first when tokenizing `text`
+        self.text_bytes = text_bytes  # UTF-8 size of `text` while it waits to be tokenized
         self.offset = 0  # ids[:offset] are consumed
-        self.consumed = anyio.Event()
         self.position = -1  # the session's position once all ids are consumed
         self.error: BaseException | None = None
+        self.done = False
+        self._event: anyio.Event | None = None
+        self._callbacks: list[Callable[[PendingInput], None]] | None = None
 
     @property
     def remaining(self) -> int:
-        return len(self.ids) - self.offset
+        return len(self.ids) - self.offset if self.ids is not None else 0
+
+    @property
+    def consumed(self) -> anyio.Event:
+        """Set once it is consumed or failed."""
+        if self._event is None:
+            self._event = anyio.Event()
+            if self.done:
+                self._event.set()
+        return self._event
+
+    def add_done_callback(self, callback: Callable[[PendingInput], None]) -> None:
+        """Call `callback(self)` once it is consumed or failed (in the engine's
+        tick: it must not block). Cheaper than a task awaiting `consumed`
+        when a client sends thousands of appends."""
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(callback)
+
+    def complete(self) -> None:
+        """Consumed (position set) or failed (error set): tell whoever waits."""
+        self.done = True
+        if self._event is not None:
+            self._event.set()
+        for callback in self._callbacks or ():
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - a failing listener must not stop the scheduler
+                log.exception("a callback of consumed input failed")
 
 
 class ActiveGeneration:
@@ -57,6 +103,7 @@ class ActiveGeneration:
         self.generation = generation
         self.queue = queue  # streams.TokenQueue
         self.cancelled = False
+        self.ended = anyio.Event()  # set once its Done is queued
 
 
 class SessionRecord:
@@ -69,8 +116,10 @@ class SessionRecord:
         self.suspended_position = position
         self.inputs: collections.deque[PendingInput] = collections.deque()
         self.queued_tokens = 0  # sum of the inputs' remaining ids, kept as they change
+        self.queued_text_bytes = 0  # UTF-8 bytes of queued text not yet tokenized
         self.generation: ActiveGeneration | None = None
-        self.last_used = 0
+        self.last_used = 0  # orders uses, for least-recently-used suspension
+        self.last_active = time.monotonic()  # for idle expiry
         self.closed = False
         self.owner: object | None = None  # the connection attached to it, if any
 
@@ -82,6 +131,11 @@ class SessionRecord:
     @property
     def idle(self) -> bool:
         return self.generation is None and not self.inputs
+
+    @property
+    def tokenized(self) -> bool:
+        """Whether all queued input is token ids (text waits for its turn to be tokenized)."""
+        return self.queued_text_bytes == 0
 
     def next_input_token(self) -> int:
         first = self.inputs[0]
@@ -106,3 +160,6 @@ class EngineStats:
     prefill_calls: int = 0
     suspensions: int = 0
     resumptions: int = 0
+    write_failures: int = 0  # snapshot writes the store refused (each is logged)
+    dropped_inputs: int = 0  # inputs dropped unconsumed: their connection ended, or they failed
+    expired_sessions: int = 0  # deleted after `session_ttl` without use

@@ -21,12 +21,17 @@ class Chat:
     generates the model's turn (stopping at <end_of_turn> or eos). If a reply
     ended any other way (max_tokens, a stop string, the caller stopped
     reading), the next `user` closes the model's turn first.
+
+    Gemma has no system role: a `system` prompt is put at the top of the
+    first user turn, followed by a blank line, as Gemma's chat template does.
     """
 
-    def __init__(self, session: Session, model_turn_open: bool | None = None):
+    def __init__(self, session: Session, model_turn_open: bool | None = None, system: str | None = None):
         """model_turn_open: whether the session's history ends inside a model
         turn (default: it does iff the session has consumed tokens, as a
-        conversation restored from a snapshot taken after a reply)."""
+        conversation restored from a snapshot taken after a reply).
+        system: instructions folded into the first user turn (ignored when
+        the conversation already has turns)."""
         tok = session.model.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer, and this model has none")
@@ -37,6 +42,7 @@ class Chat:
         self.session = session
         self._end_of_turn = tok.piece_id(END_OF_TURN)
         self._model_turn_open = session.position > 0 if model_turn_open is None else model_turn_open
+        self._system = system.strip() if system and session.position == 0 else None
 
     def user(self, text: str) -> torch.Tensor:
         """Append a user turn and open the model's turn; returns the float32
@@ -48,6 +54,9 @@ class Chat:
             # An <end_of_turn> the model produced is already consumed; only its newline is missing.
             last = self.session.recent_ids[-1:]
             prefix = "\n" if last == [self._end_of_turn] else f"{END_OF_TURN}\n"
+        if self._system:
+            text = f"{self._system}\n\n{text}"
+            self._system = None
         self._model_turn_open = True
         return self.session.feed(prefix + gemma_turn("user", text) + gemma_model_prefix())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from ..fast.fused_weights import FusedWeights
 from ..fast.prefill import KernelPrefill
 from ..fast.tuning import KernelConfig
 from ..model import checkpoint as weights
+from ..model import hub
 from ..model.griffin import Griffin
-from ..model.pool import StatePool
+from ..model.pool import StatePool, available_memory
 from ..tokenizer import Tokenizer
 from . import snapshot as snapshot_format
 from .session import Session
@@ -34,11 +36,16 @@ class Model:
     `network` (the PyTorch module), `pool` (StatePool of all sessions' state),
     `kernel_config` (KernelConfig: launch choices of the Triton decode kernels;
     a replacement takes effect at the next decode, whose graphs are captured anew).
+
+    The pool holds at most `max_sessions` sessions and `max_state_bytes` of
+    state (default: half the memory free on the model's device when it is
+    built); past them `session()` raises CapacityError.
     """
 
     def __init__(self, network: Griffin, tokenizer: Tokenizer | None = None, source: str | None = None,
                  prefill_chunk: int | None = None, kernels: bool | None = None,
-                 kernel_config: KernelConfig | None = None):
+                 kernel_config: KernelConfig | None = None, max_sessions: int | None = None,
+                 max_state_bytes: int | None = None):
         self.network = network.eval()
         self.config: GriffinConfig = network.config
         self.tokenizer = tokenizer
@@ -46,7 +53,15 @@ class Model:
         # Tokens per parallel chunk. Larger chunks amortise per-chunk launches on a GPU;
         # memory stays bounded by the chunk whatever the input length.
         self.prefill_chunk = prefill_chunk or (2048 if network.device.type == "cuda" else DEFAULT_PREFILL_CHUNK)
-        self.pool = StatePool(self.config, network.dtype, network.device)
+        for name, value in (("max_sessions", max_sessions), ("max_state_bytes", max_state_bytes)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if max_state_bytes is None:
+            free = available_memory(network.device)
+            # The other half is for activations, each session's host state and the program around them.
+            max_state_bytes = None if free is None else free // 2
+        self.pool = StatePool(self.config, network.dtype, network.device, max_capacity=max_sessions,
+                              max_bytes=max_state_bytes)
         # Sessions of one model share the pool; `Session` holds this while it
         # touches the pool, so sessions may be driven from several threads
         # (agenerate steps run in worker threads).
@@ -54,6 +69,9 @@ class Model:
         self._fingerprint: str | None = None
         # None: the Triton decode step (in CUDA graphs) on CUDA, the PyTorch reference elsewhere.
         self.kernels = kernels_available(self.device) if kernels is None else kernels
+        if kernels is None and self.device.type == "cuda" and not self.kernels:
+            warnings.warn("Triton is not installed: this CUDA model decodes on the slow PyTorch reference path; "
+                          "install it with pip install 'streamgemma[cuda]'", stacklevel=2)
         if self.kernels:
             check_kernels_usable(self.device)
         self.kernel_config = kernel_config or KernelConfig()
@@ -97,7 +115,8 @@ class Model:
                    **options)
 
     def session(self, seed: int | None = None) -> Session:
-        """A new session at position 0 with its own slot in the state pool."""
+        """A new session at position 0 with its own slot in the state pool.
+        CapacityError when the pool's budget holds no further session."""
         with self.lock:
             slot = self.pool.allocate()
         return Session(self, slot, seed=seed)
@@ -283,14 +302,17 @@ def demo_path() -> Path:
 
 def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinConfig | None = None,
          progress: bool | None = None, kernels: bool | None = None,
-         kernel_config: KernelConfig | None = None) -> Model:
+         kernel_config: KernelConfig | None = None, threads: int | None = None,
+         max_sessions: int | None = None, max_state_bytes: int | None = None) -> Model:
     """Open a checkpoint.
 
     path: a Hugging Face directory (config.json + model.safetensors or sharded
     safetensors with model.safetensors.index.json), an official state dict
     (`.pt`, or a directory holding one), a directory written by `Model.save`,
-    or "demo": the small model that ships with the package (unless a
-    directory named "demo" exists in the working directory).
+    "demo": the small model that ships with the package (unless a directory
+    named "demo" exists in the working directory), or a Hugging Face Hub id
+    ("google/recurrentgemma-2b-it", when no such local path exists), fetched
+    through huggingface_hub into its cache (see docs/loading.md).
     A `tokenizer.model` beside the weights is loaded as `model.tokenizer`.
     device: default CUDA if available, else CPU. dtype: "float32",
     "bfloat16", "float16" or a torch dtype; default bfloat16 on CUDA, float32
@@ -299,11 +321,20 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
     weights. progress: show a progress line (default: when stderr is a terminal).
     kernels: use the Triton kernels for decode and prefill (default: on CUDA).
     kernel_config: their launch choices (default: `KernelConfig()`).
+    threads: torch's CPU threads, set for the whole process (torch has one
+    pool); default for a CPU model: `default_threads`, unless
+    OMP_NUM_THREADS is set. max_sessions, max_state_bytes: bounds of the
+    state pool (see `Model`).
 
     Raises CheckpointError (files, keys, shapes), DeviceError (device/dtype).
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
     if str(path) == "demo" and not Path("demo").exists():
         path = demo_path()
+    source = str(path)
+    if hub.is_model_id(path):
+        path = hub.download(source)
     device, dtype = weights.resolve_device_dtype(device, dtype)
     ckpt = weights.discover(path)
     network = weights.load_network(ckpt, device, dtype, config=config, progress=progress)
@@ -313,7 +344,22 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
         if tokenizer.vocab_size > network.config.vocab_size:
             raise CheckpointError(f"{ckpt.tokenizer_file}: has {tokenizer.vocab_size} pieces but the model's "
                                   f"vocabulary has {network.config.vocab_size} entries")
-    return Model(network, tokenizer=tokenizer, source=str(path), kernels=kernels, kernel_config=kernel_config)
+    if threads is None and device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        threads = default_threads(sum(p.numel() for p in network.parameters()))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return Model(network, tokenizer=tokenizer, source=source, kernels=kernels, kernel_config=kernel_config,
+                 max_sessions=max_sessions, max_state_bytes=max_state_bytes)
+
+
+def default_threads(num_parameters: int) -> int:
+    """torch CPU threads for a model of `num_parameters`: one per 10 million
+    parameters (a smaller model's ops end before another thread could help),
+    and at most every CPU this process may use but one. A thread per CPU
+    stalls every op whenever anything else runs: another busy process, or a
+    server's event loop (bench/RESULTS.md, "CPU threads")."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus - 1, num_parameters // 10_000_000))
 
 
 def _long_tensor(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:

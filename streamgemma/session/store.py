@@ -9,16 +9,24 @@ import abc
 import contextlib
 import os
 import re
+import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
 
-from ..errors import SnapshotIdError, SnapshotNotFound
+from ..config import GriffinConfig
+from ..errors import SnapshotFormatError, SnapshotIdError, SnapshotNotFound, StoreError
+from ..validate import short
+from . import snapshot as snapshot_format
 
 # Ids become file names: no separators, no leading dot (so no '.', '..' or
 # hidden/temp names), short enough for a 255-byte file name with our suffixes.
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 TEMP_SUFFIX = ".tmp"
+# A temp file older than this at start-up belongs to a write that died (a
+# write takes well under a second); a younger one may be another process's.
+STALE_TEMP_AT_START_S = 60.0
 
 
 def validate_session_id(session_id: object) -> str:
@@ -26,7 +34,7 @@ def validate_session_id(session_id: object) -> str:
     of ASCII letters, digits, '_', '-', '.', not starting with '.'. Raises
     SnapshotIdError otherwise."""
     if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
-        raise SnapshotIdError(f"session id {session_id!r} is not valid: use 1-200 characters of ASCII "
+        raise SnapshotIdError(f"session id {short(session_id)} is not valid: use 1-200 characters of ASCII "
                               "letters, digits, '_', '-' and '.', not starting with '.'")
     return session_id
 
@@ -69,7 +77,24 @@ class SnapshotStore(abc.ABC):
     """Snapshots (the bytes of `Session.snapshot()`) by session id.
 
     Ids are validated with `validate_session_id` (SnapshotIdError); a missing
-    id raises SnapshotNotFound (a KeyError)."""
+    id raises SnapshotNotFound (a KeyError). `durable`: whether snapshots
+    outlive the process."""
+
+    durable = True
+
+    def describe(self) -> str:
+        """What and where the store is, for a log line."""
+        return repr(self)
+
+    def prepare(self) -> str:
+        """Before serving: raise StoreError if the store cannot be written,
+        clean up what earlier processes left; returns notes for the log."""
+        return ""
+
+    def older_than(self, seconds: float) -> list[str]:
+        """Ids whose snapshot was last written more than `seconds` ago (for
+        expiry); a store that does not know returns []."""
+        return []
 
     @abc.abstractmethod
     def put(self, session_id: str, blob: bytes) -> None:
@@ -96,16 +121,28 @@ class DirectorySnapshotStore(SnapshotStore):
     missing). Several processes may use one directory at once: each write goes
     to a temp file that is renamed into place, so `get` and `list` never see a
     partial snapshot. On a case-insensitive file system, ids that differ only
-    in case name the same file."""
+    in case name the same file.
+
+    `get` reads at most `max_bytes` (default: the largest snapshot of any
+    preset's model; `snapshot.max_file_bytes(config)` for one model) and only
+    regular files, opened without blocking, so a planted FIFO or huge file
+    is refused, not read."""
 
     SUFFIX = ".sgsnap"
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, max_bytes: int | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        if max_bytes is None:
+            max_bytes = max(snapshot_format.max_file_bytes(GriffinConfig.preset(name))
+                            for name in GriffinConfig.presets())
+        self.max_bytes = max_bytes
 
     def __repr__(self) -> str:
         return f"DirectorySnapshotStore({str(self.directory)!r})"
+
+    def describe(self) -> str:
+        return f"directory {self.directory}"
 
     def path(self, session_id: str) -> Path:
         """The file that holds `session_id`'s snapshot."""
@@ -119,30 +156,77 @@ class DirectorySnapshotStore(SnapshotStore):
     def get(self, session_id: str) -> bytes:
         path = self.path(session_id)
         try:
-            return path.read_bytes()
+            # O_NONBLOCK: opening a FIFO planted under the name must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            raise SnapshotNotFound(f"no snapshot for session {session_id!r} in {self.directory}") from None
+            raise SnapshotNotFound(f"no snapshot for session {session_id} in {self.directory}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise SnapshotFormatError(f"{path} is not a regular file")
+            if info.st_size > self.max_bytes:
+                raise SnapshotFormatError(f"{path} is {info.st_size} bytes, more than a snapshot can be "
+                                          f"({self.max_bytes})")
+            parts, size = [], 0
+            while size <= self.max_bytes:  # up to one byte more than allowed: a file that grew is refused
+                part = os.read(fd, min(1 << 20, self.max_bytes + 1 - size))
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+        finally:
+            os.close(fd)
+        if size > self.max_bytes:
+            raise SnapshotFormatError(f"{path} is more than {self.max_bytes} bytes, more than a snapshot can be")
+        return b"".join(parts)
 
     def delete(self, session_id: str) -> None:
         path = self.path(session_id)
         try:
             os.unlink(path)
         except FileNotFoundError:
-            raise SnapshotNotFound(f"no snapshot for session {session_id!r} in {self.directory}") from None
+            raise SnapshotNotFound(f"no snapshot for session {session_id} in {self.directory}") from None
         _fsync_directory(self.directory)
 
     def list(self) -> list[str]:
-        ids = []
+        return sorted(sid for sid, _ in self._entries())
+
+    def _entries(self):
+        """(id, DirEntry) of every snapshot file."""
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 sid = entry.name[:-len(self.SUFFIX)]
                 if (entry.name.endswith(self.SUFFIX) and SESSION_ID_PATTERN.fullmatch(sid)
                         and entry.is_file()):
-                    ids.append(sid)
-        return sorted(ids)
+                    yield sid, entry
 
     def __contains__(self, session_id: str) -> bool:
         return self.path(session_id).is_file()
+
+    def older_than(self, seconds: float) -> list[str]:
+        cutoff = time.time() - seconds
+        old = []
+        for sid, entry in self._entries():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime < cutoff:
+                    old.append(sid)
+        return sorted(old)
+
+    def prepare(self) -> str:
+        """Check that the directory takes a file (write, fsync, rename and
+        delete a probe), remove temp files of writes that died; StoreError
+        if it cannot be written."""
+        try:
+            probe = self.directory / "write-probe"
+            write_file_atomic(probe, b"streamgemma")
+            os.unlink(probe)
+        except OSError as e:
+            raise StoreError(f"the snapshot store {self.directory} is not writable: "
+                             f"{e.strerror or e}") from None
+        removed = self.remove_stale_temp_files(STALE_TEMP_AT_START_S)
+        free = shutil.disk_usage(self.directory).free
+        notes = f"{len(self.list())} snapshots, {free / 2**30:.1f} GiB free"
+        return notes + (f", removed {removed} temp files of interrupted writes" if removed else "")
 
     def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int:
         """Delete temp files that writers which crashed mid-write left behind,
@@ -153,8 +237,8 @@ class DirectorySnapshotStore(SnapshotStore):
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 ours = (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
-                        and self.SUFFIX + "." in entry.name)
-                if ours and entry.is_file() and entry.stat().st_mtime < cutoff:
+                        and (self.SUFFIX + "." in entry.name or entry.name.startswith(".write-probe.")))
+                if ours and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
                         removed += 1

@@ -1,0 +1,44 @@
+"""Idle-session expiry: sessions nobody holds and nobody used for the
+engine's `session_ttl` are closed (their snapshot deleted), and so are
+stored snapshots not written for as long (sessions of earlier processes that
+nobody resumed), so abandoned sessions do not fill the store forever."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import anyio.to_thread
+
+log = logging.getLogger("streamgemma.engine")
+
+
+async def expire(engine) -> int:
+    """One pass over `engine` (an `Engine` with a session_ttl); how many
+    sessions it deleted."""
+    ttl = engine.session_ttl
+    cutoff = time.monotonic() - ttl
+    stale = [es for es in engine.sessions.values()
+             if es.owner is None and es.idle and not es.closed and es.last_active < cutoff]
+    for es in stale:
+        await engine.close(es)
+    stored = await anyio.to_thread.run_sync(engine.store.older_than, ttl)
+    gone = [sid for sid in stored if sid not in engine.sessions]
+    for sid in gone:
+        await engine.offloader.delete(sid)
+    count = len(stale) + len(gone)
+    if count:
+        log.info("expired %d sessions unused for %g s", count, ttl)
+    engine.stats.expired_sessions += count
+    return count
+
+
+async def expire_periodically(engine) -> None:
+    """`expire` every quarter of the ttl (at most every minute), until cancelled."""
+    while True:
+        await anyio.sleep(min(engine.session_ttl / 4, 60.0))
+        try:
+            await expire(engine)
+        except Exception:  # noqa: BLE001 - a failing store must not stop the scheduler
+            log.exception("expiring idle sessions failed")

@@ -164,6 +164,7 @@ class Outcome:
         self.counts: collections.Counter = collections.Counter()
         self.internal: list[dict] = []
         self.examples: dict[str, str] = {}  # an error message of each code
+        self.sent = 0  # frames sent (fewer than asked if the server closed a connection)
 
     def add(self, event: dict) -> None:
         kind = event.get("type")
@@ -200,6 +201,7 @@ async def fuzz_connection(url: str, maker: FrameMaker, n: int, outcome: Outcome,
             except websockets.ConnectionClosed as closed:
                 outcome.counts[f"closed:{closed.rcvd.code if closed.rcvd else None}"] += 1
                 finished.set()
+                synced["event"].set()
 
         for _ in range(4):  # sessions to name from the start (the sender runs ahead of the replies)
             await ws.send(json.dumps({"type": "open"}))
@@ -208,14 +210,20 @@ async def fuzz_connection(url: str, maker: FrameMaker, n: int, outcome: Outcome,
             outcome.add(event)
         async with anyio.create_task_group() as tg:
             tg.start_soon(read)
-            for k, frame in enumerate(maker.frames(n)):
-                await ws.send(frame)
-                if k % 20 == 19:  # let the server catch up, so frames name the sessions it holds now
-                    synced["marker"], synced["event"] = f"sync-{k}", anyio.Event()
-                    await ws.send(json.dumps({"type": "sync", "id": synced["marker"]}))
-                    with anyio.fail_after(60):
-                        await synced["event"].wait()
-            await ws.send(json.dumps({"type": "end-of-fuzz", "id": "end-of-fuzz"}))
+            try:
+                for k, frame in enumerate(maker.frames(n)):
+                    await ws.send(frame)
+                    outcome.sent += 1
+                    if k % 20 == 19:  # let the server catch up, so frames name the sessions it holds now
+                        synced["marker"], synced["event"] = f"sync-{k}", anyio.Event()
+                        await ws.send(json.dumps({"type": "sync", "id": synced["marker"]}))
+                        with anyio.fail_after(60):
+                            await synced["event"].wait()
+                        if finished.is_set():  # the server closed the connection
+                            break
+                await ws.send(json.dumps({"type": "end-of-fuzz", "id": "end-of-fuzz"}))
+            except websockets.ConnectionClosed:
+                pass
             with anyio.fail_after(120):
                 await finished.wait()
             await anyio.sleep(0.2)  # the last short generations' tokens
@@ -262,7 +270,7 @@ def fuzz_server(server, frames: int, connections: int, handshakes: int, seed: in
     statuses = collections.Counter(handshake(server.port, rng) for _ in range(handshakes))
     engine = server.engine
     books = engine.inputs.tokens == sum(es.queued_tokens for es in engine.sessions.values()) >= 0
-    return {"frames": frames // connections * connections, "events": dict(outcome.counts),
+    return {"frames": outcome.sent, "events": dict(outcome.counts),
             "error_examples": outcome.examples,
             "internal": outcome.internal[:10], "handshakes": {str(k): v for k, v in statuses.items()},
             "books_add_up": books}

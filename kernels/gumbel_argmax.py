@@ -139,6 +139,14 @@ def _philox_words_kernel(words_ptr, out_ptr, calls, BLOCK: tl.constexpr):
 _MAX_TILES = 1 << 14  # the second stage reduces a row's tiles in one block
 
 
+
+def float32_rows(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` with unit stride along the vocabulary, and the int64 [rows] output
+    of a row-wise sampler; TypeError unless x is float32."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} needs float32 logits, got {x.dtype}")
+    return (x if x.stride(1) == 1 else x.contiguous()), torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+
 def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None = None,
                   block: int | None = None) -> torch.Tensor:
     """The sampled token of every row: argmax over v of x[s, v] / temps[s] -
@@ -153,14 +161,10 @@ def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | No
     float32 [S] or None (x used as is). block: Philox calls per program (a
     power of two; tests use small ones to get several tiles). Returns int64
     [S] on x's device, after two launches and no host synchronisation."""
+    x, out = float32_rows(x, "gumbel_argmax")
     rows, vocab = x.shape
-    out = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows == 0:
         return out
-    if x.dtype != torch.float32:
-        raise TypeError(f"gumbel_argmax needs float32 logits, got {x.dtype}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
     if words.shape != (rows, 4) or words.dtype != torch.int64:
         raise ValueError(f"words must be int64 [{rows}, 4], got {words.dtype} {list(words.shape)}")
     words = words.contiguous()

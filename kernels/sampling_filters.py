@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel_argmax import argmax_tiles_kernel, gumbel_score, philox4x32_10
+from .gumbel_argmax import argmax_tiles_kernel, float32_rows, gumbel_score, philox4x32_10
 
 _BIG = tl.constexpr(1 << 62)  # a bin's least weight w is stored as _BIG - w (zero: an empty bin)
 _NO_INDEX = tl.constexpr(2147483647)
@@ -325,14 +325,10 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
     (default: by batch)."""
     from streamgemma.sampling.filters import mass_bits
 
+    x, out = float32_rows(x, "filtered_gumbel_argmax")
     rows, vocab = x.shape
-    out = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows == 0:
         return out
-    if x.dtype != torch.float32:
-        raise TypeError(f"filtered_gumbel_argmax needs float32 logits, got {x.dtype}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
     n_tiles = triton.cdiv(vocab, tile)
     if n_tiles > _MAX_TILES:
         raise ValueError(f"vocabulary {vocab} needs {n_tiles} tiles of {tile}; at most {_MAX_TILES}")

@@ -21,7 +21,7 @@ _EXPORTS = {
     **dict.fromkeys(("StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "StoppedError",
                      "SnapshotError", "SnapshotFormatError", "SnapshotCorrupted", "SnapshotVersionError",
                      "SnapshotModelMismatch", "SnapshotMetadataError", "SnapshotNotFound", "SnapshotIdError",
-                     "CapacityError"),
+                     "CapacityError", "InvalidValueError", "StoreError", "ServeError"),
                     "errors"),
 }
 

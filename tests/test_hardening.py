@@ -28,7 +28,7 @@ from streamgemma.serve.protocol import ProtocolError, parse_request
 from streamgemma.serve.server import Limits, Server, serve_in_thread
 from streamgemma.session import snapshot as snapshot_format
 from streamgemma.session.store import DirectorySnapshotStore
-from streamgemma.validate import MAX_POSITION, check_sampling, check_seed
+from streamgemma.validate import MAX_POSITION, check_seed
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
@@ -65,6 +65,11 @@ def test_a_seed_the_snapshot_format_cannot_hold_is_invalid_everywhere(seed):
     with pytest.raises(InvalidValueError) as refused:
         check_seed(seed)
     assert refused.value.field == "seed" and "2**64" in str(refused.value)
+    model = text_model()
+    for make in (lambda: model.session(seed=seed), lambda: SamplingParams(seed=seed)):
+        with pytest.raises(InvalidValueError) as refused:  # the Python API: a clear error, not OverflowError
+            make()
+        assert refused.value.field == "seed"
 
     async def main():
         with pytest.raises(InvalidValueError):
@@ -487,17 +492,14 @@ def test_numbers_the_float32_sampler_cannot_honour_are_invalid(field, value):
     with pytest.raises(ProtocolError) as refused:
         parse({"type": "generate", field: value})
     assert (refused.value.code, refused.value.field) == ("invalid", field)
-    params = SamplingParams(**{field: tuple(value) if isinstance(value, list) else value})
-    with pytest.raises(InvalidValueError):  # the Python API's check
-        check_sampling(params)
-
-    async def main():
-        engine = Engine(text_model(), max_active=1)
-        es = await engine.open()
-        with pytest.raises(InvalidValueError):
-            await engine.generate(es, params)
-
-    run(main)
+    kwargs = {field: tuple(value) if isinstance(value, list) else value}
+    with pytest.raises(InvalidValueError) as refused:  # the Python API refuses the same values
+        SamplingParams(**kwargs)
+    assert refused.value.field == field
+    session = text_model().session(seed=0)
+    with pytest.raises(InvalidValueError) as refused:
+        next(session.generate(max_tokens=1, **kwargs))
+    assert refused.value.field == field and session.position == 0
 
 
 def test_a_session_near_the_position_bound_refuses_what_would_pass_it(tmp_path):
@@ -505,6 +507,8 @@ def test_a_session_near_the_position_bound_refuses_what_would_pass_it(tmp_path):
     session = model.session()
     session.feed(list(range(10, 30)))  # past the attention window: the ring is full
     contents = dataclasses.replace(session.capture(), position=MAX_POSITION - 2)
+    with pytest.raises(SnapshotFormatError, match="2\\*\\*62"):  # refused on write as on read
+        snapshot_format.encode_contents(dataclasses.replace(contents, position=MAX_POSITION))
     store = DirectorySnapshotStore(tmp_path)
     store.put("near-the-end", snapshot_format.encode_contents(contents))
 

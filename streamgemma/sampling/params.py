@@ -6,6 +6,8 @@ import dataclasses
 import math
 import numbers
 
+from ..validate import check_sampling
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -66,6 +68,7 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        check_sampling(self)  # ranges the float32 sampler and the snapshot format honour
 
     @property
     def greedy(self) -> bool:

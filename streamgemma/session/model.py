@@ -23,6 +23,7 @@ from ..model import hub
 from ..model.griffin import Griffin
 from ..model.pool import StatePool, available_memory
 from ..tokenizer import Tokenizer
+from ..validate import check_seed
 from . import snapshot as snapshot_format
 from .session import Session
 
@@ -116,7 +117,9 @@ class Model:
 
     def session(self, seed: int | None = None) -> Session:
         """A new session at position 0 with its own slot in the state pool.
-        CapacityError when the pool's budget holds no further session."""
+        CapacityError when the pool's budget holds no further session;
+        InvalidValueError for a seed a snapshot could not hold."""
+        seed = check_seed(seed)
         with self.lock:
             slot = self.pool.allocate()
         return Session(self, slot, seed=seed)

@@ -40,6 +40,7 @@ from ..errors import (
     SnapshotVersionError,
 )
 from ..model.pool import StatePool
+from ..validate import MAX_POSITION, SEED_END, SEED_MIN
 from . import snapshot_bytes
 
 MAGIC = "streamgemma-snapshot"
@@ -60,7 +61,6 @@ MAX_METADATA_DEPTH = 32
 MAX_FINGERPRINT_CHARS = 256
 _ENVELOPE_BYTES = 1 << 16  # keys, config, per-tensor headers: everything but the payloads above
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_MAX_POSITION = 1 << 62
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -191,6 +191,7 @@ def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL) 
     "Snapshots"). A large state is compressed by several threads (still one
     frame)."""
     _require_little_endian()
+    _check_writable(contents)
     layers = []
     for kind, records in zip(contents.config.block_types, contents.layers):
         layer = {"kind": kind}
@@ -217,6 +218,14 @@ def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL) 
     out = [stream.compress(p) for p in pieces]
     out.append(stream.flush())
     return b"".join(out)
+
+
+def _check_writable(contents: SnapshotContents) -> None:
+    """Refuse on write what `decode` refuses on read: no snapshot is written that cannot be restored."""
+    if not 0 <= contents.position < MAX_POSITION:
+        raise SnapshotFormatError(f"cannot snapshot position {contents.position}: the format holds [0, 2**62)")
+    if contents.seed is not None and not SEED_MIN <= contents.seed < SEED_END:
+        raise SnapshotFormatError("cannot snapshot a seed outside [-2**63, 2**64)")
 
 
 def _ring_segments(position: int, window: int) -> list[tuple[int, int]]:
@@ -302,7 +311,7 @@ def _validate(doc: Any, config: GriffinConfig, fingerprint: str) -> SnapshotCont
         raise SnapshotFormatError(f"the snapshot's dtype {_short(dtype_name)} is not one of {', '.join(DTYPES)}")
     dtype = DTYPES[dtype_name]
     position = doc["position"]
-    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < _MAX_POSITION:
+    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < MAX_POSITION:
         raise SnapshotFormatError(f"the snapshot's position {_short(position)} is not an int in [0, 2**62)")
     seed = doc["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import streamgemma as sg
 from streamgemma.sampling import filters
 from streamgemma.sampling.params import SamplingParams
 from streamgemma.sampling.philox import gumbel_argmax_reference
@@ -242,3 +243,41 @@ def test_kernels_on_cuda_keep_the_cpu_set_at_2b_vocabulary():
     want = draw_definition(x, words, temps, k, p, lmp)
     got = kernel()(x.cuda(), words.cuda(), temps.cuda(), k.cuda(), p.cuda(), lmp.cuda()).cpu()
     assert (got != want).sum() <= 1, (got.tolist(), want.tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_filter_graphs_replay_the_eager_tokens():
+    """CUDA graphs of the filters: the eager kernels' tokens on every call, as
+    logits, streams and settings change under a recurring address; a new
+    address runs eagerly once, then is captured; at most max_graphs are kept."""
+    from streamgemma.sampling.graphs import FilterGraphs
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rng = random.Random(3)
+    vocab, batch = 256000, 6
+    graphs = FilterGraphs(kernel(), max_graphs=2)
+    wide = torch.empty(batch, vocab + 64, device="cuda")
+    x = wide[:, :vocab]  # strided, as the engine's logits sliced to the tokenizer's vocabulary
+    for call in range(5):
+        x.normal_(generator=g)
+        words = torch.randint(0, 2 ** 32, (batch, 4), device="cuda", generator=g)
+        temps = torch.rand(batch, device="cuda", generator=g) + 0.5
+        specs = [(rng.choice([0, 1, 40, 999]), rng.choice([1.0, 0.95, 0.5]), rng.choice([0.0, 0.05]))
+                 for _ in range(batch)]
+        specs[0] = (40, 0.9, 0.0)  # some row has each filter: one graph key throughout
+        k, p, lmp = filter_tensors(specs, vocab, "cuda")
+        want = kernel()(x, words, temps, k, p, lmp)
+        got = graphs(x, words, temps, k, p, lmp, has_top_k=True, has_top_p=True)
+        assert got.tolist() == want.tolist(), call
+    assert graphs.captures == 1 and len(graphs) == 1
+    other = wide.clone()[:, :vocab]
+    for _ in range(2):
+        graphs(other, words, temps, k, p, lmp, has_top_k=True, has_top_p=True)
+    graphs(other, words, None, k, p, lmp, has_top_k=True, has_top_p=True)
+    graphs(other, words, None, k, p, lmp, has_top_k=True, has_top_p=True)
+    assert graphs.captures == 3 and len(graphs) == 2
+
+
+def test_models_off_cuda_have_no_filter_graphs():
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu", dtype="float32")
+    assert model.sampling_graphs is None

@@ -31,6 +31,7 @@ the kernels are tested against.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -80,15 +81,20 @@ def keep_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, log_min
 
 
 def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
-                    top_p: torch.Tensor, log_min_p: torch.Tensor, has_top_k: bool, has_top_p: bool) -> torch.Tensor:
+                    top_p: torch.Tensor, log_min_p: torch.Tensor, has_top_k: bool, has_top_p: bool,
+                    graphs: Callable | None = None) -> torch.Tensor:
     """The sampled token of every row, int64 [S] on x's device: the Gumbel-max
     draw (`philox`) over the tokens `keep_mask` keeps of x / temps.
 
     x: float32 [S, V] (strided rows are fine); words: int64 [S, 4]
     (`philox.stream_words`); temps: float32 [S] or None; per-row filters as
     `keep_mask`. has_top_k / has_top_p: whether any row has one (the host
-    knows; the kernels then skip the searches nobody needs)."""
-    kernel = _kernel(x.device.type)
+    knows; the kernels then skip the searches nobody needs). graphs: a
+    `graphs.FilterGraphs` of the model, which replays the kernels from CUDA
+    graphs (same tokens, a fraction of the launch cost)."""
+    kernel = device_kernel(x.device.type)
+    if kernel is not None and graphs is not None:
+        kernel = graphs
     if kernel is not None:
         return kernel(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p)
     if temps is not None:
@@ -98,7 +104,8 @@ def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | 
 
 
 @functools.cache
-def _kernel(device_type: str):
+def device_kernel(device_type: str) -> Callable | None:
+    """`filtered_gumbel_argmax` of the Triton kernels on CUDA, else None."""
     if device_type != "cuda":
         return None
     try:

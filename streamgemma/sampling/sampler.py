@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -89,15 +89,16 @@ class PendingIds:
     bookkeeping); `ids()` returns them (waiting if needed). `device_ids`
     holds them on the device (int64 [B], row order) as soon as the work is
     launched: a decode step can take them from there before the host has
-    them."""
+    them. graphs: the model's `sampling_graphs` (CUDA graphs of the filters)
+    or None."""
 
-    def __init__(self, logits: torch.Tensor, rows: Sequence[SampleRow]):
+    def __init__(self, logits: torch.Tensor, rows: Sequence[SampleRow], graphs: Callable | None = None):
         self._host: torch.Tensor | None = None
         self._event = None
         self.device_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
         if not rows:
             return
-        values, order = _sample_on_device(logits, rows)
+        values, order = _sample_on_device(logits, rows, graphs)
         if any(i != j for i, j in enumerate(order)):  # grouped (greedy rows first): back to row order
             index = torch.tensor(order, dtype=torch.int64)
             if values.device.type == "cuda":
@@ -208,7 +209,8 @@ def _subset(x: torch.Tensor, local: list[int], index: torch.Tensor | None, fn) -
     return x
 
 
-def _sample_on_device(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, list[int]]:
+def _sample_on_device(logits: torch.Tensor, rows: Sequence[SampleRow],
+                      graphs: Callable | None = None) -> tuple[torch.Tensor, list[int]]:
     """Token ids [B] on the device, in the order `order` of rows (greedy rows
     first, then sampled ones)."""
     batch, vocab = logits.shape
@@ -229,7 +231,7 @@ def _sample_on_device(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[
     outputs = []
     for plan in plans:
         if plan.members:
-            outputs.append(plan.run(logits, device_values))
+            outputs.append(plan.run(logits, device_values, graphs))
     values = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return values, greedy + sampled
 
@@ -311,7 +313,8 @@ class _GroupPlan:
         dtype, start, n = self._slices[name]
         return values[dtype][start:start + n]
 
-    def run(self, logits: torch.Tensor, values: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+    def run(self, logits: torch.Tensor, values: dict[torch.dtype, torch.Tensor],
+            graphs: Callable | None = None) -> torch.Tensor:
         n = len(self.members)
         get = functools.partial(self._get, values)
         x = logits if self.all_rows else logits.index_select(0, get("members"))
@@ -331,7 +334,7 @@ class _GroupPlan:
         if self.filtered:
             # x / T is computed where x is read (x may still be the caller's strided logits view).
             return sample_filtered(x, words, temps, get("top_k"), get("top_p"), get("log_min_p"),
-                                   has_top_k=self.has_top_k, has_top_p=self.has_top_p)
+                                   has_top_k=self.has_top_k, has_top_p=self.has_top_p, graphs=graphs)
         return gumbel_argmax(x, words, temps)
 
 

@@ -52,7 +52,7 @@ class BatchExecutor:
         logits = self._batch_logits(generations)
         vocab = generations[0].vocab
         rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
-        return PendingIds(rows, [g.sample_row() for g in generations])
+        return PendingIds(rows, [g.sample_row() for g in generations], graphs=self.model.sampling_graphs)
 
     def launch_decode(self, generations: list[Generation], slots: list[int], inputs: Inputs,
                       tokens: list[int] | torch.Tensor) -> None:

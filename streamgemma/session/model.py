@@ -22,6 +22,8 @@ from ..model import checkpoint as weights
 from ..model import hub
 from ..model.griffin import Griffin
 from ..model.pool import StatePool, available_memory
+from ..sampling.filters import device_kernel
+from ..sampling.graphs import FilterGraphs
 from ..tokenizer import Tokenizer
 from ..validate import check_seed
 from . import snapshot as snapshot_format
@@ -80,6 +82,7 @@ class Model:
         self._kernel_decoder: KernelDecoder | None = None
         self._kernel_prefill: KernelPrefill | None = None
         self._graphed: GraphedDecoder | None = None
+        self._sampling_graphs: FilterGraphs | None = None
 
     def __repr__(self) -> str:
         preset = self.config.matching_preset() or "custom"
@@ -237,6 +240,15 @@ class Model:
         for s in slots:
             self.pool.positions[s] += 1
         return logits
+
+    @property
+    def sampling_graphs(self) -> FilterGraphs | None:
+        """CUDA graphs of the top-k/top-p/min-p kernels, which samplers of this
+        model's logits pass to `PendingIds` (None off CUDA or without kernels)."""
+        if self._sampling_graphs is None and self.kernels and self.device.type == "cuda":
+            kernel = device_kernel("cuda")
+            self._sampling_graphs = FilterGraphs(kernel) if kernel is not None else None
+        return self._sampling_graphs
 
     def _fused_weights(self) -> FusedWeights:
         if self._fused is None:

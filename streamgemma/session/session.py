@@ -266,7 +266,8 @@ class Session:
             with self.model.lock:
                 # The step reads the sampled id on the device, so it is queued before
                 # the id reaches the host: the device goes on while the host waits.
-                pending = PendingIds(generation.logits()[None], [generation.sample_row()])
+                pending = PendingIds(generation.logits()[None], [generation.sample_row()],
+                                     graphs=self.model.sampling_graphs)
                 next_logits = self.model.decode([self.slot], pending.device_ids)[0].clone()  # a reused buffer
                 token = pending.ids()[0]
             out = generation.accept(token, next_logits)

@@ -255,7 +255,7 @@ def test_filter_graphs_replay_the_eager_tokens():
     g = torch.Generator(device="cuda").manual_seed(3)
     rng = random.Random(3)
     vocab, batch = 256000, 6
-    graphs = FilterGraphs(kernel(), max_graphs=2)
+    graphs = FilterGraphs(kernel(), max_graphs=3)
     wide = torch.empty(batch, vocab + 64, device="cuda")
     x = wide[:, :vocab]  # strided, as the engine's logits sliced to the tokenizer's vocabulary
     for call in range(5):
@@ -270,12 +270,18 @@ def test_filter_graphs_replay_the_eager_tokens():
         got = graphs(x, words, temps, k, p, lmp, has_top_k=True, has_top_p=True)
         assert got.tolist() == want.tolist(), call
     assert graphs.captures == 1 and len(graphs) == 1
+    for _ in range(3):  # temporaries (a new tensor per call) are staged: copied into the graph's own buffer
+        fresh = x + torch.rand(batch, 1, device="cuda", generator=g)
+        want = kernel()(fresh, words, temps, k, p, lmp)
+        assert graphs(fresh, words, temps, k, p, lmp, has_top_k=True, has_top_p=True, staged=True).tolist() \
+            == want.tolist()
+    assert graphs.captures == 2 and len(graphs) == 2
     other = wide.clone()[:, :vocab]
     for _ in range(2):
         graphs(other, words, temps, k, p, lmp, has_top_k=True, has_top_p=True)
     graphs(other, words, None, k, p, lmp, has_top_k=True, has_top_p=True)
     graphs(other, words, None, k, p, lmp, has_top_k=True, has_top_p=True)
-    assert graphs.captures == 3 and len(graphs) == 2
+    assert graphs.captures == 4 and len(graphs) == 3
 
 
 def test_models_off_cuda_have_no_filter_graphs():

@@ -82,7 +82,7 @@ def keep_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, log_min
 
 def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
                     top_p: torch.Tensor, log_min_p: torch.Tensor, has_top_k: bool, has_top_p: bool,
-                    graphs: Callable | None = None) -> torch.Tensor:
+                    graphs: Callable | None = None, staged: bool = False) -> torch.Tensor:
     """The sampled token of every row, int64 [S] on x's device: the Gumbel-max
     draw (`philox`) over the tokens `keep_mask` keeps of x / temps.
 
@@ -91,10 +91,12 @@ def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | 
     `keep_mask`. has_top_k / has_top_p: whether any row has one (the host
     knows; the kernels then skip the searches nobody needs). graphs: a
     `graphs.FilterGraphs` of the model, which replays the kernels from CUDA
-    graphs (same tokens, a fraction of the launch cost)."""
+    graphs (same tokens, a fraction of the launch cost); staged: x is a
+    temporary of this call (see `FilterGraphs`)."""
     kernel = device_kernel(x.device.type)
     if kernel is not None and graphs is not None:
-        kernel = graphs
+        return graphs(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p,
+                      staged=staged)
     if kernel is not None:
         return kernel(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p)
     if temps is not None:

@@ -334,7 +334,8 @@ class _GroupPlan:
         if self.filtered:
             # x / T is computed where x is read (x may still be the caller's strided logits view).
             return sample_filtered(x, words, temps, get("top_k"), get("top_p"), get("log_min_p"),
-                                   has_top_k=self.has_top_k, has_top_p=self.has_top_p, graphs=graphs)
+                                   has_top_k=self.has_top_k, has_top_p=self.has_top_p, graphs=graphs,
+                                   staged=private)
         return gumbel_argmax(x, words, temps)
 
 

@@ -104,11 +104,10 @@ def _bounds_kernel(tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, r
                                "replicas", "offset", "hist_words"])
 def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr, work_ptr, row_words, V, n_tiles,
                  scale, replicas, offset, hist_words, LEVEL: tl.constexpr, MASS: tl.constexpr, SHIFT: tl.constexpr,
-                 BITS: tl.constexpr, HAS_TEMP: tl.constexpr, TILE: tl.constexpr):
+                 BITS: tl.constexpr, HAS_TEMP: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr):
     """One digit's histograms of the row's tokens that can matter: top_k counts
     (MASS false) or top_p weights and least weights (MASS true)."""
     row = tl.program_id(0)
-    tile = tl.program_id(1)
     state = work_ptr + row.to(tl.int64) * row_words
     if MASS:
         active = tl.load(state + _P_STATE) == 0
@@ -120,27 +119,41 @@ def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr,
         lo = tl.load(state + _TAU)
         prefix = tl.load(state + _K_PREFIX)
         hist = state + _STATE_WORDS + offset
-    if LEVEL == 0:
-        hist += (tile % replicas) * 2048
-    if active & (_ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo):
-        v = tile * TILE + tl.arange(0, TILE)
-        temp = 1.0
-        if HAS_TEMP:
-            temp = tl.load(temps_ptr + row)
-        x = _scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
-        u = _ukey(x)
-        take = (v < V) & (u >= lo)
-        if LEVEL > 0:
-            take = take & ((u >> (SHIFT + BITS)) == prefix)
-        at = hist + ((u >> SHIFT) & ((1 << BITS) - 1))
-        if MASS:
-            m = tl.load(row_max_ptr + row)
-            m = tl.where(m == float("-inf"), 0.0, m)  # a row of only -inf: every weight is 0 (no inf - inf)
-            w = (tl.exp(x.to(tl.float64) - m.to(tl.float64)) * scale + 0.5).to(tl.int64)
-            tl.atomic_add(at, w, mask=take)
-            tl.atomic_max(at + hist_words, -(w - _BIG), mask=take)
+    for g in range(GROUP):
+        tile = tl.program_id(1) * GROUP + g
+        if LEVEL == 0:
+            at_hist = hist + (tile % replicas) * 2048
         else:
-            tl.atomic_add(at, tl.full([TILE], 1, tl.int64), mask=take)
+            at_hist = hist
+        if (tile < n_tiles) & active:
+            if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
+                _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, at_hist, lo, prefix, V, scale,
+                           hist_words, LEVEL, MASS, SHIFT, BITS, HAS_TEMP, TILE)
+
+
+@triton.jit
+def _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, hist, lo, prefix, V, scale, hist_words,
+               LEVEL: tl.constexpr, MASS: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
+               HAS_TEMP: tl.constexpr, TILE: tl.constexpr):
+    """One tile's digit counts or weights (see `_hist_kernel`)."""
+    v = tile * TILE + tl.arange(0, TILE)
+    temp = 1.0
+    if HAS_TEMP:
+        temp = tl.load(temps_ptr + row)
+    x = _scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
+    u = _ukey(x)
+    take = (v < V) & (u >= lo)
+    if LEVEL > 0:
+        take = take & ((u >> (SHIFT + BITS)) == prefix)
+    at = hist + ((u >> SHIFT) & ((1 << BITS) - 1))
+    if MASS:
+        m = tl.load(row_max_ptr + row)
+        m = tl.where(m == float("-inf"), 0.0, m)  # a row of only -inf: every weight is 0 (no inf - inf)
+        w = (tl.exp(x.to(tl.float64) - m.to(tl.float64)) * scale + 0.5).to(tl.int64)
+        tl.atomic_add(at, w, mask=take)
+        tl.atomic_max(at + hist_words, -(w - _BIG), mask=take)
+    else:
+        tl.atomic_add(at, tl.full([TILE], 1, tl.int64), mask=take)
 
 
 @triton.jit
@@ -232,22 +245,24 @@ def _select_kernel(top_k_ptr, top_p_ptr, work_ptr, row_words, offset, hist_words
 
 @triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "row_words", "V", "n_tiles"])
 def _tie_count_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, work_ptr, row_words, ties_ptr, V, n_tiles,
-                      HAS_TEMP: tl.constexpr, TILE: tl.constexpr):
+                      HAS_TEMP: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr):
     """Per tile, the tokens at the row's top_p boundary key (where some of them stay)."""
     row = tl.program_id(0)
-    tile = tl.program_id(1)
     state = work_ptr + row.to(tl.int64) * row_words
     boundary = tl.load(state + _P_PREFIX)
-    n = tl.zeros([], dtype=tl.int32)
     wanted = (tl.load(state + _P_STATE) == 2) & (tl.load(state + _P_TIES) > 0)
-    if wanted & (_ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= boundary):
-        v = tile * TILE + tl.arange(0, TILE)
-        temp = 1.0
-        if HAS_TEMP:
-            temp = tl.load(temps_ptr + row)
-        x = _scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
-        n = tl.sum(((_ukey(x) == boundary) & (v < V)).to(tl.int32), axis=0)
-    tl.store(ties_ptr + row * n_tiles + tile, n)
+    temp = 1.0
+    if HAS_TEMP:
+        temp = tl.load(temps_ptr + row)
+    for g in range(GROUP):
+        tile = tl.program_id(1) * GROUP + g
+        if tile < n_tiles:
+            n = tl.zeros([], dtype=tl.int32)
+            if wanted & (_ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= boundary):
+                v = tile * TILE + tl.arange(0, TILE)
+                x = _scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
+                n = tl.sum(((_ukey(x) == boundary) & (v < V)).to(tl.int32), axis=0)
+            tl.store(ties_ptr + row * n_tiles + tile, n)
 
 
 @triton.jit
@@ -261,66 +276,68 @@ def _lane(row_ptr, v, V, temp, lo, HAS_TEMP: tl.constexpr):
 @triton.jit(do_not_specialize=["x_ptr", "stride", "words_ptr", "temps_ptr", "row_words", "V", "n_tiles"])
 def _draw_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, work_ptr, row_words, ties_ptr, best_ptr,
                  best_idx_ptr, V, n_tiles, HAS_TEMP: tl.constexpr, HAS_TOP_P: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_T: tl.constexpr):
+                 BLOCK_T: tl.constexpr, GROUP: tl.constexpr):
     """Each tile's best kept score x / T - log(-log(u)) and its smallest index
     (the lane layout of `gumbel_argmax`); tiles with nothing kept skip Philox."""
     row = tl.program_id(0)
-    tile = tl.program_id(1)
     state = work_ptr + row.to(tl.int64) * row_words
     lo = tl.maximum(tl.load(state + _K_PREFIX), tl.load(state + _FLOOR))
     cut = tl.load(state + _P_STATE) == 2
     boundary = tl.load(state + _P_PREFIX)
     ties = tl.load(state + _P_TIES)
     lo = tl.where(cut, tl.maximum(lo, tl.where(ties > 0, boundary, boundary + 1)), lo)
-    best_m = tl.full([], float("-inf"), tl.float32)
-    best_i = tile * 4 * BLOCK
-    if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
-        j = tile * BLOCK + tl.arange(0, BLOCK)  # Philox call j serves entries 4j .. 4j + 3
-        k0 = tl.load(words_ptr + row * 4).to(tl.uint32)
-        k1 = tl.load(words_ptr + row * 4 + 1).to(tl.uint32)
-        ctr_lo = tl.load(words_ptr + row * 4 + 2).to(tl.uint32)
-        ctr_hi = tl.load(words_ptr + row * 4 + 3).to(tl.uint32)
-        zero = tl.zeros([BLOCK], dtype=tl.uint32)
-        w0, w1, w2, w3 = philox4x32_10(j.to(tl.uint32), zero + ctr_lo, zero + ctr_hi, zero, k0, k1)
-        temp = 1.0
-        if HAS_TEMP:
-            temp = tl.load(temps_ptr + row)
-        row_ptr = x_ptr + row.to(tl.int64) * stride
-        v = 4 * j
-        x0, u0, keep0 = _lane(row_ptr, v, V, temp, lo, HAS_TEMP)
-        x1, u1, keep1 = _lane(row_ptr, v + 1, V, temp, lo, HAS_TEMP)
-        x2, u2, keep2 = _lane(row_ptr, v + 2, V, temp, lo, HAS_TEMP)
-        x3, u3, keep3 = _lane(row_ptr, v + 3, V, temp, lo, HAS_TEMP)
-        if HAS_TOP_P:
-            if cut & (ties > 0):  # tokens at the boundary key stay in id order while `ties` last
-                t0 = (keep0 & (u0 == boundary)).to(tl.int64)
-                t1 = (keep1 & (u1 == boundary)).to(tl.int64)
-                t2 = (keep2 & (u2 == boundary)).to(tl.int64)
-                t3 = (keep3 & (u3 == boundary)).to(tl.int64)
-                t = tl.arange(0, BLOCK_T)
-                earlier = tl.sum(tl.load(ties_ptr + row * n_tiles + t, mask=t < tile, other=0), axis=0)
-                per_call = t0 + t1 + t2 + t3
-                rank = earlier.to(tl.int64) + tl.cumsum(per_call, axis=0) - per_call
-                keep0 = keep0 & ((u0 != boundary) | (rank < ties))
-                keep1 = keep1 & ((u1 != boundary) | (rank + t0 < ties))
-                keep2 = keep2 & ((u2 != boundary) | (rank + t0 + t1 < ties))
-                keep3 = keep3 & ((u3 != boundary) | (rank + t0 + t1 + t2 < ties))
-        # Lanes in increasing v: a later lane takes an entry only when strictly greater.
-        best = tl.where(keep0, gumbel_score(x0, w0), float("-inf"))
-        best_idx = v
-        s = tl.where(keep1, gumbel_score(x1, w1), float("-inf"))
-        best_idx = tl.where(s > best, v + 1, best_idx)
-        best = tl.maximum(best, s)
-        s = tl.where(keep2, gumbel_score(x2, w2), float("-inf"))
-        best_idx = tl.where(s > best, v + 2, best_idx)
-        best = tl.maximum(best, s)
-        s = tl.where(keep3, gumbel_score(x3, w3), float("-inf"))
-        best_idx = tl.where(s > best, v + 3, best_idx)
-        best = tl.maximum(best, s)
-        best_m = tl.max(best, axis=0)
-        best_i = tl.min(tl.where(best == best_m, best_idx, _NO_INDEX), axis=0)
-    tl.store(best_ptr + row * n_tiles + tile, best_m)
-    tl.store(best_idx_ptr + row * n_tiles + tile, best_i)
+    for g in range(GROUP):
+        tile = tl.program_id(1) * GROUP + g
+        if tile < n_tiles:
+            best_m = tl.full([], float("-inf"), tl.float32)
+            best_i = tile * 4 * BLOCK
+            if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
+                j = tile * BLOCK + tl.arange(0, BLOCK)  # Philox call j serves entries 4j .. 4j + 3
+                k0 = tl.load(words_ptr + row * 4).to(tl.uint32)
+                k1 = tl.load(words_ptr + row * 4 + 1).to(tl.uint32)
+                ctr_lo = tl.load(words_ptr + row * 4 + 2).to(tl.uint32)
+                ctr_hi = tl.load(words_ptr + row * 4 + 3).to(tl.uint32)
+                zero = tl.zeros([BLOCK], dtype=tl.uint32)
+                w0, w1, w2, w3 = philox4x32_10(j.to(tl.uint32), zero + ctr_lo, zero + ctr_hi, zero, k0, k1)
+                temp = 1.0
+                if HAS_TEMP:
+                    temp = tl.load(temps_ptr + row)
+                row_ptr = x_ptr + row.to(tl.int64) * stride
+                v = 4 * j
+                x0, u0, keep0 = _lane(row_ptr, v, V, temp, lo, HAS_TEMP)
+                x1, u1, keep1 = _lane(row_ptr, v + 1, V, temp, lo, HAS_TEMP)
+                x2, u2, keep2 = _lane(row_ptr, v + 2, V, temp, lo, HAS_TEMP)
+                x3, u3, keep3 = _lane(row_ptr, v + 3, V, temp, lo, HAS_TEMP)
+                if HAS_TOP_P:
+                    if cut & (ties > 0):  # tokens at the boundary key stay in id order while `ties` last
+                        t0 = (keep0 & (u0 == boundary)).to(tl.int64)
+                        t1 = (keep1 & (u1 == boundary)).to(tl.int64)
+                        t2 = (keep2 & (u2 == boundary)).to(tl.int64)
+                        t3 = (keep3 & (u3 == boundary)).to(tl.int64)
+                        t = tl.arange(0, BLOCK_T)
+                        earlier = tl.sum(tl.load(ties_ptr + row * n_tiles + t, mask=t < tile, other=0), axis=0)
+                        per_call = t0 + t1 + t2 + t3
+                        rank = earlier.to(tl.int64) + tl.cumsum(per_call, axis=0) - per_call
+                        keep0 = keep0 & ((u0 != boundary) | (rank < ties))
+                        keep1 = keep1 & ((u1 != boundary) | (rank + t0 < ties))
+                        keep2 = keep2 & ((u2 != boundary) | (rank + t0 + t1 < ties))
+                        keep3 = keep3 & ((u3 != boundary) | (rank + t0 + t1 + t2 < ties))
+                # Lanes in increasing v: a later lane takes an entry only when strictly greater.
+                best = tl.where(keep0, gumbel_score(x0, w0), float("-inf"))
+                best_idx = v
+                s = tl.where(keep1, gumbel_score(x1, w1), float("-inf"))
+                best_idx = tl.where(s > best, v + 1, best_idx)
+                best = tl.maximum(best, s)
+                s = tl.where(keep2, gumbel_score(x2, w2), float("-inf"))
+                best_idx = tl.where(s > best, v + 2, best_idx)
+                best = tl.maximum(best, s)
+                s = tl.where(keep3, gumbel_score(x3, w3), float("-inf"))
+                best_idx = tl.where(s > best, v + 3, best_idx)
+                best = tl.maximum(best, s)
+                best_m = tl.max(best, axis=0)
+                best_i = tl.min(tl.where(best == best_m, best_idx, _NO_INDEX), axis=0)
+            tl.store(best_ptr + row * n_tiles + tile, best_m)
+            tl.store(best_idx_ptr + row * n_tiles + tile, best_i)
 
 
 _MAX_TILES = 1 << 14
@@ -328,7 +345,8 @@ _MAX_TILES = 1 << 14
 
 def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
                            top_p: torch.Tensor, log_min_p: torch.Tensor, *, has_top_k: bool = True,
-                           has_top_p: bool = True, tile: int = 512, replicas: int | None = None) -> torch.Tensor:
+                           has_top_p: bool = True, tile: int = 512, replicas: int | None = None,
+                           group: int | None = None) -> torch.Tensor:
     """The sampled token of every row (int64 [S], no host synchronisation): the
     Gumbel-max draw over the tokens `streamgemma.sampling.filters.keep_mask`
     keeps of x / temps.
@@ -338,8 +356,9 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
     off; must be < V), top_p: float32 [S] (1: off), log_min_p: float32 [S]
     (-inf: off). has_top_k / has_top_p: False skips that search (every row
     must then have it off). tile: entries per program (a power of two >= 16;
-    tests use small ones); replicas: copies of the first digit's histograms
-    (default: by batch)."""
+    tests use small ones); replicas: copies of the first digit's histograms;
+    group: tiles per program of the passes that skip most tiles (defaults:
+    by batch)."""
     from streamgemma.sampling.filters import mass_bits
 
     x, out = float32_rows(x, "filtered_gumbel_argmax")
@@ -351,6 +370,8 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
         raise ValueError(f"vocabulary {vocab} needs {n_tiles} tiles of {tile}; at most {_MAX_TILES}")
     if replicas is None:  # spreads a few rows' atomics; a big batch has rows enough
         replicas = 16 if rows <= 4 else 4 if rows <= 32 else 1
+    if group is None:  # a program that skips its tile still costs ~0.6 ns: 80 us a pass at 256 x 500 tiles
+        group = 1 if rows <= 16 else 4 if rows <= 64 else 8
     words, top_k, top_p, log_min_p = (t.contiguous() for t in (words, top_k, top_p, log_min_p))
     has_temp = temps is not None
     temps = temps.contiguous() if has_temp else x
@@ -365,15 +386,16 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
     ties = torch.empty(rows, n_tiles, dtype=torch.int32, device=dev) if has_top_p else best_idx
     block_t = triton.next_power_of_2(n_tiles)
     grid = (rows, n_tiles)
+    grouped = (rows, triton.cdiv(n_tiles, group))
     _tile_max_kernel[grid](x, x.stride(0), temps, tile_max, vocab, n_tiles, HAS_TEMP=has_temp, TILE=tile)
     _bounds_kernel[(rows,)](tile_max, n_tiles, top_k, top_p, log_min_p, row_max, work, row_words, BLOCK_T=block_t)
     scale = float(2 ** mass_bits(vocab))
     for mass, wanted in ((False, has_top_k), (True, has_top_p)):
         for level, (shift, bits) in enumerate(_DIGITS if wanted else ()):
             offset = (0, 2048 * replicas, 2048 * replicas + 2048)[level]
-            _hist_kernel[grid](x, x.stride(0), temps, tile_max, row_max, top_k, work, row_words, vocab, n_tiles,
+            _hist_kernel[grouped](x, x.stride(0), temps, tile_max, row_max, top_k, work, row_words, vocab, n_tiles,
                                scale, replicas, offset, hist_words, LEVEL=level, MASS=mass, SHIFT=shift, BITS=bits,
-                               HAS_TEMP=has_temp, TILE=tile)
+                               HAS_TEMP=has_temp, TILE=tile, GROUP=group)
             copies = replicas if level == 0 else 1
             if copies > 1 and rows <= 4:
                 _fold_kernel[(rows, 16)](work, row_words, hist_words, COPIES=copies, MASS=mass, CHUNK=128)
@@ -381,10 +403,11 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
             _select_kernel[(rows,)](top_k, top_p, work, row_words, offset, hist_words, COPIES=copies, LEVEL=level,
                                     MASS=mass, BITS=bits, num_warps=8 if copies > 4 else 4)
     if has_top_p:
-        _tie_count_kernel[grid](x, x.stride(0), temps, tile_max, work, row_words, ties, vocab, n_tiles,
-                                HAS_TEMP=has_temp, TILE=tile)
-    _draw_kernel[grid](x, x.stride(0), words, temps, tile_max, work, row_words, ties, best, best_idx, vocab,
-                       n_tiles, HAS_TEMP=has_temp, HAS_TOP_P=has_top_p, BLOCK=tile // 4, BLOCK_T=block_t)
+        _tie_count_kernel[grouped](x, x.stride(0), temps, tile_max, work, row_words, ties, vocab, n_tiles,
+                                   HAS_TEMP=has_temp, TILE=tile, GROUP=group)
+    _draw_kernel[grouped](x, x.stride(0), words, temps, tile_max, work, row_words, ties, best, best_idx, vocab,
+                          n_tiles, HAS_TEMP=has_temp, HAS_TOP_P=has_top_p, BLOCK=tile // 4, BLOCK_T=block_t,
+                          GROUP=group)
     argmax_tiles_kernel[(rows,)](best, best_idx, out, n_tiles, BLOCK_T=block_t,
                                  num_warps=4 if n_tiles > 256 else 1)
     return out

@@ -184,11 +184,12 @@ def draw_definition(x, words, temps, k, p, lmp):
     return gumbel_argmax_reference(xs.masked_fill(~keep, -INF), words)
 
 
-@pytest.mark.parametrize("tile,replicas", [(32, 3), (64, 1)])
-def test_kernels_draw_the_definitions_tokens(tile, replicas):
+@pytest.mark.parametrize("tile,replicas,group", [(32, 3, 1), (64, 1, 1), (16, 2, 3)])
+def test_kernels_draw_the_definitions_tokens(tile, replicas, group):
     """Under the interpreter the kernels' tokens equal the PyTorch form's, for
     several tiles per row (tile maxima, tie counts across tiles), replicated
-    first-digit histograms, strided rows and every filter mix."""
+    first-digit histograms, several tiles per program (the last group
+    partial), strided rows and every filter mix."""
     g = torch.Generator().manual_seed(tile)
     rng = random.Random(tile)
     vocab, batch = 173, 8
@@ -204,7 +205,7 @@ def test_kernels_draw_the_definitions_tokens(tile, replicas):
         k, p, lmp = filter_tensors(specs, vocab)
         want = draw_definition(x, words, t, k, p, lmp)
         got = kernel()(x.to(dev), words.to(dev), None if t is None else t.to(dev), k.to(dev), p.to(dev), lmp.to(dev),
-                       tile=tile, replicas=replicas)
+                       tile=tile, replicas=replicas, group=group)
         assert got.cpu().tolist() == want.tolist()
     assert want[1] < math.ceil(vocab / 2)
 

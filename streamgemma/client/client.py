@@ -25,6 +25,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from ..errors import StreamgemmaError
+from ..serve.auth import bearer_subprotocols
 from ..types import Token
 
 
@@ -62,8 +63,10 @@ class GenerationRoute:
 class Client:
     """An async connection to a streamgemma server. Use as `async with`.
 
-    url: ws://host:port/v1/stream. token: sent as `Authorization: Bearer`;
-    a refused one raises ServerError with code "unauthorized".
+    url: ws://host:port/v1/stream. token: sent as `Authorization: Bearer`
+    (token_via="header"), or as the subprotocol `bearer.<base64url(token)>`
+    beside `streamgemma.v1` (token_via="subprotocol", as browsers do; see
+    docs/protocol.md); a refused one raises ServerError with code "unauthorized".
     timeout: seconds to wait for the reply to one request. coalesce: ask the
     server to send the tokens of a generation that are ready at once in one
     `tokens` frame (docs/protocol.md); `generate` still yields one `Token` per
@@ -71,12 +74,18 @@ class Client:
     arguments go to `websockets.asyncio.client.connect` (e.g. max_size)."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, coalesce: bool = True,
-                 **connect_options: Any):
+                 token_via: str = "header", **connect_options: Any):
         self.url = url
         self.timeout = timeout
         self.coalesce = coalesce
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self._connect = connect(url, additional_headers=headers, **connect_options)
+        if token_via not in ("header", "subprotocol"):
+            raise ValueError(f"token_via must be 'header' or 'subprotocol', got {token_via!r}")
+        if token and token_via == "subprotocol":
+            connect_options["subprotocols"] = bearer_subprotocols(token)
+        elif token:
+            headers = dict(connect_options.get("additional_headers") or {})
+            connect_options["additional_headers"] = {**headers, "Authorization": f"Bearer {token}"}
+        self._connect = connect(url, **connect_options)
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, _Reply] = {}

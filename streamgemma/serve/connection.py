@@ -296,7 +296,8 @@ class Connection:
         es.owner = self
         self.sessions[es.id] = es
         log.info("connection %d: session %s %s at position %d", self.number, log_id(es.id), how, es.position)
-        self.send(event("opened", request.id, session=es.id, position=es.position))
+        self.send(event("opened", request.id, session=es.id, position=es.position,
+                        state_bytes=self.server.state_bytes))
 
     async def _take_over(self, es: SessionRecord) -> None:
         """Wait until no other connection holds `es`: one that is ending lets

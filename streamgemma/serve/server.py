@@ -1,17 +1,19 @@
 """The websocket adapter: `Server` puts an `Engine` behind the protocol of
 docs/protocol.md (websockets on asyncio, driven through anyio).
 
-Access model: with a token, every connection must present
-`Authorization: Bearer <token>` or is refused with HTTP 401 before the
-websocket opens. A session id (secrets.token_urlsafe, 128 bits) is a
-capability: whoever knows it (and the token) may resume the session, from any
-connection, but only one connection holds a session at a time.
+Access model: with a token, every connection must present it (the header
+`Authorization: Bearer <token>`, or from a browser the subprotocols
+`streamgemma.v1` and `bearer.<base64url(token)>`; see `auth`) or is refused
+with HTTP 401 before the websocket opens. The web page at `/` (`static`) is
+served to anyone: it holds no secret, and its websocket needs the token.
+A session id (secrets.token_urlsafe, 128 bits) is a capability: whoever
+knows it (and the token) may resume the session, from any connection, but
+only one connection holds a session at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import ipaddress
 import itertools
 import logging
@@ -26,11 +28,13 @@ import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
 from ..errors import ServeError
+from . import auth
 from .connection import WRITE_BUDGET, Connection
 from .engine import Engine
 from .limits import DEFAULT_LIMITS, Limits
 from .protocol import PATH
 from .pump import TokenPump
+from .static import WebPage
 
 __all__ = ["Limits", "Server", "serve_in_thread", "WRITE_BUDGET"]
 
@@ -55,11 +59,12 @@ class Server:
     cancellation); on the way out it closes every connection and suspends
     every live session to the engine's store, so a new server on the same
     store resumes them exactly. `lost` then lists the sessions that did not
-    reach a durable store.
+    reach a durable store. web_page: serve the page of docs/browser.md at
+    `/` (GET; no token needed for the page itself).
     """
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits = DEFAULT_LIMITS, web_page: bool = True):
         if token is not None and not token.strip():
             raise ValueError("the token is empty: pass None for no authentication (an empty token usually "
                              "means a command substitution failed)")
@@ -68,6 +73,7 @@ class Server:
         self.port = port
         self.token = token
         self.limits = limits
+        self.web_page = WebPage() if web_page else None
         self.max_connections = limits.max_connections  # lowered at start if the file limit is lower
         self.connections: set[Connection] = set()
         self.lost: list[str] = []  # after serve(): sessions not saved to a durable store
@@ -84,6 +90,12 @@ class Server:
         with `frames_direct` / `frames_queued`: frames written straight to a
         socket / handed to a connection's writer task for a lagging client)."""
         return self.pump.seconds
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of model state one session holds (its slot of the state pool:
+        recurrent state, conv buffer, attention ring), whatever its length."""
+        return self.engine.model.pool.slot_bytes()
 
     @property
     def url(self) -> str:
@@ -114,6 +126,7 @@ class Server:
                 try:
                     ws_server = await stack.enter_async_context(serve(
                         self._handle, self.host, self.port, process_request=self._check_request,
+                        select_subprotocol=_select_subprotocol, logger=auth.RedactingLogger(_WS_LOG),
                         max_size=limits.max_message_bytes, max_queue=RECEIVE_QUEUE_FRAMES,
                         ping_interval=limits.ping_interval, ping_timeout=limits.ping_timeout, close_timeout=5,
                         # Token frames are tens of bytes: deflating them costs more
@@ -178,21 +191,22 @@ class Server:
 
     def _refusal(self, connection: ServerConnection, request: websockets.http11.Request):
         if request.path.split("?", 1)[0] != PATH:
-            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: the websocket endpoint is {PATH}\n")
+            page = self.web_page.response(request.path) if self.web_page is not None else None
+            return page or connection.respond(HTTPStatus.NOT_FOUND, f"not found: the websocket endpoint is {PATH}\n")
         if len(self.connections) >= self.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later\n")
         if self.token is None:
             return None
-        given = request.headers.get_all("Authorization")
-        if len(given) > 1:
-            return connection.respond(HTTPStatus.BAD_REQUEST, "more than one Authorization header\n")
-        if given and hmac.compare_digest(given[0].encode("utf-8", "replace"),
-                                         f"Bearer {self.token}".encode("utf-8", "replace")):
-            return None
-        reason = "wrong bearer token" if given else "missing Authorization: Bearer <token> header"
-        response = connection.respond(HTTPStatus.UNAUTHORIZED, f"unauthorized: {reason}\n")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+        try:
+            auth.check(self.token, request.headers.get_all("Authorization"),
+                       auth.offered_subprotocols(request.headers.get_all("Sec-WebSocket-Protocol")))
+        except auth.Refused as e:
+            if e.status != HTTPStatus.UNAUTHORIZED:
+                return connection.respond(e.status, f"{e}\n")
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, f"unauthorized: {e}\n")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         if len(self.connections) >= self.max_connections:  # handshakes that raced past _check_request
@@ -207,6 +221,13 @@ class Server:
             self.connections.discard(conn)
             log.info("connection %d closed (%s); %d sessions detached", conn.number, _close_reason(ws),
                      len(conn.sessions))
+
+
+_WS_LOG = logging.getLogger("websockets.server")
+
+
+def _select_subprotocol(connection: ServerConnection, offered) -> str | None:
+    return auth.select_subprotocol(offered)
 
 
 def _is_loopback(host: str | None) -> bool:

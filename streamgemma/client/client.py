@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -25,7 +26,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from ..errors import StreamgemmaError
-from ..serve.auth import bearer_subprotocols
+from ..serve.auth import RedactingLogger, bearer_subprotocols, header_value
 from ..types import Token
 
 
@@ -84,7 +85,9 @@ class Client:
             connect_options["subprotocols"] = bearer_subprotocols(token)
         elif token:
             headers = dict(connect_options.get("additional_headers") or {})
-            connect_options["additional_headers"] = {**headers, "Authorization": f"Bearer {token}"}
+            connect_options["additional_headers"] = {**headers, "Authorization": header_value(token)}
+        # websockets' debug log writes every handshake header: not the credentials.
+        connect_options.setdefault("logger", RedactingLogger(logging.getLogger("websockets.client")))
         self._connect = connect(url, **connect_options)
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)

@@ -76,7 +76,7 @@ def check(token: str, authorization: Sequence[str], protocols: Sequence[str]) ->
     expected = token.encode("utf-8")
     if authorization:
         scheme, _, given = authorization[0].partition(" ")
-        if scheme.lower() != "bearer" or not _same(given.encode("utf-8", "replace"), expected):
+        if scheme.lower() != "bearer" or not _same(octets(given), expected):
             raise Refused(401, "wrong bearer token")
     if bearers:
         if SUBPROTOCOL not in protocols:
@@ -105,6 +105,20 @@ class RedactingLogger(logging.LoggerAdapter):
         if msg in ("< %s: %s", "> %s: %s") and len(args) == 2:
             args = (args[0], redact(str(args[0]), str(args[1])))
         super().log(level, msg, *args, **kwargs)
+
+
+def header_value(token: str) -> str:
+    """`Authorization` header value carrying `token` as UTF-8 octets (header
+    values travel as ISO-8859-1 text in websockets)."""
+    return "Bearer " + token.encode("utf-8").decode("latin-1")
+
+
+def octets(value: str) -> bytes:
+    """The bytes a header value arrived as (websockets decodes them as ISO-8859-1)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # decoded some other way: never equal to a token, never an error
+        return value.encode("utf-8", "surrogatepass")
 
 
 def _decode(text: str) -> bytes | None:

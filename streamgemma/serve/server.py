@@ -192,6 +192,8 @@ class Server:
     def _refusal(self, connection: ServerConnection, request: websockets.http11.Request):
         if request.path.split("?", 1)[0] != PATH:
             page = self.web_page.response(request.path) if self.web_page is not None else None
+            if page is not None and getattr(request, "method", "GET") != "GET":  # .method: websockets >= 14
+                return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n")
             return page or connection.respond(HTTPStatus.NOT_FOUND, f"not found: the websocket endpoint is {PATH}\n")
         if len(self.connections) >= self.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later\n")

@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    g.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $STREAMGEMMA_TOKEN; "
+    g.add_argument("--token", help="require the bearer token TOKEN (default: $STREAMGEMMA_TOKEN; "
                                    "none: no authentication)")
     g.add_argument("--store", metavar="DIR", help="directory for suspended sessions (default: memory only, "
                                                  "so sessions do not survive a restart)")
@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="sessions holding a state slot at once: the decode batch bound (default 64)")
     g.add_argument("--max-tokens", type=int, default=4096, metavar="N",
                    help="largest max_tokens a generation may ask for (default 4096)")
+    g.add_argument("--no-page", action="store_true",
+                   help="do not serve the web page at http://HOST:PORT/ (docs/browser.md)")
     _serve_limit_args(p)
 
     p = commands.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint: "
@@ -286,7 +288,7 @@ def _serve(args: argparse.Namespace) -> None:
     engine = Engine(model, max_active=args.max_active, store=store, max_queued_tokens=args.max_queued_tokens,
                     max_queued_text_bytes=args.max_queued_bytes, input_share=args.input_share,
                     session_ttl=args.session_ttl)
-    server = Server(engine, host=args.host, port=args.port, token=token, limits=limits)
+    server = Server(engine, host=args.host, port=args.port, token=token, limits=limits, web_page=not args.no_page)
 
     failed: list[BaseException] = []
 

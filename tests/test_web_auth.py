@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 import websockets
-from textfixtures import text_model
+from textfixtures import saved_model_dir, text_model  # noqa: F401 (fixture)
 from websockets.asyncio.client import connect
 
 import streamgemma as sg
@@ -246,3 +246,16 @@ def test_refusals_are_never_500(server):
 async def _connect_with_protocols(url: str, protocols: list[str]) -> None:
     async with connect(url, subprotocols=protocols):
         pass
+
+
+def test_streamgemma_serve_shows_the_page_unless_told_not_to(saved_model_dir):  # noqa: F811
+    from test_serve_cli import Running, free_port, serve_command
+
+    for extra, status in (((), 200), (("--no-page",), 404)):
+        port = free_port()
+        running = Running(serve_command(saved_model_dir, "--port", str(port), *extra), port)
+        running.wait_listening()
+        assert get(port, "/")[0] == status
+        rc, err = running.stop()
+        assert rc == 0, err
+        assert (f"web page: http://127.0.0.1:{port}/" in err) == (status == 200), err

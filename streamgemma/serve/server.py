@@ -140,6 +140,8 @@ class Server:
                     tg.start_soon(self.engine.run)
                     tg.start_soon(self.pump.run)
                     log.info("listening on %s", self.url)
+                    if self.web_page is not None:
+                        log.info("web page: http://%s:%d/ (docs/browser.md)", self.host, self.port)
                     task_status.started(self.port)
                     await self._stop.wait()
                     # Close every connection while the engine runs: their generations end.

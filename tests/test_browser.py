@@ -20,7 +20,7 @@ import streamgemma as sg
 from streamgemma.serve.engine import Engine
 from streamgemma.serve.server import Server, serve_in_thread
 
-TOKEN = "browser-test-token"
+TOKEN = "browser tést-token"  # a space and a non-ASCII letter: the page encodes UTF-8
 TRANSCRIPT = ["Ada: good morning, the ingest service handled the holiday traffic.",
               "Bob: the queue backed up twice, both times during the nightly export.",
               "Ada: then we move the export to the afternoon window."]

@@ -80,6 +80,16 @@ def test_the_subprotocol_encoding_round_trips_and_is_a_valid_subprotocol_name():
         auth.bearer_subprotocols("")
 
 
+def test_header_bytes_are_compared_however_websockets_decoded_them():
+    raw = TOKEN.encode("utf-8")
+    auth.check(TOKEN, ["Bearer " + raw.decode("latin-1")], [])  # websockets >= 14
+    auth.check(TOKEN, ["Bearer " + raw.decode("ascii", "surrogateescape")], [])  # older versions
+    for odd in ("Bearer \ud800", "Bearer " + TOKEN[:-1], "bearer", ""):
+        with pytest.raises(auth.Refused) as refused:
+            auth.check(TOKEN, [odd], [])
+        assert refused.value.status == 401
+
+
 def test_a_good_subprotocol_token_opens_and_only_streamgemma_v1_is_selected(server):
     status, headers = handshake(server.port, f"Sec-WebSocket-Protocol: streamgemma.v1, {GOOD}")
     assert status == 101

@@ -114,11 +114,14 @@ def header_value(token: str) -> str:
 
 
 def octets(value: str) -> bytes:
-    """The bytes a header value arrived as (websockets decodes them as ISO-8859-1)."""
-    try:
-        return value.encode("latin-1")
-    except UnicodeEncodeError:  # decoded some other way: never equal to a token, never an error
-        return value.encode("utf-8", "surrogatepass")
+    """The bytes a header value arrived as: websockets decodes them as
+    ISO-8859-1 (older versions: ASCII with surrogateescape)."""
+    for encoding, errors in (("latin-1", "strict"), ("utf-8", "surrogateescape")):
+        try:
+            return value.encode(encoding, errors)
+        except UnicodeEncodeError:
+            pass
+    return value.encode("utf-8", "replace")  # not from a header: never equal to a token, never an error
 
 
 def _decode(text: str) -> bytes | None:

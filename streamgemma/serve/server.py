@@ -14,6 +14,7 @@ only one connection holds a session at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
@@ -91,7 +92,7 @@ class Server:
         socket / handed to a connection's writer task for a lagging client)."""
         return self.pump.seconds
 
-    @property
+    @functools.cached_property
     def state_bytes(self) -> int:
         """Bytes of model state one session holds (its slot of the state pool:
         recurrent state, conv buffer, attention ring), whatever its length."""

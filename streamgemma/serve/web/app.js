@@ -19,6 +19,7 @@ const state = {
   stopTranscript: false,
   transcriptRunning: false,
   chat: [], // [{role, text}] shown in the chat pane, saved per session
+  streaming: null, // {entry, sink}: the chat reply being streamed
 };
 
 // -- status and errors ---------------------------------------------------------------------
@@ -121,7 +122,14 @@ async function openSession(resumeId) {
     const seed = readInteger("open-seed", "seed of a new session", true);
     if (seed !== undefined) msg.seed = seed;
   }
-  const opened = await wire.request(msg);
+  let opened;
+  try {
+    opened = await wire.request(msg);
+  } catch (error) {
+    state.session = null; // e.g. unknown_session: nothing is open now
+    $("current-session").value = "";
+    throw error;
+  }
   state.session = opened.session;
   store.setItem("sg.session", opened.session);
   $("session-id").value = opened.session;
@@ -253,6 +261,7 @@ function loadChat(sessionId, resumed) {
 
 function saveChat() {
   if (state.session === null) return;
+  if (state.streaming) state.streaming.entry.text = state.streaming.sink.textContent; // a reload mid-reply
   let chat = state.chat;
   while (chat.length > 1 && JSON.stringify(chat).length > MAX_SAVED_CHAT) chat = chat.slice(1);
   state.chat = chat;
@@ -274,12 +283,13 @@ async function sendMessage() {
   const sink = addMessage("model", "");
   const entry = { role: "model", text: "" };
   state.chat.push(entry);
+  state.streaming = { entry, sink };
   try {
     const done = await generate(params, sink, $("chat-log"));
     if (turns) await endTurn(done);
   } finally {
-    entry.text = sink.textContent;
     saveChat();
+    state.streaming = null;
   }
 }
 

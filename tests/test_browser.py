@@ -160,6 +160,7 @@ def test_the_page_streams_snapshots_and_resumes_after_a_reload(browser, server, 
     d.find_element(By.ID, "resume").click()
     wait_for(lambda: "resumed" in page_state(d)["status"], what="the resume")
     assert int(page_state(d)["position"]) == position  # where it was before the reload
+    assert page_state(d)["snapshot"] == snap
     assert len(d.find_elements(By.CSS_SELECTOR, "#chat-log .message")) == 2  # the conversation so far
     fill(d, "max-tokens", "30")
     d.find_element(By.ID, "prompt").send_keys("And the queue module?")
@@ -170,8 +171,12 @@ def test_the_page_streams_snapshots_and_resumes_after_a_reload(browser, server, 
     assert int(after["position"]) > position + int(after["tokens"]) > position
     assert len(d.find_elements(By.CSS_SELECTOR, "#chat-log .message")) == 4
 
-    # The transcript pane: lines streamed one by one, a summary every 2 lines.
-    d.find_element(By.ID, "transcript-text").send_keys("\n".join(TRANSCRIPT))
+    # The transcript pane: a file uploaded, its lines streamed one by one, a summary every 2 lines.
+    transcript = tmp_path / "meeting.txt"
+    transcript.write_text("\n".join(TRANSCRIPT) + "\n\n", encoding="utf-8")
+    d.find_element(By.ID, "transcript-file").send_keys(str(transcript))
+    wait_for(lambda: TRANSCRIPT[-1] in d.find_element(By.ID, "transcript-text").get_attribute("value"),
+             what="the file to load")
     fill(d, "every", "2")
     fill(d, "summary-tokens", "12")
     d.find_element(By.ID, "transcript-start").click()
@@ -194,10 +199,12 @@ def test_the_page_streams_snapshots_and_resumes_after_a_reload(browser, server, 
     # Escape cancels a generation; the session id copies; Close ends the session for good.
     fill(d, "max-tokens", "2000")
     d.find_element(By.ID, "prompt").send_keys("Tell me everything.", Keys.ENTER)
-    wait_for(lambda: int(page_state(d)["tokens"]) > 3, what="a long generation")
+    # (The figure still shows the last summary's count until this generation starts.)
+    wait_for(lambda: (lambda now: now["state"] == "generating" and int(now["tokens"]) > 3)(page_state(d)),
+             what="a long generation")
     d.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     cancelled = idle_after(d, "the cancel")
-    assert "(cancelled)" in cancelled["status"] and int(cancelled["tokens"]) < 2000
+    assert "(cancelled)" in cancelled["status"] and int(cancelled["tokens"]) < 2000, cancelled
     d.find_element(By.ID, "copy-id").click()
     wait_for(lambda: "copied" in page_state(d)["status"] or page_state(d)["error"], what="the copy")
     assert page_state(d)["status"] == "Session id copied.", page_state(d)

@@ -139,6 +139,7 @@ async function openSession(resumeId) {
     $("fig-state").textContent = `${formatBytes(opened.state_bytes)} (constant)`;
   }
   loadChat(opened.session, Boolean(resumeId));
+  $("fig-snapshot").textContent = (resumeId && store.getItem(`sg.snapshot.${opened.session}`)) || "–";
   setState("idle");
   setStatus(`Session ${resumeId ? "resumed" : "opened"} at position ${opened.position}.`);
   return opened;
@@ -375,6 +376,7 @@ async function snapshot() {
   const reply = await wire.request({ type: "snapshot", session: state.session });
   showPosition(reply.position);
   $("fig-snapshot").textContent = `position ${reply.position}, ${new Date().toLocaleTimeString()}`;
+  store.setItem(`sg.snapshot.${state.session}`, $("fig-snapshot").textContent);
   setStatus(`Snapshot stored on the server at position ${reply.position}.`);
 }
 
@@ -383,6 +385,7 @@ async function closeSession() {
   const wire = await ensureSession();
   await wire.request({ type: "close", session: state.session });
   store.removeItem(`sg.chat.${state.session}`);
+  store.removeItem(`sg.snapshot.${state.session}`);
   store.removeItem("sg.session");
   setStatus(`Session closed.`);
   state.session = null;

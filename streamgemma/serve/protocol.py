@@ -22,6 +22,7 @@ from ..sampling.params import SamplingParams
 from ..session.store import SESSION_ID_PATTERN
 from ..types import Token
 from ..validate import check_sampling, check_seed, short
+from .keys import is_reserved_key
 
 PATH = "/v1/stream"
 
@@ -129,7 +130,9 @@ def parse_request(frame: str | bytes, max_tokens_limit: int, default_max_tokens:
         names = ", ".join(short(k, 30) for k in sorted(unknown)[:5])
         raise ProtocolError("bad_message", f"{kind}: unknown fields {names}", request_id)
     session = msg.get("session")
-    if session is not None and not (isinstance(session, str) and SESSION_ID_PATTERN.fullmatch(session)):
+    # (A prefix-cache key shares the store but is not a session: no client may open or overwrite it.)
+    if session is not None and not (isinstance(session, str) and SESSION_ID_PATTERN.fullmatch(session)
+                                    and not is_reserved_key(session)):
         raise ProtocolError("bad_message", "\"session\" must be a session id (1-200 ASCII letters, digits, "
                                            "'_', '-', '.')", request_id)
     try:

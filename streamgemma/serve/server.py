@@ -28,11 +28,12 @@ from websockets.asyncio.server import ServerConnection, serve
 from ..errors import ServeError
 from .connection import WRITE_BUDGET, Connection
 from .engine import Engine
+from .http import HttpApi, HttpConfig
 from .limits import DEFAULT_LIMITS, Limits
 from .protocol import PATH
 from .pump import TokenPump
 
-__all__ = ["Limits", "Server", "serve_in_thread", "WRITE_BUDGET"]
+__all__ = ["HttpConfig", "Limits", "Server", "serve_in_thread", "WRITE_BUDGET"]
 
 log = logging.getLogger("streamgemma.serve.server")
 
@@ -55,11 +56,13 @@ class Server:
     cancellation); on the way out it closes every connection and suspends
     every live session to the engine's store, so a new server on the same
     store resumes them exactly. `lost` then lists the sessions that did not
-    reach a durable store.
+    reach a durable store. http: also serve the OpenAI HTTP API (`http`
+    module, docs/openai.md) on its port, same host, token and engine
+    (`self.http` once serving).
     """
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits = DEFAULT_LIMITS, http: HttpConfig | None = None):
         if token is not None and not token.strip():
             raise ValueError("the token is empty: pass None for no authentication (an empty token usually "
                              "means a command substitution failed)")
@@ -68,6 +71,8 @@ class Server:
         self.port = port
         self.token = token
         self.limits = limits
+        self.http_config = http
+        self.http: HttpApi | None = None
         self.max_connections = limits.max_connections  # lowered at start if the file limit is lower
         self.connections: set[Connection] = set()
         self.lost: list[str] = []  # after serve(): sessions not saved to a durable store
@@ -126,9 +131,14 @@ class Server:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.engine.run)
                     tg.start_soon(self.pump.run)
+                    if self.http_config is not None:
+                        self.http = HttpApi(self.engine, self.host, self.http_config, self.token, limits, self)
+                        await self.http.start()
                     log.info("listening on %s", self.url)
                     task_status.started(self.port)
                     await self._stop.wait()
+                    if self.http is not None:  # its requests end while the engine runs
+                        await self.http.stop()
                     # Close every connection while the engine runs: their generations end.
                     ws_server.close()
                     await ws_server.wait_closed()

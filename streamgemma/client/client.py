@@ -192,6 +192,11 @@ class Client:
         # Other events answer requests sent without an id (cancel): nothing waits for them.
 
 
+def _scored(logprob: float, top: list) -> tuple:
+    """A token frame's logprobs as `Token`'s last two fields."""
+    return logprob, tuple((int(i), float(lp)) for i, lp in top)
+
+
 def _refusal(status: int, body: bytes | None) -> ServerError:
     """The ServerError for an HTTP status that refused the websocket."""
     code = "unauthorized" if status in (401, 403) else f"http_{status}"
@@ -254,7 +259,7 @@ class ClientSession:
     def generate(self, **sampling: Any) -> AsyncIterator[Token]:
         """Start a generation (arguments as `Session.generate`: max_tokens,
         temperature, top_k, top_p, min_p, repetition_penalty,
-        presence_penalty, stop, stop_token_ids, seed) and yield its tokens.
+        presence_penalty, stop, stop_token_ids, seed, logprobs) and yield its tokens.
         Tokens arrive as the server sends them; the last one carries
         finish_reason "stop" or "length". Afterwards `last_done` holds the
         `done` event (reason, position; reason "cancelled" after `cancel`).
@@ -285,10 +290,13 @@ class ClientSession:
                         return
                     if msg["type"] == "tokens":  # several tokens in one frame: the last may finish
                         last = len(msg["ids"]) - 1
+                        scores = zip(msg["logprobs"], msg["top_logprobs"]) if "logprobs" in msg else None
                         for k, (token_id, text) in enumerate(zip(msg["ids"], msg["texts"])):
-                            yield Token(token_id, text, msg.get("finish_reason") if k == last else None)
+                            scored = _scored(*next(scores)) if scores is not None else ()
+                            yield Token(token_id, text, msg.get("finish_reason") if k == last else None, *scored)
                     else:
-                        yield Token(msg["id"], msg["text"], msg.get("finish_reason"))
+                        scored = _scored(msg["logprob"], msg["top_logprobs"]) if "logprob" in msg else ()
+                        yield Token(msg["id"], msg["text"], msg.get("finish_reason"), *scored)
                 raise ConnectionError(f"the connection closed during the generation: {client.closed_error}")
             finally:
                 await self._stop(route)

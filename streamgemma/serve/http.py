@@ -45,12 +45,14 @@ class HttpConfig:
     """The HTTP API's settings. port: where it listens (0: any free port).
     model_name: the id `/v1/models` lists and requests name (None:
     "streamgemma"). prefix_cache_bytes / prefix_cache_memory_bytes: bounds
-    of the prefix cache in the store and in host memory (0 turns a tier
-    off). max_requests: requests generating at once (more get HTTP 429)."""
+    of the prefix cache in the store (None: 4 GiB in a durable store, 0 in
+    the in-memory one, which would only duplicate the memory tier) and in
+    host memory (1 GiB); 0 turns a tier off. max_requests: requests
+    generating at once (more get HTTP 429)."""
 
     port: int = 0
     model_name: str | None = None
-    prefix_cache_bytes: int = DEFAULT_MAX_BYTES
+    prefix_cache_bytes: int | None = None
     prefix_cache_memory_bytes: int = DEFAULT_MEMORY_BYTES
     max_requests: int = 256
 
@@ -89,8 +91,10 @@ class HttpApi:
         self.token = token
         self.limits = limits
         self.model_name = config.model_name or "streamgemma"
-        self.cache = PrefixCache(engine.model, engine.store, config.prefix_cache_bytes,
-                                 config.prefix_cache_memory_bytes)
+        store_bytes = config.prefix_cache_bytes
+        if store_bytes is None:
+            store_bytes = DEFAULT_MAX_BYTES if engine.store.durable else 0
+        self.cache = PrefixCache(engine.model, engine.store, store_bytes, config.prefix_cache_memory_bytes)
         self.metrics = Metrics(engine, self.cache, server)
         self.created = int(time.time())
         self.in_flight = 0

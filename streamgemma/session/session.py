@@ -237,6 +237,12 @@ class Session:
                                 seed=seed, logprobs=logprobs)
         return self._generate(self.start_generation(params))
 
+    def complete(self, prompt: Sequence[int] | str, **sampling: Any) -> str:
+        """Feed `prompt` (as `feed`), generate (arguments as `generate`) and
+        return the generated text, in one call."""
+        self.feed(prompt)
+        return "".join(t.text for t in self.generate(**sampling))
+
     def start_generation(self, params: SamplingParams) -> Generation:
         """Check that this session can generate with `params` and return the
         `Generation` that samples and accepts its tokens (restarting the

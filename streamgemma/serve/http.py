@@ -63,7 +63,7 @@ class HttpConfig:
             raise ValueError(f"max_requests must be >= 1, got {self.max_requests!r}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Run:
     """One request's generation: its engine session, stream and counts."""
 
@@ -100,6 +100,7 @@ class HttpApi:
         self.in_flight = 0
         self.stopping = False
         self._runner: web.AppRunner | None = None
+        self._runs: set[_Run] = set()
 
     @property
     def url(self) -> str:
@@ -134,6 +135,8 @@ class HttpApi:
         """Stop listening, end the requests in flight (their sessions are
         closed), and wait for the prefix cache's writes."""
         self.stopping = True
+        for run in list(self._runs):  # their answers end with an error event, not a cut connection
+            self.engine.cancel(run.es)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -225,12 +228,14 @@ class HttpApi:
         try:
             ids = await self._prompt_ids(req)
             run = await self._start(req, ids)
+            self._runs.add(run)
             try:
                 builder = ResponseBuilder(req, self.model_name, self._token_text)
                 if req.stream:
                     return await self._stream(request, req, run, builder, arrived)
                 return await self._whole(req, run, builder, arrived)
             finally:
+                self._runs.discard(run)
                 with anyio.CancelScope(shield=True):
                     await run.stream.aclose()
                     await self.engine.close(run.es)
@@ -342,7 +347,7 @@ class HttpApi:
             await send(builder.chunk("", None, [], 0, first=True))
         async for batch in self._batches(run, req.kind, arrived):
             text = "".join(t.text for t in batch)
-            if text or req.params.logprobs is not None:
+            if text or req.params.logprobs is not None or req.return_token_ids:
                 await send(builder.chunk(text, None, batch, offset))
             offset += len(text)
         done = run.stream.done

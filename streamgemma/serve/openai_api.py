@@ -51,14 +51,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
 @dataclasses.dataclass(frozen=True)
 class ApiRequest:
     """A validated completion or chat request. Exactly one of `prompt_text`,
-    `prompt_ids`, `messages` is set. `logprobs`: None (off) or how many
-    alternatives each token reports (0..MAX_LOGPROBS)."""
+    `prompt_ids`, `messages` is set. return_token_ids (an extension, as
+    vLLM's): choices carry the generated ids as "token_ids"."""
 
     kind: str  # "chat" or "completion"
     model: str | None
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    return_token_ids: bool = False
     prompt_text: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     messages: tuple[ChatMessage, ...] | None = None
@@ -67,7 +68,7 @@ class ApiRequest:
 # Fields OpenAI defines that change nothing here (accepted and ignored).
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "modalities",
             "reasoning_effort", "web_search_options"}
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+_COMMON = {"return_token_ids", "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
            "presence_penalty", "frequency_penalty", "stop", "seed", "n", "stream", "stream_options",
            "logit_bias", "logprobs"} | _IGNORED
 _FIELDS = {
@@ -118,9 +119,10 @@ def _parse(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: 
     if include_usage and not stream:
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
     params = _sampling(kind, body, max_tokens_limit, default_max_tokens)
+    shape = dict(stream=stream, include_usage=include_usage, return_token_ids=_bool(body, "return_token_ids"))
     if kind == "chat":
         messages = tuple(normalize_messages(body.get("messages") or []))
-        return ApiRequest(kind, model, params, stream, include_usage, messages=messages)
+        return ApiRequest(kind, model, params, messages=messages, **shape)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -128,11 +130,11 @@ def _parse(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: 
         if not prompt:
             raise bad_request("prompt is empty", param="prompt")
         _check_unicode(prompt, "prompt")
-        return ApiRequest(kind, model, params, stream, include_usage, prompt_text=prompt)
+        return ApiRequest(kind, model, params, prompt_text=prompt, **shape)
     if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         for t in prompt:
             check_int("prompt", t, 0, (1 << 31) - 1)
-        return ApiRequest(kind, model, params, stream, include_usage, prompt_ids=tuple(prompt))
+        return ApiRequest(kind, model, params, prompt_ids=tuple(prompt), **shape)
     if isinstance(prompt, list) and len(prompt) > 1:
         raise bad_request("a batch of prompts is not supported: send one prompt per request", param="prompt",
                           code="unsupported")
@@ -273,9 +275,12 @@ class ResponseBuilder:
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": logprobs, "finish_reason": finish_reason}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": usage_body}
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": usage_body}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if self.request.return_token_ids:
+            choice["token_ids"] = [t.id for t in tokens]
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [choice], "usage": usage_body}
 
     def chunk(self, text: str | None, finish_reason: str | None, tokens: list, offset: int,
               first: bool = False) -> dict:
@@ -295,6 +300,8 @@ class ResponseBuilder:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
             body = {**self._head("text_completion"), "choices": [choice]}
+        if self.request.return_token_ids:
+            choice["token_ids"] = [t.id for t in tokens]
         if self.request.include_usage:
             body["usage"] = None
         return body

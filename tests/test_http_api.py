@@ -223,11 +223,13 @@ def test_the_next_chat_turn_reuses_the_conversation_state(server, model):
     history = QUESTION + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And a dict?"}]
     second = chat(server, history, max_tokens=12, temperature=0, stream=False)
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == first["usage"]["total_tokens"]
-    # Exact: the same text as recomputing the whole history.
+    # Exact: the reply a live session fed both turns gives.
     session = model.session()
-    local = sg.Chat.from_messages(session, history)
+    local = sg.Chat.from_messages(session, QUESTION)
+    assert "".join(t.text for t in local.reply(max_tokens=12, temperature=0)) == reply
+    session.feed(chat_prompt_ids(model.tokenizer, history)[session.position:])
     assert second["choices"][0]["message"]["content"] == "".join(
-        t.text for t in local.reply(max_tokens=12, temperature=0))
+        t.text for t in session.generate(max_tokens=12, temperature=0))
     # A completion that extends an earlier completion's tokens hits too.
     a = complete(server, prompt="Lists are", max_tokens=4, temperature=0)
     b = complete(server, prompt="Lists are" + a["choices"][0]["text"] + " and", max_tokens=4, temperature=0)

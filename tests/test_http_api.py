@@ -309,3 +309,41 @@ def test_stopping_the_server_ends_streams_in_flight(model):
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][len("data: "):])["error"]["code"] == "unavailable"
     assert not srv.engine.sessions  # the request's session was closed
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_generation(server, caplog):
+    import time
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.http.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"model": MODEL, "prompt": "The", "max_tokens": 512, "stream": True, "stop": ["never-seen-text"]}),
+        headers={"Authorization": f"Bearer {TOKEN}"})
+    reply = conn.getresponse()
+    assert reply.readline().startswith(b"data: ")
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while server.engine.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.engine.sessions
+    assert server.http.in_flight == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_client_that_leaves_before_a_whole_answer_cancels_its_generation(server, caplog):
+    import socket
+    import time
+
+    body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 512, "stop": ["never-seen-text"]}).encode()
+    with socket.create_connection(("127.0.0.1", server.http.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 20
+        while not server.engine.sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+    generated = server.engine.stats.decoded_tokens
+    while server.engine.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.engine.sessions and server.http.in_flight == 0
+    assert server.engine.stats.decoded_tokens - generated < 400  # cancelled, not run to max_tokens
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -233,7 +233,7 @@ class HttpApi:
                 builder = ResponseBuilder(req, self.model_name, self._token_text)
                 if req.stream:
                     return await self._stream(request, req, run, builder, arrived)
-                return await self._whole(req, run, builder, arrived)
+                return await self._whole(request, req, run, builder, arrived)
             finally:
                 self._runs.discard(run)
                 with anyio.CancelScope(shield=True):
@@ -314,10 +314,14 @@ class HttpApi:
                 log.warning("prefix cache: could not keep a state: %s: %s", type(e).__name__, e)
         return usage(len(run.prompt_ids), len(run.tokens), run.cached)
 
-    async def _whole(self, req: ApiRequest, run: _Run, builder: ResponseBuilder, arrived: float) -> web.Response:
+    async def _whole(self, request: web.Request, req: ApiRequest, run: _Run, builder: ResponseBuilder,
+                     arrived: float) -> web.Response:
         parts = []
         async for batch in self._batches(run, req.kind, arrived):
             parts += [t.text for t in batch]
+            if request.transport is None or request.transport.is_closing():
+                # Its generation is cancelled on the way out; 499 (nginx's "client closed request") is for the metrics.
+                raise ApiError(499, "the client closed the request", code="client_closed")
         done = run.stream.done
         if done is None or done.reason == "cancelled":
             raise ApiError(503, "the generation was cancelled (the server is shutting down)", "server_error",
@@ -332,13 +336,16 @@ class HttpApi:
         await response.prepare(request)
         send = lambda body: response.write(b"data: " + _encode(body).encode("utf-8") + b"\n\n")  # noqa: E731
         try:
-            await self._events(send, req, run, builder, arrived)
-        except (ConnectionError, anyio.get_cancelled_exc_class()):
-            raise  # the client has gone, or the server is stopping: nobody to tell
-        except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-            await send(_engine_error(e).body())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            try:
+                await self._events(send, req, run, builder, arrived)
+            except ConnectionError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+                await send(_engine_error(e).body())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:  # the client has gone: its generation is cancelled on the way out
+            log.debug("HTTP client left a stream")
         return response
 
     async def _events(self, send, req: ApiRequest, run: _Run, builder: ResponseBuilder, arrived: float) -> None:

@@ -347,3 +347,24 @@ def test_a_client_that_leaves_before_a_whole_answer_cancels_its_generation(serve
     assert not server.engine.sessions and server.http.in_flight == 0
     assert server.engine.stats.decoded_tokens - generated < 400  # cancelled, not run to max_tokens
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_cuda_prefix_reuse_continues_exactly(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cuda", dtype="bfloat16")
+    prompt = list(range(5, 300))
+    for store, memory in ((None, 1 << 30), (sg.DirectorySnapshotStore(tmp_path), 0)):
+        with http_server(model, store=store, limits=LIMITS, prefix_cache_memory_bytes=memory) as srv:
+            first = complete(srv, prompt=prompt, max_tokens=8, temperature=0, return_token_ids=True)
+            reply = first["choices"][0]["token_ids"]
+            second = complete(srv, prompt=prompt + reply + [7, 8, 9], max_tokens=8, temperature=0,
+                              return_token_ids=True)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt) + 8
+        live = model.session()
+        live.feed(prompt)
+        assert [t.id for t in live.generate(max_tokens=8, temperature=0)] == reply
+        live.feed([7, 8, 9])
+        assert [t.id for t in live.generate(max_tokens=8, temperature=0)] == second["choices"][0]["token_ids"]

@@ -75,8 +75,8 @@ def test_off_means_no_work_and_no_fields(model):
         sg.SamplingParams(logprobs=21)
 
 
-@pytest.mark.parametrize("coalesce", [True, False])
-def test_the_engine_and_the_websocket_give_the_same_logprobs_as_a_session(model, coalesce):
+@pytest.mark.parametrize("coalesce, host_work", [(True, "thread"), (False, "thread"), (True, "loop")])
+def test_the_engine_and_the_websocket_give_the_same_logprobs_as_a_session(model, coalesce, host_work):
     settings = dict(max_tokens=5, temperature=0.9, top_p=0.9, seed=11, logprobs=3, stop_token_ids=[])
     alone = model.session()
     alone.feed(PROMPT)
@@ -97,7 +97,7 @@ def test_the_engine_and_the_websocket_give_the_same_logprobs_as_a_session(model,
                     tg.start_soon(run, s)
             return results
 
-    with serve_in_thread(Server(Engine(model, max_active=4), port=0)) as url:
+    with serve_in_thread(Server(Engine(model, max_active=4, host_work=host_work), port=0)) as url:
         results = anyio.run(main, url, backend="asyncio")
     for got in results:
         assert [t.id for t in got] == [t.id for t in expected]
@@ -116,3 +116,27 @@ def test_the_protocol_refuses_out_of_range_logprobs(model):
 
     with serve_in_thread(Server(Engine(model, max_active=2), port=0)) as url:
         anyio.run(main, url, backend="asyncio")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_logprobs_match_the_definition_alone_and_batched():
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cuda", dtype="float32")
+    s = model.session()
+    s.feed(PROMPT)
+    tokens = list(s.generate(max_tokens=6, temperature=0.7, top_k=5, seed=2, logprobs=4, stop_token_ids=[]))
+    for tok, logits in zip(tokens, replay(model, tokens)):
+        x = logits.float().cpu() / 0.7
+        expected = torch.log_softmax(x.masked_fill(x < x.topk(5).values[-1], -math.inf), -1)
+        assert tok.logprob == pytest.approx(expected[tok.id].item(), rel=1e-4, abs=1e-5)
+
+    async def main(url):
+        async with sg.Client(url) as client:
+            session = await client.open()
+            await session.append(PROMPT)
+            return [t async for t in session.generate(max_tokens=6, temperature=0.7, top_k=5, seed=2, logprobs=4,
+                                                      stop_token_ids=[])]
+
+    with serve_in_thread(Server(Engine(model, max_active=4), port=0)) as url:
+        served = anyio.run(main, url, backend="asyncio")
+    assert [t.id for t in served] == [t.id for t in tokens]
+    assert [t.logprob for t in served] == pytest.approx([t.logprob for t in tokens], rel=1e-4, abs=1e-5)

@@ -25,6 +25,7 @@ import anyio.to_thread
 from aiohttp import web
 
 from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError, StoppedError
+from ..session.chat_template import chat_prompt_ids
 from ..validate import check_position
 from .engine import Engine
 from .limits import DEFAULT_LIMITS, Limits
@@ -255,7 +256,6 @@ class HttpApi:
             raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", code="unsupported",
                            param="messages" if req.kind == "chat" else "prompt")
         if req.kind == "chat":
-            from ..session.chat_template import chat_prompt_ids
             work = lambda: chat_prompt_ids(tok, list(req.messages))  # noqa: E731
         else:
             work = lambda: tok.encode(req.prompt_text, add_bos=True)  # noqa: E731

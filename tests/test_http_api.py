@@ -252,21 +252,21 @@ def test_prefix_reuse_survives_a_restart_with_a_directory_store(model, tmp_path)
 
 def test_prefix_cache_bounds_its_bytes_least_recently_used_out(model, tmp_path):
     store = sg.DirectorySnapshotStore(tmp_path)
+    entries = lambda: sorted(int(k.split(".")[1]) for k in store.list() if k.startswith("prefix."))  # noqa: E731
     with http_server(model, store=store, prefix_cache_memory_bytes=0, prefix_cache_bytes=1) as srv:
         complete(srv, prompt="The Python", max_tokens=2)
-    assert not [k for k in store.list() if k.startswith("prefix.")]  # larger than the bound: never kept
+    assert entries() == []  # larger than the bound: never kept
+    first = [2, 40, 41, 42]
     with http_server(model, store=store, prefix_cache_memory_bytes=0, prefix_cache_bytes=1 << 30) as srv:
-        complete(srv, prompt="The Python", max_tokens=2)
+        reply = complete(srv, prompt=first, max_tokens=2, return_token_ids=True)["choices"][0]["token_ids"]
     (entry,) = [k for k in store.list() if k.startswith("prefix.")]
     size = int(entry.split(".")[2])
-    # Room for two entries: a third request evicts the least recently used one.
+    # Room for two entries: the third evicts the least recently used one.
     with http_server(model, store=store, prefix_cache_memory_bytes=0, prefix_cache_bytes=2 * size + size // 2) as srv:
-        complete(srv, prompt="A list", max_tokens=2)
-        complete(srv, prompt="The Python is", max_tokens=2)  # hits (and refreshes) the first entry
-        complete(srv, prompt="A dict", max_tokens=2)
-        srv_cache = srv.http.cache
-    kept = sorted(int(k.split(".")[1]) for k in store.list() if k.startswith("prefix."))
-    assert len(kept) == 2 and srv_cache.stored_bytes <= 2 * size + size // 2
+        complete(srv, prompt=[2, 50, 51, 52, 53], max_tokens=2)  # a second entry (7 tokens)
+        hit = complete(srv, prompt=first + reply + [60, 61, 62], max_tokens=2)  # uses the first entry again
+        assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] == 6
+    assert entries() == [6, 11]  # the 7-token entry was the least recently used
 
 
 def test_metrics_report_sessions_tokens_ttft_and_cache(server):
@@ -349,12 +349,16 @@ def test_a_client_that_leaves_before_a_whole_answer_cancels_its_generation(serve
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
-def test_cuda_prefix_reuse_continues_exactly(tmp_path):
+@pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cuda", "bfloat16")])
+def test_prefix_reuse_continues_exactly_from_either_tier(tmp_path, device, dtype):
+    """The second request restores the first one's final state (from host
+    memory, or from the store the moment the first answer is back) and gives
+    the tokens a live session gives."""
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cuda", dtype="bfloat16")
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device=device, dtype=dtype)
     prompt = [5 + i % 200 for i in range(295)]
     for store, memory in ((None, 1 << 30), (sg.DirectorySnapshotStore(tmp_path), 0)):
         with http_server(model, store=store, limits=LIMITS, prefix_cache_memory_bytes=memory) as srv:

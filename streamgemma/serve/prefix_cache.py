@@ -94,6 +94,8 @@ class PrefixCache:
         self._memory: collections.OrderedDict[str, tuple[snapshot_format.SnapshotContents, int]] = \
             collections.OrderedDict()
         self._memory_used = 0
+        # States on their way to the store: found by lookups until their write has landed.
+        self._writing: dict[str, snapshot_format.SnapshotContents] = {}
         self._refreshed_at = -float("inf")
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamgemma-prefix-cache")
         self._tasks: set[asyncio.Task] = set()
@@ -107,7 +109,7 @@ class PrefixCache:
         return sum(e.nbytes for e in self._index.values())
 
     def __len__(self) -> int:
-        return len(self._index.keys() | self._memory.keys())
+        return len({f"{e.tokens}.{d}" for d, e in self._index.items()} | self._memory.keys() | self._writing.keys())
 
     async def _run(self, fn, *args):
         return await asyncio.wrap_future(self._writer.submit(fn, *args))
@@ -156,18 +158,20 @@ class PrefixCache:
 
     async def _find(self, ids: Sequence[int]) -> Hit | None:
         lengths = {e.tokens for e in self._index.values() if e.tokens < len(ids)}
-        lengths |= {int(k.split(".")[0]) for k in self._memory if int(k.split(".")[0]) < len(ids)}
+        lengths |= {n for k in (*self._memory, *self._writing) if (n := int(k.split(".")[0])) < len(ids)}
         if not lengths:
             return None
         digests = self._digests(ids, lengths)
         for n in sorted(digests, reverse=True):
             digest = digests[n]
-            held = self._memory.get(f"{n}.{digest}")
-            if held is not None:
-                self._memory.move_to_end(f"{n}.{digest}")
+            name = f"{n}.{digest}"
+            held = self._memory.get(name)
+            if held is not None or name in self._writing:
+                if held is not None:
+                    self._memory.move_to_end(name)
                 if digest in self._index:
                     self._index.move_to_end(digest)
-                return Hit(n, held[0])
+                return Hit(n, held[0] if held is not None else self._writing[name])
             entry = self._index.get(digest)
             if entry is None or entry.tokens != n:
                 continue
@@ -197,6 +201,7 @@ class PrefixCache:
         digest = self._digests(ids, {len(ids)})[len(ids)]
         self._remember(len(ids), digest, contents)
         if self.max_bytes > 0:
+            self._writing[f"{len(ids)}.{digest}"] = contents
             task = asyncio.ensure_future(self._store(len(ids), digest, contents))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -225,6 +230,9 @@ class PrefixCache:
         except Exception as e:  # noqa: BLE001 - a failed cache write loses nothing but a cache entry
             log.warning("prefix cache: could not store an entry: %s: %s", type(e).__name__, e)
             return
+        finally:
+            if self._writing.get(f"{tokens}.{digest}") is contents:
+                del self._writing[f"{tokens}.{digest}"]
         if entry is None:
             return
         old = self._index.pop(digest, None)

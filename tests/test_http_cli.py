@@ -37,3 +37,15 @@ def test_bad_http_options_fail_in_one_line(saved_model_dir):
     assert "--http-port must be in 0..65535" in line
     line = one_line_failure(serve_command(saved_model_dir, "--port", "9000", "--http-port", "9000"))
     assert "differ from --port" in line
+
+
+def test_an_http_port_in_use_is_one_line(saved_model_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_failure(serve_command(saved_model_dir, "--port", "0", "--http-port", str(port), "--quiet"))
+    assert line == (f"streamgemma serve: error: cannot listen on 127.0.0.1:{port} (HTTP API): "
+                    "Address already in use")

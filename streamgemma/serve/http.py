@@ -16,6 +16,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -122,7 +123,9 @@ class HttpApi:
             await web.TCPSite(runner, self.host, self.port).start()
         except (OSError, OverflowError) as e:
             await runner.cleanup()
-            raise ServeError(f"cannot listen on {self.host}:{self.port} (HTTP API): {e.strerror or e}") from None
+            errno = getattr(e, "errno", None)
+            reason = os.strerror(errno) if isinstance(errno, int) and errno > 0 else str(e)
+            raise ServeError(f"cannot listen on {self.host}:{self.port} (HTTP API): {reason}") from None
         self._runner = runner
         self.port = runner.addresses[0][1]
         try:
@@ -134,13 +137,14 @@ class HttpApi:
 
     async def stop(self) -> None:
         """Stop listening, end the requests in flight (their sessions are
-        closed), and wait for the prefix cache's writes."""
+        closed), and wait for the prefix cache's writes. A no-op once stopped."""
+        if self._runner is None:
+            return
         self.stopping = True
         for run in list(self._runs):  # their answers end with an error event, not a cut connection
             self.engine.cancel(run.es)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
         with anyio.CancelScope(shield=True):
             await self.cache.flush()
         self.cache.close()

@@ -128,12 +128,13 @@ class Server:
                     raise ServeError(f"cannot listen on {self.host}:{self.port}: {_reason(e)}") from None
                 started = True
                 self.port = ws_server.sockets[0].getsockname()[1]
+                if self.http_config is not None:  # (ServeError here, before any task, if its port is taken)
+                    self.http = HttpApi(self.engine, self.host, self.http_config, self.token, limits, self)
+                    await self.http.start()
+                    stack.push_async_callback(self.http.stop)  # (a no-op once stopped below)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.engine.run)
                     tg.start_soon(self.pump.run)
-                    if self.http_config is not None:
-                        self.http = HttpApi(self.engine, self.host, self.http_config, self.token, limits, self)
-                        await self.http.start()
                     log.info("listening on %s", self.url)
                     task_status.started(self.port)
                     await self._stop.wait()

@@ -18,6 +18,7 @@ _EXPORTS = {
     "Engine": "serve.engine", "EngineError": "serve.record",
     "Server": "serve.server", "Limits": "serve.server", "serve_in_thread": "serve.server",
     "Client": "client.client", "ClientSession": "client.client", "ServerError": "client.client",
+    "SyncClient": "client.client", "SyncSession": "client.client", "HttpConfig": "serve.http",
     **dict.fromkeys(("StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "StoppedError",
                      "SnapshotError", "SnapshotFormatError", "SnapshotCorrupted", "SnapshotVersionError",
                      "SnapshotModelMismatch", "SnapshotMetadataError", "SnapshotNotFound", "SnapshotIdError",

@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a generation may ask for (default 4096)")
     g.add_argument("--no-page", action="store_true",
                    help="do not serve the web page at http://HOST:PORT/ (docs/browser.md)")
+    _serve_http_args(p)
     _serve_limit_args(p)
 
     p = commands.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint: "
@@ -213,6 +214,39 @@ def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
                   stats=args.stats)
 
 
+def _serve_http_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("OpenAI-compatible HTTP API (docs/openai.md)")
+    g.add_argument("--http-port", type=int, metavar="PORT",
+                   help="also serve /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics on "
+                        "this port, same host, token and engine (default: off; 0 picks a free one)")
+    g.add_argument("--model-name", metavar="NAME",
+                   help="the model id the HTTP API lists and requests name (default: the --model path's last part)")
+    g.add_argument("--prefix-cache-bytes", type=int, metavar="N",
+                   help="bytes of cached conversation states kept in the store (default: 4 GiB with --store, "
+                        "else 0); 0: off")
+    g.add_argument("--prefix-cache-memory-bytes", type=int, default=1 << 30, metavar="N",
+                   help="bytes of cached conversation states kept decoded in host memory (default 1 GiB); 0: off")
+    g.add_argument("--http-max-requests", type=int, default=256, metavar="N",
+                   help="HTTP requests generating at once; more get HTTP 429 (default 256)")
+
+
+def _http_config(args: argparse.Namespace):
+    """The HTTP API's settings from the command line, or None (off); checked before the model loads."""
+    from .errors import ServeError
+    from .serve.http import HttpConfig
+
+    if args.http_port is None:
+        return None
+    if not 0 <= args.http_port <= 65535 or (args.http_port == args.port and args.port != 0):
+        raise ServeError(f"--http-port must be in 0..65535 and differ from --port, got {args.http_port}")
+    if min(args.prefix_cache_bytes or 0, args.prefix_cache_memory_bytes) < 0 or args.http_max_requests < 1:
+        raise ServeError("--prefix-cache-bytes and --prefix-cache-memory-bytes must be >= 0, "
+                         "--http-max-requests >= 1")
+    name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "streamgemma"
+    return HttpConfig(port=args.http_port, model_name=name, prefix_cache_bytes=args.prefix_cache_bytes,
+                      prefix_cache_memory_bytes=args.prefix_cache_memory_bytes, max_requests=args.http_max_requests)
+
+
 def _serve_limit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("limits (docs/serving.md#limits)")
     g.add_argument("--max-connections", type=int, default=1024, metavar="N",
@@ -272,6 +306,7 @@ def _serve(args: argparse.Namespace) -> None:
         raise ServeError(f"--session-ttl must be > 0 seconds, got {args.session_ttl}")
     if min(args.max_queued_tokens, args.max_queued_bytes, args.max_active) < 1:
         raise ServeError("--max-queued-tokens, --max-queued-bytes and --max-active must be >= 1")
+    http = _http_config(args)
     if args.store:
         DirectorySnapshotStore(args.store).prepare()  # writable? (before the load, to fail fast)
     model = _load(args)
@@ -288,7 +323,8 @@ def _serve(args: argparse.Namespace) -> None:
     engine = Engine(model, max_active=args.max_active, store=store, max_queued_tokens=args.max_queued_tokens,
                     max_queued_text_bytes=args.max_queued_bytes, input_share=args.input_share,
                     session_ttl=args.session_ttl)
-    server = Server(engine, host=args.host, port=args.port, token=token, limits=limits, web_page=not args.no_page)
+    server = Server(engine, host=args.host, port=args.port, token=token, limits=limits, http=http,
+                    web_page=not args.no_page)
 
     failed: list[BaseException] = []
 

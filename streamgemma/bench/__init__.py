@@ -1,4 +1,4 @@
-"""Benchmarks: `streamgemma bench decode|prefill|serve|resume|snapshot|isolation|sampling`, or
+"""Benchmarks: `streamgemma bench decode|prefill|serve|resume|snapshot|isolation|sampling|fuzz|prefix`, or
 `python -m streamgemma.bench ...`.
 
 Each command prints its figures as it goes; with --json PATH it writes them
@@ -16,7 +16,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling", "fuzz")
+COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling", "fuzz", "prefix")
 
 
 def _parser() -> argparse.ArgumentParser:

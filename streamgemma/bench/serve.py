@@ -24,6 +24,7 @@ connection set-up and prompt prefill are not counted):
     streamgemma bench serve --no-coalesce                             # one frame per token
     streamgemma bench serve --temperature 0.8 --top-k 40 --top-p 0.95  # clients sample with filters
     streamgemma bench serve --url ws://HOST:PORT/v1/stream --token T  # a running server
+    streamgemma bench serve --http --http-scrape 1                    # with the HTTP API on (and scraped)
     streamgemma bench serve --preset tiny --device cpu --clients 4 --tokens 8 --procs 1
 """
 
@@ -63,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float)
     g.add_argument("--min-p", type=float)
     g.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--http", action=argparse.BooleanOptionalAction, default=False,
+                        help="also run the OpenAI HTTP API on the server, as `streamgemma serve --http-port` "
+                             "(default: no); the websocket clients are measured as without it")
+    parser.add_argument("--http-scrape", type=float, metavar="SECONDS",
+                        help="with --http: GET /metrics every SECONDS during the run (as a Prometheus would)")
     parser.add_argument("--url", help="a running server instead of one in this process")
     parser.add_argument("--token", help="bearer token of --url")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before giving up (default 600)")
@@ -174,6 +180,36 @@ class CounterSampler:
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
+class Scraper:
+    """GETs the server's /metrics every `period` seconds in a thread while the block runs (nothing without both)."""
+
+    def __init__(self, server, period: float | None):
+        self.server = server
+        self.period = period
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Scraper:
+        if self.server is not None and self.period:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        url = f"http://{self.server.host}:{self.server.http.port}/metrics"
+        while not self._stop.wait(self.period):
+            with urllib.request.urlopen(url, timeout=30) as reply:
+                reply.read()
+            self.count += 1
+
+
 def sampling_of(args: argparse.Namespace) -> dict:
     """The sampling fields given on the command line, as the protocol names them."""
     return {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
@@ -221,8 +257,9 @@ def run(args: argparse.Namespace) -> dict:
         gc.freeze()
     engine = sg.Engine(model, max_active=args.max_active or args.clients)
     limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
-    server = sg.Server(engine, port=0, limits=limits)
-    with GcPauses() as pauses, CounterSampler(engine, server) as counters, serving(server):
+    server = sg.Server(engine, port=0, limits=limits, **({"http": sg.HttpConfig()} if args.http else {}))
+    with GcPauses() as pauses, CounterSampler(engine, server) as counters, serving(server), \
+            Scraper(server if args.http else None, args.http_scrape) as scrapes:
         released, records = run_clients(server.url, None, args.clients, args.procs, options(args))
     summary = summarize(released, records)
     window = summary.pop("_window")
@@ -232,6 +269,7 @@ def run(args: argparse.Namespace) -> dict:
     if counters.available:
         out["engine"] = counters.window(*window)
     out["gc"] = pauses.summary()
+    out["http_api"] = {"enabled": args.http, "scrape_s": args.http_scrape, "scrapes": scrapes.count}
     print(f"{args.clients} clients x {args.tokens} tokens: steady {out['steady']['tokens_per_s']} tokens/s"
           + (f" ({out['steady_share_of_decode']:.1%} of decode alone)" if "steady_share_of_decode" in out else "")
           + f", frame gap p50/p99 {out['frame_gap_ms']['p50']}/{out['frame_gap_ms']['p99']} ms", flush=True)

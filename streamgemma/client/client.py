@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -112,6 +113,17 @@ class Client:
 
     async def __aexit__(self, *exc_info) -> bool | None:
         return await self._exit.__aexit__(*exc_info)
+
+    @classmethod
+    def connect_sync(cls, url: str, token: str | None = None, **options: Any) -> SyncClient:
+        """A blocking client for scripts and notebooks, connected (arguments
+        as `Client`): its own event loop runs in a background thread. Close
+        it with `close()` or a `with` block.
+
+            with sg.Client.connect_sync(url, token=T) as client:
+                print(client.open().complete("Hello", max_tokens=20))
+        """
+        return SyncClient(cls(url, token=token, **options))
 
     async def open(self, session: str | None = None, seed: int | None = None) -> ClientSession:
         """A new session (session None) or the stored session `session`."""
@@ -204,6 +216,11 @@ class Client:
         # Other events answer requests sent without an id (cancel): nothing waits for them.
 
 
+def _scored(logprob: float, top: list) -> tuple:
+    """A token frame's logprobs as `Token`'s last two fields."""
+    return logprob, tuple((int(i), float(lp)) for i, lp in top)
+
+
 def _refusal(status: int, body: bytes | None) -> ServerError:
     """The ServerError for an HTTP status that refused the websocket."""
     code = "unauthorized" if status in (401, 403) else f"http_{status}"
@@ -253,6 +270,12 @@ class ClientSession:
         self.position = reply["position"]
         return self.position
 
+    async def complete(self, text_or_tokens: str | Sequence[int], **sampling: Any) -> str:
+        """Append the prompt, generate (arguments as `generate`) and return
+        the generated text in one call."""
+        await self.append(text_or_tokens)
+        return "".join([t.text async for t in self.generate(**sampling)])
+
     async def send_append(self, text_or_tokens: str | Sequence[int]) -> None:
         """Send input without waiting for it to be consumed (e.g. while a
         generation streams: it is consumed before the next token)."""
@@ -266,7 +289,7 @@ class ClientSession:
     def generate(self, **sampling: Any) -> AsyncIterator[Token]:
         """Start a generation (arguments as `Session.generate`: max_tokens,
         temperature, top_k, top_p, min_p, repetition_penalty,
-        presence_penalty, stop, stop_token_ids, seed) and yield its tokens.
+        presence_penalty, stop, stop_token_ids, seed, logprobs) and yield its tokens.
         Tokens arrive as the server sends them; the last one carries
         finish_reason "stop" or "length". Afterwards `last_done` holds the
         `done` event (reason, position; reason "cancelled" after `cancel`).
@@ -297,10 +320,13 @@ class ClientSession:
                         return
                     if msg["type"] == "tokens":  # several tokens in one frame: the last may finish
                         last = len(msg["ids"]) - 1
+                        scores = zip(msg["logprobs"], msg["top_logprobs"]) if "logprobs" in msg else None
                         for k, (token_id, text) in enumerate(zip(msg["ids"], msg["texts"])):
-                            yield Token(token_id, text, msg.get("finish_reason") if k == last else None)
+                            scored = _scored(*next(scores)) if scores is not None else ()
+                            yield Token(token_id, text, msg.get("finish_reason") if k == last else None, *scored)
                     else:
-                        yield Token(msg["id"], msg["text"], msg.get("finish_reason"))
+                        scored = _scored(msg["logprob"], msg["top_logprobs"]) if "logprob" in msg else ()
+                        yield Token(msg["id"], msg["text"], msg.get("finish_reason"), *scored)
                 raise ConnectionError(f"the connection closed during the generation: {client.closed_error}")
             finally:
                 await self._stop(route)
@@ -358,3 +384,86 @@ class ClientSession:
     async def close(self) -> None:
         """End the session on the server for good (its stored snapshot is deleted)."""
         await self.client.request({"type": "close", "session": self.id})
+
+
+class SyncClient:
+    """`Client` for code without an event loop (from `Client.connect_sync`):
+    the same methods, blocking; sessions are `SyncSession`s."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self._portal_cm = anyio.from_thread.start_blocking_portal(backend="asyncio")
+        self._portal = self._portal_cm.__enter__()
+        try:
+            # The connection's task group lives in one task of the portal's loop.
+            self._connection = self._portal.wrap_async_context_manager(client)
+            self._connection.__enter__()
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+
+    def open(self, session: str | None = None, seed: int | None = None) -> SyncSession:
+        """A new session (session None) or the stored session `session`."""
+        return SyncSession(self._portal, self._portal.call(lambda: self.client.open(session, seed)))
+
+    def close(self) -> None:
+        """Close the connection and stop the background event loop."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            try:
+                connection.__exit__(None, None, None)
+            finally:
+                self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class SyncSession:
+    """`ClientSession`, blocking: `id`, `position`, `append`, `generate`
+    (an iterator), `complete`, `cancel`, `snapshot`, `close`."""
+
+    def __init__(self, portal, session: ClientSession):
+        self._portal = portal
+        self.session = session
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+    @property
+    def position(self) -> int:
+        return self.session.position
+
+    def __repr__(self) -> str:
+        return f"SyncSession({self.id!r}, position={self.position})"
+
+    def append(self, text_or_tokens: str | Sequence[int]) -> int:
+        return self._portal.call(self.session.append, text_or_tokens)
+
+    def generate(self, **sampling: Any) -> Iterator[Token]:
+        """Tokens as they arrive; leaving the loop early cancels the generation."""
+        tokens = self.session.generate(**sampling)
+        try:
+            while True:
+                try:
+                    yield self._portal.call(tokens.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._portal.call(tokens.aclose)
+
+    def complete(self, text_or_tokens: str | Sequence[int], **sampling: Any) -> str:
+        return self._portal.call(lambda: self.session.complete(text_or_tokens, **sampling))
+
+    def cancel(self) -> None:
+        self._portal.call(self.session.cancel)
+
+    def snapshot(self) -> int:
+        return self._portal.call(self.session.snapshot)
+
+    def close(self) -> None:
+        self._portal.call(self.session.close)

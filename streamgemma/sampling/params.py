@@ -8,6 +8,8 @@ import numbers
 
 from ..validate import check_sampling
 
+MAX_LOGPROBS = 20  # alternatives a token may report with its log-probability
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -25,7 +27,10 @@ class SamplingParams:
     they span several tokens. stop_token_ids: ids that end the generation
     (None: the tokenizer's eos and <end_of_turn>). seed: restarts the session's
     random stream at the start of the generation, as (seed mod 2**64, counter
-    0) (None: keep the stream where it is).
+    0) (None: keep the stream where it is). logprobs: None (off), or k in
+    [0, 20]: each token carries its log-probability under the distribution
+    it was sampled from and the k likeliest alternatives (see
+    `sampling.logprobs`).
     """
 
     max_tokens: int | None = 256
@@ -38,6 +43,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -68,6 +74,8 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         check_sampling(self)  # ranges the float32 sampler and the snapshot format honour
 
     @property

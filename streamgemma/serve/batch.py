@@ -23,6 +23,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import torch
 
+from ..sampling.logprobs import ScoredRows, score_rows
 from ..sampling.sampler import PendingIds
 from ..session.generation import Generation
 from ..session.host import HostState
@@ -42,6 +43,7 @@ class BatchExecutor:
         self.kept: torch.Tensor | None = None
         self._kept_rows: tuple[torch.Tensor, ...] = ()
         self._kept_states: list[HostState] = []
+        self._scored: ScoredRows | None = None  # the last sample's logprobs
 
     async def run(self, generations: list[Generation], slots: list[int], inputs: Inputs) -> list[Token]:
         """Advance `generations` (in `slots`) by one sampled token each and
@@ -52,7 +54,11 @@ class BatchExecutor:
         logits = self._batch_logits(generations)
         vocab = generations[0].vocab
         rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
-        return PendingIds(rows, [g.sample_row() for g in generations], graphs=self.model.sampling_graphs)
+        sample_rows = [g.sample_row() for g in generations]
+        pending = PendingIds(rows, sample_rows, graphs=self.model.sampling_graphs)
+        # Queued before the decode, so reading them never waits for it (None: nobody asked).
+        self._scored = score_rows(rows, pending.device_ids, sample_rows)
+        return pending
 
     def launch_decode(self, generations: list[Generation], slots: list[int], inputs: Inputs,
                       tokens: list[int] | torch.Tensor) -> None:
@@ -82,7 +88,10 @@ class BatchExecutor:
         rows = self._kept_rows
         for (session, token), row in zip(inputs, rows[len(generations):]):
             session.state.consume_one(token, row)
-        return [g.accept(t, row) for g, t, row in zip(generations, picked, rows)]
+        scored = self._scored
+        if scored is None:
+            return [g.accept(t, row) for g, t, row in zip(generations, picked, rows)]
+        return [g.accept(t, row, scored.get(i)) for i, (g, t, row) in enumerate(zip(generations, picked, rows))]
 
     def _batch_logits(self, generations: list[Generation]) -> torch.Tensor:
         """The sessions' logits as one float32 [B, V] tensor: the last tick's

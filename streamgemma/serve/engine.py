@@ -122,19 +122,30 @@ class Engine:
         """Suspended sessions' snapshots in host memory, not (yet) in the store."""
         return self.offloader.unwritten
 
-    async def open(self, seed: int | None = None) -> SessionRecord:
-        """A new session at position 0 with an unguessable id. seed: None or
-        an int in [-2**63, 2**64) (what a snapshot stores)."""
+    async def open(self, seed: int | None = None, contents=None) -> SessionRecord:
+        """A new session with an unguessable id, at position 0 or starting
+        from `contents` (a decoded snapshot, e.g. a cached prefix; copied,
+        not consumed). seed: None or an int in [-2**63, 2**64) (what a snapshot stores)."""
         check_seed(seed)
         await self.wait_input_turn()
         async with self._model_lock, self._input_work():
             await self._make_room()
-            live = self.model.session(seed=seed)
+            live = (self.model.session(seed=seed) if contents is None
+                    else await anyio.to_thread.run_sync(self.model.restore, contents))
         sid = secrets.token_urlsafe(16)
-        es = SessionRecord(sid, live, 0)
+        es = SessionRecord(sid, live, live.position)
         self.sessions[sid] = es
         self._touch(es)
         return es
+
+    async def capture(self, es: SessionRecord):
+        """The state of `es` copied to host memory (`Session.capture`),
+        between two ticks; restored into a slot first if suspended."""
+        self._check_usable(es)
+        async with self._model_lock:
+            self._check_usable(es)
+            await self._ensure_live(es)
+            return await anyio.to_thread.run_sync(es.live.capture)
 
     async def resume(self, session_id: str) -> SessionRecord:
         """The session `session_id`: in the engine (live or suspended), or in

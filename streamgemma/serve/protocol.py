@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import InvalidValueError
-from ..sampling.params import SamplingParams
+from ..sampling.params import MAX_LOGPROBS, SamplingParams
 from ..session.store import SESSION_ID_PATTERN
 from ..types import Token
-from ..validate import check_sampling, check_seed, short
+from ..validate import check_int, check_sampling, check_seed, short
+from .keys import is_reserved_key
 
 PATH = "/v1/stream"
 
@@ -91,7 +92,7 @@ Request = Open | Append | Generate | Cancel | Snapshot | Close
 
 # Sampling fields a generate request may carry (those of SamplingParams).
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                    "presence_penalty", "stop", "stop_token_ids", "seed")
+                    "presence_penalty", "stop", "stop_token_ids", "seed", "logprobs")
 _ALLOWED = {
     "open": {"type", "id", "session", "seed"},
     "append": {"type", "id", "session", "text", "tokens"},
@@ -129,7 +130,9 @@ def parse_request(frame: str | bytes, max_tokens_limit: int, default_max_tokens:
         names = ", ".join(short(k, 30) for k in sorted(unknown)[:5])
         raise ProtocolError("bad_message", f"{kind}: unknown fields {names}", request_id)
     session = msg.get("session")
-    if session is not None and not (isinstance(session, str) and SESSION_ID_PATTERN.fullmatch(session)):
+    # (A prefix-cache key shares the store but is not a session: no client may open or overwrite it.)
+    if session is not None and not (isinstance(session, str) and SESSION_ID_PATTERN.fullmatch(session)
+                                    and not is_reserved_key(session)):
         raise ProtocolError("bad_message", "\"session\" must be a session id (1-200 ASCII letters, digits, "
                                            "'_', '-', '.')", request_id)
     try:
@@ -165,6 +168,8 @@ def _generate(msg: dict, request_id: Any, session: str | None, max_tokens_limit:
             raise ValueError(f"\"stop\" must hold strings, got {short(text)}")
         if not text or not _is_unicode(text):
             raise InvalidValueError("stop", "stop strings must be non-empty, valid Unicode (no lone surrogate)")
+    if fields.get("logprobs") is not None:
+        check_int("logprobs", fields["logprobs"], 0, MAX_LOGPROBS)
     # Types and ranges of the numbers, as the Python API checks them.
     check_sampling(types.SimpleNamespace(**{**_DEFAULTS, **fields}))
     params = SamplingParams(**fields)
@@ -244,18 +249,24 @@ class TokenFrames:
         self._tokens = '{"type":"tokens","session":' + sid + ',"ids":['
 
     def token(self, token: Token) -> str:
-        """`{"type":"token","session":S,"id":ID,"text":T[,"finish_reason":R]}`."""
-        return f'{self._token}{int(token.id)},"text":{_encode(token.text)}{_finish(token.finish_reason)}}}'
+        """`{"type":"token","session":S,"id":ID,"text":T[,"finish_reason":R]
+        [,"logprob":L,"top_logprobs":[[ID,L],...]]}` (logprobs when asked for)."""
+        scored = "" if token.logprob is None else \
+            f',"logprob":{_encode(token.logprob)},"top_logprobs":{_encode(token.top_logprobs)}'
+        return f'{self._token}{int(token.id)},"text":{_encode(token.text)}{_finish(token.finish_reason)}{scored}}}'
 
     def tokens(self, tokens: Sequence[Token]) -> str:
         """One frame for `tokens` (1 or more, in order): a `token` event for
         one, else `{"type":"tokens","session":S,"ids":[...],"texts":[...]
-        [,"finish_reason":R]}` with the finish_reason of the last token."""
+        [,"finish_reason":R][,"logprobs":[...],"top_logprobs":[...]]}` with
+        the finish_reason of the last token."""
         if len(tokens) == 1:
             return self.token(tokens[0])
         ids = ",".join([str(int(t.id)) for t in tokens])
         texts = ",".join([_encode(t.text) for t in tokens])
-        return f'{self._tokens}{ids}],"texts":[{texts}]{_finish(tokens[-1].finish_reason)}}}'
+        scored = "" if tokens[0].logprob is None else (f',"logprobs":{_encode([t.logprob for t in tokens])}'
+                                                       f',"top_logprobs":{_encode([t.top_logprobs for t in tokens])}')
+        return f'{self._tokens}{ids}],"texts":[{texts}]{_finish(tokens[-1].finish_reason)}{scored}}}'
 
 
 def _finish(reason: str | None) -> str:

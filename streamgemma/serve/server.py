@@ -32,12 +32,13 @@ from ..errors import ServeError
 from . import auth
 from .connection import WRITE_BUDGET, Connection
 from .engine import Engine
+from .http import HttpApi, HttpConfig
 from .limits import DEFAULT_LIMITS, Limits
 from .protocol import PATH
 from .pump import TokenPump
 from .static import WebPage
 
-__all__ = ["Limits", "Server", "serve_in_thread", "WRITE_BUDGET"]
+__all__ = ["HttpConfig", "Limits", "Server", "serve_in_thread", "WRITE_BUDGET"]
 
 log = logging.getLogger("streamgemma.serve.server")
 
@@ -61,11 +62,13 @@ class Server:
     every live session to the engine's store, so a new server on the same
     store resumes them exactly. `lost` then lists the sessions that did not
     reach a durable store. web_page: serve the page of docs/browser.md at
-    `/` (GET; no token needed for the page itself).
+    `/` (GET; no token needed for the page itself). http: also serve the
+    OpenAI HTTP API (`http` module, docs/openai.md) on its port, same host,
+    token and engine (`self.http` once serving).
     """
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 limits: Limits = DEFAULT_LIMITS, web_page: bool = True):
+                 limits: Limits = DEFAULT_LIMITS, web_page: bool = True, http: HttpConfig | None = None):
         if token is not None and not token.strip():
             raise ValueError("the token is empty: pass None for no authentication (an empty token usually "
                              "means a command substitution failed)")
@@ -75,6 +78,8 @@ class Server:
         self.token = token
         self.limits = limits
         self.web_page = WebPage() if web_page else None
+        self.http_config = http
+        self.http: HttpApi | None = None
         self.max_connections = limits.max_connections  # lowered at start if the file limit is lower
         self.connections: set[Connection] = set()
         self.lost: list[str] = []  # after serve(): sessions not saved to a durable store
@@ -137,6 +142,10 @@ class Server:
                     raise ServeError(f"cannot listen on {self.host}:{self.port}: {_reason(e)}") from None
                 started = True
                 self.port = ws_server.sockets[0].getsockname()[1]
+                if self.http_config is not None:  # (ServeError here, before any task, if its port is taken)
+                    self.http = HttpApi(self.engine, self.host, self.http_config, self.token, limits, self)
+                    await self.http.start()
+                    stack.push_async_callback(self.http.stop)  # (a no-op once stopped below)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.engine.run)
                     tg.start_soon(self.pump.run)
@@ -145,6 +154,8 @@ class Server:
                         log.info("web page: http://%s:%d/ (docs/browser.md)", self.host, self.port)
                     task_status.started(self.port)
                     await self._stop.wait()
+                    if self.http is not None:  # its requests end while the engine runs
+                        await self.http.stop()
                     # Close every connection while the engine runs: their generations end.
                     ws_server.close()
                     await ws_server.wait_closed()

@@ -3,12 +3,13 @@ tokens; the history is never re-read."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from ..tokenizer import END_OF_TURN, START_OF_TURN, gemma_model_prefix, gemma_turn
 from ..types import Token
+from .chat_template import chat_prompt_ids
 from .session import Session
 
 
@@ -43,6 +44,22 @@ class Chat:
         self._end_of_turn = tok.piece_id(END_OF_TURN)
         self._model_turn_open = session.position > 0 if model_turn_open is None else model_turn_open
         self._system = system.strip() if system and session.position == 0 else None
+
+    @classmethod
+    def from_messages(cls, session: Session, messages: Sequence[Mapping]) -> Chat:
+        """A chat whose history is `messages` (OpenAI-style `{"role",
+        "content"}` dicts: system, user, assistant; see
+        `chat_template.normalize_messages`), fed to `session` (at position
+        0) with the template the HTTP API uses. The last message is a user
+        turn, so the model's turn is open: call `reply()` next."""
+        if session.position != 0:
+            raise ValueError(f"from_messages needs a session at position 0 (this one is at {session.position}): "
+                             "the messages are the whole conversation")
+        tok = session.model.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer, and this model has none")
+        session.feed(chat_prompt_ids(tok, messages))
+        return cls(session, model_turn_open=True)
 
     def user(self, text: str) -> torch.Tensor:
         """Append a user turn and open the model's turn; returns the float32

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ..sampling.logprobs import Scored
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import SampleRow
 from ..sampling.stops import StopStrings
@@ -44,10 +45,12 @@ class Generation:
         return SampleRow(params, None if params.greedy else s.rng.take(),
                          s.recent.tensor() if self._penalize else None)
 
-    def accept(self, token: int, next_logits: torch.Tensor) -> Token:
+    def accept(self, token: int, next_logits: torch.Tensor, scored: Scored | None = None) -> Token:
         """Record that the model consumed `token`, with `next_logits` (float32
         [vocab], owned by the caller) after it. Returns the Token to stream;
-        its finish_reason is set when the generation has ended."""
+        its finish_reason is set when the generation has ended. scored: the
+        token's (logprob, alternatives) when the params ask for them
+        (`sampling.logprobs`)."""
         s = self.state
         text = s.consume_one(token, next_logits)
         self.generated += 1
@@ -68,6 +71,8 @@ class Generation:
         if finish is not None and stops is not None and stops.matched is None:
             text += stops.flush()  # ended without a stop string: held-back text is plain output
         self.finish_reason = finish
+        if scored is not None:
+            return Token(token, text, finish, scored[0], scored[1])
         return Token(token, text, finish)
 
     def flush(self) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import SnapshotError, SnapshotFormatError, StoppedError
+from ..sampling.logprobs import score_rows
 from ..sampling.params import SamplingParams
 from ..sampling.philox import RandomStream
 from ..sampling.sampler import PendingIds
@@ -208,7 +209,8 @@ class Session:
     def generate(self, max_tokens: int | None = 256, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, stop: Sequence[str] | str = (),
-                 stop_token_ids: Sequence[int] | None = None, seed: int | None = None) -> Iterator[Token]:
+                 stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
+                 logprobs: int | None = None) -> Iterator[Token]:
         """Sample tokens one at a time, consuming each, and yield them as `Token`s.
 
         Arguments are those of `SamplingParams` (validated here, before any
@@ -224,14 +226,22 @@ class Session:
         Sampling uses the session's random stream (seed, counter), which each
         sampled token advances by one (greedy ones leave it): the same seed
         gives the same tokens, alone or in the engine's batches, and on CPU
-        and CUDA up to floating-point rounding.
+        and CUDA up to floating-point rounding. logprobs: None, or k in [0,
+        20]: each token carries `logprob` and its k likeliest alternatives
+        (`top_logprobs`; definition in `streamgemma.sampling.logprobs`).
         """
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty,
                                 presence_penalty=presence_penalty, stop=stop,
                                 stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids),
-                                seed=seed)
+                                seed=seed, logprobs=logprobs)
         return self._generate(self.start_generation(params))
+
+    def complete(self, prompt: Sequence[int] | str, **sampling: Any) -> str:
+        """Feed `prompt` (as `feed`), generate (arguments as `generate`) and
+        return the generated text, in one call."""
+        self.feed(prompt)
+        return "".join(t.text for t in self.generate(**sampling))
 
     def start_generation(self, params: SamplingParams) -> Generation:
         """Check that this session can generate with `params` and return the
@@ -266,11 +276,12 @@ class Session:
             with self.model.lock:
                 # The step reads the sampled id on the device, so it is queued before
                 # the id reaches the host: the device goes on while the host waits.
-                pending = PendingIds(generation.logits()[None], [generation.sample_row()],
-                                     graphs=self.model.sampling_graphs)
+                rows = [generation.sample_row()]
+                pending = PendingIds(generation.logits()[None], rows, graphs=self.model.sampling_graphs)
+                scored = score_rows(generation.logits()[None], pending.device_ids, rows)  # None: not asked
                 next_logits = self.model.decode([self.slot], pending.device_ids)[0].clone()  # a reused buffer
                 token = pending.ids()[0]
-            out = generation.accept(token, next_logits)
+            out = generation.accept(token, next_logits, scored.get(0) if scored is not None else None)
             yield out
             if out.finish_reason is not None:
                 return

@@ -1,0 +1,334 @@
+"""The OpenAI HTTP API's shapes (docs/openai.md): request bodies of
+`/v1/completions` and `/v1/chat/completions` parsed and validated into a
+typed `ApiRequest`, errors as `ApiError` (the `{"error": {...}}` body and
+its HTTP status), and the response and stream-chunk bodies. No I/O here:
+`http` is the adapter that serves them.
+
+Ranges are checked by `validate`, as the Python API and the websocket
+protocol check them, so all three refuse the same values with the same
+message. Fields that would change what a request means and that we do not
+implement (n > 1, tools, logit_bias, echo, ...) are refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+import types
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import InvalidValueError
+from ..sampling.params import MAX_LOGPROBS, SamplingParams
+from ..session.chat_template import ChatMessage, normalize_messages
+from ..validate import check_int, check_sampling, short
+
+MAX_STOP_STRINGS = 16
+
+
+class ApiError(Exception):
+    """A request answered with an error: HTTP `status`, and the body
+    `{"error": {"message", "type", "code", "param"}}` OpenAI's clients read."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "code": self.code, "param": self.param}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code, param)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiRequest:
+    """A validated completion or chat request. Exactly one of `prompt_text`,
+    `prompt_ids`, `messages` is set. return_token_ids (an extension, as
+    vLLM's): choices carry the generated ids as "token_ids"."""
+
+    kind: str  # "chat" or "completion"
+    model: str | None
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    return_token_ids: bool = False
+    prompt_text: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+
+
+# Fields OpenAI defines that change nothing here (accepted and ignored).
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "modalities",
+            "reasoning_effort", "web_search_options"}
+_COMMON = {"return_token_ids", "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+           "presence_penalty", "frequency_penalty", "stop", "seed", "n", "stream", "stream_options",
+           "logit_bias", "logprobs"} | _IGNORED
+_FIELDS = {
+    "completion": _COMMON | {"prompt", "echo", "suffix", "best_of"},
+    "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
+                       "function_call", "response_format"},
+}
+
+
+def parse_body(raw: bytes) -> dict:
+    """The JSON object of a request body; ApiError 400 otherwise."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {short(str(e), 200)}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_request(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: int) -> ApiRequest:
+    """An `ApiRequest` of `kind` ("chat" or "completion") from a parsed body."""
+    unknown = set(body) - _FIELDS[kind]
+    if unknown:
+        name = sorted(unknown)[0]
+        raise bad_request(f"unknown field {short(name, 40)} (this server implements the fields listed in "
+                          "docs/openai.md)", param=str(name)[:40], code="unknown_field")
+    try:
+        return _parse(kind, body, max_tokens_limit, default_max_tokens)
+    except ApiError:
+        raise
+    except InvalidValueError as e:
+        raise bad_request(str(e), param=e.field) from None
+    except (TypeError, ValueError) as e:
+        raise bad_request(str(e), code="invalid_type" if isinstance(e, TypeError) else "invalid_value") from None
+
+
+def _parse(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: int) -> ApiRequest:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise TypeError("model must be a string")
+    _refuse_unsupported(kind, body)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, Mapping) and set(options) <= {"include_usage"}):
+        raise TypeError("stream_options must be an object with at most \"include_usage\"")
+    include_usage = _bool(options or {}, "include_usage")
+    if include_usage and not stream:
+        raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
+    params = _sampling(kind, body, max_tokens_limit, default_max_tokens)
+    shape = dict(stream=stream, include_usage=include_usage, return_token_ids=_bool(body, "return_token_ids"))
+    if kind == "chat":
+        messages = tuple(normalize_messages(body.get("messages") or []))
+        return ApiRequest(kind, model, params, messages=messages, **shape)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt is empty", param="prompt")
+        _check_unicode(prompt, "prompt")
+        return ApiRequest(kind, model, params, prompt_text=prompt, **shape)
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        for t in prompt:
+            check_int("prompt", t, 0, (1 << 31) - 1)
+        return ApiRequest(kind, model, params, prompt_ids=tuple(prompt), **shape)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request("a batch of prompts is not supported: send one prompt per request", param="prompt",
+                          code="unsupported")
+    raise bad_request("prompt must be a non-empty string or a non-empty list of token ids", param="prompt")
+
+
+def _refuse_unsupported(kind: str, body: Mapping) -> None:
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad_request("only n = 1 is supported (one choice per request)", param="n", code="unsupported")
+    if body.get("best_of") not in (None, 1):
+        raise bad_request("only best_of = 1 is supported", param="best_of", code="unsupported")
+    if body.get("echo") not in (None, False):
+        raise bad_request("echo is not supported", param="echo", code="unsupported")
+    if body.get("suffix") is not None:
+        raise bad_request("suffix is not supported", param="suffix", code="unsupported")
+    if body.get("logit_bias"):
+        raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported")
+    if body.get("frequency_penalty") not in (None, 0, 0.0):
+        raise bad_request("frequency_penalty is not supported (presence_penalty and the repetition_penalty "
+                          "extension are)", param="frequency_penalty", code="unsupported")
+    for name in ("tools", "functions", "tool_choice", "function_call"):
+        if body.get(name) not in (None, [], "none"):
+            raise bad_request(f"{name} is not supported (no tool calling)", param=name, code="unsupported")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", param="response_format",
+                          code="unsupported")
+
+
+def _sampling(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: int) -> SamplingParams:
+    fields: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "seed"):
+        if body.get(name) is not None:
+            fields[name] = body[name]
+    max_tokens = body.get("max_completion_tokens") if kind == "chat" else None
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    fields["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    param = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    check_int(param, fields["max_tokens"], 1, None)
+    if fields["max_tokens"] > max_tokens_limit:
+        raise bad_request(f"{param} {fields['max_tokens']} is above this server's limit of {max_tokens_limit}",
+                          param=param)
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise TypeError("stop must be a string or a list of strings")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        for s in stop:
+            if not s:
+                raise bad_request("stop strings must be non-empty", param="stop")
+            _check_unicode(s, "stop")
+        fields["stop"] = tuple(stop)
+    logprobs = _logprobs(kind, body)
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
+    check_sampling(types.SimpleNamespace(**{**_DEFAULTS, **fields}))
+    return SamplingParams(**fields)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+
+
+def _logprobs(kind: str, body: Mapping) -> int | None:
+    """The number of alternatives per token, or None (off)."""
+    if kind == "completion":
+        value = body.get("logprobs")
+        if value is None:
+            return None
+        return check_int("logprobs", value, 0, MAX_LOGPROBS)
+    on = _bool(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        check_int("top_logprobs", top, 0, MAX_LOGPROBS)
+        if not on:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (top or 0) if on else None
+
+
+def _bool(body: Mapping, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {short(value)}")
+    return value
+
+
+def _check_unicode(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{param} is not valid Unicode (a lone surrogate)", param=param) from None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# -- responses -----------------------------------------------------------------------------
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def model_list(names: list[str], created: int) -> dict:
+    return {"object": "list",
+            "data": [{"id": n, "object": "model", "created": created, "owned_by": "streamgemma"} for n in names]}
+
+
+class ResponseBuilder:
+    """The bodies of one request's answer: the whole response, or its
+    stream chunks. `token_text(id)` renders a token for logprobs."""
+
+    def __init__(self, request: ApiRequest, model_name: str, token_text):
+        self.request = request
+        self.kind = request.kind
+        self.id = new_id(request.kind)
+        self.created = int(time.time())
+        self.model = model_name
+        self.token_text = token_text
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def response(self, text: str, finish_reason: str | None, tokens: list, usage_body: dict) -> dict:
+        logprobs = self.logprobs(tokens, 0) if self.request.params.logprobs is not None else None
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                      "logprobs": logprobs, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if self.request.return_token_ids:
+            choice["token_ids"] = [t.id for t in tokens]
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [choice], "usage": usage_body}
+
+    def chunk(self, text: str | None, finish_reason: str | None, tokens: list, offset: int,
+              first: bool = False) -> dict:
+        """One stream chunk carrying `text` (None: no content, e.g. the role
+        chunk or the end) and the logprobs of `tokens`; `offset`: characters
+        of text sent before it (completions' text_offset)."""
+        logprobs = (self.logprobs(tokens, offset) if self.request.params.logprobs is not None and tokens
+                    else None)
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            body = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+            body = {**self._head("text_completion"), "choices": [choice]}
+        if self.request.return_token_ids:
+            choice["token_ids"] = [t.id for t in tokens]
+        if self.request.include_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, usage_body: dict) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage_body}
+
+    def logprobs(self, tokens: list, offset: int) -> dict:
+        """The `logprobs` object of a choice (OpenAI's chat or completions
+        shape) for `tokens` (`Token`s with logprob set)."""
+        if self.kind == "chat":
+            content = []
+            for t in tokens:
+                text = self.token_text(t.id)
+                content.append({"token": text, "logprob": t.logprob, "bytes": list(text.encode("utf-8")),
+                                "top_logprobs": [self._top(i, lp) for i, lp in t.top_logprobs or ()]})
+            return {"content": content, "refusal": None}
+        texts, offsets = [], []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.text)
+            texts.append(self.token_text(t.id))
+        tops = [{self.token_text(i): lp for i, lp in t.top_logprobs or ()} for t in tokens]
+        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def _top(self, token_id: int, logprob: float) -> dict:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

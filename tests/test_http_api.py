@@ -1,0 +1,374 @@
+"""The OpenAI-compatible HTTP API against a real server on 127.0.0.1, with a
+raw HTTP client: responses and streams, the chat template, stop strings,
+logprobs, bad requests answered with OpenAI-shaped errors, auth, /health,
+/metrics, and exact prefix reuse (across requests and across a restart with
+a directory store)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import threading
+
+import pytest
+from httpfixtures import MODEL, TOKEN, http_server, post, request
+
+import streamgemma as sg
+from streamgemma.session.chat_template import chat_prompt_ids
+
+LIMITS = sg.Limits(max_message_bytes=1 << 16, max_tokens=512)
+QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a list?"}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sg.load("demo")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with http_server(model, limits=LIMITS) as srv:
+        yield srv
+
+
+def complete(server, **body):
+    reply = post(server, "/v1/completions", {"model": MODEL, **body})
+    assert reply.status == 200, reply.body
+    return reply.json()
+
+
+def chat(server, messages, **body):
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, **body})
+    assert reply.status == 200, reply.body
+    return reply.json()
+
+
+# -- answers ---------------------------------------------------------------------------------
+def test_models_lists_the_served_model_and_health_needs_no_token(server):
+    reply = request(server, "GET", "/v1/models")
+    assert reply.status == 200
+    assert [m["id"] for m in reply.json()["data"]] == [MODEL]
+    assert request(server, "GET", f"/v1/models/{MODEL}").json()["id"] == MODEL
+    health = request(server, "GET", "/health", token=None)
+    assert health.status == 200 and health.json()["status"] == "ok"
+
+
+def test_a_greedy_completion_is_what_a_local_session_writes(server, model):
+    body = complete(server, prompt="The Python", max_tokens=8, temperature=0)
+    choice = body["choices"][0]
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert choice["text"] == model.session().complete("The Python", max_tokens=8, temperature=0)
+    assert choice["finish_reason"] == "length" and choice["logprobs"] is None
+    prompt_tokens = len(model.tokenizer.encode("The Python", add_bos=True))
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 8,
+                             "total_tokens": prompt_tokens + 8, "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_a_prompt_of_token_ids_is_consumed_as_given(server, model):
+    ids = model.tokenizer.encode("The Python", add_bos=True)
+    by_ids = complete(server, prompt=ids, max_tokens=6, temperature=0, return_token_ids=True)
+    by_text = complete(server, prompt="The Python", max_tokens=6, temperature=0)
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+    assert len(by_ids["choices"][0]["token_ids"]) == 6
+
+
+def test_chat_applies_gemma_turns_as_chat_from_messages_does(server, model):
+    body = chat(server, QUESTION, max_tokens=10, temperature=0)
+    assert body["object"] == "chat.completion"
+    message = body["choices"][0]["message"]
+    session = model.session()
+    local = sg.Chat.from_messages(session, QUESTION)
+    assert message == {"role": "assistant", "content": "".join(t.text for t in local.reply(max_tokens=10,
+                                                                                             temperature=0)),
+                       "refusal": None}
+    expected = model.tokenizer.encode("<start_of_turn>user\nAnswer briefly.\n\nWhat is a list?<end_of_turn>\n"
+                                      "<start_of_turn>model\n", add_bos=True)
+    assert chat_prompt_ids(model.tokenizer, QUESTION) == expected
+    assert body["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_a_stream_carries_the_same_text_then_usage_then_done(server):
+    whole = chat(server, QUESTION, max_tokens=12, seed=7)
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "seed": 7,
+                                                  "stream": True, "stream_options": {"include_usage": True}})
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/event-stream")
+    events = reply.events()
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12
+    plain = post(server, "/v1/completions", {"model": MODEL, "prompt": "The", "max_tokens": 5, "stream": True})
+    events = plain.events()
+    assert events[-1] == "[DONE]" and "usage" not in events[0]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_stop_string_ends_the_text_before_it(server):
+    free = complete(server, prompt="The Python", max_tokens=24, temperature=0)["choices"][0]["text"]
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    assert stop.strip(), free
+    stopped = complete(server, prompt="The Python", max_tokens=24, temperature=0, stop=[stop, "zzzz"])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["text"] == free[:free.index(stop)]
+
+
+def test_logprobs_of_completions_and_chat(server, model):
+    body = complete(server, prompt="The Python", max_tokens=5, temperature=0, logprobs=3)
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 3 and value <= 0
+        assert math.isclose(max(top.values()), value, rel_tol=1e-6)  # greedy: the likeliest token
+        assert top[token] == value
+    assert lp["text_offset"][0] == 0
+    session = model.session()
+    session.feed(chat_prompt_ids(model.tokenizer, QUESTION))
+    expected = list(session.generate(max_tokens=4, temperature=0.7, top_k=40, seed=5, logprobs=2))
+    body = chat(server, QUESTION, max_tokens=4, temperature=0.7, top_k=40, seed=5, logprobs=True, top_logprobs=2)
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx([t.logprob for t in expected], rel=1e-5)
+    assert [[a["token"] for a in c["top_logprobs"]] for c in content] == \
+        [[model.tokenizer.decode([i]) for i, _ in t.top_logprobs] for t in expected]
+    assert content[0]["bytes"] == list(content[0]["token"].encode())
+
+
+# -- refusals --------------------------------------------------------------------------------
+@pytest.mark.parametrize("body, status, code, param", [
+    ({"model": "gpt-4", "prompt": "x"}, 404, "model_not_found", "model"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "invalid_value", "temperature"),
+    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "invalid_value", "top_p"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 513}, 400, "invalid_value", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "seed": 2 ** 64}, 400, "invalid_value", "seed"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "invalid_value", "logprobs"),
+    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "unsupported", "n"),
+    ({"model": MODEL, "prompt": ["a", "b"]}, 400, "unsupported", "prompt"),
+    ({"model": MODEL, "prompt": [1, 99999]}, 400, "invalid_value", "prompt"),
+    ({"model": MODEL, "prompt": ""}, 400, "invalid_value", "prompt"),
+    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "invalid_type", None),
+    ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "invalid_value",
+     "stream_options"),
+    ({"model": MODEL, "prompt": "x", "made_up": 1}, 400, "unknown_field", "made_up"),
+])
+def test_bad_completion_requests_get_openai_shaped_errors(server, body, status, code, param):
+    reply = post(server, "/v1/completions", body)
+    assert reply.status == status, reply.body
+    assert set(reply.error) == {"message", "type", "code", "param"}
+    assert reply.error["code"] == code and reply.error["param"] == param
+    assert reply.error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("messages", [
+    [], [{"role": "tool", "content": "x"}], [{"role": "assistant", "content": "x"}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+])
+def test_bad_messages_are_400(server, messages):
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages})
+    assert reply.status == 400 and reply.error["message"]
+
+
+def test_bad_json_unknown_routes_and_methods(server):
+    for raw in (b"{", b"[1, 2]", b"\xff", b'{"prompt": NaN}'):
+        reply = request(server, "POST", "/v1/completions", raw=raw)
+        assert reply.status == 400 and reply.error["code"] == "invalid_json", raw
+    assert request(server, "GET", "/v1/nothing").error["code"] == "not_found"
+    reply = request(server, "GET", "/v1/completions")
+    assert reply.status == 405 and reply.error["code"] == "method_not_allowed"
+    assert request(server, "GET", "/v1/models/other").status == 404
+
+
+def test_oversized_bodies_are_413_with_or_without_a_length(server):
+    big = json.dumps({"model": MODEL, "prompt": "x" * (LIMITS.max_message_bytes + 10)}).encode()
+    reply = request(server, "POST", "/v1/completions", raw=big)
+    assert reply.status == 413 and reply.error["code"] == "request_too_large"
+    conn = http.client.HTTPConnection("127.0.0.1", server.http.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([big[:40000], big[40000:]]), encode_chunked=True,
+                  headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 413 and json.loads(reply.read())["error"]["code"] == "request_too_large"
+    conn.close()
+
+
+def test_the_bearer_token_is_required(server):
+    for token, reason in ((None, "missing"), ("wrong", "wrong bearer token")):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/metrics")):
+            reply = request(server, method, path, {"model": MODEL, "prompt": "x"}, token=token)
+            assert reply.status == 401 and reply.error["type"] == "authentication_error"
+            assert reason in reply.error["message"]
+
+
+def test_requests_beyond_max_requests_get_429(model):
+    with http_server(model, limits=LIMITS, max_requests=1) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.http.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps(
+            {"model": MODEL, "prompt": "The", "max_tokens": 512, "stream": True, "stop": ["never-seen-text"]}),
+            headers={"Authorization": f"Bearer {TOKEN}"})
+        first = conn.getresponse()
+        assert first.status == 200 and first.readline().startswith(b"data: ")
+        reply = post(srv, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert reply.status == 429 and reply.error["type"] == "rate_limit_error"
+        conn.close()  # the server cancels the generation when the client goes
+
+
+# -- prefix reuse and monitoring -------------------------------------------------------------
+def test_the_next_chat_turn_reuses_the_conversation_state(server, model):
+    first = chat(server, QUESTION, max_tokens=12, temperature=0)
+    reply = first["choices"][0]["message"]["content"]
+    history = QUESTION + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And a dict?"}]
+    second = chat(server, history, max_tokens=12, temperature=0, stream=False)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == first["usage"]["total_tokens"]
+    # Exact: the reply a live session fed both turns gives.
+    session = model.session()
+    local = sg.Chat.from_messages(session, QUESTION)
+    assert "".join(t.text for t in local.reply(max_tokens=12, temperature=0)) == reply
+    session.feed(chat_prompt_ids(model.tokenizer, history)[session.position:])
+    assert second["choices"][0]["message"]["content"] == "".join(
+        t.text for t in session.generate(max_tokens=12, temperature=0))
+    # A completion that extends an earlier completion's tokens hits too.
+    a = complete(server, prompt="Lists are", max_tokens=4, temperature=0)
+    b = complete(server, prompt="Lists are" + a["choices"][0]["text"] + " and", max_tokens=4, temperature=0)
+    assert 0 < b["usage"]["prompt_tokens_details"]["cached_tokens"] <= a["usage"]["total_tokens"]
+
+
+def test_prefix_reuse_survives_a_restart_with_a_directory_store(model, tmp_path):
+    store = sg.DirectorySnapshotStore(tmp_path)
+    with http_server(model, store=store, prefix_cache_memory_bytes=0) as srv:
+        first = chat(srv, QUESTION, max_tokens=8, temperature=0)
+    assert any(name.startswith("prefix.") for name in store.list())
+    history = QUESTION + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                          {"role": "user", "content": "Why?"}]
+    with http_server(model, store=sg.DirectorySnapshotStore(tmp_path)) as srv:
+        second = chat(srv, history, max_tokens=8, temperature=0)
+        metrics = request(srv, "GET", "/metrics").body.decode()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == first["usage"]["total_tokens"]
+    assert "streamgemma_prefix_cache_hits_total 1.0" in metrics
+
+
+def test_prefix_cache_bounds_its_bytes_least_recently_used_out(model, tmp_path):
+    store = sg.DirectorySnapshotStore(tmp_path)
+    entries = lambda: sorted(int(k.split(".")[1]) for k in store.list() if k.startswith("prefix."))  # noqa: E731
+    with http_server(model, store=store, prefix_cache_memory_bytes=0, prefix_cache_bytes=1) as srv:
+        complete(srv, prompt="The Python", max_tokens=2)
+    assert entries() == []  # larger than the bound: never kept
+    first = [2, 40, 41, 42]
+    with http_server(model, store=store, prefix_cache_memory_bytes=0, prefix_cache_bytes=1 << 30) as srv:
+        reply = complete(srv, prompt=first, max_tokens=2, return_token_ids=True)["choices"][0]["token_ids"]
+    (entry,) = [k for k in store.list() if k.startswith("prefix.")]
+    size = int(entry.split(".")[2])
+    # Room for two entries: the third evicts the least recently used one.
+    with http_server(model, store=store, prefix_cache_memory_bytes=0, prefix_cache_bytes=2 * size + size // 2) as srv:
+        complete(srv, prompt=[2, 50, 51, 52, 53], max_tokens=2)  # a second entry (7 tokens)
+        hit = complete(srv, prompt=first + reply + [60, 61, 62], max_tokens=2)  # uses the first entry again
+        assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] == 6
+    assert entries() == [6, 11]  # the 7-token entry was the least recently used
+
+
+def test_metrics_report_sessions_tokens_ttft_and_cache(server):
+    complete(server, prompt="The", max_tokens=3)
+    text = request(server, "GET", "/metrics").body.decode()
+    for name in ("streamgemma_sessions{state=\"live\"}", "streamgemma_generated_tokens_total",
+                 "streamgemma_decode_batch_size", "streamgemma_queue_sessions",
+                 "streamgemma_time_to_first_token_seconds_bucket", "streamgemma_prefix_cache_hits_total",
+                 "streamgemma_prefix_cache_misses_total", "streamgemma_http_requests_total"):
+        assert name in text, name
+    assert 'streamgemma_time_to_first_token_seconds_count{endpoint="completion"}' in text
+
+
+def test_a_cache_entry_cannot_be_opened_as_a_session(server):
+    import anyio
+
+    store_keys = [k for k in server.engine.store.list() if k.startswith("prefix.")]
+
+    async def main():
+        async with sg.Client(server.url, token=TOKEN) as client:
+            with pytest.raises(sg.ServerError, match="bad_message"):
+                await client.open(session=store_keys[0] if store_keys else "prefix.1.2.abc")
+
+    anyio.run(main, backend="asyncio")
+
+
+def test_stopping_the_server_ends_streams_in_flight(model):
+    with http_server(model, limits=LIMITS) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.http.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps(
+            {"model": MODEL, "prompt": "The", "max_tokens": 512, "stream": True, "stop": ["never-seen-text"]}),
+            headers={"Authorization": f"Bearer {TOKEN}"})
+        reply = conn.getresponse()
+        assert reply.readline().startswith(b"data: ")
+        rest = []
+        reader = threading.Thread(target=lambda: rest.append(reply.read()))
+        reader.start()
+    reader.join(30)
+    events = rest[0].decode().strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: "):])["error"]["code"] == "unavailable"
+    assert not srv.engine.sessions  # the request's session was closed
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_generation(server, caplog):
+    import time
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.http.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"model": MODEL, "prompt": "The", "max_tokens": 512, "stream": True, "stop": ["never-seen-text"]}),
+        headers={"Authorization": f"Bearer {TOKEN}"})
+    reply = conn.getresponse()
+    assert reply.readline().startswith(b"data: ")
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while server.engine.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.engine.sessions
+    assert server.http.in_flight == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_client_that_leaves_before_a_whole_answer_cancels_its_generation(server, caplog):
+    import socket
+    import time
+
+    body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 512, "stop": ["never-seen-text"]}).encode()
+    with socket.create_connection(("127.0.0.1", server.http.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 20
+        while not server.engine.sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+    generated = server.engine.stats.decoded_tokens
+    while server.engine.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.engine.sessions and server.http.in_flight == 0
+    assert server.engine.stats.decoded_tokens - generated < 400  # cancelled, not run to max_tokens
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cuda", "bfloat16")])
+def test_prefix_reuse_continues_exactly_from_either_tier(tmp_path, device, dtype):
+    """The second request restores the first one's final state (from host
+    memory, or from the store the moment the first answer is back) and gives
+    the tokens a live session gives."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device=device, dtype=dtype)
+    prompt = [5 + i % 200 for i in range(295)]
+    for store, memory in ((None, 1 << 30), (sg.DirectorySnapshotStore(tmp_path), 0)):
+        with http_server(model, store=store, limits=LIMITS, prefix_cache_memory_bytes=memory) as srv:
+            first = complete(srv, prompt=prompt, max_tokens=8, temperature=0, return_token_ids=True)
+            reply = first["choices"][0]["token_ids"]
+            second = complete(srv, prompt=prompt + reply + [7, 8, 9], max_tokens=8, temperature=0,
+                              return_token_ids=True)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt) + 8
+        live = model.session()
+        live.feed(prompt)
+        assert [t.id for t in live.generate(max_tokens=8, temperature=0)] == reply
+        live.feed([7, 8, 9])
+        assert [t.id for t in live.generate(max_tokens=8, temperature=0)] == second["choices"][0]["token_ids"]

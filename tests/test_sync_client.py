@@ -1,0 +1,44 @@
+"""`sg.Client.connect_sync` (a blocking client for scripts) and the one-call
+`complete` of sessions, local and remote."""
+
+from __future__ import annotations
+
+import pytest
+
+import streamgemma as sg
+from streamgemma.serve.engine import Engine
+from streamgemma.serve.server import Server, serve_in_thread
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sg.load("demo")
+
+
+def test_complete_is_feed_then_generate(model):
+    text = model.session().complete("The Python", max_tokens=6, temperature=0)
+    s = model.session()
+    s.feed("The Python")
+    assert text == "".join(t.text for t in s.generate(max_tokens=6, temperature=0))
+
+
+def test_the_sync_client_opens_appends_generates_and_completes(model):
+    with serve_in_thread(Server(Engine(model, max_active=2), port=0, token="t")) as url:
+        with sg.Client.connect_sync(url, token="t") as client:
+            session = client.open(seed=4)
+            assert session.complete("The Python", max_tokens=6, temperature=0) == \
+                model.session().complete("The Python", max_tokens=6, temperature=0)
+            assert session.position == len(model.tokenizer.encode("The Python", add_bos=True)) + 6
+            session.append(" and")
+            seen = []
+            for token in session.generate(max_tokens=50, stop_token_ids=[]):
+                seen.append(token)
+                if len(seen) == 3:
+                    break  # leaving early cancels the generation on the server
+            before = session.position  # counts the tokens generated before the cancel landed
+            session.complete(" more", max_tokens=2, stop_token_ids=[])  # the session is usable again
+            assert session.position == before + len(model.tokenizer.encode(" more")) + 2
+            assert session.snapshot() == session.position
+            session.close()
+        with pytest.raises(sg.ServerError, match="unauthorized"):
+            sg.Client.connect_sync(url, token="wrong")

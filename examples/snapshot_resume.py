@@ -22,9 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+# Bit-identical float32 CPU results across processes need MKL to pick its kernels
+# the same way in both (docs/snapshots.md); it reads this when torch loads it.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+import torch  # noqa: E402
 
-import streamgemma as sg
+import streamgemma as sg  # noqa: E402
 
 CONTINUATION = 24  # greedy tokens after the snapshot
 

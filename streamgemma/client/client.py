@@ -125,15 +125,28 @@ class Client:
         """
         return SyncClient(cls(url, token=token, **options))
 
-    async def open(self, session: str | None = None, seed: int | None = None) -> ClientSession:
-        """A new session (session None) or the stored session `session`."""
+    async def open(self, session: str | ClientSession | None = None, seed: int | None = None,
+                   since: int | None = None) -> ClientSession:
+        """A new session (session None) or the stored session `session` (an
+        id, or a ClientSession of an earlier connection: then `since`
+        defaults to its `position`). With `since`, the last position the
+        client saw, the returned session's `missed` holds what the session
+        consumed after it (e.g. tokens lost with a dropped connection), so a
+        transcript can be made equal to the session's history."""
         msg: dict[str, Any] = {"type": "open"}
+        if isinstance(session, ClientSession):
+            since = session.position if since is None else since
+            session = session.id
         if session is not None:
             msg["session"] = session
         if seed is not None:
             msg["seed"] = seed
+        if since is not None:
+            msg["since"] = since
         reply = await self.request(msg)
-        return ClientSession(self, reply["session"], reply["position"])
+        opened = ClientSession(self, reply["session"], reply["position"])
+        opened.missed = reply.get("missed")
+        return opened
 
     async def request(self, msg: dict) -> dict:
         """Send `msg` with a fresh id and return the server's reply event;
@@ -253,6 +266,8 @@ class ClientSession:
         self.id = session_id
         self.position = position
         self.last_done: dict | None = None  # the `done` event of the last generation
+        # After open(..., since=P): {"from": position, "ids": [...], "text": str}, what came after P.
+        self.missed: dict | None = None
         # The generation started last: (a weak reference to its iterator, its route).
         self._running: tuple[weakref.ref, GenerationRoute] | None = None
 
@@ -323,9 +338,11 @@ class ClientSession:
                         scores = zip(msg["logprobs"], msg["top_logprobs"]) if "logprobs" in msg else None
                         for k, (token_id, text) in enumerate(zip(msg["ids"], msg["texts"])):
                             scored = _scored(*next(scores)) if scores is not None else ()
+                            self.position += 1  # every generated token is consumed by the session
                             yield Token(token_id, text, msg.get("finish_reason") if k == last else None, *scored)
                     else:
                         scored = _scored(msg["logprob"], msg["top_logprobs"]) if "logprob" in msg else ()
+                        self.position += 1
                         yield Token(msg["id"], msg["text"], msg.get("finish_reason"), *scored)
                 raise ConnectionError(f"the connection closed during the generation: {client.closed_error}")
             finally:

@@ -79,6 +79,7 @@ class Connection:
         self._overflowed = False
         self._unconfirmed = 0  # bytes written by _write_now since the writer last drained
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._streaming = 0  # generations whose frames are still being sent
 
     async def run(self) -> None:
         try:
@@ -109,6 +110,11 @@ class Connection:
                 es.owner = None
         finally:
             self.released.set()
+
+    @property
+    def sending(self) -> bool:
+        """Whether frames wait to be written (queued, or a generation's not all sent)."""
+        return bool(self._outbox) or bool(self._starting) or self._streaming > 0
 
     def send(self, frame: str) -> None:
         """Send an event, or queue it; never waits (a full queue disconnects
@@ -296,8 +302,14 @@ class Connection:
         es.owner = self
         self.sessions[es.id] = es
         log.info("connection %d: session %s %s at position %d", self.number, log_id(es.id), how, es.position)
+        fields = {}
+        if request.since is not None:  # what the client missed (e.g. tokens lost with its last connection)
+            start, ids = await self.engine.history(es, min(request.since, es.position))
+            tok = self.engine.model.tokenizer
+            text = tok.decode([i for i in ids if i < tok.vocab_size]) if tok is not None else ""
+            fields["missed"] = {"from": start, "ids": ids, "text": text}
         self.send(event("opened", request.id, session=es.id, position=es.position,
-                        state_bytes=self.server.state_bytes))
+                        state_bytes=self.server.state_bytes, **fields))
 
     async def _take_over(self, es: SessionRecord) -> None:
         """Wait until no other connection holds `es`: one that is ending lets
@@ -341,7 +353,9 @@ class Connection:
             self.engine.cancel(es)
         # A token's "id" is the token id; the request id comes back on "done".
         outgoing = Outgoing(self, stream, TokenFrames(es.id), request.id, request.coalesce)
+        self._streaming += 1
         try:
             await self.server.pump.stream(outgoing)
         finally:
+            self._streaming -= 1
             await stream.aclose()  # cancels the generation if it has not ended (e.g. the connection closed)

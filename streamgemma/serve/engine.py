@@ -13,7 +13,6 @@ time (`_model_lock`), so the event loop stays free to read and write sockets.
 from __future__ import annotations
 
 import array
-import contextlib
 import itertools
 import logging
 import secrets
@@ -25,6 +24,7 @@ import anyio.to_thread
 
 from ..errors import SnapshotError, SnapshotIdError, SnapshotNotFound
 from ..sampling.params import SamplingParams
+from ..session.journal import replay
 from ..session.model import Model
 from ..session.store import SnapshotStore
 from ..validate import check_position, check_sampling, check_seed
@@ -36,6 +36,7 @@ from .inputs import (
     DEFAULT_MAX_QUEUED_TOKENS,
     InputQueues,
 )
+from .journaling import DEFAULT_SNAPSHOT_EVERY, TickJournal
 from .offload import DEFAULT_MAX_UNWRITTEN, SUSPEND_COMPRESSION_LEVEL, MemoryStore, Offloader
 from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
 from .scheduler import (
@@ -68,7 +69,9 @@ class Engine:
     `scheduler` (0: always prefill; the idle default is 4 on CUDA, 1
     elsewhere). session_ttl: seconds after which a session nobody holds
     (`owner` None) and nobody used is closed, its snapshot deleted (None:
-    never). max_unwritten, compression_level: see `offload`. host_work:
+    never). max_unwritten, compression_level: see `offload`. journal: keep
+    the store's write-ahead journal (if it has one; see `journaling`), with a
+    background snapshot every `snapshot_every` journaled tokens. host_work:
     "loop" or "thread" (see `batch`; default by device). Run the scheduler
     with `await engine.run()` in a task group (it returns when cancelled);
     call the other methods from the same event loop. `stats` holds counters
@@ -81,7 +84,8 @@ class Engine:
                  max_queued_text_bytes: int = DEFAULT_MAX_QUEUED_TEXT_BYTES, input_share: float = DEFAULT_INPUT_SHARE,
                  step_input_tokens: int = DEFAULT_STEP_INPUT_TOKENS, idle_step_input_tokens: int | None = None,
                  session_ttl: float | None = None, max_unwritten: int = DEFAULT_MAX_UNWRITTEN,
-                 compression_level: int = SUSPEND_COMPRESSION_LEVEL, host_work: str | None = None):
+                 compression_level: int = SUSPEND_COMPRESSION_LEVEL, host_work: str | None = None,
+                 journal: bool = True, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active!r}")
         if input_chunk < 1:
@@ -101,7 +105,9 @@ class Engine:
         self.inputs = InputQueues(model.tokenizer, model.config.vocab_size, max_pending_tokens, max_queued_tokens,
                                   max_queued_text_bytes)
         self.executor = batch_executor(model, self.stats, host_work)
-        self.offloader = Offloader(model, self.store, self.stats, self._superseded, max_unwritten, compression_level)
+        self.journal = TickJournal(self.store.journal() if journal else None, self.stats, snapshot_every)
+        self.offloader = Offloader(model, self.store, self.stats, self._superseded, max_unwritten, compression_level,
+                                   self.journal.journal)
         self.sessions: dict[str, SessionRecord] = {}
         self.unsaved: list[str] = []  # after `suspend_all`: sessions it could not store
         self._generating: dict[str, SessionRecord] = {}  # sessions with a generation
@@ -136,6 +142,8 @@ class Engine:
         es = SessionRecord(sid, live, live.position)
         self.sessions[sid] = es
         self._touch(es)
+        if self.journal.enabled:  # recovery starts from a stored snapshot
+            await self.snapshot(es)
         return es
 
     async def capture(self, es: SessionRecord):
@@ -160,6 +168,7 @@ class Engine:
                 await self.wait_input_turn()
                 async with self._input_work():
                     contents = await self.offloader.read(session_id)
+                    records = await self.journal.read(session_id, contents.position)
             except (SnapshotNotFound, SnapshotIdError):
                 raise EngineError("unknown_session", "no such session") from None
             except SnapshotError as e:
@@ -170,9 +179,20 @@ class Engine:
             if es is None:
                 es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
                 self.offloader.keep(session_id, contents)
+                if records:  # it consumed more than its snapshot holds: replay the journal
+                    await self._recover(es, records)
         if es.generation is not None and es.generation.cancelled:
             await self._settle(es)  # so the position reported is final
         return es
+
+    async def history(self, es: SessionRecord, since: int) -> tuple[int, list[int]]:
+        """(start, ids): the ids `es` consumed from position `start` on, where
+        start is `since`, or later if the session keeps fewer ids (its last 1024)."""
+        async with self._model_lock:
+            await self._ensure_live(es)
+            recent = es.live.recent_ids
+        start = min(max(since, es.position - len(recent)), es.position)
+        return start, recent[len(recent) - (es.position - start):]
 
     def append(self, es: SessionRecord, ids_or_text: Sequence[int] | array.array | str) -> PendingInput:
         """Queue input for `es`; returns at once. Text gets BOS first when it
@@ -216,6 +236,8 @@ class Engine:
             self._check_usable(es)  # (closed while its input was consumed)
             await self._ensure_live(es)
             generation = await anyio.to_thread.run_sync(es.live.start_generation, params)
+            if params.seed is not None:  # the reseeded stream, journaled with the next tick
+                self.journal.record(es.id, es.live, "rng")
         queue = TokenQueue()  # holds a whole generation, so the scheduler never waits on a reader
         es.generation = ActiveGeneration(generation, queue)
         self._generating[es.id] = es
@@ -259,6 +281,7 @@ class Engine:
                 es.live.close()
                 es.live = None
         await self.offloader.delete(es.id)
+        await self.journal.delete(es.id)
         self.sessions.pop(es.id, None)
         self._generating.pop(es.id, None)
 
@@ -272,6 +295,7 @@ class Engine:
             return
         try:
             await self.offloader.delete(session_id, missing_ok=False)
+            await self.journal.delete(session_id)
         except (SnapshotNotFound, SnapshotIdError):
             raise EngineError("unknown_session", "no such session") from None
 
@@ -359,20 +383,25 @@ class Engine:
             if decode:
                 batch = [(es, es.generation) for es in decode.batch]
                 started = time.monotonic()
+                inputs = [(es.live, es.next_input_token()) for es in decode.riders]
                 tokens = await self.executor.run([active.generation for _, active in batch],
-                                                 [es.live.slot for es in decode.batch],
-                                                 [(es.live, es.next_input_token()) for es in decode.riders])
+                                                 [es.live.slot for es in decode.batch], inputs)
                 input_seconds += self.scheduler.decoded(len(batch), len(decode.riders), time.monotonic() - started)
                 started = time.perf_counter()
                 for (es, active), token in zip(batch, tokens):
-                    if es.generation is active:  # not ended meanwhile
-                        self._deliver(es, token)
-                for es in decode.riders:
-                    self.inputs.consumed(es, 1)
+                    self.journal.record(es.id, es.live, "step", (token.id,))
+                    self.journal.then(self._deliver, es, active, token)
+                for es, (_, token) in zip(decode.riders, inputs):
+                    self.journal.record(es.id, es.live, "step", (token,))
+                    self.journal.then(self.inputs.consumed, es, 1)
                 self.stats.phase_seconds["deliver"] += time.perf_counter() - started
             if plan.decoding and input_seconds:
                 self.scheduler.charge_input(input_seconds, time.monotonic())
             self._riding = set()
+            await self.journal.commit()  # before anything of this tick reaches a client
+            for sid in self.journal.due():  # bound the replay: a background snapshot
+                if (es := self.sessions.get(sid)) is not None and es.live is not None:
+                    await self.offloader.snapshot(sid, es.live)
         self._signal_delivered()
         await anyio.sleep(0)  # let the event loop run sends and new requests between ticks
 
@@ -401,7 +430,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - delivered to whoever awaits this input
             self._input_failed(es, e)
             return
-        self.inputs.consumed(es, len(chunk))
+        self.journal.record(es.id, es.live, "feed", chunk)
+        self.journal.then(self.inputs.consumed, es, len(chunk))
 
     async def _restore_for_input(self, es: SessionRecord) -> bool:
         """Give `es` a slot so its input can ride along; False (its first input
@@ -423,8 +453,9 @@ class Engine:
         long; returns how many. `run` does it periodically (see `expiry`)."""
         return await expiry.expire(self) if self.session_ttl is not None else 0
 
-    def _deliver(self, es: SessionRecord, token) -> None:
-        active = es.generation
+    def _deliver(self, es: SessionRecord, active: ActiveGeneration, token) -> None:
+        if es.generation is not active:  # ended meanwhile
+            return
         if not active.queue.put(token):
             active.cancelled = True  # nobody is listening any more
         if token.finish_reason is not None:
@@ -454,43 +485,31 @@ class Engine:
         es.live = await self.offloader.restore(es.id)
 
     async def _make_room(self) -> None:
-        """Free a slot if max_active are taken: suspend the least recently
-        used idle session, else one that only waits for its input turn (it
-        is restored on its turn: waiting input never holds a slot, or a
-        client could take every slot with slow input). Caller holds _model_lock."""
+        """Free a slot if max_active are taken (`Scheduler.to_suspend` picks
+        the session to suspend). Caller holds _model_lock."""
         live = [es for es in self.sessions.values() if es.live is not None]
-        if len(live) < self.max_active:
-            return
-        waiting = [es for es in live if es.generation is None and not es.idle]
-        # Riders of this tick last: one suspended now just drops out of its decode.
-        idle = ([es for es in live if es.idle] or [es for es in waiting if es.id not in self._riding]
-                or waiting)
-        if not idle:
-            raise EngineError("capacity", f"all {self.max_active} slots are busy generating; retry later")
-        await self._suspend(min(idle, key=lambda es: es.last_used))
+        if len(live) >= self.max_active:
+            await self._suspend(self.scheduler.to_suspend(live, self._riding))
 
     def charge_input(self, seconds: float) -> None:
         """Work done for a client outside the ticks (parsing its frames, its
-        open or resume) counts as input while sessions generate: it takes
-        the processor time and event loop that decoding needs."""
-        if self.scheduler.decoding(self._generating.values()):
-            self.scheduler.charge_input(seconds, time.monotonic())
+        open or resume) counts as input while sessions generate."""
+        self.scheduler.charge_outside(self._generating.values(), seconds, time.monotonic())
 
     async def wait_input_turn(self) -> None:
         """While sessions generate, wait until the input budget allows more
         input work: for requests whose work is not queued for a tick."""
-        budget = self.scheduler.budget
-        while self.scheduler.decoding(self._generating.values()) and not budget.allows(now := time.monotonic()):
-            await anyio.sleep(budget.next_turn_at - now)
+        await self.scheduler.wait_input_turn(self._generating)
 
-    @contextlib.asynccontextmanager
-    async def _input_work(self):
+    def _input_work(self):
         """Charge the block's time (not the wait for the lock) to the input budget."""
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            self.charge_input(time.monotonic() - started)
+        return self.scheduler.input_work(self._generating)
+
+    async def _recover(self, es: SessionRecord, records: list) -> None:
+        async with self._model_lock:
+            await self._ensure_live(es)
+            replayed = await anyio.to_thread.run_sync(replay, es.live, records)
+        log.info("session %s... recovered: %d journal records replayed", es.id[:8], replayed)
 
     async def _suspend(self, es: SessionRecord) -> None:
         position = es.live.position

@@ -27,6 +27,7 @@ async def expire(engine) -> int:
     gone = [sid for sid in stored if sid not in engine.sessions]
     for sid in gone:
         await engine.offloader.delete(sid)
+        await engine.journal.delete(sid)
     count = len(stale) + len(gone)
     if count:
         log.info("expired %d sessions unused for %g s", count, ttl)

@@ -25,6 +25,7 @@ import zstandard
 
 from ..errors import SnapshotNotFound
 from ..session import snapshot as snapshot_format
+from ..session.journal import Journal
 from ..session.model import Model
 from ..session.session import Session
 from ..session.store import SnapshotStore, validate_session_id
@@ -107,7 +108,8 @@ class Offloader:
     the caller holds the engine's model lock where the docstring says so."""
 
     def __init__(self, model: Model, store: SnapshotStore, stats: EngineStats, superseded: Callable[[str], bool],
-                 max_unwritten: int = DEFAULT_MAX_UNWRITTEN, compression_level: int = SUSPEND_COMPRESSION_LEVEL):
+                 max_unwritten: int = DEFAULT_MAX_UNWRITTEN, compression_level: int = SUSPEND_COMPRESSION_LEVEL,
+                 journal: Journal | None = None):
         if max_unwritten < 1:
             raise ValueError(f"max_unwritten must be >= 1, got {max_unwritten!r}")
         if isinstance(compression_level, bool) or not isinstance(compression_level, int) \
@@ -119,6 +121,7 @@ class Offloader:
         self.stats = stats
         self.max_unwritten = max_unwritten
         self.compression_level = compression_level
+        self.journal = journal  # compacted once a snapshot covering its records is stored
         self._superseded = superseded
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamgemma-writer")
         self._unwritten: dict[str, Write] = {}
@@ -234,6 +237,8 @@ class Offloader:
     def _write(self, session_id: str, contents: snapshot_format.SnapshotContents) -> None:
         """In the writer thread: encode and store."""
         self.store.put(session_id, snapshot_format.encode_contents(contents, self.compression_level))
+        if self.journal is not None:
+            self.journal.compact(session_id, contents.position)
 
     def _decode(self, blob: bytes) -> snapshot_format.SnapshotContents:
         return snapshot_format.decode(blob, self.model.config, self.model.fingerprint)

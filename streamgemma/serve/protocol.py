@@ -47,6 +47,7 @@ class Open:
     id: Any = None
     session: str | None = None
     seed: int | None = None
+    since: int | None = None  # the last position the client saw: the reply carries what came after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,7 @@ Request = Open | Append | Generate | Cancel | Snapshot | Close
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                     "presence_penalty", "stop", "stop_token_ids", "seed", "logprobs")
 _ALLOWED = {
-    "open": {"type", "id", "session", "seed"},
+    "open": {"type", "id", "session", "seed", "since"},
     "append": {"type", "id", "session", "text", "tokens"},
     "generate": {"type", "id", "session", "coalesce", *_SAMPLING_FIELDS},
     "cancel": {"type", "id", "session"},
@@ -137,7 +138,12 @@ def parse_request(frame: str | bytes, max_tokens_limit: int, default_max_tokens:
                                            "'_', '-', '.')", request_id)
     try:
         if kind == "open":
-            return Open(request_id, session, check_seed(msg.get("seed")))
+            since = msg.get("since")
+            if since is not None and (session is None or isinstance(since, bool) or not isinstance(since, int)
+                                      or since < 0):
+                raise InvalidValueError("since", "\"since\" is a position (an integer >= 0) of the session "
+                                                 "being opened")
+            return Open(request_id, session, check_seed(msg.get("seed")), since)
         if kind == "append":
             return _append(msg, request_id, session)
         if kind == "generate":

@@ -163,3 +163,5 @@ class EngineStats:
     write_failures: int = 0  # snapshot writes the store refused (each is logged)
     dropped_inputs: int = 0  # inputs dropped unconsumed: their connection ended, or they failed
     expired_sessions: int = 0  # deleted after `session_ttl` without use
+    journal_commits: int = 0  # group commits of the write-ahead journal (one per tick with records)
+    journal_failures: int = 0  # commits that failed (each is logged and retried)

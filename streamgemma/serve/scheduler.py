@@ -17,7 +17,8 @@ A tick, in order:
    of them every tick (input appended to a generating session is consumed
    before its next token).
 `plan_input` is 1-2, `plan_decode` is 3 (computed after the prefill, so input
-that arrived meanwhile counts). Neither touches a device or an event loop.
+that arrived meanwhile counts). Neither touches a device or an event loop
+(only `wait_input_turn` waits, for requests outside the ticks).
 
 Fairness. Generating sessions share every decode step, so none delays
 another by more than a batch row. Input is the work that could starve them:
@@ -32,10 +33,14 @@ share. With nobody generating, input takes all the time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 
-from .record import SessionRecord
+import anyio
+
+from .record import EngineError, SessionRecord
 
 DEFAULT_STEP_INPUT_TOKENS = 16
 # When nobody generates: on CUDA a decode step (a CUDA graph) per token beats a
@@ -141,6 +146,29 @@ class Scheduler:
         (so input work counts against the input budget)."""
         return any(es.live is not None and not es.inputs and not es.generation.cancelled for es in generating)
 
+    def charge_outside(self, generating: Iterable[SessionRecord], seconds: float, now: float) -> None:
+        """Work done for a client outside the ticks (parsing its frames, its
+        open or resume) counts as input while sessions generate: it takes
+        the processor time and event loop that decoding needs."""
+        if self.decoding(generating):
+            self.budget.charge(seconds, now)
+
+    async def wait_input_turn(self, generating: Mapping[str, SessionRecord]) -> None:
+        """While sessions of `generating` (a live view) generate, wait until
+        the input budget allows more input work."""
+        budget = self.budget
+        while self.decoding(generating.values()) and not budget.allows(now := time.monotonic()):
+            await anyio.sleep(budget.next_turn_at - now)
+
+    @contextlib.asynccontextmanager
+    async def input_work(self, generating: Mapping[str, SessionRecord]):
+        """Charge the block's time to the input budget (see `charge_outside`)."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.charge_outside(generating.values(), time.monotonic() - started, time.monotonic())
+
     def charge_input(self, seconds: float, now: float) -> None:
         """The input work of the tick planned last (its input turn, and the
         riders' part of the decode: `decoded`) took `seconds`, ending at `now`."""
@@ -153,6 +181,20 @@ class Scheduler:
             self.decode_costs.observe(generating, seconds)
             return 0.0
         return self.decode_costs.riders_seconds(generating, riders, seconds)
+
+    @staticmethod
+    def to_suspend(live: list[SessionRecord], riding: set[str]) -> SessionRecord:
+        """Which of the `live` sessions (all slots taken) gives up its slot: the
+        least recently used idle one, else one that only waits for its input
+        turn (restored on its turn: waiting input never holds a slot, or a
+        client could take every slot with slow input), this tick's riders
+        (`riding` ids) last. EngineError("capacity") if all generate."""
+        waiting = [es for es in live if es.generation is None and not es.idle]
+        # Riders of this tick last: one suspended now just drops out of its decode.
+        idle = [es for es in live if es.idle] or [es for es in waiting if es.id not in riding] or waiting
+        if not idle:
+            raise EngineError("capacity", f"all {len(live)} slots are busy generating; retry later")
+        return min(idle, key=lambda es: es.last_used)
 
     @staticmethod
     def plan_decode(generating: Iterable[SessionRecord], riders: Iterable[SessionRecord]) -> DecodePlan:

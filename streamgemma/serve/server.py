@@ -49,6 +49,8 @@ RESERVED_FDS = 64
 # high-water mark; reading from the socket pauses above it): with 1 MiB frames,
 # what a client that sends faster than its rate holds in server memory.
 RECEIVE_QUEUE_FRAMES = 4
+# At shutdown, how long generations' last frames may take to be sent before connections close.
+SHUTDOWN_DRAIN_S = 5.0
 
 
 class Server:
@@ -156,6 +158,7 @@ class Server:
                     await self._stop.wait()
                     if self.http is not None:  # its requests end while the engine runs
                         await self.http.stop()
+                    await self._end_generations()
                     # Close every connection while the engine runs: their generations end.
                     ws_server.close()
                     await ws_server.wait_closed()
@@ -164,6 +167,20 @@ class Server:
             if started:
                 with anyio.CancelScope(shield=True):
                     await self._save_sessions()
+
+    async def _end_generations(self) -> None:
+        """Shutdown, before the connections close: cancel every generation and
+        let its last tokens and `done` reach the client (waiting at most
+        SHUTDOWN_DRAIN_S), so no client misses a token its session consumed."""
+        with anyio.move_on_after(SHUTDOWN_DRAIN_S):
+            generating = [es for es in list(self.engine.sessions.values()) if es.generation is not None]
+            for es in generating:
+                self.engine.cancel(es)
+            for es in generating:
+                if es.generation is not None:
+                    await es.generation.ended.wait()
+            while any(conn.sending for conn in self.connections):
+                await anyio.sleep(0.01)
 
     async def _check_before_listening(self) -> None:
         store = self.engine.store

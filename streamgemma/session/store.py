@@ -8,70 +8,23 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-import re
 import shutil
 import stat
-import tempfile
 import time
 from pathlib import Path
 
 from ..config import GriffinConfig
-from ..errors import SnapshotFormatError, SnapshotIdError, SnapshotNotFound, StoreError
-from ..validate import short
+from ..errors import SnapshotFormatError, SnapshotNotFound, StoreError
 from . import snapshot as snapshot_format
+from .files import SESSION_ID_PATTERN, TEMP_SUFFIX, fsync_directory, validate_session_id, write_file_atomic
+from .journal import DirectoryJournal, Journal
 
-# Ids become file names: no separators, no leading dot (so no '.', '..' or
-# hidden/temp names), short enough for a 255-byte file name with our suffixes.
-SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
-TEMP_SUFFIX = ".tmp"
+__all__ = ["SESSION_ID_PATTERN", "DirectorySnapshotStore", "SnapshotStore", "validate_session_id",
+           "write_file_atomic"]
+
 # A temp file older than this at start-up belongs to a write that died (a
 # write takes well under a second); a younger one may be another process's.
 STALE_TEMP_AT_START_S = 60.0
-
-
-def validate_session_id(session_id: object) -> str:
-    """Return `session_id` if it can name a snapshot in a store: 1-200 characters
-    of ASCII letters, digits, '_', '-', '.', not starting with '.'. Raises
-    SnapshotIdError otherwise."""
-    if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
-        raise SnapshotIdError(f"session id {short(session_id)} is not valid: use 1-200 characters of ASCII "
-                              "letters, digits, '_', '-' and '.', not starting with '.'")
-    return session_id
-
-
-def write_file_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
-    """Write `data` to `path` so that readers see either the old file or the
-    complete new one, never a partial file, even across a crash: a temp file in
-    the same directory, fsync, rename over `path`, fsync the directory.
-    Concurrent writers of one path each write their own temp file; the last
-    rename wins. The file is created with mode 0600 (snapshots hold
-    conversation state)."""
-    path = Path(path)
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in `directory` durable."""
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class SnapshotStore(abc.ABC):
     """Snapshots (the bytes of `Session.snapshot()`) by session id.
@@ -95,6 +48,11 @@ class SnapshotStore(abc.ABC):
         """Ids whose snapshot was last written more than `seconds` ago (for
         expiry); a store that does not know returns []."""
         return []
+
+    def journal(self) -> Journal | None:
+        """The write-ahead journal kept beside the snapshots (see `journal`),
+        None for a store that does not outlive the process."""
+        return None
 
     @abc.abstractmethod
     def put(self, session_id: str, blob: bytes) -> None:
@@ -137,9 +95,16 @@ class DirectorySnapshotStore(SnapshotStore):
             max_bytes = max(snapshot_format.max_file_bytes(GriffinConfig.preset(name))
                             for name in GriffinConfig.presets())
         self.max_bytes = max_bytes
+        self._journal: DirectoryJournal | None = None
 
     def __repr__(self) -> str:
         return f"DirectorySnapshotStore({str(self.directory)!r})"
+
+    def journal(self) -> DirectoryJournal:
+        """Journals in the subdirectory `journal` (made on first use)."""
+        if self._journal is None:
+            self._journal = DirectoryJournal(self.directory / "journal")
+        return self._journal
 
     def describe(self) -> str:
         return f"directory {self.directory}"
@@ -186,7 +151,7 @@ class DirectorySnapshotStore(SnapshotStore):
             os.unlink(path)
         except FileNotFoundError:
             raise SnapshotNotFound(f"no snapshot for session {session_id} in {self.directory}") from None
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def list(self) -> list[str]:
         return sorted(sid for sid, _ in self._entries())

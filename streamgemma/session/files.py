@@ -1,0 +1,62 @@
+"""Files of the stores: session ids as file names, and the atomic write
+(temp file, fsync, rename, fsync the directory) that snapshots use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from ..errors import SnapshotIdError
+from ..validate import short
+
+# Ids become file names: no separators, no leading dot (so no '.', '..' or
+# hidden/temp names), short enough for a 255-byte file name with our suffixes.
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+TEMP_SUFFIX = ".tmp"
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return `session_id` if it can name a snapshot in a store: 1-200 characters
+    of ASCII letters, digits, '_', '-', '.', not starting with '.'. Raises
+    SnapshotIdError otherwise."""
+    if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise SnapshotIdError(f"session id {short(session_id)} is not valid: use 1-200 characters of ASCII "
+                              "letters, digits, '_', '-' and '.', not starting with '.'")
+    return session_id
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
+    """Write `data` to `path` so that readers see either the old file or the
+    complete new one, never a partial file, even across a crash: a temp file in
+    the same directory, fsync, rename over `path`, fsync the directory.
+    Concurrent writers of one path each write their own temp file; the last
+    rename wins. The file is created with mode 0600 (snapshots hold
+    conversation state)."""
+    path = Path(path)
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in `directory` durable."""
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

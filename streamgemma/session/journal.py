@@ -1,0 +1,219 @@
+"""The write-ahead journal: what a session consumed since its last stored
+snapshot, so that a crash loses nothing that was acknowledged.
+
+A record is one step of the session as it was executed: a prefill chunk
+(`feed`, its ids exactly as one `Session.feed` call took them, so replay uses
+the same chunk boundaries), one token consumed by a decode row (`step`: an
+input token riding along, or a generated token), or a change of the sampler
+stream alone (`rng`: a generation started with a seed). Each record carries
+the position it starts at and the host state the session had after it that
+replay cannot recompute: the sampler stream (seed, counter) and the stop that
+ended a generation. Recovery is `model.restore(snapshot)` and `replay` of the
+records past the snapshot's position, through the same model calls.
+
+`Journal` stores records by session id; `append` takes the records of many
+sessions (one engine tick) and returns once all are durable: one group
+commit per tick. `DirectoryJournal` keeps one append-only file per session.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import msgpack
+
+from ..errors import SnapshotFormatError
+from .files import fsync_directory, validate_session_id, write_file_atomic
+
+KINDS = ("feed", "step", "rng")
+# A record on disk: payload length and CRC-32 (u32 LE each), then the msgpack payload.
+# A torn tail (a crash mid-append) fails the length or CRC check and ends the journal:
+# that append never returned, so nothing in it was acknowledged.
+FRAME = struct.Struct("<II")
+MAX_RECORD_BYTES = 1 << 24  # a prefill chunk of ids is far smaller
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalRecord:
+    """One executed step of a session (see the module docstring). `position`:
+    where it starts; `ids`: the tokens it consumed (none for "rng"); `rng`:
+    the sampler stream after it (RandomStream.to_bytes); `stopped`: the
+    session's `state.stopped` after it."""
+
+    position: int
+    kind: str
+    ids: tuple[int, ...]
+    rng: bytes
+    stopped: str | None = None
+
+    @property
+    def end(self) -> int:
+        """The session's position after the record."""
+        return self.position + len(self.ids)
+
+    def encode(self) -> bytes:
+        payload = msgpack.packb({"p": self.position, "k": self.kind, "i": list(self.ids), "r": self.rng,
+                                 "s": self.stopped}, use_bin_type=True)
+        return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+    @classmethod
+    def of(cls, session, kind: str, ids: Iterable[int] = ()) -> JournalRecord:
+        """The record of `session` having just consumed `ids` with `kind`."""
+        ids = tuple(int(i) for i in ids)
+        return cls(session.position - len(ids), kind, ids, session.state.rng.to_bytes(), session.state.stopped)
+
+
+def decode_records(data: bytes) -> list[JournalRecord]:
+    """The records framed in `data`, up to a torn or damaged tail (ignored:
+    its append never completed)."""
+    records, offset = [], 0
+    while offset + FRAME.size <= len(data):
+        size, crc = FRAME.unpack_from(data, offset)
+        start, offset = offset + FRAME.size, offset + FRAME.size + size
+        payload = data[start:offset]
+        if size > MAX_RECORD_BYTES or len(payload) < size or zlib.crc32(payload) != crc:
+            break
+        try:
+            m = msgpack.unpackb(payload, raw=False)
+            record = JournalRecord(int(m["p"]), m["k"], tuple(int(i) for i in m["i"]), bytes(m["r"]), m["s"])
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+            raise SnapshotFormatError(f"a journal record cannot be read: {e}") from None
+        if record.kind not in KINDS:
+            raise SnapshotFormatError(f"a journal record has the unknown kind {record.kind!r}")
+        records.append(record)
+    return records
+
+
+def replay(session, records: Iterable[JournalRecord]) -> int:
+    """Advance `session` (restored from a snapshot) through the records past
+    its position, with the calls that executed them; how many were replayed.
+    SnapshotFormatError when the records do not continue the session (a gap:
+    the snapshot is older than the journal's start)."""
+    from ..sampling.philox import RandomStream
+
+    count = 0
+    for record in records:
+        if record.end <= session.position and record.kind != "rng" or record.position < session.position:
+            continue  # covered by the snapshot
+        if record.position != session.position:
+            raise SnapshotFormatError(f"the journal continues at position {record.position}, the snapshot "
+                                      f"ends at {session.position}: records are missing")
+        if record.kind == "feed":
+            session.feed(list(record.ids))
+        elif record.kind == "step":
+            session.step(record.ids[0])
+        session.state.rng = RandomStream.from_bytes(record.rng)
+        session.state.stopped = record.stopped
+        count += 1
+    return count
+
+
+def beyond(records: Iterable[JournalRecord], position: int) -> bool:
+    """Whether some record continues a session snapshotted at `position`."""
+    return any(r.position >= position and (r.ids or r.kind == "rng") for r in records)
+
+
+class Journal(abc.ABC):
+    """Records by session id (ids validated as a store's)."""
+
+    @abc.abstractmethod
+    def append(self, batch: Mapping[str, list[bytes]]) -> None:
+        """Append encoded records to each session's journal; returns once all
+        of them are durable (one group commit). Raises on failure (then any
+        of them may or may not be stored: the caller retries the whole batch,
+        and a record stored twice is skipped by `replay`)."""
+
+    @abc.abstractmethod
+    def read(self, session_id: str) -> list[JournalRecord]:
+        """The records of `session_id`, oldest first ([] if none)."""
+
+    @abc.abstractmethod
+    def compact(self, session_id: str, position: int) -> None:
+        """A snapshot at `position` is stored: drop the records it covers."""
+
+    @abc.abstractmethod
+    def delete(self, session_id: str) -> None:
+        """Forget `session_id`'s records (no error if there are none)."""
+
+
+class DirectoryJournal(Journal):
+    """One append-only file `<session_id>.sgjournal` per session in
+    `directory`. A batch's files are written and fsynced in parallel
+    (`threads`), so a tick of many sessions costs about one fsync. Meant for
+    one process at a time per session (the directory store's single server)."""
+
+    SUFFIX = ".sgjournal"
+
+    def __init__(self, directory: str | os.PathLike, threads: int = 8):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamgemma-journal")
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DirectoryJournal({str(self.directory)!r})"
+
+    def path(self, session_id: str) -> Path:
+        return self.directory / (validate_session_id(session_id) + self.SUFFIX)
+
+    def _lock(self, session_id: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(session_id, threading.Lock())
+
+    def _append_one(self, session_id: str, records: list[bytes]) -> None:
+        path = self.path(session_id)
+        with self._lock(session_id):
+            new = not path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                os.write(fd, b"".join(records))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if new:  # the file's name must survive a crash too
+                fsync_directory(self.directory)
+
+    def append(self, batch: Mapping[str, list[bytes]]) -> None:
+        if len(batch) == 1:
+            self._append_one(*next(iter(batch.items())))
+            return
+        futures = [self._pool.submit(self._append_one, sid, records) for sid, records in batch.items()]
+        for future in futures:
+            future.result()
+
+    def read(self, session_id: str) -> list[JournalRecord]:
+        try:
+            return decode_records(self.path(session_id).read_bytes())
+        except FileNotFoundError:
+            return []
+
+    def compact(self, session_id: str, position: int) -> None:
+        with self._lock(session_id):
+            path = self.path(session_id)
+            try:
+                records = decode_records(path.read_bytes())
+            except FileNotFoundError:
+                return
+            keep = [r for r in records if r.end > position or (r.kind == "rng" and r.position >= position)]
+            if not keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            elif len(keep) < len(records):
+                write_file_atomic(path, b"".join(r.encode() for r in keep))
+
+    def delete(self, session_id: str) -> None:
+        with self._lock(session_id), contextlib.suppress(FileNotFoundError):
+            self.path(session_id).unlink()
+        with self._locks_lock:
+            self._locks.pop(session_id, None)
+

@@ -14,6 +14,7 @@ _EXPORTS = {
     "Model": "session.model", "load": "session.model",
     "Session": "session.session", "Chat": "session.chat",
     "SnapshotStore": "session.store", "DirectorySnapshotStore": "session.store",
+    "RedisSnapshotStore": "session.redis_store", "open_store": "session.stores",
     "SamplingParams": "sampling.params", "KernelConfig": "fast.tuning",
     "Engine": "serve.engine", "EngineError": "serve.record",
     "Server": "serve.server", "Limits": "serve.server", "serve_in_thread": "serve.server",
@@ -22,7 +23,8 @@ _EXPORTS = {
     **dict.fromkeys(("StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "StoppedError",
                      "SnapshotError", "SnapshotFormatError", "SnapshotCorrupted", "SnapshotVersionError",
                      "SnapshotModelMismatch", "SnapshotMetadataError", "SnapshotNotFound", "SnapshotIdError",
-                     "CapacityError", "InvalidValueError", "StoreError", "ServeError"),
+                     "CapacityError", "InvalidValueError", "StoreError", "ServeError", "StoreUnavailable",
+                     "SessionHeld", "LeaseLost"),
                     "errors"),
 }
 

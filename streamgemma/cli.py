@@ -87,8 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     g.add_argument("--token", help="require the bearer token TOKEN (default: $STREAMGEMMA_TOKEN; "
                                    "none: no authentication)")
-    g.add_argument("--store", metavar="DIR", help="directory for suspended sessions (default: memory only, "
-                                                 "so sessions do not survive a restart)")
+    g.add_argument("--store", metavar="DIR|URL", help="where sessions and their journals live: a directory, or "
+                   "redis://[user:password@]HOST:PORT/DB (rediss:// for TLS) shared by a fleet of servers "
+                   "(docs/deploy.md); default: memory only, so sessions do not survive a restart")
+    g.add_argument("--store-prefix", default="streamgemma", metavar="P", help="key prefix in a Redis store")
+    g.add_argument("--lease-ttl", type=float, default=10.0, metavar="S",
+                   help="seconds after which a dead worker's sessions may be taken over (Redis store; default 10)")
     g.add_argument("--max-active", type=int, default=64, metavar="N",
                    help="sessions holding a state slot at once: the decode batch bound (default 64)")
     g.add_argument("--max-tokens", type=int, default=4096, metavar="N",
@@ -283,7 +287,7 @@ def _serve(args: argparse.Namespace) -> None:
     from .serve.engine import Engine
     from .serve.server import Limits, Server
     from .session import snapshot as snapshot_format
-    from .session.store import DirectorySnapshotStore
+    from .session.stores import open_store
 
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="streamgemma serve: %(message)s")
@@ -307,11 +311,19 @@ def _serve(args: argparse.Namespace) -> None:
     if min(args.max_queued_tokens, args.max_queued_bytes, args.max_active) < 1:
         raise ServeError("--max-queued-tokens, --max-queued-bytes and --max-active must be >= 1")
     http = _http_config(args)
+    if not args.lease_ttl > 0:
+        raise ServeError(f"--lease-ttl must be > 0 seconds, got {args.lease_ttl}")
+
+    def store_of(max_bytes=None):
+        try:
+            return open_store(args.store, args.store_prefix, args.lease_ttl, max_bytes) if args.store else None
+        except ValueError as e:
+            raise ServeError(f"--store: {e}") from None
+
     if args.store:
-        DirectorySnapshotStore(args.store).prepare()  # writable? (before the load, to fail fast)
+        store_of().prepare()  # writable, reachable? (before the load, to fail fast)
     model = _load(args)
-    store = (DirectorySnapshotStore(args.store, max_bytes=snapshot_format.max_file_bytes(model.config))
-             if args.store else None)
+    store = store_of(snapshot_format.max_file_bytes(model.config))
     log = logging.getLogger("streamgemma.serve.server")
     if model.device.type == "cuda":
         log.info("compiling kernels and capturing decode graphs for up to %d sessions ...", args.max_active)

@@ -75,6 +75,21 @@ class StoreError(StreamgemmaError, RuntimeError):
     sessions could not be saved to it."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (Redis down, slow or restarting) after
+    retries; clients see the error code `store_unavailable`. Retry later."""
+
+
+class SessionHeld(StoreError):
+    """Another live worker of the fleet holds the session and did not hand it
+    over in time (clients see `session_busy`)."""
+
+
+class LeaseLost(StoreError):
+    """A write refused by the fence: another worker owns the session now (this
+    one's lease expired, e.g. while it was paused). Its state here is stale."""
+
+
 class ServeError(StreamgemmaError, RuntimeError):
     """`streamgemma serve` cannot start (the address is taken, a bad option),
     or shut down without saving every session."""

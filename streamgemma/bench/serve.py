@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: no); the websocket clients are measured as without it")
     parser.add_argument("--http-scrape", type=float, metavar="SECONDS",
                         help="with --http: GET /metrics every SECONDS during the run (as a Prometheus would)")
+    parser.add_argument("--store", metavar="DIR|URL", help="the engine's store: a directory or "
+                        "redis://HOST:PORT/DB, with its write-ahead journal (default: memory, no journal)")
+    parser.add_argument("--store-prefix", default="streamgemma-bench", help="key prefix in a Redis store")
     parser.add_argument("--url", help="a running server instead of one in this process")
     parser.add_argument("--token", help="bearer token of --url")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before giving up (default 600)")
@@ -255,7 +258,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.gc_freeze:
         gc.collect()
         gc.freeze()
-    engine = sg.Engine(model, max_active=args.max_active or args.clients)
+    store = sg.open_store(args.store, prefix=args.store_prefix) if args.store else None
+    engine = sg.Engine(model, max_active=args.max_active or args.clients, store=store)
     limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
     server = sg.Server(engine, port=0, limits=limits, **({"http": sg.HttpConfig()} if args.http else {}))
     with GcPauses() as pauses, CounterSampler(engine, server) as counters, serving(server), \
@@ -270,6 +274,9 @@ def run(args: argparse.Namespace) -> dict:
         out["engine"] = counters.window(*window)
     out["gc"] = pauses.summary()
     out["http_api"] = {"enabled": args.http, "scrape_s": args.http_scrape, "scrapes": scrapes.count}
+    out["store"] = engine.store.describe()
+    out["journal"] = {"enabled": engine.journal.enabled, "commits": engine.stats.journal_commits,
+                      "failures": engine.stats.journal_failures}
     print(f"{args.clients} clients x {args.tokens} tokens: steady {out['steady']['tokens_per_s']} tokens/s"
           + (f" ({out['steady_share_of_decode']:.1%} of decode alone)" if "steady_share_of_decode" in out else "")
           + f", frame gap p50/p99 {out['frame_gap_ms']['p50']}/{out['frame_gap_ms']['p99']} ms", flush=True)

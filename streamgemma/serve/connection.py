@@ -17,7 +17,15 @@ import websockets
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
-from ..errors import CapacityError, InvalidValueError, SnapshotError, StoppedError
+from ..errors import (
+    CapacityError,
+    InvalidValueError,
+    LeaseLost,
+    SessionHeld,
+    SnapshotError,
+    StoppedError,
+    StoreUnavailable,
+)
 from .limits import Throttle
 from .protocol import (
     Append,
@@ -273,6 +281,10 @@ class Connection:
         rid, session = request.id, request.session
         if isinstance(e, EngineError):
             self._error(e.code, str(e), rid, session)
+        elif isinstance(e, StoreUnavailable):
+            self._error("store_unavailable", str(e), rid, session)
+        elif isinstance(e, (SessionHeld, LeaseLost)):  # another worker of the fleet has it
+            self._error("session_busy", str(e), rid, session)
         elif isinstance(e, CapacityError):  # the model's state pool is full
             self._error("capacity", str(e), rid, session)
         elif isinstance(e, InvalidValueError):
@@ -304,12 +316,19 @@ class Connection:
         log.info("connection %d: session %s %s at position %d", self.number, log_id(es.id), how, es.position)
         fields = {}
         if request.since is not None:  # what the client missed (e.g. tokens lost with its last connection)
-            start, ids = await self.engine.history(es, min(request.since, es.position))
+            start, ids = await self._history(es, request.since)
             tok = self.engine.model.tokenizer
             text = tok.decode([i for i in ids if i < tok.vocab_size]) if tok is not None else ""
             fields["missed"] = {"from": start, "ids": ids, "text": text}
         self.send(event("opened", request.id, session=es.id, position=es.position,
                         state_bytes=self.server.state_bytes, **fields))
+
+    async def _history(self, es: SessionRecord, since: int) -> tuple[int, list[int]]:
+        """(start, ids) consumed by `es` from `since` on (or later: a session keeps its last 1024 ids)."""
+        contents = await self.engine.capture(es)
+        recent, position = contents.extra["recent_ids"], contents.position
+        start = min(max(since, position - len(recent)), position)
+        return start, [int(i) for i in recent[len(recent) - (position - start):]]
 
     async def _take_over(self, es: SessionRecord) -> None:
         """Wait until no other connection holds `es`: one that is ending lets

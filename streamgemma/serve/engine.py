@@ -28,7 +28,7 @@ from ..session.journal import replay
 from ..session.model import Model
 from ..session.store import SnapshotStore
 from ..validate import check_position, check_sampling, check_seed
-from . import expiry
+from . import expiry, fleet
 from .batch import batch_executor
 from .inputs import (
     DEFAULT_MAX_PENDING_TOKENS,
@@ -69,9 +69,8 @@ class Engine:
     `scheduler` (0: always prefill; the idle default is 4 on CUDA, 1
     elsewhere). session_ttl: seconds after which a session nobody holds
     (`owner` None) and nobody used is closed, its snapshot deleted (None:
-    never). max_unwritten, compression_level: see `offload`. journal: keep
-    the store's write-ahead journal (if it has one; see `journaling`), with a
-    background snapshot every `snapshot_every` journaled tokens. host_work:
+    never). max_unwritten, compression_level: see `offload`. journal: keep the
+    store's journal (`journaling`), snapshot_every: tokens between snapshots. host_work:
     "loop" or "thread" (see `batch`; default by device). Run the scheduler
     with `await engine.run()` in a task group (it returns when cancelled);
     call the other methods from the same event loop. `stats` holds counters
@@ -133,17 +132,22 @@ class Engine:
         from `contents` (a decoded snapshot, e.g. a cached prefix; copied,
         not consumed). seed: None or an int in [-2**63, 2**64) (what a snapshot stores)."""
         check_seed(seed)
+        sid = secrets.token_urlsafe(16)
+        if self.journal.enabled:  # own it first: a store that is down fails this at once
+            await self.offloader.claim(sid)
         await self.wait_input_turn()
-        async with self._model_lock, self._input_work():
+        async with self._model_lock, self.scheduler.input_work(self._generating):
             await self._make_room()
             live = (self.model.session(seed=seed) if contents is None
                     else await anyio.to_thread.run_sync(self.model.restore, contents))
-        sid = secrets.token_urlsafe(16)
-        es = SessionRecord(sid, live, live.position)
-        self.sessions[sid] = es
+        if self.journal.enabled:  # recovery starts from a stored snapshot; nothing is kept if that fails
+            try:
+                await self.offloader.store_new(sid, live, self._model_lock)
+            except BaseException:
+                live.close()
+                raise
+        es = self.sessions[sid] = SessionRecord(sid, live, live.position)
         self._touch(es)
-        if self.journal.enabled:  # recovery starts from a stored snapshot
-            await self.snapshot(es)
         return es
 
     async def capture(self, es: SessionRecord):
@@ -166,7 +170,7 @@ class Engine:
         if es is None:
             try:
                 await self.wait_input_turn()
-                async with self._input_work():
+                async with self.scheduler.input_work(self._generating):
                     contents = await self.offloader.read(session_id)
                     records = await self.journal.read(session_id, contents.position)
             except (SnapshotNotFound, SnapshotIdError):
@@ -180,19 +184,12 @@ class Engine:
                 es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
                 self.offloader.keep(session_id, contents)
                 if records:  # it consumed more than its snapshot holds: replay the journal
-                    await self._recover(es, records)
+                    async with self._model_lock:
+                        await self._ensure_live(es)
+                        await anyio.to_thread.run_sync(replay, es.live, records)
         if es.generation is not None and es.generation.cancelled:
             await self._settle(es)  # so the position reported is final
         return es
-
-    async def history(self, es: SessionRecord, since: int) -> tuple[int, list[int]]:
-        """(start, ids): the ids `es` consumed from position `start` on, where
-        start is `since`, or later if the session keeps fewer ids (its last 1024)."""
-        async with self._model_lock:
-            await self._ensure_live(es)
-            recent = es.live.recent_ids
-        start = min(max(since, es.position - len(recent)), es.position)
-        return start, recent[len(recent) - (es.position - start):]
 
     def append(self, es: SessionRecord, ids_or_text: Sequence[int] | array.array | str) -> PendingInput:
         """Queue input for `es`; returns at once. Text gets BOS first when it
@@ -268,9 +265,9 @@ class Engine:
             await anyio.to_thread.run_sync(future.result)
         return position
 
-    async def close(self, es: SessionRecord) -> None:
-        """End `es` for good: cancel its generation, free its slot, fail its
-        queued input, delete its stored snapshot."""
+    async def close(self, es: SessionRecord, delete: bool = True) -> None:
+        """End `es` for good: cancel its generation, free its slot, fail its queued
+        input, delete its stored snapshot (delete=False: keep it, for another worker)."""
         if es.closed:
             return
         es.closed = True
@@ -280,8 +277,11 @@ class Engine:
             if es.live is not None:
                 es.live.close()
                 es.live = None
-        await self.offloader.delete(es.id)
-        await self.journal.delete(es.id)
+        if delete:
+            await self.offloader.delete(es.id)
+            await self.journal.delete(es.id)
+        else:
+            self.offloader.forget(es.id)
         self.sessions.pop(es.id, None)
         self._generating.pop(es.id, None)
 
@@ -351,6 +351,8 @@ class Engine:
         async with anyio.create_task_group() as tg:
             if self.session_ttl is not None:
                 tg.start_soon(expiry.expire_periodically, self)
+            if self.store.coordinated:
+                tg.start_soon(fleet.serve_fleet, self)
             while True:
                 if not (self._generating or self.inputs.waiting):
                     self._wake = anyio.Event()
@@ -390,18 +392,17 @@ class Engine:
                 started = time.perf_counter()
                 for (es, active), token in zip(batch, tokens):
                     self.journal.record(es.id, es.live, "step", (token.id,))
-                    self.journal.then(self._deliver, es, active, token)
+                    self.journal.then(es.id, self._deliver, es, active, token)
                 for es, (_, token) in zip(decode.riders, inputs):
                     self.journal.record(es.id, es.live, "step", (token,))
-                    self.journal.then(self.inputs.consumed, es, 1)
+                    self.journal.then(es.id, self.inputs.consumed, es, 1)
                 self.stats.phase_seconds["deliver"] += time.perf_counter() - started
             if plan.decoding and input_seconds:
                 self.scheduler.charge_input(input_seconds, time.monotonic())
             self._riding = set()
             await self.journal.commit()  # before anything of this tick reaches a client
-            for sid in self.journal.due():  # bound the replay: a background snapshot
-                if (es := self.sessions.get(sid)) is not None and es.live is not None:
-                    await self.offloader.snapshot(sid, es.live)
+            for es in self.journal.due(self.sessions):  # bound the replay: a background snapshot
+                await self.offloader.snapshot(es.id, es.live)
         self._signal_delivered()
         await anyio.sleep(0)  # let the event loop run sends and new requests between ticks
 
@@ -431,7 +432,7 @@ class Engine:
             self._input_failed(es, e)
             return
         self.journal.record(es.id, es.live, "feed", chunk)
-        self.journal.then(self.inputs.consumed, es, len(chunk))
+        self.journal.then(es.id, self.inputs.consumed, es, len(chunk))
 
     async def _restore_for_input(self, es: SessionRecord) -> bool:
         """Give `es` a slot so its input can ride along; False (its first input
@@ -500,16 +501,6 @@ class Engine:
         """While sessions generate, wait until the input budget allows more
         input work: for requests whose work is not queued for a tick."""
         await self.scheduler.wait_input_turn(self._generating)
-
-    def _input_work(self):
-        """Charge the block's time (not the wait for the lock) to the input budget."""
-        return self.scheduler.input_work(self._generating)
-
-    async def _recover(self, es: SessionRecord, records: list) -> None:
-        async with self._model_lock:
-            await self._ensure_live(es)
-            replayed = await anyio.to_thread.run_sync(replay, es.live, records)
-        log.info("session %s... recovered: %d journal records replayed", es.id[:8], replayed)
 
     async def _suspend(self, es: SessionRecord) -> None:
         position = es.live.position

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 import anyio.to_thread
 
 from ..session.journal import Journal, JournalRecord, beyond
 from ..session.session import Session
-from .record import EngineStats
+from .record import EngineStats, SessionRecord
 
 log = logging.getLogger("streamgemma.engine")
 
@@ -42,7 +42,8 @@ class TickJournal:
         self.stats = stats
         self.snapshot_every = snapshot_every
         self._batch: dict[str, list[bytes]] = {}
-        self._after: list[Callable[[], object]] = []
+        self._after: list[tuple[str, Callable[[], object]]] = []
+        self.lost: set[str] = set()  # sessions whose records the store refused (another worker owns them)
         self._since_snapshot: dict[str, int] = {}  # tokens journaled per session since its last snapshot
 
     @property
@@ -56,22 +57,23 @@ class TickJournal:
         self._batch.setdefault(session_id, []).append(JournalRecord.of(session, kind, ids).encode())
         self._since_snapshot[session_id] = self._since_snapshot.get(session_id, 0) + len(ids)
 
-    def then(self, fn: Callable, *args) -> None:
-        """Call `fn(*args)` once this tick's records are durable (at once without a journal)."""
+    def then(self, session_id: str, fn: Callable, *args) -> None:
+        """Call `fn(*args)` once this tick's records of `session_id` are
+        durable (at once without a journal; never if the store refuses them)."""
         if self.journal is None:
             fn(*args)
         else:
-            self._after.append(functools.partial(fn, *args))
+            self._after.append((session_id, functools.partial(fn, *args)))
 
     async def commit(self) -> None:
         """Make the tick's records durable (retrying until they are), then run
         the deferred work."""
         batch, after = self._batch, self._after
         self._batch, self._after = {}, []
-        delay = RETRY_FIRST_S
+        delay, refused = RETRY_FIRST_S, set()
         while batch:
             try:
-                await anyio.to_thread.run_sync(self.journal.append, batch)
+                refused = await anyio.to_thread.run_sync(self.journal.append, batch)
                 self.stats.journal_commits += 1
                 break
             except Exception as e:  # noqa: BLE001 - retried: the tick's outputs wait for it
@@ -80,15 +82,20 @@ class TickJournal:
                           "acknowledgements and tokens wait", type(e).__name__, e, delay)
                 await anyio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
-        for fn in after:
-            fn()
+        for session_id, fn in after:
+            if session_id not in refused:
+                fn()
+        if refused:
+            log.error("%d sessions are owned by another worker now: their last tick is dropped here",
+                      len(refused))
+            self.lost |= refused
 
-    def due(self) -> list[str]:
-        """Sessions due a background snapshot (their count restarts)."""
+    def due(self, sessions: Mapping[str, SessionRecord]) -> list[SessionRecord]:
+        """Live sessions (of `sessions`) due a background snapshot (their count restarts)."""
         due = [sid for sid, n in self._since_snapshot.items() if n >= self.snapshot_every]
         for sid in due:
             del self._since_snapshot[sid]
-        return due
+        return [es for sid in due if (es := sessions.get(sid)) is not None and es.live is not None]
 
     async def read(self, session_id: str, position: int) -> list[JournalRecord]:
         """The journal of `session_id` if it continues a snapshot at `position`, else []."""

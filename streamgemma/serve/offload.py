@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import time
@@ -139,11 +140,37 @@ class Offloader:
     def pending(self, session_id: str) -> bool:
         return session_id in self._unwritten
 
+    async def claim(self, session_id: str) -> None:
+        """Own `session_id` in the store (see `SnapshotStore.claim`)."""
+        await anyio.to_thread.run_sync(self.store.claim, session_id)
+
+    async def store_new(self, session_id: str, live: Session, model_lock) -> None:
+        """Store `live` (a new session, claimed) under `session_id`, waiting
+        until it is stored; on failure it is released."""
+        try:
+            async with model_lock:
+                future = await self.snapshot(session_id, live)
+            await anyio.to_thread.run_sync(future.result)
+        except BaseException:
+            with contextlib.suppress(Exception):  # (if the store is down, the lease expires by itself)
+                await anyio.to_thread.run_sync(self.store.release, session_id)
+            raise
+
+    def forget(self, session_id: str) -> None:
+        """Drop what is held of `session_id` (it is not ours any more)."""
+        self._unwritten.pop(session_id, None)
+        self._preloaded.pop(session_id, None)
+
     async def read(self, session_id: str) -> snapshot_format.SnapshotContents:
-        """Read and validate the stored snapshot of `session_id`. Raises what
-        the store or the decoder raised."""
+        """Claim `session_id`, then read and validate its stored snapshot.
+        Raises what the store or the decoder raised."""
         validate_session_id(session_id)
-        blob = await anyio.to_thread.run_sync(self.store.get, session_id)
+        await self.claim(session_id)
+        try:
+            blob = await anyio.to_thread.run_sync(self.store.get, session_id)
+        except SnapshotNotFound:
+            await anyio.to_thread.run_sync(self.store.release, session_id)
+            raise
         return await anyio.to_thread.run_sync(self._decode, blob)
 
     def keep(self, session_id: str, contents: snapshot_format.SnapshotContents) -> None:
@@ -207,6 +234,7 @@ class Offloader:
         await anyio.to_thread.run_sync(concurrent.futures.wait, [w.future for w in self._unwritten.values()])
         failed = self.failed()
         self._forget_written()
+        await anyio.to_thread.run_sync(self.store.release_all, failed)  # other workers may take them now
         return failed
 
     def _start_write(self, session_id: str, contents: snapshot_format.SnapshotContents) -> Write:

@@ -126,11 +126,13 @@ class Journal(abc.ABC):
     """Records by session id (ids validated as a store's)."""
 
     @abc.abstractmethod
-    def append(self, batch: Mapping[str, list[bytes]]) -> None:
+    def append(self, batch: Mapping[str, list[bytes]]) -> set[str]:
         """Append encoded records to each session's journal; returns once all
-        of them are durable (one group commit). Raises on failure (then any
-        of them may or may not be stored: the caller retries the whole batch,
-        and a record stored twice is skipped by `replay`)."""
+        of them are durable (one group commit), with the ids whose records
+        were refused because this process no longer owns them (a fleet's
+        fence). Raises on failure (then any of them may or may not be stored:
+        the caller retries the whole batch; `replay` skips a record stored
+        twice)."""
 
     @abc.abstractmethod
     def read(self, session_id: str) -> list[JournalRecord]:
@@ -183,13 +185,14 @@ class DirectoryJournal(Journal):
             if new:  # the file's name must survive a crash too
                 fsync_directory(self.directory)
 
-    def append(self, batch: Mapping[str, list[bytes]]) -> None:
+    def append(self, batch: Mapping[str, list[bytes]]) -> set[str]:
         if len(batch) == 1:
             self._append_one(*next(iter(batch.items())))
-            return
+            return set()
         futures = [self._pool.submit(self._append_one, sid, records) for sid, records in batch.items()]
         for future in futures:
             future.result()
+        return set()
 
     def read(self, session_id: str) -> list[JournalRecord]:
         try:

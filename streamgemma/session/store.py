@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import GriffinConfig
@@ -52,6 +53,32 @@ class SnapshotStore(abc.ABC):
     def journal(self) -> Journal | None:
         """The write-ahead journal kept beside the snapshots (see `journal`),
         None for a store that does not outlive the process."""
+        return None
+
+    # Ownership, for stores shared by a fleet of workers (`coordinated`; see
+    # RedisSnapshotStore). A store of one process owns every session: no-ops.
+    coordinated = False
+
+    def claim(self, session_id: str) -> None:
+        """Own `session_id` before reading or writing it (in a fleet: take its
+        lease, asking the worker that holds it to hand it over)."""
+        return None
+
+    def release(self, session_id: str) -> None:
+        """Stop owning `session_id` (its state is in the store)."""
+        return None
+
+    def release_all(self, keep: Iterable[str] = ()) -> None:
+        """Release every session owned, except `keep`."""
+        return None
+
+    def lost(self) -> list[str]:
+        """Sessions another worker took from this one (their state here is stale)."""
+        return []
+
+    def wait_handover(self, timeout: float) -> str | None:
+        """A session another worker asked this one to hand over, or None after `timeout` s."""
+        time.sleep(timeout)
         return None
 
     @abc.abstractmethod

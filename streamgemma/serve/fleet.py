@@ -1,0 +1,60 @@
+"""An engine in a fleet (a store that is `coordinated`, e.g. Redis): hands
+sessions over when another worker asks, and drops the sessions whose lease
+another worker took.
+
+Hand-over: the session's generation is cancelled and its queued input
+dropped (neither was acknowledged), its state stored (the journal already
+holds everything acknowledged; the snapshot spares the next worker a
+replay), then it leaves this engine and its lease is released, and the
+asking worker's claim succeeds."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import anyio.to_thread
+
+log = logging.getLogger("streamgemma.engine")
+
+POLL_S = 0.5  # longest wait for a hand-over request before looking for lost leases
+
+
+async def serve_fleet(engine) -> None:
+    """Until cancelled: answer hand-over requests, drop lost sessions."""
+    store = engine.store
+    while True:
+        try:
+            session_id = await anyio.to_thread.run_sync(store.wait_handover, POLL_S, abandon_on_cancel=True)
+            if session_id is not None:
+                await hand_over(engine, session_id)
+            for lost in set(store.lost()) | engine.journal.lost:
+                await drop(engine, lost)
+        except Exception as e:  # noqa: BLE001 - a store that is down must not stop the engine
+            log.warning("fleet: %s: %s", type(e).__name__, e)
+            await anyio.sleep(POLL_S)
+
+
+async def hand_over(engine, session_id: str) -> None:
+    """Store `session_id` and let it go, for the worker that asked."""
+    es = engine.sessions.get(session_id)
+    if es is not None and not es.closed:
+        await engine.detach(es)
+        try:
+            await engine.snapshot(es)
+        except Exception as e:  # noqa: BLE001 - its journal holds what was acknowledged
+            log.warning("hand-over of session %s...: the snapshot failed (%s); the journal is replayed", session_id[:8],
+                        e)
+        await engine.close(es, delete=False)
+    await anyio.to_thread.run_sync(engine.store.release, session_id)
+    log.info("session %s... handed over to another worker", session_id[:8])
+
+
+async def drop(engine, session_id: str) -> None:
+    """Another worker owns `session_id` now: forget it here, storing nothing."""
+    engine.journal.lost.discard(session_id)
+    es = engine.sessions.get(session_id)
+    if es is not None:
+        await engine.close(es, delete=False)
+    await anyio.to_thread.run_sync(engine.store.release, session_id)
+    log.warning("session %s... dropped: another worker took it over", session_id[:8])

@@ -1,0 +1,20 @@
+"""A store from what a user typed (`streamgemma serve --store ...`): a
+directory, or a Redis URL."""
+
+from __future__ import annotations
+
+from .redis_store import DEFAULT_LEASE_TTL_S, DEFAULT_PREFIX, RedisSnapshotStore
+from .store import DirectorySnapshotStore, SnapshotStore
+
+REDIS_SCHEMES = ("redis://", "rediss://")
+
+
+def open_store(spec: str, prefix: str = DEFAULT_PREFIX, lease_ttl: float = DEFAULT_LEASE_TTL_S,
+               max_bytes: int | None = None) -> SnapshotStore:
+    """`redis://[user:password@]HOST:PORT/DB` or `rediss://...` (TLS): a
+    RedisSnapshotStore under key `prefix` (redis-py and hiredis); anything
+    else names a directory (a DirectorySnapshotStore, created if missing)."""
+    if spec.startswith(REDIS_SCHEMES):
+        kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
+        return RedisSnapshotStore(spec, prefix=prefix, lease_ttl=lease_ttl, **kwargs)
+    return DirectorySnapshotStore(spec, max_bytes=max_bytes)

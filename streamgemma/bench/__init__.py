@@ -1,4 +1,4 @@
-"""Benchmarks: `streamgemma bench decode|prefill|serve|resume|snapshot|isolation|sampling|fuzz|prefix`, or
+"""Benchmarks: `streamgemma bench decode|prefill|serve|resume|snapshot|isolation|sampling|fuzz|prefix|fleet`, or
 `python -m streamgemma.bench ...`.
 
 Each command prints its figures as it goes; with --json PATH it writes them
@@ -16,7 +16,8 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling", "fuzz", "prefix")
+COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling", "fuzz", "prefix",
+            "fleet")
 
 
 def _parser() -> argparse.ArgumentParser:

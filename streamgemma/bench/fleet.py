@@ -48,7 +48,7 @@ import streamgemma as sg
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # (anyio's dependency there)
 
-CONNECT_ERRORS = (OSError, ConnectionError, websockets.ConnectionClosed, websockets.InvalidStatus,
+CONNECT_ERRORS = (OSError, EOFError, ConnectionError, websockets.ConnectionClosed, websockets.InvalidHandshake,
                   TimeoutError)
 
 

@@ -100,3 +100,27 @@ def test_an_engine_that_died_between_ticks_is_recovered_token_identically(tmp_pa
                     == [t.id for t in b.generate(max_tokens=12, stop_token_ids=[])])
 
     anyio.run(main)
+
+
+def test_background_snapshots_bound_the_journal(tmp_path):
+    model = text_model()
+
+    async def main():
+        store = sg.DirectorySnapshotStore(tmp_path)
+        engine = Engine(model, store=store, snapshot_every=8)
+        es = await engine.open(seed=4)
+        pending = engine.append(es, "hello world")
+        while not pending.done:
+            await engine.tick()
+        stream = await engine.generate(es, SamplingParams(max_tokens=30, stop_token_ids=()))
+        while es.generation is not None:
+            await engine.tick()
+        await anyio.sleep(0.2)  # the last background write
+        records = store.journal().read(es.id)
+        assert len(records) < 10 and records[0].position >= 30  # compacted behind the snapshots
+        assert model.restore(store.get(es.id)).position > 30  # the snapshot written in the background
+        recovered = await Engine(model, store=sg.DirectorySnapshotStore(tmp_path)).resume(es.id)
+        assert recovered.position == es.position
+        return [t.id for t in stream.take_ready()]
+
+    assert len(anyio.run(main)) == 30

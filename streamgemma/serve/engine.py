@@ -391,10 +391,10 @@ class Engine:
                 input_seconds += self.scheduler.decoded(len(batch), len(decode.riders), time.monotonic() - started)
                 started = time.perf_counter()
                 for (es, active), token in zip(batch, tokens):
-                    self.journal.record(es.id, es.live, "step", (token.id,))
+                    self.journal.record(es.id, es.live, "step", [token.id])
                     self.journal.then(es.id, self._deliver, es, active, token)
                 for es, (_, token) in zip(decode.riders, inputs):
-                    self.journal.record(es.id, es.live, "step", (token,))
+                    self.journal.record(es.id, es.live, "step", [token])
                     self.journal.then(es.id, self.inputs.consumed, es, 1)
                 self.stats.phase_seconds["deliver"] += time.perf_counter() - started
             if plan.decoding and input_seconds:

@@ -21,18 +21,27 @@ POLL_S = 0.5  # longest wait for a hand-over request before looking for lost lea
 
 
 async def serve_fleet(engine) -> None:
-    """Until cancelled: answer hand-over requests, drop lost sessions."""
+    """Until cancelled: answer hand-over requests (each in its own task, so
+    many hand over at once), drop lost sessions."""
     store = engine.store
-    while True:
-        try:
-            session_id = await anyio.to_thread.run_sync(store.wait_handover, POLL_S, abandon_on_cancel=True)
-            if session_id is not None:
-                await hand_over(engine, session_id)
-            for lost in set(store.lost()) | engine.journal.lost:
-                await drop(engine, lost)
-        except Exception as e:  # noqa: BLE001 - a store that is down must not stop the engine
-            log.warning("fleet: %s: %s", type(e).__name__, e)
-            await anyio.sleep(POLL_S)
+    async with anyio.create_task_group() as tg:
+        while True:
+            try:
+                session_id = await anyio.to_thread.run_sync(store.wait_handover, POLL_S, abandon_on_cancel=True)
+                if session_id is not None:
+                    tg.start_soon(_guarded, hand_over, engine, session_id)
+                for lost in set(store.lost()) | engine.journal.lost:
+                    await drop(engine, lost)
+            except Exception as e:  # noqa: BLE001 - a store that is down must not stop the engine
+                log.warning("fleet: %s: %s", type(e).__name__, e)
+                await anyio.sleep(POLL_S)
+
+
+async def _guarded(fn, *args) -> None:
+    try:
+        await fn(*args)
+    except Exception as e:  # noqa: BLE001 - one failed hand-over must not end the others
+        log.warning("fleet: %s failed: %s: %s", fn.__name__, type(e).__name__, e)
 
 
 async def hand_over(engine, session_id: str) -> None:

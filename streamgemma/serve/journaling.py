@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 import anyio
 import anyio.to_thread
 
-from ..session.journal import Journal, JournalRecord, beyond
+from ..session.journal import Journal, JournalRecord, beyond, record_of
 from ..session.session import Session
 from .record import EngineStats, SessionRecord
 
@@ -51,10 +51,10 @@ class TickJournal:
         return self.journal is not None
 
     def record(self, session_id: str, session: Session, kind: str, ids=()) -> None:
-        """`session` has just consumed `ids` (see JournalRecord.of)."""
+        """`session` has just consumed `ids` (ints; see JournalRecord)."""
         if self.journal is None:
             return
-        self._batch.setdefault(session_id, []).append(JournalRecord.of(session, kind, ids).encode())
+        self._batch.setdefault(session_id, []).append(record_of(session, kind, ids))
         self._since_snapshot[session_id] = self._since_snapshot.get(session_id, 0) + len(ids)
 
     def then(self, session_id: str, fn: Callable, *args) -> None:

@@ -61,15 +61,20 @@ class JournalRecord:
         return self.position + len(self.ids)
 
     def encode(self) -> bytes:
-        payload = msgpack.packb({"p": self.position, "k": self.kind, "i": list(self.ids), "r": self.rng,
-                                 "s": self.stopped}, use_bin_type=True)
-        return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+        return encode_record(self.position, self.kind, self.ids, self.rng, self.stopped)
 
-    @classmethod
-    def of(cls, session, kind: str, ids: Iterable[int] = ()) -> JournalRecord:
-        """The record of `session` having just consumed `ids` with `kind`."""
-        ids = tuple(int(i) for i in ids)
-        return cls(session.position - len(ids), kind, ids, session.state.rng.to_bytes(), session.state.stopped)
+
+def encode_record(position: int, kind: str, ids, rng: bytes, stopped: str | None) -> bytes:
+    """A record's bytes: the frame, then msgpack [position, kind, ids, rng, stopped]
+    (a few microseconds: the engine encodes one per session per tick)."""
+    payload = msgpack.packb((position, kind, ids, rng, stopped), use_bin_type=True)
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def record_of(session, kind: str, ids=()) -> bytes:
+    """The encoded record of `session` having just consumed `ids` (ints) with `kind`."""
+    state = session.state
+    return encode_record(session.position - len(ids), kind, ids, state.rng.to_bytes(), state.stopped)
 
 
 def decode_records(data: bytes) -> list[JournalRecord]:
@@ -83,9 +88,9 @@ def decode_records(data: bytes) -> list[JournalRecord]:
         if size > MAX_RECORD_BYTES or len(payload) < size or zlib.crc32(payload) != crc:
             break
         try:
-            m = msgpack.unpackb(payload, raw=False)
-            record = JournalRecord(int(m["p"]), m["k"], tuple(int(i) for i in m["i"]), bytes(m["r"]), m["s"])
-        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+            position, kind, ids, rng, stopped = msgpack.unpackb(payload, raw=False)
+            record = JournalRecord(int(position), kind, tuple(int(i) for i in ids), bytes(rng), stopped)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise SnapshotFormatError(f"a journal record cannot be read: {e}") from None
         if record.kind not in KINDS:
             raise SnapshotFormatError(f"a journal record has the unknown kind {record.kind!r}")

@@ -74,11 +74,21 @@ redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
-# KEYS[1] lease, KEYS[2] journal; ARGV[1] value, ARGV[2..] records.
+# One tick's group commit: KEYS[2i-1] lease, KEYS[2i] journal of session i; ARGV: for each
+# session its lease value, its record count n, its n records. Returns 1 (appended) or 0 (refused) each.
 APPEND = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 2))
-return 1
+local out, a = {}, 1
+for i = 1, #KEYS / 2 do
+  local value, n = ARGV[a], tonumber(ARGV[a + 1])
+  if redis.call('GET', KEYS[2 * i - 1]) == value then
+    redis.call('RPUSH', KEYS[2 * i], unpack(ARGV, a + 2, a + 1 + n))
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+  a = a + 2 + n
+end
+return out
 """
 # KEYS[1] lease, KEYS[2] journal; ARGV[1] value, ARGV[2] records to drop from the head.
 TRIM = """
@@ -350,19 +360,20 @@ class RedisJournal(Journal):
         self.store = store
 
     def append(self, batch: Mapping[str, list[bytes]]) -> set[str]:
-        store, refused, sids = self.store, set(), []
-        pipe = store.client.pipeline(transaction=False)
+        """One script for the whole batch (one round trip, one Redis call)."""
+        store, refused, sids, keys, args = self.store, set(), [], [], []
         for sid, records in batch.items():
             try:
                 value = store.lease(sid)
             except LeaseLost:
                 refused.add(sid)
                 continue
-            store.run("append", [store.key(sid, "lease"), store.key(sid, "journal")], [value, *records], client=pipe)
             sids.append(sid)
+            keys += [store.key(sid, "lease"), store.key(sid, "journal")]
+            args += [value, len(records), *records]
         if sids:
             with store.unavailable("journal append"):
-                results = pipe.execute()
+                results = store.run("append", keys, args)
             for sid, ok in zip(sids, results):
                 if not ok:
                     store.mark_lost(sid)

@@ -99,6 +99,8 @@ def test_a_live_session_is_handed_over_and_a_dead_owners_recovered(redis_server)
             assert recovered.position == engine_appended + 20
             third = await tokens(c, recovered, 10)
             tg.cancel_scope.cancel()
+        a.store.close()
+        c.store.close()
         return first + second + third, handover_s, recovery_s
 
     got, handover_s, recovery_s = anyio.run(main)
@@ -143,6 +145,8 @@ def test_a_redis_restart_mid_generation_loses_and_corrupts_nothing(redis_server)
             assert moved.position == position
             got += await tokens(other, moved, 10)
             tg.cancel_scope.cancel()
+        engine.store.close()
+        other.store.close()
         return got, engine.stats.journal_failures
 
     got, failures = anyio.run(main)

@@ -118,7 +118,9 @@ class Worker:
     def start(self) -> None:
         self.port, self.starts = _free_port(), self.starts + 1
         log = open(self.log_dir / f"worker{self.index}-{self.starts}.log", "w")  # noqa: SIM115 - the child's
-        self.proc = subprocess.Popen(self.command + ["--port", str(self.port)], stdout=log, stderr=log)
+        # Workers replay each other's journals: MKL must compute the same way in each (docs/snapshots.md).
+        env = {**os.environ, "MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO,STRICT")}
+        self.proc = subprocess.Popen(self.command + ["--port", str(self.port)], stdout=log, stderr=log, env=env)
         log.close()
 
     def wait_listening(self, timeout: float = 120) -> None:

@@ -26,3 +26,10 @@ def test_a_worker_killed_each_round_loses_nothing(redis_server, tmp_path):  # no
     assert r["reopened"] > 0  # clients of the killed worker reopened their sessions on survivors
     assert r["moved"] > 0  # sessions were handed over between live workers too
     assert json.loads(out.read_text())["bench"] == "fleet"
+
+
+def test_the_handover_bench_runs_at_smoke_test_size(redis_server):  # noqa: F811
+    r = main(["handover", "--preset", "tiny", "--device", "cpu", "--tokens", "64", "--rounds", "2",
+              "--redis", redis_server.url])["results"]
+    assert len(r["first_token_ms"]["all"]) == 2 and r["snapshot_bytes"] > 0
+    assert r["first_token_ms"]["median"] >= r["opened_ms"]["median"] > 0

@@ -1,4 +1,5 @@
-"""Benchmarks: `streamgemma bench decode|prefill|serve|resume|snapshot|isolation|sampling|fuzz|prefix|fleet`, or
+"""Benchmarks: `streamgemma bench COMMAND` (decode, prefill, serve, resume,
+snapshot, isolation, sampling, fuzz, prefix, fleet, handover), or
 `python -m streamgemma.bench ...`.
 
 Each command prints its figures as it goes; with --json PATH it writes them
@@ -17,7 +18,7 @@ import importlib
 from collections.abc import Sequence
 
 COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling", "fuzz", "prefix",
-            "fleet")
+            "fleet", "handover")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -47,8 +47,8 @@ log = logging.getLogger("streamgemma.store")
 DEFAULT_PREFIX = "streamgemma"
 DEFAULT_LEASE_TTL_S = 10.0
 DEFAULT_MAX_BYTES = 1 << 30
-CLAIM_POLL_S = 0.005  # first wait between claim attempts; doubles up to CLAIM_POLL_MAX_S
-CLAIM_POLL_MAX_S = 0.05
+CLAIM_POLL_S = 0.002  # first wait between claim attempts; doubles up to CLAIM_POLL_MAX_S
+CLAIM_POLL_MAX_S = 0.01  # (a hand-over takes tens of milliseconds: polling must not add as much)
 
 # KEYS[1] lease, KEYS[2] fence; ARGV[1] worker, ARGV[2] ttl ms. Returns {1, value} or {0, holder}.
 CLAIM = """

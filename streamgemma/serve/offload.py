@@ -24,7 +24,7 @@ from collections.abc import Callable
 import anyio.to_thread
 import zstandard
 
-from ..errors import SnapshotNotFound
+from ..errors import SessionHeld, SnapshotNotFound
 from ..session import snapshot as snapshot_format
 from ..session.journal import Journal
 from ..session.model import Model
@@ -39,6 +39,10 @@ log = logging.getLogger("streamgemma.engine")
 SUSPEND_COMPRESSION_LEVEL = -1
 DEFAULT_MAX_UNWRITTEN = 32  # host copies waiting for the writer: bounds host memory
 PRELOADED = 8  # sessions read by `read` and kept for the restore that follows
+# A claim of a session another worker holds polls (first wait, doubling up to the
+# second): a hand-over takes tens of milliseconds, polling must not add as much.
+CLAIM_POLL_S = 0.002
+CLAIM_POLL_MAX_S = 0.01
 
 
 class MemoryStore(SnapshotStore):
@@ -141,8 +145,18 @@ class Offloader:
         return session_id in self._unwritten
 
     async def claim(self, session_id: str) -> None:
-        """Own `session_id` in the store (see `SnapshotStore.claim`)."""
-        await anyio.to_thread.run_sync(self.store.claim, session_id)
+        """Own `session_id` in the store (see `SnapshotStore.claim`), waiting
+        for a holder to hand it over in the event loop, not in a worker
+        thread (a hundred waiting opens must not take the threads the ticks need)."""
+        store, asked = self.store, None
+        deadline, poll = time.monotonic() + store.claim_wait, CLAIM_POLL_S
+        while (holder := await anyio.to_thread.run_sync(store.try_claim, session_id, asked)) is not None:
+            asked = holder
+            if time.monotonic() >= deadline:
+                raise SessionHeld(f"session {session_id[:8]}... is held by worker {holder}, which did not hand "
+                                  f"it over within {store.claim_wait:g} s")
+            await anyio.sleep(poll)
+            poll = min(2 * poll, CLAIM_POLL_MAX_S)
 
     async def store_new(self, session_id: str, live: Session, model_lock) -> None:
         """Store `live` (a new session, claimed) under `session_id`, waiting

@@ -184,30 +184,36 @@ class RedisSnapshotStore(SnapshotStore):
             return value
 
     def claim(self, session_id: str) -> None:
-        validate_session_id(session_id)
         deadline, poll, asked = time.monotonic() + self.claim_wait, CLAIM_POLL_S, None
-        while True:
-            with self.unavailable("claim"):
-                ok, value = self.run("claim", [self.key(session_id, "lease"), self.key(session_id, "fence")],
-                                     [self.worker, int(self.lease_ttl * 1000)])
-            value = value.decode() if isinstance(value, bytes) else value
-            if ok:
-                with self._lock:
-                    self._held[session_id] = value
-                    self._lost.discard(session_id)
-                self._start_renewer()
-                return
-            holder = value.rsplit(":", 1)[0]
-            if asked != holder:  # ask the holder to hand it over (once per holder)
-                with self.unavailable("hand-over request"):
-                    key = f"{self.prefix}:handover:{holder}"
-                    self.client.pipeline().rpush(key, session_id).pexpire(key, int(self.claim_wait * 1000)).execute()
-                asked = holder
+        while (holder := self.try_claim(session_id, asked)) is not None:
+            asked = holder
             if time.monotonic() >= deadline:
                 raise SessionHeld(f"session {session_id[:8]}... is held by worker {holder}, which did not hand it "
-                                 f"over within {self.claim_wait:g} s")
+                                  f"over within {self.claim_wait:g} s")
             time.sleep(poll)
             poll = min(2 * poll, CLAIM_POLL_MAX_S)
+
+    def try_claim(self, session_id: str, asked: str | None = None) -> str | None:
+        """One attempt of `claim`: None if this worker owns `session_id` now,
+        else the worker holding it, which is asked to hand it over (unless
+        it is `asked`: asked already)."""
+        validate_session_id(session_id)
+        with self.unavailable("claim"):
+            ok, value = self.run("claim", [self.key(session_id, "lease"), self.key(session_id, "fence")],
+                                 [self.worker, int(self.lease_ttl * 1000)])
+        value = value.decode() if isinstance(value, bytes) else value
+        if ok:
+            with self._lock:
+                self._held[session_id] = value
+                self._lost.discard(session_id)
+            self._start_renewer()
+            return None
+        holder = value.rsplit(":", 1)[0]
+        if asked != holder:  # ask the holder to hand it over (once per holder)
+            with self.unavailable("hand-over request"):
+                key = f"{self.prefix}:handover:{holder}"
+                self.client.pipeline().rpush(key, session_id).pexpire(key, int(self.claim_wait * 1000)).execute()
+        return holder
 
     def release(self, session_id: str) -> None:
         with self._lock:

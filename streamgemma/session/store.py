@@ -64,6 +64,13 @@ class SnapshotStore(abc.ABC):
         lease, asking the worker that holds it to hand it over)."""
         return None
 
+    def try_claim(self, session_id: str, asked: str | None = None) -> str | None:
+        """One attempt of `claim` that does not wait: None if owned now, else
+        who holds it (asked to hand it over unless it is `asked`)."""
+        return None
+
+    claim_wait = 0.0  # how long `claim` waits for a holder to hand over
+
     def release(self, session_id: str) -> None:
         """Stop owning `session_id` (its state is in the store)."""
         return None

@@ -279,6 +279,36 @@ def test_metrics_report_sessions_tokens_ttft_and_cache(server):
         assert name in text, name
     assert 'streamgemma_time_to_first_token_seconds_count{endpoint="completion"}' in text
 
+    import anyio
+
+    def engine_first_tokens() -> int:
+        text = request(server, "GET", "/metrics").body.decode()
+        return int(float(text.split("streamgemma_engine_time_to_first_token_seconds_count ")[1].split()[0]))
+
+    before = engine_first_tokens()
+
+    async def websocket_generation():
+        async with sg.Client(server.url, token=TOKEN) as client:
+            session = await client.open()
+            await session.append("The")
+            assert len([t async for t in session.generate(max_tokens=2)]) == 2
+            await session.close()  # (later tests expect no session left in the engine)
+
+    anyio.run(websocket_generation, backend="asyncio")
+    assert engine_first_tokens() == before + 1  # websocket generations count too
+
+
+def test_engine_stats_bucket_the_time_to_first_token():
+    from streamgemma.serve.record import FIRST_TOKEN_BUCKETS, EngineStats
+
+    stats = EngineStats()
+    for seconds in (0.001, 0.005, 0.3, 99.0):
+        stats.observe_first_token(seconds)
+    assert stats.first_token_count == 4 and stats.first_token_seconds == pytest.approx(99.306)
+    assert stats.first_token_buckets[0] == 2  # <= 0.005 (the bound is inclusive, as Prometheus' "le")
+    assert stats.first_token_buckets[FIRST_TOKEN_BUCKETS.index(0.5)] == 1
+    assert sum(stats.first_token_buckets) == 3  # 99 s: only in +Inf
+
 
 def test_a_cache_entry_cannot_be_opened_as_a_session(server):
     import anyio

@@ -217,14 +217,14 @@ class Engine:
         stream. Queued input is consumed first. Raises EngineError
         ("generating") if one is already running, ValueError/StoppedError as
         `Session.generate` (no prompt, ended at a stop, ...)."""
+        requested = time.monotonic()
         self._check_usable(es)
         if es.generation is not None:
             raise EngineError("generating", "a generation is already running on this session; cancel it first")
         if params.max_tokens is None:
             raise ValueError("the engine needs max_tokens (a bound on the generation)")
         check_sampling(params)
-        # Validate against the state the generation will start from.
-        for pending in list(es.inputs):
+        for pending in list(es.inputs):  # validated against the state the generation will start from
             await self.consumed(pending)
         if es.generation is not None:
             raise EngineError("generating", "a generation is already running on this session; cancel it first")
@@ -236,7 +236,7 @@ class Engine:
             if params.seed is not None:  # the reseeded stream, journaled with the next tick
                 self.journal.record(es.id, es.live, "rng")
         queue = TokenQueue()  # holds a whole generation, so the scheduler never waits on a reader
-        es.generation = ActiveGeneration(generation, queue)
+        es.generation = ActiveGeneration(generation, queue, requested)
         self._generating[es.id] = es
         self._touch(es)
         self._wake.set()
@@ -457,7 +457,7 @@ class Engine:
     def _deliver(self, es: SessionRecord, active: ActiveGeneration, token) -> None:
         if es.generation is not active:  # ended meanwhile
             return
-        if not active.queue.put(token):
+        if not active.put(token, self.stats):
             active.cancelled = True  # nobody is listening any more
         if token.finish_reason is not None:
             self._finish(es, token.finish_reason)

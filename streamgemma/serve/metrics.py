@@ -3,18 +3,22 @@ registry of its own per server (no process-wide state: two servers in one
 process report separately).
 
 Gauges and counters the engine and the prefix cache already keep are read
-when scraped (nothing is added to the decode path); the HTTP adapter
-observes what only it sees (time to first token, requests).
+when scraped (nothing is added to the decode path; the engine's time to
+first token is bucketed as tokens are delivered); the HTTP adapter observes
+what only it sees (its requests' time to first token, from their arrival).
 """
 
 from __future__ import annotations
 
+import itertools
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .record import FIRST_TOKEN_BUCKETS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class _EngineCollector(Collector):
@@ -51,6 +55,13 @@ class _EngineCollector(Collector):
                                   value=stats.suspensions)
         yield CounterMetricFamily("streamgemma_resumptions", "Sessions restored from the store",
                                   value=stats.resumptions)
+        cumulative = list(itertools.accumulate(stats.first_token_buckets))
+        yield HistogramMetricFamily(
+            "streamgemma_engine_time_to_first_token_seconds",
+            "Every generation (websocket and HTTP): from its generate call, queued input consumed first, to its "
+            "first token", buckets=[*((str(b), n) for b, n in zip(FIRST_TOKEN_BUCKETS, cumulative)),
+                                    ("+Inf", stats.first_token_count)],
+            sum_value=stats.first_token_seconds)
         if self.server is not None:
             yield GaugeMetricFamily("streamgemma_websocket_connections", "Websocket connections open",
                                     value=len(self.server.connections))
@@ -78,7 +89,7 @@ class Metrics:
         self.registry.register(_EngineCollector(engine, cache, server))
         self.time_to_first_token = Histogram(
             "streamgemma_time_to_first_token_seconds", "HTTP API: from a request's arrival to its first token",
-            ["endpoint"], buckets=TTFT_BUCKETS, registry=self.registry)
+            ["endpoint"], buckets=FIRST_TOKEN_BUCKETS, registry=self.registry)
         self.requests = Counter("streamgemma_http_requests", "HTTP API requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
 

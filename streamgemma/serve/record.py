@@ -96,14 +96,29 @@ class PendingInput:
                 log.exception("a callback of consumed input failed")
 
 
-class ActiveGeneration:
-    """A generation the engine is advancing, and where its tokens go."""
+# Upper bounds (seconds) of the time-to-first-token histogram (EngineStats, /metrics).
+FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-    def __init__(self, generation: Generation, queue):
+
+class ActiveGeneration:
+    """A generation the engine is advancing, and where its tokens go.
+    requested: when `Engine.generate` was called (time.monotonic)."""
+
+    def __init__(self, generation: Generation, queue, requested: float):
         self.generation = generation
         self.queue = queue  # streams.TokenQueue
         self.cancelled = False
         self.ended = anyio.Event()  # set once its Done is queued
+        self.requested = requested
+        self.tokens = 0
+
+    def put(self, token, stats: EngineStats) -> bool:
+        """Queue `token` (False: nobody reads the stream any more); the first
+        one's delay since the request goes to `stats`."""
+        if self.tokens == 0:
+            stats.observe_first_token(time.monotonic() - self.requested)
+        self.tokens += 1
+        return self.queue.put(token)
 
 
 class SessionRecord:
@@ -165,3 +180,16 @@ class EngineStats:
     expired_sessions: int = 0  # deleted after `session_ttl` without use
     journal_commits: int = 0  # group commits of the write-ahead journal (one per tick with records)
     journal_failures: int = 0  # commits that failed (each is logged and retried)
+    # Time to first token of every generation, from its `generate` call (queued input is consumed first,
+    # so an append + generate pair counts the prompt's prefill): counts per FIRST_TOKEN_BUCKETS bound.
+    first_token_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * len(FIRST_TOKEN_BUCKETS))
+    first_token_count: int = 0
+    first_token_seconds: float = 0.0  # their sum
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.first_token_count += 1
+        self.first_token_seconds += seconds
+        for i, bound in enumerate(FIRST_TOKEN_BUCKETS):
+            if seconds <= bound:
+                self.first_token_buckets[i] += 1
+                break

@@ -102,14 +102,14 @@ FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 
 class ActiveGeneration:
     """A generation the engine is advancing, and where its tokens go.
-    requested: when `Engine.generate` was called (time.monotonic)."""
+    requested: when `Engine.generate` was called (time.monotonic; None: now)."""
 
-    def __init__(self, generation: Generation, queue, requested: float):
+    def __init__(self, generation: Generation, queue, requested: float | None = None):
         self.generation = generation
         self.queue = queue  # streams.TokenQueue
         self.cancelled = False
         self.ended = anyio.Event()  # set once its Done is queued
-        self.requested = requested
+        self.requested = time.monotonic() if requested is None else requested
         self.tokens = 0
 
     def put(self, token, stats: EngineStats) -> bool:

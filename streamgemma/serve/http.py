@@ -251,8 +251,8 @@ class HttpApi:
         tok = self.engine.model.tokenizer
         vocab = self.engine.model.config.vocab_size
         if req.prompt_ids is not None:
-            bad = next((t for t in req.prompt_ids if t >= vocab), None)
-            if bad is not None:
+            if max(req.prompt_ids) >= vocab:
+                bad = next(t for t in req.prompt_ids if t >= vocab)
                 raise ApiError(400, f"prompt holds token id {bad}, outside the vocabulary [0, {vocab})",
                                code="invalid_value", param="prompt")
             return list(req.prompt_ids)

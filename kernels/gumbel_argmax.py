@@ -35,6 +35,18 @@ _NO_INDEX = tl.constexpr(2147483647)  # loses every "smallest index" comparison
 
 
 @triton.jit
+def tile_words(words_ptr, row, j, BLOCK: tl.constexpr):
+    """The four Philox words of calls j ([BLOCK]) of row's stream, whose (seed,
+    counter) is words_ptr[row * 4 .. row * 4 + 3] (`philox.stream_words`)."""
+    k0 = tl.load(words_ptr + row * 4).to(tl.uint32)
+    k1 = tl.load(words_ptr + row * 4 + 1).to(tl.uint32)
+    ctr_lo = tl.load(words_ptr + row * 4 + 2).to(tl.uint32)
+    ctr_hi = tl.load(words_ptr + row * 4 + 3).to(tl.uint32)
+    zero = tl.zeros([BLOCK], dtype=tl.uint32)
+    return philox4x32_10(j.to(tl.uint32), zero + ctr_lo, zero + ctr_hi, zero, k0, k1)
+
+
+@triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 on uint32 tensors (the round of Random123: the key is
     bumped between rounds). Products and sums wrap modulo 2**32 on purpose."""
@@ -76,12 +88,7 @@ def _gumbel_tiles_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, tile
     row = tl.program_id(0)
     tile = tl.program_id(1)
     j = tile * BLOCK + tl.arange(0, BLOCK)  # Philox call j serves entries 4j .. 4j + 3
-    k0 = tl.load(words_ptr + row * 4).to(tl.uint32)
-    k1 = tl.load(words_ptr + row * 4 + 1).to(tl.uint32)
-    ctr_lo = tl.load(words_ptr + row * 4 + 2).to(tl.uint32)
-    ctr_hi = tl.load(words_ptr + row * 4 + 3).to(tl.uint32)
-    zero = tl.zeros([BLOCK], dtype=tl.uint32)
-    w0, w1, w2, w3 = philox4x32_10(j.to(tl.uint32), zero + ctr_lo, zero + ctr_hi, zero, k0, k1)
+    w0, w1, w2, w3 = tile_words(words_ptr, row, j, BLOCK)
     row_ptr = x_ptr + row.to(tl.int64) * stride
     temp = 1.0
     if HAS_TEMP:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel_argmax import argmax_tiles_kernel, float32_rows, gumbel_score, philox4x32_10
+from .gumbel_argmax import argmax_tiles_kernel, float32_rows, gumbel_score, tile_words
 
 _BIG = tl.constexpr(1 << 62)  # a bin's least weight w is stored as _BIG - w (zero: an empty bin)
 _NO_INDEX = tl.constexpr(2147483647)
@@ -293,12 +293,7 @@ def _draw_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, work_ptr, ro
             best_i = tile * 4 * BLOCK
             if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
                 j = tile * BLOCK + tl.arange(0, BLOCK)  # Philox call j serves entries 4j .. 4j + 3
-                k0 = tl.load(words_ptr + row * 4).to(tl.uint32)
-                k1 = tl.load(words_ptr + row * 4 + 1).to(tl.uint32)
-                ctr_lo = tl.load(words_ptr + row * 4 + 2).to(tl.uint32)
-                ctr_hi = tl.load(words_ptr + row * 4 + 3).to(tl.uint32)
-                zero = tl.zeros([BLOCK], dtype=tl.uint32)
-                w0, w1, w2, w3 = philox4x32_10(j.to(tl.uint32), zero + ctr_lo, zero + ctr_hi, zero, k0, k1)
+                w0, w1, w2, w3 = tile_words(words_ptr, row, j, BLOCK)
                 temp = 1.0
                 if HAS_TEMP:
                     temp = tl.load(temps_ptr + row)

@@ -121,7 +121,29 @@ def engine_counters(engine):
     return getattr(engine, "stats", engine)
 
 
-class CounterSampler:
+class BackgroundLoop:
+    """`_run` in a daemon thread while the `with` block runs (if `wanted`);
+    `_run` loops until `self._stop` is set."""
+
+    wanted = True
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if self.wanted:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class CounterSampler(BackgroundLoop):
     """Samples the engine's and the server's monitoring counters (those the
     served tree has) every `period` s in a thread: (time, counters)."""
 
@@ -131,22 +153,12 @@ class CounterSampler:
     def __init__(self, engine, server, period: float = 0.01):
         self.engine, self.server, self.period = engine_counters(engine), server, period
         self.samples: list[tuple[float, dict]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def available(self) -> bool:
         return all(hasattr(self.engine, name) for name in self.ENGINE)
 
-    def __enter__(self) -> CounterSampler:
-        if self.available:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+    wanted = available
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -183,25 +195,14 @@ class CounterSampler:
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
-class Scraper:
+class Scraper(BackgroundLoop):
     """GETs the server's /metrics every `period` seconds in a thread while the block runs (nothing without both)."""
 
     def __init__(self, server, period: float | None):
         self.server = server
         self.period = period
         self.count = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Scraper:
-        if self.server is not None and self.period:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self.wanted = self.server is not None and bool(self.period)
 
     def _run(self) -> None:
         import urllib.request

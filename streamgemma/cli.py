@@ -230,6 +230,9 @@ def _serve_http_args(p: argparse.ArgumentParser) -> None:
                         "else 0); 0: off")
     g.add_argument("--prefix-cache-memory-bytes", type=int, default=1 << 30, metavar="N",
                    help="bytes of cached conversation states kept decoded in host memory (default 1 GiB); 0: off")
+    g.add_argument("--prefix-cache-sessions", type=int, metavar="N",
+                   help="finished requests' sessions kept open for their conversation's next turn (default: an "
+                        "eighth of --max-active, 1 to 8); 0: off")
     g.add_argument("--http-max-requests", type=int, default=256, metavar="N",
                    help="HTTP requests generating at once; more get HTTP 429 (default 256)")
 
@@ -243,12 +246,14 @@ def _http_config(args: argparse.Namespace):
         return None
     if not 0 <= args.http_port <= 65535 or (args.http_port == args.port and args.port != 0):
         raise ServeError(f"--http-port must be in 0..65535 and differ from --port, got {args.http_port}")
-    if min(args.prefix_cache_bytes or 0, args.prefix_cache_memory_bytes) < 0 or args.http_max_requests < 1:
-        raise ServeError("--prefix-cache-bytes and --prefix-cache-memory-bytes must be >= 0, "
-                         "--http-max-requests >= 1")
+    if min(args.prefix_cache_bytes or 0, args.prefix_cache_memory_bytes, args.prefix_cache_sessions or 0) < 0 \
+            or args.http_max_requests < 1:
+        raise ServeError("--prefix-cache-bytes, --prefix-cache-memory-bytes and --prefix-cache-sessions must be "
+                         ">= 0, --http-max-requests >= 1")
     name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "streamgemma"
     return HttpConfig(port=args.http_port, model_name=name, prefix_cache_bytes=args.prefix_cache_bytes,
-                      prefix_cache_memory_bytes=args.prefix_cache_memory_bytes, max_requests=args.http_max_requests)
+                      prefix_cache_memory_bytes=args.prefix_cache_memory_bytes,
+                      held_sessions=args.prefix_cache_sessions, max_requests=args.http_max_requests)
 
 
 def _serve_limit_args(p: argparse.ArgumentParser) -> None:

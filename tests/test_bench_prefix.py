@@ -8,9 +8,9 @@ from test_bench import positive, run
 
 def test_prefix(tmp_path):
     r = run("prefix", "--prompt", "40", "--reply", "3", "--turn", "3", "--reps", "1", tmp_path=tmp_path)
-    assert set(r["ttft"]) == {"live", "recompute", "cached_memory", "cached_store"}
+    assert set(r["ttft"]) == {"live", "recompute", "cached_held", "cached_memory", "cached_store"}
     assert all(len(v["samples_ms"]) == 1 and positive(v["p50_ms"]) for v in r["ttft"].values())
-    assert positive(r["cached_memory_over_live"], r["recompute_over_cached_store"])
+    assert positive(r["cached_held_over_live"], r["cached_memory_over_live"], r["recompute_over_cached_store"])
 
 
 def test_serve_with_the_http_api(tmp_path):

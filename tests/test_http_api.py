@@ -344,6 +344,7 @@ def test_stopping_the_server_ends_streams_in_flight(model):
 def test_a_client_that_leaves_a_stream_cancels_its_generation(server, caplog):
     import time
 
+    before = set(server.engine.sessions)  # (sessions earlier tests' requests left held)
     conn = http.client.HTTPConnection("127.0.0.1", server.http.port, timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps(
         {"model": MODEL, "prompt": "The", "max_tokens": 512, "stream": True, "stop": ["never-seen-text"]}),
@@ -353,9 +354,9 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(server, caplog):
     conn.sock.shutdown(2)
     conn.close()
     deadline = time.monotonic() + 20
-    while server.engine.sessions and time.monotonic() < deadline:
+    while set(server.engine.sessions) - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not server.engine.sessions
+    assert not set(server.engine.sessions) - before  # its session was closed, not held
     assert server.http.in_flight == 0
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
@@ -364,36 +365,39 @@ def test_a_client_that_leaves_before_a_whole_answer_cancels_its_generation(serve
     import socket
     import time
 
+    before = set(server.engine.sessions)  # (sessions earlier tests' requests left held)
     body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 512, "stop": ["never-seen-text"]}).encode()
     with socket.create_connection(("127.0.0.1", server.http.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.monotonic() + 20
-        while not server.engine.sessions and time.monotonic() < deadline:
+        while not set(server.engine.sessions) - before and time.monotonic() < deadline:
             time.sleep(0.01)
     generated = server.engine.stats.decoded_tokens
-    while server.engine.sessions and time.monotonic() < deadline:
+    while set(server.engine.sessions) - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not server.engine.sessions and server.http.in_flight == 0
+    assert not set(server.engine.sessions) - before and server.http.in_flight == 0
     assert server.engine.stats.decoded_tokens - generated < 400  # cancelled, not run to max_tokens
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 @pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cuda", "bfloat16")])
 def test_prefix_reuse_continues_exactly_from_either_tier(tmp_path, device, dtype):
-    """The second request restores the first one's final state (from host
-    memory, or from the store the moment the first answer is back) and gives
-    the tokens a live session gives."""
+    """The second request continues the first one's held session, or restores
+    its final state (from host memory, or from the store the moment the first
+    answer is back), and gives the tokens a live session gives."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device=device, dtype=dtype)
     prompt = [5 + i % 200 for i in range(295)]
-    for store, memory in ((None, 1 << 30), (sg.DirectorySnapshotStore(tmp_path), 0)):
-        with http_server(model, store=store, limits=LIMITS, prefix_cache_memory_bytes=memory) as srv:
+    for store, memory, held in ((None, 0, 1), (None, 1 << 30, 0), (sg.DirectorySnapshotStore(tmp_path), 0, 0)):
+        with http_server(model, store=store, limits=LIMITS, prefix_cache_memory_bytes=memory,
+                         held_sessions=held) as srv:
             first = complete(srv, prompt=prompt, max_tokens=8, temperature=0, return_token_ids=True)
             reply = first["choices"][0]["token_ids"]
+            assert len(srv.http.held) == held
             second = complete(srv, prompt=prompt + reply + [7, 8, 9], max_tokens=8, temperature=0,
                               return_token_ids=True)
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt) + 8
@@ -402,3 +406,26 @@ def test_prefix_reuse_continues_exactly_from_either_tier(tmp_path, device, dtype
         assert [t.id for t in live.generate(max_tokens=8, temperature=0)] == reply
         live.feed([7, 8, 9])
         assert [t.id for t in live.generate(max_tokens=8, temperature=0)] == second["choices"][0]["token_ids"]
+
+
+def test_held_sessions_serve_one_turn_each_are_bounded_and_closed_at_stop(model, tmp_path):
+    store = sg.DirectorySnapshotStore(tmp_path)
+    with http_server(model, store=store, limits=LIMITS, held_sessions=2) as srv:
+        ask = lambda ids: complete(srv, prompt=ids, max_tokens=4, temperature=0, return_token_ids=True)  # noqa: E731
+        first = ask([5, 6, 7])
+        history = [5, 6, 7] + first["choices"][0]["token_ids"]
+        assert len(srv.http.held) == 1 and len(srv.engine.sessions) == 1
+        # Two branches of one conversation: the first continues the held session,
+        # the second finds the same state in the memory tier.
+        a, b = ask(history + [8]), ask(history + [9])
+        for reply in (a, b):
+            assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == len(history)
+        live = model.session()
+        live.feed(history + [9])
+        assert [t.id for t in live.generate(max_tokens=4, temperature=0)] == b["choices"][0]["token_ids"]
+        ask([10, 11])
+        assert len(srv.http.held) == 2 and len(srv.engine.sessions) == 2  # the least recently held was closed
+        metrics = request(srv, "GET", "/metrics").body.decode()
+        assert "streamgemma_prefix_cache_hits_total 2.0" in metrics
+    assert not srv.engine.sessions  # closed at stop, not suspended into the store
+    assert not [k for k in store.list() if not k.startswith("prefix.")]

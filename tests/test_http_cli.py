@@ -37,6 +37,8 @@ def test_bad_http_options_fail_in_one_line(saved_model_dir):
     assert "--http-port must be in 0..65535" in line
     line = one_line_failure(serve_command(saved_model_dir, "--port", "9000", "--http-port", "9000"))
     assert "differ from --port" in line
+    line = one_line_failure(serve_command(saved_model_dir, "--http-port", "0", "--prefix-cache-sessions", "-1"))
+    assert "--prefix-cache-sessions must be >= 0" in line
 
 
 def test_an_http_port_in_use_is_one_line(saved_model_dir):

@@ -12,8 +12,9 @@ token, client side (time.perf_counter):
 - cached: /v1/completions (stream) with the whole history as token ids,
   turn 1's request having left its final state in the prefix cache; the
   reply's usage.prompt_tokens_details.cached_tokens is checked to be
-  prompt + reply; tiers: "memory" (decoded states in host memory) and
-  "store" (memory tier off: read and decoded from a directory store);
+  prompt + reply; tiers: "held" (turn 1's session kept open), "memory"
+  (decoded states in host memory; no held sessions) and "store" (neither:
+  read and decoded from a directory store);
 - recompute: the same request shape with a history nobody sent before (a
   miss: the whole history is prefilled).
 Reported: p50 and all samples of each (ms), cached/live and
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reply", type=int, default=32, help="turn 1's generated tokens (default 32)")
     parser.add_argument("--turn", type=int, default=32, help="turn 2's new tokens (default 32)")
     parser.add_argument("--reps", type=int, default=10, help="conversations timed per case (default 10)")
-    parser.add_argument("--tiers", default="memory,store", help="prefix-cache tiers to time (default memory,store)")
+    parser.add_argument("--tiers", default="held,memory,store",
+                        help="prefix-cache tiers to time (default held,memory,store)")
 
 
 async def _first_token_http(http: aiohttp.ClientSession, url: str, ids: list[int], expect_cached: int | None) -> float:
@@ -133,11 +135,12 @@ def run(args: argparse.Namespace) -> dict:
 
     results = {}
     for tier in tiers:
-        if tier not in ("memory", "store"):
-            raise ValueError(f"--tiers: unknown tier {tier!r} (memory, store)")
+        if tier not in ("held", "memory", "store"):
+            raise ValueError(f"--tiers: unknown tier {tier!r} (held, memory, store)")
         with tempfile.TemporaryDirectory(prefix="sg-bench-prefix-") as store_dir:
             store = sg.DirectorySnapshotStore(store_dir) if tier == "store" else None
-            config = sg.HttpConfig(prefix_cache_memory_bytes=0 if tier == "store" else 1 << 30)
+            config = sg.HttpConfig(prefix_cache_memory_bytes=0 if tier == "store" else 1 << 30,
+                                   held_sessions=1 if tier == "held" else 0)
             server = sg.Server(sg.Engine(model, max_active=4, store=store), port=0, limits=limits, http=config)
             with serving(server) as portal:
                 flush = (lambda: portal.call(server.http.cache.flush)) if tier == "store" else None

@@ -29,6 +29,7 @@ from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError
 from ..session.chat_template import chat_prompt_ids
 from ..validate import check_position
 from .engine import Engine
+from .held_sessions import HeldSessions
 from .limits import DEFAULT_LIMITS, Limits
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_api import ApiError, ApiRequest, ResponseBuilder, model_list, parse_body, parse_request, usage
@@ -49,13 +50,16 @@ class HttpConfig:
     "streamgemma"). prefix_cache_bytes / prefix_cache_memory_bytes: bounds
     of the prefix cache in the store (None: 4 GiB in a durable store, 0 in
     the in-memory one, which would only duplicate the memory tier) and in
-    host memory (1 GiB); 0 turns a tier off. max_requests: requests
-    generating at once (more get HTTP 429)."""
+    host memory (1 GiB); 0 turns a tier off. held_sessions: finished
+    requests' sessions kept open for their conversation's next turn
+    (`held_sessions`; None: an eighth of the engine's slots, 1 to 8).
+    max_requests: requests generating at once (more get HTTP 429)."""
 
     port: int = 0
     model_name: str | None = None
     prefix_cache_bytes: int | None = None
     prefix_cache_memory_bytes: int = DEFAULT_MEMORY_BYTES
+    held_sessions: int | None = None
     max_requests: int = 256
 
     def __post_init__(self):
@@ -63,6 +67,8 @@ class HttpConfig:
             raise ValueError(f"the HTTP port must be in 0..65535, got {self.port!r}")
         if self.max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {self.max_requests!r}")
+        if self.held_sessions is not None and self.held_sessions < 0:
+            raise ValueError(f"held_sessions must be >= 0, got {self.held_sessions!r}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,6 +80,7 @@ class _Run:
     prompt_ids: list[int]
     cached: int
     tokens: list = dataclasses.field(default_factory=list)
+    finished: bool = False  # ended normally: its session may be held for the next turn
 
 
 class HttpApi:
@@ -97,6 +104,8 @@ class HttpApi:
         if store_bytes is None:
             store_bytes = DEFAULT_MAX_BYTES if engine.store.durable else 0
         self.cache = PrefixCache(engine.model, engine.store, store_bytes, config.prefix_cache_memory_bytes)
+        held = config.held_sessions
+        self.held = HeldSessions(engine, min(8, max(1, engine.max_active // 8)) if held is None else held)
         self.metrics = Metrics(engine, self.cache, server)
         self.created = int(time.time())
         self.in_flight = 0
@@ -146,6 +155,7 @@ class HttpApi:
         runner, self._runner = self._runner, None
         await runner.cleanup()
         with anyio.CancelScope(shield=True):
+            await self.held.close_all()
             await self.cache.flush()
         self.cache.close()
 
@@ -243,7 +253,10 @@ class HttpApi:
                 self._runs.discard(run)
                 with anyio.CancelScope(shield=True):
                     await run.stream.aclose()
-                    await self.engine.close(run.es)
+                    if run.finished and not self.stopping:
+                        await self.held.hold(run.prompt_ids + [t.id for t in run.tokens], run.es)
+                    else:
+                        await self.engine.close(run.es)
         finally:
             self.in_flight -= 1
 
@@ -276,15 +289,20 @@ class HttpApi:
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         try:
             check_position(len(ids) + params.max_tokens, "max_tokens")
-            hit = await self.cache.lookup(ids)
-            try:
-                es = await self.engine.open(seed=params.seed, contents=hit.contents if hit else None)
-            except SnapshotError as e:  # (a cache entry another model wrote into a shared store)
-                log.warning("prefix cache: entry not usable: %s", e)
-                hit, es = None, await self.engine.open(seed=params.seed)
+            held = self.held.take(ids)
+            if held is not None:  # the conversation's own session, still open: nothing to restore
+                cached, es = held
+                self.cache.count(cached)
+            else:
+                hit = await self.cache.lookup(ids)
+                try:
+                    es = await self.engine.open(seed=params.seed, contents=hit.contents if hit else None)
+                except SnapshotError as e:  # (a cache entry another model wrote into a shared store)
+                    log.warning("prefix cache: entry not usable: %s", e)
+                    hit, es = None, await self.engine.open(seed=params.seed)
+                cached = hit.tokens if hit else 0
         except Exception as e:  # noqa: BLE001 - answered with its status
             raise _engine_error(e) from None
-        cached = hit.tokens if hit else 0
         try:
             await self.engine.consumed(self.engine.append(es, array.array("i", ids[cached:])))
             stream = await self.engine.generate(es, params)
@@ -311,6 +329,7 @@ class HttpApi:
         """Keep the final state in the prefix cache; the usage body."""
         done = run.stream.done
         if done is not None and done.reason != "cancelled":
+            run.finished = True
             try:
                 contents = await self.engine.capture(run.es)
                 await self.cache.keep(run.prompt_ids + [t.id for t in run.tokens], contents)

@@ -46,6 +46,18 @@ DEFAULT_MEMORY_BYTES = 1 << 30
 COMPRESSION_LEVEL = -1  # as suspensions: fast to restore
 
 
+def prefix_digests(fingerprint: bytes, ids: Sequence[int], lengths: set[int]) -> dict[int, str]:
+    """{length: digest of ids[:length]} for the given lengths, in one pass."""
+    data = np.asarray(ids, dtype="<i4").tobytes()
+    hasher = hashlib.sha256(fingerprint)
+    out, done = {}, 0
+    for n in sorted(lengths):
+        hasher.update(data[done * 4:n * 4])
+        done = n
+        out[n] = hasher.copy().hexdigest()[:DIGEST_CHARS]
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """A cached state: its key in the store, how many tokens it holds, its
@@ -127,17 +139,6 @@ class PrefixCache:
                 self._index.move_to_end(entry.digest, last=False)  # unknown age: evicted first
         await self._evict()
 
-    def _digests(self, ids: Sequence[int], lengths: set[int]) -> dict[int, str]:
-        """{length: digest of ids[:length]} for the given lengths, in one pass."""
-        data = np.asarray(ids, dtype="<i4").tobytes()
-        hasher = hashlib.sha256(self._fingerprint)
-        out, done = {}, 0
-        for n in sorted(lengths):
-            hasher.update(data[done * 4:n * 4])
-            done = n
-            out[n] = hasher.copy().hexdigest()[:DIGEST_CHARS]
-        return out
-
     async def lookup(self, ids: Sequence[int]) -> Hit | None:
         """The longest cached state whose tokens are a prefix of `ids`,
         shorter than `ids`; None (a miss) if there is none."""
@@ -150,18 +151,25 @@ class PrefixCache:
                     log.warning("prefix cache: could not list the store: %s", e)
                 hit = await self._find(ids)
             if hit is not None:
-                self.hits += 1
-                self.hit_tokens += hit.tokens
+                self.count(hit.tokens)
                 return hit
-        self.misses += 1
+        self.count(0)
         return None
+
+    def count(self, tokens: int) -> None:
+        """Count a lookup that reused `tokens` (0: a miss), whichever tier served it."""
+        if tokens:
+            self.hits += 1
+            self.hit_tokens += tokens
+        else:
+            self.misses += 1
 
     async def _find(self, ids: Sequence[int]) -> Hit | None:
         lengths = {e.tokens for e in self._index.values() if e.tokens < len(ids)}
         lengths |= {n for k in (*self._memory, *self._writing) if (n := int(k.split(".")[0])) < len(ids)}
         if not lengths:
             return None
-        digests = self._digests(ids, lengths)
+        digests = prefix_digests(self._fingerprint, ids, lengths)
         for n in sorted(digests, reverse=True):
             digest = digests[n]
             name = f"{n}.{digest}"
@@ -198,7 +206,7 @@ class PrefixCache:
         memory now, in the store in the background (`flush` waits)."""
         if not self.enabled or not ids or contents.position != len(ids):
             return
-        digest = self._digests(ids, {len(ids)})[len(ids)]
+        digest = prefix_digests(self._fingerprint, ids, {len(ids)})[len(ids)]
         self._remember(len(ids), digest, contents)
         if self.max_bytes > 0:
             self._writing[f"{len(ids)}.{digest}"] = contents

@@ -33,7 +33,6 @@ import torch
 
 from ..config import ATTENTION, GriffinConfig
 from ..errors import (
-    SnapshotCorrupted,
     SnapshotError,
     SnapshotFormatError,
     SnapshotMetadataError,

@@ -321,6 +321,15 @@ def test_other_skippable_frames_are_not_snapshots(model):
         model.restore(struct.pack("<II", 0x184D2A50, 4) + b"abcd")
 
 
-def test_threads_must_be_positive(model, framed):
-    with pytest.raises(ValueError, match="threads"):
-        snapshot_format.decode(framed, model.config, model.fingerprint, threads=0)
+def test_threads_of_the_public_api(model, monkeypatch):
+    monkeypatch.setattr(snapshot_frames, "FRAME_BYTES", 512)
+    s = model.session(seed=2)
+    s.feed(random_tokens(12, model.config.vocab_size))
+    blob = s.snapshot(threads=1)
+    assert s.snapshot(threads=4) == blob and len(parse(blob)[0]) > 4
+    assert_same_state(s, model.restore(blob, threads=3))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            s.snapshot(threads=bad)
+        with pytest.raises(ValueError, match="threads"):
+            model.restore(blob, threads=bad)

@@ -210,13 +210,15 @@ def test_indexes_that_lie_are_refused(model, entries, tail, count):
 
 
 @fuzz
-@given(garbage=st.binary(max_size=400))
-def test_garbage_behind_a_valid_index_is_refused(model, garbage):
+@given(garbage=st.binary(max_size=400), threads=st.sampled_from([1, 2]), zstd_magic=st.booleans())
+def test_garbage_behind_a_valid_index_is_refused(model, garbage, threads, zstd_magic):
     cut = len(garbage) // 2
     frames = [garbage[:cut], garbage[cut:]]
-    entries = [(len(f), max(len(f), 1), zlib.crc32(f)) for f in frames]
+    if zstd_magic:
+        frames = [b"\x28\xb5\x2f\xfd" + f for f in frames]
+    entries = [(len(f), max(len(f), 1), struct.unpack("<I", f[-4:])[0] if len(f) >= 4 else 0) for f in frames]
     with pytest.raises(sg.SnapshotError):
-        model.restore(build(entries, frames))
+        model.restore(build(entries, frames), threads=threads)
 
 
 @fuzz
@@ -312,8 +314,9 @@ def test_a_frame_that_fails_its_checksum_is_refused(model, framed):
     damaged = zstandard.ZstdCompressor(level=-1, write_checksum=True).compress(bytes(data))
     frames[1] = damaged[:-4] + good[-4:]  # the original content's checksum
     entries[1] = (len(frames[1]), len(data), struct.unpack("<I", good[-4:])[0])
-    with pytest.raises(sg.SnapshotCorrupted, match="checksum"):
-        model.restore(build(entries, frames))
+    for threads in (1, 2):  # one frame after another, and zstandard's threads
+        with pytest.raises(sg.SnapshotCorrupted, match="checksum"):
+            model.restore(build(entries, frames), threads=threads)
 
 
 def test_other_skippable_frames_are_not_snapshots(model):

@@ -61,10 +61,14 @@ def pack(pieces: Sequence[bytes | memoryview], level: int, threads: int | None =
         raise SnapshotFormatError(f"the snapshot's document is {len(data)} bytes, more than "
                                   f"{MAX_FRAMES} frames of {FRAME_BYTES} bytes can hold")
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    frames = None
     if threads > 1 and len(chunks) > 1:
-        collection = compressor.multi_compress_to_buffer(chunks, threads=min(threads, len(chunks)))
-        frames = [collection[i] for i in range(len(collection))]
-    else:
+        try:
+            collection = compressor.multi_compress_to_buffer(chunks, threads=min(threads, len(chunks)))
+            frames = [collection[i] for i in range(len(collection))]
+        except NotImplementedError:  # zstandard's cffi backend has no threads: one at a time
+            pass
+    if frames is None:
         frames = [compressor.compress(c) for c in chunks]
     entries = b"".join(_ENTRY.pack(len(f), len(c), _U32.unpack(memoryview(f)[-4:])[0])
                        for f, c in zip(frames, chunks))
@@ -138,13 +142,23 @@ def _unpack_v2(data: memoryview, limit: int, threads: int) -> bytes:
             raise SnapshotCorrupted(f"{where} declares {declared} bytes of content, its index {size}: "
                                     "the snapshot is damaged")
     try:
-        out = zstandard.ZstdDecompressor().multi_decompress_to_buffer(
-            frames, decompressed_sizes=struct.pack(f"={len(sizes)}Q", *sizes),
-            threads=min(threads, len(frames)))
+        return b"".join(_decompress(frames, sizes, threads))
     except zstandard.ZstdError as e:
         raise SnapshotCorrupted(f"the snapshot is damaged: zstd could not decompress it or a checksum "
                                 f"does not match ({e})") from None
-    return b"".join(out[i] for i in range(len(out)))
+
+
+def _decompress(frames: list[memoryview], sizes: list[int], threads: int) -> list:
+    """Each frame's content (ZstdError if one fails to decode or to match its checksum)."""
+    decompressor = zstandard.ZstdDecompressor()
+    if threads > 1 and len(frames) > 1:
+        try:
+            out = decompressor.multi_decompress_to_buffer(
+                frames, decompressed_sizes=struct.pack(f"={len(sizes)}Q", *sizes), threads=min(threads, len(frames)))
+            return [out[i] for i in range(len(out))]
+        except NotImplementedError:  # zstandard's cffi backend has no threads: one at a time
+            pass
+    return [decompressor.decompress(f, max_output_size=size) for f, size in zip(frames, sizes)]
 
 
 def _read_index(data: memoryview, limit: int) -> tuple[list[memoryview], list[int]]:

@@ -91,6 +91,14 @@ def test_pack_unpack_round_trips(monkeypatch, size, level):
         snapshot_frames.unpack(blob, size - 1)  # the bound is checked on the index
 
 
+def test_a_large_document_uses_larger_frames_not_more(monkeypatch):
+    monkeypatch.setattr(snapshot_frames, "FRAME_BYTES", 16)
+    data = os.urandom(snapshot_frames.MAX_FRAMES * 16 + 5)
+    blob = snapshot_frames.pack([data], -1)
+    assert len(parse(blob)[0]) == -(-len(data) // 17) <= snapshot_frames.MAX_FRAMES  # frames of 17 bytes
+    assert snapshot_frames.unpack(blob, len(data)) == (2, data)
+
+
 def test_incompressible_content_fits_the_file_bound():
     data = os.urandom(300_000)
     assert len(snapshot_frames.pack([data], 1)) <= snapshot_frames.max_container_bytes(len(data))

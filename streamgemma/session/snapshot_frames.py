@@ -32,7 +32,8 @@ INDEX_MAGIC = struct.pack("<I", 0x184D2A53)
 INDEX_TAG = b"SGS2"
 FRAME_BYTES = 256 << 10  # of the document per frame: ~70 frames for a 2B snapshot, so 16 threads stay busy
 MAX_FRAMES = 1024
-DEFAULT_THREADS = min(16, os.cpu_count() or 1)
+# The cores this process may run on (a container's or taskset's, not the host's), at most 16.
+DEFAULT_THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _HEAD = struct.Struct("<4sI4sI")  # skippable magic, its payload size, tag, frame count
 _ENTRY = struct.Struct("<III")  # compressed size, content size, content checksum (the frame's last 4 bytes)
 _U32 = struct.Struct("<I")
@@ -50,16 +51,15 @@ def max_container_bytes(content_limit: int) -> int:
 # -- writing (version 2) ---------------------------------------------------------------
 def pack(pieces: Sequence[bytes | memoryview], level: int, threads: int | None = None) -> bytes:
     """The document given as `pieces` (their concatenation) as a version-2
-    container: frames of FRAME_BYTES each, compressed at zstd `level` with
+    container: frames of FRAME_BYTES each (more where MAX_FRAMES of them
+    would not hold it), compressed at zstd `level` with
     content size and checksum, on up to `threads` threads (None: up to 16,
     one per core). The bytes do not depend on `threads`: each frame is
     compressed on its own with the same parameters."""
     threads = _threads(threads)
     data = memoryview(b"".join(pieces))  # frames need contiguous input; one copy of the document
-    chunks = [data[i:i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES)] or [data]
-    if len(chunks) > MAX_FRAMES:
-        raise SnapshotFormatError(f"the snapshot's document is {len(data)} bytes, more than "
-                                  f"{MAX_FRAMES} frames of {FRAME_BYTES} bytes can hold")
+    step = max(FRAME_BYTES, -(-len(data) // MAX_FRAMES))  # larger frames past MAX_FRAMES of them
+    chunks = [data[i:i + step] for i in range(0, len(data), step)]
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     frames = None
     if threads > 1 and len(chunks) > 1:

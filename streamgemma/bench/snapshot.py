@@ -12,6 +12,7 @@ weights; the snapshot also carries the float32 next-token logits.
     streamgemma bench snapshot --device cpu --json snapshot.json
     streamgemma bench snapshot --preset tiny --device cpu --repeats 3
     streamgemma bench snapshot --level=-1 --threads 4             # the engine's level; 4 zstd threads
+    streamgemma bench snapshot --parts                            # + capture, encode, decompress, ... apart
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of Session.snapshot and Model.restore (default: the library's, one per "
                              "core up to 16; trees before format v2 have no such argument)")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the parts: capture, encode, the container's decompression, msgpack and "
+                             "validation, load into a slot (library internals of format v2 trees)")
 
 
 def timed_ms(fn, repeats: int, model, after=None) -> tuple[list[float], object]:
@@ -48,6 +52,38 @@ def timed_ms(fn, repeats: int, model, after=None) -> tuple[list[float], object]:
         sync(model)
         times.append((time.perf_counter() - start) * 1e3)
     return times, result
+
+
+def time_parts(model, session, blob: bytes, args: argparse.Namespace) -> dict:
+    """Median ms of each part of a snapshot and a restore, through the layer
+    under Session.snapshot / Model.restore."""
+    from streamgemma.session import snapshot as snapshot_format
+    from streamgemma.session import snapshot_frames
+
+    config, fingerprint, threads = model.config, model.fingerprint, args.threads
+    level = snapshot_format.COMPRESSION_LEVEL if args.level is None else args.level
+    contents = session.capture()
+    decoded = snapshot_format.decode(blob, config, fingerprint, threads)
+    target = model.session()
+    limit = snapshot_format.max_snapshot_bytes(config)
+    parts = {
+        "capture": lambda: session.capture(),
+        "encode": lambda: snapshot_format.encode_contents(contents, level, threads),
+        "decompress": lambda: snapshot_frames.unpack(blob, limit, threads),
+        "decode": lambda: snapshot_format.decode(blob, config, fingerprint, threads),
+        "load": lambda: snapshot_format.load_into(model.pool, target.slot, decoded),
+        "restore_of_a_capture": lambda: model.restore(contents),
+    }
+    out = {}
+    for name, fn in parts.items():
+        after = (lambda r: r.close()) if name == "restore_of_a_capture" else None
+        times, result = timed_ms(fn, args.repeats, model, after=after)
+        if after is not None:
+            after(result)
+        out[name] = statistics.median(times)
+    target.close()
+    out["msgpack_and_validation"] = out["decode"] - out["decompress"]
+    return out
 
 
 def container(blob: bytes) -> str:
@@ -85,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         raise RuntimeError("a restored session's snapshot differs from the original's")
     raw = session.state_bytes()
     restored.close()
+    parts = time_parts(model, session, blob, args) if args.parts else None
     session.close()
 
     out = {"model": describe(model), "position": position, "window": model.config.attention_window,
@@ -97,4 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, times in (("snapshot", snap_times), ("restore", restore_times)):
         s = summary(times)
         print(f"{name:<9} median {s['median']:8.2f} ms   min {s['min']:8.2f}   max {s['max']:8.2f}")
+    if parts is not None:
+        out["parts_ms"] = parts
+        print("parts (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     return out

@@ -51,11 +51,11 @@ def max_container_bytes(content_limit: int) -> int:
 # -- writing (version 2) ---------------------------------------------------------------
 def pack(pieces: Sequence[bytes | memoryview], level: int, threads: int | None = None) -> bytes:
     """The document given as `pieces` (their concatenation) as a version-2
-    container: frames of FRAME_BYTES each (more where MAX_FRAMES of them
-    would not hold it), compressed at zstd `level` with
-    content size and checksum, on up to `threads` threads (None: up to 16,
-    one per core). The bytes do not depend on `threads`: each frame is
-    compressed on its own with the same parameters."""
+    container: frames of FRAME_BYTES each (larger ones where MAX_FRAMES of
+    them would not hold it), compressed at zstd `level` with content size
+    and checksum, on up to `threads` threads (None: one per core, at most
+    16). The bytes do not depend on `threads`: each frame is compressed on
+    its own with the same parameters."""
     threads = _threads(threads)
     data = memoryview(b"".join(pieces))  # frames need contiguous input; one copy of the document
     step = max(FRAME_BYTES, -(-len(data) // MAX_FRAMES))  # larger frames past MAX_FRAMES of them

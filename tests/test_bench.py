@@ -49,6 +49,11 @@ def test_snapshot(tmp_path):
     r = run("snapshot", "--repeats", "2", tmp_path=tmp_path)
     assert r["position"] == r["window"] + 123
     assert positive(r["state_MB"], r["snapshot_MB"], r["snapshot_ms"]["median"], r["restore_ms"]["median"])
+    assert r["format"] == "format v2, 1 frames" and r["threads"] is None
+    r = run("snapshot", "--repeats", "1", "--threads", "2", "--level=-1", "--parts", tmp_path=tmp_path)
+    assert r["threads"] == 2 and r["level"] == -1
+    assert positive(*(r["parts_ms"][k] for k in ("capture", "encode", "decompress", "decode", "load",
+                                                  "restore_of_a_capture")))
 
 
 def test_serve(tmp_path):

@@ -2,6 +2,7 @@
 directory store."""
 
 import gc
+import io
 import multiprocessing
 import os
 import subprocess
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 import streamgemma as sg
 from streamgemma.session import snapshot as snapshot_format
-from streamgemma.session import snapshot_bytes
+from streamgemma.session import snapshot_bytes, snapshot_frames
 from streamgemma.session.host import HostState
 from streamgemma.session.store import write_file_atomic
 
@@ -62,12 +63,24 @@ def run_conversation(model: sg.Model, position: int) -> tuple[sg.Session, int]:
     return s, int(torch.argmax(logits))
 
 
+def content(blob: bytes) -> bytes:
+    """The msgpack document of a snapshot, read as a plain zstd decoder reads
+    it (frames one after another, skippable frames such as the v2 index skipped)."""
+    return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+
+
 def unpack(blob: bytes) -> dict:
-    return msgpack.unpackb(zstandard.ZstdDecompressor().decompress(blob), raw=False)
+    return msgpack.unpackb(content(blob), raw=False)
 
 
-def repack(document) -> bytes:
-    return zstandard.ZstdCompressor(write_checksum=True).compress(msgpack.packb(document))
+def repack(document, **packb) -> bytes:
+    """A document (format v2) as the writer would compress it."""
+    return snapshot_frames.pack([msgpack.packb(document, **packb)], level=1)
+
+
+def one_frame(content: bytes) -> bytes:
+    """A version-1 container: the document in one zstd frame."""
+    return zstandard.ZstdCompressor(write_checksum=True).compress(content)
 
 
 # -- exact resume ------------------------------------------------------------------------
@@ -371,13 +384,14 @@ def test_trailing_bytes_are_refused(model, blob30):
 
 
 def test_frames_without_checksum_or_size_are_refused(model, blob30):
-    content = zstandard.ZstdDecompressor().decompress(blob30)
+    """Version-1 containers; tests/test_snapshot_frames.py has the version-2 ones."""
+    packed = content(blob30)
     with pytest.raises(sg.SnapshotFormatError, match="checksum"):
-        model.restore(zstandard.ZstdCompressor(write_checksum=False).compress(content))
+        model.restore(zstandard.ZstdCompressor(write_checksum=False).compress(packed))
     unsized = zstandard.ZstdCompressor(write_checksum=True, write_content_size=False)
     stream = unsized.compressobj()
     with pytest.raises(sg.SnapshotFormatError, match="content size"):
-        model.restore(stream.compress(content) + stream.flush())
+        model.restore(stream.compress(packed) + stream.flush())
 
 
 def test_small_blob_declaring_a_huge_content_is_refused_before_decompressing(model):
@@ -389,19 +403,19 @@ def test_small_blob_declaring_a_huge_content_is_refused_before_decompressing(mod
     assert time.perf_counter() - start < 0.5  # refused from the header, not by decompressing 256 MB
 
 
+@pytest.mark.parametrize("container", ["v1", "v2"])
 @pytest.mark.parametrize("header", [b"\xdd\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff"])
-def test_msgpack_headers_claiming_huge_lengths_are_refused(model, header):
+def test_msgpack_headers_claiming_huge_lengths_are_refused(model, header, container):
     """array32 / bin32 / map32 with 2**32 - 1 entries in a 5-byte document."""
     with pytest.raises(sg.SnapshotFormatError, match="msgpack"):
-        model.restore(zstandard.ZstdCompressor(write_checksum=True).compress(header))
+        model.restore(one_frame(header) if container == "v1" else snapshot_frames.pack([header], 1))
 
 
 def test_msgpack_extension_types_are_refused(model, blob30):
     document = unpack(blob30)
     document["metadata"] = {"when": msgpack.Timestamp(1, 0)}
     with pytest.raises(sg.SnapshotFormatError):
-        model.restore(zstandard.ZstdCompressor(write_checksum=True).compress(
-            msgpack.packb(document, datetime=False)))
+        model.restore(repack(document, datetime=False))
 
 
 def test_oversized_file_is_refused_before_reading(model, tmp_path):
@@ -517,22 +531,22 @@ def test_packed_pieces_are_exactly_msgpack_of_the_document(model, position):
     s, _ = run_conversation(model, position)
     blob = s.snapshot({"k": [1, 2.5, b"x" * 300]})
     document = unpack(blob)
-    assert zstandard.ZstdDecompressor().decompress(blob) == msgpack.packb(document)
+    assert content(blob) == msgpack.packb(document)
     for size in (0, 5, 255, 256, 65535, 65536, 70000):  # every bin header width
         doc = {"layers": [{"kind": "k", "t": {"dtype": "x", "shape": [size], "data": b"\x01" * size}}], "z": 1}
         assert b"".join(snapshot_bytes.msgpack_pieces(doc)) == msgpack.packb(doc)
     s.close()
 
 
-def test_threaded_compression_writes_one_valid_frame(model, blob30, monkeypatch):
+def test_frames_do_not_depend_on_the_thread_count(model, blob30, monkeypatch):
     contents = snapshot_format.decode(blob30, model.config, model.fingerprint)
-    monkeypatch.setattr(snapshot_format, "_THREADED_BYTES", 0)
-    monkeypatch.setattr(snapshot_format, "_THREADS", 2)
-    threaded = snapshot_format.encode_contents(contents)
-    frame = zstandard.get_frame_parameters(threaded)
-    assert frame.has_checksum and frame.content_size != zstandard.CONTENTSIZE_UNKNOWN
-    assert unpack(threaded) == unpack(blob30)
-    assert snapshot_format.decode(threaded, model.config, model.fingerprint).position == contents.position
+    monkeypatch.setattr(snapshot_frames, "FRAME_BYTES", 1000)  # about ten frames
+    blobs = [snapshot_format.encode_contents(contents, threads=n) for n in (1, 2, 3)]
+    assert blobs[0] == blobs[1] == blobs[2] != blob30
+    assert unpack(blobs[0]) == unpack(blob30)
+    for n in (1, 2, 5):
+        decoded = snapshot_format.decode(blobs[0], model.config, model.fingerprint, threads=n)
+        assert snapshot_format.encode_contents(decoded) == blobs[0]
 
 
 @pytest.mark.parametrize("position", [0, 3, 30])

@@ -9,6 +9,13 @@ serving target's setting.
 - Batch 1: `Session.generate` tokens/s over --tokens tokens after a warm-up
   (the application's loop: the next step is queued on the sampled id while
   it is still on the device), the same session and seed for every setting.
+  One run differs from the next by several percent on a GPU host, so each of
+  --rounds rounds runs greedy, a setting, greedy, the next setting, ...,
+  greedy (the settings' order rotating from round to round); a setting's
+  share of greedy in a round is its tokens/s over the mean of the two
+  greedy runs around it, and the result is the median over rounds (the raw
+  figures of every run are kept too). Greedy is measured at batch 1 even
+  when --settings leaves it out: it is the reference.
 - Batch B > 1: B sessions at position 100 (a prefill and forks); each step
   samples every row (one `PendingIds`, as the engine's tick), queues the
   decode on the sampled ids on the device, then reads the ids: tokens/s and
@@ -27,6 +34,7 @@ trees that have it (0a8f7e4 and later).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -52,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=256,
                         help="timed Session.generate tokens at batch 1 (default 256)")
     parser.add_argument("--steps", type=int, default=32, help="timed steps at batches > 1 (default 32)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of interleaved batch-1 runs, each setting between two greedy runs (default 5)")
 
 
 def time_generate(model: sg.Model, sampling: dict, tokens: int) -> float:
@@ -67,6 +77,36 @@ def time_generate(model: sg.Model, sampling: dict, tokens: int) -> float:
         return (time.perf_counter() - start) / n
     finally:
         s.close()
+
+
+def batch1_rounds(model: sg.Model, names: list[str], tokens: int, rounds: int) -> dict:
+    """Batch-1 results per setting (greedy included): the median over `rounds`
+    of tokens/s and of the share of the greedy runs around it, and the raw runs."""
+    others = [n for n in names if n != "greedy"]
+    greedy_runs: list[float] = []
+    runs: dict[str, list[float]] = {n: [] for n in others}
+    shares: dict[str, list[float]] = {n: [] for n in others}
+    for r in range(rounds):
+        order = others[r % len(others):] + others[:r % len(others)] if others else []
+        before = 1 / time_generate(model, SETTINGS["greedy"], tokens)
+        greedy_runs.append(before)
+        for name in order:
+            rate = 1 / time_generate(model, SETTINGS[name], tokens)
+            after = 1 / time_generate(model, SETTINGS["greedy"], tokens)
+            greedy_runs.append(after)
+            runs[name].append(rate)
+            shares[name].append(rate / ((before + after) / 2))
+            before = after
+    out = {"greedy": {"tokens_per_s": round(statistics.median(greedy_runs), 1), "of_greedy": 1.0,
+                      "runs_tokens_per_s": [round(x, 1) for x in greedy_runs]}}
+    for name in others:
+        out[name] = {"tokens_per_s": round(statistics.median(runs[name]), 1),
+                     "of_greedy": round(statistics.median(shares[name]), 4),
+                     "runs_tokens_per_s": [round(x, 1) for x in runs[name]],
+                     "runs_of_greedy": [round(x, 4) for x in shares[name]]}
+    for r in out.values():
+        r["ms_per_token"] = round(1e3 / r["tokens_per_s"], 3)
+    return out
 
 
 def time_batch(model: sg.Model, sampling: dict, batch: int, steps: int) -> dict:
@@ -128,21 +168,29 @@ def run(args: argparse.Namespace) -> dict:
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
-    out: dict = {"model": describe(model), "settings": {n: SETTINGS[n] for n in names}, "batches": {}}
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    out: dict = {"model": describe(model), "settings": {n: SETTINGS[n] for n in names}, "batches": {},
+                 "rounds": args.rounds}
     for batch in (int(b) for b in args.batches.split(",") if b):
-        results = {}
-        for name in names:
-            if batch == 1:
-                sec = time_generate(model, SETTINGS[name], args.tokens)
-                results[name] = {"ms_per_token": round(sec * 1e3, 3), "tokens_per_s": round(1 / sec, 1)}
-            else:
-                results[name] = time_batch(model, SETTINGS[name], batch, args.steps)
-        base = results.get("greedy", {}).get("tokens_per_s")
+        if batch == 1:
+            results = batch1_rounds(model, names, args.tokens, args.rounds)
+        else:
+            results = {name: time_batch(model, SETTINGS[name], batch, args.steps) for name in names}
+            base = results.get("greedy", {}).get("tokens_per_s")
+            for r in results.values():
+                if base:
+                    r["of_greedy"] = round(r["tokens_per_s"] / base, 4)
         for name, r in results.items():
-            if base:
-                r["of_greedy"] = round(r["tokens_per_s"] / base, 4)
             extra = f", sampling alone {r['sample_alone_ms']} ms" if "sample_alone_ms" in r else ""
-            share = f" ({r['of_greedy']:.1%} of greedy)" if base else ""
-            print(f"batch {batch:>3} {name:<16} {r['tokens_per_s']:>10.1f} tokens/s{share}{extra}", flush=True)
+            share = f" ({r['of_greedy']:.1%} of greedy)" if "of_greedy" in r else ""
+            if "runs_of_greedy" in r:
+                rounds = ", ".join(f"{x:.1%}" for x in r["runs_of_greedy"])
+                raw = ", ".join(f"{x:.1f}" for x in r["runs_tokens_per_s"])
+                share = f" ({r['of_greedy']:.1%} of greedy: median of {rounds}; runs {raw})"
+            elif "runs_tokens_per_s" in r:
+                share = f" (runs {', '.join(f'{x:.1f}' for x in r['runs_tokens_per_s'])})"
+            label = f"median {r['tokens_per_s']:.1f}" if batch == 1 else f"{r['tokens_per_s']:.1f}"
+            print(f"batch {batch:>3} {name:<16} {label:>17} tokens/s{share}{extra}", flush=True)
         out["batches"][str(batch)] = results
     return out

@@ -127,21 +127,23 @@ class Model:
             slot = self.pool.allocate()
         return Session(self, slot, seed=seed)
 
-    def restore(self, snapshot: bytes | bytearray | memoryview | snapshot_format.SnapshotContents) -> Session:
+    def restore(self, snapshot: bytes | bytearray | memoryview | snapshot_format.SnapshotContents,
+                threads: int | None = None) -> Session:
         """A new session that continues exactly where the snapshotted one was
         (bit-identical on the same device and dtype). `snapshot` is a blob
         from `Session.snapshot` or what `Session.capture` returned. The
         snapshot may come from another device or dtype: state is cast to this
         model's dtype (from float32 to bfloat16 this rounds it, so the
         continuation is close, not identical); the RG-LRU state stays float32.
-        `session.snapshot_metadata` holds the snapshot's metadata.
+        `session.snapshot_metadata` holds the snapshot's metadata. `threads`:
+        how many decompress a blob's frames (None: one per core, at most 16).
 
         A blob is fully validated before a slot is taken; failures raise a
         SnapshotError subclass: SnapshotFormatError, SnapshotCorrupted,
         SnapshotVersionError, SnapshotModelMismatch."""
         contents = snapshot
         if not isinstance(contents, snapshot_format.SnapshotContents):
-            contents = snapshot_format.decode(snapshot, self.config, self.fingerprint)
+            contents = snapshot_format.decode(snapshot, self.config, self.fingerprint, threads)
         session = self.session(seed=contents.seed)
         try:
             snapshot_format.load_into(self.pool, session.slot, contents)
@@ -152,10 +154,10 @@ class Model:
         session.snapshot_metadata = contents.metadata
         return session
 
-    def restore_file(self, path: str | os.PathLike) -> Session:
+    def restore_file(self, path: str | os.PathLike, threads: int | None = None) -> Session:
         """`restore` the snapshot file at `path` (as written by `Session.save`
         or a DirectorySnapshotStore). OSError if it cannot be read."""
-        return self.restore(snapshot_format.read_file(path, self.config))
+        return self.restore(snapshot_format.read_file(path, self.config), threads)
 
     def save(self, directory: str | os.PathLike, max_shard_bytes: int = 4 * 1024**3) -> None:
         """Write the model in the Hugging Face layout (config.json, safetensors,

@@ -119,14 +119,15 @@ class Session:
 
     # -- snapshots ---------------------------------------------------------------------
     def snapshot(self, metadata: dict[str, Any] | None = None,
-                 level: int = snapshot_format.COMPRESSION_LEVEL) -> bytes:
-        """This session's complete state as bytes (format v1, see
+                 level: int = snapshot_format.COMPRESSION_LEVEL, threads: int | None = None) -> bytes:
+        """This session's complete state as bytes (format v2, see
         docs/snapshot-format.md), with `metadata`: a dict with str keys of
         None/bool/int/float/str/bytes/list/dict values (at most 1 MiB as
         msgpack; SnapshotMetadataError otherwise). `level`: zstd level (1:
-        compact; -1: about a quarter larger, several times faster to restore).
+        compact; -1: about a quarter larger, faster to restore). `threads`:
+        how many compress its frames (None: one per core, at most 16).
         `model.restore(blob)` continues exactly where this session is."""
-        return snapshot_format.encode_contents(self.capture(metadata), level)
+        return snapshot_format.encode_contents(self.capture(metadata), level, threads)
 
     def capture(self, metadata: dict[str, Any] | None = None) -> snapshot_format.SnapshotContents:
         """`snapshot` before encoding: the state copied to host memory and
@@ -147,10 +148,10 @@ class Session:
             raise SnapshotFormatError(f"the snapshot's sampler or detokenizer state cannot be restored: {e}") from e
 
     def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
-             level: int = snapshot_format.COMPRESSION_LEVEL) -> None:
-        """Write `snapshot(metadata, level)` to `path` atomically (temp file,
-        fsync, rename). Restore with `model.restore_file(path)`."""
-        write_file_atomic(path, self.snapshot(metadata, level))
+             level: int = snapshot_format.COMPRESSION_LEVEL, threads: int | None = None) -> None:
+        """Write `snapshot(metadata, level, threads)` to `path` atomically
+        (temp file, fsync, rename). Restore with `model.restore_file(path)`."""
+        write_file_atomic(path, self.snapshot(metadata, level, threads))
 
     # -- state -----------------------------------------------------------------------
     @property

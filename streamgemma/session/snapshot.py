@@ -1,17 +1,19 @@
-"""Snapshot format v1: one session's complete state as bytes, a zstd frame
-(with content checksum) around one msgpack map. docs/snapshot-format.md is
-the specification; this module is its implementation.
+"""Snapshot format v2: one session's complete state as bytes, one msgpack
+map compressed as independent zstd frames behind a frame index (v1, still
+read: one zstd frame). docs/snapshot-format.md is the specification; this
+module is its implementation.
 
 - `encode` reads one slot of a state pool into a snapshot: `capture` (a
   validated host copy of the slot, `SnapshotContents`), then
-  `encode_contents` (msgpack, zstd). The engine captures when it suspends a
+  `encode_contents` (msgpack, zstd frames). The engine captures when it suspends a
   session and encodes later, in a background writer.
 - `decode` turns untrusted bytes into validated `SnapshotContents` without
   allocating a tensor: the frame, every size, the schema and the model's
   identity are checked first, and every failure is a `SnapshotError` subclass.
 - `load_into` writes validated contents into a slot of a pool (casting to the
   pool's dtype and device).
-The bulk copies and the streamed packing are in `snapshot_bytes`.
+The bulk copies and the streamed packing are in `snapshot_bytes`, the
+zstd container (frames, index, threads) in `snapshot_frames`.
 
 `Session.snapshot` and `Model.restore` are the public entry points; these
 functions are the layer under them (benchmarks use them on a bare pool).
@@ -28,11 +30,9 @@ from typing import Any
 
 import msgpack
 import torch
-import zstandard
 
 from ..config import ATTENTION, GriffinConfig
 from ..errors import (
-    SnapshotCorrupted,
     SnapshotError,
     SnapshotFormatError,
     SnapshotMetadataError,
@@ -41,18 +41,14 @@ from ..errors import (
 )
 from ..model.pool import StatePool
 from ..validate import MAX_POSITION, SEED_END, SEED_MIN
-from . import snapshot_bytes
+from . import snapshot_bytes, snapshot_frames
 
 MAGIC = "streamgemma-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the document in several frames behind an index; 1 (read): one frame
 # Stored snapshots entropy-code literals (level 1: about a fifth smaller); the
 # engine's suspensions use -1, which restores several times faster
 # (bench/NOTES.md, "Snapshots"). Any level makes a valid snapshot.
 COMPRESSION_LEVEL = 1
-# zstd's workers pay off only on a large state; 1 MiB jobs.
-_THREADS = min(16, os.cpu_count() or 1)
-_JOB_BYTES = 1 << 20
-_THREADED_BYTES = 4 << 20
 
 MAX_METADATA_BYTES = 1 << 20  # user metadata, msgpack-encoded
 MAX_HOST_BYTES = 1 << 20  # each of the RNG state and the detokenizer's pending bytes
@@ -60,7 +56,6 @@ MAX_CONTAINER_LEN = 1 << 16  # entries of any list or map (recent_ids, metadata 
 MAX_METADATA_DEPTH = 32
 MAX_FINGERPRINT_CHARS = 256
 _ENVELOPE_BYTES = 1 << 16  # keys, config, per-tensor headers: everything but the payloads above
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -127,14 +122,15 @@ def max_snapshot_bytes(config: GriffinConfig) -> int:
 
 def max_file_bytes(config: GriffinConfig) -> int:
     """Upper bound of a compressed snapshot: zstd's worst case on incompressible
-    input adds a few bytes per 128 KiB block to `max_snapshot_bytes`."""
-    limit = max_snapshot_bytes(config)
-    return limit + (limit >> 8) + 4096
+    input adds a few bytes per 128 KiB block to `max_snapshot_bytes`, the
+    frame index and frame headers a few more."""
+    return snapshot_frames.max_container_bytes(max_snapshot_bytes(config))
 
 
 # -- encode ----------------------------------------------------------------------------
 def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, Any], seed: int | None = None,
-           metadata: dict[str, Any] | None = None, level: int = COMPRESSION_LEVEL) -> bytes:
+           metadata: dict[str, Any] | None = None, level: int = COMPRESSION_LEVEL,
+           threads: int | None = None) -> bytes:
     """Snapshot of `slot` in `pool` as bytes: `encode_contents(capture(...))`.
 
     fingerprint: the model's `fingerprint`. extra: the session's host state
@@ -143,10 +139,11 @@ def encode(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, 
     seed: the session's seed. metadata: a dict with str keys of plain msgpack
     values (None, bool, int, float, str, bytes, list, dict), at most
     MAX_METADATA_BYTES encoded; raises SnapshotMetadataError otherwise.
-    level: the zstd level (any level makes a valid snapshot).
+    level: the zstd level (any level makes a valid snapshot). threads: as
+    `encode_contents`.
     """
     contents = capture(pool, slot, fingerprint=fingerprint, extra=extra, seed=seed, metadata=metadata)
-    return encode_contents(contents, level)
+    return encode_contents(contents, level, threads)
 
 
 def capture(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str, Any], seed: int | None = None,
@@ -183,13 +180,15 @@ def capture(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str,
                             extra={k: extra[k] for k in sorted(_EXTRA_KEYS)}, metadata=metadata, arena=arena)
 
 
-def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL) -> bytes:
-    """`contents` (from `capture` or `decode`) as snapshot bytes, compressed
-    at zstd `level`: 1 (the default) and above entropy-code literals, which
-    shrinks bf16 state by about a fifth; negative levels store them raw, so
-    the snapshot decompresses several times faster (bench/NOTES.md,
-    "Snapshots"). A large state is compressed by several threads (still one
-    frame)."""
+def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL,
+                    threads: int | None = None) -> bytes:
+    """`contents` (from `capture` or `decode`) as snapshot bytes (format v2),
+    compressed at zstd `level`: 1 (the default) and above entropy-code
+    literals, which shrinks bf16 state by about a fifth; negative levels
+    store them raw, which decompresses several times faster per thread
+    (bench/NOTES.md, "Snapshots"). The frames are compressed on up to
+    `threads` threads (None: one per core, at most 16); the bytes do not
+    depend on it."""
     _require_little_endian()
     _check_writable(contents)
     layers = []
@@ -209,15 +208,7 @@ def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL) 
         "extra": contents.extra,
         "metadata": contents.metadata,
     }
-    pieces = snapshot_bytes.msgpack_pieces(document)
-    size = sum(map(len, pieces))
-    threads = _THREADS if size >= _THREADED_BYTES else 0
-    params = zstandard.ZstdCompressionParameters.from_level(level, write_checksum=True, threads=threads,
-                                                            job_size=_JOB_BYTES if threads else 0)
-    stream = zstandard.ZstdCompressor(compression_params=params).compressobj(size=size)
-    out = [stream.compress(p) for p in pieces]
-    out.append(stream.flush())
-    return b"".join(out)
+    return snapshot_frames.pack(snapshot_bytes.msgpack_pieces(document), level, threads)
 
 
 def _check_writable(contents: SnapshotContents) -> None:
@@ -239,9 +230,12 @@ def _ring_segments(position: int, window: int) -> list[tuple[int, int]]:
 
 
 # -- decode ------------------------------------------------------------------------------
-def decode(blob: bytes | bytearray | memoryview, config: GriffinConfig, fingerprint: str) -> SnapshotContents:
-    """Validate `blob` as a snapshot for the model with `config` and
-    `fingerprint`, without allocating a tensor.
+def decode(blob: bytes | bytearray | memoryview, config: GriffinConfig, fingerprint: str,
+           threads: int | None = None) -> SnapshotContents:
+    """Validate `blob` (format v2 or v1) as a snapshot for the model with
+    `config` and `fingerprint`, without allocating a tensor; a v2 blob's
+    frames are decompressed on up to `threads` threads (None: one per
+    core, at most 16).
 
     Raises (all subclasses of SnapshotError): SnapshotFormatError (not a
     snapshot, malformed, impossible sizes), SnapshotCorrupted (truncated or
@@ -252,33 +246,8 @@ def decode(blob: bytes | bytearray | memoryview, config: GriffinConfig, fingerpr
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise SnapshotFormatError(f"a snapshot is bytes, got {type(blob).__name__}")
     limit = max_snapshot_bytes(config)
-    document = _unpack(_decompress(bytes(blob), limit), limit)
-    return _validate(document, config, fingerprint)
-
-
-def _decompress(data: bytes, limit: int) -> bytes:
-    if len(data) < len(_ZSTD_MAGIC) or not data.startswith(_ZSTD_MAGIC):
-        raise SnapshotFormatError("not a streamgemma snapshot: it does not start with a zstd frame "
-                                  f"(first bytes {data[:8].hex() or 'none: it is empty'})")
-    try:
-        frame = zstandard.get_frame_parameters(data)
-    except zstandard.ZstdError as e:
-        raise SnapshotCorrupted(f"the snapshot's zstd frame header is truncated or damaged ({e})") from None
-    if not frame.has_checksum:
-        raise SnapshotFormatError("the zstd frame has no content checksum; streamgemma always writes one, "
-                                  "so this was not written by streamgemma or its header is damaged")
-    if frame.content_size == zstandard.CONTENTSIZE_UNKNOWN:
-        raise SnapshotFormatError("the zstd frame does not declare its content size; streamgemma always "
-                                  "does, so this was not written by streamgemma or its header is damaged")
-    if frame.content_size > limit:
-        raise SnapshotFormatError(f"the snapshot declares {frame.content_size} bytes of content, more than "
-                                  f"the {limit} bytes any snapshot of this model can have: it is not a "
-                                  "snapshot of this model, or it is damaged")
-    try:
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit, allow_extra_data=False)
-    except zstandard.ZstdError as e:
-        raise SnapshotCorrupted(f"the snapshot is truncated or damaged: zstd could not decompress it "
-                                f"or its checksum does not match ({e})") from None
+    container, packed = snapshot_frames.unpack(blob, limit, threads)
+    return _validate(_unpack(packed, limit), config, fingerprint, container)
 
 
 def _unpack(packed: bytes, limit: int) -> Any:
@@ -292,7 +261,7 @@ def _unpack(packed: bytes, limit: int) -> Any:
                                   f"({type(e).__name__}: {e}); it was not written by streamgemma") from None
 
 
-def _validate(doc: Any, config: GriffinConfig, fingerprint: str) -> SnapshotContents:
+def _validate(doc: Any, config: GriffinConfig, fingerprint: str, container: int) -> SnapshotContents:
     if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
         raise SnapshotFormatError(f"not a streamgemma snapshot: the msgpack map has no {MAGIC!r} tag")
     version = doc.get("version")
@@ -301,6 +270,9 @@ def _validate(doc: Any, config: GriffinConfig, fingerprint: str) -> SnapshotCont
     if version > FORMAT_VERSION:
         raise SnapshotVersionError(f"the snapshot is in format version {version}, newer than version "
                                    f"{FORMAT_VERSION} that this streamgemma reads: upgrade streamgemma")
+    if version != container:  # v1 is one frame, v2 the frame index and frames
+        raise SnapshotFormatError(f"the snapshot's document says format version {version}, but its "
+                                  f"container is that of version {container}")
     if set(doc) != _TOP_KEYS:
         missing, unknown = sorted(_TOP_KEYS - set(doc)), sorted(set(doc) - _TOP_KEYS)
         raise SnapshotFormatError(f"the snapshot's map has missing fields {missing} and unknown fields "

@@ -288,3 +288,30 @@ def test_filter_graphs_replay_the_eager_tokens():
 def test_models_off_cuda_have_no_filter_graphs():
     model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu", dtype="float32")
     assert model.sampling_graphs is None
+
+
+@pytest.mark.parametrize("block", [16, 64, 4096])
+def test_the_penalty_kernel_equals_the_definition_bit_for_bit(block):
+    """One launch (under the interpreter on CPU) gives the values of the
+    PyTorch penalties: repeats, ids past the vocabulary (padding), ids at tile
+    edges, -inf and signed values, strided rows, rows without any id."""
+    from streamgemma.kernels.penalties import penalize
+    from streamgemma.sampling.sampler import _penalize, _penalty_ids
+
+    g = torch.Generator().manual_seed(block)
+    rng = random.Random(block)
+    vocab, rows = 301, 6
+    wide = torch.randn(rows, vocab + 5, generator=g) * 3
+    wide[2, :40] = -INF
+    x = wide[:, :vocab]
+    sizes = [rng.choice([1, 7, 60, 700]) for _ in range(rows)]
+    recents = [torch.tensor([rng.randrange(vocab + 9) for _ in range(n)]) for n in sizes]
+    recents[0] = torch.tensor([0, 15, 16, 63, 64, 300, 300, 0])
+    recents[4] = torch.tensor([vocab + 1, vocab + 3])  # nothing to penalize
+    recents[5] = None
+    ids = _penalty_ids(recents, vocab)
+    factors = torch.tensor([[rng.choice([1.0, 1.1, 0.7, 1.3]), rng.choice([0.0, 0.4, -0.25])] for _ in range(rows)])
+    want = _penalize(x, ids, factors[:, 0:1], factors[:, 1:2])
+    got = penalize(x.to(DEVICES[-1]), ids.to(DEVICES[-1]), factors.to(DEVICES[-1]), block=block).cpu()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert not torch.equal(got[0], x[0]) and torch.equal(got[4], x[4]) and torch.equal(got[5], x[5])

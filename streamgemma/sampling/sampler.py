@@ -324,8 +324,10 @@ class _GroupPlan:
                 x, private = x.clone(), True
             ids = get("pen_ids").view(len(self.penalized), self._pen_width)
             factors = get("pen_factors").view(-1, 2)
-            x = _subset(x, self.penalized, get("pen_rows"),
-                        lambda r: _penalize(r, ids, factors[:, 0:1], factors[:, 1:2]))
+            kernel = _penalty_kernel(x.device.type)
+            penalize = (lambda r: kernel(r, ids, factors)) if kernel is not None else \
+                (lambda r: _penalize(r, ids, factors[:, 0:1], factors[:, 1:2]))
+            x = _subset(x, self.penalized, get("pen_rows"), penalize)
             private = True
         if not self.sampled:
             return x.argmax(dim=-1)
@@ -353,6 +355,16 @@ def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | No
 
 
 @functools.cache
+def _penalty_kernel(device_type: str):
+    if device_type != "cuda":
+        return None
+    try:
+        from streamgemma.kernels.penalties import penalize
+    except ImportError:  # no Triton: `_penalize` runs on the GPU too (same values, more launches)
+        return None
+    return penalize
+
+
 def _kernel(device_type: str):
     if device_type != "cuda":
         return None

@@ -1,0 +1,56 @@
+"""`linear`: the batched paths' matrix product for plain and quantized weights.
+
+- plain weights: F.linear (cuBLAS);
+- fp8 on CUDA with fp8 tensor cores (compute capability 8.9+), bfloat16
+  activations and dimensions that are multiples of 16: `torch._scaled_mm`
+  with row-wise scales: each activation row is quantized to e4m3 on the fly
+  (scale = row absmax / 448), the weight keeps its per-channel scale, so the
+  product runs on the fp8 tensor cores and comes out in bfloat16;
+- int8 (and fp8 elsewhere on CUDA): `kernels/qmatmul.py`, which widens the
+  weight tiles in registers;
+- the CPU: the reference (`quantized_linear_ref`: dequantize, then F.linear).
+
+fp8 activations are the one place the quantized paths round the activations
+themselves (to e4m3, per row): this is what the tensor cores take.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.quantize import quantized_linear_ref
+
+_E4M3_MAX = 448.0
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias): `scale` None for a plain weight, the
+    float32 [N] row scales of an int8 / float8_e4m3fn weight otherwise."""
+    if scale is None:
+        return F.linear(x, weight, bias)
+    if not x.is_cuda:
+        return quantized_linear_ref(x, weight, scale, bias)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if weight.dtype == torch.float8_e4m3fn and fp8_tensor_cores(x, weight):
+        return fp8_linear(x, weight, scale, bias)
+    from streamgemma.kernels.qmatmul import qmatmul
+
+    return qmatmul(x, weight, scale, bias)
+
+
+def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `fp8_linear` can run this product."""
+    return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 9)
+            and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp8 tensor-core product: x rows quantized to e4m3 with their own
+    scales, `torch._scaled_mm` with row-wise scales, bfloat16 out."""
+    x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / _E4M3_MAX).clamp(min=1e-12)
+    xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=torch.bfloat16)
+    return y + bias if bias is not None else y

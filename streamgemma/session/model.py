@@ -114,7 +114,8 @@ class Model:
         return self._fingerprint
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.network.parameters())
+        """Weights of the network (a quantized weight's scales not counted)."""
+        return sum(p.numel() for name, p in self.network.named_parameters() if not name.endswith("_scale"))
 
     @classmethod
     def random(cls, config: GriffinConfig, seed: int = 0, device=None, dtype=None,

@@ -140,8 +140,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                  cap, B, N, K,
                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
-                 WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr, CONVK: tl.constexpr, CONVR: tl.constexpr,
-                 PDL: tl.constexpr):
+                 WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+                 CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B

@@ -14,8 +14,7 @@ from safetensors import safe_open
 
 import streamgemma as sg
 from streamgemma.cli import main as cli_main
-from streamgemma.model.quantize import (FORMATS, QuantLinear, dequantize, quantize_rows,
-                                        quantized_linear_ref)
+from streamgemma.model.quantize import FORMATS, QuantLinear, dequantize, quantize_rows, quantized_linear_ref
 from streamgemma.session.model import demo_path
 
 FMTS = ("int8", "fp8")

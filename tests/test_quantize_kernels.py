@@ -3,7 +3,8 @@
 kernel's quantized weights and embedding rows, the int8/fp8 Triton GEMM, the
 whole decode step (GEMV and matmul paths) and the kernel prefill. Without a
 GPU they run under Triton's interpreter (conftest.py) on tiny shapes; the
-fp8 tensor-core product (`torch._scaled_mm`) is CUDA only."""
+fp8 tensor-core product (`F.scaled_mm`) is checked on the CPU (torch runs it
+there too) and, where there is one, on the GPU."""
 
 import pytest
 import torch
@@ -130,6 +131,20 @@ def test_kernel_prefill_of_a_quantized_model_matches_the_reference(fmt):
         assert rel_err(fast.prefill(b.slot, tokens, all_logits=True, chunk_size=8), want) < 1e-4
 
 
+@pytest.mark.parametrize("m", [1, 7])
+def test_fp8_scaled_mm_product_on_the_cpu(m):
+    """The call the fp8 tensor-core path makes, on torch's CPU implementation: row-wise
+    e4m3 activations, so the error is that of fp8 activations (~3% relative)."""
+    from streamgemma.fast.qlinear import fp8_linear
+
+    g = torch.Generator().manual_seed(m)
+    x, w, b = torch.randn(m, 64, generator=g).bfloat16(), torch.randn(48, 64, generator=g), torch.randn(48).bfloat16()
+    q, s = quantize_rows(w, "fp8")
+    y = fp8_linear(x, q, s, b)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), quantized_linear_ref(x.float(), q, s, b.float())) < 0.05
+
+
 # -- CUDA only -------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 tensor cores and bfloat16 kernels need CUDA")
 
@@ -137,7 +152,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 tensor core
 @cuda
 @pytest.mark.parametrize("m", [1, 64, 256, 2048])
 def test_fp8_tensor_core_linear_matches_the_reference(m):
-    """torch._scaled_mm with row-wise scales: the activations are rounded to e4m3
+    """F.scaled_mm with row-wise scales: the activations are rounded to e4m3
     per row too, so the error is that of fp8 activations (~2-3% relative)."""
     from streamgemma.fast.qlinear import fp8_linear, fp8_tensor_cores, linear
 

@@ -2,8 +2,8 @@
 
 - plain weights: F.linear (cuBLAS);
 - fp8 on CUDA with fp8 tensor cores (compute capability 8.9+), bfloat16
-  activations and dimensions that are multiples of 16: `torch._scaled_mm`
-  with row-wise scales: each activation row is quantized to e4m3 on the fly
+  activations and dimensions that are multiples of 16: `F.scaled_mm`
+  (torch's public `_scaled_mm`) with row-wise scales: each activation row is quantized to e4m3 on the fly
   (scale = row absmax / 448), the weight keeps its per-channel scale, so the
   product runs on the fp8 tensor cores and comes out in bfloat16;
 - int8 (and fp8 elsewhere on CUDA): `kernels/qmatmul.py`, which widens the
@@ -49,8 +49,11 @@ def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """The fp8 tensor-core product: x rows quantized to e4m3 with their own
-    scales, `torch._scaled_mm` with row-wise scales, bfloat16 out."""
+    scales, `F.scaled_mm` with row-wise scales, bfloat16 out (torch also runs
+    it on the CPU, slowly: the tests use that)."""
     x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / _E4M3_MAX).clamp(min=1e-12)
     xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
-    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=torch.bfloat16)
+    rowwise = F.ScalingType.RowWise
+    y = F.scaled_mm(xq, weight.t(), x_scale, rowwise, scale[None, :], rowwise, output_dtype=torch.bfloat16)
+    # the bias is added apart: bias support of the row-wise CUDA kernels varies between torch versions
     return y + bias if bias is not None else y

@@ -49,11 +49,14 @@ def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, y_stri
 
 def default_block(m: int, on_gpu: bool = True) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages) for M rows; untuned first choices
-    (the interpreter gets small tiles: its cost is per element)."""
+    that keep the pipelined tiles within 128 KB of shared memory (the
+    interpreter gets small tiles: its cost is per element)."""
     if not on_gpu:
         return 16, 32, 32, 4, 1
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    return bm, 128, 128, 4 if bm <= 64 else 8, 4
+    if m > 64:
+        return 128, 128, 64, 8, 4
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    return bm, 128, 128, 4, 4
 
 
 def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -278,15 +278,19 @@ BATCH1_CONFIGS = MappingProxyType({"plain": (2, 512, 2), "conv": (4, 256, 2), "g
 INTERPRETER_CONFIG = (64, 64, 4)
 
 
-def default_config(batch_bucket: int, epilogue: str, on_gpu: bool = True) -> tuple[int, int, int]:
+def default_config(batch_bucket: int, epilogue: str, on_gpu: bool = True,
+                   weight_bytes: int = 2) -> tuple[int, int, int]:
     """(BN, BK, num_warps) for a call whose batch rounds up to `batch_bucket`.
     Batches above 1 take the matmul path unless a KernelConfig raises
     gemv_max_batch; they get an untuned shape that keeps the float32
-    accumulator at 4096 values per program."""
+    accumulator at 4096 values per program. 1-byte (int8 / fp8) weights at
+    batch 1 get twice the bf16 tiles' columns, so a tile is as many bytes
+    (untuned: bench/dev/tune_gemv.py --quantize sweeps them)."""
     if not on_gpu:
         return INTERPRETER_CONFIG
     if batch_bucket == 1:
-        return BATCH1_CONFIGS[epilogue]
+        bn, bk, warps = BATCH1_CONFIGS[epilogue]
+        return bn, bk * 2 // weight_bytes, warps
     return 8, max(16, 512 // batch_bucket), 4
 
 
@@ -323,7 +327,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     epi = _EPILOGUES[epilogue]
     n_out = n_rows // 2 if epilogue == "geglu" else n_rows
     bb = triton.next_power_of_2(batch)
-    bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda)
+    bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     if conv is not None:
         conv_state, slots, pos, conv_w, conv_b = conv

@@ -325,8 +325,9 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                  quantize: str | None = None) -> Griffin:
     """Read a checkpoint into a new network on `device` in `dtype` (the
     activations' dtype). quantize: "int8" or "fp8" quantizes the weights after
-    loading (see quantize.py); a checkpoint saved quantized loads as saved,
-    and asking for another format is a CheckpointError."""
+    reading them into host memory, one matrix at a time on `device` (so the
+    device never holds the unquantized model); a checkpoint saved quantized
+    loads as saved, and asking for another format is a CheckpointError."""
     check_format(quantize)
     saved = saved_quantization(ckpt)
     if saved is not None and quantize not in (None, saved.format):
@@ -363,7 +364,8 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     if saved is not None:  # the quantized structure, its tensors loaded as stored
         quantize_network(network, saved.format, saved.fingerprint)
         layout = quantized_layout(layout, quantized_weight_names(network), _Rule)
-    network = network.to_empty(device=device)
+    requantize = quantize is not None and saved is None
+    network = network.to_empty(device=torch.device("cpu") if requantize else device)
     params = dict(network.named_parameters())
     _check_keys(ckpt, [s[0] for s in sources], layout)
 
@@ -388,11 +390,12 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
             if not quantized and not tensor.is_floating_point():
                 raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
             dst = target[rule.index] if rule.index else target
-            dst.copy_(rule.to_target(tensor).to(device=device, dtype=target.dtype))
+            dst.copy_(rule.to_target(tensor).to(device=dst.device, dtype=target.dtype))
             bar.advance(nbytes)
     bar.close()
-    if quantize is not None and saved is None:
-        quantize_network(network, quantize, fingerprint(network))
+    if requantize:
+        quantize_network(network, quantize, fingerprint(network), device=device)
+        network = network.to(device)
     return network
 
 

@@ -149,16 +149,19 @@ class Quantization:
     fingerprint: str
 
 
-def quantize_network(network, fmt: str, fingerprint: str) -> None:
+def quantize_network(network, fmt: str, fingerprint: str, device: torch.device | None = None) -> None:
     """Replace, in place, every large matrix of `network` (a Griffin) by its
     `fmt` quantization. On the meta device only the structure changes (a
     checkpoint's quantized tensors are then loaded into it). `fingerprint`:
-    the digest of the unquantized weights, kept as the network's identity."""
+    the digest of the unquantized weights, kept as the network's identity.
+    device: where the quantized matrices are computed and kept (default: the
+    network's); the caller moves the rest of the network there."""
     check_format(fmt)
     if network.quantization is not None:
         raise ValueError(f"the network is already quantized ({network.quantization.format})")
-    dtype, device = network.dtype, network.device
-    fill = device.type != "meta"
+    dtype = network.dtype
+    fill = network.device.type != "meta"
+    device = network.device if device is None else device
     cfg = network.config
     with torch.no_grad():
         for block in network.blocks:
@@ -169,29 +172,29 @@ def quantize_network(network, fmt: str, fingerprint: str) -> None:
                 owner = block.recurrent_block
                 names = ("linear_x", "linear_y", "linear_out")
             for name in names:
-                setattr(owner, name, _quantized_linear(getattr(owner, name), fmt, dtype, fill))
+                setattr(owner, name, _quantized_linear(getattr(owner, name), fmt, dtype, device, fill))
             mlp = block.mlp_block
-            mlp.ffw_down = _quantized_linear(mlp.ffw_down, fmt, dtype, fill)
+            mlp.ffw_down = _quantized_linear(mlp.ffw_down, fmt, dtype, device, fill)
             up = QuantUpProjection(cfg.width, cfg.mlp_width, fmt, dtype, device)
             if fill:
                 # official [2, D, E] ([in, out]) -> [2, E, D] ([out, in]): rows are output channels
-                up.w.data, up.w_scale.data = quantize_rows(mlp.ffw_up.w.detach().transpose(1, 2), fmt)
+                up.w.data, up.w_scale.data = quantize_rows(mlp.ffw_up.w.detach().to(device).transpose(1, 2), fmt)
                 up.b.data = mlp.ffw_up.b.detach()
             mlp.ffw_up = up
         old = network.embedder
         emb = QuantEmbedder(cfg.vocab_size, cfg.width, old.scale, fmt, dtype, device)
         if fill:
-            emb.input_embedding.data, emb.input_embedding_scale.data = quantize_rows(old.input_embedding.detach(),
-                                                                                      fmt)
+            emb.input_embedding.data, emb.input_embedding_scale.data = quantize_rows(
+                old.input_embedding.detach().to(device), fmt)
         network.embedder = emb
     network.quantization = Quantization(fmt, fingerprint)
 
 
-def _quantized_linear(linear: nn.Linear, fmt: str, dtype, fill: bool) -> QuantLinear:
+def _quantized_linear(linear: nn.Linear, fmt: str, dtype, device, fill: bool) -> QuantLinear:
     out_f, in_f = linear.weight.shape
-    q = QuantLinear(out_f, in_f, linear.bias is not None, fmt, dtype, linear.weight.device)
+    q = QuantLinear(out_f, in_f, linear.bias is not None, fmt, dtype, device)
     if fill:
-        q.weight.data, q.weight_scale.data = quantize_rows(linear.weight.detach(), fmt)
+        q.weight.data, q.weight_scale.data = quantize_rows(linear.weight.detach().to(device), fmt)
         if linear.bias is not None:
             q.bias.data = linear.bias.detach()
     return q

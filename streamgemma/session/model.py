@@ -128,9 +128,12 @@ class Model:
         device, dtype = weights.resolve_device_dtype(device, dtype)
         network = Griffin(config, dtype=torch.float32, device="cpu")
         network.init_random_(torch.Generator().manual_seed(seed))
-        network = network.to(device=device, dtype=dtype)
-        if quantize is not None:
-            quantize_network(network, quantize, weights.fingerprint(network))
+        if quantize is None:
+            network = network.to(device=device, dtype=dtype)
+        else:  # cast on the host, quantized one matrix at a time on the device (as `load` does)
+            network = network.to(dtype=dtype)
+            quantize_network(network, quantize, weights.fingerprint(network), device=device)
+            network = network.to(device)
         return cls(network, tokenizer=tokenizer, source=f"random(seed={seed})", **options)
 
     def session(self, seed: int | None = None) -> Session:

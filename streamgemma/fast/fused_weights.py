@@ -19,9 +19,12 @@ import torch.nn.functional as F
 
 from ..config import ATTENTION
 from ..model.griffin import Griffin
+from ..model.quantize import byte_view
 
 
 def _cat_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    if tensors[0].element_size() == 1:  # int8 / fp8 weights: concatenated as bytes
+        return torch.cat([byte_view(t.detach()) for t in tensors], dim=0).view(tensors[0].dtype)
     return torch.cat([t.detach() for t in tensors], dim=0).contiguous()
 
 

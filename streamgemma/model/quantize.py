@@ -74,6 +74,12 @@ def quantize_rows(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     return q.reshape(w.shape), scale.reshape(w.shape[:-1])
 
 
+def byte_view(q: torch.Tensor) -> torch.Tensor:
+    """q's bytes as uint8: gathers and concatenations of 1-byte weights run on
+    every device and torch version this way (some lack float8 kernels for them)."""
+    return q.view(torch.uint8)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q * scale per row, computed in float32 and rounded once to `dtype`."""
     return (q.float() * scale[..., None]).to(dtype)
@@ -132,7 +138,8 @@ class QuantEmbedder(nn.Module):
         self.input_embedding_scale = _frozen((vocab_size,), torch.float32, device)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = dequantize(self.input_embedding[tokens], self.input_embedding_scale[tokens], self.dtype)
+        rows = byte_view(self.input_embedding)[tokens].view(self.input_embedding.dtype)
+        x = dequantize(rows, self.input_embedding_scale[tokens], self.dtype)
         return x * self.scale if self.scale is not None else x
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -73,3 +73,27 @@ def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
                           BM=bm, BN=bn, BK=bk, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                           num_warps=warps, num_stages=stages)
     return y
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, BK: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.arange(0, BK)
+    m = k < K
+    x = tl.load(x_ptr + row.to(tl.int64) * x_stride + k, mask=m, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)  # 448: e4m3's largest finite value
+    tl.store(q_ptr + row.to(tl.int64) * K + k, (x / s).to(q_ptr.dtype.element_ty), mask=m)
+    tl.store(s_ptr + row, s)
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~= q * scale per
+    row (scale = absmax / 448), in one launch: the fp8 tensor-core product's
+    activation quantization, which as torch ops costs four launches."""
+    m, k = x.shape
+    assert x.stride(1) == 1
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    bk = triton.next_power_of_2(k)
+    _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), BK=bk, num_warps=min(16, max(1, bk // 1024)))
+    return q, s

@@ -3,9 +3,10 @@
 - plain weights: F.linear (cuBLAS);
 - fp8 on CUDA with fp8 tensor cores (compute capability 8.9+), bfloat16
   activations and dimensions that are multiples of 16: `F.scaled_mm`
-  (torch's public `_scaled_mm`) with row-wise scales: each activation row is quantized to e4m3 on the fly
-  (scale = row absmax / 448), the weight keeps its per-channel scale, so the
-  product runs on the fp8 tensor cores and comes out in bfloat16;
+  (torch's public `_scaled_mm`) with row-wise scales: each activation row is
+  quantized to e4m3 on the fly (scale = row absmax / 448, one launch:
+  `kernels/qmatmul.fp8_rows`), the weight keeps its per-channel scale, so the
+  product (bias included) runs on the fp8 tensor cores, bfloat16 out;
 - int8 (and fp8 elsewhere on CUDA): `kernels/qmatmul.py`, which widens the
   weight tiles in registers;
 - the CPU: the reference (`quantized_linear_ref`: dequantize, then F.linear).
@@ -49,11 +50,21 @@ def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """The fp8 tensor-core product: x rows quantized to e4m3 with their own
-    scales, `F.scaled_mm` with row-wise scales, bfloat16 out (torch also runs
-    it on the CPU, slowly: the tests use that)."""
-    x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / _E4M3_MAX).clamp(min=1e-12)
-    xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
+    scales (one Triton launch on CUDA), `F.scaled_mm` with row-wise scales and
+    the bias, bfloat16 out (torch also runs it on the CPU, slowly: the tests
+    use that)."""
+    if x.is_cuda:
+        from streamgemma.kernels.qmatmul import fp8_rows
+
+        xq, x_scale = fp8_rows(x)
+    else:
+        xq, x_scale = fp8_rows_ref(x)
     rowwise = F.ScalingType.RowWise
-    y = F.scaled_mm(xq, weight.t(), x_scale, rowwise, scale[None, :], rowwise, output_dtype=torch.bfloat16)
-    # the bias is added apart: bias support of the row-wise CUDA kernels varies between torch versions
-    return y + bias if bias is not None else y
+    return F.scaled_mm(xq, weight.t(), x_scale, rowwise, scale[None, :], rowwise, bias=bias,
+                       output_dtype=torch.bfloat16)
+
+
+def fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of `kernels.qmatmul.fp8_rows`: (e4m3 [M, K], scales [M, 1])."""
+    x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / _E4M3_MAX).clamp(min=1e-12)
+    return (x.float() / x_scale).to(torch.float8_e4m3fn), x_scale

@@ -25,6 +25,14 @@ Fused around the product (all optional, chosen by constexpr flags):
   requested before waiting for the previous kernel, so the epilogue waits on
   no memory round trip.
 
+Quantized weights (int8 / fp8 e4m3, model/quantize.py): the weight tiles are
+loaded as stored (half the bytes of bfloat16) and widened to float32 in
+registers; the row's float32 scale multiplies its dot product in the epilogue,
+y[n] = s[n] * sum_k q[n, k] x[k], before the bias and the fused row
+operations. A quantized embedding table's rows (the first product's input)
+are multiplied by their row scale as they are read. Both are constexpr
+switches: the bfloat16 kernel compiles without them.
+
 Rounding follows the unfused path (residual rounded to the model dtype, matmul
 output rounded after the bias, then the row operation on the rounded values)
 except one point: the normalised input is not rounded to the model dtype
@@ -55,18 +63,24 @@ _EPILOGUES = MappingProxyType({"plain": 0, "geglu": 1, "conv": 2, "softcap": 3})
 
 
 @triton.jit
-def _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k, K,
-                SRC: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr):
+def _input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask, k, K,
+                SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr):
     """Columns k of the product's input: with NORM the residual stream [BB, BK] in
     the model dtype (what add_rmsnorm stores) and the norm scale [BK]; without,
-    the input rows [BB, BK] as stored (and a placeholder scale)."""
+    the input rows [BB, BK] as stored (and a placeholder scale). SRC_SCALED: the
+    embedding table is quantized, its rows times tscale[token] (then rounded to
+    the model dtype, as the reference's dequantize does)."""
     kmask = k < K
     m = rmask[:, None] & kmask[None, :]
     if NORM:
         if SRC == SRC_TOKENS:
+            act = nscale_ptr.dtype.element_ty  # the model dtype (the table may be quantized)
             tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
             v = tl.load(src_ptr + tok[:, None].to(tl.int64) * K + k[None, :], mask=m, other=0.0)
-            v = (v.to(tl.float32) * emb_scale).to(src_ptr.dtype.element_ty)
+            if SRC_SCALED:
+                ts = tl.load(tscale_ptr + tok, mask=rmask, other=0.0)
+                v = (v.to(tl.float32) * ts[:, None]).to(act)
+            v = (v.to(tl.float32) * emb_scale).to(act)
         else:
             v = tl.load(src_ptr + rows[:, None] * K + k[None, :], mask=m, other=0.0)
             if HAS_DELTA:
@@ -120,21 +134,25 @@ def _conv_inputs(conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, n
 
 
 @triton.jit(do_not_specialize=["B", "eps", "emb_scale", "cap"])
-def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr, eps,
-                 w_ptr, bias_ptr, out_ptr, out_stride,
+def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr, nscale_ptr, eps,
+                 w_ptr, wscale_ptr, bias_ptr, out_ptr, out_stride,
                  conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, L,
                  cap, B, N, K,
                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 SRC: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr, WRITE_RES: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EPI: tl.constexpr, CONVK: tl.constexpr, CONVR: tl.constexpr,
-                 PDL: tl.constexpr):
+                 SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
+                 WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
+                 CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B
     n = pid * BN + tl.arange(0, BN)
     nmask = n < N
     kk = tl.arange(0, BK)
-    dtype = w_ptr.dtype.element_ty
+    # the model dtype, in which the unfused path rounds (the weights' own dtype unless QUANT)
+    if NORM:
+        dtype = nscale_ptr.dtype.element_ty
+    else:
+        dtype = src_ptr.dtype.element_ty
     w_rows = w_ptr + n[:, None].to(tl.int64) * K
     # GeGLU: the gate feature n pairs with the up feature N + n of the [2N, K] weight
     u_rows = w_rows + N * K
@@ -151,6 +169,10 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
         bias = tl.load(bias_ptr + n, mask=nmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         if EPI == GEGLU:
             bias_u = tl.load(bias_ptr + N + n, mask=nmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    if QUANT:
+        wscale = tl.load(wscale_ptr + n, mask=nmask, other=0.0, eviction_policy="evict_last")
+        if EPI == GEGLU:
+            wscale_u = tl.load(wscale_ptr + N + n, mask=nmask, other=0.0, eviction_policy="evict_last")
     if EPI == CONV:
         if SRC == SRC_X:
             earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = _conv_inputs(
@@ -169,8 +191,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
             earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = _conv_inputs(
                 conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
 
-    x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, kk, K,
-                                 SRC, HAS_DELTA, NORM)
+    x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
+                                 kk, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
     acc = tl.zeros((BB, BN, BK), tl.float32)
     ss = tl.zeros((BB,), tl.float32)
     if EPI == GEGLU:
@@ -188,8 +210,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
             u_next = _weight_tile(u_rows, k + BK, nmask, K)
         v = x_next
         scale = s_next
-        x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, delta_ptr, nscale_ptr, rows, rmask, k + BK, K,
-                                     SRC, HAS_DELTA, NORM)
+        x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
+                                     k + BK, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
         if NORM:
             # The rms is gathered on the way and applied after the loop (no first
             # pass over the row): the product sees x * (1 + scale) unrounded.
@@ -207,6 +229,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
             acc_u += u.to(tl.float32)[None, :, :] * xin[:, None, :]
 
     res = tl.sum(acc, axis=2)  # [BB, BN]
+    if QUANT:
+        res = res * wscale[None, :]
     if NORM:
         inv = 1.0 / tl.sqrt(ss / K + eps)
         res = res * inv[:, None]
@@ -216,6 +240,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, delta_ptr, res_out_ptr, nscale_ptr
     out_off = rows[:, None] * out_stride + n[None, :]
     if EPI == GEGLU:
         up = tl.sum(acc_u, axis=2)
+        if QUANT:
+            up = up * wscale_u[None, :]
         if NORM:
             up = up * inv[:, None]
         if HAS_BIAS:
@@ -252,29 +278,36 @@ BATCH1_CONFIGS = MappingProxyType({"plain": (2, 512, 2), "conv": (4, 256, 2), "g
 INTERPRETER_CONFIG = (64, 64, 4)
 
 
-def default_config(batch_bucket: int, epilogue: str, on_gpu: bool = True) -> tuple[int, int, int]:
+def default_config(batch_bucket: int, epilogue: str, on_gpu: bool = True,
+                   weight_bytes: int = 2) -> tuple[int, int, int]:
     """(BN, BK, num_warps) for a call whose batch rounds up to `batch_bucket`.
     Batches above 1 take the matmul path unless a KernelConfig raises
     gemv_max_batch; they get an untuned shape that keeps the float32
-    accumulator at 4096 values per program."""
+    accumulator at 4096 values per program. 1-byte (int8 / fp8) weights at
+    batch 1 get twice the bf16 tiles' columns, so a tile is as many bytes
+    (untuned: bench/dev/tune_gemv.py --quantize sweeps them)."""
     if not on_gpu:
         return INTERPRETER_CONFIG
     if batch_bucket == 1:
-        return BATCH1_CONFIGS[epilogue]
+        bn, bk, warps = BATCH1_CONFIGS[epilogue]
+        return bn, bk * 2 // weight_bytes, warps
     return 8, max(16, 512 // batch_bucket), 4
 
 
 def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: torch.Tensor | None = None,
          delta: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None, eps: float = 1e-6,
          residual_out: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-         emb_scale: float | None = None, epilogue: str = "plain", conv: tuple | None = None,
+         emb_scale: float | None = None, weight_scale: torch.Tensor | None = None,
+         src_scale: torch.Tensor | None = None, epilogue: str = "plain", conv: tuple | None = None,
          cap: float = 0.0, config: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
     """out[b] = f(input[b] @ weight.T) for a small batch (B <= MAX_BATCH rows).
 
     src: [B, K] input rows (model dtype), or with `tokens` ([B] int64) the
     embedding table [V, K] whose rows tokens[b] * emb_scale are the input.
     weight: [N, K] (F.linear layout; [2N, K] gate|up for "geglu"); bias: [N]
-    ([2N] for "geglu") or None.
+    ([2N] for "geglu") or None. weight_scale: float32 [N] ([2N]) for an int8 /
+    float8_e4m3fn weight: feature n's product is multiplied by it. src_scale:
+    float32 [V] for a quantized embedding table (with `tokens`): row scales.
     norm_scale: [K] -> the input is RMSNorm(src + delta) * (1 + norm_scale)
     (delta [B, K] optional); residual_out: [B, K] receives src + delta (the
     updated residual stream) when given.
@@ -288,11 +321,13 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     programmatic dependent launch (see pdl.py)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
+    assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn))
+    assert src_scale is None or (tokens is not None and norm_scale is not None)
     n_rows, k = weight.shape
     epi = _EPILOGUES[epilogue]
     n_out = n_rows // 2 if epilogue == "geglu" else n_rows
     bb = triton.next_power_of_2(batch)
-    bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda)
+    bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     if conv is not None:
         conv_state, slots, pos, conv_w, conv_b = conv
@@ -304,13 +339,16 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     grid = (triton.cdiv(n_out, bn),)
     _gemv_kernel[grid](
         src, tokens if tokens is not None else dummy, float(emb_scale or 1.0),
+        src_scale if src_scale is not None else dummy,
         delta if delta is not None else dummy, residual_out if residual_out is not None else dummy,
         norm_scale if norm_scale is not None else dummy, float(eps),
-        weight, bias if bias is not None else dummy, out, out.stride(0),
+        weight, weight_scale if weight_scale is not None else dummy,
+        bias if bias is not None else dummy, out, out.stride(0),
         conv_state, slots, pos, conv_w, conv_b, lw,
         float(cap or 0.0), batch, n_out, k,
-        BB=bb, BN=bn, BK=bk, SRC=1 if tokens is not None else 0, HAS_DELTA=delta is not None,
-        NORM=norm_scale is not None, WRITE_RES=residual_out is not None, HAS_BIAS=bias is not None,
+        BB=bb, BN=bn, BK=bk, SRC=1 if tokens is not None else 0, SRC_SCALED=src_scale is not None,
+        HAS_DELTA=delta is not None, NORM=norm_scale is not None, WRITE_RES=residual_out is not None,
+        QUANT=weight_scale is not None, HAS_BIAS=bias is not None,
         EPI=epi, CONVK=convk, CONVR=triton.next_power_of_2(max(convk - 1, 1)),
         PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
     return out

@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
                             "installed), or 'demo', the small model bundled with the package (the default)")
         g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
         g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                       help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+                       help="weights dtype (default: bfloat16 on cuda, float32 on cpu); with --quantize, "
+                            "the activations' dtype")
+        g.add_argument("--quantize", choices=("int8", "fp8"),
+                       help="weight-only quantization at load time, per-channel scales "
+                            "(docs/quantization.md); a directory saved quantized loads as saved")
         _threads_arg(g)
 
     def sampling_args(p: argparse.ArgumentParser, default_max: int) -> None:
@@ -138,7 +142,8 @@ def _load(args: argparse.Namespace):
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    return streamgemma.load(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    return streamgemma.load(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
+                            quantize=args.quantize)
 
 
 def _version() -> str:
@@ -165,6 +170,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
         ("vocabulary", f"{cfg.vocab_size:,}"),
         ("parameters", f"{model.num_parameters():,}"),
         ("dtype", str(model.dtype).removeprefix("torch.")),
+        ("weights", f"{model.quantization}, per-channel scales" if model.quantization else "unquantized"),
         ("device", str(model.device)),
         ("state per session", f"{model.pool.slot_bytes() / 2**20:.2f} MiB"),
         ("tokenizer", f"{tok.vocab_size:,} pieces (bos {tok.bos_id}, eos {tok.eos_id}, chat turns "

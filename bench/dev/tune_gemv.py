@@ -1,9 +1,10 @@
 """The fused small-batch GEMV (kernels/gemv.py) against the matmul path on the
-RecurrentGemma-2B projection shapes (bf16): correctness, then a block-size
+RecurrentGemma-2B projection shapes (bf16 activations; bf16 weights, or int8 /
+fp8 weights with per-row scales with --quantize): correctness, then a block-size
 sweep per shape and batch bucket, each variant timed as one CUDA graph of
 back-to-back launches cycling through enough weight copies to miss L2.
 
-    python bench/dev/tune_gemv.py [--batches 1,2,4,8] [--json best.json] [--quick] [--pdl]
+    python bench/dev/tune_gemv.py [--batches 1,2,4,8] [--json best.json] [--quick] [--pdl] [--quantize int8]
 
 Prints per shape and batch: the matmul path (cuBLAS + its row kernels) and the
 best GEMV config, in microseconds per call and weight-read TB/s. The JSON's
@@ -19,7 +20,6 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 D, L, E, QKV, V = 2560, 2560, 7680, 3072, 256000
 
@@ -38,7 +38,8 @@ def configs(bb: int, quick: bool) -> list[tuple[int, int, int]]:
     """(BN, BK, num_warps) candidates: register use grows with BB * BN * BK / threads."""
     cand = {
         1: [(8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8), (4, 256, 4),
-            (4, 512, 4), (4, 1024, 8), (4, 512, 2), (8, 256, 2), (2, 1024, 4), (2, 512, 2)],
+            (4, 512, 4), (4, 1024, 8), (4, 512, 2), (8, 256, 2), (2, 1024, 4), (2, 512, 2),
+            (2, 2048, 4), (4, 1024, 4), (8, 1024, 8)],  # the wide ones: 1-byte weights
         2: [(8, 256, 4), (16, 256, 8), (8, 512, 8)],
         4: [(8, 128, 4), (16, 128, 8), (8, 256, 8)],
         8: [(4, 128, 4), (4, 256, 8), (8, 64, 4), (8, 128, 4), (8, 128, 8), (8, 256, 8), (16, 64, 4),
@@ -50,7 +51,7 @@ def configs(bb: int, quick: bool) -> list[tuple[int, int, int]]:
 class Case:
     """One shape's tensors, `copies` weight copies (to defeat L2), batch rows."""
 
-    def __init__(self, name: str, batch: int, copies: int, seed: int = 0):
+    def __init__(self, name: str, batch: int, copies: int, seed: int = 0, quantize: str | None = None):
         n_rows, k, self.epi, self.norm, has_bias = SHAPES[name]
         g = torch.Generator(device="cuda").manual_seed(seed)
         rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)  # noqa: E731
@@ -58,6 +59,11 @@ class Case:
         # drawn in bf16 directly: no float32 copy of the 1.3 GB LM head
         self.weights = [torch.empty(n_rows, k, device="cuda", dtype=torch.bfloat16).normal_(0, k ** -0.5, generator=g)
                         for _ in range(copies)]
+        self.scales = [None] * copies
+        if quantize:
+            from streamgemma.model.quantize import quantize_rows
+            for i, w in enumerate(self.weights):
+                self.weights[i], self.scales[i] = quantize_rows(w, quantize)
         self.bias = (rnd(n_rows) * 0.1).bfloat16() if has_bias else None
         self.x = rnd(batch, k).bfloat16()
         self.delta = rnd(batch, k).bfloat16()
@@ -74,7 +80,7 @@ class Case:
 
     def gemv(self, i: int, config, pdl: bool = False):
         from streamgemma.kernels.gemv import gemv
-        kw = dict(bias=self.bias, epilogue=self.epi, config=config, pdl=pdl)
+        kw = dict(bias=self.bias, epilogue=self.epi, config=config, pdl=pdl, weight_scale=self.scales[i])
         if self.norm:
             kw.update(delta=self.delta, norm_scale=self.scale, residual_out=self.res)
         if self.epi == "conv":
@@ -87,13 +93,14 @@ class Case:
     def matmul(self, i: int, fresh: bool = False):
         """What the matmul path runs for this projection. Its add_rmsnorm adds delta
         in place (into `res`); fresh=True first copies x there, as the check needs."""
+        from streamgemma.fast.qlinear import linear
         from streamgemma.kernels import elementwise, recurrent_decode
         x = self.x
         if self.norm:
             if fresh:
                 self.res.copy_(self.x)
             x = elementwise.add_rmsnorm(self.res, self.delta, self.scale, 1e-6, torch.empty_like(self.x))
-        y = F.linear(x, self.weights[i], self.bias)
+        y = linear(x, self.weights[i], self.scales[i], self.bias)
         if self.epi == "geglu":
             return elementwise.geglu(y, self.out)
         if self.epi == "softcap":
@@ -132,15 +139,15 @@ def graph_time_us(fn, copies: int, launches: int = 48, reps: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def copies_for(name: str) -> int:
+def copies_for(name: str, weight_bytes: int = 2) -> int:
     n_rows, k = SHAPES[name][:2]
-    return max(1, min(8, -(-200_000_000 // (n_rows * k * 2))))
+    return max(1, min(8, -(-200_000_000 // (n_rows * k * weight_bytes))))
 
 
 def _compile(job):
     """Worker: run each (shape, batch, config) once, so the Triton cache holds them."""
-    name, batch, cfgs, with_pdl = job
-    shape_case = Case(name, batch, 1)
+    name, batch, cfgs, with_pdl, quantize = job
+    shape_case = Case(name, batch, 1, quantize=quantize)
     failed = []
     for c in cfgs:
         for on in ((False, True) if with_pdl else (False,)):
@@ -177,16 +184,17 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pdl", action="store_true", help="also time every config with PDL launches (the best 4 printed)")
+    ap.add_argument("--quantize", choices=("int8", "fp8"), help="1-byte weights with per-row scales")
     args = ap.parse_args()
     # the sweep times plain launches; --pdl adds PDL timings
     batches = [int(b) for b in args.batches.split(",")]
     shapes = args.shapes.split(",")
     jobs = [(name, b, configs(b, args.quick)) for name in shapes for b in batches]
     # compile every variant in parallel processes first (fills the on-disk cache)
-    split = [(n, b, cs[i::2], args.pdl) for n, b, cs in jobs for i in range(2)]
+    split = [(n, b, cs[i::2], args.pdl, args.quantize) for n, b, cs in jobs for i in range(2)]
     ctx = __import__("multiprocessing").get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(14, os.cpu_count() or 4), mp_context=ctx) as ex:
-        for (n, b, _, _), failed in zip(split, ex.map(_compile, split)):
+        for (n, b, *_), failed in zip(split, ex.map(_compile, split)):
             for c, msg in failed:
                 print(f"compile/run failed {n} b{b} {c}: {msg}", flush=True)
 
@@ -194,9 +202,10 @@ def main():
     header = f"{'shape':6} {'B':>2} {'matmul us':>10} {'TB/s':>6} {'gemv us':>8} {'TB/s':>6}  best config   err"
     print(header, flush=True)
     for name, b, cfgs in jobs:
-        copies = copies_for(name)
-        shape_case = Case(name, b, copies)
-        nbytes = shape_case.weights[0].numel() * 2
+        weight_bytes = 1 if args.quantize else 2
+        copies = copies_for(name, weight_bytes)
+        shape_case = Case(name, b, copies, quantize=args.quantize)
+        nbytes = shape_case.weights[0].numel() * weight_bytes
         err = check(shape_case)
         t_mm = graph_time_us(lambda i, sc=shape_case: sc.matmul(i), copies)
         timed = []

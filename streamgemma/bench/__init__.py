@@ -1,5 +1,5 @@
 """Benchmarks: `streamgemma bench COMMAND` (decode, prefill, serve, resume,
-snapshot, isolation, sampling, fuzz, prefix, fleet, handover), or
+snapshot, isolation, sampling, fuzz, prefix, fleet, handover, quantize), or
 `python -m streamgemma.bench ...`.
 
 Each command prints its figures as it goes; with --json PATH it writes them
@@ -18,7 +18,7 @@ import importlib
 from collections.abc import Sequence
 
 COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling", "fuzz", "prefix",
-            "fleet", "handover")
+            "fleet", "handover", "quantize")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -32,6 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="default: bfloat16 on cuda, float32 on cpu")
+    g.add_argument("--quantize", choices=("int8", "fp8"),
+                   help="int8 or fp8 weights (quantized at load time; docs/quantization.md)")
     g.add_argument("--json", metavar="PATH", help="write the result with the environment record to PATH "
                                                   "('-': stdout)")
 
@@ -41,9 +43,9 @@ def build_model(args: argparse.Namespace) -> sg.Model:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if args.model:
-        return sg.load(args.model, device=device, dtype=dtype, progress=False)
+        return sg.load(args.model, device=device, dtype=dtype, progress=False, quantize=args.quantize)
     config = sg.GriffinConfig.preset(PRESET_ALIASES.get(args.preset, args.preset))
-    return sg.Model.random(config, seed=0, device=device, dtype=dtype)
+    return sg.Model.random(config, seed=0, device=device, dtype=dtype, quantize=args.quantize)
 
 
 def is_cuda(model: sg.Model) -> bool:
@@ -63,7 +65,8 @@ def token_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
 
 def describe(model: sg.Model) -> dict:
     return {"source": model.source, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "parameters": model.num_parameters(), "preset": model.config.matching_preset()}
+            "parameters": model.num_parameters(), "preset": model.config.matching_preset(),
+            "quantize": model.quantization}
 
 
 # -- the environment record ------------------------------------------------------------

@@ -12,6 +12,9 @@ Up to `KernelConfig.gemv_max_batch` rows (default 1) the products are the
 fused GEMV kernel of `kernels/gemv.py` instead of cuBLAS: the norms, GeGLU,
 conv1d, embedding lookup and soft-cap ride in the products' prologues and
 epilogues. Block shapes and launch options come from the `KernelConfig`.
+Quantized weights (int8 / fp8) take the same paths: the GEMV kernel reads
+them as stored and applies the row scales in its epilogue, the larger batches
+go through `qlinear.linear` (fp8 tensor cores, or int8 dequantized in registers).
 
 `GraphedDecoder` captures that step once per batch-size bucket in a CUDA graph
 so a step costs one graph launch plus one small host-to-device copy.
@@ -22,13 +25,13 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ATTENTION
 from ..errors import DeviceError
 from ..model.griffin import Griffin
 from ..model.pool import StatePool
 from .fused_weights import FusedWeights
+from .qlinear import linear
 from .tuning import KernelConfig
 
 
@@ -43,6 +46,7 @@ class KernelDecoder:
         self._attn, self._ew, self._rec, self._gemv = attention_decode, elementwise, recurrent_decode, gemv
         self.network, self.pool, self.config = network, pool, network.config
         self.layers, self.inv_freq = fused.layers, fused.inv_freq
+        self.embedding, self.embedding_scale = fused.embedding, fused.embedding_scale
         kc = self.kernel_config = kernel_config or KernelConfig()
         if kc.gemv_max_batch > gemv.MAX_BATCH:
             raise ValueError(f"gemv_max_batch {kc.gemv_max_batch} is above the GEMV kernel's {gemv.MAX_BATCH}")
@@ -70,27 +74,26 @@ class KernelDecoder:
         for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
             self._ew.add_rmsnorm(x, delta, block.temporal_pre_norm.scale, eps, normed)
             if block.kind == ATTENTION:
-                att = block.attention_block
-                qkv = F.linear(normed, entry["w_qkv"])
+                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"])
                 mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
                 self._attention(qkv, state, slots, pos, mixed)
-                delta = F.linear(mixed, att.proj_final.weight, att.proj_final.bias)
+                delta = _project(mixed, entry, "out")
             else:
                 rec = block.recurrent_block
                 l = cfg.lru_width
-                xy = F.linear(normed, entry["w_xy"], entry["b_xy"])
+                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"])
                 xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
                 self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
                 gated = torch.empty_like(xc)
                 self._rglru(rec.rg_lru, entry, xc, xy[:, l:], state, slots, pos, gated)
-                delta = F.linear(gated, rec.linear_out.weight, rec.linear_out.bias)
+                delta = _project(gated, entry, "out")
             self._ew.add_rmsnorm(x, delta, block.channel_pre_norm.scale, eps, normed)
-            gate_up = F.linear(normed, entry["w_up"], entry["b_up"])
+            gate_up = _project(normed, entry, "up")
             hidden = torch.empty(batch, cfg.mlp_width, dtype=x.dtype, device=x.device)
             self._ew.geglu(gate_up, hidden)
-            delta = F.linear(hidden, block.mlp_block.ffw_down.weight, block.mlp_block.ffw_down.bias)
+            delta = _project(hidden, entry, "down")
         self._ew.add_rmsnorm(x, delta, net.final_norm.scale, eps, normed)
-        logits = F.linear(normed, net.embedder.input_embedding)
+        logits = linear(normed, self.embedding, self.embedding_scale)
         if out is None:
             out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=x.device)
         return self._ew.softcap(logits, cfg.logits_soft_cap, out)
@@ -121,10 +124,14 @@ class KernelDecoder:
             config = kc.gemv_block(batch, epilogue, *weight.shape)
             return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, pdl=self.pdl, **kw)
 
+        def project(src, name, out):  # an unfused projection of the layer's entry
+            return gemv(src, entry["w_" + name], out, weight_scale=entry["s_" + name], bias=entry["b_" + name])
+
         def normed(weight, scale, out, **kw):
             nonlocal cur, delta
             if cur is None:  # the first product reads the embedding rows itself (Embedder.encode)
-                src = dict(src=net.embedder.input_embedding, tokens=tokens, emb_scale=net.embedder.scale)
+                src = dict(src=self.embedding, tokens=tokens, emb_scale=net.embedder.scale,
+                           src_scale=self.embedding_scale)
                 nxt = 0
             else:
                 src = dict(src=res[cur], delta=delta)
@@ -135,32 +142,34 @@ class KernelDecoder:
         for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
             pre = block.temporal_pre_norm.scale
             if block.kind == ATTENTION:
-                att = block.attention_block
                 qkv = torch.empty(batch, entry["w_qkv"].shape[0], dtype=dtype, device=dev)
-                normed(entry["w_qkv"], pre, qkv)
+                normed(entry["w_qkv"], pre, qkv, weight_scale=entry["s_qkv"])
                 mixed = torch.empty(batch, cfg.width, dtype=dtype, device=dev)
                 self._attention(qkv, state, slots, pos, mixed)
-                delta = gemv(mixed, att.proj_final.weight, torch.empty(batch, d, dtype=dtype, device=dev),
-                             bias=att.proj_final.bias)
+                delta = project(mixed, "out", torch.empty(batch, d, dtype=dtype, device=dev))
             else:
                 rec = block.recurrent_block
                 xy = torch.empty(batch, 2 * l, dtype=dtype, device=dev)  # conv output | y
-                normed(entry["w_xy"], pre, xy, bias=entry["b_xy"], epilogue="conv",
+                normed(entry["w_xy"], pre, xy, bias=entry["b_xy"], weight_scale=entry["s_xy"], epilogue="conv",
                        conv=(state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b))
                 gated = torch.empty(batch, l, dtype=dtype, device=dev)
                 self._rglru(rec.rg_lru, entry, xy[:, :l], xy[:, l:], state, slots, pos, gated)
-                delta = gemv(gated, rec.linear_out.weight, torch.empty(batch, d, dtype=dtype, device=dev),
-                             bias=rec.linear_out.bias)
+                delta = project(gated, "out", torch.empty(batch, d, dtype=dtype, device=dev))
             hidden = torch.empty(batch, cfg.mlp_width, dtype=dtype, device=dev)
-            normed(entry["w_up"], block.channel_pre_norm.scale, hidden, bias=entry["b_up"], epilogue="geglu")
-            down = block.mlp_block.ffw_down
-            delta = gemv(hidden, down.weight, torch.empty(batch, d, dtype=dtype, device=dev), bias=down.bias)
+            normed(entry["w_up"], block.channel_pre_norm.scale, hidden, bias=entry["b_up"],
+                   weight_scale=entry["s_up"], epilogue="geglu")
+            delta = project(hidden, "down", torch.empty(batch, d, dtype=dtype, device=dev))
         if out is None:
             out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         # the last residual is not needed after the final norm: no residual_out
-        gemv(res[cur], net.embedder.input_embedding, out, delta=delta, norm_scale=net.final_norm.scale,
-             eps=eps, epilogue="softcap", cap=cfg.logits_soft_cap)
+        gemv(res[cur], self.embedding, out, delta=delta, norm_scale=net.final_norm.scale, eps=eps,
+             weight_scale=self.embedding_scale, epilogue="softcap", cap=cfg.logits_soft_cap)
         return out
+
+
+def _project(x: torch.Tensor, entry: dict, name: str) -> torch.Tensor:
+    """The layer's projection `name` ("out", "up", "down": FusedWeights' w_/s_/b_ entries) of x."""
+    return linear(x, entry["w_" + name], entry["s_" + name], entry["b_" + name])
 
 
 class GraphedDecoder:

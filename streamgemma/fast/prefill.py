@@ -21,6 +21,7 @@ from ..config import ATTENTION
 from ..model.griffin import Griffin
 from ..model.pool import StatePool
 from .fused_weights import FusedWeights
+from .qlinear import linear
 
 
 class KernelPrefill:
@@ -32,6 +33,7 @@ class KernelPrefill:
         self._ew, self._rec, self._rope = elementwise, recurrent_prefill, rope
         self.network, self.pool, self.config = network, pool, network.config
         self.layers, self.inv_freq = fused.layers, fused.inv_freq
+        self.embedding, self.embedding_scale = fused.embedding, fused.embedding_scale
 
     @torch.no_grad()
     def chunk(self, slot: int, tokens: torch.Tensor, p0: int,
@@ -52,8 +54,8 @@ class KernelPrefill:
                 delta = self._recurrent(block.recurrent_block, entry, state, slot, normed, p0)
             self._ew.add_rmsnorm(x, delta, block.channel_pre_norm.scale, eps, normed)
             hidden = torch.empty(x.shape[0], cfg.mlp_width, dtype=x.dtype, device=x.device)
-            self._ew.geglu(F.linear(normed, entry["w_up"], entry["b_up"]), hidden)
-            delta = F.linear(hidden, block.mlp_block.ffw_down.weight, block.mlp_block.ffw_down.bias)
+            self._ew.geglu(_project(normed, entry, "up"), hidden)
+            delta = _project(hidden, entry, "down")
         if logits == "none":
             return None
         rows = slice(None) if logits == "all" else slice(-1, None)
@@ -61,13 +63,13 @@ class KernelPrefill:
         normed = torch.empty_like(x)
         self._ew.add_rmsnorm(x, delta, net.final_norm.scale, eps, normed)
         out = torch.empty(x.shape[0], cfg.vocab_size, dtype=torch.float32, device=x.device)
-        return self._ew.softcap(F.linear(normed, net.embedder.input_embedding), cfg.logits_soft_cap, out)
+        return self._ew.softcap(linear(normed, self.embedding, self.embedding_scale), cfg.logits_soft_cap, out)
 
     def _recurrent(self, rec, entry, state, slot: int, normed: torch.Tensor, p0: int) -> torch.Tensor:
         cfg = self.config
         steps, l = normed.shape[0], cfg.lru_width
         conv, h = state
-        xy = F.linear(normed, entry["w_xy"], entry["b_xy"])  # [T, 2L]: x | y
+        xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"])  # [T, 2L]: x | y
         xc = torch.empty(steps, l, dtype=normed.dtype, device=normed.device)
         self._rec.conv1d_chunk(xy, conv, slot, p0, rec.conv_1d.w, rec.conv_1d.b, xc)
         # the new buffer is the last K-1 inputs of (buffer, chunk); after the conv has read it
@@ -78,14 +80,14 @@ class KernelPrefill:
         lru = rec.rg_lru
         self._rec.rglru_chunk(gates, lru.input_gate.b, lru.a_gate.b, xc, xy[:, l:], h, slot, p0,
                               entry["neg8_softplus_a"], gated)
-        return F.linear(gated, rec.linear_out.weight, rec.linear_out.bias)
+        return _project(gated, entry, "out")
 
     def _attention(self, att, entry, state, slot: int, normed: torch.Tensor, p0: int) -> torch.Tensor:
         cfg = self.config
         steps, d, hd, w = normed.shape[0], cfg.width, cfg.head_dim, cfg.attention_window
         dev = normed.device
         ring_k, ring_v = state[0][slot], state[1][slot]
-        qkv = F.linear(normed, entry["w_qkv"])
+        qkv = linear(normed, entry["w_qkv"], entry["s_qkv"])
         self._rope.rope_chunk(qkv, cfg.num_heads, hd, p0, self.inv_freq)
         q, k, v = qkv[:, :d].view(steps, cfg.num_heads, hd), qkv[:, d:d + hd], qkv[:, d + hd:]
         prev = min(p0, w)  # ring entries that hold keys: positions p0 - prev .. p0 - 1
@@ -111,4 +113,9 @@ class KernelPrefill:
         where = torch.arange(p0 + steps - n, p0 + steps, device=dev) % w
         ring_k.index_copy_(0, where, k[-n:])
         ring_v.index_copy_(0, where, v[-n:])
-        return F.linear(mixed, att.proj_final.weight, att.proj_final.bias)
+        return _project(mixed, entry, "out")
+
+
+def _project(x: torch.Tensor, entry: dict, name: str) -> torch.Tensor:
+    """The layer's projection `name` ("out", "up", "down": FusedWeights' w_/s_/b_ entries) of x."""
+    return linear(x, entry["w_" + name], entry["s_" + name], entry["b_" + name])

@@ -31,11 +31,13 @@ from ..config import ATTENTION, GriffinConfig
 from ..errors import CheckpointError, ConfigError, DeviceError
 from ..progress import Progress
 from .griffin import Griffin
+from .quantize import FORMATS, Quantization, check_format, quantize_network, quantized_layout, quantized_weight_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt")
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
+QUANT_METHOD = "streamgemma"  # config.json's quantization_config.quant_method of a quantized save
 
 
 # -- key layouts ---------------------------------------------------------------------
@@ -212,7 +214,7 @@ def _iter_safetensors(
 
 def _dtype_size(name: str) -> int:
     return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "BOOL": 1}.get(name, 4)
+            "F8_E4M3": 1, "BOOL": 1}.get(name, 4)
 
 
 def _numel(shape) -> int:
@@ -298,9 +300,39 @@ def _diff(a: GriffinConfig, b: GriffinConfig) -> str:
     return ", ".join(parts)
 
 
+def saved_quantization(ckpt: Checkpoint) -> Quantization | None:
+    """The quantization a checkpoint was saved with (config.json's
+    `quantization_config`, written by `save_hf` of a quantized network), or None."""
+    if ckpt.format != "hf":
+        return None
+    q = read_json(ckpt.config_file).get("quantization_config")
+    if q is None:
+        return None
+    where = f"{ckpt.config_file}: quantization_config"
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise CheckpointError(f"{where}: quant_method {method!r} is not supported; streamgemma loads its own "
+                              f"quantized saves ({QUANT_METHOD!r}) and unquantized checkpoints")
+    fmt, fp = q.get("format"), q.get("fingerprint")
+    if fmt not in FORMATS or not (isinstance(fp, str) and len(fp) == 32 and all(c in "0123456789abcdef" for c in fp)):
+        raise CheckpointError(f"{where}: want a format ({', '.join(FORMATS)}) and a 32-hex-digit fingerprint, "
+                              f"got {fmt!r} and {fp!r}")
+    return Quantization(fmt, fp)
+
+
 def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-                 config: GriffinConfig | None = None, progress: bool | None = None) -> Griffin:
-    """Read a checkpoint into a new network on `device` in `dtype`."""
+                 config: GriffinConfig | None = None, progress: bool | None = None,
+                 quantize: str | None = None) -> Griffin:
+    """Read a checkpoint into a new network on `device` in `dtype` (the
+    activations' dtype). quantize: "int8" or "fp8" quantizes the weights after
+    reading them into host memory, one matrix at a time on `device` (so the
+    device never holds the unquantized model); a checkpoint saved quantized
+    loads as saved, and asking for another format is a CheckpointError."""
+    check_format(quantize)
+    saved = saved_quantization(ckpt)
+    if saved is not None and quantize not in (None, saved.format):
+        raise CheckpointError(f"{ckpt.root}: holds {saved.format} weights; cannot quantize them to {quantize} "
+                              "(load the unquantized checkpoint with that quantize= instead)")
     if ckpt.format == "hf":
         cfg = build_config(ckpt, config)
         sources = list(_iter_safetensors(ckpt.weight_files))
@@ -329,7 +361,11 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     layout = layout_of(cfg)
     with torch.device("meta"):
         network = Griffin(cfg, dtype=dtype)
-    network = network.to_empty(device=device)
+    if saved is not None:  # the quantized structure, its tensors loaded as stored
+        quantize_network(network, saved.format, saved.fingerprint)
+        layout = quantized_layout(layout, quantized_weight_names(network), _Rule)
+    requantize = quantize is not None and saved is None
+    network = network.to_empty(device=torch.device("cpu") if requantize else device)
     params = dict(network.named_parameters())
     _check_keys(ckpt, [s[0] for s in sources], layout)
 
@@ -347,12 +383,19 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                 bar.advance(nbytes)
                 continue
             tensor = get()
-            if not tensor.is_floating_point():
+            quantized = target.dtype in (d for d, _ in FORMATS.values())
+            if quantized and tensor.dtype != target.dtype:
+                raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; the checkpoint's "
+                                      f"quantization_config says {target.dtype}")
+            if not quantized and not tensor.is_floating_point():
                 raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
             dst = target[rule.index] if rule.index else target
-            dst.copy_(rule.to_target(tensor).to(device=device, dtype=dtype))
+            dst.copy_(rule.to_target(tensor).to(device=dst.device, dtype=target.dtype))
             bar.advance(nbytes)
     bar.close()
+    if requantize:
+        quantize_network(network, quantize, fingerprint(network), device=device)
+        network = network.to(device)
     return network
 
 
@@ -396,7 +439,10 @@ def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**
     params = dict(network.named_parameters())
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, rule in hf_layout(network.config).items():
+    layout = hf_layout(network.config)
+    if network.quantization is not None:
+        layout = quantized_layout(layout, quantized_weight_names(network), _Rule)
+    for key, rule in layout.items():
         t = params[rule.target].detach()
         t = t[rule.index] if rule.index else t
         t = rule.to_source(t).contiguous().cpu()
@@ -423,6 +469,10 @@ def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**
                                                       "weight_map": weight_map}, indent=2))
     hf_config = network.config.to_hf_dict()
     hf_config["torch_dtype"] = str(network.dtype).removeprefix("torch.")
+    if network.quantization is not None:
+        q = network.quantization
+        hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": q.format,
+                                            "scales": "per output channel, float32", "fingerprint": q.fingerprint}
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
 
 
@@ -430,7 +480,11 @@ def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**
 def fingerprint(network: Griffin, samples: int = 64) -> str:
     """A digest of the config and the weights that costs little: per parameter,
     its name, shape and `samples` evenly spaced values rounded to bfloat16 (so
-    the same weights loaded in float32 or bfloat16 give the same digest)."""
+    the same weights loaded in float32 or bfloat16 give the same digest).
+    A quantized network keeps the digest of the weights it was quantized from,
+    so sessions move between a checkpoint's formats (their state is alike)."""
+    if network.quantization is not None:
+        return network.quantization.fingerprint
     h = hashlib.sha256(network.config.to_json().encode())
     for name, p in sorted(network.named_parameters()):
         flat = p.detach().reshape(-1)

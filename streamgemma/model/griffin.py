@@ -252,19 +252,29 @@ class LocalAttentionBlock(nn.Module):
         return out, (ring_k, ring_v)
 
 
+class UpProjection(_Params):
+    """The MLP's gate and up projections: w [2, D, E] ([in, out], the official
+    layout), b [2, 1, 1, E]. Returns the two pre-activations."""
+
+    def __init__(self, width: int, mlp_width: int, dtype, device):
+        super().__init__(w=(2, width, mlp_width), b=(2, 1, 1, mlp_width), dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x @ self.w[0] + self.b[0, 0], x @ self.w[1] + self.b[1, 0]
+
+
 class MLPBlock(nn.Module):
     """GeGLU: down(gelu(x W0 + b0) * (x W1 + b1))."""
 
     def __init__(self, cfg: GriffinConfig, dtype, device):
         super().__init__()
         d, e = cfg.width, cfg.mlp_width
-        self.ffw_up = _Params(w=(2, d, e), b=(2, 1, 1, e), dtype=dtype, device=device)
+        self.ffw_up = UpProjection(d, e, dtype, device)
         self.ffw_down = nn.Linear(e, d, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = gelu_tanh(x @ self.ffw_up.w[0] + self.ffw_up.b[0, 0])
-        up = x @ self.ffw_up.w[1] + self.ffw_up.b[1, 0]
-        return self.ffw_down(gate * up)
+        gate, up = self.ffw_up(x)
+        return self.ffw_down(gelu_tanh(gate) * up)
 
 
 class ResidualBlock(nn.Module):
@@ -324,14 +334,17 @@ class Griffin(nn.Module):
         self.embedder = Embedder(cfg, dtype, device)
         self.blocks = nn.ModuleList(ResidualBlock(cfg, kind, dtype, device) for kind in cfg.block_types)
         self.final_norm = RMSNorm(cfg.width, cfg.rms_norm_eps, dtype, device)
+        # None, or what model/quantize.py recorded when it quantized the weights
+        self.quantization = None
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embedder.input_embedding.dtype
+        """The activations' dtype (a quantized network's weights have another)."""
+        return self.final_norm.scale.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embedder.input_embedding.device
+        return self.final_norm.scale.device
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.embedder.decode(self.final_norm(x))

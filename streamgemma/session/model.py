@@ -22,6 +22,7 @@ from ..model import checkpoint as weights
 from ..model import hub
 from ..model.griffin import Griffin
 from ..model.pool import StatePool, available_memory
+from ..model.quantize import check_format, quantize_network
 from ..sampling.filters import device_kernel
 from ..sampling.graphs import FilterGraphs
 from ..tokenizer import Tokenizer
@@ -86,7 +87,8 @@ class Model:
 
     def __repr__(self) -> str:
         preset = self.config.matching_preset() or "custom"
-        return (f"Model({preset}, {self.num_parameters() / 1e6:.1f}M parameters, {self.dtype}, "
+        weights = f"{self.quantization} weights, " if self.quantization else ""
+        return (f"Model({preset}, {self.num_parameters() / 1e6:.1f}M parameters, {weights}{self.dtype}, "
                 f"{self.device}, tokenizer={'yes' if self.tokenizer else 'no'})")
 
     @property
@@ -95,7 +97,14 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The activations' and the state's dtype (also the weights', unless quantized)."""
         return self.network.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """"int8" or "fp8" for quantized weights (see docs/quantization.md), else None."""
+        q = self.network.quantization
+        return None if q is None else q.format
 
     @property
     def fingerprint(self) -> str:
@@ -105,18 +114,27 @@ class Model:
         return self._fingerprint
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.network.parameters())
+        """Weights of the network (a quantized weight's scales not counted)."""
+        return sum(p.numel() for name, p in self.network.named_parameters() if not name.endswith("_scale"))
 
     @classmethod
     def random(cls, config: GriffinConfig, seed: int = 0, device=None, dtype=None,
-               tokenizer: Tokenizer | None = None, **options) -> Model:
+               tokenizer: Tokenizer | None = None, quantize: str | None = None, **options) -> Model:
         """A model with random weights (tests, benchmarks). Weights are drawn on
-        the CPU in float32 from `seed`, so they do not depend on device or dtype."""
+        the CPU in float32 from `seed`, so they do not depend on device or dtype.
+        quantize: "int8" or "fp8" quantizes them after the cast to `dtype`, as
+        `load` does; the model keeps the unquantized weights' fingerprint."""
+        check_format(quantize)
         device, dtype = weights.resolve_device_dtype(device, dtype)
         network = Griffin(config, dtype=torch.float32, device="cpu")
         network.init_random_(torch.Generator().manual_seed(seed))
-        return cls(network.to(device=device, dtype=dtype), tokenizer=tokenizer, source=f"random(seed={seed})",
-                   **options)
+        if quantize is None:
+            network = network.to(device=device, dtype=dtype)
+        else:  # cast on the host, quantized one matrix at a time on the device (as `load` does)
+            network = network.to(dtype=dtype)
+            quantize_network(network, quantize, weights.fingerprint(network), device=device)
+            network = network.to(device)
+        return cls(network, tokenizer=tokenizer, source=f"random(seed={seed})", **options)
 
     def session(self, seed: int | None = None) -> Session:
         """A new session at position 0 with its own slot in the state pool.
@@ -159,9 +177,20 @@ class Model:
         or a DirectorySnapshotStore). OSError if it cannot be read."""
         return self.restore(snapshot_format.read_file(path, self.config), threads)
 
-    def save(self, directory: str | os.PathLike, max_shard_bytes: int = 4 * 1024**3) -> None:
+    def save(self, directory: str | os.PathLike, max_shard_bytes: int = 4 * 1024**3, *,
+             quantized: bool | None = None) -> None:
         """Write the model in the Hugging Face layout (config.json, safetensors,
-        tokenizer.model) so `streamgemma.load` and transformers can read it."""
+        tokenizer.model) so `streamgemma.load` and transformers can read it.
+        A quantized model is written quantized (int8 / fp8 tensors and their
+        scales, the format in config.json: docs/quantization.md), which
+        `streamgemma.load` reads back without quantizing again; transformers
+        cannot read that. quantized: True or False asserts which of the two
+        is written (ValueError when the model is the other kind)."""
+        if quantized is not None and bool(quantized) != (self.quantization is not None):
+            have = f"{self.quantization} weights" if self.quantization else "unquantized weights"
+            raise ValueError(f"save(quantized={quantized}): this model has {have}; quantize at load time "
+                             "(load(..., quantize='int8' or 'fp8')) to save a quantized copy, or load the "
+                             "original checkpoint for an unquantized one")
         directory = Path(directory)
         weights.save_hf(self.network, directory, max_shard_bytes=max_shard_bytes)
         if self.tokenizer is not None:
@@ -317,8 +346,8 @@ def demo_path() -> Path:
     return directory
 
 
-def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinConfig | None = None,
-         progress: bool | None = None, kernels: bool | None = None,
+def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | None = None,
+         config: GriffinConfig | None = None, progress: bool | None = None, kernels: bool | None = None,
          kernel_config: KernelConfig | None = None, threads: int | None = None,
          max_sessions: int | None = None, max_state_bytes: int | None = None) -> Model:
     """Open a checkpoint.
@@ -333,7 +362,11 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
     A `tokenizer.model` beside the weights is loaded as `model.tokenizer`.
     device: default CUDA if available, else CPU. dtype: "float32",
     "bfloat16", "float16" or a torch dtype; default bfloat16 on CUDA, float32
-    on CPU. config: hyper-parameters that an official state dict's shapes do
+    on CPU; with quantized weights, the activations' and state's dtype.
+    quantize: None, "int8" or "fp8": weight-only quantization of every large
+    matrix at load time, one float32 scale per output channel (see
+    docs/quantization.md); a directory saved quantized loads as saved.
+    config: hyper-parameters that an official state dict's shapes do
     not carry (window, soft cap, embedding scaling); checked against the
     weights. progress: show a progress line (default: when stderr is a terminal).
     kernels: use the Triton kernels for decode and prefill (default: on CUDA).
@@ -354,7 +387,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, config: GriffinCon
         path = hub.download(source)
     device, dtype = weights.resolve_device_dtype(device, dtype)
     ckpt = weights.discover(path)
-    network = weights.load_network(ckpt, device, dtype, config=config, progress=progress)
+    network = weights.load_network(ckpt, device, dtype, config=config, progress=progress, quantize=quantize)
     tokenizer = None
     if ckpt.tokenizer_file is not None:
         tokenizer = Tokenizer.from_file(ckpt.tokenizer_file)

@@ -1,0 +1,99 @@
+"""Matrix product with a quantized weight, dequantized in registers:
+y[M, N] = (x[M, K] @ q[N, K].T) * scale[N] (+ bias[N]).
+
+The batched decode and the prefill of int8 weights (and of fp8 weights where
+fp8 tensor cores are not usable). Each program owns a [BM, BN] tile of y and
+walks K in BK steps: the weight tile is loaded as stored (1 byte per weight)
+and widened to the activation dtype in registers, exactly (an int8 or e4m3
+value is representable in bfloat16), so the tensor cores multiply in the
+activation dtype with a float32 accumulator; the row scale and the bias are
+applied once, in the epilogue. Nothing is dequantized through device memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, y_stride,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mmask, nmask = rm < M, rn < N
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * x_stride
+    w_cols = w_ptr + rn[None, :].to(tl.int64) * K  # [BK, BN] tiles of q.T
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + rk
+        kmask = k < K
+        a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        if IEEE:  # float32 activations: no tf32 rounding
+            acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w.to(a.dtype))
+    acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * y_stride + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def default_block(m: int, on_gpu: bool = True) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_warps, num_stages) for M rows; untuned first choices
+    that keep the pipelined tiles within 128 KB of shared memory (the
+    interpreter gets small tiles: its cost is per element)."""
+    if not on_gpu:
+        return 16, 32, 32, 4, 1
+    if m > 64:
+        return 128, 128, 64, 8, 4
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    return bm, 128, 128, 4, 4
+
+
+def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+            block: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (rows contiguous), weight [N, K] int8 / float8_e4m3fn, scale
+    float32 [N], bias [N] or None -> y [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == k and x.stride(1) == 1 and weight.is_contiguous() and scale.shape == (n,)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn, bk, warps, stages = block or default_block(m, x.is_cuda)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _qmatmul_kernel[grid](x, weight, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), y.stride(0),
+                          BM=bm, BN=bn, BK=bk, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                          num_warps=warps, num_stages=stages)
+    return y
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, BK: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.arange(0, BK)
+    m = k < K
+    x = tl.load(x_ptr + row.to(tl.int64) * x_stride + k, mask=m, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)  # 448: e4m3's largest finite value
+    tl.store(q_ptr + row.to(tl.int64) * K + k, (x / s).to(q_ptr.dtype.element_ty), mask=m)
+    tl.store(s_ptr + row, s)
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~= q * scale per
+    row (scale = absmax / 448), in one launch: the fp8 tensor-core product's
+    activation quantization, which as torch ops costs four launches."""
+    m, k = x.shape
+    assert x.stride(1) == 1
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    bk = triton.next_power_of_2(k)
+    _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), BK=bk, num_warps=min(16, max(1, bk // 1024)))
+    return q, s

@@ -27,7 +27,8 @@ Fused around the product (all optional, chosen by constexpr flags):
 
 Quantized weights (int8 / fp8 e4m3, model/quantize.py): the weight tiles are
 loaded as stored (half the bytes of bfloat16) and widened to float32 in
-registers; the row's float32 scale multiplies its dot product in the epilogue,
+registers (exactly; int8 by full-rate integer ops, not the quarter-rate I2F:
+widen.py); the row's float32 scale multiplies its dot product in the epilogue,
 y[n] = s[n] * sum_k q[n, k] x[k], before the bias and the fused row
 operations. A quantized embedding table's rows (the first product's input)
 are multiplied by their row scale as they are read. Both are constexpr
@@ -49,6 +50,7 @@ import triton.language as tl
 
 from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 from .recurrent_decode import _gelu_tanh
+from .widen import default_widen, widen
 
 # epilogues
 PLAIN = tl.constexpr(0)
@@ -141,7 +143,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
                  WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
-                 CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr):
+                 CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B
@@ -224,9 +226,9 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             xin = v * (1.0 + scale.to(tl.float32)[None, :])
         else:
             xin = v.to(tl.float32)
-        acc += w.to(tl.float32)[None, :, :] * xin[:, None, :]
+        acc += widen(w, WIDEN)[None, :, :] * xin[:, None, :]
         if EPI == GEGLU:
-            acc_u += u.to(tl.float32)[None, :, :] * xin[:, None, :]
+            acc_u += widen(u, WIDEN)[None, :, :] * xin[:, None, :]
 
     res = tl.sum(acc, axis=2)  # [BB, BN]
     if QUANT:
@@ -299,7 +301,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
          residual_out: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
          emb_scale: float | None = None, weight_scale: torch.Tensor | None = None,
          src_scale: torch.Tensor | None = None, epilogue: str = "plain", conv: tuple | None = None,
-         cap: float = 0.0, config: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
+         cap: float = 0.0, config: tuple[int, int, int] | None = None, pdl: bool = False,
+         widening: int | None = None) -> torch.Tensor:
     """out[b] = f(input[b] @ weight.T) for a small batch (B <= MAX_BATCH rows).
 
     src: [B, K] input rows (model dtype), or with `tokens` ([B] int64) the
@@ -318,7 +321,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     [B, N] float32 = cap * tanh(logits / cap) (plain cast when cap is 0).
     out may have a row stride (out.stride(1) must be 1).
     config: (BN, BK, num_warps), default `default_config`; pdl: launch with
-    programmatic dependent launch (see pdl.py)."""
+    programmatic dependent launch (see pdl.py); widening: how 1-byte weights
+    become float32 (`widen.py`'s variants, same values; default `default_widen`)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
     assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn))
@@ -350,5 +354,5 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         HAS_DELTA=delta is not None, NORM=norm_scale is not None, WRITE_RES=residual_out is not None,
         QUANT=weight_scale is not None, HAS_BIAS=bias is not None,
         EPI=epi, CONVK=convk, CONVR=triton.next_power_of_2(max(convk - 1, 1)),
-        PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
+        PDL=pdl, WIDEN=default_widen(weight) if widening is None else widening, num_warps=warps, **launch_kwargs(pdl))
     return out

@@ -1,0 +1,77 @@
+"""Widening 1-byte weights (int8, fp8 e4m3) to float32 in registers, for the
+GEMV and the quantized matmul. Every variant gives the same float32 values
+(an int8 or e4m3 value is exactly representable): they differ only in which
+GPU units do the work, which decides the speed of a weight-streaming product.
+
+int8 variants (`WIDEN`):
+- CONVERT (0): `w.to(float32)`, the I2F instruction: a quarter-rate unit on
+  sm_90 (16 per clock per SM), slower than the memory at batch 1.
+- MAGIC (1): the exact "magic number" conversion in plain Triton:
+  bits(2^23 + 128 + q) = zero-extended byte of q ^ 0x4B000080 (flipping the
+  sign bit biases q by 128), read as float32, minus 2^23 + 128. Integer
+  ops and one FADD, all full-rate; runs under the interpreter too.
+- PRMT (2): the same values from inline PTX on four packed bytes: one XOR
+  per four weights, one PRMT and one FADD per weight. CUDA only.
+
+e4m3 variants: CONVERT (0) is Triton's own conversion; VIA_F16 (1) asks for
+the packed e4m3x2 -> f16x2 conversion explicitly, then f16 -> f32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CONVERT = tl.constexpr(0)
+MAGIC = tl.constexpr(1)
+PRMT = tl.constexpr(2)
+VIA_F16 = tl.constexpr(1)
+
+# name -> constexpr value, per weight dtype (the tools choose by name)
+INT8_VARIANTS = {"convert": 0, "magic": 1, "prmt": 2}
+FP8_VARIANTS = {"convert": 0, "via_f16": 1}
+
+_PRMT_ASM = """
+{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7440;
+prmt.b32 $1, t, 0x4B000000, 0x7441;
+prmt.b32 $2, t, 0x4B000000, 0x7442;
+prmt.b32 $3, t, 0x4B000000, 0x7443;
+sub.f32 $0, $0, 0f4B000080;
+sub.f32 $1, $1, 0f4B000080;
+sub.f32 $2, $2, 0f4B000080;
+sub.f32 $3, $3, 0f4B000080;
+}
+"""
+
+
+@triton.jit
+def widen(w, WIDEN: tl.constexpr):
+    """w (int8, float8e4nv or a float type) as float32, exactly."""
+    if w.dtype == tl.int8:
+        if WIDEN == MAGIC:
+            bits = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+            out = bits.to(tl.float32, bitcast=True) - 8388736.0
+        elif WIDEN == PRMT:
+            out = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True,
+                                            pack=4)
+        else:
+            out = w.to(tl.float32)
+    elif w.dtype == tl.float8e4nv:
+        if WIDEN == VIA_F16:
+            out = w.to(tl.float16).to(tl.float32)
+        else:
+            out = w.to(tl.float32)
+    else:
+        out = w.to(tl.float32)
+    return out
+
+
+def default_widen(weight: torch.Tensor) -> int:
+    """The variant the kernels use for `weight` by default: MAGIC for int8
+    (exact, full rate, and runs under the interpreter), Triton's own
+    conversion for the rest."""
+    return 1 if weight.dtype == torch.int8 else 0

@@ -63,3 +63,16 @@ def test_gemv_output_does_not_depend_on_the_widening(fmt):
         out = torch.empty(2, 40, device=DEV)
         outs.append(gemv(x, q, out, weight_scale=s, config=(8, 32, 4), widening=v))
     assert len(outs) >= 2 and all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_qmatmul_output_does_not_depend_on_the_widening():
+    from streamgemma.kernels.qmatmul import qmatmul
+    from streamgemma.model.quantize import quantize_rows
+
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(48, 64, generator=g).to(DEV), torch.randn(5, 64, generator=g).to(DEV)
+    if DEV == "cuda":
+        x = x.bfloat16()
+    q, s = quantize_rows(w, "int8")
+    direct, magic = (qmatmul(x, q, s, widening=v) for v in (0, 1))
+    assert torch.equal(direct, magic)

@@ -1,6 +1,6 @@
 """bench/dev/quant_profile.py runs end to end on the CPU (Triton interpreter,
 tiny shapes) and reports what the GPU run reads: per format and batch the
-graph flag, step times and top kernels (operators here), and the GEMV and
+graph flag, step times and top kernels (operators here), a prefill, and the GEMV and
 batched-product micro-benchmarks per widening variant and block."""
 
 import importlib.util
@@ -14,15 +14,18 @@ def test_quant_profile_smoke_on_cpu(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = module.main(["--preset", "tiny", "--device", "cpu", "--formats", "int8", "--batches", "1,2",
-                       "--position", "2", "--reps", "1", "--json", str(tmp_path / "q.json")])
+                       "--position", "2", "--reps", "1",
+                       "--prefill-tokens", "5", "--product-rows", "2", "--json", str(tmp_path / "q.json")])
     assert (tmp_path / "q.json").read_text().startswith("{")
-    for fmt in ("int8",):
-        for batch in ("1", "2"):
-            r = out["formats"][fmt][batch]
-            assert r["graphed"] is False  # no CUDA graphs off CUDA
-            assert r["ms_per_step"] > 0 and r["cpu_us_per_step"] > 0 and r["top_kernels"]
+    for batch in ("1", "2"):
+        r = out["formats"]["int8"][batch]
+        assert r["graphed"] is False  # no CUDA graphs off CUDA
+        assert r["ms_per_step"] > 0 and r["cpu_us"] > 0 and r["top_kernels"]
+    prefill = out["formats"]["int8"]["prefill"]
+    assert prefill["tokens"] == 5 and prefill["ms"] > 0 and prefill["top_kernels"]
     lm = out["gemv_batch1"][f"lm_head {out['config']['vocab_size']}x{out['config']['width']}"]
     assert set(lm["int8"]) == {"convert", "magic"} and lm["int8"]["magic"]["GB/s"] >= 0
     products = out["batched_products"]
+    assert all(k.startswith("M=2 ") for k in products)
     assert {k.split(" ")[1] for k in products} == {"lm_head", "gate_up", "down", "out"}
     assert all(any(k.startswith("int8 qmatmul") for k in v) for v in products.values())

@@ -6,12 +6,14 @@ and batch size (--batches):
 - whether the decode step runs as a CUDA graph (the bucket's graph exists
   after `Model.decode`), ms per graph replay, ms per `Model.decode` call;
 - the GPU time of one (eager) step by kernel: the top 12 kernels (PyTorch
-  profiler), in microseconds per step, and the total.
+  profiler), in microseconds per step, and the total;
+- one feed of --prefill-tokens (2048) into a fresh session: ms and by kernel.
 Then micro-benchmarks on the LM head (vocab x width, soft-cap epilogue) and
 MLP gate|up (2 * mlp_width x width, GeGLU epilogue) shapes:
 - the batch-1 GEMV per weight format and widening variant (kernels/widen.py),
   plus a small block sweep for int8 (best variant);
-- the batched products at M = 64 and 256 (+ the out and down shapes): bf16
+- the batched products at M = 64, 256 and 2048 (a prefill chunk) on those
+  shapes and the out and down projections: bf16
   F.linear, int8 / fp8 `qmatmul` by block and operand order, fp8 `fp8_linear`
   (row quantization + F.scaled_mm).
 Each timed as one CUDA graph of back-to-back calls cycling through weight
@@ -42,6 +44,10 @@ def parse_args(argv=None):
     ap.add_argument("--formats", default="bf16,int8,fp8")
     ap.add_argument("--position", type=int, default=100, help="sessions' position (default 100)")
     ap.add_argument("--reps", type=int, default=30, help="timed replays (default 30)")
+    ap.add_argument("--prefill-tokens", type=int, default=2048,
+                    help="also profile one feed of this many tokens per format (default 2048; 0: skip)")
+    ap.add_argument("--product-rows", default="64,256,2048",
+                    help="M of the batched-product micro-benchmark (default 64,256,2048)")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     return ap.parse_args(argv)
@@ -58,9 +64,12 @@ def main(argv=None):
     out = {"device": _device_name(args.device), "formats": {}}
     for fmt, model in _models(args):
         out["formats"][fmt] = {str(b): _guarded(_decode_profile, model, b, args) for b in _ints(args.batches)}
+        if args.prefill_tokens:
+            out["formats"][fmt]["prefill"] = _guarded(_prefill_profile, model, args)
         out.setdefault("config", {k: getattr(model.config, k) for k in ("width", "mlp_width", "vocab_size")})
         print(f"[{time.perf_counter() - t0:.0f}s] {fmt}: " + ", ".join(
-            f"b{b} {r.get('ms_per_step')} ms (graph {r.get('graphed')})" for b, r in out["formats"][fmt].items()),
+            f"b{b} {r.get('ms_per_step')} ms (graph {r.get('graphed')})" for b, r in out["formats"][fmt].items()
+            if b != "prefill"),
             file=sys.stderr, flush=True)
         del model
         _empty_cache(args.device)
@@ -139,7 +148,6 @@ def _models(args):
 
 def _decode_profile(model, batch: int, args) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from streamgemma.bench.decode import sessions_at
 
@@ -160,23 +168,47 @@ def _decode_profile(model, batch: int, args) -> dict:
     step = graph["graph"].replay if graph is not None else (lambda: dec.step(t, s, p))
     result = {"graphed": graph is not None, "ms_per_step": _time_ms(step, reps, cuda),
               "ms_per_model_decode": _time_ms(lambda: model.decode(slots, tokens), reps, cuda)}
-    steps = 3 if cuda else 1
+    result.update(_by_kernel(lambda: dec.step(t, s, p), 3 if cuda else 1, cuda))
+    del sessions
+    return result
+
+
+def _prefill_profile(model, args) -> dict:
+    """One feed of --prefill-tokens random ids into a fresh session: ms (median
+    of a few) and the GPU time by kernel of one feed."""
+    from streamgemma.bench.common import token_ids
+
+    cuda = model.device.type == "cuda"
+    ids = token_ids(args.prefill_tokens, model.config.vocab_size)
+
+    def feed():
+        with model.session() as s:
+            s.feed(ids)
+
+    result = {"tokens": len(ids), "ms": _time_ms(feed, 3 if cuda else 1, cuda)}
+    result.update(_by_kernel(feed, 1, cuda))
+    return result
+
+
+def _by_kernel(fn, calls: int, cuda: bool) -> dict:
+    """GPU (CPU off CUDA) time per call of fn by kernel (operator): total and top 12."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
     activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
-        for _ in range(steps):
-            dec.step(t, s, p)
+        for _ in range(calls):
+            fn()
         if cuda:
             torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
-        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps
+        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) / calls
         if us > 0:
-            rows.append((us, e.count // steps, e.key))
+            rows.append((us, e.count // calls, e.key))
     rows.sort(reverse=True)
-    result["gpu_us_per_step" if cuda else "cpu_us_per_step"] = round(sum(r[0] for r in rows), 1)
-    result["top_kernels"] = [{"us": round(us, 1), "calls": n, "name": name[:90]} for us, n, name in rows[:12]]
-    del sessions
-    return result
+    return {"gpu_us" if cuda else "cpu_us": round(sum(r[0] for r in rows), 1),
+            "top_kernels": [{"us": round(us, 1), "calls": n, "name": name[:90]} for us, n, name in rows[:12]]}
 
 
 def _time_ms(fn, reps: int, cuda: bool) -> float:
@@ -300,7 +332,7 @@ def gemv_micro(cfg: dict, args) -> dict:
 
 
 def batched_products(cfg: dict, args) -> dict:
-    """x [M, K] @ W.T at M = the batches above 1: bf16 F.linear, int8 / fp8
+    """x [M, K] @ W.T at M = --product-rows: bf16 F.linear, int8 / fp8
     qmatmul (default and alternative blocks), fp8 row quantization + F.scaled_mm."""
     import torch
     import torch.nn.functional as F
@@ -314,7 +346,7 @@ def batched_products(cfg: dict, args) -> dict:
     shapes = {"lm_head": (v, d), "gate_up": (2 * e, d), "down": (d, e), "out": (d, d)}
     fmts = [f for f in args.formats.split(",") if f]
     out = {}
-    for m in (b for b in _ints(args.batches) if b > 1):
+    for m in _ints(args.product_rows):
         blocks = [default_block(m, cuda)]
         if cuda:
             blocks += [(min(64, max(16, m)), 64, 128, 4, 4), (min(64, max(16, m)), 32, 128, 4, 4),

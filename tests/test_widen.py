@@ -21,7 +21,7 @@ def _widen_kernel(q_ptr, out_ptr, N: tl.constexpr, WIDEN: tl.constexpr):
 
 def _widened(q: torch.Tensor, variant: int) -> torch.Tensor:
     out = torch.full(q.shape, float("nan"), device=DEV)
-    _widen_kernel[(1,)](q, out, N=q.numel(), WIDEN=variant)
+    _widen_kernel[(1,)](q, out, N=q.numel(), WIDEN=variant, num_warps=1)  # PRMT: 4 bytes a thread at least
     return out
 
 
@@ -61,7 +61,7 @@ def test_gemv_output_does_not_depend_on_the_widening(fmt):
         if name == "prmt" and DEV != "cuda":
             continue
         out = torch.empty(2, 40, device=DEV)
-        outs.append(gemv(x, q, out, weight_scale=s, config=(8, 32, 4), widening=v))
+        outs.append(gemv(x, q, out, weight_scale=s, config=(8, 64, 1), widening=v))
     assert len(outs) >= 2 and all(torch.equal(o, outs[0]) for o in outs[1:])
 
 

@@ -22,7 +22,7 @@ from .widen import default_widen, widen
 @triton.jit
 def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, y_stride,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    IEEE: tl.constexpr, WIDEN: tl.constexpr):
+                    IEEE: tl.constexpr, WIDEN: tl.constexpr, W_FIRST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -30,22 +30,37 @@ def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, y_stri
     rk = tl.arange(0, BK)
     mmask, nmask = rm < M, rn < N
     x_rows = x_ptr + rm[:, None].to(tl.int64) * x_stride
-    w_cols = w_ptr + rn[None, :].to(tl.int64) * K  # [BK, BN] tiles of q.T
-    acc = tl.zeros((BM, BN), tl.float32)
+    if W_FIRST:  # y.T tile = q [BN, BK] @ x.T: the widened weight is the product's first operand
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * K
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:  # y tile = x @ [BK, BN] tiles of q.T
+        w_cols = w_ptr + rn[None, :].to(tl.int64) * K
+        acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + rk
         kmask = k < K
         a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_cols + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0,
-                    eviction_policy="evict_first")
+        if W_FIRST:
+            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        else:
+            w = tl.load(w_cols + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0,
+                        eviction_policy="evict_first")
         if WIDEN == 0:
             w = w.to(a.dtype)
         else:  # through float32, exactly (widen.py); the cast to bfloat16 is a packed convert
             w = widen(w, WIDEN).to(a.dtype)
-        if IEEE:  # float32 activations: no tf32 rounding
+        if W_FIRST:
+            if IEEE:  # float32 activations: no tf32 rounding
+                acc += tl.dot(w, tl.trans(a), input_precision="ieee")
+            else:
+                acc += tl.dot(w, tl.trans(a))
+        elif IEEE:
             acc += tl.dot(a, w, input_precision="ieee")
         else:
             acc += tl.dot(a, w)
+    if W_FIRST:
+        acc = tl.trans(acc)
     acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -66,10 +81,15 @@ def default_block(m: int, on_gpu: bool = True) -> tuple[int, int, int, int, int]
 
 
 def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-            block: tuple[int, int, int, int, int] | None = None, widening: int | None = None) -> torch.Tensor:
+            block: tuple[int, int, int, int, int] | None = None, widening: int | None = None,
+            weight_first: bool = False) -> torch.Tensor:
     """x [M, K] (rows contiguous), weight [N, K] int8 / float8_e4m3fn, scale
     float32 [N], bias [N] or None -> y [M, N] in x's dtype. widening: how the
-    weight tiles are widened (`widen.py`; 0: a direct cast; default `default_widen`)."""
+    weight tiles are widened (`widen.py`; 0: a direct cast; default `default_widen`).
+    weight_first: each program computes y.T's tile as q @ x.T, so the widened
+    weight (in registers) is the tensor cores' first operand, which Hopper's
+    wgmma may take from registers (the second must come from shared memory);
+    an alternative under measurement (bench/dev/quant_profile.py)."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and x.stride(1) == 1 and weight.is_contiguous() and scale.shape == (n,)
@@ -78,7 +98,7 @@ def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _qmatmul_kernel[grid](x, weight, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), y.stride(0),
                           BM=bm, BN=bn, BK=bk, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                          WIDEN=default_widen(weight) if widening is None else widening,
+                          WIDEN=default_widen(weight) if widening is None else widening, W_FIRST=weight_first,
                           num_warps=warps, num_stages=stages)
     return y
 

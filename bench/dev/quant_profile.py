@@ -14,7 +14,8 @@ MLP gate|up (2 * mlp_width x width, GeGLU epilogue) shapes:
   plus a small block sweep for int8 (best variant);
 - the batched products at M = 64, 256 and 2048 (a prefill chunk) on those
   shapes and the out and down projections: bf16
-  F.linear, int8 / fp8 `qmatmul` by block and operand order, fp8 `fp8_linear`
+  F.linear, int8 / fp8 `qmatmul` by block and operand order (weight_first),
+  fp8 `fp8_linear`
   (row quantization + F.scaled_mm).
 Each timed as one CUDA graph of back-to-back calls cycling through weight
 copies that together miss L2. JSON on stdout (and --json PATH).
@@ -347,11 +348,18 @@ def batched_products(cfg: dict, args) -> dict:
     fmts = [f for f in args.formats.split(",") if f]
     out = {}
     for m in _ints(args.product_rows):
-        blocks = [default_block(m, cuda)]
+        small = min(64, max(16, m))
+        blocks = [(default_block(m, cuda), False)]  # (block, weight_first)
         if cuda:
-            blocks += [(min(64, max(16, m)), 64, 128, 4, 4), (min(64, max(16, m)), 32, 128, 4, 4),
-                       (128, 128, 64, 8, 3), (64, 128, 64, 4, 4)]
+            blocks += [((small, 64, 128, 4, 4), False), ((small, 32, 128, 4, 4), False),
+                       ((128, 128, 64, 8, 3), False), ((64, 128, 64, 4, 4), False),
+                       ((small, 128, 128, 4, 4), True), ((small, 64, 128, 4, 4), True),
+                       ((128, 128, 64, 8, 3), True)]
+        else:
+            blocks += [(default_block(m, cuda), True)]
         for shape, (n, k) in shapes.items():
+            if shape == "lm_head" and m > 256:  # a prefill computes the logits of its last position only
+                continue
             x = torch.randn(m, k, device=dev, dtype=act)
             entry = out[f"M={m} {shape} {n}x{k}"] = {}
             for fmt in fmts:
@@ -368,8 +376,9 @@ def batched_products(cfg: dict, args) -> dict:
                 if fmt == "bf16":
                     entry["bf16 F.linear"] = timed(lambda w, s: F.linear(x, w))
                     continue
-                for b in dict.fromkeys(blocks):
-                    entry[f"{fmt} qmatmul {b}"] = timed(lambda w, s, b=b: qmatmul(x, w, s, block=b))
+                for b, first in dict.fromkeys(blocks):
+                    name = f"{fmt} qmatmul {b}" + (" weight first" if first else "")
+                    entry[name] = timed(lambda w, s, b=b, first=first: qmatmul(x, w, s, block=b, weight_first=first))
                 if fmt == "fp8" and (not cuda or fp8_tensor_cores(x, copies[0][0])):
                     entry["fp8 rows + scaled_mm"] = timed(lambda w, s: fp8_linear(x, w, s))
                 del copies

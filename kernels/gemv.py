@@ -6,8 +6,9 @@ At batch 1-8 a projection is a pure weight stream: each program owns BN output
 features and walks their [BN, K] weight rows in [BN, BK] tiles (K contiguous:
 wide coalesced loads), the next weight tile and the next input tile loaded
 before the current ones are used. The batch rows ([BB, BK] of the input) are
-multiplied into a float32 [BB, BN, BK] accumulator that is reduced over K once,
-at the end. Weights are loaded "evict_first" (they pass through L2 once per
+multiplied into a float32 [BB, BN, BK] accumulator ([BN, BK] at batch 1, in
+the weight tile's layout: no trip through shared memory) that is reduced over
+K once, at the end. Weights are loaded "evict_first" (they pass through L2 once per
 step), the small per-layer vectors "evict_last" (they are read every step).
 
 Fused around the product (all optional, chosen by constexpr flags):
@@ -27,8 +28,8 @@ Fused around the product (all optional, chosen by constexpr flags):
 
 Quantized weights (int8 / fp8 e4m3, model/quantize.py): the weight tiles are
 loaded as stored (half the bytes of bfloat16) and widened to float32 in
-registers (exactly; int8 by full-rate integer ops, not the quarter-rate I2F:
-widen.py); the row's float32 scale multiplies its dot product in the epilogue,
+registers (exactly, by one of widen.py's variants); the row's float32 scale
+multiplies its dot product in the epilogue,
 y[n] = s[n] * sum_k q[n, k] x[k], before the bias and the fused row
 operations. A quantized embedding table's rows (the first product's input)
 are multiplied by their row scale as they are read. Both are constexpr
@@ -195,10 +196,12 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
 
     x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                  kk, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
-    acc = tl.zeros((BB, BN, BK), tl.float32)
+    # One row (batch 1): a 2-D accumulator in the weight tile's own layout, so
+    # the tile is not reshuffled through shared memory to meet a 3-D one.
+    acc = tl.zeros((BN, BK) if BB == 1 else (BB, BN, BK), tl.float32)
     ss = tl.zeros((BB,), tl.float32)
     if EPI == GEGLU:
-        acc_u = tl.zeros((BB, BN, BK), tl.float32)
+        acc_u = tl.zeros((BN, BK) if BB == 1 else (BB, BN, BK), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + kk
         kmask = k < K
@@ -226,11 +229,17 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             xin = v * (1.0 + scale.to(tl.float32)[None, :])
         else:
             xin = v.to(tl.float32)
-        acc += widen(w, WIDEN)[None, :, :] * xin[:, None, :]
-        if EPI == GEGLU:
-            acc_u += widen(u, WIDEN)[None, :, :] * xin[:, None, :]
+        if BB == 1:
+            x1 = tl.sum(xin, axis=0)  # [BK]: the one row
+            acc += widen(w, WIDEN) * x1[None, :]
+            if EPI == GEGLU:
+                acc_u += widen(u, WIDEN) * x1[None, :]
+        else:
+            acc += widen(w, WIDEN)[None, :, :] * xin[:, None, :]
+            if EPI == GEGLU:
+                acc_u += widen(u, WIDEN)[None, :, :] * xin[:, None, :]
 
-    res = tl.sum(acc, axis=2)  # [BB, BN]
+    res = tl.sum(acc, axis=1)[None, :] if BB == 1 else tl.sum(acc, axis=2)  # [BB, BN]
     if QUANT:
         res = res * wscale[None, :]
     if NORM:
@@ -241,7 +250,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     omask = rmask[:, None] & nmask[None, :]
     out_off = rows[:, None] * out_stride + n[None, :]
     if EPI == GEGLU:
-        up = tl.sum(acc_u, axis=2)
+        up = tl.sum(acc_u, axis=1)[None, :] if BB == 1 else tl.sum(acc_u, axis=2)
         if QUANT:
             up = up * wscale_u[None, :]
         if NORM:

@@ -48,7 +48,7 @@ def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, y_stri
                         eviction_policy="evict_first")
         if WIDEN == 0:
             w = w.to(a.dtype)
-        else:  # through float32, exactly (widen.py); the cast to bfloat16 is a packed convert
+        else:  # through float32, exactly (widen.py's variants, under measurement)
             w = widen(w, WIDEN).to(a.dtype)
         if W_FIRST:
             if IEEE:  # float32 activations: no tf32 rounding

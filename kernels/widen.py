@@ -4,12 +4,13 @@ GEMV and the quantized matmul. Every variant gives the same float32 values
 GPU units do the work, which decides the speed of a weight-streaming product.
 
 int8 variants (`WIDEN`):
-- CONVERT (0): `w.to(float32)`, the I2F instruction: a quarter-rate unit on
-  sm_90 (16 per clock per SM), slower than the memory at batch 1.
+- CONVERT (0, the default): `w.to(float32)`, the I2F instruction: a
+  quarter-rate unit on sm_90 (16 per clock per SM).
 - MAGIC (1): the exact "magic number" conversion in plain Triton:
   bits(2^23 + 128 + q) = zero-extended byte of q ^ 0x4B000080 (flipping the
   sign bit biases q by 128), read as float32, minus 2^23 + 128. Integer
-  ops and one FADD, all full-rate; runs under the interpreter too.
+  ops and one FADD, all full rate, but more of them; runs under the
+  interpreter too.
 - PRMT (2): the same values from inline PTX on four packed bytes: one XOR
   per four weights, one PRMT and one FADD per weight. CUDA only.
 
@@ -32,7 +33,8 @@ VIA_F16 = tl.constexpr(1)
 INT8_VARIANTS = {"convert": 0, "magic": 1, "prmt": 2}
 FP8_VARIANTS = {"convert": 0, "via_f16": 1}
 
-_PRMT_ASM = """
+# a constexpr: the only kind of global a kernel may read
+_PRMT_ASM = tl.constexpr("""
 {
 .reg .b32 t;
 xor.b32 t, $4, 0x80808080;
@@ -45,7 +47,7 @@ sub.f32 $1, $1, 0f4B000080;
 sub.f32 $2, $2, 0f4B000080;
 sub.f32 $3, $3, 0f4B000080;
 }
-"""
+""")
 
 
 @triton.jit
@@ -71,7 +73,15 @@ def widen(w, WIDEN: tl.constexpr):
 
 
 def default_widen(weight: torch.Tensor) -> int:
-    """The variant the kernels use for `weight` by default: MAGIC for int8
-    (exact, full rate, and runs under the interpreter), Triton's own
-    conversion for the rest."""
-    return 1 if weight.dtype == torch.int8 else 0
+    """The variant the kernels use for `weight` by default: CONVERT, for now.
+
+    Offline SASS (Triton 3.9, sm_90, the batch-1 GEMV with BN=2, BK=1024,
+    2 warps) gives per int8 weight: CONVERT 5.8 instructions, one of them a
+    quarter-rate I2F; MAGIC 9.4 and PRMT 9.4, all full rate (Triton keeps int8
+    tensors one byte per register and repacks them, which costs more than the
+    I2F saves at 4 instructions per clock per SM). In qmatmul a direct int8 to
+    bfloat16 cast compiles to packed integer operations already (467
+    instructions per 128x128 tile against MAGIC's 673). Which is fastest on
+    the device is measured by bench/dev/quant_profile.py, not assumed."""
+    del weight
+    return CONVERT.value

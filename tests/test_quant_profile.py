@@ -29,3 +29,24 @@ def test_quant_profile_smoke_on_cpu(tmp_path):
     assert all(k.startswith("M=2 ") for k in products)
     assert {k.split(" ")[1] for k in products} == {"lm_head", "gate_up", "down", "out"}
     assert all(any(k.startswith("int8 qmatmul") for k in v) for v in products.values())
+
+
+def test_gemv_sass_counts_the_loop_without_a_gpu(tmp_path):
+    """bench/dev/gemv_sass.py compiles the GEMV for sm_90 offline (Triton's own
+    ptxas / nvdisasm) and counts the K loop's instructions per weight."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    env = subprocess_env()
+    env.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
+    out = tmp_path / "sass.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("gemv_sass.py")), "--only", "bf16,int8 convert",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(out.read_text())
+    assert set(counts) == {"bf16", "int8 convert"}
+    assert counts["int8 convert"]["top"]["I2F"] > 0 and counts["bf16"]["top"]["FFMA"] > 0
+    assert all(0 < c["per_weight"] < 50 for c in counts.values())

@@ -1,0 +1,108 @@
+"""Instructions per weight of the batch-1 GEMV's inner loop, per weight
+format and widening variant, from the SASS Triton compiles for a GPU target
+(default sm_90), without a GPU: Triton's bundled ptxas and nvdisasm do the
+work. A GEMV with one-byte weights is bound by instructions as much as by
+bytes, so this shows what a kernel change costs before any GPU run.
+
+    python bench/dev/gemv_sass.py [--arch 90] [--block 2,1024,2] [--json out.json]
+
+Per variant: instructions in the K loop, per weight, and the most frequent
+opcodes (I2F: the quarter-rate int-to-float; STS/LDS/BAR: a tile's trip
+through shared memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+VARIANTS = [("bf16", "bf16", 0), ("int8 convert", "i8", 0), ("int8 magic", "i8", 1), ("int8 prmt", "i8", 2),
+            ("fp8 convert", "fp8e4nv", 0), ("fp8 via_f16", "fp8e4nv", 1)]
+
+
+def compile_gemv(weight_type: str, widening: int, block: tuple[int, int, int], arch: int):
+    """The plain-epilogue batch-1 GEMV (no norm, no bias), compiled for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from streamgemma.kernels import gemv
+
+    bn, bk, warps = block
+    sig = {"src_ptr": "*bf16", "tok_ptr": "*i64", "emb_scale": "fp32", "tscale_ptr": "*fp32", "delta_ptr": "*bf16",
+           "res_out_ptr": "*bf16", "nscale_ptr": "*bf16", "eps": "fp32", "w_ptr": "*" + weight_type,
+           "wscale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "out_stride": "i32", "conv_ptr": "*bf16",
+           "slots_ptr": "*i64", "pos_ptr": "*i64", "cw_ptr": "*bf16", "cb_ptr": "*bf16", "L": "i32", "cap": "fp32",
+           "B": "i32", "N": "i32", "K": "i32"}
+    const = dict(BB=1, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=False, NORM=False, WRITE_RES=False,
+                 QUANT=weight_type != "bf16", HAS_BIAS=False, EPI=0, CONVK=2, CONVR=1, PDL=False, WIDEN=widening)
+    sig.update(dict.fromkeys(const, "constexpr"))
+    names = list(sig)
+    # what Triton specializes at launch on real tensors: 16-byte aligned pointers, sizes divisible by 16
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or n in ("out_stride", "L", "N", "K")}
+    source = ASTSource(gemv._gemv_kernel, sig, const, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def sass(kernel) -> str:
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def loop_opcodes(text: str) -> list[str]:
+    """Opcodes of the longest backward-branch span: the K loop."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L_x_\d+):", line.strip()))}
+    best = None
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
+            best = (labels[m.group(1)], i)
+    if best is None:
+        return []
+    body = "\n".join(lines[best[0]:best[1] + 1])
+    return [op.split(".")[0] for op in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", body, re.M)]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100)")
+    ap.add_argument("--block", default=None, help="BN,BK,num_warps (default: gemv's batch-1 'plain' block)")
+    ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    from streamgemma.kernels.gemv import default_config
+
+    out = {}
+    for name, wtype, widening in VARIANTS:
+        if args.only and name not in args.only.split(","):
+            continue
+        size = 2 if wtype == "bf16" else 1
+        block = tuple(int(v) for v in args.block.split(",")) if args.block else default_config(1, "plain", True, size)
+        ops = loop_opcodes(sass(compile_gemv(wtype, widening, block, args.arch)))
+        weights = block[0] * block[1] / (block[2] * 32)  # per thread per iteration
+        out[name] = {"block": list(block), "loop_instructions": len(ops),
+                     "per_weight": round(len(ops) / weights, 2), "top": dict(Counter(ops).most_common(10))}
+        print(f"{name:13s} {out[name]['per_weight']:5.2f} per weight  {out[name]['top']}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

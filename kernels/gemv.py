@@ -6,9 +6,9 @@ At batch 1-8 a projection is a pure weight stream: each program owns BN output
 features and walks their [BN, K] weight rows in [BN, BK] tiles (K contiguous:
 wide coalesced loads), the next weight tile and the next input tile loaded
 before the current ones are used. The batch rows ([BB, BK] of the input) are
-multiplied into a float32 [BB, BN, BK] accumulator ([BN, BK] at batch 1, in
-the weight tile's layout: no trip through shared memory) that is reduced over
-K once, at the end. Weights are loaded "evict_first" (they pass through L2 once per
+multiplied into a float32 [BB, BN, BK] accumulator ([BN, BK] at batch 1 with
+1-byte weights, in the weight tile's layout: no trip through shared memory)
+that is reduced over K once, at the end. Weights are loaded "evict_first" (they pass through L2 once per
 step), the small per-layer vectors "evict_last" (they are read every step).
 
 Fused around the product (all optional, chosen by constexpr flags):
@@ -144,7 +144,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
                  WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
-                 CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr):
+                 CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr,
+                 FLAT: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B
@@ -196,12 +197,14 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
 
     x_next, s_next = _input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                  kk, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
-    # One row (batch 1): a 2-D accumulator in the weight tile's own layout, so
-    # the tile is not reshuffled through shared memory to meet a 3-D one.
-    acc = tl.zeros((BN, BK) if BB == 1 else (BB, BN, BK), tl.float32)
+    # FLAT (batch 1, 1-byte weights): a 2-D accumulator in the weight tile's own
+    # layout, so the widened tile is not reshuffled through shared memory to meet
+    # a 3-D one. Measured on the H100 it helps fp8 and int8 but slows bf16 (2.20
+    # -> 2.43 ms a step), so bf16 keeps the 3-D one (bench/NOTES.md, Q1).
+    acc = tl.zeros((BN, BK) if FLAT else (BB, BN, BK), tl.float32)
     ss = tl.zeros((BB,), tl.float32)
     if EPI == GEGLU:
-        acc_u = tl.zeros((BN, BK) if BB == 1 else (BB, BN, BK), tl.float32)
+        acc_u = tl.zeros((BN, BK) if FLAT else (BB, BN, BK), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + kk
         kmask = k < K
@@ -229,7 +232,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             xin = v * (1.0 + scale.to(tl.float32)[None, :])
         else:
             xin = v.to(tl.float32)
-        if BB == 1:
+        if FLAT:
             x1 = tl.sum(xin, axis=0)  # [BK]: the one row
             acc += widen(w, WIDEN) * x1[None, :]
             if EPI == GEGLU:
@@ -239,7 +242,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             if EPI == GEGLU:
                 acc_u += widen(u, WIDEN)[None, :, :] * xin[:, None, :]
 
-    res = tl.sum(acc, axis=1)[None, :] if BB == 1 else tl.sum(acc, axis=2)  # [BB, BN]
+    res = tl.sum(acc, axis=1)[None, :] if FLAT else tl.sum(acc, axis=2)  # [BB, BN]
     if QUANT:
         res = res * wscale[None, :]
     if NORM:
@@ -250,7 +253,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     omask = rmask[:, None] & nmask[None, :]
     out_off = rows[:, None] * out_stride + n[None, :]
     if EPI == GEGLU:
-        up = tl.sum(acc_u, axis=1)[None, :] if BB == 1 else tl.sum(acc_u, axis=2)
+        up = tl.sum(acc_u, axis=1)[None, :] if FLAT else tl.sum(acc_u, axis=2)
         if QUANT:
             up = up * wscale_u[None, :]
         if NORM:
@@ -361,7 +364,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         float(cap or 0.0), batch, n_out, k,
         BB=bb, BN=bn, BK=bk, SRC=1 if tokens is not None else 0, SRC_SCALED=src_scale is not None,
         HAS_DELTA=delta is not None, NORM=norm_scale is not None, WRITE_RES=residual_out is not None,
-        QUANT=weight_scale is not None, HAS_BIAS=bias is not None,
+        QUANT=weight_scale is not None, FLAT=bb == 1 and weight_scale is not None, HAS_BIAS=bias is not None,
         EPI=epi, CONVK=convk, CONVR=triton.next_power_of_2(max(convk - 1, 1)),
         PDL=pdl, WIDEN=default_widen(weight) if widening is None else widening, num_warps=warps, **launch_kwargs(pdl))
     return out

@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 import anyio
 import anyio.to_thread
 
-from ..session.journal import Journal, JournalRecord, beyond, record_of
+from ..session.journal import Journal, JournalRecord, beyond, encode_record
 from ..session.session import Session
 from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
 
@@ -64,7 +64,7 @@ class Group:
 
     __slots__ = ("batch", "after", "refused", "done")
 
-    def __init__(self, batch: dict[str, list[bytes]], after: list[Deferred]):
+    def __init__(self, batch: dict[str, list[tuple]], after: list[Deferred]):
         self.batch = batch
         self.after = after
         self.refused: set[str] | None = None  # set once written (in the committing thread)
@@ -83,7 +83,7 @@ class TickJournal:
         self.snapshot_every = snapshot_every
         self.in_flight = in_flight
         self.delivered = delivered  # called after a group's deferred work (tokens went to streams)
-        self._batch: dict[str, list[bytes]] = {}
+        self._batch: dict[str, list[tuple]] = {}  # per session: encode_record's arguments
         self._after: list[Deferred] = []
         self._queue: collections.deque[Group] = collections.deque()  # submitted, oldest first
         self._writing = anyio.Lock()  # one group written at a time, the oldest
@@ -106,7 +106,10 @@ class TickJournal:
         """`session` has just consumed `ids` (ints; see JournalRecord)."""
         if self.journal is None:
             return
-        self._batch.setdefault(session_id, []).append(record_of(session, kind, ids))
+        # Encoded in the committer's thread (`_append`): the tick only notes the fields.
+        state = session.state
+        self._batch.setdefault(session_id, []).append(
+            (session.position - len(ids), kind, ids, state.rng.to_bytes(), state.stopped))
         self._since_snapshot[session_id] = self._since_snapshot.get(session_id, 0) + len(ids)
 
     def then(self, session_id: str, fn: Callable, *args, refused: Callable[[], object] | None = None) -> None:
@@ -212,7 +215,8 @@ class TickJournal:
     def _append(self, group: Group) -> None:
         """In a worker thread: the result is kept on the group, so a commit
         that finished while its task was cancelled is not written twice."""
-        group.refused = self.journal.append(group.batch)
+        batch = {sid: [encode_record(*fields) for fields in records] for sid, records in group.batch.items()}
+        group.refused = self.journal.append(batch)
 
     def _complete(self, group: Group, refused: set[str]) -> None:
         for session_id, fn, on_refused in group.after:

@@ -227,14 +227,15 @@ def test_a_background_snapshot_taken_while_a_commit_is_pending_recovers(tmp_path
             es = await engine.open(seed=8)
             await engine.consumed(engine.append(es, PROMPT))
             stream = await engine.generate(es, SamplingParams(max_tokens=40, stop_token_ids=()))
-            await wait_for(lambda: len(stream.take_ready()) >= 0 and es.position >= len(PROMPT) + 4)
+            received = []
+            await wait_for(lambda: received.extend(stream.take_ready()) or es.position >= len(PROMPT) + 4)
             store.held.gate.clear()
             mark = es.position
             await wait_for(lambda: store.get(es.id) and model.restore(store.get(es.id)).position > mark)
             store.held.dead = True  # the crash: nothing pending is ever written
             store.held.gate.set()
             tg.cancel_scope.cancel()
-        received = stream.take_ready()
+        received += stream.take_ready()
         acknowledged = len(PROMPT) + len(received)
         snapped = model.restore(store.get(es.id)).position
         assert snapped > acknowledged  # it holds tokens no client saw and no record holds

@@ -21,10 +21,12 @@ import logging
 import time
 from collections.abc import Callable
 
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import zstandard
 
-from ..errors import SessionHeld, SnapshotNotFound
+from ..errors import LeaseLost, SessionHeld, SnapshotNotFound
 from ..session import snapshot as snapshot_format
 from ..session.journal import Journal
 from ..session.model import Model
@@ -150,13 +152,21 @@ class Offloader:
         thread (a hundred waiting opens must not take the threads the ticks need)."""
         store, asked = self.store, None
         deadline, poll = time.monotonic() + store.claim_wait, CLAIM_POLL_S
-        while (holder := await anyio.to_thread.run_sync(store.try_claim, session_id, asked)) is not None:
-            asked = holder
-            if time.monotonic() >= deadline:
-                raise SessionHeld(f"session {session_id[:8]}... is held by worker {holder}, which did not hand "
-                                  f"it over within {store.claim_wait:g} s")
-            await anyio.sleep(poll)
-            poll = min(2 * poll, CLAIM_POLL_MAX_S)
+        released = [anyio.Event()]  # set when the holder releases it: no wait for the next poll
+        token = anyio.lowlevel.current_token()
+        stop = store.on_release(session_id, lambda: anyio.from_thread.run_sync(released[0].set, token=token))
+        try:
+            while (holder := await anyio.to_thread.run_sync(store.try_claim, session_id, asked)) is not None:
+                asked = holder
+                if time.monotonic() >= deadline:
+                    raise SessionHeld(f"session {session_id[:8]}... is held by worker {holder}, which did not hand "
+                                      f"it over within {store.claim_wait:g} s")
+                with anyio.move_on_after(poll):  # (polling still finds a lease that expired: a dead holder)
+                    await released[0].wait()
+                released[0] = anyio.Event()
+                poll = min(2 * poll, CLAIM_POLL_MAX_S)
+        finally:
+            stop()
 
     async def store_new(self, session_id: str, live: Session, model_lock) -> None:
         """Store `live` (a new session, claimed) under `session_id`, waiting
@@ -277,10 +287,19 @@ class Offloader:
                 self._start_write(sid, write.contents)
 
     def _write(self, session_id: str, contents: snapshot_format.SnapshotContents) -> None:
-        """In the writer thread: encode and store."""
+        """In the writer thread: encode and store; the journal's compaction
+        follows as the writer's next job (a hand-over need not wait for it)."""
         self.store.put(session_id, snapshot_format.encode_contents(contents, self.compression_level))
         if self.journal is not None:
-            self.journal.compact(session_id, contents.position)
+            self._writer.submit(self._compact, session_id, contents.position)
+
+    def _compact(self, session_id: str, position: int) -> None:
+        try:
+            self.journal.compact(session_id, position)
+        except LeaseLost:
+            pass  # handed over meanwhile: the new owner's snapshots compact it
+        except Exception as e:  # noqa: BLE001 - records a snapshot covers are skipped by replay anyway
+            log.warning("could not compact the journal of session %s: %s: %s", session_id, type(e).__name__, e)
 
     def _decode(self, blob: bytes) -> snapshot_format.SnapshotContents:
         return snapshot_format.decode(blob, self.model.config, self.model.fingerprint)

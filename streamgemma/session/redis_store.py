@@ -328,6 +328,8 @@ class RedisSnapshotStore(SnapshotStore):
                                 with contextlib.suppress(Exception):  # (a waiter whose event loop has ended)
                                     callback()
             except Exception as e:  # noqa: BLE001 - claims fall back to polling meanwhile
+                if self._closing.is_set():
+                    return
                 if not failing:  # (once per outage: the store's calls report it too)
                     log.warning("release notifications from %s stopped (%s); resubscribing", self.url_shown, e)
                 failing = True

@@ -4,7 +4,9 @@ Redis (or Valkey), shared by a fleet of workers.
 Keys, under a prefix (default "streamgemma"): `P:index` (sorted set: id ->
 time of its last snapshot write), and per session `P:s:ID:snap` (the
 snapshot), `P:s:ID:journal` (a list of journal records), `P:s:ID:lease`
-("WORKER:FENCE", with a time-to-live) and `P:s:ID:fence` (a counter).
+("WORKER:FENCE", with a time-to-live), `P:s:ID:fence` (a counter) and, while
+a snapshot is being stored, `P:s:ID:upload:WORKER:FENCE`. Releases are
+published on the channel `P:released` (the session id).
 
 Ownership: a worker `claim`s a session before it reads or writes it; the
 claim takes the lease (if free or expired) with the next fencing token, and
@@ -14,8 +16,9 @@ first checks that the lease still holds this worker's value, so a worker
 that was paused past its lease (and whose session another worker took) has
 its writes refused (`LeaseLost`), never applied. A claim of a session another
 live worker holds pushes a hand-over request to that worker's list
-`P:handover:WORKER` and waits for the lease to be released (or to expire:
-a dead owner); the owner's engine suspends the session and releases it.
+`P:handover:WORKER` and waits for the lease to be released (`on_release`
+hears of it at once) or to expire (a dead owner: polling finds it); the
+owner's engine suspends the session and releases it.
 
 Ids with a '.' are not sessions (the engine's session ids come from
 `secrets.token_urlsafe`, which has none) but shared, content-addressed
@@ -23,7 +26,8 @@ entries such as the prefix cache's: they are written and deleted without a
 lease.
 
 Redis down or slow: every call retries with exponential backoff, then raises
-`StoreUnavailable`; nothing is written partially (each write is one script).
+`StoreUnavailable`; nothing is written partially (each write is one script;
+a snapshot is uploaded, then promoted by one).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import zstandard
 
-from ..errors import LeaseLost, SessionHeld, SnapshotNotFound
+from ..errors import SessionHeld, SnapshotNotFound
 from ..session import snapshot as snapshot_format
 from ..session.journal import Journal
 from ..session.model import Model
@@ -287,19 +287,10 @@ class Offloader:
                 self._start_write(sid, write.contents)
 
     def _write(self, session_id: str, contents: snapshot_format.SnapshotContents) -> None:
-        """In the writer thread: encode and store; the journal's compaction
-        follows as the writer's next job (a hand-over need not wait for it)."""
+        """In the writer thread: encode and store."""
         self.store.put(session_id, snapshot_format.encode_contents(contents, self.compression_level))
         if self.journal is not None:
-            self._writer.submit(self._compact, session_id, contents.position)
-
-    def _compact(self, session_id: str, position: int) -> None:
-        try:
-            self.journal.compact(session_id, position)
-        except LeaseLost:
-            pass  # handed over meanwhile: the new owner's snapshots compact it
-        except Exception as e:  # noqa: BLE001 - records a snapshot covers are skipped by replay anyway
-            log.warning("could not compact the journal of session %s: %s: %s", session_id, type(e).__name__, e)
+            self.journal.compact(session_id, contents.position)
 
     def _decode(self, blob: bytes) -> snapshot_format.SnapshotContents:
         return snapshot_format.decode(blob, self.model.config, self.model.fingerprint)

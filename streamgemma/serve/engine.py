@@ -398,9 +398,8 @@ class Engine:
                                                  [es.live.slot for es in decode.batch], inputs)
                 input_seconds += self.scheduler.decoded(len(batch), len(decode.riders), time.monotonic() - started)
                 started = time.perf_counter()
-                for (es, active), token in zip(batch, tokens):
-                    self.journal.record(es.id, es.live, "step", [token.id])
-                    self.journal.token(es.id, active, token)
+                self.journal.tokens(batch, tokens)  # journaled; to their streams once durable
+                for (es, _), token in zip(batch, tokens):
                     if token.finish_reason is not None:
                         self._finish(es, token.finish_reason)
                 for es, (_, token) in zip(decode.riders, inputs):
@@ -413,7 +412,8 @@ class Engine:
             await self.journal.submit()  # its outputs reach clients once it is durable
             for es in self.journal.due(self.sessions):  # bound the replay: a background snapshot
                 await self.offloader.snapshot(es.id, es.live)
-        self._signal_delivered()
+        if not self.journal.enabled:  # (else the committer signals, once the tokens went out)
+            self._signal_delivered()
         await self.journal.room()  # the device runs ahead of the store by a tick or two at most
         await anyio.sleep(0)  # let the event loop run sends and new requests between ticks
 

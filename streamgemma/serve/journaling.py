@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 import anyio
 import anyio.to_thread
 
-from ..session.journal import Journal, JournalRecord, beyond, encode_record
+from ..session.journal import Journal, JournalRecord, beyond, encode_records
 from ..session.session import Session
 from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
 
@@ -56,7 +56,9 @@ DEFAULT_SNAPSHOT_EVERY = 4096
 # written and one ready keeps the device busy while a commit takes up to a tick.
 DEFAULT_COMMITS_IN_FLIGHT = 2
 
-Deferred = tuple[str, Callable[[], object], "Callable[[], object] | None"]
+# (session id, work, work instead if the store refused its records); id None: work of
+# several sessions, called with the set of refused ids.
+Deferred = tuple["str | None", Callable[..., object], "Callable[[], object] | None"]
 
 
 class Group:
@@ -83,7 +85,7 @@ class TickJournal:
         self.snapshot_every = snapshot_every
         self.in_flight = in_flight
         self.delivered = delivered  # called after a group's deferred work (tokens went to streams)
-        self._batch: dict[str, list[tuple]] = {}  # per session: encode_record's arguments
+        self._batch: dict[str, list[tuple]] = {}  # per session: encode_records' tuples
         self._after: list[Deferred] = []
         self._queue: collections.deque[Group] = collections.deque()  # submitted, oldest first
         self._writing = anyio.Lock()  # one group written at a time, the oldest
@@ -121,10 +123,32 @@ class TickJournal:
         else:
             self._after.append((session_id, functools.partial(fn, *args), refused))
 
-    def token(self, session_id: str, active: ActiveGeneration, token) -> None:
-        """Queue `token` to the stream of `active` once durable (if nobody
-        reads it any more, the generation is marked cancelled: the next tick ends it)."""
-        self.then(session_id, self._put, active, token)
+    def tokens(self, batch: list[tuple[SessionRecord, ActiveGeneration]], tokens: list) -> None:
+        """A decode step's rows: each session's sampled token is recorded, and
+        queued to its stream once durable (if nobody reads it any more, the
+        generation is marked cancelled: the next tick ends it). One loop and
+        one deferred item for the whole batch: this runs on the tick's path."""
+        if self.journal is None:
+            for (_, active), token in zip(batch, tokens):
+                self._put(active, token)
+            return
+        records, since = self._batch, self._since_snapshot
+        for (es, _), token in zip(batch, tokens):
+            sid, session = es.id, es.live
+            state = session.state
+            record = (session.position - 1, "step", (token.id,), state.rng.to_bytes(), state.stopped)
+            if (kept := records.get(sid)) is None:
+                records[sid] = [record]
+            else:
+                kept.append(record)
+            since[sid] = since.get(sid, 0) + 1
+        self._after.append((None, functools.partial(self._put_rows, batch, tokens), None))
+
+    def _put_rows(self, batch: list[tuple[SessionRecord, ActiveGeneration]], tokens: list,
+                  refused: set[str]) -> None:
+        for (es, active), token in zip(batch, tokens):
+            if es.id not in refused:
+                self._put(active, token)
 
     def end(self, session_id: str, active: ActiveGeneration, done: Done, now: bool = False) -> None:
         """End the stream of `active` with `done` after its tokens (now: at
@@ -215,18 +239,18 @@ class TickJournal:
     def _append(self, group: Group) -> None:
         """In a worker thread: the result is kept on the group, so a commit
         that finished while its task was cancelled is not written twice."""
-        batch = {sid: [encode_record(*fields) for fields in records] for sid, records in group.batch.items()}
+        batch = {sid: encode_records(records) for sid, records in group.batch.items()}
         group.refused = self.journal.append(batch)
 
     def _complete(self, group: Group, refused: set[str]) -> None:
         for session_id, fn, on_refused in group.after:
-            call = on_refused if session_id in refused else fn
-            if call is None:
-                continue
             try:
-                call()
+                if session_id is None:  # (work of many sessions, which filters the refused ones)
+                    fn(refused)
+                elif (call := on_refused if session_id in refused else fn) is not None:
+                    call()
             except Exception:  # noqa: BLE001 - one failing delivery must not stop the others
-                log.exception("delivering the outputs of session %s failed", session_id[:8])
+                log.exception("delivering the outputs of session %s failed", (session_id or "(several)")[:8])
         if refused:
             log.error("%d sessions are owned by another worker now: their outputs of a tick are dropped here",
                       len(refused))

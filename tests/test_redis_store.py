@@ -6,6 +6,7 @@ fail with store_unavailable meanwhile; nothing is lost or corrupted)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import anyio
@@ -40,6 +41,7 @@ def test_writes_need_the_lease_and_a_paused_owner_cannot_write(redis_server):  #
     # a wakes up and writes: every write is refused by the fence, nothing changes
     with pytest.raises(sg.LeaseLost):
         a.put("s1", b"stale")
+    assert b.client.keys("t:s:s1:upload:*") == []  # the refused snapshot's upload is gone too
     assert a.journal().append({"s1": [record(2)]}) == {"s1"}
     with pytest.raises(sg.LeaseLost):
         a.delete("s1")
@@ -48,6 +50,26 @@ def test_writes_need_the_lease_and_a_paused_owner_cannot_write(redis_server):  #
     assert [r.position for r in b.journal().read("s1")] == [1]
     b.delete("s1")
     assert b.list() == [] and b.journal().read("s1") == []
+    b.close()
+
+
+def test_a_waiting_claim_hears_of_a_release_at_once(redis_server):  # noqa: F811
+    a = sg.RedisSnapshotStore(redis_server.url, prefix="n")
+    b = sg.RedisSnapshotStore(redis_server.url, prefix="n")
+    a.claim("s1")
+    a.put("s1", b"v" * 100_000)
+    heard = threading.Event()
+    stop = b.on_release("s1", heard.set)
+    deadline = time.monotonic() + 5
+    while b.client.pubsub_numsub("n:released")[0][1] < 2:  # both listeners subscribed
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    a.release("s1")
+    assert heard.wait(2)
+    stop()
+    b.claim("s1")
+    assert b.get("s1") == b"v" * 100_000 and b.client.persist(b.key("s1", "snap")) == 0  # no time-to-live
+    a.close()
     b.close()
 
 
@@ -87,6 +109,9 @@ def test_a_live_session_is_handed_over_and_a_dead_owners_recovered(redis_server)
             handover_s = time.monotonic() - started
             assert es.closed and es.id not in a.sessions  # A let it go
             assert moved.position == engine_appended + 10
+            # The hand-over's snapshot compacted the journal before the release (hand-overs back and
+            # forth would otherwise grow it without end).
+            assert [r for r in b.store.journal().read(es.id) if r.end <= moved.position and r.kind != "rng"] == []
             second = await tokens(b, moved, 10)
             # B dies: its engine stops, no shutdown, its lease is neither released nor renewed
             b_alive.cancel()

@@ -104,7 +104,8 @@ class Engine:
         self.inputs = InputQueues(model.tokenizer, model.config.vocab_size, max_pending_tokens, max_queued_tokens,
                                   max_queued_text_bytes)
         self.executor = batch_executor(model, self.stats, host_work)
-        self.journal = TickJournal(self.store.journal() if journal else None, self.stats, snapshot_every)
+        self.journal = TickJournal(self.store.journal() if journal else None, self.stats, snapshot_every,
+                                   delivered=self._signal_delivered)
         self.offloader = Offloader(model, self.store, self.stats, self._superseded, max_unwritten, compression_level,
                                    self.journal.journal)
         self.sessions: dict[str, SessionRecord] = {}
@@ -156,6 +157,7 @@ class Engine:
         self._check_usable(es)
         async with self._model_lock:
             self._check_usable(es)
+            await self.journal.drain()  # what it reports (e.g. `open` with since) must be durable
             await self._ensure_live(es)
             return await anyio.to_thread.run_sync(es.live.capture)
 
@@ -272,7 +274,8 @@ class Engine:
             return
         es.closed = True
         async with self._model_lock:  # not while a tick's worker thread uses the session
-            self._finish(es, "cancelled")
+            await self.journal.drain()  # its last tokens go out (and its records land) before it ends
+            self._finish(es, "cancelled", now=True)
             self.inputs.drop(es, EngineError("closed", "the session was closed"))
             if es.live is not None:
                 es.live.close()
@@ -308,6 +311,7 @@ class Engine:
             self.stats.dropped_inputs += self.inputs.drop(
                 es, EngineError("closed", "the connection ended before this input was consumed"))
         await self._settle(es)
+        await self.journal.drain()  # its position is durable, as reported next
         es.last_active = time.monotonic()
 
     async def _settle(self, es: SessionRecord) -> None:
@@ -318,7 +322,8 @@ class Engine:
                 await es.generation.ended.wait()
         if es.generation is not None:
             async with self._model_lock:
-                self._finish(es, "cancelled")
+                await self.journal.drain()
+                self._finish(es, "cancelled", now=True)
 
     async def suspend_all(self) -> list[str]:
         """Shutdown: cancel every generation, suspend every live session and
@@ -327,8 +332,9 @@ class Engine:
         be stored are logged as errors and listed in `unsaved`. Queued input
         is dropped."""
         async with self._model_lock:
+            await self.journal.drain()  # (written here: the committer has stopped with `run`)
             for es in list(self.sessions.values()):
-                self._finish(es, "cancelled")
+                self._finish(es, "cancelled", now=True)
                 self.inputs.drop(es, EngineError("closed", "the server is shutting down"))
                 if es.live is not None:
                     try:
@@ -353,6 +359,8 @@ class Engine:
                 tg.start_soon(expiry.expire_periodically, self)
             if self.store.coordinated:
                 tg.start_soon(fleet.serve_fleet, self)
+            if self.journal.enabled:
+                tg.start_soon(self.journal.run)
             while True:
                 if not (self._generating or self.inputs.waiting):
                     self._wake = anyio.Event()
@@ -390,20 +398,23 @@ class Engine:
                                                  [es.live.slot for es in decode.batch], inputs)
                 input_seconds += self.scheduler.decoded(len(batch), len(decode.riders), time.monotonic() - started)
                 started = time.perf_counter()
-                for (es, active), token in zip(batch, tokens):
-                    self.journal.record(es.id, es.live, "step", [token.id])
-                    self.journal.then(es.id, self._deliver, es, active, token)
+                self.journal.tokens(batch, tokens)  # journaled; to their streams once durable
+                for (es, _), token in zip(batch, tokens):
+                    if token.finish_reason is not None:
+                        self._finish(es, token.finish_reason)
                 for es, (_, token) in zip(decode.riders, inputs):
                     self.journal.record(es.id, es.live, "step", [token])
-                    self.journal.then(es.id, self.inputs.consumed, es, 1)
+                    self.journal.consumed(es.id, self.inputs.consumed(es, 1))
                 self.stats.phase_seconds["deliver"] += time.perf_counter() - started
             if plan.decoding and input_seconds:
                 self.scheduler.charge_input(input_seconds, time.monotonic())
             self._riding = set()
-            await self.journal.commit()  # before anything of this tick reaches a client
+            await self.journal.submit()  # its outputs reach clients once it is durable
             for es in self.journal.due(self.sessions):  # bound the replay: a background snapshot
                 await self.offloader.snapshot(es.id, es.live)
-        self._signal_delivered()
+        if not self.journal.enabled:  # (else the committer signals, once the tokens went out)
+            self._signal_delivered()
+        await self.journal.room()  # the device runs ahead of the store by a tick or two at most
         await anyio.sleep(0)  # let the event loop run sends and new requests between ticks
 
     async def wait_tick(self) -> None:
@@ -432,7 +443,7 @@ class Engine:
             self._input_failed(es, e)
             return
         self.journal.record(es.id, es.live, "feed", chunk)
-        self.journal.then(es.id, self.inputs.consumed, es, len(chunk))
+        self.journal.consumed(es.id, self.inputs.consumed(es, len(chunk)))
 
     async def _restore_for_input(self, es: SessionRecord) -> bool:
         """Give `es` a slot so its input can ride along; False (its first input
@@ -454,28 +465,17 @@ class Engine:
         long; returns how many. `run` does it periodically (see `expiry`)."""
         return await expiry.expire(self) if self.session_ttl is not None else 0
 
-    def _deliver(self, es: SessionRecord, active: ActiveGeneration, token) -> None:
-        if es.generation is not active:  # ended meanwhile
-            return
-        if not active.put(token, self.stats):
-            active.cancelled = True  # nobody is listening any more
-        if token.finish_reason is not None:
-            self._finish(es, token.finish_reason)
-        elif active.cancelled:
-            self._finish(es, "cancelled")
-
-    def _finish(self, es: SessionRecord, reason: str) -> None:
-        """End the generation of `es` (if any) with `reason`."""
+    def _finish(self, es: SessionRecord, reason: str, now: bool = False) -> None:
+        """End the generation of `es` (if any) with `reason`; its Done follows its
+        tokens once they are durable (now: at once, after `journal.drain`)."""
         active, es.generation = es.generation, None
         if active is None:
             return
         self._generating.pop(es.id, None)
         # Text held back as a possible stop-string start is plain output after all.
         held = active.generation.flush() if reason == "cancelled" else ""
-        active.queue.put(Done(reason, es.position, held))
-        active.ended.set()
         self._touch(es)
-        self._signal_delivered()  # (also outside a tick: close, shutdown)
+        self.journal.end(es.id, active, Done(reason, es.position, held), now)
 
     # -- slots -------------------------------------------------------------------------
     async def _ensure_live(self, es: SessionRecord) -> None:

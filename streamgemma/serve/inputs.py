@@ -154,9 +154,11 @@ class InputQueues:
                 break
         return out
 
-    def consumed(self, es: SessionRecord, count: int) -> None:
+    def consumed(self, es: SessionRecord, count: int) -> list[PendingInput]:
         """The next `count` queued ids of `es` were consumed (the session's
-        position already counts them): complete the appends they finish."""
+        position already counts them): the appends they finish, their
+        positions set, to `complete` once that is durable (see `journaling`)."""
+        finished = []
         self.tokens -= count
         es.queued_tokens -= count
         position = es.position - count
@@ -169,9 +171,10 @@ class InputQueues:
             if pending.remaining == 0:
                 es.inputs.popleft()
                 pending.position = position
-                pending.complete()
+                finished.append(pending)
         if not es.inputs:
             self.waiting.pop(es.id, None)
+        return finished
 
     def fail_first(self, es: SessionRecord, error: BaseException) -> None:
         """The first queued input of `es` failed with `error`."""

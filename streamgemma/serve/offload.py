@@ -21,6 +21,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import zstandard
 
@@ -150,13 +152,21 @@ class Offloader:
         thread (a hundred waiting opens must not take the threads the ticks need)."""
         store, asked = self.store, None
         deadline, poll = time.monotonic() + store.claim_wait, CLAIM_POLL_S
-        while (holder := await anyio.to_thread.run_sync(store.try_claim, session_id, asked)) is not None:
-            asked = holder
-            if time.monotonic() >= deadline:
-                raise SessionHeld(f"session {session_id[:8]}... is held by worker {holder}, which did not hand "
-                                  f"it over within {store.claim_wait:g} s")
-            await anyio.sleep(poll)
-            poll = min(2 * poll, CLAIM_POLL_MAX_S)
+        released = [anyio.Event()]  # set when the holder releases it: no wait for the next poll
+        token = anyio.lowlevel.current_token()
+        stop = store.on_release(session_id, lambda: anyio.from_thread.run_sync(released[0].set, token=token))
+        try:
+            while (holder := await anyio.to_thread.run_sync(store.try_claim, session_id, asked)) is not None:
+                asked = holder
+                if time.monotonic() >= deadline:
+                    raise SessionHeld(f"session {session_id[:8]}... is held by worker {holder}, which did not hand "
+                                      f"it over within {store.claim_wait:g} s")
+                with anyio.move_on_after(poll):  # (polling still finds a lease that expired: a dead holder)
+                    await released[0].wait()
+                released[0] = anyio.Event()
+                poll = min(2 * poll, CLAIM_POLL_MAX_S)
+        finally:
+            stop()
 
     async def store_new(self, session_id: str, live: Session, model_lock) -> None:
         """Store `live` (a new session, claimed) under `session_id`, waiting

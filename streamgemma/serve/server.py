@@ -179,6 +179,7 @@ class Server:
             for es in generating:
                 if es.generation is not None:
                     await es.generation.ended.wait()
+            await self.engine.journal.drain()  # the last tokens and `done`s wait for their commit
             while any(conn.sending for conn in self.connections):
                 await anyio.sleep(0.01)
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..config import GriffinConfig
@@ -78,6 +78,12 @@ class SnapshotStore(abc.ABC):
     def release_all(self, keep: Iterable[str] = ()) -> None:
         """Release every session owned, except `keep`."""
         return None
+
+    def on_release(self, session_id: str, callback: Callable[[], object]) -> Callable[[], None]:
+        """Call `callback()` (from another thread) when the worker holding
+        `session_id` releases it, until the returned function is called (a
+        store of one process: never)."""
+        return lambda: None
 
     def lost(self) -> list[str]:
         """Sessions another worker took from this one (their state here is stale)."""

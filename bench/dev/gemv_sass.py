@@ -41,7 +41,8 @@ def compile_gemv(weight_type: str, widening: int, block: tuple[int, int, int], a
            "slots_ptr": "*i64", "pos_ptr": "*i64", "cw_ptr": "*bf16", "cb_ptr": "*bf16", "L": "i32", "cap": "fp32",
            "B": "i32", "N": "i32", "K": "i32"}
     const = dict(BB=1, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=False, NORM=False, WRITE_RES=False,
-                 QUANT=weight_type != "bf16", HAS_BIAS=False, EPI=0, CONVK=2, CONVR=1, PDL=False, WIDEN=widening)
+                 QUANT=weight_type != "bf16", HAS_BIAS=False, EPI=0, CONVK=2, CONVR=1, PDL=False, WIDEN=widening,
+                 FLAT=weight_type != "bf16")
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)
     # what Triton specializes at launch on real tensors: 16-byte aligned pointers, sizes divisible by 16

@@ -429,3 +429,21 @@ def test_held_sessions_serve_one_turn_each_are_bounded_and_closed_at_stop(model,
         assert "streamgemma_prefix_cache_hits_total 2.0" in metrics
     assert not srv.engine.sessions  # closed at stop, not suspended into the store
     assert not [k for k in store.list() if not k.startswith("prefix.")]
+
+
+def test_a_request_session_is_neither_snapshotted_at_open_nor_journaled(model, tmp_path):
+    """The HTTP API's sessions are never reopened by id: with a durable store
+    (which journals websocket sessions), a request writes only its prefix-cache
+    entry, even for the session it leaves held."""
+    import os
+
+    store = sg.DirectorySnapshotStore(tmp_path)
+    with http_server(model, store=store, limits=LIMITS, held_sessions=1) as srv:
+        first = complete(srv, prompt=[5, 6, 7], max_tokens=4, temperature=0, return_token_ids=True)
+        history = [5, 6, 7] + first["choices"][0]["token_ids"]
+        second = complete(srv, prompt=history + [8], max_tokens=4, temperature=0)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == len(history)
+        assert len(srv.http.held) == 1 and len(srv.engine.sessions) == 1
+        written = sorted(name for _, _, names in os.walk(tmp_path) for name in names)
+        # (a prefix entry still being written is a hidden temporary file)
+        assert written and all(name.lstrip(".").startswith("prefix.") for name in written), written

@@ -30,12 +30,7 @@ from ..session.store import SnapshotStore
 from ..validate import check_position, check_sampling, check_seed
 from . import expiry, fleet
 from .batch import batch_executor
-from .inputs import (
-    DEFAULT_MAX_PENDING_TOKENS,
-    DEFAULT_MAX_QUEUED_TEXT_BYTES,
-    DEFAULT_MAX_QUEUED_TOKENS,
-    InputQueues,
-)
+from .inputs import DEFAULT_MAX_PENDING_TOKENS, DEFAULT_MAX_QUEUED_TEXT_BYTES, DEFAULT_MAX_QUEUED_TOKENS, InputQueues
 from .journaling import DEFAULT_SNAPSHOT_EVERY, TickJournal
 from .offload import DEFAULT_MAX_UNWRITTEN, SUSPEND_COMPRESSION_LEVEL, MemoryStore, Offloader
 from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
@@ -128,10 +123,12 @@ class Engine:
         """Suspended sessions' snapshots in host memory, not (yet) in the store."""
         return self.offloader.unwritten
 
-    async def open(self, seed: int | None = None, contents=None) -> SessionRecord:
+    async def open(self, seed: int | None = None, contents=None, durable: bool = True) -> SessionRecord:
         """A new session with an unguessable id, at position 0 or starting
         from `contents` (a decoded snapshot, e.g. a cached prefix; copied,
-        not consumed). seed: None or an int in [-2**63, 2**64) (what a snapshot stores)."""
+        not consumed). seed: None or an int in [-2**63, 2**64) (what a snapshot stores).
+        durable=False: not snapshotted at open nor journaled (a session no client
+        reopens after a crash, like the HTTP API's); suspensions still store it."""
         check_seed(seed)
         sid = secrets.token_urlsafe(16)
         if self.journal.enabled:  # own it first: a store that is down fails this at once
@@ -141,7 +138,9 @@ class Engine:
             await self._make_room()
             live = (self.model.session(seed=seed) if contents is None
                     else await anyio.to_thread.run_sync(self.model.restore, contents))
-        if self.journal.enabled:  # recovery starts from a stored snapshot; nothing is kept if that fails
+        if not durable:
+            self.journal.ephemeral.add(sid)
+        elif self.journal.enabled:  # recovery starts from a stored snapshot; nothing is kept if that fails
             try:
                 await self.offloader.store_new(sid, live, self._model_lock)
             except BaseException:

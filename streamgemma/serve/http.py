@@ -296,10 +296,12 @@ class HttpApi:
             else:
                 hit = await self.cache.lookup(ids)
                 try:
-                    es = await self.engine.open(seed=params.seed, contents=hit.contents if hit else None)
+                    # A request's session is never reopened by id: no snapshot at open, no journal.
+                    es = await self.engine.open(seed=params.seed, contents=hit.contents if hit else None,
+                                                durable=False)
                 except SnapshotError as e:  # (a cache entry another model wrote into a shared store)
                     log.warning("prefix cache: entry not usable: %s", e)
-                    hit, es = None, await self.engine.open(seed=params.seed)
+                    hit, es = None, await self.engine.open(seed=params.seed, durable=False)
                 cached = hit.tokens if hit else 0
         except Exception as e:  # noqa: BLE001 - answered with its status
             raise _engine_error(e) from None

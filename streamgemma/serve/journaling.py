@@ -94,6 +94,7 @@ class TickJournal:
         self._running = False
         self.lost: set[str] = set()  # sessions whose records the store refused (another worker owns them)
         self._since_snapshot: dict[str, int] = {}  # tokens journaled per session since its last snapshot
+        self.ephemeral: set[str] = set()  # sessions not journaled (Engine.open(durable=False))
 
     @property
     def enabled(self) -> bool:
@@ -106,7 +107,7 @@ class TickJournal:
 
     def record(self, session_id: str, session: Session, kind: str, ids=()) -> None:
         """`session` has just consumed `ids` (ints; see JournalRecord)."""
-        if self.journal is None:
+        if self.journal is None or session_id in self.ephemeral:
             return
         # Encoded in the committer's thread (`_append`): the tick only notes the fields.
         state = session.state
@@ -135,6 +136,8 @@ class TickJournal:
         records, since = self._batch, self._since_snapshot
         for (es, _), token in zip(batch, tokens):
             sid, session = es.id, es.live
+            if sid in self.ephemeral:
+                continue
             state = session.state
             record = (session.position - 1, "step", (token.id,), state.rng.to_bytes(), state.stopped)
             if (kept := records.get(sid)) is None:
@@ -279,6 +282,7 @@ class TickJournal:
 
     async def delete(self, session_id: str) -> None:
         self._since_snapshot.pop(session_id, None)
+        self.ephemeral.discard(session_id)
         if self.journal is not None:
             await anyio.to_thread.run_sync(self.journal.delete, session_id)
 

@@ -81,6 +81,14 @@ async def wait_for(condition, timeout: float = 10.0) -> None:
             await anyio.sleep(0.002)
 
 
+async def prompted(engine: Engine, *seeds: int) -> list:
+    """Sessions of `engine` opened with `seeds`, each having consumed PROMPT."""
+    sessions = [await engine.open(seed=seed) for seed in seeds]
+    for es in sessions:
+        await engine.consumed(engine.append(es, PROMPT))
+    return sessions
+
+
 def test_ticks_run_ahead_of_a_held_commit_and_nothing_leaves_before_it_is_durable(tmp_path):
     model = text_model()
 
@@ -90,9 +98,7 @@ def test_ticks_run_ahead_of_a_held_commit_and_nothing_leaves_before_it_is_durabl
         held = store.held
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
-            a, b = await engine.open(seed=1), await engine.open(seed=2)
-            await engine.consumed(engine.append(a, PROMPT))
-            await engine.consumed(engine.append(b, PROMPT))
+            a, b = await prompted(engine, 1, 2)
             start = a.position
             held.gate.clear()
             stream = await engine.generate(a, SamplingParams(max_tokens=20, stop_token_ids=()))
@@ -124,8 +130,7 @@ def test_a_failed_commit_holds_back_its_outputs_and_every_later_ones(tmp_path):
         engine = Engine(model, store=store)
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
-            es = await engine.open(seed=3)
-            await engine.consumed(engine.append(es, PROMPT))
+            (es,) = await prompted(engine, 3)
             store.held.failures = 3  # retried after 0.05, 0.1, 0.2 s
             stream = await engine.generate(es, SamplingParams(max_tokens=12, stop_token_ids=()))
             await wait_for(lambda: engine.stats.journal_failures >= 2)
@@ -147,9 +152,7 @@ def test_a_refused_commit_drops_its_sessions_outputs_only(tmp_path):
         engine = Engine(model, store=store)
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
-            a, b = await engine.open(seed=4), await engine.open(seed=5)
-            for es in (a, b):
-                await engine.consumed(engine.append(es, PROMPT))
+            a, b = await prompted(engine, 4, 5)
             store.held.refuse = {a.id}  # another worker took a over
             sa = await engine.generate(a, SamplingParams(max_tokens=6, stop_token_ids=()))
             sb = await engine.generate(b, SamplingParams(max_tokens=6, stop_token_ids=()))
@@ -180,9 +183,7 @@ def test_close_and_shutdown_wait_for_the_pending_commit(tmp_path):
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
-            a, b = await engine.open(seed=6), await engine.open(seed=7)
-            for es in (a, b):
-                await engine.consumed(engine.append(es, PROMPT))
+            a, b = await prompted(engine, 6, 7)
             store.held.gate.clear()
             sa = await engine.generate(a, SamplingParams(max_tokens=50, stop_token_ids=()))
             sb = await engine.generate(b, SamplingParams(max_tokens=50, stop_token_ids=()))
@@ -225,8 +226,7 @@ def test_a_background_snapshot_taken_while_a_commit_is_pending_recovers(tmp_path
         received = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
-            es = await engine.open(seed=8)
-            await engine.consumed(engine.append(es, PROMPT))
+            (es,) = await prompted(engine, 8)
             stream = await engine.generate(es, SamplingParams(max_tokens=40, stop_token_ids=()))
             await wait_for(lambda: received.extend(stream.take_ready()) or len(received) >= 4)
             store.held.gate.clear()

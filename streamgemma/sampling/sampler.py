@@ -8,6 +8,7 @@ tokens either way."""
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -324,7 +325,7 @@ class _GroupPlan:
                 x, private = x.clone(), True
             ids = get("pen_ids").view(len(self.penalized), self._pen_width)
             factors = get("pen_factors").view(-1, 2)
-            kernel = _penalty_kernel(x.device.type)
+            kernel = _cuda_kernel(x.device.type, "penalties", "penalize")
             penalize = (lambda r: kernel(r, ids, factors)) if kernel is not None else \
                 (lambda r: _penalize(r, ids, factors[:, 0:1], factors[:, 1:2]))
             x = _subset(x, self.penalized, get("pen_rows"), penalize)
@@ -348,28 +349,20 @@ def gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | No
     [S, 4] (`philox.stream_words` of each row's (seed, counter)); temps:
     float32 [S] or None. The Triton kernel on CUDA, the PyTorch reference
     elsewhere (or where Triton is missing)."""
-    kernel = _kernel(x.device.type)
+    kernel = _cuda_kernel(x.device.type, "gumbel_argmax", "gumbel_argmax")
     if kernel is not None:
         return kernel(x, words, temps)
     return gumbel_argmax_reference(x, words, temps)
 
 
 @functools.cache
-def _penalty_kernel(device_type: str):
+def _cuda_kernel(device_type: str, module: str, name: str):
+    """A Triton kernel of `streamgemma.kernels` on CUDA, else None (the PyTorch
+    form runs instead: on the CPU, or on a GPU without Triton; same values,
+    more launches)."""
     if device_type != "cuda":
         return None
     try:
-        from streamgemma.kernels.penalties import penalize
-    except ImportError:  # no Triton: `_penalize` runs on the GPU too (same values, more launches)
+        return getattr(importlib.import_module(f"streamgemma.kernels.{module}"), name)
+    except ImportError:
         return None
-    return penalize
-
-
-def _kernel(device_type: str):
-    if device_type != "cuda":
-        return None
-    try:
-        from streamgemma.kernels.gumbel_argmax import gumbel_argmax as kernel
-    except ImportError:  # no Triton: the reference runs on the GPU too (same tokens, more launches)
-        return None
-    return kernel

@@ -20,7 +20,7 @@ def main():
     args = ap.parse_args()
     model = sg.Model.random(sg.GriffinConfig.preset("recurrentgemma-2b"), device="cuda", dtype="bfloat16")
     model.prefill_chunk = args.chunk
-    ids = torch.randint(3, 256_000, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(3, 256_000, (max(4096, args.tokens),), generator=torch.Generator().manual_seed(0)).tolist()
     # each length twice: the first call of a new length shows any per-shape set-up cost
     for n in (16, 128, 512, 2048, 4096, 17, 33, 100, 1000):
         for rep in range(2):
@@ -37,7 +37,7 @@ def main():
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         s.feed(ids[: args.tokens])
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=50))
 
 

@@ -17,7 +17,12 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# ids read per loop round; fixed, so a growing recent-id window (up to 1,024)
+# never compiles a new kernel variant in the middle of a generation
+WIDTH_BLOCK = 128
+
+
+@triton.jit(do_not_specialize=["width"])
 def _penalize_kernel(x_ptr, x_stride, out_ptr, ids_ptr, factors_ptr, vocab, width,
                      BLOCK: tl.constexpr, WIDTH_BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -52,6 +57,6 @@ def penalize(x: torch.Tensor, ids: torch.Tensor, factors: torch.Tensor, block: i
     width = ids.shape[1]
     _penalize_kernel[(rows, triton.cdiv(vocab, block))](
         x, x.stride(0), out, ids, factors, vocab, width, BLOCK=block,
-        WIDTH_BLOCK=min(1024, triton.next_power_of_2(max(width, 16))),
+        WIDTH_BLOCK=WIDTH_BLOCK,
         enable_fp_fusion=False)  # x * repetition - presence rounds twice, as in the definition
     return out

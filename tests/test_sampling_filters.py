@@ -315,3 +315,22 @@ def test_the_penalty_kernel_equals_the_definition_bit_for_bit(block):
     got = penalize(x.to(DEVICES[-1]), ids.to(DEVICES[-1]), factors.to(DEVICES[-1]), block=block).cpu()
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert not torch.equal(got[0], x[0]) and torch.equal(got[4], x[4]) and torch.equal(got[5], x[5])
+
+
+def test_the_penalty_kernel_compiles_once_as_the_window_grows(monkeypatch):
+    """The recent-id window grows token by token up to 1,024: a compile-time
+    argument that followed its width compiled a new kernel mid-generation (a
+    stall of the whole stream at each power of two)."""
+    from streamgemma.kernels import penalties
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: launches.append(constexprs)
+
+    monkeypatch.setattr(penalties, "_penalize_kernel", Recorder())
+    x = torch.zeros(1, 300)
+    for width in (1, 17, 300, 1024):
+        penalties.penalize(x, torch.zeros(1, width, dtype=torch.int64), torch.ones(1, 2))
+    assert len(launches) == 4 and all(c == launches[0] for c in launches)

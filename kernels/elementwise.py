@@ -12,8 +12,8 @@ from .recurrent_decode import _gelu_tanh
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, delta_ptr, scale_ptr, normed_ptr, D, eps,
-                        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, delta_ptr, scale_ptr, normed_ptr, q_ptr, qs_ptr, D, eps,
+                        HAS_DELTA: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -26,17 +26,27 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, scale_ptr, normed_ptr, D, eps,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / D
     y = xf / tl.sqrt(var + eps) * (1.0 + tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32))
-    tl.store(normed_ptr + row * D + cols, y.to(normed_ptr.dtype.element_ty), mask=mask)
+    y = y.to(normed_ptr.dtype.element_ty)
+    tl.store(normed_ptr + row * D + cols, y, mask=mask)
+    if FP8:
+        # qmatmul.fp8_rows of the rounded row, op for op (bit-identical), without its launch
+        yf = y.to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(yf), axis=0) / 448.0, 1e-12)
+        tl.store(q_ptr + row * D + cols, (yf / s).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(qs_ptr + row, s)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, scale: torch.Tensor, eps: float,
-                normed: torch.Tensor) -> torch.Tensor:
+                normed: torch.Tensor, fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x: residual stream [B, D] (x += delta in place when delta is given);
-    scale: [D]; normed: [B, D] output = x / rms(x) * (1 + scale)."""
+    scale: [D]; normed: [B, D] output = x / rms(x) * (1 + scale). fp8: (e4m3
+    [B, D], float32 [B, 1]) buffers that also receive `qmatmul.fp8_rows(normed)`,
+    the fp8 tensor-core product's input, in the same launch."""
     batch, width = x.shape
-    _add_rmsnorm_kernel[(batch,)](x, delta if delta is not None else x, scale, normed, width, eps,
-                                  HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(width),
-                                  num_warps=8 if width >= 2048 else 4)
+    q, qs = fp8 if fp8 is not None else (normed, normed)
+    _add_rmsnorm_kernel[(batch,)](x, delta if delta is not None else x, scale, normed, q, qs, width, eps,
+                                  HAS_DELTA=delta is not None, FP8=fp8 is not None,
+                                  BLOCK=triton.next_power_of_2(width), num_warps=8 if width >= 2048 else 4)
     return normed
 
 

@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # ids read per loop round; fixed, so a growing recent-id window (up to 1,024)
 # never compiles a new kernel variant in the middle of a generation
 WIDTH_BLOCK = 128

@@ -179,6 +179,27 @@ def test_fp8_row_quantization_kernel_matches_its_reference(k):
     assert same.all()
 
 
+def test_the_norm_makes_the_fp8_rows_of_its_output_in_the_same_launch():
+    """add_rmsnorm(fp8=...) writes what fp8_rows would make of the normed rows,
+    bit for bit, and the product takes them instead of quantizing again."""
+    from streamgemma.fast.qlinear import fp8_linear
+    from streamgemma.kernels.elementwise import add_rmsnorm
+    from streamgemma.kernels.qmatmul import fp8_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 96, generator=g) * 4).bfloat16().to(DEV)
+    delta, scale = (torch.randn(5, 96, generator=g).bfloat16().to(DEV), torch.randn(96, generator=g).bfloat16().to(DEV))
+    normed, fused = torch.empty_like(x), (torch.empty(5, 96, dtype=torch.float8_e4m3fn, device=DEV),
+                                          torch.empty(5, 1, device=DEV))
+    add_rmsnorm(x, delta, scale, 1e-6, normed, fp8=fused)
+    q, s = fp8_rows(normed)
+    assert torch.equal(fused[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused[1], s)
+    w, b = torch.randn(32, 96, generator=g), torch.randn(32).bfloat16()
+    wq, ws = quantize_rows(w, "fp8")
+    given = (torch.zeros(5, 96, dtype=torch.float8_e4m3fn), torch.ones(5, 1))  # not fp8_rows(normed): zeros
+    assert torch.equal(fp8_linear(normed.cpu(), wq, ws, b, x_fp8=given), b.expand(5, 32))
+
+
 # -- CUDA only -------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 tensor cores and bfloat16 kernels need CUDA")
 

@@ -2,7 +2,9 @@
 
 Per batch size B (--batches): B sessions at position 100 decode --steps
 steps with `model.decode`, each step's greedy tokens read back to the host and
-fed to the next (a host-synchronous loop). At batch 1 also: ms/token at each
+fed to the next (a host-synchronous loop), and on CUDA the same steps queued
+back to back on tokens already on the device, as the server's tick queues
+them (the GPU never waits for the host: the device-fed figure). At batch 1 also: ms/token at each
 of --positions; `Session.generate` tokens/s (the application's loop: sampling
 on the device, the next step queued on the sampled id before the host has
 it); and on CUDA the GPU time of a step (steps queued back to back on a
@@ -81,28 +83,31 @@ def time_generate(model: sg.Model, tokens: int) -> float:
         s.close()
 
 
-def device_step_ms(model: sg.Model, steps: int = 200, reps: int = 5, position: int = 100) -> float:
-    """GPU time of one batch-1 step (CUDA): the median over `reps` of the mean
-    time of `steps` steps queued back to back on a token on the device. The
-    host queues a step faster than the GPU runs one, so no step waits for it."""
-    (s,) = sessions_at(model, 1, position)
-    token = torch.ones(1, dtype=torch.long, device=model.device)
+def device_step_ms(model: sg.Model, steps: int = 200, reps: int = 5, position: int = 100, batch: int = 1) -> float:
+    """GPU time of one step of `batch` sessions (CUDA): the median over `reps`
+    of the mean time of `steps` steps queued back to back on tokens on the
+    device (as the engine's tick queues them). The host queues a step faster
+    than the GPU runs one, so no step waits for it."""
+    sessions = sessions_at(model, batch, position)
+    slots = [s.slot for s in sessions]
+    token = torch.ones(batch, dtype=torch.long, device=model.device)
     try:
         for _ in range(3):
-            model.decode([s.slot], token)
+            model.decode(slots, token)
         times = []
         for _ in range(reps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             sync(model)
             a.record()
             for _ in range(steps):
-                model.decode([s.slot], token)
+                model.decode(slots, token)
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / steps)
         return sorted(times)[len(times) // 2]
     finally:
-        s.close()
+        for s in sessions:
+            s.close()
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
@@ -162,10 +167,17 @@ def run(args: argparse.Namespace) -> dict:
               f"batch-1 floor {1 / floor_s:.0f} tokens/s", flush=True)
 
     out["tok_s"], out["ms_per_step"] = {}, {}
+    if is_cuda(model):
+        out["device_fed_tok_s"], out["device_fed_ms_per_step"] = {}, {}
     for b in batches:
         sec = time_decode(model, b, args.steps)
         out["tok_s"][b], out["ms_per_step"][b] = b / sec, sec * 1e3
-        print(f"batch {b:4d}: {b / sec:9.0f} tokens/s, {sec * 1e3:.3f} ms/step", flush=True)
+        line = f"batch {b:4d}: {b / sec:9.0f} tokens/s, {sec * 1e3:.3f} ms/step (ids through the host)"
+        if is_cuda(model):
+            ms = device_step_ms(model, steps=max(16, args.steps), reps=3, batch=b)
+            out["device_fed_tok_s"][b], out["device_fed_ms_per_step"][b] = b / ms * 1e3, ms
+            line += f"; {b / ms * 1e3:9.0f} tokens/s, {ms:.3f} ms/step queued on the device"
+        print(line, flush=True)
     out["batch1_ms_by_position"] = {}
     for p in positions:
         sec = time_decode(model, 1, args.steps, position=p)

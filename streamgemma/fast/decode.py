@@ -31,7 +31,7 @@ from ..errors import DeviceError
 from ..model.griffin import Griffin
 from ..model.pool import StatePool
 from .fused_weights import FusedWeights
-from .qlinear import linear
+from .qlinear import fp8_tensor_cores, linear
 from .tuning import KernelConfig
 
 
@@ -71,29 +71,41 @@ class KernelDecoder:
         normed = torch.empty_like(x)
         delta = None
         eps = cfg.rms_norm_eps
+
+        def norm(delta, scale, weight):
+            """normed = the norm of x + delta; for an fp8 tensor-core product of
+            `weight`, also its e4m3 input rows, made by the same launch."""
+            xq = None
+            if fp8_tensor_cores(normed, weight):
+                xq = (torch.empty(normed.shape, dtype=weight.dtype, device=x.device),
+                      torch.empty(batch, 1, dtype=torch.float32, device=x.device))
+            self._ew.add_rmsnorm(x, delta, scale, eps, normed, fp8=xq)
+            return xq
+
         for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
-            self._ew.add_rmsnorm(x, delta, block.temporal_pre_norm.scale, eps, normed)
             if block.kind == ATTENTION:
-                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"])
+                xq = norm(delta, block.temporal_pre_norm.scale, entry["w_qkv"])
+                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq)
                 mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
                 self._attention(qkv, state, slots, pos, mixed)
                 delta = _project(mixed, entry, "out")
             else:
                 rec = block.recurrent_block
                 l = cfg.lru_width
-                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"])
+                xq = norm(delta, block.temporal_pre_norm.scale, entry["w_xy"])
+                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq)
                 xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
                 self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
                 gated = torch.empty_like(xc)
                 self._rglru(rec.rg_lru, entry, xc, xy[:, l:], state, slots, pos, gated)
                 delta = _project(gated, entry, "out")
-            self._ew.add_rmsnorm(x, delta, block.channel_pre_norm.scale, eps, normed)
-            gate_up = _project(normed, entry, "up")
+            xq = norm(delta, block.channel_pre_norm.scale, entry["w_up"])
+            gate_up = _project(normed, entry, "up", xq)
             hidden = torch.empty(batch, cfg.mlp_width, dtype=x.dtype, device=x.device)
             self._ew.geglu(gate_up, hidden)
             delta = _project(hidden, entry, "down")
-        self._ew.add_rmsnorm(x, delta, net.final_norm.scale, eps, normed)
-        logits = linear(normed, self.embedding, self.embedding_scale)
+        xq = norm(delta, net.final_norm.scale, self.embedding)
+        logits = linear(normed, self.embedding, self.embedding_scale, x_fp8=xq)
         if out is None:
             out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=x.device)
         return self._ew.softcap(logits, cfg.logits_soft_cap, out)
@@ -167,9 +179,9 @@ class KernelDecoder:
         return out
 
 
-def _project(x: torch.Tensor, entry: dict, name: str) -> torch.Tensor:
+def _project(x: torch.Tensor, entry: dict, name: str, x_fp8: tuple | None = None) -> torch.Tensor:
     """The layer's projection `name` ("out", "up", "down": FusedWeights' w_/s_/b_ entries) of x."""
-    return linear(x, entry["w_" + name], entry["s_" + name], entry["b_" + name])
+    return linear(x, entry["w_" + name], entry["s_" + name], entry["b_" + name], x_fp8)
 
 
 class GraphedDecoder:

@@ -26,16 +26,18 @@ _E4M3_MAX = 448.0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias): `scale` None for a plain weight, the
-    float32 [N] row scales of an int8 / float8_e4m3fn weight otherwise."""
+    float32 [N] row scales of an int8 / float8_e4m3fn weight otherwise. x_fp8:
+    x's e4m3 rows and scales when already made (`fp8_rows` of x, e.g. by the
+    norm that wrote x); used only where the fp8 tensor-core product runs."""
     if scale is None:
         return F.linear(x, weight, bias)
     if not x.is_cuda:
         return quantized_linear_ref(x, weight, scale, bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if weight.dtype == torch.float8_e4m3fn and fp8_tensor_cores(x, weight):
-        return fp8_linear(x, weight, scale, bias)
+    if fp8_tensor_cores(x, weight):
+        return fp8_linear(x, weight, scale, bias, x_fp8)
     from streamgemma.kernels.qmatmul import qmatmul
 
     return qmatmul(x, weight, scale, bias)
@@ -43,17 +45,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
 
 def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `fp8_linear` can run this product."""
-    return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return (weight.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16 and x.is_cuda
+            and torch.cuda.get_device_capability(x.device) >= (8, 9)
             and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The fp8 tensor-core product: x rows quantized to e4m3 with their own
-    scales (one Triton launch on CUDA), `F.scaled_mm` with row-wise scales and
-    the bias, bfloat16 out (torch also runs it on the CPU, slowly: the tests
-    use that)."""
-    if x.is_cuda:
+    scales (one Triton launch on CUDA, or x_fp8 when given), `F.scaled_mm` with
+    row-wise scales and the bias, bfloat16 out (torch also runs it on the CPU,
+    slowly: the tests use that)."""
+    if x_fp8 is not None:
+        xq, x_scale = x_fp8
+    elif x.is_cuda:
         from streamgemma.kernels.qmatmul import fp8_rows
 
         xq, x_scale = fp8_rows(x)

@@ -65,7 +65,7 @@ import triton.language as tl
 
 from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 from .recurrent_decode import _gelu_tanh
-from .widen import default_widen, widen
+from .widen import CONVERT, default_widen, widen
 
 # epilogues
 PLAIN = tl.constexpr(0)
@@ -151,14 +151,31 @@ def _conv_inputs(conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, n
 
 
 @triton.jit
-def _mma(w, xt, acc):
-    """acc + w @ xt on the tensor cores, w widened to xt's dtype (the model
-    dtype; exact for int8 and e4m3). float32 models (CPU tests) multiply in
-    full float32 precision, not tf32."""
-    if xt.dtype == tl.float32:
-        out = tl.dot(w.to(tl.float32), xt, acc, input_precision="ieee")
+def _zeros_acc(BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr, FLAT: tl.constexpr):
+    """The float32 accumulator: [BN, BB] for the MMA, [BN, BK] (FLAT) or [BB, BN, BK]."""
+    if TC:
+        acc = tl.zeros((BN, BB), tl.float32)
+    elif FLAT:
+        acc = tl.zeros((BN, BK), tl.float32)
     else:
-        out = tl.dot(w.to(xt.dtype), xt, acc)
+        acc = tl.zeros((BB, BN, BK), tl.float32)
+    return acc
+
+
+@triton.jit
+def _mma(w, xt, acc, WIDEN: tl.constexpr):
+    """acc + w @ xt on the tensor cores, w widened to xt's dtype (the model
+    dtype; exact for int8 and e4m3): Triton's conversion, or (WIDEN other
+    than CONVERT) through widen.py's float32 variant. float32 models (CPU
+    tests) multiply in full float32 precision, not tf32."""
+    if WIDEN == CONVERT:
+        wx = w.to(xt.dtype)
+    else:
+        wx = widen(w, WIDEN).to(xt.dtype)
+    if xt.dtype == tl.float32:
+        out = tl.dot(wx, xt, acc, input_precision="ieee")
+    else:
+        out = tl.dot(wx, xt, acc)
     return out
 
 
@@ -241,11 +258,10 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     # a 3-D one. Measured on the H100 it helps fp8 and int8 but slows bf16 (2.20
     # -> 2.43 ms a step), so bf16 keeps the 3-D one (bench/NOTES.md, Q1).
     # TC: out^T [BN, BB] = W [BN, BK] @ x^T [BK, BB] on the tensor cores (BB >= 16).
-    acc_shape: tl.constexpr = (BN, BB) if TC else ((BN, BK) if FLAT else (BB, BN, BK))
-    acc = tl.zeros(acc_shape, tl.float32)
+    acc = _zeros_acc(BB, BN, BK, TC, FLAT)
     ss = tl.zeros((BB,), tl.float32)
     if EPI == GEGLU:
-        acc_u = tl.zeros(acc_shape, tl.float32)
+        acc_u = _zeros_acc(BB, BN, BK, TC, FLAT)
     for k0 in range(0, K, BK):
         k = k0 + kk
         kmask = k < K
@@ -277,9 +293,9 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             # the MMA's operands in the model dtype: the input rounded to it,
             # 1-byte weights widened to it (exact for int8 and e4m3)
             xt = tl.trans(xin.to(dtype))
-            acc = _mma(w, xt, acc)
+            acc = _mma(w, xt, acc, WIDEN)
             if EPI == GEGLU:
-                acc_u = _mma(u, xt, acc_u)
+                acc_u = _mma(u, xt, acc_u, WIDEN)
         elif FLAT:
             x1 = tl.sum(xin, axis=0)  # [BK]: the one row
             acc += widen(w, WIDEN) * x1[None, :]

@@ -179,3 +179,11 @@ def test_decode_step_on_the_tensor_core_path_matches_the_reference(batch, fmt):
     for rl, fl in zip(ref.pool.layers, fast.pool.layers):
         for rt, ft in zip(rl, fl):
             assert rel_err(ft, rt) < 1e-4  # every slot: padding rows touched none
+
+
+@pytest.mark.parametrize("fmt,widening", [("int8", 1), ("fp8", 1)])  # int8 MAGIC, fp8 VIA_F16 (widen.py)
+def test_tensor_core_gemv_with_the_other_widenings(fmt, widening):
+    """The weights widened through widen.py's float32 variants before the MMA: the same values."""
+    call, want = _case("geglu", "x", 5, fmt, seed=21)
+    out_buf, _ = _run(call, want, 5, widening=widening)
+    assert rel_err(out_buf[:5], want["out"]) < 1e-5 and out_buf[5:].isnan().all()

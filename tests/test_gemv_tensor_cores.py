@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_tokens
-from reference import rel_err
+from reference import conv1d_step_ref, rel_err
 from test_kernels import random_pool, reference_step
 
 import streamgemma as sg
@@ -70,11 +70,7 @@ def _case(epilogue: str, source: str, batch: int, fmt: str | None, seed: int):
         slots = torch.randperm(batch + 2, generator=g)[:batch].to(DEV)
         slots[1::3] = -1  # padding rows
         pos = torch.tensor([0, 1, 2, 3, 100, 7, 9, 11, 2, 0, 1, 50, 3, 4, 2, 1][:batch], device=DEV)
-        full = torch.cat([state[slots.clamp(min=0)], y[:, None, :L]], dim=1)  # [B, CK, L]
-        conv = cb + sum(full[:, CK - 1 - j] * cw[CK - 1 - j] * (pos >= j)[:, None] for j in range(CK))
-        new_state = state.clone()
-        live = slots >= 0
-        new_state[slots[live]] = full[live, 1:]
+        conv, new_state, live = conv1d_step_ref(state, slots, pos, cw, cb, y[:, :L])
         call["conv"] = (state, slots, pos, cw, cb)
         want.update(out=torch.cat([conv, y[:, L:]], dim=1), state=new_state, live=live)
     else:

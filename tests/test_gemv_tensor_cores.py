@@ -183,3 +183,38 @@ def test_tensor_core_gemv_with_the_other_widenings(fmt, widening):
     call, want = _case("geglu", "x", 5, fmt, seed=21)
     out_buf, _ = _run(call, want, 5, widening=widening)
     assert rel_err(out_buf[:5], want["out"]) < 1e-5 and out_buf[5:].isnan().all()
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the tools' CPU modes (on a GPU they run the 2B shapes)")
+def test_the_tuning_tools_run_on_the_cpu(tmp_path):
+    """bench/dev/tune_gemv.py --quick and decode_variants.py --tiny end to end
+    under the interpreter: both kernels swept, a JSON whose best table loads
+    as gemv_blocks, the tensor-core variants checked against the reference."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    from streamgemma.fast.tuning import gemv_blocks_from_json
+
+    dev = Path(__file__).resolve().parents[1] / "bench" / "dev"
+    tuned = tmp_path / "tune.json"
+    run = lambda *a: subprocess.run([sys.executable, *a], env=subprocess_env(TRITON_INTERPRET="1"),  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    done = run(str(dev / "tune_gemv.py"), "--quick", "--batches", "2", "--shapes", "out,up", "--quantize", "int8",
+               "--json", str(tuned))
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads(tuned.read_text())
+    blocks = gemv_blocks_from_json(table["best"])
+    assert len(blocks) == 2 and all(key[0] == 2 and key[4] == "int8" for key in blocks)
+    assert all(len(b) == 4 for b in table["best_tensor_core"].values())
+    assert all(max(r["errors"].values()) < 1e-5 for r in table["results"])  # float32 on the CPU
+    out = tmp_path / "variants.json"
+    done = run(str(dev / "decode_variants.py"), "--tiny", "--variants", "tc+tc1q+tuned", "--batches", "3",
+               "--positions", "9", "--quantize", "int8", "--gemv-json", str(tuned), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    checks = json.loads(out.read_text())["checks"]
+    assert set(checks) == {"tc+tc1q+tuned b1", "tc+tc1q+tuned b3"}
+    assert all(c["logits_rel_err"] < 1e-4 and c["state_rel_err"] < 1e-4 for c in checks.values())

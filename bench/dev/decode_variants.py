@@ -9,7 +9,7 @@ GEMV block shapes (VARIANTS), RG-LRU launch shapes (RGLRU), attention key
 tiles (ATTN), the fused path's reach and kernel (FUSED: "fused16" takes
 batches up to 16 onto the CUDA-core GEMV, "tc" onto the tensor-core GEMV,
 "tc1q" puts batch 1 of int8 / fp8 weights on the tensor cores, "tc1" batch 1
-of every format), or "nopdl" (plain launches); "+" joins them, "base" is the
+of every format; "tc+tc1q" joins them), or "nopdl" (plain launches); "+" joins them, "base" is the
 defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
@@ -38,7 +38,7 @@ from generate_overhead import graph_replay_ms  # noqa: E402 - a sibling dev tool
 
 import streamgemma as sg  # noqa: E402
 from streamgemma.bench.decode import time_decode  # noqa: E402
-from streamgemma.fast.tuning import KernelConfig  # noqa: E402
+from streamgemma.fast.tuning import KernelConfig, gemv_blocks_from_json  # noqa: E402
 from streamgemma.model.griffin import Griffin  # noqa: E402
 from streamgemma.model.quantize import quantize_network  # noqa: E402
 
@@ -84,26 +84,32 @@ def fill_random_state(model: sg.Model, slots: list[int], position: int) -> None:
         model.pool.positions[s] = position + i
 
 
-def kernel_config(name: str) -> KernelConfig:
-    """The KernelConfig of a variant name ("+" joins parts)."""
+def kernel_config(name: str, tuned: dict | None = None) -> KernelConfig:
+    """The KernelConfig of a variant name ("+" joins parts); the part "tuned":
+    the gemv_blocks `tuned` (from a tune_gemv.py JSON, --gemv-json)."""
     parts = name.split("+")
     gemv_blocks, attention_blocks, rglru_launch, fused = {}, {}, None, {}
     for part in parts:
-        if part in FUSED:
-            fused.update(FUSED[part])
+        if part in FUSED:  # parts join: "tc+tc1q" is batches 2-16 and quantized batch 1 on the tensor cores
+            tc = dict(fused.get("gemv_tensor_cores", {}))
+            for fmt, buckets in FUSED[part].get("gemv_tensor_cores", {}).items():
+                tc[fmt] = tuple(sorted(set(tc.get(fmt, ())) | set(buckets)))
+            fused.update(FUSED[part], gemv_tensor_cores=tc)
         elif part in RGLRU:
             rglru_launch = RGLRU[part]
         elif part in ATTN:
             attention_blocks[1] = ATTN[part]
+        elif part == "tuned":
+            gemv_blocks.update(tuned or {})
         else:
             gemv_blocks.update(VARIANTS[part])
     return KernelConfig(gemv_blocks=gemv_blocks, attention_blocks=attention_blocks, rglru_launch=rglru_launch,
                         pdl=False if "nopdl" in parts else None, **fused)
 
 
-def apply(model: sg.Model, name: str) -> None:
+def apply(model: sg.Model, name: str, tuned: dict | None = None) -> None:
     """Switch the model to the variant: its next decode builds a new decoder and captures new graphs."""
-    model.kernel_config = kernel_config(name)
+    model.kernel_config = kernel_config(name, tuned)
 
 
 def check(model: sg.Model, ref: sg.Model, position: int, batch: int = 1) -> dict:
@@ -150,8 +156,14 @@ def main() -> None:
                     "interpreter without a GPU: checks only, no timing)")
     ap.add_argument("--grow-before-round", type=int, default=-1,
                     help="before this round, grow the state pool to 256+ sessions (moves every slot's state)")
+    ap.add_argument("--gemv-json", default=None, help="a tune_gemv.py JSON: its \"best\" table is the part "
+                    "\"tuned\" (e.g. --variants base,tc+tuned)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    tuned = None
+    if args.gemv_json:
+        with open(args.gemv_json) as f:
+            tuned = gemv_blocks_from_json(json.load(f)["best"])
     gpu = torch.cuda.is_available()
     if not gpu and not args.tiny:
         ap.error("without a GPU only --tiny runs (Triton's interpreter)")
@@ -166,7 +178,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if gpu else "cpu (interpreter)", "quantize": args.quantize,
                "checks": {}, "timings": []}
     for name in variants:
-        apply(model, name)
+        apply(model, name, tuned)
         for b in [1] + batches:
             results["checks"][f"{name} b{b}"] = check(model, ref, positions[-1], b)
             print(name, f"b{b}", "check", results["checks"][f"{name} b{b}"], flush=True)
@@ -181,7 +193,7 @@ def main() -> None:
             print("pool capacity now", model.pool.capacity, flush=True)
             results["timings"].append({"pool_capacity": model.pool.capacity, "before_round": rnd})
         for name in variants:
-            apply(model, name)
+            apply(model, name, tuned)
             for p in positions:
                 row = {"variant": name, "round": rnd, "position": p, "replay_ms": replay_ms(model, p),
                        "loop_ms": time_decode(model, 1, args.steps, p) * 1e3}

@@ -35,10 +35,24 @@ operations. A quantized embedding table's rows (the first product's input)
 are multiplied by their row scale as they are read. Both are constexpr
 switches: the bfloat16 kernel compiles without them.
 
+Tensor-core variant (TC, batch 1-16, chosen per call by the config): the
+same prologues, epilogues and PDL, but each K tile is one MMA,
+out^T [BN, BB] += W [BN, BK] @ x^T [BK, BB], with the weight the MMA's big
+operand and the batch padded to BB = 16 rows (tl.dot's minimum; padded rows
+are masked: never read, never written). Per weight it costs the widening
+and a share of one MMA instruction instead of one FMA per weight per row,
+which is what loses at batch 2-16 and with 1-byte weights at batch 1. Its
+operands are in the model dtype: 1-byte weights are widened to it (exact for
+int8 and e4m3 in bfloat16), and the input rows (x * (1 + norm scale),
+before 1/rms) are rounded to it, where the CUDA-core kernel keeps them
+float32 (the unfused path rounds the normalised row too). float32 models
+(CPU tests) multiply in IEEE float32, not tf32.
+
 Rounding follows the unfused path (residual rounded to the model dtype, matmul
 output rounded after the bias, then the row operation on the rounded values)
 except one point: the normalised input is not rounded to the model dtype
-before the product (the scale is applied after it), which is closer to exact.
+before the product (the scale is applied after it), which is closer to exact
+(the tensor-core variant rounds x * (1 + scale), before 1/rms).
 """
 
 from __future__ import annotations
@@ -51,7 +65,7 @@ import triton.language as tl
 
 from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 from .recurrent_decode import _gelu_tanh
-from .widen import default_widen, widen
+from .widen import CONVERT, default_widen, widen
 
 # epilogues
 PLAIN = tl.constexpr(0)
@@ -136,6 +150,48 @@ def _conv_inputs(conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, n
     return earlier, tap_now, shifted, base, off, cm, is_x
 
 
+@triton.jit
+def _zeros_acc(BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr, FLAT: tl.constexpr):
+    """The float32 accumulator: [BN, BB] for the MMA, [BN, BK] (FLAT) or [BB, BN, BK]."""
+    if TC:
+        acc = tl.zeros((BN, BB), tl.float32)
+    elif FLAT:
+        acc = tl.zeros((BN, BK), tl.float32)
+    else:
+        acc = tl.zeros((BB, BN, BK), tl.float32)
+    return acc
+
+
+@triton.jit
+def _mma(w, xt, acc, WIDEN: tl.constexpr):
+    """acc + w @ xt on the tensor cores, w widened to xt's dtype (the model
+    dtype; exact for int8 and e4m3): Triton's conversion, or (WIDEN other
+    than CONVERT) through widen.py's float32 variant. float32 models (CPU
+    tests) multiply in full float32 precision, not tf32."""
+    if WIDEN == CONVERT:
+        wx = w.to(xt.dtype)
+    else:
+        wx = widen(w, WIDEN).to(xt.dtype)
+    if xt.dtype == tl.float32:
+        out = tl.dot(wx, xt, acc, input_precision="ieee")
+    else:
+        out = tl.dot(wx, xt, acc)
+    return out
+
+
+@triton.jit
+def _rows(acc, TC: tl.constexpr, FLAT: tl.constexpr):
+    """The products [BB, BN] from an accumulator: transposed from the MMA's
+    [BN, BB], or summed over K from the CUDA-core [BN, BK] / [BB, BN, BK]."""
+    if TC:
+        out = tl.trans(acc)
+    elif FLAT:
+        out = tl.sum(acc, axis=1)[None, :]
+    else:
+        out = tl.sum(acc, axis=2)
+    return out
+
+
 @triton.jit(do_not_specialize=["B", "eps", "emb_scale", "cap"])
 def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr, nscale_ptr, eps,
                  w_ptr, wscale_ptr, bias_ptr, out_ptr, out_stride,
@@ -145,7 +201,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                  SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
                  WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
                  CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr,
-                 FLAT: tl.constexpr):
+                 FLAT: tl.constexpr, TC: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B
@@ -201,10 +257,11 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     # layout, so the widened tile is not reshuffled through shared memory to meet
     # a 3-D one. Measured on the H100 it helps fp8 and int8 but slows bf16 (2.20
     # -> 2.43 ms a step), so bf16 keeps the 3-D one (bench/NOTES.md, Q1).
-    acc = tl.zeros((BN, BK) if FLAT else (BB, BN, BK), tl.float32)
+    # TC: out^T [BN, BB] = W [BN, BK] @ x^T [BK, BB] on the tensor cores (BB >= 16).
+    acc = _zeros_acc(BB, BN, BK, TC, FLAT)
     ss = tl.zeros((BB,), tl.float32)
     if EPI == GEGLU:
-        acc_u = tl.zeros((BN, BK) if FLAT else (BB, BN, BK), tl.float32)
+        acc_u = _zeros_acc(BB, BN, BK, TC, FLAT)
     for k0 in range(0, K, BK):
         k = k0 + kk
         kmask = k < K
@@ -232,7 +289,14 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             xin = v * (1.0 + scale.to(tl.float32)[None, :])
         else:
             xin = v.to(tl.float32)
-        if FLAT:
+        if TC:
+            # the MMA's operands in the model dtype: the input rounded to it,
+            # 1-byte weights widened to it (exact for int8 and e4m3)
+            xt = tl.trans(xin.to(dtype))
+            acc = _mma(w, xt, acc, WIDEN)
+            if EPI == GEGLU:
+                acc_u = _mma(u, xt, acc_u, WIDEN)
+        elif FLAT:
             x1 = tl.sum(xin, axis=0)  # [BK]: the one row
             acc += widen(w, WIDEN) * x1[None, :]
             if EPI == GEGLU:
@@ -242,7 +306,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             if EPI == GEGLU:
                 acc_u += widen(u, WIDEN)[None, :, :] * xin[:, None, :]
 
-    res = tl.sum(acc, axis=1)[None, :] if FLAT else tl.sum(acc, axis=2)  # [BB, BN]
+    res = _rows(acc, TC, FLAT)  # [BB, BN]
     if QUANT:
         res = res * wscale[None, :]
     if NORM:
@@ -253,7 +317,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     omask = rmask[:, None] & nmask[None, :]
     out_off = rows[:, None] * out_stride + n[None, :]
     if EPI == GEGLU:
-        up = tl.sum(acc_u, axis=1)[None, :] if FLAT else tl.sum(acc_u, axis=2)
+        up = _rows(acc_u, TC, FLAT)
         if QUANT:
             up = up * wscale_u[None, :]
         if NORM:
@@ -283,25 +347,33 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
         tl.store(out_ptr + out_off, res.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-MAX_BATCH = 8
+MAX_BATCH = 16
 # (BN, BK, num_warps) at batch 1, per epilogue, tuned on the 2B shapes (bench/dev/tune_gemv.py):
 # many small programs keep more independent loads in flight per SM.
 BATCH1_CONFIGS = MappingProxyType({"plain": (2, 512, 2), "conv": (4, 256, 2), "geglu": (4, 128, 2),
                                    "softcap": (8, 256, 4)})
 # Triton's interpreter (CPU tests): the cost per program dominates.
 INTERPRETER_CONFIG = (64, 64, 4)
+# the tensor-core kernel's untuned default: an MMA needs BN >= 16; 32 keeps
+# the 2B shapes' narrowest products (N = 2560) at 80 programs
+TENSOR_CORE_CONFIG = (32, 128, 4)
+TENSOR_CORES = "tc"  # a config's optional 4th element: run the tensor-core kernel
+MMA_ROWS = 16  # tl.dot's smallest operand side: the batch is padded to it
 
 
 def default_config(batch_bucket: int, epilogue: str, on_gpu: bool = True,
-                   weight_bytes: int = 2) -> tuple[int, int, int]:
+                   weight_bytes: int = 2, tensor_cores: bool = False) -> tuple[int, int, int]:
     """(BN, BK, num_warps) for a call whose batch rounds up to `batch_bucket`.
     Batches above 1 take the matmul path unless a KernelConfig raises
     gemv_max_batch; they get an untuned shape that keeps the float32
     accumulator at 4096 values per program. 1-byte (int8 / fp8) weights at
     batch 1 get twice the bf16 tiles' columns, so a tile is as many bytes
-    (untuned: bench/dev/tune_gemv.py --quantize sweeps them)."""
+    (untuned: bench/dev/tune_gemv.py --quantize sweeps them). The tensor-core
+    kernel gets TENSOR_CORE_CONFIG (untuned)."""
     if not on_gpu:
         return INTERPRETER_CONFIG
+    if tensor_cores:
+        return TENSOR_CORE_CONFIG
     if batch_bucket == 1:
         bn, bk, warps = BATCH1_CONFIGS[epilogue]
         return bn, bk * 2 // weight_bytes, warps
@@ -314,7 +386,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
          emb_scale: float | None = None, weight_scale: torch.Tensor | None = None,
          src_scale: torch.Tensor | None = None, epilogue: str = "plain", conv: tuple | None = None,
          cap: float = 0.0, config: tuple[int, int, int] | None = None, pdl: bool = False,
-         widening: int | None = None) -> torch.Tensor:
+         widening: int | None = None, tensor_cores: bool = False) -> torch.Tensor:
     """out[b] = f(input[b] @ weight.T) for a small batch (B <= MAX_BATCH rows).
 
     src: [B, K] input rows (model dtype), or with `tokens` ([B] int64) the
@@ -332,9 +404,12 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     place, slot -1 rows untouched), out[:, L:] = the y half; "softcap" -> out
     [B, N] float32 = cap * tanh(logits / cap) (plain cast when cap is 0).
     out may have a row stride (out.stride(1) must be 1).
-    config: (BN, BK, num_warps), default `default_config`; pdl: launch with
+    config: (BN, BK, num_warps), default `default_config`; a 4th element
+    "tc" (TENSOR_CORES) runs the tensor-core variant; tensor_cores: the same
+    for the default block (ignored when `config` is given). pdl: launch with
     programmatic dependent launch (see pdl.py); widening: how 1-byte weights
-    become float32 (`widen.py`'s variants, same values; default `default_widen`)."""
+    become float32 (`widen.py`'s variants, same values; default
+    `default_widen`; the tensor-core variant casts them to the model dtype)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
     assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn))
@@ -343,8 +418,14 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     epi = _EPILOGUES[epilogue]
     n_out = n_rows // 2 if epilogue == "geglu" else n_rows
     bb = triton.next_power_of_2(batch)
-    bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
+    if config is not None:
+        tensor_cores = len(config) == 4 and config[3] == TENSOR_CORES
+    bn, bk, warps = (config or default_config(bb, epilogue, weight.is_cuda, weight.element_size(), tensor_cores))[:3]
     bk = min(bk, max(16, triton.next_power_of_2(k)))
+    if tensor_cores:
+        if bn < MMA_ROWS or bk < MMA_ROWS:
+            raise ValueError(f"gemv config {config!r}: the tensor-core variant needs BN, BK >= {MMA_ROWS}")
+        bb = max(bb, MMA_ROWS)
     if conv is not None:
         conv_state, slots, pos, conv_w, conv_b = conv
         convk, lw = conv_w.shape
@@ -364,7 +445,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         float(cap or 0.0), batch, n_out, k,
         BB=bb, BN=bn, BK=bk, SRC=1 if tokens is not None else 0, SRC_SCALED=src_scale is not None,
         HAS_DELTA=delta is not None, NORM=norm_scale is not None, WRITE_RES=residual_out is not None,
-        QUANT=weight_scale is not None, FLAT=bb == 1 and weight_scale is not None, HAS_BIAS=bias is not None,
+        QUANT=weight_scale is not None, FLAT=bb == 1 and weight_scale is not None, TC=tensor_cores,
+        HAS_BIAS=bias is not None,
         EPI=epi, CONVK=convk, CONVR=triton.next_power_of_2(max(convk - 1, 1)),
         PDL=pdl, WIDEN=default_widen(weight) if widening is None else widening, num_warps=warps, **launch_kwargs(pdl))
     return out

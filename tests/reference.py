@@ -85,3 +85,18 @@ def hf_logits(model, tokens: list[int]) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the error relative to the logits' scale."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def conv1d_step_ref(state: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, conv_w: torch.Tensor,
+                    conv_b: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step of the causal conv1d on buffers state [S, CK-1, L] at
+    `slots` (-1: a padding row) for inputs x [B, L]: (the conv output [B, L],
+    the state after the step, which rows are live). An input j steps back
+    counts only where pos >= j (a reset slot holds stale values)."""
+    ck = conv_w.shape[0]
+    full = torch.cat([state[slots.clamp(min=0)], x[:, None]], dim=1)  # [B, CK, L]
+    conv = conv_b + sum(full[:, ck - 1 - j] * conv_w[ck - 1 - j] * (pos >= j)[:, None] for j in range(ck))
+    new_state = state.clone()
+    live = slots >= 0
+    new_state[slots[live]] = full[live, 1:]
+    return conv, new_state, live

@@ -8,7 +8,7 @@ poisoned with NaN first so an unwritten element fails the comparison."""
 import pytest
 import torch
 from conftest import random_tokens
-from reference import rel_err
+from reference import conv1d_step_ref, rel_err
 
 import streamgemma as sg
 from streamgemma.fast.decode import KernelDecoder
@@ -191,11 +191,7 @@ def _gemv_case(epilogue: str, batch: int, seed: int):
         slots = torch.tensor([-1] + list(range(2, batch + 1)), device=DEV)[:batch]
         slots[0] = -1 if batch > 1 else 0
         pos = torch.tensor([0, 1, 2, 3, 100, 7, 9, 11][:batch], device=DEV)
-        full = torch.cat([state[slots.clamp(min=0)], y[:, None, :l]], dim=1)  # [B, ck, L]
-        conv = cb + sum(full[:, ck - 1 - j] * cw[ck - 1 - j] * (pos >= j)[:, None] for j in range(ck))
-        new_state = state.clone()
-        live = slots >= 0
-        new_state[slots[live]] = full[live, 1:]
+        conv, new_state, live = conv1d_step_ref(state, slots, pos, cw, cb, y[:, :l])
         call["conv"] = (state, slots, pos, cw, cb)
         want.update(out=torch.cat([conv, y[:, l:]], dim=1), state=new_state, live=live)
     else:

@@ -50,3 +50,27 @@ def test_gemv_sass_counts_the_loop_without_a_gpu(tmp_path):
     assert set(counts) == {"bf16", "int8 convert"}
     assert counts["int8 convert"]["top"]["I2F"] > 0 and counts["bf16"]["top"]["FFMA"] > 0
     assert all(0 < c["per_weight"] < 50 for c in counts.values())
+
+
+def test_tensor_core_gemv_compiles_for_sm90_without_a_gpu(tmp_path):
+    """The tensor-core GEMV (16 rows, norm prologue, bias, PDL, conv epilogue)
+    compiles for the H100 with bf16, int8 and fp8 weights, and its K loop runs
+    on the tensor cores (HMMA / HGMMA), checked offline as above."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    env = subprocess_env()
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "sass.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("gemv_sass.py")), "--tc", "--fused", "--only",
+                           "bf16,int8 convert,fp8 convert", "--json", str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(out.read_text())
+    assert set(counts) == {"bf16", "int8 convert", "fp8 convert"}
+    for c in counts.values():
+        # FFMAs only for the input rows (sum of squares, norm scale): not one per weight (32 a thread)
+        assert c["mma"] > 0 and c["ffma"] < 32

@@ -30,7 +30,39 @@ def test_a_config_is_immutable_and_compares_by_value():
 @pytest.mark.parametrize("bad", [dict(gemv_max_batch=-1), dict(gemv_blocks={(3, "plain", 1, 1): (8, 8, 4)}),
                                  dict(gemv_blocks={(1, "fused", 1, 1): (8, 8, 4)}),
                                  dict(gemv_blocks={(1, "plain", 1, 1): (6, 8, 4)}),
+                                 dict(gemv_blocks={(1, "plain", 1, 1): (8, 16, 4, "tc")}),  # BN < 16
+                                 dict(gemv_blocks={(1, "plain", 1, 1): (16, 16, 4, "mma")}),
+                                 dict(gemv_blocks={(1, "plain", 1, 1, "int4"): (8, 8, 4)}),
+                                 dict(gemv_tensor_cores={"bf16": (2,)}), dict(gemv_tensor_cores={"int8": (3,)}),
                                  dict(attention_blocks={1: 8}), dict(rglru_launch=(32,)), dict(pdl="yes")])
 def test_bad_values_are_refused_with_the_field_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         sg.KernelConfig(**bad)
+
+
+def test_tensor_core_choice_per_shape_and_weight_format():
+    """A block ending in "tc" picks the tensor-core kernel for its shape; a key
+    with a weight format wins for that format; gemv_tensor_cores picks the
+    kernel (default block) per format and batch bucket where no block is named."""
+    blocks = {(8, "plain", 256, 128): (32, 128, 4, "tc"), (8, "plain", 256, 128, "int8"): (8, 64, 4),
+              (1, "geglu", 512, 128, "fp8"): (64, 256, 8, "tc")}
+    config = sg.KernelConfig(gemv_blocks=blocks, gemv_tensor_cores={"fp8": [1, 16], "float": (16,)})
+    assert config.gemv_launch(5, "plain", 256, 128) == ((32, 128, 4, "tc"), True)
+    assert config.gemv_launch(5, "plain", 256, 128, "int8") == ((8, 64, 4), False)
+    assert config.gemv_launch(5, "plain", 256, 128, "fp8") == ((32, 128, 4, "tc"), True)
+    assert config.gemv_launch(1, "geglu", 512, 128, "fp8") == ((64, 256, 8, "tc"), True)
+    assert config.gemv_launch(1, "geglu", 512, 128) == (None, False)
+    assert config.gemv_launch(1, "plain", 64, 64, "fp8") == (None, True)
+    assert config.gemv_launch(9, "plain", 64, 64) == (None, True)  # bucket 16
+    assert config.gemv_launch(9, "plain", 64, 64, "int8") == (None, False)
+    assert config == sg.KernelConfig(gemv_blocks=blocks, gemv_tensor_cores={"fp8": (16, 1), "float": [16]})
+    assert hash(config) == hash(sg.KernelConfig(gemv_blocks=blocks, gemv_tensor_cores={"fp8": (1, 16),
+                                                                                       "float": (16,)}))
+
+
+def test_gemv_blocks_from_the_tuning_json():
+    from streamgemma.fast.tuning import gemv_blocks_from_json
+
+    blocks = gemv_blocks_from_json({"8,plain,256,128": [32, 128, 4, "tc"], "1,conv,512,128,int8": [4, 256, 2]})
+    assert blocks == {(8, "plain", 256, 128): (32, 128, 4, "tc"), (1, "conv", 512, 128, "int8"): (4, 256, 2)}
+    assert sg.KernelConfig(gemv_blocks=blocks).gemv_launch(8, "plain", 256, 128)[1]

@@ -1,31 +1,46 @@
-"""Batch-1 decode variants side by side, in one process (RecurrentGemma-2B
-shapes, random bf16 weights): each variant's logits and state against the
-PyTorch reference step, then its graph replay time and step-loop time, the
-variants taken in turn for several rounds so drift shows.
+"""Decode variants side by side, in one process (RecurrentGemma-2B shapes,
+random bf16 weights, or int8 / fp8 with --quantize): each variant's logits and
+state against the PyTorch reference step (at batch 1 and every --batches
+batch), then its graph replay time and step-loop time, the variants taken in
+turn for several rounds so drift shows.
 
 A variant is a `KernelConfig` (streamgemma/fast/tuning.py) built from parts:
 GEMV block shapes (VARIANTS), RG-LRU launch shapes (RGLRU), attention key
-tiles (ATTN), or "nopdl" (plain launches); "+" joins them, "base" is the
+tiles (ATTN), the fused path's reach and kernel (FUSED: "fused16" takes
+batches up to 16 onto the CUDA-core GEMV, "tc" onto the tensor-core GEMV,
+"tc1q" puts batch 1 of int8 / fp8 weights on the tensor cores, "tc1" batch 1
+of every format; "tc+tc1q" joins them), or "nopdl" (plain launches); "+" joins them, "base" is the
 defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
     python bench/dev/decode_variants.py [--variants base,up4x256+xy8x256] [--positions 100,3000]
-                                    [--rounds 2] [--batches 64,256] [--json out.json]
+                                    [--rounds 2] [--batches 2,4,8,16] [--quantize int8] [--json out.json]
+
+--batches times every variant's whole step at those batches (graph replay and
+step loop), so e.g. `--variants base,fused16,tc --batches 2,4,8,16` compares
+cuBLAS, CUDA-core and tensor-core products per batch. Without a GPU, --tiny
+runs the same on a tiny model under Triton's interpreter (checks only: no timing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
-from generate_overhead import graph_replay_ms  # a sibling dev tool (run as python bench/dev/...)
 
-import streamgemma as sg
-from streamgemma.bench.decode import time_decode
-from streamgemma.fast.tuning import KernelConfig
-from streamgemma.model.griffin import Griffin
+if not torch.cuda.is_available():  # --tiny: the kernels read it when they are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from generate_overhead import graph_replay_ms  # noqa: E402 - a sibling dev tool (run as python bench/dev/...)
+
+import streamgemma as sg  # noqa: E402
+from streamgemma.bench.decode import time_decode  # noqa: E402
+from streamgemma.fast.tuning import KernelConfig, gemv_blocks_from_json  # noqa: E402
+from streamgemma.model.griffin import Griffin  # noqa: E402
+from streamgemma.model.quantize import quantize_network  # noqa: E402
 
 # name: KernelConfig.gemv_blocks entries, keyed (batch bucket, epilogue, N, K) at 2B shapes, batch 1
 XY, UP, LM = (1, "conv", 5120, 2560), (1, "geglu", 15360, 2560), (1, "softcap", 256000, 2560)
@@ -38,71 +53,93 @@ VARIANTS = {"base": {}, "nopdl": {},
 # RG-LRU programs (channels per program, warps) and attention key tiles at batch 1
 RGLRU = {"rg16": (16, 4), "rg64": (64, 4), "rg32w4": (32, 4), "rg32w8": (32, 8), "rg16w2": (16, 2)}
 ATTN = {"att32": 32, "att16": 16}
+# the fused GEMV path beyond batch 1: KernelConfig fields
+_TC_ALL = dict(gemv_max_batch=16, gemv_tensor_cores={f: (2, 4, 8, 16) for f in ("float", "int8", "fp8")})
+FUSED = {"fused16": dict(gemv_max_batch=16), "fused8": dict(gemv_max_batch=8), "tc": _TC_ALL,
+         "tc8": dict(_TC_ALL, gemv_max_batch=8),
+         "tc1q": dict(gemv_tensor_cores={"int8": (1,), "fp8": (1,)}),
+         "tc1": dict(gemv_tensor_cores={f: (1,) for f in ("float", "int8", "fp8")})}
 
 
-def random_model(cfg: sg.GriffinConfig, dtype=torch.bfloat16) -> sg.Model:
-    """Random weights drawn on the GPU (a 2B model in seconds)."""
+def random_model(cfg: sg.GriffinConfig, dtype=torch.bfloat16, quantize: str | None = None) -> sg.Model:
+    """Random weights drawn on the GPU (a 2B model in seconds); without one, on the CPU."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device("meta"):
         net = Griffin(cfg, dtype=dtype)
-    net = net.to_empty(device="cuda")
-    net.init_random_(torch.Generator(device="cuda").manual_seed(0))
-    return sg.Model(net, source="random 2B shapes")
+    net = net.to_empty(device=dev)
+    net.init_random_(torch.Generator(device=dev).manual_seed(0))
+    if quantize:
+        quantize_network(net, quantize, f"random 2B shapes, {quantize}")
+    return sg.Model(net, source="random 2B shapes", kernels=True)
 
 
 def fill_random_state(model: sg.Model, slots: list[int], position: int) -> None:
-    g = torch.Generator(device="cuda").manual_seed(1)
+    """Random state everywhere; the slots at position, position + 1, ... (mixed positions)."""
+    dev = model.device
+    g = torch.Generator(device=dev).manual_seed(1)
     for layer in model.pool.layers:
         for t in layer:
-            t.copy_(torch.randn(t.shape, generator=g, device="cuda").to(t.dtype) * 0.5)
-    for s in slots:
-        model.pool.positions[s] = position
+            t.copy_(torch.randn(t.shape, generator=g, device=dev).to(t.dtype) * 0.5)
+    for i, s in enumerate(slots):
+        model.pool.positions[s] = position + i
 
 
-
-
-def kernel_config(name: str) -> KernelConfig:
-    """The KernelConfig of a variant name ("+" joins parts)."""
+def kernel_config(name: str, tuned: dict | None = None) -> KernelConfig:
+    """The KernelConfig of a variant name ("+" joins parts); the part "tuned":
+    the gemv_blocks `tuned` (from a tune_gemv.py JSON, --gemv-json)."""
     parts = name.split("+")
-    gemv_blocks, attention_blocks, rglru_launch = {}, {}, None
+    gemv_blocks, attention_blocks, rglru_launch, fused = {}, {}, None, {}
     for part in parts:
-        if part in RGLRU:
+        if part in FUSED:  # parts join: "tc+tc1q" is batches 2-16 and quantized batch 1 on the tensor cores
+            tc = dict(fused.get("gemv_tensor_cores", {}))
+            for fmt, buckets in FUSED[part].get("gemv_tensor_cores", {}).items():
+                tc[fmt] = tuple(sorted(set(tc.get(fmt, ())) | set(buckets)))
+            fused.update(FUSED[part], gemv_tensor_cores=tc)
+        elif part in RGLRU:
             rglru_launch = RGLRU[part]
         elif part in ATTN:
             attention_blocks[1] = ATTN[part]
+        elif part == "tuned":
+            gemv_blocks.update(tuned or {})
         else:
             gemv_blocks.update(VARIANTS[part])
     return KernelConfig(gemv_blocks=gemv_blocks, attention_blocks=attention_blocks, rglru_launch=rglru_launch,
-                        pdl=False if "nopdl" in parts else None)
+                        pdl=False if "nopdl" in parts else None, **fused)
 
 
-def apply(model: sg.Model, name: str) -> None:
+def apply(model: sg.Model, name: str, tuned: dict | None = None) -> None:
     """Switch the model to the variant: its next decode builds a new decoder and captures new graphs."""
-    model.kernel_config = kernel_config(name)
+    model.kernel_config = kernel_config(name, tuned)
 
 
-def check(model: sg.Model, ref: sg.Model, position: int) -> dict:
-    """One step at batch 1 from the same random state: kernel path vs reference."""
+def check(model: sg.Model, ref: sg.Model, position: int, batch: int = 1) -> dict:
+    """One step of `batch` rows (positions position, position + 1, ...) from
+    the same random state: kernel path vs reference."""
     out = {}
     for m in (ref, model):
-        s = m.session()
-        fill_random_state(m, [s.slot], position)
-        logits = m.decode([s.slot], [5]).float().clone()
-        state = [t[s.slot].float().clone() for layer in m.pool.layers for t in layer]
+        sessions = [m.session() for _ in range(batch)]
+        slots = [s.slot for s in sessions]
+        fill_random_state(m, slots, position)
+        logits = m.decode(slots, [5 + 7 * i for i in range(batch)]).float().clone()
+        state = [t[slots].float().clone() for layer in m.pool.layers for t in layer]
         out[m is model] = (logits, state)
-        s.close()
+        for s in sessions:
+            s.close()
     (want, want_state), (got, got_state) = out[False], out[True]
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
     return {"logits_rel_err": rel(got, want), "state_rel_err": max(rel(g, w) for g, w in zip(got_state, want_state)),
-            "top1_equal": bool(got.argmax() == want.argmax())}
+            "top1_equal": float((got.argmax(-1) == want.argmax(-1)).float().mean())}
 
 
-def replay_ms(model: sg.Model, position: int) -> float:
-    """GPU time of one batch-1 step at `position` (graph replays back to back)."""
-    s = model.session()
-    fill_random_state(model, [s.slot], position)
-    model.decode([s.slot], [1])  # captures the graph
-    ms = graph_replay_ms(model)
-    s.close()
+def replay_ms(model: sg.Model, position: int, batch: int = 1) -> float:
+    """GPU time of one step of `batch` rows at `position` (graph replays back to back)."""
+    sessions = [model.session() for _ in range(batch)]
+    slots = [s.slot for s in sessions]
+    fill_random_state(model, slots, position)
+    model.decode(slots, [1] * batch)  # captures the graph
+    ms = graph_replay_ms(model, bucket=next(b for b in model._graphed.buckets if b >= batch))
+    for s in sessions:
+        s.close()
     return ms
 
 
@@ -112,23 +149,42 @@ def main() -> None:
     ap.add_argument("--positions", default="3000")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batches", default="", help="also time these batches (step loop), first variant, first round "
-                    "(the variants change only the batch-1 products)")
+    ap.add_argument("--batches", default="", help="also check and time every variant's whole step at these batches "
+                    "(graph replay and step loop, at the last position)")
+    ap.add_argument("--quantize", choices=("int8", "fp8"), help="1-byte weights with per-row scales")
+    ap.add_argument("--tiny", action="store_true", help="a tiny float32 model (on the CPU under Triton's "
+                    "interpreter without a GPU: checks only, no timing)")
     ap.add_argument("--grow-before-round", type=int, default=-1,
                     help="before this round, grow the state pool to 256+ sessions (moves every slot's state)")
+    ap.add_argument("--gemv-json", default=None, help="a tune_gemv.py JSON: its \"best\" table is the part "
+                    "\"tuned\" (e.g. --variants base,tc+tuned)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cfg = sg.GriffinConfig.preset("recurrentgemma-2b")
-    model = random_model(cfg)
+    tuned = None
+    if args.gemv_json:
+        with open(args.gemv_json) as f:
+            tuned = gemv_blocks_from_json(json.load(f)["best"])
+    gpu = torch.cuda.is_available()
+    if not gpu and not args.tiny:
+        ap.error("without a GPU only --tiny runs (Triton's interpreter)")
+    if args.tiny:
+        model = random_model(sg.GriffinConfig.preset("tiny"), torch.float32, args.quantize)
+    else:
+        model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"), quantize=args.quantize)
     ref = sg.Model(model.network, kernels=False)
     variants = args.variants.split(",")
     positions = [int(p) for p in args.positions.split(",")]
-    results = {"device": torch.cuda.get_device_name(), "checks": {}, "timings": []}
+    batches = [int(x) for x in args.batches.split(",") if x]
+    results = {"device": torch.cuda.get_device_name() if gpu else "cpu (interpreter)", "quantize": args.quantize,
+               "checks": {}, "timings": []}
     for name in variants:
-        apply(model, name)
-        results["checks"][name] = check(model, ref, positions[-1])
-        print(name, "check", results["checks"][name], flush=True)
+        apply(model, name, tuned)
+        for b in [1] + batches:
+            results["checks"][f"{name} b{b}"] = check(model, ref, positions[-1], b)
+            print(name, f"b{b}", "check", results["checks"][f"{name} b{b}"], flush=True)
     del ref
+    if not gpu:
+        return _write(args.json, results)
     for rnd in range(args.rounds):
         if rnd == args.grow_before_round:
             sessions = [model.session() for _ in range(257)]
@@ -137,21 +193,26 @@ def main() -> None:
             print("pool capacity now", model.pool.capacity, flush=True)
             results["timings"].append({"pool_capacity": model.pool.capacity, "before_round": rnd})
         for name in variants:
-            apply(model, name)
+            apply(model, name, tuned)
             for p in positions:
                 row = {"variant": name, "round": rnd, "position": p, "replay_ms": replay_ms(model, p),
                        "loop_ms": time_decode(model, 1, args.steps, p) * 1e3}
                 results["timings"].append(row)
                 print(json.dumps(row), flush=True)
-            if rnd == 0 and name == variants[0]:
-                for b in [int(x) for x in args.batches.split(",") if x]:
-                    t0 = time.perf_counter()
-                    sec = time_decode(model, b, 32, 3000)
-                    row = {"variant": name, "batch": b, "tokens_per_s": b / sec, "wall_s": time.perf_counter() - t0}
-                    results["timings"].append(row)
-                    print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+            for b in batches:
+                t0 = time.perf_counter()
+                ms = replay_ms(model, positions[-1], b)
+                sec = time_decode(model, b, 32, positions[-1])
+                row = {"variant": name, "round": rnd, "batch": b, "replay_ms": ms, "replay_tokens_per_s": b / ms * 1e3,
+                       "loop_tokens_per_s": b / sec, "wall_s": time.perf_counter() - t0}
+                results["timings"].append(row)
+                print(json.dumps(row), flush=True)
+    _write(args.json, results)
+
+
+def _write(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
 

@@ -5,10 +5,12 @@ work. A GEMV with one-byte weights is bound by instructions as much as by
 bytes, so this shows what a kernel change costs before any GPU run.
 
     python bench/dev/gemv_sass.py [--arch 90] [--block 2,1024,2] [--json out.json]
+    python bench/dev/gemv_sass.py --tc [--block 32,128,4]   # the tensor-core variant (batch padded to 16)
+    python bench/dev/gemv_sass.py --tc --fused              # ... with the norm prologue and the conv epilogue
 
 Per variant: instructions in the K loop, per weight, and the most frequent
 opcodes (I2F: the quarter-rate int-to-float; STS/LDS/BAR: a tile's trip
-through shared memory).
+through shared memory; HMMA: tensor-core MMAs).
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ VARIANTS = [("bf16", "bf16", 0), ("int8 convert", "i8", 0), ("int8 magic", "i8",
             ("fp8 convert", "fp8e4nv", 0), ("fp8 via_f16", "fp8e4nv", 1)]
 
 
-def compile_gemv(weight_type: str, widening: int, block: tuple[int, int, int], arch: int):
-    """The plain-epilogue batch-1 GEMV (no norm, no bias), compiled for sm_<arch>."""
+def compile_gemv(weight_type: str, widening: int, block: tuple[int, int, int], arch: int, tc: bool = False,
+                 fused: bool = False):
+    """The plain-epilogue batch-1 GEMV (no norm, no bias), compiled for sm_<arch>;
+    tc: the tensor-core variant (16 rows); fused: with the residual + RMSNorm
+    prologue, bias, PDL and the conv epilogue (everything a product can carry)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -40,9 +45,10 @@ def compile_gemv(weight_type: str, widening: int, block: tuple[int, int, int], a
            "wscale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "out_stride": "i32", "conv_ptr": "*bf16",
            "slots_ptr": "*i64", "pos_ptr": "*i64", "cw_ptr": "*bf16", "cb_ptr": "*bf16", "L": "i32", "cap": "fp32",
            "B": "i32", "N": "i32", "K": "i32"}
-    const = dict(BB=1, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=False, NORM=False, WRITE_RES=False,
-                 QUANT=weight_type != "bf16", HAS_BIAS=False, EPI=0, CONVK=2, CONVR=1, PDL=False, WIDEN=widening,
-                 FLAT=weight_type != "bf16")
+    const = dict(BB=16 if tc else 1, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=fused, NORM=fused,
+                 WRITE_RES=fused, QUANT=weight_type != "bf16", HAS_BIAS=fused, EPI=2 if fused else 0,
+                 CONVK=4 if fused else 2, CONVR=4 if fused else 1, PDL=fused, WIDEN=widening,
+                 FLAT=weight_type != "bf16" and not tc, TC=tc)
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)
     # what Triton specializes at launch on real tensors: 16-byte aligned pointers, sizes divisible by 16
@@ -84,6 +90,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100)")
     ap.add_argument("--block", default=None, help="BN,BK,num_warps (default: gemv's batch-1 'plain' block)")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    ap.add_argument("--tc", action="store_true", help="the tensor-core variant (batch padded to 16 rows)")
+    ap.add_argument("--fused", action="store_true", help="norm prologue, bias, PDL and conv epilogue")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
@@ -94,11 +102,13 @@ def main(argv=None) -> dict:
         if args.only and name not in args.only.split(","):
             continue
         size = 2 if wtype == "bf16" else 1
-        block = tuple(int(v) for v in args.block.split(",")) if args.block else default_config(1, "plain", True, size)
-        ops = loop_opcodes(sass(compile_gemv(wtype, widening, block, args.arch)))
+        block = tuple(int(v) for v in args.block.split(",")) if args.block else \
+            default_config(1, "plain", True, size, args.tc)
+        ops = loop_opcodes(sass(compile_gemv(wtype, widening, block, args.arch, args.tc, args.fused)))
         weights = block[0] * block[1] / (block[2] * 32)  # per thread per iteration
         out[name] = {"block": list(block), "loop_instructions": len(ops),
-                     "per_weight": round(len(ops) / weights, 2), "top": dict(Counter(ops).most_common(10))}
+                     "per_weight": round(len(ops) / weights, 2), "top": dict(Counter(ops).most_common(10)),
+                     "mma": sum(op in ("HMMA", "HGMMA") for op in ops), "ffma": ops.count("FFMA")}
         print(f"{name:13s} {out[name]['per_weight']:5.2f} per weight  {out[name]['top']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

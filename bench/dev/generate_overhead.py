@@ -18,11 +18,11 @@ import streamgemma as sg
 from streamgemma.bench.decode import time_generate
 
 
-def graph_replay_ms(model: sg.Model, replays: int = 200, reps: int = 5) -> float:
-    """GPU time of one batch-1 step: the median over `reps` of the mean time of
-    `replays` back-to-back replays of the captured batch-1 graph (captured by
-    an earlier batch-1 decode; it replays its last inputs)."""
-    graph = model._graphed._graphs[1]["graph"]
+def graph_replay_ms(model: sg.Model, replays: int = 200, reps: int = 5, bucket: int = 1) -> float:
+    """GPU time of one step: the median over `reps` of the mean time of
+    `replays` back-to-back replays of the captured graph of `bucket` (captured
+    by an earlier decode of that batch bucket; it replays its last inputs)."""
+    graph = model._graphed._graphs[bucket]["graph"]
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,15 +1,22 @@
-"""The fused small-batch GEMV (kernels/gemv.py) against the matmul path on the
-RecurrentGemma-2B projection shapes (bf16 activations; bf16 weights, or int8 /
-fp8 weights with per-row scales with --quantize): correctness, then a block-size
-sweep per shape and batch bucket, each variant timed as one CUDA graph of
-back-to-back launches cycling through enough weight copies to miss L2.
+"""The fused small-batch GEMV (kernels/gemv.py), CUDA-core and tensor-core
+variants, against the matmul path on the RecurrentGemma-2B projection shapes
+(bf16 activations; bf16 weights, or int8 / fp8 weights with per-row scales
+with --quantize): correctness, then a block-size sweep per shape and batch
+bucket, each variant timed as one CUDA graph of back-to-back launches cycling
+through enough weight copies to miss L2.
 
-    python bench/dev/tune_gemv.py [--batches 1,2,4,8] [--json best.json] [--quick] [--pdl] [--quantize int8]
+    python bench/dev/tune_gemv.py [--batches 1,2,4,8,16] [--json best.json] [--quick] [--pdl] [--quantize int8]
+                                  [--kernels cuda,tc]
 
-Prints per shape and batch: the matmul path (cuBLAS + its row kernels) and the
-best GEMV config, in microseconds per call and weight-read TB/s. The JSON's
-"best" (or "best_pdl") table becomes a KernelConfig through
-`streamgemma.fast.tuning.gemv_blocks_from_json`.
+Prints per shape and batch: the matmul path (cuBLAS + its row kernels), the
+best CUDA-core and the best tensor-core config, in microseconds per call and
+weight-read TB/s, and which of the three wins. The JSON's "best" (or
+"best_pdl") table, the fastest fused config per shape (a tensor-core one ends
+in "tc"; keys end in the weight format with --quantize), becomes a
+KernelConfig's gemv_blocks through `streamgemma.fast.tuning.gemv_blocks_from_json`.
+
+Without a GPU (`--quick`, Triton's interpreter, tiny shapes, wall-clock
+timings that mean nothing) it checks that the sweep runs end to end.
 """
 
 from __future__ import annotations
@@ -17,11 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-D, L, E, QKV, V = 2560, 2560, 7680, 3072, 256000
+GPU = torch.cuda.is_available()
+if not GPU:  # the kernels read it when they are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEV = "cuda" if GPU else "cpu"
+# float32 under the interpreter: it multiplies bfloat16 tl.dot operands as raw bits
+DTYPE = torch.bfloat16 if GPU else torch.float32
+# the 2B shapes; without a GPU tiny ones of the same structure
+D, L, E, QKV, V = (2560, 2560, 7680, 3072, 256000) if GPU else (64, 64, 96, 96, 500)
 
 # name: (weight rows, K, epilogue, norm, bias)
 SHAPES = {
@@ -34,8 +49,21 @@ SHAPES = {
 }
 
 
-def configs(bb: int, quick: bool) -> list[tuple[int, int, int]]:
-    """(BN, BK, num_warps) candidates: register use grows with BB * BN * BK / threads."""
+def tc_configs(quick: bool) -> list[tuple]:
+    """Tensor-core (BN, BK, num_warps, "tc") candidates, any batch (padded to 16 rows)."""
+    if quick:
+        return [(32, 128, 4, "tc"), (16, 64, 4, "tc")]
+    return [(bn, bk, w, "tc") for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)]
+
+
+def configs(bb: int, quick: bool, kernels: tuple[str, ...] = ("cuda", "tc")) -> list[tuple]:
+    """Candidates: CUDA-core (BN, BK, num_warps) (register use grows with
+    BB * BN * BK / threads) and tensor-core (BN, BK, num_warps, "tc")."""
+    cc = configs_cuda_core(bb, quick) if "cuda" in kernels else []
+    return cc + (tc_configs(quick) if "tc" in kernels else [])
+
+
+def configs_cuda_core(bb: int, quick: bool) -> list[tuple[int, int, int]]:
     cand = {
         1: [(8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8), (4, 256, 4),
             (4, 512, 4), (4, 1024, 8), (4, 512, 2), (8, 256, 2), (2, 1024, 4), (2, 512, 2),
@@ -44,8 +72,9 @@ def configs(bb: int, quick: bool) -> list[tuple[int, int, int]]:
         4: [(8, 128, 4), (16, 128, 8), (8, 256, 8)],
         8: [(4, 128, 4), (4, 256, 8), (8, 64, 4), (8, 128, 4), (8, 128, 8), (8, 256, 8), (16, 64, 4),
             (16, 128, 8)],
+        16: [(4, 64, 4), (4, 128, 8), (8, 32, 4), (8, 64, 8), (16, 32, 8)],
     }[bb]
-    return cand[:3] if quick else cand
+    return cand[:2] if quick else cand
 
 
 class Case:
@@ -53,30 +82,30 @@ class Case:
 
     def __init__(self, name: str, batch: int, copies: int, seed: int = 0, quantize: str | None = None):
         n_rows, k, self.epi, self.norm, has_bias = SHAPES[name]
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)  # noqa: E731
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=g, device=DEV, dtype=torch.float32)  # noqa: E731
         self.name, self.batch, self.k, self.n_rows = name, batch, k, n_rows
         # drawn in bf16 directly: no float32 copy of the 1.3 GB LM head
-        self.weights = [torch.empty(n_rows, k, device="cuda", dtype=torch.bfloat16).normal_(0, k ** -0.5, generator=g)
+        self.weights = [torch.empty(n_rows, k, device=DEV, dtype=DTYPE).normal_(0, k ** -0.5, generator=g)
                         for _ in range(copies)]
         self.scales = [None] * copies
         if quantize:
             from streamgemma.model.quantize import quantize_rows
             for i, w in enumerate(self.weights):
                 self.weights[i], self.scales[i] = quantize_rows(w, quantize)
-        self.bias = (rnd(n_rows) * 0.1).bfloat16() if has_bias else None
-        self.x = rnd(batch, k).bfloat16()
-        self.delta = rnd(batch, k).bfloat16()
-        self.scale = (rnd(k) * 0.1).bfloat16()
+        self.bias = (rnd(n_rows) * 0.1).to(DTYPE) if has_bias else None
+        self.x = rnd(batch, k).to(DTYPE)
+        self.delta = rnd(batch, k).to(DTYPE)
+        self.scale = (rnd(k) * 0.1).to(DTYPE)
         n_out = n_rows // 2 if self.epi == "geglu" else n_rows
-        self.out = torch.empty(batch, n_out, device="cuda",
-                               dtype=torch.float32 if self.epi == "softcap" else torch.bfloat16)
+        self.out = torch.empty(batch, n_out, device=DEV,
+                               dtype=torch.float32 if self.epi == "softcap" else DTYPE)
         self.res = torch.empty_like(self.x)
         if self.epi == "conv":
-            self.conv_state = (rnd(batch, 3, L) * 0.5).bfloat16()
-            self.cw, self.cb = (rnd(4, L) * 0.5).bfloat16(), (rnd(L) * 0.1).bfloat16()
-            self.slots = torch.arange(batch, device="cuda")
-            self.pos = torch.full((batch,), 100, device="cuda")
+            self.conv_state = (rnd(batch, 3, L) * 0.5).to(DTYPE)
+            self.cw, self.cb = (rnd(4, L) * 0.5).to(DTYPE), (rnd(L) * 0.1).to(DTYPE)
+            self.slots = torch.arange(batch, device=DEV)
+            self.pos = torch.full((batch,), 100, device=DEV)
 
     def gemv(self, i: int, config, pdl: bool = False):
         from streamgemma.kernels.gemv import gemv
@@ -106,14 +135,19 @@ class Case:
         if self.epi == "softcap":
             return elementwise.softcap(y, 30.0, self.out)
         if self.epi == "conv":
-            xc = torch.empty(self.batch, L, device="cuda", dtype=torch.bfloat16)
+            xc = torch.empty(self.batch, L, device=DEV, dtype=DTYPE)
             recurrent_decode.conv1d_decode(y, self.conv_state, self.slots, self.pos, self.cw, self.cb, xc)
             return xc
         return y
 
 
 def graph_time_us(fn, copies: int, launches: int = 48, reps: int = 7) -> float:
-    """Median time per call of fn(i) replayed from one graph, i cycling over copies."""
+    """Median time per call of fn(i) replayed from one graph, i cycling over copies
+    (without a GPU: wall-clock time of one call, to exercise the sweep)."""
+    if not GPU:
+        t0 = time.perf_counter()
+        fn(0)
+        return (time.perf_counter() - t0) * 1e6
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -155,12 +189,14 @@ def _compile(job):
                 shape_case.gemv(0, c, pdl=on)
             except Exception as e:  # noqa: BLE001 - report, keep compiling the rest
                 failed.append((c, repr(e)[:200]))
-    torch.cuda.synchronize()
+    if GPU:
+        torch.cuda.synchronize()
     return failed
 
 
-def check(shape_case: Case) -> float:
-    """GEMV vs the matmul path on the same inputs (conv state restored between)."""
+def check(shape_case: Case, config=None) -> float:
+    """GEMV (`config`, default the kernel's) vs the matmul path on the same
+    inputs (conv state restored before and after)."""
     if shape_case.epi == "conv":
         saved = shape_case.conv_state.clone()
     want = shape_case.matmul(0, fresh=True).float().clone()
@@ -168,45 +204,55 @@ def check(shape_case: Case) -> float:
         want_state = shape_case.conv_state.clone()
         shape_case.conv_state.copy_(saved)
     shape_case.out.fill_(float("nan"))
-    got = shape_case.gemv(0, None).float()
+    got = shape_case.gemv(0, config).float()
+    if shape_case.epi == "conv":
+        got_state = shape_case.conv_state.clone()
+        shape_case.conv_state.copy_(saved)
     got = got[:, :L] if shape_case.epi == "conv" else got
     err = ((got - want).abs().max() / want.abs().max()).item()
     if shape_case.epi == "conv":
-        err = max(err, ((shape_case.conv_state.float() - want_state.float()).abs().max()
+        err = max(err, ((got_state.float() - want_state.float()).abs().max()
                         / want_state.float().abs().max()).item())
     return err
 
 
+def _kind(config) -> str:
+    return "tc" if len(config) == 4 else "cuda"
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--kernels", default="cuda,tc", help="which fused variants to sweep: cuda (CUDA-core), tc")
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pdl", action="store_true", help="also time every config with PDL launches (the best 4 printed)")
     ap.add_argument("--quantize", choices=("int8", "fp8"), help="1-byte weights with per-row scales")
     args = ap.parse_args()
+    if not GPU and not args.quick:
+        ap.error("without a GPU only --quick runs (Triton's interpreter, tiny shapes)")
     # the sweep times plain launches; --pdl adds PDL timings
     batches = [int(b) for b in args.batches.split(",")]
     shapes = args.shapes.split(",")
-    jobs = [(name, b, configs(b, args.quick)) for name in shapes for b in batches]
-    # compile every variant in parallel processes first (fills the on-disk cache)
-    split = [(n, b, cs[i::2], args.pdl, args.quantize) for n, b, cs in jobs for i in range(2)]
-    ctx = __import__("multiprocessing").get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(14, os.cpu_count() or 4), mp_context=ctx) as ex:
-        for (n, b, *_), failed in zip(split, ex.map(_compile, split)):
-            for c, msg in failed:
-                print(f"compile/run failed {n} b{b} {c}: {msg}", flush=True)
+    kernels = tuple(args.kernels.split(","))
+    jobs = [(name, b, configs(b, args.quick, kernels)) for name in shapes for b in batches]
+    if GPU:  # compile every variant in parallel processes first (fills the on-disk cache)
+        split = [(n, b, cs[i::2], args.pdl, args.quantize) for n, b, cs in jobs for i in range(2)]
+        ctx = __import__("multiprocessing").get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(14, os.cpu_count() or 4), mp_context=ctx) as ex:
+            for (n, b, *_), failed in zip(split, ex.map(_compile, split)):
+                for c, msg in failed:
+                    print(f"compile/run failed {n} b{b} {c}: {msg}", flush=True)
 
-    results, best, best_pdl = [], {}, {}
-    header = f"{'shape':6} {'B':>2} {'matmul us':>10} {'TB/s':>6} {'gemv us':>8} {'TB/s':>6}  best config   err"
-    print(header, flush=True)
+    results, best, best_pdl, best_by_kind = [], {}, {}, {"cuda": {}, "tc": {}}
+    weight_bytes = 1 if args.quantize else 2
+    print(f"{'shape':6} {'B':>2} {'matmul us':>9} {'TB/s':>5} | {'cuda-core us':>12} {'TB/s':>5} {'config':15} | "
+          f"{'tensor-core us':>14} {'TB/s':>5} {'config':20} | best    err(cuda, tc)", flush=True)
     for name, b, cfgs in jobs:
-        weight_bytes = 1 if args.quantize else 2
-        copies = copies_for(name, weight_bytes)
+        copies = copies_for(name, weight_bytes) if GPU else 1
         shape_case = Case(name, b, copies, quantize=args.quantize)
         nbytes = shape_case.weights[0].numel() * weight_bytes
-        err = check(shape_case)
         t_mm = graph_time_us(lambda i, sc=shape_case: sc.matmul(i), copies)
         timed = []
         for c in cfgs:
@@ -214,26 +260,47 @@ def main():
                 timed.append((graph_time_us(lambda i, sc=shape_case, c=c: sc.gemv(i, c), copies), c))
             except Exception as e:  # noqa: BLE001
                 print(f"  {name} b{b} {c} failed: {e!r}"[:200], flush=True)
-        timed.sort()
+        timed.sort(key=lambda tc: tc[0])
+        if not timed:
+            continue
         t_best, c_best = timed[0]
+        per_kind = {kind: next(((t, c) for t, c in timed if _kind(c) == kind), None) for kind in ("cuda", "tc")}
+        errs = {kind: check(shape_case, tc[1]) if tc else None for kind, tc in per_kind.items()}
         pdl_times = []
         if args.pdl:
-            pdl_times = sorted((graph_time_us(lambda i, sc=shape_case, c=c: sc.gemv(i, c, pdl=True),
-                                                copies), c) for _, c in timed)[:4]
+            pdl_times = sorted(((graph_time_us(lambda i, sc=shape_case, c=c: sc.gemv(i, c, pdl=True),
+                                                 copies), c) for _, c in timed[:8]), key=lambda tc: tc[0])[:4]
             print("    with PDL: " + ", ".join(f"{c}: {t:.1f} us" for t, c in pdl_times), flush=True)
         key = f"{b},{shape_case.epi},{shape_case.n_rows},{shape_case.k}"
+        key += f",{args.quantize}" if args.quantize else ""  # quantized blocks apply to their format only
         best[key] = list(c_best)
+        for kind, tc in per_kind.items():
+            if tc:
+                best_by_kind[kind][key] = list(tc[1])
         if pdl_times:
             best_pdl[key] = list(pdl_times[0][1])
-        results.append(dict(shape=name, batch=b, matmul_us=t_mm, gemv_us=t_best, config=c_best, err=err,
+        winner = min([("matmul", t_mm)] + [(k, tc[0]) for k, tc in per_kind.items() if tc], key=lambda kv: kv[1])[0]
+        results.append(dict(shape=name, batch=b, weight_bytes=nbytes, matmul_us=t_mm, gemv_us=t_best, config=c_best,
+                            cuda_core=per_kind["cuda"], tensor_core=per_kind["tc"], errors=errs, winner=winner,
                             all=[(t, c) for t, c in timed], pdl=pdl_times))
-        print(f"{name:6} {b:2d} {t_mm:10.1f} {nbytes / t_mm / 1e6:6.2f} {t_best:8.1f} {nbytes / t_best / 1e6:6.2f}"
-              f"  {str(c_best):13} {err:.1e}", flush=True)
+
+        def cols(tc, width):
+            if tc is None:
+                return f"{'-':>{width}} {'-':>5} {'-':{15 if width == 12 else 20}}"
+            return f"{tc[0]:{width}.1f} {nbytes / tc[0] / 1e6:5.2f} {str(tc[1]):{15 if width == 12 else 20}}"
+
+        err_s = ", ".join("-" if e is None else f"{e:.1e}" for e in errs.values())
+        print(f"{name:6} {b:2d} {t_mm:9.1f} {nbytes / t_mm / 1e6:5.2f} | {cols(per_kind['cuda'], 12)} | "
+              f"{cols(per_kind['tc'], 14)} | {winner:6}  {err_s}", flush=True)
         del shape_case
-        torch.cuda.empty_cache()
+        if GPU:
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"best": best, "best_pdl": best_pdl, "results": results}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name() if GPU else "cpu (interpreter)",
+                       "quantize": args.quantize, "best": best, "best_pdl": best_pdl,
+                       "best_cuda_core": best_by_kind["cuda"], "best_tensor_core": best_by_kind["tc"],
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ kernels per layer and one matrix product per projection (projections that
 read the same input are fused into one weight; the network's parameters
 become views into the fused weights, so no weight is stored twice).
 
-Up to `KernelConfig.gemv_max_batch` rows (default 1) the products are the
-fused GEMV kernel of `kernels/gemv.py` instead of cuBLAS: the norms, GeGLU,
-conv1d, embedding lookup and soft-cap ride in the products' prologues and
-epilogues. Block shapes and launch options come from the `KernelConfig`.
+Up to `KernelConfig.gemv_max_batch` rows (default 1, at most 16) the products
+are the fused GEMV kernel of `kernels/gemv.py` instead of cuBLAS: the norms,
+GeGLU, conv1d, embedding lookup and soft-cap ride in the products' prologues
+and epilogues. Block shapes, the kernel variant (CUDA-core FMAs or tensor-core
+MMAs with the batch padded to 16) and launch options come from the `KernelConfig`.
 Quantized weights (int8 / fp8) take the same paths: the GEMV kernel reads
 them as stored and applies the row scales in its epilogue, the larger batches
 go through `qlinear.linear` (fp8 tensor cores, or int8 dequantized in registers).
@@ -133,8 +134,9 @@ class KernelDecoder:
         delta = None
 
         def gemv(src, weight, out, epilogue="plain", **kw):
-            config = kc.gemv_block(batch, epilogue, *weight.shape)
-            return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, pdl=self.pdl, **kw)
+            config, tc = kc.gemv_launch(batch, epilogue, *weight.shape, _weight_format(weight))
+            return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, tensor_cores=tc,
+                                   pdl=self.pdl, **kw)
 
         def project(src, name, out):  # an unfused projection of the layer's entry
             return gemv(src, entry["w_" + name], out, weight_scale=entry["s_" + name], bias=entry["b_" + name])
@@ -177,6 +179,11 @@ class KernelDecoder:
         gemv(res[cur], self.embedding, out, delta=delta, norm_scale=net.final_norm.scale, eps=eps,
              weight_scale=self.embedding_scale, epilogue="softcap", cap=cfg.logits_soft_cap)
         return out
+
+
+def _weight_format(weight: torch.Tensor) -> str:
+    """The weight's format as KernelConfig names it."""
+    return {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}.get(weight.dtype, "float")
 
 
 def _project(x: torch.Tensor, entry: dict, name: str, x_fp8: tuple | None = None) -> torch.Tensor:

@@ -16,8 +16,12 @@ from types import MappingProxyType
 
 GEMV_EPILOGUES = ("plain", "geglu", "conv", "softcap")
 
-GemvKey = tuple[int, str, int, int]  # (batch bucket, epilogue, N, K): N, K of the weight as stored
-GemvBlock = tuple[int, int, int]  # (BN, BK, num_warps)
+WEIGHT_FORMATS = ("float", "int8", "fp8")  # float: the model dtype (bf16, fp16, fp32)
+TENSOR_CORES = "tc"  # a block's optional 4th element: the tensor-core kernel (kernels/gemv.py)
+
+# (batch bucket, epilogue, N, K[, weight format]): N, K of the weight as stored
+GemvKey = tuple[int, str, int, int] | tuple[int, str, int, int, str]
+GemvBlock = tuple[int, int, int] | tuple[int, int, int, str]  # (BN, BK, num_warps[, "tc"])
 
 
 def _power_of_two(n: int) -> bool:
@@ -29,11 +33,19 @@ class KernelConfig:
     """gemv_max_batch: largest batch on the fused GEMV path (weight-streaming
     products with the norms, GeGLU, conv and soft-cap folded in); larger
     batches use cuBLAS products, which win once many rows reuse each weight.
-    0: cuBLAS only. At most `kernels/gemv.py`'s MAX_BATCH (8).
+    0: cuBLAS only. At most `kernels/gemv.py`'s MAX_BATCH (16).
 
     gemv_blocks: (batch bucket, epilogue, N, K) -> (BN, BK, num_warps) for
     GEMV calls of that shape; the batch bucket is the batch rounded up to a
-    power of two, N and K the weight's shape ([2N', K] for "geglu").
+    power of two, N and K the weight's shape ([2N', K] for "geglu"). A key
+    may end in a weight format ("float", "int8", "fp8"): it then applies to
+    that format only and wins over the key without one. A block ending in
+    "tc" ((BN, BK, num_warps, "tc"), BN and BK >= 16) runs the tensor-core
+    variant of the kernel (batch padded to 16 rows for the MMA).
+
+    gemv_tensor_cores: weight format -> batch buckets whose GEMV calls run the
+    tensor-core variant with its default block where gemv_blocks names none
+    (e.g. {"float": (2, 4, 8, 16), "int8": (1, 2, 4, 8, 16)}). Default: none.
 
     attention_blocks: batch -> keys per tile of the attention decode.
 
@@ -47,6 +59,7 @@ class KernelConfig:
 
     gemv_max_batch: int = 1
     gemv_blocks: Mapping[GemvKey, GemvBlock] = dataclasses.field(default_factory=dict)
+    gemv_tensor_cores: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     attention_blocks: Mapping[int, int] = dataclasses.field(default_factory=dict)
     rglru_launch: tuple[int, int] | None = None
     pdl: bool | None = None
@@ -54,16 +67,13 @@ class KernelConfig:
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
             raise ValueError(f"gemv_max_batch must be an int >= 0, got {self.gemv_max_batch!r}")
-        blocks = {}
-        for key, block in dict(self.gemv_blocks).items():
-            bucket, epilogue, n, k = key
-            bn, bk, warps = (int(v) for v in block)
-            if epilogue not in GEMV_EPILOGUES or not _power_of_two(bucket):
-                raise ValueError(f"gemv_blocks key {key!r}: want (power-of-two batch bucket, one of "
-                                 f"{GEMV_EPILOGUES}, N, K)")
-            if not (_power_of_two(bn) and _power_of_two(bk) and _power_of_two(warps)):
-                raise ValueError(f"gemv_blocks[{key!r}] = {block!r}: BN, BK, num_warps must be powers of two")
-            blocks[(int(bucket), epilogue, int(n), int(k))] = (bn, bk, warps)
+        blocks = {_gemv_key(key): _gemv_block(key, block) for key, block in dict(self.gemv_blocks).items()}
+        tensor_cores = {}
+        for fmt, buckets in dict(self.gemv_tensor_cores).items():
+            if fmt not in WEIGHT_FORMATS or not all(_power_of_two(int(b)) for b in buckets):
+                raise ValueError(f"gemv_tensor_cores: want {{weight format in {WEIGHT_FORMATS}: power-of-two "
+                                 f"batch buckets}}, got {fmt!r}: {buckets!r}")
+            tensor_cores[fmt] = frozenset(int(b) for b in buckets)
         attention = {}
         for batch, keys in dict(self.attention_blocks).items():
             if not _power_of_two(int(keys)) or keys < 16:
@@ -79,28 +89,63 @@ class KernelConfig:
             raise ValueError(f"pdl must be None, True or False, got {self.pdl!r}")
         # read-only copies: a config cannot change under a decoder that holds it
         object.__setattr__(self, "gemv_blocks", MappingProxyType(blocks))
+        object.__setattr__(self, "gemv_tensor_cores", MappingProxyType(tensor_cores))
         object.__setattr__(self, "attention_blocks", MappingProxyType(attention))
         object.__setattr__(self, "rglru_launch", launch)
 
     def __hash__(self) -> int:
         return hash((self.gemv_max_batch, frozenset(self.gemv_blocks.items()),
+                     frozenset(self.gemv_tensor_cores.items()),
                      frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl))
 
-    def gemv_block(self, batch: int, epilogue: str, n: int, k: int) -> GemvBlock | None:
+    def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or
         None for the kernel's default."""
-        return self.gemv_blocks.get((1 << (batch - 1).bit_length(), epilogue, n, k))
+        bucket = 1 << (batch - 1).bit_length()
+        block = self.gemv_blocks.get((bucket, epilogue, n, k, weight_format))
+        return block if block is not None else self.gemv_blocks.get((bucket, epilogue, n, k))
+
+    def gemv_launch(self, batch: int, epilogue: str, n: int, k: int,
+                    weight_format: str = "float") -> tuple[GemvBlock | None, bool]:
+        """(block or None for the default, whether the tensor-core variant runs)
+        for a GEMV of `batch` rows and an [n, k] weight of `weight_format`."""
+        block = self.gemv_block(batch, epilogue, n, k, weight_format)
+        if block is not None:
+            return block, len(block) == 4
+        bucket = 1 << (batch - 1).bit_length()
+        return None, bucket in self.gemv_tensor_cores.get(weight_format, ())
 
     def attention_block(self, batch: int) -> int | None:
         """Keys per tile of the attention decode at `batch` rows, or None for the default."""
         return self.attention_blocks.get(batch)
 
 
-def gemv_blocks_from_json(entries: Mapping[str, Sequence[int]]) -> dict[GemvKey, GemvBlock]:
+def _gemv_key(key) -> GemvKey:
+    if len(key) not in (4, 5) or key[1] not in GEMV_EPILOGUES or not _power_of_two(int(key[0])) \
+            or (len(key) == 5 and key[4] not in WEIGHT_FORMATS):
+        raise ValueError(f"gemv_blocks key {key!r}: want (power-of-two batch bucket, one of "
+                         f"{GEMV_EPILOGUES}, N, K[, one of {WEIGHT_FORMATS}])")
+    return (int(key[0]), key[1], int(key[2]), int(key[3])) + tuple(key[4:])
+
+
+def _gemv_block(key, block) -> GemvBlock:
+    bad = ValueError(f"gemv_blocks[{key!r}] = {block!r}: want (BN, BK, num_warps[, {TENSOR_CORES!r}]), "
+                     f"powers of two (BN, BK >= 16 with {TENSOR_CORES!r})")
+    if len(block) not in (3, 4) or (len(block) == 4 and block[3] != TENSOR_CORES):
+        raise bad
+    bn, bk, warps = (int(v) for v in block[:3])
+    if not (_power_of_two(bn) and _power_of_two(bk) and _power_of_two(warps)) or \
+            (len(block) == 4 and min(bn, bk) < 16):
+        raise bad
+    return (bn, bk, warps) + tuple(block[3:])
+
+
+def gemv_blocks_from_json(entries: Mapping[str, Sequence]) -> dict[GemvKey, GemvBlock]:
     """`gemv_blocks` from the "best" table that bench/dev/tune_gemv.py writes
-    ({"bucket,epilogue,N,K": [BN, BK, num_warps]})."""
+    ({"bucket,epilogue,N,K[,format]": [BN, BK, num_warps[, "tc"]]})."""
     blocks = {}
     for key, block in entries.items():
-        bucket, epilogue, n, k = key.split(",")
-        blocks[(int(bucket), epilogue, int(n), int(k))] = tuple(int(v) for v in block)
+        bucket, epilogue, n, k, *fmt = key.split(",")
+        blocks[(int(bucket), epilogue, int(n), int(k), *fmt)] = tuple(v if v == TENSOR_CORES else int(v)
+                                                                      for v in block)
     return blocks

@@ -10,6 +10,7 @@ import streamgemma as sg
 def test_defaults_leave_every_choice_to_the_kernels():
     config = sg.KernelConfig()
     assert config.gemv_max_batch == 1 and config.pdl is None and config.rglru_launch is None
+    assert config.prefill_attention == "triton" and config.prefill_attention_tiles is None
     assert config.gemv_block(1, "plain", 2560, 2560) is None and config.attention_block(1) is None
 
 
@@ -34,7 +35,10 @@ def test_a_config_is_immutable_and_compares_by_value():
                                  dict(gemv_blocks={(1, "plain", 1, 1): (16, 16, 4, "mma")}),
                                  dict(gemv_blocks={(1, "plain", 1, 1, "int4"): (8, 8, 4)}),
                                  dict(gemv_tensor_cores={"bf16": (2,)}), dict(gemv_tensor_cores={"int8": (3,)}),
-                                 dict(attention_blocks={1: 8}), dict(rglru_launch=(32,)), dict(pdl="yes")])
+                                 dict(attention_blocks={1: 8}), dict(rglru_launch=(32,)), dict(pdl="yes"),
+                                 dict(prefill_attention="flash"), dict(prefill_attention_tiles=(128, 64, 8)),
+                                 dict(prefill_attention_tiles=(8, 64, 8, 2)),
+                                 dict(prefill_attention_tiles=(128, 64, 8, 0))])
 def test_bad_values_are_refused_with_the_field_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         sg.KernelConfig(**bad)
@@ -66,3 +70,9 @@ def test_gemv_blocks_from_the_tuning_json():
     blocks = gemv_blocks_from_json({"8,plain,256,128": [32, 128, 4, "tc"], "1,conv,512,128,int8": [4, 256, 2]})
     assert blocks == {(8, "plain", 256, 128): (32, 128, 4, "tc"), (1, "conv", 512, 128, "int8"): (4, 256, 2)}
     assert sg.KernelConfig(gemv_blocks=blocks).gemv_launch(8, "plain", 256, 128)[1]
+
+
+def test_prefill_tiles_are_normalised_and_hashed():
+    config = sg.KernelConfig(prefill_attention_tiles=[64, 32, 4, 3])
+    assert config.prefill_attention_tiles == (64, 32, 4, 3)
+    assert hash(config) != hash(sg.KernelConfig()) and config != sg.KernelConfig()

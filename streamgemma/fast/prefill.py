@@ -5,8 +5,11 @@ Same function as `Griffin.forward_chunk` on the slot's gathered state, with
 far fewer launches per layer (prefill of short inputs is bound by launches,
 not arithmetic): fused projections (see fused_weights.py), Triton kernels for
 the norms, the conv over the chunk, the whole RG-LRU (gates' nonlinearities,
-scan, gelu product) and RoPE, and PyTorch's fused attention over the ring's
-previous keys plus the chunk.
+scan, gelu product) and RoPE, and a sliding-window flash-attention kernel
+over the ring's previous keys (read in place) plus the chunk's.
+`KernelConfig.prefill_attention` = "sdpa" swaps in PyTorch's
+memory-efficient attention with an explicit mask (the earlier path, kept for
+before/after comparisons).
 """
 
 from __future__ import annotations
@@ -22,15 +25,20 @@ from ..model.griffin import Griffin
 from ..model.pool import StatePool
 from .fused_weights import FusedWeights
 from .qlinear import linear
+from .tuning import KernelConfig
 
 
 class KernelPrefill:
     """Consumes chunks of tokens for one slot of `pool`."""
 
-    def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights):
-        from streamgemma.kernels import elementwise, recurrent_prefill, rope
+    def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights,
+                 kernel_config: KernelConfig | None = None):
+        from streamgemma.kernels import attention_prefill, elementwise, recurrent_prefill, rope
 
-        self._ew, self._rec, self._rope = elementwise, recurrent_prefill, rope
+        self._ew, self._rec, self._rope, self._attn = elementwise, recurrent_prefill, rope, attention_prefill
+        self.kernel_config = kc = kernel_config or KernelConfig()
+        self._tiles = None if kc.prefill_attention_tiles is None else \
+            attention_prefill.PrefillTiles(*kc.prefill_attention_tiles)
         self.network, self.pool, self.config = network, pool, network.config
         self.layers, self.inv_freq = fused.layers, fused.inv_freq
         self.embedding, self.embedding_scale = fused.embedding, fused.embedding_scale
@@ -90,30 +98,43 @@ class KernelPrefill:
         qkv = linear(normed, entry["w_qkv"], entry["s_qkv"])
         self._rope.rope_chunk(qkv, cfg.num_heads, hd, p0, self.inv_freq)
         q, k, v = qkv[:, :d].view(steps, cfg.num_heads, hd), qkv[:, d:d + hd], qkv[:, d + hd:]
-        prev = min(p0, w)  # ring entries that hold keys: positions p0 - prev .. p0 - 1
-        if prev:
-            idx = torch.arange(p0 - prev, p0, device=dev) % w
-            keys = torch.cat([ring_k.index_select(0, idx), k])
-            values = torch.cat([ring_v.index_select(0, idx), v])
+        if self.kernel_config.prefill_attention == "sdpa":
+            mixed = _sdpa_attention(q, k, v, ring_k, ring_v, p0)
         else:
-            keys, values = k, v
-        kpos = torch.arange(p0 - prev, p0 + steps, device=dev)
-        qpos = kpos[prev:, None]
-        mask = (kpos[None] <= qpos) & (kpos[None] >= qpos - w)  # [T, prev + T]
-        heads = cfg.num_heads
-        # Multi-query: the one key/value head is broadcast (a stride-0 view, no copy). The
-        # memory-efficient backend takes any mask and shape without per-shape planning
-        # (cuDNN's plans anew for every new chunk length).
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            mixed = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys[None, None].expand(1, heads, -1, -1),
-                values[None, None].expand(1, heads, -1, -1), attn_mask=mask[None, None], scale=hd ** -0.5)
-        mixed = mixed[0].transpose(0, 1).reshape(steps, d)
+            mixed = torch.empty(steps, d, dtype=normed.dtype, device=dev)
+            self._attn.attention_prefill(q, k, v, ring_k, ring_v, p0, mixed, self._tiles)
         n = min(steps, w)  # the chunk's last keys go into the ring
         where = torch.arange(p0 + steps - n, p0 + steps, device=dev) % w
         ring_k.index_copy_(0, where, k[-n:])
         ring_v.index_copy_(0, where, v[-n:])
         return _project(mixed, entry, "out")
+
+
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor,
+                    ring_v: torch.Tensor, p0: int) -> torch.Tensor:
+    """What attention_prefill computes, with PyTorch's attention: the ring's keys
+    gathered in logical order before the chunk's, an explicit [T, prev + T] mask.
+    q: [T, H, hd]; k, v: [T, hd]; ring_k, ring_v: [W, hd]. Returns [T, H * hd]."""
+    steps, heads, hd = q.shape
+    w, dev = ring_k.shape[0], q.device
+    prev = min(p0, w)  # ring entries that hold keys: positions p0 - prev .. p0 - 1
+    if prev:
+        idx = torch.arange(p0 - prev, p0, device=dev) % w
+        keys = torch.cat([ring_k.index_select(0, idx), k])
+        values = torch.cat([ring_v.index_select(0, idx), v])
+    else:
+        keys, values = k, v
+    kpos = torch.arange(p0 - prev, p0 + steps, device=dev)
+    qpos = kpos[prev:, None]
+    mask = (kpos[None] <= qpos) & (kpos[None] >= qpos - w)  # [T, prev + T]
+    # Multi-query: the one key/value head is broadcast (a stride-0 view, no copy). The
+    # memory-efficient backend takes any mask and shape without per-shape planning
+    # (cuDNN's plans anew for every new chunk length).
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        mixed = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None, None].expand(1, heads, -1, -1),
+            values[None, None].expand(1, heads, -1, -1), attn_mask=mask[None, None], scale=hd ** -0.5)
+    return mixed[0].transpose(0, 1).reshape(steps, heads * hd)
 
 
 def _project(x: torch.Tensor, entry: dict, name: str) -> torch.Tensor:

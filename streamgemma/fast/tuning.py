@@ -1,11 +1,12 @@
-"""`KernelConfig`: the launch choices of the decode kernels, one immutable
+"""`KernelConfig`: the launch choices of the decode and prefill kernels, one immutable
 value passed explicitly (Model -> KernelDecoder -> the kernel wrappers).
 
 The default is what the kernels are tuned for; tuning tools build variants
 (`dataclasses.replace(KernelConfig(), ...)`) instead of changing globals.
 Anything left unset (an empty mapping, None) means the kernel's own default,
 which lives next to the kernel (`gemv.default_config`,
-`attention_decode.DEFAULT_BLOCK`, `recurrent_decode.default_launch`).
+`attention_decode.DEFAULT_BLOCK`, `recurrent_decode.default_launch`,
+`attention_prefill.PrefillTiles`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ TENSOR_CORES = "tc"  # a block's optional 4th element: the tensor-core kernel (k
 # (batch bucket, epilogue, N, K[, weight format]): N, K of the weight as stored
 GemvKey = tuple[int, str, int, int] | tuple[int, str, int, int, str]
 GemvBlock = tuple[int, int, int] | tuple[int, int, int, str]  # (BN, BK, num_warps[, "tc"])
+PREFILL_ATTENTION = ("triton", "sdpa")
 
 
 def _power_of_two(n: int) -> bool:
@@ -55,6 +57,13 @@ class KernelConfig:
     pdl: programmatic dependent launch of the decode kernels. None: on where
     the device supports it (compute capability 9.0+, compiled); True: on
     (DeviceError where unsupported); False: plain launches.
+
+    prefill_attention: "triton", the sliding-window flash kernel of
+    `kernels/attention_prefill.py`; "sdpa", PyTorch's memory-efficient
+    attention with an explicit mask (the earlier path, kept for comparisons).
+
+    prefill_attention_tiles: (block_m, block_n, num_warps, num_stages) of
+    that kernel: (query, head) pairs and keys per tile, powers of two >= 16.
     """
 
     gemv_max_batch: int = 1
@@ -63,6 +72,8 @@ class KernelConfig:
     attention_blocks: Mapping[int, int] = dataclasses.field(default_factory=dict)
     rglru_launch: tuple[int, int] | None = None
     pdl: bool | None = None
+    prefill_attention: str = "triton"
+    prefill_attention_tiles: tuple[int, int, int, int] | None = None
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -87,16 +98,27 @@ class KernelConfig:
                                  f"got {self.rglru_launch!r}")
         if self.pdl not in (None, True, False):
             raise ValueError(f"pdl must be None, True or False, got {self.pdl!r}")
+        if self.prefill_attention not in PREFILL_ATTENTION:
+            raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTION}, got {self.prefill_attention!r}")
+        tiles = self.prefill_attention_tiles
+        if tiles is not None:
+            tiles = tuple(int(v) for v in tiles)
+            if len(tiles) != 4 or not all(_power_of_two(v) for v in tiles[:3]) or min(tiles[:2]) < 16 \
+                    or tiles[3] < 1:
+                raise ValueError("prefill_attention_tiles must be (block_m, block_n, num_warps, num_stages): "
+                                 f"powers of two, blocks >= 16, stages >= 1; got {self.prefill_attention_tiles!r}")
         # read-only copies: a config cannot change under a decoder that holds it
         object.__setattr__(self, "gemv_blocks", MappingProxyType(blocks))
         object.__setattr__(self, "gemv_tensor_cores", MappingProxyType(tensor_cores))
         object.__setattr__(self, "attention_blocks", MappingProxyType(attention))
         object.__setattr__(self, "rglru_launch", launch)
+        object.__setattr__(self, "prefill_attention_tiles", tiles)
 
     def __hash__(self) -> int:
         return hash((self.gemv_max_batch, frozenset(self.gemv_blocks.items()),
                      frozenset(self.gemv_tensor_cores.items()),
-                     frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl))
+                     frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl,
+                     self.prefill_attention, self.prefill_attention_tiles))
 
     def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or

@@ -38,8 +38,9 @@ class Model:
 
     Attributes: `config` (GriffinConfig), `tokenizer` (Tokenizer or None),
     `network` (the PyTorch module), `pool` (StatePool of all sessions' state),
-    `kernel_config` (KernelConfig: launch choices of the Triton decode kernels;
-    a replacement takes effect at the next decode, whose graphs are captured anew).
+    `kernel_config` (KernelConfig: launch choices of the Triton decode and
+    prefill kernels; a replacement takes effect at the next decode, whose
+    graphs are captured anew, and the next prefill).
 
     The pool holds at most `max_sessions` sessions and `max_state_bytes` of
     state (default: half the memory free on the model's device when it is
@@ -316,8 +317,9 @@ class Model:
             mode = "all" if all_logits else ("last" if last else "none")
             part_t = torch.tensor(part, dtype=torch.long, device=dev)
             if self.kernels:
-                if self._kernel_prefill is None:
-                    self._kernel_prefill = KernelPrefill(self.network, self.pool, self._fused_weights())
+                if self._kernel_prefill is None or self._kernel_prefill.kernel_config is not self.kernel_config:
+                    self._kernel_prefill = KernelPrefill(self.network, self.pool, self._fused_weights(),
+                                                         self.kernel_config)
                 logits = self._kernel_prefill.chunk(slot, part_t, p0, logits=mode)
             else:
                 slot_t = torch.tensor([slot], dtype=torch.long, device=dev)

@@ -99,7 +99,7 @@ class KernelPrefill:
         self._rope.rope_chunk(qkv, cfg.num_heads, hd, p0, self.inv_freq)
         q, k, v = qkv[:, :d].view(steps, cfg.num_heads, hd), qkv[:, d:d + hd], qkv[:, d + hd:]
         if self.kernel_config.prefill_attention == "sdpa":
-            mixed = _sdpa_attention(q, k, v, ring_k, ring_v, p0)
+            mixed = sdpa_attention(q, k, v, ring_k, ring_v, p0)
         else:
             mixed = torch.empty(steps, d, dtype=normed.dtype, device=dev)
             self._attn.attention_prefill(q, k, v, ring_k, ring_v, p0, mixed, self._tiles)
@@ -110,7 +110,7 @@ class KernelPrefill:
         return _project(mixed, entry, "out")
 
 
-def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor,
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor,
                     ring_v: torch.Tensor, p0: int) -> torch.Tensor:
     """What attention_prefill computes, with PyTorch's attention: the ring's keys
     gathered in logical order before the chunk's, an explicit [T, prev + T] mask.

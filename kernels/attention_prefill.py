@@ -55,13 +55,13 @@ def _tile(q, j0, qj, m_i, l_i, acc, ring_k_ptr, ring_v_ptr, k_ptr, v_ptr, kv_str
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale  # log2 units
     if MASKED:
         valid = (j[None, :] <= qj[:, None]) & (j[None, :] >= qj[:, None] - W)
         s = tl.where(valid, s, _NEG)
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # m_i is in scaled log2 units: the scale folds into the exponent's argument (one FMA)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     if MASKED:
         p = tl.where(valid, p, 0.0)  # a row with no valid key yet: s - m_new is 0, not -inf
     l_i = l_i * alpha + tl.sum(p, axis=1)

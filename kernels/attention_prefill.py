@@ -13,7 +13,9 @@ query-major (pair m = i * H + h): all heads of a query share every key/value
 tile (MQA), and no lane is wasted on padding heads (10 heads are not a power
 of two). A block's pairs span about BLOCK_M / H consecutive queries, so it
 visits only the key tiles of their windows' union: about window + BLOCK_M / H
-keys, not prev + T. Tiles inside every pair's window skip the mask.
+keys, not prev + T. Tiles inside every pair's window skip the mask. The ring's
+keys and the chunk's are separate spans of tiles, so each tile is one load
+from one source, which Triton pipelines (asynchronous copies to shared memory).
 """
 
 from __future__ import annotations
@@ -29,34 +31,33 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv(ring_ptr, chunk_ptr, chunk_stride, j, dims, p0, prev, W, in_range, HD: tl.constexpr):
-    """Keys (or values) of logical indices j [BN]: ring entries for j < prev, chunk rows after."""
-    in_ring = j < prev
-    ring_row = (p0 - prev + j) % W
-    a = tl.load(ring_ptr + ring_row[:, None] * HD + dims[None, :],
-                mask=(in_ring & in_range)[:, None], other=0.0)
-    b = tl.load(chunk_ptr + (j - prev)[:, None] * chunk_stride + dims[None, :],
-                mask=((j >= prev) & in_range)[:, None], other=0.0)
-    return a + b
-
-
-@triton.jit
-def _tile(q, j0, qj, m_i, l_i, acc, ring_k_ptr, ring_v_ptr, k_ptr, v_ptr, kv_stride, dims, p0, prev, T, W,
-          qk_scale, HD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+def _tile(q, j0, qj, m_i, l_i, acc, k_ptr, v_ptr, kv_stride, dims, p0, prev, span_hi, W, qk_scale,
+          HD: tl.constexpr, BN: tl.constexpr, IN_RING: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """One key tile [j0, j0 + BN) into the online softmax of the block's pairs.
-    qj: [BM] the logical index of each pair's own key (i + prev); its window is
-    [qj - W, qj]. MASKED=False: the caller knows the whole tile is inside every
-    pair's window (and inside the keys)."""
+    IN_RING: the tile's keys are ring entries (k_ptr, v_ptr: the ring, row
+    (p0 - prev + j) % W), else chunk rows j - prev (row stride kv_stride); keys
+    from span_hi on belong to the next span or do not exist. qj: [BM] the
+    logical index of each pair's own key (i + prev); its window is [qj - W, qj].
+    MASKED=False: the caller knows the whole tile is inside every pair's window
+    and the span."""
     j = j0 + tl.arange(0, BN)
-    in_range = j < prev + T
-    k = _load_kv(ring_k_ptr, k_ptr, kv_stride, j, dims, p0, prev, W, in_range, HD)
-    v = _load_kv(ring_v_ptr, v_ptr, kv_stride, j, dims, p0, prev, W, in_range, HD)
+    if IN_RING:
+        rows = ((p0 - prev + j) % W) * HD
+    else:
+        rows = (j - prev) * kv_stride
+    offs = rows[:, None] + dims[None, :]
+    if MASKED:
+        k = tl.load(k_ptr + offs, mask=(j < span_hi)[:, None], other=0.0)
+        v = tl.load(v_ptr + offs, mask=(j < span_hi)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + offs)
+        v = tl.load(v_ptr + offs)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
     if MASKED:
-        valid = (j[None, :] <= qj[:, None]) & (j[None, :] >= qj[:, None] - W)
+        valid = (j[None, :] <= qj[:, None]) & (j[None, :] >= qj[:, None] - W) & (j < span_hi)[None, :]
         s = tl.where(valid, s, _NEG)
     # m_i is in scaled log2 units: the scale folds into the exponent's argument (one FMA)
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
@@ -71,6 +72,26 @@ def _tile(q, j0, qj, m_i, l_i, acc, ring_k_ptr, ring_v_ptr, k_ptr, v_ptr, kv_str
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
+
+
+@triton.jit
+def _span(q, qj, m_i, l_i, acc, k_ptr, v_ptr, kv_stride, dims, p0, prev, W, qk_scale, lo, hi, all_lo, all_hi,
+          HD: tl.constexpr, BN: tl.constexpr, IN_RING: tl.constexpr, IEEE: tl.constexpr):
+    """Key tiles from lo up to hi (exclusive) of one source: masked tiles up to
+    the first one inside [all_lo, all_hi) (every pair's window), unmasked
+    tiles while they stay inside it, masked tiles for the rest."""
+    a_end = tl.minimum(lo + (tl.maximum(all_lo - lo, 0) + BN - 1) // BN * BN, hi)
+    b_end = a_end + tl.maximum(tl.minimum(all_hi, hi) - a_end, 0) // BN * BN
+    for j0 in range(lo, a_end, BN):
+        m_i, l_i, acc = _tile(q, j0, qj, m_i, l_i, acc, k_ptr, v_ptr, kv_stride, dims, p0, prev, hi, W, qk_scale,
+                              HD, BN, IN_RING, True, IEEE)
+    for j0 in range(a_end, b_end, BN):
+        m_i, l_i, acc = _tile(q, j0, qj, m_i, l_i, acc, k_ptr, v_ptr, kv_stride, dims, p0, prev, hi, W, qk_scale,
+                              HD, BN, IN_RING, False, IEEE)
+    for j0 in range(b_end, hi, BN):
+        m_i, l_i, acc = _tile(q, j0, qj, m_i, l_i, acc, k_ptr, v_ptr, kv_stride, dims, p0, prev, hi, W, qk_scale,
+                              HD, BN, IN_RING, True, IEEE)
+    return m_i, l_i, acc
 
 
 # p0, prev, T change from call to call: unspecialised, so they do not multiply compiled variants
@@ -93,21 +114,16 @@ def _attn_prefill_kernel(q_ptr, q_stride, ring_k_ptr, ring_v_ptr, k_ptr, v_ptr, 
     hi = i_hi + prev + 1  # exclusive
     all_lo = tl.maximum(i_hi + prev - W, 0)
     all_hi = i_lo + prev + 1  # exclusive
-    a_end = tl.minimum(lo + (tl.maximum(all_lo - lo, 0) + BN - 1) // BN * BN, hi)
-    b_end = a_end + tl.maximum(all_hi - a_end, 0) // BN * BN
 
     m_i = tl.full((BM,), _NEG, tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, HD), tl.float32)
-    for j0 in range(lo, a_end, BN):
-        m_i, l_i, acc = _tile(q, j0, qj, m_i, l_i, acc, ring_k_ptr, ring_v_ptr, k_ptr, v_ptr, kv_stride, dims,
-                              p0, prev, T, W, qk_scale, HD, BN, True, IEEE)
-    for j0 in range(a_end, b_end, BN):
-        m_i, l_i, acc = _tile(q, j0, qj, m_i, l_i, acc, ring_k_ptr, ring_v_ptr, k_ptr, v_ptr, kv_stride, dims,
-                              p0, prev, T, W, qk_scale, HD, BN, False, IEEE)
-    for j0 in range(b_end, hi, BN):
-        m_i, l_i, acc = _tile(q, j0, qj, m_i, l_i, acc, ring_k_ptr, ring_v_ptr, k_ptr, v_ptr, kv_stride, dims,
-                              p0, prev, T, W, qk_scale, HD, BN, True, IEEE)
+    # two spans, so that every tile reads one source: the ring's keys [lo, prev),
+    # then the chunk's [max(lo, prev), hi)
+    m_i, l_i, acc = _span(q, qj, m_i, l_i, acc, ring_k_ptr, ring_v_ptr, 0, dims, p0, prev, W, qk_scale,
+                          lo, prev, all_lo, all_hi, HD, BN, True, IEEE)
+    m_i, l_i, acc = _span(q, qj, m_i, l_i, acc, k_ptr, v_ptr, kv_stride, dims, p0, prev, W, qk_scale,
+                          tl.maximum(lo, prev), hi, all_lo, all_hi, HD, BN, False, IEEE)
     # every pair has at least its own key, so l_i > 0
     out = acc / l_i[:, None]
     tl.store(out_ptr + pairs[:, None] * HD + dims[None, :], out.to(out_ptr.dtype.element_ty),

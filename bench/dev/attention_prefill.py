@@ -3,10 +3,16 @@ earlier path, `fast.prefill.sdpa_attention`) against the Triton sliding-window
 kernel (kernels/attention_prefill.py) at several tile shapes; microseconds per
 call, TFLOP/s over the keys inside the windows, error against float32 math.
 `--feed N` then times whole feeds of a RecurrentGemma-2B-shaped model (random
-bf16 weights) with each attention path, interleaved so drift shows.
+bf16 weights) with each attention path and each `--chunks` size,
+interleaved so drift shows.
+
+"programs" is the kernel's grid, T * H / block_m: on a GPU of 132 SMs that
+run one program each (block_m 128 at hd 256 takes most of an SM's shared
+memory), 160 programs are two waves, the second 21% full.
 
     python bench/dev/attention_prefill.py                      # T 2048, H 10, hd 256, window 2048
-    python bench/dev/attention_prefill.py --feed 8192 --json attn.json
+    python bench/dev/attention_prefill.py --tokens 1664,2048,3328 --tiles 128,64,8,2 64,64,4,2
+    python bench/dev/attention_prefill.py --feed 8192 --chunks 2048,3328 --json attn.json
     python bench/dev/attention_prefill.py --device cpu         # smoke test: tiny shapes, Triton's interpreter
 """
 
@@ -17,14 +23,16 @@ import statistics
 import sys
 import time
 
-DEFAULT_TILES = ["128,64,8,2", "128,64,8,3", "128,32,8,3", "64,64,4,2", "64,64,4,3", "64,64,8,2", "64,32,4,3",
-                 "256,32,8,2", "128,128,8,1"]
+# (block_m, block_n, num_warps, num_stages); shared memory per program about
+# 2 * hd * (block_m + 2 * block_n * stages) bytes, at most 227 KB on an H100
+DEFAULT_TILES = ["128,64,8,2", "128,64,8,1", "128,32,8,3", "128,32,8,4", "64,64,4,2", "64,64,4,3", "64,64,8,2",
+                 "64,32,4,2", "64,32,4,3", "32,64,4,2", "32,32,4,2"]
 
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--tokens", type=int, help="queries per call (default 2048; cpu: 40)")
+    ap.add_argument("--tokens", help="queries per call, comma-separated (default 2048; cpu: 40)")
     ap.add_argument("--window", type=int, help="attention window (default 2048; cpu: 16)")
     ap.add_argument("--heads", type=int, help="query heads (default 10; cpu: 3)")
     ap.add_argument("--head-dim", type=int, help="head dim (default 256; cpu: 16)")
@@ -34,10 +42,12 @@ def parse():
                     help="block_m,block_n,num_warps,num_stages per config (default: a sweep; cpu: 16,16,4,1)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--feed", type=int, default=0, help="also time feeds of this many tokens (2B shapes, cuda)")
+    ap.add_argument("--chunks", default="2048", help="prefill chunk sizes of the feeds, comma-separated")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     small = args.device == "cpu"
-    args.tokens = args.tokens or (40 if small else 2048)
+    args.tokens = [int(t) for t in (args.tokens or ("40" if small else "2048")).split(",")]
+    args.chunks = [int(c) for c in args.chunks.split(",")]
     args.window = args.window or (16 if small else 2048)
     args.heads = args.heads or (3 if small else 10)
     args.head_dim = args.head_dim or (16 if small else 256)
@@ -73,43 +83,55 @@ def timed(fn, reps: int, device: str) -> float:
 
 
 def per_call(args) -> list[dict]:
+    rows = []
+    for t in args.tokens:
+        for p0 in args.p0:
+            rows += one_shape(args, t, p0)
+    return rows
+
+
+def one_shape(args, t: int, p0: int) -> list[dict]:
+    """SDPA and every tile shape on one chunk of t queries starting at p0."""
     import torch
 
     from streamgemma.fast.prefill import sdpa_attention
     from streamgemma.kernels.attention_prefill import PrefillTiles, attention_prefill
 
-    dev, t, h, hd, w = args.device, args.tokens, args.heads, args.head_dim, args.window
+    dev, h, hd, w = args.device, args.heads, args.head_dim, args.window
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(t, (h + 2) * hd, generator=g).to(dtype).to(dev)
     q, k, v = qkv[:, :h * hd].view(t, h, hd), qkv[:, h * hd:(h + 1) * hd], qkv[:, (h + 1) * hd:]
     ring_k, ring_v = torch.randn(2, w, hd, generator=g).to(dtype).to(dev)
     out = torch.empty(t, h * hd, dtype=dtype, device=dev)
+    # keys inside each query's window: min(p0 + i, w) + 1; 4 * hd FLOPs per (query head, key)
+    keys = sum(min(p0 + i, w) + 1 for i in range(t))
+    flops = 4 * hd * h * keys
+    want = sdpa_attention(q.float(), k.float(), v.float(), ring_k.float(), ring_v.float(), p0)
+    scale = want.abs().max().item()
+    print(f"T {t}, p0 {p0}: {h} heads, head_dim {hd}, window {w}, prev {min(p0, w)}; "
+          f"{keys / t:.0f} keys per query, {flops / 1e9:.1f} GFLOP", flush=True)
     rows = []
-    for p0 in args.p0:
-        # keys inside each query's window: min(p0 + i, w) + 1; 4 * hd FLOPs per (query head, key)
-        keys = sum(min(p0 + i, w) + 1 for i in range(t))
-        flops = 4 * hd * h * keys
-        want = sdpa_attention(q.float(), k.float(), v.float(), ring_k.float(), ring_v.float(), p0)
-        scale = want.abs().max().item()
-        print(f"p0 {p0}: {t} queries x {h} heads, head_dim {hd}, window {w}, prev {min(p0, w)}; "
-              f"{keys / t:.0f} keys per query, {flops / 1e9:.1f} GFLOP", flush=True)
-        variants = [("sdpa", None)] + [(",".join(map(str, c)), c) for c in args.tiles]
-        for name, cfg in variants:
-            if cfg is None:
-                call = lambda: sdpa_attention(q, k, v, ring_k, ring_v, p0)  # noqa: E731
-            else:
-                tiles = PrefillTiles(*cfg)
-                call = lambda: attention_prefill(q, k, v, ring_k, ring_v, p0, out, tiles)  # noqa: E731
-            try:
-                us = timed(call, args.reps, dev)
-                err = ((call().float() - want).abs().max() / scale).item()
-            except Exception as e:  # a tile shape that does not fit (shared memory, registers): report, go on
-                print(f"  {name:>12}: failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
-                rows.append({"p0": p0, "variant": name, "error": str(e)[:300]})
-                continue
-            print(f"  {name:>12}: {us:9.1f} us  {flops / us / 1e6:7.1f} TFLOP/s  rel err {err:.2e}", flush=True)
-            rows.append({"p0": p0, "variant": name, "us": us, "tflops": flops / us / 1e6, "rel_err": err})
+    for cfg in [None, *args.tiles]:
+        name = "sdpa" if cfg is None else ",".join(map(str, cfg))
+        row = {"tokens": t, "p0": p0, "variant": name}
+        if cfg is None:
+            call = lambda: sdpa_attention(q, k, v, ring_k, ring_v, p0)  # noqa: E731
+            grid = ""
+        else:
+            tiles = PrefillTiles(*cfg)
+            call = lambda: attention_prefill(q, k, v, ring_k, ring_v, p0, out, tiles)  # noqa: E731
+            row["programs"] = -(-t * h // cfg[0])
+            grid = f"  {row['programs']:5d} programs"
+        try:
+            us = timed(call, args.reps, dev)
+            err = ((call().float() - want).abs().max() / scale).item()
+        except Exception as e:  # a tile shape that does not fit (shared memory, registers): report, go on
+            print(f"  {name:>12}: failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
+            rows.append({**row, "error": str(e)[:300]})
+            continue
+        print(f"  {name:>12}: {us:9.1f} us  {flops / us / 1e6:7.1f} TFLOP/s  rel err {err:.2e}{grid}", flush=True)
+        rows.append({**row, "us": us, "tflops": flops / us / 1e6, "rel_err": err})
     return rows
 
 
@@ -121,30 +143,31 @@ def feeds(args, rows: list[dict]) -> list[dict]:
     import streamgemma as sg
 
     model = sg.Model.random(sg.GriffinConfig.preset("recurrentgemma-2b"), device="cuda", dtype="bfloat16")
-    ok = [r for r in rows if "us" in r and r["variant"] != "sdpa" and r["p0"] == args.p0[-1]]
+    ok = [r for r in rows if "us" in r and r["variant"] != "sdpa" and r["p0"] == args.p0[-1]
+          and r["tokens"] == args.tokens[0]]
     configs = {"sdpa": sg.KernelConfig(prefill_attention="sdpa"), "triton default": sg.KernelConfig()}
     if ok:
         best = min(ok, key=lambda r: r["us"])["variant"]
         configs[f"triton {best}"] = sg.KernelConfig(prefill_attention_tiles=tuple(int(v) for v in best.split(",")))
     ids = torch.randint(3, 256_000, (args.feed,), generator=torch.Generator().manual_seed(0)).tolist()
-    times = {name: [] for name in configs}
+    times = {(name, chunk): [] for chunk in args.chunks for name in configs}
     for rep in range(4):  # round 0 compiles and warms up; rounds interleave the paths
-        for name, config in configs.items():
-            model.kernel_config = config
+        for name, chunk in times:
+            model.kernel_config, model.prefill_chunk = configs[name], chunk
             s = model.session()
             torch.cuda.synchronize()
             t = time.perf_counter()
             s.feed(ids)
             torch.cuda.synchronize()
             if rep:
-                times[name].append(time.perf_counter() - t)
+                times[name, chunk].append(time.perf_counter() - t)
             s.close()
     out = []
-    for name, ts in times.items():
+    for (name, chunk), ts in times.items():
         rate = args.feed / statistics.median(ts)
-        print(f"feed {args.feed} tokens, {name:>22}: {rate:9.0f} tokens/s (median of {len(ts)}, "
+        print(f"feed {args.feed} tokens, chunk {chunk:5d}, {name:>22}: {rate:9.0f} tokens/s (median of {len(ts)}, "
               f"{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f} ms)", flush=True)
-        out.append({"feed": args.feed, "variant": name, "tokens_per_s": rate, "seconds": ts})
+        out.append({"feed": args.feed, "chunk": chunk, "variant": name, "tokens_per_s": rate, "seconds": ts})
     return out
 
 

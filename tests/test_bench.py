@@ -43,6 +43,7 @@ def test_decode(tmp_path):
 def test_prefill(tmp_path):
     r = run("prefill", "--lengths", "20,40", "--chunks", "16", tmp_path=tmp_path)
     assert set(r["tok_s"][16]) == {20, 40} and positive(*r["tok_s"][16].values())
+    assert r["attention"] == "reference"  # a CPU model runs the reference path, whatever --attention says
 
 
 def test_snapshot(tmp_path):

@@ -14,11 +14,19 @@ memory), 160 programs are two waves, the second 21% full.
     python bench/dev/attention_prefill.py --tokens 1664,2048,3328 --tiles 128,64,8,2 64,64,4,2
     python bench/dev/attention_prefill.py --feed 8192 --chunks 2048,3328 --json attn.json
     python bench/dev/attention_prefill.py --device cpu         # smoke test: tiny shapes, Triton's interpreter
+    python bench/dev/attention_prefill.py --compile-only       # no GPU: each tile shape compiled for sm_90
+
+--compile-only prints, per tile shape, what Triton's compiler and its bundled
+cuobjdump say without a GPU: shared memory (at most 227 KB per program on an
+H100), registers and stack per thread (255 is the cap; stack or local bytes
+are spills), and whether the key/value loads became asynchronous copies and
+the dots wgmma instructions.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -44,6 +52,8 @@ def parse():
     ap.add_argument("--feed", type=int, default=0, help="also time feeds of this many tokens (2B shapes, cuda)")
     ap.add_argument("--chunks", default="2048", help="prefill chunk sizes of the feeds, comma-separated")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--compile-only", action="store_true", help="compile each tile shape for --arch, no GPU needed")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability of --compile-only (default 90)")
     args = ap.parse_args()
     small = args.device == "cpu"
     args.tokens = [int(t) for t in (args.tokens or ("40" if small else "2048")).split(",")]
@@ -58,6 +68,53 @@ def parse():
         args.reps = min(args.reps, 2)
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is defined: before the imports
     return args
+
+
+def compile_only(args) -> list[dict]:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from streamgemma.kernels import attention_prefill
+
+    sig = {"q_ptr": "*bf16", "q_stride": "i32", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "k_ptr": "*bf16",
+           "v_ptr": "*bf16", "kv_stride": "i32", "out_ptr": "*bf16", "p0": "i32", "prev": "i32", "T": "i32",
+           "W": "i32", "H": "i32", "qk_scale": "fp32", "HD": "constexpr", "BM": "constexpr", "BN": "constexpr",
+           "IEEE": "constexpr"}
+    names = list(sig)
+    # what Triton specializes at launch on the real tensors: aligned pointers, strides and window divisible by 16
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or n in ("q_stride", "kv_stride", "W")}
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    rows = []
+    for bm, bn, warps, stages in args.tiles:
+        name = f"{bm},{bn},{warps},{stages}"
+        const = {"HD": args.head_dim, "BM": bm, "BN": bn, "IEEE": False}
+        try:
+            kernel = triton.compile(ASTSource(attention_prefill._attn_prefill_kernel, sig, const, attrs),
+                                    target=GPUTarget("cuda", args.arch, 32),
+                                    options={"num_warps": warps, "num_stages": stages})
+        except Exception as e:
+            print(f"{name:>12}: failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
+            rows.append({"variant": name, "error": str(e)[:300]})
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            cubin = Path(d) / "k.cubin"
+            cubin.write_bytes(kernel.asm["cubin"])
+            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                                   text=True).stdout
+        res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+        ttgir = kernel.asm["ttgir"]
+        row = {"variant": name, "shared_KB": kernel.metadata.shared / 1024, **{k: int(v) for k, v in res.items()},
+               "async_copies": ttgir.count("async_copy_global_to_local"), "wgmma": ttgir.count("warp_group_dot")}
+        print(f"{name:>12}: shared {row['shared_KB']:6.1f} KB, registers {res.get('REG')}, stack {res.get('STACK')}, "
+              f"local {res.get('LOCAL')}, async copies {row['async_copies']}, wgmma {row['wgmma']}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def timed(fn, reps: int, device: str) -> float:
@@ -177,9 +234,12 @@ def main():
 
     import streamgemma as sg
 
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.compile_only:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, streamgemma {sg.__version__}", flush=True)
-    rows = per_call(args)
+    if args.compile_only:
+        rows = compile_only(args)
+    else:
+        rows = per_call(args)
     if args.feed:
         if args.device != "cuda":
             sys.exit("--feed needs --device cuda")

@@ -5,16 +5,20 @@ length (--lengths): one warm-up feed (compiles the kernels for that chunk),
 then one timed feed of random ids into a new session. On CUDA also the peak
 GPU memory above what was allocated before the feed (the model and the
 state pool). --hf-max N adds transformers' forward over the prompts of at
-most N tokens.
+most N tokens. --attention sdpa runs the kernel path's attention on
+PyTorch's SDPA instead of the Triton kernel (`KernelConfig.prefill_attention`),
+for before/after figures on one machine.
 
     streamgemma bench prefill                                 # 2B shapes, random bf16 weights
     streamgemma bench prefill --lengths 8192 --chunks 2048 --json prefill.json
+    streamgemma bench prefill --lengths 8192 --chunks 2048 --attention sdpa
     streamgemma bench prefill --preset tiny --device cpu --lengths 64 --chunks 32
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -29,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", default="512,1024,2048", help="chunk sizes (default 512,1024,2048)")
     parser.add_argument("--hf-max", type=int, default=0,
                         help="longest prompt for transformers' forward (default 0: not run)")
+    parser.add_argument("--attention", choices=("triton", "sdpa"), default="triton",
+                        help="attention of the kernel prefill (default triton; sdpa: PyTorch's, the earlier path)")
 
 
 def time_feed(model: sg.Model, tokens: list[int], chunk: int) -> tuple[float, float | None]:
@@ -85,8 +91,10 @@ def run(args: argparse.Namespace) -> dict:
     lengths = [int(n) for n in args.lengths.split(",") if n]
     chunks = [int(c) for c in args.chunks.split(",") if c]
     model = build_model(args)
+    model.kernel_config = dataclasses.replace(model.kernel_config, prefill_attention=args.attention)
     print(model)
-    out: dict = {"model": describe(model), "tok_s": {}, "peak_GB": {}}
+    out: dict = {"model": describe(model), "attention": args.attention if model.kernels else "reference",
+                 "tok_s": {}, "peak_GB": {}}
     prompt = token_ids(max(lengths), model.config.vocab_size)
     for chunk in chunks:
         out["tok_s"][chunk], out["peak_GB"][chunk] = {}, {}

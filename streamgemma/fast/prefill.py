@@ -111,7 +111,7 @@ class KernelPrefill:
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor,
-                    ring_v: torch.Tensor, p0: int) -> torch.Tensor:
+                   ring_v: torch.Tensor, p0: int) -> torch.Tensor:
     """What attention_prefill computes, with PyTorch's attention: the ring's keys
     gathered in logical order before the chunk's, an explicit [T, prev + T] mask.
     q: [T, H, hd]; k, v: [T, hd]; ring_k, ring_v: [W, hd]. Returns [T, H * hd]."""

@@ -6,11 +6,14 @@ state read from and written to the pool at the session's slot.
   afterwards: programs of this launch read it concurrently).
 - `rglru_chunk`: from the gate pre-activations, everything else of the RG-LRU
   (sigmoids, decay, input normalisation, reset at position 0), the scan with
-  the float32 state in place (an associative scan within tiles of TT steps),
-  and the product with gelu(y).
+  the float32 state in place, and the product with gelu(y). Programs split the
+  chunk over channels and time: one program walking all T steps of its channels
+  left most of a large GPU idle (T = 2,048, 2,560 channels: 40 programs).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -62,60 +65,173 @@ def conv1d_chunk(xy: torch.Tensor, conv_state: torch.Tensor, slot: int, p0: int,
     return out
 
 
+@triton.jit
+def _rglru_tile(gates_ptr, gx_base, ga_base, bx, ba, neg8, xc_ptr, cols, cmask, steps, p0, T, L, BW):
+    """(a, x) of the recurrence h = a h + x over one [TT, BLOCK] tile of steps: gate
+    sigmoids, decay, input normalisation, reset at position 0; padding steps are (1, 0)."""
+    mask = (steps < T)[:, None] & cmask[None, :]
+    gx = tl.load(gates_ptr + gx_base[None, :] + steps[:, None] * BW, mask=mask, other=0.0).to(tl.float32)
+    ga = tl.load(gates_ptr + ga_base[None, :] + steps[:, None] * BW, mask=mask, other=0.0).to(tl.float32)
+    gx = tl.sigmoid(gx + bx[None, :])
+    ga = tl.sigmoid(ga + ba[None, :])
+    log_a = neg8[None, :] * ga
+    a = tl.exp(log_a)
+    mult = tl.sqrt(1.0 - tl.exp(2.0 * log_a))
+    reset = (p0 + steps == 0)[:, None]
+    a = tl.where(reset, 0.0, a)
+    mult = tl.where(reset, 1.0, mult)
+    xc = tl.load(xc_ptr + steps[:, None] * L + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = xc * gx * mult
+    a = tl.where(mask, a, 1.0)  # padding steps carry the state unchanged
+    x = tl.where(mask, x, 0.0)
+    return a, x, mask
+
+
+@triton.jit
+def _last_row(v, TT: tl.constexpr):
+    return tl.sum(tl.where((tl.arange(0, TT) == TT - 1)[:, None], v, 0.0), axis=0)
+
+
 @triton.jit(do_not_specialize=["slot", "p0"])
-def _rglru_chunk_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, y_ptr, y_stride, h_ptr, slot, p0,
-                        neg8_ptr, out_ptr, T, L, BW, TT: tl.constexpr, BLOCK: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _rglru_aggregate_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, h_ptr, slot, p0, neg8_ptr, carry_ptr, T, L, BW,
+                            TB: tl.constexpr, TT: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 1, programs over (time block tb, channels): the block's (A, X), the
+    recurrence's map h -> A h + X over its steps, into carry[tb + 1]; carry[0]'s
+    X row gets the slot's state (phase 2 reads it there while it overwrites the slot)."""
+    tb = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < L
-    head = cols // BW
-    j = cols % BW
-    # gate pre-activations come as [2, H, T, BW]: input gate then a gate
-    gx_base = head * T * BW + j
+    gx_base = (cols // BW) * T * BW + cols % BW  # gates come as [2, H, T, BW]
+    ga_base = (L // BW) * T * BW + gx_base
+    bx = tl.load(bx_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    ba = tl.load(ba_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    neg8 = tl.load(neg8_ptr + cols, mask=cmask, other=0.0)
+    big_a = tl.full((BLOCK,), 1.0, tl.float32)
+    big_x = tl.zeros((BLOCK,), tl.float32)
+    for t0 in range(tb * TB, tb * TB + TB, TT):
+        a, x, _ = _rglru_tile(gates_ptr, gx_base, ga_base, bx, ba, neg8, xc_ptr, cols, cmask,
+                              t0 + tl.arange(0, TT), p0, T, L, BW)
+        a_cum, x_cum = tl.associative_scan((a, x), 0, _combine)
+        a_tile = _last_row(a_cum, TT)
+        big_x = a_tile * big_x + _last_row(x_cum, TT)
+        big_a = big_a * a_tile
+    row = carry_ptr + (tb + 1) * 2 * L
+    tl.store(row + cols, big_a, mask=cmask)
+    tl.store(row + L + cols, big_x, mask=cmask)
+    if tb == 0:
+        tl.store(carry_ptr + L + cols, tl.load(h_ptr + slot.to(tl.int64) * L + cols, mask=cmask), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["slot", "p0"])
+def _rglru_scan_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, y_ptr, y_stride, h_ptr, slot, p0, neg8_ptr, carry_ptr,
+                       out_ptr, T, L, BW, TB: tl.constexpr, TT: tl.constexpr, BLOCK: tl.constexpr,
+                       FROM_CARRY: tl.constexpr, NB: tl.constexpr):
+    """Phase 2, programs over (time block tb, channels): the state entering the
+    block (the slot's state folded through the earlier blocks' (A, X) from phase 1,
+    or the slot's state itself where there is one block), the block's scan, the
+    output h.to(dtype) * gelu(y); the last block writes the slot's new state."""
+    tb = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < L
+    gx_base = (cols // BW) * T * BW + cols % BW
     ga_base = (L // BW) * T * BW + gx_base
     bx = tl.load(bx_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     ba = tl.load(ba_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     neg8 = tl.load(neg8_ptr + cols, mask=cmask, other=0.0)
     h_off = slot.to(tl.int64) * L + cols
-    h = tl.load(h_ptr + h_off, mask=cmask, other=0.0)
-    last = (tl.arange(0, TT) == TT - 1)[:, None]
-    for t0 in range(0, T, TT):
+    if FROM_CARRY:
+        # the earlier blocks' maps composed by one scan over all of them at once (a serial
+        # fold would wait on a load per block); blocks from tb on are the identity (1, 0)
+        j = tl.arange(0, NB)
+        earlier = (j < tb)[:, None] & cmask[None, :]
+        rows = carry_ptr + (j + 1)[:, None] * 2 * L + cols[None, :]
+        a_cum, x_cum = tl.associative_scan((tl.load(rows, mask=earlier, other=1.0),
+                                            tl.load(rows + L, mask=earlier, other=0.0)), 0, _combine)
+        h0 = tl.load(carry_ptr + L + cols, mask=cmask, other=0.0)
+        h = _last_row(a_cum, NB) * h0 + _last_row(x_cum, NB)
+    else:
+        h = tl.load(h_ptr + h_off, mask=cmask, other=0.0)
+    for t0 in range(tb * TB, tl.minimum(tb * TB + TB, T), TT):
         steps = t0 + tl.arange(0, TT)
-        mask = (steps < T)[:, None] & cmask[None, :]
-        gx = tl.load(gates_ptr + gx_base[None, :] + steps[:, None] * BW, mask=mask, other=0.0).to(tl.float32)
-        ga = tl.load(gates_ptr + ga_base[None, :] + steps[:, None] * BW, mask=mask, other=0.0).to(tl.float32)
-        gx = tl.sigmoid(gx + bx[None, :])
-        ga = tl.sigmoid(ga + ba[None, :])
-        log_a = neg8[None, :] * ga
-        a = tl.exp(log_a)
-        mult = tl.sqrt(1.0 - tl.exp(2.0 * log_a))
-        reset = (p0 + steps == 0)[:, None]
-        a = tl.where(reset, 0.0, a)
-        mult = tl.where(reset, 1.0, mult)
-        xc = tl.load(xc_ptr + steps[:, None] * L + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = xc * gx * mult
-        a = tl.where(mask, a, 1.0)  # padding steps carry the state unchanged
-        x = tl.where(mask, x, 0.0)
+        a, x, mask = _rglru_tile(gates_ptr, gx_base, ga_base, bx, ba, neg8, xc_ptr, cols, cmask,
+                                 steps, p0, T, L, BW)
         a_cum, x_cum = tl.associative_scan((a, x), 0, _combine)
         hs = a_cum * h[None, :] + x_cum
         y = tl.load(y_ptr + steps[:, None] * y_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         out = hs.to(out_ptr.dtype.element_ty).to(tl.float32) * _gelu_tanh(y)
         tl.store(out_ptr + steps[:, None] * L + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
-    tl.store(h_ptr + h_off, h, mask=cmask)
+        h = _last_row(hs, TT)
+    if tb == tl.num_programs(0) - 1:
+        tl.store(h_ptr + h_off, h, mask=cmask)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanLaunch:
+    """How `rglru_chunk` splits its work: `block` channels by `time_block` steps
+    per program, an associative scan over `tile` steps at a time (all powers of
+    two, `time_block` a multiple of `tile`)."""
+
+    block: int = 64
+    tile: int = 32
+    time_block: int = 128
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("block", "tile", "time_block", "num_warps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"ScanLaunch.{name} must be a power of two, got {v!r}")
+        if self.time_block < self.tile:
+            raise ValueError(f"ScanLaunch: time_block ({self.time_block}) must be >= tile ({self.tile})")
+
+
+# Default grid: enough programs to fill a large GPU (an H100 has 132 SMs), few
+# enough time blocks that phase 2's composition of the earlier ones stays small.
+MAX_PROGRAMS, MAX_TIME_BLOCKS = 1024, 64
+
+
+def default_scan_launch(steps: int, width: int) -> ScanLaunch:
+    """Channel blocks of 64; the shortest time block (from one tile of 32 up)
+    within MAX_PROGRAMS and MAX_TIME_BLOCKS. A chunk of one time block is one
+    launch (the scan of one program walking all its steps), longer ones two."""
+    block, tile = min(64, triton.next_power_of_2(width)), 32
+    channel_blocks = triton.cdiv(width, block)
+    time_block = tile
+    while (triton.cdiv(steps, time_block) * channel_blocks > MAX_PROGRAMS
+           or triton.cdiv(steps, time_block) > MAX_TIME_BLOCKS):
+        time_block *= 2
+    return ScanLaunch(block=block, tile=tile, time_block=time_block)
 
 
 def rglru_chunk(gates: torch.Tensor, bx: torch.Tensor, ba: torch.Tensor, xc: torch.Tensor, y: torch.Tensor,
                 h_state: torch.Tensor, slot: int, p0: int, neg8_softplus_a: torch.Tensor,
-                out: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor, launch: ScanLaunch | None = None) -> torch.Tensor:
     """gates: [2, H, T, bw] pre-activations of the input gate and the a gate
     (block-diagonal products, bias not added); bx, ba: gate biases [H, bw];
     xc: conv output [T, L]; y: linear_y's output (pre-gelu) [T, L] view with row
     stride; h_state: pool [S, L] float32 (the slot's row is updated in place);
-    p0: position of the chunk's first token; out: [T, L] = h.to(dtype) * gelu(y)."""
+    p0: position of the chunk's first token; out: [T, L] = h.to(dtype) * gelu(y).
+    launch: block sizes (default `default_scan_launch`).
+
+    Parallel over time as well as channels: with more than one time block,
+    phase 1 computes each block's map h -> A h + X and phase 2 rescans every
+    block from its entering state; float32 throughout, only the association
+    order of the scan differs from a sequential one."""
     steps, width = xc.shape
+    if steps == 0:
+        return out
     bw = gates.shape[-1]
-    block = min(64, triton.next_power_of_2(width))
-    _rglru_chunk_kernel[(triton.cdiv(width, block),)](
-        gates, bx, ba, xc, y, y.stride(0), h_state, slot, p0, neg8_softplus_a, out, steps, width, bw,
-        TT=32, BLOCK=block)
+    ln = launch or default_scan_launch(steps, width)
+    blocks = triton.cdiv(steps, ln.time_block)
+    grid = (blocks, triton.cdiv(width, ln.block))
+    sizes = dict(TB=ln.time_block, TT=ln.tile, BLOCK=ln.block, num_warps=ln.num_warps)
+    carry = h_state  # unread with one block
+    if blocks > 1:
+        # carry[0]: the slot's state (X row); carry[j]: (A, X) of time block j - 1
+        carry = torch.empty(blocks, 2, width, dtype=torch.float32, device=xc.device)
+        _rglru_aggregate_kernel[(blocks - 1, grid[1])](
+            gates, bx, ba, xc, h_state, slot, p0, neg8_softplus_a, carry, steps, width, bw, **sizes)
+    _rglru_scan_kernel[grid](
+        gates, bx, ba, xc, y, y.stride(0), h_state, slot, p0, neg8_softplus_a, carry, out, steps, width, bw,
+        FROM_CARRY=blocks > 1, NB=triton.next_power_of_2(blocks), **sizes)
     return out

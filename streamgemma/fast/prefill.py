@@ -14,7 +14,7 @@ before/after comparisons).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +27,21 @@ from .fused_weights import FusedWeights
 from .qlinear import linear
 from .tuning import KernelConfig
 
+if TYPE_CHECKING:  # the kernels import Triton: loaded when a KernelPrefill is built
+    from ..kernels.recurrent_prefill import ScanLaunch
+
 
 class KernelPrefill:
-    """Consumes chunks of tokens for one slot of `pool`."""
+    """Consumes chunks of tokens for one slot of `pool`. `rglru_launch`: the
+    RG-LRU kernel's block sizes (None: its default by chunk shape)."""
 
     def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights,
-                 kernel_config: KernelConfig | None = None):
+                 kernel_config: KernelConfig | None = None, rglru_launch: ScanLaunch | None = None):
         from streamgemma.kernels import attention_prefill, elementwise, recurrent_prefill, rope
 
         self._ew, self._rec, self._rope, self._attn = elementwise, recurrent_prefill, rope, attention_prefill
         self.kernel_config = kc = kernel_config or KernelConfig()
+        self.rglru_launch = rglru_launch
         self._tiles = None if kc.prefill_attention_tiles is None else \
             attention_prefill.PrefillTiles(*kc.prefill_attention_tiles)
         self.network, self.pool, self.config = network, pool, network.config
@@ -87,7 +92,7 @@ class KernelPrefill:
         gated = torch.empty_like(xc)
         lru = rec.rg_lru
         self._rec.rglru_chunk(gates, lru.input_gate.b, lru.a_gate.b, xc, xy[:, l:], h, slot, p0,
-                              entry["neg8_softplus_a"], gated)
+                              entry["neg8_softplus_a"], gated, launch=self.rglru_launch)
         return _project(gated, entry, "out")
 
     def _attention(self, att, entry, state, slot: int, normed: torch.Tensor, p0: int) -> torch.Tensor:

@@ -145,10 +145,11 @@ def _rglru_scan_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, y_ptr, y_stride, h_ptr
         j = tl.arange(0, NB)
         earlier = (j < tb)[:, None] & cmask[None, :]
         rows = carry_ptr + (j + 1)[:, None] * 2 * L + cols[None, :]
-        a_cum, x_cum = tl.associative_scan((tl.load(rows, mask=earlier, other=1.0),
-                                            tl.load(rows + L, mask=earlier, other=0.0)), 0, _combine)
+        # (names of their own: Triton would carry a_cum, x_cum into the loop below)
+        fold_a, fold_x = tl.associative_scan((tl.load(rows, mask=earlier, other=1.0),
+                                              tl.load(rows + L, mask=earlier, other=0.0)), 0, _combine)
         h0 = tl.load(carry_ptr + L + cols, mask=cmask, other=0.0)
-        h = _last_row(a_cum, NB) * h0 + _last_row(x_cum, NB)
+        h = _last_row(fold_a, NB) * h0 + _last_row(fold_x, NB)
     else:
         h = tl.load(h_ptr + h_off, mask=cmask, other=0.0)
     for t0 in range(tb * TB, tl.minimum(tb * TB + TB, T), TT):

@@ -15,9 +15,13 @@ of one time block (one program walks every step: the kernel before time
 blocks). SCAN_TOL leaves room while a real mistake (a lost step, a wrong
 carry, a missed reset) is O(1e-2) or more."""
 
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import random_tokens
+from conftest import random_tokens, subprocess_env
 from reference import randomize_, rel_err
 
 import streamgemma as sg
@@ -148,3 +152,43 @@ def test_kernel_prefill_of_long_chunks_matches_the_reference():
         for rl, fl in zip(ref.pool.layers, fast.pool.layers):
             for rt, ft in zip(rl, fl):
                 assert rel_err(ft[b.slot], rt[a.slot]) < 1e-4
+
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from streamgemma.kernels import recurrent_prefill as rp
+
+def compiled(kernel, signature, constants, num_warps):
+    sig = {**signature, **dict.fromkeys(constants, "constexpr")}
+    k = triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
+    assert k.asm["cubin"]
+
+inputs = {n: "*bf16" for n in ("gates_ptr", "bx_ptr", "ba_ptr", "xc_ptr")}
+ints, sizes = dict(slot="i32", p0="i32"), dict(T="i32", L="i32", BW="i32")
+aggregate = {**inputs, "h_ptr": "*fp32", **ints, "neg8_ptr": "*fp32", "carry_ptr": "*fp32", **sizes}
+scan = {**inputs, "y_ptr": "*bf16", "y_stride": "i32", "h_ptr": "*fp32", **ints, "neg8_ptr": "*fp32",
+        "carry_ptr": "*fp32", "out_ptr": "*bf16", **sizes}
+ln = rp.default_scan_launch(2048, 2560)
+blocks = dict(TB=ln.time_block, TT=ln.tile, BLOCK=ln.block)
+compiled(rp._rglru_aggregate_kernel, aggregate, blocks, ln.num_warps)
+for nb in (1, 16):
+    compiled(rp._rglru_scan_kernel, scan, dict(blocks, FROM_CARRY=nb > 1, NB=nb), ln.num_warps)
+"""
+
+
+@pytest.mark.slow
+def test_the_kernels_compile_for_the_gpu():
+    """The interpreter accepts programs the compiler refuses (a loop-carried value
+    whose shape changes, say): both phases compiled for sm_90 with Triton's own
+    ptxas, no GPU needed (in a child without the interpreter), at the default
+    launch of a 2B chunk, with and without earlier blocks to compose."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton has no CUDA backend to compile with")
+    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

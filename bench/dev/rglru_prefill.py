@@ -98,7 +98,7 @@ def per_call(args, h_pool, launches: dict[str, ScanLaunch], reps: int, slot: int
         err_out, err_h = rel(out, want_out), rel(h[slot], want_h)
         us = time_us(lambda: rglru_chunk(h_state=h, slot=slot, out=out, launch=ln, **args), reps)
         rows.append((us, name, ln, err_out, err_h))
-        print(f"  {name:>36}: {us:8.1f} us/call   error: out {err_out:.1e}, state {err_h:.1e}", flush=True)
+        print(f"  {name:>44}: {us:8.1f} us/call   error: out {err_out:.1e}, state {err_h:.1e}", flush=True)
     return rows
 
 
@@ -133,7 +133,7 @@ def feed_variants(preset: str, dtype: str, dev: str, feed: int, chunk: int,
             kernels = {e.key: e.self_device_time_total for e in prof.key_averages()}
             scan_ms = sum(v for k, v in kernels.items() if "rglru" in k) / 1e3
             gpu = f"; GPU: RG-LRU {scan_ms:6.1f} ms of {sum(kernels.values()) / 1e3:6.1f} ms (profiled feed)"
-        print(f"  {name:>36}: {secs * 1e3:8.1f} ms median of {reps} ({feed / secs:8.0f} tokens/s){gpu}", flush=True)
+        print(f"  {name:>44}: {secs * 1e3:8.1f} ms median of {reps} ({feed / secs:8.0f} tokens/s){gpu}", flush=True)
 
 
 def main():
@@ -155,19 +155,18 @@ def main():
     one = ScanLaunch(block=64, tile=32, time_block=triton.next_power_of_2(steps))
     launches = {"one time block (before)": one, f"default {default_scan_launch(steps, width)}":
                 default_scan_launch(steps, width)}
-    blocks, tiles, time_blocks = ((64,), (32,), (64, 128)) if args.quick else \
-        ((32, 64, 128), (16, 32), (32, 64, 128, 256, 512))
-    for b, tt, tb in itertools.product(blocks, tiles, time_blocks):
+    sweep = ((64,), (32,), (64, 128), (4,)) if args.quick else ((32, 64, 128), (16, 32), (64, 128, 256), (4, 8))
+    for b, tt, tb, w in itertools.product(*sweep):
         if tb >= tt:
-            launches[f"block {b} tile {tt} time block {tb}"] = ScanLaunch(block=b, tile=tt, time_block=tb)
+            launches[f"block {b} tile {tt} time block {tb} warps {w}"] = ScanLaunch(b, tt, tb, w)
     for p0 in (4096, 0):  # continuing a session; from position 0 (the reset step)
         call_args, h_pool = inputs(steps, width, p0, dtype, dev)
         print(f"per call, T = {steps}, L = {width}, p0 = {p0}:")
         rows = per_call(call_args, h_pool, launches, args.reps)
     best = min(rows[1:], key=lambda r: r[0])
-    print("num_warps of the fastest:")
-    rows += per_call(call_args, h_pool, {f"{best[1]}, {w} warps": dataclasses.replace(best[2], num_warps=w)
-                                         for w in (2, 8)}, args.reps)
+    print("the fastest with 2 and 16 warps:")
+    rows += per_call(call_args, h_pool, {f"{best[1]} -> {w}": dataclasses.replace(best[2], num_warps=w)
+                                         for w in (2, 16)}, args.reps)
     ranked = sorted(rows, key=lambda r: r[0])
     print("fastest five (p0 = 0):", *(f"{r[0]:8.1f} us {r[2]}" for r in ranked[:5]), sep="\n  ")
     if args.feed:

@@ -9,12 +9,16 @@ pool holds random state in every slot, and the other slots must not change.
 
 Tolerance: the kernel composes the steps in another float32 association order
 (a tree within tiles, per-block maps composed across blocks), so it differs from
-the sequential scan by float32 rounding: measured max |diff| / max |ref| up to
-1e-6 over these cases, for outputs and state alike, and the same for a launch
-of one time block (one program walks every step: the kernel before time
-blocks). SCAN_TOL leaves room while a real mistake (a lost step, a wrong
-carry, a missed reset) is O(1e-2) or more."""
+the sequential scan by float32 rounding: on the CPU, max |diff| / max |ref| up
+to 1e-6 over these cases, for outputs and state alike, and the same for a
+launch of one time block (one program walks every step: the kernel before
+time blocks); from that launch (same arithmetic, the scan's order alone)
+up to 4e-7. SCAN_TOL bounds both differences while a real mistake (a lost step, a wrong carry, a
+missed reset) is O(1e-2) or more. On a GPU, exp and sqrt are approximations
+whose error compounds along the decay, for the kernel before time blocks as
+much: against the reference there the bound is the float32 kernel tests' 1e-4."""
 
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -36,6 +40,7 @@ from streamgemma.model.griffin import RGLRU, gelu_tanh
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SCAN_TOL = 5e-6
+REF_TOL = SCAN_TOL if DEV == "cpu" else 1e-4
 HEADS, BW, SLOTS = 3, 4, 3  # L = 12: a channel block of 8 spans heads, the second is ragged
 
 LAUNCHES = {
@@ -90,10 +95,20 @@ def test_rglru_chunk_matches_the_sequential_reference(steps, p0, launch):
     want_out, want_h = reference(lru, args, h_state[slot], p0)
     got_out, got_h = run_kernel(args, h_state, slot, p0, LAUNCHES[launch])
     assert not got_out.isnan().any()
-    assert rel_err(got_out, want_out) < SCAN_TOL
-    assert rel_err(got_h[slot], want_h) < SCAN_TOL
+    assert rel_err(got_out, want_out) < REF_TOL
+    assert rel_err(got_h[slot], want_h) < REF_TOL
     others = [s for s in range(SLOTS) if s != slot]
     assert torch.equal(got_h[others], h_state[others])
+    base_out, base_h = one_time_block(steps, p0)
+    assert rel_err(got_out, base_out) < SCAN_TOL
+    assert rel_err(got_h[slot], base_h[slot]) < SCAN_TOL
+
+
+@functools.cache
+def one_time_block(steps: int, p0: int):
+    """The test case above through the launch of one time block (the scan before time blocks)."""
+    _, args, h_state = rglru_case(steps, seed=steps + p0)
+    return run_kernel(args, h_state, 1 + p0 % 2, p0, LAUNCHES["one time block"])
 
 
 def test_the_state_carries_from_one_chunk_to_the_next():
@@ -107,8 +122,8 @@ def test_the_state_carries_from_one_chunk_to_the_next():
         out = torch.full(part["xc"].shape, float("nan"), device=DEV)
         rglru_chunk(h_state=h, slot=0, p0=a, out=out, launch=LAUNCHES["small blocks"], **part)
         outs.append(out.cpu())
-    assert rel_err(torch.cat(outs), want_out) < SCAN_TOL
-    assert rel_err(h[0].cpu(), want_h) < SCAN_TOL
+    assert rel_err(torch.cat(outs), want_out) < REF_TOL
+    assert rel_err(h[0].cpu(), want_h) < REF_TOL
 
 
 def test_an_empty_chunk_leaves_the_state_alone():

@@ -92,9 +92,11 @@ def _last_row(v, TT: tl.constexpr):
     return tl.sum(tl.where((tl.arange(0, TT) == TT - 1)[:, None], v, 0.0), axis=0)
 
 
-@triton.jit(do_not_specialize=["slot", "p0"])
-def _rglru_aggregate_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, h_ptr, slot, p0, neg8_ptr, carry_ptr, T, L, BW,
-                            TB: tl.constexpr, TT: tl.constexpr, BLOCK: tl.constexpr):
+# Chunk lengths and time blocks vary from call to call: as plain ints (T, TB not specialised)
+# and a fixed FOLD they compile no new variant, where one per length would stall a prefill.
+@triton.jit(do_not_specialize=["slot", "p0", "T", "TB"])
+def _rglru_aggregate_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, h_ptr, slot, p0, neg8_ptr, carry_ptr, T, L, BW, TB,
+                            TT: tl.constexpr, BLOCK: tl.constexpr):
     """Phase 1, programs over (time block tb, channels): the block's (A, X), the
     recurrence's map h -> A h + X over its steps, into carry[tb + 1]; carry[0]'s
     X row gets the slot's state (phase 2 reads it there while it overwrites the slot)."""
@@ -122,10 +124,10 @@ def _rglru_aggregate_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, h_ptr, slot, p0, 
         tl.store(carry_ptr + L + cols, tl.load(h_ptr + slot.to(tl.int64) * L + cols, mask=cmask), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["slot", "p0"])
+@triton.jit(do_not_specialize=["slot", "p0", "T", "TB"])
 def _rglru_scan_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, y_ptr, y_stride, h_ptr, slot, p0, neg8_ptr, carry_ptr,
-                       out_ptr, T, L, BW, TB: tl.constexpr, TT: tl.constexpr, BLOCK: tl.constexpr,
-                       FROM_CARRY: tl.constexpr, NB: tl.constexpr):
+                       out_ptr, T, L, BW, TB, TT: tl.constexpr, BLOCK: tl.constexpr, FROM_CARRY: tl.constexpr,
+                       FOLD: tl.constexpr):
     """Phase 2, programs over (time block tb, channels): the state entering the
     block (the slot's state folded through the earlier blocks' (A, X) from phase 1,
     or the slot's state itself where there is one block), the block's scan, the
@@ -140,16 +142,17 @@ def _rglru_scan_kernel(gates_ptr, bx_ptr, ba_ptr, xc_ptr, y_ptr, y_stride, h_ptr
     neg8 = tl.load(neg8_ptr + cols, mask=cmask, other=0.0)
     h_off = slot.to(tl.int64) * L + cols
     if FROM_CARRY:
-        # the earlier blocks' maps composed by one scan over all of them at once (a serial
-        # fold would wait on a load per block); blocks from tb on are the identity (1, 0)
-        j = tl.arange(0, NB)
-        earlier = (j < tb)[:, None] & cmask[None, :]
-        rows = carry_ptr + (j + 1)[:, None] * 2 * L + cols[None, :]
-        # (names of their own: Triton would carry a_cum, x_cum into the loop below)
-        fold_a, fold_x = tl.associative_scan((tl.load(rows, mask=earlier, other=1.0),
-                                              tl.load(rows + L, mask=earlier, other=0.0)), 0, _combine)
-        h0 = tl.load(carry_ptr + L + cols, mask=cmask, other=0.0)
-        h = _last_row(fold_a, NB) * h0 + _last_row(fold_x, NB)
+        # the earlier blocks' maps composed FOLD at a time by a scan (a serial fold would wait
+        # on a load per block); blocks from tb on are the identity (1, 0)
+        h = tl.load(carry_ptr + L + cols, mask=cmask, other=0.0)
+        for g in range(0, tb, FOLD):
+            j = g + tl.arange(0, FOLD)
+            earlier = (j < tb)[:, None] & cmask[None, :]
+            rows = carry_ptr + (j + 1)[:, None] * 2 * L + cols[None, :]
+            # (names of their own: Triton would carry a_cum, x_cum from loop to loop)
+            fold_a, fold_x = tl.associative_scan((tl.load(rows, mask=earlier, other=1.0),
+                                                  tl.load(rows + L, mask=earlier, other=0.0)), 0, _combine)
+            h = _last_row(fold_a, FOLD) * h + _last_row(fold_x, FOLD)
     else:
         h = tl.load(h_ptr + h_off, mask=cmask, other=0.0)
     for t0 in range(tb * TB, tl.minimum(tb * TB + TB, T), TT):
@@ -189,6 +192,7 @@ class ScanLaunch:
 # Default grid: enough programs to fill a large GPU (an H100 has 132 SMs), few
 # enough time blocks that phase 2's composition of the earlier ones stays small.
 MAX_PROGRAMS, MAX_TIME_BLOCKS = 1024, 64
+FOLD = 16  # earlier blocks' maps composed per scan in phase 2: one scan up to 17 time blocks
 
 
 def default_scan_launch(steps: int, width: int) -> ScanLaunch:
@@ -225,14 +229,14 @@ def rglru_chunk(gates: torch.Tensor, bx: torch.Tensor, ba: torch.Tensor, xc: tor
     ln = launch or default_scan_launch(steps, width)
     blocks = triton.cdiv(steps, ln.time_block)
     grid = (blocks, triton.cdiv(width, ln.block))
-    sizes = dict(TB=ln.time_block, TT=ln.tile, BLOCK=ln.block, num_warps=ln.num_warps)
+    sizes = dict(TT=ln.tile, BLOCK=ln.block, num_warps=ln.num_warps)
     carry = h_state  # unread with one block
     if blocks > 1:
         # carry[0]: the slot's state (X row); carry[j]: (A, X) of time block j - 1
         carry = torch.empty(blocks, 2, width, dtype=torch.float32, device=xc.device)
         _rglru_aggregate_kernel[(blocks - 1, grid[1])](
-            gates, bx, ba, xc, h_state, slot, p0, neg8_softplus_a, carry, steps, width, bw, **sizes)
+            gates, bx, ba, xc, h_state, slot, p0, neg8_softplus_a, carry, steps, width, bw, ln.time_block, **sizes)
     _rglru_scan_kernel[grid](
         gates, bx, ba, xc, y, y.stride(0), h_state, slot, p0, neg8_softplus_a, carry, out, steps, width, bw,
-        FROM_CARRY=blocks > 1, NB=triton.next_power_of_2(blocks), **sizes)
+        ln.time_block, FROM_CARRY=blocks > 1, FOLD=FOLD, **sizes)
     return out

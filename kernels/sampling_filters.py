@@ -1,24 +1,27 @@
 """Top-k, top-p and min-p of many rows without a sort, and the Gumbel-max draw
-over the kept tokens: the CUDA form of `streamgemma.sampling.filters` (which
-defines the kept set, in PyTorch: these kernels are tested against it).
+over the kept tokens: the CUDA form of `streamgemma.sampling.filters`, which
+defines the kept set (and holds the PyTorch form these kernels are tested
+against under the interpreter).
 
-Keys are the scaled logits' float32 bits as order-preserving integers in
-[0, 2**32) (`_ukey`). A row's k-th largest key, and the key of the first token
-top_p drops, are found by a radix search, three digits deep (11, 11, 10
-bits): per digit a pass of histograms over the row (token counts; or integer
-masses and each bin's least weight, stored as BIG - weight under an atomic
-max), then a per-row pick of the digit. Integer atomics sum in any order to
-the same value: no result depends on scheduling. Then one pass draws: Philox
-noise and the argmax over the kept tokens, the tokens tied at the top_p
-boundary kept by smallest id through a count of them per tile.
+Each token's key is its scaled logit's float32 bits as an order-preserving
+integer in [0, 2**32) (`_ukey`). A row's k-th largest key, and the key of the
+first token top_p drops, are found by a radix search over the keys, three
+digits deep (11, 11 and 10 bits): per digit one pass of histograms over the
+row (token counts; or integer masses and each bin's least weight, stored as
+BIG - weight under an atomic max) and one program per row that picks the
+digit. Integer atomics sum in any order to the same value, so the result does
+not depend on scheduling. Then one pass draws: Philox noise and the argmax
+over the kept tokens, the tokens tied at the top_p boundary kept by smallest
+id through a count of them per tile.
 
-Passes touch only tiles whose largest key can matter: with top_k, the
-searches and the draw read about k tiles per row. At small batch the first
-digit's histograms have R replicas, so a row's atomics do not queue on a few
-bins. Launches (unfused): bounds 3 (memset, tile maxima, bounds), top_k 6,
-top_p 7, the draw 2 (+1 with top_p). Fused (small batch): each per-row step
-runs in the last program of the pass before it to finish (`_ticket`):
-bounds 1, 3 per search, the draw 1 (+1 with top_p).
+Passes touch only tiles whose largest key can matter (the first pass takes
+every tile's maximum): with top_k, the searches and the draw read about k
+tiles per row, so a batch reads its logits about once. At small batch the
+first digit's histograms have R replicas (tile % R picks one), so the
+atomics of a whole 256,000-entry row do not queue on a few bins.
+
+Launches, by what any row asks for: tile maxima and bounds 2, top_k 6,
+top_p 7, the draw 2.
 """
 
 from __future__ import annotations
@@ -110,8 +113,11 @@ def _bounds_row(row, tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr,
     tl.store(state + _TAU, _ukey(tau))
     tl.store(state + _FLOOR, _ukey(m + tl.load(log_min_p_ptr + row)))
     tl.store(state + _P_STATE, tl.where(tl.load(top_p_ptr + row) < 1.0, 0, 1).to(tl.int64))
-    w = tl.arange(0, _STATE_WORDS)  # the searches' running values start at 0 (fused: no memset)
-    tl.store(state + w, tl.zeros([_STATE_WORDS], tl.int64), mask=(w >= _K_PREFIX) & (w <= _P_TOTAL) & (w != _P_STATE))
+    zero = tl.zeros([], dtype=tl.int64)  # the searches' running values (the fused pipeline does not memset)
+    for w in tl.static_range(_K_PREFIX, _P_STATE):
+        tl.store(state + w, zero)
+    tl.store(state + _P_TIES, zero)
+    tl.store(state + _P_TOTAL, zero)
 
 
 @triton.jit(do_not_specialize=["n_tiles", "top_k_ptr", "top_p_ptr", "log_min_p_ptr", "row_words"])
@@ -146,10 +152,8 @@ def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr,
         hist = state + _STATE_WORDS + offset
     for g in range(GROUP):
         tile = tl.program_id(1) * GROUP + g
-        if FUSED and LEVEL == 0:  # a program's tiles share a replica (folded per replica, `_pass_done`)
-            at_hist = hist + (tl.program_id(1) % replicas) * 2048
-        elif LEVEL == 0:
-            at_hist = hist + (tile % replicas) * 2048
+        if LEVEL == 0:  # fused: a program's tiles share a replica (its fold is done per replica)
+            at_hist = hist + ((tl.program_id(1) if FUSED else tile) % replicas) * 2048
         else:
             at_hist = hist
         if (tile < n_tiles) & active:
@@ -163,8 +167,10 @@ def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr,
 
 @triton.jit
 def _ticket(counter):
-    """The arrival number of this program at `counter` (the last one resets it to 0 for the next pass, call or
-    replay). The barrier puts every thread's writes before the acq_rel atomic, which releases them to the last."""
+    """True in the last of the `counter`'s programs to arrive, which then resets
+    it to 0 (for the next pass, call or graph replay). The barrier orders every
+    thread's writes before the acq_rel atomic, which releases them to the last
+    program and acquires the others' for it."""
     tl.debug_barrier()
     return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
 
@@ -261,9 +267,10 @@ def _fold_kernel(work_ptr, row_words, hist_words, COPIES: tl.constexpr, MASS: tl
 @triton.jit
 def _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, COPIES: tl.constexpr, LEVEL: tl.constexpr,
                 MASS: tl.constexpr, BITS: tl.constexpr):
-    """Row's digit of this level (the highest bin holding the k-th token, or a
-    token top_p drops; at the last level the key) from its bins `hist` (COPIES
-    copies 2048 apart; .cg loads: fused, other programs' atomics filled them)."""
+    """Row `row`'s digit of this level (the highest bin holding the k-th token,
+    or a token top_p drops), and at the last level the key itself. hist: the
+    level's bins (COPIES copies 2048 apart); .cg loads: in the fused pipeline
+    other programs' atomics filled them."""
     b = tl.arange(0, 1 << BITS).to(tl.int64)
     if MASS:
         if tl.load(state + _P_STATE) == 0:

@@ -210,42 +210,6 @@ def test_kernels_draw_the_definitions_tokens(tile, replicas, group):
     assert want[1] < math.ceil(vocab / 2)
 
 
-@pytest.mark.parametrize("tile,replicas,group", [(16, 5, 1), (32, 4, 2)])
-def test_the_fused_pipeline_draws_the_definitions_tokens_call_after_call(tile, replicas, group):
-    """The small-batch pipeline, where the last program of each pass to finish
-    does the per-row step (bounds; the fold of each replica, then the digit;
-    the argmax): the definition's tokens over calls that reuse one set of
-    counters (each call leaves them zero for the next, as a graph replay
-    needs), with several programs per pass and per replica (and a replica
-    with none: 2 programs, 4 replicas), ties at the top_p boundary, every
-    filter mix, temperature or not; the same tokens as the unfused pipeline."""
-    from streamgemma.kernels.sampling_filters import new_counters
-
-    g = torch.Generator().manual_seed(tile + replicas)
-    rng = random.Random(tile)
-    vocab, batch = 120, 3
-    dev = DEVICES[-1]
-    counters = new_counters(batch, dev)
-    for call in range(3):
-        x = torch.stack([random_row(rng, g, vocab) for _ in range(batch)])
-        specs = [random_filters(rng, vocab) for _ in range(batch)]
-        if call == 0:
-            x[0] = 0.75  # all tied: top_p 0.5 keeps the first half by id (the tie count spans tiles)
-            specs[0], specs[1] = (0, 0.5, 0.0), (3, 0.6, 0.05)
-        words = torch.tensor([[rng.getrandbits(32) for _ in range(4)] for _ in range(batch)], dtype=torch.int64)
-        temps = None if call == 1 else torch.rand(batch, generator=g) + 0.4
-        k, p, lmp = filter_tensors(specs, vocab)
-        want = draw_definition(x, words, temps, k, p, lmp)
-        args = [t.to(dev) for t in (x, words)] + [None if temps is None else temps.to(dev)] + \
-            [t.to(dev) for t in (k, p, lmp)]
-        got = kernel()(*args, tile=tile, replicas=replicas, group=group, fused=True, counters=counters)
-        assert got.cpu().tolist() == want.tolist(), call
-        assert not counters.any(), call
-        if call == 0:
-            assert want[0] < vocab // 2
-            assert kernel()(*args, tile=tile, replicas=replicas, group=group, fused=False).tolist() == want.tolist()
-
-
 def test_kernel_rows_alone_equal_rows_in_a_batch_and_searches_can_be_skipped():
     g = torch.Generator().manual_seed(5)
     rng = random.Random(5)

@@ -1,18 +1,14 @@
 """Per call of `PendingIds` over B rows of 256,000 logits, eager and from the
 model's CUDA graphs of the filters: host issue time, wall time until the ids
-are on the host, device operations per call (kernels, and memsets/copies) and
-the GPU time by kernel (PyTorch profiler). At B <= 4 the filters run their
-fused small-batch pipeline; `unfused` modes run the other one on the same
-logits, for a before/after in one run.
+are on the host, and the GPU time by kernel (PyTorch profiler).
 
-    python bench/dev/sampling_profile.py --batches 1 --json profile.json      # CUDA only
+    python bench/dev/sampling_profile.py --json profile.json      # CUDA only
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import time
 
@@ -49,26 +45,13 @@ def measure(x: torch.Tensor, params: SamplingParams, graphs, calls: int) -> dict
             call()
         torch.cuda.synchronize()
     kernels = collections.Counter()
-    ops = collections.Counter()
     for e in prof.key_averages():
         if e.device_type.name == "CUDA" and e.device_time_total > 0:
             kernels[e.key[:40]] += e.device_time_total / calls
-            ops["copies" if "Memcpy" in e.key or "Memset" in e.key else "kernels"] += e.count / calls
     return {"issue_ms": round(1e3 * sorted(t[0] for t in times)[calls // 2], 3),
             "wall_ms": round(1e3 * sorted(t[1] for t in times)[calls // 2], 3),
             "gpu_us": round(sum(kernels.values()), 1),
-            "kernel_launches": round(ops["kernels"], 1), "memsets_copies": round(ops["copies"], 1),
-            "kernels_us": sorted(((k, round(v, 1)) for k, v in kernels.items()), key=lambda kv: -kv[1])}
-
-
-class _Eager:
-    """A `graphs=` stand-in that calls the kernel eagerly (every call)."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __call__(self, x, words, temps, top_k, top_p, log_min_p, *, has_top_k, has_top_p, staged=False):
-        return self.kernel(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p)
+            "kernels_us": sorted(((k, round(v, 1)) for k, v in kernels.items()), key=lambda kv: -kv[1])[:10]}
 
 
 def main() -> None:
@@ -82,19 +65,12 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         x = torch.randn(batch, args.vocab, device="cuda")
         for name, setting in SETTINGS.items():
-            modes = ("eager", "graphed") + (("eager-unfused", "graphed-unfused") if batch <= 4 else ())
-            for mode in modes:
-                kernel = device_kernel("cuda")
-                if mode.endswith("unfused"):
-                    kernel = functools.partial(kernel, fused=False)
-                graphs = FilterGraphs(kernel) if mode.startswith("graphed") else None
-                if graphs is None and mode.endswith("unfused"):  # eager calls go through the graphs' kernel
-                    graphs = _Eager(kernel)
+            for mode in ("eager", "graphed"):
+                graphs = FilterGraphs(device_kernel("cuda")) if mode == "graphed" else None
                 r = measure(x, SamplingParams(**setting), graphs, args.calls)
                 out[f"B{batch}_{name}_{mode}"] = r
-                print(f"B{batch:<4} {name:6} {mode:15} issue {r['issue_ms']:.3f} ms  wall {r['wall_ms']:.3f} ms  "
-                      f"gpu {r['gpu_us']:.1f} us  launches {r['kernel_launches']:g} (+{r['memsets_copies']:g} "
-                      f"memsets/copies)  {r['kernels_us'][:4]}", flush=True)
+                print(f"B{batch:<4} {name:6} {mode:8} issue {r['issue_ms']:.3f} ms  wall {r['wall_ms']:.3f} ms  "
+                      f"gpu {r['gpu_us']:.1f} us  {r['kernels_us'][:4]}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -33,11 +33,6 @@ class _Graph:
         self.words = words.clone()
         self.temps = None if temps is None else temps.clone()
         self.filters = tuple(t.clone() for t in filters)
-        # The fused small-batch pipeline's ticket counters: zero now, and every replay leaves them zero.
-        from streamgemma.kernels.sampling_filters import new_counters  # here: graphs exist only with the kernels
-
-        self.counters = new_counters(x.shape[0], x.device)  # held: the graph writes it on every replay
-        flags = {**flags, "counters": self.counters}
         self.graph = torch.cuda.CUDAGraph()
         # Not torch.cuda.graph(): it empties the device and pinned-host caches, which would cost every later
         # upload a fresh pinned allocation. A side stream that follows the current one, as PyTorch requires;

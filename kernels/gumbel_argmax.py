@@ -115,18 +115,11 @@ def _gumbel_tiles_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, tile
 
 @triton.jit(do_not_specialize=["n_tiles"])
 def argmax_tiles_kernel(tile_max_ptr, tile_idx_ptr, out_ptr, n_tiles, BLOCK_T: tl.constexpr):
-    argmax_tiles_row(tile_max_ptr, tile_idx_ptr, out_ptr, tl.program_id(0), n_tiles, BLOCK_T)
-
-
-@triton.jit
-def argmax_tiles_row(tile_max_ptr, tile_idx_ptr, out_ptr, row, n_tiles, BLOCK_T: tl.constexpr):
-    """Row's token: the smallest index among its tiles that reach its maximum.
-    .cg loads (past L1): the filters' fused draw calls this from the last
-    program of the pass that wrote the tiles."""
+    row = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     mask = t < n_tiles
-    m = tl.load(tile_max_ptr + row * n_tiles + t, mask=mask, other=float("-inf"), cache_modifier=".cg")
-    idx = tl.load(tile_idx_ptr + row * n_tiles + t, mask=mask, other=_NO_INDEX, cache_modifier=".cg")
+    m = tl.load(tile_max_ptr + row * n_tiles + t, mask=mask, other=float("-inf"))
+    idx = tl.load(tile_idx_ptr + row * n_tiles + t, mask=mask, other=_NO_INDEX)
     best = tl.max(m, axis=0)
     tl.store(out_ptr + row, tl.min(tl.where(mask & (m == best), idx, _NO_INDEX), axis=0).to(tl.int64))
 

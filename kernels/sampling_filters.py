@@ -30,14 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel_argmax import argmax_tiles_kernel, argmax_tiles_row, float32_rows, gumbel_score, tile_words
+from .gumbel_argmax import argmax_tiles_kernel, float32_rows, gumbel_score, tile_words
 
 _BIG = tl.constexpr(1 << 62)  # a bin's least weight w is stored as _BIG - w (zero: an empty bin)
 _NO_INDEX = tl.constexpr(2147483647)
 # Per-row state, int64 words at the start of the row's work area.
 _STATE_WORDS = tl.constexpr(16)
-COUNTER_WORDS = 32  # int32 ticket counters per row of the fused pipeline: the pass's, then one per replica
-_COUNTER_WORDS = tl.constexpr(COUNTER_WORDS)
 _TAU = tl.constexpr(0)  # key of the k-th largest tile maximum: no top_k token is below it
 _FLOOR = tl.constexpr(1)  # key of the min_p floor
 _K_PREFIX = tl.constexpr(2)  # top_k digits found so far; after the search, the k-th largest key
@@ -68,14 +66,9 @@ def _scaled(row_ptr, v, V, temp, HAS_TEMP: tl.constexpr):
     return x
 
 
-@triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "top_k_ptr", "top_p_ptr", "log_min_p_ptr", "row_words",
-                               "V", "n_tiles", "per_program"])
-def _tile_max_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr,
-                     work_ptr, row_words, counters_ptr, V, n_tiles, per_program, HAS_TEMP: tl.constexpr,
-                     TILE: tl.constexpr, BLOCK_T: tl.constexpr, FUSED: tl.constexpr):
-    """Each program its tile's maximum. FUSED: each also zeros its share of the
-    row's histograms (no memset launch), and the last program to finish
-    computes the row's bounds (`_bounds_row`; else `_bounds_kernel` does)."""
+@triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "V", "n_tiles"])
+def _tile_max_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, V, n_tiles, HAS_TEMP: tl.constexpr,
+                     TILE: tl.constexpr):
     row = tl.program_id(0)
     tile = tl.program_id(1)
     temp = 1.0
@@ -83,26 +76,17 @@ def _tile_max_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, top_k_ptr, top_p_pt
         temp = tl.load(temps_ptr + row)
     x = _scaled(x_ptr + row.to(tl.int64) * stride, tile * TILE + tl.arange(0, TILE), V, temp, HAS_TEMP)
     tl.store(tile_max_ptr + row * n_tiles + tile, tl.max(tl.where(x == 0.0, 0.0, x), axis=0))
-    if FUSED:
-        state = work_ptr + row.to(tl.int64) * row_words
-        start = _STATE_WORDS + tile * per_program
-        end = tl.minimum(start + per_program, row_words)
-        for at in range(start, end, 256):
-            w = at + tl.arange(0, 256)
-            tl.store(state + w, tl.zeros([256], dtype=tl.int64), mask=w < end)
-        if _ticket(counters_ptr + row * _COUNTER_WORDS) == n_tiles - 1:
-            tl.store(counters_ptr + row * _COUNTER_WORDS, 0)
-            _bounds_row(row, tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr, state, BLOCK_T)
 
 
-@triton.jit
-def _bounds_row(row, tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr, state,
-                BLOCK_T: tl.constexpr):
-    """Row `row`'s maximum, min_p floor, top_p state, and a lower bound of the
-    k-th largest value (the k-th largest tile maximum: k tokens reach it).
-    Loads skip L1 (.cg): in the fused pipeline other programs wrote the maxima."""
+@triton.jit(do_not_specialize=["n_tiles", "top_k_ptr", "top_p_ptr", "log_min_p_ptr", "row_words"])
+def _bounds_kernel(tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr, work_ptr, row_words,
+                   BLOCK_T: tl.constexpr):
+    """Per row: the maximum, the min_p floor, the top_p state, and a lower bound
+    of the k-th largest value (the k-th largest tile maximum: k tokens reach it)."""
+    row = tl.program_id(0)
+    state = work_ptr + row.to(tl.int64) * row_words
     t = tl.arange(0, BLOCK_T)
-    maxima = tl.load(tile_max_ptr + row * n_tiles + t, mask=t < n_tiles, other=float("-inf"), cache_modifier=".cg")
+    maxima = tl.load(tile_max_ptr + row * n_tiles + t, mask=t < n_tiles, other=float("-inf"))
     m = tl.max(maxima, axis=0)
     tl.store(row_max_ptr + row, m)
     k = tl.load(top_k_ptr + row)
@@ -113,31 +97,16 @@ def _bounds_row(row, tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr,
     tl.store(state + _TAU, _ukey(tau))
     tl.store(state + _FLOOR, _ukey(m + tl.load(log_min_p_ptr + row)))
     tl.store(state + _P_STATE, tl.where(tl.load(top_p_ptr + row) < 1.0, 0, 1).to(tl.int64))
-    zero = tl.zeros([], dtype=tl.int64)  # the searches' running values (the fused pipeline does not memset)
-    for w in tl.static_range(_K_PREFIX, _P_STATE):
-        tl.store(state + w, zero)
-    tl.store(state + _P_TIES, zero)
-    tl.store(state + _P_TOTAL, zero)
-
-
-@triton.jit(do_not_specialize=["n_tiles", "top_k_ptr", "top_p_ptr", "log_min_p_ptr", "row_words"])
-def _bounds_kernel(tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr, work_ptr, row_words,
-                   BLOCK_T: tl.constexpr):
-    row = tl.program_id(0)
-    _bounds_row(row, tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr,
-                work_ptr + row.to(tl.int64) * row_words, BLOCK_T)
 
 
 # The batch-dependent sizes (replicas, offsets) are runtime values: one compiled variant serves every batch.
-@triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "top_k_ptr", "top_p_ptr", "row_words", "V", "n_tiles",
+@triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "top_k_ptr", "row_words", "V", "n_tiles",
                                "replicas", "offset", "hist_words"])
-def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr, top_p_ptr, work_ptr, row_words,
-                 counters_ptr, V, n_tiles, scale, replicas, offset, hist_words, LEVEL: tl.constexpr,
-                 MASS: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, HAS_TEMP: tl.constexpr,
-                 TILE: tl.constexpr, GROUP: tl.constexpr, FUSED: tl.constexpr):
+def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr, work_ptr, row_words, V, n_tiles,
+                 scale, replicas, offset, hist_words, LEVEL: tl.constexpr, MASS: tl.constexpr, SHIFT: tl.constexpr,
+                 BITS: tl.constexpr, HAS_TEMP: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr):
     """One digit's histograms of the row's tokens that can matter: top_k counts
-    (MASS false) or top_p weights and least weights (MASS true). FUSED: the
-    pass's last program to finish also picks the digit (`_pass_done`)."""
+    (MASS false) or top_p weights and least weights (MASS true)."""
     row = tl.program_id(0)
     state = work_ptr + row.to(tl.int64) * row_words
     if MASS:
@@ -152,56 +121,14 @@ def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr,
         hist = state + _STATE_WORDS + offset
     for g in range(GROUP):
         tile = tl.program_id(1) * GROUP + g
-        if LEVEL == 0:  # fused: a program's tiles share a replica (its fold is done per replica)
-            at_hist = hist + ((tl.program_id(1) if FUSED else tile) % replicas) * 2048
+        if LEVEL == 0:
+            at_hist = hist + (tile % replicas) * 2048
         else:
             at_hist = hist
         if (tile < n_tiles) & active:
             if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
                 _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, at_hist, lo, prefix, V, scale,
                            hist_words, LEVEL, MASS, SHIFT, BITS, HAS_TEMP, TILE)
-    if FUSED:
-        _pass_done(row, counters_ptr + row * _COUNTER_WORDS, top_k_ptr, top_p_ptr, state, hist, hist_words, replicas,
-                   active, LEVEL, MASS, BITS)
-
-
-@triton.jit
-def _ticket(counter):
-    """True in the last of the `counter`'s programs to arrive, which then resets
-    it to 0 (for the next pass, call or graph replay). The barrier orders every
-    thread's writes before the acq_rel atomic, which releases them to the last
-    program and acquires the others' for it."""
-    tl.debug_barrier()
-    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-
-
-@triton.jit
-def _pass_done(row, ctr, top_k_ptr, top_p_ptr, state, hist, hist_words, replicas, active, LEVEL: tl.constexpr,
-               MASS: tl.constexpr, BITS: tl.constexpr):
-    """The end of a fused histogram pass. Level 0: the last program of each
-    replica (programs p with p % replicas == r; counter 1 + r) adds its replica
-    into the main copy (after the level-2 bins); the last of those (counter 0)
-    picks the digit. Levels 1, 2: the pass's last program picks it."""
-    programs = tl.num_programs(1)
-    if LEVEL == 0:
-        r = tl.program_id(1) % replicas
-        if _ticket(ctr + 1 + r) == (programs - 1 - r) // replicas:
-            tl.store(ctr + 1 + r, 0)
-            main = hist + replicas * 2048 + 3072
-            if active:
-                b = tl.arange(0, 2048)
-                n = tl.load(hist + r * 2048 + b, cache_modifier=".cg")
-                tl.atomic_add(main + b, n, mask=n != 0)
-                if MASS:  # least weights, stored as _BIG - w: the largest stored value
-                    least = tl.load(hist + hist_words + r * 2048 + b, cache_modifier=".cg")
-                    tl.atomic_max(main + hist_words + b, least, mask=least != 0)
-            if _ticket(ctr) == tl.minimum(programs, replicas) - 1:
-                tl.store(ctr, 0)
-                _select_row(row, top_k_ptr, top_p_ptr, state, main, hist_words, 1, LEVEL, MASS, BITS)
-    else:
-        if _ticket(ctr) == programs - 1:
-            tl.store(ctr, 0)
-            _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, 1, LEVEL, MASS, BITS)
 
 
 @triton.jit
@@ -264,21 +191,23 @@ def _fold_kernel(work_ptr, row_words, hist_words, COPIES: tl.constexpr, MASS: tl
         tl.store(hist + hist_words + b, least)
 
 
-@triton.jit
-def _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, COPIES: tl.constexpr, LEVEL: tl.constexpr,
-                MASS: tl.constexpr, BITS: tl.constexpr):
-    """Row `row`'s digit of this level (the highest bin holding the k-th token,
-    or a token top_p drops), and at the last level the key itself. hist: the
-    level's bins (COPIES copies 2048 apart); .cg loads: in the fused pipeline
-    other programs' atomics filled them."""
+# COPIES is a constant so the loads of the replicas are unrolled and in flight together (a loop was ~7 us).
+@triton.jit(do_not_specialize=["top_k_ptr", "top_p_ptr", "row_words", "offset", "hist_words"])
+def _select_kernel(top_k_ptr, top_p_ptr, work_ptr, row_words, offset, hist_words, COPIES: tl.constexpr,
+                   LEVEL: tl.constexpr, MASS: tl.constexpr, BITS: tl.constexpr):
+    """Per row: the digit of this level (the highest bin holding the k-th token,
+    or a token top_p drops), and at the last level the key itself."""
+    row = tl.program_id(0)
+    state = work_ptr + row.to(tl.int64) * row_words
     b = tl.arange(0, 1 << BITS).to(tl.int64)
     if MASS:
+        hist = state + _STATE_WORDS + hist_words + offset
         if tl.load(state + _P_STATE) == 0:
             mass = tl.zeros([1 << BITS], dtype=tl.int64)
             negw = tl.zeros([1 << BITS], dtype=tl.int64)
             for r in tl.static_range(COPIES):
-                mass += tl.load(hist + r * 2048 + b, cache_modifier=".cg")
-                negw = tl.maximum(negw, tl.load(hist + hist_words + r * 2048 + b, cache_modifier=".cg"))
+                mass += tl.load(hist + r * 2048 + b)
+                negw = tl.maximum(negw, tl.load(hist + hist_words + r * 2048 + b))
             if LEVEL == 0:
                 above = tl.zeros([], dtype=tl.int64)
                 total = tl.sum(mass, axis=0)
@@ -303,26 +232,15 @@ def _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, COPIES: tl.c
     else:
         k = tl.load(top_k_ptr + row)
         if k > 0:
+            hist = state + _STATE_WORDS + offset
             count = tl.zeros([1 << BITS], dtype=tl.int64)
             for r in tl.static_range(COPIES):
-                count += tl.load(hist + r * 2048 + b, cache_modifier=".cg")
+                count += tl.load(hist + r * 2048 + b)
             above = tl.load(state + _K_ABOVE)
             at_or_above = tl.sum(count, axis=0) - tl.cumsum(count, axis=0) + count
             pick = tl.max(tl.where(above + at_or_above >= k, b, -1), axis=0)
             tl.store(state + _K_ABOVE, above + tl.sum(tl.where(b > pick, count, 0), axis=0))
             tl.store(state + _K_PREFIX, (tl.load(state + _K_PREFIX) << BITS) | pick)
-
-
-# COPIES is a constant so the loads of the replicas are unrolled and in flight together (a loop was ~7 us).
-@triton.jit(do_not_specialize=["top_k_ptr", "top_p_ptr", "row_words", "offset", "hist_words"])
-def _select_kernel(top_k_ptr, top_p_ptr, work_ptr, row_words, offset, hist_words, COPIES: tl.constexpr,
-                   LEVEL: tl.constexpr, MASS: tl.constexpr, BITS: tl.constexpr):
-    row = tl.program_id(0)
-    state = work_ptr + row.to(tl.int64) * row_words
-    hist = state + _STATE_WORDS + offset
-    if MASS:
-        hist += hist_words
-    _select_row(row, top_k_ptr, top_p_ptr, state, hist, hist_words, COPIES, LEVEL, MASS, BITS)
 
 
 @triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "row_words", "V", "n_tiles"])
@@ -357,12 +275,10 @@ def _lane(row_ptr, v, V, temp, lo, HAS_TEMP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["x_ptr", "stride", "words_ptr", "temps_ptr", "row_words", "V", "n_tiles"])
 def _draw_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, work_ptr, row_words, ties_ptr, best_ptr,
-                 best_idx_ptr, counters_ptr, out_ptr, V, n_tiles, HAS_TEMP: tl.constexpr, HAS_TOP_P: tl.constexpr,
-                 BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr, FUSED: tl.constexpr):
+                 best_idx_ptr, V, n_tiles, HAS_TEMP: tl.constexpr, HAS_TOP_P: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_T: tl.constexpr, GROUP: tl.constexpr):
     """Each tile's best kept score x / T - log(-log(u)) and its smallest index
-    (the lane layout of `gumbel_argmax`); tiles with nothing kept skip Philox.
-    FUSED: the last program to finish takes the argmax over the tiles (else
-    `argmax_tiles_kernel` does, in a launch of its own)."""
+    (the lane layout of `gumbel_argmax`); tiles with nothing kept skip Philox."""
     row = tl.program_id(0)
     state = work_ptr + row.to(tl.int64) * row_words
     lo = tl.maximum(tl.load(state + _K_PREFIX), tl.load(state + _FLOOR))
@@ -417,28 +333,15 @@ def _draw_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, work_ptr, ro
                 best_i = tl.min(tl.where(best == best_m, best_idx, _NO_INDEX), axis=0)
             tl.store(best_ptr + row * n_tiles + tile, best_m)
             tl.store(best_idx_ptr + row * n_tiles + tile, best_i)
-    if FUSED:
-        ctr = counters_ptr + row * _COUNTER_WORDS
-        if _ticket(ctr) == tl.num_programs(1) - 1:
-            tl.store(ctr, 0)
-            argmax_tiles_row(best_ptr, best_idx_ptr, out_ptr, row, n_tiles, BLOCK_T)
 
 
 _MAX_TILES = 1 << 14
 
 
-def new_counters(rows: int, device) -> torch.Tensor:
-    """Ticket counters for `filtered_gumbel_argmax(..., counters=)`: zeros,
-    which every fused call leaves zero again (a CUDA graph keeps its own, so
-    a replay needs no memset)."""
-    return torch.zeros(rows, COUNTER_WORDS, dtype=torch.int32, device=device)
-
-
 def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
                            top_p: torch.Tensor, log_min_p: torch.Tensor, *, has_top_k: bool = True,
                            has_top_p: bool = True, tile: int = 512, replicas: int | None = None,
-                           group: int | None = None, fused: bool | None = None,
-                           counters: torch.Tensor | None = None) -> torch.Tensor:
+                           group: int | None = None) -> torch.Tensor:
     """The sampled token of every row (int64 [S], no host synchronisation): the
     Gumbel-max draw over the tokens `streamgemma.sampling.filters.keep_mask`
     keeps of x / temps.
@@ -450,11 +353,7 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
     must then have it off). tile: entries per program (a power of two >= 16;
     tests use small ones); replicas: copies of the first digit's histograms;
     group: tiles per program of the passes that skip most tiles (defaults:
-    by batch). fused (default: at most 4 rows): the small-batch pipeline, in
-    which the last program of each pass to finish does the per-row step that
-    was a launch of its own (bounds, fold and select, the argmax), and the
-    first pass zeros the work area: 2 + 3 per search + 1 for top_p launches,
-    the same tokens. counters: `new_counters(S)` for it (allocated if None)."""
+    by batch)."""
     from streamgemma.sampling.filters import mass_bits
 
     x, out = float32_rows(x, "filtered_gumbel_argmax")
@@ -468,47 +367,30 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
         replicas = 16 if rows <= 4 else 4 if rows <= 32 else 1
     if group is None:  # a program that skips its tile still costs ~0.6 ns: 80 us a pass at 256 x 500 tiles
         group = 1 if rows <= 16 else 4 if rows <= 64 else 8
-    if fused is None:  # one program per row doing each per-row step costs a big batch more than a launch
-        fused = rows <= 4
-    dev = x.device
-    if fused:
-        if not 1 <= replicas < COUNTER_WORDS:
-            raise ValueError(f"the fused pipeline takes 1 to {COUNTER_WORDS - 1} replicas, got {replicas}")
-        if counters is None:
-            counters = new_counters(rows, dev)
-        elif counters.dtype != torch.int32 or counters.shape != (rows, COUNTER_WORDS) or not counters.is_contiguous():
-            raise ValueError(f"counters must be new_counters({rows}), got {counters.dtype} {list(counters.shape)}")
     words, top_k, top_p, log_min_p = (t.contiguous() for t in (words, top_k, top_p, log_min_p))
     has_temp = temps is not None
     temps = temps.contiguous() if has_temp else x
-    # The three digits' bins, the first digit's in `replicas` copies (fused: and the copy they are folded into).
-    hist_words = 2048 * replicas + 3072 + (2048 if fused else 0)
+    hist_words = 2048 * replicas + 3072  # the three digits' bins, the first digit's in `replicas` copies
     row_words = 16 + 3 * hist_words  # state, top_k counts, top_p weights, least weights
+    dev = x.device
     tile_max = torch.empty(rows, n_tiles, dtype=torch.float32, device=dev)
     row_max = torch.empty(rows, dtype=torch.float32, device=dev)
-    work = (torch.empty if fused else torch.zeros)(rows, row_words, dtype=torch.int64, device=dev)
+    work = torch.zeros(rows, row_words, dtype=torch.int64, device=dev)
     best = torch.empty(rows, n_tiles, dtype=torch.float32, device=dev)
     best_idx = torch.empty(rows, n_tiles, dtype=torch.int32, device=dev)
     ties = torch.empty(rows, n_tiles, dtype=torch.int32, device=dev) if has_top_p else best_idx
     block_t = triton.next_power_of_2(n_tiles)
     grid = (rows, n_tiles)
     grouped = (rows, triton.cdiv(n_tiles, group))
-    counters = counters if fused else work  # (unused unfused)
-    _tile_max_kernel[grid](x, x.stride(0), temps, tile_max, top_k, top_p, log_min_p, row_max, work, row_words,
-                           counters, vocab, n_tiles, triton.cdiv(row_words - 16, n_tiles), HAS_TEMP=has_temp,
-                           TILE=tile, BLOCK_T=block_t, FUSED=fused)
-    if not fused:
-        _bounds_kernel[(rows,)](tile_max, n_tiles, top_k, top_p, log_min_p, row_max, work, row_words,
-                                BLOCK_T=block_t)
+    _tile_max_kernel[grid](x, x.stride(0), temps, tile_max, vocab, n_tiles, HAS_TEMP=has_temp, TILE=tile)
+    _bounds_kernel[(rows,)](tile_max, n_tiles, top_k, top_p, log_min_p, row_max, work, row_words, BLOCK_T=block_t)
     scale = float(2 ** mass_bits(vocab))
     for mass, wanted in ((False, has_top_k), (True, has_top_p)):
         for level, (shift, bits) in enumerate(_DIGITS if wanted else ()):
             offset = (0, 2048 * replicas, 2048 * replicas + 2048)[level]
-            _hist_kernel[grouped](x, x.stride(0), temps, tile_max, row_max, top_k, top_p, work, row_words, counters,
-                                  vocab, n_tiles, scale, replicas, offset, hist_words, LEVEL=level, MASS=mass,
-                                  SHIFT=shift, BITS=bits, HAS_TEMP=has_temp, TILE=tile, GROUP=group, FUSED=fused)
-            if fused:
-                continue
+            _hist_kernel[grouped](x, x.stride(0), temps, tile_max, row_max, top_k, work, row_words, vocab, n_tiles,
+                               scale, replicas, offset, hist_words, LEVEL=level, MASS=mass, SHIFT=shift, BITS=bits,
+                               HAS_TEMP=has_temp, TILE=tile, GROUP=group)
             copies = replicas if level == 0 else 1
             if copies > 1 and rows <= 4:
                 _fold_kernel[(rows, 16)](work, row_words, hist_words, COPIES=copies, MASS=mass, CHUNK=128)
@@ -518,10 +400,9 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
     if has_top_p:
         _tie_count_kernel[grouped](x, x.stride(0), temps, tile_max, work, row_words, ties, vocab, n_tiles,
                                    HAS_TEMP=has_temp, TILE=tile, GROUP=group)
-    _draw_kernel[grouped](x, x.stride(0), words, temps, tile_max, work, row_words, ties, best, best_idx, counters,
-                          out, vocab, n_tiles, HAS_TEMP=has_temp, HAS_TOP_P=has_top_p, BLOCK=tile // 4,
-                          BLOCK_T=block_t, GROUP=group, FUSED=fused)
-    if not fused:
-        argmax_tiles_kernel[(rows,)](best, best_idx, out, n_tiles, BLOCK_T=block_t,
-                                     num_warps=4 if n_tiles > 256 else 1)
+    _draw_kernel[grouped](x, x.stride(0), words, temps, tile_max, work, row_words, ties, best, best_idx, vocab,
+                          n_tiles, HAS_TEMP=has_temp, HAS_TOP_P=has_top_p, BLOCK=tile // 4, BLOCK_T=block_t,
+                          GROUP=group)
+    argmax_tiles_kernel[(rows,)](best, best_idx, out, n_tiles, BLOCK_T=block_t,
+                                 num_warps=4 if n_tiles > 256 else 1)
     return out

@@ -4,7 +4,7 @@ defines the kept set (and holds the PyTorch form these kernels are tested
 against under the interpreter).
 
 Each token's key is its scaled logit's float32 bits as an order-preserving
-integer in [0, 2**32) (`_ukey`). A row's k-th largest key, and the key of the
+integer in [0, 2**32) (`ukey`). A row's k-th largest key, and the key of the
 first token top_p drops, are found by a radix search over the keys, three
 digits deep (11, 11 and 10 bits): per digit one pass of histograms over the
 row (token counts; or integer masses and each bin's least weight, stored as
@@ -50,7 +50,7 @@ _DIGITS = ((21, 11), (10, 11), (0, 10))
 
 
 @triton.jit
-def _ukey(x):
+def ukey(x):
     """Order-preserving int64 key in [0, 2**32) of float32 x (-0.0 and 0.0 one key)."""
     x = tl.where(x == 0.0, 0.0, x)
     bits = x.to(tl.int32, bitcast=True)
@@ -58,7 +58,7 @@ def _ukey(x):
 
 
 @triton.jit
-def _scaled(row_ptr, v, V, temp, HAS_TEMP: tl.constexpr):
+def scaled_logits(row_ptr, v, V, temp, HAS_TEMP: tl.constexpr):
     """x[v] / T (correctly rounded, as the reference's division); -inf past V."""
     x = tl.load(row_ptr + v, mask=v < V, other=float("-inf"))
     if HAS_TEMP:
@@ -67,19 +67,19 @@ def _scaled(row_ptr, v, V, temp, HAS_TEMP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "V", "n_tiles"])
-def _tile_max_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, V, n_tiles, HAS_TEMP: tl.constexpr,
+def tile_max_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, V, n_tiles, HAS_TEMP: tl.constexpr,
                      TILE: tl.constexpr):
     row = tl.program_id(0)
     tile = tl.program_id(1)
     temp = 1.0
     if HAS_TEMP:
         temp = tl.load(temps_ptr + row)
-    x = _scaled(x_ptr + row.to(tl.int64) * stride, tile * TILE + tl.arange(0, TILE), V, temp, HAS_TEMP)
+    x = scaled_logits(x_ptr + row.to(tl.int64) * stride, tile * TILE + tl.arange(0, TILE), V, temp, HAS_TEMP)
     tl.store(tile_max_ptr + row * n_tiles + tile, tl.max(tl.where(x == 0.0, 0.0, x), axis=0))
 
 
 @triton.jit(do_not_specialize=["n_tiles", "top_k_ptr", "top_p_ptr", "log_min_p_ptr", "row_words"])
-def _bounds_kernel(tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr, work_ptr, row_words,
+def bounds_kernel(tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, row_max_ptr, work_ptr, row_words,
                    BLOCK_T: tl.constexpr):
     """Per row: the maximum, the min_p floor, the top_p state, and a lower bound
     of the k-th largest value (the k-th largest tile maximum: k tokens reach it)."""
@@ -94,8 +94,8 @@ def _bounds_kernel(tile_max_ptr, n_tiles, top_k_ptr, top_p_ptr, log_min_p_ptr, r
     if (k > 0) & (k <= n_tiles):
         # A bitonic sort of the row's tile maxima in registers (a pairwise count was 44 us at 500 tiles).
         tau = tl.max(tl.where(t == k - 1, tl.sort(maxima, descending=True), float("-inf")), axis=0)
-    tl.store(state + _TAU, _ukey(tau))
-    tl.store(state + _FLOOR, _ukey(m + tl.load(log_min_p_ptr + row)))
+    tl.store(state + _TAU, ukey(tau))
+    tl.store(state + _FLOOR, ukey(m + tl.load(log_min_p_ptr + row)))
     tl.store(state + _P_STATE, tl.where(tl.load(top_p_ptr + row) < 1.0, 0, 1).to(tl.int64))
 
 
@@ -126,7 +126,7 @@ def _hist_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, row_max_ptr, top_k_ptr,
         else:
             at_hist = hist
         if (tile < n_tiles) & active:
-            if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
+            if ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
                 _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, at_hist, lo, prefix, V, scale,
                            hist_words, LEVEL, MASS, SHIFT, BITS, HAS_TEMP, TILE)
 
@@ -140,8 +140,8 @@ def _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, hist, lo, prefi
     temp = 1.0
     if HAS_TEMP:
         temp = tl.load(temps_ptr + row)
-    x = _scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
-    u = _ukey(x)
+    x = scaled_logits(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
+    u = ukey(x)
     take = (v < V) & (u >= lo)
     if LEVEL > 0:
         take = take & ((u >> (SHIFT + BITS)) == prefix)
@@ -149,7 +149,7 @@ def _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, hist, lo, prefi
     if MASS:
         m = tl.load(row_max_ptr + row)
         m = tl.where(m == float("-inf"), 0.0, m)  # a row of only -inf: every weight is 0 (no inf - inf)
-        w = (tl.exp(x.to(tl.float64) - m.to(tl.float64)) * scale + 0.5).to(tl.int64)
+        w = mass_weight(x, m, scale)
         tl.atomic_add(at, w, mask=take)
         tl.atomic_max(at + hist_words, -(w - _BIG), mask=take)
     else:
@@ -157,7 +157,13 @@ def _hist_tile(x_ptr, stride, temps_ptr, row_max_ptr, row, tile, hist, lo, prefi
 
 
 @triton.jit
-def _kept_ties(above, w, limit):
+def mass_weight(x, m, scale):
+    """round(exp(x - m) * scale) in float64 (`filters.mass_weights`; m finite), int64."""
+    return (tl.exp(x.to(tl.float64) - m.to(tl.float64)) * scale + 0.5).to(tl.int64)
+
+
+@triton.jit
+def kept_ties(above, w, limit):
     """How many tokens tied at the boundary key stay: the j >= 0 with
     float64(above + j * w) < limit (w: their common weight)."""
     j = tl.zeros([], dtype=tl.int64)
@@ -227,7 +233,7 @@ def _select_kernel(top_k_ptr, top_p_ptr, work_ptr, row_words, offset, hist_words
                 tl.store(state + _P_ABOVE, above)
                 if LEVEL == 2:  # one key per bin: its tokens all weigh its least weight
                     w = -(tl.sum(tl.where(b == pick, negw, 0), axis=0) - _BIG)
-                    tl.store(state + _P_TIES, _kept_ties(above, w, limit))
+                    tl.store(state + _P_TIES, kept_ties(above, w, limit))
                     tl.store(state + _P_STATE, 2)
     else:
         k = tl.load(top_k_ptr + row)
@@ -258,18 +264,18 @@ def _tie_count_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, work_ptr, row_word
         tile = tl.program_id(1) * GROUP + g
         if tile < n_tiles:
             n = tl.zeros([], dtype=tl.int32)
-            if wanted & (_ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= boundary):
+            if wanted & (ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= boundary):
                 v = tile * TILE + tl.arange(0, TILE)
-                x = _scaled(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
-                n = tl.sum(((_ukey(x) == boundary) & (v < V)).to(tl.int32), axis=0)
+                x = scaled_logits(x_ptr + row.to(tl.int64) * stride, v, V, temp, HAS_TEMP)
+                n = tl.sum(((ukey(x) == boundary) & (v < V)).to(tl.int32), axis=0)
             tl.store(ties_ptr + row * n_tiles + tile, n)
 
 
 @triton.jit
 def _lane(row_ptr, v, V, temp, lo, HAS_TEMP: tl.constexpr):
     """(scaled x, key, kept by the key bounds) of one lane's entries."""
-    x = _scaled(row_ptr, v, V, temp, HAS_TEMP)
-    u = _ukey(x)
+    x = scaled_logits(row_ptr, v, V, temp, HAS_TEMP)
+    u = ukey(x)
     return x, u, (v < V) & (u >= lo)
 
 
@@ -291,7 +297,7 @@ def _draw_kernel(x_ptr, stride, words_ptr, temps_ptr, tile_max_ptr, work_ptr, ro
         if tile < n_tiles:
             best_m = tl.full([], float("-inf"), tl.float32)
             best_i = tile * 4 * BLOCK
-            if _ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
+            if ukey(tl.load(tile_max_ptr + row * n_tiles + tile)) >= lo:
                 j = tile * BLOCK + tl.arange(0, BLOCK)  # Philox call j serves entries 4j .. 4j + 3
                 w0, w1, w2, w3 = tile_words(words_ptr, row, j, BLOCK)
                 temp = 1.0
@@ -382,8 +388,8 @@ def filtered_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Te
     block_t = triton.next_power_of_2(n_tiles)
     grid = (rows, n_tiles)
     grouped = (rows, triton.cdiv(n_tiles, group))
-    _tile_max_kernel[grid](x, x.stride(0), temps, tile_max, vocab, n_tiles, HAS_TEMP=has_temp, TILE=tile)
-    _bounds_kernel[(rows,)](tile_max, n_tiles, top_k, top_p, log_min_p, row_max, work, row_words, BLOCK_T=block_t)
+    tile_max_kernel[grid](x, x.stride(0), temps, tile_max, vocab, n_tiles, HAS_TEMP=has_temp, TILE=tile)
+    bounds_kernel[(rows,)](tile_max, n_tiles, top_k, top_p, log_min_p, row_max, work, row_words, BLOCK_T=block_t)
     scale = float(2 ** mass_bits(vocab))
     for mass, wanted in ((False, has_top_k), (True, has_top_p)):
         for level, (shift, bits) in enumerate(_DIGITS if wanted else ()):

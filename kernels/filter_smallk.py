@@ -24,7 +24,15 @@ import triton
 import triton.language as tl
 
 from .gumbel_argmax import float32_rows, gumbel_score, tile_words
-from .sampling_filters import bounds_kernel, kept_ties, mass_weight, scaled_logits, tile_max_kernel, ukey
+from .sampling_filters import (
+    bounds_kernel,
+    filtered_gumbel_argmax,
+    kept_ties,
+    mass_weight,
+    scaled_logits,
+    tile_max_kernel,
+    ukey,
+)
 
 _NO_INDEX = tl.constexpr(2147483647)
 _PAD = tl.constexpr(-(1 << 63))  # below every candidate's sort key
@@ -224,3 +232,14 @@ def small_k_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Ten
                             float(2 ** mass_bits(vocab)), CAP=cap, HAS_TEMP=has_temp, TILE=tile,
                             num_warps=8 if cap >= 1024 else 4)
     return out
+
+
+def filtered_draw(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
+                  top_p: torch.Tensor, log_min_p: torch.Tensor, *, has_top_k: bool = True, has_top_p: bool = True,
+                  small_k: bool = False) -> torch.Tensor:
+    """The filtered draw of `streamgemma.sampling.filters`: `small_k_gumbel_argmax`
+    where the host knows every row has a small top_k (`small_k`), else the
+    radix pipeline `filtered_gumbel_argmax`. Same tokens either way."""
+    if small_k:
+        return small_k_gumbel_argmax(x, words, temps, top_k, top_p, log_min_p)
+    return filtered_gumbel_argmax(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p)

@@ -229,6 +229,58 @@ def test_kernel_rows_alone_equal_rows_in_a_batch_and_searches_can_be_skipped():
     assert [only_k.item(), only_p.item()] == alone[:2]
 
 
+def small_k_kernel():
+    from streamgemma.kernels.filter_smallk import small_k_gumbel_argmax
+    return small_k_gumbel_argmax
+
+
+def candidates(x: torch.Tensor, k: torch.Tensor, tile: int) -> list[int]:
+    """Per row, the finite entries >= the k-th largest tile maximum: the
+    small-top_k path's candidates (a row with more than its slots overflows)."""
+    rows, vocab = x.shape
+    pad = torch.full((rows, -vocab % tile), -INF)
+    maxima = torch.cat([x, pad], dim=1).view(rows, -1, tile).amax(dim=-1)
+    out = []
+    for i in range(rows):
+        n_tiles = maxima.shape[1]
+        tau = maxima[i].sort(descending=True).values[k[i] - 1] if k[i] <= n_tiles else -INF
+        out.append(int(((x[i] >= tau) & (x[i] > -INF)).sum()))
+    return out
+
+
+@pytest.mark.parametrize("cap", [256, 8])
+def test_small_k_path_draws_the_definitions_tokens(cap):
+    """The small-top_k path (compaction of the entries >= tau, one finishing
+    program per row) draws the definition's tokens under the interpreter:
+    ties at the k-th value and at the top_p boundary, k = 1, k above the
+    tile count, top_p 1 and tiny, min_p edges, rows of -inf and all tied;
+    cap 8 sends most rows through the exact whole-row fallback."""
+    g = torch.Generator().manual_seed(11 + cap)
+    rng = random.Random(11 + cap)
+    vocab, batch, tile = 173, 10, 32
+    dev = DEVICES[-1]
+    x = torch.stack([random_row(rng, g, vocab) for _ in range(batch)])
+    specs = [(rng.choice([1, 2, 5, 7, 40, 100]), rng.choice([1.0, 0.95, 0.5, 1e-6, 0.999]),
+              rng.choice([0.0, 0.05, 0.999])) for _ in range(batch)]
+    specs[0], specs[1], specs[2], specs[3] = (3, 0.6, 0.0), (40, 0.5, 0.0), (1, 1.0, 0.0), (60, 0.3, 0.0)
+    x[1] = 0.75  # all tied: top_k keeps all, top_p 0.5 the first half by id
+    x[2] = -INF  # the reference's token: 0
+    x[3] = (x[3] * 2).round() / 2  # ties at the k-th value and the boundary
+    words = torch.tensor([[rng.getrandbits(32) for _ in range(4)] for _ in range(batch)], dtype=torch.int64)
+    temps = torch.rand(batch, generator=g) + 0.4
+    k, p, lmp = filter_tensors(specs, vocab)
+    overflow = [n > cap for n in candidates(x / temps[:, None], k, tile)]
+    assert (any(overflow) and not all(overflow)) if cap == 8 else not any(overflow)
+    want = draw_definition(x, words, temps, k, p, lmp)
+    got = small_k_kernel()(x.to(dev), words.to(dev), temps.to(dev), k.to(dev), p.to(dev), lmp.to(dev),
+                           tile=tile, cap=cap)
+    assert got.cpu().tolist() == want.tolist()
+    assert want[2] == 0 and want[1] < math.ceil(vocab / 2)
+    alone = [small_k_kernel()(x[i:i + 1].to(dev), words[i:i + 1].to(dev), None, k[i:i + 1].to(dev),
+                              p[i:i + 1].to(dev), lmp[i:i + 1].to(dev), tile=tile, cap=cap).item() for i in (0, 3)]
+    assert alone == draw_definition(x[[0, 3]], words[[0, 3]], None, k[[0, 3]], p[[0, 3]], lmp[[0, 3]]).tolist()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_on_cuda_keep_the_cpu_set_at_2b_vocabulary():
     """256,000-token rows on the GPU: the compiled kernels draw the CPU
@@ -244,6 +296,14 @@ def test_kernels_on_cuda_keep_the_cpu_set_at_2b_vocabulary():
     want = draw_definition(x, words, temps, k, p, lmp)
     got = kernel()(x.cuda(), words.cuda(), temps.cuda(), k.cuda(), p.cuda(), lmp.cuda()).cpu()
     assert (got != want).sum() <= 1, (got.tolist(), want.tolist())
+    on = (k > 0) & (k <= 256)  # the small-top_k path, over the rows it serves
+    small = small_k_kernel()(x[on].cuda(), words[on].cuda(), temps[on].cuda(), k[on].cuda(), p[on].cuda(),
+                             lmp[on].cuda()).cpu()
+    assert (small != want[on]).sum() <= 1, (small.tolist(), want[on].tolist())
+    flat = torch.zeros(2, vocab)  # 256,000 tied tokens: overflow, the whole-row path
+    flat_k, flat_p, flat_lmp = filter_tensors([(40, 0.95, 0.0), (3, 1.0, 0.0)], vocab)
+    got = small_k_kernel()(flat.cuda(), words[:2].cuda(), None, flat_k.cuda(), flat_p.cuda(), flat_lmp.cuda())
+    assert got.tolist() == draw_definition(flat, words[:2], None, flat_k, flat_p, flat_lmp).tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -256,7 +316,9 @@ def test_filter_graphs_replay_the_eager_tokens():
     g = torch.Generator(device="cuda").manual_seed(3)
     rng = random.Random(3)
     vocab, batch = 256000, 6
-    graphs = FilterGraphs(kernel(), max_graphs=3)
+    from streamgemma.kernels.filter_smallk import filtered_draw
+
+    graphs = FilterGraphs(filtered_draw, max_graphs=3)
     wide = torch.empty(batch, vocab + 64, device="cuda")
     x = wide[:, :vocab]  # strided, as the engine's logits sliced to the tokenizer's vocabulary
     for call in range(5):
@@ -283,6 +345,13 @@ def test_filter_graphs_replay_the_eager_tokens():
     graphs(other, words, None, k, p, lmp, has_top_k=True, has_top_p=True)
     graphs(other, words, None, k, p, lmp, has_top_k=True, has_top_p=True)
     assert graphs.captures == 4 and len(graphs) == 3
+    k = torch.tensor([40, 1, 256, 7, 40, 2], device="cuda")  # the small-top_k path, captured too
+    for call in range(3):
+        x.normal_(generator=g)
+        want = kernel()(x, words, temps, k, p, lmp)
+        assert graphs(x, words, temps, k, p, lmp, has_top_k=True, has_top_p=True, small_k=True).tolist() \
+            == want.tolist(), call
+    assert graphs.captures == 5
 
 
 def test_models_off_cuda_have_no_filter_graphs():

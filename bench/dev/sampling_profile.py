@@ -1,6 +1,8 @@
 """Per call of `PendingIds` over B rows of 256,000 logits, eager and from the
 model's CUDA graphs of the filters: host issue time, wall time until the ids
-are on the host, and the GPU time by kernel (PyTorch profiler).
+are on the host, and the GPU time by kernel (PyTorch profiler). Settings
+with top_k run the small-top_k path (`kernels.filter_smallk`) as the sampler
+picks it, and again as "<name>_radix" with the radix pipeline it replaces.
 
     python bench/dev/sampling_profile.py --json profile.json      # CUDA only
 """
@@ -54,6 +56,16 @@ def measure(x: torch.Tensor, params: SamplingParams, graphs, calls: int) -> dict
             "kernels_us": sorted(((k, round(v, 1)) for k, v in kernels.items()), key=lambda kv: -kv[1])[:10]}
 
 
+def radix_kernel(*args, small_k: bool = False, **kwargs):
+    """The device kernel with the small-top_k path off: the radix pipeline."""
+    return device_kernel("cuda")(*args, **kwargs)
+
+
+def radix_eager(*args, staged: bool = False, **kwargs):
+    """Stands in for `FilterGraphs` in `sample_filtered`: eager, radix pipeline."""
+    return radix_kernel(*args, **kwargs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,256")
@@ -64,13 +76,18 @@ def main() -> None:
     out = {}
     for batch in (int(b) for b in args.batches.split(",")):
         x = torch.randn(batch, args.vocab, device="cuda")
-        for name, setting in SETTINGS.items():
-            for mode in ("eager", "graphed"):
+        runs = [(name, setting, mode, False) for name, setting in SETTINGS.items() for mode in ("eager", "graphed")]
+        runs += [(f"{name}_radix", setting, mode, True) for name, setting in SETTINGS.items() if "top_k" in setting
+                 for mode in ("eager", "graphed")]
+        for name, setting, mode, radix in runs:
+            if radix:
+                graphs = FilterGraphs(radix_kernel) if mode == "graphed" else radix_eager
+            else:
                 graphs = FilterGraphs(device_kernel("cuda")) if mode == "graphed" else None
-                r = measure(x, SamplingParams(**setting), graphs, args.calls)
-                out[f"B{batch}_{name}_{mode}"] = r
-                print(f"B{batch:<4} {name:6} {mode:8} issue {r['issue_ms']:.3f} ms  wall {r['wall_ms']:.3f} ms  "
-                      f"gpu {r['gpu_us']:.1f} us  {r['kernels_us'][:4]}", flush=True)
+            r = measure(x, SamplingParams(**setting), graphs, args.calls)
+            out[f"B{batch}_{name}_{mode}"] = r
+            print(f"B{batch:<4} {name:11} {mode:8} issue {r['issue_ms']:.3f} ms  wall {r['wall_ms']:.3f} ms  "
+                  f"gpu {r['gpu_us']:.1f} us  {r['kernels_us'][:4]}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

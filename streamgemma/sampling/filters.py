@@ -37,6 +37,11 @@ import torch
 
 from .philox import gumbel_argmax_reference
 
+# The small-top_k path (`kernels.filter_smallk`): for every row's top_k up to SMALL_K and batches up to
+# SMALL_K_ROWS its 2,048 candidate slots hold the top_k survivors of real logits with room to spare.
+SMALL_K = 256
+SMALL_K_ROWS = 16
+
 
 def mass_bits(vocab: int) -> int:
     """B such that `vocab` weights of at most 2**B sum below 2**62."""
@@ -82,7 +87,7 @@ def keep_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, log_min
 
 def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
                     top_p: torch.Tensor, log_min_p: torch.Tensor, has_top_k: bool, has_top_p: bool,
-                    graphs: Callable | None = None, staged: bool = False) -> torch.Tensor:
+                    graphs: Callable | None = None, staged: bool = False, small_k: bool = False) -> torch.Tensor:
     """The sampled token of every row, int64 [S] on x's device: the Gumbel-max
     draw (`philox`) over the tokens `keep_mask` keeps of x / temps.
 
@@ -92,13 +97,16 @@ def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | 
     knows; the kernels then skip the searches nobody needs). graphs: a
     `graphs.FilterGraphs` of the model, which replays the kernels from CUDA
     graphs (same tokens, a fraction of the launch cost); staged: x is a
-    temporary of this call (see `FilterGraphs`)."""
+    temporary of this call (see `FilterGraphs`); small_k: every row has
+    0 < top_k <= `SMALL_K` (the kernels then read only the top_k candidates:
+    `kernels.filter_smallk`; same tokens)."""
     kernel = device_kernel(x.device.type)
     if kernel is not None and graphs is not None:
         return graphs(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p,
-                      staged=staged)
+                      staged=staged, small_k=small_k)
     if kernel is not None:
-        return kernel(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p)
+        return kernel(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p,
+                      small_k=small_k)
     if temps is not None:
         x = x / temps[:, None]
     keep = keep_mask(x, top_k, top_p, log_min_p)
@@ -107,11 +115,11 @@ def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | 
 
 @functools.cache
 def device_kernel(device_type: str) -> Callable | None:
-    """`filtered_gumbel_argmax` of the Triton kernels on CUDA, else None."""
+    """`filtered_draw` of the Triton kernels on CUDA, else None."""
     if device_type != "cuda":
         return None
     try:
-        from streamgemma.kernels.sampling_filters import filtered_gumbel_argmax
+        from streamgemma.kernels.filter_smallk import filtered_draw
     except ImportError:  # no Triton: the PyTorch form runs on the GPU too (same tokens, a sort)
         return None
-    return filtered_gumbel_argmax
+    return filtered_draw

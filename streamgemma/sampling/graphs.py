@@ -62,7 +62,7 @@ class _Graph:
 
 
 class FilterGraphs:
-    """Runs `kernel` (`kernels.sampling_filters.filtered_gumbel_argmax`) from
+    """Runs `kernel` (`kernels.filter_smallk.filtered_draw`) from
     CUDA graphs, at most `max_graphs` of them (least recently used out).
     One per model: its graphs belong to the model's device.
 
@@ -84,11 +84,11 @@ class FilterGraphs:
 
     def __call__(self, x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
                  top_p: torch.Tensor, log_min_p: torch.Tensor, *, has_top_k: bool, has_top_p: bool,
-                 staged: bool = False) -> torch.Tensor:
+                 staged: bool = False, small_k: bool = False) -> torch.Tensor:
         filters = (top_k, top_p, log_min_p)
-        flags = {"has_top_k": has_top_k, "has_top_p": has_top_p}
+        flags = {"has_top_k": has_top_k, "has_top_p": has_top_p, "small_k": small_k}
         where = ("staged",) if staged else (x.data_ptr(), x.stride())
-        key = (x.device, *where, tuple(x.shape), temps is None, has_top_k, has_top_p)
+        key = (x.device, *where, tuple(x.shape), temps is None, has_top_k, has_top_p, small_k)
         graph = self._graphs.get(key)
         if graph is None:
             if key not in self._seen:  # seen once: eager (which also compiles the kernels)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .filters import sample_filtered
+from .filters import SMALL_K, SMALL_K_ROWS, sample_filtered
 from .params import SamplingParams
 from .philox import RandomStream, gumbel_argmax_reference, stream_words
 
@@ -305,6 +305,7 @@ class _GroupPlan:
         self.has_top_k = any(top_k)
         self.has_top_p = any(p.top_p < 1.0 for p in params)
         self.filtered = self.has_top_k or self.has_top_p or any(p.min_p > 0.0 for p in params)
+        self.small_k = len(params) <= SMALL_K_ROWS and all(0 < k <= SMALL_K for k in top_k)
         if self.filtered:
             put("top_k", top_k, torch.int64)
             put("top_p", [p.top_p for p in params], torch.float32)
@@ -338,7 +339,7 @@ class _GroupPlan:
             # x / T is computed where x is read (x may still be the caller's strided logits view).
             return sample_filtered(x, words, temps, get("top_k"), get("top_p"), get("log_min_p"),
                                    has_top_k=self.has_top_k, has_top_p=self.has_top_p, graphs=graphs,
-                                   staged=private)
+                                   staged=private, small_k=self.small_k)
         return gumbel_argmax(x, words, temps)
 
 

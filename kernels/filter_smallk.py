@@ -236,10 +236,11 @@ def small_k_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Ten
 
 def filtered_draw(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
                   top_p: torch.Tensor, log_min_p: torch.Tensor, *, has_top_k: bool = True, has_top_p: bool = True,
-                  small_k: bool = False) -> torch.Tensor:
+                  small_k: int = 0) -> torch.Tensor:
     """The filtered draw of `streamgemma.sampling.filters`: `small_k_gumbel_argmax`
-    where the host knows every row has a small top_k (`small_k`), else the
-    radix pipeline `filtered_gumbel_argmax`. Same tokens either way."""
+    with `small_k` candidate slots where the host knows every row has a small
+    top_k (`filters.small_k_slots`), else the radix pipeline
+    `filtered_gumbel_argmax`. Same tokens either way."""
     if small_k:
-        return small_k_gumbel_argmax(x, words, temps, top_k, top_p, log_min_p)
+        return small_k_gumbel_argmax(x, words, temps, top_k, top_p, log_min_p, cap=small_k)
     return filtered_gumbel_argmax(x, words, temps, top_k, top_p, log_min_p, has_top_k=has_top_k, has_top_p=has_top_p)

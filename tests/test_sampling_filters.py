@@ -281,6 +281,11 @@ def test_small_k_path_draws_the_definitions_tokens(cap):
     assert alone == draw_definition(x[[0, 3]], words[[0, 3]], None, k[[0, 3]], p[[0, 3]], lmp[[0, 3]]).tolist()
 
 
+def test_the_small_k_path_serves_small_batches_whose_rows_all_have_a_small_top_k():
+    assert [filters.small_k_slots(k) for k in ([40], [1, 64], [100], [256] * 16)] == [512, 512, 1024, 2048]
+    assert [filters.small_k_slots(k) for k in ([], [0, 40], [257], [40] * 17)] == [0, 0, 0, 0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_on_cuda_keep_the_cpu_set_at_2b_vocabulary():
     """256,000-token rows on the GPU: the compiled kernels draw the CPU
@@ -349,7 +354,7 @@ def test_filter_graphs_replay_the_eager_tokens():
     for call in range(3):
         x.normal_(generator=g)
         want = kernel()(x, words, temps, k, p, lmp)
-        assert graphs(x, words, temps, k, p, lmp, has_top_k=True, has_top_p=True, small_k=True).tolist() \
+        assert graphs(x, words, temps, k, p, lmp, has_top_k=True, has_top_p=True, small_k=512).tolist() \
             == want.tolist(), call
     assert graphs.captures == 5
 

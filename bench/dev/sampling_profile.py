@@ -56,7 +56,7 @@ def measure(x: torch.Tensor, params: SamplingParams, graphs, calls: int) -> dict
             "kernels_us": sorted(((k, round(v, 1)) for k, v in kernels.items()), key=lambda kv: -kv[1])[:10]}
 
 
-def radix_kernel(*args, small_k: bool = False, **kwargs):
+def radix_kernel(*args, small_k: int = 0, **kwargs):
     """The device kernel with the small-top_k path off: the radix pipeline."""
     return device_kernel("cuda")(*args, **kwargs)
 

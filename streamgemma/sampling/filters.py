@@ -37,10 +37,21 @@ import torch
 
 from .philox import gumbel_argmax_reference
 
-# The small-top_k path (`kernels.filter_smallk`): for every row's top_k up to SMALL_K and batches up to
-# SMALL_K_ROWS its 2,048 candidate slots hold the top_k survivors of real logits with room to spare.
+# The small-top_k path (`kernels.filter_smallk`) serves batches of at most SMALL_K_ROWS whose rows all
+# have 0 < top_k <= SMALL_K.
 SMALL_K = 256
 SMALL_K_ROWS = 16
+
+
+def small_k_slots(top_k: list[int]) -> int:
+    """Candidate slots per row for the small-top_k path, or 0 where it does not
+    apply (some row's top_k off or above SMALL_K, or too many rows). The
+    candidates of real logits are about k (the entries >= the k-th largest
+    tile maximum): 8k slots, 512 to 2,048, leave room to spare, and a row
+    that overflows is still exact (a slow whole-row pass)."""
+    if not 0 < len(top_k) <= SMALL_K_ROWS or not all(0 < k <= SMALL_K for k in top_k):
+        return 0
+    return min(2048, max(512, 1 << (8 * max(top_k) - 1).bit_length()))
 
 
 def mass_bits(vocab: int) -> int:
@@ -87,7 +98,7 @@ def keep_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, log_min
 
 def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
                     top_p: torch.Tensor, log_min_p: torch.Tensor, has_top_k: bool, has_top_p: bool,
-                    graphs: Callable | None = None, staged: bool = False, small_k: bool = False) -> torch.Tensor:
+                    graphs: Callable | None = None, staged: bool = False, small_k: int = 0) -> torch.Tensor:
     """The sampled token of every row, int64 [S] on x's device: the Gumbel-max
     draw (`philox`) over the tokens `keep_mask` keeps of x / temps.
 
@@ -97,8 +108,8 @@ def sample_filtered(x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | 
     knows; the kernels then skip the searches nobody needs). graphs: a
     `graphs.FilterGraphs` of the model, which replays the kernels from CUDA
     graphs (same tokens, a fraction of the launch cost); staged: x is a
-    temporary of this call (see `FilterGraphs`); small_k: every row has
-    0 < top_k <= `SMALL_K` (the kernels then read only the top_k candidates:
+    temporary of this call (see `FilterGraphs`); small_k: `small_k_slots` of
+    the rows' top_k (when not 0 the kernels read only the top_k candidates:
     `kernels.filter_smallk`; same tokens)."""
     kernel = device_kernel(x.device.type)
     if kernel is not None and graphs is not None:

@@ -84,7 +84,7 @@ class FilterGraphs:
 
     def __call__(self, x: torch.Tensor, words: torch.Tensor, temps: torch.Tensor | None, top_k: torch.Tensor,
                  top_p: torch.Tensor, log_min_p: torch.Tensor, *, has_top_k: bool, has_top_p: bool,
-                 staged: bool = False, small_k: bool = False) -> torch.Tensor:
+                 staged: bool = False, small_k: int = 0) -> torch.Tensor:
         filters = (top_k, top_p, log_min_p)
         flags = {"has_top_k": has_top_k, "has_top_p": has_top_p, "small_k": small_k}
         where = ("staged",) if staged else (x.data_ptr(), x.stride())

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .filters import SMALL_K, SMALL_K_ROWS, sample_filtered
+from .filters import sample_filtered, small_k_slots
 from .params import SamplingParams
 from .philox import RandomStream, gumbel_argmax_reference, stream_words
 
@@ -305,7 +305,7 @@ class _GroupPlan:
         self.has_top_k = any(top_k)
         self.has_top_p = any(p.top_p < 1.0 for p in params)
         self.filtered = self.has_top_k or self.has_top_p or any(p.min_p > 0.0 for p in params)
-        self.small_k = len(params) <= SMALL_K_ROWS and all(0 < k <= SMALL_K for k in top_k)
+        self.small_k = small_k_slots(top_k)  # 0: the radix pipeline
         if self.filtered:
             put("top_k", top_k, torch.int64)
             put("top_p", [p.top_p for p in params], torch.float32)

@@ -23,7 +23,9 @@ top_p, and the token differs only if it is then the one drawn.
 
 `sample_filtered` draws the tokens: on CUDA with the sort-free kernels of
 `streamgemma.kernels.sampling_filters` (a radix search for the k-th value and
-for the top_p boundary, then one fused pass for the noise and the argmax);
+for the top_p boundary, then one fused pass for the noise and the argmax),
+or where every row has a small top_k `streamgemma.kernels.filter_smallk`
+(the top_k candidates gathered, then one program per row);
 elsewhere with `keep_mask` below, the PyTorch form of the definition that
 the kernels are tested against.
 """

@@ -25,6 +25,9 @@ import triton.language as tl
 
 from .gumbel_argmax import float32_rows, gumbel_score, tile_words
 from .sampling_filters import (
+    FLOOR_WORD,
+    STATE_WORDS,
+    TAU_WORD,
     bounds_kernel,
     filtered_gumbel_argmax,
     kept_ties,
@@ -36,9 +39,6 @@ from .sampling_filters import (
 
 _NO_INDEX = tl.constexpr(2147483647)
 _PAD = tl.constexpr(-(1 << 63))  # below every candidate's sort key
-_TAU = tl.constexpr(0)  # state words written by `bounds_kernel` (its layout)
-_FLOOR = tl.constexpr(1)
-_STATE_WORDS = 16
 
 
 @triton.jit(do_not_specialize=["x_ptr", "stride", "temps_ptr", "V", "n_tiles"])
@@ -47,7 +47,7 @@ def _compact_kernel(x_ptr, stride, temps_ptr, tile_max_ptr, state_ptr, count_ptr
     """Sort keys ((key - 2**31) << 32 | (2**32 - 1 - id): descending order is
     value descending, ties by smaller id) of the finite entries >= tau."""
     row = tl.program_id(0)
-    tau = tl.load(state_ptr + row * _STATE_WORDS + _TAU)
+    tau = tl.load(state_ptr + row * STATE_WORDS + TAU_WORD)
     temp = 1.0
     if HAS_TEMP:
         temp = tl.load(temps_ptr + row)
@@ -168,7 +168,7 @@ def _finish_kernel(x_ptr, stride, words_ptr, temps_ptr, top_k_ptr, top_p_ptr, ro
     top_p = tl.load(top_p_ptr + row)
     m = tl.load(row_max_ptr + row)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row of only -inf: every weight is 0
-    floor = tl.load(state_ptr + row * _STATE_WORDS + _FLOOR)
+    floor = tl.load(state_ptr + row * STATE_WORDS + FLOOR_WORD)
     temp = 1.0
     if HAS_TEMP:
         temp = tl.load(temps_ptr + row)
@@ -220,11 +220,11 @@ def small_k_gumbel_argmax(x: torch.Tensor, words: torch.Tensor, temps: torch.Ten
     dev = x.device
     tile_max = torch.empty(rows, n_tiles, dtype=torch.float32, device=dev)
     row_max = torch.empty(rows, dtype=torch.float32, device=dev)
-    state = torch.empty(rows, _STATE_WORDS, dtype=torch.int64, device=dev)
+    state = torch.empty(rows, STATE_WORDS.value, dtype=torch.int64, device=dev)
     count = torch.zeros(rows, dtype=torch.int32, device=dev)
     cand = torch.empty(rows, cap, dtype=torch.int64, device=dev)
     tile_max_kernel[(rows, n_tiles)](x, x.stride(0), temps, tile_max, vocab, n_tiles, HAS_TEMP=has_temp, TILE=tile)
-    bounds_kernel[(rows,)](tile_max, n_tiles, top_k, top_p, log_min_p, row_max, state, _STATE_WORDS,
+    bounds_kernel[(rows,)](tile_max, n_tiles, top_k, top_p, log_min_p, row_max, state, STATE_WORDS.value,
                            BLOCK_T=triton.next_power_of_2(n_tiles))
     _compact_kernel[(rows, triton.cdiv(n_tiles, group))](x, x.stride(0), temps, tile_max, state, count, cand, vocab,
                                                          n_tiles, CAP=cap, HAS_TEMP=has_temp, TILE=tile, GROUP=group)

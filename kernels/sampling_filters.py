@@ -45,6 +45,8 @@ _P_ABOVE = tl.constexpr(5)  # weight above the digits found so far
 _P_STATE = tl.constexpr(6)  # 0 searching, 1 no cut (off, or nothing dropped), 2 cut found
 _P_TIES = tl.constexpr(7)  # tokens kept at the boundary key
 _P_TOTAL = tl.constexpr(8)  # weight of the top_k-kept tokens
+# What `bounds_kernel` leaves in a row's state, for the pipelines that reuse it (`filter_smallk`).
+TAU_WORD, FLOOR_WORD, STATE_WORDS = _TAU, _FLOOR, _STATE_WORDS
 # Digits: (shift, bits) per level.
 _DIGITS = ((21, 11), (10, 11), (0, 10))
 

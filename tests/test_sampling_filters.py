@@ -3,11 +3,15 @@ against the sort-based sampler it replaced (`sampler_ref`), the kernels
 against the definition (under the interpreter on CPU), penalties, and the
 sampled frequencies against the truncated distribution."""
 
+import importlib.util
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 import streamgemma as sg
 from streamgemma.sampling import filters
@@ -279,6 +283,42 @@ def test_small_k_path_draws_the_definitions_tokens(cap):
     alone = [small_k_kernel()(x[i:i + 1].to(dev), words[i:i + 1].to(dev), None, k[i:i + 1].to(dev),
                               p[i:i + 1].to(dev), lmp[i:i + 1].to(dev), tile=tile, cap=cap).item() for i in (0, 3)]
     assert alone == draw_definition(x[[0, 3]], words[[0, 3]], None, k[[0, 3]], p[[0, 3]], lmp[[0, 3]]).tolist()
+
+
+SMALL_K_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from streamgemma.kernels import filter_smallk as fs
+
+def compiled(kernel, signature, constants, num_warps):
+    sig = {**signature, **dict.fromkeys(constants, "constexpr")}
+    k = triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
+    assert k.asm["cubin"]
+
+rows = dict(x_ptr="*fp32", stride="i32", temps_ptr="*fp32", state_ptr="*i64", count_ptr="*i32", cand_ptr="*i64",
+            V="i32")
+compiled(fs._compact_kernel, dict(rows, tile_max_ptr="*fp32", n_tiles="i32"),
+         dict(CAP=512, HAS_TEMP=True, TILE=512, GROUP=1), 4)
+finish = dict(rows, words_ptr="*i64", top_k_ptr="*i64", top_p_ptr="*fp32", row_max_ptr="*fp32", out_ptr="*i64",
+              scale="fp32")
+for cap, warps in ((512, 4), (2048, 8)):
+    compiled(fs._finish_kernel, finish, dict(CAP=cap, HAS_TEMP=False, TILE=512), warps)
+"""
+
+
+@pytest.mark.slow
+def test_the_small_k_kernels_compile_for_the_gpu():
+    """The interpreter accepts programs the compiler refuses: the compaction
+    and the finishing program (sort, draw, whole-row fallback) compiled for
+    sm_90 with Triton's own ptxas in a child without the interpreter."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton has no CUDA backend to compile with")
+    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SMALL_K_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_the_small_k_path_serves_small_batches_whose_rows_all_have_a_small_top_k():

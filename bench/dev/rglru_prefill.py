@@ -25,6 +25,7 @@ import time
 
 import torch
 import triton
+from attention_prefill import timed  # a sibling dev tool (run as python bench/dev/...)
 from torch.profiler import ProfilerActivity, profile
 
 import streamgemma as sg
@@ -70,24 +71,6 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def time_us(fn, reps: int) -> float:
-    """Median microseconds per call: CUDA events on a GPU, the wall clock elsewhere."""
-    fn()
-    if not torch.cuda.is_available():
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def per_call(args, h_pool, launches: dict[str, ScanLaunch], reps: int, slot: int = 1):
     want_out, want_h = reference(args, h_pool[slot])
     out = torch.empty(args["xc"].shape, dtype=args["xc"].dtype, device=h_pool.device)
@@ -96,7 +79,8 @@ def per_call(args, h_pool, launches: dict[str, ScanLaunch], reps: int, slot: int
         h = h_pool.clone()
         rglru_chunk(h_state=h, slot=slot, out=out, launch=ln, **args)
         err_out, err_h = rel(out, want_out), rel(h[slot], want_h)
-        us = time_us(lambda: rglru_chunk(h_state=h, slot=slot, out=out, launch=ln, **args), reps)
+        us = timed(lambda: rglru_chunk(h_state=h, slot=slot, out=out, launch=ln, **args),
+                   reps if torch.cuda.is_available() else 1, "cuda" if torch.cuda.is_available() else "cpu")
         rows.append((us, name, ln, err_out, err_h))
         print(f"  {name:>44}: {us:8.1f} us/call   error: out {err_out:.1e}, state {err_h:.1e}", flush=True)
     return rows
@@ -148,6 +132,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quick", action="store_true", help="a smaller sweep")
     args = ap.parse_args()
+    if args.width % HEADS:
+        raise SystemExit(f"--width must be a multiple of the {HEADS} heads, got {args.width}")
     dev, dtype = args.device, getattr(torch, args.dtype)
     if dev == "cuda":
         print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)

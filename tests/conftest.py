@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +28,32 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+_SM90_PRELUDE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def compiled(kernel, signature, constants, num_warps):
+    sig = {**signature, **dict.fromkeys(constants, "constexpr")}
+    k = triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
+    assert k.asm["cubin"]
+"""
+
+
+def compile_for_sm90(script: str) -> None:
+    """Run `script` in a child Python without Triton's interpreter, after a
+    `compiled(kernel, signature, constants, num_warps)` that compiles a kernel
+    for sm_90 with Triton's own ptxas (no GPU needed): the interpreter accepts
+    programs the compiler refuses. Skips where this Triton has no CUDA backend."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton has no CUDA backend to compile with")
+    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SM90_PRELUDE + script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture

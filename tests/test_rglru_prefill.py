@@ -19,13 +19,10 @@ whose error compounds along the decay, for the kernel before time blocks as
 much: against the reference there the bound is the float32 kernel tests' 1e-4."""
 
 import functools
-import importlib.util
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import random_tokens, subprocess_env
+from conftest import compile_for_sm90, random_tokens
 from reference import randomize_, rel_err
 
 import streamgemma as sg
@@ -171,16 +168,7 @@ def test_kernel_prefill_of_long_chunks_matches_the_reference():
 
 
 COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from streamgemma.kernels import recurrent_prefill as rp
-
-def compiled(kernel, signature, constants, num_warps):
-    sig = {**signature, **dict.fromkeys(constants, "constexpr")}
-    k = triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
-    assert k.asm["cubin"]
 
 inputs = {n: "*bf16" for n in ("gates_ptr", "bx_ptr", "ba_ptr", "xc_ptr")}
 ints, sizes = dict(slot="i32", p0="i32"), dict(T="i32", L="i32", BW="i32", TB="i32")
@@ -201,9 +189,4 @@ def test_the_kernels_compile_for_the_gpu():
     whose shape changes, say): both phases compiled for sm_90 with Triton's own
     ptxas, no GPU needed (in a child without the interpreter), at the default
     launch of a 2B chunk, with and without earlier blocks to compose."""
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("this Triton has no CUDA backend to compile with")
-    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    compile_for_sm90(COMPILE_FOR_SM90)

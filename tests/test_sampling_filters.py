@@ -3,15 +3,12 @@ against the sort-based sampler it replaced (`sampler_ref`), the kernels
 against the definition (under the interpreter on CPU), penalties, and the
 sampled frequencies against the truncated distribution."""
 
-import importlib.util
 import math
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import compile_for_sm90
 
 import streamgemma as sg
 from streamgemma.sampling import filters
@@ -286,16 +283,7 @@ def test_small_k_path_draws_the_definitions_tokens(cap):
 
 
 SMALL_K_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from streamgemma.kernels import filter_smallk as fs
-
-def compiled(kernel, signature, constants, num_warps):
-    sig = {**signature, **dict.fromkeys(constants, "constexpr")}
-    k = triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
-    assert k.asm["cubin"]
 
 rows = dict(x_ptr="*fp32", stride="i32", temps_ptr="*fp32", state_ptr="*i64", count_ptr="*i32", cand_ptr="*i64",
             V="i32")
@@ -313,12 +301,7 @@ def test_the_small_k_kernels_compile_for_the_gpu():
     """The interpreter accepts programs the compiler refuses: the compaction
     and the finishing program (sort, draw, whole-row fallback) compiled for
     sm_90 with Triton's own ptxas in a child without the interpreter."""
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("this Triton has no CUDA backend to compile with")
-    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SMALL_K_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    compile_for_sm90(SMALL_K_FOR_SM90)
 
 
 def test_the_small_k_path_serves_small_batches_whose_rows_all_have_a_small_top_k():

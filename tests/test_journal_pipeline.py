@@ -9,6 +9,7 @@ commit is pending recovers correctly after a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -81,6 +82,16 @@ async def wait_for(condition, timeout: float = 10.0) -> None:
             await anyio.sleep(0.002)
 
 
+@contextlib.asynccontextmanager
+async def running(engine: Engine):
+    """The engine's scheduler running in a task group (yielded for other tasks),
+    cancelled when the block ends."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        yield tg
+        tg.cancel_scope.cancel()
+
+
 async def prompted(engine: Engine, *seeds: int) -> list:
     """Sessions of `engine` opened with `seeds`, each having consumed PROMPT."""
     sessions = [await engine.open(seed=seed) for seed in seeds]
@@ -96,8 +107,7 @@ def test_ticks_run_ahead_of_a_held_commit_and_nothing_leaves_before_it_is_durabl
         store = HeldStore(tmp_path)
         engine = Engine(model, store=store)
         held = store.held
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(engine.run)
+        async with running(engine):
             a, b = await prompted(engine, 1, 2)
             start = a.position
             held.gate.clear()
@@ -113,7 +123,6 @@ def test_ticks_run_ahead_of_a_held_commit_and_nothing_leaves_before_it_is_durabl
             held.gate.set()
             ids = [t.id async for t in stream]
             assert await engine.consumed(appended) == start + 3
-            tg.cancel_scope.cancel()
         assert ids == reference(model, 1, 20)
         assert stream.done.reason == "length" and stream.done.position == start + 20
         records = store.journal().read(a.id)
@@ -128,15 +137,13 @@ def test_a_failed_commit_holds_back_its_outputs_and_every_later_ones(tmp_path):
     async def main():
         store = HeldStore(tmp_path)
         engine = Engine(model, store=store)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(engine.run)
+        async with running(engine):
             (es,) = await prompted(engine, 3)
             store.held.failures = 3  # retried after 0.05, 0.1, 0.2 s
             stream = await engine.generate(es, SamplingParams(max_tokens=12, stop_token_ids=()))
             await wait_for(lambda: engine.stats.journal_failures >= 2)
             assert stream.take_ready() == [] and es.position > PROMPT[0]
             ids = [t.id async for t in stream]
-            tg.cancel_scope.cancel()
         assert engine.stats.journal_failures == 3
         assert ids == reference(model, 3, 12)
         assert [r.end for r in store.journal().read(es.id)][-1] == es.position  # nothing lost, in order
@@ -150,8 +157,7 @@ def test_a_refused_commit_drops_its_sessions_outputs_only(tmp_path):
     async def main():
         store = HeldStore(tmp_path)
         engine = Engine(model, store=store)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(engine.run)
+        async with running(engine):
             a, b = await prompted(engine, 4, 5)
             store.held.refuse = {a.id}  # another worker took a over
             sa = await engine.generate(a, SamplingParams(max_tokens=6, stop_token_ids=()))
@@ -162,7 +168,6 @@ def test_a_refused_commit_drops_its_sessions_outputs_only(tmp_path):
             pending = engine.append(a, [9])
             with pytest.raises(sg.EngineError, match="another worker"):
                 await engine.consumed(pending)
-            tg.cancel_scope.cancel()
         assert ids_a == [] and sa.done is not None  # its stream still ends
         assert ids_b == reference(model, 5, 6)
 
@@ -181,8 +186,7 @@ def test_close_and_shutdown_wait_for_the_pending_commit(tmp_path):
             await engine.close(es)
             closed.set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(engine.run)
+        async with running(engine) as tg:
             a, b = await prompted(engine, 6, 7)
             store.held.gate.clear()
             sa = await engine.generate(a, SamplingParams(max_tokens=50, stop_token_ids=()))
@@ -198,7 +202,6 @@ def test_close_and_shutdown_wait_for_the_pending_commit(tmp_path):
             store.held.gate.clear()
             await wait_for(lambda: engine.journal.pending > engine.journal.in_flight)
             threading.Timer(0.1, store.held.gate.set).start()  # the append being written ends, the rest wait
-            tg.cancel_scope.cancel()
         assert engine.journal.pending >= 1
         assert 3 <= len(ids_a) < 50 and ids_a == reference(model, 6, len(ids_a))
         assert sa.done.reason == "cancelled" and sa.done.position == len(PROMPT) + len(ids_a)
@@ -224,8 +227,7 @@ def test_a_background_snapshot_taken_while_a_commit_is_pending_recovers(tmp_path
         store = HeldStore(tmp_path)
         engine = Engine(model, store=store, snapshot_every=1)  # a background snapshot every tick
         received = []
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(engine.run)
+        async with running(engine):
             (es,) = await prompted(engine, 8)
             stream = await engine.generate(es, SamplingParams(max_tokens=40, stop_token_ids=()))
             await wait_for(lambda: received.extend(stream.take_ready()) or len(received) >= 4)
@@ -234,7 +236,6 @@ def test_a_background_snapshot_taken_while_a_commit_is_pending_recovers(tmp_path
             await wait_for(lambda: model.restore(store.get(es.id)).position == es.position)  # the last snapshot
             store.held.dead = True  # the crash: nothing pending is ever written
             store.held.gate.set()
-            tg.cancel_scope.cancel()
         received += stream.take_ready()
         snapped = model.restore(store.get(es.id)).position
         assert snapped > len(PROMPT) + len(received)  # it holds tokens no client saw and no record holds

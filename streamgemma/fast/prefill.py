@@ -86,9 +86,15 @@ class KernelPrefill:
         xc = torch.empty(steps, l, dtype=normed.dtype, device=normed.device)
         self._rec.conv1d_chunk(xy, conv, slot, p0, rec.conv_1d.w, rec.conv_1d.b, xc)
         # the new buffer is the last K-1 inputs of (buffer, chunk); after the conv has read it
-        conv[slot] = torch.cat([conv[slot], xy[:, :l]])[-(cfg.conv_width - 1):]
+        keep = cfg.conv_width - 1
+        conv[slot] = torch.cat([conv[slot], xy[-keep:, :l]])[-keep:]
         heads, bw = cfg.num_heads, l // cfg.num_heads
-        gates = torch.matmul(xc.view(steps, heads, bw).transpose(0, 1), entry["w_gates"])  # [2, H, T, bw]
+        # [2, H, T, bw]: one batched product per gate reads xc's heads in place (a
+        # broadcast matmul against [2, H, bw, bw] copied xc twice first)
+        xh = xc.view(steps, heads, bw).transpose(0, 1)
+        gates = torch.empty(2, heads, steps, bw, dtype=xc.dtype, device=xc.device)
+        for g in range(2):
+            torch.bmm(xh, entry["w_gates"][g], out=gates[g])
         gated = torch.empty_like(xc)
         lru = rec.rg_lru
         self._rec.rglru_chunk(gates, lru.input_gate.b, lru.a_gate.b, xc, xy[:, l:], h, slot, p0,

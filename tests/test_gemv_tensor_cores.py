@@ -1,8 +1,9 @@
-"""The tensor-core variant of the fused GEMV (kernels/gemv.py, TC) against
-the PyTorch reference: every epilogue x input source, batches 1, 3, 5 and 16
-(the batch padded to the MMA's 16 rows), float / int8 / fp8 weights, mixed
-positions and padding slots (-1) for the conv; and the whole decode step on
-the fused path at batch 2-16. Without a GPU under Triton's interpreter
+"""The tensor-core fused GEMV (kernels/gemv_tc.py) against the PyTorch
+reference: every epilogue x input source, batches 1, 3, 5 and 16 (the batch
+padded to the MMA's 16 rows), float / int8 / fp8 weights, mixed positions
+and padding slots (-1) for the conv, unsplit and split over K (the split-K
+workspace left zero for the next call); and the whole decode step on the
+fused path at batch 2-16. Without a GPU under Triton's interpreter
 (conftest.py), float32 models: the MMA then multiplies in float32.
 
 Outputs are views of NaN-poisoned buffers with extra rows past the batch:
@@ -113,6 +114,59 @@ def test_tensor_core_gemv_matches_torch(batch, epilogue, fmt):
         assert rel_err(res_buf[:batch], want["residual"]) < 1e-6
 
 
+@pytest.mark.parametrize("fmt", [None, "int8", "fp8"])
+@pytest.mark.parametrize("epilogue", ["plain", "geglu", "conv", "softcap"])
+def test_split_k_matches_torch_and_leaves_its_workspace_zero(epilogue, fmt):
+    """K split over 2-4 programs per tile (50 columns: 4 tiles of 16, the last
+    ragged; 4 stages): the last program to finish a tile sums the partials and
+    runs the epilogue. The counters are zero after the call, so a second call
+    (a graph replay) on the same inputs gives the same bits."""
+    from streamgemma.kernels import gemv_tc
+
+    batch = (16, 3, 5, 1)[(len(epilogue) + len(fmt or "")) % 4]
+    splits = (2, 3, 4)[len(epilogue) % 3]  # 3 splits of 4 K tiles: 2 + 2, the third gets none and is dropped
+    source = ("x", "tokens", "plain")[len(fmt or "") % 3]
+    if epilogue == "conv" and source == "plain":
+        source = "tokens"
+    call, want = _case(epilogue, source, batch, fmt, seed=40 + batch + len(epilogue))
+    config = (16, 16, 4, "tc", 4, splits)
+    ws = gemv_tc.workspace(want["out"].shape[1], K, config, DEV)
+    assert ws is not None and not ws[1].any()
+    state0 = call["conv"][0].clone() if epilogue == "conv" else None
+    outs = []
+    for _ in range(2):
+        if epilogue == "conv":
+            call["conv"][0].copy_(state0)
+        out_buf, res_buf = _run(call, want, batch, config=config, workspace=ws)
+        assert not ws[1].any(), "a tile counter was left non-zero"
+        assert out_buf[batch:].isnan().all() and res_buf[batch:].isnan().all(), "a padded row was written"
+        outs.append(out_buf[:batch].clone())
+    out = outs[0]
+    assert torch.equal(outs[0], outs[1])
+    if epilogue == "conv":
+        live = want["live"]
+        assert rel_err(out[live], want["out"][live]) < 1e-5 and rel_err(out[:, L:], want["out"][:, L:]) < 1e-5
+        assert rel_err(call["conv"][0], want["state"]) < 1e-6
+    else:
+        assert rel_err(out, want["out"]) < 1e-5
+    if want["residual"] is not None:
+        assert rel_err(res_buf[:batch], want["residual"]) < 1e-6
+
+
+def test_split_k_refuses_a_missing_or_small_workspace():
+    from streamgemma.kernels import gemv_tc
+
+    call, want = _case("plain", "x", 3, None, seed=5)
+    with pytest.raises(ValueError, match="workspace"):
+        _run(call, want, 3, config=(16, 16, 4, "tc", 3, 2))
+    small = gemv_tc.workspace(want["out"].shape[1], K, (32, 16, 4, "tc", 3, 2), DEV)
+    with pytest.raises(ValueError, match="workspace"):
+        _run(call, want, 3, config=(16, 16, 4, "tc", 3, 2), workspace=small)
+    assert gemv_tc.workspace(N, K, (16, 16, 4, "tc", 3, 1), DEV) is None  # unsplit: none needed
+    with pytest.raises(ValueError, match="num_stages"):
+        _run(call, want, 3, config=(16, 16, 4, "tc", 0))
+
+
 @pytest.mark.parametrize("source", ["x", "tokens", "plain"])
 def test_tensor_core_default_block_and_switch(source):
     """`tensor_cores=True` without a block takes the variant's default block
@@ -149,12 +203,25 @@ def test_tensor_core_gemv_in_bfloat16_rounds_the_input_rows():
     assert rel_err(outs[0], outs[1]) < 2e-2
 
 
-@pytest.mark.parametrize("fmt", [None, "int8"])
-@pytest.mark.parametrize("batch", [2, 5, 16])
-def test_decode_step_on_the_tensor_core_path_matches_the_reference(batch, fmt):
+def _split_blocks(fused: FusedWeights, embedding: torch.Tensor, bucket: int, block: tuple) -> dict:
+    """gemv_blocks naming `block` for every product of the model at `bucket`."""
+    shapes = {("plain", *fused.layers[0]["w_out"].shape), ("plain", *fused.layers[0]["w_down"].shape),
+              ("geglu", *fused.layers[0]["w_up"].shape), ("softcap", *embedding.shape)}
+    for entry in fused.layers:
+        if "w_qkv" in entry:
+            shapes.add(("plain", *entry["w_qkv"].shape))
+        if "w_xy" in entry:
+            shapes.add(("conv", *entry["w_xy"].shape))
+    return {(bucket, *shape): block for shape in shapes}
+
+
+@pytest.mark.parametrize("batch,fmt,split", [(b, f, False) for f in (None, "int8") for b in (2, 5, 16)]
+                         + [(5, None, True), (16, "fp8", True)])
+def test_decode_step_on_the_tensor_core_path_matches_the_reference(batch, fmt, split, monkeypatch):
     """The whole KernelDecoder step with every product on the tensor-core GEMV
-    (gemv_max_batch 16): logits and every slot's state against the reference
-    step, mixed positions (reset, wrapped ring) and padding rows."""
+    (gemv_max_batch 16; split: every product split over K, two steps in a row
+    on the decoder's workspaces): logits and every slot's state against the
+    reference step, mixed positions (reset, wrapped ring) and padding rows."""
     cfg = sg.GriffinConfig.preset("tiny")
     ref = sg.Model.random(cfg, seed=3, device=DEV, dtype="float32", kernels=False, quantize=fmt)
     fast = sg.Model.random(cfg, seed=3, device=DEV, dtype="float32", kernels=True, quantize=fmt)
@@ -165,16 +232,28 @@ def test_decode_step_on_the_tensor_core_path_matches_the_reference(batch, fmt):
     live = batch - 1 if batch > 2 else batch  # the larger batches carry a padding row
     slots = list(range(1, live + 1)) + [-1] * (batch - live)
     positions = [(0, 3, cfg.attention_window, 2 * cfg.attention_window + 5, 40)[i % 5] for i in range(batch)]
-    tokens = random_tokens(batch, cfg.vocab_size, seed=5)
-    want = reference_step(ref, tokens[:live], slots[:live], positions[:live])
-    kc = sg.KernelConfig(gemv_max_batch=16, gemv_tensor_cores={fmt or "float": (2, 4, 8, 16)})
-    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network), kc)
+    fused = FusedWeights(fast.network)
+    blocks = {}
+    if split:
+        bucket = 1 << (batch - 1).bit_length()
+        blocks = _split_blocks(fused, fused.embedding, bucket, (32, 32, 4, "tc", 3, 2 + batch % 2))
+    from streamgemma.kernels import gemv_tc
+
+    made = []  # the split workspaces the decoder allocates: one per shape, then reused
+    monkeypatch.setattr(gemv_tc, "workspace", lambda *a, f=gemv_tc.workspace: made.append(f(*a)) or made[-1])
+    kc = sg.KernelConfig(gemv_max_batch=16, gemv_tensor_cores={fmt or "float": (2, 4, 8, 16)}, gemv_blocks=blocks)
+    decoder = KernelDecoder(fast.network, fast.pool, fused, kc)
     t = lambda v: torch.tensor(v, device=DEV)  # noqa: E731
-    got = decoder.step(t(tokens), t(slots), t(positions))
-    assert rel_err(got[:live], want) < 1e-4
-    for rl, fl in zip(ref.pool.layers, fast.pool.layers):
-        for rt, ft in zip(rl, fl):
-            assert rel_err(ft, rt) < 1e-4  # every slot: padding rows touched none
+    for step in range(2 if split else 1):
+        tokens = random_tokens(batch, cfg.vocab_size, seed=5 + step)
+        want = reference_step(ref, tokens[:live], slots[:live], positions[:live])
+        got = decoder.step(t(tokens), t(slots), t(positions))
+        assert rel_err(got[:live], want) < 1e-4
+        for rl, fl in zip(ref.pool.layers, fast.pool.layers):
+            for rt, ft in zip(rl, fl):
+                assert rel_err(ft, rt) < 1e-4  # every slot: padding rows touched none
+        positions = [p + 1 for p in positions]
+    assert len(made) == 6 and all((w is not None) == split for w in made)  # qkv, xy, out, up, down, LM head
 
 
 @pytest.mark.parametrize("fmt,widening", [("int8", 1), ("fp8", 1)])  # int8 MAGIC, fp8 VIA_F16 (widen.py)

@@ -33,6 +33,9 @@ def test_a_config_is_immutable_and_compares_by_value():
                                  dict(gemv_blocks={(1, "plain", 1, 1): (6, 8, 4)}),
                                  dict(gemv_blocks={(1, "plain", 1, 1): (8, 16, 4, "tc")}),  # BN < 16
                                  dict(gemv_blocks={(1, "plain", 1, 1): (16, 16, 4, "mma")}),
+                                 dict(gemv_blocks={(1, "plain", 1, 1): (16, 16, 4, "tc", 0)}),  # no stages
+                                 dict(gemv_blocks={(1, "plain", 1, 1): (16, 16, 4, "tc", 3, 0)}),  # no splits
+                                 dict(gemv_blocks={(1, "plain", 1, 1): (16, 16, 4, "tc", 3, 2, 1)}),
                                  dict(gemv_blocks={(1, "plain", 1, 1, "int4"): (8, 8, 4)}),
                                  dict(gemv_tensor_cores={"bf16": (2,)}), dict(gemv_tensor_cores={"int8": (3,)}),
                                  dict(attention_blocks={1: 8}), dict(rglru_launch=(32,)), dict(pdl="yes"),
@@ -67,9 +70,13 @@ def test_tensor_core_choice_per_shape_and_weight_format():
 def test_gemv_blocks_from_the_tuning_json():
     from streamgemma.fast.tuning import gemv_blocks_from_json
 
-    blocks = gemv_blocks_from_json({"8,plain,256,128": [32, 128, 4, "tc"], "1,conv,512,128,int8": [4, 256, 2]})
-    assert blocks == {(8, "plain", 256, 128): (32, 128, 4, "tc"), (1, "conv", 512, 128, "int8"): (4, 256, 2)}
-    assert sg.KernelConfig(gemv_blocks=blocks).gemv_launch(8, "plain", 256, 128)[1]
+    blocks = gemv_blocks_from_json({"8,plain,256,128": [32, 128, 4, "tc"], "1,conv,512,128,int8": [4, 256, 2],
+                                    "4,geglu,512,128": [64, 128, 4, "tc", 3, 4]})
+    assert blocks == {(8, "plain", 256, 128): (32, 128, 4, "tc"), (1, "conv", 512, 128, "int8"): (4, 256, 2),
+                      (4, "geglu", 512, 128): (64, 128, 4, "tc", 3, 4)}
+    config = sg.KernelConfig(gemv_blocks=blocks)
+    assert config.gemv_launch(8, "plain", 256, 128)[1]
+    assert config.gemv_launch(3, "geglu", 512, 128) == ((64, 128, 4, "tc", 3, 4), True)
 
 
 def test_prefill_tiles_are_normalised_and_hashed():

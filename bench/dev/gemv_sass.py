@@ -5,12 +5,17 @@ work. A GEMV with one-byte weights is bound by instructions as much as by
 bytes, so this shows what a kernel change costs before any GPU run.
 
     python bench/dev/gemv_sass.py [--arch 90] [--block 2,1024,2] [--json out.json]
-    python bench/dev/gemv_sass.py --tc [--block 32,128,4]   # the tensor-core variant (batch padded to 16)
-    python bench/dev/gemv_sass.py --tc --fused              # ... with the norm prologue and the conv epilogue
+    python bench/dev/gemv_sass.py --tc [--block 16,128,4,4,1]  # the tensor-core kernel (gemv_tc.py, batch
+                                                               # padded to 16): BN,BK,warps,stages,splits
+    python bench/dev/gemv_sass.py --tc --fused [--epilogue geglu]  # ... with the norm prologue, bias, PDL and
+                                                                   # the conv (or GeGLU) epilogue
 
 Per variant: instructions in the K loop, per weight, and the most frequent
 opcodes (I2F: the quarter-rate int-to-float; STS/LDS/BAR: a tile's trip
-through shared memory; HMMA: tensor-core MMAs).
+through shared memory; HMMA/HGMMA: tensor-core MMAs); and the resources
+(registers, local memory bytes: spills, shared memory) and the asynchronous
+copies in the PTX (cp.async: what Triton's pipeliner makes of the loads
+that feed the MMA; cp.async.bulk: TMA).
 """
 
 from __future__ import annotations
@@ -28,34 +33,66 @@ VARIANTS = [("bf16", "bf16", 0), ("int8 convert", "i8", 0), ("int8 magic", "i8",
             ("fp8 convert", "fp8e4nv", 0), ("fp8 via_f16", "fp8e4nv", 1)]
 
 
-def compile_gemv(weight_type: str, widening: int, block: tuple[int, int, int], arch: int, tc: bool = False,
-                 fused: bool = False):
+def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: bool = False,
+                 fused: bool = False, epilogue: str = "conv"):
     """The plain-epilogue batch-1 GEMV (no norm, no bias), compiled for sm_<arch>;
-    tc: the tensor-core variant (16 rows); fused: with the residual + RMSNorm
-    prologue, bias, PDL and the conv epilogue (everything a product can carry)."""
+    tc: the tensor-core kernel (16 rows; block (BN, BK, warps[, stages[, splits]]));
+    fused: with the residual + RMSNorm prologue, bias, PDL and `epilogue`
+    (conv: everything a product can carry)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from streamgemma.kernels import gemv
+    from streamgemma.kernels import gemv, gemv_parts, gemv_tc
 
-    bn, bk, warps = block
+    bn, bk, warps = block[:3]
     sig = {"src_ptr": "*bf16", "tok_ptr": "*i64", "emb_scale": "fp32", "tscale_ptr": "*fp32", "delta_ptr": "*bf16",
            "res_out_ptr": "*bf16", "nscale_ptr": "*bf16", "eps": "fp32", "w_ptr": "*" + weight_type,
            "wscale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "out_stride": "i32", "conv_ptr": "*bf16",
            "slots_ptr": "*i64", "pos_ptr": "*i64", "cw_ptr": "*bf16", "cb_ptr": "*bf16", "L": "i32", "cap": "fp32",
            "B": "i32", "N": "i32", "K": "i32"}
+    epi = gemv_parts.EPILOGUES[epilogue] if fused else 0
     const = dict(BB=16 if tc else 1, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=fused, NORM=fused,
-                 WRITE_RES=fused, QUANT=weight_type != "bf16", HAS_BIAS=fused, EPI=2 if fused else 0,
-                 CONVK=4 if fused else 2, CONVR=4 if fused else 1, PDL=fused, WIDEN=widening,
-                 FLAT=weight_type != "bf16" and not tc, TC=tc)
+                 WRITE_RES=fused, QUANT=weight_type != "bf16", HAS_BIAS=fused, EPI=epi,
+                 CONVK=4 if fused else 2, CONVR=4 if fused else 1, PDL=fused, WIDEN=widening)
+    options = {"num_warps": warps}
+    if tc:
+        _, _, _, stages, splits = gemv_tc.launch(tuple(block[:3]) + ("tc",) + tuple(block[3:]), bn, 1 << 20)
+        sig.update(KS="i32", part_ptr="*fp32", count_ptr="*i32")
+        const["SPLITS"] = splits
+        options["num_stages"] = stages
+        kernel = gemv_tc._gemv_tc_kernel
+    else:
+        const["FLAT"] = weight_type != "bf16"
+        kernel = gemv._gemv_kernel
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)
     # what Triton specializes at launch on real tensors: 16-byte aligned pointers, sizes divisible by 16
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if sig[n].startswith("*") or n in ("out_stride", "L", "N", "K")}
-    source = ASTSource(gemv._gemv_kernel, sig, const, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+             if sig[n].startswith("*") or n in ("out_stride", "L", "N", "K", "KS")}
+    source = ASTSource(kernel, sig, const, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def resources(kernel) -> dict:
+    """Registers and local memory (spills) per thread, shared memory per
+    program, and the PTX's asynchronous copies (cp.async, and cp.async.bulk: TMA)."""
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    finally:
+        os.unlink(f.name)
+    ptx = kernel.asm["ptx"]
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "local_bytes": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
+            "shared_bytes": kernel.metadata.shared,
+            "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
+            "cp_async_bulk": ptx.count("cp.async.bulk")}
 
 
 def sass(kernel) -> str:
@@ -88,14 +125,17 @@ def loop_opcodes(text: str) -> list[str]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100)")
-    ap.add_argument("--block", default=None, help="BN,BK,num_warps (default: gemv's batch-1 'plain' block)")
+    ap.add_argument("--block", default=None, help="BN,BK,num_warps (default: gemv's batch-1 'plain' block); "
+                    "with --tc optionally ,num_stages,splits (default: gemv_tc.DEFAULT_BLOCK)")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--tc", action="store_true", help="the tensor-core variant (batch padded to 16 rows)")
-    ap.add_argument("--fused", action="store_true", help="norm prologue, bias, PDL and conv epilogue")
+    ap.add_argument("--fused", action="store_true", help="norm prologue, bias, PDL and the --epilogue")
+    ap.add_argument("--epilogue", default="conv", choices=("plain", "geglu", "conv", "softcap"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     from streamgemma.kernels.gemv import default_config
+    from streamgemma.kernels.gemv_tc import DEFAULT_BLOCK
 
     out = {}
     for name, wtype, widening in VARIANTS:
@@ -103,13 +143,18 @@ def main(argv=None) -> dict:
             continue
         size = 2 if wtype == "bf16" else 1
         block = tuple(int(v) for v in args.block.split(",")) if args.block else \
-            default_config(1, "plain", True, size, args.tc)
-        ops = loop_opcodes(sass(compile_gemv(wtype, widening, block, args.arch, args.tc, args.fused)))
+            DEFAULT_BLOCK if args.tc else default_config(1, "plain", True, size)
+        kernel = compile_gemv(wtype, widening, block, args.arch, args.tc, args.fused, args.epilogue)
+        ops = loop_opcodes(sass(kernel))
         weights = block[0] * block[1] / (block[2] * 32)  # per thread per iteration
         out[name] = {"block": list(block), "loop_instructions": len(ops),
                      "per_weight": round(len(ops) / weights, 2), "top": dict(Counter(ops).most_common(10)),
-                     "mma": sum(op in ("HMMA", "HGMMA") for op in ops), "ffma": ops.count("FFMA")}
-        print(f"{name:13s} {out[name]['per_weight']:5.2f} per weight  {out[name]['top']}", flush=True)
+                     "mma": sum(op in ("HMMA", "HGMMA") for op in ops), "ffma": ops.count("FFMA"),
+                     **resources(kernel)}
+        r = out[name]
+        print(f"{name:13s} {r['per_weight']:5.2f} per weight  {r['registers']} registers, {r['local_bytes']} B local, "
+              f"{r['shared_bytes']} B shared, {r['cp_async']} cp.async, {r['cp_async_bulk']} bulk  {r['top']}",
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -42,9 +42,12 @@ class KernelDecoder:
 
     def __init__(self, network: Griffin, pool: StatePool, fused: FusedWeights,
                  kernel_config: KernelConfig | None = None):
-        from streamgemma.kernels import attention_decode, elementwise, gemv, pdl, recurrent_decode
+        from streamgemma.kernels import attention_decode, elementwise, gemv, gemv_tc, pdl, recurrent_decode
 
         self._attn, self._ew, self._rec, self._gemv = attention_decode, elementwise, recurrent_decode, gemv
+        self._gemv_tc = gemv_tc
+        # split-K workspaces of the tensor-core products, per (batch bucket, epilogue, weight shape, dtype)
+        self._workspaces: dict[tuple, tuple | None] = {}
         self.network, self.pool, self.config = network, pool, network.config
         self.layers, self.inv_freq = fused.layers, fused.inv_freq
         self.embedding, self.embedding_scale = fused.embedding, fused.embedding_scale
@@ -135,8 +138,9 @@ class KernelDecoder:
 
         def gemv(src, weight, out, epilogue="plain", **kw):
             config, tc = kc.gemv_launch(batch, epilogue, *weight.shape, _weight_format(weight))
+            ws = self._split_workspace(batch, epilogue, weight, config) if tc else None
             return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, tensor_cores=tc,
-                                   pdl=self.pdl, **kw)
+                                   pdl=self.pdl, workspace=ws, **kw)
 
         def project(src, name, out):  # an unfused projection of the layer's entry
             return gemv(src, entry["w_" + name], out, weight_scale=entry["s_" + name], bias=entry["b_" + name])
@@ -179,6 +183,19 @@ class KernelDecoder:
         gemv(res[cur], self.embedding, out, delta=delta, norm_scale=net.final_norm.scale, eps=eps,
              weight_scale=self.embedding_scale, epilogue="softcap", cap=cfg.logits_soft_cap)
         return out
+
+
+    def _split_workspace(self, batch: int, epilogue: str, weight: torch.Tensor, config) -> tuple | None:
+        """The split-K workspace of a tensor-core product (None: not split),
+        one per batch bucket and shape, allocated zeroed on first use (a
+        graph's warm-up, before capture) and then reused: the kernel leaves it
+        zero again, so replays need no memset. Products of one shape run one
+        after another in the stream, so the layers share it."""
+        key = (1 << (batch - 1).bit_length(), epilogue, *weight.shape, weight.dtype)
+        if key not in self._workspaces:
+            n_out = weight.shape[0] // 2 if epilogue == "geglu" else weight.shape[0]
+            self._workspaces[key] = self._gemv_tc.workspace(n_out, weight.shape[1], config, weight.device)
+        return self._workspaces[key]
 
 
 def _weight_format(weight: torch.Tensor) -> str:

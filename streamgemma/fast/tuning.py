@@ -22,7 +22,9 @@ TENSOR_CORES = "tc"  # a block's optional 4th element: the tensor-core kernel (k
 
 # (batch bucket, epilogue, N, K[, weight format]): N, K of the weight as stored
 GemvKey = tuple[int, str, int, int] | tuple[int, str, int, int, str]
-GemvBlock = tuple[int, int, int] | tuple[int, int, int, str]  # (BN, BK, num_warps[, "tc"])
+# (BN, BK, num_warps[, "tc"[, num_stages[, K splits]]])
+GemvBlock = tuple[int, int, int] | tuple[int, int, int, str] | tuple[int, int, int, str, int] \
+    | tuple[int, int, int, str, int, int]
 PREFILL_ATTENTION = ("triton", "sdpa")
 
 
@@ -41,9 +43,12 @@ class KernelConfig:
     GEMV calls of that shape; the batch bucket is the batch rounded up to a
     power of two, N and K the weight's shape ([2N', K] for "geglu"). A key
     may end in a weight format ("float", "int8", "fp8"): it then applies to
-    that format only and wins over the key without one. A block ending in
-    "tc" ((BN, BK, num_warps, "tc"), BN and BK >= 16) runs the tensor-core
-    variant of the kernel (batch padded to 16 rows for the MMA).
+    that format only and wins over the key without one. A block whose 4th
+    element is "tc" ((BN, BK, num_warps, "tc"[, num_stages[, splits]]), BN
+    and BK >= 16) runs the tensor-core kernel (`kernels/gemv_tc.py`: batch
+    padded to 16 rows for the MMA, a pipelined K loop num_stages deep,
+    default 4, and K split over `splits` programs per tile, default 1; the
+    decoder owns the split workspaces).
 
     gemv_tensor_cores: weight format -> batch buckets whose GEMV calls run the
     tensor-core variant with its default block where gemv_blocks names none
@@ -133,7 +138,7 @@ class KernelConfig:
         for a GEMV of `batch` rows and an [n, k] weight of `weight_format`."""
         block = self.gemv_block(batch, epilogue, n, k, weight_format)
         if block is not None:
-            return block, len(block) == 4
+            return block, len(block) >= 4
         bucket = 1 << (batch - 1).bit_length()
         return None, bucket in self.gemv_tensor_cores.get(weight_format, ())
 
@@ -151,20 +156,23 @@ def _gemv_key(key) -> GemvKey:
 
 
 def _gemv_block(key, block) -> GemvBlock:
-    bad = ValueError(f"gemv_blocks[{key!r}] = {block!r}: want (BN, BK, num_warps[, {TENSOR_CORES!r}]), "
-                     f"powers of two (BN, BK >= 16 with {TENSOR_CORES!r})")
-    if len(block) not in (3, 4) or (len(block) == 4 and block[3] != TENSOR_CORES):
+    bad = ValueError(f"gemv_blocks[{key!r}] = {block!r}: want (BN, BK, num_warps[, {TENSOR_CORES!r}[, num_stages"
+                     f"[, splits]]]), BN, BK, num_warps powers of two (BN, BK >= 16 with {TENSOR_CORES!r}), "
+                     "num_stages and splits >= 1")
+    if len(block) not in (3, 4, 5, 6) or (len(block) >= 4 and block[3] != TENSOR_CORES):
         raise bad
     bn, bk, warps = (int(v) for v in block[:3])
+    extra = tuple(int(v) for v in block[4:])
     if not (_power_of_two(bn) and _power_of_two(bk) and _power_of_two(warps)) or \
-            (len(block) == 4 and min(bn, bk) < 16):
+            (len(block) >= 4 and min(bn, bk) < 16) or any(v < 1 for v in extra):
         raise bad
-    return (bn, bk, warps) + tuple(block[3:])
+    return (bn, bk, warps) + tuple(block[3:4]) + extra
 
 
 def gemv_blocks_from_json(entries: Mapping[str, Sequence]) -> dict[GemvKey, GemvBlock]:
     """`gemv_blocks` from the "best" table that bench/dev/tune_gemv.py writes
-    ({"bucket,epilogue,N,K[,format]": [BN, BK, num_warps[, "tc"]]})."""
+    ({"bucket,epilogue,N,K[,format]": [BN, BK, num_warps[, "tc"[, num_stages[, splits]]]]}), or its
+    "best_tensor_core" table (tensor-core blocks only)."""
     blocks = {}
     for key, block in entries.items():
         bucket, epilogue, n, k, *fmt = key.split(",")

@@ -56,8 +56,18 @@ import triton
 import triton.language as tl
 
 from . import gemv_tc
-from .gemv_parts import (CONV, EPILOGUES, GEGLU, SRC_TOKENS, SRC_X, conv_inputs, epilogue, input_tile, row_vectors,
-                         weight_tile)
+from .gemv_parts import (
+    CONV,
+    EPILOGUES,
+    GEGLU,
+    SRC_TOKENS,
+    SRC_X,
+    conv_inputs,
+    epilogue,
+    input_tile,
+    row_vectors,
+    weight_tile,
+)
 from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 from .widen import default_widen, widen
 

@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv_parts import (CONV, GEGLU, SRC_TOKENS, SRC_X, conv_inputs, epilogue, input_tile, row_vectors,
-                         weight_tile)
+from .gemv_parts import CONV, GEGLU, SRC_TOKENS, SRC_X, conv_inputs, epilogue, input_tile, row_vectors, weight_tile
 from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 from .widen import CONVERT, widen
 

@@ -9,7 +9,10 @@ GEMV block shapes (VARIANTS), RG-LRU launch shapes (RGLRU), attention key
 tiles (ATTN), the fused path's reach and kernel (FUSED: "fused16" takes
 batches up to 16 onto the CUDA-core GEMV, "tc" onto the tensor-core GEMV,
 "tc1q" puts batch 1 of int8 / fp8 weights on the tensor cores, "tc1" batch 1
-of every format; "tc+tc1q" joins them), or "nopdl" (plain launches); "+" joins them, "base" is the
+of every format; "tc+tc1q" joins them), tuned GEMV blocks from a
+bench/dev/tune_gemv.py JSON (--gemv-json: "tuned" its "best" table, the
+fastest fused kernel per shape and batch; "tunedtc" its "best_tensor_core"
+table), or "nopdl" (plain launches); "+" joins them, "base" is the
 defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
@@ -18,7 +21,10 @@ own process, for an A/B on one machine.
 
 --batches times every variant's whole step at those batches (graph replay and
 step loop), so e.g. `--variants base,fused16,tc --batches 2,4,8,16` compares
-cuBLAS, CUDA-core and tensor-core products per batch. Without a GPU, --tiny
+cuBLAS, CUDA-core and tensor-core products per batch, and
+`--gemv-json tc.json --variants base,tc+tunedtc,fused16+tuned --batches 2,4,8,16`
+cuBLAS against the tuned tensor-core kernel (split-K and pipeline depth per
+shape) and against the per-shape best of both fused kernels. Without a GPU, --tiny
 runs the same on a tiny model under Triton's interpreter (checks only: no timing).
 """
 
@@ -85,8 +91,9 @@ def fill_random_state(model: sg.Model, slots: list[int], position: int) -> None:
 
 
 def kernel_config(name: str, tuned: dict | None = None) -> KernelConfig:
-    """The KernelConfig of a variant name ("+" joins parts); the part "tuned":
-    the gemv_blocks `tuned` (from a tune_gemv.py JSON, --gemv-json)."""
+    """The KernelConfig of a variant name ("+" joins parts); the parts "tuned"
+    and "tunedtc": the gemv_blocks tuned[part] (from a tune_gemv.py JSON,
+    --gemv-json)."""
     parts = name.split("+")
     gemv_blocks, attention_blocks, rglru_launch, fused = {}, {}, None, {}
     for part in parts:
@@ -99,8 +106,8 @@ def kernel_config(name: str, tuned: dict | None = None) -> KernelConfig:
             rglru_launch = RGLRU[part]
         elif part in ATTN:
             attention_blocks[1] = ATTN[part]
-        elif part == "tuned":
-            gemv_blocks.update(tuned or {})
+        elif part in ("tuned", "tunedtc"):
+            gemv_blocks.update((tuned or {}).get(part, {}))
         else:
             gemv_blocks.update(VARIANTS[part])
     return KernelConfig(gemv_blocks=gemv_blocks, attention_blocks=attention_blocks, rglru_launch=rglru_launch,
@@ -157,13 +164,16 @@ def main() -> None:
     ap.add_argument("--grow-before-round", type=int, default=-1,
                     help="before this round, grow the state pool to 256+ sessions (moves every slot's state)")
     ap.add_argument("--gemv-json", default=None, help="a tune_gemv.py JSON: its \"best\" table is the part "
-                    "\"tuned\" (e.g. --variants base,tc+tuned)")
+                    "\"tuned\", its \"best_tensor_core\" table the part \"tunedtc\" (e.g. --variants "
+                    "base,tc+tunedtc)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tuned = None
     if args.gemv_json:
         with open(args.gemv_json) as f:
-            tuned = gemv_blocks_from_json(json.load(f)["best"])
+            table = json.load(f)
+        tuned = {"tuned": gemv_blocks_from_json(table["best"]),
+                 "tunedtc": gemv_blocks_from_json(table.get("best_tensor_core", {}))}
     gpu = torch.cuda.is_available()
     if not gpu and not args.tiny:
         ap.error("without a GPU only --tiny runs (Triton's interpreter)")

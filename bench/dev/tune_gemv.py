@@ -6,7 +6,17 @@ bucket, each variant timed as one CUDA graph of back-to-back launches cycling
 through enough weight copies to miss L2.
 
     python bench/dev/tune_gemv.py [--batches 1,2,4,8,16] [--json best.json] [--quick] [--pdl] [--quantize int8]
-                                  [--kernels cuda,tc]
+                                  [--kernels cuda,tc] [--tc-stages 3,4,5] [--tc-splits 1,2,4]
+
+The tensor-core candidates (kernels/gemv_tc.py: BN 16/32/64, BK 64/128/256,
+4 or 8 warps, num_stages, K splits) are pruned per shape: the pipeline depth
+is swept on the BK=128, 4-warp tiles only (the others at 4 stages, 3 for
+BK=256), no candidate over ~200 KB of shared memory, and a split only where
+the product has fewer than 264 N tiles, each split keeps at least two K
+tiles and the grid stays under ~1,100 programs. A tensor-core kernel does
+not depend on the batch (padded to 16 rows), so each is compiled once per
+shape. At --batches 2,4,8,16 --kernels tc on an H100: ~280 candidates a
+batch, about 1 minute of compiling (14 processes) and 2 of timing.
 
 Prints per shape and batch: the matmul path (cuBLAS + its row kernels), the
 best CUDA-core and the best tensor-core config, in microseconds per call and
@@ -49,18 +59,39 @@ SHAPES = {
 }
 
 
-def tc_configs(quick: bool) -> list[tuple]:
-    """Tensor-core (BN, BK, num_warps, "tc") candidates, any batch (padded to 16 rows)."""
-    if quick:
-        return [(32, 128, 4, "tc"), (16, 64, 4, "tc")]
-    return [(bn, bk, w, "tc") for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)]
+def tc_configs(name: str, quick: bool, weight_bytes: int = 2, stages: tuple[int, ...] = (3, 4, 5),
+               splits: tuple[int, ...] = (1, 2, 4)) -> list[tuple]:
+    """Tensor-core (BN, BK, num_warps, "tc", num_stages, splits) candidates
+    for a shape, any batch (padded to 16 rows), pruned as the docstring says."""
+    if quick:  # the interpreter: one unsplit, one split candidate
+        return [(32, 128, 4, "tc", 4, 1), (16, 16, 4, "tc", 3, 2)]
+    n_rows, k, epi = SHAPES[name][:3]
+    n_out = n_rows // 2 if epi == "geglu" else n_rows
+    found = []
+    for bn in (16, 32, 64):
+        for bk in (64, 128, 256):
+            for warps in (4, 8):
+                if warps == 8 and bn * bk < 64 * 128:  # too small a tile for 8 warps
+                    continue
+                for st in stages:
+                    if (bk, warps) != (128, 4) and st != (3 if bk == 256 else 4):
+                        continue
+                    # a stage: the weight tile(s) and the 16 input rows (bf16)
+                    if st * (bn * bk * weight_bytes * (2 if epi == "geglu" else 1) + 16 * bk * 2) > 200 * 1024:
+                        continue
+                    tiles, k_tiles = -(-n_out // bn), -(-k // bk)
+                    for sp in splits:
+                        if sp == 1 or (tiles < 264 and k_tiles >= 2 * sp and tiles * sp <= 1100):
+                            found.append((bn, bk, warps, "tc", st, sp))
+    return found
 
 
-def configs(bb: int, quick: bool, kernels: tuple[str, ...] = ("cuda", "tc")) -> list[tuple]:
+def configs(name: str, bb: int, quick: bool, kernels: tuple[str, ...] = ("cuda", "tc"), weight_bytes: int = 2,
+            tc_stages: tuple[int, ...] = (3, 4, 5), tc_splits: tuple[int, ...] = (1, 2, 4)) -> list[tuple]:
     """Candidates: CUDA-core (BN, BK, num_warps) (register use grows with
-    BB * BN * BK / threads) and tensor-core (BN, BK, num_warps, "tc")."""
+    BB * BN * BK / threads) and tensor-core (BN, BK, num_warps, "tc", num_stages, splits)."""
     cc = configs_cuda_core(bb, quick) if "cuda" in kernels else []
-    return cc + (tc_configs(quick) if "tc" in kernels else [])
+    return cc + (tc_configs(name, quick, weight_bytes, tc_stages, tc_splits) if "tc" in kernels else [])
 
 
 def configs_cuda_core(bb: int, quick: bool) -> list[tuple[int, int, int]]:
@@ -85,6 +116,7 @@ class Case:
         g = torch.Generator(device=DEV).manual_seed(seed)
         rnd = lambda *s: torch.randn(*s, generator=g, device=DEV, dtype=torch.float32)  # noqa: E731
         self.name, self.batch, self.k, self.n_rows = name, batch, k, n_rows
+        self.workspaces = {}  # tensor-core config -> its split-K workspace (kept zero by the kernel)
         # drawn in bf16 directly: no float32 copy of the 1.3 GB LM head
         self.weights = [torch.empty(n_rows, k, device=DEV, dtype=DTYPE).normal_(0, k ** -0.5, generator=g)
                         for _ in range(copies)]
@@ -100,7 +132,7 @@ class Case:
         n_out = n_rows // 2 if self.epi == "geglu" else n_rows
         self.out = torch.empty(batch, n_out, device=DEV,
                                dtype=torch.float32 if self.epi == "softcap" else DTYPE)
-        self.res = torch.empty_like(self.x)
+        self.res = self.x.clone()  # the matmul path adds delta into it in place: never uninitialised
         if self.epi == "conv":
             self.conv_state = (rnd(batch, 3, L) * 0.5).to(DTYPE)
             self.cw, self.cb = (rnd(4, L) * 0.5).to(DTYPE), (rnd(L) * 0.1).to(DTYPE)
@@ -108,8 +140,13 @@ class Case:
             self.pos = torch.full((batch,), 100, device=DEV)
 
     def gemv(self, i: int, config, pdl: bool = False):
+        from streamgemma.kernels import gemv_tc
         from streamgemma.kernels.gemv import gemv
         kw = dict(bias=self.bias, epilogue=self.epi, config=config, pdl=pdl, weight_scale=self.scales[i])
+        if len(config) >= 4:
+            if config not in self.workspaces:
+                self.workspaces[config] = gemv_tc.workspace(self.out.shape[1], self.k, config, DEV)
+            kw["workspace"] = self.workspaces[config]
         if self.norm:
             kw.update(delta=self.delta, norm_scale=self.scale, residual_out=self.res)
         if self.epi == "conv":
@@ -217,7 +254,7 @@ def check(shape_case: Case, config=None) -> float:
 
 
 def _kind(config) -> str:
-    return "tc" if len(config) == 4 else "cuda"
+    return "tc" if len(config) >= 4 else "cuda"
 
 
 def main():
@@ -225,6 +262,8 @@ def main():
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--kernels", default="cuda,tc", help="which fused variants to sweep: cuda (CUDA-core), tc")
+    ap.add_argument("--tc-stages", default="3,4,5", help="num_stages of the tensor-core candidates")
+    ap.add_argument("--tc-splits", default="1,2,4", help="K splits of the tensor-core candidates")
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pdl", action="store_true", help="also time every config with PDL launches (the best 4 printed)")
@@ -236,9 +275,19 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     shapes = args.shapes.split(",")
     kernels = tuple(args.kernels.split(","))
-    jobs = [(name, b, configs(b, args.quick, kernels)) for name in shapes for b in batches]
+    weight_bytes = 1 if args.quantize else 2
+    tc_opts = dict(weight_bytes=weight_bytes, tc_stages=tuple(int(v) for v in args.tc_stages.split(",")),
+                   tc_splits=tuple(int(v) for v in args.tc_splits.split(",")))
+    jobs = [(name, b, configs(name, b, args.quick, kernels, **tc_opts)) for name in shapes for b in batches]
+    print(f"{sum(len(cs) for _, _, cs in jobs)} candidates over {len(jobs)} (shape, batch) pairs", flush=True)
     if GPU:  # compile every variant in parallel processes first (fills the on-disk cache)
-        split = [(n, b, cs[i::2], args.pdl, args.quantize) for n, b, cs in jobs for i in range(2)]
+        # a tensor-core kernel does not depend on the batch: compiled with the first batch only
+        seen, compile_jobs = set(), []
+        for n, b, cs in jobs:
+            todo = [c for c in cs if len(c) == 3 or (n, c) not in seen]
+            seen.update((n, c) for c in cs if len(c) > 3)
+            compile_jobs.append((n, b, todo))
+        split = [(n, b, cs[i::4], args.pdl, args.quantize) for n, b, cs in compile_jobs for i in range(4)]
         ctx = __import__("multiprocessing").get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(14, os.cpu_count() or 4), mp_context=ctx) as ex:
             for (n, b, *_), failed in zip(split, ex.map(_compile, split)):
@@ -246,9 +295,8 @@ def main():
                     print(f"compile/run failed {n} b{b} {c}: {msg}", flush=True)
 
     results, best, best_pdl, best_by_kind = [], {}, {}, {"cuda": {}, "tc": {}}
-    weight_bytes = 1 if args.quantize else 2
     print(f"{'shape':6} {'B':>2} {'matmul us':>9} {'TB/s':>5} | {'cuda-core us':>12} {'TB/s':>5} {'config':15} | "
-          f"{'tensor-core us':>14} {'TB/s':>5} {'config':20} | best    err(cuda, tc)", flush=True)
+          f"{'tensor-core us':>14} {'TB/s':>5} {'config':26} | best    err(cuda, tc)", flush=True)
     for name, b, cfgs in jobs:
         copies = copies_for(name, weight_bytes) if GPU else 1
         shape_case = Case(name, b, copies, quantize=args.quantize)
@@ -286,8 +334,8 @@ def main():
 
         def cols(tc, width):
             if tc is None:
-                return f"{'-':>{width}} {'-':>5} {'-':{15 if width == 12 else 20}}"
-            return f"{tc[0]:{width}.1f} {nbytes / tc[0] / 1e6:5.2f} {str(tc[1]):{15 if width == 12 else 20}}"
+                return f"{'-':>{width}} {'-':>5} {'-':{15 if width == 12 else 26}}"
+            return f"{tc[0]:{width}.1f} {nbytes / tc[0] / 1e6:5.2f} {str(tc[1]):{15 if width == 12 else 26}}"
 
         err_s = ", ".join("-" if e is None else f"{e:.1e}" for e in errs.values())
         print(f"{name:6} {b:2d} {t_mm:9.1f} {nbytes / t_mm / 1e6:5.2f} | {cols(per_kind['cuda'], 12)} | "

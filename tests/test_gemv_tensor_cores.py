@@ -297,3 +297,33 @@ def test_the_tuning_tools_run_on_the_cpu(tmp_path):
     checks = json.loads(out.read_text())["checks"]
     assert set(checks) == {"tc+tc1q+tuned b1", "tc+tc1q+tuned b3", "tc+tunedtc b1", "tc+tunedtc b3"}
     assert all(c["logits_rel_err"] < 1e-4 and c["state_rel_err"] < 1e-4 for c in checks.values())
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs: the split-K workspaces under graph replay")
+@pytest.mark.parametrize("batch", [2, 5, 16])
+def test_graphed_steps_on_split_k_products_match_and_repeat_bit_for_bit(batch):
+    """Graph replays of the whole step with every product on split-K
+    tensor-core GEMVs (float32 tiny model): each replay against the matmul
+    path from the same state, and the same replays again from a snapshot give
+    the same bits (the workspaces are zero after every replay; the split sums
+    run in a fixed order)."""
+    cfg = sg.GriffinConfig.preset("tiny")
+    fused = FusedWeights(sg.Model.random(cfg, seed=3, device="cpu", dtype="float32", kernels=False).network)
+    bucket = 1 << (batch - 1).bit_length()
+    blocks = _split_blocks(fused, fused.embedding, bucket, (32, 32, 4, "tc", 3, 2))
+    kc = sg.KernelConfig(gemv_max_batch=16, gemv_blocks=blocks, gemv_tensor_cores={"float": (2, 4, 8, 16)})
+    fast = sg.Model.random(cfg, seed=3, device="cuda", dtype="float32", kernel_config=kc)
+    ref = sg.Model.random(cfg, seed=3, device="cuda", dtype="float32", kernel_config=sg.KernelConfig(gemv_max_batch=0))
+    runs = {}
+    for name, m in (("fast", fast), ("ref", ref)):
+        sessions = [m.session() for _ in range(batch)]
+        for i, s in enumerate(sessions):
+            s.feed(random_tokens(2 + 5 * i, 256, seed=i))
+        blobs = [s.snapshot() for s in sessions]
+        for again in range(2 if name == "fast" else 1):
+            if again:
+                sessions = [m.restore(b) for b in blobs]
+            runs[name, again] = torch.stack([m.decode([s.slot for s in sessions], [7 + t] * batch).clone()
+                                             for t in range(4)])
+    assert rel_err(runs["fast", 0], runs["ref", 0]) < 1e-4
+    assert torch.equal(runs["fast", 0], runs["fast", 1])

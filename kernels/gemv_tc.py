@@ -28,7 +28,8 @@ multiply in IEEE float32. Split-K changes only the order of float32 sums.
 
 A config is (BN, BK, num_warps, "tc"[, num_stages[, splits]]); left out,
 num_stages is DEFAULT_STAGES and K is not split. How many splits pay is a
-per-shape choice the tuning sweep makes (bench/dev/tune_gemv.py --kernels tc).
+per-shape choice the tuning sweep makes (bench/dev/tune_gemv.py --kernels tc);
+without a config, DEFAULT_BLOCK splits K by an untuned rule (`default_splits`).
 """
 
 from __future__ import annotations
@@ -43,16 +44,32 @@ from .widen import CONVERT, widen
 
 MMA_ROWS = 16  # tl.dot's smallest operand side: the batch is padded to it, BN and BK at least it
 TENSOR_CORES = "tc"  # a config's 4th element
-# the untuned default block: 16 weight rows a program give the 2B model's
-# narrowest products (N = 2560) 160 programs without a split
-DEFAULT_BLOCK = (16, 128, 4)
+# The untuned default block. Offline SASS (sm_90) shows why BN is not small:
+# the 16 padded input rows are normalised and converted per K tile by every
+# program, as many values as a 16-row weight tile (24 instructions a weight
+# at BN=16 with the norm prologue, 4-5 at BN=64). K is split instead to give
+# narrow products enough programs (`default_splits`).
+DEFAULT_BLOCK = (64, 128, 4)
 DEFAULT_STAGES = 4
+# programs a product should have (two per SM of an H100) before the default
+# block stops splitting K
+TARGET_PROGRAMS = 264
+def default_splits(n_tiles: int, k_tiles: int) -> int:
+    """The default block's K splits: up to TARGET_PROGRAMS programs, at least
+    two K tiles a split, at most 8 (untuned)."""
+    return max(1, min(-(-TARGET_PROGRAMS // n_tiles), k_tiles // 2, 8))
+
+
 def launch(config: tuple | None, n_out: int, k: int) -> tuple[int, int, int, int, int]:
     """(BN, BK, num_warps, num_stages, splits) for a product of n_out features
-    over k columns: the config's, defaults where it leaves them out, BK no
-    wider than K needs, and splits cut to those that get K tiles."""
-    del n_out  # the same block for every N, for now
-    config = tuple(config or DEFAULT_BLOCK + (TENSOR_CORES,))
+    over k columns: the config's (None: DEFAULT_BLOCK, split by
+    `default_splits`), defaults where it leaves them out (DEFAULT_STAGES, one
+    split), BK no wider than K needs, and splits cut to those that get K tiles."""
+    if config is None:
+        bk = min(DEFAULT_BLOCK[1], max(MMA_ROWS, triton.next_power_of_2(k)))
+        splits = default_splits(triton.cdiv(n_out, DEFAULT_BLOCK[0]), triton.cdiv(k, bk))
+        config = DEFAULT_BLOCK + (TENSOR_CORES, DEFAULT_STAGES, splits)
+    config = tuple(config)
     if len(config) not in (4, 5, 6) or config[3] != TENSOR_CORES:
         raise ValueError(f"tensor-core gemv config {config!r}: want (BN, BK, num_warps, {TENSOR_CORES!r}"
                          "[, num_stages[, splits]])")

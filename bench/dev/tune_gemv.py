@@ -8,14 +8,16 @@ through enough weight copies to miss L2.
     python bench/dev/tune_gemv.py [--batches 1,2,4,8,16] [--json best.json] [--quick] [--pdl] [--quantize int8]
                                   [--kernels cuda,tc] [--tc-stages 3,4,5] [--tc-splits 1,2,4]
 
-The tensor-core candidates (kernels/gemv_tc.py: BN 16/32/64, BK 64/128/256,
-4 or 8 warps, num_stages, K splits) are pruned per shape: the pipeline depth
+The tensor-core candidates (kernels/gemv_tc.py: BN 16/32/64 (and 128 with
+BK 64, or BK 128 and 8 warps), BK 64/128/256, 4 or 8 warps, num_stages, K
+splits) are pruned per shape: the pipeline depth
 is swept on the BK=128, 4-warp tiles only (the others at 4 stages, 3 for
 BK=256), no candidate over ~200 KB of shared memory, and a split only where
 the product has fewer than 264 N tiles, each split keeps at least two K
-tiles and the grid stays under ~1,100 programs. A tensor-core kernel does
+tiles and the grid stays under ~1,100 programs, and no grid of fewer than
+66 programs (half an H100's SMs). A tensor-core kernel does
 not depend on the batch (padded to 16 rows), so each is compiled once per
-shape. At --batches 2,4,8,16 --kernels tc on an H100: ~280 candidates a
+shape. At --batches 2,4,8,16 --kernels tc on an H100: ~270 candidates a
 batch, about 1 minute of compiling (14 processes) and 2 of timing.
 
 Prints per shape and batch: the matmul path (cuBLAS + its row kernels), the
@@ -68,20 +70,23 @@ def tc_configs(name: str, quick: bool, weight_bytes: int = 2, stages: tuple[int,
     n_rows, k, epi = SHAPES[name][:3]
     n_out = n_rows // 2 if epi == "geglu" else n_rows
     found = []
-    for bn in (16, 32, 64):
+    for bn in (16, 32, 64, 128):
         for bk in (64, 128, 256):
             for warps in (4, 8):
                 if warps == 8 and bn * bk < 64 * 128:  # too small a tile for 8 warps
                     continue
+                if bn == 128 and (bk == 256 or (bk, warps) == (128, 4)):  # BN 128: a few, at the default depth
+                    continue
                 for st in stages:
-                    if (bk, warps) != (128, 4) and st != (3 if bk == 256 else 4):
+                    if ((bk, warps) != (128, 4) or bn == 128) and st != (3 if bk == 256 else 4):
                         continue
                     # a stage: the weight tile(s) and the 16 input rows (bf16)
                     if st * (bn * bk * weight_bytes * (2 if epi == "geglu" else 1) + 16 * bk * 2) > 200 * 1024:
                         continue
                     tiles, k_tiles = -(-n_out // bn), -(-k // bk)
                     for sp in splits:
-                        if sp == 1 or (tiles < 264 and k_tiles >= 2 * sp and tiles * sp <= 1100):
+                        if tiles * sp >= 66 and (sp == 1 or (tiles < 264 and k_tiles >= 2 * sp
+                                                             and tiles * sp <= 1100)):
                             found.append((bn, bk, warps, "tc", st, sp))
     return found
 

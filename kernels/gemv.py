@@ -57,18 +57,15 @@ import triton.language as tl
 
 from . import gemv_tc
 from .gemv_parts import (
-    CONV,
     EPILOGUES,
     GEGLU,
-    SRC_TOKENS,
-    SRC_X,
-    conv_inputs,
     epilogue,
+    fetch_and_wait,
     input_tile,
-    row_vectors,
+    tile_indices,
     weight_tile,
 )
-from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
+from .pdl import launch_kwargs
 from .widen import default_widen, widen
 
 
@@ -103,14 +100,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                  CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr,
                  FLAT: tl.constexpr):
     pid = tl.program_id(0)
-    rows = tl.arange(0, BB)
-    rmask = rows < B
-    n = pid * BN + tl.arange(0, BN)
-    nmask = n < N
-    kk = tl.arange(0, BK)
-    w_rows = w_ptr + n[:, None].to(tl.int64) * K
-    # GeGLU: the gate feature n pairs with the up feature N + n of the [2N, K] weight
-    u_rows = w_rows + N * K
+    rows, rmask, n, nmask, kk, w_rows, u_rows = tile_indices(pid, B, N, K, w_ptr, BB, BN, BK)
 
     # Everything that depends on no earlier kernel of this step is requested
     # before waiting for it: the first weight tile, the bias, and for the conv
@@ -121,25 +111,9 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     u_next = w_next
     if EPI == GEGLU:
         u_next = weight_tile(u_rows, kk, nmask, K)
-    bias, bias_u, wscale, wscale_u = row_vectors(bias_ptr, wscale_ptr, n, nmask, N, HAS_BIAS, QUANT, EPI)
-    earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = 0.0, 0.0, 0.0, 0, 0, False, False
-    if EPI == CONV:
-        if SRC == SRC_X:
-            earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = conv_inputs(
-                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
-    if PDL:
-        if SRC == SRC_TOKENS:
-            # The next kernels read state before they wait: let them start only
-            # once everything queued before this step is done.
-            gdc_wait()
-            gdc_launch_dependents()
-        else:
-            gdc_launch_dependents()
-            gdc_wait()
-    if EPI == CONV:
-        if SRC == SRC_TOKENS:
-            earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = conv_inputs(
-                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
+    (bias, bias_u, wscale, wscale_u, earlier, tap_now, shifted, conv_base, conv_off, cm,
+     is_x) = fetch_and_wait(bias_ptr, wscale_ptr, conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask,
+                            N, L, SRC, HAS_BIAS, QUANT, EPI, CONVK, CONVR, PDL)
 
     x_next, s_next = input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                 kk, K, SRC, SRC_SCALED, HAS_DELTA, NORM)

@@ -12,6 +12,7 @@ from types import MappingProxyType
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait
 from .recurrent_decode import _gelu_tanh
 
 # epilogues
@@ -24,6 +25,18 @@ SRC_X = tl.constexpr(0)  # src[b] (+ delta[b]), normalised if NORM
 SRC_TOKENS = tl.constexpr(1)  # src[token[b]] * emb_scale (the embedding table), normalised
 
 EPILOGUES = MappingProxyType({"plain": 0, "geglu": 1, "conv": 2, "softcap": 3})
+
+
+@triton.jit
+def tile_indices(tile, B, N, K, w_ptr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """A program's rows [BB] (and which are live), its output features n [BN]
+    (and which exist), the K tile's column offsets [BK], and the rows of the
+    weight it reads: the features' and, for GeGLU, the up features' (N + n of
+    the [2N, K] gate|up weight)."""
+    rows = tl.arange(0, BB)
+    n = tile * BN + tl.arange(0, BN)
+    w_rows = w_ptr + n[:, None].to(tl.int64) * K
+    return rows, rows < B, n, n < N, tl.arange(0, BK), w_rows, w_rows + N * K
 
 
 @triton.jit
@@ -112,6 +125,37 @@ def conv_inputs(conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nm
     shifted = tl.load(conv_ptr + off + L, mask=m3 & (r < CONVK - 2)[None, :, None], other=0.0,
                       cache_modifier=".cg")
     return earlier, tap_now, shifted, base, off, cm, is_x
+
+
+@triton.jit
+def fetch_and_wait(bias_ptr, wscale_ptr, conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, N, L,
+                   SRC: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, EPI: tl.constexpr,
+                   CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr):
+    """After the caller has requested its first weight tile: the row vectors
+    (`row_vectors`) and the conv inputs (`conv_inputs`; placeholders without
+    the conv) requested before waiting on the previous kernel (PDL), except
+    that the first product of a step (SRC_TOKENS) reads the conv buffer after
+    the wait: only then is everything queued before the step known to be done."""
+    bias, bias_u, wscale, wscale_u = row_vectors(bias_ptr, wscale_ptr, n, nmask, N, HAS_BIAS, QUANT, EPI)
+    earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = 0.0, 0.0, 0.0, 0, 0, False, False
+    if EPI == CONV:
+        if SRC == SRC_X:
+            earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = conv_inputs(
+                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
+    if PDL:
+        if SRC == SRC_TOKENS:
+            # The next kernels read state before they wait: let them start only
+            # once everything queued before this step is done.
+            gdc_wait()
+            gdc_launch_dependents()
+        else:
+            gdc_launch_dependents()
+            gdc_wait()
+    if EPI == CONV:
+        if SRC == SRC_TOKENS:
+            earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = conv_inputs(
+                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
+    return bias, bias_u, wscale, wscale_u, earlier, tap_now, shifted, conv_base, conv_off, cm, is_x
 
 
 @triton.jit

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv_parts import CONV, GEGLU, SRC_TOKENS, SRC_X, conv_inputs, epilogue, input_tile, row_vectors, weight_tile
-from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
+from .gemv_parts import GEGLU, epilogue, fetch_and_wait, input_tile, tile_indices, weight_tile
+from .pdl import launch_kwargs
 from .widen import CONVERT, widen
 
 MMA_ROWS = 16  # tl.dot's smallest operand side: the batch is padded to it, BN and BK at least it
@@ -54,6 +54,8 @@ DEFAULT_STAGES = 4
 # programs a product should have (two per SM of an H100) before the default
 # block stops splitting K
 TARGET_PROGRAMS = 264
+
+
 def default_splits(n_tiles: int, k_tiles: int) -> int:
     """The default block's K splits: up to TARGET_PROGRAMS programs, at least
     two K tiles a split, at most 8 (untuned)."""
@@ -193,13 +195,7 @@ def _gemv_tc_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_
                     CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr):
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    rows = tl.arange(0, BB)
-    rmask = rows < B
-    n = tile * BN + tl.arange(0, BN)
-    nmask = n < N
-    kk = tl.arange(0, BK)
-    w_rows = w_ptr + n[:, None].to(tl.int64) * K
-    u_rows = w_rows + N * K  # GeGLU: the up feature N + n of the [2N, K] weight
+    rows, rmask, n, nmask, kk, w_rows, u_rows = tile_indices(tile, B, N, K, w_ptr, BB, BN, BK)
     k_lo = split * KS  # this split's columns: [k_lo, k_lo + KS), KS a multiple of BK
     k_hi = tl.minimum(K, k_lo + KS)
 
@@ -208,23 +204,9 @@ def _gemv_tc_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_
     u = w
     if EPI == GEGLU:
         u = weight_tile(u_rows, k_lo + kk, nmask, K)
-    bias, bias_u, wscale, wscale_u = row_vectors(bias_ptr, wscale_ptr, n, nmask, N, HAS_BIAS, QUANT, EPI)
-    earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = 0.0, 0.0, 0.0, 0, 0, False, False
-    if EPI == CONV:
-        if SRC == SRC_X:
-            earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = conv_inputs(
-                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
-    if PDL:
-        if SRC == SRC_TOKENS:
-            gdc_wait()
-            gdc_launch_dependents()
-        else:
-            gdc_launch_dependents()
-            gdc_wait()
-    if EPI == CONV:
-        if SRC == SRC_TOKENS:
-            earlier, tap_now, shifted, conv_base, conv_off, cm, is_x = conv_inputs(
-                conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask, L, CONVK, CONVR)
+    (bias, bias_u, wscale, wscale_u, earlier, tap_now, shifted, conv_base, conv_off, cm,
+     is_x) = fetch_and_wait(bias_ptr, wscale_ptr, conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask,
+                            N, L, SRC, HAS_BIAS, QUANT, EPI, CONVK, CONVR, PDL)
 
     acc = tl.zeros((BN, BB), tl.float32)
     acc_u = tl.zeros((BN, BB), tl.float32)

@@ -191,7 +191,9 @@ class ScanLaunch:
 
 # Default grid: enough programs to fill a large GPU (an H100 has 132 SMs), few
 # enough time blocks that phase 2's composition of the earlier ones stays small.
-MAX_PROGRAMS, MAX_TIME_BLOCKS = 1024, 64
+# At T = 2,048 on the H100, 1,280 programs of 64 steps took 124-128 us a call
+# against 137 us for 640 of 128 (bench/NOTES.md P5).
+MAX_PROGRAMS, MAX_TIME_BLOCKS = 2048, 64
 FOLD = 16  # earlier blocks' maps composed per scan in phase 2: one scan up to 17 time blocks
 
 

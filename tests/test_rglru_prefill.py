@@ -131,7 +131,7 @@ def test_an_empty_chunk_leaves_the_state_alone():
 
 def test_default_launch_by_shape():
     # RecurrentGemma-2B's chunk of 2,048: 16 time blocks x 40 channel blocks
-    assert default_scan_launch(2048, 2560) == ScanLaunch(block=64, tile=32, time_block=128)
+    assert default_scan_launch(2048, 2560) == ScanLaunch(block=64, tile=32, time_block=64)
     assert default_scan_launch(7, 2560).time_block >= 7  # a short chunk: one launch
     assert default_scan_launch(20, 12) == ScanLaunch(block=16, tile=32, time_block=32)
     for steps in (1, 31, 33, 2048, 8192, 65536):

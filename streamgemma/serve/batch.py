@@ -24,7 +24,7 @@ import anyio.to_thread
 import torch
 
 from ..sampling.logprobs import ScoredRows, score_rows
-from ..sampling.sampler import PendingIds
+from ..sampling.sampler import PendingIds, SampleRow, SamplingPlan
 from ..session.generation import Generation
 from ..session.host import HostState
 from ..session.model import Model
@@ -44,6 +44,9 @@ class BatchExecutor:
         self._kept_rows: tuple[torch.Tensor, ...] = ()
         self._kept_states: list[HostState] = []
         self._scored: ScoredRows | None = None  # the last sample's logprobs
+        # The sampling plan of the last batch, and its generations (in row order): kept while they stay.
+        self._plan: SamplingPlan | None = None
+        self._planned: list[Generation] = []
 
     async def run(self, generations: list[Generation], slots: list[int], inputs: Inputs) -> list[Token]:
         """Advance `generations` (in `slots`) by one sampled token each and
@@ -54,11 +57,26 @@ class BatchExecutor:
         logits = self._batch_logits(generations)
         vocab = generations[0].vocab
         rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
-        sample_rows = [g.sample_row() for g in generations]
-        pending = PendingIds(rows, sample_rows, graphs=self.model.sampling_graphs)
+        plan = self._plan_for(generations, rows)
+        rngs = [generations[i].take_rng() for i in plan.sampled_rows]
+        recents = [generations[i].recent_ids() for i in plan.penalized_rows]
+        pending = PendingIds.of(plan.launch(rows, rngs, recents, graphs=self.model.sampling_graphs))
         # Queued before the decode, so reading them never waits for it (None: nobody asked).
-        self._scored = score_rows(rows, pending.device_ids, sample_rows)
+        self._scored = None if not plan.logprobs else score_rows(
+            rows, pending.device_ids, [SampleRow(g.params, None, g.recent_ids()) for g in generations])
         return pending
+
+    def _plan_for(self, generations: list[Generation], rows: torch.Tensor) -> SamplingPlan:
+        """The last tick's plan while the batch is the same generations in the
+        same order (a new generation is a new object, so new params are a new
+        plan); else a new one."""
+        planned = self._planned
+        if (self._plan is None or len(planned) != len(generations)
+                or any(a is not b for a, b in zip(planned, generations))):
+            self._plan = SamplingPlan([g.params for g in generations], rows.shape[1], rows.device)
+            self._planned = list(generations)
+            self.stats.sampling_plans += 1
+        return self._plan
 
     def launch_decode(self, generations: list[Generation], slots: list[int], inputs: Inputs,
                       tokens: list[int] | torch.Tensor) -> None:

@@ -199,6 +199,10 @@ class _Layout:
         self.parts.append(t)
         self._size += t.numel()
 
+    def views(self, uploaded: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Each name's slice of `uploaded` (`_upload` of `parts`)."""
+        return {name: uploaded[start:start + n] for name, (start, n) in self.slices.items()}
+
 
 class SamplingPlan:
     """What sampling needs of a batch that stays while the batch does: the
@@ -225,7 +229,9 @@ class SamplingPlan:
         order = greedy + sampled
         if any(i != j for i, j in enumerate(order)):  # grouped: back to row order
             static[1].add("order", order)
-        self._static = [(layout, _upload(layout.parts, layout.dtype, device)) for layout in static]
+        self._static = {}  # name -> its slice of the uploaded settings, made once
+        for layout in static:
+            self._static.update(layout.views(_upload(layout.parts, layout.dtype, device)))
 
     def launch(self, logits: torch.Tensor, rngs: Sequence[tuple[int, int] | None],
                recents: Sequence[torch.Tensor | None], graphs: Callable | None = None) -> torch.Tensor:
@@ -241,10 +247,8 @@ class SamplingPlan:
             per_tick.add("rng_words", _stream_words_of(rngs, self.sampled_rows))
         if self.penalized_rows:
             per_tick.add("pen_ids", _penalty_ids(recents, self.vocab))
-        values = {}
-        for layout, tensor in self._static + [(per_tick, _upload(per_tick.parts, torch.int64, self.device))]:
-            for name, (start, n) in layout.slices.items():
-                values[name] = tensor[start:start + n]
+        values = per_tick.views(_upload(per_tick.parts, torch.int64, self.device))
+        values.update(self._static)
         pen_ids = values["pen_ids"].view(len(self.penalized_rows), -1) if self.penalized_rows else None
         outputs, pen_start = [], 0
         for group in self._groups:

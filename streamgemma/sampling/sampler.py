@@ -75,9 +75,11 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     Triton kernel on CUDA (two launches); with filters, the sort-free kernels
     of `filters` (a radix search per filter, then the noise and argmax over
     the kept tokens, reading about k tiles per row under top_k). The PyTorch
-    forms run on the CPU. Per row the host only packs a few numbers into the
-    one upload of per-row values. The host never waits for the device except
-    for the final read of the B ids.
+    forms run on the CPU. Per row the host only packs a few numbers: the
+    rows' settings in one upload per `SamplingPlan` (the engine keeps one
+    while its batch is unchanged), their streams and recent ids in one
+    upload per call. The host never waits for the device except for the
+    final read of the B ids.
     """
     return PendingIds(logits, rows).ids()
 

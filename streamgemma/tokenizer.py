@@ -16,6 +16,9 @@ START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 
 
+PIECE_TEXT, PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN = range(4)  # `Tokenizer.piece_kind`
+
+
 class Tokenizer:
     """Text <-> token ids with a SentencePiece model.
 
@@ -33,6 +36,7 @@ class Tokenizer:
         except (RuntimeError, OSError) as e:
             raise CheckpointError(f"{source}: not a SentencePiece model ({e})") from None
         self._strip_mode = self._probe_first_space_rule()
+        self._kinds: dict[int, tuple[int, str]] = {}  # `piece_kind` of the ids seen so far
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -79,6 +83,22 @@ class Tokenizer:
         """The raw piece of a token id ("▁hello", "<0xE2>", "<eos>")."""
         self.check_ids([token_id])
         return self._sp.IdToPiece(int(token_id))
+
+    def piece_kind(self, token_id: int) -> tuple[int, str]:
+        """(kind, piece) of a token id, remembered after the first ask (the
+        detokenizer's per-token path: four SentencePiece calls per token
+        were most of its cost). kind: PIECE_TEXT, PIECE_BYTE, PIECE_CONTROL or
+        PIECE_UNKNOWN. ValueError for an id outside the vocabulary."""
+        known = self._kinds.get(token_id)
+        if known is not None:
+            return known
+        sp = self._sp
+        if not 0 <= token_id < sp.GetPieceSize():
+            raise ValueError(f"token id {token_id} is outside the tokenizer's vocabulary [0, {sp.GetPieceSize()})")
+        kind = (PIECE_BYTE if sp.IsByte(token_id) else PIECE_CONTROL if sp.IsControl(token_id)
+                else PIECE_UNKNOWN if sp.IsUnknown(token_id) else PIECE_TEXT)
+        known = self._kinds[token_id] = (kind, sp.IdToPiece(token_id))
+        return known
 
     def check_ids(self, ids: Iterable[int]) -> list[int]:
         """`ids` as ints; raises ValueError naming the first id outside the vocabulary."""
@@ -141,6 +161,7 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Tokenizer, at_start: bool = True):
         self._sp = sp = tokenizer.processor
+        self._kind = tokenizer.piece_kind
         self._strip_mode = tokenizer.first_space_rule
         self._unk_surface = sp.DecodeIds([sp.unk_id()]) if sp.unk_id() >= 0 else ""
         self.pending = bytearray()  # bytes of byte pieces that do not yet form a character
@@ -169,22 +190,24 @@ class Detokenizer:
 
     def push(self, token_id: int) -> str:
         """Text that token `token_id` completes ("" while bytes are pending)."""
-        sp = self._sp
-        token_id = int(token_id)
-        if not 0 <= token_id < sp.GetPieceSize():
-            raise ValueError(f"token id {token_id} is outside the tokenizer's vocabulary [0, {sp.GetPieceSize()})")
-        if sp.IsByte(token_id):
-            self.pending.append(int(sp.IdToPiece(token_id)[3:5], 16))
+        kind, piece = self._kind(int(token_id))
+        if kind == PIECE_BYTE:
+            self.pending.append(int(piece[3:5], 16))
             return self._emit(self._drain())
+        if kind == PIECE_TEXT and not self._at_start and not self.pending:  # the common case, in short
+            self._first_space_consumed = False
+            text = piece.replace(SPACE_SYMBOL, " ")
+            if text:
+                self._text_seen = True
+            return text
         text = self._flush_bytes()
         if self._first_space_consumed or self._text_seen or text:
             self._at_start = False
         self._first_space_consumed = False
-        if sp.IsControl(token_id):
+        if kind == PIECE_CONTROL:
             return self._emit(text)
-        if sp.IsUnknown(token_id):
+        if kind == PIECE_UNKNOWN:
             return self._emit(text + self._unk_surface)
-        piece = sp.IdToPiece(token_id)
         if self._at_start and self._strip_mode != "none" and piece.startswith(SPACE_SYMBOL):
             piece = piece[1:]
             self._first_space_consumed = self._strip_mode == "once"

@@ -97,3 +97,19 @@ def test_gemma_turns(tokenizer):
     ids = tokenizer.encode(gemma_turn("user", "hi"))
     assert ids[0] == tokenizer.piece_id("<start_of_turn>")  # one atomic piece, not spelled out
     assert tokenizer.piece_id("<end_of_turn>") in ids
+
+
+def test_piece_kinds_are_sentencepieces_and_remembered(tokenizer):
+    """`piece_kind` (the detokenizer's per-token path) answers what SentencePiece does."""
+    from streamgemma.tokenizer import PIECE_BYTE, PIECE_CONTROL, PIECE_TEXT, PIECE_UNKNOWN
+
+    sp = tokenizer.processor
+    for i in range(tokenizer.vocab_size):
+        kind, piece = tokenizer.piece_kind(i)
+        assert piece == sp.IdToPiece(i)
+        want = (PIECE_BYTE if sp.IsByte(i) else PIECE_CONTROL if sp.IsControl(i)
+                else PIECE_UNKNOWN if sp.IsUnknown(i) else PIECE_TEXT)
+        assert kind == want
+    assert tokenizer.piece_kind(5) is tokenizer.piece_kind(5)
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        tokenizer.piece_kind(tokenizer.vocab_size)

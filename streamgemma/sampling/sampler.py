@@ -75,9 +75,11 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     Triton kernel on CUDA (two launches); with filters, the sort-free kernels
     of `filters` (a radix search per filter, then the noise and argmax over
     the kept tokens, reading about k tiles per row under top_k). The PyTorch
-    forms run on the CPU. Per row the host only packs a few numbers into the
-    one upload of per-row values. The host never waits for the device except
-    for the final read of the B ids.
+    forms run on the CPU. Per row the host only packs a few numbers: the
+    rows' settings in one upload per `SamplingPlan` (the engine keeps one
+    while its batch is unchanged), their streams and recent ids in one
+    upload per call. The host never waits for the device except for the
+    final read of the B ids.
     """
     return PendingIds(logits, rows).ids()
 
@@ -93,26 +95,28 @@ class PendingIds:
     them. graphs: the model's `sampling_graphs` (CUDA graphs of the filters)
     or None."""
 
-    def __init__(self, logits: torch.Tensor, rows: Sequence[SampleRow], graphs: Callable | None = None):
-        self._host: torch.Tensor | None = None
-        self._event = None
-        self.device_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
-        if not rows:
-            return
-        values, order = _sample_on_device(logits, rows, graphs)
-        if any(i != j for i, j in enumerate(order)):  # grouped (greedy rows first): back to row order
-            index = torch.tensor(order, dtype=torch.int64)
-            if values.device.type == "cuda":
-                index = index.pin_memory()
-            values = torch.empty_like(values).index_copy_(0, index.to(values.device, non_blocking=True), values)
+    def __init__(self, logits: torch.Tensor, rows: Sequence[SampleRow], graphs: Callable | None = None,
+                 launched: torch.Tensor | None = None):
+        values = launched  # (`of`: launched already)
+        if values is None and not rows:
+            values = torch.empty(0, dtype=torch.int64, device=logits.device)
+        elif values is None:
+            plan = SamplingPlan([r.params for r in rows], logits.shape[1], logits.device)
+            values = plan.launch(logits, [rows[i].rng for i in plan.sampled_rows],
+                                 [rows[i].recent for i in plan.penalized_rows], graphs)
         self.device_ids = values
-        if values.device.type == "cuda":
+        self._event = None
+        self._host = values
+        if values.device.type == "cuda" and values.numel():
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
-        else:
-            self._host = values
+
+    @classmethod
+    def of(cls, device_ids: torch.Tensor) -> PendingIds:
+        """Ids already launched on the device (`SamplingPlan.launch`): their copy to the host starts now."""
+        return cls(device_ids, (), launched=device_ids)
 
     def wait(self) -> None:
         if self._event is not None:
@@ -120,7 +124,7 @@ class PendingIds:
 
     def ids(self) -> list[int]:
         self.wait()
-        return self._host.tolist() if self._host is not None else []
+        return self._host.tolist()
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, rng: RandomStream | None) -> torch.Tensor:
@@ -131,9 +135,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: RandomStream | Non
     recent ids; here there are none). `rng` is only used, and then advanced
     by one, when sampling (temperature > 0); it may be None for greedy params.
     """
-    row = SampleRow(params, None if params.greedy or rng is None else rng.take())
-    values, _ = _sample_on_device(logits[None], [row])
-    return values[0]
+    plan = SamplingPlan([params], logits.shape[0], logits.device)
+    rngs = [rng.take() if rng is not None else None] if plan.sampled_rows else []
+    return plan.launch(logits[None], rngs, [None] * len(plan.penalized_rows))[0]
 
 
 def apply_penalties(logits: torch.Tensor, recent: torch.Tensor, repetition: float, presence: float) -> torch.Tensor:
@@ -172,32 +176,113 @@ def _penalize(x: torch.Tensor, ids: torch.Tensor, repetition: torch.Tensor, pres
     return x.clone().scatter_(1, at, torch.where(present, after, before))
 
 
-class _Upload:
-    """Host values gathered before any device work, then sent in one copy per
-    dtype (a pinned, non-blocking copy on CUDA: the host does not wait)."""
+def _upload(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """`parts` joined into one tensor of `dtype` on `device`, in one copy (a
+    pinned, non-blocking copy on CUDA: the host does not wait); None if none."""
+    if not parts:
+        return None
+    host = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
-    def __init__(self):
-        self._parts: dict[torch.dtype, list[torch.Tensor]] = {torch.int64: [], torch.float32: []}
-        self._sizes: dict[torch.dtype, int] = {torch.int64: 0, torch.float32: 0}
 
-    def add(self, values, dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
-        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-        t = t.reshape(-1).to(dtype)
-        start = self._sizes[dtype]
-        self._parts[dtype].append(t)
-        self._sizes[dtype] += t.numel()
-        return dtype, start, t.numel()
+class _Layout:
+    """Named slices of values sent together (`_upload`)."""
 
-    def send(self, device: torch.device) -> dict[torch.dtype, torch.Tensor]:
-        out = {}
-        for dtype, parts in self._parts.items():
-            if parts:
-                host = torch.cat(parts) if len(parts) > 1 else parts[0]
-                if device.type == "cuda":
-                    out[dtype] = host.pin_memory().to(device, non_blocking=True)
-                else:
-                    out[dtype] = host.to(device)
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.parts: list[torch.Tensor] = []
+        self.slices: dict[str, tuple[int, int]] = {}
+        self._size = 0
+
+    def add(self, name: str, values) -> None:
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=self.dtype)
+        t = t.reshape(-1).to(self.dtype)
+        self.slices[name] = (self._size, t.numel())
+        self.parts.append(t)
+        self._size += t.numel()
+
+    def views(self, uploaded: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Each name's slice of `uploaded` (`_upload` of `parts`)."""
+        return {name: uploaded[start:start + n] for name, (start, n) in self.slices.items()}
+
+
+class SamplingPlan:
+    """What sampling needs of a batch that stays while the batch does: the
+    rows' grouping (greedy rows first, then sampled ones), their settings as
+    device tensors (temperatures, filters, penalty factors: uploaded once,
+    here) and the order back to row order. `launch` then takes only what
+    changes per token (each sampled row's (seed, counter), each penalized
+    row's recent ids) in one upload. The engine keeps one plan while the
+    same generations are in the batch in the same order; `PendingIds` makes
+    a plan per call. The tokens are the same either way (`sample_rows`).
+
+    params: every row's settings; vocab: the logits' width; device: theirs."""
+
+    def __init__(self, params: Sequence[SamplingParams], vocab: int, device: torch.device):
+        self.size, self.vocab, self.device = len(params), vocab, device
+        greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+        sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+        self.sampled_rows = sampled  # the rows whose (seed, counter) `launch` takes, in this order
+        static = _Layout(torch.float32), _Layout(torch.int64)
+        self._groups = [_Group(members, params, self.size, vocab, static, sampled=bool(k))
+                        for k, members in enumerate((greedy, sampled)) if members]
+        self.penalized_rows = [g.members[j] for g in self._groups for j in g.penalized]  # `launch`'s recents
+        self.logprobs = any(p.logprobs is not None for p in params)
+        order = greedy + sampled
+        if any(i != j for i, j in enumerate(order)):  # grouped: back to row order
+            static[1].add("order", order)
+        self._static = {}  # name -> its slice of the uploaded settings, made once
+        for layout in static:
+            self._static.update(layout.views(_upload(layout.parts, layout.dtype, device)))
+
+    def launch(self, logits: torch.Tensor, rngs: Sequence[tuple[int, int] | None],
+               recents: Sequence[torch.Tensor | None], graphs: Callable | None = None) -> torch.Tensor:
+        """Launch the sampling of every row: token ids, int64 [B] on the
+        device, in row order. logits: float32 [B, V] (a strided view is
+        fine); rngs: (seed, counter) of each of `sampled_rows`; recents: the
+        recent ids of each of `penalized_rows` (int64 CPU tensors or None)."""
+        if tuple(logits.shape) != (self.size, self.vocab):
+            raise ValueError(f"sample_rows: logits of shape {tuple(logits.shape)} for a plan of {self.size} rows "
+                             f"of {self.vocab}")
+        per_tick = _Layout(torch.int64)
+        if self.sampled_rows:
+            per_tick.add("rng_words", _stream_words_of(rngs, self.sampled_rows))
+        if self.penalized_rows:
+            per_tick.add("pen_ids", _penalty_ids(recents, self.vocab))
+        values = per_tick.views(_upload(per_tick.parts, torch.int64, self.device))
+        values.update(self._static)
+        pen_ids = values["pen_ids"].view(len(self.penalized_rows), -1) if self.penalized_rows else None
+        outputs, pen_start = [], 0
+        for group in self._groups:
+            outputs.append(group.run(logits, values, pen_ids, pen_start, graphs))
+            pen_start += len(group.penalized)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if "order" in values:
+            out = torch.empty_like(out).index_copy_(0, values["order"], out)
         return out
+
+
+def _stream_words_of(rngs: Sequence[tuple[int, int] | None], index: Sequence[int]) -> torch.Tensor:
+    """`philox.stream_words` of every (seed, counter), int64 [R, 4]: in one
+    numpy pass when every stream is a pair of Python ints in range (the
+    engine's case: this runs per tick), else row by row (which names a
+    missing stream or a value out of range). index: the rows' numbers, for errors."""
+    if all(type(p) is tuple and len(p) == 2 and type(p[0]) is int and type(p[1]) is int for p in rngs):
+        try:
+            pairs = np.array(rngs, dtype=np.uint64).reshape(len(rngs), 2)
+        except OverflowError:  # below 0 or beyond 64 bits: named below
+            pairs = None
+        if pairs is not None:
+            words = np.empty((len(rngs), 4), dtype=np.int64)
+            words[:, 0::2] = pairs & np.uint64(0xFFFFFFFF)
+            words[:, 1::2] = pairs >> np.uint64(32)
+            return torch.from_numpy(words)
+    out = []
+    for i, rng in zip(index, rngs):
+        if rng is None:
+            raise ValueError(f"sample_rows: row {i} samples but has no random stream (SampleRow.rng is None)")
+        out.append(stream_words(*rng))  # raises, naming the values
+    return torch.tensor(out, dtype=torch.int64).reshape(len(rngs), 4)
 
 
 def _subset(x: torch.Tensor, local: list[int], index: torch.Tensor | None, fn) -> torch.Tensor:
@@ -210,96 +295,33 @@ def _subset(x: torch.Tensor, local: list[int], index: torch.Tensor | None, fn) -
     return x
 
 
-def _sample_on_device(logits: torch.Tensor, rows: Sequence[SampleRow],
-                      graphs: Callable | None = None) -> tuple[torch.Tensor, list[int]]:
-    """Token ids [B] on the device, in the order `order` of rows (greedy rows
-    first, then sampled ones)."""
-    batch, vocab = logits.shape
-    if len(rows) != batch:
-        raise ValueError(f"sample_rows: {batch} rows of logits but {len(rows)} SampleRows")
-    dev = logits.device
+class _Group:
+    """The greedy rows, or the sampled rows, of a plan: their settings, put in
+    the plan's static layouts (float32, int64) under names of this group."""
 
-    # Host pass: group the rows and gather every per-row value before any device work.
-    greedy: list[int] = []
-    sampled: list[int] = []
-    for i, row in enumerate(rows):
-        (greedy if row.params.temperature == 0 else sampled).append(i)
-    upload = _Upload()
-    plans = [_GroupPlan(greedy, rows, batch, vocab, upload, sampled=False),
-             _GroupPlan(sampled, rows, batch, vocab, upload, sampled=True)]
-    device_values = upload.send(dev) if any(p.needs_upload for p in plans) else {}
-
-    outputs = []
-    for plan in plans:
-        if plan.members:
-            outputs.append(plan.run(logits, device_values, graphs))
-    values = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return values, greedy + sampled
-
-
-def _stream_words_of(rows: Sequence[SampleRow], index: Sequence[int]) -> torch.Tensor:
-    """`philox.stream_words` of every row's (seed, counter), int64 [R, 4]: in
-    one numpy pass when every stream is a pair of Python ints in range (the
-    engine's case: this runs per row and per tick), else row by row (which
-    names a missing stream or a value out of range). index: the rows'
-    numbers, for errors."""
-    rngs = [r.rng for r in rows]
-    if all(type(p) is tuple and len(p) == 2 and type(p[0]) is int and type(p[1]) is int for p in rngs):
-        try:
-            pairs = np.array(rngs, dtype=np.uint64).reshape(len(rows), 2)
-        except OverflowError:  # below 0 or beyond 64 bits: named below
-            pairs = None
-        if pairs is not None:
-            words = np.empty((len(rows), 4), dtype=np.int64)
-            words[:, 0::2] = pairs & np.uint64(0xFFFFFFFF)
-            words[:, 1::2] = pairs >> np.uint64(32)
-            return torch.from_numpy(words)
-    out = []
-    for i, r in zip(index, rows):
-        if r.rng is None:
-            raise ValueError(f"sample_rows: row {i} samples (temperature {r.params.temperature}) "
-                             "but has no random stream (SampleRow.rng is None)")
-        out.append(stream_words(*r.rng))  # raises, naming the values
-    return torch.tensor(out, dtype=torch.int64).reshape(len(rows), 4)
-
-
-class _GroupPlan:
-    """The work for the greedy rows, or for the sampled rows, of one call."""
-
-    def __init__(self, members: list[int], rows: Sequence[SampleRow], batch: int, vocab: int, upload: _Upload,
-                 sampled: bool):
+    def __init__(self, members: list[int], params: Sequence[SamplingParams], batch: int, vocab: int,
+                 static: tuple[_Layout, _Layout], sampled: bool):
         self.members = members
         self.sampled = sampled
         self.all_rows = len(members) == batch
-        self._slices: dict[str, tuple] = {}
-        self.needs_upload = False
-        if not members:
-            return
-
-        def put(name: str, values, dtype: torch.dtype) -> None:
-            self._slices[name] = upload.add(values, dtype)
-            self.needs_upload = True
-
+        floats, ints = static
+        self._tag = tag = "s_" if sampled else "g_"
         if not self.all_rows:
-            put("members", members, torch.int64)
-        params = [rows[i].params for i in members]
-        # Penalties: local row indices, factors, recent ids padded to one width.
+            ints.add(tag + "members", members)
+        params = [params[i] for i in members]
+        # Penalties: local row indices and factors (the recent ids come per tick).
         self.penalized = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0]
         if self.penalized:
-            ids = _penalty_ids([rows[members[j]].recent for j in self.penalized], vocab)
-            put("pen_rows", self.penalized, torch.int64)
-            put("pen_ids", ids, torch.int64)
-            put("pen_factors", [[params[j].repetition_penalty, params[j].presence_penalty] for j in self.penalized],
-                torch.float32)
-            self._pen_width = ids.shape[1]
+            ints.add(tag + "pen_rows", self.penalized)
+            floats.add(tag + "pen_factors", [[params[j].repetition_penalty, params[j].presence_penalty]
+                                             for j in self.penalized])
         if not sampled:
             return
-        put("rng_words", _stream_words_of([rows[i] for i in members], members), torch.int64)
         temps = [p.temperature for p in params]
         # Dividing by 1 is exact: a batch of temperature-1 rows skips the division.
         self.scale = any(t != 1.0 for t in temps)
         if self.scale:
-            put("temps", temps, torch.float32)
+            floats.add(tag + "temps", temps)
         # Filters: per member, off values where a row has none (top_k 0, top_p 1, log(min_p) -inf).
         top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         self.has_top_k = any(top_k)
@@ -307,39 +329,36 @@ class _GroupPlan:
         self.filtered = self.has_top_k or self.has_top_p or any(p.min_p > 0.0 for p in params)
         self.small_k = small_k_slots(top_k)  # 0: the radix pipeline
         if self.filtered:
-            put("top_k", top_k, torch.int64)
-            put("top_p", [p.top_p for p in params], torch.float32)
-            put("log_min_p", [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params], torch.float32)
+            ints.add(tag + "top_k", top_k)
+            floats.add(tag + "top_p", [p.top_p for p in params])
+            floats.add(tag + "log_min_p", [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params])
 
-    def _get(self, values: dict[torch.dtype, torch.Tensor], name: str) -> torch.Tensor:
-        dtype, start, n = self._slices[name]
-        return values[dtype][start:start + n]
-
-    def run(self, logits: torch.Tensor, values: dict[torch.dtype, torch.Tensor],
-            graphs: Callable | None = None) -> torch.Tensor:
-        n = len(self.members)
-        get = functools.partial(self._get, values)
-        x = logits if self.all_rows else logits.index_select(0, get("members"))
+    def run(self, logits: torch.Tensor, values: dict[str, torch.Tensor], pen_ids: torch.Tensor | None,
+            pen_start: int, graphs: Callable | None = None) -> torch.Tensor:
+        """This group's ids. values: the plan's named device slices; pen_ids:
+        every penalized row's recent ids [P, W]; this group's start at pen_start."""
+        n, tag = len(self.members), self._tag
+        x = logits if self.all_rows else logits.index_select(0, values[tag + "members"])
         private = not self.all_rows  # x may be updated in place
         if self.penalized:
             if not private and len(self.penalized) < n:
                 x, private = x.clone(), True
-            ids = get("pen_ids").view(len(self.penalized), self._pen_width)
-            factors = get("pen_factors").view(-1, 2)
+            ids = pen_ids[pen_start:pen_start + len(self.penalized)]
+            factors = values[tag + "pen_factors"].view(-1, 2)
             kernel = _cuda_kernel(x.device.type, "penalties", "penalize")
             penalize = (lambda r: kernel(r, ids, factors)) if kernel is not None else \
                 (lambda r: _penalize(r, ids, factors[:, 0:1], factors[:, 1:2]))
-            x = _subset(x, self.penalized, get("pen_rows"), penalize)
+            x = _subset(x, self.penalized, values[tag + "pen_rows"], penalize)
             private = True
         if not self.sampled:
             return x.argmax(dim=-1)
-        words = get("rng_words").view(n, 4)
-        temps = get("temps") if self.scale else None
+        words = values["rng_words"].view(n, 4)
+        temps = values[tag + "temps"] if self.scale else None
         if self.filtered:
             # x / T is computed where x is read (x may still be the caller's strided logits view).
-            return sample_filtered(x, words, temps, get("top_k"), get("top_p"), get("log_min_p"),
-                                   has_top_k=self.has_top_k, has_top_p=self.has_top_p, graphs=graphs,
-                                   staged=private, small_k=self.small_k)
+            return sample_filtered(x, words, temps, values[tag + "top_k"], values[tag + "top_p"],
+                                   values[tag + "log_min_p"], has_top_k=self.has_top_k, has_top_p=self.has_top_p,
+                                   graphs=graphs, staged=private, small_k=self.small_k)
         return gumbel_argmax(x, words, temps)
 
 

@@ -24,7 +24,7 @@ import anyio.to_thread
 import torch
 
 from ..sampling.logprobs import ScoredRows, score_rows
-from ..sampling.sampler import PendingIds
+from ..sampling.sampler import PendingIds, SampleRow, SamplingPlan
 from ..session.generation import Generation
 from ..session.host import HostState
 from ..session.model import Model
@@ -39,11 +39,13 @@ class BatchExecutor:
     def __init__(self, model: Model, stats: EngineStats):
         self.model = model
         self.stats = stats
-        # The last tick's copy of the logits [B, V], its rows, and whose logits each row is.
+        # The last tick's copy of the logits [B, V], and whose logits each row is.
         self.kept: torch.Tensor | None = None
-        self._kept_rows: tuple[torch.Tensor, ...] = ()
         self._kept_states: list[HostState] = []
         self._scored: ScoredRows | None = None  # the last sample's logprobs
+        # The sampling plan of the last batch, and its generations (in row order): kept while they stay.
+        self._plan: SamplingPlan | None = None
+        self._planned: list[Generation] = []
 
     async def run(self, generations: list[Generation], slots: list[int], inputs: Inputs) -> list[Token]:
         """Advance `generations` (in `slots`) by one sampled token each and
@@ -54,11 +56,26 @@ class BatchExecutor:
         logits = self._batch_logits(generations)
         vocab = generations[0].vocab
         rows = logits if vocab == logits.shape[1] else logits[:, :vocab]
-        sample_rows = [g.sample_row() for g in generations]
-        pending = PendingIds(rows, sample_rows, graphs=self.model.sampling_graphs)
+        plan = self._plan_for(generations, rows)
+        rngs = [generations[i].take_rng() for i in plan.sampled_rows]
+        recents = [generations[i].recent_ids() for i in plan.penalized_rows]
+        pending = PendingIds.of(plan.launch(rows, rngs, recents, graphs=self.model.sampling_graphs))
         # Queued before the decode, so reading them never waits for it (None: nobody asked).
-        self._scored = score_rows(rows, pending.device_ids, sample_rows)
+        self._scored = None if not plan.logprobs else score_rows(
+            rows, pending.device_ids, [SampleRow(g.params, None, g.recent_ids()) for g in generations])
         return pending
+
+    def _plan_for(self, generations: list[Generation], rows: torch.Tensor) -> SamplingPlan:
+        """The last tick's plan while the batch is the same generations in the
+        same order (a new generation is a new object, so new params are a new
+        plan); else a new one."""
+        planned = self._planned
+        if (self._plan is None or len(planned) != len(generations)
+                or any(a is not b for a, b in zip(planned, generations))):
+            self._plan = SamplingPlan([g.params for g in generations], rows.shape[1], rows.device)
+            self._planned = list(generations)
+            self.stats.sampling_plans += 1
+        return self._plan
 
     def launch_decode(self, generations: list[Generation], slots: list[int], inputs: Inputs,
                       tokens: list[int] | torch.Tensor) -> None:
@@ -77,7 +94,6 @@ class BatchExecutor:
         out = self.model.decode(slots + [s.slot for s, _ in inputs], tokens)
         # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
         self.kept = out.clone(memory_format=torch.contiguous_format)
-        self._kept_rows = self.kept.unbind(0)
         self._kept_states = [g.state for g in generations] + [s.state for s, _ in inputs]
         self.stats.decode_calls += 1
         self.stats.decoded_tokens += len(generations)
@@ -85,27 +101,28 @@ class BatchExecutor:
 
     def accept(self, generations: list[Generation], inputs: Inputs, picked: list[int]) -> list[Token]:
         """Record the tokens the last `launch_decode` consumed in their sessions."""
-        rows = self._kept_rows
-        for (session, token), row in zip(inputs, rows[len(generations):]):
-            session.state.consume_one(token, row)
+        kept = self.kept  # each session's logits: its row, (kept, i), a view only when asked for
+        for i, (session, token) in enumerate(inputs, len(generations)):
+            session.state.consume_one(token, (kept, i))
         scored = self._scored
         if scored is None:
-            return [g.accept(t, row) for g, t, row in zip(generations, picked, rows)]
-        return [g.accept(t, row, scored.get(i)) for i, (g, t, row) in enumerate(zip(generations, picked, rows))]
+            return [g.accept(t, (kept, i)) for i, (g, t) in enumerate(zip(generations, picked))]
+        return [g.accept(t, (kept, i), scored.get(i)) for i, (g, t) in enumerate(zip(generations, picked))]
 
     def _batch_logits(self, generations: list[Generation]) -> torch.Tensor:
         """The sessions' logits as one float32 [B, V] tensor: the last tick's
         copy when the batch is the same sessions in the same order (the steady
         state), else a stack of their rows."""
         states = [g.state for g in generations]
-        rows = self._kept_rows
-        if len(rows) == len(states) and all(s.logits is r for s, r in zip(states, rows)):
-            return self.kept
+        kept = self.kept
+        if (kept is not None and len(kept) == len(states)
+                and all(s.holds_row(kept, i) for i, s in enumerate(states))):
+            return kept
         # A session that left the batch copies its row out, so the old buffer is freed.
         staying = set(map(id, states))
-        for s, r in zip(self._kept_states, rows):
-            if s.logits is r and id(s) not in staying:
-                s.logits = r.clone()
+        for i, s in enumerate(self._kept_states):
+            if s.holds_row(kept, i) and id(s) not in staying:
+                s.logits = kept[i].clone()
         return torch.stack([s.logits for s in states])
 
 

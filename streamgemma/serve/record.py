@@ -170,6 +170,7 @@ class EngineStats:
     phase_seconds: dict[str, float] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(("prefill", "sample", "wait", "decode", "deliver"), 0.0))
     decode_calls: int = 0
+    sampling_plans: int = 0  # built when a tick's batch differs from the last (else the last is reused)
     decoded_tokens: int = 0  # generated
     decoded_input_tokens: int = 0  # input consumed in decode rows
     prefill_calls: int = 0

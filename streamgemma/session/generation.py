@@ -45,9 +45,18 @@ class Generation:
         return SampleRow(params, None if params.greedy else s.rng.take(),
                          s.recent.tensor() if self._penalize else None)
 
-    def accept(self, token: int, next_logits: torch.Tensor, scored: Scored | None = None) -> Token:
+    def take_rng(self) -> tuple[int, int] | None:
+        """`sample_row().rng` alone: the (seed, counter) of the next token (None when greedy)."""
+        return None if self.params.greedy else self.state.rng.take()
+
+    def recent_ids(self) -> torch.Tensor | None:
+        """`sample_row().recent` alone: the ids the penalties see (None without penalties)."""
+        return self.state.recent.tensor() if self._penalize else None
+
+    def accept(self, token: int, next_logits: torch.Tensor | tuple[torch.Tensor, int],
+               scored: Scored | None = None) -> Token:
         """Record that the model consumed `token`, with `next_logits` (float32
-        [vocab], owned by the caller) after it. Returns the Token to stream;
+        [vocab], owned by the caller; or (batch, i): row i of batch) after it. Returns the Token to stream;
         its finish_reason is set when the generation has ended. scored: the
         token's (logprob, alternatives) when the params ask for them
         (`sampling.logprobs`)."""

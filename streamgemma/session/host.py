@@ -72,8 +72,27 @@ class HostState:
         self.detok: Detokenizer | None = tokenizer.detokenizer() if tokenizer is not None else None
         # Ids at or above this have no text (a checkpoint may have spare embedding rows).
         self.text_vocab = tokenizer.vocab_size if tokenizer is not None else 0
-        self.logits: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+        self._row: tuple[torch.Tensor, int] | None = None  # (batch, i): the logits are batch[i]
         self.stopped: str | None = None
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        # A batch's row becomes a view when first asked for: most ticks nobody asks
+        # (a view per row per tick was a visible share of the engine's host work).
+        if self._logits is None and self._row is not None:
+            batch, i = self._row
+            self._logits = batch[i]
+        return self._logits
+
+    @logits.setter
+    def logits(self, value: torch.Tensor | None) -> None:
+        self._logits, self._row = value, None
+
+    def holds_row(self, batch: torch.Tensor, i: int) -> bool:
+        """Whether the logits are row i of `batch` (as `consume_one` set them)."""
+        row = self._row
+        return row is not None and row[0] is batch and row[1] == i
 
     def consume(self, ids: list[int], logits: torch.Tensor) -> str:
         """Record ids the model just consumed and the logits after them;
@@ -87,10 +106,14 @@ class HostState:
             return ""
         return "".join(self.detok.push(i) for i in ids if i < self.text_vocab)
 
-    def consume_one(self, token: int, logits: torch.Tensor) -> str:
-        """`consume([token], logits)`, the per-token path of generation."""
+    def consume_one(self, token: int, logits: torch.Tensor | tuple[torch.Tensor, int]) -> str:
+        """`consume([token], logits)`, the per-token path of generation.
+        logits may be (batch, i): row i of batch [B, V], made a view when needed."""
         self.recent.append(token)
-        self.logits = logits
+        if type(logits) is tuple:
+            self._logits, self._row = None, logits
+        else:
+            self._logits, self._row = logits, None
         self.stopped = None
         if self.detok is None or token >= self.text_vocab:
             return ""

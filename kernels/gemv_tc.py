@@ -48,8 +48,11 @@ TENSOR_CORES = "tc"  # a config's 4th element
 # the 16 padded input rows are normalised and converted per K tile by every
 # program, as many values as a 16-row weight tile (24 instructions a weight
 # at BN=16 with the norm prologue, 4-5 at BN=64). K is split instead to give
-# narrow products enough programs (`default_splits`).
-DEFAULT_BLOCK = (64, 128, 4)
+# narrow products enough programs (`default_splits`). BK 64: on the H100
+# (bench/NOTES.md D10) 64x128 took 6x as long as 64x64 on gate|up + GeGLU
+# (156 KB of shared memory: one program per SM); 64x64 came within 10-40% of
+# each shape's best block, but every tensor-core block still lost to cuBLAS.
+DEFAULT_BLOCK = (64, 64, 4)
 DEFAULT_STAGES = 4
 # programs a product should have (two per SM of an H100) before the default
 # block stops splitting K

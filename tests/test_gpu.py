@@ -38,6 +38,32 @@ def test_graphed_batches_equal_single_sessions():
         assert rel_err(row, twin.step(9)) < 1e-4
 
 
+@pytest.mark.parametrize("batch", [1, 5])  # bucket 1: capped in the graph; bucket 8: capped after it
+def test_decode_returns_logits_the_next_decode_leaves_alone(batch):
+    """`Model.decode` returns a new tensor on the graphed path too (the engine
+    keeps it without a copy): a later step changes neither its values nor
+    shares its memory, and it equals the eager kernel step bit for bit."""
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=2, device="cuda", dtype="bfloat16")
+    sessions = [model.session() for _ in range(batch)]
+    for i, s in enumerate(sessions):
+        s.feed(random_tokens(3 + 7 * i, 256, seed=i))
+    slots = [s.slot for s in sessions]
+    positions = [model.pool.positions[s] for s in slots]
+    twins = [model.restore(s.snapshot()) for s in sessions]
+    first = model.decode(slots, [9] * batch)
+    kept = first.clone()
+    second = model.decode(slots, [4] * batch)
+    torch.cuda.synchronize()
+    assert first.dtype == torch.float32 and first.shape == (batch, model.config.vocab_size)
+    assert torch.equal(first, kept) and first.data_ptr() != second.data_ptr()
+    pad = model._graphed._bucket(batch) - batch  # padding rows as the graph has them: same matmul kernels
+    dev = "cuda"
+    eager = model._kernel_decoder.step(torch.tensor([9] * batch + [0] * pad, device=dev),
+                                       torch.tensor([t.slot for t in twins] + [-1] * pad, device=dev),
+                                       torch.tensor(positions + [0] * pad, device=dev))
+    assert torch.equal(eager[:batch], first)
+
+
 def test_bfloat16_prefill_and_decode_stay_close_to_float32_reference():
     """The kernel paths in bfloat16 against the float32 reference path on the same
     weights, across ring wraps: within 5e-2 of the logits' scale (the bound of

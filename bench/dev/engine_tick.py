@@ -93,8 +93,8 @@ def params_for(mix: str, i: int, max_tokens: int) -> SamplingParams:
 
 
 class StubDecode:
-    """Stands in for `Model.decode`: advances positions, returns a fixed buffer
-    (as the graphed CUDA path returns its reused output buffer)."""
+    """Stands in for `Model.decode`: advances positions, returns rows of a
+    fixed buffer (the host's work only: no copy, as the real path makes none)."""
 
     def __init__(self, model: sg.Model, max_batch: int):
         self.pool = model.pool

@@ -21,14 +21,15 @@ from streamgemma.bench.decode import time_generate
 def graph_replay_ms(model: sg.Model, replays: int = 200, reps: int = 5, bucket: int = 1) -> float:
     """GPU time of one step: the median over `reps` of the mean time of
     `replays` back-to-back replays of the captured graph of `bucket` (captured
-    by an earlier decode of that batch bucket; it replays its last inputs)."""
-    graph = model._graphed._graphs[bucket]["graph"]
+    by an earlier decode of that batch bucket; it replays its last inputs),
+    each with the soft-cap launched after it where the graph ends before it."""
+    graphed = model._graphed
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(replays):
-            graph.replay()
+            graphed.replay(bucket)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / replays)

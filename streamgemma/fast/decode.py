@@ -18,7 +18,9 @@ them as stored and applies the row scales in its epilogue, the larger batches
 go through `qlinear.linear` (fp8 tensor cores, or int8 dequantized in registers).
 
 `GraphedDecoder` captures that step once per batch-size bucket in a CUDA graph
-so a step costs one graph launch plus one small host-to-device copy.
+so a step costs one graph launch plus one small host-to-device copy (and,
+above the GEMV batches, the soft-cap launched after the graph into the new
+tensor it returns).
 """
 
 from __future__ import annotations
@@ -67,8 +69,25 @@ class KernelDecoder:
         """tokens, slots, pos: [B] int64 on the device (slot -1: padding row,
         whose state is untouched). Returns float32 logits [B, vocab] (into `out`
         if given). Positions are read, not advanced: the caller owns them."""
-        if tokens.shape[0] <= self.gemv_max_batch:
+        if self.caps_in_step(tokens.shape[0]):
             return self._step_gemv(tokens, slots, pos, out)
+        return self.soft_cap(self.uncapped_logits(tokens, slots, pos), out)
+
+    def caps_in_step(self, batch: int) -> bool:
+        """Whether a step of `batch` rows soft-caps inside its last launch (the
+        GEMV path's LM-head epilogue); otherwise `uncapped_logits` + `soft_cap`."""
+        return batch <= self.gemv_max_batch
+
+    def soft_cap(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 soft-capped logits (into `out`, else a new tensor) of `uncapped_logits`."""
+        if out is None:
+            out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        return self._ew.softcap(logits, self.config.logits_soft_cap, out)
+
+    def uncapped_logits(self, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The batched step up to its LM head: logits [B, vocab] in the model's
+        dtype before the soft-cap. A graph can end here so that the cap writes
+        float32 rows into a buffer of the caller's (no copy of a graph's output)."""
         cfg, net = self.config, self.network
         batch = tokens.shape[0]
         x = net.embedder.encode(tokens).contiguous()  # residual stream [B, D], model dtype
@@ -109,10 +128,7 @@ class KernelDecoder:
             self._ew.geglu(gate_up, hidden)
             delta = _project(hidden, entry, "down")
         xq = norm(delta, net.final_norm.scale, self.embedding)
-        logits = linear(normed, self.embedding, self.embedding_scale, x_fp8=xq)
-        if out is None:
-            out = torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=x.device)
-        return self._ew.softcap(logits, cfg.logits_soft_cap, out)
+        return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq)
 
     def _attention(self, qkv, state, slots, pos, out):
         self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq, self.config.num_heads, out,
@@ -213,6 +229,11 @@ class GraphedDecoder:
 
     Rows beyond the live batch are padding (slot -1). Graphs are captured on
     first use of a bucket and recaptured if the pool reallocates its tensors.
+    Each step returns a new logits tensor: a batched bucket's graph ends at
+    the model-dtype logits and the soft-cap, launched after it, writes the
+    live rows into a new float32 tensor; a GEMV bucket (few rows, capped in
+    the graph) returns a copy. Nobody keeps a buffer the next step overwrites,
+    so a caller never copies 262 MB (batch 256) to keep its logits.
     """
 
     BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -236,30 +257,41 @@ class GraphedDecoder:
             "inputs": inputs, "tokens": inputs[0], "slots": inputs[1], "pos": inputs[2],
             "host": host, "host_np": host.numpy(),
             "copied": torch.cuda.Event(),
-            "logits": torch.empty(bucket, self.decoder.config.vocab_size, dtype=torch.float32, device=dev),
+            "capped": self.decoder.caps_in_step(bucket),
         }
+        run = self.decoder.step if g["capped"] else self.decoder.uncapped_logits
         # Warm up (compiles the kernels) on a side stream with every row padding:
         # the kernels then touch no session's state.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.decoder.step(g["tokens"], g["slots"], g["pos"], out=g["logits"])
+                run(g["tokens"], g["slots"], g["pos"])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Each bucket's graph keeps its own memory pool: sharing one across captures
         # tripped an allocator assertion when a second bucket was captured.
         with torch.cuda.graph(graph):
-            self.decoder.step(g["tokens"], g["slots"], g["pos"], out=g["logits"])
+            g["logits"] = run(g["tokens"], g["slots"], g["pos"])  # lives in the graph's pool
         g["graph"] = graph
         g["copied"].record()
         return g
 
+    def replay(self, bucket: int, batch: int | None = None) -> torch.Tensor:
+        """The step of a captured bucket on its current inputs: the graph, then
+        the soft-cap of the first `batch` rows (all if None) into a new tensor
+        (or a copy of the graph's capped rows). What `step` launches after
+        its input copies; bench tools time it."""
+        g = self._graphs[bucket]
+        g["graph"].replay()
+        rows = g["logits"][:batch]
+        return rows.clone() if g["capped"] else self.decoder.soft_cap(rows)
+
     def step(self, tokens: list[int] | torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """Host lists of equal length B (tokens may instead be an int64 [B]
         tensor on the device: copied into the graph's input in stream order,
-        never read by the host). Returns float32 logits [B, vocab]: a view of
-        the graph's output buffer, overwritten by the next step."""
+        never read by the host). Returns float32 logits [B, vocab], a new
+        tensor: the caller may keep it across steps."""
         batch = len(slots)
         if self.decoder.pool.generation != self._pool_generation:
             self._graphs.clear()
@@ -267,7 +299,7 @@ class GraphedDecoder:
         bucket = self._bucket(batch)
         if bucket is None:  # larger than the largest bucket: run in bucket-sized pieces
             top = self.buckets[-1]
-            return torch.cat([self.step(tokens[i:i + top], slots[i:i + top], positions[i:i + top]).clone()
+            return torch.cat([self.step(tokens[i:i + top], slots[i:i + top], positions[i:i + top])
                               for i in range(0, batch, top)])
         if bucket not in self._graphs:
             self._graphs[bucket] = self._capture(bucket)
@@ -283,8 +315,7 @@ class GraphedDecoder:
         g["copied"].record()
         if on_device:
             g["tokens"][:batch].copy_(tokens)
-        g["graph"].replay()
-        return g["logits"][:batch]
+        return self.replay(bucket, batch)
 
 
 def kernels_available(device: torch.device) -> bool:

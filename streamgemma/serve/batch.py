@@ -1,6 +1,6 @@
 """The model work of a tick: sample every generating row at once, run ONE
-decode over them plus the riding input rows, keep ONE copy of the logits
-(each session's logits are then a row of it), and accept the tokens.
+decode over them plus the riding input rows, keep its logits (each
+session's logits are then a row of that one tensor), and accept the tokens.
 
 Two strategies, picked by where the cost is:
 - `ThreadedBatch` (CPU): the model's arithmetic is the cost, so all of it
@@ -39,7 +39,7 @@ class BatchExecutor:
     def __init__(self, model: Model, stats: EngineStats):
         self.model = model
         self.stats = stats
-        # The last tick's copy of the logits [B, V], and whose logits each row is.
+        # The last tick's logits [B, V] (decode's result), and whose logits each row is.
         self.kept: torch.Tensor | None = None
         self._kept_states: list[HostState] = []
         self._scored: ScoredRows | None = None  # the last sample's logprobs
@@ -91,9 +91,8 @@ class BatchExecutor:
                 tokens = torch.cat([tokens, extra.to(tokens.device, non_blocking=True)])
         else:
             tokens = list(tokens) + riders
-        out = self.model.decode(slots + [s.slot for s, _ in inputs], tokens)
-        # decode's result may be a reused buffer: one copy of all rows, each session keeps its row.
-        self.kept = out.clone(memory_format=torch.contiguous_format)
+        # decode's result is a new tensor: each session keeps its row of it, no copy.
+        self.kept = self.model.decode(slots + [s.slot for s, _ in inputs], tokens)
         self._kept_states = [g.state for g in generations] + [s.state for s, _ in inputs]
         self.stats.decode_calls += 1
         self.stats.decoded_tokens += len(generations)

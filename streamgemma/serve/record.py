@@ -164,7 +164,7 @@ class SessionRecord:
 class EngineStats:
     """Counters for monitoring. phase_seconds: where the scheduler's time goes
     ("prefill" chunks; "sample" issuing the sampling; "wait" for the sampled
-    ids, the device's time; "decode" the call, logits copy and accepting
+    ids, the device's time; "decode" the call and accepting
     tokens, which on the CPU includes the sampling; "deliver" to streams)."""
 
     phase_seconds: dict[str, float] = dataclasses.field(

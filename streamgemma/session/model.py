@@ -244,9 +244,9 @@ class Model:
         order: a caller that samples on the device can launch this step
         before the sampled ids reach the host (nothing waits for them).
 
-        On the graphed CUDA path the returned tensor is a view of a buffer that
-        the next `decode` call overwrites (a copy would cost 262 MB of traffic
-        per step at batch 256): clone what you keep."""
+        The returned tensor is new on every path: the caller may keep it (the
+        graphed CUDA path soft-caps into it after the graph, so keeping the
+        logits costs no copy of a graph's buffer)."""
         if len(set(slots)) != len(slots):
             raise ValueError(f"decode: duplicate slots in {list(slots)}")
         if isinstance(tokens, torch.Tensor):

@@ -175,7 +175,7 @@ class Session:
         self._check_open()
         (token,) = check_token_ids([token_id], self.model.config.vocab_size)
         with self.model.lock:
-            logits = self.model.decode([self.slot], [token])[0].clone()  # decode's buffer is reused
+            logits = self.model.decode([self.slot], [token])[0]
         self.state.consume([token], logits)
         return logits
 
@@ -280,7 +280,7 @@ class Session:
                 rows = [generation.sample_row()]
                 pending = PendingIds(generation.logits()[None], rows, graphs=self.model.sampling_graphs)
                 scored = score_rows(generation.logits()[None], pending.device_ids, rows)  # None: not asked
-                next_logits = self.model.decode([self.slot], pending.device_ids)[0].clone()  # a reused buffer
+                next_logits = self.model.decode([self.slot], pending.device_ids)[0]
                 token = pending.ids()[0]
             out = generation.accept(token, next_logits, scored.get(0) if scored is not None else None)
             yield out

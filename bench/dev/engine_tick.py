@@ -3,13 +3,12 @@
 The model's `decode` is replaced by a stub that advances the slots' positions
 and returns a preallocated float32 logits tensor [B, vocab] (vocab 256,000 as
 RecurrentGemma-2B by default), so what is timed is what the engine adds to a
-decode step: sampling every row, copying the logits rows the sessions keep,
-recording each token in its session (detokenizer, stop strings), and
-delivering it to the session's stream.
+decode step: sampling every row, recording each token in its session
+(detokenizer, stop strings), and delivering it to the session's stream.
 
 Two figures per batch size B (all B sessions generating):
   worker  the engine's host work of the model call (sample, decode launch,
-          keep rows, accept; on the CPU also the model's arithmetic)
+          accept; on the CPU also the model's arithmetic)
   tick    `Engine.tick` as the scheduler runs it (worker + thread hop +
           delivering B tokens to their streams)
 each as microseconds per session per tick, and the tick in milliseconds.

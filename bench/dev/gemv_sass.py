@@ -9,6 +9,7 @@ bytes, so this shows what a kernel change costs before any GPU run.
                                                                # padded to 16): BN,BK,warps,stages,splits
     python bench/dev/gemv_sass.py --tc --fused [--epilogue geglu]  # ... with the norm prologue, bias, PDL and
                                                                    # the conv (or GeGLU) epilogue
+    python bench/dev/gemv_sass.py --batch 4 --block 4,256,2 --fused  # the CUDA-core kernel at batch 2-16
 
 Per variant: instructions in the K loop, per weight, and the most frequent
 opcodes (I2F: the quarter-rate int-to-float; STS/LDS/BAR: a tile's trip
@@ -34,8 +35,8 @@ VARIANTS = [("bf16", "bf16", 0), ("int8 convert", "i8", 0), ("int8 magic", "i8",
 
 
 def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: bool = False,
-                 fused: bool = False, epilogue: str = "conv"):
-    """The plain-epilogue batch-1 GEMV (no norm, no bias), compiled for sm_<arch>;
+                 fused: bool = False, epilogue: str = "conv", batch: int = 1):
+    """The plain-epilogue GEMV (no norm, no bias) of `batch` rows (a power of two), compiled for sm_<arch>;
     tc: the tensor-core kernel (16 rows; block (BN, BK, warps[, stages[, splits]]));
     fused: with the residual + RMSNorm prologue, bias, PDL and `epilogue`
     (conv: everything a product can carry)."""
@@ -52,7 +53,7 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
            "slots_ptr": "*i64", "pos_ptr": "*i64", "cw_ptr": "*bf16", "cb_ptr": "*bf16", "L": "i32", "cap": "fp32",
            "B": "i32", "N": "i32", "K": "i32"}
     epi = gemv_parts.EPILOGUES[epilogue] if fused else 0
-    const = dict(BB=16 if tc else 1, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=fused, NORM=fused,
+    const = dict(BB=16 if tc else batch, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=fused, NORM=fused,
                  WRITE_RES=fused, QUANT=weight_type != "bf16", HAS_BIAS=fused, EPI=epi,
                  CONVK=4 if fused else 2, CONVR=4 if fused else 1, PDL=fused, WIDEN=widening)
     options = {"num_warps": warps}
@@ -63,7 +64,7 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
         options["num_stages"] = stages
         kernel = gemv_tc._gemv_tc_kernel
     else:
-        const["FLAT"] = weight_type != "bf16"
+        const["FLAT"] = weight_type != "bf16" and batch == 1  # as gemv.gemv picks it
         kernel = gemv._gemv_kernel
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)
@@ -129,6 +130,8 @@ def main(argv=None) -> dict:
                     "with --tc optionally ,num_stages,splits (default: gemv_tc.DEFAULT_BLOCK)")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--tc", action="store_true", help="the tensor-core variant (batch padded to 16 rows)")
+    ap.add_argument("--batch", type=int, default=1, choices=(1, 2, 4, 8, 16),
+                    help="rows of the CUDA-core kernel (its batch bucket; default 1)")
     ap.add_argument("--fused", action="store_true", help="norm prologue, bias, PDL and the --epilogue")
     ap.add_argument("--epilogue", default="conv", choices=("plain", "geglu", "conv", "softcap"))
     ap.add_argument("--json", default=None)
@@ -144,9 +147,10 @@ def main(argv=None) -> dict:
         size = 2 if wtype == "bf16" else 1
         block = tuple(int(v) for v in args.block.split(",")) if args.block else \
             DEFAULT_BLOCK if args.tc else default_config(1, "plain", True, size)
-        kernel = compile_gemv(wtype, widening, block, args.arch, args.tc, args.fused, args.epilogue)
+        kernel = compile_gemv(wtype, widening, block, args.arch, args.tc, args.fused, args.epilogue, args.batch)
         ops = loop_opcodes(sass(kernel))
-        weights = block[0] * block[1] / (block[2] * 32)  # per thread per iteration
+        # per thread per iteration; GeGLU's BN counts gate rows only (each brings an up row: half per weight read)
+        weights = block[0] * block[1] / (block[2] * 32)
         out[name] = {"block": list(block), "loop_instructions": len(ops),
                      "per_weight": round(len(ops) / weights, 2), "top": dict(Counter(ops).most_common(10)),
                      "mma": sum(op in ("HMMA", "HGMMA") for op in ops), "ffma": ops.count("FFMA"),

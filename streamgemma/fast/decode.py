@@ -26,6 +26,7 @@ tensor it returns).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -260,20 +261,8 @@ class GraphedDecoder:
             "capped": self.decoder.caps_in_step(bucket),
         }
         run = self.decoder.step if g["capped"] else self.decoder.uncapped_logits
-        # Warm up (compiles the kernels) on a side stream with every row padding:
-        # the kernels then touch no session's state.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run(g["tokens"], g["slots"], g["pos"])
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # Each bucket's graph keeps its own memory pool: sharing one across captures
-        # tripped an allocator assertion when a second bucket was captured.
-        with torch.cuda.graph(graph):
-            g["logits"] = run(g["tokens"], g["slots"], g["pos"])  # lives in the graph's pool
-        g["graph"] = graph
+        # Every row is padding while the graph is made: the kernels touch no session's state.
+        g["graph"], g["logits"] = graph_of(lambda: run(g["tokens"], g["slots"], g["pos"]))
         g["copied"].record()
         return g
 
@@ -316,6 +305,24 @@ class GraphedDecoder:
         if on_device:
             g["tokens"][:batch].copy_(tokens)
         return self.replay(bucket, batch)
+
+
+def graph_of(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`fn` captured in a CUDA graph, after two warm-up calls on a side stream
+    (they compile the kernels): the graph, and fn's output, which every
+    replay rewrites in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # Each graph keeps its own memory pool: sharing one across captures
+    # tripped an allocator assertion when a second bucket was captured.
+    with torch.cuda.graph(graph):
+        out = fn()  # lives in the graph's pool
+    return graph, out
 
 
 def kernels_available(device: torch.device) -> bool:

@@ -71,7 +71,7 @@ def test_graphed_steps_equal_eager_steps_and_return_new_tensors(cpu_graphs, batc
     slots, positions = [5, 1, 6][:batch], [3, 40, 17][:batch]
     pad = bucket - batch
     results = []
-    for step, tokens in enumerate(([7, 2, 9][:batch], [4, 4, 1][:batch])):
+    for tokens in ([7, 2, 9][:batch], [4, 4, 1][:batch]):
         got = graphed.step(tokens, slots, positions)
         results.append((got, got.clone()))
         want = eager.step(torch.tensor(tokens + [0] * pad), torch.tensor(slots + [-1] * pad),

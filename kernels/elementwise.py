@@ -51,20 +51,39 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, scale: torch.Tensor
 
 
 @triton.jit
-def _geglu_kernel(in_ptr, out_ptr, E, BLOCK: tl.constexpr):
+def _geglu_kernel(in_ptr, out_ptr, q_ptr, qs_ptr, E, BLOCK: tl.constexpr, FP8: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < E
     gate = tl.load(in_ptr + row * 2 * E + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(in_ptr + row * 2 * E + E + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * E + cols, (_gelu_tanh(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
+    h = (_gelu_tanh(gate) * up).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * E + cols, h, mask=mask)
+    if FP8:
+        # qmatmul.fp8_rows of the rounded row, op for op (bit-identical), without its
+        # launch: with FP8 a program holds the whole row (one block per row)
+        hf = h.to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(hf), axis=0) / 448.0, 1e-12)
+        tl.store(q_ptr + row * E + cols, (hf / s).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(qs_ptr + row, s)
 
 
-def geglu(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """gate_up: [B, 2E] (gate | up); out: [B, E] = gelu_tanh(gate) * up."""
+def geglu(gate_up: torch.Tensor, out: torch.Tensor,
+          fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """gate_up: [B, 2E] (gate | up); out: [B, E] = gelu_tanh(gate) * up. fp8:
+    (e4m3 [B, E], float32 [B, 1]) buffers that also receive
+    `qmatmul.fp8_rows(out)`, the input of the fp8 tensor-core product that
+    follows (the down projection), in the same launch."""
     batch, e = out.shape
-    block = 1024
-    _geglu_kernel[(batch, triton.cdiv(e, block))](gate_up, out, e, BLOCK=block)
+    if fp8 is None:
+        block, warps = 1024, 4
+        q, qs = out, out
+    else:
+        block = triton.next_power_of_2(e)
+        warps = min(16, max(4, block // 1024))  # as fp8_rows launches a row
+        q, qs = fp8
+    _geglu_kernel[(batch, triton.cdiv(e, block))](gate_up, out, q, qs, e, BLOCK=block, FP8=fp8 is not None,
+                                                  num_warps=warps)
     return out
 
 

@@ -200,6 +200,23 @@ def test_the_norm_makes_the_fp8_rows_of_its_output_in_the_same_launch():
     assert torch.equal(fp8_linear(normed.cpu(), wq, ws, b, x_fp8=given), b.expand(5, 32))
 
 
+def test_the_geglu_makes_the_fp8_rows_of_its_output_in_the_same_launch():
+    """geglu(fp8=...) writes its output and what fp8_rows would make of it, bit
+    for bit (the down projection's input on the fp8 tensor cores)."""
+    from streamgemma.kernels.elementwise import geglu
+    from streamgemma.kernels.qmatmul import fp8_rows
+
+    g = torch.Generator().manual_seed(4)
+    gate_up = (torch.randn(3, 2 * 80, generator=g) * 3).bfloat16().to(DEV)  # E = 80: a row padded to 128
+    plain = geglu(gate_up, torch.empty(3, 80, dtype=torch.bfloat16, device=DEV))
+    out = torch.empty_like(plain)
+    fused = (torch.empty(3, 80, dtype=torch.float8_e4m3fn, device=DEV), torch.empty(3, 1, device=DEV))
+    geglu(gate_up, out, fp8=fused)
+    q, s = fp8_rows(out)
+    assert torch.equal(out, plain)
+    assert torch.equal(fused[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused[1], s)
+
+
 # -- CUDA only -------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 tensor cores and bfloat16 kernels need CUDA")
 

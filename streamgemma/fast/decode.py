@@ -99,10 +99,7 @@ class KernelDecoder:
         def norm(delta, scale, weight):
             """normed = the norm of x + delta; for an fp8 tensor-core product of
             `weight`, also its e4m3 input rows, made by the same launch."""
-            xq = None
-            if fp8_tensor_cores(normed, weight):
-                xq = (torch.empty(normed.shape, dtype=weight.dtype, device=x.device),
-                      torch.empty(batch, 1, dtype=torch.float32, device=x.device))
+            xq = _fp8_rows_buffers(normed, weight)
             self._ew.add_rmsnorm(x, delta, scale, eps, normed, fp8=xq)
             return xq
 
@@ -126,8 +123,9 @@ class KernelDecoder:
             xq = norm(delta, block.channel_pre_norm.scale, entry["w_up"])
             gate_up = _project(normed, entry, "up", xq)
             hidden = torch.empty(batch, cfg.mlp_width, dtype=x.dtype, device=x.device)
-            self._ew.geglu(gate_up, hidden)
-            delta = _project(hidden, entry, "down")
+            hq = _fp8_rows_buffers(hidden, entry["w_down"])  # the GeGLU quantizes the down product's input
+            self._ew.geglu(gate_up, hidden, fp8=hq)
+            delta = _project(hidden, entry, "down", hq)
         xq = norm(delta, net.final_norm.scale, self.embedding)
         return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq)
 
@@ -213,6 +211,15 @@ class KernelDecoder:
             n_out = weight.shape[0] // 2 if epilogue == "geglu" else weight.shape[0]
             self._workspaces[key] = self._gemv_tc.workspace(n_out, weight.shape[1], config, weight.device)
         return self._workspaces[key]
+
+
+def _fp8_rows_buffers(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Empty (e4m3 rows, float32 row scales) for the kernel that writes `x` to
+    fill as `fp8_rows(x)`, where x @ weight.T runs on the fp8 tensor cores; else None."""
+    if not fp8_tensor_cores(x, weight):
+        return None
+    return (torch.empty(x.shape, dtype=weight.dtype, device=x.device),
+            torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device))
 
 
 def _weight_format(weight: torch.Tensor) -> str:

@@ -12,6 +12,16 @@ from .recurrent_decode import _gelu_tanh
 
 
 @triton.jit
+def _store_fp8_row(y, q_ptr, qs_ptr, row, cols, mask, D):
+    """qmatmul.fp8_rows of the rounded row y (the program's whole row), op for op
+    (bit-identical), without its launch: e4m3 values and the row's scale."""
+    yf = y.to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(yf), axis=0) / 448.0, 1e-12)
+    tl.store(q_ptr + row * D + cols, (yf / s).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(qs_ptr + row, s)
+
+
+@triton.jit
 def _add_rmsnorm_kernel(x_ptr, delta_ptr, scale_ptr, normed_ptr, q_ptr, qs_ptr, D, eps,
                         HAS_DELTA: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -29,11 +39,7 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, scale_ptr, normed_ptr, q_ptr, qs_ptr, 
     y = y.to(normed_ptr.dtype.element_ty)
     tl.store(normed_ptr + row * D + cols, y, mask=mask)
     if FP8:
-        # qmatmul.fp8_rows of the rounded row, op for op (bit-identical), without its launch
-        yf = y.to(tl.float32)
-        s = tl.maximum(tl.max(tl.abs(yf), axis=0) / 448.0, 1e-12)
-        tl.store(q_ptr + row * D + cols, (yf / s).to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(qs_ptr + row, s)
+        _store_fp8_row(y, q_ptr, qs_ptr, row, cols, mask, D)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, scale: torch.Tensor, eps: float,
@@ -59,13 +65,8 @@ def _geglu_kernel(in_ptr, out_ptr, q_ptr, qs_ptr, E, BLOCK: tl.constexpr, FP8: t
     up = tl.load(in_ptr + row * 2 * E + E + cols, mask=mask, other=0.0).to(tl.float32)
     h = (_gelu_tanh(gate) * up).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * E + cols, h, mask=mask)
-    if FP8:
-        # qmatmul.fp8_rows of the rounded row, op for op (bit-identical), without its
-        # launch: with FP8 a program holds the whole row (one block per row)
-        hf = h.to(tl.float32)
-        s = tl.maximum(tl.max(tl.abs(hf), axis=0) / 448.0, 1e-12)
-        tl.store(q_ptr + row * E + cols, (hf / s).to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(qs_ptr + row, s)
+    if FP8:  # with FP8 a program holds the whole row (one block per row)
+        _store_fp8_row(h, q_ptr, qs_ptr, row, cols, mask, E)
 
 
 def geglu(gate_up: torch.Tensor, out: torch.Tensor,

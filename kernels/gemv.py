@@ -66,7 +66,7 @@ from .gemv_parts import (
     weight_tile,
 )
 from .pdl import launch_kwargs
-from .widen import default_widen, widen
+from .widen import WORDS_BITS, WORDS_E4M3, WORDS_INT8, WORDS_PTX, default_widen, widen, widen_words
 
 
 @triton.jit
@@ -89,69 +89,108 @@ def _rows(acc, FLAT: tl.constexpr):
     return out
 
 
-@triton.jit(do_not_specialize=["B", "eps", "emb_scale", "cap"])
+@triton.jit
+def _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM: tl.constexpr, WRITE_RES: tl.constexpr):
+    """An input tile v [BB, BK] as the product sees it, and the sum of squares
+    so far: with NORM, x * (1 + scale) unrounded (1/rms is gathered on the way
+    and applied after the loop: no first pass over the row), program 0
+    writing the residual stream."""
+    if NORM:
+        if WRITE_RES:
+            if pid == 0:
+                tl.store(res_out_ptr + rows[:, None] * K + k[None, :], v, mask=rmask[:, None] & (k < K)[None, :])
+        v = v.to(tl.float32)
+        ss += tl.sum(v * v, axis=1)
+        xin = v * (1.0 + scale.to(tl.float32)[None, :])
+    else:
+        xin = v.to(tl.float32)
+    return xin, ss
+
+
+@triton.jit
+def _columns_of_words(x):
+    """x [BK] as four [BK / 4]: columns 4i + j for j = 0..3 (what byte j of
+    word i multiplies)."""
+    even, odd = tl.split(tl.reshape(x, (x.shape[0] // 4, 2, 2)))  # 4i + 2a + b, split on b
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _dot_words(acc, w, x4, FORMAT: tl.constexpr, HOW: tl.constexpr):
+    """acc [BN, BK / 4] plus the products of the words w [BN, BK / 4] (four
+    weights each) with their input columns x4 (`_columns_of_words`)."""
+    w0, w1, w2, w3 = widen_words(w, FORMAT, HOW)
+    return acc + w0 * x4[0][None, :] + w1 * x4[1][None, :] + w2 * x4[2][None, :] + w3 * x4[3][None, :]
+
+
+@triton.jit(do_not_specialize=["B", "eps", "emb_scale", "cap", "one"])
 def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr, nscale_ptr, eps,
                  w_ptr, wscale_ptr, bias_ptr, out_ptr, out_stride,
                  conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, L,
-                 cap, B, N, K,
+                 cap, B, N, K, one,
                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
                  WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
                  CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr,
-                 FLAT: tl.constexpr):
+                 FLAT: tl.constexpr, WORDS: tl.constexpr, WPK: tl.constexpr):
+    # WORDS (batch 1, 1-byte weights): w_ptr is the weight as int32 words of
+    # WPK = 4 weights, [N, K / 4], widened by widen_words (WIDEN: how).
     pid = tl.program_id(0)
-    rows, rmask, n, nmask, kk, w_rows, u_rows = tile_indices(pid, B, N, K, w_ptr, BB, BN, BK)
+    rows, rmask, n, nmask, kk, w_rows, u_rows = tile_indices(pid, B, N, K // WPK, w_ptr, BB, BN, BK // WPK)
 
     # Everything that depends on no earlier kernel of this step is requested
     # before waiting for it: the first weight tile, the bias, and for the conv
     # its taps and the buffer (written by the previous step). The first product
     # of a step (SRC_TOKENS) reads the buffer after the wait: only then is
     # everything queued before the step known to be done.
-    w_next = weight_tile(w_rows, kk, nmask, K)
+    kx = tl.arange(0, BK)  # the input's columns
+    if WORDS:
+        # Two words (8 weights) a thread, 64-bit loads: a runtime stride of 1
+        # hides that pairs of pairs are contiguous too. A thread then holds
+        # the 8 input columns of its words, as one 128-bit load of the input
+        # brings them: no tile goes through shared memory.
+        kk = (kk // 2) * 2 * one + kk % 2
+    w_next = weight_tile(w_rows, kk, nmask, K // WPK)
     u_next = w_next
     if EPI == GEGLU:
-        u_next = weight_tile(u_rows, kk, nmask, K)
+        u_next = weight_tile(u_rows, kk, nmask, K // WPK)
     (bias, bias_u, wscale, wscale_u, earlier, tap_now, shifted, conv_base, conv_off, cm,
      is_x) = fetch_and_wait(bias_ptr, wscale_ptr, conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask,
                             N, L, SRC, HAS_BIAS, QUANT, EPI, CONVK, CONVR, PDL)
 
     x_next, s_next = input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
-                                kk, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
+                                kx, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
     # FLAT (batch 1, 1-byte weights): a 2-D accumulator in the weight tile's own
     # layout, so the widened tile is not reshuffled through shared memory to meet
     # a 3-D one. Measured on the H100 it helps fp8 and int8 but slows bf16 (2.20
     # -> 2.43 ms a step), so bf16 keeps the 3-D one (bench/NOTES.md, Q1).
-    acc = _zeros_acc(BB, BN, BK, FLAT)
+    acc = _zeros_acc(BB, BN, BK // WPK, FLAT)
     acc_u = acc
     ss = tl.zeros((BB,), tl.float32)
     for k0 in range(0, K, BK):
-        k = k0 + kk
-        kmask = k < K
         # Two tiles of weights in flight (the one used now and the next), and the
         # input's next tile requested with them: no round trip to L2 waits in
         # the loop.
         w = w_next
-        w_next = weight_tile(w_rows, k + BK, nmask, K)
+        w_next = weight_tile(w_rows, (k0 + BK) // WPK + kk, nmask, K // WPK)
+        u = w
         if EPI == GEGLU:
             u = u_next
-            u_next = weight_tile(u_rows, k + BK, nmask, K)
+            u_next = weight_tile(u_rows, (k0 + BK) // WPK + kk, nmask, K // WPK)
+        k = k0 + kx
         v = x_next
         scale = s_next
         x_next, s_next = input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                     k + BK, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
-        if NORM:
-            # The rms is gathered on the way and applied after the loop (no first
-            # pass over the row): the product sees x * (1 + scale) unrounded.
-            if WRITE_RES:
-                if pid == 0:
-                    tl.store(res_out_ptr + rows[:, None] * K + k[None, :], v,
-                             mask=rmask[:, None] & kmask[None, :])
-            v = v.to(tl.float32)
-            ss += tl.sum(v * v, axis=1)
-            xin = v * (1.0 + scale.to(tl.float32)[None, :])
-        else:
-            xin = v.to(tl.float32)
-        if FLAT:
+        xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES)
+        if WORDS:
+            x4 = _columns_of_words(tl.sum(xin, axis=0))
+            acc = _dot_words(acc, w, x4, WORDS, WIDEN)
+            if EPI == GEGLU:
+                acc_u = _dot_words(acc_u, u, x4, WORDS, WIDEN)
+        elif FLAT:
             x1 = tl.sum(xin, axis=0)  # [BK]: the one row
             acc += widen(w, WIDEN) * x1[None, :]
             if EPI == GEGLU:
@@ -200,7 +239,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
          emb_scale: float | None = None, weight_scale: torch.Tensor | None = None,
          src_scale: torch.Tensor | None = None, epilogue: str = "plain", conv: tuple | None = None,
          cap: float = 0.0, config: tuple | None = None, pdl: bool = False,
-         widening: int | None = None, tensor_cores: bool = False, workspace: tuple | None = None) -> torch.Tensor:
+         widening: int | None = None, tensor_cores: bool = False, workspace: tuple | None = None,
+         words: bool | None = None) -> torch.Tensor:
     """out[b] = f(input[b] @ weight.T) for a small batch (B <= MAX_BATCH rows).
 
     src: [B, K] input rows (model dtype), or with `tokens` ([B] int64) the
@@ -226,7 +266,10 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     (`gemv_tc.workspace`), needed when the config splits K. pdl: launch with
     programmatic dependent launch (see pdl.py); widening: how 1-byte weights
     become float32 (`widen.py`'s variants, same values; default
-    `default_widen`; the tensor-core variant casts them to the model dtype)."""
+    `default_widen`; the tensor-core variant casts them to the model dtype);
+    words: at batch 1, read 1-byte weights as int32 words of four and widen
+    them with `widen_words` (default: where K and the block allow; False:
+    byte tensors and `widening`)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
     assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn))
@@ -263,6 +306,17 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         raise ValueError(f"gemv config {config!r}: want (BN, BK, num_warps) or a tensor-core config")
     bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
-    _gemv_kernel[(triton.cdiv(n_out, bn),)](*args, BB=bb, BN=bn, BK=bk, FLAT=bb == 1 and weight_scale is not None,
-                                            num_warps=warps, **consts, **launch_kwargs(pdl))
+    flat = bb == 1 and weight_scale is not None
+    if words is None:
+        words = flat and k % 4 == 0 and bk >= 64
+    if words:
+        if not (flat and k % 4 == 0 and bk >= 64):
+            raise ValueError("gemv(words=True) needs batch 1, 1-byte weights, K and BK multiples of 4 (BK >= 64)")
+        args = args[:8] + (weight.view(torch.int32),) + args[9:]
+        consts.update(WIDEN=WORDS_PTX if weight.is_cuda else WORDS_BITS,
+                      WORDS=WORDS_INT8 if weight.dtype == torch.int8 else WORDS_E4M3, WPK=4)
+    else:
+        consts.update(WORDS=0, WPK=1)
+    _gemv_kernel[(triton.cdiv(n_out, bn),)](*args, 1, BB=bb, BN=bn, BK=bk, FLAT=flat, num_warps=warps, **consts,
+                                            **launch_kwargs(pdl))
     return out

@@ -16,6 +16,16 @@ int8 variants (`WIDEN`):
 
 e4m3 variants: CONVERT (0) is Triton's own conversion; VIA_F16 (1) asks for
 the packed e4m3x2 -> f16x2 conversion explicitly, then f16 -> f32.
+
+Both kinds keep a 1-byte tensor one byte per register and repack the bytes
+for every conversion (most of the 7-9 instructions a weight the batch-1
+GEMV issues). `widen_words` instead takes the weights as they are loaded,
+four to an int32 word, and returns four float32 tensors (byte j of word i
+is column 4i + j): WORDS_PTX (1) with PTX that works on whole registers
+(e4m3: two packed e4m3x2 -> f16x2 conversions and four f16 -> f32; int8:
+the PRMT trick above), WORDS_BITS (0) with shifts and masks in plain Triton
+(runs under the interpreter; e4m3 through float32 bits 2^120 too small,
+exact but for flushed denormals, so the GPU default is the PTX).
 """
 
 from __future__ import annotations
@@ -28,6 +38,11 @@ CONVERT = tl.constexpr(0)
 MAGIC = tl.constexpr(1)
 PRMT = tl.constexpr(2)
 VIA_F16 = tl.constexpr(1)
+WORDS_BITS = tl.constexpr(0)
+WORDS_PTX = tl.constexpr(1)
+# the format of the bytes in a word
+WORDS_INT8 = tl.constexpr(1)
+WORDS_E4M3 = tl.constexpr(2)
 
 # name -> constexpr value, per weight dtype (the tools choose by name)
 INT8_VARIANTS = {"convert": 0, "magic": 1, "prmt": 2}
@@ -48,6 +63,67 @@ sub.f32 $2, $2, 0f4B000080;
 sub.f32 $3, $3, 0f4B000080;
 }
 """)
+
+
+_PRMT_WORD_ASM = tl.constexpr("""
+{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7440;
+prmt.b32 $1, t, 0x4B000000, 0x7441;
+prmt.b32 $2, t, 0x4B000000, 0x7442;
+prmt.b32 $3, t, 0x4B000000, 0x7443;
+sub.f32 $0, $0, 0f4B000080;
+sub.f32 $1, $1, 0f4B000080;
+sub.f32 $2, $2, 0f4B000080;
+sub.f32 $3, $3, 0f4B000080;
+}
+""")
+_E4M3_WORD_ASM = tl.constexpr("""
+{
+.reg .b16 lo, hi, h0, h1, h2, h3;
+.reg .b32 a, b;
+mov.b32 {lo, hi}, $4;
+cvt.rn.f16x2.e4m3x2 a, lo;
+cvt.rn.f16x2.e4m3x2 b, hi;
+mov.b32 {h0, h1}, a;
+mov.b32 {h2, h3}, b;
+cvt.f32.f16 $0, h0;
+cvt.f32.f16 $1, h1;
+cvt.f32.f16 $2, h2;
+cvt.f32.f16 $3, h3;
+}
+""")
+
+
+@triton.jit
+def _byte_as_float(w, j: tl.constexpr, FORMAT: tl.constexpr):
+    b = (w >> (8 * j)) & 0xFF
+    if FORMAT == WORDS_INT8:
+        out = ((b ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        # sign to bit 31, exponent and mantissa to bits 20-26: the value times 2^-120
+        bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20)
+        out = bits.to(tl.float32, bitcast=True) * 1.329227995784916e36
+    return out
+
+
+@triton.jit
+def widen_words(w, FORMAT: tl.constexpr, HOW: tl.constexpr):
+    """int32 words w, each four 1-byte weights of FORMAT (WORDS_INT8 or
+    WORDS_E4M3), as four float32 tensors of w's shape: bytes 0..3 (columns
+    4i..4i+3 of a little-endian row), exactly."""
+    if HOW == WORDS_PTX:
+        if FORMAT == WORDS_INT8:
+            out = tl.inline_asm_elementwise(_PRMT_WORD_ASM, "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4,
+                                            is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise(_E4M3_WORD_ASM, "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4,
+                                            is_pure=True, pack=1)
+    else:
+        out = (_byte_as_float(w, 0, FORMAT), _byte_as_float(w, 1, FORMAT), _byte_as_float(w, 2, FORMAT),
+               _byte_as_float(w, 3, FORMAT))
+    return out
 
 
 @triton.jit

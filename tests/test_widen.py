@@ -76,3 +76,64 @@ def test_qmatmul_output_does_not_depend_on_the_widening():
     q, s = quantize_rows(w, "int8")
     direct, magic = (qmatmul(x, q, s, widening=v) for v in (0, 1))
     assert torch.equal(direct, magic)
+
+
+@triton.jit
+def _widen_words_kernel(w_ptr, out_ptr, N: tl.constexpr, FORMAT: tl.constexpr, HOW: tl.constexpr):
+    from streamgemma.kernels.widen import widen_words
+
+    i = tl.arange(0, N)
+    w0, w1, w2, w3 = widen_words(tl.load(w_ptr + i), FORMAT, HOW)
+    tl.store(out_ptr + 4 * i, w0)
+    tl.store(out_ptr + 4 * i + 1, w1)
+    tl.store(out_ptr + 4 * i + 2, w2)
+    tl.store(out_ptr + 4 * i + 3, w3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_words_widen_every_value_exactly_in_column_order(dtype):
+    """Four weights to an int32 word: byte j of word i is column 4i + j, every value exact (the PTX on CUDA too)."""
+    from streamgemma.kernels.widen import WORDS_BITS, WORDS_E4M3, WORDS_INT8, WORDS_PTX
+
+    q = _all_values(dtype)  # 256 values: 64 words
+    perm = torch.randperm(q.numel(), generator=torch.Generator().manual_seed(0)).to(q.device)
+    q = q.view(torch.uint8)[perm].view(dtype)  # mixed bytes in a word
+    want = q.float()
+    fmt = WORDS_INT8 if dtype == torch.int8 else WORDS_E4M3
+    for how in [WORDS_BITS] + ([WORDS_PTX] if DEV == "cuda" else []):
+        out = torch.full(q.shape, float("nan"), device=DEV)
+        _widen_words_kernel[(1,)](q.view(torch.int32), out, N=q.numel() // 4, FORMAT=fmt, HOW=how, num_warps=1)
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32)), how
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("epilogue", ["plain", "geglu", "conv", "softcap"])
+def test_batch1_gemv_reading_weight_words_matches_the_byte_path(fmt, epilogue):
+    """At batch 1 the GEMV reads 1-byte weights as int32 words; a ragged K (a last tile of 8 words of 16) and N,
+    the norm prologue and every epilogue give what the byte tiles give, to float32 rounding."""
+    from streamgemma.kernels.gemv import gemv
+    from streamgemma.model.quantize import quantize_rows
+
+    g = torch.Generator().manual_seed(11 + len(epilogue))
+    k, n = 96, 37
+    rows = 2 * n if epilogue == "geglu" else n
+    q, s = quantize_rows(torch.randn(rows, k, generator=g) / k ** 0.5, fmt)
+    q, s = q.to(DEV), s.to(DEV)
+    x, delta, nscale = (t.to(DEV) for t in (torch.randn(1, k, generator=g), torch.randn(1, k, generator=g),
+                                             torch.randn(k, generator=g) * 0.1))
+    call = dict(src=x, delta=delta, norm_scale=nscale, eps=1e-6, weight_scale=s, epilogue=epilogue, config=(8, 64, 4))
+    if epilogue == "softcap":
+        call["cap"] = 3.0
+    if epilogue == "conv":
+        state = torch.randn(2, 3, n, generator=g).to(DEV)
+        conv = (torch.randn(4, n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV))
+    outs, residuals = [], []
+    for words in (True, False):
+        if epilogue == "conv":
+            call["conv"] = (state.clone(), torch.tensor([1], device=DEV), torch.tensor([5], device=DEV), *conv)
+        res = torch.full((1, k), float("nan"), device=DEV)
+        out = torch.full((1, n), float("nan"), device=DEV)
+        outs.append(gemv(weight=q, out=out, residual_out=res, words=words, **call))
+        residuals.append(res)
+    assert torch.equal(residuals[0], residuals[1])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

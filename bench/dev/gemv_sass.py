@@ -31,7 +31,10 @@ from collections import Counter
 from pathlib import Path
 
 VARIANTS = [("bf16", "bf16", 0), ("int8 convert", "i8", 0), ("int8 magic", "i8", 1), ("int8 prmt", "i8", 2),
-            ("fp8 convert", "fp8e4nv", 0), ("fp8 via_f16", "fp8e4nv", 1)]
+            ("fp8 convert", "fp8e4nv", 0), ("fp8 via_f16", "fp8e4nv", 1),
+            # int32 words of four weights (gemv's `words`, batch 1): widen_words' PTX (1) or bit operations (0)
+            ("int8 words", "i8w", 1), ("int8 words bits", "i8w", 0), ("fp8 words", "fp8w", 1),
+            ("fp8 words bits", "fp8w", 0)]
 
 
 def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: bool = False,
@@ -48,7 +51,8 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
 
     bn, bk, warps = block[:3]
     sig = {"src_ptr": "*bf16", "tok_ptr": "*i64", "emb_scale": "fp32", "tscale_ptr": "*fp32", "delta_ptr": "*bf16",
-           "res_out_ptr": "*bf16", "nscale_ptr": "*bf16", "eps": "fp32", "w_ptr": "*" + weight_type,
+           "res_out_ptr": "*bf16", "nscale_ptr": "*bf16", "eps": "fp32",
+           "w_ptr": "*i32" if weight_type.endswith("w") else "*" + weight_type,
            "wscale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "out_stride": "i32", "conv_ptr": "*bf16",
            "slots_ptr": "*i64", "pos_ptr": "*i64", "cw_ptr": "*bf16", "cb_ptr": "*bf16", "L": "i32", "cap": "fp32",
            "B": "i32", "N": "i32", "K": "i32"}
@@ -64,7 +68,10 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
         options["num_stages"] = stages
         kernel = gemv_tc._gemv_tc_kernel
     else:
+        sig["one"] = "i32"
         const["FLAT"] = weight_type != "bf16" and batch == 1  # as gemv.gemv picks it
+        const["WORDS"] = {"i8w": 1, "fp8w": 2}.get(weight_type, 0)
+        const["WPK"] = 4 if const["WORDS"] else 1
         kernel = gemv._gemv_kernel
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)

@@ -155,7 +155,7 @@ class KernelDecoder:
             config, tc = kc.gemv_launch(batch, epilogue, *weight.shape, _weight_format(weight))
             ws = self._split_workspace(batch, epilogue, weight, config) if tc else None
             return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, tensor_cores=tc,
-                                   pdl=self.pdl, workspace=ws, **kw)
+                                   pdl=self.pdl, workspace=ws, words=None if kc.one_byte_words else False, **kw)
 
         def project(src, name, out):  # an unfused projection of the layer's entry
             return gemv(src, entry["w_" + name], out, weight_scale=entry["s_" + name], bias=entry["b_" + name])

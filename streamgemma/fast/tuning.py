@@ -69,6 +69,10 @@ class KernelConfig:
 
     prefill_attention_tiles: (block_m, block_n, num_warps, num_stages) of
     that kernel: (query, head) pairs and keys per tile, powers of two >= 16.
+
+    one_byte_words: the batch-1 GEMV reads int8 / fp8 weights as int32 words
+    of four and widens them a word at a time (`kernels/widen.py`); False: as
+    byte tensors (the earlier path, kept for comparisons).
     """
 
     gemv_max_batch: int = 1
@@ -79,6 +83,7 @@ class KernelConfig:
     pdl: bool | None = None
     prefill_attention: str = "triton"
     prefill_attention_tiles: tuple[int, int, int, int] | None = None
+    one_byte_words: bool = True
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -101,6 +106,8 @@ class KernelConfig:
             if len(launch) != 2 or not all(_power_of_two(v) for v in launch):
                 raise ValueError(f"rglru_launch must be (channels, num_warps), powers of two; "
                                  f"got {self.rglru_launch!r}")
+        if self.one_byte_words not in (True, False):
+            raise ValueError(f"one_byte_words must be True or False, got {self.one_byte_words!r}")
         if self.pdl not in (None, True, False):
             raise ValueError(f"pdl must be None, True or False, got {self.pdl!r}")
         if self.prefill_attention not in PREFILL_ATTENTION:

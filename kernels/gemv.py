@@ -202,8 +202,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
 
     # the model dtype, in which the unfused path rounds (the weights' own dtype unless QUANT)
     dt_ptr = nscale_ptr if NORM else src_ptr
-    epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), tl.sum(ss, axis=1), K, eps, dt_ptr, rows, rmask, n, nmask, out_ptr, out_stride,
-             cap, bias, bias_u, wscale, wscale_u, conv_ptr, L, earlier, tap_now, shifted, conv_base, conv_off, cm,
+    epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), tl.sum(ss, axis=1), K, eps, dt_ptr, rows, rmask, n, nmask,
+             out_ptr, out_stride, cap, bias, bias_u, wscale, wscale_u, conv_ptr, L, earlier, tap_now, shifted, conv_base, conv_off, cm,
              is_x, NORM, QUANT, HAS_BIAS, EPI, CONVK, CONVR)
 
 
@@ -307,11 +307,14 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     flat = bb == 1 and weight_scale is not None
+    can_words = (flat and k % 4 == 0 and bk >= 64 and weight.stride(1) == 1 and weight.stride(0) % 4 == 0
+                 and weight.storage_offset() % 4 == 0)
     if words is None:
-        words = flat and k % 4 == 0 and bk >= 64
+        words = can_words
     if words:
-        if not (flat and k % 4 == 0 and bk >= 64):
-            raise ValueError("gemv(words=True) needs batch 1, 1-byte weights, K and BK multiples of 4 (BK >= 64)")
+        if not can_words:
+            raise ValueError("gemv(words=True) needs batch 1, 1-byte weights with rows of a multiple of 4 bytes "
+                             "(contiguous, aligned) and a block of BK >= 64")
         args = args[:8] + (weight.view(torch.int32),) + args[9:]
         consts.update(WIDEN=WORDS_PTX if weight.is_cuda else WORDS_BITS,
                       WORDS=WORDS_INT8 if weight.dtype == torch.int8 else WORDS_E4M3, WPK=4)

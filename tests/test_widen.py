@@ -137,3 +137,15 @@ def test_batch1_gemv_reading_weight_words_matches_the_byte_path(fmt, epilogue):
         residuals.append(res)
     assert torch.equal(residuals[0], residuals[1])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_words_are_refused_where_the_weight_cannot_be_read_as_words():
+    """words=True on a weight whose rows are not whole aligned words: a clear error, not a bad view."""
+    from streamgemma.kernels.gemv import gemv
+    from streamgemma.model.quantize import quantize_rows
+
+    q, s = quantize_rows(torch.randn(8, 130), "fp8")  # 130 bytes a row
+    out = torch.empty(1, 8)
+    with pytest.raises(ValueError, match="words"):
+        gemv(torch.randn(1, 130).to(DEV), q.to(DEV), out.to(DEV), weight_scale=s.to(DEV), config=(8, 64, 4),
+             words=True)

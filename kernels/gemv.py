@@ -203,8 +203,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     # the model dtype, in which the unfused path rounds (the weights' own dtype unless QUANT)
     dt_ptr = nscale_ptr if NORM else src_ptr
     epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), tl.sum(ss, axis=1), K, eps, dt_ptr, rows, rmask, n, nmask,
-             out_ptr, out_stride, cap, bias, bias_u, wscale, wscale_u, conv_ptr, L, earlier, tap_now, shifted, conv_base, conv_off, cm,
-             is_x, NORM, QUANT, HAS_BIAS, EPI, CONVK, CONVR)
+             out_ptr, out_stride, cap, bias, bias_u, wscale, wscale_u, conv_ptr, L, earlier, tap_now, shifted,
+             conv_base, conv_off, cm, is_x, NORM, QUANT, HAS_BIAS, EPI, CONVK, CONVR)
 
 
 MAX_BATCH = 16

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from streamgemma.kernels.widen import widen
+from streamgemma.kernels.widen import widen, widen_words
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -80,8 +80,6 @@ def test_qmatmul_output_does_not_depend_on_the_widening():
 
 @triton.jit
 def _widen_words_kernel(w_ptr, out_ptr, N: tl.constexpr, FORMAT: tl.constexpr, HOW: tl.constexpr):
-    from streamgemma.kernels.widen import widen_words
-
     i = tl.arange(0, N)
     w0, w1, w2, w3 = widen_words(tl.load(w_ptr + i), FORMAT, HOW)
     tl.store(out_ptr + 4 * i, w0)

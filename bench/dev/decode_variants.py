@@ -12,8 +12,8 @@ batches up to 16 onto the CUDA-core GEMV, "tc" onto the tensor-core GEMV,
 of every format; "tc+tc1q" joins them), tuned GEMV blocks from a
 bench/dev/tune_gemv.py JSON (--gemv-json: "tuned" its "best" table, the
 fastest fused kernel per shape and batch; "tunedtc" its "best_tensor_core"
-table), "bytes" (batch-1 1-byte weights read as byte tensors, not int32
-words), or "nopdl" (plain launches); "+" joins them, "base" is the
+table), "words" (batch-1 1-byte weights read as int32 words, not byte
+tensors), or "nopdl" (plain launches); "+" joins them, "base" is the
 defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
@@ -66,7 +66,7 @@ FUSED = {"fused16": dict(gemv_max_batch=16), "fused8": dict(gemv_max_batch=8), "
          "tc8": dict(_TC_ALL, gemv_max_batch=8),
          "tc1q": dict(gemv_tensor_cores={"int8": (1,), "fp8": (1,)}),
          "tc1": dict(gemv_tensor_cores={f: (1,) for f in ("float", "int8", "fp8")}),
-         "bytes": dict(one_byte_words=False)}
+         "words": dict(one_byte_words=True)}
 
 
 def random_model(cfg: sg.GriffinConfig, dtype=torch.bfloat16, quantize: str | None = None) -> sg.Model:

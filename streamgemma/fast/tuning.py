@@ -71,8 +71,9 @@ class KernelConfig:
     that kernel: (query, head) pairs and keys per tile, powers of two >= 16.
 
     one_byte_words: the batch-1 GEMV reads int8 / fp8 weights as int32 words
-    of four and widens them a word at a time (`kernels/widen.py`); False: as
-    byte tensors (the earlier path, kept for comparisons).
+    of four and widens them a word at a time (`kernels/widen.py`); False
+    (default until it is measured on a GPU, bench/NOTES.md Q4): as byte
+    tensors.
     """
 
     gemv_max_batch: int = 1
@@ -83,7 +84,7 @@ class KernelConfig:
     pdl: bool | None = None
     prefill_attention: str = "triton"
     prefill_attention_tiles: tuple[int, int, int, int] | None = None
-    one_byte_words: bool = True
+    one_byte_words: bool = False
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:

@@ -315,6 +315,10 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         if not can_words:
             raise ValueError("gemv(words=True) needs batch 1, 1-byte weights with rows of a multiple of 4 bytes "
                              "(contiguous, aligned) and a block of BK >= 64")
+        if config is None and weight.is_cuda:
+            # a tile row as wide as the program's threads (8 weights each): the
+            # input's columns then split across threads as the words do
+            bk = min(max(bk, 256 * warps), max(16, triton.next_power_of_2(k)))
         args = args[:8] + (weight.view(torch.int32),) + args[9:]
         consts.update(WIDEN=WORDS_PTX if weight.is_cuda else WORDS_BITS,
                       WORDS=WORDS_INT8 if weight.dtype == torch.int8 else WORDS_E4M3, WPK=4)

@@ -7,7 +7,9 @@ walks K in BK steps: the weight tile is loaded as stored (1 byte per weight)
 and widened to the activation dtype in registers, exactly (an int8 or e4m3
 value is representable in bfloat16), so the tensor cores multiply in the
 activation dtype with a float32 accumulator; the row scale and the bias are
-applied once, in the epilogue. Nothing is dequantized through device memory.
+applied once, in the epilogue. Nothing is dequantized through device memory
+here; `dequantize` (one pass, bit for bit the reference's rounding) serves
+the long products that qlinear.py runs on cuBLAS instead.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .widen import default_widen, widen
+from .widen import CONVERT, default_widen, widen
 
 
 @triton.jit
@@ -125,3 +127,28 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bk = triton.next_power_of_2(k)
     _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), BK=bk, num_warps=min(16, max(1, bk // 1024)))
     return q, s
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, out_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = (n < N)[:, None] & (k < K)[None, :]
+    off = n[:, None].to(tl.int64) * K + k[None, :]
+    q = tl.load(q_ptr + off, mask=m, other=0.0, eviction_policy="evict_first")
+    scale = tl.load(s_ptr + n, mask=n < N, other=0.0)
+    tl.store(out_ptr + off, (widen(q, CONVERT) * scale[:, None]).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight [N, K] int8 / float8_e4m3fn times its float32 row scales [N],
+    rounded once to `dtype`: bit for bit `model.quantize.dequantize`, in one
+    pass (1 byte read, 2 written a weight for bfloat16)."""
+    n, k = weight.shape
+    assert weight.is_contiguous() and scale.shape == (n,)
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    bn, bk = (32, 256) if weight.is_cuda else (16, 32)
+    _dequantize_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](weight, scale, out, n, k, BN=bn, BK=bk,
+                                                                 num_warps=4)
+    return out
+

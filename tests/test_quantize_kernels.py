@@ -133,10 +133,14 @@ def test_decode_step_of_a_quantized_model_matches_the_reference(fmt, path):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_kernel_prefill_of_a_quantized_model_matches_the_reference(fmt):
+@pytest.mark.parametrize("dequantize_rows", [0, 4])
+def test_kernel_prefill_of_a_quantized_model_matches_the_reference(fmt, dequantize_rows):
+    """On CUDA, dequantize_rows=4 takes the chunks' products through dequantize + cuBLAS (int8, and fp8 where
+    the fp8 tensor cores are not used); elsewhere the products are the reference's."""
     cfg = sg.GriffinConfig.preset("tiny")
     ref = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=False, quantize=fmt)
-    fast = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=True, quantize=fmt)
+    fast = sg.Model.random(cfg, seed=8, device=DEV, dtype="float32", kernels=True, quantize=fmt,
+                           kernel_config=sg.KernelConfig(dequantize_rows=dequantize_rows))
     tokens = random_tokens(21, cfg.vocab_size, seed=9)
     with ref.session() as a, fast.session() as b:
         want = ref.prefill(a.slot, tokens, all_logits=True)
@@ -260,3 +264,31 @@ def test_bfloat16_quantized_decode_on_cuda_matches_the_reference(fmt, batch):
     got = fast.decode([s.slot for s in fs], tokens)
     assert rel_err(got, want) < 0.1
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+# bfloat16 on CUDA only: Triton's interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else []))
+def test_dequantize_kernel_rounds_as_the_reference(fmt, dtype):
+    """One pass of `kernels.qmatmul.dequantize`: bit for bit model.quantize.dequantize (ragged tiles)."""
+    from streamgemma.kernels.qmatmul import dequantize as dequantize_kernel
+
+    g = torch.Generator().manual_seed(21)
+    q, s = quantize_rows(_rnd(g, 37, 70), fmt)
+    assert torch.equal(dequantize_kernel(q, s, dtype), dequantize(q, s, dtype))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_dequantized_linear_in_blocks_matches_the_reference(fmt):
+    """The long products' path: the weight dequantized 16 features at a time (a ragged last block), each
+    block's product by F.linear, bias included."""
+    from streamgemma.fast.qlinear import dequantized_linear
+
+    g = torch.Generator().manual_seed(22)
+    x, w, b = _rnd(g, 9, 64), _rnd(g, 40, 64), _rnd(g, 40)
+    q, s = quantize_rows(w, fmt)
+    want = quantized_linear_ref(x, q, s, b)
+    for block_bytes in (16 * 64 * 4, 1 << 20):  # 16 rows a block (3 blocks), then one block
+        torch.testing.assert_close(dequantized_linear(x, q, s, b, block_bytes=block_bytes), want,
+                                   rtol=1e-5, atol=1e-5)
+

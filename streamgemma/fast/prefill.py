@@ -67,8 +67,8 @@ class KernelPrefill:
                 delta = self._recurrent(block.recurrent_block, entry, state, slot, normed, p0)
             self._ew.add_rmsnorm(x, delta, block.channel_pre_norm.scale, eps, normed)
             hidden = torch.empty(x.shape[0], cfg.mlp_width, dtype=x.dtype, device=x.device)
-            self._ew.geglu(_project(normed, entry, "up"), hidden)
-            delta = _project(hidden, entry, "down")
+            self._ew.geglu(self._project(normed, entry, "up"), hidden)
+            delta = self._project(hidden, entry, "down")
         if logits == "none":
             return None
         rows = slice(None) if logits == "all" else slice(-1, None)
@@ -76,13 +76,21 @@ class KernelPrefill:
         normed = torch.empty_like(x)
         self._ew.add_rmsnorm(x, delta, net.final_norm.scale, eps, normed)
         out = torch.empty(x.shape[0], cfg.vocab_size, dtype=torch.float32, device=x.device)
-        return self._ew.softcap(linear(normed, self.embedding, self.embedding_scale), cfg.logits_soft_cap, out)
+        return self._ew.softcap(self._linear(normed, self.embedding, self.embedding_scale), cfg.logits_soft_cap,
+                                out)
+
+    def _linear(self, x, weight, scale, bias=None):
+        return linear(x, weight, scale, bias, dequantize_rows=self.kernel_config.dequantize_rows)
+
+    def _project(self, x: torch.Tensor, entry: dict, name: str) -> torch.Tensor:
+        """The layer's projection `name` ("out", "up", "down": FusedWeights' w_/s_/b_ entries) of x."""
+        return self._linear(x, entry["w_" + name], entry["s_" + name], entry["b_" + name])
 
     def _recurrent(self, rec, entry, state, slot: int, normed: torch.Tensor, p0: int) -> torch.Tensor:
         cfg = self.config
         steps, l = normed.shape[0], cfg.lru_width
         conv, h = state
-        xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"])  # [T, 2L]: x | y
+        xy = self._linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"])  # [T, 2L]: x | y
         xc = torch.empty(steps, l, dtype=normed.dtype, device=normed.device)
         self._rec.conv1d_chunk(xy, conv, slot, p0, rec.conv_1d.w, rec.conv_1d.b, xc)
         # the new buffer is the last K-1 inputs of (buffer, chunk); after the conv has read it
@@ -99,14 +107,14 @@ class KernelPrefill:
         lru = rec.rg_lru
         self._rec.rglru_chunk(gates, lru.input_gate.b, lru.a_gate.b, xc, xy[:, l:], h, slot, p0,
                               entry["neg8_softplus_a"], gated, launch=self.rglru_launch)
-        return _project(gated, entry, "out")
+        return self._project(gated, entry, "out")
 
     def _attention(self, att, entry, state, slot: int, normed: torch.Tensor, p0: int) -> torch.Tensor:
         cfg = self.config
         steps, d, hd, w = normed.shape[0], cfg.width, cfg.head_dim, cfg.attention_window
         dev = normed.device
         ring_k, ring_v = state[0][slot], state[1][slot]
-        qkv = linear(normed, entry["w_qkv"], entry["s_qkv"])
+        qkv = self._linear(normed, entry["w_qkv"], entry["s_qkv"])
         self._rope.rope_chunk(qkv, cfg.num_heads, hd, p0, self.inv_freq)
         q, k, v = qkv[:, :d].view(steps, cfg.num_heads, hd), qkv[:, d:d + hd], qkv[:, d + hd:]
         if self.kernel_config.prefill_attention == "sdpa":
@@ -118,7 +126,7 @@ class KernelPrefill:
         where = torch.arange(p0 + steps - n, p0 + steps, device=dev) % w
         ring_k.index_copy_(0, where, k[-n:])
         ring_v.index_copy_(0, where, v[-n:])
-        return _project(mixed, entry, "out")
+        return self._project(mixed, entry, "out")
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor,
@@ -146,8 +154,3 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: to
             q.transpose(0, 1)[None], keys[None, None].expand(1, heads, -1, -1),
             values[None, None].expand(1, heads, -1, -1), attn_mask=mask[None, None], scale=hd ** -0.5)
     return mixed[0].transpose(0, 1).reshape(steps, heads * hd)
-
-
-def _project(x: torch.Tensor, entry: dict, name: str) -> torch.Tensor:
-    """The layer's projection `name` ("out", "up", "down": FusedWeights' w_/s_/b_ entries) of x."""
-    return linear(x, entry["w_" + name], entry["s_" + name], entry["b_" + name])

@@ -8,7 +8,11 @@
   `kernels/qmatmul.fp8_rows`), the weight keeps its per-channel scale, so the
   product (bias included) runs on the fp8 tensor cores, bfloat16 out;
 - int8 (and fp8 elsewhere on CUDA): `kernels/qmatmul.py`, which widens the
-  weight tiles in registers;
+  weight tiles in registers; from `dequantize_rows` rows up (prefill
+  chunks) the weight is dequantized to the activation dtype a block of
+  output features at a time (`kernels/qmatmul.dequantize`, one pass) and
+  multiplied by cuBLAS: the reference's own computation, and faster than
+  the untuned Triton GEMM where the product is long (bench/NOTES.md Q5);
 - the CPU: the reference (`quantized_linear_ref`: dequantize, then F.linear).
 
 fp8 activations are the one place the quantized paths round the activations
@@ -25,12 +29,20 @@ from ..model.quantize import quantized_linear_ref
 _E4M3_MAX = 448.0
 
 
+# the dequantized block of a long product: at most this many bytes of weight in the activation dtype
+_DEQUANTIZED_BYTES = 64 << 20
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-           bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+           dequantize_rows: int = 0) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias): `scale` None for a plain weight, the
     float32 [N] row scales of an int8 / float8_e4m3fn weight otherwise. x_fp8:
     x's e4m3 rows and scales when already made (`fp8_rows` of x, e.g. by the
-    norm that wrote x); used only where the fp8 tensor-core product runs."""
+    norm that wrote x); used only where the fp8 tensor-core product runs.
+    dequantize_rows: from this many rows of x up, a weight not on the fp8
+    tensor cores is dequantized in blocks and multiplied by cuBLAS
+    (`dequantized_linear`); 0: never."""
     if scale is None:
         return F.linear(x, weight, bias)
     if not x.is_cuda:
@@ -38,9 +50,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     x = x if x.stride(-1) == 1 else x.contiguous()
     if fp8_tensor_cores(x, weight):
         return fp8_linear(x, weight, scale, bias, x_fp8)
+    if dequantize_rows and x.shape[0] >= dequantize_rows:
+        return dequantized_linear(x, weight, scale, bias)
     from streamgemma.kernels.qmatmul import qmatmul
 
     return qmatmul(x, weight, scale, bias)
+
+
+def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                       block_bytes: int = _DEQUANTIZED_BYTES) -> torch.Tensor:
+    """`quantized_linear_ref`'s computation with its weight dequantized one
+    block of output features at a time (at most `block_bytes` of it in x's
+    dtype), each block's product by F.linear."""
+    from streamgemma.kernels.qmatmul import dequantize
+
+    n, k = weight.shape
+    rows = max(16, block_bytes // (k * x.element_size()))
+    if rows >= n:
+        return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        out[:, n0:n1] = F.linear(x, dequantize(weight[n0:n1], scale[n0:n1], x.dtype),
+                                 None if bias is None else bias[n0:n1])
+    return out
 
 
 def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:

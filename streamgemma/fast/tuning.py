@@ -85,6 +85,7 @@ class KernelConfig:
     prefill_attention: str = "triton"
     prefill_attention_tiles: tuple[int, int, int, int] | None = None
     one_byte_words: bool = False
+    dequantize_rows: int = 512
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -107,6 +108,8 @@ class KernelConfig:
             if len(launch) != 2 or not all(_power_of_two(v) for v in launch):
                 raise ValueError(f"rglru_launch must be (channels, num_warps), powers of two; "
                                  f"got {self.rglru_launch!r}")
+        if not isinstance(self.dequantize_rows, int) or self.dequantize_rows < 0:
+            raise ValueError(f"dequantize_rows must be an int >= 0, got {self.dequantize_rows!r}")
         if self.one_byte_words not in (True, False):
             raise ValueError(f"one_byte_words must be True or False, got {self.one_byte_words!r}")
         if self.pdl not in (None, True, False):

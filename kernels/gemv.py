@@ -240,7 +240,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
          src_scale: torch.Tensor | None = None, epilogue: str = "plain", conv: tuple | None = None,
          cap: float = 0.0, config: tuple | None = None, pdl: bool = False,
          widening: int | None = None, tensor_cores: bool = False, workspace: tuple | None = None,
-         words: bool | None = None) -> torch.Tensor:
+         words: bool | None = False) -> torch.Tensor:
     """out[b] = f(input[b] @ weight.T) for a small batch (B <= MAX_BATCH rows).
 
     src: [B, K] input rows (model dtype), or with `tokens` ([B] int64) the
@@ -268,8 +268,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     become float32 (`widen.py`'s variants, same values; default
     `default_widen`; the tensor-core variant casts them to the model dtype);
     words: at batch 1, read 1-byte weights as int32 words of four and widen
-    them with `widen_words` (default: where K and the block allow; False:
-    byte tensors and `widening`)."""
+    them with `widen_words` (True; None: where the weight and block allow;
+    False, the default: byte tensors and `widening`)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
     assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn))

@@ -65,20 +65,6 @@ sub.f32 $3, $3, 0f4B000080;
 """)
 
 
-_PRMT_WORD_ASM = tl.constexpr("""
-{
-.reg .b32 t;
-xor.b32 t, $4, 0x80808080;
-prmt.b32 $0, t, 0x4B000000, 0x7440;
-prmt.b32 $1, t, 0x4B000000, 0x7441;
-prmt.b32 $2, t, 0x4B000000, 0x7442;
-prmt.b32 $3, t, 0x4B000000, 0x7443;
-sub.f32 $0, $0, 0f4B000080;
-sub.f32 $1, $1, 0f4B000080;
-sub.f32 $2, $2, 0f4B000080;
-sub.f32 $3, $3, 0f4B000080;
-}
-""")
 _E4M3_WORD_ASM = tl.constexpr("""
 {
 .reg .b16 lo, hi, h0, h1, h2, h3;
@@ -115,7 +101,8 @@ def widen_words(w, FORMAT: tl.constexpr, HOW: tl.constexpr):
     4i..4i+3 of a little-endian row), exactly."""
     if HOW == WORDS_PTX:
         if FORMAT == WORDS_INT8:
-            out = tl.inline_asm_elementwise(_PRMT_WORD_ASM, "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4,
+            # the PRMT variant's PTX: it takes four packed bytes, as a word holds them
+            out = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4,
                                             is_pure=True, pack=1)
         else:
             out = tl.inline_asm_elementwise(_E4M3_WORD_ASM, "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4,

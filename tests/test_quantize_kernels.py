@@ -105,14 +105,16 @@ def test_qmatmul_with_the_weight_first_matches_the_reference(fmt):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("path", ["gemv", "matmul"])
+@pytest.mark.parametrize("path", ["gemv", "gemv-words", "matmul"])
 def test_decode_step_of_a_quantized_model_matches_the_reference(fmt, path):
+    """3 rows; "gemv-words": 1 row (the words are a batch-1 path) read as int32 words."""
     cfg = sg.GriffinConfig.preset("tiny")
     ref = sg.Model.random(cfg, seed=3, device=DEV, dtype="float32", kernels=False, quantize=fmt)
     fast = sg.Model.random(cfg, seed=3, device=DEV, dtype="float32", kernels=True, quantize=fmt)
-    rows = [ref.pool.allocate() for _ in range(3)]
-    assert rows == [fast.pool.allocate() for _ in range(3)]
-    tokens, positions = random_tokens(3, cfg.vocab_size, seed=4), [0, 3, 2 * cfg.attention_window + 1]
+    n = 1 if path == "gemv-words" else 3
+    rows = [ref.pool.allocate() for _ in range(n)]
+    assert rows == [fast.pool.allocate() for _ in range(n)]
+    tokens, positions = random_tokens(n, cfg.vocab_size, seed=4), [2 * cfg.attention_window + 1, 0, 3][:n]
     for m in (ref, fast):  # the same random state in both pools
         g = torch.Generator().manual_seed(5)
         for layer in m.pool.layers:
@@ -123,8 +125,9 @@ def test_decode_step_of_a_quantized_model_matches_the_reference(fmt, path):
     want, states = ref.network.forward_decode(torch.tensor(tokens, device=DEV), torch.tensor(positions, device=DEV),
                                               states)
     ref.pool.scatter(slots_t, states)
-    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
-    decoder.gemv_max_batch = 8 if path == "gemv" else 0
+    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network),
+                            sg.KernelConfig(one_byte_words=path == "gemv-words"))
+    decoder.gemv_max_batch = 0 if path == "matmul" else 8
     got = decoder.step(torch.tensor(tokens, device=DEV), slots_t, torch.tensor(positions, device=DEV))
     assert rel_err(got, want) < 1e-4
     for rl, fl in zip(ref.pool.layers, fast.pool.layers):

@@ -307,14 +307,14 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     flat = bb == 1 and weight_scale is not None
-    can_words = (flat and k % 4 == 0 and bk >= 64 and weight.stride(1) == 1 and weight.stride(0) % 4 == 0
-                 and weight.storage_offset() % 4 == 0)
-    if words is None:
-        words = can_words
-    if words:
-        if not can_words:
+    if words is not False:  # True, or None: where the weight and block allow
+        can_words = (flat and k % 4 == 0 and bk >= 64 and weight.stride(1) == 1 and weight.stride(0) % 4 == 0
+                     and weight.storage_offset() % 4 == 0)
+        if words and not can_words:
             raise ValueError("gemv(words=True) needs batch 1, 1-byte weights with rows of a multiple of 4 bytes "
                              "(contiguous, aligned) and a block of BK >= 64")
+        words = can_words
+    if words:
         if config is None and weight.is_cuda:
             # a tile row as wide as the program's threads (8 weights each): the
             # input's columns then split across threads as the words do

@@ -151,4 +151,3 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     _dequantize_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](weight, scale, out, n, k, BN=bn, BK=bk,
                                                                  num_warps=4)
     return out
-

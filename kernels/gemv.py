@@ -66,7 +66,7 @@ from .gemv_parts import (
     weight_tile,
 )
 from .pdl import launch_kwargs
-from .widen import WORDS_BITS, WORDS_E4M3, WORDS_INT8, WORDS_PTX, default_widen, widen, widen_words
+from .widen import WORDS_BITS, WORDS_E4M3, WORDS_INT4, WORDS_INT8, WORDS_PTX, default_widen, widen, widen_words
 
 
 @triton.jit
@@ -118,6 +118,38 @@ def _columns_of_words(x):
 
 
 @triton.jit
+def _columns_of_int4_words(x):
+    """x [BK] as eight [BK / 8]: columns 8i + j for j = 0..7 (what nibble j of word i multiplies)."""
+    c0, c1 = tl.split(tl.reshape(x, (x.shape[0] // 8, 2, 2, 2)))  # 8i + 4a + 2b + c, split on c
+    b00, b01 = tl.split(c0)
+    b10, b11 = tl.split(c1)
+    x0, x4 = tl.split(b00)
+    x2, x6 = tl.split(b01)
+    x1, x5 = tl.split(b10)
+    x3, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _dot_int4_words(acc, w, x8, gs, HOW: tl.constexpr):
+    """acc [BN, BK / 8] plus the products of the int4 words w [BN, BK / 8] with
+    their input columns x8 (`_columns_of_int4_words`), each word's sum times
+    its group's scale gs [BN, BK / 8]."""
+    q = widen_words(w, WORDS_INT4, HOW)
+    t = q[0] * x8[0][None, :]
+    for j in tl.static_range(1, 8):
+        t += q[j] * x8[j][None, :]
+    return acc + t * gs
+
+
+@triton.jit
+def _group_scales(gs_rows, kw, nmask, KW, GROUP: tl.constexpr):
+    """The scales [BN, BK / 8] of the int4 words kw of rows gs_rows (their group's)."""
+    return tl.load(gs_rows[:, None] + (kw * 8 // GROUP)[None, :], mask=nmask[:, None] & (kw < KW)[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
 def _dot_words(acc, w, x4, FORMAT: tl.constexpr, HOW: tl.constexpr):
     """acc [BN, BK / 4] plus the products of the words w [BN, BK / 4] (four
     weights each) with their input columns x4 (`_columns_of_words`)."""
@@ -134,9 +166,11 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                  SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
                  WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
                  CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr,
-                 FLAT: tl.constexpr, WORDS: tl.constexpr, WPK: tl.constexpr):
-    # WORDS (batch 1, 1-byte weights): w_ptr is the weight as int32 words of
-    # WPK = 4 weights, [N, K / 4], widened by widen_words (WIDEN: how).
+                 FLAT: tl.constexpr, WORDS: tl.constexpr, WPK: tl.constexpr, GROUP: tl.constexpr):
+    # WORDS (batch 1, 1-byte or int4 weights): w_ptr is the weight as int32
+    # words of WPK = 4 (8 for int4) weights, [N, K / WPK], widened by
+    # widen_words (WIDEN: how). int4 (GROUP > 0): wscale_ptr holds a scale
+    # per GROUP columns of a row ([N, K / GROUP]), applied in the loop.
     pid = tl.program_id(0)
     rows, rmask, n, nmask, kk, w_rows, u_rows = tile_indices(pid, B, N, K // WPK, w_ptr, BB, BN, BK // WPK)
 
@@ -156,6 +190,13 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     u_next = w_next
     if EPI == GEGLU:
         u_next = weight_tile(u_rows, kk, nmask, K // WPK)
+    g_next = 1.0
+    g_u_next = 1.0
+    if GROUP:
+        gs_rows = wscale_ptr + n.to(tl.int64) * (K // GROUP)
+        g_next = _group_scales(gs_rows, kk, nmask, K // WPK, GROUP)
+        if EPI == GEGLU:
+            g_u_next = _group_scales(gs_rows + N * (K // GROUP), kk, nmask, K // WPK, GROUP)
     (bias, bias_u, wscale, wscale_u, earlier, tap_now, shifted, conv_base, conv_off, cm,
      is_x) = fetch_and_wait(bias_ptr, wscale_ptr, conv_ptr, slots_ptr, pos_ptr, cw_ptr, cb_ptr, rows, rmask, n, nmask,
                             N, L, SRC, HAS_BIAS, QUANT, EPI, CONVK, CONVR, PDL)
@@ -179,13 +220,23 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
         if EPI == GEGLU:
             u = u_next
             u_next = weight_tile(u_rows, (k0 + BK) // WPK + kk, nmask, K // WPK)
+        g, g_u = g_next, g_u_next
+        if GROUP:
+            g_next = _group_scales(gs_rows, (k0 + BK) // WPK + kk, nmask, K // WPK, GROUP)
+            if EPI == GEGLU:
+                g_u_next = _group_scales(gs_rows + N * (K // GROUP), (k0 + BK) // WPK + kk, nmask, K // WPK, GROUP)
         k = k0 + kx
         v = x_next
         scale = s_next
         x_next, s_next = input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                     k + BK, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
         xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES)
-        if WORDS:
+        if GROUP:
+            x8 = _columns_of_int4_words(tl.sum(xin, axis=0))
+            acc = _dot_int4_words(acc, w, x8, g, WIDEN)
+            if EPI == GEGLU:
+                acc_u = _dot_int4_words(acc_u, u, x8, g_u, WIDEN)
+        elif WORDS:
             x4 = _columns_of_words(tl.sum(xin, axis=0))
             acc = _dot_words(acc, w, x4, WORDS, WIDEN)
             if EPI == GEGLU:
@@ -269,12 +320,21 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     `default_widen`; the tensor-core variant casts them to the model dtype);
     words: at batch 1, read 1-byte weights as int32 words of four and widen
     them with `widen_words` (True; None: where the weight and block allow;
-    False, the default: byte tensors and `widening`)."""
+    False, the default: byte tensors and `widening`). int4 weights (uint8
+    [N, K / 2], two a byte, weight_scale [N, K / G] per group of G columns)
+    run at batch 1 only and are always read as words (of eight)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
-    assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn))
+    assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn, torch.uint8))
     assert src_scale is None or (tokens is not None and norm_scale is not None)
     n_rows, k = weight.shape
+    int4 = weight.dtype == torch.uint8
+    if int4:  # two weights a byte, a scale per group: only the batch-1 word path reads them
+        k *= 2
+        if batch > 1 or tensor_cores or (config is not None and len(config) != 3):
+            raise ValueError("int4 weights run the batch-1 GEMV reading words (not the tensor-core variant, "
+                             "not a batch above 1)")
+        words = True
     epi = EPILOGUES[epilogue]
     n_out = n_rows // 2 if epilogue == "geglu" else n_rows
     if config is not None:
@@ -286,6 +346,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         conv_state = slots = pos = conv_w = conv_b = weight
         convk, lw = 2, 1
     dummy = weight
+    # an int4 embedding table (SRC_SCALED > 1): the columns a scale covers
+    src_scaled = 0 if src_scale is None else k // src_scale.shape[1] if src.dtype == torch.uint8 else 1
     args = (src, tokens if tokens is not None else dummy, float(emb_scale or 1.0),
             src_scale if src_scale is not None else dummy,
             delta if delta is not None else dummy, residual_out if residual_out is not None else dummy,
@@ -294,8 +356,9 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
             bias if bias is not None else dummy, out, out.stride(0),
             conv_state, slots, pos, conv_w, conv_b, lw,
             float(cap or 0.0), batch, n_out, k)
-    consts = dict(SRC=1 if tokens is not None else 0, SRC_SCALED=src_scale is not None, HAS_DELTA=delta is not None,
-                  NORM=norm_scale is not None, WRITE_RES=residual_out is not None, QUANT=weight_scale is not None,
+    consts = dict(SRC=1 if tokens is not None else 0, SRC_SCALED=src_scaled, HAS_DELTA=delta is not None,
+                  NORM=norm_scale is not None, WRITE_RES=residual_out is not None,
+                  QUANT=weight_scale is not None and not int4,
                   HAS_BIAS=bias is not None, EPI=epi, CONVK=convk, CONVR=triton.next_power_of_2(max(convk - 1, 1)),
                   PDL=pdl, WIDEN=default_widen(weight) if widening is None else widening)
     if tensor_cores:
@@ -307,23 +370,25 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     flat = bb == 1 and weight_scale is not None
+    wpk = 8 if int4 else 4  # weights a word
     if words is not False:  # True, or None: where the weight and block allow
-        can_words = (flat and k % 4 == 0 and bk >= 64 and weight.stride(1) == 1 and weight.stride(0) % 4 == 0
-                     and weight.storage_offset() % 4 == 0)
+        can_words = (flat and k % (2 * wpk) == 0 and bk >= 8 * wpk and weight.stride(1) == 1
+                     and weight.stride(0) % 4 == 0 and weight.storage_offset() % 4 == 0)
         if words and not can_words:
-            raise ValueError("gemv(words=True) needs batch 1, 1-byte weights with rows of a multiple of 4 bytes "
-                             "(contiguous, aligned) and a block of BK >= 64")
+            raise ValueError("gemv(words=True) needs batch 1, 1-byte (or int4) weights with rows of a multiple "
+                             "of 4 bytes (contiguous, aligned) and a block of BK >= 64")
         words = can_words
     if words:
         if config is None and weight.is_cuda:
-            # a tile row as wide as the program's threads (8 weights each): the
+            # a tile row as wide as the program's threads (two words each): the
             # input's columns then split across threads as the words do
-            bk = min(max(bk, 256 * warps), max(16, triton.next_power_of_2(k)))
+            bk = min(max(bk, 64 * wpk * warps), max(16, triton.next_power_of_2(k)))
         args = args[:8] + (weight.view(torch.int32),) + args[9:]
-        consts.update(WIDEN=WORDS_PTX if weight.is_cuda else WORDS_BITS,
-                      WORDS=WORDS_INT8 if weight.dtype == torch.int8 else WORDS_E4M3, WPK=4)
+        fmt = WORDS_INT4 if int4 else WORDS_INT8 if weight.dtype == torch.int8 else WORDS_E4M3
+        consts.update(WIDEN=WORDS_PTX if weight.is_cuda else WORDS_BITS, WORDS=fmt, WPK=wpk,
+                      GROUP=k // weight_scale.shape[-1] if int4 else 0)
     else:
-        consts.update(WORDS=0, WPK=1)
+        consts.update(WORDS=0, WPK=1, GROUP=0)
     _gemv_kernel[(triton.cdiv(n_out, bn),)](*args, 1, BB=bb, BN=bn, BK=bk, FLAT=flat, num_warps=warps, **consts,
                                             **launch_kwargs(pdl))
     return out

@@ -46,15 +46,24 @@ def input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, r
     the model dtype (what add_rmsnorm stores) and the norm scale [BK]; without,
     the input rows [BB, BK] as stored (and a placeholder scale). SRC_SCALED: the
     embedding table is quantized, its rows times tscale[token] (then rounded to
-    the model dtype, as the reference's dequantize does)."""
+    the model dtype, as the reference's dequantize does); above 1, the table
+    is int4 ([V, K / 2] bytes, two nibbles each, low first) with a scale per
+    SRC_SCALED columns (tscale [V, K / SRC_SCALED])."""
     kmask = k < K
     m = rmask[:, None] & kmask[None, :]
     if NORM:
         if SRC == SRC_TOKENS:
             act = nscale_ptr.dtype.element_ty  # the model dtype (the table may be quantized)
             tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
-            v = tl.load(src_ptr + tok[:, None].to(tl.int64) * K + k[None, :], mask=m, other=0.0)
-            if SRC_SCALED:
+            if SRC_SCALED > 1:  # int4: nibble k % 2 of byte k // 2, times its group's scale
+                b = tl.load(src_ptr + tok[:, None].to(tl.int64) * (K // 2) + (k // 2)[None, :], mask=m, other=8)
+                q = ((b.to(tl.int32) >> (4 * (k % 2))[None, :]) & 0xF) - 8
+                ts = tl.load(tscale_ptr + tok[:, None].to(tl.int64) * (K // SRC_SCALED) + (k // SRC_SCALED)[None, :],
+                             mask=m, other=0.0)
+                v = (q.to(tl.float32) * ts).to(act)
+            else:
+                v = tl.load(src_ptr + tok[:, None].to(tl.int64) * K + k[None, :], mask=m, other=0.0)
+            if SRC_SCALED == 1:
                 ts = tl.load(tscale_ptr + tok, mask=rmask, other=0.0)
                 v = (v.to(tl.float32) * ts[:, None]).to(act)
             v = (v.to(tl.float32) * emb_scale).to(act)

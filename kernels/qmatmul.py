@@ -140,10 +140,34 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, N, K, BN: tl.constexpr, BK: tl.con
     tl.store(out_ptr + off, (widen(q, CONVERT) * scale[:, None]).to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _dequantize_int4_kernel(q_ptr, s_ptr, out_ptr, N, K, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    kb = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)  # the tile's bytes
+    m = (n < N)[:, None] & (kb < K // 2)[None, :]
+    b = tl.load(q_ptr + n[:, None].to(tl.int64) * (K // 2) + kb[None, :], mask=m, other=8).to(tl.int32)
+    q = tl.reshape(tl.join((b & 0xF) - 8, (b >> 4) - 8), (BN, BK))  # columns 2j, 2j + 1: low nibble first
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    km = (n < N)[:, None] & (k < K)[None, :]
+    scale = tl.load(s_ptr + n[:, None].to(tl.int64) * (K // GROUP) + (k // GROUP)[None, :], mask=km, other=0.0)
+    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], (q.to(tl.float32) * scale).to(out_ptr.dtype.element_ty),
+             mask=km)
+
+
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weight [N, K] int8 / float8_e4m3fn times its float32 row scales [N],
+    """weight [N, K] int8 / float8_e4m3fn times its float32 row scales [N]
+    (int4: uint8 [N, K / 2] times the scales of its groups, [N, K / G]),
     rounded once to `dtype`: bit for bit `model.quantize.dequantize`, in one
     pass (1 byte read, 2 written a weight for bfloat16)."""
+    if weight.dtype == torch.uint8:
+        n, k = weight.shape[0], 2 * weight.shape[1]
+        assert weight.is_contiguous() and scale.is_contiguous() and scale.shape[0] == n and k % scale.shape[1] == 0
+        out = torch.empty(n, k, dtype=dtype, device=weight.device)
+        bn, bk = (32, 256) if weight.is_cuda else (16, 32)
+        _dequantize_int4_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](weight, scale, out, n, k,
+                                                                          GROUP=k // scale.shape[1], BN=bn, BK=bk,
+                                                                          num_warps=4)
+        return out
     n, k = weight.shape
     assert weight.is_contiguous() and scale.shape == (n,)
     out = torch.empty(n, k, dtype=dtype, device=weight.device)

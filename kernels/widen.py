@@ -40,9 +40,10 @@ PRMT = tl.constexpr(2)
 VIA_F16 = tl.constexpr(1)
 WORDS_BITS = tl.constexpr(0)
 WORDS_PTX = tl.constexpr(1)
-# the format of the bytes in a word
+# the format of the weights in a word
 WORDS_INT8 = tl.constexpr(1)
 WORDS_E4M3 = tl.constexpr(2)
+WORDS_INT4 = tl.constexpr(3)  # eight nibbles, each q + 8 (model/quantize.py)
 
 # name -> constexpr value, per weight dtype (the tools choose by name)
 INT8_VARIANTS = {"convert": 0, "magic": 1, "prmt": 2}
@@ -82,6 +83,47 @@ cvt.f32.f16 $3, h3;
 """)
 
 
+# int4: nibbles n and n + 4 of the word into the halves of an f16x2 1024 + nibble
+# (0x6400 is 1024.0, whose unit in the last place is 1), minus 1032 (0x6408):
+# q exactly, then to float32. Low halves hold nibbles 0-3, high halves 4-7.
+_INT4_WORD_ASM = tl.constexpr("""
+{
+.reg .b32 t, a, b, c, d, bias;
+.reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
+mov.b32 bias, 0x64086408;
+lop3.b32 a, $8, 0x000F000F, 0x64006400, 0xEA;
+shr.b32 t, $8, 4;
+lop3.b32 b, t, 0x000F000F, 0x64006400, 0xEA;
+shr.b32 t, $8, 8;
+lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
+shr.b32 t, $8, 12;
+lop3.b32 d, t, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 a, a, bias;
+sub.f16x2 b, b, bias;
+sub.f16x2 c, c, bias;
+sub.f16x2 d, d, bias;
+mov.b32 {h0, h4}, a;
+mov.b32 {h1, h5}, b;
+mov.b32 {h2, h6}, c;
+mov.b32 {h3, h7}, d;
+cvt.f32.f16 $0, h0;
+cvt.f32.f16 $1, h1;
+cvt.f32.f16 $2, h2;
+cvt.f32.f16 $3, h3;
+cvt.f32.f16 $4, h4;
+cvt.f32.f16 $5, h5;
+cvt.f32.f16 $6, h6;
+cvt.f32.f16 $7, h7;
+}
+""")
+
+
+@triton.jit
+def _nibble_as_float(w, j: tl.constexpr):
+    # 2^23 + nibble as float32 bits, minus 2^23 + 8: q exactly
+    return (((w >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
 @triton.jit
 def _byte_as_float(w, j: tl.constexpr, FORMAT: tl.constexpr):
     b = (w >> (8 * j)) & 0xFF
@@ -98,8 +140,16 @@ def _byte_as_float(w, j: tl.constexpr, FORMAT: tl.constexpr):
 def widen_words(w, FORMAT: tl.constexpr, HOW: tl.constexpr):
     """int32 words w, each four 1-byte weights of FORMAT (WORDS_INT8 or
     WORDS_E4M3), as four float32 tensors of w's shape: bytes 0..3 (columns
-    4i..4i+3 of a little-endian row), exactly."""
-    if HOW == WORDS_PTX:
+    4i..4i+3 of a little-endian row), exactly. WORDS_INT4: eight tensors,
+    nibbles 0..7 (columns 8i..8i+7), each the stored nibble minus 8."""
+    if FORMAT == WORDS_INT4:
+        if HOW == WORDS_PTX:
+            out = tl.inline_asm_elementwise(_INT4_WORD_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
+                                            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            out = (_nibble_as_float(w, 0), _nibble_as_float(w, 1), _nibble_as_float(w, 2), _nibble_as_float(w, 3),
+                   _nibble_as_float(w, 4), _nibble_as_float(w, 5), _nibble_as_float(w, 6), _nibble_as_float(w, 7))
+    elif HOW == WORDS_PTX:
         if FORMAT == WORDS_INT8:
             # the PRMT variant's PTX: it takes four packed bytes, as a word holds them
             out = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4,

@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu); with --quantize, "
                             "the activations' dtype")
-        g.add_argument("--quantize", choices=("int8", "fp8"),
-                       help="weight-only quantization at load time, per-channel scales "
+        g.add_argument("--quantize", choices=("int8", "fp8", "int4"),
+                       help="weight-only quantization at load time: int8 / fp8 with per-channel scales, "
+                            "int4 with a scale per 128 weights of a row "
                             "(docs/quantization.md); a directory saved quantized loads as saved")
         _threads_arg(g)
 
@@ -170,7 +171,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
         ("vocabulary", f"{cfg.vocab_size:,}"),
         ("parameters", f"{model.num_parameters():,}"),
         ("dtype", str(model.dtype).removeprefix("torch.")),
-        ("weights", f"{model.quantization}, per-channel scales" if model.quantization else "unquantized"),
+        ("weights", _weights_line(model.quantization)),
         ("device", str(model.device)),
         ("state per session", f"{model.pool.slot_bytes() / 2**20:.2f} MiB"),
         ("tokenizer", f"{tok.vocab_size:,} pieces (bos {tok.bos_id}, eos {tok.eos_id}, chat turns "
@@ -179,6 +180,12 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         out.write(f"{key + ':':<{width + 1}} {value}\n")
+
+
+def _weights_line(quantization: str | None) -> str:
+    if quantization is None:
+        return "unquantized"
+    return f"{quantization}, {'group-wise' if quantization == 'int4' else 'per-channel'} scales"
 
 
 def _generate(args: argparse.Namespace, out: TextIO) -> None:

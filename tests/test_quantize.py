@@ -102,8 +102,8 @@ def test_quantized_logits_stay_close_to_the_unquantized_model(quantized, tiny):
 
 
 def test_bad_quantize_arguments_are_refused(tmp_path, tiny):
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        sg.Model.random(tiny.config, quantize="int4", device="cpu")
+    with pytest.raises(ValueError, match="unknown quantization 'int2'"):
+        sg.Model.random(tiny.config, quantize="int2", device="cpu")
     tiny.save(tmp_path)
     with pytest.raises(ValueError, match="unknown quantization"):
         sg.load(tmp_path, device="cpu", quantize="nf4")
@@ -207,9 +207,12 @@ def test_cli_quantize_flag(capsys):
     assert cli_main(["generate", "--quantize", "int8", "--device", "cpu", "--max-tokens", "5",
                      "--temperature", "0", "The function returns"]) == 0
     assert capsys.readouterr().out.strip()
+    assert cli_main(["info", "--quantize", "int4", "--device", "cpu"]) == 0
+    fields = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    assert fields["weights"].strip() == "int4, group-wise scales"
     with pytest.raises(SystemExit):
-        cli_main(["generate", "--quantize", "int4", "hello"])
-    assert "invalid choice: 'int4'" in capsys.readouterr().err
+        cli_main(["generate", "--quantize", "int2", "hello"])
+    assert "invalid choice: 'int2'" in capsys.readouterr().err
 
 
 def test_bench_quantize_flag_and_command(tmp_path):

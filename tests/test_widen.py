@@ -147,3 +147,30 @@ def test_words_are_refused_where_the_weight_cannot_be_read_as_words():
     with pytest.raises(ValueError, match="words"):
         gemv(torch.randn(1, 130).to(DEV), q.to(DEV), out.to(DEV), weight_scale=s.to(DEV), config=(8, 64, 4),
              words=True)
+
+
+@triton.jit
+def _widen_int4_kernel(w_ptr, out_ptr, N: tl.constexpr, HOW: tl.constexpr):
+    from streamgemma.kernels.widen import WORDS_INT4
+
+    i = tl.arange(0, N)
+    cols = widen_words(tl.load(w_ptr + i), WORDS_INT4, HOW)
+    for j in tl.static_range(8):
+        tl.store(out_ptr + 8 * i + j, cols[j])
+
+
+def test_int4_words_widen_every_nibble_exactly_in_column_order():
+    """Eight nibbles to an int32 word, low nibble of byte j first: column 8i + 2j and 8i + 2j + 1, each the
+    stored nibble minus 8 (every nibble value in every position; the PTX on CUDA too)."""
+    from streamgemma.kernels.widen import WORDS_BITS, WORDS_PTX
+    from streamgemma.model.quantize import unpack_int4
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.cat([torch.arange(256, dtype=torch.int32).to(torch.uint8),
+                   torch.randint(0, 256, (256,), generator=g).to(torch.uint8)]).to(DEV)  # 128 words
+    want = unpack_int4(q).float()
+    assert want.min() == -8 and want.max() == 7
+    for how in [WORDS_BITS] + ([WORDS_PTX] if DEV == "cuda" else []):
+        out = torch.full(want.shape, float("nan"), device=DEV)
+        _widen_int4_kernel[(1,)](q.view(torch.int32), out, N=q.numel() // 4, HOW=how, num_warps=1)
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32)), how

@@ -34,7 +34,9 @@ VARIANTS = [("bf16", "bf16", 0), ("int8 convert", "i8", 0), ("int8 magic", "i8",
             ("fp8 convert", "fp8e4nv", 0), ("fp8 via_f16", "fp8e4nv", 1),
             # int32 words of four weights (gemv's `words`, batch 1): widen_words' PTX (1) or bit operations (0)
             ("int8 words", "i8w", 1), ("int8 words bits", "i8w", 0), ("fp8 words", "fp8w", 1),
-            ("fp8 words bits", "fp8w", 0)]
+            ("fp8 words bits", "fp8w", 0),
+            # int4: words of eight nibbles, a float32 scale per 128 columns of a row, batch 1
+            ("int4 words", "i4w", 1), ("int4 words bits", "i4w", 0)]
 
 
 def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: bool = False,
@@ -58,7 +60,7 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
            "B": "i32", "N": "i32", "K": "i32"}
     epi = gemv_parts.EPILOGUES[epilogue] if fused else 0
     const = dict(BB=16 if tc else batch, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=fused, NORM=fused,
-                 WRITE_RES=fused, QUANT=weight_type != "bf16", HAS_BIAS=fused, EPI=epi,
+                 WRITE_RES=fused, QUANT=weight_type not in ("bf16", "i4w"), HAS_BIAS=fused, EPI=epi,
                  CONVK=4 if fused else 2, CONVR=4 if fused else 1, PDL=fused, WIDEN=widening)
     options = {"num_warps": warps}
     if tc:
@@ -70,8 +72,9 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
     else:
         sig["one"] = "i32"
         const["FLAT"] = weight_type != "bf16" and batch == 1  # as gemv.gemv picks it
-        const["WORDS"] = {"i8w": 1, "fp8w": 2}.get(weight_type, 0)
-        const["WPK"] = 4 if const["WORDS"] else 1
+        const["WORDS"] = {"i8w": 1, "fp8w": 2, "i4w": 3}.get(weight_type, 0)
+        const["WPK"] = 8 if weight_type == "i4w" else 4 if const["WORDS"] else 1
+        const["GROUP"] = 128 if weight_type == "i4w" else 0
         kernel = gemv._gemv_kernel
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)

@@ -1,14 +1,16 @@
-"""Where a batch-1 decode step spends its time (RecurrentGemma-2B shapes, bf16):
-kernel time by kernel name from the PyTorch profiler (eager step), the graph
-replay alone, and the full `Model.decode` call (host work included).
+"""Where a batch-1 decode step spends its time (RecurrentGemma-2B shapes, bf16
+or --quantize int8 / fp8, a decode_variants.py --variant): kernel time by
+kernel name from the PyTorch profiler (eager step), the graph replay alone,
+and the full `Model.decode` call (host work included).
 
-    python bench/dev/profile_decode.py [--batch 1]
+    python bench/dev/profile_decode.py [--batch 1] [--quantize fp8] [--variant words]
 """
 
 import argparse
 import time
 
 import torch
+from decode_variants import kernel_config, random_model  # a sibling dev tool (run as python bench/dev/...)
 from torch.profiler import ProfilerActivity, profile
 
 import streamgemma as sg
@@ -29,9 +31,11 @@ def median_ms(fn, n=50):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--quantize", choices=("int8", "fp8", "int4"))
+    ap.add_argument("--variant", default="base", help="a decode_variants.py variant name")
     args = ap.parse_args()
-    cfg = sg.GriffinConfig.preset("recurrentgemma-2b")
-    model = sg.Model.random(cfg, device="cuda", dtype="bfloat16")
+    model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"), quantize=args.quantize)
+    model.kernel_config = kernel_config(args.variant)
     sessions = sessions_at(model, args.batch, 100)  # held: a collected session frees its slot
     slots = [s.slot for s in sessions]
     tokens = [1] * args.batch

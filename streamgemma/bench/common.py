@@ -32,8 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="default: bfloat16 on cuda, float32 on cpu")
-    g.add_argument("--quantize", choices=("int8", "fp8"),
-                   help="int8 or fp8 weights (quantized at load time; docs/quantization.md)")
+    g.add_argument("--quantize", choices=("int8", "fp8", "int4"),
+                   help="int8, fp8 or int4 weights (quantized at load time; docs/quantization.md)")
     g.add_argument("--json", metavar="PATH", help="write the result with the environment record to PATH "
                                                   "('-': stdout)")
 

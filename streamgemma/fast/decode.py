@@ -58,6 +58,9 @@ class KernelDecoder:
         if kc.gemv_max_batch > gemv.MAX_BATCH:
             raise ValueError(f"gemv_max_batch {kc.gemv_max_batch} is above the GEMV kernel's {gemv.MAX_BATCH}")
         self.gemv_max_batch = kc.gemv_max_batch
+        if fused.quantized == "int4" and self.gemv_max_batch > 1:
+            raise ValueError(f"KernelConfig(gemv_max_batch={kc.gemv_max_batch}): int4 weights run the fused GEMV at "
+                             "batch 1 only (larger batches dequantize them for cuBLAS); use gemv_max_batch <= 1")
         supported = pdl.supported(network.device)
         if kc.pdl and not supported:
             raise DeviceError(f"KernelConfig(pdl=True): {network.device} has no programmatic dependent launch "
@@ -154,8 +157,9 @@ class KernelDecoder:
         def gemv(src, weight, out, epilogue="plain", **kw):
             config, tc = kc.gemv_launch(batch, epilogue, *weight.shape, _weight_format(weight))
             ws = self._split_workspace(batch, epilogue, weight, config) if tc else None
+            words = True if weight.dtype == torch.uint8 else None if kc.one_byte_words else False
             return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, tensor_cores=tc,
-                                   pdl=self.pdl, workspace=ws, words=None if kc.one_byte_words else False, **kw)
+                                   pdl=self.pdl, workspace=ws, words=words, **kw)
 
         def project(src, name, out):  # an unfused projection of the layer's entry
             return gemv(src, entry["w_" + name], out, weight_scale=entry["s_" + name], bias=entry["b_" + name])
@@ -224,7 +228,7 @@ def _fp8_rows_buffers(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tens
 
 def _weight_format(weight: torch.Tensor) -> str:
     """The weight's format as KernelConfig names it."""
-    return {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}.get(weight.dtype, "float")
+    return {torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.uint8: "int4"}.get(weight.dtype, "float")
 
 
 def _project(x: torch.Tensor, entry: dict, name: str, x_fp8: tuple | None = None) -> torch.Tensor:

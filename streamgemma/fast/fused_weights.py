@@ -45,8 +45,8 @@ class FusedWeights:
     "b_out"}: the temporal block's output projection; {"w_up", "s_up", "b_up"}
     and {"w_down", "s_down", "b_down"} for the MLP. `embedding`, `embedding_scale`:
     the tied embedding / LM head. `s_*`: float32 per-row scales of quantized
-    weights, None otherwise. `inv_freq` [head_dim / 4] float32 RoPE frequencies.
-    `quantized`: the weights' format ("int8", "fp8") or None."""
+    weights (int4: per row and group, [N, K / G]), None otherwise. `inv_freq` [head_dim / 4] float32 RoPE frequencies.
+    `quantized`: the weights' format ("int8", "fp8", "int4") or None."""
 
     def __init__(self, network: Griffin):
         cfg = network.config
@@ -94,7 +94,8 @@ class FusedWeights:
                     up.w.data = w_up.view(2, e, cfg.width).transpose(1, 2)
                     entry["w_up"], entry["s_up"] = w_up, None
                 else:  # stored [2, E, D] already: rows are output channels
-                    entry["w_up"], entry["s_up"] = up.w.detach().reshape(2 * e, cfg.width), up.w_scale.reshape(2 * e)
+                    entry["w_up"] = up.w.detach().reshape(2 * e, up.w.shape[-1])
+                    entry["s_up"] = up.w_scale.reshape(2 * e, *up.w_scale.shape[2:])
                 entry["b_up"] = up.b.detach().reshape(2 * e)
                 _plain(entry, "down", mlp.ffw_down)
                 self.layers.append(entry)

@@ -13,6 +13,9 @@
   output features at a time (`kernels/qmatmul.dequantize`, one pass) and
   multiplied by cuBLAS: the reference's own computation, and faster than
   the untuned Triton GEMM where the product is long (bench/NOTES.md Q5);
+- int4 on CUDA: always dequantized in blocks, then cuBLAS (no matmul kernel
+  reads nibbles yet: above batch 1 an int4 decode step is slower than
+  bfloat16's; the batch-1 GEMV reads int4 itself);
 - the CPU: the reference (`quantized_linear_ref`: dequantize, then F.linear).
 
 fp8 activations are the one place the quantized paths round the activations
@@ -48,6 +51,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     if not x.is_cuda:
         return quantized_linear_ref(x, weight, scale, bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if weight.dtype == torch.uint8:  # int4: no matmul kernel reads it; the fused GEMV serves batch 1
+        return dequantized_linear(x, weight, scale, bias)
     if fp8_tensor_cores(x, weight):
         return fp8_linear(x, weight, scale, bias, x_fp8)
     if dequantize_rows and x.shape[0] >= dequantize_rows:
@@ -64,7 +69,7 @@ def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     dtype), each block's product by F.linear."""
     from streamgemma.kernels.qmatmul import dequantize
 
-    n, k = weight.shape
+    n, k = weight.shape[0], x.shape[-1]
     rows = max(16, block_bytes // (k * x.element_size()))
     if rows >= n:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)

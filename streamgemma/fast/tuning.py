@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 GEMV_EPILOGUES = ("plain", "geglu", "conv", "softcap")
 
-WEIGHT_FORMATS = ("float", "int8", "fp8")  # float: the model dtype (bf16, fp16, fp32)
+WEIGHT_FORMATS = ("float", "int8", "fp8", "int4")  # float: the model dtype (bf16, fp16, fp32)
 TENSOR_CORES = "tc"  # a block's optional 4th element: the tensor-core kernel (kernels/gemv.py)
 
 # (batch bucket, epilogue, N, K[, weight format]): N, K of the weight as stored
@@ -42,7 +42,7 @@ class KernelConfig:
     gemv_blocks: (batch bucket, epilogue, N, K) -> (BN, BK, num_warps) for
     GEMV calls of that shape; the batch bucket is the batch rounded up to a
     power of two, N and K the weight's shape ([2N', K] for "geglu"). A key
-    may end in a weight format ("float", "int8", "fp8"): it then applies to
+    may end in a weight format ("float", "int8", "fp8", "int4"): it then applies to
     that format only and wins over the key without one. A block whose 4th
     element is "tc" ((BN, BK, num_warps, "tc"[, num_stages[, splits]]), BN
     and BK >= 16) runs the tensor-core kernel (`kernels/gemv_tc.py`: batch
@@ -93,8 +93,8 @@ class KernelConfig:
         blocks = {_gemv_key(key): _gemv_block(key, block) for key, block in dict(self.gemv_blocks).items()}
         tensor_cores = {}
         for fmt, buckets in dict(self.gemv_tensor_cores).items():
-            if fmt not in WEIGHT_FORMATS or not all(_power_of_two(int(b)) for b in buckets):
-                raise ValueError(f"gemv_tensor_cores: want {{weight format in {WEIGHT_FORMATS}: power-of-two "
+            if fmt not in WEIGHT_FORMATS or fmt == "int4" or not all(_power_of_two(int(b)) for b in buckets):
+                raise ValueError(f"gemv_tensor_cores: want {{weight format in {WEIGHT_FORMATS[:3]}: power-of-two "
                                  f"batch buckets}}, got {fmt!r}: {buckets!r}")
             tensor_cores[fmt] = frozenset(int(b) for b in buckets)
         attention = {}

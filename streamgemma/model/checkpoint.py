@@ -471,8 +471,11 @@ def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**
     hf_config["torch_dtype"] = str(network.dtype).removeprefix("torch.")
     if network.quantization is not None:
         q = network.quantization
+        scales = ("per group of input channels of an output channel (group = row length / scale columns), "
+                  "float32; two weights a byte, low nibble first, stored + 8") if q.format == "int4" \
+            else "per output channel, float32"
         hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": q.format,
-                                            "scales": "per output channel, float32", "fingerprint": q.fingerprint}
+                                            "scales": scales, "fingerprint": q.fingerprint}
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
 
 

@@ -115,8 +115,10 @@ class Model:
         return self._fingerprint
 
     def num_parameters(self) -> int:
-        """Weights of the network (a quantized weight's scales not counted)."""
-        return sum(p.numel() for name, p in self.network.named_parameters() if not name.endswith("_scale"))
+        """Weights of the network (a quantized weight's scales not counted; an
+        int4 byte holds two)."""
+        return sum(p.numel() * (2 if p.dtype == torch.uint8 else 1)
+                   for name, p in self.network.named_parameters() if not name.endswith("_scale"))
 
     @classmethod
     def random(cls, config: GriffinConfig, seed: int = 0, device=None, dtype=None,

@@ -150,8 +150,8 @@ def _dequantize_int4_kernel(q_ptr, s_ptr, out_ptr, N, K, GROUP: tl.constexpr, BN
     k = tl.program_id(1) * BK + tl.arange(0, BK)
     km = (n < N)[:, None] & (k < K)[None, :]
     scale = tl.load(s_ptr + n[:, None].to(tl.int64) * (K // GROUP) + (k // GROUP)[None, :], mask=km, other=0.0)
-    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], (q.to(tl.float32) * scale).to(out_ptr.dtype.element_ty),
-             mask=km)
+    w = (q.to(tl.float32) * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w, mask=km)
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batches", default="", help="also check and time every variant's whole step at these batches "
                     "(graph replay and step loop, at the last position)")
-    ap.add_argument("--quantize", choices=("int8", "fp8", "int4"), help="int8 / fp8 weights with per-row scales, or int4 with group scales")
+    ap.add_argument("--quantize", choices=("int8", "fp8", "int4"), help="quantized weights")
     ap.add_argument("--tiny", action="store_true", help="a tiny float32 model (on the CPU under Triton's "
                     "interpreter without a GPU: checks only, no timing)")
     ap.add_argument("--grow-before-round", type=int, default=-1,

@@ -324,7 +324,7 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                  config: GriffinConfig | None = None, progress: bool | None = None,
                  quantize: str | None = None) -> Griffin:
     """Read a checkpoint into a new network on `device` in `dtype` (the
-    activations' dtype). quantize: "int8" or "fp8" quantizes the weights after
+    activations' dtype). quantize: "int8", "fp8" or "int4" quantizes the weights after
     reading them into host memory, one matrix at a time on `device` (so the
     device never holds the unquantized model); a checkpoint saved quantized
     loads as saved, and asking for another format is a CheckpointError."""

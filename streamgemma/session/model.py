@@ -103,7 +103,7 @@ class Model:
 
     @property
     def quantization(self) -> str | None:
-        """"int8" or "fp8" for quantized weights (see docs/quantization.md), else None."""
+        """"int8", "fp8" or "int4" for quantized weights (see docs/quantization.md), else None."""
         q = self.network.quantization
         return None if q is None else q.format
 
@@ -125,7 +125,7 @@ class Model:
                tokenizer: Tokenizer | None = None, quantize: str | None = None, **options) -> Model:
         """A model with random weights (tests, benchmarks). Weights are drawn on
         the CPU in float32 from `seed`, so they do not depend on device or dtype.
-        quantize: "int8" or "fp8" quantizes them after the cast to `dtype`, as
+        quantize: "int8", "fp8" or "int4" quantizes them after the cast to `dtype`, as
         `load` does; the model keeps the unquantized weights' fingerprint."""
         check_format(quantize)
         device, dtype = weights.resolve_device_dtype(device, dtype)
@@ -367,9 +367,10 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | No
     device: default CUDA if available, else CPU. dtype: "float32",
     "bfloat16", "float16" or a torch dtype; default bfloat16 on CUDA, float32
     on CPU; with quantized weights, the activations' and state's dtype.
-    quantize: None, "int8" or "fp8": weight-only quantization of every large
-    matrix at load time, one float32 scale per output channel (see
-    docs/quantization.md); a directory saved quantized loads as saved.
+    quantize: None, "int8", "fp8" or "int4": weight-only quantization of
+    every large matrix at load time, one float32 scale per output channel
+    (int4: per 128 weights of a row; see docs/quantization.md); a directory
+    saved quantized loads as saved.
     config: hyper-parameters that an official state dict's shapes do
     not carry (window, soft cap, embedding scaling); checked against the
     weights. progress: show a progress line (default: when stderr is a terminal).

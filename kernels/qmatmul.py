@@ -70,6 +70,62 @@ def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, y_stri
              mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _q4matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, y_stride,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    # int4: [BK / 2, BN] bytes of q.T a tile, unpacked to [BK, BN] values in
+    # [-8, 7] (exact in the activation dtype); BK divides GROUP, so one scale
+    # per column multiplies the tile's product
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rb = tl.arange(0, BK // 2)
+    mmask, nmask = rm < M, rn < N
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * x_stride
+    w_cols = w_ptr + rn[None, :].to(tl.int64) * (K // 2)
+    s_cols = s_ptr + rn.to(tl.int64) * (K // GROUP)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + rk
+        a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+        kb = k0 // 2 + rb
+        b = tl.load(w_cols + kb[:, None], mask=(kb < K // 2)[:, None] & nmask[None, :], other=8,
+                    eviction_policy="evict_first").to(tl.int32)
+        pairs = tl.join((b & 0xF) - 8, (b >> 4) - 8)  # [BK / 2, BN, 2]: rows 2j, 2j + 1
+        w = tl.reshape(tl.permute(pairs, (0, 2, 1)), (BK, BN)).to(a.dtype)
+        if IEEE:  # float32 activations: no tf32 rounding
+            part = tl.dot(a, w, input_precision="ieee")
+        else:
+            part = tl.dot(a, w)
+        acc += part * tl.load(s_cols + k0 // GROUP, mask=nmask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * y_stride + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def q4matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+             block: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (rows contiguous), int4 weight uint8 [N, K / 2] (two a byte,
+    low nibble first, stored + 8) with float32 group scales [N, K / G],
+    bias [N] or None -> y [M, N] in x's dtype; the nibbles are unpacked in
+    registers, each K tile's product scaled by its group's scales."""
+    m, k = x.shape
+    n, group = weight.shape[0], x.shape[1] // scale.shape[1]
+    assert 2 * weight.shape[1] == k and x.stride(1) == 1 and weight.is_contiguous() and scale.is_contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn, bk, warps, stages = block or default_block(m, x.is_cuda)
+    bk = min(bk, group)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _q4matmul_kernel[grid](x, weight, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),
+                           y.stride(0), BM=bm, BN=bn, BK=bk, GROUP=group, HAS_BIAS=bias is not None,
+                           IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
+    return y
+
+
 def default_block(m: int, on_gpu: bool = True) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages) for M rows; untuned first choices
     that keep the pipelined tiles within 128 KB of shared memory (the

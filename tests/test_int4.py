@@ -241,3 +241,19 @@ def test_kernel_prefill_of_an_int4_model_matches_the_reference():
     with ref.session() as a, fast.session() as b:
         want = ref.prefill(a.slot, tokens, all_logits=True)
         assert rel_err(fast.prefill(b.slot, tokens, all_logits=True, chunk_size=8), want) < 1e-4
+
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_q4matmul_matches_the_reference(m):
+    """The batched products' int4 GEMM: nibbles unpacked in registers, a K tile's product times its group's
+    scales (groups of 32 here: a K tile each; a ragged N)."""
+    from streamgemma.kernels.qmatmul import q4matmul
+
+    g = torch.Generator().manual_seed(m)
+    x, w, b = _rnd(g, m, 96), _rnd(g, 45, 96), _rnd(g, 45)
+    q, s = quantize_rows(w, "int4")
+    assert rel_err(q4matmul(x, q, s, b), quantized_linear_ref(x, q, s, b)) < 1e-5
+    assert rel_err(q4matmul(x, q, s), quantized_linear_ref(x, q, s)) < 1e-5
+    q, s = quantize_rows(_rnd(g, 45, 256), "int4")  # groups of 128: several K tiles a group
+    x = _rnd(g, m, 256)
+    assert rel_err(q4matmul(x, q, s, block=(16, 32, 32, 4, 1)), quantized_linear_ref(x, q, s)) < 1e-5

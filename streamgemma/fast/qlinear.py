@@ -13,9 +13,9 @@
   output features at a time (`kernels/qmatmul.dequantize`, one pass) and
   multiplied by cuBLAS: the reference's own computation, and faster than
   the untuned Triton GEMM where the product is long (bench/NOTES.md Q5);
-- int4 on CUDA: always dequantized in blocks, then cuBLAS (no matmul kernel
-  reads nibbles yet: above batch 1 an int4 decode step is slower than
-  bfloat16's; the batch-1 GEMV reads int4 itself);
+- int4 on CUDA: `kernels/qmatmul.q4matmul`, which unpacks the nibbles in
+  registers and scales each K tile's product by its group's scales; from
+  `dequantize_rows` rows up, dequantized in blocks for cuBLAS as int8;
 - the CPU: the reference (`quantized_linear_ref`: dequantize, then F.linear).
 
 fp8 activations are the one place the quantized paths round the activations
@@ -51,8 +51,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     if not x.is_cuda:
         return quantized_linear_ref(x, weight, scale, bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if weight.dtype == torch.uint8:  # int4: no matmul kernel reads it; the fused GEMV serves batch 1
-        return dequantized_linear(x, weight, scale, bias)
+    if weight.dtype == torch.uint8 and not (dequantize_rows and x.shape[0] >= dequantize_rows):
+        from streamgemma.kernels.qmatmul import q4matmul
+
+        return q4matmul(x, weight, scale, bias)
     if fp8_tensor_cores(x, weight):
         return fp8_linear(x, weight, scale, bias, x_fp8)
     if dequantize_rows and x.shape[0] >= dequantize_rows:

@@ -134,7 +134,8 @@ class KernelConfig:
         return hash((self.gemv_max_batch, frozenset(self.gemv_blocks.items()),
                      frozenset(self.gemv_tensor_cores.items()),
                      frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl,
-                     self.prefill_attention, self.prefill_attention_tiles))
+                     self.prefill_attention, self.prefill_attention_tiles, self.one_byte_words,
+                     self.dequantize_rows))
 
     def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or

@@ -257,3 +257,15 @@ def test_q4matmul_matches_the_reference(m):
     q, s = quantize_rows(_rnd(g, 45, 256), "int4")  # groups of 128: several K tiles a group
     x = _rnd(g, m, 256)
     assert rel_err(q4matmul(x, q, s, block=(16, 32, 32, 4, 1)), quantized_linear_ref(x, q, s)) < 1e-5
+
+
+def test_quantized_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "quantized.py"
+    done = subprocess.run([sys.executable, str(example), "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "int4 saved and loaded back as stored" in done.stdout and "resumed in int4" in done.stdout

@@ -225,6 +225,8 @@ def test_bench_quantize_flag_and_command(tmp_path):
     r = bench_main(["prefill", "--lengths", "20", "--chunks", "16", "--quantize", "fp8", *tiny_args])["results"]
     assert r["model"]["quantize"] == "fp8"
     r = bench_main(["quantize", "--positions", "40", "--chunk", "16", *tiny_args])["results"]
+    assert set(r["formats"]) == {"int8", "fp8", "int4"}
+    assert r["formats"]["int4"]["positions"] == 40 and 0 < r["formats"]["int4"]["rel_error"] < 0.6
     for fmt in FMTS:
         assert r["formats"][fmt]["positions"] == 40
         assert r["formats"][fmt]["top1_agreement"] >= MIN_TOP1[fmt] - 0.1

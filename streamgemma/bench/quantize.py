@@ -1,7 +1,7 @@
 """Quantized weights against the same model unquantized: top-1 agreement and logit error.
 
 The model of --model / --preset is loaded twice: as is (--dtype) and with
-each format of --formats (int8, fp8; --quantize is ignored here). Both read
+each format of --formats (int8, fp8, int4; --quantize is ignored here). Both read
 the same --positions random ids (or the text of --text) with the parallel
 prefill path in chunks of --chunk, so every position's logits are compared:
 top-1 agreement (same argmax), the largest and the mean absolute logit
@@ -27,7 +27,7 @@ from .common import build_model, describe, token_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--formats", default="int8,fp8", help="formats to compare (default int8,fp8)")
+    parser.add_argument("--formats", default="int8,fp8,int4", help="formats to compare (default int8,fp8,int4)")
     parser.add_argument("--positions", type=int, default=2000, help="positions compared (default 2000)")
     parser.add_argument("--chunk", type=int, default=250, help="positions per prefill call (default 250)")
     parser.add_argument("--text", type=Path, help="compare on the tokens of this text file (needs a tokenizer) "

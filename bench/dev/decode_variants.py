@@ -19,6 +19,7 @@ own process, for an A/B on one machine.
 
     python bench/dev/decode_variants.py [--variants base,up4x256+xy8x256] [--positions 100,3000]
                                     [--rounds 2] [--batches 2,4,8,16] [--quantize int8] [--json out.json]
+                                    [--preset recurrentgemma-9b]
 
 --batches times every variant's whole step at those batches (graph replay and
 step loop), so e.g. `--variants base,fused16,tc --batches 2,4,8,16` compares
@@ -161,6 +162,8 @@ def main() -> None:
     ap.add_argument("--batches", default="", help="also check and time every variant's whole step at these batches "
                     "(graph replay and step loop, at the last position)")
     ap.add_argument("--quantize", choices=("int8", "fp8", "int4"), help="quantized weights")
+    ap.add_argument("--preset", default="recurrentgemma-2b", help="the shapes (e.g. recurrentgemma-9b; the block "
+                    "shapes of VARIANTS are the 2B ones)")
     ap.add_argument("--tiny", action="store_true", help="a tiny float32 model (on the CPU under Triton's "
                     "interpreter without a GPU: checks only, no timing)")
     ap.add_argument("--grow-before-round", type=int, default=-1,
@@ -182,7 +185,7 @@ def main() -> None:
     if args.tiny:
         model = random_model(sg.GriffinConfig.preset("tiny"), torch.float32, args.quantize)
     else:
-        model = random_model(sg.GriffinConfig.preset("recurrentgemma-2b"), quantize=args.quantize)
+        model = random_model(sg.GriffinConfig.preset(args.preset), quantize=args.quantize)
     ref = sg.Model(model.network, kernels=False)
     variants = args.variants.split(",")
     positions = [int(p) for p in args.positions.split(",")]

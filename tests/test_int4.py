@@ -269,3 +269,34 @@ def test_quantized_example_runs():
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "int4 saved and loaded back as stored" in done.stdout and "resumed in int4" in done.stdout
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the tools' CPU modes (on a GPU they run the 2B shapes)")
+def test_the_tuning_tools_run_int4_on_the_cpu(tmp_path):
+    """tune_gemv.py --quantize int4 (batch 1, CUDA-core blocks) and decode_variants.py --tiny --quantize int4
+    end to end under the interpreter, checked against the reference."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    dev = Path(__file__).resolve().parents[1] / "bench" / "dev"
+    run = lambda *a: subprocess.run([sys.executable, *a], env=subprocess_env(TRITON_INTERPRET="1"),  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    tuned = tmp_path / "tune.json"
+    done = run(str(dev / "tune_gemv.py"), "--quick", "--batches", "1", "--kernels", "cuda", "--shapes", "out,lm",
+               "--quantize", "int4", "--json", str(tuned))
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads(tuned.read_text())
+    assert all(key.endswith(",int4") for key in table["best_cuda_core"]) and len(table["best_cuda_core"]) == 2
+    assert all(r["errors"]["cuda"] < 1e-5 for r in table["results"])
+    refused = run(str(dev / "tune_gemv.py"), "--quick", "--batches", "2", "--quantize", "int4")
+    assert refused.returncode == 2 and "batch-1 CUDA-core kernel only" in refused.stderr
+    out = tmp_path / "variants.json"
+    done = run(str(dev / "decode_variants.py"), "--tiny", "--variants", "base", "--positions", "9", "--quantize",
+               "int4", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    check = json.loads(out.read_text())["checks"]["base b1"]
+    assert check["logits_rel_err"] < 1e-4 and check["state_rel_err"] < 1e-4

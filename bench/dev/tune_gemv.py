@@ -220,7 +220,7 @@ def graph_time_us(fn, copies: int, launches: int = 48, reps: int = 7) -> float:
 
 def copies_for(name: str, weight_bytes: int = 2) -> int:
     n_rows, k = SHAPES[name][:2]
-    return max(1, min(8, -(-200_000_000 // (n_rows * k * weight_bytes))))
+    return max(1, min(16, -(-200_000_000 // int(n_rows * k * weight_bytes))))
 
 
 def _compile(job):
@@ -275,15 +275,18 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pdl", action="store_true", help="also time every config with PDL launches (the best 4 printed)")
-    ap.add_argument("--quantize", choices=("int8", "fp8"), help="1-byte weights with per-row scales")
+    ap.add_argument("--quantize", choices=("int8", "fp8", "int4"),
+                    help="1-byte weights with per-row scales, or int4 (batch 1, CUDA-core kernel only)")
     args = ap.parse_args()
     if not GPU and not args.quick:
         ap.error("without a GPU only --quick runs (Triton's interpreter, tiny shapes)")
+    if args.quantize == "int4" and (args.batches != "1" or args.kernels != "cuda"):
+        ap.error("--quantize int4 sweeps the batch-1 CUDA-core kernel only: add --batches 1 --kernels cuda")
     # the sweep times plain launches; --pdl adds PDL timings
     batches = [int(b) for b in args.batches.split(",")]
     shapes = args.shapes.split(",")
     kernels = tuple(args.kernels.split(","))
-    weight_bytes = 1 if args.quantize else 2
+    weight_bytes = 0.5 if args.quantize == "int4" else 1 if args.quantize else 2
     tc_opts = dict(weight_bytes=weight_bytes, tc_stages=tuple(int(v) for v in args.tc_stages.split(",")),
                    tc_splits=tuple(int(v) for v in args.tc_splits.split(",")))
     jobs = [(name, b, configs(name, b, args.quick, kernels, **tc_opts)) for name in shapes for b in batches]
@@ -308,7 +311,7 @@ def main():
     for name, b, cfgs in jobs:
         copies = copies_for(name, weight_bytes) if GPU else 1
         shape_case = Case(name, b, copies, quantize=args.quantize)
-        nbytes = shape_case.weights[0].numel() * weight_bytes
+        nbytes = shape_case.weights[0].numel() * shape_case.weights[0].element_size()
         t_mm = graph_time_us(lambda i, sc=shape_case: sc.matmul(i), copies)
         timed = []
         for c in cfgs:

@@ -120,13 +120,11 @@ def _columns_of_words(x):
 @triton.jit
 def _columns_of_int4_words(x):
     """x [BK] as eight [BK / 8]: columns 8i + j for j = 0..7 (what nibble j of word i multiplies)."""
-    c0, c1 = tl.split(tl.reshape(x, (x.shape[0] // 8, 2, 2, 2)))  # 8i + 4a + 2b + c, split on c
-    b00, b01 = tl.split(c0)
-    b10, b11 = tl.split(c1)
-    x0, x4 = tl.split(b00)
-    x2, x6 = tl.split(b01)
-    x1, x5 = tl.split(b10)
-    x3, x7 = tl.split(b11)
+    q0, q1, q2, q3 = _columns_of_words(x)  # columns 4m + j, m = 2i + h
+    x0, x4 = tl.split(tl.reshape(q0, (q0.shape[0] // 2, 2)))
+    x1, x5 = tl.split(tl.reshape(q1, (q1.shape[0] // 2, 2)))
+    x2, x6 = tl.split(tl.reshape(q2, (q2.shape[0] // 2, 2)))
+    x3, x7 = tl.split(tl.reshape(q3, (q3.shape[0] // 2, 2)))
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -184,8 +182,12 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
         # Two words (8 weights) a thread, 64-bit loads: a runtime stride of 1
         # hides that pairs of pairs are contiguous too. A thread then holds
         # the 8 input columns of its words, as one 128-bit load of the input
-        # brings them: no tile goes through shared memory.
-        kk = (kk // 2) * 2 * one + kk % 2
+        # brings them: no tile goes through shared memory. (int4: one word, 8
+        # weights, a thread, for the same reason.)
+        if GROUP:
+            kk = kk * one
+        else:
+            kk = (kk // 2) * 2 * one + kk % 2
     w_next = weight_tile(w_rows, kk, nmask, K // WPK)
     u_next = w_next
     if EPI == GEGLU:
@@ -263,6 +265,12 @@ MAX_BATCH = 16
 # many small programs keep more independent loads in flight per SM.
 BATCH1_CONFIGS = MappingProxyType({"plain": (2, 512, 2), "conv": (4, 256, 2), "geglu": (4, 128, 2),
                                    "softcap": (8, 256, 4)})
+# int4 at batch 1 (untuned): a tile row of 256 x warps columns, one word a
+# thread (no trip through shared memory); 4 rows a program amortise the norm
+# prologue (offline SASS, sm_90: 7.7 instructions a weight against 10.4 at
+# BN 2; 6.1 at BN 8, which leaves fewer programs to keep loads in flight).
+INT4_BATCH1_CONFIGS = MappingProxyType({"plain": (4, 512, 2), "conv": (4, 512, 2), "geglu": (4, 512, 2),
+                                        "softcap": (8, 1024, 4)})
 # Triton's interpreter (CPU tests): the cost per program dominates.
 INTERPRETER_CONFIG = (64, 64, 4)
 
@@ -367,6 +375,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     bb = triton.next_power_of_2(batch)
     if config is not None and len(config) != 3:
         raise ValueError(f"gemv config {config!r}: want (BN, BK, num_warps) or a tensor-core config")
+    if config is None and int4 and weight.is_cuda:
+        config = INT4_BATCH1_CONFIGS[epilogue]
     bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     flat = bb == 1 and weight_scale is not None
@@ -382,7 +392,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         if config is None and weight.is_cuda:
             # a tile row as wide as the program's threads (two words each): the
             # input's columns then split across threads as the words do
-            bk = min(max(bk, 64 * wpk * warps), max(16, triton.next_power_of_2(k)))
+            bk = min(max(bk, 256 * warps), max(16, triton.next_power_of_2(k)))
         args = args[:8] + (weight.view(torch.int32),) + args[9:]
         fmt = WORDS_INT4 if int4 else WORDS_INT8 if weight.dtype == torch.int8 else WORDS_E4M3
         consts.update(WIDEN=WORDS_PTX if weight.is_cuda else WORDS_BITS, WORDS=fmt, WPK=wpk,

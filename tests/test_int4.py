@@ -202,28 +202,9 @@ def test_int4_linear_of_any_rows_matches_the_reference():
 def test_decode_step_of_an_int4_model_matches_the_reference(batch):
     """Batch 1: the fused GEMVs reading int4 words (the embedding rows in the first one's prologue); 3 rows:
     the embedding lookup and dequantized products."""
-    cfg = sg.GriffinConfig.preset("tiny")
-    ref = sg.Model.random(cfg, seed=3, device=DEV, dtype="float32", kernels=False, quantize="int4")
-    fast = sg.Model.random(cfg, seed=3, device=DEV, dtype="float32", kernels=True, quantize="int4")
-    rows = [ref.pool.allocate() for _ in range(batch)]
-    assert rows == [fast.pool.allocate() for _ in range(batch)]
-    tokens, positions = random_tokens(batch, cfg.vocab_size, seed=4), [2 * cfg.attention_window + 1, 0, 3][:batch]
-    for m in (ref, fast):
-        g = torch.Generator().manual_seed(5)
-        for layer in m.pool.layers:
-            for t in layer:
-                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
-    slots_t = torch.tensor(rows, device=DEV)
-    states = ref.pool.gather(slots_t)
-    want, states = ref.network.forward_decode(torch.tensor(tokens, device=DEV), torch.tensor(positions, device=DEV),
-                                              states)
-    ref.pool.scatter(slots_t, states)
-    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network))
-    got = decoder.step(torch.tensor(tokens, device=DEV), slots_t, torch.tensor(positions, device=DEV))
-    assert rel_err(got, want) < 1e-4
-    for rl, fl in zip(ref.pool.layers, fast.pool.layers):
-        for rt, ft in zip(rl, fl):
-            assert rel_err(ft, rt) < 1e-4
+    from test_quantize_kernels import check_decode_step
+
+    check_decode_step("int4", batch, sg.KernelConfig())
 
 
 def test_int4_model_refuses_a_fused_gemv_above_batch_1():

@@ -108,10 +108,16 @@ def test_qmatmul_with_the_weight_first_matches_the_reference(fmt):
 @pytest.mark.parametrize("path", ["gemv", "gemv-words", "matmul"])
 def test_decode_step_of_a_quantized_model_matches_the_reference(fmt, path):
     """3 rows; "gemv-words": 1 row (the words are a batch-1 path) read as int32 words."""
+    check_decode_step(fmt, 1 if path == "gemv-words" else 3, sg.KernelConfig(one_byte_words=path == "gemv-words"),
+                      gemv_max_batch=0 if path == "matmul" else 8)
+
+
+def check_decode_step(fmt: str, n: int, kernel_config: sg.KernelConfig, gemv_max_batch: int | None = None) -> None:
+    """One kernel decode step of n rows of a tiny `fmt` model (mixed positions, the same random state in both
+    pools) against the reference network's: logits and every state tensor."""
     cfg = sg.GriffinConfig.preset("tiny")
     ref = sg.Model.random(cfg, seed=3, device=DEV, dtype="float32", kernels=False, quantize=fmt)
     fast = sg.Model.random(cfg, seed=3, device=DEV, dtype="float32", kernels=True, quantize=fmt)
-    n = 1 if path == "gemv-words" else 3
     rows = [ref.pool.allocate() for _ in range(n)]
     assert rows == [fast.pool.allocate() for _ in range(n)]
     tokens, positions = random_tokens(n, cfg.vocab_size, seed=4), [2 * cfg.attention_window + 1, 0, 3][:n]
@@ -125,9 +131,9 @@ def test_decode_step_of_a_quantized_model_matches_the_reference(fmt, path):
     want, states = ref.network.forward_decode(torch.tensor(tokens, device=DEV), torch.tensor(positions, device=DEV),
                                               states)
     ref.pool.scatter(slots_t, states)
-    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network),
-                            sg.KernelConfig(one_byte_words=path == "gemv-words"))
-    decoder.gemv_max_batch = 0 if path == "matmul" else 8
+    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network), kernel_config)
+    if gemv_max_batch is not None:
+        decoder.gemv_max_batch = gemv_max_batch
     got = decoder.step(torch.tensor(tokens, device=DEV), slots_t, torch.tensor(positions, device=DEV))
     assert rel_err(got, want) < 1e-4
     for rl, fl in zip(ref.pool.layers, fast.pool.layers):

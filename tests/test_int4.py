@@ -145,24 +145,6 @@ def test_batch1_gemv_of_int4_words_matches_the_reference(epilogue):
     assert rel_err(out, want) < 1e-5
 
 
-def test_gemv_reads_int4_embedding_rows():
-    """The first product's input from an int4 table: nibbles times their group's scale, times emb_scale."""
-    from streamgemma.kernels.gemv import gemv
-
-    g = torch.Generator().manual_seed(7)
-    table, w, nscale = _rnd(g, 30, 96), _rnd(g, 45, 96), _rnd(g, 96) * 0.1
-    tq, ts = quantize_rows(table, "int4")
-    tokens = torch.tensor([29], device=DEV)
-    res = torch.full((1, 96), float("nan"), device=DEV)
-    out = torch.full((1, 45), float("nan"), device=DEV)
-    gemv(weight=w, out=out, src=tq, src_scale=ts, tokens=tokens, emb_scale=2.5, norm_scale=nscale,
-         residual_out=res, config=(16, 32, 4))
-    e = dequantize(tq[tokens], ts[tokens], torch.float32) * 2.5
-    normed = e / torch.sqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + nscale)
-    assert rel_err(res, e) < 1e-6
-    assert rel_err(out, normed @ w.T) < 1e-5
-
-
 def test_int4_gemv_refuses_what_it_cannot_run():
     from streamgemma.kernels.gemv import gemv
 

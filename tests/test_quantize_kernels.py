@@ -61,16 +61,18 @@ def test_gemv_quantized_weight_matches_the_reference(fmt, epilogue):
     assert rel_err(out, want) < 1e-5
 
 
-@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("fmt", FMTS + ("int4",))
 def test_gemv_reads_quantized_embedding_rows(fmt):
-    """The first product's input: quantized table rows times their row scale, times emb_scale."""
+    """The first product's input: quantized table rows times their row scale (int4: nibbles times their
+    group's scale), times emb_scale."""
     from streamgemma.kernels.gemv import gemv
 
     g = torch.Generator().manual_seed(7)
-    table, w, nscale = _rnd(g, 30, 70), _rnd(g, 45, 70), _rnd(g, 70) * 0.1
+    k = 96 if fmt == "int4" else 70  # int4 rows: a multiple of 32 (groups of 32 here)
+    table, w, nscale = _rnd(g, 30, k), _rnd(g, 45, k), _rnd(g, k) * 0.1
     tq, ts = quantize_rows(table, fmt)
     tokens = torch.tensor([4, 29], device=DEV)
-    res = torch.full((2, 70), float("nan"), device=DEV)
+    res = torch.full((2, k), float("nan"), device=DEV)
     out = torch.full((2, 45), float("nan"), device=DEV)
     gemv(weight=w, out=out, src=tq, src_scale=ts, tokens=tokens, emb_scale=2.5, norm_scale=nscale,
          residual_out=res, config=(16, 32, 4))

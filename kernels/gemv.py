@@ -33,7 +33,9 @@ multiplies its dot product in the epilogue,
 y[n] = s[n] * sum_k q[n, k] x[k], before the bias and the fused row
 operations. A quantized embedding table's rows (the first product's input)
 are multiplied by their row scale as they are read. Both are constexpr
-switches: the bfloat16 kernel compiles without them.
+switches: the bfloat16 kernel compiles without them. int4 weights (two a
+byte, a float32 scale per group of columns) are read at batch 1 only, as
+int32 words of eight, each word's sum times its group's scale in the loop.
 
 Tensor-core variant (batch 1-16, chosen per call by the config): `gemv_tc.py`,
 the same prologues and epilogues (`gemv_parts.py`) around MMAs with the

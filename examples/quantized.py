@@ -19,10 +19,6 @@ import streamgemma as sg
 PROMPT = "The socket module provides"
 
 
-def weight_bytes(model: sg.Model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.network.parameters())
-
-
 def greedy_ids(model: sg.Model, n: int = 24) -> list[int]:
     with model.session() as s:
         s.feed(PROMPT)
@@ -37,12 +33,12 @@ def main() -> None:
 
     base = sg.load(args.model, device=args.device)
     want = greedy_ids(base)
-    print(f"unquantized: {weight_bytes(base) / 1e6:7.1f} MB of weights")
+    print(f"unquantized: {base.weight_bytes() / 1e6:7.1f} MB of weights")
     for fmt in ("int8", "fp8", "int4"):
         model = sg.load(args.model, device=args.device, quantize=fmt)
         got = greedy_ids(model)
         same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
-        print(f"{fmt:>11}: {weight_bytes(model) / 1e6:7.1f} MB of weights, greedy continuation equal for the "
+        print(f"{fmt:>11}: {model.weight_bytes() / 1e6:7.1f} MB of weights, greedy continuation equal for the "
               f"first {same} of {len(want)} tokens")
 
     q4 = sg.load(args.model, device=args.device, quantize="int4")

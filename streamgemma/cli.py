@@ -172,6 +172,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
         ("parameters", f"{model.num_parameters():,}"),
         ("dtype", str(model.dtype).removeprefix("torch.")),
         ("weights", _weights_line(model.quantization)),
+        ("weight memory", f"{model.weight_bytes() / 2**20:,.1f} MiB"),
         ("device", str(model.device)),
         ("state per session", f"{model.pool.slot_bytes() / 2**20:.2f} MiB"),
         ("tokenizer", f"{tok.vocab_size:,} pieces (bos {tok.bos_id}, eos {tok.eos_id}, chat turns "

@@ -210,6 +210,11 @@ def test_cli_quantize_flag(capsys):
     assert cli_main(["info", "--quantize", "int4", "--device", "cpu"]) == 0
     fields = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
     assert fields["weights"].strip() == "int4, group-wise scales"
+    int4_mib = float(fields["weight memory"].split()[0].replace(",", ""))
+    assert cli_main(["info", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    bf16_mib = float(dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())["weight memory"]
+                     .split()[0].replace(",", ""))
+    assert 0.1 < int4_mib / bf16_mib < 0.4  # about a quarter: scales and the unquantized tensors on top
     with pytest.raises(SystemExit):
         cli_main(["generate", "--quantize", "int2", "hello"])
     assert "invalid choice: 'int2'" in capsys.readouterr().err

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     s = model.session()
     out["state_MB_per_session"] = s.state_bytes() / 1e6
     s.close()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.network.parameters())
+    weight_bytes = model.weight_bytes()
     out["weight_GB"] = weight_bytes / 1e9
     floor_s = None
     if is_cuda(model):

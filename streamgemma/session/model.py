@@ -120,6 +120,11 @@ class Model:
         return sum(p.numel() * (2 if p.dtype == torch.uint8 else 1)
                    for name, p in self.network.named_parameters() if not name.endswith("_scale"))
 
+    def weight_bytes(self) -> int:
+        """Bytes the network's parameters take on its device (a quantized
+        model's scales and unquantized tensors included)."""
+        return sum(p.numel() * p.element_size() for p in self.network.parameters())
+
     @classmethod
     def random(cls, config: GriffinConfig, seed: int = 0, device=None, dtype=None,
                tokenizer: Tokenizer | None = None, quantize: str | None = None, **options) -> Model:

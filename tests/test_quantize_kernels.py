@@ -256,7 +256,7 @@ def test_fp8_tensor_core_linear_matches_the_reference(m):
 
 
 @cuda
-@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("fmt", FMTS + ("int4",))
 @pytest.mark.parametrize("batch", [1, 4, 64])
 def test_bfloat16_quantized_decode_on_cuda_matches_the_reference(fmt, batch):
     """The graphed decode step (GEMV at batch 1, qmatmul / _scaled_mm above) and the

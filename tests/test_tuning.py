@@ -39,6 +39,8 @@ def test_a_config_is_immutable_and_compares_by_value():
                                  dict(gemv_blocks={(1, "plain", 1, 1, "int2"): (8, 8, 4)}),
                                  dict(gemv_tensor_cores={"bf16": (2,)}), dict(gemv_tensor_cores={"int8": (3,)}),
                                  dict(gemv_tensor_cores={"int4": (1,)}),
+                                 dict(gemv_blocks={(1, "plain", 64, 64, "int4"): (16, 64, 4, "tc")}),
+                                 dict(gemv_blocks={(2, "plain", 64, 64, "int4"): (4, 512, 2)}),
                                  dict(attention_blocks={1: 8}), dict(rglru_launch=(32,)), dict(pdl="yes"),
                                  dict(prefill_attention="flash"), dict(prefill_attention_tiles=(128, 64, 8)),
                                  dict(prefill_attention_tiles=(8, 64, 8, 2)),

@@ -91,6 +91,10 @@ class KernelConfig:
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
             raise ValueError(f"gemv_max_batch must be an int >= 0, got {self.gemv_max_batch!r}")
         blocks = {_gemv_key(key): _gemv_block(key, block) for key, block in dict(self.gemv_blocks).items()}
+        for key, block in blocks.items():
+            if key[4:] == ("int4",) and (len(block) > 3 or key[0] > 1):
+                raise ValueError(f"gemv_blocks[{key!r}] = {block!r}: int4 weights run the CUDA-core GEMV at batch 1 "
+                                 "only: a (1, ...) key and a (BN, BK, num_warps) block")
         tensor_cores = {}
         for fmt, buckets in dict(self.gemv_tensor_cores).items():
             if fmt not in WEIGHT_FORMATS or fmt == "int4" or not all(_power_of_two(int(b)) for b in buckets):

@@ -263,3 +263,19 @@ def test_the_tuning_tools_run_int4_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     check = json.loads(out.read_text())["checks"]["base b1"]
     assert check["logits_rel_err"] < 1e-4 and check["state_rel_err"] < 1e-4
+
+
+def test_int4_gemv_blocks_are_keyed_by_the_products_columns():
+    """A gemv_blocks entry for an int4 product is found under (N, K) of the product, not of the packed bytes
+    (K / 2): a block too narrow for the words (BK 32) given for the q|k|v product reaches the kernel, which
+    refuses it."""
+    cfg = sg.GriffinConfig.preset("tiny")
+    fast = sg.Model.random(cfg, device=DEV, dtype="float32", kernels=True, quantize="int4")
+    qkv_rows = cfg.width + 2 * cfg.head_dim
+    bad = sg.KernelConfig(gemv_blocks={(1, "plain", qkv_rows, cfg.width, "int4"): (4, 32, 4)})
+    decoder = KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network), bad)
+    slot = fast.pool.allocate()
+    one = lambda v: torch.tensor([v], device=DEV)  # noqa: E731
+    with pytest.raises(ValueError, match="words"):
+        decoder.step(one(3), one(slot), one(0))
+    KernelDecoder(fast.network, fast.pool, FusedWeights(fast.network)).step(one(3), one(slot), one(0))

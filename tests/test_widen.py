@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from streamgemma.kernels.widen import widen, widen_words
+from streamgemma.kernels.widen import WORDS_INT4, widen, widen_words
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -151,8 +151,6 @@ def test_words_are_refused_where_the_weight_cannot_be_read_as_words():
 
 @triton.jit
 def _widen_int4_kernel(w_ptr, out_ptr, N: tl.constexpr, HOW: tl.constexpr):
-    from streamgemma.kernels.widen import WORDS_INT4
-
     i = tl.arange(0, N)
     cols = widen_words(tl.load(w_ptr + i), WORDS_INT4, HOW)
     for j in tl.static_range(8):

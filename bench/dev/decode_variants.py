@@ -12,8 +12,8 @@ batches up to 16 onto the CUDA-core GEMV, "tc" onto the tensor-core GEMV,
 of every format; "tc+tc1q" joins them), tuned GEMV blocks from a
 bench/dev/tune_gemv.py JSON (--gemv-json: "tuned" its "best" table, the
 fastest fused kernel per shape and batch; "tunedtc" its "best_tensor_core"
-table), "words" (batch-1 1-byte weights read as int32 words, not byte
-tensors), or "nopdl" (plain launches); "+" joins them, "base" is the
+table), "words" / "bytes" (batch-1 1-byte weights read as int32 words, the
+default since session 14, or as byte tensors), or "nopdl" (plain launches); "+" joins them, "base" is the
 defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
@@ -67,7 +67,7 @@ FUSED = {"fused16": dict(gemv_max_batch=16), "fused8": dict(gemv_max_batch=8), "
          "tc8": dict(_TC_ALL, gemv_max_batch=8),
          "tc1q": dict(gemv_tensor_cores={"int8": (1,), "fp8": (1,)}),
          "tc1": dict(gemv_tensor_cores={f: (1,) for f in ("float", "int8", "fp8")}),
-         "words": dict(one_byte_words=True)}
+         "words": dict(one_byte_words=True), "bytes": dict(one_byte_words=False)}
 
 
 def random_model(cfg: sg.GriffinConfig, dtype=torch.bfloat16, quantize: str | None = None) -> sg.Model:
@@ -190,7 +190,10 @@ def main() -> None:
     variants = args.variants.split(",")
     positions = [int(p) for p in args.positions.split(",")]
     batches = [int(x) for x in args.batches.split(",") if x]
+    import triton
+
     results = {"device": torch.cuda.get_device_name() if gpu else "cpu (interpreter)", "quantize": args.quantize,
+               "preset": args.preset, "torch": torch.__version__, "triton": triton.__version__,
                "checks": {}, "timings": []}
     for name in variants:
         apply(model, name, tuned)

@@ -155,7 +155,7 @@ class KernelDecoder:
         delta = None
 
         def gemv(src, weight, out, epilogue="plain", **kw):
-            config, tc = kc.gemv_launch(batch, epilogue, *weight.shape, _weight_format(weight))
+            config, tc = kc.gemv_launch(batch, epilogue, *_logical_shape(weight), _weight_format(weight))
             ws = self._split_workspace(batch, epilogue, weight, config) if tc else None
             words = True if weight.dtype == torch.uint8 else None if kc.one_byte_words else False
             return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, tensor_cores=tc,
@@ -224,6 +224,12 @@ def _fp8_rows_buffers(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tens
         return None
     return (torch.empty(x.shape, dtype=weight.dtype, device=x.device),
             torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device))
+
+
+def _logical_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of the product: an int4 weight holds two columns a byte."""
+    n, k = weight.shape
+    return (n, 2 * k) if weight.dtype == torch.uint8 else (n, k)
 
 
 def _weight_format(weight: torch.Tensor) -> str:

@@ -61,7 +61,7 @@ SHAPES = {
 }
 
 
-def tc_configs(name: str, quick: bool, weight_bytes: int = 2, stages: tuple[int, ...] = (3, 4, 5),
+def tc_configs(name: str, quick: bool, weight_bytes: float = 2, stages: tuple[int, ...] = (3, 4, 5),
                splits: tuple[int, ...] = (1, 2, 4)) -> list[tuple]:
     """Tensor-core (BN, BK, num_warps, "tc", num_stages, splits) candidates
     for a shape, any batch (padded to 16 rows), pruned as the docstring says."""
@@ -91,7 +91,7 @@ def tc_configs(name: str, quick: bool, weight_bytes: int = 2, stages: tuple[int,
     return found
 
 
-def configs(name: str, bb: int, quick: bool, kernels: tuple[str, ...] = ("cuda", "tc"), weight_bytes: int = 2,
+def configs(name: str, bb: int, quick: bool, kernels: tuple[str, ...] = ("cuda", "tc"), weight_bytes: float = 2,
             tc_stages: tuple[int, ...] = (3, 4, 5), tc_splits: tuple[int, ...] = (1, 2, 4)) -> list[tuple]:
     """Candidates: CUDA-core (BN, BK, num_warps) (register use grows with
     BB * BN * BK / threads) and tensor-core (BN, BK, num_warps, "tc", num_stages, splits)."""
@@ -218,7 +218,7 @@ def graph_time_us(fn, copies: int, launches: int = 48, reps: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def copies_for(name: str, weight_bytes: int = 2) -> int:
+def copies_for(name: str, weight_bytes: float = 2) -> int:
     n_rows, k = SHAPES[name][:2]
     return max(1, min(16, -(-200_000_000 // int(n_rows * k * weight_bytes))))
 

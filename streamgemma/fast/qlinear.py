@@ -51,17 +51,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     if not x.is_cuda:
         return quantized_linear_ref(x, weight, scale, bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if weight.dtype == torch.uint8 and not (dequantize_rows and x.shape[0] >= dequantize_rows):
-        from streamgemma.kernels.qmatmul import q4matmul
-
-        return q4matmul(x, weight, scale, bias)
     if fp8_tensor_cores(x, weight):
         return fp8_linear(x, weight, scale, bias, x_fp8)
     if dequantize_rows and x.shape[0] >= dequantize_rows:
         return dequantized_linear(x, weight, scale, bias)
-    from streamgemma.kernels.qmatmul import qmatmul
+    from streamgemma.kernels.qmatmul import q4matmul, qmatmul
 
-    return qmatmul(x, weight, scale, bias)
+    return (q4matmul if weight.dtype == torch.uint8 else qmatmul)(x, weight, scale, bias)
 
 
 def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -124,9 +124,11 @@ def _quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             s = amax * (ratio / 7.0)
             s = torch.where(s > 0, s, torch.ones_like(s))
             err = ((piece / s[..., None]).round().clamp(-8, 7) * s[..., None] - piece).square().sum(dim=-1)
-            better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
-            best = torch.where(better, s, best if best is not None else s)
-            best_err = torch.where(better, err, best_err if best_err is not None else err)
+            if best is None:
+                best, best_err = s, err
+            else:  # ties keep the earlier candidate
+                better = err < best_err
+                best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
         nib = ((piece / best[..., None]).round().clamp(-8, 7) + 8).to(torch.uint8).reshape(-1, k // 2, 2)
         q[start:start + _ROWS_PER_PIECE] = nib[..., 0] | (nib[..., 1] << 4)
         scale[start:start + _ROWS_PER_PIECE] = best

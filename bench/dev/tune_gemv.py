@@ -109,7 +109,7 @@ def configs_cuda_core(bb: int, quick: bool) -> list[tuple[int, int, int]]:
             (2, 1024, 4), (4, 512, 4), (8, 128, 2), (16, 128, 4)],
         4: [(8, 128, 4), (16, 128, 8), (8, 256, 8), (2, 256, 2), (2, 128, 2), (4, 128, 2), (2, 512, 4),
             (4, 256, 4), (8, 128, 2), (16, 128, 4)],
-        8: [(4, 128, 4), (4, 256, 8), (8, 64, 4), (8, 128, 4), (8, 128, 8), (8, 256, 8), (16, 64, 4),
+        8: [(4, 128, 4), (4, 256, 8), (8, 64, 4), (8, 128, 4), (8, 128, 8), (8, 256, 8), (16, 64, 4), (32, 64, 4),
             (16, 128, 8)],
         16: [(4, 64, 4), (4, 128, 8), (8, 32, 4), (8, 64, 8), (16, 32, 8)],
     }[bb]
@@ -157,6 +157,8 @@ class Case:
             kw["workspace"] = self.workspaces[config]
         if self.norm:
             kw.update(delta=self.delta, norm_scale=self.scale, residual_out=self.res)
+        if self.weights[i].element_size() == 1 and self.weights[i].dtype != torch.uint8:
+            kw["words"] = None  # as the decoder reads 1-byte weights (KernelConfig.one_byte_words)
         if self.epi == "conv":
             kw["conv"] = (self.conv_state, self.slots, self.pos, self.cw, self.cb)
         if self.epi == "softcap":

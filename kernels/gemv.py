@@ -68,7 +68,25 @@ from .gemv_parts import (
     weight_tile,
 )
 from .pdl import launch_kwargs
-from .widen import WORDS_BITS, WORDS_E4M3, WORDS_INT4, WORDS_INT8, WORDS_PTX, default_widen, widen, widen_words
+from .widen import (
+    WORDS_BITS,
+    WORDS_E4M3,
+    WORDS_INT4,
+    WORDS_INT8,
+    WORDS_PTX,
+    default_widen,
+    half_pairs,
+    int4_word_dots,
+    widen,
+    widen_words,
+)
+
+# HALF_DOT (int4): the input is scaled by this power of two (exactly) before it
+# is rounded to float16, so a word's four-term f16 sums (|q| <= 8: at most
+# 2 |x|) stay finite for inputs up to 32,752; values below 2^-10 lose bits
+# to f16 subnormals, an absolute error under 1e-6.
+HALF_IN_SCALE = tl.constexpr(1.0 / 16)
+HALF_OUT_SCALE = tl.constexpr(16.0)
 
 
 @triton.jit
@@ -166,11 +184,13 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                  SRC: tl.constexpr, SRC_SCALED: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
                  WRITE_RES: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
                  CONVK: tl.constexpr, CONVR: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr,
-                 FLAT: tl.constexpr, WORDS: tl.constexpr, WPK: tl.constexpr, GROUP: tl.constexpr):
+                 FLAT: tl.constexpr, WORDS: tl.constexpr, WPK: tl.constexpr, GROUP: tl.constexpr,
+                 HALF_DOT: tl.constexpr):
     # WORDS (batch 1, 1-byte or int4 weights): w_ptr is the weight as int32
     # words of WPK = 4 (8 for int4) weights, [N, K / WPK], widened by
     # widen_words (WIDEN: how). int4 (GROUP > 0): wscale_ptr holds a scale
-    # per GROUP columns of a row ([N, K / GROUP]), applied in the loop.
+    # per GROUP columns of a row ([N, K / GROUP]), applied in the loop;
+    # HALF_DOT: a word's eight products summed in float16 pairs (widen.py).
     pid = tl.program_id(0)
     rows, rmask, n, nmask, kk, w_rows, u_rows = tile_indices(pid, B, N, K // WPK, w_ptr, BB, BN, BK // WPK)
 
@@ -235,7 +255,12 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
         x_next, s_next = input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                     k + BK, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
         xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES)
-        if GROUP:
+        if HALF_DOT:
+            xh = half_pairs(_columns_of_int4_words(tl.sum(xin, axis=0) * HALF_IN_SCALE), WIDEN)
+            acc += int4_word_dots(w, xh, WIDEN) * g
+            if EPI == GEGLU:
+                acc_u += int4_word_dots(u, xh, WIDEN) * g_u
+        elif GROUP:
             x8 = _columns_of_int4_words(tl.sum(xin, axis=0))
             acc = _dot_int4_words(acc, w, x8, g, WIDEN)
             if EPI == GEGLU:
@@ -255,6 +280,9 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             if EPI == GEGLU:
                 acc_u += widen(u, WIDEN)[None, :, :] * xin[:, None, :]
 
+    if HALF_DOT:
+        acc = acc * HALF_OUT_SCALE
+        acc_u = acc_u * HALF_OUT_SCALE
     # the model dtype, in which the unfused path rounds (the weights' own dtype unless QUANT)
     dt_ptr = nscale_ptr if NORM else src_ptr
     epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), tl.sum(ss, axis=1), K, eps, dt_ptr, rows, rmask, n, nmask,
@@ -301,7 +329,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
          src_scale: torch.Tensor | None = None, epilogue: str = "plain", conv: tuple | None = None,
          cap: float = 0.0, config: tuple | None = None, pdl: bool = False,
          widening: int | None = None, tensor_cores: bool = False, workspace: tuple | None = None,
-         words: bool | None = False) -> torch.Tensor:
+         words: bool | None = False, half_dot: bool = False) -> torch.Tensor:
     """out[b] = f(input[b] @ weight.T) for a small batch (B <= MAX_BATCH rows).
 
     src: [B, K] input rows (model dtype), or with `tokens` ([B] int64) the
@@ -332,7 +360,10 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     them with `widen_words` (True; None: where the weight and block allow;
     False, the default: byte tensors and `widening`). int4 weights (uint8
     [N, K / 2], two a byte, weight_scale [N, K / G] per group of G columns)
-    run at batch 1 only and are always read as words (of eight)."""
+    run at batch 1 only and are always read as words (of eight); half_dot:
+    their products summed in float16 pairs within a word (`widen.int4_word_dots`:
+    fewer instructions a weight, float16 rounding of the input and of a word's
+    partial sums; inputs up to 32,752 in magnitude)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
     assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn, torch.uint8))
@@ -345,6 +376,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
             raise ValueError("int4 weights run the batch-1 GEMV reading words (not the tensor-core variant, "
                              "not a batch above 1)")
         words = True
+    elif half_dot:
+        raise ValueError("half_dot applies to int4 weights only")
     epi = EPILOGUES[epilogue]
     n_out = n_rows // 2 if epilogue == "geglu" else n_rows
     if config is not None:
@@ -398,9 +431,9 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
         args = args[:8] + (weight.view(torch.int32),) + args[9:]
         fmt = WORDS_INT4 if int4 else WORDS_INT8 if weight.dtype == torch.int8 else WORDS_E4M3
         consts.update(WIDEN=WORDS_PTX if weight.is_cuda else WORDS_BITS, WORDS=fmt, WPK=wpk,
-                      GROUP=k // weight_scale.shape[-1] if int4 else 0)
+                      GROUP=k // weight_scale.shape[-1] if int4 else 0, HALF_DOT=half_dot)
     else:
-        consts.update(WORDS=0, WPK=1, GROUP=0)
+        consts.update(WORDS=0, WPK=1, GROUP=0, HALF_DOT=False)
     _gemv_kernel[(triton.cdiv(n_out, bn),)](*args, 1, BB=bb, BN=bn, BK=bk, FLAT=flat, num_warps=warps, **consts,
                                             **launch_kwargs(pdl))
     return out

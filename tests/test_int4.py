@@ -106,10 +106,12 @@ def test_demo_heldout_loss_with_int4_weights():
 
 
 # -- kernels ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("half_dot", [False, True])
 @pytest.mark.parametrize("epilogue", ["plain", "geglu", "conv", "softcap"])
-def test_batch1_gemv_of_int4_words_matches_the_reference(epilogue):
+def test_batch1_gemv_of_int4_words_matches_the_reference(epilogue, half_dot):
     """Words of eight nibbles, each word's sum times its group's scale (groups of 32: several a tile, and a
-    ragged last tile), the norm prologue and every epilogue, NaN-poisoned outputs."""
+    ragged last tile), the norm prologue and every epilogue, NaN-poisoned outputs. half_dot: a word's products
+    summed in float16 pairs, so float16 rounding of the input and the partial sums (~5e-4 relative)."""
     from streamgemma.kernels.gemv import gemv
 
     g = torch.Generator().manual_seed(len(epilogue))
@@ -140,9 +142,12 @@ def test_batch1_gemv_of_int4_words_matches_the_reference(epilogue):
     else:
         want = y
     out = torch.full((1, want.shape[1]), float("nan"), device=DEV)
-    gemv(weight=q, out=out, config=(8, 64, 4), **call)
+    gemv(weight=q, out=out, config=(8, 64, 4), half_dot=half_dot, **call)
     assert torch.equal(res, xn)
-    assert rel_err(out, want) < 1e-5
+    err = rel_err(out, want)
+    assert err < 2e-3 if half_dot else err < 1e-5
+    if half_dot:
+        assert err > 1e-6  # the float16 path ran: it is not exact
 
 
 def test_int4_gemv_refuses_what_it_cannot_run():
@@ -154,6 +159,9 @@ def test_int4_gemv_refuses_what_it_cannot_run():
         gemv(torch.randn(2, 64, device=DEV), q, torch.empty(2, 8, device=DEV), weight_scale=s)
     with pytest.raises(ValueError, match="int4"):
         gemv(torch.randn(1, 64, device=DEV), q, torch.empty(1, 8, device=DEV), weight_scale=s, tensor_cores=True)
+    with pytest.raises(ValueError, match="half_dot applies to int4 weights only"):
+        gemv(torch.randn(1, 64, device=DEV), torch.randn(8, 64, device=DEV), torch.empty(1, 8, device=DEV),
+             half_dot=True)
 
 
 # float32: Triton's interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest
@@ -187,6 +195,14 @@ def test_decode_step_of_an_int4_model_matches_the_reference(batch):
     from test_quantize_kernels import check_decode_step
 
     check_decode_step("int4", batch, sg.KernelConfig())
+
+
+def test_decode_step_with_int4_half_dots_stays_within_float16_rounding():
+    from test_quantize_kernels import check_decode_step
+
+    check_decode_step("int4", 1, sg.KernelConfig(int4_half_dot=True), tol=5e-3)
+    with pytest.raises(ValueError, match="int4_half_dot must be True or False"):
+        sg.KernelConfig(int4_half_dot=1)
 
 
 def test_int4_model_refuses_a_fused_gemv_above_batch_1():

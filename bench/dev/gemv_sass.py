@@ -36,7 +36,9 @@ VARIANTS = [("bf16", "bf16", 0), ("int8 convert", "i8", 0), ("int8 magic", "i8",
             ("int8 words", "i8w", 1), ("int8 words bits", "i8w", 0), ("fp8 words", "fp8w", 1),
             ("fp8 words bits", "fp8w", 0),
             # int4: words of eight nibbles, a float32 scale per 128 columns of a row, batch 1
-            ("int4 words", "i4w", 1), ("int4 words bits", "i4w", 0)]
+            ("int4 words", "i4w", 1), ("int4 words bits", "i4w", 0),
+            # the same, a word's products summed in float16 pairs (gemv(half_dot=True))
+            ("int4 half", "i4hw", 1), ("int4 half bits", "i4hw", 0)]
 
 
 def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: bool = False,
@@ -60,7 +62,7 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
            "B": "i32", "N": "i32", "K": "i32"}
     epi = gemv_parts.EPILOGUES[epilogue] if fused else 0
     const = dict(BB=16 if tc else batch, BN=bn, BK=bk, SRC=0, SRC_SCALED=False, HAS_DELTA=fused, NORM=fused,
-                 WRITE_RES=fused, QUANT=weight_type not in ("bf16", "i4w"), HAS_BIAS=fused, EPI=epi,
+                 WRITE_RES=fused, QUANT=weight_type not in ("bf16", "i4w", "i4hw"), HAS_BIAS=fused, EPI=epi,
                  CONVK=4 if fused else 2, CONVR=4 if fused else 1, PDL=fused, WIDEN=widening)
     options = {"num_warps": warps}
     if tc:
@@ -72,9 +74,11 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
     else:
         sig["one"] = "i32"
         const["FLAT"] = weight_type != "bf16" and batch == 1  # as gemv.gemv picks it
-        const["WORDS"] = {"i8w": 1, "fp8w": 2, "i4w": 3}.get(weight_type, 0)
-        const["WPK"] = 8 if weight_type == "i4w" else 4 if const["WORDS"] else 1
-        const["GROUP"] = 128 if weight_type == "i4w" else 0
+        int4 = weight_type in ("i4w", "i4hw")
+        const["WORDS"] = 3 if int4 else {"i8w": 1, "fp8w": 2}.get(weight_type, 0)
+        const["WPK"] = 8 if int4 else 4 if const["WORDS"] else 1
+        const["GROUP"] = 128 if int4 else 0
+        const["HALF_DOT"] = weight_type == "i4hw"
         kernel = gemv._gemv_kernel
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)

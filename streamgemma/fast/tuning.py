@@ -74,6 +74,12 @@ class KernelConfig:
     of four and widens them a word at a time (`kernels/widen.py`; default
     True: on an H100 a 2B step took 19% less time with fp8 and 25% less with
     int8, bench/NOTES.md Q4); False: as byte tensors.
+
+    int4_half_dot: the batch-1 GEMV sums an int4 word's eight products in
+    float16 pairs (`kernels/widen.int4_word_dots`; opt-in: 11-16% fewer
+    instructions a weight offline, not yet timed on a GPU, bench/NOTES.md
+    Q7), with float16 rounding of the input and of a word's partial sums
+    (~5e-4 relative on a product's output).
     """
 
     gemv_max_batch: int = 1
@@ -86,6 +92,7 @@ class KernelConfig:
     prefill_attention_tiles: tuple[int, int, int, int] | None = None
     one_byte_words: bool = True
     dequantize_rows: int = 512
+    int4_half_dot: bool = False
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -114,8 +121,9 @@ class KernelConfig:
                                  f"got {self.rglru_launch!r}")
         if not isinstance(self.dequantize_rows, int) or self.dequantize_rows < 0:
             raise ValueError(f"dequantize_rows must be an int >= 0, got {self.dequantize_rows!r}")
-        if self.one_byte_words not in (True, False):
-            raise ValueError(f"one_byte_words must be True or False, got {self.one_byte_words!r}")
+        for flag in ("one_byte_words", "int4_half_dot"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.pdl not in (None, True, False):
             raise ValueError(f"pdl must be None, True or False, got {self.pdl!r}")
         if self.prefill_attention not in PREFILL_ATTENTION:
@@ -139,7 +147,7 @@ class KernelConfig:
                      frozenset(self.gemv_tensor_cores.items()),
                      frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl,
                      self.prefill_attention, self.prefill_attention_tiles, self.one_byte_words,
-                     self.dequantize_rows))
+                     self.dequantize_rows, self.int4_half_dot))
 
     def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or

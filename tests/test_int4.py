@@ -270,6 +270,11 @@ def test_the_tuning_tools_run_int4_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     table = json.loads(tuned.read_text())
     assert all(key.endswith(",int4") for key in table["best_cuda_core"]) and len(table["best_cuda_core"]) == 2
+    half = run(str(dev / "tune_gemv.py"), "--quick", "--batches", "1", "--kernels", "cuda", "--shapes", "out",
+               "--quantize", "int4", "--int4-half-dot", "--json", str(tmp_path / "half.json"))
+    assert half.returncode == 0, half.stderr[-2000:]
+    table_half = json.loads((tmp_path / "half.json").read_text())
+    assert table_half["int4_half_dot"] and 1e-6 < table_half["results"][0]["errors"]["cuda"] < 2e-3
     assert all(r["errors"]["cuda"] < 1e-5 for r in table["results"])
     refused = run(str(dev / "tune_gemv.py"), "--quick", "--batches", "2", "--quantize", "int4")
     assert refused.returncode == 2 and "batch-1 CUDA-core kernel only" in refused.stderr

@@ -96,6 +96,10 @@ def configs(name: str, bb: int, quick: bool, kernels: tuple[str, ...] = ("cuda",
     """Candidates: CUDA-core (BN, BK, num_warps) (register use grows with
     BB * BN * BK / threads) and tensor-core (BN, BK, num_warps, "tc", num_stages, splits)."""
     cc = configs_cuda_core(bb, quick) if "cuda" in kernels else []
+    if weight_bytes == 0.5 and not quick:
+        # int4: two words (16 weights) a thread a row (BK = 512 x warps), still no trip through shared memory:
+        # twice the bytes in flight a thread of the one-word blocks, for a kernel that is latency-bound
+        cc += [(2, 1024, 2), (4, 1024, 2), (8, 1024, 2), (4, 2048, 4), (8, 2048, 4)]
     return cc + (tc_configs(name, quick, weight_bytes, tc_stages, tc_splits) if "tc" in kernels else [])
 
 
@@ -119,8 +123,10 @@ def configs_cuda_core(bb: int, quick: bool) -> list[tuple[int, int, int]]:
 class Case:
     """One shape's tensors, `copies` weight copies (to defeat L2), batch rows."""
 
-    def __init__(self, name: str, batch: int, copies: int, seed: int = 0, quantize: str | None = None):
+    def __init__(self, name: str, batch: int, copies: int, seed: int = 0, quantize: str | None = None,
+                 half_dot: bool = False):
         n_rows, k, self.epi, self.norm, has_bias = SHAPES[name]
+        self.half_dot = half_dot  # int4: gemv(half_dot=True), as KernelConfig(int4_half_dot=True)
         g = torch.Generator(device=DEV).manual_seed(seed)
         rnd = lambda *s: torch.randn(*s, generator=g, device=DEV, dtype=torch.float32)  # noqa: E731
         self.name, self.batch, self.k, self.n_rows = name, batch, k, n_rows
@@ -163,6 +169,8 @@ class Case:
             kw["conv"] = (self.conv_state, self.slots, self.pos, self.cw, self.cb)
         if self.epi == "softcap":
             kw["cap"] = 30.0
+        if self.half_dot:
+            kw["half_dot"] = True
         gemv(self.x, self.weights[i], self.out, **kw)
         return self.out
 
@@ -227,8 +235,8 @@ def copies_for(name: str, weight_bytes: float = 2) -> int:
 
 def _compile(job):
     """Worker: run each (shape, batch, config) once, so the Triton cache holds them."""
-    name, batch, cfgs, with_pdl, quantize = job
-    shape_case = Case(name, batch, 1, quantize=quantize)
+    name, batch, cfgs, with_pdl, quantize, half_dot = job
+    shape_case = Case(name, batch, 1, quantize=quantize, half_dot=half_dot)
     failed = []
     for c in cfgs:
         for on in ((False, True) if with_pdl else (False,)):
@@ -279,7 +287,11 @@ def main():
     ap.add_argument("--pdl", action="store_true", help="also time every config with PDL launches (the best 4 printed)")
     ap.add_argument("--quantize", choices=("int8", "fp8", "int4"),
                     help="1-byte weights with per-row scales, or int4 (batch 1, CUDA-core kernel only)")
+    ap.add_argument("--int4-half-dot", action="store_true",
+                    help="with --quantize int4: time the GEMV summing a word's products in float16 pairs")
     args = ap.parse_args()
+    if args.int4_half_dot and args.quantize != "int4":
+        ap.error("--int4-half-dot needs --quantize int4")
     if not GPU and not args.quick:
         ap.error("without a GPU only --quick runs (Triton's interpreter, tiny shapes)")
     if args.quantize == "int4" and (args.batches != "1" or args.kernels != "cuda"):
@@ -300,7 +312,8 @@ def main():
             todo = [c for c in cs if len(c) == 3 or (n, c) not in seen]
             seen.update((n, c) for c in cs if len(c) > 3)
             compile_jobs.append((n, b, todo))
-        split = [(n, b, cs[i::4], args.pdl, args.quantize) for n, b, cs in compile_jobs for i in range(4)]
+        split = [(n, b, cs[i::4], args.pdl, args.quantize, args.int4_half_dot) for n, b, cs in compile_jobs
+                 for i in range(4)]
         ctx = __import__("multiprocessing").get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(14, os.cpu_count() or 4), mp_context=ctx) as ex:
             for (n, b, *_), failed in zip(split, ex.map(_compile, split)):
@@ -312,7 +325,7 @@ def main():
           f"{'tensor-core us':>14} {'TB/s':>5} {'config':26} | best    err(cuda, tc)", flush=True)
     for name, b, cfgs in jobs:
         copies = copies_for(name, weight_bytes) if GPU else 1
-        shape_case = Case(name, b, copies, quantize=args.quantize)
+        shape_case = Case(name, b, copies, quantize=args.quantize, half_dot=args.int4_half_dot)
         nbytes = shape_case.weights[0].numel() * shape_case.weights[0].element_size()
         t_mm = graph_time_us(lambda i, sc=shape_case: sc.matmul(i), copies)
         timed = []
@@ -359,7 +372,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if GPU else "cpu (interpreter)",
-                       "quantize": args.quantize, "best": best, "best_pdl": best_pdl,
+                       "quantize": args.quantize, "int4_half_dot": args.int4_half_dot, "best": best,
+                       "best_pdl": best_pdl,
                        "best_cuda_core": best_by_kind["cuda"], "best_tensor_core": best_by_kind["tc"],
                        "results": results}, f, indent=1)
 

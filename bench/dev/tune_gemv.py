@@ -96,10 +96,11 @@ def configs(name: str, bb: int, quick: bool, kernels: tuple[str, ...] = ("cuda",
     """Candidates: CUDA-core (BN, BK, num_warps) (register use grows with
     BB * BN * BK / threads) and tensor-core (BN, BK, num_warps, "tc", num_stages, splits)."""
     cc = configs_cuda_core(bb, quick) if "cuda" in kernels else []
-    if weight_bytes == 0.5 and not quick:
-        # int4: two words (16 weights) a thread a row (BK = 512 x warps), still no trip through shared memory:
-        # twice the bytes in flight a thread of the one-word blocks, for a kernel that is latency-bound
-        cc += [(2, 1024, 2), (4, 1024, 2), (8, 1024, 2), (4, 2048, 4), (8, 2048, 4)]
+    if weight_bytes < 2 and bb == 1 and not quick:
+        # quantized words: tile rows of 512 x warps columns give each thread twice the words a row of the
+        # defaults (256 x warps), still without a trip through shared memory (offline SASS, bench/NOTES.md Q7):
+        # twice the bytes in flight a thread
+        cc += [c for c in [(2, 1024, 2), (4, 1024, 2), (8, 1024, 2), (4, 2048, 4), (8, 2048, 4)] if c not in cc]
     return cc + (tc_configs(name, quick, weight_bytes, tc_stages, tc_splits) if "tc" in kernels else [])
 
 

@@ -121,8 +121,8 @@ cvt.f32.f16 $7, h7;
 # int4, the dot product of a word in float16 pairs: nibbles (j, j + 4) as an
 # f16x2 of q exactly (as above), times the input columns (j, j + 4) packed the
 # same way ($2..$5), summed over j = 0..3 in the two f16 lanes by fma.rn.f16x2,
-# then the lanes added in float32: ~4.5 instructions a word's pair of lanes in
-# place of eight f16 -> f32 conversions and eight FFMAs.
+# then the lanes added in float32: a word costs four HFMA2, two conversions
+# and an FADD where _INT4_WORD_ASM's caller pays eight of each.
 _INT4_DOT_ASM = tl.constexpr("""
 {
 .reg .b32 t, a, b, c, d, bias, s;

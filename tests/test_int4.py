@@ -150,6 +150,23 @@ def test_batch1_gemv_of_int4_words_matches_the_reference(epilogue, half_dot):
         assert err > 1e-6  # the float16 path ran: it is not exact
 
 
+def test_int4_half_dots_stay_finite_up_to_the_documented_input_range():
+    """Inputs of magnitude 32,000 (the scaled float16 sums reach ~64,000, the edge of float16's range) and of
+    2^-12 (float16 subnormals after scaling) in the same row."""
+    from streamgemma.kernels.gemv import gemv
+
+    g = torch.Generator().manual_seed(24)
+    k, n = 256, 24
+    q, s = quantize_rows(_rnd(g, n, k), "int4")
+    q[:, :4] = 0  # nibbles q + 8 = 0: the largest |q| (8) on the first eight columns
+    x = _rnd(g, 1, k) * 2.0 ** -12
+    x[0, :8] = 32000.0
+    want = x @ dequantize(q, s, torch.float32).T
+    out = torch.empty(1, n, device=DEV)
+    gemv(x, q, out, weight_scale=s, config=(8, 64, 4), half_dot=True)
+    assert torch.isfinite(out).all() and rel_err(out, want) < 2e-3
+
+
 def test_int4_gemv_refuses_what_it_cannot_run():
     from streamgemma.kernels.gemv import gemv
 

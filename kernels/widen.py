@@ -83,25 +83,29 @@ cvt.f32.f16 $3, h3;
 """)
 
 
-# int4: nibbles n and n + 4 of the word into the halves of an f16x2 1024 + nibble
-# (0x6400 is 1024.0, whose unit in the last place is 1), minus 1032 (0x6408):
-# q exactly, then to float32. Low halves hold nibbles 0-3, high halves 4-7.
-_INT4_WORD_ASM = tl.constexpr("""
-{
+# int4: nibbles n and n + 4 of the word {word} into the halves of an f16x2 1024 +
+# nibble (0x6400 is 1024.0, whose unit in the last place is 1), minus 1032
+# (0x6408): q exactly, in registers a, b, c, d (nibbles 0 and 4, 1 and 5, ...;
+# low halves hold nibbles 0-3, high halves 4-7).
+_INT4_PAIRS_PTX = """
 .reg .b32 t, a, b, c, d, bias;
-.reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
 mov.b32 bias, 0x64086408;
-lop3.b32 a, $8, 0x000F000F, 0x64006400, 0xEA;
-shr.b32 t, $8, 4;
+lop3.b32 a, {word}, 0x000F000F, 0x64006400, 0xEA;
+shr.b32 t, {word}, 4;
 lop3.b32 b, t, 0x000F000F, 0x64006400, 0xEA;
-shr.b32 t, $8, 8;
+shr.b32 t, {word}, 8;
 lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
-shr.b32 t, $8, 12;
+shr.b32 t, {word}, 12;
 lop3.b32 d, t, 0x000F000F, 0x64006400, 0xEA;
 sub.f16x2 a, a, bias;
 sub.f16x2 b, b, bias;
 sub.f16x2 c, c, bias;
 sub.f16x2 d, d, bias;
+"""
+
+# ... then each to float32 ($0..$7, the word in $8)
+_INT4_WORD_ASM = tl.constexpr("{" + _INT4_PAIRS_PTX.replace("{word}", "$8") + """
+.reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
 mov.b32 {h0, h4}, a;
 mov.b32 {h1, h5}, b;
 mov.b32 {h2, h6}, c;
@@ -117,29 +121,15 @@ cvt.f32.f16 $7, h7;
 }
 """)
 
-
-# int4, the dot product of a word in float16 pairs: nibbles (j, j + 4) as an
-# f16x2 of q exactly (as above), times the input columns (j, j + 4) packed the
-# same way ($2..$5), summed over j = 0..3 in the two f16 lanes by fma.rn.f16x2,
-# then the lanes added in float32: a word costs four HFMA2, two conversions
-# and an FADD where _INT4_WORD_ASM's caller pays eight of each.
-_INT4_DOT_ASM = tl.constexpr("""
-{
-.reg .b32 t, a, b, c, d, bias, s;
+# ... or the dot product of the word (in $1) in float16 pairs: times the input
+# columns (j, j + 4) packed the same way ($2..$5), summed over j = 0..3 in the
+# two f16 lanes by fma.rn.f16x2, then the lanes added in float32 ($0): a word
+# costs four HFMA2, two conversions and an FADD where _INT4_WORD_ASM's caller
+# pays eight of each.
+_INT4_DOT_ASM = tl.constexpr("{" + _INT4_PAIRS_PTX.replace("{word}", "$1") + """
+.reg .b32 s;
 .reg .b16 lo, hi;
 .reg .f32 flo, fhi;
-mov.b32 bias, 0x64086408;
-lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
-shr.b32 t, $1, 4;
-lop3.b32 b, t, 0x000F000F, 0x64006400, 0xEA;
-shr.b32 t, $1, 8;
-lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
-shr.b32 t, $1, 12;
-lop3.b32 d, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 a, a, bias;
-sub.f16x2 b, b, bias;
-sub.f16x2 c, c, bias;
-sub.f16x2 d, d, bias;
 mul.rn.f16x2 s, a, $2;
 fma.rn.f16x2 s, b, $3, s;
 fma.rn.f16x2 s, c, $4, s;

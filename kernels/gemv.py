@@ -86,7 +86,6 @@ from .widen import (
 # 2 |x|) stay finite for inputs up to 32,752; values below 2^-10 lose bits
 # to f16 subnormals, an absolute error under 1e-6.
 HALF_IN_SCALE = tl.constexpr(1.0 / 16)
-HALF_OUT_SCALE = tl.constexpr(16.0)
 
 
 @triton.jit
@@ -281,8 +280,8 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                 acc_u += widen(u, WIDEN)[None, :, :] * xin[:, None, :]
 
     if HALF_DOT:
-        acc = acc * HALF_OUT_SCALE
-        acc_u = acc_u * HALF_OUT_SCALE
+        acc = acc * (1.0 / HALF_IN_SCALE)
+        acc_u = acc_u * (1.0 / HALF_IN_SCALE)
     # the model dtype, in which the unfused path rounds (the weights' own dtype unless QUANT)
     dt_ptr = nscale_ptr if NORM else src_ptr
     epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), tl.sum(ss, axis=1), K, eps, dt_ptr, rows, rmask, n, nmask,

@@ -145,19 +145,18 @@ _PACK_F16X2_ASM = tl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")
 
 
 @triton.jit
+def _pack_f16x2(lo, hi):
+    return tl.inline_asm_elementwise(_PACK_F16X2_ASM, "=r,r,r", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def half_pairs(x8, HOW: tl.constexpr):
     """The input columns of int4 words (`x8`, eight [BK / 8] float32: column
     j of each word) as `int4_word_dots` takes them: WORDS_PTX, four int32
     f16x2 (columns j, j + 4); WORDS_BITS, the eight rounded to float16."""
     if HOW == WORDS_PTX:
-        out = (tl.inline_asm_elementwise(_PACK_F16X2_ASM, "=r,r,r", [x8[0], x8[4]], dtype=tl.int32, is_pure=True,
-                                         pack=1),
-               tl.inline_asm_elementwise(_PACK_F16X2_ASM, "=r,r,r", [x8[1], x8[5]], dtype=tl.int32, is_pure=True,
-                                         pack=1),
-               tl.inline_asm_elementwise(_PACK_F16X2_ASM, "=r,r,r", [x8[2], x8[6]], dtype=tl.int32, is_pure=True,
-                                         pack=1),
-               tl.inline_asm_elementwise(_PACK_F16X2_ASM, "=r,r,r", [x8[3], x8[7]], dtype=tl.int32, is_pure=True,
-                                         pack=1))
+        out = (_pack_f16x2(x8[0], x8[4]), _pack_f16x2(x8[1], x8[5]), _pack_f16x2(x8[2], x8[6]),
+               _pack_f16x2(x8[3], x8[7]))
     else:
         out = (x8[0].to(tl.float16), x8[1].to(tl.float16), x8[2].to(tl.float16), x8[3].to(tl.float16),
                x8[4].to(tl.float16), x8[5].to(tl.float16), x8[6].to(tl.float16), x8[7].to(tl.float16))
@@ -185,9 +184,9 @@ def int4_word_dots(w, xh, HOW: tl.constexpr):
                                          tl.broadcast_to(xh[3][None, :], w.shape)],
                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
-        lo = (_nibble_as_float(w, 0) * xh[0].to(tl.float32)[None, :]).to(tl.float16).to(tl.float32)
-        hi = (_nibble_as_float(w, 4) * xh[4].to(tl.float32)[None, :]).to(tl.float16).to(tl.float32)
-        for j in tl.static_range(1, 4):
+        lo = tl.zeros(w.shape, tl.float32)
+        hi = lo
+        for j in tl.static_range(4):
             lo = _half_fma(lo, _nibble_as_float(w, j), xh[j])
             hi = _half_fma(hi, _nibble_as_float(w, j + 4), xh[j + 4])
         out = lo + hi

@@ -157,7 +157,8 @@ class Case:
     def gemv(self, i: int, config, pdl: bool = False):
         from streamgemma.kernels import gemv_tc
         from streamgemma.kernels.gemv import gemv
-        kw = dict(bias=self.bias, epilogue=self.epi, config=config, pdl=pdl, weight_scale=self.scales[i])
+        kw = dict(bias=self.bias, epilogue=self.epi, config=config, pdl=pdl, weight_scale=self.scales[i],
+                  half_dot=self.half_dot)
         if len(config) >= 4:
             if config not in self.workspaces:
                 self.workspaces[config] = gemv_tc.workspace(self.out.shape[1], self.k, config, DEV)
@@ -170,8 +171,6 @@ class Case:
             kw["conv"] = (self.conv_state, self.slots, self.pos, self.cw, self.cb)
         if self.epi == "softcap":
             kw["cap"] = 30.0
-        if self.half_dot:
-            kw["half_dot"] = True
         gemv(self.x, self.weights[i], self.out, **kw)
         return self.out
 

@@ -155,12 +155,13 @@ class KernelDecoder:
         delta = None
 
         def gemv(src, weight, out, epilogue="plain", **kw):
-            config, tc = kc.gemv_launch(batch, epilogue, *_logical_shape(weight), _weight_format(weight))
+            fmt = _weight_format(weight)
+            config, tc = kc.gemv_launch(batch, epilogue, *_logical_shape(weight), fmt)
             ws = self._split_workspace(batch, epilogue, weight, config) if tc else None
-            int4 = weight.dtype == torch.uint8
-            words = True if int4 else None if kc.one_byte_words else False
+            words = True if fmt == "int4" else None if kc.one_byte_words else False
             return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, tensor_cores=tc,
-                                   pdl=self.pdl, workspace=ws, words=words, half_dot=int4 and kc.int4_half_dot, **kw)
+                                   pdl=self.pdl, workspace=ws, words=words,
+                                   half_dot=fmt == "int4" and kc.int4_half_dot, **kw)
 
         def project(src, name, out):  # an unfused projection of the layer's entry
             return gemv(src, entry["w_" + name], out, weight_scale=entry["s_" + name], bias=entry["b_" + name])

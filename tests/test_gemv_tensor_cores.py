@@ -287,6 +287,7 @@ def test_the_tuning_tools_run_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     table = json.loads(tuned.read_text())
     blocks = gemv_blocks_from_json(table["best"])
+    assert table["commit"]["commit"]  # records say what was measured
     assert len(blocks) == 2 and all(key[0] == 2 and key[4] == "int8" for key in blocks)
     assert all(len(b) == 6 and b[3] == "tc" for b in table["best_tensor_core"].values())  # stages, splits
     assert all(max(r["errors"].values()) < 1e-5 for r in table["results"])  # float32 on the CPU
@@ -294,7 +295,9 @@ def test_the_tuning_tools_run_on_the_cpu(tmp_path):
     done = run(str(dev / "decode_variants.py"), "--tiny", "--variants", "tc+tc1q+tuned,tc+tunedtc", "--batches", "3",
                "--positions", "9", "--quantize", "int8", "--gemv-json", str(tuned), "--json", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
-    checks = json.loads(out.read_text())["checks"]
+    record = json.loads(out.read_text())
+    checks = record["checks"]
+    assert record["commit"]["commit"]
     assert set(checks) == {"tc+tc1q+tuned b1", "tc+tc1q+tuned b3", "tc+tunedtc b1", "tc+tunedtc b3"}
     assert all(c["logits_rel_err"] < 1e-4 and c["state_rel_err"] < 1e-4 for c in checks.values())
 

@@ -45,6 +45,7 @@ if not torch.cuda.is_available():  # --tiny: the kernels read it when they are d
 from generate_overhead import graph_replay_ms  # noqa: E402 - a sibling dev tool (run as python bench/dev/...)
 
 import streamgemma as sg  # noqa: E402
+from streamgemma.bench.common import git_commit  # noqa: E402
 from streamgemma.bench.decode import time_decode  # noqa: E402
 from streamgemma.fast.tuning import KernelConfig, gemv_blocks_from_json  # noqa: E402
 from streamgemma.model.griffin import Griffin  # noqa: E402
@@ -195,7 +196,7 @@ def main() -> None:
 
     results = {"device": torch.cuda.get_device_name() if gpu else "cpu (interpreter)", "quantize": args.quantize,
                "preset": args.preset, "torch": torch.__version__, "triton": triton.__version__,
-               "checks": {}, "timings": []}
+               "commit": git_commit(), "checks": {}, "timings": []}
     for name in variants:
         apply(model, name, tuned)
         for b in [1] + batches:

@@ -370,9 +370,12 @@ def main():
         if GPU:
             torch.cuda.empty_cache()
     if args.json:
+        from streamgemma.bench.common import git_commit
+
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if GPU else "cpu (interpreter)",
-                       "quantize": args.quantize, "int4_half_dot": args.int4_half_dot, "best": best,
+                       "torch": torch.__version__, "commit": git_commit(), "quantize": args.quantize,
+                       "int4_half_dot": args.int4_half_dot, "best": best,
                        "best_pdl": best_pdl,
                        "best_cuda_core": best_by_kind["cuda"], "best_tensor_core": best_by_kind["tc"],
                        "results": results}, f, indent=1)

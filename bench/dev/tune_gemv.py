@@ -287,11 +287,16 @@ def main():
     ap.add_argument("--pdl", action="store_true", help="also time every config with PDL launches (the best 4 printed)")
     ap.add_argument("--quantize", choices=("int8", "fp8", "int4"),
                     help="1-byte weights with per-row scales, or int4 (batch 1, CUDA-core kernel only)")
-    ap.add_argument("--int4-half-dot", action="store_true",
-                    help="with --quantize int4: time the GEMV summing a word's products in float16 pairs")
+    ap.add_argument("--int4-half-dot", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --quantize int4: sum a word's products in float16 pairs (default: as "
+                         "KernelConfig().int4_half_dot)")
     args = ap.parse_args()
     if args.int4_half_dot and args.quantize != "int4":
         ap.error("--int4-half-dot needs --quantize int4")
+    if args.int4_half_dot is None:
+        from streamgemma.fast.tuning import KernelConfig
+
+        args.int4_half_dot = args.quantize == "int4" and KernelConfig().int4_half_dot
     if not GPU and not args.quick:
         ap.error("without a GPU only --quick runs (Triton's interpreter, tiny shapes)")
     if args.quantize == "int4" and (args.batches != "1" or args.kernels != "cuda"):

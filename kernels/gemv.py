@@ -109,19 +109,23 @@ def _rows(acc, FLAT: tl.constexpr):
 
 
 @triton.jit
-def _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM: tl.constexpr, WRITE_RES: tl.constexpr):
-    """An input tile v [BB, BK] as the product sees it, and the sum of squares
-    so far: with NORM, x * (1 + scale) unrounded (1/rms is gathered on the way
-    and applied after the loop: no first pass over the row), program 0
-    writing the residual stream. The squares are reduced every tile: a
-    [BB, BK] accumulator summed after the loop issues fewer instructions but
-    holds more registers, and measured slower (bench/NOTES.md, D11)."""
+def _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM: tl.constexpr, WRITE_RES: tl.constexpr,
+              SS_COLUMNS: tl.constexpr):
+    """An input tile v [BB, BK] as the product sees it, and the squares so far:
+    with NORM, x * (1 + scale) unrounded (1/rms is gathered on the way and
+    applied after the loop: no first pass over the row), program 0 writing
+    the residual stream. SS_COLUMNS: the squares kept per column [BB, BK] and
+    summed after the loop (fewer instructions, more registers: faster for
+    words, slower for bf16, bench/NOTES.md D11); else summed [BB] every tile."""
     if NORM:
         if WRITE_RES:
             if pid == 0:
                 tl.store(res_out_ptr + rows[:, None] * K + k[None, :], v, mask=rmask[:, None] & (k < K)[None, :])
         v = v.to(tl.float32)
-        ss += tl.sum(v * v, axis=1)
+        if SS_COLUMNS:
+            ss += v * v
+        else:
+            ss += tl.sum(v * v, axis=1)
         xin = v * (1.0 + scale.to(tl.float32)[None, :])
     else:
         xin = v.to(tl.float32)
@@ -234,7 +238,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     # -> 2.43 ms a step), so bf16 keeps the 3-D one (bench/NOTES.md, Q1).
     acc = _zeros_acc(BB, BN, BK // WPK, FLAT)
     acc_u = acc
-    ss = tl.zeros((BB,), tl.float32)
+    ss = tl.zeros((BB, BK) if WORDS else (BB,), tl.float32)
     for k0 in range(0, K, BK):
         # Two tiles of weights in flight (the one used now and the next), and the
         # input's next tile requested with them: no round trip to L2 waits in
@@ -255,7 +259,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
         scale = s_next
         x_next, s_next = input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                     k + BK, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
-        xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES)
+        xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES, WORDS != 0)
         if HALF_DOT:
             xh = half_pairs(_columns_of_int4_words(tl.sum(xin, axis=0) * HALF_IN_SCALE), WIDEN)
             acc += int4_word_dots(w, xh, WIDEN) * g
@@ -286,7 +290,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
         acc_u = acc_u * (1.0 / HALF_IN_SCALE)
     # the model dtype, in which the unfused path rounds (the weights' own dtype unless QUANT)
     dt_ptr = nscale_ptr if NORM else src_ptr
-    epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), ss, K, eps, dt_ptr, rows, rmask, n, nmask,
+    epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), tl.sum(ss, axis=1) if WORDS else ss, K, eps, dt_ptr, rows, rmask, n, nmask,
              out_ptr, out_stride, cap, bias, bias_u, wscale, wscale_u, conv_ptr, L, earlier, tap_now, shifted,
              conv_base, conv_off, cm, is_x, NORM, QUANT, HAS_BIAS, EPI, CONVK, CONVR)
 

@@ -81,12 +81,6 @@ from .widen import (
     widen_words,
 )
 
-# HALF_DOT (int4): the input is scaled by this power of two (exactly) before it
-# is rounded to float16, so a word's four-term f16 sums (|q| <= 8: at most
-# 2 |x|) stay finite for inputs up to 32,752; values below 2^-10 lose bits
-# to f16 subnormals, an absolute error under 1e-6.
-HALF_IN_SCALE = tl.constexpr(1.0 / 16)
-
 
 @triton.jit
 def _zeros_acc(BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr):
@@ -261,10 +255,10 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
                                     k + BK, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
         xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES, WORDS != 0)
         if HALF_DOT:
-            xh = half_pairs(_columns_of_int4_words(tl.sum(xin, axis=0) * HALF_IN_SCALE), WIDEN)
-            acc += int4_word_dots(w, xh, WIDEN) * g
+            xh, back = half_pairs(_columns_of_int4_words(tl.sum(xin, axis=0)), WIDEN)
+            acc += int4_word_dots(w, xh, WIDEN) * (g * back[None, :])
             if EPI == GEGLU:
-                acc_u += int4_word_dots(u, xh, WIDEN) * g_u
+                acc_u += int4_word_dots(u, xh, WIDEN) * (g_u * back[None, :])
         elif GROUP:
             x8 = _columns_of_int4_words(tl.sum(xin, axis=0))
             acc = _dot_int4_words(acc, w, x8, g, WIDEN)
@@ -285,9 +279,6 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
             if EPI == GEGLU:
                 acc_u += widen(u, WIDEN)[None, :, :] * xin[:, None, :]
 
-    if HALF_DOT:
-        acc = acc * (1.0 / HALF_IN_SCALE)
-        acc_u = acc_u * (1.0 / HALF_IN_SCALE)
     # the model dtype, in which the unfused path rounds (the weights' own dtype unless QUANT)
     dt_ptr = nscale_ptr if NORM else src_ptr
     # (the sum inside the call: as a statement of its own ptxas gives the words
@@ -369,8 +360,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     [N, K / 2], two a byte, weight_scale [N, K / G] per group of G columns)
     run at batch 1 only and are always read as words (of eight); half_dot:
     their products summed in float16 pairs within a word (`widen.int4_word_dots`:
-    fewer instructions a weight, float16 rounding of the input and of a word's
-    partial sums; inputs up to 32,752 in magnitude)."""
+    fewer instructions a weight, float16 rounding of each word's inputs, scaled
+    to its largest, and of its partial sums)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
     assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn, torch.uint8))

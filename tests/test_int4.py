@@ -150,9 +150,11 @@ def test_batch1_gemv_of_int4_words_matches_the_reference(epilogue, half_dot):
         assert err > 1e-6  # the float16 path ran: it is not exact
 
 
-def test_int4_half_dots_stay_finite_up_to_the_documented_input_range():
-    """Inputs of magnitude 32,000 (the scaled float16 sums reach ~64,000, the edge of float16's range) and of
-    2^-12 (float16 subnormals after scaling) in the same row."""
+@pytest.mark.parametrize("big", [32000.0, 1e6, 1e30])
+def test_int4_half_dots_stay_finite_and_close_for_any_finite_input(big):
+    """Each word's inputs are scaled to float16's range before the half dot: inputs far beyond float16
+    (1e6, 1e30), the largest |q| (8) on their words, next to words of tiny inputs (2^-12 x a normal draw,
+    float16 subnormals if unscaled) and a word of zeros, in one row."""
     from streamgemma.kernels.gemv import gemv
 
     g = torch.Generator().manual_seed(24)
@@ -160,11 +162,17 @@ def test_int4_half_dots_stay_finite_up_to_the_documented_input_range():
     q, s = quantize_rows(_rnd(g, n, k), "int4")
     q[:, :4] = 0  # nibbles q + 8 = 0: the largest |q| (8) on the first eight columns
     x = _rnd(g, 1, k) * 2.0 ** -12
-    x[0, :8] = 32000.0
-    want = x @ dequantize(q, s, torch.float32).T
+    x[0, :8] = big
+    x[0, 8:16] = 0.0
+    want = x.double() @ dequantize(q, s, torch.float32).double().T
     out = torch.empty(1, n, device=DEV)
     gemv(x, q, out, weight_scale=s, config=(8, 64, 4), half_dot=True)
-    assert torch.isfinite(out).all() and rel_err(out, want) < 2e-3
+    assert torch.isfinite(out).all() and rel_err(out.double(), want) < 2e-3
+    # without the big words, the tiny ones alone are still summed to float16's relative precision
+    x[0, :8] = 0.0
+    want = x.double() @ dequantize(q, s, torch.float32).double().T
+    gemv(x, q, out, weight_scale=s, config=(8, 64, 4), half_dot=True)
+    assert rel_err(out.double(), want) < 2e-3
 
 
 def test_int4_gemv_refuses_what_it_cannot_run():

@@ -190,6 +190,9 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     # widen_words (WIDEN: how). int4 (GROUP > 0): wscale_ptr holds a scale
     # per GROUP columns of a row ([N, K / GROUP]), applied in the loop;
     # HALF_DOT: a word's eight products summed in float16 pairs (widen.py).
+    # The norm's squares are kept per column where the weight is read as
+    # words (issue-bound there), summed every tile for bf16 (NOTES D11).
+    SS_COLUMNS: tl.constexpr = WORDS != 0
     pid = tl.program_id(0)
     rows, rmask, n, nmask, kk, w_rows, u_rows = tile_indices(pid, B, N, K // WPK, w_ptr, BB, BN, BK // WPK)
 
@@ -232,7 +235,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     # -> 2.43 ms a step), so bf16 keeps the 3-D one (bench/NOTES.md, Q1).
     acc = _zeros_acc(BB, BN, BK // WPK, FLAT)
     acc_u = acc
-    ss = tl.zeros((BB, BK) if WORDS else (BB,), tl.float32)
+    ss = tl.zeros((BB, BK) if SS_COLUMNS else (BB,), tl.float32)
     for k0 in range(0, K, BK):
         # Two tiles of weights in flight (the one used now and the next), and the
         # input's next tile requested with them: no round trip to L2 waits in
@@ -253,7 +256,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
         scale = s_next
         x_next, s_next = input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                     k + BK, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
-        xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES, WORDS != 0)
+        xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES, SS_COLUMNS)
         if HALF_DOT:
             xh, back = half_pairs(_columns_of_int4_words(tl.sum(xin, axis=0)), WIDEN)
             acc += int4_word_dots(w, xh, WIDEN) * (g * back[None, :])
@@ -283,7 +286,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     dt_ptr = nscale_ptr if NORM else src_ptr
     # (the sum inside the call: as a statement of its own ptxas gives the words
     # a different schedule from the one measured)
-    epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), tl.sum(ss, axis=1) if WORDS else ss, K, eps, dt_ptr, rows,
+    epilogue(_rows(acc, FLAT), _rows(acc_u, FLAT), tl.sum(ss, axis=1) if SS_COLUMNS else ss, K, eps, dt_ptr, rows,
              rmask, n, nmask, out_ptr, out_stride, cap, bias, bias_u, wscale, wscale_u, conv_ptr, L, earlier,
              tap_now, shifted, conv_base, conv_off, cm, is_x, NORM, QUANT, HAS_BIAS, EPI, CONVK, CONVR)
 

@@ -188,8 +188,8 @@ def int4_word_dots(w, xh, HOW: tl.constexpr):
     """Per int32 word of w [BN, BK / 8] (eight nibbles, each q + 8), the sum
     of q_j times its input column, in float16 pairs as _INT4_DOT_ASM does
     (xh: `half_pairs` of the columns), as float32 [BN, BK / 8]. The products
-    and the four-term sums round to float16: the caller keeps them in range
-    (|sum| < 65504) by scaling the input."""
+    and the four-term sums round to float16: `half_pairs` keeps them in range
+    (|sum| < 65504) by scaling each word's input."""
     if HOW == WORDS_PTX:
         out = tl.inline_asm_elementwise(_INT4_DOT_ASM, "=r,r,r,r,r,r",
                                         [w, tl.broadcast_to(xh[0][None, :], w.shape),

@@ -142,10 +142,11 @@ add.f32 $0, flo, fhi;
 """)
 # two float32 as an f16x2 (round to nearest): $1 the low half, $2 the high
 _PACK_F16X2_ASM = tl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")
-_RCP_ASM = tl.constexpr("rcp.approx.ftz.f32 $0, $1;")
-# What half_pairs scales each word's largest input column to: a word's
-# four-term float16 sums (|q| <= 8) then stay under 32 x 1024 = 32,768.
-HALF_RANGE = tl.constexpr(1024.0)
+# half_pairs scales each word's input columns by a power of two that puts the
+# largest in [512, 1024): a word's four-term float16 sums (|q| <= 8) then stay
+# under 32 x 1024 = 32,768. HALF_EXP: that power's exponent is HALF_EXP minus
+# the largest's (biased, 8 bits), clamped so both scales stay normal floats.
+HALF_EXP = tl.constexpr(9)
 
 
 @triton.jit
@@ -157,20 +158,22 @@ def _pack_f16x2(lo, hi):
 def half_pairs(x8, HOW: tl.constexpr):
     """The input columns of int4 words (`x8`, eight [BK / 8] float32: column
     j of each word) as `int4_word_dots` takes them, and what to multiply its
-    dot products by ([BK / 8]): each word's columns scaled so the largest is
-    HALF_RANGE in magnitude (any finite input then stays in float16's range),
-    then WORDS_PTX, four int32 f16x2 (columns j, j + 4); WORDS_BITS, the
-    eight rounded to float16."""
+    dot products by ([BK / 8]): each word's columns scaled by a power of two
+    that puts the largest in [512, 1024) (any finite input then stays in
+    float16's range), then WORDS_PTX, four int32 f16x2 (columns j, j + 4);
+    WORDS_BITS, the eight rounded to float16."""
     m = tl.maximum(tl.abs(x8[0]), tl.abs(x8[4]))
     for j in tl.static_range(1, 4):
         m = tl.maximum(m, tl.maximum(tl.abs(x8[j]), tl.abs(x8[j + 4])))
-    back = tl.maximum(m, 1e-30) * (1.0 / HALF_RANGE)  # (a word of zero inputs: any scale)
+    # exponent arithmetic instead of a reciprocal: exact scales, integer
+    # latency (a word of zero or tiny inputs gets the largest scale)
+    e = tl.minimum(tl.maximum(m.to(tl.int32, bitcast=True) >> 23, HALF_EXP + 1), 254)
+    r = ((-e + (254 + HALF_EXP)) << 23).to(tl.float32, bitcast=True)
+    back = ((e - HALF_EXP) << 23).to(tl.float32, bitcast=True)
     if HOW == WORDS_PTX:
-        r = tl.inline_asm_elementwise(_RCP_ASM, "=r,r", [back], dtype=tl.float32, is_pure=True, pack=1)
         out = (_pack_f16x2(x8[0] * r, x8[4] * r), _pack_f16x2(x8[1] * r, x8[5] * r),
                _pack_f16x2(x8[2] * r, x8[6] * r), _pack_f16x2(x8[3] * r, x8[7] * r))
     else:
-        r = 1.0 / back
         out = ((x8[0] * r).to(tl.float16), (x8[1] * r).to(tl.float16), (x8[2] * r).to(tl.float16),
                (x8[3] * r).to(tl.float16), (x8[4] * r).to(tl.float16), (x8[5] * r).to(tl.float16),
                (x8[6] * r).to(tl.float16), (x8[7] * r).to(tl.float16))

@@ -296,6 +296,10 @@ MAX_BATCH = 16
 # many small programs keep more independent loads in flight per SM.
 BATCH1_CONFIGS = MappingProxyType({"plain": (2, 512, 2), "conv": (4, 256, 2), "geglu": (4, 128, 2),
                                    "softcap": (8, 256, 4)})
+# int8 / fp8 read as words at batch 1, tuned on the 2B shapes with fp8
+# (bench/dev/tune_gemv.py --quantize fp8; bench/NOTES.md Q9).
+WORDS_BATCH1_CONFIGS = MappingProxyType({"plain": (4, 1024, 4), "conv": (4, 512, 2), "geglu": (4, 512, 2),
+                                         "softcap": (16, 256, 4)})
 # int4 at batch 1 (untuned): a tile row of 256 x warps columns, one word a
 # thread (no trip through shared memory); 4 rows a program amortise the norm
 # prologue (offline SASS, sm_90: 7.7 instructions a weight against 10.4 at
@@ -411,24 +415,21 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     bb = triton.next_power_of_2(batch)
     if config is not None and len(config) != 3:
         raise ValueError(f"gemv config {config!r}: want (BN, BK, num_warps) or a tensor-core config")
-    if config is None and int4 and weight.is_cuda:
-        config = INT4_BATCH1_CONFIGS[epilogue]
-    bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
-    bk = min(bk, max(16, triton.next_power_of_2(k)))
     flat = bb == 1 and weight_scale is not None
     wpk = 8 if int4 else 4  # weights a word
+    word_layout = (flat and k % (2 * wpk) == 0 and weight.stride(1) == 1 and weight.stride(0) % 4 == 0
+                   and weight.storage_offset() % 4 == 0)
+    if config is None and weight.is_cuda and (int4 or (words is not False and word_layout)):
+        config = (INT4_BATCH1_CONFIGS if int4 else WORDS_BATCH1_CONFIGS)[epilogue]
+    bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
+    bk = min(bk, max(16, triton.next_power_of_2(k)))
     if words is not False:  # True, or None: where the weight and block allow
-        can_words = (flat and k % (2 * wpk) == 0 and bk >= 8 * wpk and weight.stride(1) == 1
-                     and weight.stride(0) % 4 == 0 and weight.storage_offset() % 4 == 0)
+        can_words = word_layout and bk >= 8 * wpk
         if words and not can_words:
             raise ValueError("gemv(words=True) needs batch 1, 1-byte (or int4) weights with rows of a multiple "
                              "of 4 bytes (contiguous, aligned) and a block of BK >= 64")
         words = can_words
     if words:
-        if config is None and weight.is_cuda:
-            # a tile row as wide as the program's threads (two words each): the
-            # input's columns then split across threads as the words do
-            bk = min(max(bk, 256 * warps), max(16, triton.next_power_of_2(k)))
         args = args[:8] + (weight.view(torch.int32),) + args[9:]
         fmt = WORDS_INT4 if int4 else WORDS_INT8 if weight.dtype == torch.int8 else WORDS_E4M3
         consts.update(WIDEN=WORDS_PTX if weight.is_cuda else WORDS_BITS, WORDS=fmt, WPK=wpk,

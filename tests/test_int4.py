@@ -270,9 +270,11 @@ def test_quantized_example_runs():
     import sys
     from pathlib import Path
 
+    from conftest import subprocess_env
+
     example = Path(__file__).resolve().parent.parent / "examples" / "quantized.py"
     done = subprocess.run([sys.executable, str(example), "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=subprocess_env())
     assert done.returncode == 0, done.stderr
     assert "int4 saved and loaded back as stored" in done.stdout and "resumed in int4" in done.stdout
 

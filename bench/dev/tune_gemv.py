@@ -100,7 +100,8 @@ def configs(name: str, bb: int, quick: bool, kernels: tuple[str, ...] = ("cuda",
         # quantized words: tile rows of 512 x warps columns give each thread twice the words a row of the
         # defaults (256 x warps), still without a trip through shared memory (offline SASS, bench/NOTES.md Q7):
         # twice the bytes in flight a thread
-        cc += [c for c in [(2, 1024, 2), (4, 1024, 2), (8, 1024, 2), (4, 2048, 4), (8, 2048, 4)] if c not in cc]
+        wide = [(2, 1024, 2), (4, 1024, 2), (8, 1024, 2), (4, 2048, 4), (8, 2048, 4), (8, 1024, 4)]
+        cc += [c for c in wide if c not in cc]
     return cc + (tc_configs(name, quick, weight_bytes, tc_stages, tc_splits) if "tc" in kernels else [])
 
 

@@ -297,15 +297,16 @@ MAX_BATCH = 16
 BATCH1_CONFIGS = MappingProxyType({"plain": (2, 512, 2), "conv": (4, 256, 2), "geglu": (4, 128, 2),
                                    "softcap": (8, 256, 4)})
 # int8 / fp8 read as words at batch 1, tuned on the 2B shapes with fp8
-# (bench/dev/tune_gemv.py --quantize fp8; bench/NOTES.md Q9).
+# (bench/dev/tune_gemv.py --quantize fp8; bench/NOTES.md Q9); a "plain"
+# product with K >= 2N (the MLP's down product) takes WORDS_LONG_K.
 WORDS_BATCH1_CONFIGS = MappingProxyType({"plain": (4, 1024, 4), "conv": (4, 512, 2), "geglu": (4, 512, 2),
                                          "softcap": (16, 256, 4)})
-# int4 at batch 1 (untuned): a tile row of 256 x warps columns, one word a
-# thread (no trip through shared memory); 4 rows a program amortise the norm
-# prologue (offline SASS, sm_90: 7.7 instructions a weight against 10.4 at
-# BN 2; 6.1 at BN 8, which leaves fewer programs to keep loads in flight).
-INT4_BATCH1_CONFIGS = MappingProxyType({"plain": (4, 512, 2), "conv": (4, 512, 2), "geglu": (4, 512, 2),
-                                        "softcap": (8, 1024, 4)})
+WORDS_LONG_K = (2, 2048, 4)
+# int4 at batch 1, tuned on the 2B shapes (the half dot with per-word scales;
+# NOTES Q7): a tile row of 256 x warps columns or more, one word a thread or
+# more (no trip through shared memory).
+INT4_BATCH1_CONFIGS = MappingProxyType({"plain": (4, 1024, 4), "conv": (4, 512, 2), "geglu": (4, 512, 2),
+                                        "softcap": (4, 512, 2)})
 # Triton's interpreter (CPU tests): the cost per program dominates.
 INTERPRETER_CONFIG = (64, 64, 4)
 
@@ -421,6 +422,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
                    and weight.storage_offset() % 4 == 0)
     if config is None and weight.is_cuda and (int4 or (words is not False and word_layout)):
         config = (INT4_BATCH1_CONFIGS if int4 else WORDS_BATCH1_CONFIGS)[epilogue]
+        if not int4 and epilogue == "plain" and k >= 2 * n_rows:
+            config = WORDS_LONG_K
     bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     if words is not False:  # True, or None: where the weight and block allow

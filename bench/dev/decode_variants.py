@@ -59,8 +59,9 @@ VARIANTS = {"base": {}, "nopdl": {},
             "up2x512": {UP: (2, 512, 2)}, "up4x256": {UP: (4, 256, 2)}, "up4x128": {UP: (4, 128, 2)},
             "down2x1024": {DOWN: (2, 1024, 4)}, "out4x256": {OUT: (4, 256, 2)}, "qkv4x256": {QKV: (4, 256, 2)},
             "lm2x512": {LM: (2, 512, 2)}, "lm8x256": {LM: (8, 256, 4)}, "lm16x256": {LM: (16, 256, 4)}}
-# RG-LRU programs (channels per program, warps) and attention key tiles at batch 1
-RGLRU = {"rg16": (16, 4), "rg64": (64, 4), "rg32w4": (32, 4), "rg32w8": (32, 8), "rg16w2": (16, 2)}
+# RG-LRU programs (channels per program, warps; every batch) and attention key tiles at batch 1
+RGLRU = {"rg16": (16, 4), "rg64": (64, 4), "rg32w4": (32, 4), "rg32w8": (32, 8), "rg16w2": (16, 2),
+         "rg16w8": (16, 8), "rg64w8": (64, 8)}
 ATTN = {"att32": 32, "att16": 16}
 # the fused GEMV path beyond batch 1: KernelConfig fields
 _TC_ALL = dict(gemv_max_batch=16, gemv_tensor_cores={f: (2, 4, 8, 16) for f in ("float", "int8", "fp8")})

@@ -328,6 +328,15 @@ def default_config(batch_bucket: int, epilogue: str, on_gpu: bool = True,
     return 8, max(16, 512 // batch_bucket), 4
 
 
+def words_config(epilogue: str, int4: bool, n_rows: int, k: int) -> tuple[int, int, int]:
+    """(BN, BK, num_warps) of a batch-1 product that reads its weight [n_rows,
+    k] as words, on a GPU: int8 / fp8 (int4: True) per epilogue, a long-K
+    plain product (the MLP's down) its own."""
+    if int4:
+        return INT4_BATCH1_CONFIGS[epilogue]
+    return WORDS_LONG_K if epilogue == "plain" and k >= 2 * n_rows else WORDS_BATCH1_CONFIGS[epilogue]
+
+
 def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: torch.Tensor | None = None,
          delta: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None, eps: float = 1e-6,
          residual_out: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
@@ -421,9 +430,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     word_layout = (flat and k % (2 * wpk) == 0 and weight.stride(1) == 1 and weight.stride(0) % 4 == 0
                    and weight.storage_offset() % 4 == 0)
     if config is None and weight.is_cuda and (int4 or (words is not False and word_layout)):
-        config = (INT4_BATCH1_CONFIGS if int4 else WORDS_BATCH1_CONFIGS)[epilogue]
-        if not int4 and epilogue == "plain" and k >= 2 * n_rows:
-            config = WORDS_LONG_K
+        config = words_config(epilogue, int4, n_rows, k)
     bn, bk, warps = config or default_config(bb, epilogue, weight.is_cuda, weight.element_size())
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     if words is not False:  # True, or None: where the weight and block allow

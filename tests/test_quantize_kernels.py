@@ -304,3 +304,18 @@ def test_dequantized_linear_in_blocks_matches_the_reference(fmt):
         torch.testing.assert_close(dequantized_linear(x, q, s, b, block_bytes=block_bytes), want,
                                    rtol=1e-5, atol=1e-5)
 
+
+
+def test_words_blocks_at_batch1_follow_the_format_and_shape():
+    from streamgemma.kernels.gemv import EPILOGUES, WORDS_LONG_K, words_config
+
+    # the 2B shapes: the down product [2560, 7680] has its own block for int8 / fp8, not for int4
+    assert words_config("plain", False, 2560, 7680) == WORDS_LONG_K
+    assert words_config("plain", False, 3072, 2560) != WORDS_LONG_K
+    assert words_config("plain", True, 2560, 7680) == words_config("plain", True, 3072, 2560)
+    for int4 in (False, True):
+        for epilogue in EPILOGUES:
+            bn, bk, warps = words_config(epilogue, int4, 2560, 2560)
+            wpk = 8 if int4 else 4
+            # powers of two, and wide enough that gemv reads the weight as words (BK >= 8 words)
+            assert all(v & (v - 1) == 0 for v in (bn, bk, warps)) and bk >= 8 * wpk

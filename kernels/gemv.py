@@ -362,7 +362,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     place, slot -1 rows untouched), out[:, L:] = the y half; "softcap" -> out
     [B, N] float32 = cap * tanh(logits / cap) (plain cast when cap is 0).
     out may have a row stride (out.stride(1) must be 1).
-    config: (BN, BK, num_warps), default `default_config`; a 4th element
+    config: (BN, BK, num_warps), default `default_config` (`words_config` for
+    weights read as words on a GPU); a 4th element
     "tc" runs the tensor-core kernel of gemv_tc.py, whose config may go on
     with num_stages and K splits ((BN, BK, num_warps, "tc"[, num_stages[,
     splits]])); tensor_cores: that kernel with its default block (ignored

@@ -305,7 +305,6 @@ def test_dequantized_linear_in_blocks_matches_the_reference(fmt):
                                    rtol=1e-5, atol=1e-5)
 
 
-
 def test_words_blocks_at_batch1_follow_the_format_and_shape():
     from streamgemma.kernels.gemv import EPILOGUES, WORDS_LONG_K, words_config
 

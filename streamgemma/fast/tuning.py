@@ -78,8 +78,8 @@ class KernelConfig:
     int4_half_dot: the batch-1 GEMV sums an int4 word's eight products in
     float16 pairs (`kernels/widen.int4_word_dots`; default True: on an H100
     a 2B step took 21% less time, bench/NOTES.md Q7), with float16 rounding
-    of the input (each word's columns scaled to its largest: no range
-    limit) and of a word's partial sums (~5e-4 relative on a product's
+    of the input (each word's columns scaled by a power of two to its
+    largest: no range limit) and of a word's partial sums (~5e-4 relative on a product's
     output); False: in float32.
     """
 

@@ -3,8 +3,9 @@
 kernel's quantized weights and embedding rows, the int8/fp8 Triton GEMM, the
 whole decode step (GEMV and matmul paths) and the kernel prefill. Without a
 GPU they run under Triton's interpreter (conftest.py) on tiny shapes; the
-fp8 tensor-core product (`F.scaled_mm`) is checked on the CPU (torch runs it
-there too) and, where there is one, on the GPU."""
+fp8 tensor-core product (`F.scaled_mm`) is checked on the GPU where it has
+fp8 tensor cores, else on the CPU where torch runs it there (2.13 does, 2.11
+does not)."""
 
 import pytest
 import torch
@@ -19,6 +20,20 @@ from streamgemma.model.quantize import dequantize, quantize_rows, quantized_line
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FMTS = ("int8", "fp8")
+
+
+def _scaled_mm_device() -> str:
+    """Where `F.scaled_mm` runs the fp8 product: a GPU with fp8 tensor cores, else the CPU if this
+    torch has a CPU kernel for it; skips the test otherwise (users run fp8 products on CUDA only)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        return "cuda"
+    one = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        F.scaled_mm(one, one.t(), torch.ones(16, 1), F.ScalingType.RowWise, torch.ones(1, 16),
+                    F.ScalingType.RowWise, output_dtype=torch.bfloat16)
+    except NotImplementedError:
+        pytest.skip(f"torch {torch.__version__} has no CPU F.scaled_mm, and there is no GPU with fp8 tensor cores")
+    return "cpu"
 
 
 def _rnd(g, *shape):
@@ -160,15 +175,16 @@ def test_kernel_prefill_of_a_quantized_model_matches_the_reference(fmt, dequanti
 
 
 @pytest.mark.parametrize("m", [1, 7])
-def test_fp8_scaled_mm_product_on_the_cpu(m):
-    """The call the fp8 tensor-core path makes, on torch's CPU implementation: row-wise
+def test_fp8_scaled_mm_product_at_small_shapes(m):
+    """The call the fp8 tensor-core path makes (on the CPU where there is no GPU): row-wise
     e4m3 activations, so the error is that of fp8 activations (~3% relative)."""
     from streamgemma.fast.qlinear import fp8_linear
 
+    dev = _scaled_mm_device()
     g = torch.Generator().manual_seed(m)
     x, w, b = torch.randn(m, 64, generator=g).bfloat16(), torch.randn(48, 64, generator=g), torch.randn(48).bfloat16()
     q, s = quantize_rows(w, "fp8")
-    y = fp8_linear(x, q, s, b)
+    y = fp8_linear(x.to(dev), q.to(dev), s.to(dev), b.to(dev)).cpu()
     assert y.dtype == torch.bfloat16
     assert rel_err(y.float(), quantized_linear_ref(x.float(), q, s, b.float())) < 0.05
 
@@ -212,8 +228,10 @@ def test_the_norm_makes_the_fp8_rows_of_its_output_in_the_same_launch():
     assert torch.equal(fused[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused[1], s)
     w, b = torch.randn(32, 96, generator=g), torch.randn(32).bfloat16()
     wq, ws = quantize_rows(w, "fp8")
-    given = (torch.zeros(5, 96, dtype=torch.float8_e4m3fn), torch.ones(5, 1))  # not fp8_rows(normed): zeros
-    assert torch.equal(fp8_linear(normed.cpu(), wq, ws, b, x_fp8=given), b.expand(5, 32))
+    mm = _scaled_mm_device()
+    given = (torch.zeros(5, 96, dtype=torch.float8_e4m3fn, device=mm), torch.ones(5, 1, device=mm))  # not fp8_rows
+    out = fp8_linear(normed.to(mm), wq.to(mm), ws.to(mm), b.to(mm), x_fp8=given)
+    assert torch.equal(out.cpu(), b.expand(5, 32))
 
 
 def test_the_geglu_makes_the_fp8_rows_of_its_output_in_the_same_launch():

@@ -25,6 +25,7 @@ connection set-up and prompt prefill are not counted):
     streamgemma bench serve --temperature 0.8 --top-k 40 --top-p 0.95  # clients sample with filters
     streamgemma bench serve --url ws://HOST:PORT/v1/stream --token T  # a running server
     streamgemma bench serve --http --http-scrape 1                    # with the HTTP API on (and scraped)
+    streamgemma bench serve --client-cpus half                        # clients and server on their own CPUs
     streamgemma bench serve --preset tiny --device cpu --clients 4 --tokens 8 --procs 1
 """
 
@@ -33,13 +34,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import threading
 import time
 
 import anyio
 import anyio.from_thread
 
-from .clients import run_clients, summarize
+from .clients import parse_cpus, run_clients, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=512, help="tokens each client generates (default 512)")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per client (default 128)")
     parser.add_argument("--procs", type=int, default=8, help="client worker processes (default 8)")
+    parser.add_argument("--client-cpus", metavar="LIST", type=_cpu_list,
+                        help="run the client processes on these CPUs (e.g. 8-15, or 'half': the upper half) "
+                             "and the server on the others, so that on one host the clients' work does not "
+                             "slow the server's event loop (default: no pinning)")
     parser.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
                         help="ask for coalesced token frames, as sg.Client does (default: yes)")
     parser.add_argument("--coalesce-ms", type=float, default=20.0,
@@ -219,17 +225,48 @@ def sampling_of(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
 
 
-def options(args: argparse.Namespace) -> dict:
+def _cpu_list(spec: str) -> list[int]:
+    try:
+        return parse_cpus(spec)
+    except ValueError as e:  # argparse names the option and exits with its usage
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--client-cpus {spec!r}: ")) from None
+
+
+def options(args: argparse.Namespace, client_cpus: list[int] | None = None) -> dict:
     return {"tokens": args.tokens, "prompt": args.prompt, "coalesce": args.coalesce,
-            "interject": args.interject, "timeout": args.timeout, "sampling": sampling_of(args)}
+            "interject": args.interject, "timeout": args.timeout, "sampling": sampling_of(args),
+            "cpus": client_cpus}
+
+
+@contextlib.contextmanager
+def pinned(args: argparse.Namespace):
+    """With --client-cpus: inside the block this process (the server, and every
+    thread it starts there) leaves those CPUs to the clients. Yields what runs
+    where (None: no pinning)."""
+    if not args.client_cpus or args.url:
+        yield {"clients": args.client_cpus, "server": None} if args.client_cpus else None
+        return
+    before = os.sched_getaffinity(0)
+    server = sorted(before - set(args.client_cpus))
+    os.sched_setaffinity(0, server)
+    try:
+        yield {"clients": args.client_cpus, "server": server}
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def run(args: argparse.Namespace) -> dict:
+    with pinned(args) as cpus:
+        return _run(args, cpus)
+
+
+def _run(args: argparse.Namespace, cpus: dict | None) -> dict:
     out: dict = {"clients": args.clients, "procs": args.procs, "tokens_per_client": args.tokens,
                  "prompt_tokens": args.prompt, "coalesce": args.coalesce, "interject": args.interject,
-                 "sampling": sampling_of(args)}
+                 "sampling": sampling_of(args), "cpus": cpus}
+    client_cpus = cpus["clients"] if cpus else None
     if args.url:
-        released, records = run_clients(args.url, args.token, args.clients, args.procs, options(args))
+        released, records = run_clients(args.url, args.token, args.clients, args.procs, options(args, client_cpus))
         out.update(summarize(released, records))
         out.pop("_window")
         return out
@@ -265,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
     server = sg.Server(engine, port=0, limits=limits, **({"http": sg.HttpConfig()} if args.http else {}))
     with GcPauses() as pauses, CounterSampler(engine, server) as counters, serving(server), \
             Scraper(server if args.http else None, args.http_scrape) as scrapes:
-        released, records = run_clients(server.url, None, args.clients, args.procs, options(args))
+        released, records = run_clients(server.url, None, args.clients, args.procs, options(args, client_cpus))
     summary = summarize(released, records)
     window = summary.pop("_window")
     out.update(model=describe(model), coalesce_interval_ms=args.coalesce_ms, warm_up_s=round(warm_s, 2), **summary)

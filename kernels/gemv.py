@@ -75,8 +75,6 @@ from .widen import (
     WORDS_INT8,
     WORDS_PTX,
     default_widen,
-    e4m3_half_columns,
-    e4m3_pair_dots,
     half_pairs,
     int4_word_dots,
     widen,
@@ -191,8 +189,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     # words of WPK = 4 (8 for int4) weights, [N, K / WPK], widened by
     # widen_words (WIDEN: how). int4 (GROUP > 0): wscale_ptr holds a scale
     # per GROUP columns of a row ([N, K / GROUP]), applied in the loop;
-    # HALF_DOT: the eight products of an int4 word, or of an e4m3 pair of
-    # words, summed in float16 pairs (widen.py).
+    # HALF_DOT: a word's eight products summed in float16 pairs (widen.py).
     # The norm's squares are kept per column where the weight is read as
     # words (issue-bound there), summed every tile for bf16 (NOTES D11).
     SS_COLUMNS: tl.constexpr = WORDS != 0
@@ -236,8 +233,7 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
     # layout, so the widened tile is not reshuffled through shared memory to meet
     # a 3-D one. Measured on the H100 it helps fp8 and int8 but slows bf16 (2.20
     # -> 2.43 ms a step), so bf16 keeps the 3-D one (bench/NOTES.md, Q1).
-    # (an e4m3 half dot sums each pair of words: half as many sums)
-    acc = _zeros_acc(BB, BN, BK // WPK // (2 if HALF_DOT and not GROUP else 1), FLAT)
+    acc = _zeros_acc(BB, BN, BK // WPK, FLAT)
     acc_u = acc
     ss = tl.zeros((BB, BK) if SS_COLUMNS else (BB,), tl.float32)
     for k0 in range(0, K, BK):
@@ -261,16 +257,11 @@ def _gemv_kernel(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, res_out_ptr
         x_next, s_next = input_tile(src_ptr, tok_ptr, emb_scale, tscale_ptr, delta_ptr, nscale_ptr, rows, rmask,
                                     k + BK, K, SRC, SRC_SCALED, HAS_DELTA, NORM)
         xin, ss = _prologue(v, scale, ss, res_out_ptr, rows, rmask, k, K, pid, NORM, WRITE_RES, SS_COLUMNS)
-        if HALF_DOT and GROUP:
+        if HALF_DOT:
             xh, back = half_pairs(_columns_of_int4_words(tl.sum(xin, axis=0)), WIDEN)
             acc += int4_word_dots(w, xh, WIDEN) * (g * back[None, :])
             if EPI == GEGLU:
                 acc_u += int4_word_dots(u, xh, WIDEN) * (g_u * back[None, :])
-        elif HALF_DOT:
-            xh, back = e4m3_half_columns(_columns_of_int4_words(tl.sum(xin, axis=0)), WIDEN)
-            acc += e4m3_pair_dots(w, xh, WIDEN) * back[None, :]
-            if EPI == GEGLU:
-                acc_u += e4m3_pair_dots(u, xh, WIDEN) * back[None, :]
         elif GROUP:
             x8 = _columns_of_int4_words(tl.sum(xin, axis=0))
             acc = _dot_int4_words(acc, w, x8, g, WIDEN)
@@ -388,8 +379,7 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
     run at batch 1 only and are always read as words (of eight); half_dot:
     their products summed in float16 pairs within a word (`widen.int4_word_dots`:
     fewer instructions a weight, float16 rounding of each word's inputs, scaled
-    to its largest, and of its partial sums); for fp8 weights read as words,
-    within a pair of words (`widen.e4m3_pair_dots`; elsewhere it does not apply)."""
+    to its largest, and of its partial sums)."""
     batch = tokens.shape[0] if tokens is not None else src.shape[0]
     assert 1 <= batch <= MAX_BATCH and out.stride(-1) == 1
     assert (weight_scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn, torch.uint8))
@@ -402,8 +392,8 @@ def gemv(src: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, bias: to
             raise ValueError("int4 weights run the batch-1 GEMV reading words (not the tensor-core variant, "
                              "not a batch above 1)")
         words = True
-    elif half_dot and weight.dtype != torch.float8_e4m3fn:
-        raise ValueError("half_dot applies to int4 and fp8 (e4m3) weights only")
+    elif half_dot:
+        raise ValueError("half_dot applies to int4 weights only")
     epi = EPILOGUES[epilogue]
     n_out = n_rows // 2 if epilogue == "geglu" else n_rows
     if config is not None:

@@ -143,60 +143,15 @@ add.f32 $0, flo, fhi;
 # two float32 as an f16x2 (round to nearest): $1 the low half, $2 the high
 _PACK_F16X2_ASM = tl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")
 # half_pairs scales each word's input columns by a power of two that puts the
-# largest in [2^EXP, 2^(EXP + 1)): int4 (EXP = HALF_EXP, [512, 1024)), whose
-# four-term float16 sums (|q| <= 8) then stay under 32 x 1024 = 32,768; e4m3
-# pairs of words (EXP = E4M3_HALF_EXP, [16, 32)), whose four-term sums (|q|
-# <= 448) stay under 4 x 448 x 32 = 57,344. The power's exponent is EXP minus
+# largest in [512, 1024): a word's four-term float16 sums (|q| <= 8) then stay
+# under 32 x 1024 = 32,768. HALF_EXP: that power's exponent is HALF_EXP minus
 # the largest's (biased, 8 bits), clamped so both scales stay normal floats.
 HALF_EXP = tl.constexpr(9)
-E4M3_HALF_EXP = tl.constexpr(4)
-
-# e4m3: the dot product of two words ($1, $2: columns 0-3, 4-7) in float16
-# pairs: the bytes to f16x2 (columns (0, 1), (2, 3), ...), times the input
-# columns packed the same way ($3..$6), summed in the two lanes by
-# fma.rn.f16x2, the lanes added in float32 ($0): eight weights cost four
-# conversions, four HFMA2, two conversions and an FADD where _E4M3_WORD_ASM's
-# caller pays four, eight and eight FFMA.
-_E4M3_DOT_ASM = tl.constexpr("""
-{
-.reg .b16 l0, h0, l1, h1, lo, hi;
-.reg .b32 a, b, c, d, s;
-.reg .f32 flo, fhi;
-mov.b32 {l0, h0}, $1;
-mov.b32 {l1, h1}, $2;
-cvt.rn.f16x2.e4m3x2 a, l0;
-cvt.rn.f16x2.e4m3x2 b, h0;
-cvt.rn.f16x2.e4m3x2 c, l1;
-cvt.rn.f16x2.e4m3x2 d, h1;
-mul.rn.f16x2 s, a, $3;
-fma.rn.f16x2 s, b, $4, s;
-fma.rn.f16x2 s, c, $5, s;
-fma.rn.f16x2 s, d, $6, s;
-mov.b32 {lo, hi}, s;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-""")
 
 
 @triton.jit
 def _pack_f16x2(lo, hi):
     return tl.inline_asm_elementwise(_PACK_F16X2_ASM, "=r,r,r", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _word_scales(x8, EXP: tl.constexpr):
-    """(r, 1 / r) per word: powers of two that put the largest |x8[j]| in
-    [2^EXP, 2^(EXP + 1)); exponent arithmetic instead of a reciprocal (exact
-    scales, integer latency; a word of zero or tiny inputs gets the largest)."""
-    m = tl.maximum(tl.abs(x8[0]), tl.abs(x8[4]))
-    for j in tl.static_range(1, 4):
-        m = tl.maximum(m, tl.maximum(tl.abs(x8[j]), tl.abs(x8[j + 4])))
-    e = tl.minimum(tl.maximum(m.to(tl.int32, bitcast=True) >> 23, EXP + 1), 254)
-    r = ((-e + (254 + EXP)) << 23).to(tl.float32, bitcast=True)
-    back = ((e - EXP) << 23).to(tl.float32, bitcast=True)
-    return r, back
 
 
 @triton.jit
@@ -207,7 +162,14 @@ def half_pairs(x8, HOW: tl.constexpr):
     that puts the largest in [512, 1024) (any finite input then stays in
     float16's range), then WORDS_PTX, four int32 f16x2 (columns j, j + 4);
     WORDS_BITS, the eight rounded to float16."""
-    r, back = _word_scales(x8, HALF_EXP)
+    m = tl.maximum(tl.abs(x8[0]), tl.abs(x8[4]))
+    for j in tl.static_range(1, 4):
+        m = tl.maximum(m, tl.maximum(tl.abs(x8[j]), tl.abs(x8[j + 4])))
+    # exponent arithmetic instead of a reciprocal: exact scales, integer
+    # latency (a word of zero or tiny inputs gets the largest scale)
+    e = tl.minimum(tl.maximum(m.to(tl.int32, bitcast=True) >> 23, HALF_EXP + 1), 254)
+    r = ((-e + (254 + HALF_EXP)) << 23).to(tl.float32, bitcast=True)
+    back = ((e - HALF_EXP) << 23).to(tl.float32, bitcast=True)
     if HOW == WORDS_PTX:
         out = (_pack_f16x2(x8[0] * r, x8[4] * r), _pack_f16x2(x8[1] * r, x8[5] * r),
                _pack_f16x2(x8[2] * r, x8[6] * r), _pack_f16x2(x8[3] * r, x8[7] * r))
@@ -216,54 +178,6 @@ def half_pairs(x8, HOW: tl.constexpr):
                (x8[3] * r).to(tl.float16), (x8[4] * r).to(tl.float16), (x8[5] * r).to(tl.float16),
                (x8[6] * r).to(tl.float16), (x8[7] * r).to(tl.float16))
     return out, back
-
-
-@triton.jit
-def e4m3_half_columns(x8, HOW: tl.constexpr):
-    """The input columns of pairs of e4m3 words (`x8`, eight [BK / 8]
-    float32: column j of each pair) as `e4m3_pair_dots` takes them, and what
-    to multiply its dot products by ([BK / 8]): each pair's columns scaled by
-    a power of two that puts the largest in [16, 32), then WORDS_PTX, four
-    int32 f16x2 (columns 2i, 2i + 1); WORDS_BITS, the eight rounded to float16."""
-    r, back = _word_scales(x8, E4M3_HALF_EXP)
-    if HOW == WORDS_PTX:
-        out = (_pack_f16x2(x8[0] * r, x8[1] * r), _pack_f16x2(x8[2] * r, x8[3] * r),
-               _pack_f16x2(x8[4] * r, x8[5] * r), _pack_f16x2(x8[6] * r, x8[7] * r))
-    else:
-        out = ((x8[0] * r).to(tl.float16), (x8[1] * r).to(tl.float16), (x8[2] * r).to(tl.float16),
-               (x8[3] * r).to(tl.float16), (x8[4] * r).to(tl.float16), (x8[5] * r).to(tl.float16),
-               (x8[6] * r).to(tl.float16), (x8[7] * r).to(tl.float16))
-    return out, back
-
-
-@triton.jit
-def e4m3_pair_dots(w, xh, HOW: tl.constexpr):
-    """Per pair of int32 words of w [BN, BK / 4] (words 2i, 2i + 1: eight e4m3
-    weights), the sum of the weights times their input columns, in float16
-    pairs as _E4M3_DOT_ASM does (xh: `e4m3_half_columns` of the columns), as
-    float32 [BN, BK / 8]. The products and the four-term sums of each lane
-    (columns 0, 2, 4, 6 and 1, 3, 5, 7) round to float16."""
-    w0, w1 = tl.split(tl.reshape(w, (w.shape[0], w.shape[1] // 2, 2)))
-    if HOW == WORDS_PTX:
-        out = tl.inline_asm_elementwise(_E4M3_DOT_ASM, "=r,r,r,r,r,r,r",
-                                        [w0, w1, tl.broadcast_to(xh[0][None, :], w0.shape),
-                                         tl.broadcast_to(xh[1][None, :], w0.shape),
-                                         tl.broadcast_to(xh[2][None, :], w0.shape),
-                                         tl.broadcast_to(xh[3][None, :], w0.shape)],
-                                        dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        lo = _byte_as_float(w0, 0, WORDS_E4M3) * xh[0].to(tl.float32)[None, :]
-        lo = lo.to(tl.float16).to(tl.float32)
-        hi = _byte_as_float(w0, 1, WORDS_E4M3) * xh[1].to(tl.float32)[None, :]
-        hi = hi.to(tl.float16).to(tl.float32)
-        lo = _half_fma(lo, _byte_as_float(w0, 2, WORDS_E4M3), xh[2])
-        hi = _half_fma(hi, _byte_as_float(w0, 3, WORDS_E4M3), xh[3])
-        lo = _half_fma(lo, _byte_as_float(w1, 0, WORDS_E4M3), xh[4])
-        hi = _half_fma(hi, _byte_as_float(w1, 1, WORDS_E4M3), xh[5])
-        lo = _half_fma(lo, _byte_as_float(w1, 2, WORDS_E4M3), xh[6])
-        hi = _half_fma(hi, _byte_as_float(w1, 3, WORDS_E4M3), xh[7])
-        out = lo + hi
-    return out
 
 
 @triton.jit

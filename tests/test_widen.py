@@ -137,65 +137,6 @@ def test_batch1_gemv_reading_weight_words_matches_the_byte_path(fmt, epilogue):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("epilogue", ["plain", "geglu", "conv", "softcap"])
-def test_batch1_gemv_of_fp8_words_in_half_dots_matches_the_byte_path(epilogue):
-    """half_dot: each pair of fp8 words (eight weights) is summed in float16 pairs, its inputs scaled to
-    its largest, so float16 rounding of the inputs and the partial sums (~5e-4 relative); a ragged K (a
-    last tile of 8 words of 16), the norm prologue and every epilogue."""
-    from streamgemma.kernels.gemv import gemv
-    from streamgemma.model.quantize import quantize_rows
-
-    g = torch.Generator().manual_seed(31 + len(epilogue))
-    k, n = 96, 37
-    rows = 2 * n if epilogue == "geglu" else n
-    q, s = quantize_rows(torch.randn(rows, k, generator=g) / k ** 0.5, "fp8")
-    q, s = q.to(DEV), s.to(DEV)
-    x, delta, nscale = (t.to(DEV) for t in (torch.randn(1, k, generator=g) * 40, torch.randn(1, k, generator=g),
-                                             torch.randn(k, generator=g) * 0.1))
-    call = dict(src=x, delta=delta, norm_scale=nscale, eps=1e-6, weight_scale=s, epilogue=epilogue, config=(8, 64, 4))
-    if epilogue == "softcap":
-        call["cap"] = 3.0
-    if epilogue == "conv":
-        state = torch.randn(2, 3, n, generator=g).to(DEV)
-        conv = (torch.randn(4, n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV))
-    outs, residuals = [], []
-    for words, half_dot in ((True, True), (False, False)):
-        if epilogue == "conv":
-            call["conv"] = (state.clone(), torch.tensor([1], device=DEV), torch.tensor([5], device=DEV), *conv)
-        res = torch.full((1, k), float("nan"), device=DEV)
-        out = torch.full((1, n), float("nan"), device=DEV)
-        outs.append(gemv(weight=q, out=out, residual_out=res, words=words, half_dot=half_dot, **call))
-        residuals.append(res)
-    assert torch.equal(residuals[0], residuals[1])
-    err = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
-    assert 1e-6 < err < 2e-3  # the float16 path ran (it is not exact), to float16's precision
-
-
-@pytest.mark.parametrize("big", [1e3, 1e6, 1e30])
-def test_fp8_half_dots_stay_finite_and_close_for_any_finite_input(big):
-    """Each pair of words' inputs is scaled into float16's range before the half dot: inputs far beyond it
-    (1e6, 1e30) on the largest weights (|q| = 448) of their pair, next to pairs of tiny inputs (2^-12 x a
-    normal draw, float16 subnormals if unscaled) and a pair of zeros, in one row."""
-    from streamgemma.kernels.gemv import gemv
-    from streamgemma.model.quantize import dequantize, quantize_rows
-
-    g = torch.Generator().manual_seed(25)
-    k, n = 256, 24
-    w = torch.randn(n, k, generator=g)
-    w[:, :8] = 100.0 * torch.sign(torch.randn(n, 8, generator=g))  # each row's largest: q = +-448
-    q, s = (t.to(DEV) for t in quantize_rows(w, "fp8"))
-    assert (q[:, :8].float().abs() == 448).all()
-    x = torch.randn(1, k, generator=g).to(DEV) * 2.0 ** -12
-    x[0, :8] = big
-    x[0, 8:16] = 0.0
-    for _ in range(2):  # then without the big pair: the tiny ones alone, to float16's relative precision
-        want = x.double() @ dequantize(q, s, torch.float32).double().T
-        out = torch.empty(1, n, device=DEV)
-        gemv(x, q, out, weight_scale=s, config=(8, 64, 4), words=True, half_dot=True)
-        assert torch.isfinite(out).all() and ((out.double() - want).norm() / want.norm()).item() < 2e-3
-        x[0, :8] = 0.0
-
-
 def test_words_are_refused_where_the_weight_cannot_be_read_as_words():
     """words=True on a weight whose rows are not whole aligned words: a clear error, not a bad view."""
     from streamgemma.kernels.gemv import gemv

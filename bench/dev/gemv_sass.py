@@ -38,9 +38,7 @@ VARIANTS = [("bf16", "bf16", 0), ("int8 convert", "i8", 0), ("int8 magic", "i8",
             # int4: words of eight nibbles, a float32 scale per 128 columns of a row, batch 1
             ("int4 words", "i4w", 1), ("int4 words bits", "i4w", 0),
             # the same, a word's products summed in float16 pairs (gemv(half_dot=True))
-            ("int4 half", "i4hw", 1), ("int4 half bits", "i4hw", 0),
-            # fp8 words, a pair of words' eight products summed in float16 pairs (gemv(half_dot=True))
-            ("fp8 half", "fp8hw", 1), ("fp8 half bits", "fp8hw", 0)]
+            ("int4 half", "i4hw", 1), ("int4 half bits", "i4hw", 0)]
 
 
 def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: bool = False,
@@ -77,10 +75,10 @@ def compile_gemv(weight_type: str, widening: int, block: tuple, arch: int, tc: b
         sig["one"] = "i32"
         const["FLAT"] = weight_type != "bf16" and batch == 1  # as gemv.gemv picks it
         int4 = weight_type in ("i4w", "i4hw")
-        const["WORDS"] = 3 if int4 else {"i8w": 1, "fp8w": 2, "fp8hw": 2}.get(weight_type, 0)
+        const["WORDS"] = 3 if int4 else {"i8w": 1, "fp8w": 2}.get(weight_type, 0)
         const["WPK"] = 8 if int4 else 4 if const["WORDS"] else 1
         const["GROUP"] = 128 if int4 else 0
-        const["HALF_DOT"] = weight_type in ("i4hw", "fp8hw")
+        const["HALF_DOT"] = weight_type == "i4hw"
         kernel = gemv._gemv_kernel
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)

@@ -161,8 +161,7 @@ class KernelDecoder:
             words = True if fmt == "int4" else None if kc.one_byte_words else False
             return self._gemv.gemv(src, weight, out, epilogue=epilogue, config=config, tensor_cores=tc,
                                    pdl=self.pdl, workspace=ws, words=words,
-                                   half_dot=kc.int4_half_dot if fmt == "int4" else fmt == "fp8" and kc.fp8_half_dot,
-                                   **kw)
+                                   half_dot=fmt == "int4" and kc.int4_half_dot, **kw)
 
         def project(src, name, out):  # an unfused projection of the layer's entry
             return gemv(src, entry["w_" + name], out, weight_scale=entry["s_" + name], bias=entry["b_" + name])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import time
 import traceback
 
@@ -105,14 +104,9 @@ async def worker_main(url: str, token: str | None, indices: list[int], opts: dic
 
 
 def worker(url: str, token: str | None, indices: list[int], opts: dict, barrier, queue) -> None:
-    """A worker process: its share of the clients on one event loop (on
-    opts["cpus"] alone when given)."""
+    """A worker process: its share of the clients on one event loop."""
     try:
-        if opts.get("cpus"):
-            os.sched_setaffinity(0, opts["cpus"])
-        records = anyio.run(worker_main, url, token, indices, opts, barrier, backend="asyncio")
-        cpus = sorted(os.sched_getaffinity(0))
-        queue.put(("ok", [{**r, "cpus": cpus} for r in records]))
+        queue.put(("ok", anyio.run(worker_main, url, token, indices, opts, barrier, backend="asyncio")))
     except BaseException:  # noqa: BLE001 - reported to the main process, which fails the run
         barrier.abort()
         queue.put(("error", traceback.format_exc()))
@@ -176,47 +170,5 @@ def summarize(released: float, records: list[dict]) -> dict:
         "frame_gap_ms": percentiles(frame_gaps),
         "steady_frame_gap_ms": percentiles(steady_frame_gaps),
         "first_token_ms": percentiles([t - released for t in firsts]),
-        "client_cpus": sorted({c for r in records for c in r.get("cpus", ())}),
         "_window": (t0, t1),
     }
-
-
-def parse_cpus(spec: str) -> list[int]:
-    """CPU numbers of a list like "8-15" or "0,2,4-7"; "half": the CPUs of the
-    upper half of the cores this process may run on (both hardware threads of
-    a core on the same side, so that the two sides do not share a core)."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if spec == "half":
-        cores = _cores(allowed)
-        if len(cores) < 2:
-            raise ValueError(f"--client-cpus half: this process may run on {len(cores)} core, none to spare")
-        return sorted(c for core in cores[len(cores) // 2:] for c in core)
-    cpus: set[int] = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            cpus.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ValueError(f"--client-cpus {spec!r}: expected CPU numbers like 8-15 or 0,2,4-7, or 'half'") from None
-    outside = sorted(cpus - set(allowed))
-    if outside:
-        raise ValueError(f"--client-cpus {spec!r}: CPU {outside[0]} is not one this process may run on "
-                         f"({len(allowed)} CPUs: {allowed[0]}-{allowed[-1]})")
-    if set(allowed) <= cpus:
-        raise ValueError(f"--client-cpus {spec!r}: leaves no CPU for the server")
-    return sorted(cpus)
-
-
-def _cores(cpus: list[int]) -> list[list[int]]:
-    """`cpus` grouped by physical core (Linux's sysfs topology), in order of
-    their first CPU; one group per CPU where the topology is not readable."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for cpu in cpus:
-        try:
-            base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
-            with open(base + "physical_package_id") as a, open(base + "core_id") as b:
-                key = (a.read().strip(), b.read().strip())
-        except OSError:
-            key = ("cpu", str(cpu))
-        groups.setdefault(key, []).append(cpu)
-    return sorted(groups.values())

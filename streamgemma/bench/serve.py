@@ -25,7 +25,6 @@ connection set-up and prompt prefill are not counted):
     streamgemma bench serve --temperature 0.8 --top-k 40 --top-p 0.95  # clients sample with filters
     streamgemma bench serve --url ws://HOST:PORT/v1/stream --token T  # a running server
     streamgemma bench serve --http --http-scrape 1                    # with the HTTP API on (and scraped)
-    streamgemma bench serve --client-cpus half                        # clients and server on their own CPUs
     streamgemma bench serve --preset tiny --device cpu --clients 4 --tokens 8 --procs 1
 """
 
@@ -34,14 +33,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import threading
 import time
 
 import anyio
 import anyio.from_thread
 
-from .clients import parse_cpus, run_clients, summarize
+from .clients import run_clients, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,10 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=512, help="tokens each client generates (default 512)")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per client (default 128)")
     parser.add_argument("--procs", type=int, default=8, help="client worker processes (default 8)")
-    parser.add_argument("--client-cpus", metavar="LIST", type=_cpu_list,
-                        help="run the client processes on these CPUs (e.g. 8-15, or 'half': the upper half) "
-                             "and the server on the others, so that on one host the clients' work does not "
-                             "slow the server's event loop (default: no pinning)")
     parser.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
                         help="ask for coalesced token frames, as sg.Client does (default: yes)")
     parser.add_argument("--coalesce-ms", type=float, default=20.0,
@@ -64,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of the batch-N decode baseline (default 64; 0: not run)")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="gc.freeze() after the warm-up, as `streamgemma serve` does (default: yes)")
+    parser.add_argument("--gc-threshold", type=_at_least_zero, metavar="N",
+                        help="the collector's first threshold while serving (gc.set_threshold; 0: no "
+                             "collections, an upper bound of what they cost; default: Python's)")
     g = parser.add_argument_group("sampling (each client's generate request; default: the protocol's)")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-k", type=int)
@@ -118,7 +115,26 @@ class GcPauses:
     def summary(self) -> dict:
         longest = sorted((d for _, d in self.pauses), reverse=True)[:3]
         return {"collections": len(self.pauses), "gen2": sum(1 for g, _ in self.pauses if g == 2),
+                "total_ms": round(1e3 * sum(d for _, d in self.pauses), 1),
                 "longest_ms": [round(1e3 * d, 1) for d in longest]}
+
+
+def _at_least_zero(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"want a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+@contextlib.contextmanager
+def gc_threshold(first: int | None):
+    """The collector's first threshold inside the block (None: unchanged)."""
+    before = gc.get_threshold()
+    if first is not None:
+        gc.set_threshold(first, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def engine_counters(engine):
@@ -225,48 +241,17 @@ def sampling_of(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
 
 
-def _cpu_list(spec: str) -> list[int]:
-    try:
-        return parse_cpus(spec)
-    except ValueError as e:  # argparse names the option and exits with its usage
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--client-cpus {spec!r}: ")) from None
-
-
-def options(args: argparse.Namespace, client_cpus: list[int] | None = None) -> dict:
+def options(args: argparse.Namespace) -> dict:
     return {"tokens": args.tokens, "prompt": args.prompt, "coalesce": args.coalesce,
-            "interject": args.interject, "timeout": args.timeout, "sampling": sampling_of(args),
-            "cpus": client_cpus}
-
-
-@contextlib.contextmanager
-def pinned(args: argparse.Namespace):
-    """With --client-cpus: inside the block this process (the server, and every
-    thread it starts there) leaves those CPUs to the clients. Yields what runs
-    where (None: no pinning)."""
-    if not args.client_cpus or args.url:
-        yield {"clients": args.client_cpus, "server": None} if args.client_cpus else None
-        return
-    before = os.sched_getaffinity(0)
-    server = sorted(before - set(args.client_cpus))
-    os.sched_setaffinity(0, server)
-    try:
-        yield {"clients": args.client_cpus, "server": server}
-    finally:
-        os.sched_setaffinity(0, before)
+            "interject": args.interject, "timeout": args.timeout, "sampling": sampling_of(args)}
 
 
 def run(args: argparse.Namespace) -> dict:
-    with pinned(args) as cpus:
-        return _run(args, cpus)
-
-
-def _run(args: argparse.Namespace, cpus: dict | None) -> dict:
     out: dict = {"clients": args.clients, "procs": args.procs, "tokens_per_client": args.tokens,
                  "prompt_tokens": args.prompt, "coalesce": args.coalesce, "interject": args.interject,
-                 "sampling": sampling_of(args), "cpus": cpus}
-    client_cpus = cpus["clients"] if cpus else None
+                 "sampling": sampling_of(args)}
     if args.url:
-        released, records = run_clients(args.url, args.token, args.clients, args.procs, options(args, client_cpus))
+        released, records = run_clients(args.url, args.token, args.clients, args.procs, options(args))
         out.update(summarize(released, records))
         out.pop("_window")
         return out
@@ -300,9 +285,9 @@ def _run(args: argparse.Namespace, cpus: dict | None) -> dict:
     engine = sg.Engine(model, max_active=args.max_active or args.clients, store=store)
     limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
     server = sg.Server(engine, port=0, limits=limits, **({"http": sg.HttpConfig()} if args.http else {}))
-    with GcPauses() as pauses, CounterSampler(engine, server) as counters, serving(server), \
-            Scraper(server if args.http else None, args.http_scrape) as scrapes:
-        released, records = run_clients(server.url, None, args.clients, args.procs, options(args, client_cpus))
+    with gc_threshold(args.gc_threshold), GcPauses() as pauses, CounterSampler(engine, server) as counters, \
+            serving(server), Scraper(server if args.http else None, args.http_scrape) as scrapes:
+        released, records = run_clients(server.url, None, args.clients, args.procs, options(args))
     summary = summarize(released, records)
     window = summary.pop("_window")
     out.update(model=describe(model), coalesce_interval_ms=args.coalesce_ms, warm_up_s=round(warm_s, 2), **summary)
@@ -310,7 +295,7 @@ def _run(args: argparse.Namespace, cpus: dict | None) -> dict:
         out["steady_share_of_decode"] = round(out["steady"]["tokens_per_s"] / out["decode_alone_tok_s"], 4)
     if counters.available:
         out["engine"] = counters.window(*window)
-    out["gc"] = pauses.summary()
+    out["gc"] = {**pauses.summary(), "threshold": args.gc_threshold}
     out["http_api"] = {"enabled": args.http, "scrape_s": args.http_scrape, "scrapes": scrapes.count}
     out["store"] = engine.store.describe()
     out["journal"] = {"enabled": engine.journal.enabled, "commits": engine.stats.journal_commits,

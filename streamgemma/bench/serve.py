@@ -170,7 +170,7 @@ class CounterSampler(BackgroundLoop):
     served tree has) every `period` s in a thread: (time, counters)."""
 
     ENGINE = ("decode_calls", "decoded_tokens")
-    SERVER = ("pump_seconds", "frames_direct", "frames_queued")
+    SERVER = ("pump_seconds", "frames_direct", "frames_queued", "frames_deferred")
 
     def __init__(self, engine, server, period: float = 0.01):
         self.engine, self.server, self.period = engine_counters(engine), server, period

@@ -69,14 +69,28 @@ class TokenPump:
     `interval` has passed since its last one (each frame takes every token
     ready by then); the others get one frame per token, every tick; a
     generation's end is sent at once, with any tokens before it.
+
+    Streams that started together fall due together: left alone, every
+    interval one pump would write all their frames (256 streams: ~5 ms of
+    the event loop in one tick, the device idle meanwhile) and the pumps
+    between would write none. So a pump writes at most `HEADROOM` times its
+    share of the coalesced streams' frames (their number x the mean time
+    between pumps / interval), the longest-waiting first; the rest go out at
+    the next pump, which spreads the streams over the interval for good.
     """
+
+    HEADROOM = 1.25  # > 1: the frames that fall due never outgrow what the pumps may write
+    _SMOOTHING = 0.1  # weight of the last gap between pumps in their running mean
 
     def __init__(self, engine: Engine, interval: float):
         self.engine = engine
         self.interval = interval
         self.seconds = 0.0  # spent in pump(): building and writing frames (monitoring)
+        self.deferred = 0  # frames held for a later pump by the per-pump budget (monitoring)
         self._streams: dict[int, Outgoing] = {}
         self._added = anyio.Event()
+        self._last_pump: float | None = None
+        self._period = 0.0  # running mean of the time between pumps (0: not known yet)
 
     async def stream(self, outgoing: Outgoing) -> None:
         """Send `outgoing`'s tokens, then its `done`, returning once the
@@ -107,20 +121,48 @@ class TokenPump:
         """Queue the frames due now (see the class docstring). Returns the
         seconds until a stream still holding tokens is due a frame (inf: none)."""
         now, interval, next_due = time.monotonic(), self.interval, math.inf
+        if self._last_pump is not None:
+            gap = min(now - self._last_pump, interval)  # (an idle spell says nothing of the tick)
+            self._period = gap if not self._period else self._period + self._SMOOTHING * (gap - self._period)
+        self._last_pump = now
+        due, coalesced = [], 0
         for out in list(self._streams.values()):
+            coalesced += out.coalesce
             stream = out.stream
             if not stream.ready:
                 continue
-            if out.coalesce and now - out.last_sent < interval and not stream.ending:
-                next_due = min(next_due, out.last_sent + interval - now)
+            if out.coalesce and not stream.ending:
+                wait = out.last_sent + interval - now
+                if wait > 0:
+                    next_due = min(next_due, wait)
+                else:
+                    due.append(out)
             else:
-                try:
-                    out.send_ready(now)
-                except Exception as e:  # noqa: BLE001 - one broken stream must not stop the others
-                    log.exception("sending tokens of session %s failed", out.frames.session_id)
-                    out.conn.send(event("error", out.request_id, code="internal", session=out.frames.session_id,
-                                        message=f"the server failed to send tokens: {type(e).__name__}: {e}"))
-                    self._streams.pop(id(out), None)
-                    out.finished.set()  # its generate task ends, which cancels the generation
+                self._send(out, now)
+        budget = self._budget(coalesced)
+        if len(due) > budget:
+            due.sort(key=lambda out: out.last_sent)
+            self.deferred += len(due) - budget
+            due = due[:budget]
+            next_due = min(next_due, self._period)  # at the next tick, or after as long without one
+        for out in due:
+            self._send(out, now)
         self.seconds += time.monotonic() - now
         return next_due
+
+    def _budget(self, coalesced: int) -> int:
+        """The most coalesced frames one pump writes: HEADROOM x their share of
+        the streams' frames over the time between pumps (all, until that is known)."""
+        if not self._period:
+            return coalesced
+        return max(1, math.ceil(self.HEADROOM * coalesced * self._period / self.interval))
+
+    def _send(self, out: Outgoing, now: float) -> None:
+        try:
+            out.send_ready(now)
+        except Exception as e:  # noqa: BLE001 - one broken stream must not stop the others
+            log.exception("sending tokens of session %s failed", out.frames.session_id)
+            out.conn.send(event("error", out.request_id, code="internal", session=out.frames.session_id,
+                                message=f"the server failed to send tokens: {type(e).__name__}: {e}"))
+            self._streams.pop(id(out), None)
+            out.finished.set()  # its generate task ends, which cancels the generation

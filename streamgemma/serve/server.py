@@ -99,6 +99,12 @@ class Server:
         socket / handed to a connection's writer task for a lagging client)."""
         return self.pump.seconds
 
+    @property
+    def frames_deferred(self) -> int:
+        """Coalesced frames a pump left for the next one, to spread streams that
+        fell due together (monitoring; `TokenPump`)."""
+        return self.pump.deferred
+
     @functools.cached_property
     def state_bytes(self) -> int:
         """Bytes of model state one session holds (its slot of the state pool:

@@ -86,3 +86,19 @@ def test_command_line(tmp_path):
 def test_unknown_command():
     with pytest.raises(SystemExit):
         main(["tune"])
+
+
+def test_serve_counters_say_how_evenly_frames_were_written():
+    """CounterSampler.window: frames written per sampling period inside the window (a burst shows as a
+    median far below the most), beside the totals."""
+    from types import SimpleNamespace
+
+    from streamgemma.bench.serve import CounterSampler
+
+    sampler = CounterSampler(SimpleNamespace(decode_calls=0, decoded_tokens=0), SimpleNamespace(), period=0.01)
+    written = [0, 0, 0, 256, 256, 256, 256, 512, 512, 512, 512]  # 256 frames every fourth sample
+    sampler.samples = [(0.01 * i, {"decode_calls": i, "decoded_tokens": 256 * i, "server_frames_direct": w,
+                                   "server_frames_queued": 0}) for i, w in enumerate(written)]
+    window = sampler.window(0.0, 0.1)
+    assert window["server_frames_direct"] == 512 and window["calls"] == 10
+    assert window["frames_per_10ms"] == {"p50": 0, "p90": 256, "max": 256}

@@ -193,7 +193,9 @@ class CounterSampler(BackgroundLoop):
     def window(self, t0: float, t1: float) -> dict:
         """Over [t0, t1]: decode calls, tokens per call and per second, the
         longest spans without a finished decode call (ms, to the sampling
-        period), and the mean ms per decode call of each timed phase."""
+        period), the mean ms per decode call of each timed phase, and the
+        frames written per sampling period (median, 90th percentile, most:
+        how evenly the pumps spread them)."""
         inside = [(t, v) for t, v in self.samples if t0 <= t <= t1]
         a = ([s for s in self.samples if s[0] <= t0] or self.samples[:1])[-1]
         b = ([s for s in self.samples if s[0] >= t1] or self.samples[-1:])[0]
@@ -208,6 +210,11 @@ class CounterSampler(BackgroundLoop):
         per_call = {k: round(1e3 * (b[1][k] - a[1][k]) / max(1, calls), 3)
                     for k, x in a[1].items() if isinstance(x, float)}
         counts = {k: b[1][k] - a[1][k] for k, x in a[1].items() if k.startswith("server_frames")}
+        written = [sum(v.get(k, 0) for k in ("server_frames_direct", "server_frames_queued")) for _, v in inside]
+        steps = sorted(y - x for x, y in zip(written, written[1:]))
+        if steps:
+            counts[f"frames_per_{round(1e3 * self.period)}ms"] = {
+                "p50": steps[len(steps) // 2], "p90": steps[len(steps) * 9 // 10], "max": steps[-1]}
         return {"calls": calls, "tokens_per_call": round(tokens / max(1, calls), 2),
                 "engine_tokens_per_s": round(tokens / (b[0] - a[0]), 1) if b[0] > a[0] else None,
                 "longest_pauses_ms": [round(1e3 * x, 1) for x in sorted(spans, reverse=True)[:5]],

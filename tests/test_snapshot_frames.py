@@ -139,18 +139,27 @@ def test_a_full_window_snapshot_uses_several_frames_by_default():
 def test_a_version_1_file_restores_exactly(model):
     """tests/data/snapshot_v1_tiny.sgsnap was written by the version-1 writer
     (before frames): the tiny model of seed 0, session seed 7, the ids below
-    fed, three tokens sampled, metadata {"fixture": ..., "n": 3}."""
+    fed, three tokens sampled, metadata {"fixture": ..., "n": 3}. Restored,
+    its state is the file's bit for bit; against the same session computed
+    here it agrees to float32 rounding (the file was written on another
+    machine, whose CPU kernels may round differently)."""
     blob = FIXTURE_V1.read_bytes()
-    assert blob[:4] == b"\x28\xb5\x2f\xfd" and document(blob)["version"] == 1
+    old = document(blob)
+    assert blob[:4] == b"\x28\xb5\x2f\xfd" and old["version"] == 1
     live = model.session(seed=7)
     live.feed([(i * 37 + 11) % 256 for i in range(30)])
     assert [t.id for t in live.generate(max_tokens=3, temperature=0.8, top_p=0.9)] == [141, 251, 251]
     restored = model.restore_file(FIXTURE_V1)
     assert restored.snapshot_metadata == {"fixture": "format version 1", "n": 3}
-    assert_same_state(live, restored)
-    # re-saved, it is a version-2 snapshot of the same state
+    assert live.position == restored.position
+    for x, y in zip(slot_state(live), slot_state(restored)):
+        torch.testing.assert_close(y, x)
+    # re-saved, it is a version-2 snapshot of the same state, bit for bit
+    resaved = document(restored.snapshot(restored.snapshot_metadata))
+    assert resaved["version"] == 2
+    assert {k: v for k, v in resaved.items() if k != "version"} == {k: v for k, v in old.items() if k != "version"}
     again = model.restore(restored.snapshot(restored.snapshot_metadata))
-    assert document(restored.snapshot())["version"] == 2
+    assert_same_state(restored, again)
     for session in (restored, again):
         assert [t.id for t in session.generate(max_tokens=8, temperature=0.8, top_p=0.9)] == \
             [t.id for t in live.fork().generate(max_tokens=8, temperature=0.8, top_p=0.9)]

@@ -12,6 +12,8 @@ Split-KV in two launches:
   value into the ring at pos % window. It runs after every partial program, so
   the entry it overwrites (position pos - window, still inside this query's
   window) has been read.
+With one split a row (large batches: the rows alone fill the GPU) the partial
+program does the combine's work itself (FINAL) and the second launch is skipped.
 Rows whose slot is -1 are padding: their output row is zeroed, nothing else.
 """
 
@@ -68,9 +70,9 @@ def _attend_tile(q, k, v, valid, m, l, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr, pos_ptr, inv_freq_ptr,
-                         m_ptr, l_ptr, acc_ptr, W, NSPLIT, split_len, scale, H,
+                         m_ptr, l_ptr, acc_ptr, out_ptr, W, NSPLIT, split_len, scale, H,
                          HP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, ONE_TILE: tl.constexpr,
-                         IEEE: tl.constexpr, PDL: tl.constexpr):
+                         IEEE: tl.constexpr, PDL: tl.constexpr, FINAL: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     dims = tl.arange(0, HD)
@@ -112,10 +114,44 @@ def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
                 k = tl.load(ring_k_ptr + tile_off, mask=in_tile[:, None], other=0.0)
                 v = tl.load(ring_v_ptr + tile_off, mask=in_tile[:, None], other=0.0)
                 m, l, acc = _attend_tile(q, k, v, in_tile, m, l, acc, IEEE)
-        stat = (row * NSPLIT + split) * HP + heads
-        tl.store(m_ptr + stat, m)
-        tl.store(l_ptr + stat, l)
-        tl.store(acc_ptr + stat[:, None] * HD + dims[None, :], acc)
+        if FINAL:
+            _merge_current(qkv_ptr + row * qkv_stride, ring_k_ptr, ring_v_ptr, inv_freq_ptr, out_ptr, slot, p,
+                           q.to(tl.float32), m, l, acc, heads, hmask, dims, row, W, H, HD)
+        else:
+            stat = (row * NSPLIT + split) * HP + heads
+            tl.store(m_ptr + stat, m)
+            tl.store(l_ptr + stat, l)
+            tl.store(acc_ptr + stat[:, None] * HD + dims[None, :], acc)
+    elif FINAL:
+        heads = tl.arange(0, HP)
+        tl.store(out_ptr + row * H * HD + heads[:, None] * HD + dims[None, :],
+                 tl.zeros((HP, HD), tl.float32).to(out_ptr.dtype.element_ty), mask=(heads < H)[:, None])
+
+
+@triton.jit
+def _merge_current(base, ring_k_ptr, ring_v_ptr, inv_freq_ptr, out_ptr, slot, p, q, m, l, acc, heads, hmask, dims,
+                   row, W, H, HD: tl.constexpr):
+    """The combine of a row's one split (`_attn_combine_kernel` for every head
+    at once): the current key and value merged into (m, l, acc), the output
+    written, then the current key (roped) and value stored in the ring. q:
+    the scaled queries as the ring's dtype rounds them, in float32 [HP, HD]."""
+    one = tl.arange(0, 1)
+    k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
+    v_cur = tl.load(base + (H + 1) * HD + dims).to(tl.float32)
+    k_cur = k_cur.to(ring_k_ptr.dtype.element_ty).to(tl.float32)
+    v_cur = v_cur.to(ring_v_ptr.dtype.element_ty).to(tl.float32)
+    s_cur = tl.sum(q * k_cur, axis=1)  # [HP]
+    mx = tl.maximum(m, s_cur)
+    w = tl.exp(m - mx)
+    w_cur = tl.exp(s_cur - mx)
+    total = l * w + w_cur
+    o = acc * w[:, None] + w_cur[:, None] * v_cur[None, :]
+    tl.store(out_ptr + row * H * HD + heads[:, None] * HD + dims[None, :],
+             (o / total[:, None]).to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+    tl.debug_barrier()  # every thread's reads of the ring are done before its oldest entry is overwritten
+    ring_off = slot.to(tl.int64) * W * HD + (p % W) * HD
+    tl.store(ring_k_ptr + ring_off + one[:, None] * HD + dims[None, :], k_cur.to(ring_k_ptr.dtype.element_ty))
+    tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -191,17 +227,20 @@ def attention_decode(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tens
     hp = max(16, triton.next_power_of_2(num_heads))
     block = min(block or DEFAULT_BLOCK, max(16, triton.next_power_of_2(window)))
     nsplit, split_len = splits_for(batch, window, block)
+    final = nsplit == 1  # the partial programs combine and write the output themselves
     # float32 partial results of the split-KV pass (max, sum, weighted values)
-    m = torch.empty(batch * nsplit * hp, dtype=torch.float32, device=qkv.device)
+    m = torch.empty(0 if final else batch * nsplit * hp, dtype=torch.float32, device=qkv.device)
     l = torch.empty_like(m)
-    acc = torch.empty(batch * nsplit * hp * hd, dtype=torch.float32, device=qkv.device)
+    acc = torch.empty(0 if final else batch * nsplit * hp * hd, dtype=torch.float32, device=qkv.device)
     scale = hd ** -0.5
     ieee = qkv.dtype == torch.float32
     warps = 8 if hd >= 256 else 4
     _attn_partial_kernel[(batch, nsplit)](
-        qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc,
+        qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc, out,
         window, nsplit, split_len, scale, num_heads, HP=hp, HD=hd, BN=block, ONE_TILE=split_len == block, IEEE=ieee,
-        PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
+        PDL=pdl, FINAL=final, num_warps=warps, **launch_kwargs(pdl))
+    if final:
+        return out
     _attn_combine_kernel[(batch, num_heads)](
         qkv, qkv.stride(0), ring_k, ring_v, slots, pos, inv_freq, m, l, acc, out,
         window, nsplit, scale, num_heads, HP=hp, HD=hd, NSP=triton.next_power_of_2(nsplit),

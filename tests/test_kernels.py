@@ -143,6 +143,40 @@ def test_attention_splits_of_several_key_tiles_match_reference(monkeypatch, batc
                                   kernel_config=KernelConfig(attention_blocks={batch: 16}))
 
 
+def test_attention_at_one_split_combines_as_the_combine_kernel_does(monkeypatch):
+    """Above 132 rows each row has one split and its partial program combines, writes the output and
+    stores the current key/value itself: the same output (to rounding) and the same rings as two splits
+    merged by the combine kernel. On a GPU at RecurrentGemma-2B's head shapes and a batch of 160 (a
+    padding row, positions at 0, inside the window, at it and past wraps); on the CPU at small ones."""
+    from streamgemma.kernels import attention_decode as attn
+
+    if DEV == "cuda":
+        heads, hd, window, batch, dtype, block = 10, 256, 2048, 160, torch.bfloat16, None
+        assert attn.splits_for(batch, window, attn.DEFAULT_BLOCK)[0] == 1
+    else:
+        heads, hd, window, batch, dtype, block = 2, 16, 32, 5, torch.float32, 16
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(batch, (heads + 2) * hd, generator=g).to(DEV, dtype)
+    rings = [torch.randn(batch, window, hd, generator=g).to(DEV, dtype) for _ in range(2)]
+    slots = torch.arange(batch, device=DEV)
+    slots[1] = -1
+    pos = torch.tensor([(0, 5, window, 3 * window + 7, window - 1)[i % 5] for i in range(batch)], device=DEV)
+    inv_freq = (1.0 / 10000.0 ** (torch.arange(0, hd // 2, 2) / (hd // 2))).float().to(DEV)
+    results = []
+    for splits in ((1, window), (2, window // 2)):
+        monkeypatch.setattr(attn, "splits_for", lambda b, w, block, target_programs=264, s=splits: s)
+        ring_k, ring_v = (r.clone() for r in rings)
+        out = torch.full((batch, heads * hd), float("nan"), device=DEV, dtype=dtype)
+        attn.attention_decode(qkv, ring_k, ring_v, slots, pos, inv_freq, heads, out, block=block)
+        results.append((out, ring_k, ring_v))
+    (one, k1, v1), (two, k2, v2) = results
+    assert torch.equal(one[1], torch.zeros_like(one[1])) and not one.isnan().any()
+    torch.testing.assert_close(one.float(), two.float(), **({} if dtype == torch.float32 else
+                                                            dict(rtol=2e-2, atol=2e-2)))
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)  # the same current key/value stored, the rest untouched
+    assert not torch.equal(k1, rings[0])
+
+
 @pytest.mark.slow
 def test_prefill_with_kernels_equals_reference_steps_for_any_split():
     """feed() on the Triton scan + fused attention vs the reference one-token path:

@@ -16,7 +16,10 @@ MLP gate|up (2 * mlp_width x width, GeGLU epilogue) shapes:
   shapes and the out and down projections: bf16
   F.linear, int8 / fp8 `qmatmul` by block and operand order (weight_first),
   fp8 `fp8_linear`
-  (row quantization + F.scaled_mm).
+  (row quantization + F.scaled_mm), and fp8 split along K into --splits
+  products whose float32 partials are summed (cuBLAS's 128 x 128 tiles give
+  the narrow products 40-80 tiles at M = 256: do more programs pay for the
+  sum?), also on the q|k|v and x|y shapes.
 Each timed as one CUDA graph of back-to-back calls cycling through weight
 copies that together miss L2. JSON on stdout (and --json PATH).
 
@@ -49,6 +52,8 @@ def parse_args(argv=None):
                     help="also profile one feed of this many tokens per format (default 2048; 0: skip)")
     ap.add_argument("--product-rows", default="64,256,2048",
                     help="M of the batched-product micro-benchmark (default 64,256,2048)")
+    ap.add_argument("--splits", default="2,3,4",
+                    help="K splits of the fp8 product timed beside the whole one (default 2,3,4; '' none)")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     return ap.parse_args(argv)
@@ -67,7 +72,8 @@ def main(argv=None):
         out["formats"][fmt] = {str(b): _guarded(_decode_profile, model, b, args) for b in _ints(args.batches)}
         if args.prefill_tokens:
             out["formats"][fmt]["prefill"] = _guarded(_prefill_profile, model, args)
-        out.setdefault("config", {k: getattr(model.config, k) for k in ("width", "mlp_width", "vocab_size")})
+        out.setdefault("config", {k: getattr(model.config, k) for k in ("width", "mlp_width", "vocab_size",
+                                                                        "lru_width", "num_heads", "head_dim")})
         print(f"[{time.perf_counter() - t0:.0f}s] {fmt}: " + ", ".join(
             f"b{b} {r.get('ms_per_step')} ms (graph {r.get('graphed')})" for b, r in out["formats"][fmt].items()
             if b != "prefill"),
@@ -344,7 +350,8 @@ def batched_products(cfg: dict, args) -> dict:
     cuda = args.device.startswith("cuda")
     dev, act = args.device, (torch.bfloat16 if cuda else torch.float32)
     d, e, v = cfg["width"], cfg["mlp_width"], cfg["vocab_size"]
-    shapes = {"lm_head": (v, d), "gate_up": (2 * e, d), "down": (d, e), "out": (d, d)}
+    shapes = {"lm_head": (v, d), "gate_up": (2 * e, d), "down": (d, e), "out": (d, d),
+              "qkv": ((cfg["num_heads"] + 2) * cfg["head_dim"], d), "xy": (2 * cfg["lru_width"], d)}
     fmts = [f for f in args.formats.split(",") if f]
     out = {}
     for m in _ints(args.product_rows):
@@ -381,9 +388,37 @@ def batched_products(cfg: dict, args) -> dict:
                     entry[name] = timed(lambda w, s, b=b, first=first: qmatmul(x, w, s, block=b, weight_first=first))
                 if fmt == "fp8" and (not cuda or fp8_tensor_cores(x, copies[0][0])):
                     entry["fp8 rows + scaled_mm"] = timed(lambda w, s: fp8_linear(x, w, s))
+                    for splits in _ints(args.splits):
+                        if k % (16 * splits) == 0:
+                            entry[f"fp8 rows + scaled_mm, {splits} K splits"] = timed(
+                                lambda w, s, splits=splits: fp8_linear_split_k(x, w, s, splits))
                 del copies
                 _empty_cache(dev)
     return out
+
+
+def fp8_linear_split_k(x, weight, scale, splits: int):
+    """`fp8_linear` (no bias) as `splits` products over slices of K, their
+    float32 partials summed: what a split-K of the fp8 tensor-core product
+    would cost with a plain sum (a fused one would be cheaper)."""
+    import torch
+    import torch.nn.functional as F
+
+    from streamgemma.fast.qlinear import fp8_rows_ref
+
+    if x.is_cuda:
+        from streamgemma.kernels.qmatmul import fp8_rows
+
+        xq, x_scale = fp8_rows(x)
+    else:
+        xq, x_scale = fp8_rows_ref(x)
+    rowwise, step = F.ScalingType.RowWise, x.shape[1] // splits
+    total = None
+    for k0 in range(0, x.shape[1], step):
+        part = F.scaled_mm(xq[:, k0:k0 + step], weight[:, k0:k0 + step].t(), x_scale, rowwise, scale[None, :],
+                           rowwise, output_dtype=torch.float32)
+        total = part if total is None else total.add_(part)
+    return total.to(torch.bfloat16)
 
 
 if __name__ == "__main__":

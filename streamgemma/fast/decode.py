@@ -98,6 +98,10 @@ class KernelDecoder:
         normed = torch.empty_like(x)
         delta = None
         eps = cfg.rms_norm_eps
+        split = self.kernel_config.fp8_split_k
+
+        def project(src, entry, name, xq=None):  # the layer's projection `name` (FusedWeights' w_/s_/b_ entries)
+            return linear(src, entry["w_" + name], entry["s_" + name], entry["b_" + name], xq, fp8_split_k=split)
 
         def norm(delta, scale, weight):
             """normed = the norm of x + delta; for an fp8 tensor-core product of
@@ -109,28 +113,28 @@ class KernelDecoder:
         for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
             if block.kind == ATTENTION:
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_qkv"])
-                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq)
+                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq, fp8_split_k=split)
                 mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
                 self._attention(qkv, state, slots, pos, mixed)
-                delta = _project(mixed, entry, "out")
+                delta = project(mixed, entry, "out")
             else:
                 rec = block.recurrent_block
                 l = cfg.lru_width
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_xy"])
-                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq)
+                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq, fp8_split_k=split)
                 xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
                 self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
                 gated = torch.empty_like(xc)
                 self._rglru(rec.rg_lru, entry, xc, xy[:, l:], state, slots, pos, gated)
-                delta = _project(gated, entry, "out")
+                delta = project(gated, entry, "out")
             xq = norm(delta, block.channel_pre_norm.scale, entry["w_up"])
-            gate_up = _project(normed, entry, "up", xq)
+            gate_up = project(normed, entry, "up", xq)
             hidden = torch.empty(batch, cfg.mlp_width, dtype=x.dtype, device=x.device)
             hq = _fp8_rows_buffers(hidden, entry["w_down"])  # the GeGLU quantizes the down product's input
             self._ew.geglu(gate_up, hidden, fp8=hq)
-            delta = _project(hidden, entry, "down", hq)
+            delta = project(hidden, entry, "down", hq)
         xq = norm(delta, net.final_norm.scale, self.embedding)
-        return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq)
+        return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq, fp8_split_k=split)
 
     def _attention(self, qkv, state, slots, pos, out):
         self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq, self.config.num_heads, out,
@@ -237,11 +241,6 @@ def _logical_shape(weight: torch.Tensor) -> tuple[int, int]:
 def _weight_format(weight: torch.Tensor) -> str:
     """The weight's format as KernelConfig names it."""
     return {torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.uint8: "int4"}.get(weight.dtype, "float")
-
-
-def _project(x: torch.Tensor, entry: dict, name: str, x_fp8: tuple | None = None) -> torch.Tensor:
-    """The layer's projection `name` ("out", "up", "down": FusedWeights' w_/s_/b_ entries) of x."""
-    return linear(x, entry["w_" + name], entry["s_" + name], entry["b_" + name], x_fp8)
 
 
 class GraphedDecoder:

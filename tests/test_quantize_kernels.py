@@ -22,10 +22,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FMTS = ("int8", "fp8")
 
 
-def _scaled_mm_device() -> str:
-    """Where `F.scaled_mm` runs the fp8 product: a GPU with fp8 tensor cores, else the CPU if this
-    torch has a CPU kernel for it; skips the test otherwise (users run fp8 products on CUDA only)."""
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+def _scaled_mm_device(float32_out: bool = False) -> str:
+    """Where `F.scaled_mm` runs the fp8 product: a GPU with fp8 tensor cores (for float32 output, one of
+    compute capability 9.0), else the CPU if this torch has a CPU kernel for it; skips the test otherwise
+    (users run fp8 products on CUDA only)."""
+    if torch.cuda.is_available() and (torch.cuda.get_device_capability() == (9, 0) if float32_out
+                                      else torch.cuda.get_device_capability() >= (8, 9)):
         return "cuda"
     one = torch.ones(16, 16).to(torch.float8_e4m3fn)
     try:
@@ -196,7 +198,7 @@ def test_fp8_product_split_along_k_sums_to_the_whole_one(splits):
     of 16 is refused."""
     from streamgemma.fast.qlinear import fp8_linear
 
-    dev = _scaled_mm_device()
+    dev = _scaled_mm_device(float32_out=True)
     g = torch.Generator().manual_seed(splits)
     x, w, b = torch.randn(5, 768, generator=g).bfloat16(), torch.randn(48, 768, generator=g) / 30, torch.randn(48)
     q, s = quantize_rows(w, "fp8")
@@ -238,6 +240,7 @@ def test_fp8_k_splits_fill_the_gpu_where_the_tiles_do_not():
     assert fp8_k_splits(256, 15360, 2560, 132) == 1 and fp8_k_splits(2048, 2560, 2560, 132) == 1
     assert fp8_k_splits(64, 2560, 1024, 132) == 2  # slices of 512 at least
     assert fp8_k_splits(64, 256, 768, 132) == 1
+    assert fp8_k_splits(256, 2560, 2560, 0) == 1  # a GPU whose fp8 products give no float32 partials
 
 
 @pytest.mark.parametrize("k", [64, 70])

@@ -57,7 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
         return quantized_linear_ref(x, weight, scale, bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
     if fp8_tensor_cores(x, weight):
-        splits = fp8_k_splits(x.shape[0], weight.shape[0], x.shape[1], _sms(x.device)) if fp8_split_k else 1
+        splits = fp8_k_splits(x.shape[0], weight.shape[0], x.shape[1], _split_k_sms(x.device)) if fp8_split_k else 1
         return fp8_linear(x, weight, scale, bias, x_fp8, splits)
     if dequantize_rows and x.shape[0] >= dequantize_rows:
         return dequantized_linear(x, weight, scale, bias)
@@ -130,7 +130,7 @@ def fp8_k_splits(m: int, n: int, k: int, sms: int) -> int:
     """Slices of K for an fp8 product [m, k] x [k, n]: enough that its output
     tiles times the slices reach the GPU's `sms` (at most 4), where the tiles
     alone fill under half of them; each slice a multiple of 16 columns and
-    at least 512 long. 1: no split."""
+    at least 512 long. 1: no split (also where `sms` is 0)."""
     tiles = math.ceil(m / _FP8_TILE) * math.ceil(n / _FP8_TILE)
     if 2 * tiles >= sms:
         return 1
@@ -141,8 +141,12 @@ def fp8_k_splits(m: int, n: int, k: int, sms: int) -> int:
 
 
 @functools.cache
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _split_k_sms(device: torch.device) -> int:
+    """The device's multiprocessors where the split products can run: their
+    float32 partials need cuBLAS's row-wise fp8 product, which torch uses on
+    compute capability 9.0 (elsewhere row-wise scaling gives bfloat16 only); 0 elsewhere."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count if (props.major, props.minor) == (9, 0) else 0
 
 
 def fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

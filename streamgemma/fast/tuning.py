@@ -85,7 +85,9 @@ class KernelConfig:
     fp8_split_k: the batched step's fp8 tensor-core products whose 128 x 128
     output tiles are too few for the GPU (the narrow ones at 64-256 rows) run
     in up to four slices of K, their float32 partials summed in one launch
-    (`fast.qlinear.fp8_k_splits`); default False until measured (bench/NOTES.md D13).
+    (`fast.qlinear.fp8_k_splits`; compute capability 9.0 only, where torch's
+    row-wise fp8 product gives float32); default False until measured
+    (bench/NOTES.md D13).
     """
 
     gemv_max_batch: int = 1

@@ -129,17 +129,34 @@ def _attn_partial_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
 
 
 @triton.jit
+def _current_kv(base, ring_k_ptr, ring_v_ptr, inv_freq_ptr, p, H, dims, HD: tl.constexpr):
+    """This step's key (roped, [1, HD]) and value ([HD]) of a row whose q|k|v
+    starts at `base`, rounded to the ring's dtype as what the ring holds is
+    (float32 values)."""
+    one = tl.arange(0, 1)
+    k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD)
+    v_cur = tl.load(base + (H + 1) * HD + dims).to(tl.float32)
+    return (k_cur.to(ring_k_ptr.dtype.element_ty).to(tl.float32),
+            v_cur.to(ring_v_ptr.dtype.element_ty).to(tl.float32))
+
+
+@triton.jit
+def _store_current(ring_k_ptr, ring_v_ptr, slot, p, W, k_cur, v_cur, dims, HD: tl.constexpr):
+    """This step's key and value into the row's ring at p % W (after every read of that entry)."""
+    one = tl.arange(0, 1)
+    ring_off = slot.to(tl.int64) * W * HD + (p % W) * HD
+    tl.store(ring_k_ptr + ring_off + one[:, None] * HD + dims[None, :], k_cur.to(ring_k_ptr.dtype.element_ty))
+    tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _merge_current(base, ring_k_ptr, ring_v_ptr, inv_freq_ptr, out_ptr, slot, p, q, m, l, acc, heads, hmask, dims,
                    row, W, H, HD: tl.constexpr):
     """The combine of a row's one split (`_attn_combine_kernel` for every head
     at once): the current key and value merged into (m, l, acc), the output
     written, then the current key (roped) and value stored in the ring. q:
     the scaled queries as the ring's dtype rounds them, in float32 [HP, HD]."""
-    one = tl.arange(0, 1)
-    k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
-    v_cur = tl.load(base + (H + 1) * HD + dims).to(tl.float32)
-    k_cur = k_cur.to(ring_k_ptr.dtype.element_ty).to(tl.float32)
-    v_cur = v_cur.to(ring_v_ptr.dtype.element_ty).to(tl.float32)
+    k_cur, v_cur = _current_kv(base, ring_k_ptr, ring_v_ptr, inv_freq_ptr, p, H, dims, HD)
     s_cur = tl.sum(q * k_cur, axis=1)  # [HP]
     mx = tl.maximum(m, s_cur)
     w = tl.exp(m - mx)
@@ -149,9 +166,7 @@ def _merge_current(base, ring_k_ptr, ring_v_ptr, inv_freq_ptr, out_ptr, slot, p,
     tl.store(out_ptr + row * H * HD + heads[:, None] * HD + dims[None, :],
              (o / total[:, None]).to(out_ptr.dtype.element_ty), mask=hmask[:, None])
     tl.debug_barrier()  # every thread's reads of the ring are done before its oldest entry is overwritten
-    ring_off = slot.to(tl.int64) * W * HD + (p % W) * HD
-    tl.store(ring_k_ptr + ring_off + one[:, None] * HD + dims[None, :], k_cur.to(ring_k_ptr.dtype.element_ty))
-    tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
+    _store_current(ring_k_ptr, ring_v_ptr, slot, p, W, k_cur, v_cur, dims, HD)
 
 
 @triton.jit
@@ -175,11 +190,8 @@ def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
         p = tl.load(pos_ptr + row)
         base = qkv_ptr + row * qkv_stride
         q = _rope_rows(base, one + head, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
-        k_cur = _rope_rows(base + H * HD, one, dims, p, inv_freq_ptr, one >= 0, HD)  # [1, HD]
-        v_cur = tl.load(base + (H + 1) * HD + dims).to(tl.float32)
         # what the ring holds is in the model dtype: score the current key the same way
-        k_cur = k_cur.to(ring_k_ptr.dtype.element_ty).to(tl.float32)
-        v_cur = v_cur.to(ring_v_ptr.dtype.element_ty).to(tl.float32)
+        k_cur, v_cur = _current_kv(base, ring_k_ptr, ring_v_ptr, inv_freq_ptr, p, H, dims, HD)
         q = (q * scale).to(ring_k_ptr.dtype.element_ty).to(tl.float32)  # as the partial pass rounds it
         s_cur = tl.sum(tl.sum(q * k_cur, axis=1), axis=0)
 
@@ -196,10 +208,7 @@ def _attn_combine_kernel(qkv_ptr, qkv_stride, ring_k_ptr, ring_v_ptr, slots_ptr,
         o = tl.sum(acc * w_all[:, None], axis=0) + w_cur * v_cur
         tl.store(out_ptr + out_off, (o / total).to(out_ptr.dtype.element_ty))
         if head == 0:  # after every partial program has read the ring: store the current key/value
-            ring_off = slot.to(tl.int64) * W * HD + (p % W) * HD
-            tl.store(ring_k_ptr + ring_off + one[:, None] * HD + dims[None, :],
-                     k_cur.to(ring_k_ptr.dtype.element_ty))
-            tl.store(ring_v_ptr + ring_off + dims, v_cur.to(ring_v_ptr.dtype.element_ty))
+            _store_current(ring_k_ptr, ring_v_ptr, slot, p, W, k_cur, v_cur, dims, HD)
 
 
 DEFAULT_BLOCK = 64  # keys per tile

@@ -17,7 +17,8 @@ MLP gate|up (2 * mlp_width x width, GeGLU epilogue) shapes:
   F.linear, int8 / fp8 `qmatmul` by block and operand order (weight_first),
   fp8 `fp8_linear`
   (row quantization + F.scaled_mm), and fp8 split along K into --splits
-  products whose float32 partials are summed (cuBLAS's 128 x 128 tiles give
+  products whose float32 partials one launch sums (`fp8_linear(k_splits=...)`,
+  as `KernelConfig.fp8_split_k` runs it; cuBLAS's 128 x 128 tiles give
   the narrow products 40-80 tiles at M = 256: do more programs pay for the
   sum?), also on the q|k|v and x|y shapes.
 Each timed as one CUDA graph of back-to-back calls cycling through weight
@@ -391,34 +392,10 @@ def batched_products(cfg: dict, args) -> dict:
                     for splits in _ints(args.splits):
                         if k % (16 * splits) == 0:
                             entry[f"fp8 rows + scaled_mm, {splits} K splits"] = timed(
-                                lambda w, s, splits=splits: fp8_linear_split_k(x, w, s, splits))
+                                lambda w, s, splits=splits: fp8_linear(x, w, s, k_splits=splits))
                 del copies
                 _empty_cache(dev)
     return out
-
-
-def fp8_linear_split_k(x, weight, scale, splits: int):
-    """`fp8_linear` (no bias) as `splits` products over slices of K, their
-    float32 partials summed: what a split-K of the fp8 tensor-core product
-    would cost with a plain sum (a fused one would be cheaper)."""
-    import torch
-    import torch.nn.functional as F
-
-    from streamgemma.fast.qlinear import fp8_rows_ref
-
-    if x.is_cuda:
-        from streamgemma.kernels.qmatmul import fp8_rows
-
-        xq, x_scale = fp8_rows(x)
-    else:
-        xq, x_scale = fp8_rows_ref(x)
-    rowwise, step = F.ScalingType.RowWise, x.shape[1] // splits
-    total = None
-    for k0 in range(0, x.shape[1], step):
-        part = F.scaled_mm(xq[:, k0:k0 + step], weight[:, k0:k0 + step].t(), x_scale, rowwise, scale[None, :],
-                           rowwise, output_dtype=torch.float32)
-        total = part if total is None else total.add_(part)
-    return total.to(torch.bfloat16)
 
 
 if __name__ == "__main__":

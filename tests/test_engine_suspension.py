@@ -145,6 +145,9 @@ def test_a_failing_store_loses_no_session(caplog):
             tg.start_soon(engine.run)
             a, b = await engine.open(), await engine.open()  # a is suspended (at position 0)
             await engine.consumed(engine.append(b, PROMPT + " b"))
+            with anyio.fail_after(10):  # a's write runs in a thread: let it land before the disk breaks
+                while a.id not in store.list():
+                    await anyio.sleep(0.01)
             store.failing = True
             await engine.consumed(engine.append(a, PROMPT + " a"))  # a restored, b suspended: put fails
             with anyio.fail_after(10):

@@ -75,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="DIR|URL", help="the engine's store: a directory or "
                         "redis://HOST:PORT/DB, with its write-ahead journal (default: memory, no journal)")
     parser.add_argument("--store-prefix", default="streamgemma-bench", help="key prefix in a Redis store")
+    g = parser.add_argument_group("simulated device (the host's side alone, on any machine; module "
+                                  "streamgemma.bench.simulated)")
+    g.add_argument("--simulate-step-ms", type=float, metavar="MS",
+                   help="a tiny CPU model whose decode step books MS on a simulated in-order device; the "
+                        "engine does its host work as on CUDA; clients sample greedily unless given "
+                        "sampling options; the share is of CLIENTS / MS")
+    g.add_argument("--simulate-sample-ms", type=float, default=0.2, metavar="MS",
+                   help="device time of a tick's sampling, with --simulate-step-ms (default 0.2)")
     parser.add_argument("--url", help="a running server instead of one in this process")
     parser.add_argument("--token", help="bearer token of --url")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before giving up (default 600)")
@@ -254,6 +262,14 @@ def options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    simulate = args.simulate_step_ms is not None
+    if simulate and (args.url or args.model or args.quantize):
+        raise SystemExit("streamgemma bench serve: --simulate-step-ms runs its own tiny CPU model; "
+                         "it takes no --url, --model or --quantize")
+    if simulate and not (args.simulate_step_ms > 0 and args.simulate_sample_ms >= 0):
+        raise SystemExit("streamgemma bench serve: --simulate-step-ms must be > 0 and --simulate-sample-ms >= 0")
+    if simulate and not sampling_of(args):
+        args.temperature = 0.0  # a sampled row's noise would be CPU arithmetic here, not the host's work
     out: dict = {"clients": args.clients, "procs": args.procs, "tokens_per_client": args.tokens,
                  "prompt_tokens": args.prompt, "coalesce": args.coalesce, "interject": args.interject,
                  "sampling": sampling_of(args)}
@@ -272,7 +288,12 @@ def run(args: argparse.Namespace) -> dict:
 
     if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
         torch.set_num_threads(1)  # small models' ops are microseconds: threads only add overhead
-    model = build_model(args)
+    if simulate:
+        from .simulated import attach, simulated_model
+
+        model = simulated_model()
+    else:
+        model = build_model(args)
     print(model)
     warm_s = model.warm_up(args.clients, prompt_tokens=args.prompt)  # as `streamgemma serve` does
     if sampling_of(args):  # compile the sampling settings' kernels before any client waits on them
@@ -280,7 +301,10 @@ def run(args: argparse.Namespace) -> dict:
         s.feed([2, 3, 4, 5])
         list(s.generate(max_tokens=2, stop_token_ids=[], **sampling_of(args)))
         s.close()
-    if args.decode_steps:
+    if simulate:
+        out["decode_alone_tok_s"] = args.clients / (args.simulate_step_ms / 1e3)
+        out["simulated"] = {"step_ms": args.simulate_step_ms, "sample_ms": args.simulate_sample_ms}
+    elif args.decode_steps:
         sec = time_decode(model, args.clients, args.decode_steps)
         out["decode_alone_tok_s"] = args.clients / sec
         print(f"decode alone, batch {args.clients}: {args.clients / sec:.0f} tokens/s, {sec * 1e3:.2f} ms/step",
@@ -289,7 +313,10 @@ def run(args: argparse.Namespace) -> dict:
         gc.collect()
         gc.freeze()
     store = sg.open_store(args.store, prefix=args.store_prefix) if args.store else None
-    engine = sg.Engine(model, max_active=args.max_active or args.clients, store=store)
+    engine = sg.Engine(model, max_active=args.max_active or args.clients, store=store,
+                       **({"host_work": "loop"} if simulate else {}))
+    if simulate:
+        device = attach(engine, args.simulate_step_ms / 1e3, args.simulate_sample_ms / 1e3, args.clients)
     limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
     server = sg.Server(engine, port=0, limits=limits, **({"http": sg.HttpConfig()} if args.http else {}))
     with gc_threshold(args.gc_threshold), GcPauses() as pauses, CounterSampler(engine, server) as counters, \
@@ -302,6 +329,8 @@ def run(args: argparse.Namespace) -> dict:
         out["steady_share_of_decode"] = round(out["steady"]["tokens_per_s"] / out["decode_alone_tok_s"], 4)
     if counters.available:
         out["engine"] = counters.window(*window)
+    if simulate:
+        out["simulated"]["device_busy_s"] = round(device.busy, 3)
     out["gc"] = {**pauses.summary(), "threshold": args.gc_threshold}
     out["http_api"] = {"enabled": args.http, "scrape_s": args.http_scrape, "scrapes": scrapes.count}
     out["store"] = engine.store.describe()

@@ -49,6 +49,13 @@ def test_serve_against_a_simulated_device(tmp_path):
     assert sim["step_ms"] == step_ms and sim["sample_ms"] == 0.2
     assert sim["device_busy_s"] >= (tokens - 1) * step_ms / 1e3  # at least one booked step a token
     assert r["sampling"] == {"temperature": 0.0}  # greedy unless told otherwise
+    # The event loop's CPU time per decode call: some host work, and (one thread) no more than the
+    # wall time of a call, which the simulated step makes at least step_ms.
+    if hasattr(time, "pthread_getcpuclockid"):
+        engine = r["engine"]
+        wall_ms = 1e3 * engine["tokens_per_call"] / engine["engine_tokens_per_s"]
+        assert wall_ms >= step_ms * 0.9
+        assert 0 < engine["ms_per_call"]["loop_cpu_seconds"] <= wall_ms * 1.2
 
 
 def test_simulation_takes_no_model_or_server():

@@ -18,7 +18,9 @@ connection set-up and prompt prefill are not counted):
   of one coalesced frame have a gap of 0); steady_frame_gap_ms counts frames
   inside the steady window.
 - tokens per decode call and per-phase ms per call: the engine's and the
-  server's monitoring counters, where the served tree has them.
+  server's monitoring counters, where the served tree has them; and
+  loop_cpu_seconds, the CPU time of the server's event-loop thread per
+  decode call (the host's whole share of a tick: engine, pump, websockets).
 
     streamgemma bench serve                                           # 2B shapes, 256 clients x 512 tokens
     streamgemma bench serve --no-coalesce                             # one frame per token
@@ -180,9 +182,14 @@ class CounterSampler(BackgroundLoop):
     ENGINE = ("decode_calls", "decoded_tokens")
     SERVER = ("pump_seconds", "frames_direct", "frames_queued", "frames_deferred")
 
-    def __init__(self, engine, server, period: float = 0.01):
+    def __init__(self, engine, server, period: float = 0.01, loop_thread: int | None = None):
         self.engine, self.server, self.period = engine_counters(engine), server, period
         self.samples: list[tuple[float, dict]] = []
+        # The CPU time of the server's event-loop thread (where the engine's host work, the pump and
+        # the websockets run): per decode call, how busy the host is, without the noise of a share.
+        self._loop_clock = None
+        if loop_thread is not None and hasattr(time, "pthread_getcpuclockid"):
+            self._loop_clock = time.pthread_getcpuclockid(loop_thread)
 
     @property
     def available(self) -> bool:
@@ -195,6 +202,8 @@ class CounterSampler(BackgroundLoop):
             values = {name: getattr(self.engine, name) for name in self.ENGINE}
             values.update(getattr(self.engine, "phase_seconds", {}))
             values.update({f"server_{n}": getattr(self.server, n) for n in self.SERVER if hasattr(self.server, n)})
+            if self._loop_clock is not None:
+                values["loop_cpu_seconds"] = time.clock_gettime(self._loop_clock)
             self.samples.append((time.monotonic(), values))
             self._stop.wait(self.period)
 
@@ -319,8 +328,9 @@ def run(args: argparse.Namespace) -> dict:
         device = attach(engine, args.simulate_step_ms / 1e3, args.simulate_sample_ms / 1e3, args.clients)
     limits = sg.Limits(max_tokens=max(4096, args.tokens), coalesce_interval=args.coalesce_ms / 1e3)
     server = sg.Server(engine, port=0, limits=limits, **({"http": sg.HttpConfig()} if args.http else {}))
-    with gc_threshold(args.gc_threshold), GcPauses() as pauses, CounterSampler(engine, server) as counters, \
-            serving(server), Scraper(server if args.http else None, args.http_scrape) as scrapes:
+    with gc_threshold(args.gc_threshold), GcPauses() as pauses, serving(server) as portal, \
+            CounterSampler(engine, server, loop_thread=portal.call(threading.get_ident)) as counters, \
+            Scraper(server if args.http else None, args.http_scrape) as scrapes:
         released, records = run_clients(server.url, None, args.clients, args.procs, options(args))
     summary = summarize(released, records)
     window = summary.pop("_window")

@@ -16,6 +16,7 @@ from reference import rel_err
 import streamgemma as sg
 from streamgemma.fast.decode import KernelDecoder
 from streamgemma.fast.fused_weights import FusedWeights
+from streamgemma.fast.qlinear import _split_k_sms
 from streamgemma.model.quantize import dequantize, quantize_rows, quantized_linear_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,11 +24,11 @@ FMTS = ("int8", "fp8")
 
 
 def _scaled_mm_device(float32_out: bool = False) -> str:
-    """Where `F.scaled_mm` runs the fp8 product: a GPU with fp8 tensor cores (for float32 output, one of
-    compute capability 9.0), else the CPU if this torch has a CPU kernel for it; skips the test otherwise
-    (users run fp8 products on CUDA only)."""
-    if torch.cuda.is_available() and (torch.cuda.get_device_capability() == (9, 0) if float32_out
-                                      else torch.cuda.get_device_capability() >= (8, 9)):
+    """Where `F.scaled_mm` runs the fp8 product: a GPU with fp8 tensor cores (for float32 output, one
+    where the split products run: `qlinear._split_k_sms`), else the CPU if this torch has a CPU kernel for
+    it; skips the test otherwise (users run fp8 products on CUDA only)."""
+    if torch.cuda.is_available() and (_split_k_sms(torch.device("cuda", torch.cuda.current_device())) > 0
+                                      if float32_out else torch.cuda.get_device_capability() >= (8, 9)):
         return "cuda"
     one = torch.ones(16, 16).to(torch.float8_e4m3fn)
     try:

@@ -141,12 +141,25 @@ def fp8_k_splits(m: int, n: int, k: int, sms: int) -> int:
 
 
 @functools.cache
+@functools.cache
 def _split_k_sms(device: torch.device) -> int:
     """The device's multiprocessors where the split products can run: their
     float32 partials need cuBLAS's row-wise fp8 product, which torch uses on
-    compute capability 9.0 (elsewhere row-wise scaling gives bfloat16 only); 0 elsewhere."""
+    compute capability 9.0 with a recent enough cuBLAS (elsewhere row-wise
+    scaling gives bfloat16 only, or refuses float32). So one tiny product
+    asks, once per device (the first step runs before any graph capture); 0
+    where it fails."""
     props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count if (props.major, props.minor) == (9, 0) else 0
+    if (props.major, props.minor) != (9, 0):
+        return 0
+    a = torch.zeros(16, 32, device=device).to(torch.float8_e4m3fn)
+    ones = torch.ones(16, 1, device=device)
+    rowwise = F.ScalingType.RowWise
+    try:
+        F.scaled_mm(a, a.t(), ones, rowwise, ones.t(), rowwise, output_dtype=torch.float32)
+    except RuntimeError:
+        return 0
+    return props.multi_processor_count
 
 
 def fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,8 +173,16 @@ def test_attention_at_one_split_combines_as_the_combine_kernel_does(monkeypatch)
     assert torch.equal(one[1], torch.zeros_like(one[1])) and not one.isnan().any()
     torch.testing.assert_close(one.float(), two.float(), **({} if dtype == torch.float32 else
                                                             dict(rtol=2e-2, atol=2e-2)))
-    assert torch.equal(k1, k2) and torch.equal(v1, v2)  # the same current key/value stored, the rest untouched
-    assert not torch.equal(k1, rings[0])
+    # Each live row stores its current key/value at pos % window, the same in both paths (on a GPU the
+    # two kernels may round the rotation differently: to bfloat16's last bit); the rest is untouched.
+    written = torch.zeros(batch, window, dtype=torch.bool, device=DEV)
+    live = slots >= 0
+    written[live, pos[live] % window] = True
+    for new1, new2, old in ((k1, k2, rings[0]), (v1, v2, rings[1])):
+        assert torch.equal(new1[~written], old[~written]) and torch.equal(new2[~written], old[~written])
+        torch.testing.assert_close(new1[written].float(), new2[written].float(),
+                                   **({"rtol": 0, "atol": 0} if DEV == "cpu" else dict(rtol=8e-3, atol=1e-5)))
+    assert not torch.equal(k1[written], rings[0][written])
 
 
 @pytest.mark.slow

@@ -270,3 +270,28 @@ def test_a_cancellation_during_a_tick_never_splits_a_step_from_its_books(host_wo
         assert (s.position, stream.queued, s.state.rng.counter) == (position + 1, queued + 1, rng.counter + 1)
     else:  # cancelled before any work: nothing moved
         assert (s.position, stream.queued, s.state.rng) == (position, queued, rng)
+
+
+def test_closing_an_ended_generations_stream_leaves_the_next_generation_alone():
+    """A stream closed after its generation ended (without reading its end) must not cancel a later
+    generation of the same session: its cancel belongs to its own generation."""
+    model = text_model()
+
+    async def main():
+        engine = Engine(model, max_active=2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            es = await engine.open()
+            await engine.consumed(engine.append(es, PROMPTS[0]))
+            first = await engine.generate(es, SamplingParams(max_tokens=2, stop_token_ids=(), seed=1))
+            with anyio.fail_after(30):
+                while es.generation is not None:  # it ends at a tick; nobody reads it
+                    await anyio.sleep(0.01)
+            second = await engine.generate(es, SamplingParams(max_tokens=6, stop_token_ids=(), seed=2))
+            await first.aclose()
+            tokens = [t async for t in second]
+            tg.cancel_scope.cancel()
+        return tokens, second.done
+
+    tokens, done = anyio.run(main, backend="asyncio")
+    assert len(tokens) == 6 and done.reason == "length"

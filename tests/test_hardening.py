@@ -235,6 +235,32 @@ def test_sessions_beyond_the_server_limit_get_limit():
         run(main, url)
 
 
+def test_opens_at_the_same_moment_do_not_exceed_the_server_limit():
+    """An open counts against the limit while the engine opens it (which waits for the model while a
+    generation runs): eight connections opening at once get two `opened` (the limit of three, less the
+    one held) and six `limit`."""
+    server = Server(Engine(text_model(), max_active=4), port=0, limits=Limits(max_sessions=3))
+
+    async def main(url):
+        async with connect(url) as g:
+            sid = (await ask(g, {"type": "open"}))["session"]
+            await ask(g, {"type": "append", "session": sid, "text": "the quick brown fox"})
+            await ask(g, {"type": "generate", "id": 1, "session": sid, "max_tokens": 4000, "stop_token_ids": []})
+            conns = [await connect(url).__aenter__() for _ in range(8)]
+            try:
+                for ws in conns:
+                    await ws.send(json.dumps({"type": "open"}))
+                replies = [json.loads(await ws.recv()) for ws in conns]
+            finally:
+                for ws in conns:
+                    await ws.close()
+            return sorted(r["type"] if r["type"] == "opened" else r["code"] for r in replies)
+
+    with serve_in_thread(server) as url:
+        assert run(main, url) == ["limit"] * 6 + ["opened"] * 2
+    assert server.sessions_held() == 0
+
+
 def test_a_connection_over_its_message_rate_is_read_more_slowly():
     server = Server(Engine(text_model(), max_active=2), port=0, limits=Limits(messages_per_second=50))
 

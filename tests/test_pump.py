@@ -9,6 +9,7 @@ import json
 import math
 
 import anyio
+import anyio.lowlevel
 
 from streamgemma.serve.protocol import TokenFrames
 from streamgemma.serve.pump import Outgoing, TokenPump
@@ -100,3 +101,37 @@ def test_uncoalesced_streams_are_never_held_back(monkeypatch):
     for conn in conns[streams:]:
         times = [t for t, event in conn.sent if event["type"] == "token"]
         assert times == [t * TICK for t in range(ticks + 1)]  # a frame a token, every tick
+
+
+def test_a_delivery_while_the_pump_yields_is_not_missed():
+    """The engine signals deliveries (a tick's tokens, a generation's end); one that lands after a
+    pump looked at its streams but before it waits again (its task yielded in between) must wake it:
+    the last tokens and the `done` of a generation go out even if no tick ever follows."""
+    import streamgemma as sg
+    from streamgemma.serve.engine import Engine
+
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu", dtype="float32")
+
+    async def trial(hops: int) -> bool:
+        engine = Engine(model, max_active=1)
+        pump = TokenPump(engine, interval=INTERVAL)
+        queue, conn = TokenQueue(), Conn(Clock())
+        out = Outgoing(conn, TokenStream(queue, lambda: None), TokenFrames("s"), 1, coalesce=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump.run)
+            tg.start_soon(pump.stream, out)
+            await anyio.wait_all_tasks_blocked()
+            queue.put(Token(id=1, text="a"))
+            engine._signal_delivered()  # what a tick (or the journal's committer) calls
+            for _ in range(hops):  # the second delivery lands at each point of the pump's round
+                await anyio.lowlevel.checkpoint()
+            queue.put(Token(id=2, text="b"))
+            queue.put(Done("length", 2))
+            engine._signal_delivered()
+            with anyio.move_on_after(2):
+                await out.finished.wait()
+            tg.cancel_scope.cancel()
+        return out.finished.is_set() and _ids(conn.sent) == [1, 2]
+
+    for hops in range(6):
+        assert anyio.run(trial, hops, backend="asyncio"), f"the second delivery, {hops} loop turns later, was missed"

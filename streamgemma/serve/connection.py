@@ -72,6 +72,7 @@ class Connection:
         self.ws = ws
         self.number = number  # for the log
         self.sessions: dict[str, SessionRecord] = {}
+        self.opening = 0  # opens in progress (they count against the limits)
         self.ending = False  # its sessions are being detached
         self.released = anyio.Event()  # set once they are
         self._starting: dict[str, bool] = {}  # session id -> cancel requested, while a generate is starting
@@ -298,21 +299,25 @@ class Connection:
             self._error("internal", f"the server failed on this request: {type(e).__name__}: {e}", rid, session)
 
     async def _open(self, request: Open) -> None:
-        if len(self.sessions) >= self.limits.sessions_per_connection:
+        if len(self.sessions) + self.opening >= self.limits.sessions_per_connection:
             raise ProtocolError("limit", f"this connection already holds {len(self.sessions)} sessions "
                                          f"(the limit); close one first", request.id)
         if self.server.sessions_held() >= self.limits.max_sessions:
             raise ProtocolError("limit", f"the server holds {self.limits.max_sessions} sessions (its limit); "
                                          "retry later", request.id)
-        if request.session is None:
-            es = await self.engine.open(seed=request.seed)
-            how = "opened"
-        else:
-            es = await self.engine.resume(request.session)
-            await self._take_over(es)
-            how = "resumed"
-        es.owner = self
-        self.sessions[es.id] = es
+        self.opening += 1  # counted as held while the engine opens it: concurrent opens see it
+        try:
+            if request.session is None:
+                es = await self.engine.open(seed=request.seed)
+                how = "opened"
+            else:
+                es = await self.engine.resume(request.session)
+                await self._take_over(es)
+                how = "resumed"
+            es.owner = self
+            self.sessions[es.id] = es
+        finally:
+            self.opening -= 1
         log.info("connection %d: session %s %s at position %d", self.number, log_id(es.id), how, es.position)
         fields = {}
         if request.since is not None:  # what the client missed (e.g. tokens lost with its last connection)

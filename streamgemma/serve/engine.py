@@ -110,6 +110,7 @@ class Engine:
         self._model_lock = anyio.Lock()
         self._wake = anyio.Event()
         self._ticked = anyio.Event()  # set (and replaced) after a tick's tokens or a generation's end
+        self.deliveries = 0  # how many times that happened (`wait_tick`)
         self._clock = itertools.count(1)  # orders uses for least-recently-used suspension
 
     # -- sessions --------------------------------------------------------------------
@@ -237,11 +238,12 @@ class Engine:
             if params.seed is not None:  # the reseeded stream, journaled with the next tick
                 self.journal.record(es.id, es.live, "rng")
         queue = TokenQueue()  # holds a whole generation, so the scheduler never waits on a reader
-        es.generation = ActiveGeneration(generation, queue, requested)
+        active = es.generation = ActiveGeneration(generation, queue, requested)
         self._generating[es.id] = es
         self._touch(es)
         self._wake.set()
-        return TokenStream(queue, lambda: self.cancel(es))
+        # Closing the stream cancels this generation only: by then a later one may run on the session.
+        return TokenStream(queue, lambda: es.generation is active and self.cancel(es))
 
     def cancel(self, es: SessionRecord) -> bool:
         """Cancel the running generation of `es`, if any (True if there was
@@ -416,13 +418,19 @@ class Engine:
         await self.journal.room()  # the device runs ahead of the store by a tick or two at most
         await anyio.sleep(0)  # let the event loop run sends and new requests between ticks
 
-    async def wait_tick(self) -> None:
+    async def wait_tick(self, seen: int | None = None) -> None:
         """Return after the next tick has delivered its tokens, or a generation
         has ended outside a tick (closed, shut down): a consumer of many
-        streams looks at all of them once per tick instead of once per token."""
+        streams looks at all of them once per tick instead of once per token.
+        seen: the `deliveries` count when the caller last looked at its streams:
+        if a delivery came since, return at once (none is missed between looking
+        and waiting)."""
+        if seen is not None and seen != self.deliveries:
+            return
         await self._ticked.wait()
 
     def _signal_delivered(self) -> None:
+        self.deliveries += 1
         ticked, self._ticked = self._ticked, anyio.Event()
         ticked.set()
 

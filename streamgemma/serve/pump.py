@@ -99,21 +99,23 @@ class TokenPump:
         self._streams[key] = outgoing
         self._added.set()
         try:
-            outgoing.send_ready(time.monotonic())  # tokens ready before it was registered
+            self._send(outgoing, time.monotonic())  # tokens ready before it was registered
             if not outgoing.finished.is_set():
                 await outgoing.finished.wait()
         finally:
             self._streams.pop(key, None)
 
     async def run(self) -> None:
-        next_due = math.inf
+        next_due, seen = math.inf, self.engine.deliveries
         while True:
             if not self._streams:
                 self._added = anyio.Event()
                 await self._added.wait()
-            # Wake at the next tick, or when a coalesced frame falls due without one.
+            # Wake at the next tick, or when a coalesced frame falls due without one; a delivery
+            # made since the last pump (e.g. while this task yielded) wakes it at once.
             with anyio.move_on_after(next_due):
-                await self.engine.wait_tick()
+                await self.engine.wait_tick(seen)
+            seen = self.engine.deliveries
             next_due = self.pump()
             await anyio.lowlevel.checkpoint()
 

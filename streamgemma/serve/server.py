@@ -117,8 +117,8 @@ class Server:
         return f"ws://{self.host}:{self.port}{PATH}"
 
     def sessions_held(self) -> int:
-        """Sessions held by connections now."""
-        return sum(len(conn.sessions) for conn in self.connections)
+        """Sessions held by connections now, with those being opened."""
+        return sum(len(conn.sessions) + conn.opening for conn in self.connections)
 
     def stop(self) -> None:
         """Ask `serve` to shut down (call from the server's event loop)."""

@@ -102,7 +102,8 @@ class Server:
     @property
     def frames_deferred(self) -> int:
         """Coalesced frames a pump left for the next one, to spread streams that
-        fell due together (monitoring; `TokenPump`)."""
+        fell due together, counted at each pump that holds one back
+        (monitoring; `TokenPump`)."""
         return self.pump.deferred
 
     @functools.cached_property

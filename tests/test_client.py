@@ -87,3 +87,92 @@ def test_a_refused_token_is_a_server_error_with_code_unauthorized():
 
     with serve_in_thread(srv) as url:
         run(main, url)
+
+
+def test_a_refused_generate_request_raises_instead_of_hanging(server):
+    """The server answers a malformed generate (an unknown field) with an error that names no session:
+    the generation's iterator raises it (it used to wait forever)."""
+    async def main():
+        async with sg.Client(server.url, timeout=10) as client:
+            session = await client.open()
+            await session.append(PROMPT)
+            with anyio.fail_after(10), pytest.raises(sg.ServerError) as refused:
+                async for _ in session.generate(max_token=5):  # (a typo of max_tokens)
+                    pass
+            return refused.value.code
+
+    assert run(main) == "bad_message"
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_position_counts_input_sent_during_a_generation(server, coalesce):
+    """`send_append` mid-generation: its `appended` (no request id) still moves `position`, which
+    never goes backwards and ends at the server's; resuming from 10 before it returns the last 10."""
+    async def main():
+        async with sg.Client(server.url, coalesce=coalesce) as client:
+            s = await client.open(seed=1)
+            await s.append(PROMPT)
+            seen, positions = [], []
+            async for t in s.generate(max_tokens=40, stop_token_ids=NO_STOP):
+                seen.append(t.id)
+                positions.append(s.position)
+                if len(seen) == 3:
+                    await s.send_append(" and the cat")
+            assert s.position == s.last_done["position"] == server.engine.sessions[s.id].position
+            assert all(b >= a for a, b in zip(positions, positions[1:]))
+        s.position -= 10  # a client that missed the last 10 tokens
+        async with sg.Client(server.url) as client:
+            again = await client.open(s)
+            return seen, again.missed
+
+    seen, missed = run(main)
+    assert missed["ids"] == seen[-10:]
+
+
+def test_on_the_wire_every_token_comes_before_a_position_that_counts_it(server):
+    """The protocol's rule for `since` (after the last `appended`, plus one per token received since)
+    holds with coalesced frames too: input appended mid-generation is acknowledged only after the
+    tokens generated before it went out."""
+    import json
+
+    from websockets.asyncio.client import connect
+
+    async def main():
+        async with connect(server.url) as ws:
+            async def ask(msg):
+                await ws.send(json.dumps(msg))
+                return json.loads(await ws.recv())
+
+            sid = (await ask({"type": "open", "id": 1, "seed": 1}))["session"]
+            position = (await ask({"type": "append", "id": 2, "session": sid, "text": PROMPT}))["position"]
+            await ws.send(json.dumps({"type": "generate", "id": 3, "session": sid, "max_tokens": 400,
+                                      "stop_token_ids": [], "coalesce": True}))
+            inputs, checked = 0, []
+            while True:
+                e = json.loads(await ws.recv())
+                if e["type"] in ("token", "tokens"):
+                    position += len(e["ids"]) if e["type"] == "tokens" else 1
+                    if position > 30 and inputs < 3:  # input mid-generation, a few times
+                        inputs += 1
+                        await ws.send(json.dumps({"type": "append", "id": 10 + inputs, "session": sid,
+                                                  "tokens": [20, 21, 22, 23, 24]}))
+                elif e["type"] == "appended":
+                    checked.append((e["position"], position + 5))
+                    position = e["position"]
+                elif e["type"] == "done":
+                    checked.append((e["position"], position))
+                    return checked
+
+    checked = run(main)
+    assert len(checked) == 4 and all(got == want for got, want in checked), checked
+
+
+def test_after_the_client_exits_a_request_is_a_connection_error(server):
+    async def main():
+        async with sg.Client(server.url) as client:
+            session = await client.open()
+        assert isinstance(client.closed_error, ConnectionError)
+        with pytest.raises(ConnectionError, match="the client was closed"):
+            await session.append("more")
+
+    run(main)

@@ -42,3 +42,37 @@ def test_the_sync_client_opens_appends_generates_and_completes(model):
             session.close()
         with pytest.raises(sg.ServerError, match="unauthorized"):
             sg.Client.connect_sync(url, token="wrong")
+
+
+def test_the_sync_client_resumes_with_what_was_missed_and_sends_input_mid_generation(model):
+    with serve_in_thread(Server(Engine(model, max_active=2), port=0)) as url:
+        with sg.Client.connect_sync(url) as client:
+            session = client.open(seed=4)
+            session.append("The Python")
+            seen = []
+            for token in session.generate(max_tokens=12, stop_token_ids=[]):
+                seen.append(token.id)
+                if len(seen) == 2:
+                    session.send_append(" and")
+            assert session.last_done["reason"] == "length" and session.last_done["position"] == session.position
+            position = session.position
+        with sg.Client.connect_sync(url) as client:
+            again = client.open(session, since=position - 4)  # a SyncSession of the closed connection
+            assert again.id == session.id and again.position == position
+            assert again.missed["ids"] == seen[-4:]
+
+
+def test_a_script_that_never_closes_its_sync_client_still_exits(model):
+    """The client's event loop runs in a daemon thread: the interpreter does not wait for it."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    script = ("import sys, streamgemma as sg\n"
+              "c = sg.Client.connect_sync(sys.argv[1])\n"
+              "print(c.open(seed=0).complete('The Python', max_tokens=3), flush=True)\n")
+    with serve_in_thread(Server(Engine(model, max_active=2), port=0)) as url:
+        done = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60,
+                              env=subprocess_env())
+    assert done.returncode == 0, done.stderr

@@ -17,6 +17,8 @@ import contextlib
 import itertools
 import json
 import logging
+import math
+import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -47,12 +49,13 @@ class GenerationRoute:
 
     def __init__(self, request_id: int):
         self.request_id = request_id
-        self.send, self.events = anyio.create_memory_object_stream[dict](1 << 16)
+        # Unbounded: the server bounds a generation (max_tokens), and a token dropped here would be lost.
+        self.send, self.events = anyio.create_memory_object_stream[dict](math.inf)
         self.ended = anyio.Event()
         self.cancel_sent = False
 
     def deliver(self, msg: dict) -> None:
-        with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.send.send_nowait(msg)
         if msg.get("type") in ("done", "error"):
             self.close()
@@ -94,6 +97,8 @@ class Client:
         self._ids = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
         self._streams: dict[str, GenerationRoute] = {}  # session id -> its running generation
+        # The sessions opened here, whose `position` the reader keeps in the order events arrive.
+        self._sessions: weakref.WeakValueDictionary[str, ClientSession] = weakref.WeakValueDictionary()
         self._generations: set[int] = set()  # ids of generate requests in flight
         self._tasks: anyio.abc.TaskGroup | None = None
         self._exit: contextlib.AsyncExitStack | None = None
@@ -146,6 +151,7 @@ class Client:
         reply = await self.request(msg)
         opened = ClientSession(self, reply["session"], reply["position"])
         opened.missed = reply.get("missed")
+        self._sessions[opened.id] = opened
         return opened
 
     async def request(self, msg: dict) -> dict:
@@ -207,6 +213,8 @@ class Client:
         else:
             self._closed_error = ConnectionError("closed by the server")
         finally:
+            if self._closed_error is None:  # the reader was cancelled: the client is being closed
+                self._closed_error = ConnectionError("the client was closed")
             error = {"type": "error", "code": "connection_closed", "message": str(self._closed_error)}
             for reply in self._replies.values():
                 reply.set(error)
@@ -215,6 +223,10 @@ class Client:
 
     def _route(self, msg: dict) -> None:
         kind, session, request_id = msg.get("type"), msg.get("session"), msg.get("id")
+        self._track_position(kind, session, msg)
+        if kind == "error" and request_id in self._generations:
+            # A refused generate request: its error may name no session (e.g. a malformed request).
+            session = next((sid for sid, r in self._streams.items() if r.request_id == request_id), None)
         if kind in ("token", "tokens", "done") or (kind == "error" and request_id in self._generations):
             route = self._streams.get(session)
             # A token's "id" is its token id; done and error carry the generate request's id.
@@ -227,6 +239,21 @@ class Client:
         if reply is not None:
             reply.set(msg)
         # Other events answer requests sent without an id (cancel): nothing waits for them.
+
+    def _track_position(self, kind: str | None, session: str | None, msg: dict) -> None:
+        """A session's position as its events arrive: each token adds one (the
+        session consumed it), an event with a position sets it. The server
+        sends every token before a position that counts it, so this is the
+        position of what the client has received, whenever it is read."""
+        opened = self._sessions.get(session) if session is not None else None
+        if opened is None:
+            return
+        if kind == "token":
+            opened.position += 1
+        elif kind == "tokens":
+            opened.position += len(msg.get("ids", ()))
+        elif isinstance(msg.get("position"), int):
+            opened.position = msg["position"]
 
 
 def _scored(logprob: float, top: list) -> tuple:
@@ -259,7 +286,10 @@ class _Reply:
 
 class ClientSession:
     """A session on the server, seen from a `Client`: `id` (keep it to resume
-    later) and `position` (as of the last reply)."""
+    later) and `position`: what the session has consumed as of the last event
+    the client received for it (a reply, a token, a generation's end), so
+    after a dropped connection it is what `open(session)` sends as `since`.
+    Tokens count when they arrive, before the loop over `generate` reads them."""
 
     def __init__(self, client: Client, session_id: str, position: int):
         self.client = client
@@ -282,8 +312,7 @@ class ClientSession:
         else:
             msg["tokens"] = list(text_or_tokens)
         reply = await self.client.request(msg)
-        self.position = reply["position"]
-        return self.position
+        return reply["position"]
 
     async def complete(self, text_or_tokens: str | Sequence[int], **sampling: Any) -> str:
         """Append the prompt, generate (arguments as `generate`) and return
@@ -307,7 +336,9 @@ class ClientSession:
         presence_penalty, stop, stop_token_ids, seed, logprobs) and yield its tokens.
         Tokens arrive as the server sends them; the last one carries
         finish_reason "stop" or "length". Afterwards `last_done` holds the
-        `done` event (reason, position; reason "cancelled" after `cancel`).
+        `done` event (reason, position; reason "cancelled" after `cancel`). A
+        generation cancelled while text was held back as the possible start
+        of a stop string releases it in `last_done["text"]`, not in a token.
 
         Leaving the loop early cancels the generation: at once inside
         `contextlib.aclosing(session.generate(...))`, else when the next
@@ -338,11 +369,9 @@ class ClientSession:
                         scores = zip(msg["logprobs"], msg["top_logprobs"]) if "logprobs" in msg else None
                         for k, (token_id, text) in enumerate(zip(msg["ids"], msg["texts"])):
                             scored = _scored(*next(scores)) if scores is not None else ()
-                            self.position += 1  # every generated token is consumed by the session
                             yield Token(token_id, text, msg.get("finish_reason") if k == last else None, *scored)
                     else:
                         scored = _scored(msg["logprob"], msg["top_logprobs"]) if "logprob" in msg else ()
-                        self.position += 1
                         yield Token(msg["id"], msg["text"], msg.get("finish_reason"), *scored)
                 raise ConnectionError(f"the connection closed during the generation: {client.closed_error}")
             finally:
@@ -354,7 +383,6 @@ class ClientSession:
             raise ServerError(msg.get("code", "?"), msg.get("message", ""))
         if msg["type"] == "done":
             self.last_done = msg
-            self.position = msg["position"]
             return True
         return False
 
@@ -395,8 +423,7 @@ class ClientSession:
     async def snapshot(self) -> int:
         """Store the session on the server; returns its position."""
         reply = await self.client.request({"type": "snapshot", "session": self.id})
-        self.position = reply["position"]
-        return self.position
+        return reply["position"]
 
     async def close(self) -> None:
         """End the session on the server for good (its stored snapshot is deleted)."""
@@ -405,23 +432,28 @@ class ClientSession:
 
 class SyncClient:
     """`Client` for code without an event loop (from `Client.connect_sync`):
-    the same methods, blocking; sessions are `SyncSession`s."""
+    the same methods, blocking; sessions are `SyncSession`s. Its event loop
+    runs in a daemon thread, so a client never closed does not keep the
+    interpreter from exiting (its connection just drops)."""
 
     def __init__(self, client: Client):
         self.client = client
-        self._portal_cm = anyio.from_thread.start_blocking_portal(backend="asyncio")
-        self._portal = self._portal_cm.__enter__()
+        self._portal, self._thread = _daemon_portal()
         try:
             # The connection's task group lives in one task of the portal's loop.
             self._connection = self._portal.wrap_async_context_manager(client)
             self._connection.__enter__()
         except BaseException:
-            self._portal_cm.__exit__(None, None, None)
+            self._stop_loop()
             raise
 
-    def open(self, session: str | None = None, seed: int | None = None) -> SyncSession:
-        """A new session (session None) or the stored session `session`."""
-        return SyncSession(self._portal, self._portal.call(lambda: self.client.open(session, seed)))
+    def open(self, session: str | SyncSession | ClientSession | None = None, seed: int | None = None,
+             since: int | None = None) -> SyncSession:
+        """A new session (session None) or a stored one: arguments as `Client.open`
+        (a SyncSession of an earlier connection counts as its ClientSession)."""
+        if isinstance(session, SyncSession):
+            session = session.session
+        return SyncSession(self._portal, self._portal.call(lambda: self.client.open(session, seed, since)))
 
     def close(self) -> None:
         """Close the connection and stop the background event loop."""
@@ -430,7 +462,11 @@ class SyncClient:
             try:
                 connection.__exit__(None, None, None)
             finally:
-                self._portal_cm.__exit__(None, None, None)
+                self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._portal.call(self._portal.stop)
+        self._thread.join()
 
     def __enter__(self) -> SyncClient:
         return self
@@ -439,9 +475,38 @@ class SyncClient:
         self.close()
 
 
+def _daemon_portal() -> tuple[anyio.from_thread.BlockingPortal, threading.Thread]:
+    """A blocking portal whose event loop runs in a new daemon thread
+    (`anyio.from_thread.start_blocking_portal` runs it in a thread that the
+    interpreter waits for at exit)."""
+    handed: list = []
+    started = threading.Event()
+
+    async def serve() -> None:
+        async with anyio.from_thread.BlockingPortal() as portal:
+            handed.append(portal)
+            started.set()
+            await portal.sleep_until_stopped()
+
+    def run() -> None:
+        try:
+            anyio.run(serve, backend="asyncio")
+        except BaseException as e:  # noqa: BLE001 - handed to the thread that waits for the portal
+            handed.append(e)
+            started.set()
+
+    thread = threading.Thread(target=run, name="streamgemma-client", daemon=True)
+    thread.start()
+    started.wait()
+    if isinstance(handed[0], BaseException):
+        raise handed[0]
+    return handed[0], thread
+
+
 class SyncSession:
-    """`ClientSession`, blocking: `id`, `position`, `append`, `generate`
-    (an iterator), `complete`, `cancel`, `snapshot`, `close`."""
+    """`ClientSession`, blocking: `id`, `position`, `missed`, `last_done`,
+    `append`, `send_append`, `generate` (an iterator), `complete`, `cancel`,
+    `snapshot`, `close`."""
 
     def __init__(self, portal, session: ClientSession):
         self._portal = portal
@@ -455,11 +520,22 @@ class SyncSession:
     def position(self) -> int:
         return self.session.position
 
+    @property
+    def missed(self) -> dict | None:
+        return self.session.missed
+
+    @property
+    def last_done(self) -> dict | None:
+        return self.session.last_done
+
     def __repr__(self) -> str:
         return f"SyncSession({self.id!r}, position={self.position})"
 
     def append(self, text_or_tokens: str | Sequence[int]) -> int:
         return self._portal.call(self.session.append, text_or_tokens)
+
+    def send_append(self, text_or_tokens: str | Sequence[int]) -> None:
+        self._portal.call(self.session.send_append, text_or_tokens)
 
     def generate(self, **sampling: Any) -> Iterator[Token]:
         """Tokens as they arrive; leaving the loop early cancels the generation."""
@@ -471,7 +547,9 @@ class SyncSession:
                 except StopAsyncIteration:
                     return
         finally:
-            self._portal.call(tokens.aclose)
+            # (A generator finalized after the client closed has nothing left to stop.)
+            with contextlib.suppress(RuntimeError):
+                self._portal.call(tokens.aclose)
 
     def complete(self, text_or_tokens: str | Sequence[int], **sampling: Any) -> str:
         return self._portal.call(lambda: self.session.complete(text_or_tokens, **sampling))

@@ -89,6 +89,7 @@ class Connection:
         self._unconfirmed = 0  # bytes written by _write_now since the writer last drained
         self._tasks: anyio.abc.TaskGroup | None = None
         self._streaming = 0  # generations whose frames are still being sent
+        self._outgoing: dict[str, Outgoing] = {}  # session id -> its generation's way to this client
 
     async def run(self) -> None:
         try:
@@ -253,6 +254,7 @@ class Connection:
                     raise EngineError("not_generating", "no generation is running on this session")
             elif isinstance(request, Snapshot):
                 position = await self.engine.snapshot(es)
+                self._flush_tokens(es.id)
                 self.send(event("snapshot", rid, session=es.id, position=position))
             elif isinstance(request, Close):
                 self.engine.cancel(es)
@@ -363,7 +365,16 @@ class Connection:
         if pending.error is not None:
             self._request_failed(pending.error, Append(request_id, session_id))
         else:
+            self._flush_tokens(session_id)
             self.send(event("appended", request_id, session=session_id, position=pending.position))
+
+    def _flush_tokens(self, session_id: str) -> None:
+        """Send the tokens a coalesced stream of the session still holds, so a
+        position sent next counts only tokens the client already has
+        (docs/protocol.md: "after its last appended, plus one per token received since")."""
+        outgoing = self._outgoing.get(session_id)
+        if outgoing is not None:
+            self.server.pump.flush(outgoing)
 
     async def _generate(self, es: SessionRecord, request: Generate) -> None:
         try:
@@ -376,10 +387,12 @@ class Connection:
         if cancel_requested:
             self.engine.cancel(es)
         # A token's "id" is the token id; the request id comes back on "done".
-        outgoing = Outgoing(self, stream, TokenFrames(es.id), request.id, request.coalesce)
+        outgoing = self._outgoing[es.id] = Outgoing(self, stream, TokenFrames(es.id), request.id, request.coalesce)
         self._streaming += 1
         try:
             await self.server.pump.stream(outgoing)
         finally:
             self._streaming -= 1
+            if self._outgoing.get(es.id) is outgoing:
+                del self._outgoing[es.id]
             await stream.aclose()  # cancels the generation if it has not ended (e.g. the connection closed)

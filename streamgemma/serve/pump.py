@@ -105,6 +105,13 @@ class TokenPump:
         finally:
             self._streams.pop(key, None)
 
+    def flush(self, outgoing: Outgoing) -> None:
+        """Send `outgoing`'s ready tokens now, coalesced or not: before an event
+        that reports its session's position (`appended`, `snapshot`), so that on
+        the wire every token comes before a position that counts it."""
+        if id(outgoing) in self._streams and outgoing.stream.ready:
+            self._send(outgoing, time.monotonic())
+
     async def run(self) -> None:
         next_due, seen = math.inf, self.engine.deliveries
         while True:

@@ -7,6 +7,8 @@ continuation is token-identical on the CPU in float32."""
 
 from __future__ import annotations
 
+import os
+
 import anyio
 import pytest
 import torch
@@ -33,6 +35,35 @@ def test_records_round_trip_and_a_torn_tail_is_ignored(tmp_path):
     damaged[-1] ^= 1
     assert decode_records(record(3).encode() + bytes(damaged)) == [record(3)]
     assert journal.read("missing") == []
+
+
+def test_records_appended_after_a_torn_tail_are_read(tmp_path):
+    """A crash mid-append leaves a torn tail; the next process's first append cuts it off, so its
+    records (acknowledged once durable) are not hidden behind it, also after compaction."""
+    DirectoryJournal(tmp_path).append({"a": [record(0, "feed", [2, 7, 9]).encode(), record(3).encode()]})
+    with open(tmp_path / "a.sgjournal", "ab") as f:
+        f.write(record(4).encode()[:-3])
+    recovered = DirectoryJournal(tmp_path)  # a restarted server
+    recovered.append({"a": [record(4).encode()]})
+    recovered.append({"a": [record(5).encode()]})  # (the file is known intact now: no second check)
+    assert recovered.read("a") == [record(0, "feed", [2, 7, 9]), record(3), record(4), record(5)]
+    recovered.compact("a", 4)
+    assert DirectoryJournal(tmp_path).read("a") == [record(4), record(5)]
+
+
+def test_a_short_write_is_completed(tmp_path, monkeypatch):
+    """os.write may write part of a buffer without raising (a full disk): the rest is written too."""
+    import streamgemma.session.journal as journal_module
+
+    real_write = os.write
+    monkeypatch.setattr(journal_module.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    journal = DirectoryJournal(tmp_path)
+    journal.append({"a": [record(0, "feed", [2, 7, 9]).encode(), record(3).encode()]})
+    monkeypatch.setattr(journal_module.os, "write", lambda fd, data: 0)
+    with pytest.raises(OSError, match="could not write to the journal"):
+        journal.append({"a": [record(4).encode()]})
+    monkeypatch.undo()
+    assert journal.read("a") == [record(0, "feed", [2, 7, 9]), record(3)]
 
 
 def test_compaction_drops_what_a_snapshot_covers(tmp_path):

@@ -82,16 +82,28 @@ def encode_records(fields: Iterable[tuple]) -> list[bytes]:
     return out
 
 
-def decode_records(data: bytes) -> list[JournalRecord]:
-    """The records framed in `data`, up to a torn or damaged tail (ignored:
-    its append never completed)."""
-    records, offset = [], 0
+def _frames(data: bytes) -> Iterable[tuple[bytes, int]]:
+    """(payload, offset after it) of each intact frame of `data`, up to a torn or damaged tail."""
+    offset = 0
     while offset + FRAME.size <= len(data):
         size, crc = FRAME.unpack_from(data, offset)
         start, offset = offset + FRAME.size, offset + FRAME.size + size
         payload = data[start:offset]
         if size > MAX_RECORD_BYTES or len(payload) < size or zlib.crc32(payload) != crc:
-            break
+            return
+        yield payload, offset
+
+
+def intact_length(data: bytes) -> int:
+    """How many leading bytes of `data` are intact frames (where a torn tail starts)."""
+    return max((end for _, end in _frames(data)), default=0)
+
+
+def decode_records(data: bytes) -> list[JournalRecord]:
+    """The records framed in `data`, up to a torn or damaged tail (ignored:
+    its append never completed)."""
+    records = []
+    for payload, _ in _frames(data):
         try:
             position, kind, ids, rng, stopped = msgpack.unpackb(payload, raw=False)
             record = JournalRecord(int(position), kind, tuple(int(i) for i in ids), bytes(rng), stopped)
@@ -161,7 +173,9 @@ class DirectoryJournal(Journal):
     """One append-only file `<session_id>.sgjournal` per session in
     `directory`. A batch's files are written and fsynced in parallel
     (`threads`), so a tick of many sessions costs about one fsync. Meant for
-    one process at a time per session (the directory store's single server)."""
+    one process at a time per session (the directory store's single server).
+    The first append to a file (per process, and after a failed one) cuts
+    off a torn tail first: records appended after one would never be read."""
 
     SUFFIX = ".sgjournal"
 
@@ -171,6 +185,7 @@ class DirectoryJournal(Journal):
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamgemma-journal")
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._intact: set[str] = set()  # sessions whose file this process knows ends with a whole record
 
     def __repr__(self) -> str:
         return f"DirectoryJournal({str(self.directory)!r})"
@@ -188,12 +203,19 @@ class DirectoryJournal(Journal):
             new = not path.exists()
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
-                os.write(fd, b"".join(records))
+                known = session_id in self._intact
+                self._intact.discard(session_id)  # until this append is durable
+                if not new and not known:
+                    data = path.read_bytes()
+                    if (keep := intact_length(data)) < len(data):
+                        os.ftruncate(fd, keep)
+                _write_all(fd, b"".join(records))
                 os.fsync(fd)
             finally:
                 os.close(fd)
             if new:  # the file's name must survive a crash too
                 fsync_directory(self.directory)
+            self._intact.add(session_id)
 
     def append(self, batch: Mapping[str, list[bytes]]) -> set[str]:
         if len(batch) == 1:
@@ -226,7 +248,18 @@ class DirectoryJournal(Journal):
 
     def delete(self, session_id: str) -> None:
         with self._lock(session_id), contextlib.suppress(FileNotFoundError):
+            self._intact.discard(session_id)
             self.path(session_id).unlink()
         with self._locks_lock:
             self._locks.pop(session_id, None)
 
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a full disk may write part and not raise)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"could not write to the journal: {written} bytes written")
+        view = view[written:]

@@ -272,3 +272,19 @@ def test_warm_up_has_nothing_to_do_on_the_cpu_and_checks_its_argument():
     assert len(m.pool._free) == free
     with pytest.raises(ValueError, match="max_batch"):
         m.warm_up(0)
+
+
+def test_a_session_stopped_by_a_very_long_stop_string_can_be_snapshotted(monkeypatch):
+    """The stop's description (kept in the snapshot, at most MAX_STOPPED_CHARS: lowered here to keep
+    the test short) is cut, not refused by the snapshot."""
+    monkeypatch.setattr("streamgemma.session.snapshot.MAX_STOPPED_CHARS", 60)
+    monkeypatch.setattr("streamgemma.session.generation.MAX_STOPPED_CHARS", 60)
+    model = text_model()
+    s = model.session(seed=0)
+    s.feed("hello")
+    text = "".join(t.text for t in s.fork().generate(max_tokens=200, temperature=0.0, stop_token_ids=[]))
+    stop = text[:80]
+    out = "".join(t.text for t in s.generate(max_tokens=200, temperature=0.0, stop_token_ids=[], stop=[stop]))
+    assert out == "" and s.state.stopped.startswith("stop string ") and len(s.state.stopped) == 60
+    restored = model.restore(s.snapshot())
+    assert restored.state.stopped == s.state.stopped

@@ -108,6 +108,38 @@ def test_stop_strings_split_across_pushes_are_never_emitted(before, after, cuts)
     assert stopped and emitted == text[:first]
 
 
+class QuadraticStops:
+    """The obvious stop matcher (what StopStrings replaced): the reference its matcher is tested against."""
+
+    def __init__(self, stops):
+        self.stops, self.held, self.matched = tuple(stops), "", None
+
+    def push(self, text):
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            at = min(hits)
+            self.matched = next(s for s in self.stops if buf.find(s) == at)
+            self.held = ""
+            return buf[:at], True
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
+                    if buf.endswith(s[:k])), default=0)
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
+
+
+@settings(max_examples=300, deadline=None)
+@given(stops=st.lists(st.text("abc", min_size=1, max_size=6), min_size=1, max_size=4),
+       chunks=st.lists(st.text("abc", max_size=5), max_size=30))
+def test_the_stop_matcher_equals_the_quadratic_reference(stops, chunks):
+    fast, ref = StopStrings(stops), QuadraticStops(stops)
+    for chunk in chunks:
+        got, want = fast.push(chunk), ref.push(chunk)
+        assert got == want and fast.held == ref.held and fast.matched == ref.matched
+        if got[1]:
+            break
+
+
 def test_text_held_back_is_released_when_no_stop_follows():
     m = StopStrings(["END"])
     assert m.push("hi EN") == ("hi ", False)

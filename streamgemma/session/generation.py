@@ -16,6 +16,7 @@ from ..sampling.stops import StopStrings
 from ..tokenizer import Tokenizer
 from ..types import Token
 from .host import HostState
+from .snapshot import MAX_STOPPED_CHARS
 
 
 class Generation:
@@ -74,7 +75,7 @@ class Generation:
             text, hit = stops.push(text)
             if hit:
                 finish = "stop"
-                s.stopped = f"stop string {stops.matched!r}"
+                s.stopped = _cut(f"stop string {stops.matched!r}", MAX_STOPPED_CHARS)
         if finish is None and self.generated >= self._max_tokens:
             finish = "length"
         if finish is not None and stops is not None and stops.matched is None:
@@ -94,3 +95,8 @@ def sampled_vocab(tokenizer: Tokenizer | None, vocab_size: int) -> int:
     """How many leading logits entries are sampled: the tokenizer's pieces (a
     checkpoint may have spare embedding rows), or the whole vocabulary."""
     return tokenizer.vocab_size if tokenizer is not None else vocab_size
+
+
+def _cut(text: str, most: int) -> str:
+    """`text`, cut to `most` characters with an ellipsis (a snapshot holds no longer description)."""
+    return text if len(text) <= most else text[:most - 1] + "…"

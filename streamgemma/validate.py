@@ -27,6 +27,9 @@ FLOAT32_TINY = 2.0 ** -126  # the smallest normal float32
 # temperature and repetition_penalty divide float32 logits: below this the
 # quotient can overflow to infinity, and the sampler would pick ties, not the top.
 MIN_DIVISOR = 1e-6
+# presence_penalty is subtracted before the temperature divides: beyond this a
+# penalized logit over MIN_DIVISOR could overflow (infinite logits, NaN logprobs).
+MAX_PRESENCE = 1e6
 
 
 def is_int(value: object) -> bool:
@@ -94,7 +97,7 @@ def check_sampling(params) -> None:
     check_float32("top_p", params.top_p, FLOAT32_TINY, 1.0)
     check_float32("min_p", params.min_p, FLOAT32_TINY, math.nextafter(1.0, 0.0), zero_ok=True)
     check_float32("repetition_penalty", params.repetition_penalty, MIN_DIVISOR, FLOAT32_MAX)
-    check_float32("presence_penalty", params.presence_penalty, -FLOAT32_MAX, FLOAT32_MAX, zero_ok=True)
+    check_float32("presence_penalty", params.presence_penalty, -MAX_PRESENCE, MAX_PRESENCE, zero_ok=True)
     check_int("top_k", params.top_k, 0, MAX_TOKEN_ID)
     if params.max_tokens is not None:
         check_int("max_tokens", params.max_tokens, 1, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import os
 import socket
@@ -513,7 +514,8 @@ def test_closing_a_damaged_session_deletes_it(tmp_path):
 # -- 7. small holes -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, value", [("temperature", 1e-46), ("temperature", 1e-300), ("top_p", 1e-50),
                                           ("min_p", 1e-50), ("repetition_penalty", 1e-50),
-                                          ("presence_penalty", 1e39), ("top_k", 2**40),
+                                          ("presence_penalty", 1e39), ("presence_penalty", -3e38),
+                                          ("top_k", 2**40),
                                           ("stop_token_ids", [2**40])])
 def test_numbers_the_float32_sampler_cannot_honour_are_invalid(field, value):
     with pytest.raises(ProtocolError) as refused:
@@ -593,3 +595,22 @@ def test_error_messages_never_echo_long_untrusted_values(server):
             assert e["code"] == "unknown_session" and "no-such" not in e["message"]
 
     run(main)
+
+
+def test_a_generate_without_max_tokens_takes_the_default_cut_to_the_limit():
+    generate = {"type": "generate", "session": "s"}
+    assert parse_request(json.dumps(generate), 100, 256).params.max_tokens == 100
+    assert parse_request(json.dumps(generate), 4096, 256).params.max_tokens == 256
+
+
+def test_the_largest_presence_penalty_keeps_logprobs_finite():
+    """At the bound (and the least temperature) a penalized logit over the temperature stays finite:
+    no infinite logits, no NaN logprobs (a penalty near float32's largest gave both)."""
+    from streamgemma.validate import MAX_PRESENCE, MIN_DIVISOR
+
+    session = text_model().session(seed=0)
+    session.feed("the quick brown fox")
+    for presence in (-MAX_PRESENCE, MAX_PRESENCE):
+        for token in session.fork().generate(max_tokens=4, stop_token_ids=[], presence_penalty=presence,
+                                             temperature=MIN_DIVISOR, logprobs=3):
+            assert math.isfinite(token.logprob) and all(math.isfinite(lp) for _, lp in token.top_logprobs)

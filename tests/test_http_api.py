@@ -47,7 +47,7 @@ def chat(server, messages, **body):
 # -- answers ---------------------------------------------------------------------------------
 def test_models_lists_the_served_model_and_health_needs_no_token(server):
     reply = request(server, "GET", "/v1/models")
-    assert reply.status == 200
+    assert reply.status == 200, reply.read()
     assert [m["id"] for m in reply.json()["data"]] == [MODEL]
     assert request(server, "GET", f"/v1/models/{MODEL}").json()["id"] == MODEL
     health = request(server, "GET", "/health", token=None)
@@ -154,6 +154,7 @@ def test_logprobs_of_completions_and_chat(server, model):
     ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "invalid_value",
      "stream_options"),
     ({"model": MODEL, "prompt": "x", "made_up": 1}, 400, "unknown_field", "made_up"),
+    ({"model": MODEL, "prompt": "x", "\ud800": 1}, 400, "unknown_field", "\\ud800"),  # a lone surrogate
 ])
 def test_bad_completion_requests_get_openai_shaped_errors(server, body, status, code, param):
     reply = post(server, "/v1/completions", body)
@@ -167,10 +168,38 @@ def test_bad_completion_requests_get_openai_shaped_errors(server, body, status, 
     [], [{"role": "tool", "content": "x"}], [{"role": "assistant", "content": "x"}],
     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    [{"role": "user", "content": "hi \ud800"}],  # a lone surrogate: not text a tokenizer can take
 ])
 def test_bad_messages_are_400(server, messages):
     reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages})
     assert reply.status == 400 and reply.error["message"]
+
+
+def test_the_default_max_tokens_is_never_above_the_server_limit(model):
+    """A request that omits max_tokens gets min(default 256, the limit), not a 400 for a field it never sent."""
+    with http_server(model, limits=sg.Limits(max_tokens=20)) as server:
+        reply = post(server, "/v1/completions", {"model": MODEL, "prompt": "The", "stop": []})
+        assert reply.status == 200, reply.body
+        assert reply.json()["usage"]["completion_tokens"] <= 20
+
+
+def test_the_bearer_scheme_is_any_case_and_the_token_compared_as_sent(model):
+    import socket
+
+    def status(port, authorization: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+                         + authorization + b"\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data.split(b"\r\n", 1)[0].split(b" ")[1]
+
+    with http_server(model, token="abc?") as server:
+        port = server.http.port
+        assert status(port, b"Bearer abc?") == b"200"
+        assert status(port, b"bearer abc?") == b"200"
+        assert status(port, b"Bearer abc\xff") == b"401"  # (a byte that is not UTF-8 is not "?")
 
 
 def test_bad_json_unknown_routes_and_methods(server):
@@ -359,6 +388,31 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(server, caplog):
     assert not set(server.engine.sessions) - before  # its session was closed, not held
     assert server.http.in_flight == 0
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_client_that_leaves_a_stream_whose_text_is_held_back_cancels_its_generation(server):
+    """While the output may be the start of a stop string nothing is written, so no failed write tells
+    the server the client left: it looks at the connection after every batch instead."""
+    import time
+
+    greedy = {"model": MODEL, "prompt": "The", "max_tokens": 300, "temperature": 0}
+    text = post(server, "/v1/completions", greedy).json()["choices"][0]["text"]
+    before, generated = set(server.engine.sessions), server.engine.stats.decoded_tokens
+    conn = http.client.HTTPConnection("127.0.0.1", server.http.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {**greedy, "max_tokens": 512, "stream": True, "stop": [text + "\U00010000"]}),
+        headers={"Authorization": f"Bearer {TOKEN}"})
+    reply = conn.getresponse()
+    assert reply.status == 200, reply.read()
+    deadline = time.monotonic() + 20
+    while not set(server.engine.sessions) - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    conn.sock.shutdown(2)
+    conn.close()
+    while set(server.engine.sessions) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(server.engine.sessions) - before and server.http.in_flight == 0
+    assert server.engine.stats.decoded_tokens - generated < 200  # cancelled, not run to max_tokens (512)
 
 
 def test_a_client_that_leaves_before_a_whole_answer_cancels_its_generation(server, caplog):

@@ -181,9 +181,12 @@ class HttpApi:
         if self.token is None:
             return
         given = request.headers.getall("Authorization", [])
-        if len(given) == 1 and hmac.compare_digest(given[0].encode("utf-8", "replace"),
-                                                   f"Bearer {self.token}".encode("utf-8", "replace")):
-            return
+        if len(given) == 1:
+            scheme, _, presented = given[0].partition(" ")
+            # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives back the bytes sent.
+            if scheme.lower() == "bearer" and hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                                                                  self.token.encode("utf-8")):
+                return
         reason = "more than one Authorization header" if len(given) > 1 else \
             "wrong bearer token" if given else "missing Authorization: Bearer <token> header"
         raise ApiError(401, f"unauthorized: {reason}", "authentication_error", "invalid_api_key")
@@ -362,7 +365,7 @@ class HttpApi:
         send = lambda body: response.write(b"data: " + _encode(body).encode("utf-8") + b"\n\n")  # noqa: E731
         try:
             try:
-                await self._events(send, req, run, builder, arrived)
+                await self._events(request, send, req, run, builder, arrived)
             except ConnectionError:
                 raise
             except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
@@ -373,12 +376,17 @@ class HttpApi:
             log.debug("HTTP client left a stream")
         return response
 
-    async def _events(self, send, req: ApiRequest, run: _Run, builder: ResponseBuilder, arrived: float) -> None:
+    async def _events(self, request: web.Request, send, req: ApiRequest, run: _Run, builder: ResponseBuilder,
+                      arrived: float) -> None:
         offset = 0
         if req.kind == "chat":
             await send(builder.chunk("", None, [], 0, first=True))
         async for batch in self._batches(run, req.kind, arrived):
             text = "".join(t.text for t in batch)
+            if request.transport is None or request.transport.is_closing():
+                # A write notices a client that left only once buffers fill, and while text is held
+                # back (a stop string's possible start) nothing is written at all.
+                raise ConnectionError("the client closed the stream")
             if text or req.params.logprobs is not None or req.return_token_ids:
                 await send(builder.chunk(text, None, batch, offset))
             offset += len(text)
@@ -400,7 +408,9 @@ _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",",
 
 
 def _json(body: dict, status: int = 200) -> web.Response:
-    return web.Response(body=_encode(body).encode("utf-8"), status=status, content_type="application/json")
+    # (backslashreplace: an error may quote a lone surrogate the request sent; JSON reads it as an escape)
+    return web.Response(body=_encode(body).encode("utf-8", "backslashreplace"), status=status,
+                        content_type="application/json")
 
 
 def _too_large(limit: int) -> ApiError:

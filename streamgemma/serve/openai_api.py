@@ -95,7 +95,7 @@ def parse_request(kind: str, body: Mapping, max_tokens_limit: int, default_max_t
     if unknown:
         name = sorted(unknown)[0]
         raise bad_request(f"unknown field {short(name, 40)} (this server implements the fields listed in "
-                          "docs/openai.md)", param=str(name)[:40], code="unknown_field")
+                          "docs/openai.md)", param=_printable(name)[:40], code="unknown_field")
     try:
         return _parse(kind, body, max_tokens_limit, default_max_tokens)
     except ApiError:
@@ -122,6 +122,8 @@ def _parse(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: 
     shape = dict(stream=stream, include_usage=include_usage, return_token_ids=_bool(body, "return_token_ids"))
     if kind == "chat":
         messages = tuple(normalize_messages(body.get("messages") or []))
+        for message in messages:
+            _check_unicode(message[1], "messages")
         return ApiRequest(kind, model, params, messages=messages, **shape)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -173,7 +175,7 @@ def _sampling(kind: str, body: Mapping, max_tokens_limit: int, default_max_token
     max_tokens = body.get("max_completion_tokens") if kind == "chat" else None
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
-    fields["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    fields["max_tokens"] = min(default_max_tokens, max_tokens_limit) if max_tokens is None else max_tokens
     param = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     check_int(param, fields["max_tokens"], 1, None)
@@ -332,3 +334,8 @@ class ResponseBuilder:
     def _top(self, token_id: int, logprob: float) -> dict:
         text = self.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _printable(name: object) -> str:
+    """A field name as UTF-8 can carry it (a lone surrogate escaped), for an error's `param`."""
+    return str(name).encode("utf-8", "backslashreplace").decode("utf-8")

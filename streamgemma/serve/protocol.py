@@ -161,7 +161,7 @@ def _generate(msg: dict, request_id: Any, session: str | None, max_tokens_limit:
     if not isinstance(coalesce, bool):
         raise ValueError(f"\"coalesce\" must be true or false, got {short(coalesce)}")
     fields = {k: msg[k] for k in _SAMPLING_FIELDS if k in msg}
-    fields.setdefault("max_tokens", default_max_tokens)
+    fields.setdefault("max_tokens", min(default_max_tokens, max_tokens_limit))  # (a default is never refused)
     if fields["max_tokens"] is None:
         raise ValueError("max_tokens must be a positive integer (the server needs a bound)")
     for key in ("stop", "stop_token_ids"):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import logging
+import math
 import os
 import socket
 import threading

@@ -567,3 +567,38 @@ def test_captured_records_are_slices_of_one_arena(model, position):
         assert all(torch.equal(t.view(r.dtype).view(r.shape), snapshot_bytes.host_tensor(r.data, r.dtype, r.shape))
                    for t, r in zip(staged, rs))
     s.close()
+
+
+def test_servers_sharing_a_store_directory_can_start_at_the_same_time(tmp_path):
+    """prepare() (a server's start) probes the directory under a name of its own and tolerates temp
+    files that other writers rename meanwhile: concurrent starts and writes raise nothing."""
+    import threading
+
+    from streamgemma.session.store import DirectorySnapshotStore
+
+    errors, stop = [], threading.Event()
+
+    def start(n: int) -> None:
+        try:
+            for _ in range(n):
+                DirectorySnapshotStore(tmp_path).prepare()
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    def write() -> None:
+        store, k = DirectorySnapshotStore(tmp_path), 0
+        while not stop.is_set():
+            store.put(f"s{k % 4}", b"x" * 1000)
+            k += 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    starters = [threading.Thread(target=start, args=(60,)) for _ in range(4)]
+    for t in starters:
+        t.start()
+    for t in starters:
+        t.join()
+    stop.set()
+    writer.join()
+    assert errors == []
+    assert not [p for p in tmp_path.iterdir() if "probe" in p.name]

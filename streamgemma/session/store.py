@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
+import secrets
 import shutil
 import stat
 import time
@@ -222,7 +223,8 @@ class DirectorySnapshotStore(SnapshotStore):
         delete a probe), remove temp files of writes that died; StoreError
         if it cannot be written."""
         try:
-            probe = self.directory / "write-probe"
+            # A name of this process's own: servers sharing the directory probe it at the same time.
+            probe = self.directory / f"write-probe-{os.getpid()}-{secrets.token_hex(4)}"
             write_file_atomic(probe, b"streamgemma")
             os.unlink(probe)
         except OSError as e:
@@ -242,9 +244,10 @@ class DirectorySnapshotStore(SnapshotStore):
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 ours = (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
-                        and (self.SUFFIX + "." in entry.name or entry.name.startswith(".write-probe.")))
-                if ours and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                    with contextlib.suppress(FileNotFoundError):
+                        and (self.SUFFIX + "." in entry.name or entry.name.startswith(".write-probe")))
+                # (a file another writer renames or deletes meanwhile is not ours to remove)
+                with contextlib.suppress(FileNotFoundError):
+                    if ours and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
                         os.unlink(entry.path)
                         removed += 1
         return removed

@@ -155,3 +155,27 @@ def test_background_snapshots_bound_the_journal(tmp_path):
         return [t.id for t in stream.take_ready()]
 
     assert len(anyio.run(main)) == 30
+
+
+def test_a_journal_that_does_not_continue_the_snapshot_is_a_snapshot_error(tmp_path):
+    """Records missing between the stored snapshot and the journal: `resume` refuses with the engine's
+    snapshot_error, and no half-replayed session stays in the engine."""
+    model = text_model()
+
+    async def main():
+        store = sg.DirectorySnapshotStore(tmp_path)
+        engine = Engine(model, max_active=2, store=store)
+        es = await engine.open(seed=1)
+        engine.append(es, [2, 5, 6, 7])
+        await engine.tick()
+        await engine.snapshot(es)
+        assert es.position == 4
+        await engine.close(es, delete=False)
+        store.journal().append({es.id: [record(es.position + 5).encode()]})  # a gap of five positions
+        survivor = Engine(model, max_active=2, store=sg.DirectorySnapshotStore(tmp_path))
+        with pytest.raises(sg.EngineError) as refused:
+            await survivor.resume(es.id)
+        return refused.value.code, es.id, survivor
+
+    code, sid, survivor = anyio.run(main)
+    assert code == "snapshot_error" and sid not in survivor.sessions and survivor.active == 0

@@ -186,9 +186,14 @@ class Engine:
                 es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
                 self.offloader.keep(session_id, contents)
                 if records:  # it consumed more than its snapshot holds: replay the journal
-                    async with self._model_lock:
-                        await self._ensure_live(es)
-                        await anyio.to_thread.run_sync(replay, es.live, records)
+                    try:
+                        async with self._model_lock:
+                            await self._ensure_live(es)
+                            await anyio.to_thread.run_sync(replay, es.live, records)
+                    except SnapshotError as e:  # (a gap: records missing after the snapshot)
+                        await self.close(es, delete=False)  # nothing half-replayed stays; the store keeps it
+                        raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} "
+                                                            "(close it to delete it)") from None
         if es.generation is not None and es.generation.cancelled:
             await self._settle(es)  # so the position reported is final
         return es

@@ -254,6 +254,7 @@ class Offloader:
     async def flush(self) -> list[str]:
         """Retry failed writes once and wait for every write; the ids that
         could not be stored."""
+        self._forget_written()  # first: a failed copy of a session live again is stale, not to be retried
         self._retry_failed()
         await anyio.to_thread.run_sync(concurrent.futures.wait, [w.future for w in self._unwritten.values()])
         failed = self.failed()

@@ -183,8 +183,9 @@ class DirectoryJournal(Journal):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamgemma-journal")
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
+        # Striped locks: a session's appends, compactions and deletion never overlap, and no lock is
+        # ever dropped while a thread may still hold it (a lock per id would have to be).
+        self._locks = [threading.Lock() for _ in range(64)]
         self._intact: set[str] = set()  # sessions whose file this process knows ends with a whole record
 
     def __repr__(self) -> str:
@@ -194,8 +195,7 @@ class DirectoryJournal(Journal):
         return self.directory / (validate_session_id(session_id) + self.SUFFIX)
 
     def _lock(self, session_id: str) -> threading.Lock:
-        with self._locks_lock:
-            return self._locks.setdefault(session_id, threading.Lock())
+        return self._locks[zlib.crc32(session_id.encode()) % len(self._locks)]
 
     def _append_one(self, session_id: str, records: list[bytes]) -> None:
         path = self.path(session_id)
@@ -213,7 +213,7 @@ class DirectoryJournal(Journal):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if new:  # the file's name must survive a crash too
+            if new or not known:  # the file's name must survive a crash too (also when a failed try made it)
                 fsync_directory(self.directory)
             self._intact.add(session_id)
 
@@ -250,8 +250,6 @@ class DirectoryJournal(Journal):
         with self._lock(session_id), contextlib.suppress(FileNotFoundError):
             self._intact.discard(session_id)
             self.path(session_id).unlink()
-        with self._locks_lock:
-            self._locks.pop(session_id, None)
 
 
 

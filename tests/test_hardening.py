@@ -434,10 +434,14 @@ def test_text_the_tokenizer_cannot_take_is_invalid(server):
 
 
 # -- 6. a sick store is found at start, not at shutdown ----------------------------------------------
-def test_an_unwritable_store_refuses_to_start(tmp_path):
+def test_an_unwritable_store_refuses_to_start(tmp_path, monkeypatch):
     store = DirectorySnapshotStore(tmp_path)
-    (tmp_path / "write-probe").mkdir()  # the probe cannot be renamed into place: writes fail
-    with pytest.raises(StoreError, match="not writable"):
+
+    def read_only(path, data):  # (tests run as root, whom file modes do not stop)
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("streamgemma.session.store.write_file_atomic", read_only)
+    with pytest.raises(StoreError, match="not writable: Read-only file system"):
         store.prepare()
     with pytest.raises(StoreError):
         with serve_in_thread(Server(Engine(text_model(), max_active=1, store=store), port=0)):

@@ -24,11 +24,14 @@ async def expire(engine) -> int:
     for es in stale:
         await engine.close(es)
     stored = await anyio.to_thread.run_sync(engine.store.older_than, ttl)
-    gone = [sid for sid in stored if sid not in engine.sessions]
-    for sid in gone:
+    gone = 0
+    for sid in stored:
+        if sid in engine.sessions:  # (looked at per id: one may be resumed while others are deleted)
+            continue
         await engine.offloader.delete(sid)
         await engine.journal.delete(sid)
-    count = len(stale) + len(gone)
+        gone += 1
+    count = len(stale) + gone
     if count:
         log.info("expired %d sessions unused for %g s", count, ttl)
     engine.stats.expired_sessions += count

@@ -122,12 +122,12 @@ def test_a_delivery_while_the_pump_yields_is_not_missed():
             tg.start_soon(pump.stream, out)
             await anyio.wait_all_tasks_blocked()
             queue.put(Token(id=1, text="a"))
-            engine._signal_delivered()  # what a tick (or the journal's committer) calls
+            engine.deliveries.signal()  # what a tick (or the journal's committer) calls
             for _ in range(hops):  # the second delivery lands at each point of the pump's round
                 await anyio.lowlevel.checkpoint()
             queue.put(Token(id=2, text="b"))
             queue.put(Done("length", 2))
-            engine._signal_delivered()
+            engine.deliveries.signal()
             with anyio.move_on_after(2):
                 await out.finished.wait()
             tg.cancel_scope.cancel()

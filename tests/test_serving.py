@@ -766,7 +766,7 @@ def test_a_generation_ended_outside_a_tick_wakes_the_token_pump():
         woke = anyio.Event()
 
         async def waiter():
-            await engine.wait_tick()
+            await engine.deliveries.wait()
             woke.set()
 
         async with anyio.create_task_group() as tg:

@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -28,41 +27,9 @@ import anyio.from_thread
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from ..errors import StreamgemmaError
 from ..serve.auth import RedactingLogger, bearer_subprotocols, header_value
 from ..types import Token
-
-
-class ServerError(StreamgemmaError):
-    """The server answered a request with an `error` event: `code` and message
-    as sent (see docs/protocol.md)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-class GenerationRoute:
-    """The events of one generation, as the Client routes them to it: tokens,
-    then `done` (or an `error` answering its request), after which `ended`
-    is set and `events` ends once drained."""
-
-    def __init__(self, request_id: int):
-        self.request_id = request_id
-        # Unbounded: the server bounds a generation (max_tokens), and a token dropped here would be lost.
-        self.send, self.events = anyio.create_memory_object_stream[dict](math.inf)
-        self.ended = anyio.Event()
-        self.cancel_sent = False
-
-    def deliver(self, msg: dict) -> None:
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self.send.send_nowait(msg)
-        if msg.get("type") in ("done", "error"):
-            self.close()
-
-    def close(self) -> None:
-        self.send.close()
-        self.ended.set()
+from .events import GenerationRoute, Reply, ServerError, refusal, scored_fields
 
 
 class Client:
@@ -95,7 +62,7 @@ class Client:
         self._connect = connect(url, **connect_options)
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
-        self._replies: dict[int, _Reply] = {}
+        self._replies: dict[int, Reply] = {}
         self._streams: dict[str, GenerationRoute] = {}  # session id -> its running generation
         # The sessions opened here, whose `position` the reader keeps in the order events arrive.
         self._sessions: weakref.WeakValueDictionary[str, ClientSession] = weakref.WeakValueDictionary()
@@ -109,7 +76,7 @@ class Client:
             try:
                 self._ws = await stack.enter_async_context(self._connect)
             except websockets.InvalidStatus as e:  # refused before the websocket opened
-                raise _refusal(e.response.status_code, e.response.body) from e
+                raise refusal(e.response.status_code, e.response.body) from e
             self._tasks = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._tasks.cancel_scope.cancel)  # on exit: stop the reader, then close
             self._tasks.start_soon(self._read)
@@ -158,7 +125,7 @@ class Client:
         """Send `msg` with a fresh id and return the server's reply event;
         an `error` reply raises ServerError."""
         request_id = next(self._ids)
-        reply = _Reply()
+        reply = Reply()
         self._replies[request_id] = reply
         try:
             await self.send({**msg, "id": request_id})
@@ -256,34 +223,6 @@ class Client:
             opened.position = msg["position"]
 
 
-def _scored(logprob: float, top: list) -> tuple:
-    """A token frame's logprobs as `Token`'s last two fields."""
-    return logprob, tuple((int(i), float(lp)) for i, lp in top)
-
-
-def _refusal(status: int, body: bytes | None) -> ServerError:
-    """The ServerError for an HTTP status that refused the websocket."""
-    code = "unauthorized" if status in (401, 403) else f"http_{status}"
-    text = (body or b"").decode("utf-8", "replace").strip().removeprefix(f"{code}:").strip()
-    return ServerError(code, text or f"the server refused the connection (HTTP {status})")
-
-
-class _Reply:
-    def __init__(self):
-        self.ready = anyio.Event()
-        self.msg: dict | None = None
-
-    def set(self, msg: dict) -> None:
-        if self.msg is None:
-            self.msg = msg
-            self.ready.set()
-
-    def result(self) -> dict:
-        if self.msg.get("type") == "error":
-            raise ServerError(self.msg.get("code", "?"), self.msg.get("message", ""))
-        return self.msg
-
-
 class ClientSession:
     """A session on the server, seen from a `Client`: `id` (keep it to resume
     later) and `position`: what the session has consumed as of the last event
@@ -368,10 +307,10 @@ class ClientSession:
                         last = len(msg["ids"]) - 1
                         scores = zip(msg["logprobs"], msg["top_logprobs"]) if "logprobs" in msg else None
                         for k, (token_id, text) in enumerate(zip(msg["ids"], msg["texts"])):
-                            scored = _scored(*next(scores)) if scores is not None else ()
+                            scored = scored_fields(*next(scores)) if scores is not None else ()
                             yield Token(token_id, text, msg.get("finish_reason") if k == last else None, *scored)
                     else:
-                        scored = _scored(msg["logprob"], msg["top_logprobs"]) if "logprob" in msg else ()
+                        scored = scored_fields(msg["logprob"], msg["top_logprobs"]) if "logprob" in msg else ()
                         yield Token(msg["id"], msg["text"], msg.get("finish_reason"), *scored)
                 raise ConnectionError(f"the connection closed during the generation: {client.closed_error}")
             finally:

@@ -41,7 +41,7 @@ from .scheduler import (
     DEFAULT_STEP_INPUT_TOKENS,
     Scheduler,
 )
-from .streams import TokenQueue, TokenStream
+from .streams import Deliveries, TokenQueue, TokenStream
 
 log = logging.getLogger("streamgemma.engine")
 
@@ -99,8 +99,9 @@ class Engine:
         self.inputs = InputQueues(model.tokenizer, model.config.vocab_size, max_pending_tokens, max_queued_tokens,
                                   max_queued_text_bytes)
         self.executor = batch_executor(model, self.stats, host_work)
+        self.deliveries = Deliveries()  # a tick's tokens delivered, or a generation ended outside a tick
         self.journal = TickJournal(self.store.journal() if journal else None, self.stats, snapshot_every,
-                                   delivered=self._signal_delivered)
+                                   delivered=self.deliveries.signal)
         self.offloader = Offloader(model, self.store, self.stats, self._superseded, max_unwritten, compression_level,
                                    self.journal.journal)
         self.sessions: dict[str, SessionRecord] = {}
@@ -109,8 +110,6 @@ class Engine:
         self._riding: set[str] = set()  # ids planned to ride along in the tick being run
         self._model_lock = anyio.Lock()
         self._wake = anyio.Event()
-        self._ticked = anyio.Event()  # set (and replaced) after a tick's tokens or a generation's end
-        self.deliveries = 0  # how many times that happened (`wait_tick`)
         self._clock = itertools.count(1)  # orders uses for least-recently-used suspension
 
     # -- sessions --------------------------------------------------------------------
@@ -419,25 +418,9 @@ class Engine:
             for es in self.journal.due(self.sessions):  # bound the replay: a background snapshot
                 await self.offloader.snapshot(es.id, es.live)
         if not self.journal.enabled:  # (else the committer signals, once the tokens went out)
-            self._signal_delivered()
+            self.deliveries.signal()
         await self.journal.room()  # the device runs ahead of the store by a tick or two at most
         await anyio.sleep(0)  # let the event loop run sends and new requests between ticks
-
-    async def wait_tick(self, seen: int | None = None) -> None:
-        """Return after the next tick has delivered its tokens, or a generation
-        has ended outside a tick (closed, shut down): a consumer of many
-        streams looks at all of them once per tick instead of once per token.
-        seen: the `deliveries` count when the caller last looked at its streams:
-        if a delivery came since, return at once (none is missed between looking
-        and waiting)."""
-        if seen is not None and seen != self.deliveries:
-            return
-        await self._ticked.wait()
-
-    def _signal_delivered(self) -> None:
-        self.deliveries += 1
-        ticked, self._ticked = self._ticked, anyio.Event()
-        ticked.set()
 
     async def _input_turn(self, es: SessionRecord) -> None:
         """Tokenize the first queued input of `es` if it is text, else consume

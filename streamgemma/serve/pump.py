@@ -113,7 +113,7 @@ class TokenPump:
             self._send(outgoing, time.monotonic())
 
     async def run(self) -> None:
-        next_due, seen = math.inf, self.engine.deliveries
+        next_due, seen = math.inf, self.engine.deliveries.count
         while True:
             if not self._streams:
                 self._added = anyio.Event()
@@ -121,8 +121,8 @@ class TokenPump:
             # Wake at the next tick, or when a coalesced frame falls due without one; a delivery
             # made since the last pump (e.g. while this task yielded) wakes it at once.
             with anyio.move_on_after(next_due):
-                await self.engine.wait_tick(seen)
-            seen = self.engine.deliveries
+                await self.engine.deliveries.wait(seen)
+            seen = self.engine.deliveries.count
             next_due = self.pump()
             await anyio.lowlevel.checkpoint()
 

@@ -103,3 +103,24 @@ class TokenStream:
             self._cancel()
         self._queue.reader_gone = True
         await anyio.lowlevel.checkpoint()
+
+
+class Deliveries:
+    """Ticks delivering tokens, or generations ending outside a tick: a
+    consumer of many streams (the server's pump) waits for the next one and
+    then looks at all its streams at once, instead of a wake-up per token.
+    `count` says how many there were, so none is missed between looking and
+    waiting: `wait(seen)` returns at once if one came after `seen`."""
+
+    def __init__(self):
+        self.count = 0
+        self._event = anyio.Event()
+
+    def signal(self) -> None:
+        self.count += 1
+        event, self._event = self._event, anyio.Event()
+        event.set()
+
+    async def wait(self, seen: int | None = None) -> None:
+        if seen is None or seen == self.count:
+            await self._event.wait()

@@ -163,9 +163,10 @@ class Client:
             with route.events:
                 yield route
         finally:
-            self._end_route(session_id, route)
+            self.end_route(session_id, route)
 
-    def _end_route(self, session_id: str, route: GenerationRoute) -> None:
+    def end_route(self, session_id: str, route: GenerationRoute) -> None:
+        """Stop routing events to `route` (its generation ended, or was given up on)."""
         route.close()
         if self._streams.get(session_id) is route:
             del self._streams[session_id]
@@ -200,7 +201,7 @@ class Client:
             if route is not None and (kind in ("token", "tokens") or request_id == route.request_id):
                 route.deliver(msg)
                 if route.ended.is_set():  # the session may start its next generation now
-                    self._end_route(session, route)
+                    self.end_route(session, route)
             return
         reply = self._replies.get(request_id)
         if reply is not None:
@@ -351,6 +352,7 @@ class ClientSession:
                     async for msg in route.events:
                         self._note_end(msg)
         if waited.cancelled_caught:
+            client.end_route(self.id, route)  # given up on: the session may start another generation
             raise TimeoutError(f"the server did not end the cancelled generation on session {self.id} within "
                                f"{client.timeout} s")
 

@@ -177,3 +177,33 @@ def test_a_redis_restart_mid_generation_loses_and_corrupts_nothing(redis_server)
     got, failures = anyio.run(main)
     assert got == expected
     assert failures >= 1  # the outage was seen, and waited out
+
+
+def test_expiry_on_one_worker_leaves_a_session_another_is_using(redis_server):  # noqa: F811
+    """Worker B uses a session whose last snapshot is older than the ttl (its journal is fresh); A's
+    expiry must not claim and delete it. One nobody holds is still expired, fence counter included."""
+    model = text_model()
+
+    async def main():
+        a = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="x"), session_ttl=0.5)
+        b = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="x"), session_ttl=0.5)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.run)
+            es = await b.open(seed=1)
+            es.owner = object()  # a client holds it: B's own expiry leaves it alone
+            await b.consumed(b.append(es, "hello there"))
+            await anyio.sleep(0.7)  # its snapshot is older than the ttl now
+            assert es.id in a.store.older_than(0.5)
+            assert await a.expire() == 0
+            await b.consumed(b.append(es, " more"))  # B goes on using it
+            assert not es.closed and es.id in b.store
+            await b.close(es, delete=False)
+            b.store.release(es.id)  # (as at B's shutdown) nobody holds it now
+            assert await a.expire() == 1 and es.id not in a.store
+            tg.cancel_scope.cancel()
+        keys = sorted(k.decode() for k in a.store.client.keys(f"x:s:{es.id}:*"))
+        a.store.close()
+        b.store.close()
+        return keys
+
+    assert anyio.run(main) == []

@@ -28,6 +28,10 @@ async def expire(engine) -> int:
     for sid in stored:
         if sid in engine.sessions:  # (looked at per id: one may be resumed while others are deleted)
             continue
+        # In a fleet another worker may be using it (its snapshot is old, its journal is not): only a
+        # session no worker holds is abandoned.
+        if not await anyio.to_thread.run_sync(engine.store.claim_if_free, sid):
+            continue
         await engine.offloader.delete(sid)
         await engine.journal.delete(sid)
         gone += 1

@@ -120,11 +120,13 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('LTRIM', KEYS[2], ARGV[2], -1)
 return 1
 """
-# KEYS[1] lease, KEYS[2] snap, KEYS[3] journal, KEYS[4] index; ARGV[1] value, ARGV[2] id. Releases too.
+# KEYS[1] lease, KEYS[2] snap, KEYS[3] journal, KEYS[4] index, KEYS[5] fence; ARGV[1] value, ARGV[2] id.
+# Releases too, and drops the fence counter (else every session ever opened would leave one: a
+# stale writer is still refused, its lease value names another worker or an older fence).
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local n = redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[3], KEYS[1])
+redis.call('DEL', KEYS[3], KEYS[1], KEYS[5])
 redis.call('ZREM', KEYS[4], ARGV[2])
 return n
 """
@@ -225,10 +227,10 @@ class RedisSnapshotStore(SnapshotStore):
             time.sleep(poll)
             poll = min(2 * poll, CLAIM_POLL_MAX_S)
 
-    def try_claim(self, session_id: str, asked: str | None = None) -> str | None:
+    def try_claim(self, session_id: str, asked: str | None = None, ask: bool = True) -> str | None:
         """One attempt of `claim`: None if this worker owns `session_id` now,
         else the worker holding it, which is asked to hand it over (unless
-        it is `asked`: asked already)."""
+        it is `asked`: asked already; or ask=False: only taken if free)."""
         validate_session_id(session_id)
         with self.unavailable("claim"):
             ok, value = self.run("claim", [self.key(session_id, "lease"), self.key(session_id, "fence")],
@@ -241,7 +243,7 @@ class RedisSnapshotStore(SnapshotStore):
             self._start_renewer()
             return None
         holder = value.rsplit(":", 1)[0]
-        if asked != holder:  # ask the holder to hand it over (once per holder)
+        if ask and asked != holder:  # ask the holder to hand it over (once per holder)
             with self.unavailable("hand-over request"):
                 key = f"{self.prefix}:handover:{holder}"
                 self.client.pipeline().rpush(key, session_id).pexpire(key, int(self.claim_wait * 1000)).execute()
@@ -403,7 +405,8 @@ class RedisSnapshotStore(SnapshotStore):
         value = self.lease(session_id)
         with self.unavailable("delete"):
             n = self.run("delete", [self.key(session_id, "lease"), self.key(session_id, "snap"),
-                                    self.key(session_id, "journal"), f"{self.prefix}:index"], [value, session_id])
+                                    self.key(session_id, "journal"), f"{self.prefix}:index",
+                                    self.key(session_id, "fence")], [value, session_id])
         with self._lock:
             self._held.pop(session_id, None)
         if n == -1:

@@ -65,10 +65,15 @@ class SnapshotStore(abc.ABC):
         lease, asking the worker that holds it to hand it over)."""
         return None
 
-    def try_claim(self, session_id: str, asked: str | None = None) -> str | None:
+    def try_claim(self, session_id: str, asked: str | None = None, ask: bool = True) -> str | None:
         """One attempt of `claim` that does not wait: None if owned now, else
-        who holds it (asked to hand it over unless it is `asked`)."""
+        who holds it (asked to hand it over unless it is `asked`, or ask=False)."""
         return None
+
+    def claim_if_free(self, session_id: str) -> bool:
+        """Own `session_id` if no worker holds it (never asks one to hand it
+        over); whether this worker owns it now. Expiry deletes only these."""
+        return self.try_claim(session_id, ask=False) is None
 
     claim_wait = 0.0  # how long `claim` waits for a holder to hand over
 

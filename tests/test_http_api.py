@@ -501,3 +501,37 @@ def test_a_request_session_is_neither_snapshotted_at_open_nor_journaled(model, t
         written = sorted(name for _, _, names in os.walk(tmp_path) for name in names)
         # (a prefix entry still being written is a hidden temporary file)
         assert written and all(name.lstrip(".").startswith("prefix.") for name in written), written
+
+
+def test_a_store_that_cannot_be_reached_is_a_prefix_cache_miss(model, tmp_path):
+    """The cache is an optimisation: while its store is down a lookup misses (no 500), and the entry
+    serves again once the store is back."""
+    import anyio
+
+    from streamgemma.errors import StoreUnavailable
+    from streamgemma.serve.prefix_cache import PrefixCache
+
+    store = sg.DirectorySnapshotStore(tmp_path)
+    ids = model.tokenizer.encode("The quick brown fox", add_bos=True)
+    session = model.session()
+    session.feed(ids)
+    contents = session.capture()
+
+    async def main():
+        cache = PrefixCache(model, store, memory_bytes=0)
+        await cache.keep(ids, contents)
+        await cache.flush()
+        real_get = store.get
+
+        def down(key):
+            raise StoreUnavailable("the store cannot be reached (test)")
+
+        store.get = down
+        missed = await cache.lookup(ids + [10])
+        store.get = real_get
+        hit = await cache.lookup(ids + [10])
+        cache.close()
+        return missed, hit
+
+    missed, hit = anyio.run(main)
+    assert missed is None and hit is not None and hit.tokens == len(ids)

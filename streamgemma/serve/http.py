@@ -25,7 +25,7 @@ import anyio
 import anyio.to_thread
 from aiohttp import web
 
-from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError, StoppedError
+from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError, StoppedError, StoreUnavailable
 from ..session.chat_template import chat_prompt_ids
 from ..validate import check_position
 from .engine import Engine
@@ -440,6 +440,8 @@ def _engine_error(e: Exception) -> ApiError:
         return ApiError(500, str(e), "server_error", e.code)
     if isinstance(e, CapacityError):
         return ApiError(503, str(e), "server_error", "capacity")
+    if isinstance(e, StoreUnavailable):
+        return ApiError(503, str(e), "server_error", "store_unavailable")
     if isinstance(e, InvalidValueError):
         return ApiError(400, str(e), code="invalid_value", param=e.field)
     if isinstance(e, (ValueError, TypeError, StoppedError)):

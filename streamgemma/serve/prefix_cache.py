@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import SnapshotError, SnapshotNotFound
+from ..errors import SnapshotError, SnapshotNotFound, StoreError
 from ..session import snapshot as snapshot_format
 from ..session.model import Model
 from ..session.store import SnapshotStore
@@ -185,6 +185,9 @@ class PrefixCache:
                 continue
             try:
                 contents = await self._run(self._read, entry.key)
+            except StoreError as e:  # the store is down: a miss now, the entry may serve later
+                log.warning("prefix cache: could not read entry %s: %s", entry.key[:40], e)
+                return None
             except (SnapshotError, OSError) as e:  # gone (evicted by another worker), damaged, another model
                 if not isinstance(e, SnapshotNotFound):
                     log.warning("prefix cache: dropping entry %s: %s", entry.key[:40], e)

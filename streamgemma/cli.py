@@ -387,17 +387,26 @@ def _serve(args: argparse.Namespace) -> None:
                          f"{', '.join(server.lost)}")
 
 
+def _bench(argv: Sequence[str]) -> int:
+    """`streamgemma bench ...`: 1 when the benchmark says it failed (fuzz failures, a fleet
+    run that lost data), so scripts and CI can tell."""
+    from .bench import failed
+    from .bench import main as bench_main
+
+    if failed(bench_main(argv)):
+        sys.stderr.write("streamgemma bench: the run failed (see its output)\n")
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
     from .errors import StreamgemmaError
 
     args = _parser().parse_args(argv)
-    if args.command == "bench":
-        from .bench import main as bench_main
-
-        bench_main(args.bench_args)
-        return 0
     try:
+        if args.command == "bench":
+            return _bench(args.bench_args)
         if args.command == "info":
             _info(args, sys.stdout)
         elif args.command == "generate":

@@ -219,3 +219,16 @@ def test_chat_help_says_it_defaults_to_the_demo_model(capsys, monkeypatch):
     rc, out, _ = cli(capsys, monkeypatch, "chat", "--help")
     assert rc == 0 and "bundled demo model" in out and "not\ninstruction-tuned" in out
     assert "Ctrl-C" in out and "/reset" in out and "--system" in out and "--threads" in out
+
+
+def test_bench_errors_are_one_line_and_a_failed_run_exits_1(capsys, monkeypatch, tmp_path):
+    rc = main(["bench", "decode", "--model", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and err.startswith("streamgemma bench: error: ")
+    # A fuzz run that found internal errors (here made to) exits 1, as a fleet run that lost data does.
+    import streamgemma.bench.fuzz as fuzz
+
+    monkeypatch.setattr(fuzz, "failures", lambda result: ["simulated: 3 internal errors"])
+    rc = main(["bench", "fuzz", "--preset", "tiny", "--device", "cpu", "--frames", "20", "--handshakes", "2",
+               "--connections", "1"])
+    assert rc == 1 and "the run failed" in capsys.readouterr().err

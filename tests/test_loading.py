@@ -314,3 +314,14 @@ def test_load_sets_torch_threads_unless_omp_num_threads_is_set(monkeypatch, hf_d
     assert calls == [1, 2]
     with pytest.raises(ValueError, match="threads must be an int >= 1"):
         sg.load(hf_dir, threads=0)
+
+
+def test_a_checkpoint_with_nan_values_is_refused(tmp_path):
+    """A damaged download (bytes overwritten) can hold NaN weights: refused at load, naming the tensor,
+    instead of a model that generates nothing but pad tokens."""
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0)
+    with torch.no_grad():
+        next(p for name, p in model.network.named_parameters() if "proj_v" in name).view(-1)[3] = float("nan")
+    model.save(tmp_path / "damaged")
+    with pytest.raises(sg.CheckpointError, match="v_proj.weight. holds NaN or infinite values"):
+        sg.load(tmp_path / "damaged")

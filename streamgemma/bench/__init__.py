@@ -43,3 +43,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     args = _parser().parse_args(argv)
     return finish(args.command, args, args.run(args))
+
+
+def failed(record: dict) -> bool:
+    """Whether a benchmark's record says the run failed (fuzz failures, a
+    fleet run that lost data): the command then exits with status 1."""
+    results = record.get("results", {})
+    return bool(results.get("failures")) or results.get("passed") is False

@@ -1,4 +1,6 @@
-from streamgemma.bench import main
+import sys
+
+from streamgemma.bench import failed, main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if failed(main()) else 0)

@@ -391,6 +391,9 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                 raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
             dst = target[rule.index] if rule.index else target
             dst.copy_(rule.to_target(tensor).to(device=dst.device, dtype=target.dtype))
+            if not quantized and not bool(torch.isfinite(dst).all()):  # (checked where it landed: on a GPU, fast)
+                raise CheckpointError(f"{file}: tensor {key!r} holds NaN or infinite values: the file is damaged "
+                                      "(download it again)")
             bar.advance(nbytes)
     bar.close()
     if requantize:

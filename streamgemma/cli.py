@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 EPILOG = """examples:
@@ -223,6 +224,8 @@ def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
     from .console import chat_loop
 
     sampling = _sampling(args)
+    if args.save and not Path(args.save).resolve().parent.is_dir():  # found before the model loads, not after
+        raise OSError(f"--save {args.save}: no such directory {str(Path(args.save).resolve().parent)!r}")
     model = _load(args)
     session = model.restore_file(args.resume) if args.resume else model.session(seed=args.seed)
     if args.system and session.position:

@@ -69,6 +69,7 @@ def test_chat_with_piped_stdin_in_a_subprocess(saved_model_dir):
     (["generate", "", "--no-bos"], "the prompt is empty and --no-bos leaves out BOS"),
     (["generate", "hi", "--threads", "0"], "--threads must be >= 1, got 0"),
     (["info"], "no such file or directory"),
+    (["chat", "--save", "/nonexistent-dir/x.snap"], "--save /nonexistent-dir/x.snap: no such directory"),
 ])
 def test_user_errors_are_one_line_without_traceback(capsys, monkeypatch, saved_model_dir, args, message):
     model = saved_model_dir / "missing" if args == ["info"] else saved_model_dir

@@ -66,7 +66,7 @@ class Client:
         self._streams: dict[str, GenerationRoute] = {}  # session id -> its running generation
         # The sessions opened here, whose `position` the reader keeps in the order events arrive.
         self._sessions: weakref.WeakValueDictionary[str, ClientSession] = weakref.WeakValueDictionary()
-        self._generations: set[int] = set()  # ids of generate requests in flight
+        self._generations: dict[int, str] = {}  # generate requests in flight: request id -> session id
         self._tasks: anyio.abc.TaskGroup | None = None
         self._exit: contextlib.AsyncExitStack | None = None
         self._closed_error: BaseException | None = None
@@ -158,7 +158,7 @@ class Client:
                                             "end, or close its iterator (contextlib.aclosing) or cancel() first")
         route = GenerationRoute(next(self._ids))
         self._streams[session_id] = route
-        self._generations.add(route.request_id)
+        self._generations[route.request_id] = session_id
         try:
             with route.events:
                 yield route
@@ -170,7 +170,7 @@ class Client:
         route.close()
         if self._streams.get(session_id) is route:
             del self._streams[session_id]
-        self._generations.discard(route.request_id)
+        self._generations.pop(route.request_id, None)
 
     async def _read(self) -> None:
         try:
@@ -194,7 +194,7 @@ class Client:
         self._track_position(kind, session, msg)
         if kind == "error" and request_id in self._generations:
             # A refused generate request: its error may name no session (e.g. a malformed request).
-            session = next((sid for sid, r in self._streams.items() if r.request_id == request_id), None)
+            session = self._generations[request_id]
         if kind in ("token", "tokens", "done") or (kind == "error" and request_id in self._generations):
             route = self._streams.get(session)
             # A token's "id" is its token id; done and error carry the generate request's id.

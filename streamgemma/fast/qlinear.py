@@ -74,7 +74,8 @@ def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     from streamgemma.kernels.qmatmul import dequantize
 
     n, k = weight.shape[0], x.shape[-1]
-    rows = max(16, block_bytes // (k * x.element_size()))
+    # whole tiles of 256 rows: a block of odd width sends cuBLAS to a slow unaligned kernel
+    rows = max(256, block_bytes // (k * x.element_size()) // 256 * 256)
     if rows >= n:
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)

@@ -186,38 +186,6 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _sum_partials_kernel(p0_ptr, p1_ptr, p2_ptr, p3_ptr, bias_ptr, out_ptr, M, N, S: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    off = rows[:, None].to(tl.int64) * N + cols[None, :]
-    acc = tl.load(p0_ptr + off, mask=mask, other=0.0)
-    acc += tl.load(p1_ptr + off, mask=mask, other=0.0)
-    if S > 2:
-        acc += tl.load(p2_ptr + off, mask=mask, other=0.0)
-    if S > 3:
-        acc += tl.load(p3_ptr + off, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def sum_partials(parts: list[torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The split-K products' float32 partials (2-4 contiguous [M, N]) summed
-    in order, plus the bias, as `dtype`: one launch."""
-    assert 2 <= len(parts) <= 4 and all(p.is_contiguous() and p.shape == parts[0].shape for p in parts)
-    m, n = parts[0].shape
-    out = torch.empty(m, n, dtype=dtype, device=parts[0].device)
-    ptrs = parts + [parts[0]] * (4 - len(parts))
-    bm, bn = 16, 256
-    _sum_partials_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        *ptrs, bias if bias is not None else parts[0], out, m, n, S=len(parts), HAS_BIAS=bias is not None,
-        BM=bm, BN=bn, num_warps=4)
-    return out
-
-
-@triton.jit
 def _dequantize_kernel(q_ptr, s_ptr, out_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     k = tl.program_id(1) * BK + tl.arange(0, BK)

@@ -16,19 +16,16 @@ from reference import rel_err
 import streamgemma as sg
 from streamgemma.fast.decode import KernelDecoder
 from streamgemma.fast.fused_weights import FusedWeights
-from streamgemma.fast.qlinear import _split_k_sms
 from streamgemma.model.quantize import dequantize, quantize_rows, quantized_linear_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FMTS = ("int8", "fp8")
 
 
-def _scaled_mm_device(float32_out: bool = False) -> str:
-    """Where `F.scaled_mm` runs the fp8 product: a GPU with fp8 tensor cores (for float32 output, one
-    where the split products run: `qlinear._split_k_sms`), else the CPU if this torch has a CPU kernel for
-    it; skips the test otherwise (users run fp8 products on CUDA only)."""
-    if torch.cuda.is_available() and (_split_k_sms(torch.device("cuda", torch.cuda.current_device())) > 0
-                                      if float32_out else torch.cuda.get_device_capability() >= (8, 9)):
+def _scaled_mm_device() -> str:
+    """Where `F.scaled_mm` runs the fp8 product: a GPU with fp8 tensor cores, else the CPU if this torch
+    has a CPU kernel for it; skips the test otherwise (users run fp8 products on CUDA only)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         return "cuda"
     one = torch.ones(16, 16).to(torch.float8_e4m3fn)
     try:
@@ -190,58 +187,6 @@ def test_fp8_scaled_mm_product_at_small_shapes(m):
     y = fp8_linear(x.to(dev), q.to(dev), s.to(dev), b.to(dev)).cpu()
     assert y.dtype == torch.bfloat16
     assert rel_err(y.float(), quantized_linear_ref(x.float(), q, s, b.float())) < 0.05
-
-
-@pytest.mark.parametrize("splits", [2, 3, 4])
-def test_fp8_product_split_along_k_sums_to_the_whole_one(splits):
-    """k_splits: one product per slice of K, float32 partials summed with the bias in one launch:
-    the whole product to the rounding of its bfloat16 output; a split that does not cut K into multiples
-    of 16 is refused."""
-    from streamgemma.fast.qlinear import fp8_linear
-
-    dev = _scaled_mm_device(float32_out=True)
-    g = torch.Generator().manual_seed(splits)
-    x, w, b = torch.randn(5, 768, generator=g).bfloat16(), torch.randn(48, 768, generator=g) / 30, torch.randn(48)
-    q, s = quantize_rows(w, "fp8")
-    x, q, s, b = x.to(dev), q.to(dev), s.to(dev), b.bfloat16().to(dev)
-    whole = fp8_linear(x, q, s, b).float()
-    split = fp8_linear(x, q, s, b, k_splits=splits)
-    assert split.dtype == torch.bfloat16 and rel_err(split.float(), whole) < 1e-2
-    with pytest.raises(ValueError, match="k_splits"):
-        fp8_linear(x[:, :80], q[:, :80], s, b, k_splits=splits)
-
-
-# bfloat16 on CUDA only: Triton's interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest
-@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else []))
-def test_partial_sums_kernel_adds_in_order(dtype):
-    from streamgemma.kernels.qmatmul import sum_partials
-
-    g = torch.Generator().manual_seed(5)
-    for count in (2, 3, 4):
-        parts = [_rnd(g, 19, 300) for _ in range(count)]
-        bias = _rnd(g, 300).bfloat16()
-        want = parts[0]
-        for p in parts[1:]:
-            want = want + p
-        want = (want + bias.float()).to(dtype)
-        assert torch.equal(sum_partials(parts, bias, dtype), want)
-        assert torch.equal(sum_partials(parts, None, torch.float32), sum(parts[1:], parts[0]))
-
-
-def test_fp8_k_splits_fill_the_gpu_where_the_tiles_do_not():
-    """The rule on RecurrentGemma-2B's products and an H100's 132 SMs: the narrow products at 64-256 rows
-    split (out and down into 4, q|k|v into 2: K = 2,560 is no multiple of 3 x 16), the wide ones and a
-    prefill chunk do not, and no slice is shorter than 512."""
-    from streamgemma.fast.qlinear import fp8_k_splits
-
-    assert fp8_k_splits(256, 2560, 2560, 132) == 4  # out: 40 tiles
-    assert fp8_k_splits(256, 2560, 7680, 132) == 4  # down
-    assert fp8_k_splits(256, 3072, 2560, 132) == 2  # q|k|v: 48 tiles
-    assert fp8_k_splits(256, 5120, 2560, 132) == 1  # x|y: 80 tiles fill over half
-    assert fp8_k_splits(256, 15360, 2560, 132) == 1 and fp8_k_splits(2048, 2560, 2560, 132) == 1
-    assert fp8_k_splits(64, 2560, 1024, 132) == 2  # slices of 512 at least
-    assert fp8_k_splits(64, 256, 768, 132) == 1
-    assert fp8_k_splits(256, 2560, 2560, 0) == 1  # a GPU whose fp8 products give no float32 partials
 
 
 @pytest.mark.parametrize("k", [64, 70])

@@ -70,7 +70,7 @@ FUSED = {"fused16": dict(gemv_max_batch=16), "fused8": dict(gemv_max_batch=8), "
          "tc1q": dict(gemv_tensor_cores={"int8": (1,), "fp8": (1,)}),
          "tc1": dict(gemv_tensor_cores={f: (1,) for f in ("float", "int8", "fp8")}),
          "words": dict(one_byte_words=True), "bytes": dict(one_byte_words=False),
-         "half4": dict(int4_half_dot=True), "full4": dict(int4_half_dot=False), "splitk": dict(fp8_split_k=True)}
+         "half4": dict(int4_half_dot=True), "full4": dict(int4_half_dot=False)}
 
 
 def random_model(cfg: sg.GriffinConfig, dtype=torch.bfloat16, quantize: str | None = None) -> sg.Model:

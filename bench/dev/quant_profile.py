@@ -16,11 +16,7 @@ MLP gate|up (2 * mlp_width x width, GeGLU epilogue) shapes:
   shapes and the out and down projections: bf16
   F.linear, int8 / fp8 `qmatmul` by block and operand order (weight_first),
   fp8 `fp8_linear`
-  (row quantization + F.scaled_mm), and fp8 split along K into --splits
-  products whose float32 partials one launch sums (`fp8_linear(k_splits=...)`,
-  as `KernelConfig.fp8_split_k` runs it; cuBLAS's 128 x 128 tiles give
-  the narrow products 40-80 tiles at M = 256: do more programs pay for the
-  sum?), also on the q|k|v and x|y shapes.
+  (row quantization + F.scaled_mm), also on the q|k|v and x|y shapes.
 Each timed as one CUDA graph of back-to-back calls cycling through weight
 copies that together miss L2. JSON on stdout (and --json PATH).
 
@@ -53,8 +49,6 @@ def parse_args(argv=None):
                     help="also profile one feed of this many tokens per format (default 2048; 0: skip)")
     ap.add_argument("--product-rows", default="64,256,2048",
                     help="M of the batched-product micro-benchmark (default 64,256,2048)")
-    ap.add_argument("--splits", default="2,3,4",
-                    help="K splits of the fp8 product timed beside the whole one (default 2,3,4; '' none)")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     return ap.parse_args(argv)
@@ -389,10 +383,6 @@ def batched_products(cfg: dict, args) -> dict:
                     entry[name] = timed(lambda w, s, b=b, first=first: qmatmul(x, w, s, block=b, weight_first=first))
                 if fmt == "fp8" and (not cuda or fp8_tensor_cores(x, copies[0][0])):
                     entry["fp8 rows + scaled_mm"] = timed(lambda w, s: fp8_linear(x, w, s))
-                    for splits in _ints(args.splits):
-                        if k % (16 * splits) == 0:
-                            entry[f"fp8 rows + scaled_mm, {splits} K splits"] = timed(
-                                lambda w, s, splits=splits: fp8_linear(x, w, s, k_splits=splits))
                 del copies
                 _empty_cache(dev)
     return out

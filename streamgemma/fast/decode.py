@@ -98,10 +98,9 @@ class KernelDecoder:
         normed = torch.empty_like(x)
         delta = None
         eps = cfg.rms_norm_eps
-        split = self.kernel_config.fp8_split_k
 
         def project(src, entry, name, xq=None):  # the layer's projection `name` (FusedWeights' w_/s_/b_ entries)
-            return linear(src, entry["w_" + name], entry["s_" + name], entry["b_" + name], xq, fp8_split_k=split)
+            return linear(src, entry["w_" + name], entry["s_" + name], entry["b_" + name], xq)
 
         def norm(delta, scale, weight):
             """normed = the norm of x + delta; for an fp8 tensor-core product of
@@ -113,7 +112,7 @@ class KernelDecoder:
         for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
             if block.kind == ATTENTION:
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_qkv"])
-                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq, fp8_split_k=split)
+                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq)
                 mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
                 self._attention(qkv, state, slots, pos, mixed)
                 delta = project(mixed, entry, "out")
@@ -121,7 +120,7 @@ class KernelDecoder:
                 rec = block.recurrent_block
                 l = cfg.lru_width
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_xy"])
-                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq, fp8_split_k=split)
+                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq)
                 xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
                 self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
                 gated = torch.empty_like(xc)
@@ -134,7 +133,7 @@ class KernelDecoder:
             self._ew.geglu(gate_up, hidden, fp8=hq)
             delta = project(hidden, entry, "down", hq)
         xq = norm(delta, net.final_norm.scale, self.embedding)
-        return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq, fp8_split_k=split)
+        return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq)
 
     def _attention(self, qkv, state, slots, pos, out):
         self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq, self.config.num_heads, out,

@@ -24,9 +24,6 @@ themselves (to e4m3, per row): this is what the tensor cores take.
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -41,24 +38,21 @@ _DEQUANTIZED_BYTES = 64 << 20
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
            bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-           dequantize_rows: int = 0, fp8_split_k: bool = False) -> torch.Tensor:
+           dequantize_rows: int = 0) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias): `scale` None for a plain weight, the
     float32 [N] row scales of an int8 / float8_e4m3fn weight otherwise. x_fp8:
     x's e4m3 rows and scales when already made (`fp8_rows` of x, e.g. by the
     norm that wrote x); used only where the fp8 tensor-core product runs.
     dequantize_rows: from this many rows of x up, a weight not on the fp8
     tensor cores is dequantized in blocks and multiplied by cuBLAS
-    (`dequantized_linear`); 0: never. fp8_split_k: an fp8 tensor-core product
-    whose output tiles are too few for the GPU runs in `fp8_k_splits` slices
-    of K (KernelConfig.fp8_split_k)."""
+    (`dequantized_linear`); 0: never."""
     if scale is None:
         return F.linear(x, weight, bias)
     if not x.is_cuda:
         return quantized_linear_ref(x, weight, scale, bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
     if fp8_tensor_cores(x, weight):
-        splits = fp8_k_splits(x.shape[0], weight.shape[0], x.shape[1], _split_k_sms(x.device)) if fp8_split_k else 1
-        return fp8_linear(x, weight, scale, bias, x_fp8, splits)
+        return fp8_linear(x, weight, scale, bias, x_fp8)
     if dequantize_rows and x.shape[0] >= dequantize_rows:
         return dequantized_linear(x, weight, scale, bias)
     from streamgemma.kernels.qmatmul import q4matmul, qmatmul
@@ -94,12 +88,11 @@ def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, k_splits: int = 1) -> torch.Tensor:
+               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The fp8 tensor-core product: x rows quantized to e4m3 with their own
     scales (one Triton launch on CUDA, or x_fp8 when given), `F.scaled_mm` with
     row-wise scales and the bias, bfloat16 out (torch also runs it on the CPU,
-    slowly: the tests use that). k_splits > 1: one product per slice of K
-    (float32 out), summed with the bias by `kernels.qmatmul.sum_partials`."""
+    slowly: the tests use that)."""
     if x_fp8 is not None:
         xq, x_scale = x_fp8
     elif x.is_cuda:
@@ -109,58 +102,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     else:
         xq, x_scale = fp8_rows_ref(x)
     rowwise = F.ScalingType.RowWise
-    if k_splits == 1:
-        return F.scaled_mm(xq, weight.t(), x_scale, rowwise, scale[None, :], rowwise, bias=bias,
-                           output_dtype=torch.bfloat16)
-    from streamgemma.kernels.qmatmul import sum_partials
-
-    k = x.shape[1]
-    if not 2 <= k_splits <= 4 or k % (16 * k_splits):
-        raise ValueError(f"fp8_linear: k_splits must be 1-4 and split K ({k}) into multiples of 16, got {k_splits}")
-    step = k // k_splits
-    parts = [F.scaled_mm(xq[:, k0:k0 + step], weight[:, k0:k0 + step].t(), x_scale, rowwise, scale[None, :],
-                         rowwise, output_dtype=torch.float32) for k0 in range(0, k, step)]
-    return sum_partials(parts, bias, torch.bfloat16)
-
-
-# cuBLAS's fp8 kernels on the H100 write 128 x 128 output tiles (bench/NOTES.md D13)
-_FP8_TILE = 128
-
-
-def fp8_k_splits(m: int, n: int, k: int, sms: int) -> int:
-    """Slices of K for an fp8 product [m, k] x [k, n]: enough that its output
-    tiles times the slices reach the GPU's `sms` (at most 4), where the tiles
-    alone fill under half of them; each slice a multiple of 16 columns and
-    at least 512 long. 1: no split (also where `sms` is 0)."""
-    tiles = math.ceil(m / _FP8_TILE) * math.ceil(n / _FP8_TILE)
-    if 2 * tiles >= sms:
-        return 1
-    splits = min(4, math.ceil(sms / tiles))
-    while splits > 1 and (k % (16 * splits) or k // splits < 512):
-        splits -= 1
-    return splits
-
-
-@functools.cache
-@functools.cache
-def _split_k_sms(device: torch.device) -> int:
-    """The device's multiprocessors where the split products can run: their
-    float32 partials need cuBLAS's row-wise fp8 product, which torch uses on
-    compute capability 9.0 with a recent enough cuBLAS (elsewhere row-wise
-    scaling gives bfloat16 only, or refuses float32). So one tiny product
-    asks, once per device (the first step runs before any graph capture); 0
-    where it fails."""
-    props = torch.cuda.get_device_properties(device)
-    if (props.major, props.minor) != (9, 0):
-        return 0
-    a = torch.zeros(16, 32, device=device).to(torch.float8_e4m3fn)
-    ones = torch.ones(16, 1, device=device)
-    rowwise = F.ScalingType.RowWise
-    try:
-        F.scaled_mm(a, a.t(), ones, rowwise, ones.t(), rowwise, output_dtype=torch.float32)
-    except RuntimeError:
-        return 0
-    return props.multi_processor_count
+    return F.scaled_mm(xq, weight.t(), x_scale, rowwise, scale[None, :], rowwise, bias=bias,
+                       output_dtype=torch.bfloat16)
 
 
 def fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

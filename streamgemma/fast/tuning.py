@@ -81,13 +81,6 @@ class KernelConfig:
     of the input (each word's columns scaled by a power of two to its
     largest: no range limit) and of a word's partial sums (~5e-4 relative on a product's
     output); False: in float32.
-
-    fp8_split_k: the batched step's fp8 tensor-core products whose 128 x 128
-    output tiles are too few for the GPU (the narrow ones at 64-256 rows) run
-    in up to four slices of K, their float32 partials summed in one launch
-    (`fast.qlinear.fp8_k_splits`; compute capability 9.0 only, where torch's
-    row-wise fp8 product gives float32); default False until measured
-    (bench/NOTES.md D13).
     """
 
     gemv_max_batch: int = 1
@@ -101,7 +94,6 @@ class KernelConfig:
     one_byte_words: bool = True
     dequantize_rows: int = 512
     int4_half_dot: bool = True
-    fp8_split_k: bool = False
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -130,7 +122,7 @@ class KernelConfig:
                                  f"got {self.rglru_launch!r}")
         if not isinstance(self.dequantize_rows, int) or self.dequantize_rows < 0:
             raise ValueError(f"dequantize_rows must be an int >= 0, got {self.dequantize_rows!r}")
-        for flag in ("one_byte_words", "int4_half_dot", "fp8_split_k"):
+        for flag in ("one_byte_words", "int4_half_dot"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.pdl not in (None, True, False):
@@ -156,7 +148,7 @@ class KernelConfig:
                      frozenset(self.gemv_tensor_cores.items()),
                      frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl,
                      self.prefill_attention, self.prefill_attention_tiles, self.one_byte_words,
-                     self.dequantize_rows, self.int4_half_dot, self.fp8_split_k))
+                     self.dequantize_rows, self.int4_half_dot))
 
     def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or

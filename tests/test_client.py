@@ -176,3 +176,46 @@ def test_after_the_client_exits_a_request_is_a_connection_error(server):
             await session.append("more")
 
     run(main)
+
+
+def test_late_tokens_of_a_generation_given_up_on_do_not_reach_the_next_one():
+    """A server that ends a cancelled generation only after the client's timeout: the client gives up
+    (TimeoutError), and the tokens and `done` of that generation that arrive later are dropped, so the
+    session's next generation yields its own tokens only."""
+    import json
+
+    from websockets.asyncio.server import serve
+
+    async def scripted(ws):
+        held = None  # the generate request whose cancel is answered late
+        async for frame in ws:
+            msg = json.loads(frame)
+            if msg["type"] == "open":
+                await ws.send(json.dumps({"type": "opened", "id": msg["id"], "session": "s", "position": 0}))
+            elif msg["type"] == "generate" and held is None:
+                held = msg["id"]
+                await ws.send(json.dumps({"type": "token", "session": "s", "id": 7, "text": "a"}))
+            elif msg["type"] == "generate":
+                late = [{"type": "token", "session": "s", "id": held, "text": "late"},  # (a token id equal
+                        {"type": "tokens", "session": "s", "ids": [8, 8], "texts": ["b", "b"]},  # to the request's)
+                        {"type": "done", "session": "s", "id": held, "reason": "cancelled", "position": 4},
+                        {"type": "token", "session": "s", "id": 9, "text": "c", "finish_reason": "length"},
+                        {"type": "done", "session": "s", "id": msg["id"], "reason": "length", "position": 5}]
+                for event in late:
+                    await ws.send(json.dumps(event))
+
+    async def main():
+        async with serve(scripted, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with sg.Client(f"ws://127.0.0.1:{port}", timeout=0.3) as client:
+                session = await client.open()
+                with pytest.raises(TimeoutError):
+                    async with contextlib.aclosing(session.generate(max_tokens=10)) as it:
+                        async for _ in it:
+                            break  # cancel: the server does not answer within the timeout
+                with anyio.fail_after(10):
+                    tokens = [t.id async for t in session.generate(max_tokens=1)]
+                assert tokens == [9] and session.last_done["reason"] == "length"
+                assert session.position == 5
+
+    run(main)

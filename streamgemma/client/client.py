@@ -67,6 +67,7 @@ class Client:
         # The sessions opened here, whose `position` the reader keeps in the order events arrive.
         self._sessions: weakref.WeakValueDictionary[str, ClientSession] = weakref.WeakValueDictionary()
         self._generations: dict[int, str] = {}  # generate requests in flight: request id -> session id
+        self._abandoned: dict[str, int] = {}  # session id -> a generation given up on, until its done
         self._tasks: anyio.abc.TaskGroup | None = None
         self._exit: contextlib.AsyncExitStack | None = None
         self._closed_error: BaseException | None = None
@@ -165,12 +166,17 @@ class Client:
         finally:
             self.end_route(session_id, route)
 
-    def end_route(self, session_id: str, route: GenerationRoute) -> None:
-        """Stop routing events to `route` (its generation ended, or was given up on)."""
+    def end_route(self, session_id: str, route: GenerationRoute, abandoned: bool = False) -> None:
+        """Stop routing events to `route`: its generation ended, or (abandoned)
+        was given up on before its `done`; then its late tokens, up to that
+        `done`, are dropped rather than reach the session's next generation."""
+        if abandoned and not route.ended.is_set():
+            self._abandoned[session_id] = route.request_id
         route.close()
         if self._streams.get(session_id) is route:
             del self._streams[session_id]
-        self._generations.pop(route.request_id, None)
+        if self._abandoned.get(session_id) != route.request_id:  # (else its done still comes)
+            self._generations.pop(route.request_id, None)
 
     async def _read(self) -> None:
         try:
@@ -196,6 +202,13 @@ class Client:
             # A refused generate request: its error may name no session (e.g. a malformed request).
             session = self._generations[request_id]
         if kind in ("token", "tokens", "done") or (kind == "error" and request_id in self._generations):
+            stale = self._abandoned.get(session)
+            ends_stale = kind in ("done", "error") and request_id == stale
+            if stale is not None and (kind in ("token", "tokens") or ends_stale):
+                if ends_stale:  # what follows is the next generation's
+                    del self._abandoned[session]
+                    self._generations.pop(stale, None)
+                return
             route = self._streams.get(session)
             # A token's "id" is its token id; done and error carry the generate request's id.
             if route is not None and (kind in ("token", "tokens") or request_id == route.request_id):
@@ -352,7 +365,7 @@ class ClientSession:
                     async for msg in route.events:
                         self._note_end(msg)
         if waited.cancelled_caught:
-            client.end_route(self.id, route)  # given up on: the session may start another generation
+            client.end_route(self.id, route, abandoned=True)  # the session may start another generation
             raise TimeoutError(f"the server did not end the cancelled generation on session {self.id} within "
                                f"{client.timeout} s")
 

@@ -64,7 +64,9 @@ def test_serve(tmp_path):
     assert r["generated"] == 3 * 6
     # no automatic collection (a full one may be asked for explicitly), and the threshold restored after
     assert r["gc"]["threshold"] == 0 and r["gc"]["collections"] == r["gc"]["gen2"] and gc.get_threshold()[0] > 0
-    assert positive(r["overall_tokens_per_s"], r["decode_alone_tok_s"], r["frame_gap_ms"]["max"])
+    assert positive(r["overall_tokens_per_s"], r["decode_alone_tok_s"], r["frame_gap_ms"]["max"],
+                    r["decode_alone_mid_tok_s"], r["steady_share_of_decode_mid"])
+    assert r["decode_alone_mid_position"] == 8 + 6 // 2  # the clients' mean position: prompt + tokens / 2
 
 
 def test_resume(tmp_path):

@@ -314,10 +314,15 @@ def run(args: argparse.Namespace) -> dict:
         out["decode_alone_tok_s"] = args.clients / (args.simulate_step_ms / 1e3)
         out["simulated"] = {"step_ms": args.simulate_step_ms, "sample_ms": args.simulate_sample_ms}
     elif args.decode_steps:
-        sec = time_decode(model, args.clients, args.decode_steps)
-        out["decode_alone_tok_s"] = args.clients / sec
-        print(f"decode alone, batch {args.clients}: {args.clients / sec:.0f} tokens/s, {sec * 1e3:.2f} ms/step",
-              flush=True)
+        # at position 100 (the figure of earlier runs), and at the clients' mean position, where
+        # attention reads as much of the ring as it does while they generate
+        mid = args.prompt + args.tokens // 2
+        for key, position in (("decode_alone_tok_s", 100), ("decode_alone_mid_tok_s", mid)):
+            sec = time_decode(model, args.clients, args.decode_steps, position)
+            out[key] = args.clients / sec
+            print(f"decode alone, batch {args.clients}, position {position}: {args.clients / sec:.0f} tokens/s, "
+                  f"{sec * 1e3:.2f} ms/step", flush=True)
+        out["decode_alone_mid_position"] = mid
     if args.gc_freeze:
         gc.collect()
         gc.freeze()
@@ -337,6 +342,8 @@ def run(args: argparse.Namespace) -> dict:
     out.update(model=describe(model), coalesce_interval_ms=args.coalesce_ms, warm_up_s=round(warm_s, 2), **summary)
     if "decode_alone_tok_s" in out and out["steady"]["tokens_per_s"]:
         out["steady_share_of_decode"] = round(out["steady"]["tokens_per_s"] / out["decode_alone_tok_s"], 4)
+        if "decode_alone_mid_tok_s" in out:
+            out["steady_share_of_decode_mid"] = round(out["steady"]["tokens_per_s"] / out["decode_alone_mid_tok_s"], 4)
     if counters.available:
         out["engine"] = counters.window(*window)
     if simulate:
@@ -347,6 +354,8 @@ def run(args: argparse.Namespace) -> dict:
     out["journal"] = {"enabled": engine.journal.enabled, "commits": engine.stats.journal_commits,
                       "failures": engine.stats.journal_failures}
     print(f"{args.clients} clients x {args.tokens} tokens: steady {out['steady']['tokens_per_s']} tokens/s"
-          + (f" ({out['steady_share_of_decode']:.1%} of decode alone)" if "steady_share_of_decode" in out else "")
+          + (f" ({out['steady_share_of_decode']:.1%} of decode alone" if "steady_share_of_decode" in out else "")
+          + (f", {out['steady_share_of_decode_mid']:.1%} at position {out['decode_alone_mid_position']}"
+             if "steady_share_of_decode_mid" in out else "") + (")" if "steady_share_of_decode" in out else "")
           + f", frame gap p50/p99 {out['frame_gap_ms']['p50']}/{out['frame_gap_ms']['p99']} ms", flush=True)
     return out

@@ -535,3 +535,33 @@ def test_a_store_that_cannot_be_reached_is_a_prefix_cache_miss(model, tmp_path):
 
     missed, hit = anyio.run(main)
     assert missed is None and hit is not None and hit.tokens == len(ids)
+
+
+def test_a_held_session_that_moved_is_closed_when_found_not_leaked():
+    """HeldSessions.take: a candidate whose position no longer matches its key is not served, and is
+    closed (it used to be dropped from the held set but left open, holding its slot until expiry)."""
+    import types
+
+    import anyio
+
+    from streamgemma.serve.held_sessions import HeldSessions
+
+    closed = []
+
+    async def close(es):
+        closed.append(es)
+        es.closed = True
+
+    engine = types.SimpleNamespace(model=types.SimpleNamespace(fingerprint="f"), close=close)
+    fresh = lambda position: types.SimpleNamespace(closed=False, position=position)  # noqa: E731
+
+    async def main():
+        held = HeldSessions(engine, max_sessions=4)
+        short, moved = fresh(2), fresh(3)
+        await held.hold([1, 2], short)
+        await held.hold([1, 2, 3], moved)
+        moved.position = 5  # (e.g. a bug elsewhere fed it)
+        assert await held.take([1, 2, 3, 4]) == (2, short)  # the longer prefix is skipped...
+        assert closed == [moved] and len(held) == 0  # ... and closed
+
+    anyio.run(main)

@@ -37,17 +37,21 @@ class HeldSessions:
     def __len__(self) -> int:
         return len(self._held)
 
-    def take(self, ids: Sequence[int]) -> tuple[int, SessionRecord] | None:
+    async def take(self, ids: Sequence[int]) -> tuple[int, SessionRecord] | None:
         """(tokens, session): the held session whose consumed tokens are the
-        longest prefix of `ids` shorter than `ids`, no longer held; or None."""
+        longest prefix of `ids` shorter than `ids`, no longer held; or None.
+        A candidate no longer at its key's position is closed, not kept."""
         lengths = {n for n, _ in self._held if n < len(ids)}
         if not lengths:
             return None
         digests = prefix_digests(self._fingerprint, ids, lengths)
         for n in sorted(digests, reverse=True):
             es = self._held.pop((n, digests[n]), None)
-            if es is not None and not es.closed and es.position == n:
+            if es is None or es.closed:
+                continue
+            if es.position == n:
                 return n, es
+            await self.engine.close(es)
         return None
 
     async def hold(self, ids: Sequence[int], es: SessionRecord) -> None:

@@ -292,7 +292,7 @@ class HttpApi:
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         try:
             check_position(len(ids) + params.max_tokens, "max_tokens")
-            held = self.held.take(ids)
+            held = await self.held.take(ids)
             if held is not None:  # the conversation's own session, still open: nothing to restore
                 cached, es = held
                 self.cache.count(cached)

@@ -37,6 +37,36 @@ def test_records_round_trip_and_a_torn_tail_is_ignored(tmp_path):
     assert journal.read("missing") == []
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"position": 0}, "not \\[position"),
+    ([0, "step", [5], b"PHX1" + bytes(16)], "not \\[position"),
+    ([0, "jump", [5], b"PHX1" + bytes(16), None], "unknown kind"),
+    ([0.5, "step", [5], b"PHX1" + bytes(16), None], "position"),
+    ([-1, "step", [5], b"PHX1" + bytes(16), None], "position"),
+    ([0, "step", ["5"], b"PHX1" + bytes(16), None], "ids"),
+    ([0, "step", [True], b"PHX1" + bytes(16), None], "ids"),
+    ([0, "step", [], b"PHX1" + bytes(16), None], "'step' record with 0 ids"),
+    ([0, "feed", [], b"PHX1" + bytes(16), None], "'feed' record with 0 ids"),
+    ([0, "rng", [5], b"PHX1" + bytes(16), None], "'rng' record with 1 ids"),
+    ([0, "step", [5], b"PHX1", None], "sampler state"),
+    ([0, "step", [5], "PHX1" + "0" * 16, None], "sampler state"),
+    ([0, "step", [5], b"PHX1" + bytes(16), 7], "stop"),
+])
+def test_a_record_with_intact_framing_but_bad_fields_is_refused_by_name(fields, message):
+    """A record that passes its CRC but was not written by the journal (another program, a bug): a
+    SnapshotFormatError naming the field at read time, not a TypeError or IndexError inside a replay."""
+    import zlib
+
+    import msgpack
+
+    from streamgemma.session.journal import FRAME
+
+    payload = msgpack.packb(fields, use_bin_type=True)
+    data = record(0).encode() + FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    with pytest.raises(sg.SnapshotFormatError, match=message):
+        decode_records(data)
+
+
 def test_records_appended_after_a_torn_tail_are_read(tmp_path):
     """A crash mid-append leaves a torn tail; the next process's first append cuts it off, so its
     records (acknowledged once durable) are not hidden behind it, also after compaction."""

@@ -105,14 +105,36 @@ def decode_records(data: bytes) -> list[JournalRecord]:
     records = []
     for payload, _ in _frames(data):
         try:
-            position, kind, ids, rng, stopped = msgpack.unpackb(payload, raw=False)
-            record = JournalRecord(int(position), kind, tuple(int(i) for i in ids), bytes(rng), stopped)
+            fields = msgpack.unpackb(payload, raw=False)
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise SnapshotFormatError(f"a journal record cannot be read: {e}") from None
-        if record.kind not in KINDS:
-            raise SnapshotFormatError(f"a journal record has the unknown kind {record.kind!r}")
-        records.append(record)
+        records.append(_record(fields))
     return records
+
+
+def _record(fields) -> JournalRecord:
+    """A decoded payload as a record, every field checked: a record that passed its CRC
+    but was written by something else is refused here, not deep inside a replay."""
+    from ..sampling.philox import RandomStream
+
+    if not isinstance(fields, list) or len(fields) != 5:
+        raise SnapshotFormatError("a journal record is not [position, kind, ids, rng, stopped]")
+    position, kind, ids, rng, stopped = fields
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise SnapshotFormatError(f"a journal record has the unknown kind {kind!r}")
+    if type(position) is not int or position < 0:
+        raise SnapshotFormatError(f"a journal record's position is not an int >= 0: {position!r}")
+    if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < 1 << 31 for i in ids):
+        raise SnapshotFormatError("a journal record's ids are not a list of token ids")
+    if len(ids) != {"feed": max(1, len(ids)), "step": 1, "rng": 0}[kind]:
+        raise SnapshotFormatError(f"a journal {kind!r} record with {len(ids)} ids")
+    if stopped is not None and not isinstance(stopped, str):
+        raise SnapshotFormatError(f"a journal record's stop is not text: {stopped!r}")
+    try:
+        RandomStream.from_bytes(rng if isinstance(rng, bytes) else b"")
+    except ValueError as e:
+        raise SnapshotFormatError(f"a journal record's sampler state: {e}") from None
+    return JournalRecord(position, kind, tuple(ids), rng, stopped)
 
 
 def replay(session, records: Iterable[JournalRecord]) -> int:

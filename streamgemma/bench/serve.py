@@ -353,9 +353,12 @@ def run(args: argparse.Namespace) -> dict:
     out["store"] = engine.store.describe()
     out["journal"] = {"enabled": engine.journal.enabled, "commits": engine.stats.journal_commits,
                       "failures": engine.stats.journal_failures}
-    print(f"{args.clients} clients x {args.tokens} tokens: steady {out['steady']['tokens_per_s']} tokens/s"
-          + (f" ({out['steady_share_of_decode']:.1%} of decode alone" if "steady_share_of_decode" in out else "")
-          + (f", {out['steady_share_of_decode_mid']:.1%} at position {out['decode_alone_mid_position']}"
-             if "steady_share_of_decode_mid" in out else "") + (")" if "steady_share_of_decode" in out else "")
-          + f", frame gap p50/p99 {out['frame_gap_ms']['p50']}/{out['frame_gap_ms']['p99']} ms", flush=True)
+    share = ""
+    if "steady_share_of_decode" in out:
+        share = f" ({out['steady_share_of_decode']:.1%} of decode alone"
+        if "steady_share_of_decode_mid" in out:
+            share += f", {out['steady_share_of_decode_mid']:.1%} at position {out['decode_alone_mid_position']}"
+        share += ")"
+    print(f"{args.clients} clients x {args.tokens} tokens: steady {out['steady']['tokens_per_s']} tokens/s{share}"
+          f", frame gap p50/p99 {out['frame_gap_ms']['p50']}/{out['frame_gap_ms']['p99']} ms", flush=True)
     return out

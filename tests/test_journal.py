@@ -113,6 +113,18 @@ def test_replay_refuses_a_gap():
         replay(session, [record(5)])
 
 
+def test_replay_refuses_a_token_the_model_does_not_have():
+    """A journal of another model (a larger vocabulary) stops the replay with a SnapshotFormatError,
+    which the engine answers with snapshot_error, not with the model's ValueError."""
+    session = text_model().session()
+    session.feed([2, 5, 6])
+    vocab = session.model.config.vocab_size
+    for bad in (record(3, ids=[vocab]), record(3, "feed", [4, vocab + 7])):
+        with pytest.raises(sg.SnapshotFormatError, match="position 3 does not fit this model.*outside"):
+            replay(session, [bad])
+        assert session.position == 3
+
+
 def test_an_engine_that_died_between_ticks_is_recovered_token_identically(tmp_path):
     """Sessions in every state (mid-generation sampled with and without a
     seed, input consumed in prefill chunks and riding along in decode rows,

@@ -141,7 +141,8 @@ def replay(session, records: Iterable[JournalRecord]) -> int:
     """Advance `session` (restored from a snapshot) through the records past
     its position, with the calls that executed them; how many were replayed.
     SnapshotFormatError when the records do not continue the session (a gap:
-    the snapshot is older than the journal's start)."""
+    the snapshot is older than the journal's start) or hold a token id the
+    model does not have."""
     from ..sampling.philox import RandomStream
 
     count = 0
@@ -151,10 +152,14 @@ def replay(session, records: Iterable[JournalRecord]) -> int:
         if record.position != session.position:
             raise SnapshotFormatError(f"the journal continues at position {record.position}, the snapshot "
                                       f"ends at {session.position}: records are missing")
-        if record.kind == "feed":
-            session.feed(list(record.ids))
-        elif record.kind == "step":
-            session.step(record.ids[0])
+        try:
+            if record.kind == "feed":
+                session.feed(list(record.ids))
+            elif record.kind == "step":
+                session.step(record.ids[0])
+        except ValueError as e:  # (a token id this model does not have)
+            raise SnapshotFormatError(f"the journal record at position {record.position} does not fit this "
+                                      f"model: {e}") from None
         session.state.rng = RandomStream.from_bytes(record.rng)
         session.state.stopped = record.stopped
         count += 1

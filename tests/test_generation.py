@@ -288,3 +288,35 @@ def test_a_session_stopped_by_a_very_long_stop_string_can_be_snapshotted(monkeyp
     assert out == "" and s.state.stopped.startswith("stop string ") and len(s.state.stopped) == 60
     restored = model.restore(s.snapshot())
     assert restored.state.stopped == s.state.stopped
+
+
+def test_complete_refuses_bad_sampling_before_feeding_the_prompt(model):
+    s = model.session(seed=0)
+    with pytest.raises(ValueError, match="temperature"):
+        s.complete("hello world", temperature=-1.0)
+    assert s.position == 0  # (the prompt used to be consumed first)
+
+
+def test_numpy_top_k_generates_as_an_int_does(model):
+    import numpy as np
+
+    def run(top_k):
+        s = model.session(seed=0)
+        s.feed(PROMPT)
+        return ids_of(s.generate(max_tokens=3, top_k=top_k, stop_token_ids=[]))
+
+    assert run(np.int64(3)) == run(3)
+
+
+def test_bytes_pending_before_a_stop_token_are_emitted(model):
+    """An incomplete byte-fallback character right before a stop token: its U+FFFD is emitted, as
+    tokenizer.decode of the ids gives it (the stop token's handling used to drop it)."""
+    tok = model.tokenizer
+    for stop in ([], ["zzz"]):  # without and with stop strings (held-back text)
+        s = model.session(seed=0)
+        s.feed("hello")
+        gen = s.start_generation(sg.SamplingParams(max_tokens=10, stop=stop))
+        ids = tok.encode(" world") + [tok.piece_id("<0xF0>")]
+        out = [gen.accept(i, s.logits) for i in ids + [tok.piece_id("<end_of_turn>")]]
+        assert out[-1].finish_reason == "stop" and out[-1].id == tok.piece_id("<end_of_turn>")
+        assert "".join(t.text for t in out) == tok.decode(ids) and tok.decode(ids).endswith("\ufffd")

@@ -27,11 +27,27 @@ from streamgemma.sampling.stops import StopStrings
     ("stop", [""], "stop strings must be non-empty"),
     ("stop_token_ids", [-3], "got -3"),
     ("seed", "x", "seed must be an integer"),
+    ("temperature", 10 ** 400, "temperature must be a finite number"),  # (math.isfinite overflowed)
+    ("presence_penalty", -(10 ** 400), "presence_penalty must be a finite number"),
+    ("stop", 5, "stop must be a list of strings, got 5"),  # (a bare TypeError from tuple())
+    ("stop", b"ab", "stop must be a list of strings"),
+    ("stop_token_ids", 5, "stop_token_ids must be a list of token ids, got 5"),
 ])
 def test_invalid_values_are_named(field, value, words):
     with pytest.raises(ValueError) as e:
         SamplingParams(**{field: value})
     assert words in str(e.value)
+
+
+def test_numpy_numbers_become_plain_ones_and_no_stop_is_none():
+    """numpy integers and floats pass as numbers and are stored as int / float (a numpy top_k used to
+    crash the sampler mid-generation: numpy.int64 has no bit_length); stop=None is no stop strings."""
+    import numpy as np
+
+    p = SamplingParams(max_tokens=np.int64(5), top_k=np.int32(3), seed=np.uint64(7), logprobs=np.int8(2),
+                       temperature=np.float32(0.5), top_p=np.float64(0.9), stop=None)
+    assert (type(p.max_tokens), type(p.top_k), type(p.seed), type(p.logprobs)) == (int, int, int, int)
+    assert type(p.temperature) is float and type(p.top_p) is float and p.stop == ()
 
 
 def test_a_single_stop_string_is_not_split_into_characters():

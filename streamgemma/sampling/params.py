@@ -51,6 +51,13 @@ class SamplingParams:
         _check_real("temperature", self.temperature, lo=0.0)
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        # Plain ints and floats from here on (e.g. numpy's): the sampler and the snapshot take no others.
+        for name in ("max_tokens", "top_k", "seed", "logprobs"):
+            if _is_int(getattr(self, name)):
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
+            _check_real(name, getattr(self, name))
+            object.__setattr__(self, name, float(getattr(self, name)))
         _check_real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -61,13 +68,13 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
         _check_real("presence_penalty", self.presence_penalty)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else _sequence("stop", self.stop)
         for s in stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         object.__setattr__(self, "stop", stop)
         if self.stop_token_ids is not None:
-            ids = tuple(self.stop_token_ids)
+            ids = _sequence("stop_token_ids", self.stop_token_ids)
             for i in ids:
                 if not _is_int(i) or i < 0:
                     raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {i!r}")
@@ -83,12 +90,23 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def _sequence(name: str, v) -> tuple:
+    """`v` as a tuple, if it is a list or tuple-like collection (not bytes, a mapping or a scalar)."""
+    if isinstance(v, (str, bytes, bytearray, dict)) or not isinstance(v, (list, tuple, set, frozenset)):
+        raise ValueError(f"{name} must be a list of {'strings' if name == 'stop' else 'token ids'}, got {v!r}")
+    return tuple(v)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_real(name: str, v, lo: float | None = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+    try:
+        finite = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+    except OverflowError:  # an int or Fraction beyond any float
+        finite = False
+    if not finite:
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     if lo is not None and v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v!r}")

@@ -62,12 +62,15 @@ class Generation:
         token's (logprob, alternatives) when the params ask for them
         (`sampling.logprobs`)."""
         s = self.state
+        stop_token = token in self.stop_ids
+        # A stop token's own text (e.g. "<end_of_turn>") is never emitted; bytes pending before it are.
+        pending = s.detok.flush() if stop_token and s.detok is not None else ""
         text = s.consume_one(token, next_logits)
         self.generated += 1
         finish = None
         stops = self._stops
-        if token in self.stop_ids:
-            text = ""  # a stop token's own text (e.g. "<end_of_turn>") is never emitted
+        if stop_token:
+            text = stops.push(pending)[0] if stops is not None else pending
             finish = "stop"
             tok = s.tokenizer
             s.stopped = f"stop token {token} ({tok.piece(token) if tok else 'no tokenizer'})"

@@ -234,13 +234,15 @@ class Session:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, repetition_penalty=repetition_penalty,
                                 presence_penalty=presence_penalty, stop=stop,
-                                stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids),
+                                stop_token_ids=stop_token_ids,
                                 seed=seed, logprobs=logprobs)
         return self._generate(self.start_generation(params))
 
     def complete(self, prompt: Sequence[int] | str, **sampling: Any) -> str:
         """Feed `prompt` (as `feed`), generate (arguments as `generate`) and
-        return the generated text, in one call."""
+        return the generated text, in one call. Bad sampling arguments are
+        refused before the prompt is fed."""
+        SamplingParams(**sampling)
         self.feed(prompt)
         return "".join(t.text for t in self.generate(**sampling))
 

@@ -602,3 +602,83 @@ def test_servers_sharing_a_store_directory_can_start_at_the_same_time(tmp_path):
     writer.join()
     assert errors == []
     assert not [p for p in tmp_path.iterdir() if "probe" in p.name]
+
+
+# -- hostile documents and captured states (a review's findings) -------------------------
+def test_a_bytes_key_beside_an_unknown_key_is_a_snapshot_error(model, blob30):
+    """Naming the unknown fields sorted str and bytes keys together: a bare TypeError before."""
+    doc = unpack(blob30)
+    doc[b"junk"], doc["junk2"] = 1, 2
+    with pytest.raises(sg.SnapshotFormatError, match="unknown fields"):
+        model.restore(repack(doc))
+    doc = unpack(blob30)
+    doc["model"]["config"][b"junk"] = 1
+    with pytest.raises(sg.SnapshotModelMismatch, match="configs differ"):
+        model.restore(repack(doc))
+
+
+@pytest.mark.parametrize("field", ["dtype", "seed", "version", "position"])
+def test_a_field_nested_a_thousand_deep_is_a_snapshot_error(model, blob30, field):
+    """msgpack takes 1,024 levels; the message's repr of such a value exhausted the stack."""
+    value = 0
+    for _ in range(1000):
+        value = [value]
+    doc = unpack(blob30)
+    doc[field] = value
+    with pytest.raises(sg.SnapshotFormatError):
+        model.restore(repack(doc))
+
+
+def test_a_small_blob_cannot_make_the_reader_build_far_more_than_its_bound(model):
+    """A ~1 KB blob of 65536-long lists of empty lists: each 1 byte packed, 56 built. The reader counts
+    what it builds and stops, so its memory stays near the content bound (it was ~60 times that)."""
+    import tracemalloc
+
+    limit = snapshot_format.max_snapshot_bytes(model.config)
+    head = b"\x82" + msgpack.packb("magic") + msgpack.packb(snapshot_format.MAGIC) + msgpack.packb("x")
+    empties = msgpack.packb([[]] * 65536)
+    count = (limit - len(head) - 64) // len(empties)
+    small = snapshot_frames.pack([head + b"\xdd" + count.to_bytes(4, "big") + empties * count], level=19)
+    assert len(small) < 4096
+    tracemalloc.start()
+    try:
+        with pytest.raises(sg.SnapshotFormatError, match="entries"):
+            snapshot_format.decode(small, model.config, model.fingerprint)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * limit
+
+
+def test_metadata_over_the_entry_bound_is_refused_when_written(model):
+    s = model.session()
+    s.feed([1, 2])
+    with pytest.raises(sg.SnapshotMetadataError, match="131079 lists, maps and entries"):
+        s.snapshot({"x": [[0] * 65536, [0] * 65536]})
+    s.snapshot({"x": [[0] * 65536, [0] * 65529]})  # the map 2, the outer list 3, the inner ones 131,067
+
+
+def test_a_captured_state_of_another_model_is_refused(model):
+    """Model.restore of Session.capture() output checks the model as a blob's restore does: other
+    weights were restored silently, another config failed with numpy's broadcast ValueError."""
+    import dataclasses
+
+    s = model.session(seed=7)
+    s.feed(list(range(1, 31)))
+    captured = s.capture()
+    config = model.config
+    for other in (sg.Model.random(config, seed=1, device="cpu", dtype="float32"),
+                  sg.Model.random(dataclasses.replace(config, attention_window=16), seed=0, device="cpu",
+                                  dtype="float32")):
+        with pytest.raises(sg.SnapshotModelMismatch):
+            other.restore(captured)
+    assert model.restore(captured).position == 30
+
+
+def test_capture_keeps_a_copy_of_the_metadata_it_checked(model):
+    s = model.session()
+    s.feed([1, 2])
+    metadata = {"tags": ["a"]}
+    captured = s.capture(metadata)
+    metadata["tags"].append({1, 2})  # (a set: not storable) after the capture
+    assert model.restore(captured).snapshot_metadata == {"tags": ["a"]}

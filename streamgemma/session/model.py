@@ -168,7 +168,9 @@ class Model:
         SnapshotError subclass: SnapshotFormatError, SnapshotCorrupted,
         SnapshotVersionError, SnapshotModelMismatch."""
         contents = snapshot
-        if not isinstance(contents, snapshot_format.SnapshotContents):
+        if isinstance(contents, snapshot_format.SnapshotContents):
+            snapshot_format.check_contents_model(contents, self.config, self.fingerprint)
+        else:
             contents = snapshot_format.decode(snapshot, self.config, self.fingerprint, threads)
         session = self.session(seed=contents.seed)
         try:

@@ -21,9 +21,11 @@ functions are the layer under them (benchmarks use them on a bare pool).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
+import reprlib
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +55,8 @@ COMPRESSION_LEVEL = 1
 MAX_METADATA_BYTES = 1 << 20  # user metadata, msgpack-encoded
 MAX_HOST_BYTES = 1 << 20  # each of the RNG state and the detokenizer's pending bytes
 MAX_CONTAINER_LEN = 1 << 16  # entries of any list or map (recent_ids, metadata containers)
+MAX_METADATA_ENTRIES = 1 << 17  # lists and maps in user metadata and their entries, all together
+MAX_DOCUMENT_ENTRIES = 1 << 18  # the same in a whole document (metadata, recent_ids, layers)
 MAX_METADATA_DEPTH = 32
 MAX_FINGERPRINT_CHARS = 256
 _ENVELOPE_BYTES = 1 << 16  # keys, config, per-tensor headers: everything but the payloads above
@@ -161,6 +165,7 @@ def capture(pool: StatePool, slot: int, *, fingerprint: str, extra: Mapping[str,
     config = pool.config
     metadata = {} if metadata is None else metadata
     _check_metadata(metadata, SnapshotMetadataError)
+    metadata = copy.deepcopy(metadata)  # what was checked is what is encoded, whatever the caller changes later
     _check_extra(extra, config.vocab_size, "the session's host state", SnapshotFormatError)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise SnapshotFormatError(f"the session's seed {seed!r} is not an int or None")
@@ -251,11 +256,21 @@ def decode(blob: bytes | bytearray | memoryview, config: GriffinConfig, fingerpr
 
 
 def _unpack(packed: bytes, limit: int) -> Any:
+    budget = [MAX_DOCUMENT_ENTRIES]  # objects outgrow their bytes (an empty list: 1 byte packed, 56 built)
+
+    def counted(container):
+        budget[0] -= 1 + len(container)
+        if budget[0] < 0:
+            raise SnapshotFormatError(f"the snapshot's document has more than {MAX_DOCUMENT_ENTRIES} entries")
+        return container
+
     try:
         return msgpack.unpackb(packed, raw=False, strict_map_key=True, use_list=True,
                                max_bin_len=limit, max_str_len=MAX_METADATA_BYTES,
                                max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN,
-                               max_ext_len=0)
+                               max_ext_len=0, list_hook=counted, object_hook=counted)
+    except SnapshotFormatError:
+        raise
     except Exception as e:  # msgpack raises ValueError, TypeError, its own classes, UnicodeDecodeError...
         raise SnapshotFormatError(f"the snapshot's content is not a valid msgpack document "
                                   f"({type(e).__name__}: {e}); it was not written by streamgemma") from None
@@ -274,7 +289,7 @@ def _validate(doc: Any, config: GriffinConfig, fingerprint: str, container: int)
         raise SnapshotFormatError(f"the snapshot's document says format version {version}, but its "
                                   f"container is that of version {container}")
     if set(doc) != _TOP_KEYS:
-        missing, unknown = sorted(_TOP_KEYS - set(doc)), sorted(set(doc) - _TOP_KEYS)
+        missing, unknown = sorted(_TOP_KEYS - set(doc)), sorted(set(doc) - _TOP_KEYS, key=repr)
         raise SnapshotFormatError(f"the snapshot's map has missing fields {missing} and unknown fields "
                                   f"{unknown} for format version {version}")
     _check_model(doc["model"], config, fingerprint)
@@ -296,6 +311,11 @@ def _validate(doc: Any, config: GriffinConfig, fingerprint: str, container: int)
                             metadata=doc["metadata"])
 
 
+def check_contents_model(contents: SnapshotContents, config: GriffinConfig, fingerprint: str) -> None:
+    """SnapshotModelMismatch unless a captured state (no bytes between) is of this model."""
+    _check_model({"fingerprint": contents.fingerprint, "config": contents.config.to_dict()}, config, fingerprint)
+
+
 def _check_model(model: Any, config: GriffinConfig, fingerprint: str) -> None:
     if not isinstance(model, dict) or set(model) != {"fingerprint", "config"}:
         raise SnapshotFormatError("the snapshot's 'model' field is not a map of 'fingerprint' and 'config'")
@@ -311,7 +331,7 @@ def _check_model(model: Any, config: GriffinConfig, fingerprint: str) -> None:
         detail = ("same architecture but different weights: restore it with the weights the "
                   "conversation ran on")
     else:
-        fields = sorted(set(saved_config) | set(ours))
+        fields = sorted(set(saved_config) | set(ours), key=repr)  # (a hostile key need not be a str)
         diffs = [f"{k} (snapshot {_short(saved_config.get(k))}, model {_short(ours.get(k))})"
                  for k in fields if saved_config.get(k) != ours.get(k)]
         detail = "configs differ in " + ", ".join(diffs[:6]) + (", ..." if len(diffs) > 6 else "")
@@ -398,7 +418,10 @@ def _check_metadata(metadata: Any, error: type[SnapshotError]) -> int:
     """Validate user metadata (see docs/snapshot-format.md); returns its msgpack size."""
     if not isinstance(metadata, dict):
         raise error(f"snapshot metadata must be a dict with str keys, got {type(metadata).__name__}")
-    _check_plain(metadata, "metadata", 0, error)
+    entries = _check_plain(metadata, "metadata", 0, error)
+    if entries > MAX_METADATA_ENTRIES:
+        raise error(f"snapshot metadata has {entries} lists, maps and entries in all, more than the "
+                    f"{MAX_METADATA_ENTRIES} allowed")
     try:
         size = len(msgpack.packb(metadata))
     except (TypeError, ValueError, OverflowError) as e:  # e.g. a str with lone surrogates
@@ -408,14 +431,15 @@ def _check_metadata(metadata: Any, error: type[SnapshotError]) -> int:
     return size
 
 
-def _check_plain(value: Any, where: str, depth: int, error: type[SnapshotError]) -> None:
-    """Accept exactly the values that round-trip unchanged through msgpack."""
+def _check_plain(value: Any, where: str, depth: int, error: type[SnapshotError]) -> int:
+    """Accept exactly the values that round-trip unchanged through msgpack;
+    returns how many lists, maps and entries of them `value` holds."""
     if value is None or isinstance(value, (bool, float, str, bytes)):
-        return
+        return 0
     if isinstance(value, int):
         if not -(1 << 63) <= value < (1 << 64):
             raise error(f"{where} = {value} does not fit in 64 bits")
-        return
+        return 0
     if not isinstance(value, (list, dict)):
         raise error(f"{where} is a {type(value).__name__}; metadata values must be None, bool, int, "
                     "float, str, bytes, list, or dict with str keys")
@@ -423,19 +447,24 @@ def _check_plain(value: Any, where: str, depth: int, error: type[SnapshotError])
         raise error(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
     if len(value) > MAX_CONTAINER_LEN:
         raise error(f"{where} has {len(value)} entries, more than {MAX_CONTAINER_LEN}")
+    entries = 1 + len(value)
     if isinstance(value, list):
         for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]", depth + 1, error)
-        return
+            entries += _check_plain(v, f"{where}[{i}]", depth + 1, error)
+        return entries
     for k, v in value.items():
         if not isinstance(k, str):
             raise error(f"{where} has a key {_short(k)} of type {type(k).__name__}; keys must be str")
-        _check_plain(v, f"{where}[{k!r}]", depth + 1, error)
+        entries += _check_plain(v, f"{where}[{k!r}]", depth + 1, error)
+    return entries
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    """repr of an untrusted value, cut so a message stays readable."""
-    text = repr(value)
+    """repr of an untrusted value, cut so a message stays readable (and
+    shallow: a container nested 1,000 deep would exhaust the stack)."""
+    shallow = reprlib.Repr()
+    shallow.maxlevel = 3
+    text = shallow.repr(value) if isinstance(value, (list, dict)) else repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

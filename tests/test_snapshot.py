@@ -467,6 +467,13 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["s.sgsnap"]
 
 
+def test_an_atomic_write_takes_any_legal_file_name(tmp_path):
+    """A 255-character name (the usual limit) writes: the temp file's marks once made its name too long."""
+    path = tmp_path / ("n" * 251 + ".sgs")
+    write_file_atomic(path, b"data")
+    assert path.read_bytes() == b"data" and os.listdir(tmp_path) == [path.name]
+
+
 def test_stale_temp_files_are_removed(tmp_path):
     store = sg.DirectorySnapshotStore(tmp_path)
     stale, fresh = tmp_path / ".s.sgsnap.abc.tmp", tmp_path / ".s.sgsnap.def.tmp"

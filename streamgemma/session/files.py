@@ -37,7 +37,8 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryv
     conversation state)."""
     path = Path(path)
     directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=directory)
+    # (the name's last 200 characters: a legal name of up to 255 must leave room for the temp marks)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[-200:]}.", suffix=TEMP_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

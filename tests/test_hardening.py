@@ -348,6 +348,27 @@ def test_idle_sessions_expire_with_their_snapshots(tmp_path):
     assert store.list() == [held.id] and engine.stats.expired_sessions == 2
 
 
+def test_expiry_leaves_the_prefix_caches_entries_to_the_cache(tmp_path):
+    """A prefix-cache entry shares the store but is no session: a hit reads it without rewriting it, so
+    expiry deleted hot entries once their file was older than the ttl (and counted them as sessions)."""
+    store = DirectorySnapshotStore(tmp_path)
+
+    async def main():
+        engine = Engine(text_model(), max_active=2, store=store, session_ttl=0.2)
+        es = await engine.open()
+        await engine.snapshot(es)
+        old = time.time() - 3600
+        for key in ("prefix.0123abcd", "abandoned"):
+            store.put(key, store.get(es.id))
+            os.utime(store.path(key), (old, old))
+        assert await engine.expire() == 1
+        return engine
+
+    engine = run(main)
+    assert "prefix.0123abcd" in store.list() and "abandoned" not in store.list()
+    assert engine.stats.expired_sessions == 1
+
+
 def test_the_connection_limit_stays_below_the_file_limit(monkeypatch):
     resource = pytest.importorskip("resource")
     from streamgemma.serve import server as server_module

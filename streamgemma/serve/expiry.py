@@ -1,7 +1,8 @@
 """Idle-session expiry: sessions nobody holds and nobody used for the
 engine's `session_ttl` are closed (their snapshot deleted), and so are
 stored snapshots not written for as long (sessions of earlier processes that
-nobody resumed), so abandoned sessions do not fill the store forever."""
+nobody resumed), so abandoned sessions do not fill the store forever. The
+prefix cache's entries in the same store are left to the cache."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 
 import anyio
 import anyio.to_thread
+
+from .keys import is_reserved_key
 
 log = logging.getLogger("streamgemma.engine")
 
@@ -26,7 +29,9 @@ async def expire(engine) -> int:
     stored = await anyio.to_thread.run_sync(engine.store.older_than, ttl)
     gone = 0
     for sid in stored:
-        if sid in engine.sessions:  # (looked at per id: one may be resumed while others are deleted)
+        # (looked at per id: one may be resumed while others are deleted). A prefix-cache entry is
+        # not a session: its cache bounds it, and a hit reads it without rewriting it.
+        if sid in engine.sessions or is_reserved_key(sid):
             continue
         # In a fleet another worker may be using it (its snapshot is old, its journal is not): only a
         # session no worker holds is abandoned.

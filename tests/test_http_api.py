@@ -435,6 +435,30 @@ def test_a_client_that_leaves_before_a_whole_answer_cancels_its_generation(serve
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+def test_a_client_that_leaves_mid_body_is_not_a_server_error(server, caplog):
+    """A body cut off by the client's leaving is a 499 in the metrics, not a logged 500."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", server.http.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode()
+                     + b'{"model": "m", "prompt": "The')
+    metrics, deadline = "", time.monotonic() + 20
+    while 'status="499"' not in metrics and time.monotonic() < deadline:  # (the server reads it a moment later)
+        time.sleep(0.05)
+        metrics = request(server, "GET", "/metrics").body.decode()
+    assert 'status="499"' in metrics and 'status="500"' not in metrics
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_does_not_decompress_is_a_400(server, encoding):
+    reply = request(server, "POST", "/v1/completions", raw=b"this is not compressed",
+                    headers={"Content-Encoding": encoding})
+    assert reply.status == 400 and reply.error["code"] == "invalid_json"
+
+
 @pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cuda", "bfloat16")])
 def test_prefix_reuse_continues_exactly_from_either_tier(tmp_path, device, dtype):
     """The second request continues the first one's held session, or restores

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 import anyio
 import anyio.to_thread
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 
 from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError, StoppedError, StoreUnavailable
 from ..session.chat_template import chat_prompt_ids
@@ -199,6 +200,10 @@ class HttpApi:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(limit) from None
+        except ConnectionError:  # it left mid-body: nothing failed here
+            raise ApiError(499, "the client closed the request", code="client_closed") from None
+        except (web.RequestPayloadError, HttpProcessingError) as e:  # e.g. a gzip body that is not gzip
+            raise ApiError(400, f"the request body could not be decoded: {e}", code="invalid_json") from None
         return parse_body(raw)
 
     def _check_model(self, name: str | None) -> None:

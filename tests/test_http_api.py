@@ -435,6 +435,28 @@ def test_a_client_that_leaves_before_a_whole_answer_cancels_its_generation(serve
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+def test_logprobs_of_byte_tokens_carry_their_own_byte_and_keep_every_alternative():
+    """A byte-fallback token (<0xFC>) decoded alone is U+FFFD: chat's `bytes` gave U+FFFD's three bytes,
+    and completions' top_logprobs (keyed by text) lost the alternatives whose text collided."""
+    from textfixtures import text_model
+
+    with http_server(text_model()) as srv:
+        tok = srv.engine.model.tokenizer
+        body = post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                                  "max_tokens": 12, "seed": 1, "logprobs": True,
+                                                  "return_token_ids": True}).json()
+        choice, checked = body["choices"][0], 0
+        for token_id, entry in zip(choice["token_ids"], choice["logprobs"]["content"]):
+            piece = tok.piece(token_id)
+            if piece.startswith("<0x") and int(piece[3:5], 16) >= 0x80:
+                checked += 1
+                assert entry["bytes"] == [int(piece[3:5], 16)] and entry["token"] == f"bytes:\\x{piece[3:5].lower()}"
+        assert checked
+        body = post(srv, "/v1/completions", {"prompt": "hello", "max_tokens": 12, "seed": 1, "logprobs": 5}).json()
+        # temperature 1 and no top_k / top_p / min_p: nothing is filtered, so five alternatives each
+        assert [len(t) for t in body["choices"][0]["logprobs"]["top_logprobs"]] == [5] * 12
+
+
 def test_a_client_that_leaves_mid_body_is_not_a_server_error(server, caplog):
     """A body cut off by the client's leaving is a 499 in the metrics, not a logged 500."""
     import socket

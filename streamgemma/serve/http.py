@@ -28,6 +28,7 @@ from aiohttp.http import HttpProcessingError
 
 from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError, StoppedError, StoreUnavailable
 from ..session.chat_template import chat_prompt_ids
+from ..tokenizer import PIECE_BYTE
 from ..validate import check_position
 from .engine import Engine
 from .held_sessions import HeldSessions
@@ -253,7 +254,7 @@ class HttpApi:
             run = await self._start(req, ids)
             self._runs.add(run)
             try:
-                builder = ResponseBuilder(req, self.model_name, self._token_text)
+                builder = ResponseBuilder(req, self.model_name, self._render_token)
                 if req.stream:
                     return await self._stream(request, req, run, builder, arrived)
                 return await self._whole(request, req, run, builder, arrived)
@@ -404,9 +405,18 @@ class HttpApi:
         if req.include_usage:
             await send(builder.usage_chunk(usage_body))
 
-    def _token_text(self, token_id: int) -> str:
+    def _render_token(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text and bytes for logprobs: a byte-fallback piece (<0xFC>) is its one byte,
+        shown as OpenAI shows one that is no character alone ("bytes:\\xfc")."""
         tok = self.engine.model.tokenizer
-        return tok.decode([token_id]) if tok is not None else ""
+        if tok is None:
+            return "", b""
+        kind, piece = tok.piece_kind(token_id)
+        if kind == PIECE_BYTE:
+            raw = bytes([int(piece[3:5], 16)])
+            return (raw.decode() if raw[0] < 0x80 else f"bytes:\\x{raw[0]:02x}"), raw
+        text = tok.decode([token_id])
+        return text, text.encode("utf-8")
 
 
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode

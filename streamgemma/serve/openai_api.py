@@ -258,15 +258,15 @@ def model_list(names: list[str], created: int) -> dict:
 
 class ResponseBuilder:
     """The bodies of one request's answer: the whole response, or its
-    stream chunks. `token_text(id)` renders a token for logprobs."""
+    stream chunks. `render_token(id)` gives a token's (text, bytes) for logprobs."""
 
-    def __init__(self, request: ApiRequest, model_name: str, token_text):
+    def __init__(self, request: ApiRequest, model_name: str, render_token):
         self.request = request
         self.kind = request.kind
         self.id = new_id(request.kind)
         self.created = int(time.time())
         self.model = model_name
-        self.token_text = token_text
+        self.render_token = render_token
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -318,22 +318,22 @@ class ResponseBuilder:
         if self.kind == "chat":
             content = []
             for t in tokens:
-                text = self.token_text(t.id)
-                content.append({"token": text, "logprob": t.logprob, "bytes": list(text.encode("utf-8")),
+                text, raw = self.render_token(t.id)
+                content.append({"token": text, "logprob": t.logprob, "bytes": list(raw),
                                 "top_logprobs": [self._top(i, lp) for i, lp in t.top_logprobs or ()]})
             return {"content": content, "refusal": None}
         texts, offsets = [], []
         for t in tokens:
             offsets.append(offset)
             offset += len(t.text)
-            texts.append(self.token_text(t.id))
-        tops = [{self.token_text(i): lp for i, lp in t.top_logprobs or ()} for t in tokens]
+            texts.append(self.render_token(t.id)[0])
+        tops = [{self.render_token(i)[0]: lp for i, lp in t.top_logprobs or ()} for t in tokens]
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens], "top_logprobs": tops,
                 "text_offset": offsets}
 
     def _top(self, token_id: int, logprob: float) -> dict:
-        text = self.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        text, raw = self.render_token(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
 
 def _printable(name: object) -> str:

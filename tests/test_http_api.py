@@ -457,6 +457,30 @@ def test_logprobs_of_byte_tokens_carry_their_own_byte_and_keep_every_alternative
         assert [len(t) for t in body["choices"][0]["logprobs"]["top_logprobs"]] == [5] * 12
 
 
+def test_a_request_still_prefilling_when_the_server_stops_is_answered_503(model):
+    """stop() cancelled only requests already generating; one still prefilling its prompt got a cut
+    connection when aiohttp's shutdown cancelled its handler."""
+    import time
+
+    answer = {}
+    prompt = [2] + [5 + i % 200 for i in range(40000)]
+    with http_server(model, limits=sg.Limits(max_message_bytes=1 << 20, max_tokens=64)) as srv:
+        def client():
+            reply = post(srv, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4})
+            answer["status"], answer["error"] = reply.status, reply.error
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(0 < es.position < len(prompt)
+                                                      for es in list(srv.engine.sessions.values())):
+            time.sleep(0.005)
+        assert srv.http.in_flight == 1  # prefilling (64 tokens a tick: hundreds of ticks to go)
+    thread.join(60)
+    assert answer["status"] == 503 and answer["error"]["code"] == "unavailable"
+    assert not srv.engine.sessions
+
+
 def test_a_client_that_leaves_mid_body_is_not_a_server_error(server, caplog):
     """A body cut off by the client's leaving is a 499 in the metrics, not a logged 500."""
     import socket

@@ -114,6 +114,7 @@ class HttpApi:
         self.stopping = False
         self._runner: web.AppRunner | None = None
         self._runs: set[_Run] = set()
+        self._opening: set = set()  # the engine sessions of requests still prefilling (not yet in _runs)
 
     @property
     def url(self) -> str:
@@ -154,6 +155,8 @@ class HttpApi:
         self.stopping = True
         for run in list(self._runs):  # their answers end with an error event, not a cut connection
             self.engine.cancel(run.es)
+        for es in list(self._opening):  # their prefill ends, and they are answered 503 unavailable
+            await self.engine.close(es)
         runner, self._runner = self._runner, None
         await runner.cleanup()
         with anyio.CancelScope(shield=True):
@@ -314,6 +317,7 @@ class HttpApi:
                 cached = hit.tokens if hit else 0
         except Exception as e:  # noqa: BLE001 - answered with its status
             raise _engine_error(e) from None
+        self._opening.add(es)
         try:
             await self.engine.consumed(self.engine.append(es, array.array("i", ids[cached:])))
             stream = await self.engine.generate(es, params)
@@ -323,6 +327,8 @@ class HttpApi:
             if isinstance(e, Exception):
                 raise _engine_error(e) from None
             raise
+        finally:
+            self._opening.discard(es)
         return _Run(es, stream, ids, cached)
 
     async def _batches(self, run: _Run, endpoint: str, arrived: float) -> AsyncIterator[list]:

@@ -282,7 +282,7 @@ def test_pool_grows_and_sessions_stay_independent():
 
 
 def test_fingerprint_sample_indices_stay_in_range_for_huge_tensors():
-    from streamgemma.model.checkpoint import sample_indices
+    from streamgemma.model.fingerprint import sample_indices
 
     for numel in (1, 2, 63, 64, 65, 1000, 2**24 + 1, 256_000 * 2560):
         idx = sample_indices(numel, 64)
@@ -325,3 +325,93 @@ def test_a_checkpoint_with_nan_values_is_refused(tmp_path):
     model.save(tmp_path / "damaged")
     with pytest.raises(sg.CheckpointError, match="v_proj.weight. holds NaN or infinite values"):
         sg.load(tmp_path / "damaged")
+
+
+# -- damaged, mistyped and interrupted quantized saves (a review's findings) -------------------
+TINY = sg.GriffinConfig.preset("tiny")
+K = "model.layers.0.temporal_block.linear_x.weight"
+
+
+def test_fp8_save_with_nan_weight_is_refused(tmp_path):
+    sg.Model.random(TINY, device="cpu", quantize="fp8").save(tmp_path)
+    t = load_file(str(tmp_path / "model.safetensors"))
+    w = t[K].view(torch.uint8).clone()
+    w[0, 0] = 0x7F  # e4m3fn NaN
+    t[K] = w.view(torch.float8_e4m3fn)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(sg.CheckpointError, match="NaN"):
+        sg.load(tmp_path, device="cpu")
+
+
+def test_quantization_config_format_of_wrong_type_is_a_checkpoint_error(tmp_path):
+    sg.Model.random(TINY, device="cpu", quantize="int8").save(tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    c["quantization_config"]["format"] = ["int8"]
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(sg.CheckpointError, match="format"):
+        sg.load(tmp_path, device="cpu")
+
+
+def test_unhashable_quantize_argument_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown quantization"):
+        sg.Model.random(TINY, device="cpu", quantize=["int8"])
+
+
+def test_bad_quantize_is_refused_before_downloading_a_hub_model(monkeypatch):
+    from streamgemma.model import hub
+
+    def download(model_id):
+        raise AssertionError(f"downloaded {model_id} before validating quantize=")
+
+    monkeypatch.setattr(hub, "download", download)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        sg.load("google/recurrentgemma-2b-it", device="cpu", quantize="nf4")
+
+
+def test_save_without_a_tokenizer_leaves_no_stale_tokenizer(tmp_path):
+    sg.load("demo", device="cpu", quantize="int8").save(tmp_path)
+    sg.Model.random(TINY, device="cpu").save(tmp_path)
+    back = sg.load(tmp_path, device="cpu")
+    assert back.tokenizer is None
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    old = sg.Model.random(TINY, seed=0, device="cpu", quantize="int8")
+    old.save(tmp_path)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError):
+        sg.Model.random(TINY, seed=1, device="cpu", quantize="int8").save(tmp_path)
+    monkeypatch.undo()
+    assert sg.load(tmp_path, device="cpu").fingerprint == old.fingerprint
+
+
+def test_save_interrupted_before_config_does_not_give_new_weights_the_old_fingerprint(tmp_path, monkeypatch):
+    old = sg.Model.random(TINY, seed=0, device="cpu", quantize="int8")
+    old.save(tmp_path)
+    new = sg.Model.random(TINY, seed=1, device="cpu", quantize="int8")
+
+    def killed(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sg.GriffinConfig, "to_hf_dict", killed)  # any failure between the weights and config.json
+    with pytest.raises(OSError):
+        new.save(tmp_path)
+    monkeypatch.undo()
+    back = sg.load(tmp_path, device="cpu")
+    same_weights = torch.equal(back.network.embedder.input_embedding, new.network.embedder.input_embedding)
+    assert not (same_weights and back.fingerprint == old.fingerprint)
+
+
+def test_int4_save_with_edited_width_is_a_checkpoint_error(tmp_path):
+    sg.Model.random(TINY, device="cpu", quantize="int4").save(tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    c["lru_width"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(sg.CheckpointError):
+        sg.load(tmp_path, device="cpu")

@@ -1,4 +1,5 @@
-"""Checkpoint discovery, loading and saving, dtype/device placement, fingerprint.
+"""Checkpoint discovery, loading and saving (the weights' digest is in
+`fingerprint`, the device and dtype in `placement`).
 
 Formats a user has on disk:
 - Hugging Face: `config.json` + `model.safetensors` (or shards with
@@ -17,10 +18,10 @@ used.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -28,12 +29,12 @@ from pathlib import Path
 import torch
 
 from ..config import ATTENTION, GriffinConfig
-from ..errors import CheckpointError, ConfigError, DeviceError
+from ..errors import CheckpointError, ConfigError
 from ..progress import Progress
+from .fingerprint import fingerprint
 from .griffin import Griffin
 from .quantize import FORMATS, Quantization, check_format, quantize_network, quantized_layout, quantized_weight_names
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt")
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
@@ -246,38 +247,6 @@ def _load_official(f: Path) -> Mapping[str, torch.Tensor]:
     return sd
 
 
-# -- placement -------------------------------------------------------------------------
-def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    """Defaults: CUDA if available else CPU; bfloat16 on CUDA, float32 on CPU.
-    Raises DeviceError if the device or dtype cannot run the model."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"unknown device {device!r} ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {device} requested but CUDA is not available in this PyTorch build/machine")
-    if device.type not in ("cpu", "cuda"):
-        raise DeviceError(f"device {device}: only 'cpu' and 'cuda' are supported")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise DeviceError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise DeviceError(f"dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use dtype='float16' or 'float32'")
-    try:  # a tiny probe of what the model does, so failures surface here and not mid-generation
-        a = torch.ones(4, 4, dtype=dtype, device=device)
-        torch.tanh(a @ a).sum().item()
-    except RuntimeError as e:
-        raise DeviceError(f"device {device} cannot run dtype {dtype} ({e})") from None
-    return device, dtype
-
-
 # -- loading -------------------------------------------------------------------------
 def build_config(ckpt: Checkpoint, config: GriffinConfig | None) -> GriffinConfig:
     """The config of a checkpoint: config.json for Hugging Face; the tensor shapes
@@ -314,7 +283,8 @@ def saved_quantization(ckpt: Checkpoint) -> Quantization | None:
         raise CheckpointError(f"{where}: quant_method {method!r} is not supported; streamgemma loads its own "
                               f"quantized saves ({QUANT_METHOD!r}) and unquantized checkpoints")
     fmt, fp = q.get("format"), q.get("fingerprint")
-    if fmt not in FORMATS or not (isinstance(fp, str) and len(fp) == 32 and all(c in "0123456789abcdef" for c in fp)):
+    hex_digest = isinstance(fp, str) and len(fp) == 32 and all(c in "0123456789abcdef" for c in fp)
+    if not isinstance(fmt, str) or fmt not in FORMATS or not hex_digest:
         raise CheckpointError(f"{where}: want a format ({', '.join(FORMATS)}) and a 32-hex-digit fingerprint, "
                               f"got {fmt!r} and {fp!r}")
     return Quantization(fmt, fp)
@@ -362,7 +332,10 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     with torch.device("meta"):
         network = Griffin(cfg, dtype=dtype)
     if saved is not None:  # the quantized structure, its tensors loaded as stored
-        quantize_network(network, saved.format, saved.fingerprint)
+        try:
+            quantize_network(network, saved.format, saved.fingerprint)
+        except ValueError as e:  # (a config edited after the save, e.g. a width int4 cannot take)
+            raise CheckpointError(f"{ckpt.config_file}: {e}") from None
         layout = quantized_layout(layout, quantized_weight_names(network), _Rule)
     requantize = quantize is not None and saved is None
     network = network.to_empty(device=torch.device("cpu") if requantize else device)
@@ -391,7 +364,7 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                 raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
             dst = target[rule.index] if rule.index else target
             dst.copy_(rule.to_target(tensor).to(device=dst.device, dtype=target.dtype))
-            if not quantized and not bool(torch.isfinite(dst).all()):  # (checked where it landed: on a GPU, fast)
+            if _damaged(dst):
                 raise CheckpointError(f"{file}: tensor {key!r} holds NaN or infinite values: the file is damaged "
                                       "(download it again)")
             bar.advance(nbytes)
@@ -400,6 +373,15 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
         quantize_network(network, quantize, fingerprint(network), device=device)
         network = network.to(device)
     return network
+
+
+def _damaged(t: torch.Tensor) -> bool:
+    """Whether `t` holds NaN or infinity (e4m3: its one NaN code; integer bytes: never)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+    if not t.is_floating_point():
+        return False
+    return not bool(torch.isfinite(t).all())
 
 
 def _config_beside(path: Path) -> GriffinConfig:
@@ -433,9 +415,14 @@ def _check_keys(ckpt: Checkpoint, keys: list[str], layout: dict[str, _Rule]) -> 
 
 
 # -- saving --------------------------------------------------------------------------
-def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**3) -> None:
+def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**3,
+            extra_files: Mapping[str, Callable[[str], None] | None] | None = None) -> None:
     """Write `network` as a Hugging Face checkpoint (config.json + safetensors,
-    sharded with an index file above `max_shard_bytes`)."""
+    sharded with an index file above `max_shard_bytes`), and `extra_files`
+    (name: a writer of that path, or None: no such file). Every file is
+    written under a temporary name first and renamed into place only when
+    all are written, config.json last: a failed save leaves the checkpoint
+    that was there before."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -456,20 +443,46 @@ def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**
         shards[-1][key] = t
         size += nbytes
     meta = {"format": "pt"}
-    for old in list(directory.glob("model*.safetensors")) + [directory / HF_INDEX]:
-        if old.exists():
-            old.unlink()
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / HF_SINGLE), metadata=meta)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / name), metadata=meta)
-            weight_map.update({k: name for k in shard})
-        total = sum(p.numel() * p.element_size() for p in network.parameters())
-        (directory / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                      "weight_map": weight_map}, indent=2))
+    staged: list[tuple[str, Path]] = []  # (temporary path, final path), in commit order
+
+    def stage(name: str, write: Callable[[str], None]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        staged.append((tmp, directory / name))
+        write(tmp)
+
+    try:
+        if len(shards) == 1:
+            stage(HF_SINGLE, lambda path: save_file(shards[0], path, metadata=meta))
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                stage(name, lambda path, shard=shard: save_file(shard, path, metadata=meta))
+                weight_map.update({k: name for k in shard})
+            total = sum(p.numel() * p.element_size() for p in network.parameters())
+            index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            stage(HF_INDEX, lambda path: Path(path).write_text(index))
+        for name, write in (extra_files or {}).items():
+            if write is not None:
+                stage(name, write)
+        config = json.dumps(_hf_config(network), indent=2)
+        stage("config.json", lambda path: Path(path).write_text(config))
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    finals = {final for _, final in staged}
+    gone = [p for p in [*directory.glob("model*.safetensors"), directory / HF_INDEX] if p not in finals]
+    gone += [directory / name for name, write in (extra_files or {}).items() if write is None]
+    for old in gone:  # (another sharding's files, a file the model no longer has)
+        old.unlink(missing_ok=True)
+    for tmp, final in staged:
+        os.replace(tmp, final)
+
+
+def _hf_config(network: Griffin) -> dict:
+    """config.json of a saved network (transformers' keys; the quantization it was saved with)."""
     hf_config = network.config.to_hf_dict()
     hf_config["torch_dtype"] = str(network.dtype).removeprefix("torch.")
     if network.quantization is not None:
@@ -479,33 +492,4 @@ def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**
             else "per output channel, float32"
         hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": q.format,
                                             "scales": scales, "fingerprint": q.fingerprint}
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
-
-
-# -- fingerprint -----------------------------------------------------------------------
-def fingerprint(network: Griffin, samples: int = 64) -> str:
-    """A digest of the config and the weights that costs little: per parameter,
-    its name, shape and `samples` evenly spaced values rounded to bfloat16 (so
-    the same weights loaded in float32 or bfloat16 give the same digest).
-    A quantized network keeps the digest of the weights it was quantized from,
-    so sessions move between a checkpoint's formats (their state is alike)."""
-    if network.quantization is not None:
-        return network.quantization.fingerprint
-    h = hashlib.sha256(network.config.to_json().encode())
-    for name, p in sorted(network.named_parameters()):
-        flat = p.detach().reshape(-1)
-        idx = sample_indices(flat.numel(), samples).to(flat.device)
-        vals = flat.index_select(0, idx).to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(vals)
-    return h.hexdigest()[:32]
-
-
-def sample_indices(numel: int, samples: int) -> torch.Tensor:
-    """`min(samples, numel)` evenly spaced indices into `numel` elements, first
-    and last included: int64 [n] on the CPU. Integer arithmetic, so it is
-    exact for any size (a float32 linspace rounds past the last element of a
-    tensor over 2**24 elements, such as the 2B model's 655M-entry embedding)."""
-    n = min(samples, numel)
-    return torch.arange(n, dtype=torch.int64) * (numel - 1) // max(1, n - 1)
+    return hf_config

@@ -54,7 +54,7 @@ _ROWS_PER_PIECE = 8192  # rows quantized at once: bounds the float32 temporary o
 
 def check_format(fmt: str | None) -> str | None:
     """`fmt` if it names a format (or is None); ValueError otherwise."""
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and (not isinstance(fmt, str) or fmt not in FORMATS):
         raise ValueError(f"unknown quantization {fmt!r}; choose one of {', '.join(FORMATS)} (or None)")
     return fmt
 

@@ -21,6 +21,7 @@ from ..fast.tuning import KernelConfig
 from ..model import checkpoint as weights
 from ..model import hub
 from ..model.griffin import Griffin
+from ..model.placement import resolve_device_dtype
 from ..model.pool import StatePool, available_memory
 from ..model.quantize import check_format, quantize_network
 from ..sampling.filters import device_kernel
@@ -133,7 +134,7 @@ class Model:
         quantize: "int8", "fp8" or "int4" quantizes them after the cast to `dtype`, as
         `load` does; the model keeps the unquantized weights' fingerprint."""
         check_format(quantize)
-        device, dtype = weights.resolve_device_dtype(device, dtype)
+        device, dtype = resolve_device_dtype(device, dtype)
         network = Griffin(config, dtype=torch.float32, device="cpu")
         network.init_random_(torch.Generator().manual_seed(seed))
         if quantize is None:
@@ -201,10 +202,10 @@ class Model:
             raise ValueError(f"save(quantized={quantized}): this model has {have}; quantize at load time "
                              "(load(..., quantize='int8' or 'fp8')) to save a quantized copy, or load the "
                              "original checkpoint for an unquantized one")
-        directory = Path(directory)
-        weights.save_hf(self.network, directory, max_shard_bytes=max_shard_bytes)
-        if self.tokenizer is not None:
-            self.tokenizer.save(directory / "tokenizer.model")
+        # (None: a tokenizer an earlier save left there would be loaded as this model's)
+        tokenizer = self.tokenizer.save if self.tokenizer is not None else None
+        weights.save_hf(self.network, Path(directory), max_shard_bytes=max_shard_bytes,
+                        extra_files={"tokenizer.model": tokenizer})
 
     def warm_up(self, max_batch: int = 1, prompt_tokens: int = 16) -> float:
         """Do the fast paths' one-time work now instead of in the first
@@ -392,12 +393,13 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | No
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    check_format(quantize)  # (before a Hub download)
     if str(path) == "demo" and not Path("demo").exists():
         path = demo_path()
     source = str(path)
     if hub.is_model_id(path):
         path = hub.download(source)
-    device, dtype = weights.resolve_device_dtype(device, dtype)
+    device, dtype = resolve_device_dtype(device, dtype)
     ckpt = weights.discover(path)
     network = weights.load_network(ckpt, device, dtype, config=config, progress=progress, quantize=quantize)
     tokenizer = None

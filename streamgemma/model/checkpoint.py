@@ -31,7 +31,7 @@ import torch
 from ..config import ATTENTION, GriffinConfig
 from ..errors import CheckpointError, ConfigError
 from ..progress import Progress
-from .fingerprint import fingerprint
+from .fingerprint import SourceDigest
 from .griffin import Griffin
 from .quantize import FORMATS, Quantization, check_format, quantize_network, quantized_layout, quantized_weight_names
 
@@ -292,9 +292,10 @@ def saved_quantization(ckpt: Checkpoint) -> Quantization | None:
 
 def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                  config: GriffinConfig | None = None, progress: bool | None = None,
-                 quantize: str | None = None) -> Griffin:
+                 quantize: str | None = None) -> tuple[Griffin, str]:
     """Read a checkpoint into a new network on `device` in `dtype` (the
-    activations' dtype). quantize: "int8", "fp8" or "int4" quantizes the weights after
+    activations' dtype), and its fingerprint (of the weights as stored, so a
+    float16 load has the checkpoint's). quantize: "int8", "fp8" or "int4" quantizes the weights after
     reading them into host memory, one matrix at a time on `device` (so the
     device never holds the unquantized model); a checkpoint saved quantized
     loads as saved, and asking for another format is a CheckpointError."""
@@ -338,6 +339,7 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
             raise CheckpointError(f"{ckpt.config_file}: {e}") from None
         layout = quantized_layout(layout, quantized_weight_names(network), _Rule)
     requantize = quantize is not None and saved is None
+    digest = SourceDigest(network) if saved is None else None
     network = network.to_empty(device=torch.device("cpu") if requantize else device)
     params = dict(network.named_parameters())
     _check_keys(ckpt, [s[0] for s in sources], layout)
@@ -356,6 +358,8 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                 bar.advance(nbytes)
                 continue
             tensor = get()
+            if digest is not None:
+                digest.add(rule.target, rule.index, rule.to_target(tensor))
             quantized = target.dtype in (d for d, _ in FORMATS.values())
             if quantized and tensor.dtype != target.dtype:
                 raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; the checkpoint's "
@@ -369,10 +373,11 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                                       "(download it again)")
             bar.advance(nbytes)
     bar.close()
+    fp = digest.hexdigest() if digest is not None else saved.fingerprint
     if requantize:
-        quantize_network(network, quantize, fingerprint(network), device=device)
+        quantize_network(network, quantize, fp, device=device)
         network = network.to(device)
-    return network
+    return network, fp
 
 
 def _damaged(t: torch.Tensor) -> bool:

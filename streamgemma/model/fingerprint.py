@@ -4,6 +4,7 @@ snapshots carry so that a session is restored only into the weights it ran on.""
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -13,20 +14,46 @@ from .griffin import Griffin
 def fingerprint(network: Griffin, samples: int = 64) -> str:
     """A digest of the config and the weights that costs little: per parameter,
     its name, shape and `samples` evenly spaced values rounded to bfloat16 (so
-    the same weights loaded in float32 or bfloat16 give the same digest).
+    the same weights loaded in float32 or bfloat16 give the same digest; a
+    float16 model takes it from the weights before their cast: `SourceDigest`).
     A quantized network keeps the digest of the weights it was quantized from,
     so sessions move between a checkpoint's formats (their state is alike)."""
     if network.quantization is not None:
         return network.quantization.fingerprint
-    h = hashlib.sha256(network.config.to_json().encode())
-    for name, p in sorted(network.named_parameters()):
-        flat = p.detach().reshape(-1)
-        idx = sample_indices(flat.numel(), samples).to(flat.device)
-        vals = flat.index_select(0, idx).to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(vals)
-    return h.hexdigest()[:32]
+    digest = SourceDigest(network, samples)
+    for name, p in network.named_parameters():
+        digest.add(name, (), p.detach())
+    return digest.hexdigest()
+
+
+class SourceDigest:
+    """`fingerprint` of a network gathered from the tensors it is loaded from,
+    as they are before any cast (float16 rounds some values differently than
+    bfloat16 does, and flushes the smallest): `add` each parameter's tensor, or
+    the block of it at a leading `index`, in the parameter's layout."""
+
+    def __init__(self, network: Griffin, samples: int = 64):
+        self._config = network.config.to_json()
+        self._params = {name: (tuple(p.shape), sample_indices(p.numel(), samples))
+                        for name, p in network.named_parameters()}
+        self._values = {name: torch.zeros(len(idx), dtype=torch.bfloat16) for name, (_, idx) in self._params.items()}
+
+    def add(self, name: str, index: tuple[int, ...], block: torch.Tensor) -> None:
+        shape, idx = self._params[name]
+        start = 0
+        for d, i in enumerate(index):  # the block's first element in the flattened parameter
+            start += i * math.prod(shape[d + 1:])
+        inside = (idx >= start) & (idx < start + block.numel())
+        coords = torch.unravel_index(idx[inside] - start, tuple(block.shape))
+        self._values[name][inside] = block[tuple(c.to(block.device) for c in coords)].to(torch.bfloat16).cpu()
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256(self._config.encode())
+        for name in sorted(self._params):
+            h.update(name.encode())
+            h.update(str(self._params[name][0]).encode())
+            h.update(self._values[name].view(torch.int16).numpy().tobytes())
+        return h.hexdigest()[:32]
 
 
 def sample_indices(numel: int, samples: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..fast.prefill import KernelPrefill
 from ..fast.tuning import KernelConfig
 from ..model import checkpoint as weights
 from ..model import hub
+from ..model.fingerprint import fingerprint as weights_fingerprint
 from ..model.griffin import Griffin
 from ..model.placement import resolve_device_dtype
 from ..model.pool import StatePool, available_memory
@@ -45,13 +46,15 @@ class Model:
 
     The pool holds at most `max_sessions` sessions and `max_state_bytes` of
     state (default: half the memory free on the model's device when it is
-    built); past them `session()` raises CapacityError.
+    built); past them `session()` raises CapacityError. `fingerprint`: the
+    weights' digest, when the network's values no longer give it (`load` and
+    `random` pass the digest of the weights before a cast to float16).
     """
 
     def __init__(self, network: Griffin, tokenizer: Tokenizer | None = None, source: str | None = None,
                  prefill_chunk: int | None = None, kernels: bool | None = None,
                  kernel_config: KernelConfig | None = None, max_sessions: int | None = None,
-                 max_state_bytes: int | None = None):
+                 max_state_bytes: int | None = None, fingerprint: str | None = None):
         self.network = network.eval()
         self.config: GriffinConfig = network.config
         self.tokenizer = tokenizer
@@ -72,7 +75,8 @@ class Model:
         # touches the pool, so sessions may be driven from several threads
         # (agenerate steps run in worker threads).
         self.lock = threading.RLock()
-        self._fingerprint: str | None = None
+        # Given where the network's values no longer give it (a float16 cast of a checkpoint).
+        self._fingerprint: str | None = fingerprint
         # None: the Triton decode step (in CUDA graphs) on CUDA, the PyTorch reference elsewhere.
         self.kernels = kernels_available(self.device) if kernels is None else kernels
         if kernels is None and self.device.type == "cuda" and not self.kernels:
@@ -110,9 +114,9 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """Digest of the config and weights (see `weights.fingerprint`)."""
+        """Digest of the config and weights (see `model.fingerprint.fingerprint`)."""
         if self._fingerprint is None:
-            self._fingerprint = weights.fingerprint(self.network)
+            self._fingerprint = weights_fingerprint(self.network)
         return self._fingerprint
 
     def num_parameters(self) -> int:
@@ -137,13 +141,14 @@ class Model:
         device, dtype = resolve_device_dtype(device, dtype)
         network = Griffin(config, dtype=torch.float32, device="cpu")
         network.init_random_(torch.Generator().manual_seed(seed))
+        digest = weights_fingerprint(network)  # of the weights as drawn (a float16 cast rounds differently)
         if quantize is None:
             network = network.to(device=device, dtype=dtype)
         else:  # cast on the host, quantized one matrix at a time on the device (as `load` does)
             network = network.to(dtype=dtype)
-            quantize_network(network, quantize, weights.fingerprint(network), device=device)
+            quantize_network(network, quantize, digest, device=device)
             network = network.to(device)
-        return cls(network, tokenizer=tokenizer, source=f"random(seed={seed})", **options)
+        return cls(network, tokenizer=tokenizer, source=f"random(seed={seed})", fingerprint=digest, **options)
 
     def session(self, seed: int | None = None) -> Session:
         """A new session at position 0 with its own slot in the state pool.
@@ -401,7 +406,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | No
         path = hub.download(source)
     device, dtype = resolve_device_dtype(device, dtype)
     ckpt = weights.discover(path)
-    network = weights.load_network(ckpt, device, dtype, config=config, progress=progress, quantize=quantize)
+    network, digest = weights.load_network(ckpt, device, dtype, config=config, progress=progress, quantize=quantize)
     tokenizer = None
     if ckpt.tokenizer_file is not None:
         tokenizer = Tokenizer.from_file(ckpt.tokenizer_file)
@@ -413,7 +418,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | No
     if threads is not None:
         torch.set_num_threads(threads)
     return Model(network, tokenizer=tokenizer, source=source, kernels=kernels, kernel_config=kernel_config,
-                 max_sessions=max_sessions, max_state_bytes=max_state_bytes)
+                 max_sessions=max_sessions, max_state_bytes=max_state_bytes, fingerprint=digest)
 
 
 def default_threads(num_parameters: int) -> int:

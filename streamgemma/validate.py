@@ -30,6 +30,8 @@ MIN_DIVISOR = 1e-6
 # presence_penalty is subtracted before the temperature divides: beyond this a
 # penalized logit over MIN_DIVISOR could overflow (infinite logits, NaN logprobs).
 MAX_PRESENCE = 1e6
+# Stop strings a server request may carry: each is matched on every token, in the tick all sessions share.
+MAX_STOP_STRINGS = 16
 
 
 def is_int(value: object) -> bool:

@@ -201,7 +201,8 @@ class Connection:
                 log.error("connection %d: a frame failed", self.number, exc_info=e)
                 self._error("internal", f"the server failed on this frame: {type(e).__name__}")
             # Over its rate, the client waits: its frames are read later (TCP backpressure).
-            wait = throttle.wait(len(frame), time.monotonic())
+            wait = throttle.wait(len(frame.encode("utf-8", "surrogatepass")) if isinstance(frame, str)
+                                 else len(frame), time.monotonic())
             if throttle.flooding:
                 log.info("connection %d: over its rate limit for %g s; closing it", self.number, limits.rate_grace)
                 await self.ws.close(1008, f"over the rate limit ({limits.messages_per_second:g} frames, "
@@ -258,8 +259,10 @@ class Connection:
                 self.send(event("snapshot", rid, session=es.id, position=position))
             elif isinstance(request, Close):
                 self.engine.cancel(es)
-                await self.engine.close(es)
-                self.sessions.pop(es.id, None)
+                try:
+                    await self.engine.close(es)
+                finally:  # (a store that failed its delete: a retried close goes through `_discard`)
+                    self.sessions.pop(es.id, None)
                 log.info("connection %d: session %s closed", self.number, log_id(es.id))
                 self.send(event("closed", rid, session=es.id))
         except ProtocolError:
@@ -301,7 +304,8 @@ class Connection:
             self._error("internal", f"the server failed on this request: {type(e).__name__}: {e}", rid, session)
 
     async def _open(self, request: Open) -> None:
-        if len(self.sessions) + self.opening >= self.limits.sessions_per_connection:
+        if request.session not in self.sessions and \
+                len(self.sessions) + self.opening >= self.limits.sessions_per_connection:
             raise ProtocolError("limit", f"this connection already holds {len(self.sessions)} sessions "
                                          f"(the limit); close one first", request.id)
         if self.server.sessions_held() >= self.limits.max_sessions:
@@ -316,17 +320,24 @@ class Connection:
                 es = await self.engine.resume(request.session)
                 await self._take_over(es)
                 how = "resumed"
+            held_before = es.owner is self
             es.owner = self
             self.sessions[es.id] = es
+            fields = {}
+            if request.since is not None:  # what the client missed (e.g. tokens lost with its last connection)
+                try:
+                    start, ids = await self._history(es, request.since)
+                except BaseException:  # (e.g. no slot to read it into): the session is not kept
+                    if not held_before:
+                        self.sessions.pop(es.id, None)
+                        es.owner = None
+                    raise
+                tok = self.engine.model.tokenizer
+                text = tok.decode([i for i in ids if i < tok.vocab_size]) if tok is not None else ""
+                fields["missed"] = {"from": start, "ids": ids, "text": text}
         finally:
             self.opening -= 1
         log.info("connection %d: session %s %s at position %d", self.number, log_id(es.id), how, es.position)
-        fields = {}
-        if request.since is not None:  # what the client missed (e.g. tokens lost with its last connection)
-            start, ids = await self._history(es, request.since)
-            tok = self.engine.model.tokenizer
-            text = tok.decode([i for i in ids if i < tok.vocab_size]) if tok is not None else ""
-            fields["missed"] = {"from": start, "ids": ids, "text": text}
         self.send(event("opened", request.id, session=es.id, position=es.position,
                         state_bytes=self.server.state_bytes, **fields))
 
@@ -343,7 +354,8 @@ class Connection:
         owner = es.owner
         if owner is None or owner is self:
             return
-        if not owner.ending:
+        # (a connection whose websocket closed is ending, though it may not have begun to release)
+        if not owner.ending and owner.ws.state is State.OPEN:
             raise EngineError("session_busy", "another connection holds this session")
         with anyio.move_on_after(RELEASE_WAIT_S):
             await owner.released.wait()

@@ -266,6 +266,7 @@ class Engine:
         self._check_usable(es)
         async with self._model_lock:
             self._check_usable(es)  # (closed while we waited)
+            await self.journal.drain()  # the tokens its position counts went out first
             future = await self.offloader.snapshot(es.id, es.live)
             position = es.position
         if future is not None:
@@ -285,13 +286,14 @@ class Engine:
             if es.live is not None:
                 es.live.close()
                 es.live = None
+        # Gone from the engine before the store's deletes: if they fail, `discard` retries them.
+        self.sessions.pop(es.id, None)
+        self._generating.pop(es.id, None)
         if delete:
             await self.offloader.delete(es.id)
             await self.journal.delete(es.id)
         else:
             self.offloader.forget(es.id)
-        self.sessions.pop(es.id, None)
-        self._generating.pop(es.id, None)
 
     async def discard(self, session_id: str) -> None:
         """`close` a session by id that may not be open: one only in the store,

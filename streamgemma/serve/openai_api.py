@@ -23,9 +23,7 @@ from typing import Any
 from ..errors import InvalidValueError
 from ..sampling.params import MAX_LOGPROBS, SamplingParams
 from ..session.chat_template import ChatMessage, normalize_messages
-from ..validate import check_int, check_sampling, short
-
-MAX_STOP_STRINGS = 16
+from ..validate import MAX_STOP_STRINGS, check_int, check_sampling, short
 
 
 class ApiError(Exception):

@@ -21,7 +21,7 @@ from ..errors import InvalidValueError
 from ..sampling.params import MAX_LOGPROBS, SamplingParams
 from ..session.store import SESSION_ID_PATTERN
 from ..types import Token
-from ..validate import check_int, check_sampling, check_seed, short
+from ..validate import MAX_STOP_STRINGS, check_int, check_sampling, check_seed, short
 from .keys import is_reserved_key
 
 PATH = "/v1/stream"
@@ -169,6 +169,8 @@ def _generate(msg: dict, request_id: Any, session: str | None, max_tokens_limit:
             if not isinstance(fields[key], list):
                 raise ValueError(f"\"{key}\" must be a list")
             fields[key] = tuple(fields[key])
+    if len(fields.get("stop") or ()) > MAX_STOP_STRINGS:
+        raise InvalidValueError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for text in fields.get("stop") or ():
         if not isinstance(text, str):
             raise ValueError(f"\"stop\" must hold strings, got {short(text)}")

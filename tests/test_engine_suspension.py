@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import anyio
 import pytest
@@ -15,8 +16,10 @@ from textfixtures import text_model
 
 import streamgemma as sg
 from streamgemma.sampling.params import SamplingParams
+from streamgemma.serve import expiry
 from streamgemma.serve.engine import Engine
 from streamgemma.serve.offload import MemoryStore
+from streamgemma.serve.record import EngineError
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
@@ -228,3 +231,144 @@ def test_engine_rejects_bad_write_behind_settings():
         Engine(text_model(), max_unwritten=0)
     with pytest.raises(ValueError, match="compression_level"):
         Engine(text_model(), compression_level=23)
+
+# -- found by a review: resume under slot pressure, expiry racing a use, a tick cancelled mid-way ------------
+PROMPT_IDS = [2, 5, 7, 11, 13, 17]
+
+
+def test_resume_under_capacity_keeps_journaled_input(tmp_path):
+    """resume() of a stored session whose journal goes past its snapshot, while every slot is busy
+    generating, fails with capacity; it left the record registered without the replay, and the next
+    resume returned it at the snapshot's position: acknowledged input was lost."""
+    async def main():
+        store = sg.DirectorySnapshotStore(tmp_path)
+        e1 = Engine(text_model(), max_active=2, store=store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(e1.run)
+            a = await e1.open()
+            pos = await e1.consumed(e1.append(a, PROMPT_IDS))  # acknowledged: journaled, durable
+            assert pos == len(PROMPT_IDS)
+            tg.cancel_scope.cancel()  # "crash": nothing suspended
+        sid = a.id
+
+        e2 = Engine(text_model(), max_active=1, store=sg.DirectorySnapshotStore(tmp_path))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(e2.run)
+            b = await e2.open()
+            await e2.consumed(e2.append(b, [2, 3, 4]))
+            stream = await e2.generate(b, SamplingParams(max_tokens=2000, stop_token_ids=()))
+            with pytest.raises(EngineError) as err:
+                await e2.resume(sid)
+            assert err.value.code == "capacity"
+            await stream.aclose()
+            with anyio.fail_after(10):
+                while b.generation is not None:
+                    await anyio.sleep(0.01)
+            es = await e2.resume(sid)  # slot free now
+            position = es.position
+            await e2.capture(es)
+            position_live = es.position
+            tg.cancel_scope.cancel()
+        assert (position, position_live) == (len(PROMPT_IDS), len(PROMPT_IDS))
+
+    anyio.run(main)
+
+
+def test_control_resume_with_a_free_slot_replays(tmp_path):
+    async def main():
+        store = sg.DirectorySnapshotStore(tmp_path)
+        e1 = Engine(text_model(), max_active=2, store=store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(e1.run)
+            a = await e1.open()
+            await e1.consumed(e1.append(a, PROMPT_IDS))
+            tg.cancel_scope.cancel()
+        e2 = Engine(text_model(), max_active=1, store=sg.DirectorySnapshotStore(tmp_path))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(e2.run)
+            es = await e2.resume(a.id)
+            assert es.position == len(PROMPT_IDS)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+class SlowDeleteStore(MemoryStore):
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def delete(self, session_id):
+        assert self.gate.wait(10)
+        super().delete(session_id)
+
+
+def test_a_session_used_during_expiry_is_not_closed():
+    """expire() closed every session it found stale, also one attached to or given input meanwhile."""
+    async def main():
+        store = SlowDeleteStore()
+        engine = Engine(text_model(), max_active=4, store=store, session_ttl=60.0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)  # (its periodic expiry waits 15 s: not in this test)
+            a, b = await engine.open(), await engine.open()
+            for es in (a, b):
+                es.last_active = time.monotonic() - 120  # unused for two ttls
+            pending = {}
+
+            async def use_b_while_a_is_closed():
+                await anyio.sleep(0.2)  # expire is inside close(a), waiting for the store
+                b.owner = object()  # a client attaches to b and appends
+                pending["b"] = engine.append(b, [2, 5, 7])
+                store.gate.set()
+
+            tg.start_soon(use_b_while_a_is_closed)
+            await expiry.expire(engine)
+            closed = b.closed
+            error = None
+            try:
+                await engine.consumed(pending["b"])
+            except Exception as e:  # noqa: BLE001
+                error = e
+            tg.cancel_scope.cancel()
+        assert a.closed
+        assert not closed, f"b was closed although used during expiry ({error!r})"
+
+    anyio.run(main)
+
+
+def test_an_append_consumed_in_a_cancelled_tick_is_answered_at_shutdown(tmp_path):
+    """A tick cancelled after its input turn left that turn's journal group unsubmitted: the append it
+    consumed was neither acknowledged nor failed, and its waiters hung."""
+    async def main():
+        engine = Engine(text_model(), max_active=4, store=sg.DirectorySnapshotStore(tmp_path))
+        feeding = threading.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            a, b = await engine.open(), await engine.open()
+            await engine.consumed(engine.append(a, [2, 5, 7]))
+            await engine.consumed(engine.append(b, [2, 5]))
+            stream = await engine.generate(a, SamplingParams(max_tokens=500, stop_token_ids=()))
+            live_b = b.live
+            real_feed = live_b.feed
+
+            def slow_feed(chunk, *args, **kw):
+                feeding.set()
+                time.sleep(0.3)
+                return real_feed(chunk, *args, **kw)
+
+            live_b.feed = slow_feed
+            pending = engine.append(b, list(range(3, 3 + 40)))  # > step_input_tokens: a prefill turn
+            while not feeding.is_set():
+                await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()  # shutdown while the prefill runs
+        position_b = b.position
+        with anyio.move_on_after(5):
+            await engine.suspend_all()
+        done = pending.done
+        with anyio.move_on_after(2):
+            await pending.consumed.wait()
+        del stream
+        assert position_b == 2 + 40  # the chunk was consumed (state, snapshot)...
+        assert done or pending.done, "...but its append is neither acknowledged nor failed: waiters hang"
+
+    anyio.run(main)

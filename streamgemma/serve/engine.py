@@ -28,19 +28,12 @@ from ..session.journal import replay
 from ..session.model import Model
 from ..session.store import SnapshotStore
 from ..validate import check_position, check_sampling, check_seed
-from . import expiry, fleet
+from . import expiry, fleet, scheduler
 from .batch import batch_executor
 from .inputs import DEFAULT_MAX_PENDING_TOKENS, DEFAULT_MAX_QUEUED_TEXT_BYTES, DEFAULT_MAX_QUEUED_TOKENS, InputQueues
 from .journaling import DEFAULT_SNAPSHOT_EVERY, TickJournal
 from .offload import DEFAULT_MAX_UNWRITTEN, SUSPEND_COMPRESSION_LEVEL, MemoryStore, Offloader
 from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
-from .scheduler import (
-    DEFAULT_IDLE_STEP_INPUT_TOKENS,
-    DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER,
-    DEFAULT_INPUT_SHARE,
-    DEFAULT_STEP_INPUT_TOKENS,
-    Scheduler,
-)
 from .streams import Deliveries, TokenQueue, TokenStream
 
 log = logging.getLogger("streamgemma.engine")
@@ -52,34 +45,29 @@ SETTLE_WAIT_S = 5.0  # for a cancelled generation to end at a tick, before endin
 class Engine:
     """Schedules many sessions of `model` onto batched decode steps.
 
-    max_active: sessions holding a pool slot at once (the decode batch size
-    bound); more may be open, the idle ones suspended to `store` (default: an
-    in-memory store). input_chunk: tokens of queued input consumed per
-    prefill. Queued input is bounded (more is refused with
-    EngineError("limit")): max_pending_tokens for one session (1,048,576),
-    max_queued_tokens for all (4,194,304), max_queued_text_bytes of text
-    waiting to be tokenized, all sessions (16 MiB). input_share: the most of
-    the scheduler's time input takes while sessions generate (0.15; see
-    `scheduler`). step_input_tokens / idle_step_input_tokens: see
-    `scheduler` (0: always prefill; the idle default is 4 on CUDA, 1
-    elsewhere). session_ttl: seconds after which a session nobody holds
-    (`owner` None) and nobody used is closed, its snapshot deleted (None:
-    never). max_unwritten, compression_level: see `offload`. journal: keep the
-    store's journal (`journaling`), snapshot_every: tokens between snapshots. host_work:
-    "loop" or "thread" (see `batch`; default by device). Run the scheduler
-    with `await engine.run()` in a task group (it returns when cancelled);
-    call the other methods from the same event loop. `stats` holds counters
-    for monitoring.
+    max_active: sessions holding a pool slot at once (the decode batch size bound); more may be open, the idle
+    ones suspended to `store` (default: an in-memory store). input_chunk: tokens of queued input consumed per
+    prefill. Queued input is bounded (more is refused with EngineError("limit")): max_pending_tokens for one
+    session (1,048,576), max_queued_tokens for all (4,194,304), max_queued_text_bytes of text waiting to be
+    tokenized, all sessions (16 MiB). input_share: the most of the scheduler's time input takes while sessions
+    generate (0.15; see `scheduler`). step_input_tokens / idle_step_input_tokens: see `scheduler` (0: always
+    prefill; the idle default is 4 on CUDA, 1 elsewhere). session_ttl: seconds after which a session nobody
+    holds (`owner` None) and nobody used is closed, its snapshot deleted (None: never). max_unwritten,
+    compression_level: see `offload`. journal: keep the store's journal (`journaling`), snapshot_every: tokens
+    between snapshots. host_work: "loop" or "thread" (see `batch`; default by device). Run the scheduler with
+    `await engine.run()` in a task group (it returns when cancelled); call the other methods from the same event
+    loop. `stats` holds counters for monitoring.
     """
 
     def __init__(self, model: Model, max_active: int = 64, store: SnapshotStore | None = None,
                  input_chunk: int = DEFAULT_INPUT_CHUNK, max_pending_tokens: int = DEFAULT_MAX_PENDING_TOKENS,
                  max_queued_tokens: int = DEFAULT_MAX_QUEUED_TOKENS,
-                 max_queued_text_bytes: int = DEFAULT_MAX_QUEUED_TEXT_BYTES, input_share: float = DEFAULT_INPUT_SHARE,
-                 step_input_tokens: int = DEFAULT_STEP_INPUT_TOKENS, idle_step_input_tokens: int | None = None,
-                 session_ttl: float | None = None, max_unwritten: int = DEFAULT_MAX_UNWRITTEN,
-                 compression_level: int = SUSPEND_COMPRESSION_LEVEL, host_work: str | None = None,
-                 journal: bool = True, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
+                 max_queued_text_bytes: int = DEFAULT_MAX_QUEUED_TEXT_BYTES,
+                 input_share: float = scheduler.DEFAULT_INPUT_SHARE,
+                 step_input_tokens: int = scheduler.DEFAULT_STEP_INPUT_TOKENS,
+                 idle_step_input_tokens: int | None = None, session_ttl: float | None = None,
+                 max_unwritten: int = DEFAULT_MAX_UNWRITTEN, compression_level: int = SUSPEND_COMPRESSION_LEVEL,
+                 host_work: str | None = None, journal: bool = True, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active!r}")
         if input_chunk < 1:
@@ -87,15 +75,15 @@ class Engine:
         if session_ttl is not None and not session_ttl > 0:
             raise ValueError(f"session_ttl must be > 0 seconds or None (never), got {session_ttl!r}")
         if idle_step_input_tokens is None:
-            idle_step_input_tokens = DEFAULT_IDLE_STEP_INPUT_TOKENS.get(model.device.type,
-                                                                        DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER)
+            idle_step_input_tokens = scheduler.DEFAULT_IDLE_STEP_INPUT_TOKENS.get(
+                model.device.type, scheduler.DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER)
         self.model = model
         self.max_active = max_active
         self.input_chunk = input_chunk
         self.session_ttl = session_ttl
         self.store = store if store is not None else MemoryStore()
         self.stats = EngineStats()
-        self.scheduler = Scheduler(step_input_tokens, idle_step_input_tokens, input_share)
+        self.scheduler = scheduler.Scheduler(step_input_tokens, idle_step_input_tokens, input_share)
         self.inputs = InputQueues(model.tokenizer, model.config.vocab_size, max_pending_tokens, max_queued_tokens,
                                   max_queued_text_bytes)
         self.executor = batch_executor(model, self.stats, host_work)
@@ -189,8 +177,11 @@ class Engine:
                         async with self._model_lock:
                             await self._ensure_live(es)
                             await anyio.to_thread.run_sync(replay, es.live, records)
-                    except SnapshotError as e:  # (a gap: records missing after the snapshot)
-                        await self.close(es, delete=False)  # nothing half-replayed stays; the store keeps it
+                    except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
+                        with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
+                            await self.close(es, delete=False)
+                        if not isinstance(e, SnapshotError):
+                            raise
                         raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} "
                                                             "(close it to delete it)") from None
         if es.generation is not None and es.generation.cancelled:
@@ -378,45 +369,49 @@ class Engine:
     async def tick(self) -> None:
         """One scheduling round (see `scheduler`)."""
         async with self._model_lock:
-            plan = self.scheduler.plan_input(self._generating.values(), self.inputs.waiting.values(),
-                                             time.monotonic())
-            for es in plan.cancelled:
-                self._finish(es, "cancelled")
-            riders = list(plan.riders)
-            self._riding = {es.id for es in riders}  # kept in their slots if the input turn can make room otherwise
-            turn = plan.restore or plan.prefill
-            input_seconds = 0.0  # this tick's input work, for the scheduler's input budget
-            if turn is not None:
-                started = time.monotonic()
-                if plan.restore is not None:
-                    if await self._restore_for_input(turn):
-                        riders.append(turn)
-                else:
-                    await self._input_turn(turn)
-                    self.inputs.next_turn(turn)
-                input_seconds = time.monotonic() - started
-                self.stats.phase_seconds["prefill"] += input_seconds
-            decode = self.scheduler.plan_decode(self._generating.values(), riders)
-            if decode:
-                batch = [(es, es.generation) for es in decode.batch]
-                started = time.monotonic()
-                inputs = [(es.live, es.next_input_token()) for es in decode.riders]
-                tokens = await self.executor.run([active.generation for _, active in batch],
-                                                 [es.live.slot for es in decode.batch], inputs)
-                input_seconds += self.scheduler.decoded(len(batch), len(decode.riders), time.monotonic() - started)
-                started = time.perf_counter()
-                self.journal.tokens(batch, tokens)  # journaled; to their streams once durable
-                for (es, _), token in zip(batch, tokens):
-                    if token.finish_reason is not None:
-                        self._finish(es, token.finish_reason)
-                for es, (_, token) in zip(decode.riders, inputs):
-                    self.journal.record(es.id, es.live, "step", [token])
-                    self.journal.consumed(es.id, self.inputs.consumed(es, 1))
-                self.stats.phase_seconds["deliver"] += time.perf_counter() - started
-            if plan.decoding and input_seconds:
-                self.scheduler.charge_input(input_seconds, time.monotonic())
-            self._riding = set()
-            await self.journal.submit()  # its outputs reach clients once it is durable
+            try:
+                plan = self.scheduler.plan_input(self._generating.values(), self.inputs.waiting.values(),
+                                                 time.monotonic())
+                for es in plan.cancelled:
+                    self._finish(es, "cancelled")
+                riders = list(plan.riders)
+                self._riding = {es.id for es in riders}  # kept in their slots if the input turn can make room
+                turn = plan.restore or plan.prefill
+                input_seconds = 0.0  # this tick's input work, for the scheduler's input budget
+                if turn is not None:
+                    started = time.monotonic()
+                    if plan.restore is not None:
+                        if await self._restore_for_input(turn):
+                            riders.append(turn)
+                    else:
+                        await self._input_turn(turn)
+                        self.inputs.next_turn(turn)
+                    input_seconds = time.monotonic() - started
+                    self.stats.phase_seconds["prefill"] += input_seconds
+                decode = self.scheduler.plan_decode(self._generating.values(), riders)
+                if decode:
+                    batch = [(es, es.generation) for es in decode.batch]
+                    started = time.monotonic()
+                    inputs = [(es.live, es.next_input_token()) for es in decode.riders]
+                    tokens = await self.executor.run([active.generation for _, active in batch],
+                                                     [es.live.slot for es in decode.batch], inputs)
+                    input_seconds += self.scheduler.decoded(len(batch), len(decode.riders),
+                                                            time.monotonic() - started)
+                    started = time.perf_counter()
+                    self.journal.tokens(batch, tokens)  # journaled; to their streams once durable
+                    for (es, _), token in zip(batch, tokens):
+                        if token.finish_reason is not None:
+                            self._finish(es, token.finish_reason)
+                    for es, (_, token) in zip(decode.riders, inputs):
+                        self.journal.record(es.id, es.live, "step", [token])
+                        self.journal.consumed(es.id, self.inputs.consumed(es, 1))
+                    self.stats.phase_seconds["deliver"] += time.perf_counter() - started
+                if plan.decoding and input_seconds:
+                    self.scheduler.charge_input(input_seconds, time.monotonic())
+            finally:  # (cancelled mid-tick too: what it recorded is submitted, so its waiters are answered)
+                self._riding = set()
+                with anyio.CancelScope(shield=True):
+                    await self.journal.submit()  # its outputs reach clients once it is durable
             for es in self.journal.due(self.sessions):  # bound the replay: a background snapshot
                 await self.offloader.snapshot(es.id, es.live)
         if not self.journal.enabled:  # (else the committer signals, once the tokens went out)

@@ -22,10 +22,15 @@ async def expire(engine) -> int:
     sessions it deleted."""
     ttl = engine.session_ttl
     cutoff = time.monotonic() - ttl
-    stale = [es for es in engine.sessions.values()
-             if es.owner is None and es.idle and not es.closed and es.last_active < cutoff]
+    def unused(es) -> bool:
+        return es.owner is None and es.idle and not es.closed and es.last_active < cutoff
+
+    stale = [es for es in engine.sessions.values() if unused(es)]
+    closed = 0
     for es in stale:
-        await engine.close(es)
+        if unused(es):  # (again: one may have been opened or given input while another was closed)
+            await engine.close(es)
+            closed += 1
     stored = await anyio.to_thread.run_sync(engine.store.older_than, ttl)
     gone = 0
     for sid in stored:
@@ -40,7 +45,7 @@ async def expire(engine) -> int:
         await engine.offloader.delete(sid)
         await engine.journal.delete(sid)
         gone += 1
-    count = len(stale) + gone
+    count = closed + gone
     if count:
         log.info("expired %d sessions unused for %g s", count, ttl)
     engine.stats.expired_sessions += count

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+MAX_THREADS = 1024  # --threads: torch crashes (SIGSEGV) with 100,000
+
 EPILOG = """examples:
   streamgemma generate "The tide" --max-tokens 50      # the bundled demo model
   streamgemma info --model ./recurrentgemma-2b-it
@@ -142,8 +144,8 @@ def _threads_arg(group) -> None:
 def _load(args: argparse.Namespace):
     import streamgemma
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:  # (torch crashes far above the cores)
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     return streamgemma.load(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
                             quantize=args.quantize)
 
@@ -224,8 +226,12 @@ def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
     from .console import chat_loop
 
     sampling = _sampling(args)
-    if args.save and not Path(args.save).resolve().parent.is_dir():  # found before the model loads, not after
-        raise OSError(f"--save {args.save}: no such directory {str(Path(args.save).resolve().parent)!r}")
+    if args.save:  # found before the model loads, not after the first reply
+        target = Path(args.save).resolve()
+        if not target.parent.is_dir():
+            raise OSError(f"--save {args.save}: no such directory {str(target.parent)!r}")
+        if target.is_dir():
+            raise OSError(f"--save {args.save}: is a directory; name a file in it")
     model = _load(args)
     session = model.restore_file(args.resume) if args.resume else model.session(seed=args.seed)
     if args.system and session.position:
@@ -342,6 +348,8 @@ def _serve(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise ServeError(f"--store: {e}") from None
 
+    if args.store is not None and not args.store.strip():  # (e.g. --store "$DIR" with DIR unset)
+        raise ServeError("--store is empty: name a directory or redis:// URL (or leave --store out)")
     if args.store:
         store_of().prepare()  # writable, reachable? (before the load, to fail fast)
     model = _load(args)

@@ -144,9 +144,16 @@ def chat_loop(session: Session, out: TextIO, inp: TextIO, err: TextIO, *, sampli
             if _command(text, session, err):
                 chat = Chat(session, system=system)  # a fresh conversation
             continue
-        _reply(chat, text.removeprefix("/"), out, err, sampling, stats)
+        try:
+            _reply(chat, text.removeprefix("/"), out, err, sampling, stats)
+        except ValueError as e:  # (e.g. a line that is not valid UTF-8): the conversation goes on
+            err.write(f"(not sent: {e})\n")
+            continue
         if save:
-            session.save(save, metadata={"kind": "chat"})
+            try:
+                session.save(save, metadata={"kind": "chat"})
+            except OSError as e:  # (a full disk): the conversation goes on, as after a failed /save
+                err.write(f"(not saved to {save}: {e})\n")
 
 
 def _command(text: str, session: Session, err: TextIO) -> bool:

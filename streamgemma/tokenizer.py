@@ -113,6 +113,10 @@ class Tokenizer:
         """Token ids of `text` (with BOS first if `add_bos`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: e.g. a byte of argv or stdin that was not UTF-8
+            raise ValueError(f"the text is not valid UTF-8 (at character {e.start})") from None
         ids = self._sp.EncodeAsIds(text)
         return [self.bos_id, *ids] if add_bos and self.bos_id >= 0 else ids
 

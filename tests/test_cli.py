@@ -67,7 +67,7 @@ def test_chat_with_piped_stdin_in_a_subprocess(saved_model_dir):
     (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
     (["generate", "hi", "--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
     (["generate", "", "--no-bos"], "the prompt is empty and --no-bos leaves out BOS"),
-    (["generate", "hi", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["generate", "hi", "--threads", "0"], "--threads must be in [1, 1024], got 0"),
     (["info"], "no such file or directory"),
     (["chat", "--save", "/nonexistent-dir/x.snap"], "--save /nonexistent-dir/x.snap: no such directory"),
 ])
@@ -233,3 +233,55 @@ def test_bench_errors_are_one_line_and_a_failed_run_exits_1(capsys, monkeypatch,
     rc = main(["bench", "fuzz", "--preset", "tiny", "--device", "cpu", "--frames", "20", "--handshakes", "2",
                "--connections", "1"])
     assert rc == 1 and "the run failed" in capsys.readouterr().err
+
+
+# -- found by a review ---------------------------------------------------------------------------
+def _main_with_stdin(monkeypatch, capsys, args, stdin):
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc = main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_chat_save_to_a_directory_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    """It passed the check (only the parent was), and the chat died after its first reply."""
+    rc, out, err = _main_with_stdin(monkeypatch, capsys, ["chat", "--save", str(tmp_path), "--max-tokens", "3"],
+                                    io.StringIO("first turn\nsecond turn\n"))
+    assert rc == 1 and out == "" and "is a directory" in err
+
+
+def test_a_failing_autosave_does_not_end_the_chat(monkeypatch, capsys, tmp_path):
+    """/save reported an OSError and went on; the --save autosave ended the whole chat."""
+    import streamgemma.session.session as session_module
+
+    save, calls = session_module.Session.save, []
+
+    def full_disk_once(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(session_module.Session, "save", full_disk_once)
+    rc, out, err = _main_with_stdin(monkeypatch, capsys, ["chat", "--save", str(tmp_path / "chat.sgsnap"),
+                                                          "--max-tokens", "3", "--seed", "0"],
+                                    io.StringIO("first turn\nsecond turn\n"))
+    assert rc == 0 and len(calls) == 2 and "not saved" in err and (tmp_path / "chat.sgsnap").exists()
+
+
+def test_text_that_is_not_utf8_is_one_line_and_a_chat_goes_on():
+    """argv and stdin decode a bad byte to a lone surrogate, which SentencePiece met with a traceback."""
+    run = lambda *args, data: subprocess.run([sys.executable, "-m", "streamgemma.cli", *args],  # noqa: E731
+                                             input=data, capture_output=True, timeout=120, env=subprocess_env())
+    bad = run("generate", "-", "--max-tokens", "2", data=b"\xff caf\xe9")
+    err = bad.stderr.decode()
+    assert bad.returncode == 1 and "not valid UTF-8" in err and len(err.strip().splitlines()) == 1
+    chat = run("chat", "--max-tokens", "3", "--seed", "0", data=b"hello\n\xff caf\xe9\nthird turn\n")
+    assert chat.returncode == 0 and "not sent" in chat.stderr.decode()
+
+
+def test_absurd_threads_are_refused(capsys):
+    """torch segfaults with 100,000 threads."""
+    assert main(["generate", "x", "--threads", "100000"]) == 1
+    assert "--threads must be in [1, 1024]" in capsys.readouterr().err
+

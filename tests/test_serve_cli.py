@@ -90,6 +90,8 @@ def test_bad_options_fail_in_one_line_before_the_model_loads(tmp_path, saved_mod
     (tmp_path / "a-file").write_text("")
     line = one_line_failure(serve_command(saved_model_dir, "--store", str(tmp_path / "a-file")))
     assert "a-file" in line
+    line = one_line_failure(serve_command(saved_model_dir, "--store", ""))  # (--store "$DIR", DIR unset)
+    assert "--store is empty" in line  # (it served with sessions in memory only)
 
 
 def test_a_port_in_use_is_one_line(saved_model_dir):

@@ -236,58 +236,48 @@ def test_engine_rejects_bad_write_behind_settings():
 PROMPT_IDS = [2, 5, 7, 11, 13, 17]
 
 
+async def journaled_then_crashed(tmp_path) -> str:
+    """A session whose input is acknowledged (journaled, durable) past its first snapshot, in an engine
+    that then stops without suspending anything; its id."""
+    engine = Engine(text_model(), max_active=2, store=sg.DirectorySnapshotStore(tmp_path))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        es = await engine.open()
+        assert await engine.consumed(engine.append(es, PROMPT_IDS)) == len(PROMPT_IDS)
+        tg.cancel_scope.cancel()
+    return es.id
+
+
 def test_resume_under_capacity_keeps_journaled_input(tmp_path):
     """resume() of a stored session whose journal goes past its snapshot, while every slot is busy
     generating, fails with capacity; it left the record registered without the replay, and the next
     resume returned it at the snapshot's position: acknowledged input was lost."""
     async def main():
-        store = sg.DirectorySnapshotStore(tmp_path)
-        e1 = Engine(text_model(), max_active=2, store=store)
+        sid = await journaled_then_crashed(tmp_path)
+        engine = Engine(text_model(), max_active=1, store=sg.DirectorySnapshotStore(tmp_path))
         async with anyio.create_task_group() as tg:
-            tg.start_soon(e1.run)
-            a = await e1.open()
-            pos = await e1.consumed(e1.append(a, PROMPT_IDS))  # acknowledged: journaled, durable
-            assert pos == len(PROMPT_IDS)
-            tg.cancel_scope.cancel()  # "crash": nothing suspended
-        sid = a.id
-
-        e2 = Engine(text_model(), max_active=1, store=sg.DirectorySnapshotStore(tmp_path))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(e2.run)
-            b = await e2.open()
-            await e2.consumed(e2.append(b, [2, 3, 4]))
-            stream = await e2.generate(b, SamplingParams(max_tokens=2000, stop_token_ids=()))
+            tg.start_soon(engine.run)
+            busy = await engine.open()
+            await engine.consumed(engine.append(busy, [2, 3, 4]))
+            stream = await engine.generate(busy, SamplingParams(max_tokens=2000, stop_token_ids=()))
             with pytest.raises(EngineError) as err:
-                await e2.resume(sid)
+                await engine.resume(sid)
             assert err.value.code == "capacity"
             await stream.aclose()
             with anyio.fail_after(10):
-                while b.generation is not None:
+                while busy.generation is not None:
                     await anyio.sleep(0.01)
-            es = await e2.resume(sid)  # slot free now
-            position = es.position
-            await e2.capture(es)
-            position_live = es.position
+            es = await engine.resume(sid)  # a slot is free now
+            positions = [es.position]
+            await engine.capture(es)
+            positions.append(es.position)
             tg.cancel_scope.cancel()
-        assert (position, position_live) == (len(PROMPT_IDS), len(PROMPT_IDS))
-
-    anyio.run(main)
-
-
-def test_control_resume_with_a_free_slot_replays(tmp_path):
-    async def main():
-        store = sg.DirectorySnapshotStore(tmp_path)
-        e1 = Engine(text_model(), max_active=2, store=store)
+        assert positions == [len(PROMPT_IDS)] * 2
+        # With a slot free from the start, the same replay succeeds at once.
+        engine = Engine(text_model(), max_active=1, store=sg.DirectorySnapshotStore(tmp_path))
         async with anyio.create_task_group() as tg:
-            tg.start_soon(e1.run)
-            a = await e1.open()
-            await e1.consumed(e1.append(a, PROMPT_IDS))
-            tg.cancel_scope.cancel()
-        e2 = Engine(text_model(), max_active=1, store=sg.DirectorySnapshotStore(tmp_path))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(e2.run)
-            es = await e2.resume(a.id)
-            assert es.position == len(PROMPT_IDS)
+            tg.start_soon(engine.run)
+            assert (await engine.resume(sid)).position == len(PROMPT_IDS)
             tg.cancel_scope.cancel()
 
     anyio.run(main)

@@ -689,3 +689,25 @@ def test_capture_keeps_a_copy_of_the_metadata_it_checked(model):
     captured = s.capture(metadata)
     metadata["tags"].append({1, 2})  # (a set: not storable) after the capture
     assert model.restore(captured).snapshot_metadata == {"tags": ["a"]}
+
+
+def test_bytes_after_a_frame_inside_its_slot_are_refused(model, blob30):
+    """zstd stops at a frame's end: garbage between it and the slot's end (which still ends with the
+    index's checksum bytes) was accepted. Each frame must fill its slot exactly."""
+    import struct
+    import zlib
+
+    count = struct.unpack_from("<I", blob30, 12)[0]
+    entries = [list(struct.unpack_from("<III", blob30, 16 + 12 * i)) for i in range(count)]
+    at, frames = 20 + 12 * count, []
+    for compressed, _, _ in entries:
+        frames.append(blob30[at:at + compressed])
+        at += compressed
+    frames[0] = frames[0] + b"GARBAGE!" * 64 + frames[0][-4:]
+    entries[0][0] = len(frames[0])
+    body = b"SGS2" + struct.pack("<I", count) + b"".join(struct.pack("<III", *e) for e in entries)
+    hostile = (snapshot_frames.INDEX_MAGIC + struct.pack("<I", len(body) + 4) + body
+               + struct.pack("<I", zlib.crc32(body)) + b"".join(frames))
+    for threads in (1, 2):
+        with pytest.raises(sg.SnapshotCorrupted, match="does not fill its slot"):
+            model.restore(hostile, threads=threads)

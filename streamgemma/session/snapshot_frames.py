@@ -131,6 +131,22 @@ def _frame_parameters(frame: memoryview, where: str) -> zstandard.FrameParameter
     return params
 
 
+def _frame_length(frame: memoryview, where: str) -> int:
+    """Bytes of the zstd frame at the start of `frame` (with a checksum): its
+    header, then blocks of a 3-byte header each (bit 0: the last; bits 1-2: raw,
+    RLE (one byte of content) or compressed; then the size), then the checksum."""
+    at = zstandard.frame_header_size(frame)
+    while True:
+        if at + 3 > len(frame):
+            raise SnapshotCorrupted(f"{where} is truncated: the snapshot is damaged")
+        head = int.from_bytes(frame[at:at + 3], "little")
+        if (head >> 1) & 3 == 3:
+            raise SnapshotCorrupted(f"{where} holds a block of the reserved type: the snapshot is damaged")
+        at += 3 + (1 if (head >> 1) & 3 == 1 else head >> 3)
+        if head & 1:
+            return at + 4
+
+
 def _unpack_v2(data: memoryview, limit: int, threads: int) -> bytes:
     frames, sizes = _read_index(data, limit)
     for i, (frame, size) in enumerate(zip(frames, sizes)):
@@ -141,6 +157,8 @@ def _unpack_v2(data: memoryview, limit: int, threads: int) -> bytes:
         if declared != size:
             raise SnapshotCorrupted(f"{where} declares {declared} bytes of content, its index {size}: "
                                     "the snapshot is damaged")
+        if _frame_length(frame, where) != len(frame):  # (zstd would ignore bytes after the frame)
+            raise SnapshotCorrupted(f"{where} does not fill its slot in the index: the snapshot is damaged")
     try:
         return b"".join(_decompress(frames, sizes, threads))
     except zstandard.ZstdError as e:

@@ -61,5 +61,26 @@ def tiny_config() -> sg.GriffinConfig:
     return sg.GriffinConfig.preset("tiny")
 
 
+def free_port() -> int:
+    """A port for a server a test starts in another process (named before it starts): random, below the
+    ephemeral range that servers on port 0 draw from, and from a range of its own per pytest-xdist worker,
+    so tests running at once in two workers never both pick it (port 0, closed, then reused, could be)."""
+    import random
+    import socket
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = 10000 + (int(worker) % 4 if worker.isdigit() else 0) * 5000
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(base, base + 5000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {base}-{base + 4999}")
+
+
 def random_tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

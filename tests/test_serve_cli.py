@@ -16,7 +16,7 @@ import time
 
 import anyio
 import pytest
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 from textfixtures import saved_model_dir  # noqa: F401 (fixture)
 
 import streamgemma as sg
@@ -32,12 +32,6 @@ def one_line_failure(command: list[str], **env: str) -> str:
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert len(lines) == 1 and lines[0].startswith("streamgemma serve: error: "), done.stderr
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Running:

@@ -56,18 +56,14 @@ class SamplingParams:
             if _is_int(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
-            _check_real(name, getattr(self, name))
+            _check_real(name, getattr(self, name))  # (then the ranges below compare plain floats)
             object.__setattr__(self, name, float(getattr(self, name)))
-        _check_real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check_real("min_p", self.min_p)
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
-        _check_real("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
-        _check_real("presence_penalty", self.presence_penalty)
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else _sequence("stop", self.stop)
         for s in stop:
             if not isinstance(s, str) or not s:

@@ -156,6 +156,18 @@ def test_damaged_quantized_saves_are_refused(quantized, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(sg.CheckpointError, match="down_proj.weight.*quantization_config says"):
         sg.load(tmp_path, device="cpu")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.mlp_block.down_proj.weight"] = tensors["model.layers.0.mlp_block.down_proj.weight"].to(
+        FORMATS[quantized.quantization][0])
+    for bad in (0.0, -0.5):
+        scale = tensors["model.layers.0.mlp_block.down_proj.weight_scale"].clone()
+        scale[..., 3] = bad
+        save_file({**tensors, "model.layers.0.mlp_block.down_proj.weight_scale": scale},
+                  str(tmp_path / "model.safetensors"))
+        with pytest.raises(sg.CheckpointError, match="down_proj.weight_scale.*scale that is not positive"):
+            sg.load(tmp_path, device="cpu")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    assert sg.load(tmp_path, device="cpu").quantization == quantized.quantization
 
 
 def test_load_quantizes_a_checkpoint_keeping_its_fingerprint(tiny, tmp_path):

@@ -338,6 +338,7 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
         except ValueError as e:  # (a config edited after the save, e.g. a width int4 cannot take)
             raise CheckpointError(f"{ckpt.config_file}: {e}") from None
         layout = quantized_layout(layout, quantized_weight_names(network), _Rule)
+    scales = {r.target for k, r in layout.items() if k.endswith("_scale") and saved is not None}
     requantize = quantize is not None and saved is None
     digest = SourceDigest(network) if saved is None else None
     network = network.to_empty(device=torch.device("cpu") if requantize else device)
@@ -371,6 +372,9 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
             if _damaged(dst):
                 raise CheckpointError(f"{file}: tensor {key!r} holds NaN or infinite values: the file is damaged "
                                       "(download it again)")
+            if rule.target in scales and not bool((dst > 0).all()):  # quantize() never writes one
+                raise CheckpointError(f"{file}: tensor {key!r} holds a scale that is not positive: the file is "
+                                      "damaged or was not written by streamgemma")
             bar.advance(nbytes)
     bar.close()
     fp = digest.hexdigest() if digest is not None else saved.fingerprint

@@ -362,3 +362,54 @@ def test_an_append_consumed_in_a_cancelled_tick_is_answered_at_shutdown(tmp_path
         assert done or pending.done, "...but its append is neither acknowledged nor failed: waiters hang"
 
     anyio.run(main)
+
+
+class GatedDirectoryStore(sg.DirectorySnapshotStore):
+    """A durable store whose `put` waits until `gate` is set."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.gate = threading.Event()
+
+    def put(self, session_id, blob):
+        assert self.gate.wait(10)
+        super().put(session_id, blob)
+
+
+def test_concurrent_durable_opens_stay_within_max_active(tmp_path):
+    """A durable open holds its new session's slot while the store writes its first snapshot; opens running
+    meanwhile did not count it, so a burst of opens held more slots than max_active, and kept them."""
+    async def main():
+        store = GatedDirectoryStore(tmp_path)
+        engine = Engine(text_model(), max_active=2, store=store)
+        pool, held, most = engine.model.pool, [0], [0]
+        allocate, release = pool.allocate, pool.release
+
+        def counted_allocate():
+            held[0] += 1
+            most[0] = max(most[0], held[0])
+            return allocate()
+
+        def counted_release(slot):
+            held[0] -= 1
+            release(slot)
+
+        pool.allocate, pool.release = counted_allocate, counted_release
+        opened = []
+
+        async def open_one():
+            opened.append(await engine.open())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            async with anyio.create_task_group() as opens:
+                for _ in range(5):
+                    opens.start_soon(open_one)
+                await anyio.sleep(0.3)  # every open has started; the first snapshots wait for the store
+                store.gate.set()
+            for es in opened:
+                await engine.consumed(engine.append(es, [2, 5, 7]))  # each usable, restored in turn
+            tg.cancel_scope.cancel()
+        return len(opened), most[0], engine.active
+
+    assert anyio.run(main) == (5, 2, 2)

@@ -34,6 +34,7 @@ from .inputs import DEFAULT_MAX_PENDING_TOKENS, DEFAULT_MAX_QUEUED_TEXT_BYTES, D
 from .journaling import DEFAULT_SNAPSHOT_EVERY, TickJournal
 from .offload import DEFAULT_MAX_UNWRITTEN, SUSPEND_COMPRESSION_LEVEL, MemoryStore, Offloader
 from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
+from .slots import Slots
 from .streams import Deliveries, TokenQueue, TokenStream
 
 log = logging.getLogger("streamgemma.engine")
@@ -75,10 +76,8 @@ class Engine:
         if session_ttl is not None and not session_ttl > 0:
             raise ValueError(f"session_ttl must be > 0 seconds or None (never), got {session_ttl!r}")
         if idle_step_input_tokens is None:
-            idle_step_input_tokens = scheduler.DEFAULT_IDLE_STEP_INPUT_TOKENS.get(
-                model.device.type, scheduler.DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER)
+            idle_step_input_tokens = scheduler.IDLE_STEP_INPUT_TOKENS.get(model.device.type, 1)
         self.model = model
-        self.max_active = max_active
         self.input_chunk = input_chunk
         self.session_ttl = session_ttl
         self.store = store if store is not None else MemoryStore()
@@ -95,16 +94,20 @@ class Engine:
         self.sessions: dict[str, SessionRecord] = {}
         self.unsaved: list[str] = []  # after `suspend_all`: sessions it could not store
         self._generating: dict[str, SessionRecord] = {}  # sessions with a generation
-        self._riding: set[str] = set()  # ids planned to ride along in the tick being run
         self._model_lock = anyio.Lock()
+        self.slots = Slots(max_active, self.sessions, self.scheduler, self.offloader, self._model_lock)
         self._wake = anyio.Event()
         self._clock = itertools.count(1)  # orders uses for least-recently-used suspension
 
     # -- sessions --------------------------------------------------------------------
     @property
+    def max_active(self) -> int:
+        return self.slots.max_active
+
+    @property
     def active(self) -> int:
         """Sessions holding a pool slot now."""
-        return sum(1 for s in self.sessions.values() if s.live is not None)
+        return self.slots.active
 
     @property
     def unwritten(self) -> int:
@@ -122,18 +125,20 @@ class Engine:
         if self.journal.enabled:  # own it first: a store that is down fails this at once
             await self.offloader.claim(sid)
         await self.wait_input_turn()
-        async with self._model_lock, self.scheduler.input_work(self._generating):
-            await self._make_room()
-            live = (self.model.session(seed=seed) if contents is None
-                    else await anyio.to_thread.run_sync(self.model.restore, contents))
+        async with self._model_lock:
+            await self.slots.make_room(wait=True)
+            async with self.scheduler.input_work(self._generating):
+                live = (self.model.session(seed=seed) if contents is None
+                        else await anyio.to_thread.run_sync(self.model.restore, contents))
+            if stored := durable and self.journal.enabled:  # recovery starts from a stored snapshot
+                self.slots.hold()  # its slot counts while the store writes; nothing is kept if that fails
         if not durable:
             self.journal.ephemeral.add(sid)
-        elif self.journal.enabled:  # recovery starts from a stored snapshot; nothing is kept if that fails
+        if stored:
             try:
                 await self.offloader.store_new(sid, live, self._model_lock)
-            except BaseException:
-                live.close()
-                raise
+            finally:
+                await self.slots.unhold()
         es = self.sessions[sid] = SessionRecord(sid, live, live.position)
         self._touch(es)
         return es
@@ -145,7 +150,7 @@ class Engine:
         async with self._model_lock:
             self._check_usable(es)
             await self.journal.drain()  # what it reports (e.g. `open` with since) must be durable
-            await self._ensure_live(es)
+            await self.slots.ensure_live(es)
             return await anyio.to_thread.run_sync(es.live.capture)
 
     async def resume(self, session_id: str) -> SessionRecord:
@@ -175,7 +180,7 @@ class Engine:
                 if records:  # it consumed more than its snapshot holds: replay the journal
                     try:
                         async with self._model_lock:
-                            await self._ensure_live(es)
+                            await self.slots.ensure_live(es)
                             await anyio.to_thread.run_sync(replay, es.live, records)
                     except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
                         with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
@@ -228,7 +233,7 @@ class Engine:
         check_position(es.position + params.max_tokens, "max_tokens")
         async with self._model_lock:
             self._check_usable(es)  # (closed while its input was consumed)
-            await self._ensure_live(es)
+            await self.slots.ensure_live(es)
             generation = await anyio.to_thread.run_sync(es.live.start_generation, params)
             if params.seed is not None:  # the reseeded stream, journaled with the next tick
                 self.journal.record(es.id, es.live, "rng")
@@ -336,7 +341,7 @@ class Engine:
                 self.inputs.drop(es, EngineError("closed", "the server is shutting down"))
                 if es.live is not None:
                     try:
-                        await self._suspend(es)
+                        await self.slots.suspend(es)
                     except Exception:  # noqa: BLE001 - one failed write must not lose the others
                         log.exception("could not suspend session %s", es.id)
             failed = await self.offloader.flush()
@@ -375,7 +380,7 @@ class Engine:
                 for es in plan.cancelled:
                     self._finish(es, "cancelled")
                 riders = list(plan.riders)
-                self._riding = {es.id for es in riders}  # kept in their slots if the input turn can make room
+                self.slots.riding = {es.id for es in riders}  # kept in their slots if the input turn can make room
                 turn = plan.restore or plan.prefill
                 input_seconds = 0.0  # this tick's input work, for the scheduler's input budget
                 if turn is not None:
@@ -409,7 +414,7 @@ class Engine:
                 if plan.decoding and input_seconds:
                     self.scheduler.charge_input(input_seconds, time.monotonic())
             finally:  # (cancelled mid-tick too: what it recorded is submitted, so its waiters are answered)
-                self._riding = set()
+                self.slots.riding = set()
                 with anyio.CancelScope(shield=True):
                     await self.journal.submit()  # its outputs reach clients once it is durable
             for es in self.journal.due(self.sessions):  # bound the replay: a background snapshot
@@ -427,7 +432,7 @@ class Engine:
             if text is not None:
                 self.inputs.tokenized(es, text, await anyio.to_thread.run_sync(self.inputs.tokenize, text))
                 return
-            await self._ensure_live(es)
+            await self.slots.ensure_live(es)
             chunk = self.inputs.take(es, self.input_chunk)
             await anyio.to_thread.run_sync(es.live.feed, chunk)
             self.stats.prefill_calls += 1
@@ -441,7 +446,7 @@ class Engine:
         """Give `es` a slot so its input can ride along; False (its first input
         failed with the error) if that fails."""
         try:
-            await self._ensure_live(es)
+            await self.slots.ensure_live(es)
         except Exception as e:  # noqa: BLE001 - delivered to whoever awaits this input
             self._input_failed(es, e)
             return False
@@ -469,21 +474,6 @@ class Engine:
         self._touch(es)
         self.journal.end(es.id, active, Done(reason, es.position, held), now)
 
-    # -- slots -------------------------------------------------------------------------
-    async def _ensure_live(self, es: SessionRecord) -> None:
-        """Give `es` a slot, restoring its state (caller holds _model_lock)."""
-        if es.live is not None:
-            return
-        await self._make_room()
-        es.live = await self.offloader.restore(es.id)
-
-    async def _make_room(self) -> None:
-        """Free a slot if max_active are taken (`Scheduler.to_suspend` picks
-        the session to suspend). Caller holds _model_lock."""
-        live = [es for es in self.sessions.values() if es.live is not None]
-        if len(live) >= self.max_active:
-            await self._suspend(self.scheduler.to_suspend(live, self._riding))
-
     def charge_input(self, seconds: float) -> None:
         """Work done for a client outside the ticks (parsing its frames, its
         open or resume) counts as input while sessions generate."""
@@ -493,11 +483,6 @@ class Engine:
         """While sessions generate, wait until the input budget allows more
         input work: for requests whose work is not queued for a tick."""
         await self.scheduler.wait_input_turn(self._generating)
-
-    async def _suspend(self, es: SessionRecord) -> None:
-        position = es.live.position
-        await self.offloader.suspend(es.id, es.live)
-        es.suspended_position, es.live = position, None
 
     def _superseded(self, session_id: str) -> bool:
         es = self.sessions.get(session_id)

@@ -170,12 +170,13 @@ class Offloader:
 
     async def store_new(self, session_id: str, live: Session, model_lock) -> None:
         """Store `live` (a new session, claimed) under `session_id`, waiting
-        until it is stored; on failure it is released."""
+        until it is stored; on failure it is released and `live` closed."""
         try:
             async with model_lock:
                 future = await self.snapshot(session_id, live)
             await anyio.to_thread.run_sync(future.result)
         except BaseException:
+            live.close()
             with contextlib.suppress(Exception):  # (if the store is down, the lease expires by itself)
                 await anyio.to_thread.run_sync(self.store.release, session_id)
             raise

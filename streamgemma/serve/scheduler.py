@@ -46,8 +46,7 @@ DEFAULT_STEP_INPUT_TOKENS = 16
 # When nobody generates: on CUDA a decode step (a CUDA graph) per token beats a
 # prefill call's launches up to about 4 tokens; on the CPU both cost the model's
 # arithmetic, so only a single token takes a decode row.
-DEFAULT_IDLE_STEP_INPUT_TOKENS = {"cuda": 4}
-DEFAULT_IDLE_STEP_INPUT_TOKENS_OTHER = 1
+IDLE_STEP_INPUT_TOKENS = {"cuda": 4}  # by device type; 1 on others
 DEFAULT_INPUT_SHARE = 0.15  # of the scheduler's time for input turns while sessions generate
 
 

@@ -352,3 +352,45 @@ def test_words_blocks_at_batch1_follow_the_format_and_shape():
             wpk = 8 if int4 else 4
             # powers of two, and wide enough that gemv reads the weight as words (BK >= 8 words)
             assert all(v & (v - 1) == 0 for v in (bn, bk, warps)) and bk >= 8 * wpk
+
+
+@pytest.mark.parametrize("block", [(16, 32, 32, 1, 1, 1), (16, 32, 32, 1, 1, 2), (32, 16, 64, 1, 1, 2)])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_fp8_matmul_matches_its_reference(block, m):
+    """The decode batches' fp8 tensor-core product (kernels/fp8_matmul.py), one launch or K in slices summed by a
+    second: ragged rows and columns (N 48 against tiles of 16 and 32), with and without a bias; x's rows strided."""
+    from streamgemma.kernels.fp8_matmul import fp8_matmul, fp8_matmul_ref
+
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, 160, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)[:, :128].to(DEV)
+    w = (torch.randn(48, 128, generator=g) * 3).to(torch.float8_e4m3fn).to(DEV)
+    xs, ws = (torch.rand(m, 1, generator=g) / 50).to(DEV), (torch.rand(48, generator=g) / 50).to(DEV)
+    for bias in (None, torch.randn(48, generator=g).bfloat16().to(DEV)):
+        y = fp8_matmul(x, xs, w, ws, bias, block=block)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 48)
+        assert rel_err(y.float(), fp8_matmul_ref(x, xs, w, ws, bias).float()) < 8e-3
+    with pytest.raises(ValueError, match="not a multiple of BK"):
+        fp8_matmul(x[:, :96], xs, w[:, :96].contiguous(), ws, block=(16, 32, 64, 1, 1, 1))
+
+
+def test_fp8_matmul_blocks_follow_the_sweep():
+    """default_block: 64-wide tiles up to 64 rows, the wide product's 128 x 128 above, a long K in three slices."""
+    from streamgemma.kernels.fp8_matmul import default_block
+
+    assert default_block(64, 2560, 2560) == (64, 64, 128, 4, 4, 1)
+    assert default_block(64, 2560, 7680) == (64, 64, 128, 4, 4, 3)
+    assert default_block(256, 2560, 7680) == (128, 64, 128, 4, 4, 3)
+    assert default_block(256, 15360, 2560) == (128, 128, 128, 8, 3, 1)
+    assert default_block(256, 3072, 2560) == (64, 64, 128, 4, 4, 1)
+    assert default_block(256, 2560, 7680 + 128)[5] == 1  # K not in three whole slices of 128
+
+
+@pytest.mark.parametrize("rows", [(64, 32), (0, -1), (1, 2, 3), "64", (1.0, 8)])
+def test_fp8_matmul_rows_must_be_a_pair_of_counts(rows):
+    from streamgemma.fast.tuning import KernelConfig
+
+    if rows == (64, 32):  # an empty range is allowed: cuBLAS always, like (0, 0)
+        assert KernelConfig(fp8_matmul_rows=rows).fp8_matmul_rows == (64, 32)
+        return
+    with pytest.raises(ValueError, match="fp8_matmul_rows"):
+        KernelConfig(fp8_matmul_rows=rows)

@@ -7,7 +7,8 @@ tiles fill a third of them at 256 rows (bench/NOTES.md D13, D15):
   own CUDA stream (concurrent in the graph), float32 partials summed by one
   Triton launch with the bias;
 - `triton BMxBNxBK/warps/stages[/S]`: a Triton e4m3 x e4m3 tensor-core
-  product, S > 1 splitting K in one launch (float32 partials, then the sum).
+  product, S > 1 splitting K in one launch (float32 partials, then the sum);
+- `library`: `kernels.fp8_matmul` with its default block (the same kernel).
 
 Each variant is one CUDA graph of --reps products over weight copies that
 together exceed the L2 (as in the step, where every weight comes from HBM);
@@ -27,9 +28,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from streamgemma.kernels.fp8_matmul import fp8_matmul
+
 # 2B products: name -> (N, K); q|k|v has no bias
 SHAPES = {"qkv": (3072, 2560), "x|y": (5120, 2560), "gate|up": (15360, 2560), "out": (2560, 2560),
-          "down": (2560, 7680)}
+          "down": (2560, 7680), "head": (256000, 2560)}
 TILES = ["64x64x128/4/4", "64x128x128/4/4", "128x64x128/4/4", "128x128x128/8/3", "64x64x128/4/4/2",
          "64x64x128/4/4/3", "128x64x128/4/4/2", "128x64x128/4/4/3", "64x128x128/4/4/2"]
 
@@ -152,7 +155,7 @@ def time_graph(fn, copies, reps):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="64,256")
-    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--shapes", default="qkv,x|y,gate|up,out,down")
     p.add_argument("--tiles", default=",".join(TILES))
     p.add_argument("--streams", default="2,3,4", help="K slices of the cuBLAS-on-streams variant ('' to skip)")
     p.add_argument("--reps", type=int, default=40)
@@ -174,7 +177,8 @@ def main(argv=None) -> int:
             xq = (torch.randn(m, k, device=dev) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
             xs = torch.rand(m, 1, device=dev) / 100 + 1e-3
             want = cublas(xq, *copies[0][:1], xs, *copies[0][1:]).float()
-            variants = {"cublas": lambda c: cublas(xq, c[0], xs, c[1], c[2])}
+            variants = {"cublas": lambda c: cublas(xq, c[0], xs, c[1], c[2]),
+                        "library": lambda c: fp8_matmul(xq, xs, c[0], c[1], c[2])}
             for s in filter(None, args.streams.split(",")):
                 variants[f"streams {s}"] = lambda c, s=int(s): cublas_streams(xq, c[0], xs, c[1], c[2], s, streams)
             for tile in filter(None, args.tiles.split(",")):

@@ -75,10 +75,11 @@ class KernelConfig:
     True: on an H100 a 2B step took 19% less time with fp8 and 25% less with
     int8, bench/NOTES.md Q4); False: as byte tensors.
 
-    fp8_matmul_rows: (least, most) rows of the batched fp8 tensor-core
-    products (not the LM head's) run by `kernels/fp8_matmul.py` instead of
-    cuBLAS's `F.scaled_mm` (default (64, 256): on an H100 they were faster
-    there, bench/NOTES.md D15); (0, 0): cuBLAS always.
+    fp8_matmul_rows, fp8_head_rows: (least, most) rows of the batched fp8
+    tensor-core products of the layers, and of the LM head, run by
+    `kernels/fp8_matmul.py` instead of cuBLAS's `F.scaled_mm` (defaults (2,
+    256) and (2, 64): on an H100 each product was faster there, and 2B steps
+    4-16% faster, bench/NOTES.md D15); (0, 0): cuBLAS always.
 
     int4_half_dot: the batch-1 GEMV sums an int4 word's eight products in
     float16 pairs (`kernels/widen.int4_word_dots`; default True: on an H100
@@ -99,7 +100,8 @@ class KernelConfig:
     one_byte_words: bool = True
     dequantize_rows: int = 512
     int4_half_dot: bool = True
-    fp8_matmul_rows: tuple[int, int] = (64, 256)
+    fp8_matmul_rows: tuple[int, int] = (2, 256)
+    fp8_head_rows: tuple[int, int] = (2, 64)
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -131,10 +133,12 @@ class KernelConfig:
         for flag in ("one_byte_words", "int4_half_dot"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        rows = self.fp8_matmul_rows
-        if not (isinstance(rows, (tuple, list)) and len(rows) == 2 and all(type(v) is int and v >= 0 for v in rows)):
-            raise ValueError(f"fp8_matmul_rows must be (least, most) rows, ints >= 0; got {rows!r}")
-        object.__setattr__(self, "fp8_matmul_rows", tuple(rows))
+        for name in ("fp8_matmul_rows", "fp8_head_rows"):
+            rows = getattr(self, name)
+            if not (isinstance(rows, (tuple, list)) and len(rows) == 2
+                    and all(type(v) is int and v >= 0 for v in rows)):
+                raise ValueError(f"{name} must be (least, most) rows, ints >= 0; got {rows!r}")
+            object.__setattr__(self, name, tuple(rows))
         if self.pdl not in (None, True, False):
             raise ValueError(f"pdl must be None, True or False, got {self.pdl!r}")
         if self.prefill_attention not in PREFILL_ATTENTION:
@@ -158,7 +162,7 @@ class KernelConfig:
                      frozenset(self.gemv_tensor_cores.items()),
                      frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl,
                      self.prefill_attention, self.prefill_attention_tiles, self.one_byte_words,
-                     self.dequantize_rows, self.int4_half_dot, self.fp8_matmul_rows))
+                     self.dequantize_rows, self.int4_half_dot, self.fp8_matmul_rows, self.fp8_head_rows))
 
     def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or

@@ -14,8 +14,8 @@ bench/dev/tune_gemv.py JSON (--gemv-json: "tuned" its "best" table, the
 fastest fused kernel per shape and batch; "tunedtc" its "best_tensor_core"
 table), "words" / "bytes" (batch-1 1-byte weights read as int32 words, the
 default since session 14, or as byte tensors), "cublas8" / "headcublas8" (the batched fp8 products all
-on cuBLAS, or the LM head's alone, instead of kernels/fp8_matmul.py), or "nopdl" (plain launches); "+" joins them, "base" is the
-defaults. An older checkout can be timed by the same script ("base"), in its
+on cuBLAS, or the LM head's alone, instead of kernels/fp8_matmul.py), or "nopdl" (plain launches);
+"+" joins them, "base" is the defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
     python bench/dev/decode_variants.py [--variants base,up4x256+xy8x256] [--positions 100,3000]

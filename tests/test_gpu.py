@@ -130,8 +130,8 @@ def test_graphed_decode_takes_tokens_on_the_device():
 
 @pytest.mark.parametrize("batch", [3, 64, 100, 256])
 def test_fp8_decode_batches_on_the_triton_product_match_cublas(batch):
-    """Batched fp8 products by kernels/fp8_matmul.py (K in three slices for the down projection, summed by the
-    last program of a tile) against the same step on cuBLAS's F.scaled_mm, both against the PyTorch reference
+    """Batched fp8 products by kernels/fp8_matmul.py (K in three slices for the down projection, summed by a
+    second launch) against the same step on cuBLAS's F.scaled_mm, both against the PyTorch reference
     step (weights dequantized, activations not quantized): e4m3 activations make both ~5% off it on random
     weights, and the Triton path must be no further off than cuBLAS's."""
     from streamgemma.fast.tuning import KernelConfig

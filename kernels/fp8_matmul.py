@@ -62,18 +62,19 @@ def _sum_kernel(p_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, SLICES: tl.constexpr,
 
 
 def default_block(m: int, n: int, k: int, on_gpu: bool = True) -> Block:
-    """The block of an [m, k] x [k, n] product: the best of an H100 sweep of
-    the 2B shapes at 64 and 256 rows (bench/dev/fp8_gemm.py): 64 x 64 tiles;
-    at more than 64 rows 128 x 128 for a wide product (n >= 4k) and 128 x 64
-    for a long one; a long product (k >= 3n) in three K slices. The
-    interpreter gets small tiles (its cost is per element)."""
+    """The block of an [m, k] x [k, n] product: the best of H100 sweeps of
+    the 2B shapes at 8-256 rows (bench/dev/fp8_gemm.py): 64 x 64 tiles; at
+    more than 64 rows 64 x 128 (up to 128 rows) or 128 x 128 for a wide
+    product (n >= 4k) and 128 x 64 for a long one; a long product (k >= 3n)
+    in three K slices. The interpreter gets small tiles (its cost is per
+    element)."""
     slices = 3 if k >= 3 * n and k % (3 * 128) == 0 else 1
     if not on_gpu:
         return 16, 32, 32, 1, 1, 2 if k % 64 == 0 else 1
     if m <= 64:
         return 64, 64, 128, 4, 4, slices
     if n >= 4 * k:
-        return 128, 128, 128, 8, 3, 1
+        return (64, 128, 128, 4, 4, 1) if m <= 128 else (128, 128, 128, 8, 3, 1)
     return (128 if slices > 1 else 64), 64, 128, 4, 4, slices
 
 

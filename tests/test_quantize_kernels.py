@@ -382,6 +382,7 @@ def test_fp8_matmul_blocks_follow_the_sweep():
     assert default_block(64, 2560, 7680) == (64, 64, 128, 4, 4, 3)
     assert default_block(256, 2560, 7680) == (128, 64, 128, 4, 4, 3)
     assert default_block(256, 15360, 2560) == (128, 128, 128, 8, 3, 1)
+    assert default_block(128, 15360, 2560) == (64, 128, 128, 4, 4, 1)
     assert default_block(256, 3072, 2560) == (64, 64, 128, 4, 4, 1)
     assert default_block(256, 2560, 7680 + 128)[5] == 1  # K not in three whole slices of 128
 

@@ -6,7 +6,7 @@ At 8-256 rows cuBLAS takes about 10 us for any of the 2B products, whatever
 their size (128 x 128 output tiles, each walking all of K): the narrow ones
 finish sooner in 64-wide tiles, and a long K sooner in slices whose float32
 partials a second launch sums with the scales and the bias (bench/NOTES.md
-D15). `fp8_matmul_ref` is the reference.
+D15); `preferred` says for which sizes. `fp8_matmul_ref` is the reference.
 """
 
 from __future__ import annotations
@@ -76,6 +76,15 @@ def default_block(m: int, n: int, k: int, on_gpu: bool = True) -> Block:
     if n >= 4 * k:
         return (64, 128, 128, 4, 4, 1) if m <= 128 else (128, 128, 128, 8, 3, 1)
     return (128 if slices > 1 else 64), 64, 128, 4, 4, slices
+
+
+def preferred(m: int, n: int, k: int) -> bool:
+    """Whether this kernel beat cuBLAS for a product of this size in the H100
+    measurements (bench/NOTES.md D15): at most 128 rows, every 2B and 9B
+    product; above that only the small ones (at most 8 M weights, or 20 M in
+    K slices). At 256 rows the 2B x|y and gate|up products took as long either
+    way, and a 9B step with every product here 11% longer than on cuBLAS."""
+    return m <= 128 or n * k <= 8 << 20 or (k >= 3 * n and n * k <= 20 << 20)
 
 
 def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,

@@ -387,6 +387,19 @@ def test_fp8_matmul_blocks_follow_the_sweep():
     assert default_block(256, 2560, 7680 + 128)[5] == 1  # K not in three whole slices of 128
 
 
+def test_fp8_matmul_is_preferred_where_it_was_measured_faster():
+    """Every product up to 128 rows; at 256 the 2B q|k|v, out and down (in slices), not x|y and gate|up, and no 9B
+    product (a 9B step with all of them was 11% slower than on cuBLAS)."""
+    from streamgemma.kernels.fp8_matmul import preferred
+
+    two_b = {"qkv": (3072, 2560), "xy": (5120, 2560), "up": (15360, 2560), "out": (2560, 2560), "down": (2560, 7680)}
+    nine_b = {"qkv": (4608, 4096), "xy": (8192, 4096), "up": (24576, 4096), "out": (4096, 4096), "down": (4096, 12288)}
+    for shapes in (two_b, nine_b):
+        assert all(preferred(m, *nk) for nk in shapes.values() for m in (2, 8, 64, 128))
+    assert {name for name, nk in two_b.items() if preferred(256, *nk)} == {"qkv", "out", "down"}
+    assert not any(preferred(256, *nk) for nk in nine_b.values())
+
+
 @pytest.mark.parametrize("rows", [(64, 32), (0, -1), (1, 2, 3), "64", (1.0, 8)])
 def test_fp8_matmul_rows_must_be_a_pair_of_counts(rows):
     from streamgemma.fast.tuning import KernelConfig

@@ -97,7 +97,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     scales (one Triton launch on CUDA, or x_fp8 when given), `F.scaled_mm` with
     row-wise scales and the bias, bfloat16 out (torch also runs it on the CPU,
     slowly: the tests use that); from triton_rows[0] to triton_rows[1] rows
-    of x on CUDA, the same product by `kernels.fp8_matmul`."""
+    of x on CUDA, the same product by `kernels.fp8_matmul` where it is
+    `preferred` for the size."""
     if x_fp8 is not None:
         xq, x_scale = x_fp8
     elif x.is_cuda:
@@ -107,9 +108,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     else:
         xq, x_scale = fp8_rows_ref(x)
     if x.is_cuda and triton_rows[0] <= x.shape[0] <= triton_rows[1] and x.shape[1] % 128 == 0:
-        from streamgemma.kernels.fp8_matmul import fp8_matmul
+        from streamgemma.kernels.fp8_matmul import fp8_matmul, preferred
 
-        return fp8_matmul(xq, x_scale, weight, scale, bias)
+        if preferred(*x.shape[:1], *weight.shape):
+            return fp8_matmul(xq, x_scale, weight, scale, bias)
     rowwise = F.ScalingType.RowWise
     return F.scaled_mm(xq, weight.t(), x_scale, rowwise, scale[None, :], rowwise, bias=bias,
                        output_dtype=torch.bfloat16)

@@ -635,3 +635,34 @@ def test_a_held_session_that_moved_is_closed_when_found_not_leaked():
         assert closed == [moved] and len(held) == 0  # ... and closed
 
     anyio.run(main)
+
+
+def test_held_sessions_closed_elsewhere_give_up_their_places():
+    """A held session that expiry closed kept its place in the held set until evicted, so the bound evicted a
+    live session for it; closed ones now leave first."""
+    import types
+
+    import anyio
+
+    from streamgemma.serve.held_sessions import HeldSessions
+
+    closed = []
+
+    async def close(es):
+        closed.append(es)
+        es.closed = True
+
+    engine = types.SimpleNamespace(model=types.SimpleNamespace(fingerprint="f"), close=close)
+    fresh = lambda position: types.SimpleNamespace(closed=False, position=position)  # noqa: E731
+
+    async def main():
+        held = HeldSessions(engine, max_sessions=2)
+        a, b, c = fresh(1), fresh(2), fresh(3)
+        await held.hold([7], a)
+        await held.hold([7, 8], b)
+        b.closed = True  # expiry closed it
+        await held.hold([7, 8, 9], c)
+        assert len(held) == 2 and closed == []  # a stays: b's place is free
+        assert await held.take([7, 8, 9, 10]) == (3, c) and await held.take([7, 5]) == (1, a)
+
+    anyio.run(main)

@@ -9,7 +9,7 @@ is no longer held (the conversation's copy in the `PrefixCache` tiers still
 serves a second branch). Bounded by a count, least-recently-used out
 (closed). The engine treats held sessions as any idle session: it may
 suspend one to make room (it is restored when taken) or expire it (then it
-is skipped).
+is skipped, and gives up its place at the next `hold`).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class HeldSessions:
         self._held[key] = es
         if old is not None and old is not es:
             await self.engine.close(old)
+        for gone in [k for k, held in self._held.items() if held.closed]:  # (expiry closed it meanwhile)
+            del self._held[gone]
         while len(self._held) > self.max_sessions:
             _, gone = self._held.popitem(last=False)
             await self.engine.close(gone)

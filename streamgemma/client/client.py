@@ -141,7 +141,8 @@ class Client:
         whose `appended` nobody awaits)."""
         if self._closed_error is not None:
             raise ConnectionError(f"the connection is closed: {self._closed_error}")
-        await self._ws.send(json.dumps(msg))
+        # allow_nan=False: the server refuses NaN/Infinity as bad_json, an error that cannot carry the id.
+        await self._ws.send(json.dumps(msg, allow_nan=False))
 
     @property
     def closed_error(self) -> BaseException | None:
@@ -181,9 +182,16 @@ class Client:
     async def _read(self) -> None:
         try:
             async for frame in self._ws:
-                self._route(json.loads(frame))
+                msg = json.loads(frame)
+                if not isinstance(msg, dict):
+                    raise ValueError("not a JSON object")
+                self._route(msg)
         except websockets.ConnectionClosed as e:
             self._closed_error = e
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # not a protocol event
+            self._closed_error = ConnectionError(f"the server sent a frame outside the protocol: {e}")
+            with contextlib.suppress(Exception):
+                await self._ws.close(1002, "protocol error")
         else:
             self._closed_error = ConnectionError("closed by the server")
         finally:
@@ -299,6 +307,9 @@ class ClientSession:
         timeout, shielded from cancellation) for the server's `done`, so the
         session is ready for the next request and `position` counts every
         token the session consumed, the ones never read included."""
+        clash = {"type", "session", "id"} & sampling.keys()
+        if clash:
+            raise TypeError(f"generate() got protocol fields as sampling arguments: {', '.join(sorted(clash))}")
         me: list[weakref.ref] = []
         tokens = self._tokens(sampling, me)
         me.append(weakref.ref(tokens))
@@ -310,10 +321,14 @@ class ClientSession:
         with client.generation_events(self.id) as route:
             self._running = (me[0], route)
             try:
-                msg = {"type": "generate", "session": self.id, "id": route.request_id, **sampling}
+                msg = {**sampling, "type": "generate", "session": self.id, "id": route.request_id}
                 if client.coalesce:
                     msg["coalesce"] = True
-                await client.send(msg)
+                try:
+                    await client.send(msg)
+                except (TypeError, ValueError, ConnectionError):  # it never left: no done will come
+                    route.close()
+                    raise
                 async for msg in route.events:
                     if self._note_end(msg):
                         return

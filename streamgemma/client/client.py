@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import json
 import logging
-import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from ..serve.auth import RedactingLogger, bearer_subprotocols, header_value
 from ..types import Token
 from .events import GenerationRoute, Reply, ServerError, refusal, scored_fields
+from .portal import daemon_portal
 
 
 class Client:
@@ -407,7 +407,7 @@ class SyncClient:
 
     def __init__(self, client: Client):
         self.client = client
-        self._portal, self._thread = _daemon_portal()
+        self._portal, self._thread = daemon_portal()
         try:
             # The connection's task group lives in one task of the portal's loop.
             self._connection = self._portal.wrap_async_context_manager(client)
@@ -442,34 +442,6 @@ class SyncClient:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def _daemon_portal() -> tuple[anyio.from_thread.BlockingPortal, threading.Thread]:
-    """A blocking portal whose event loop runs in a new daemon thread
-    (`anyio.from_thread.start_blocking_portal` runs it in a thread that the
-    interpreter waits for at exit)."""
-    handed: list = []
-    started = threading.Event()
-
-    async def serve() -> None:
-        async with anyio.from_thread.BlockingPortal() as portal:
-            handed.append(portal)
-            started.set()
-            await portal.sleep_until_stopped()
-
-    def run() -> None:
-        try:
-            anyio.run(serve, backend="asyncio")
-        except BaseException as e:  # noqa: BLE001 - handed to the thread that waits for the portal
-            handed.append(e)
-            started.set()
-
-    thread = threading.Thread(target=run, name="streamgemma-client", daemon=True)
-    thread.start()
-    started.wait()
-    if isinstance(handed[0], BaseException):
-        raise handed[0]
-    return handed[0], thread
 
 
 class SyncSession:

@@ -94,6 +94,8 @@ class Engine:
         self.sessions: dict[str, SessionRecord] = {}
         self.unsaved: list[str] = []  # after `suspend_all`: sessions it could not store
         self._generating: dict[str, SessionRecord] = {}  # sessions with a generation
+        self._resuming: dict[str, anyio.Event] = {}  # ids a resume reads from the store: set when it ends
+        self._deleting: set[str] = set()  # ids `close` / `discard` delete from the store now
         self._model_lock = anyio.Lock()
         self.slots = Slots(max_active, self.sessions, self.scheduler, self.offloader, self._model_lock)
         self._wake = anyio.Event()
@@ -160,37 +162,48 @@ class Engine:
         EngineError("snapshot_error") if its snapshot is damaged or of
         another model. A generation being cancelled ends first, so the
         session's position is final when this returns."""
+        while (busy := self._resuming.get(session_id)) is not None:
+            await busy.wait()  # one resume reads and replays an id at a time; the others find its record
         es = self.sessions.get(session_id)
         if es is None:
+            if session_id in self._deleting:  # (`close` / `discard` deleting it from the store now)
+                raise EngineError("unknown_session", "no such session")
+            done = self._resuming[session_id] = anyio.Event()
             try:
-                await self.wait_input_turn()
-                async with self.scheduler.input_work(self._generating):
-                    contents = await self.offloader.read(session_id)
-                    records = await self.journal.read(session_id, contents.position)
-            except (SnapshotNotFound, SnapshotIdError):
-                raise EngineError("unknown_session", "no such session") from None
-            except SnapshotError as e:
-                raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} (close it to "
-                                                    "delete it)") from None
-            # Another request may have resumed it while we read: one SessionRecord per id.
-            es = self.sessions.get(session_id)
-            if es is None:
-                es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
-                self.offloader.keep(session_id, contents)
-                if records:  # it consumed more than its snapshot holds: replay the journal
-                    try:
-                        async with self._model_lock:
-                            await self.slots.ensure_live(es)
-                            await anyio.to_thread.run_sync(replay, es.live, records)
-                    except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
-                        with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
-                            await self.close(es, delete=False)
-                        if not isinstance(e, SnapshotError):
-                            raise
-                        raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} "
-                                                            "(close it to delete it)") from None
+                es = await self._resume_stored(session_id)
+            finally:
+                del self._resuming[session_id]
+                done.set()
         if es.generation is not None and es.generation.cancelled:
             await self._settle(es)  # so the position reported is final
+        return es
+
+    async def _resume_stored(self, session_id: str) -> SessionRecord:
+        """Register `session_id` from the store, its journal replayed."""
+        try:
+            await self.wait_input_turn()
+            async with self.scheduler.input_work(self._generating):
+                contents = await self.offloader.read(session_id)
+                records = await self.journal.read(session_id, contents.position)
+        except (SnapshotNotFound, SnapshotIdError):
+            raise EngineError("unknown_session", "no such session") from None
+        except SnapshotError as e:
+            raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} (close it to "
+                                                "delete it)") from None
+        es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
+        self.offloader.keep(session_id, contents)
+        if records:  # it consumed more than its snapshot holds: replay the journal
+            try:
+                async with self._model_lock:
+                    await self.slots.ensure_live(es)
+                    await anyio.to_thread.run_sync(replay, es.live, records)
+            except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
+                with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
+                    await self.close(es, delete=False)
+                if not isinstance(e, SnapshotError):
+                    raise
+                raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} "
+                                                    "(close it to delete it)") from None
         return es
 
     def append(self, es: SessionRecord, ids_or_text: Sequence[int] | array.array | str) -> PendingInput:
@@ -286,8 +299,12 @@ class Engine:
         self.sessions.pop(es.id, None)
         self._generating.pop(es.id, None)
         if delete:
-            await self.offloader.delete(es.id)
-            await self.journal.delete(es.id)
+            self._deleting.add(es.id)  # a resume meanwhile must not read it back
+            try:
+                await self.offloader.delete(es.id)
+                await self.journal.delete(es.id)
+            finally:
+                self._deleting.discard(es.id)
         else:
             self.offloader.forget(es.id)
 
@@ -295,15 +312,20 @@ class Engine:
         """`close` a session by id that may not be open: one only in the store,
         also one whose snapshot cannot be restored (damaged, or of another
         model) is deleted. EngineError("unknown_session") if there is none."""
+        while (busy := self._resuming.get(session_id)) is not None:
+            await busy.wait()  # a resume reading it: close what it registers
         es = self.sessions.get(session_id)
         if es is not None:
             await self.close(es)
             return
+        self._deleting.add(session_id)
         try:
             await self.offloader.delete(session_id, missing_ok=False)
             await self.journal.delete(session_id)
         except (SnapshotNotFound, SnapshotIdError):
             raise EngineError("unknown_session", "no such session") from None
+        finally:
+            self._deleting.discard(session_id)
 
     async def detach(self, es: SessionRecord) -> None:
         """The client holding `es` is gone: cancel its generation and drop its

@@ -171,15 +171,22 @@ class Offloader:
     async def store_new(self, session_id: str, live: Session, model_lock) -> None:
         """Store `live` (a new session, claimed) under `session_id`, waiting
         until it is stored; on failure it is released and `live` closed."""
+        future = None
         try:
             async with model_lock:
                 future = await self.snapshot(session_id, live)
             await anyio.to_thread.run_sync(future.result)
         except BaseException:
             live.close()
-            with contextlib.suppress(Exception):  # (if the store is down, the lease expires by itself)
+            if future is not None:  # its write is queued, or landed: delete it after, in order
+                self._writer.submit(self._delete_quietly, session_id)
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # (a store down: its lease expires)
                 await anyio.to_thread.run_sync(self.store.release, session_id)
             raise
+
+    def _delete_quietly(self, session_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self.store.delete(session_id)
 
     def forget(self, session_id: str) -> None:
         """Drop what is held of `session_id` (it is not ours any more)."""

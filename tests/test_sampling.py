@@ -132,10 +132,10 @@ class QuadraticStops:
 
     def push(self, text):
         buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # the first stop to complete (then the longest), whatever the text's split into pieces
+        hits = [(i + len(s), i, s) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
-            at = min(hits)
-            self.matched = next(s for s in self.stops if buf.find(s) == at)
+            _, at, self.matched = min(hits, key=lambda hit: hit[:2])
             self.held = ""
             return buf[:at], True
         keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)

@@ -36,13 +36,13 @@ class StopStrings:
                 if stop[k] == c:
                     k += 1
                 if k == n:  # complete: ends at text[j]
-                    start = len(self.held) + j + 1 - n
-                    if first is None or start < first[0]:
-                        first = (start, i)
+                    end = len(self.held) + j + 1
+                    if first is None or (end, end - n) < (first[2], first[0]):
+                        first = (end - n, i, end)  # the first stop to complete (then the longest)
                     break
             self._states[i] = k
         if first is not None:
-            at, i = first
+            at, i, _ = first
             self.matched = self.stops[i]
             self.held = ""
             return buf[:at], True

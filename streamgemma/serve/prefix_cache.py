@@ -43,6 +43,7 @@ log = logging.getLogger("streamgemma.serve.prefix_cache")
 DIGEST_CHARS = 48  # hex digits of sha256 kept in a key: 192 bits
 DEFAULT_MAX_BYTES = 4 << 30
 DEFAULT_MEMORY_BYTES = 1 << 30
+MAX_PENDING_WRITES = 4  # states waiting for the store, held in host memory
 COMPRESSION_LEVEL = -1  # as suspensions: fast to restore
 
 
@@ -211,7 +212,7 @@ class PrefixCache:
             return
         digest = prefix_digests(self._fingerprint, ids, {len(ids)})[len(ids)]
         self._remember(len(ids), digest, contents)
-        if self.max_bytes > 0:
+        if self.max_bytes > 0 and len(self._writing) < MAX_PENDING_WRITES:  # (a slow store drops writes)
             self._writing[f"{len(ids)}.{digest}"] = contents
             task = asyncio.ensure_future(self._store(len(ids), digest, contents))
             self._tasks.add(task)

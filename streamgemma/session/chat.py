@@ -66,6 +66,7 @@ class Chat:
         logits [vocab] for the reply's first token."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a user turn needs some text, got {text!r}")
+        text = text.strip()  # as Gemma's chat template (`content | trim`) and `chat_prompt_ids`
         prefix = ""
         if self._model_turn_open:
             # An <end_of_turn> the model produced is already consumed; only its newline is missing.

@@ -1,0 +1,95 @@
+"""The chat template against Gemma's official one (trimmed user turns), the prefix cache's pending store
+writes, stop strings whatever the split of the text into tokens (each found by a review)."""
+
+from __future__ import annotations
+
+import pytest
+
+import streamgemma as sg
+from streamgemma.session.chat_template import chat_prompt_ids
+
+# RecurrentGemma-2b-it's (and Gemma-1's) chat template, from its tokenizer_config.json.
+OFFICIAL_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
+
+
+def official_gemma_text(messages) -> str:
+    import jinja2
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    return jinja2.Environment().from_string(OFFICIAL_GEMMA_TEMPLATE).render(
+        messages=messages, bos_token="", add_generation_prompt=True, raise_exception=raise_exception)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "What is a list?"}],  # (agrees)
+    [{"role": "user", "content": "What is a list?\n"}],  # a trailing newline, as a text box or `echo` sends
+    [{"role": "user", "content": "  Hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "Bye\n\n"}],
+])
+def test_user_turns_are_trimmed_as_gemmas_template_does(messages):
+    tok = sg.load("demo").tokenizer
+    ids = chat_prompt_ids(tok, messages)
+    assert tok.decode(ids[1:]) == official_gemma_text(messages)
+
+
+def test_pending_prefix_cache_writes_are_bounded(tmp_path):
+    """Each finished request's state waits in `_writing` (host memory) until the store has it. With a store
+    slower than the requests, nothing bounds them: not memory_bytes (here 0: the memory tier is off)."""
+    import threading
+
+    import anyio
+
+    from streamgemma.serve.prefix_cache import PrefixCache
+
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu", dtype="float32")
+    store = sg.DirectorySnapshotStore(tmp_path)
+    gate, real_put = threading.Event(), store.put
+
+    def slow_put(key, blob):  # a store that is slow (a remote one under load)
+        gate.wait(60)
+        real_put(key, blob)
+
+    store.put = slow_put
+    session = model.session()
+    session.feed([5, 6, 7])
+    contents = session.capture()  # one state stands for the 50 different requests' states
+
+    async def main():
+        cache = PrefixCache(model, store, max_bytes=1 << 30, memory_bytes=0)
+        try:
+            for i in range(50):  # 50 requests finish while the first write is still under way
+                await cache.keep([5, 6, 100 + i], contents)
+            return len(cache._writing)
+        finally:
+            gate.set()
+            await cache.flush()
+            cache.close()
+
+    pending = anyio.run(main)
+    assert pending <= 8, f"{pending} decoded states held in host memory waiting for the store"
+
+
+@pytest.mark.parametrize("stops, text", [(["###", "\n###\n"], "ok\n###\nmore"), (["bc", "abcd"], "xabcdy")])
+def test_a_stop_strings_cut_does_not_depend_on_how_the_text_is_split_into_tokens(stops, text):
+    from streamgemma.sampling.stops import StopStrings
+
+    def run(pieces):
+        s, out = StopStrings(stops), []
+        for p in pieces:
+            emitted, hit = s.push(p)
+            out.append(emitted)
+            if hit:
+                break
+        return "".join(out)
+
+    whole = run([text])
+    by_char = run(list(text))
+    assert whole == by_char

@@ -154,6 +154,11 @@ def test_logprobs_of_completions_and_chat(server, model):
     ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "invalid_value",
      "stream_options"),
     ({"model": MODEL, "prompt": "x", "made_up": 1}, 400, "unknown_field", "made_up"),
+    ({"model": MODEL, "prompt": "x", "n": True}, 400, "invalid_type", "n"),
+    ({"model": MODEL, "prompt": "x", "best_of": True}, 400, "invalid_type", "best_of"),
+    ({"model": MODEL, "prompt": "x", "stream_options": {}}, 400, "invalid_value", "stream_options"),
+    ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": False}}, 400, "invalid_value",
+     "stream_options"),
     ({"model": MODEL, "prompt": "x", "\ud800": 1}, 400, "unknown_field", "\\ud800"),  # a lone surrogate
 ])
 def test_bad_completion_requests_get_openai_shaped_errors(server, body, status, code, param):
@@ -169,10 +174,18 @@ def test_bad_completion_requests_get_openai_shaped_errors(server, body, status, 
     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
     [{"role": "user", "content": "hi \ud800"}],  # a lone surrogate: not text a tokenizer can take
+    [{"role": "user", "content": ""}], [{"role": "user", "content": " \n"}],
 ])
 def test_bad_messages_are_400(server, messages):
     reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages})
     assert reply.status == 400 and reply.error["message"]
+
+
+@pytest.mark.parametrize("max_tokens", ["junk", 0, 10**6])
+def test_max_tokens_beside_max_completion_tokens_is_checked_too(server, max_tokens):
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_completion_tokens": 4, "max_tokens": max_tokens})
+    assert reply.status == 400 and reply.error["param"] in ("max_tokens", None), reply.body
 
 
 def test_the_default_max_tokens_is_never_above_the_server_limit(model):

@@ -113,9 +113,9 @@ def _parse(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: 
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, Mapping) and set(options) <= {"include_usage"}):
         raise TypeError("stream_options must be an object with at most \"include_usage\"")
-    include_usage = _bool(options or {}, "include_usage")
-    if include_usage and not stream:
+    if options is not None and not stream:  # (as OpenAI: any stream_options, not just include_usage)
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
+    include_usage = _bool(options or {}, "include_usage")
     params = _sampling(kind, body, max_tokens_limit, default_max_tokens)
     shape = dict(stream=stream, include_usage=include_usage, return_token_ids=_bool(body, "return_token_ids"))
     if kind == "chat":
@@ -142,6 +142,9 @@ def _parse(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: 
 
 
 def _refuse_unsupported(kind: str, body: Mapping) -> None:
+    for name in ("n", "best_of"):
+        if body.get(name) is not None and type(body[name]) is not int:  # (True == 1)
+            raise bad_request(f"{name} must be an integer", param=name, code="invalid_type")
     n = body.get("n")
     if n is not None and n != 1:
         raise bad_request("only n = 1 is supported (one choice per request)", param="n", code="unsupported")
@@ -177,6 +180,8 @@ def _sampling(kind: str, body: Mapping, max_tokens_limit: int, default_max_token
     param = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     check_int(param, fields["max_tokens"], 1, None)
+    if param == "max_completion_tokens" and body.get("max_tokens") is not None:  # both sent: both valid
+        check_int("max_tokens", body["max_tokens"], 1, max_tokens_limit)
     if fields["max_tokens"] > max_tokens_limit:
         raise bad_request(f"{param} {fields['max_tokens']} is above this server's limit of {max_tokens_limit}",
                           param=param)

@@ -55,6 +55,8 @@ def normalize_messages(messages: Sequence[Mapping]) -> list[ChatMessage]:
             continue
         if role == "user":
             text = text.strip()  # as Gemma's template (`message['content'] | trim`); replies stay as written
+            if not text:
+                raise ValueError(f"messages[{i}]: a user turn needs some text")
         if turns and turns[-1][0] == role:
             raise ValueError(f"messages[{i}]: two {msg['role']} turns in a row; Gemma's turns alternate "
                              "between user and model (join them into one message)")

@@ -93,3 +93,34 @@ def test_a_stop_strings_cut_does_not_depend_on_how_the_text_is_split_into_tokens
     whole = run([text])
     by_char = run(list(text))
     assert whole == by_char
+
+
+def test_a_cached_state_is_reused_only_by_a_model_with_the_same_numerics(tmp_path):
+    """Workers of one checkpoint in other dtypes or weight formats share a fingerprint (snapshots move between
+    them); a prefix-cache entry of one served another as an exact hit, which the docs promise bit for bit."""
+    import anyio
+
+    from streamgemma.serve.prefix_cache import PrefixCache
+
+    config = sg.GriffinConfig.preset("tiny")
+    plain = sg.Model.random(config, seed=0, device="cpu", dtype="float32")
+    int8 = sg.Model.random(config, seed=0, device="cpu", dtype="float32", quantize="int8")
+    assert plain.fingerprint == int8.fingerprint
+    store = sg.DirectorySnapshotStore(tmp_path)
+    session = plain.session()
+    session.feed([5, 6, 7])
+
+    async def main():
+        writer = PrefixCache(plain, store, max_bytes=1 << 30, memory_bytes=0)
+        await writer.keep([5, 6, 7], session.capture())
+        await writer.flush()
+        writer.close()
+        found = []
+        for model in (plain, int8):
+            reader = PrefixCache(model, store, max_bytes=1 << 30, memory_bytes=0)
+            found.append(await reader.lookup([5, 6, 7, 8]))
+            reader.close()
+        return found
+
+    same, other = anyio.run(main)
+    assert same is not None and same.tokens == 3 and other is None

@@ -5,8 +5,8 @@ A Griffin conversation's whole state is one fixed-size snapshot, so a
 request whose tokens extend an earlier request's tokens (the next turn of a
 chat) restores that state and prefills only its new tokens, at any token
 boundary. After a request completes, its final state (prompt plus generated
-tokens) is kept under a key made of a hash of those token ids and the
-model's fingerprint. A lookup hashes the request's ids once, taking a copy
+tokens) is kept under a key made of a hash of those token ids, the
+model's fingerprint and its numerics (dtype, weight format, device type). A lookup hashes the request's ids once, taking a copy
 of the running hash at each cached length, and takes the longest cached
 prefix that leaves at least one new token.
 
@@ -102,7 +102,9 @@ class PrefixCache:
         self.memory_bytes = memory_bytes
         self.refresh_interval = refresh_interval
         self.hits = self.misses = self.hit_tokens = 0
-        self._fingerprint = model.fingerprint.encode()
+        # The weights and their numerics: a state is reused only where the reply would be the same bit
+        # for bit (workers of one fleet sharing a store may run other dtypes or weight formats).
+        self._fingerprint = f"{model.fingerprint}/{model.dtype}/{model.quantization}/{model.device.type}".encode()
         self._index: collections.OrderedDict[str, Entry] = collections.OrderedDict()  # digest -> entry, LRU first
         self._memory: collections.OrderedDict[str, tuple[snapshot_format.SnapshotContents, int]] = \
             collections.OrderedDict()

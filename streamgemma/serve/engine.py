@@ -35,6 +35,7 @@ from .journaling import DEFAULT_SNAPSHOT_EVERY, TickJournal
 from .offload import DEFAULT_MAX_UNWRITTEN, SUSPEND_COMPRESSION_LEVEL, MemoryStore, Offloader
 from .record import ActiveGeneration, Done, EngineError, EngineStats, PendingInput, SessionRecord
 from .slots import Slots
+from .stored import StoredSessions
 from .streams import Deliveries, TokenQueue, TokenStream
 
 log = logging.getLogger("streamgemma.engine")
@@ -94,10 +95,9 @@ class Engine:
         self.sessions: dict[str, SessionRecord] = {}
         self.unsaved: list[str] = []  # after `suspend_all`: sessions it could not store
         self._generating: dict[str, SessionRecord] = {}  # sessions with a generation
-        self._resuming: dict[str, anyio.Event] = {}  # ids a resume reads from the store: set when it ends
-        self._deleting: set[str] = set()  # ids `close` / `discard` delete from the store now
         self._model_lock = anyio.Lock()
         self.slots = Slots(max_active, self.sessions, self.scheduler, self.offloader, self._model_lock)
+        self.stored = StoredSessions(self.sessions, self.offloader, self.journal)
         self._wake = anyio.Event()
         self._clock = itertools.count(1)  # orders uses for least-recently-used suspension
 
@@ -162,18 +162,7 @@ class Engine:
         EngineError("snapshot_error") if its snapshot is damaged or of
         another model. A generation being cancelled ends first, so the
         session's position is final when this returns."""
-        while (busy := self._resuming.get(session_id)) is not None:
-            await busy.wait()  # one resume reads and replays an id at a time; the others find its record
-        es = self.sessions.get(session_id)
-        if es is None:
-            if session_id in self._deleting:  # (`close` / `discard` deleting it from the store now)
-                raise EngineError("unknown_session", "no such session")
-            done = self._resuming[session_id] = anyio.Event()
-            try:
-                es = await self._resume_stored(session_id)
-            finally:
-                del self._resuming[session_id]
-                done.set()
+        es = await self.stored.resume(session_id, self._resume_stored)
         if es.generation is not None and es.generation.cancelled:
             await self._settle(es)  # so the position reported is final
         return es
@@ -299,12 +288,7 @@ class Engine:
         self.sessions.pop(es.id, None)
         self._generating.pop(es.id, None)
         if delete:
-            self._deleting.add(es.id)  # a resume meanwhile must not read it back
-            try:
-                await self.offloader.delete(es.id)
-                await self.journal.delete(es.id)
-            finally:
-                self._deleting.discard(es.id)
+            await self.stored.delete(es.id)
         else:
             self.offloader.forget(es.id)
 
@@ -312,20 +296,14 @@ class Engine:
         """`close` a session by id that may not be open: one only in the store,
         also one whose snapshot cannot be restored (damaged, or of another
         model) is deleted. EngineError("unknown_session") if there is none."""
-        while (busy := self._resuming.get(session_id)) is not None:
-            await busy.wait()  # a resume reading it: close what it registers
-        es = self.sessions.get(session_id)
+        es = await self.stored.resumed(session_id)  # (a resume reading it: close what it registers)
         if es is not None:
             await self.close(es)
             return
-        self._deleting.add(session_id)
         try:
-            await self.offloader.delete(session_id, missing_ok=False)
-            await self.journal.delete(session_id)
+            await self.stored.delete(session_id, missing_ok=False)
         except (SnapshotNotFound, SnapshotIdError):
             raise EngineError("unknown_session", "no such session") from None
-        finally:
-            self._deleting.discard(session_id)
 
     async def detach(self, es: SessionRecord) -> None:
         """The client holding `es` is gone: cancel its generation and drop its

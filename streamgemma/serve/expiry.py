@@ -36,14 +36,15 @@ async def expire(engine) -> int:
     for sid in stored:
         # (looked at per id: one may be resumed while others are deleted). A prefix-cache entry is
         # not a session: its cache bounds it, and a hit reads it without rewriting it.
-        if sid in engine.sessions or is_reserved_key(sid):
+        if engine.stored.in_use(sid) or is_reserved_key(sid):
             continue
         # In a fleet another worker may be using it (its snapshot is old, its journal is not): only a
         # session no worker holds is abandoned.
         if not await anyio.to_thread.run_sync(engine.store.claim_if_free, sid):
             continue
-        await engine.offloader.delete(sid)
-        await engine.journal.delete(sid)
+        if engine.stored.in_use(sid):  # (a resume began while the claim was asked for)
+            continue
+        await engine.stored.delete(sid)
         gone += 1
     count = closed + gone
     if count:

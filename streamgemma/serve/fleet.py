@@ -45,8 +45,9 @@ async def _guarded(fn, *args) -> None:
 
 
 async def hand_over(engine, session_id: str) -> None:
-    """Store `session_id` and let it go, for the worker that asked."""
-    es = engine.sessions.get(session_id)
+    """Store `session_id` and let it go, for the worker that asked (after a resume of it in progress here:
+    released before that, the session would end up live on both workers)."""
+    es = await engine.stored.resumed(session_id)
     if es is not None and not es.closed:
         await engine.detach(es)
         try:

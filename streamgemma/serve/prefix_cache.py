@@ -5,10 +5,11 @@ A Griffin conversation's whole state is one fixed-size snapshot, so a
 request whose tokens extend an earlier request's tokens (the next turn of a
 chat) restores that state and prefills only its new tokens, at any token
 boundary. After a request completes, its final state (prompt plus generated
-tokens) is kept under a key made of a hash of those token ids, the
-model's fingerprint and its numerics (dtype, weight format, device type). A lookup hashes the request's ids once, taking a copy
-of the running hash at each cached length, and takes the longest cached
-prefix that leaves at least one new token.
+tokens) is kept under a key made of a hash of those token ids, the model's
+fingerprint and its numerics (dtype, weight format, device type). A lookup
+hashes the request's ids once, taking a copy of the running hash at each
+cached length, and takes the longest cached prefix that leaves at least one
+new token.
 
 Two tiers, both least-recently-used out: decoded states in host memory
 (`memory_bytes`; a hit costs a copy to the device) and encoded snapshots in

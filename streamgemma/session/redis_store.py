@@ -2,10 +2,11 @@
 Redis (or Valkey), shared by a fleet of workers.
 
 Keys, under a prefix (default "streamgemma"): `P:index` (sorted set: id ->
-time of its last snapshot write), and per session `P:s:ID:snap` (the
-snapshot), `P:s:ID:journal` (a list of journal records), `P:s:ID:lease`
-("WORKER:FENCE", with a time-to-live), `P:s:ID:fence` (a counter) and, while
-a snapshot is being stored, `P:s:ID:upload:WORKER:FENCE`. Releases are
+time of its last snapshot or journal write), `P:fence` (the fencing
+counter), and per session `P:s:ID:snap` (the snapshot), `P:s:ID:journal` (a
+list of journal records), `P:s:ID:lease` ("WORKER:FENCE", with a
+time-to-live) and, while a snapshot is being stored,
+`P:s:ID:upload:WORKER:FENCE`. Releases are
 published on the channel `P:released` (the session id).
 
 Ownership: a worker `claim`s a session before it reads or writes it; the
@@ -97,16 +98,18 @@ return 1
 UPLOAD_TTL_MS = 600_000  # an upload whose promotion never ran (the worker died between the two)
 READ_SIZE = 1 << 20  # socket reads of 1 MiB: a snapshot arrives in 18 reads, not 280
 # One tick's group commit: ARGV[1] the key prefix, ARGV[2] msgpack [[id, lease value, [record,
-# ...]], ...]. One argument instead of four per session: packing a command's arguments was most of
-# the client's time per commit (256 sessions: 1,283 arguments). The keys are built here (a
-# batch spans many sessions anyway, so it is for one Redis, not a cluster). Returns 1
-# (appended) or 0 (refused) per session.
+# ...]], ...], ARGV[3] now: a journaled session counts as written then (expiry must not take it
+# for abandoned because its snapshot is old). One argument instead of four per session: packing a
+# command's arguments was most of the client's time per commit (256 sessions: 1,283 arguments).
+# The keys are built here (a batch spans many sessions anyway, so it is for one Redis, not a
+# cluster). Returns 1 (appended) or 0 (refused) per session.
 APPEND = """
 local out = {}
 for i, entry in ipairs(cmsgpack.unpack(ARGV[2])) do
   local key = ARGV[1] .. ':s:' .. entry[1]
   if redis.call('GET', key .. ':lease') == entry[2] then
     redis.call('RPUSH', key .. ':journal', unpack(entry[3]))
+    redis.call('ZADD', ARGV[1] .. ':index', 'XX', ARGV[3], entry[1])
     out[i] = 1
   else
     out[i] = 0
@@ -120,13 +123,11 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('LTRIM', KEYS[2], ARGV[2], -1)
 return 1
 """
-# KEYS[1] lease, KEYS[2] snap, KEYS[3] journal, KEYS[4] index, KEYS[5] fence; ARGV[1] value, ARGV[2] id.
-# Releases too, and drops the fence counter (else every session ever opened would leave one: a
-# stale writer is still refused, its lease value names another worker or an older fence).
+# KEYS[1] lease, KEYS[2] snap, KEYS[3] journal, KEYS[4] index; ARGV[1] value, ARGV[2] id. Releases too.
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local n = redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[3], KEYS[1], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[2])
 return n
 """
@@ -151,8 +152,10 @@ class RedisSnapshotStore(SnapshotStore):
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
-        if not lease_ttl > 0:
-            raise ValueError(f"lease_ttl must be > 0 seconds, got {lease_ttl!r}")
+        if not lease_ttl >= 0.01:  # (Redis counts milliseconds; renewals run every third of it)
+            raise ValueError(f"lease_ttl must be >= 0.01 seconds, got {lease_ttl!r}")
+        if claim_wait is not None and not claim_wait >= 0:
+            raise ValueError(f"claim_wait must be >= 0 seconds, got {claim_wait!r}")
         if not prefix or any(c.isspace() for c in prefix):
             raise ValueError(f"the key prefix must be non-empty, without spaces, got {prefix!r}")
         parts = urlsplit(url)
@@ -163,7 +166,9 @@ class RedisSnapshotStore(SnapshotStore):
         self.lease_ttl = lease_ttl
         self.claim_wait = lease_ttl + 2.0 if claim_wait is None else claim_wait
         self.max_bytes = max_bytes
-        self.errors = (redis.ConnectionError, redis.TimeoutError)
+        self.errors = (redis.ConnectionError, redis.TimeoutError)  # retried by redis-py, then unavailable
+        # A full Redis (maxmemory with noeviction) or a demoted primary: not retried, also unavailable.
+        self._refusals = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
         self.client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30,
             socket_read_size=READ_SIZE,
@@ -191,10 +196,10 @@ class RedisSnapshotStore(SnapshotStore):
 
     @contextlib.contextmanager
     def unavailable(self, what: str):
-        """Turn Redis being unreachable (after redis-py's retries) into StoreUnavailable."""
+        """Turn Redis being unreachable (after redis-py's retries), full or read-only into StoreUnavailable."""
         try:
             yield
-        except self.errors as e:
+        except self.errors + self._refusals as e:
             raise StoreUnavailable(f"the Redis store {self.url_shown} is unavailable ({what}): {e}") from None
 
     def run(self, name: str, keys: list[str], args: list, client=None):
@@ -233,8 +238,8 @@ class RedisSnapshotStore(SnapshotStore):
         it is `asked`: asked already; or ask=False: only taken if free)."""
         validate_session_id(session_id)
         with self.unavailable("claim"):
-            ok, value = self.run("claim", [self.key(session_id, "lease"), self.key(session_id, "fence")],
-                                 [self.worker, int(self.lease_ttl * 1000)])
+            ok, value = self.run("claim", [self.key(session_id, "lease"), f"{self.prefix}:fence"],
+                                 [self.worker, round(self.lease_ttl * 1000)])
         value = value.decode() if isinstance(value, bytes) else value
         if ok:
             with self._lock:
@@ -246,7 +251,8 @@ class RedisSnapshotStore(SnapshotStore):
         if ask and asked != holder:  # ask the holder to hand it over (once per holder)
             with self.unavailable("hand-over request"):
                 key = f"{self.prefix}:handover:{holder}"
-                self.client.pipeline().rpush(key, session_id).pexpire(key, int(self.claim_wait * 1000)).execute()
+                wait_ms = max(1, round(self.claim_wait * 1000))
+                self.client.pipeline().rpush(key, session_id).pexpire(key, wait_ms).execute()
         return holder
 
     def release(self, session_id: str) -> None:
@@ -286,7 +292,7 @@ class RedisSnapshotStore(SnapshotStore):
             return
         pipe = self.client.pipeline(transaction=False)
         for sid, value in held:
-            self.run("renew", [self.key(sid, "lease")], [value, int(self.lease_ttl * 1000)], client=pipe)
+            self.run("renew", [self.key(sid, "lease")], [value, round(self.lease_ttl * 1000)], client=pipe)
         results = pipe.execute()
         with self._lock:
             for (sid, value), ok in zip(held, results):
@@ -405,8 +411,7 @@ class RedisSnapshotStore(SnapshotStore):
         value = self.lease(session_id)
         with self.unavailable("delete"):
             n = self.run("delete", [self.key(session_id, "lease"), self.key(session_id, "snap"),
-                                    self.key(session_id, "journal"), f"{self.prefix}:index",
-                                    self.key(session_id, "fence")], [value, session_id])
+                                    self.key(session_id, "journal"), f"{self.prefix}:index"], [value, session_id])
         with self._lock:
             self._held.pop(session_id, None)
         if n == -1:
@@ -459,7 +464,8 @@ class RedisJournal(Journal):
                 entries.append((validate_session_id(sid), value, records))
         if entries:
             with store.unavailable("journal append"):
-                results = store.run("append", [], [store.prefix, msgpack.packb(entries, use_bin_type=False)])
+                packed = msgpack.packb(entries, use_bin_type=False)
+                results = store.run("append", [], [store.prefix, packed, time.time()])
             for (sid, _, _), ok in zip(entries, results):
                 if not ok:
                     store.mark_lost(sid)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import os
 import secrets
 import shutil
@@ -47,8 +48,8 @@ class SnapshotStore(abc.ABC):
         return ""
 
     def older_than(self, seconds: float) -> list[str]:
-        """Ids whose snapshot was last written more than `seconds` ago (for
-        expiry); a store that does not know returns []."""
+        """Ids whose snapshot and journal were last written more than
+        `seconds` ago (for expiry); a store that does not know returns []."""
         return []
 
     def journal(self) -> Journal | None:
@@ -215,11 +216,13 @@ class DirectorySnapshotStore(SnapshotStore):
         return self.path(session_id).is_file()
 
     def older_than(self, seconds: float) -> list[str]:
+        """Ids whose snapshot and journal were both last written more than `seconds` ago."""
         cutoff = time.time() - seconds
+        journals = self.journal().directory
         old = []
         for sid, entry in self._entries():
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < cutoff:
+                if entry.stat().st_mtime < cutoff and _mtime(journals / (sid + DirectoryJournal.SUFFIX)) < cutoff:
                     old.append(sid)
         return sorted(old)
 
@@ -256,3 +259,10 @@ class DirectorySnapshotStore(SnapshotStore):
                         os.unlink(entry.path)
                         removed += 1
         return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return -math.inf

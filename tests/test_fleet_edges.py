@@ -1,0 +1,197 @@
+"""The fleet and the Redis store at their edges: expiry after a worker's crash, a hand-over asked for
+during a resume, unknown ids, a full Redis, a lease_ttl Redis cannot express (each found by a review)."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+from redisfixture import redis_server  # noqa: F401 (fixture)
+from textfixtures import text_model
+
+import streamgemma as sg
+from streamgemma.serve.engine import Engine
+from streamgemma.serve.record import EngineError
+
+
+def test_resuming_unknown_ids_leaves_no_redis_keys(redis_server):  # noqa: F811
+    """A client may `open` any id; one that does not exist must leave nothing behind in Redis."""
+    async def main():
+        engine = Engine(text_model(), max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="h"))
+        for i in range(50):
+            with pytest.raises(EngineError) as info:
+                await engine.resume(f"no-such-session-{i}")
+            assert info.value.code == "unknown_session"
+        keys = sorted(k.decode() for k in engine.store.client.keys("h:s:*"))  # per-session keys
+        engine.store.close()
+        return keys
+
+    keys = anyio.run(main)
+    assert keys == [], f"{len(keys)} keys left, e.g. {keys[:3]}"
+
+
+def test_expiry_keeps_a_session_a_crashed_worker_used_moments_ago(redis_server):  # noqa: F811
+    """Worker A uses a session continuously (appends acknowledged every 0.2 s) for longer than
+    the ttl, then dies (SIGKILL: no shutdown, leases neither released nor renewed). Worker B's
+    expiry must not delete it: it was used well within the ttl. Docs: "worker killed ... nothing
+    acknowledged lost"."""
+    model = text_model()
+
+    async def main():
+        a = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="c", lease_ttl=0.3),
+                   session_ttl=1.0)
+        b = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="c", lease_ttl=0.3),
+                   session_ttl=1.0)
+        a_alive = anyio.CancelScope()
+
+        async def run_a():
+            with a_alive:
+                await a.run()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_a)
+            es = await a.open(seed=1)
+            es.owner = object()  # a client holds it
+            for _ in range(8):  # 1.6 s of use: its only snapshot (at open) is older than the ttl now
+                position = await a.consumed(a.append(es, " hello"))
+                await anyio.sleep(0.2)
+            last_ack = time.monotonic()
+            a_alive.cancel()  # A dies
+            a.store.close()
+            await anyio.sleep(0.5)  # its lease expires
+            expired = await b.expire()
+            assert time.monotonic() - last_ack < 1.0  # the session was used less than a ttl ago
+            try:
+                moved = await b.resume(es.id)
+                got = moved.position
+            except EngineError as e:
+                got = e.code
+            tg.cancel_scope.cancel()
+        b.store.close()
+        return expired, got, position
+
+    expired, got, position = anyio.run(main)
+    assert (expired, got) == (0, position)
+
+
+def test_a_tiny_lease_ttl_is_refused_up_front_not_by_redis(redis_server):  # noqa: F811
+    """lease_ttl=0.0004 passes the `> 0` check, but becomes PX 0 in the claim script: Redis
+    answers 'invalid expire time' as a raw redis ResponseError on every claim."""
+    try:
+        store = sg.RedisSnapshotStore(redis_server.url, prefix="t", lease_ttl=0.0004)
+    except ValueError:
+        return  # refused at construction: fine
+    try:
+        store.claim("s1")
+    except sg.StoreError:
+        pass  # a documented error would be acceptable
+    finally:
+        store.close()
+
+
+def test_a_full_redis_is_a_store_error_not_a_raw_redis_error(redis_server):  # noqa: F811
+    """docs/deploy.md recommends maxmemory-policy noeviction ('a full Redis refuses writes
+    instead'). A full Redis answers every write with an OOM error: it must come out of the store
+    as a StoreError (a request error code), not as redis.exceptions.ResponseError ('internal')."""
+    import redis as redis_py
+
+    async def main():
+        engine = Engine(text_model(), max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="m"))
+        engine.store.client.config_set("maxmemory-policy", "noeviction")
+        engine.store.client.config_set("maxmemory", 1)  # full
+        try:
+            await engine.open()
+        except sg.StoreError:
+            return None
+        except redis_py.RedisError as e:
+            return e
+        finally:
+            engine.store.client.config_set("maxmemory", 0)
+            engine.store.close()
+
+    raw = anyio.run(main)
+    assert raw is None, f"raw redis error: {type(raw).__module__}.{type(raw).__name__}: {raw}"
+
+
+def test_a_handover_request_during_a_resume_does_not_leave_the_session_on_two_workers(redis_server):  # noqa: F811
+    """Worker A is resuming session S (claimed, reading its snapshot) when worker B asks for it.
+    A's hand-over finds S not (yet) in `engine.sessions` and releases the lease anyway; B takes
+    it; then A's resume completes and A answers `opened` too: S is live on two workers, and the
+    next input A acknowledges to its client... is refused."""
+    model = text_model()
+
+    async def main():
+        maker = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="r"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(maker.run)
+            es0 = await maker.open(seed=1)
+            await maker.consumed(maker.append(es0, "hello"))
+            sid = es0.id
+            await maker.snapshot(es0)
+            await maker.close(es0, delete=False)
+            maker.store.release(sid)
+            tg.cancel_scope.cancel()
+        maker.store.close()
+
+        a = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="r"))
+        b_store = sg.RedisSnapshotStore(redis_server.url, prefix="r", claim_wait=5)
+        reading, b_done = anyio.Event(), anyio.Event()
+        real_get = a.store.get
+        token = anyio.lowlevel.current_token()
+
+        def slow_get(session_id):  # A has claimed S and is reading its snapshot while B asks for it
+            anyio.from_thread.run_sync(reading.set, token=token)
+            time.sleep(0.5)
+            return real_get(session_id)
+
+        a.store.get = slow_get
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run)
+
+            async def b_claims():
+                await reading.wait()
+                await anyio.to_thread.run_sync(b_store.claim, sid)  # asks A, which hands S over
+                b_done.set()
+
+            tg.start_soon(b_claims)
+            with anyio.fail_after(10):
+                try:
+                    es = await a.resume(sid)
+                except (EngineError, sg.StoreError):
+                    es = None  # refusing the resume would be fine
+                await b_done.wait()  # (B has it now: A handed it over once its resume ended)
+            on_a = es is not None and sid in a.sessions and not es.closed
+            on_b = sid in b_store.held()
+            outcome = None
+            if on_a:
+                try:
+                    await a.consumed(a.append(es, " more"))
+                    outcome = "appended"
+                except Exception as e:  # noqa: BLE001
+                    outcome = f"{type(e).__name__}: {e}"
+            tg.cancel_scope.cancel()
+        a.store.close()
+        b_store.close()
+        return on_a, on_b, outcome
+
+    on_a, on_b, outcome = anyio.run(main)
+    assert not (on_a and on_b), f"live on both workers; A's next append: {outcome}"
+
+
+def test_a_directory_store_counts_a_fresh_journal_as_a_use(tmp_path):
+    """As the Redis index: a session whose snapshot is old but whose journal was just written is not old."""
+    import os
+
+    store = sg.DirectorySnapshotStore(tmp_path)
+    model = text_model()
+    s = model.session()
+    s.feed([2, 5, 7])
+    store.put("abc", s.snapshot())
+    old = time.time() - 100
+    os.utime(store.path("abc"), (old, old))
+    assert store.older_than(50) == ["abc"]
+    store.journal().append({"abc": [b"x"]})
+    assert store.older_than(50) == []
+    os.utime(store.journal().path("abc"), (old, old))
+    assert store.older_than(50) == ["abc"]

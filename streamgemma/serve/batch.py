@@ -9,7 +9,7 @@ Two strategies, picked by where the cost is:
   worker thread that Python would fight the event loop for the GIL. So it
   samples, launches the decode on the device's sampled ids and accepts in
   the loop, and only the wait for the ids (which releases the GIL) goes to
-  a thread (`Waiter`'s own). The decode is queued right behind the sampling, so the device
+  a thread. The decode is queued right behind the sampling, so the device
   goes on to the step while the host waits for the ids.
 """
 
@@ -31,7 +31,6 @@ from ..session.model import Model
 from ..session.session import Session
 from ..types import Token
 from .record import EngineStats
-from .waiter import Waiter
 
 Inputs = Sequence[tuple[Session, int]]  # (session, its next input token)
 
@@ -141,10 +140,6 @@ class ThreadedBatch(BatchExecutor):
 
 
 class InLoopBatch(BatchExecutor):
-    def __init__(self, model: Model, stats: EngineStats):
-        super().__init__(model, stats)
-        self._waiter = Waiter()
-
     async def run(self, generations: list[Generation], slots: list[int], inputs: Inputs) -> list[Token]:
         lock = self.model.lock  # an RLock: taken and released by this thread
         while not lock.acquire(blocking=False):  # a Session outside the engine is using the model
@@ -161,7 +156,8 @@ class InLoopBatch(BatchExecutor):
             if pending is not None:
                 # ... and none arrives between launching the step and recording its
                 # tokens: the sessions' books must match what the device consumed.
-                await self._waiter.wait(pending.wait)  # (shielded)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(pending.wait)
             t3 = time.perf_counter()
             tokens = self.accept(generations, inputs, pending.ids() if pending is not None else [])
             phases["sample"] += t1 - t0

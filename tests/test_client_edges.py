@@ -7,25 +7,11 @@ import contextlib
 
 import anyio
 import pytest
-from textfixtures import text_model
+from test_client import NO_STOP, run, server  # noqa: F401 (server: a fixture)
 
 import streamgemma as sg
-from streamgemma.serve.engine import Engine
-from streamgemma.serve.server import Server, serve_in_thread
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
-NO_STOP = []
-
-
-@pytest.fixture
-def server():
-    srv = Server(Engine(text_model(), max_active=4), port=0)
-    with serve_in_thread(srv):
-        yield srv
-
-
-def run(main, *args):
-    return anyio.run(main, *args, backend="asyncio")
 
 
 def test_a_nan_sampling_value_raises_instead_of_hanging(server):

@@ -7,26 +7,13 @@ import threading
 import time
 
 import anyio
+from test_engine_suspension import PROMPT_IDS, journaled_then_crashed
 from textfixtures import text_model
 
 import streamgemma as sg
 from streamgemma.sampling.params import SamplingParams
 from streamgemma.serve.engine import Engine
 from streamgemma.serve.record import EngineError
-
-PROMPT_IDS = [2, 5, 7, 11, 13, 17]
-
-
-async def journaled_then_crashed(tmp_path) -> str:
-    """A session whose input is journaled past its first snapshot (position 0), in an engine that then
-    stops without suspending anything; its id."""
-    engine = Engine(text_model(), max_active=2, store=sg.DirectorySnapshotStore(tmp_path))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(engine.run)
-        es = await engine.open()
-        assert await engine.consumed(engine.append(es, PROMPT_IDS)) == len(PROMPT_IDS)
-        tg.cancel_scope.cancel()
-    return es.id
 
 
 def slow_restore(engine, seconds=0.3):

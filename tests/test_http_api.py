@@ -620,14 +620,9 @@ def test_a_store_that_cannot_be_reached_is_a_prefix_cache_miss(model, tmp_path):
     assert missed is None and hit is not None and hit.tokens == len(ids)
 
 
-def test_a_held_session_that_moved_is_closed_when_found_not_leaked():
-    """HeldSessions.take: a candidate whose position no longer matches its key is not served, and is
-    closed (it used to be dropped from the held set but left open, holding its slot until expiry)."""
+def fake_engine_for_held_sessions():
+    """(engine, the sessions it closed, a maker of sessions at a position): what HeldSessions uses of an engine."""
     import types
-
-    import anyio
-
-    from streamgemma.serve.held_sessions import HeldSessions
 
     closed = []
 
@@ -636,7 +631,17 @@ def test_a_held_session_that_moved_is_closed_when_found_not_leaked():
         es.closed = True
 
     engine = types.SimpleNamespace(model=types.SimpleNamespace(fingerprint="f"), close=close)
-    fresh = lambda position: types.SimpleNamespace(closed=False, position=position)  # noqa: E731
+    return engine, closed, lambda position: types.SimpleNamespace(closed=False, position=position)
+
+
+def test_a_held_session_that_moved_is_closed_when_found_not_leaked():
+    """HeldSessions.take: a candidate whose position no longer matches its key is not served, and is
+    closed (it used to be dropped from the held set but left open, holding its slot until expiry)."""
+    import anyio
+
+    from streamgemma.serve.held_sessions import HeldSessions
+
+    engine, closed, fresh = fake_engine_for_held_sessions()
 
     async def main():
         held = HeldSessions(engine, max_sessions=4)
@@ -653,20 +658,11 @@ def test_a_held_session_that_moved_is_closed_when_found_not_leaked():
 def test_held_sessions_closed_elsewhere_give_up_their_places():
     """A held session that expiry closed kept its place in the held set until evicted, so the bound evicted a
     live session for it; closed ones now leave first."""
-    import types
-
     import anyio
 
     from streamgemma.serve.held_sessions import HeldSessions
 
-    closed = []
-
-    async def close(es):
-        closed.append(es)
-        es.closed = True
-
-    engine = types.SimpleNamespace(model=types.SimpleNamespace(fingerprint="f"), close=close)
-    fresh = lambda position: types.SimpleNamespace(closed=False, position=position)  # noqa: E731
+    engine, closed, fresh = fake_engine_for_held_sessions()
 
     async def main():
         held = HeldSessions(engine, max_sessions=2)

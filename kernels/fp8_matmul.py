@@ -102,7 +102,8 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_
     bm, bn, bk, warps, stages, slices = block or default_block(m, n, k, xq.is_cuda)
     if k % (bk * slices):
         raise ValueError(f"fp8_matmul: K ({k}) is not a multiple of BK ({bk}) x slices ({slices})")
-    x_scale = x_scale.reshape(m)
+    x_scale, w_scale = x_scale.reshape(m).contiguous(), w_scale.contiguous()  # (read as dense vectors)
+    bias = bias.contiguous() if bias is not None else None
     y = torch.empty(m, n, dtype=torch.bfloat16, device=xq.device)
     partial = slices > 1
     out = torch.empty(slices, m, n, dtype=torch.float32, device=xq.device) if partial else y

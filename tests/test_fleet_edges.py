@@ -195,3 +195,35 @@ def test_a_directory_store_counts_a_fresh_journal_as_a_use(tmp_path):
     assert store.older_than(50) == []
     os.utime(store.journal().path("abc"), (old, old))
     assert store.older_than(50) == ["abc"]
+
+
+def test_a_refusal_inside_a_script_before_redis_7_is_store_unavailable_too(redis_server):  # noqa: F811
+    """Before Redis 7, OOM / READONLY inside a Lua script come back as a plain ResponseError naming them."""
+    import redis as redis_py
+
+    store = sg.RedisSnapshotStore(redis_server.url, prefix="o")
+    try:
+        for text in ("ERR Error running script (call to f_1): @user_script:10: -OOM command not allowed",
+                     "ERR Error running script: @user_script:3: -READONLY You can't write against a replica."):
+            with pytest.raises(sg.StoreUnavailable):
+                with store.unavailable("claim"):
+                    raise redis_py.ResponseError(text)
+        with pytest.raises(redis_py.ResponseError):  # anything else is not the store being unavailable
+            with store.unavailable("claim"):
+                raise redis_py.ResponseError("ERR wrong number of arguments")
+    finally:
+        store.close()
+
+
+def test_deleting_a_session_removes_the_fence_key_older_versions_left(redis_server):  # noqa: F811
+    store = sg.RedisSnapshotStore(redis_server.url, prefix="l")
+    try:
+        s = text_model().session()
+        s.feed([2, 5, 7])
+        store.claim("old")
+        store.put("old", s.snapshot())
+        store.client.set("l:s:old:fence", 7)  # (written by a version with one fence counter per session)
+        store.delete("old")
+        assert store.client.keys("l:s:old:*") == []
+    finally:
+        store.close()

@@ -409,3 +409,19 @@ def test_fp8_matmul_rows_must_be_a_pair_of_counts(rows):
         return
     with pytest.raises(ValueError, match="fp8_matmul_rows"):
         KernelConfig(fp8_matmul_rows=rows)
+
+
+@pytest.mark.parametrize("slices", [1, 2])
+def test_fp8_matmul_takes_strided_scales_and_bias(slices):
+    """Scales and bias that are strided views passed the shape checks, and the kernel read them as dense."""
+    from streamgemma.kernels.fp8_matmul import fp8_matmul, fp8_matmul_ref
+
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 5, 48, 128
+    x = (torch.randn(m, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn).to(DEV)
+    w = (torch.randn(n, k, generator=g) * 3).to(torch.float8_e4m3fn).to(DEV)
+    xs = (torch.rand(m, 2, generator=g) / 50).to(DEV)[:, 1:]  # [M, 1], stride (2, 1)
+    ws = (torch.rand(n, 2, generator=g) / 50).to(DEV)[:, 1]  # [N], stride 2
+    bias = torch.randn(n, 2, generator=g).bfloat16().to(DEV)[:, 0]
+    y = fp8_matmul(x, xs, w, ws, bias, block=(16, 32, 32, 1, 1, slices))
+    assert rel_err(y.float(), fp8_matmul_ref(x, xs, w, ws, bias).float()) < 8e-3

@@ -123,11 +123,12 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('LTRIM', KEYS[2], ARGV[2], -1)
 return 1
 """
-# KEYS[1] lease, KEYS[2] snap, KEYS[3] journal, KEYS[4] index; ARGV[1] value, ARGV[2] id. Releases too.
+# KEYS[1] lease, KEYS[2] snap, KEYS[3] journal, KEYS[4] index, KEYS[5] the per-session fence counter
+# older versions kept; ARGV[1] value, ARGV[2] id. Releases too.
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local n = redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[3], KEYS[1])
+redis.call('DEL', KEYS[3], KEYS[1], KEYS[5])
 redis.call('ZREM', KEYS[4], ARGV[2])
 return n
 """
@@ -169,6 +170,7 @@ class RedisSnapshotStore(SnapshotStore):
         self.errors = (redis.ConnectionError, redis.TimeoutError)  # retried by redis-py, then unavailable
         # A full Redis (maxmemory with noeviction) or a demoted primary: not retried, also unavailable.
         self._refusals = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+        self._response_error = redis.exceptions.ResponseError
         self.client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30,
             socket_read_size=READ_SIZE,
@@ -200,6 +202,10 @@ class RedisSnapshotStore(SnapshotStore):
         try:
             yield
         except self.errors + self._refusals as e:
+            raise StoreUnavailable(f"the Redis store {self.url_shown} is unavailable ({what}): {e}") from None
+        except self._response_error as e:  # (before Redis 7, a refusal inside a script comes back as this)
+            if not any(code in str(e) for code in ("OOM", "READONLY")):
+                raise
             raise StoreUnavailable(f"the Redis store {self.url_shown} is unavailable ({what}): {e}") from None
 
     def run(self, name: str, keys: list[str], args: list, client=None):
@@ -411,7 +417,8 @@ class RedisSnapshotStore(SnapshotStore):
         value = self.lease(session_id)
         with self.unavailable("delete"):
             n = self.run("delete", [self.key(session_id, "lease"), self.key(session_id, "snap"),
-                                    self.key(session_id, "journal"), f"{self.prefix}:index"], [value, session_id])
+                                    self.key(session_id, "journal"), f"{self.prefix}:index",
+                                    self.key(session_id, "fence")], [value, session_id])
         with self._lock:
             self._held.pop(session_id, None)
         if n == -1:

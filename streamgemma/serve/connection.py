@@ -235,6 +235,8 @@ class Connection:
     async def _dispatch(self, request: Request) -> None:
         rid = request.id
         try:
+            if self.server.stopping and isinstance(request, (Open, Generate)):
+                raise EngineError("closed", "the server is shutting down")
             if isinstance(request, Open):
                 await self._open(request)
                 return

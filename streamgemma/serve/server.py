@@ -19,6 +19,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import urllib.parse
 from collections.abc import Iterator
 from http import HTTPStatus
 
@@ -26,6 +27,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 import websockets
+import websockets.headers
 from websockets.asyncio.server import ServerConnection, serve
 
 from ..errors import ServeError
@@ -234,10 +236,29 @@ class Server:
             if page is not None and getattr(request, "method", "GET") != "GET":  # .method: websockets >= 14
                 return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n")
             return page or connection.respond(HTTPStatus.NOT_FOUND, f"not found: the websocket endpoint is {PATH}\n")
+        if self.stopping:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down\n")
         if len(self.connections) >= self.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later\n")
-        if self.token is None:
-            return None
+        origin = request.headers.get("Origin")  # (with a token, the token is what keeps other sites out)
+        if self.token is None and origin is not None \
+                and urllib.parse.urlsplit(origin).netloc.lower() != request.headers.get("Host", "").lower():
+            return connection.respond(HTTPStatus.FORBIDDEN, "a page of another origin may not connect to a server "
+                                                            "without a token\n")
+        if self.token is not None:
+            refused = self._unauthorized(connection, request)
+            if refused is not None:
+                return refused
+        # (checked here, not by websockets: its refusal would quote the header, token included, in its
+        # debug log and in the answer)
+        try:
+            for value in request.headers.get_all("Sec-WebSocket-Protocol"):
+                websockets.headers.parse_subprotocol(value)
+        except websockets.exceptions.InvalidHeader:
+            return connection.respond(HTTPStatus.BAD_REQUEST, "malformed Sec-WebSocket-Protocol header\n")
+        return None
+
+    def _unauthorized(self, connection: ServerConnection, request: websockets.http11.Request):
         try:
             auth.check(self.token, request.headers.get_all("Authorization"),
                        auth.offered_subprotocols(request.headers.get_all("Sec-WebSocket-Protocol")))

@@ -198,3 +198,19 @@ def test_a_cancelled_durable_open_leaves_no_snapshot_in_the_store(tmp_path, monk
         assert listed == [], f"a cancelled open left a snapshot in the store: {listed}"
 
     anyio.run(main)
+
+
+def test_a_session_closed_but_kept_leaves_nothing_in_the_journal_books(tmp_path):
+    """close(delete=False) (a hand-over, a drop) kept the session's count of tokens since its snapshot: a long-running
+    worker held one entry for every session ever handed over."""
+    async def main():
+        engine = Engine(text_model(), max_active=2, store=sg.DirectorySnapshotStore(tmp_path))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            es = await engine.open()
+            await engine.consumed(engine.append(es, PROMPT_IDS))
+            await engine.close(es, delete=False)
+            tg.cancel_scope.cancel()
+        return engine.journal._since_snapshot  # (no public view of these books)
+
+    assert anyio.run(main) == {}

@@ -291,6 +291,7 @@ class Engine:
             await self.stored.delete(es.id)
         else:
             self.offloader.forget(es.id)
+            self.journal.forget(es.id)
 
     async def discard(self, session_id: str) -> None:
         """`close` a session by id that may not be open: one only in the store,

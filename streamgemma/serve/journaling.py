@@ -280,9 +280,13 @@ class TickJournal:
         records = await anyio.to_thread.run_sync(self.journal.read, session_id)
         return records if beyond(records, position) else []
 
-    async def delete(self, session_id: str) -> None:
+    def forget(self, session_id: str) -> None:
+        """`session_id` left this engine with its journal kept (handed over, dropped)."""
         self._since_snapshot.pop(session_id, None)
         self.ephemeral.discard(session_id)
+
+    async def delete(self, session_id: str) -> None:
+        self.forget(session_id)
         if self.journal is not None:
             await anyio.to_thread.run_sync(self.journal.delete, session_id)
 

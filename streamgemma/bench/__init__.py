@@ -39,9 +39,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run one benchmark; returns its record (what --json writes)."""
-    from .common import finish
+    from .common import finish, json_path_usable
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not json_path_usable(args.json):  # (before a run that may take hours, not after)
+        parser.error(f"--json {args.json}: no such directory")
     return finish(args.command, args, args.run(args))
 
 

@@ -7,6 +7,7 @@ imports neither torch nor the model (the workers import only it)."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import time
 import traceback
@@ -21,7 +22,7 @@ def percentiles(values: list[float], scale: float = 1e3) -> dict:
     if not values:
         return {"p50": None, "p99": None, "max": None}
     v = sorted(values)
-    pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
+    pick = lambda q: v[max(0, math.ceil(q * len(v)) - 1)]  # noqa: E731 (the ceil(q n)-th value)
     return {"p50": round(scale * pick(0.50), 3), "p99": round(scale * pick(0.99), 3),
             "max": round(scale * v[-1], 3)}
 

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def _triton_version() -> str | None:
 def environment(device: torch.device | str | None = None) -> dict:
     """Where and how a result was measured: GPU, driver, versions, commit, command."""
     env = {
-        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "command": redact(shlex.join(getattr(sys, "orig_argv", sys.argv))),
         "cwd": os.getcwd(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git": git_commit(),
@@ -141,10 +142,25 @@ def environment(device: torch.device | str | None = None) -> dict:
     return env
 
 
+# a URL's password (redis://user:PASSWORD@host) and a --token's value: never in a record
+_SECRETS = re.compile(r"(://[^/@\s:]*:)[^@\s/]+(@)|(--token[= ])\S+")
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords and --token values replaced by ***."""
+    return _SECRETS.sub(lambda m: f"{m[1]}***{m[2]}" if m[1] else f"{m[3]}***", text)
+
+
+def json_path_usable(path: str | None) -> bool:
+    """Whether --json can be written: '-', none, or a file in an existing directory (checked before a run)."""
+    return path in (None, "", "-") or Path(path).resolve().parent.is_dir()
+
+
 def finish(command: str, args: argparse.Namespace, results: dict) -> dict:
     """The full record of a run (written to --json if given): the command's
     results, its settings, and the environment of results["model"]["device"]."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "json")}
+    settings = {k: ("***" if k == "token" and v else redact(v) if isinstance(v, str) else v)
+                for k, v in vars(args).items() if k not in ("run", "json")}
     device = results.get("model", {}).get("device")
     record = {"bench": command, "environment": environment(device), "settings": settings, "results": results}
     if args.json == "-":

@@ -30,12 +30,13 @@ import torch
 
 import streamgemma as sg
 
+from .args import positive_int
 from .common import build_model, describe, is_cuda, sync, token_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="1,8,64,256", help="batch sizes (default 1,8,64,256)")
-    parser.add_argument("--steps", type=int, default=64, help="timed steps per batch size (default 64)")
+    parser.add_argument("--steps", type=positive_int, default=64, help="timed steps per batch size (default 64)")
     parser.add_argument("--positions", default="100,3000,50000",
                         help="positions for batch-1 ms/token ('' to skip; default 100,3000,50000)")
     parser.add_argument("--generate-tokens", type=int, default=None,

@@ -154,6 +154,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def remove_prefix(url: str, prefix: str) -> None:
+    """Delete a bench run's own keys (under `prefix`): a user's Redis keeps nothing of it."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
 @contextlib.contextmanager
 def redis_at(url: str | None, directory: Path):
     """`url`, or a redis-server started in `directory` (append-only, fsync always)."""
@@ -335,6 +347,7 @@ def run(args: argparse.Namespace) -> dict:
             finally:
                 for w in workers:
                     w.stop()
+                remove_prefix(url, prefix)
     check = verify(model, clients)
     recovery = tally.recovery_s
     out = {"model": {"spec": model_spec, "device": "cpu", "dtype": "float32"},

@@ -40,7 +40,7 @@ import streamgemma as sg
 from ..session import snapshot as snapshot_format
 from ..session.session import Session
 from .common import build_model, describe, token_ids
-from .fleet import redis_at
+from .fleet import redis_at, remove_prefix
 
 
 class Parts:
@@ -99,10 +99,13 @@ async def handovers(model: sg.Model, url: str, tokens: int, rounds: int) -> dict
     params = sg.SamplingParams(max_tokens=1, stop_token_ids=())
     opened, first, sizes, rounds_parts = [], [], [], []
     parts = Parts()
-    with parts.watching(model, workers):
-        await _rounds(model, workers, tokens, rounds, params, opened, first, sizes, rounds_parts, parts)
-    for w in workers:
-        w.store.close()
+    try:
+        with parts.watching(model, workers):
+            await _rounds(model, workers, tokens, rounds, params, opened, first, sizes, rounds_parts, parts)
+    finally:
+        for w in workers:
+            w.store.close()
+        remove_prefix(url, prefix)
     ms = lambda xs: {"median": round(1e3 * statistics.median(xs), 1), "max": round(1e3 * max(xs), 1),  # noqa: E731
                      "all": [round(1e3 * x, 1) for x in xs]}
     totals = collections.defaultdict(list)

@@ -41,12 +41,13 @@ import time
 import anyio
 import anyio.from_thread
 
+from .args import at_least_zero, positive_int
 from .clients import run_clients, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=256, help="concurrent clients (default 256)")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens each client generates (default 512)")
+    parser.add_argument("--tokens", type=positive_int, default=512, help="tokens each client generates (default 512)")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per client (default 128)")
     parser.add_argument("--procs", type=int, default=8, help="client worker processes (default 8)")
     parser.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of the batch-N decode baseline (default 64; 0: not run)")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="gc.freeze() after the warm-up, as `streamgemma serve` does (default: yes)")
-    parser.add_argument("--gc-threshold", type=_at_least_zero, metavar="N",
+    parser.add_argument("--gc-threshold", type=at_least_zero, metavar="N",
                         help="the collector's first threshold while serving (gc.set_threshold; 0: no "
                              "collections, an upper bound of what they cost; default: Python's)")
     g = parser.add_argument_group("sampling (each client's generate request; default: the protocol's)")
@@ -127,12 +128,6 @@ class GcPauses:
         return {"collections": len(self.pauses), "gen2": sum(1 for g, _ in self.pauses if g == 2),
                 "total_ms": round(1e3 * sum(d for _, d in self.pauses), 1),
                 "longest_ms": [round(1e3 * d, 1) for d in longest]}
-
-
-def _at_least_zero(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"want a whole number >= 0, got {text!r}")
-    return int(text)
 
 
 @contextlib.contextmanager

@@ -22,13 +22,14 @@ import statistics
 import struct
 import time
 
+from .args import positive_int
 from .common import build_model, describe, sync, token_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--position", type=int, default=None,
                         help="tokens the session has consumed (default: the attention window + 123)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed snapshots and restores (default 20)")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed snapshots and restores (default 20)")
     parser.add_argument("--level", type=int, default=None,
                         help="zstd level of Session.snapshot (default: the library's, 1; the engine suspends at -1)")
     parser.add_argument("--threads", type=int, default=None,

@@ -108,7 +108,12 @@ class StatePool:
             raise CapacityError(self._full_message())
         # Layer by layer, so the old tensors of one layer at most live beside the new ones.
         for i, kind in enumerate(self.config.block_types):
-            fresh = self._alloc_layer(kind, new)
+            try:
+                fresh = self._alloc_layer(kind, new)
+            except BaseException:  # roll back: every layer keeps `old` slots (views of the grown ones)
+                for j in range(i):
+                    self.layers[j] = tuple(t[:old] for t in self.layers[j])
+                raise
             for dst, src in zip(fresh, self.layers[i]):
                 dst[:old].copy_(src)
             self.layers[i] = fresh

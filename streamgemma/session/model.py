@@ -180,7 +180,8 @@ class Model:
             contents = snapshot_format.decode(snapshot, self.config, self.fingerprint, threads)
         session = self.session(seed=contents.seed)
         try:
-            snapshot_format.load_into(self.pool, session.slot, contents)
+            with self.lock:
+                snapshot_format.load_into(self.pool, session.slot, contents)
             session.restore_host(contents.extra)
         except BaseException:
             session.close()

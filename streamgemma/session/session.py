@@ -196,6 +196,9 @@ class Session:
                 raise ValueError("feed() got an empty string: there is nothing to consume")
             ids = tok.encode(ids_or_text, add_bos=self.position == 0 if add_bos is None else add_bos)
         else:
+            if isinstance(ids_or_text, (bytes, bytearray, memoryview)) or not isinstance(ids_or_text, Iterable):
+                raise TypeError(f"feed() takes text or a sequence of token ids, got "
+                                f"{type(ids_or_text).__name__}")
             if isinstance(ids_or_text, torch.Tensor):
                 ids_or_text = ids_or_text.reshape(-1).tolist()
             ids = check_token_ids(ids_or_text, self.model.config.vocab_size)
@@ -277,6 +280,10 @@ class Session:
     def _generate(self, generation: Generation) -> Iterator[Token]:
         while True:
             with self.model.lock:
+                self._check_open()
+                if generation.state is not self.state:
+                    raise RuntimeError("this generation was ended by reset() or a restore of the session's "
+                                       "state; call generate() again")
                 # The step reads the sampled id on the device, so it is queued before
                 # the id reaches the host: the device goes on while the host waits.
                 rows = [generation.sample_row()]

@@ -1,0 +1,181 @@
+"""Sessions at their edges: generators of closed or reset sessions, restore while the pool grows, feed of
+bytes or a non-iterable, a pool growth that runs out of memory (each found by a review)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from textfixtures import model, text_model  # noqa: F401 (fixture)
+
+from streamgemma.session import snapshot_bytes
+
+PROMPT = "the quick brown fox jumps over the lazy dog"
+
+
+def test_generator_of_a_closed_session_says_it_is_closed(model):
+    s = model.session(seed=0)
+    s.feed(PROMPT)
+    gen = s.generate(max_tokens=10, stop_token_ids=[])
+    next(gen)
+    s.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(gen)
+
+
+def test_generator_of_a_session_closed_mid_step_never_writes_into_a_reused_slot(model):
+    s = model.session(seed=0)
+    s.feed(PROMPT)
+    gen = s.generate(max_tokens=10, stop_token_ids=[])
+    real_decode = model.decode
+    in_step, go = threading.Event(), threading.Event()
+
+    def slow_decode(slots, tokens):
+        if threading.current_thread() is not threading.main_thread():
+            in_step.set()
+            go.wait(10)
+        return real_decode(slots, tokens)
+
+    model.decode = slow_decode
+    worker = threading.Thread(target=next, args=(gen,))
+    worker.start()
+    assert in_step.wait(10)
+    closer = threading.Thread(target=s.close)  # e.g. the event loop closing a session while agenerate's step runs
+    closer.start()
+    while not s.closed:
+        pass
+    go.set()
+    worker.join(10)
+    closer.join(10)
+    model.decode = real_decode
+    other = model.session(seed=0)
+    assert other.slot == s.slot  # the slot was given back and handed out again
+    other.feed(PROMPT)
+    before = other.position
+    try:
+        next(gen)
+    except RuntimeError:
+        pass
+    assert other.position == before  # the closed session's generator must not step another session's slot
+
+
+def test_reset_while_a_generation_is_suspended(model):
+    s = model.session(seed=0)
+    s.feed(PROMPT)
+    gen = s.generate(max_tokens=10, stop_token_ids=[])
+    next(gen)
+    s.reset()
+    try:
+        t = next(gen)
+    except (RuntimeError, ValueError, StopIteration):
+        return  # refusing is fine
+    # if it goes on, the session's host state must describe what the slot consumed
+    assert s.position == 1
+    assert s.recent_ids == [t.id]
+    assert s.logits is not None
+
+
+def test_restore_while_another_thread_grows_the_pool(model, monkeypatch):
+    s = model.session(seed=0)
+    s.feed(PROMPT)
+    blob = s.snapshot()
+    twin = model.restore(blob)
+    want = twin.step(5)
+    twin.close()
+    real = snapshot_bytes.cpu_destination_and_source
+    opened, threads = [], []
+
+    def grow_midway(*args):
+        if not threads:  # another thread opens sessions (the pool grows) while this restore writes the slot
+            t = threading.Thread(target=lambda: opened.extend(model.session() for _ in range(4)))
+            threads.append(t)
+            t.start()
+            t.join(2)  # with the model lock held during the write, it waits for the restore instead
+        return real(*args)
+
+    monkeypatch.setattr(snapshot_bytes, "cpu_destination_and_source", grow_midway)
+    restored = model.restore(blob)
+    monkeypatch.undo()
+    threads[0].join(10)
+    assert len(opened) == 4
+    assert restored.position == s.position
+    assert torch.allclose(restored.step(5), want)
+
+
+@pytest.mark.parametrize("bad", [b"hello", 5, None, 3.0])
+def test_feed_refuses_non_token_input_with_a_named_error(model, bad):
+    s = model.session()
+    with pytest.raises((TypeError, ValueError), match="token|text|feed"):
+        s.feed(bad)
+    assert s.position == 0
+
+
+def test_numpy_and_tensor_ids(model):
+    a, b = model.session(), model.session()
+    ids = model.tokenizer.encode(PROMPT, add_bos=True)
+    la = a.feed(np.array(ids))
+    lb = b.feed(torch.tensor(ids))
+    assert torch.equal(la, lb)
+    assert torch.equal(a.step(np.int64(7)), b.step(torch.tensor(7)))
+
+
+def test_a_failed_growth_leaves_the_pool_usable(model, monkeypatch):
+    s = model.session(seed=0)
+    s.feed(PROMPT)
+    pool = model.pool
+    real = pool._alloc_layer
+    calls = []
+
+    def oom_on_second(kind, n):
+        calls.append(kind)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(kind, n)
+
+    monkeypatch.setattr(pool, "_alloc_layer", oom_on_second)
+    with pytest.raises(torch.OutOfMemoryError):
+        model.session()
+    monkeypatch.undo()
+    other = model.session()  # memory is back: growing must work
+    other.feed(PROMPT)
+    s.step(5)
+    other.step(5)
+
+
+def test_position_and_recent_ids_after_stops(model):
+    s = model.session(seed=3)
+    ids = model.tokenizer.encode(PROMPT, add_bos=True)
+    s.feed(ids)
+    toks = list(s.generate(max_tokens=30, stop_token_ids=[], temperature=0))
+    stop = toks[2].text or "e"
+    s2 = model.session(seed=3)
+    s2.feed(ids)
+    got = list(s2.generate(max_tokens=30, stop=[stop], stop_token_ids=[], temperature=0))
+    assert s2.position == len(ids) + len(got)
+    assert s2.recent_ids[len(ids):] == [t.id for t in got]
+
+
+def test_fork_mid_generation_continues_alike(model):
+    s = model.session(seed=1)
+    s.feed(PROMPT)
+    gen = s.generate(max_tokens=20, stop_token_ids=[])
+    for _ in range(5):
+        next(gen)
+    child = s.fork()
+    a = [t.id for t in gen]
+    b = [t.id for t in child.generate(max_tokens=15, stop_token_ids=[])]
+    assert a == b
+
+
+def test_restore_mid_generation_continues_alike(model):
+    s = model.session(seed=1)
+    s.feed(PROMPT)
+    gen = s.generate(max_tokens=20, stop_token_ids=[])
+    for _ in range(5):
+        next(gen)
+    r = model.restore(s.snapshot())
+    a = [(t.id, t.text) for t in gen]
+    b = [(t.id, t.text) for t in r.generate(max_tokens=15, stop_token_ids=[])]
+    assert a == b

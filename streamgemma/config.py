@@ -172,6 +172,15 @@ class GriffinConfig:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> GriffinConfig:
         """Build from a Hugging Face RecurrentGemma `config.json` mapping."""
+        try:
+            return cls._from_hf_dict(d, source)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type (null, a string, ...)
+            raise ConfigError(f"{source}: bad field value: {e}") from None
+
+    @classmethod
+    def _from_hf_dict(cls, d: Mapping[str, Any], source: str) -> GriffinConfig:
         model_type = d.get("model_type")
         if model_type not in (None, "recurrent_gemma"):
             raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'recurrent_gemma'")
@@ -185,6 +194,9 @@ class GriffinConfig:
             raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: bad field value: {e}") from None
+        if d.get("tie_word_embeddings", True) is False:
+            raise ConfigError(f"{source}: tie_word_embeddings is false; RecurrentGemma's LM head is its embedding "
+                              "(an untied lm_head is not supported)")
         kv_heads = d.get("num_key_value_heads", 1)
         if kv_heads not in (None, 1):
             raise ConfigError(f"{source}: num_key_value_heads is {kv_heads}; Griffin attention is "
@@ -244,6 +256,10 @@ class GriffinConfig:
         while f"blocks.{i}.channel_pre_norm.scale" in shapes:
             gate = shapes.get(f"blocks.{i}.recurrent_block.rg_lru.a_gate.w")
             k_proj = shapes.get(f"blocks.{i}.attention_block.proj_k.weight")
+            if (gate is not None and len(gate) != 3) or (gate is None and k_proj is not None and len(k_proj) != 2):
+                name, shape = (("recurrent_block.rg_lru.a_gate.w", gate) if gate is not None
+                               else ("attention_block.proj_k.weight", k_proj))
+                raise ConfigError(f"{source}: unexpected shape {list(shape)} for 'blocks.{i}.{name}'")
             if gate is not None:
                 block_types.append(RECURRENT)
                 num_heads, block_width, _ = gate

@@ -17,6 +17,7 @@ used.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -178,6 +179,8 @@ def _shards_from_index(index_file: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+    if not all(isinstance(n, str) and n not in ("", ".", "..") and Path(n).name == n for n in names):
+        raise CheckpointError(f"{index_file}: a shard named in the index is not a file name of this directory")
     files = [index_file.parent / n for n in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -409,6 +412,9 @@ def _config_source(ckpt: Checkpoint) -> str:
 
 def _check_keys(ckpt: Checkpoint, keys: list[str], layout: dict[str, _Rule]) -> None:
     present = set(keys)
+    if len(present) != len(keys):  # (one tensor in two shards: which one the loader took would be arbitrary)
+        twice = sorted(k for k, n in collections.Counter(keys).items() if n > 1)
+        raise CheckpointError(f"{ckpt.root}: tensor(s) stored more than once: {', '.join(map(repr, twice[:5]))}")
     allowed_extra = {"lm_head.weight"} if ckpt.format == "hf" else set()
     unexpected = sorted(present - set(layout) - allowed_extra)
     missing = sorted(set(layout) - present)

@@ -1,0 +1,112 @@
+"""Loading at its edges: malformed config fields and official shapes, shard indexes that point outside the
+directory or name a tensor twice, an untied LM head (each found by a review)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import streamgemma as sg
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved")
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu", dtype="float32").save(path)
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# 1. a malformed config.json field gives a bare ValueError/TypeError/AttributeError
+@pytest.mark.parametrize("field,value", [
+    ("attention_window_size", None), ("attention_window_size", "x"), ("conv1d_width", None),
+    ("rms_norm_eps", "x"), ("rope_theta", None), ("head_dim", "abc"), ("block_types", 5),
+    ("rope_parameters", [1]), ("streamgemma_logits_soft_cap", "abc"), ("lru_width", "x"),
+    ("partial_rotary_factor", None),
+])
+def test_malformed_config_field_is_a_checkpoint_error(saved, tmp_path, field, value):
+    d = _copy(saved, tmp_path / "ckpt")
+    config = json.loads((d / "config.json").read_text())
+    config[field] = value
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(sg.CheckpointError, match="config.json"):
+        sg.load(d, progress=False)
+
+
+# 2. an official state dict with a malformed shape gives a bare ValueError/IndexError
+@pytest.mark.parametrize("key,shape", [
+    ("blocks.0.recurrent_block.rg_lru.a_gate.w", (4, 4)),
+    ("blocks.2.attention_block.proj_k.weight", ()),
+])
+def test_malformed_official_shape_is_a_checkpoint_error(tmp_path, key, shape):
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu", dtype="float32")
+    sd = dict(model.network.state_dict())
+    sd[key] = torch.zeros(shape)
+    torch.save(sd, tmp_path / "tiny.pt")
+    with pytest.raises(sg.CheckpointError, match="tiny.pt"):
+        sg.load(tmp_path / "tiny.pt", progress=False)
+
+
+# 3. a shard index may point outside the checkpoint directory (relative or absolute path)
+@pytest.mark.parametrize("absolute", [False, True])
+def test_index_cannot_point_outside_the_directory(saved, tmp_path, absolute):
+    outside = tmp_path / "outside"
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=7, device="cpu", dtype="float32").save(outside)
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(saved / "config.json", d / "config.json")
+    shard = str(outside / "model.safetensors") if absolute else "../outside/model.safetensors"
+    keys = load_file(outside / "model.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: shard for k in keys}}))
+    with pytest.raises(sg.CheckpointError, match="index"):
+        sg.load(d, progress=False)  # today: loads the other directory's weights silently
+
+
+# 4. a non-string shard name in the index is a bare TypeError
+def test_index_with_non_string_shard_name_is_a_checkpoint_error(saved, tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(saved / "config.json", d / "config.json")
+    keys = load_file(saved / "model.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: 5 for k in keys}}))
+    with pytest.raises(sg.CheckpointError, match="index"):
+        sg.load(d, progress=False)
+
+
+# 5. a tensor present in two shards: the one the index does NOT name silently wins
+def test_index_decides_which_shard_a_tensor_comes_from(saved, tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(saved / "config.json", d / "config.json")
+    sd = load_file(saved / "model.safetensors")
+    one, two = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file(sd, str(d / one))
+    save_file({"model.final_norm.weight": torch.full_like(sd["model.final_norm.weight"], 5.0)}, str(d / two))
+    weight_map = {k: one for k in sd}
+    weight_map["model.layers.0.mlp_block.down_proj.bias"] = two  # (so the index lists shard 2)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    try:
+        model = sg.load(d, progress=False)
+    except sg.CheckpointError:
+        return  # refusing the contradiction is fine too
+    assert torch.equal(model.network.final_norm.scale, sd["model.final_norm.weight"])  # the index's shard
+
+
+# 7. an untied lm_head (config says tie_word_embeddings: false) is silently dropped
+def test_untied_lm_head_is_not_silently_ignored(saved, tmp_path):
+    d = _copy(saved, tmp_path / "ckpt")
+    sd = load_file(d / "model.safetensors")
+    sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file(sd, str(d / "model.safetensors"))
+    config = json.loads((d / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(sg.CheckpointError, match="lm_head"):
+        sg.load(d, progress=False)  # today: loads, logits use the embedding, fingerprint unchanged

@@ -98,12 +98,11 @@ class KernelDecoder:
         normed = torch.empty_like(x)
         delta = None
         eps = cfg.rms_norm_eps
-
-        kc = self.kernel_config
+        rows = self.kernel_config.fp8_matmul_rows  # (the batched fp8 products' Triton range)
 
         def project(src, entry, name, xq=None):  # the layer's projection `name` (FusedWeights' w_/s_/b_ entries)
             return linear(src, entry["w_" + name], entry["s_" + name], entry["b_" + name], xq,
-                          fp8_matmul_rows=kc.fp8_matmul_rows)
+                          fp8_matmul_rows=rows)
 
         def norm(delta, scale, weight):
             """normed = the norm of x + delta; for an fp8 tensor-core product of
@@ -115,7 +114,7 @@ class KernelDecoder:
         for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
             if block.kind == ATTENTION:
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_qkv"])
-                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq, fp8_matmul_rows=kc.fp8_matmul_rows)
+                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq, fp8_matmul_rows=rows)
                 mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
                 self._attention(qkv, state, slots, pos, mixed)
                 delta = project(mixed, entry, "out")
@@ -124,7 +123,7 @@ class KernelDecoder:
                 l = cfg.lru_width
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_xy"])
                 xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq,
-                            fp8_matmul_rows=kc.fp8_matmul_rows)
+                            fp8_matmul_rows=rows)
                 xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
                 self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
                 gated = torch.empty_like(xc)
@@ -137,7 +136,8 @@ class KernelDecoder:
             self._ew.geglu(gate_up, hidden, fp8=hq)
             delta = project(hidden, entry, "down", hq)
         xq = norm(delta, net.final_norm.scale, self.embedding)
-        return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq, fp8_matmul_rows=kc.fp8_head_rows)
+        return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq,
+                      fp8_matmul_rows=self.kernel_config.fp8_head_rows)
 
     def _attention(self, qkv, state, slots, pos, out):
         self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq, self.config.num_heads, out,

@@ -110,7 +110,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     if x.is_cuda and triton_rows[0] <= x.shape[0] <= triton_rows[1] and x.shape[1] % 128 == 0:
         from streamgemma.kernels.fp8_matmul import fp8_matmul, preferred
 
-        if preferred(*x.shape[:1], *weight.shape):
+        if preferred(x.shape[0], *weight.shape):
             return fp8_matmul(xq, x_scale, weight, scale, bias)
     rowwise = F.ScalingType.RowWise
     return F.scaled_mm(xq, weight.t(), x_scale, rowwise, scale[None, :], rowwise, bias=bias,

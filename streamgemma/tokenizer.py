@@ -124,6 +124,19 @@ class Tokenizer:
         """Text of token ids (invalid UTF-8 from byte pieces becomes U+FFFD, one per byte)."""
         return self._sp.DecodeIds(self.check_ids(ids))
 
+    def unfinished(self, ids: list[int]) -> str:
+        """What a final `Detokenizer.flush` adds after a stream ending in `ids`:
+        U+FFFD for each byte of its trailing byte pieces that has not formed a
+        character (text pieces flush the bytes before them, so the trailing
+        byte pieces alone decide it)."""
+        start = len(ids)
+        while start and self.piece_kind(int(ids[start - 1]))[0] == PIECE_BYTE:
+            start -= 1
+        d = Detokenizer(self, at_start=False)
+        for i in ids[start:]:
+            d.push(i)
+        return d.flush()
+
     def detokenizer(self) -> Detokenizer:
         """A fresh incremental detokenizer for a stream that starts at position 0."""
         return Detokenizer(self)

@@ -470,6 +470,26 @@ def test_logprobs_of_byte_tokens_carry_their_own_byte_and_keep_every_alternative
         assert [len(t) for t in body["choices"][0]["logprobs"]["top_logprobs"]] == [5] * 12
 
 
+def test_an_answer_cut_mid_character_ends_as_the_decode_of_its_ids():
+    """max_tokens that ended a generation inside a character spelled by byte pieces dropped that character's
+    bytes: the answer was shorter than the decode of its own ids (which gives U+FFFD a byte)."""
+    from textfixtures import text_model
+
+    with http_server(text_model()) as srv:
+        tok = srv.engine.model.tokenizer
+        prompt = tok.encode("hello", add_bos=True)
+        ids = post(srv, "/v1/completions", {"prompt": "hello", "max_tokens": 16, "seed": 1,
+                                            "return_token_ids": True}).json()["choices"][0]["token_ids"]
+        cuts = [n for n in range(1, 17) if tok.unfinished(ids[:n])]
+        assert cuts  # the seed's answer has characters left unfinished at some cuts
+        for n in cuts:
+            want = tok.decode(prompt + ids[:n])[len(tok.decode(prompt)):]
+            body = {"prompt": "hello", "max_tokens": n, "seed": 1}
+            assert post(srv, "/v1/completions", body).json()["choices"][0]["text"] == want
+            events = post(srv, "/v1/completions", {**body, "stream": True}).events()
+            assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == want
+
+
 def test_a_request_still_prefilling_when_the_server_stops_is_answered_503(model):
     """stop() cancelled only requests already generating; one still prefilling its prompt got a cut
     connection when aiohttp's shutdown cancelled its handler."""

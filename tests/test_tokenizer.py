@@ -65,6 +65,7 @@ def test_any_id_sequence_streams_to_decode(gemma_like):
     @given(id_sequences(tok))
     def check(ids):
         assert "".join(stream(tok, ids)) == tok.decode(ids)
+        assert tok.unfinished(ids) == stream(tok, ids)[-1]  # what the last flush adds, from the ids alone
 
     check()
 

@@ -367,7 +367,8 @@ class HttpApi:
             raise ApiError(503, "the generation was cancelled (the server is shutting down)", "server_error",
                            "unavailable")
         usage_body = await self._finish(run)
-        return _json(builder.response("".join(parts), done.reason, run.tokens, usage_body))
+        return _json(builder.response("".join(parts) + self._unfinished(run, done.reason), done.reason, run.tokens,
+                                      usage_body))
 
     async def _stream(self, request: web.Request, req: ApiRequest, run: _Run, builder: ResponseBuilder,
                       arrived: float) -> web.StreamResponse:
@@ -407,9 +408,19 @@ class HttpApi:
             raise ApiError(503, "the generation was cancelled (the server is shutting down)", "server_error",
                            "unavailable")
         usage_body = await self._finish(run)
+        tail = self._unfinished(run, done.reason)
+        if tail:
+            await send(builder.chunk(tail, None, [], offset))
+            offset += len(tail)
         await send(builder.chunk(None, done.reason, [], offset))
         if req.include_usage:
             await send(builder.usage_chunk(usage_body))
+
+    def _unfinished(self, run: _Run, reason: str) -> str:
+        """An answer cut by max_tokens ends as the decode of its ids does: U+FFFD for each byte of a
+        character left unfinished (the session itself still holds them, should it go on)."""
+        tok = self.engine.model.tokenizer
+        return tok.unfinished([t.id for t in run.tokens]) if reason == "length" and tok is not None else ""
 
     def _render_token(self, token_id: int) -> tuple[str, bytes]:
         """A token's text and bytes for logprobs: a byte-fallback piece (<0xFC>) is its one byte,

@@ -110,3 +110,30 @@ def test_untied_lm_head_is_not_silently_ignored(saved, tmp_path):
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(sg.CheckpointError, match="lm_head"):
         sg.load(d, progress=False)  # today: loads, logits use the embedding, fingerprint unchanged
+
+
+def test_a_float16_save_loads_with_the_fingerprint_of_the_weights_it_was_cast_from(tmp_path):
+    """A float16 model's fingerprint is taken before the cast; its save was fingerprinted from the float16 file,
+    so the reloaded model refused the original's snapshots. The save now records the model's fingerprint beside
+    the file's own, which stands only while the weights are the ones written."""
+    source = tmp_path / "source"
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=1, device="cpu", dtype="float32").save(source)
+    half = sg.load(source, dtype="float16", progress=False)
+    half.save(tmp_path / "half")
+    again = sg.load(tmp_path / "half", dtype="float16", progress=False)
+    assert again.fingerprint == half.fingerprint == sg.load(source, progress=False).fingerprint
+    session = half.session()
+    session.feed([1, 2, 3])
+    again.restore(session.snapshot())  # (SnapshotModelMismatch before)
+    # weights edited after the save: their own fingerprint, not the recorded one
+    file = tmp_path / "half" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(file)
+    name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[name][0, 0] += 1.0  # (the first element is always among the sampled)
+    save_file(tensors, file, metadata=metadata)
+    edited = sg.load(tmp_path / "half", dtype="float16", progress=False)
+    assert edited.fingerprint not in (half.fingerprint, again.fingerprint)

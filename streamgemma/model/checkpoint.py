@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -32,7 +33,7 @@ import torch
 from ..config import ATTENTION, GriffinConfig
 from ..errors import CheckpointError, ConfigError
 from ..progress import Progress
-from .fingerprint import SourceDigest
+from .fingerprint import SourceDigest, loaded_fingerprint, save_metadata
 from .griffin import Griffin
 from .quantize import FORMATS, Quantization, check_format, quantize_network, quantized_layout, quantized_weight_names
 
@@ -212,20 +213,20 @@ def _iter_safetensors(
         for key in handle.keys():
             sl = handle.get_slice(key)
             shape = tuple(sl.get_shape())
-            nbytes = _numel(shape) * _dtype_size(sl.get_dtype())
+            nbytes = math.prod(shape) * _dtype_size(sl.get_dtype())
             yield key, f, (lambda h=handle, k=key: h.get_tensor(k)), shape, nbytes
+
+
+def _metadata(file: Path) -> dict[str, str] | None:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as handle:
+        return handle.metadata()
 
 
 def _dtype_size(name: str) -> int:
     return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
             "F8_E4M3": 1, "BOOL": 1}.get(name, 4)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _load_official(f: Path) -> Mapping[str, torch.Tensor]:
@@ -310,10 +311,11 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     if ckpt.format == "hf":
         cfg = build_config(ckpt, config)
         sources = list(_iter_safetensors(ckpt.weight_files))
+        metadata = _metadata(ckpt.weight_files[0])
         layout_of = hf_layout
     else:
         f = ckpt.weight_files[0]
-        sd = _load_official(f)
+        sd, metadata = _load_official(f), None
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
         hypers = {}
         if config is None and ckpt.config_file is not None:
@@ -380,7 +382,7 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                                       "damaged or was not written by streamgemma")
             bar.advance(nbytes)
     bar.close()
-    fp = digest.hexdigest() if digest is not None else saved.fingerprint
+    fp = loaded_fingerprint(digest.hexdigest(), metadata) if digest is not None else saved.fingerprint
     if requantize:
         quantize_network(network, quantize, fp, device=device)
         network = network.to(device)
@@ -431,10 +433,12 @@ def _check_keys(ckpt: Checkpoint, keys: list[str], layout: dict[str, _Rule]) -> 
 
 # -- saving --------------------------------------------------------------------------
 def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**3,
-            extra_files: Mapping[str, Callable[[str], None] | None] | None = None) -> None:
+            extra_files: Mapping[str, Callable[[str], None] | None] | None = None,
+            fingerprint: str | None = None) -> None:
     """Write `network` as a Hugging Face checkpoint (config.json + safetensors,
     sharded with an index file above `max_shard_bytes`), and `extra_files`
-    (name: a writer of that path, or None: no such file). Every file is
+    (name: a writer of that path, or None: no such file); the model's
+    `fingerprint`, where its weights as written give another. Every file is
     written under a temporary name first and renamed into place only when
     all are written, config.json last: a failed save leaves the checkpoint
     that was there before."""
@@ -457,7 +461,7 @@ def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**
             size = 0
         shards[-1][key] = t
         size += nbytes
-    meta = {"format": "pt"}
+    meta = {"format": "pt", **(save_metadata(network, fingerprint) if fingerprint else {})}
     staged: list[tuple[str, Path]] = []  # (temporary path, final path), in commit order
 
     def stage(name: str, write: Callable[[str], None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -24,6 +25,29 @@ def fingerprint(network: Griffin, samples: int = 64) -> str:
     for name, p in network.named_parameters():
         digest.add(name, (), p.detach())
     return digest.hexdigest()
+
+
+# safetensors metadata of a save whose weights differ from those its model was fingerprinted from (float16)
+SOURCE_KEY, STORED_KEY = "streamgemma.fingerprint", "streamgemma.stored_fingerprint"
+
+
+def save_metadata(network: Griffin, model_fingerprint: str) -> dict[str, str]:
+    """What a save of `network` records so that loading it finds `model_fingerprint`
+    again: it, and the fingerprint of the weights as written, where the two differ
+    (a float16 model's weights were cast after their fingerprint was taken)."""
+    if network.quantization is not None:  # (its config.json carries the fingerprint)
+        return {}
+    stored = fingerprint(network)
+    return {} if stored == model_fingerprint else {SOURCE_KEY: model_fingerprint, STORED_KEY: stored}
+
+
+def loaded_fingerprint(stored: str, metadata: Mapping[str, str] | None) -> str:
+    """The fingerprint of weights whose own is `stored`: the one a save recorded
+    (`save_metadata`) if these are the weights it wrote, else `stored`."""
+    source = (metadata or {}).get(SOURCE_KEY)
+    if (metadata or {}).get(STORED_KEY) == stored and isinstance(source, str) and len(source) == 32:
+        return source
+    return stored
 
 
 class SourceDigest:

@@ -211,7 +211,7 @@ class Model:
         # (None: a tokenizer an earlier save left there would be loaded as this model's)
         tokenizer = self.tokenizer.save if self.tokenizer is not None else None
         weights.save_hf(self.network, Path(directory), max_shard_bytes=max_shard_bytes,
-                        extra_files={"tokenizer.model": tokenizer})
+                        extra_files={"tokenizer.model": tokenizer}, fingerprint=self.fingerprint)
 
     def warm_up(self, max_batch: int = 1, prompt_tokens: int = 16) -> float:
         """Do the fast paths' one-time work now instead of in the first

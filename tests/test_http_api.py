@@ -532,10 +532,40 @@ def test_a_client_that_leaves_mid_body_is_not_a_server_error(server, caplog):
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
-def test_a_body_that_does_not_decompress_is_a_400(server, encoding):
-    reply = request(server, "POST", "/v1/completions", raw=b"this is not compressed",
-                    headers={"Content-Encoding": encoding})
-    assert reply.status == 400 and reply.error["code"] == "invalid_json"
+def test_a_body_that_does_not_decompress_is_a_400(server, encoding, caplog):
+    """... and nothing else: aiohttp's own decoding also logged an "Unhandled exception" traceback."""
+    import zlib
+
+    whole = zlib.compress(json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}).encode())
+    for raw in (b"this is not compressed", b"\x1f\x8b" + whole[:8] if encoding == "gzip" else whole[:8]):
+        reply = request(server, "POST", "/v1/completions", raw=raw, headers={"Content-Encoding": encoding})
+        assert reply.status == 400 and reply.error["code"] == "invalid_json"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw deflate"])
+def test_compressed_bodies_are_read_and_their_inflated_size_limited(server, encoding):
+    import zlib
+
+    def squeeze(data: bytes) -> bytes:
+        wbits = {"gzip": 31, "deflate": 15, "raw deflate": -15}[encoding]
+        c = zlib.compressobj(wbits=wbits)
+        return c.compress(data) + c.flush()
+
+    header = {"Content-Encoding": encoding.split()[-1]}
+    body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 2, "temperature": 0}).encode()
+    reply = request(server, "POST", "/v1/completions", raw=squeeze(body), headers=header)
+    assert reply.status == 200 and reply.json()["choices"][0]["text"] == complete(
+        server, prompt="The", max_tokens=2, temperature=0)["choices"][0]["text"]
+    bomb = json.dumps({"model": MODEL, "prompt": " " * (LIMITS.max_message_bytes * 4)}).encode()
+    assert len(squeeze(bomb)) < LIMITS.max_message_bytes  # small on the wire, over the limit inflated
+    reply = request(server, "POST", "/v1/completions", raw=squeeze(bomb), headers=header)
+    assert reply.status == 413 and reply.error["code"] == "request_too_large"
+
+
+def test_an_unknown_content_encoding_is_a_415(server):
+    reply = request(server, "POST", "/v1/completions", raw=b"{}", headers={"Content-Encoding": "br"})
+    assert reply.status == 415 and reply.error["code"] == "unsupported_encoding"
 
 
 @pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cuda", "bfloat16")])

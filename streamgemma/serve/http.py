@@ -34,7 +34,17 @@ from .engine import Engine
 from .held_sessions import HeldSessions
 from .limits import DEFAULT_LIMITS, Limits
 from .metrics import CONTENT_TYPE, Metrics
-from .openai_api import ApiError, ApiRequest, ResponseBuilder, model_list, parse_body, parse_request, usage
+from .openai_api import (
+    ApiError,
+    ApiRequest,
+    ResponseBuilder,
+    decode_body,
+    model_list,
+    parse_body,
+    parse_request,
+    too_large,
+    usage,
+)
 from .prefix_cache import DEFAULT_MAX_BYTES, DEFAULT_MEMORY_BYTES, PrefixCache
 from .record import EngineError
 from .streams import TokenStream
@@ -129,7 +139,9 @@ class HttpApi:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_WAIT_S)
+        # Bodies are inflated by `decode_body`: aiohttp's own decoding logged a traceback for one that would not.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_WAIT_S,
+                               auto_decompress=False)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port).start()
@@ -199,16 +211,16 @@ class HttpApi:
     async def _body(self, request: web.Request) -> dict:
         limit = self.limits.max_message_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise _too_large(limit) from None
+            raise too_large(limit) from None
         except ConnectionError:  # it left mid-body: nothing failed here
             raise ApiError(499, "the client closed the request", code="client_closed") from None
-        except (web.RequestPayloadError, HttpProcessingError) as e:  # e.g. a gzip body that is not gzip
-            raise ApiError(400, f"the request body could not be decoded: {e}", code="invalid_json") from None
-        return parse_body(raw)
+        except (web.RequestPayloadError, HttpProcessingError) as e:  # e.g. a chunked encoding broken
+            raise ApiError(400, f"the request body could not be read: {e}", code="invalid_json") from None
+        return parse_body(decode_body(raw, request.headers.get("Content-Encoding"), limit))
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -443,11 +455,6 @@ def _json(body: dict, status: int = 200) -> web.Response:
     # (backslashreplace: an error may quote a lone surrogate the request sent; JSON reads it as an escape)
     return web.Response(body=_encode(body).encode("utf-8", "backslashreplace"), status=status,
                         content_type="application/json")
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
-                    "invalid_request_error", "request_too_large")
 
 
 def _http_error(e: web.HTTPException) -> ApiError:

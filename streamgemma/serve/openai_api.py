@@ -17,6 +17,7 @@ import json
 import secrets
 import time
 import types
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +75,35 @@ _FIELDS = {
     "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
                        "function_call", "response_format"},
 }
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                    "invalid_request_error", "request_too_large")
+
+
+def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as it was before its Content-Encoding (gzip, deflate, or none),
+    at most `limit` bytes of it (a small body may inflate to gigabytes)."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return raw
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ApiError(415, f"Content-Encoding {short(encoding, 40)!r} is not supported: send gzip, deflate or none",
+                       code="unsupported_encoding")
+    # deflate is zlib's format, but some clients send the raw stream (a zlib stream's first byte ends in 8)
+    wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS if raw[:1] and raw[0] & 0xF == 8 \
+        else -zlib.MAX_WBITS
+    inflate = zlib.decompressobj(wbits)
+    try:
+        body = inflate.decompress(raw, limit + 1)
+    except zlib.error as e:
+        raise ApiError(400, f"the request body could not be decoded as {encoding}: {e}", code="invalid_json") from None
+    if len(body) > limit:
+        raise too_large(limit)
+    if not inflate.eof:
+        raise ApiError(400, f"the request body could not be decoded as {encoding}: it ends early", code="invalid_json")
+    return body
 
 
 def parse_body(raw: bytes) -> dict:

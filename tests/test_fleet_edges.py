@@ -227,3 +227,29 @@ def test_deleting_a_session_removes_the_fence_key_older_versions_left(redis_serv
         assert store.client.keys("l:s:old:*") == []
     finally:
         store.close()
+
+
+def test_a_drop_of_a_session_claimed_again_since_it_was_lost_leaves_it_alone(redis_server):  # noqa: F811
+    """The fleet loop drops the ids it found lost one after another, awaiting each; one this worker claimed again
+    meanwhile (a client resumed it here) was closed and its fresh lease released: the session was then live
+    nowhere, or, taken by another worker, its acknowledged input here was lost."""
+    from streamgemma.serve.fleet import drop
+
+    model = text_model()
+
+    async def main():
+        a = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="d"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run)
+            es = await a.open(seed=1)  # claimed: held, not lost
+            await a.consumed(a.append(es, "hello"))
+            await drop(a, es.id)  # as the loop would, from a list made before the claim
+            live = es.id in a.sessions and not es.closed
+            held = es.id in a.store.held()
+            await a.consumed(a.append(es, " more"))
+            tg.cancel_scope.cancel()
+        a.store.close()
+        return live, held
+
+    live, held = anyio.run(main)
+    assert live and held

@@ -173,6 +173,7 @@ class Engine:
             await self.wait_input_turn()
             async with self.scheduler.input_work(self._generating):
                 contents = await self.offloader.read(session_id)
+                self.journal.lost.discard(session_id)  # claimed again: a refusal before is history
                 records = await self.journal.read(session_id, contents.position)
         except (SnapshotNotFound, SnapshotIdError):
             raise EngineError("unknown_session", "no such session") from None

@@ -61,10 +61,14 @@ async def hand_over(engine, session_id: str) -> None:
 
 
 async def drop(engine, session_id: str) -> None:
-    """Another worker owns `session_id` now: forget it here, storing nothing."""
-    engine.journal.lost.discard(session_id)
-    es = engine.sessions.get(session_id)
-    if es is not None:
-        await engine.close(es, delete=False)
-    await anyio.to_thread.run_sync(engine.store.release, session_id)
+    """Another worker owns `session_id` now: forget it here, storing nothing; unless this worker has
+    claimed it again since it was found lost (then its lease and session are the live ones)."""
+    async with engine.stored.exclusive(session_id):
+        if session_id not in engine.store.lost() and session_id not in engine.journal.lost:
+            return
+        engine.journal.lost.discard(session_id)
+        es = engine.sessions.get(session_id)
+        if es is not None:
+            await engine.close(es, delete=False)
+        await anyio.to_thread.run_sync(engine.store.release, session_id)
     log.warning("session %s... dropped: another worker took it over", session_id[:8])

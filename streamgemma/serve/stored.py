@@ -5,7 +5,8 @@ alone what is open or being resumed."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 
@@ -43,6 +44,17 @@ class StoredSessions:
         done = self._resuming[session_id] = anyio.Event()
         try:
             return await read(session_id)
+        finally:
+            del self._resuming[session_id]
+            done.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, session_id: str) -> AsyncIterator[None]:
+        """A block in which no resume of `session_id` runs: one in progress ends first, one asked for waits."""
+        await self.resumed(session_id)
+        done = self._resuming[session_id] = anyio.Event()  # (no await since the wait: nothing began meanwhile)
+        try:
+            yield
         finally:
             del self._resuming[session_id]
             done.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,8 +62,16 @@ class GriffinConfig:
         if ATTENTION in self.block_types and self.head_dim % 4:
             # RoPE rotates the first half of each head in two halves.
             raise ConfigError(f"head_dim {self.head_dim} must be a multiple of 4 for partial RoPE")
-        if self.logits_soft_cap < 0:
-            raise ConfigError(f"logits_soft_cap must be >= 0, got {self.logits_soft_cap}")
+        for name, least, strict in (("logits_soft_cap", 0.0, False), ("rms_norm_eps", 0.0, True),
+                                    ("rope_base", 0.0, True)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value < least or (strict and value == least):
+                raise ConfigError(f"config field {name!r} must be a finite number {'>' if strict else '>='} "
+                                  f"{least:g}, got {value!r}")
+        if not isinstance(self.embeddings_scale_by_sqrt_dim, bool):
+            raise ConfigError(f"config field 'embeddings_scale_by_sqrt_dim' must be True or False, "
+                              f"got {self.embeddings_scale_by_sqrt_dim!r}")
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -126,10 +135,14 @@ class GriffinConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown config fields {sorted(unknown)}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"incomplete config: missing fields {missing}")
         try:
             return cls(**d)
-        except TypeError as e:
-            raise ConfigError(f"incomplete config: {e}") from None
+        except TypeError as e:  # (a field of the wrong type that a check compared)
+            raise ConfigError(f"bad config field: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -203,6 +216,8 @@ class GriffinConfig:
                               "multi-query (1 key/value head)")
         if d.get("attention_bias", False):
             raise ConfigError(f"{source}: attention_bias is true; Griffin attention has no q/k/v bias")
+        if num_heads <= 0:
+            raise ConfigError(f"{source}: num_attention_heads must be positive, got {num_heads}")
         head_dim = d.get("head_dim")
         if head_dim is not None and int(head_dim) != width // num_heads:
             raise ConfigError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads "
@@ -226,7 +241,7 @@ class GriffinConfig:
                 block_types=_repeat(tuple(pattern), num_layers),
                 attention_window=int(d.get("attention_window_size", 2048)),
                 logits_soft_cap=float(cap or 0.0),
-                embeddings_scale_by_sqrt_dim=bool(d.get("streamgemma_embeddings_scale_by_sqrt_dim", True)),
+                embeddings_scale_by_sqrt_dim=d.get("streamgemma_embeddings_scale_by_sqrt_dim", True),
                 conv_width=int(d.get("conv1d_width", 4)),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_base=rope_base,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # imported when a chat starts: `streamgemma --help` needs no 
 CHAT_HELP = """\
 Each line is one turn. Ctrl-C stops a reply (the conversation goes on);
 Ctrl-D ends the chat. A line ending in \\ continues on the next line; a
-block between two lines of \"\"\" is one turn.
+block between two lines of \"\"\" alone is one turn.
   /reset       start the conversation again (with the --system prompt)
   /save PATH   save the conversation (continue it later with --resume PATH)
   /help        this text
@@ -59,7 +59,8 @@ class Stats:
         lines = [("prompt", f"{self.prompt_tokens} tokens in {prompt_s * 1e3:.1f} ms"
                             f"{_rate(self.prompt_tokens, prompt_s)}"),
                  ("time to first token", f"{(self.first - self.start) * 1e3:.1f} ms" if self.tokens else "-"),
-                 ("generated", f"{self.tokens} tokens in {gen_s:.3f} s{_rate(self.tokens, gen_s)}")]
+                 ("generated", f"{self.tokens} tokens in {gen_s:.3f} s{_rate(self.tokens, gen_s)}" if self.tokens
+                  else "0 tokens")]
         return "".join(f"{key + ':':<21}{value}\n" for key, value in lines)
 
 
@@ -86,9 +87,11 @@ def read_turn(inp: TextIO, prompt: TextIO | None) -> str | None:
     """The next turn's text: one line; lines joined while one ends with a
     backslash; or a block between lines starting and ending with three
     double quotes. None at the end of input (Ctrl-D). `prompt`: where to
-    show "> " and "... " (None when the input is not a terminal)."""
+    show "> " and "... " (None when the input is not a terminal). A block
+    opened by a line of three quotes alone ends at such a line only, so pasted
+    code whose lines end in three quotes (docstrings) stays one turn."""
     lines: list[str] = []
-    block = False
+    block = closing = None  # in a block: whether a line must be the quotes alone to close it
     while True:
         if prompt is not None:
             prompt.write("... " if lines or block else "> ")
@@ -98,16 +101,17 @@ def read_turn(inp: TextIO, prompt: TextIO | None) -> str | None:
             return "\n".join(lines) if lines else None
         line = line.rstrip("\r\n")
         if block:
-            if line.rstrip().endswith('"""'):
-                if line.rstrip()[:-3]:
-                    lines.append(line.rstrip()[:-3])
+            if line.strip() == '"""' if closing else line.rstrip().endswith('"""'):
+                tail = "" if closing else line.rstrip()[:-3]
+                if tail:
+                    lines.append(tail)
                 return "\n".join(lines)
             lines.append(line)
         elif not lines and line.lstrip().startswith('"""'):
             rest = line.lstrip()[3:]
             if rest.rstrip().endswith('"""'):  # """one line"""
                 return rest.rstrip()[:-3]
-            block = True
+            block, closing = True, not rest.strip()
             if rest:
                 lines.append(rest)
         elif line.endswith("\\"):

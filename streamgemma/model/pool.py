@@ -159,7 +159,8 @@ def available_memory(device: torch.device) -> int | None:
             host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return None
-    return min(host, _cgroup_headroom() or host)
+    headroom = _cgroup_headroom()
+    return host if headroom is None else min(host, headroom)
 
 
 def _cgroup_headroom() -> int | None:

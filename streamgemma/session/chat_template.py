@@ -72,6 +72,20 @@ def normalize_messages(messages: Sequence[Mapping]) -> list[ChatMessage]:
     return turns
 
 
+def _checked_turns(turns: Sequence[tuple]) -> list[ChatMessage]:
+    """(role, text) turns as `normalize_messages` makes them: user and model alternating, from a user turn to a
+    user turn, texts strings (user turns with text); ValueError naming the first turn that is not."""
+    for i, turn in enumerate(turns):
+        role, text = turn if len(turn) == 2 else (None, None)
+        want = "user" if i % 2 == 0 else "model"
+        if role != want or not isinstance(text, str) or (role == "user" and not text.strip()):
+            raise ValueError(f"turns[{i}] must be ({want!r}, text){' with some text' if want == 'user' else ''}: "
+                             f"(role, text) turns alternate from a user turn, got {turn!r:.80}")
+    if len(turns) % 2 == 0:
+        raise ValueError("the last turn must be a user turn (the model answers it)")
+    return list(turns)
+
+
 def _content_text(content: object, i: int) -> str:
     if isinstance(content, str):
         return content
@@ -92,8 +106,9 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping] | Sequence
     model turn (`<start_of_turn>model\\n`) the reply follows. `messages`:
     OpenAI-style dicts (see `normalize_messages`) or (role, text) turns
     already normalized."""
-    turns = (list(messages) if messages and isinstance(messages[0], tuple)
-             else normalize_messages(messages))
+    tuples = isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)) and bool(messages) \
+        and all(isinstance(m, tuple) for m in messages)
+    turns = _checked_turns(messages) if tuples else normalize_messages(messages)
     end_of_turn = tokenizer.piece_id(END_OF_TURN)
     if end_of_turn is None or tokenizer.piece_id(START_OF_TURN) is None:
         raise ValueError(f"the tokenizer ({tokenizer.source}) has no {START_OF_TURN}/{END_OF_TURN} pieces: "

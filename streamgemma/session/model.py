@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import GriffinConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidValueError
 from ..fast.decode import GraphedDecoder, KernelDecoder, check_kernels_usable, kernels_available
 from ..fast.fused_weights import FusedWeights
 from ..fast.prefill import KernelPrefill
@@ -28,7 +28,7 @@ from ..model.quantize import check_format, quantize_network
 from ..sampling.filters import device_kernel
 from ..sampling.graphs import FilterGraphs
 from ..tokenizer import Tokenizer
-from ..validate import check_seed
+from ..validate import check_int, check_seed, short
 from . import snapshot as snapshot_format
 from .session import Session
 
@@ -61,16 +61,20 @@ class Model:
         self.source = source
         # Tokens per parallel chunk. Larger chunks amortise per-chunk launches on a GPU;
         # memory stays bounded by the chunk whatever the input length.
+        if prefill_chunk is not None:
+            check_int("prefill_chunk", prefill_chunk, 1)
         self.prefill_chunk = prefill_chunk or (2048 if network.device.type == "cuda" else DEFAULT_PREFILL_CHUNK)
-        for name, value in (("max_sessions", max_sessions), ("max_state_bytes", max_state_bytes)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        bounded = max_state_bytes is not None
+        check_pool_bounds(max_sessions, max_state_bytes)
         if max_state_bytes is None:
             free = available_memory(network.device)
             # The other half is for activations, each session's host state and the program around them.
             max_state_bytes = None if free is None else free // 2
         self.pool = StatePool(self.config, network.dtype, network.device, max_capacity=max_sessions,
                               max_bytes=max_state_bytes)
+        if bounded and self.pool.max_slots() == 0:
+            raise InvalidValueError("max_state_bytes", f"max_state_bytes {max_state_bytes} holds no session: one "
+                                                       f"takes {self.pool.slot_bytes()} bytes")
         # Sessions of one model share the pool; `Session` holds this while it
         # touches the pool, so sessions may be driven from several threads
         # (agenerate steps run in worker threads).
@@ -137,6 +141,9 @@ class Model:
         the CPU in float32 from `seed`, so they do not depend on device or dtype.
         quantize: "int8", "fp8" or "int4" quantizes them after the cast to `dtype`, as
         `load` does; the model keeps the unquantized weights' fingerprint."""
+        if not isinstance(config, GriffinConfig):
+            raise TypeError(f"config must be a GriffinConfig (e.g. GriffinConfig.preset('tiny')), got {short(config)}")
+        check_int("seed", seed, -(1 << 63), (1 << 64) - 1)
         check_format(quantize)
         device, dtype = resolve_device_dtype(device, dtype)
         network = Griffin(config, dtype=torch.float32, device="cpu")
@@ -399,13 +406,17 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | No
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int >= 1, got {threads!r}")
-    check_format(quantize)  # (before a Hub download)
-    if str(path) == "demo" and not Path("demo").exists():
+    # arguments are checked before a Hub download
+    check_format(quantize)
+    if config is not None and not isinstance(config, GriffinConfig):
+        raise TypeError(f"config must be a GriffinConfig or None, got {short(config)}")
+    check_pool_bounds(max_sessions, max_state_bytes)
+    device, dtype = resolve_device_dtype(device, dtype)
+    if str(path) == "demo" and not Path("demo").is_dir():
         path = demo_path()
     source = str(path)
     if hub.is_model_id(path):
         path = hub.download(source)
-    device, dtype = resolve_device_dtype(device, dtype)
     ckpt = weights.discover(path)
     network, digest = weights.load_network(ckpt, device, dtype, config=config, progress=progress, quantize=quantize)
     tokenizer = None
@@ -420,6 +431,13 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | No
         torch.set_num_threads(threads)
     return Model(network, tokenizer=tokenizer, source=source, kernels=kernels, kernel_config=kernel_config,
                  max_sessions=max_sessions, max_state_bytes=max_state_bytes, fingerprint=digest)
+
+
+def check_pool_bounds(max_sessions: object, max_state_bytes: object) -> None:
+    """max_sessions and max_state_bytes: None or ints >= 1."""
+    for name, value in (("max_sessions", max_sessions), ("max_state_bytes", max_state_bytes)):
+        if value is not None:
+            check_int(name, value, 1)
 
 
 def default_threads(num_parameters: int) -> int:

@@ -91,16 +91,6 @@ def default_block(m: int, n: int, k: int, on_gpu: bool = True) -> Block:
     return (128 if slices > 1 else 64), 64, 128, 4, 4, slices
 
 
-def bf16_block(m: int, n: int, k: int) -> Block:
-    """The block of a plain bfloat16 product of a decode batch (at most 16
-    rows): one 16-row tile of rows, 64 columns a program, K in as many
-    slices (up to 4) as it takes to give the H100's 132 SMs a program each."""
-    slices = 1
-    while slices < 4 and triton.cdiv(n, 64) * slices < 132 and k % (128 * slices * 2) == 0:
-        slices *= 2
-    return 16, 64, 128, 4, 4, slices
-
-
 def preferred(m: int, n: int, k: int) -> bool:
     """Whether this kernel beat cuBLAS for a product of this size in the H100
     measurements (bench/NOTES.md D15): at most 128 rows, every 2B and 9B

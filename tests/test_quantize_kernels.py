@@ -417,17 +417,6 @@ def test_fp8_matmul_blocks_follow_the_sweep():
     assert default_block(256, 2560, 7680 + 128)[5] == 1  # K not in three whole slices of 128
 
 
-def test_bf16_blocks_give_each_sm_a_program():
-    """bf16_block: 16 x 64 tiles, K in slices (up to 4, whole tiles of 128) until 132 programs or more."""
-    from streamgemma.kernels.fp8_matmul import bf16_block
-
-    two_b = {"qkv": (3072, 2560), "xy": (5120, 2560), "up": (15360, 2560), "out": (2560, 2560), "down": (2560, 7680)}
-    slices = {name: bf16_block(8, n, k)[5] for name, (n, k) in two_b.items()}
-    assert slices == {"qkv": 4, "xy": 2, "up": 1, "out": 4, "down": 4}
-    assert all(bf16_block(8, n, k)[:5] == (16, 64, 128, 4, 4) for n, k in two_b.values())
-    assert bf16_block(8, 2560, 2560 + 128)[5] == 1  # K not in whole slices
-
-
 def test_fp8_matmul_is_preferred_where_it_was_measured_faster():
     """Every product up to 128 rows; at 256 the 2B q|k|v, out and down (in slices), not x|y and gate|up, and no 9B
     product (a 9B step with all of them was 11% slower than on cuBLAS)."""
@@ -441,7 +430,7 @@ def test_fp8_matmul_is_preferred_where_it_was_measured_faster():
     assert not any(preferred(256, *nk) for nk in nine_b.values())
 
 
-@pytest.mark.parametrize("name", ["fp8_matmul_rows", "fp8_head_rows", "fp8_widen_rows", "bf16_matmul_rows"])
+@pytest.mark.parametrize("name", ["fp8_matmul_rows", "fp8_head_rows", "fp8_widen_rows"])
 @pytest.mark.parametrize("rows", [(64, 32), (0, -1), (1, 2, 3), "64", (1.0, 8)])
 def test_fp8_matmul_rows_must_be_a_pair_of_counts(name, rows):
     from streamgemma.fast.tuning import KernelConfig

@@ -98,12 +98,12 @@ class KernelDecoder:
         normed = torch.empty_like(x)
         delta = None
         eps = cfg.rms_norm_eps
-        kc = self.kernel_config  # the row ranges of the products run by kernels/fp8_matmul.py:
-        ranges = dict(fp8_matmul_rows=kc.fp8_matmul_rows, fp8_widen_rows=kc.fp8_widen_rows,
-                      bf16_matmul_rows=kc.bf16_matmul_rows)
+        rows = self.kernel_config.fp8_matmul_rows  # (the batched fp8 products' Triton range)
+        widen = self.kernel_config.fp8_widen_rows
 
         def project(src, entry, name, xq=None):  # the layer's projection `name` (FusedWeights' w_/s_/b_ entries)
-            return linear(src, entry["w_" + name], entry["s_" + name], entry["b_" + name], xq, **ranges)
+            return linear(src, entry["w_" + name], entry["s_" + name], entry["b_" + name], xq,
+                          fp8_matmul_rows=rows, fp8_widen_rows=widen)
 
         def norm(delta, scale, weight):
             """normed = the norm of x + delta; for an fp8 tensor-core product of
@@ -115,7 +115,7 @@ class KernelDecoder:
         for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
             if block.kind == ATTENTION:
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_qkv"])
-                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq, **ranges)
+                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq, fp8_matmul_rows=rows)
                 mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
                 self._attention(qkv, state, slots, pos, mixed)
                 delta = project(mixed, entry, "out")
@@ -123,7 +123,8 @@ class KernelDecoder:
                 rec = block.recurrent_block
                 l = cfg.lru_width
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_xy"])
-                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq, **ranges)
+                xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq,
+                            fp8_matmul_rows=rows)
                 xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
                 self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
                 gated = torch.empty_like(xc)

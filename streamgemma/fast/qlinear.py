@@ -41,7 +41,7 @@ _DEQUANTIZED_BYTES = 64 << 20
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
            bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
            dequantize_rows: int = 0, fp8_matmul_rows: tuple[int, int] = (0, 0),
-           fp8_widen_rows: tuple[int, int] = (0, 0), bf16_matmul_rows: tuple[int, int] = (0, 0)) -> torch.Tensor:
+           fp8_widen_rows: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias): `scale` None for a plain weight, the
     float32 [N] row scales of an int8 / float8_e4m3fn weight otherwise. x_fp8:
     x's e4m3 rows and scales when already made (`fp8_rows` of x, e.g. by the
@@ -51,15 +51,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     (`dequantized_linear`); 0: never. fp8_matmul_rows: (least, most) rows of
     x whose fp8 tensor-core product runs `kernels.fp8_matmul`; fp8_widen_rows:
     (least, most) rows of x, without x_fp8, that it takes in bfloat16, the
-    weight widened in registers, instead of rounded to e4m3 first;
-    bf16_matmul_rows: (least, most) rows of x whose plain bfloat16 product runs
-    `kernels.fp8_matmul` instead of cuBLAS (KernelConfig)."""
+    weight widened in registers, instead of rounded to e4m3 first (KernelConfig)."""
     if scale is None:
-        if (bf16_matmul_rows[0] <= x.shape[0] <= bf16_matmul_rows[1] and x.is_cuda and x.dtype == torch.bfloat16
-                and weight.dtype == torch.bfloat16 and x.shape[1] % 128 == 0 and x.stride(-1) == 1):
-            from streamgemma.kernels.fp8_matmul import bf16_block, fp8_matmul
-
-            return fp8_matmul(x, None, weight, None, bias, block=bf16_block(x.shape[0], *weight.shape))
         return F.linear(x, weight, bias)
     if not x.is_cuda:
         return quantized_linear_ref(x, weight, scale, bias)

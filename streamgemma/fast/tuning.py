@@ -87,10 +87,6 @@ class KernelConfig:
     in registers, instead of rounding the rows to e4m3 in a launch of their
     own first; (0, 0): never.
 
-    bf16_matmul_rows: (least, most) rows of a batched bfloat16 product of
-    the layers (not the LM head) run by `kernels/fp8_matmul.py` as a plain
-    bfloat16 tensor-core product instead of cuBLAS; (0, 0): never.
-
     int4_half_dot: the batch-1 GEMV sums an int4 word's eight products in
     float16 pairs (`kernels/widen.int4_word_dots`; default True: on an H100
     a 2B step took 21% less time, bench/NOTES.md Q7), with float16 rounding
@@ -113,7 +109,6 @@ class KernelConfig:
     fp8_matmul_rows: tuple[int, int] = (2, 256)
     fp8_head_rows: tuple[int, int] = (2, 64)
     fp8_widen_rows: tuple[int, int] = (0, 0)
-    bf16_matmul_rows: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -145,7 +140,7 @@ class KernelConfig:
         for flag in ("one_byte_words", "int4_half_dot"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        for name in ("fp8_matmul_rows", "fp8_head_rows", "fp8_widen_rows", "bf16_matmul_rows"):
+        for name in ("fp8_matmul_rows", "fp8_head_rows", "fp8_widen_rows"):
             rows = getattr(self, name)
             if not (isinstance(rows, (tuple, list)) and len(rows) == 2
                     and all(type(v) is int and v >= 0 for v in rows)):
@@ -175,7 +170,7 @@ class KernelConfig:
                      frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl,
                      self.prefill_attention, self.prefill_attention_tiles, self.one_byte_words,
                      self.dequantize_rows, self.int4_half_dot, self.fp8_matmul_rows, self.fp8_head_rows,
-                     self.fp8_widen_rows, self.bf16_matmul_rows))
+                     self.fp8_widen_rows))
 
     def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or

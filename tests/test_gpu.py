@@ -131,8 +131,7 @@ def test_graphed_decode_takes_tokens_on_the_device():
 @pytest.mark.parametrize("batch", [3, 64, 100, 256])
 def test_fp8_decode_batches_on_the_triton_product_match_cublas(batch):
     """Batched fp8 products by kernels/fp8_matmul.py (K in three slices for the down projection, summed by a
-    second launch; the out projections' rows in bfloat16 or rounded to e4m3 first) against the same step on
-    cuBLAS's F.scaled_mm, all against the PyTorch reference
+    second launch) against the same step on cuBLAS's F.scaled_mm, both against the PyTorch reference
     step (weights dequantized, activations not quantized): e4m3 activations make both ~5% off it on random
     weights, and the Triton path must be no further off than cuBLAS's."""
     from streamgemma.fast.tuning import KernelConfig
@@ -142,10 +141,8 @@ def test_fp8_decode_batches_on_the_triton_product_match_cublas(batch):
     config = sg.GriffinConfig(vocab_size=512, width=256, mlp_width=768, num_heads=2, lru_width=256,
                               block_types=sg.GriffinConfig.preset("tiny").block_types, attention_window=16)
     steps = {}
-    for name, options in (("triton", dict(kernel_config=KernelConfig(fp8_widen_rows=(0, 0)))),
-                          ("widened", dict(kernel_config=KernelConfig(fp8_widen_rows=(1, 256)))),
-                          ("cublas", dict(kernel_config=KernelConfig(fp8_matmul_rows=(0, 0), fp8_head_rows=(0, 0),
-                                                                     fp8_widen_rows=(0, 0)))),
+    for name, options in (("triton", dict(kernel_config=KernelConfig())),
+                          ("cublas", dict(kernel_config=KernelConfig(fp8_matmul_rows=(0, 0), fp8_head_rows=(0, 0)))),
                           ("reference", dict(kernels=False))):
         model = sg.Model.random(config, seed=3, device="cuda", dtype="bfloat16", quantize="fp8", **options)
         sessions = [model.session() for _ in range(batch)]
@@ -153,8 +150,6 @@ def test_fp8_decode_batches_on_the_triton_product_match_cublas(batch):
             s.feed(random_tokens(2 + i % 7, 512, seed=i))
         slots = [s.slot for s in sessions]
         steps[name] = torch.stack([model.decode(slots, random_tokens(batch, 512, seed=100 + t)) for t in range(2)])
-    err = {name: rel_err(steps[name], steps["reference"]) for name in ("triton", "widened", "cublas")}
-    assert err["cublas"] < 0.1 and max(err["triton"], err["widened"]) < 1.2 * err["cublas"] + 0.01, err
-    for name in ("triton", "widened"):
-        assert (steps[name].argmax(-1) == steps["reference"].argmax(-1)).float().mean() > 0.9
-    assert not torch.equal(steps["widened"], steps["triton"])  # the out projections' rows were not rounded
+    err = {name: rel_err(steps[name], steps["reference"]) for name in ("triton", "cublas")}
+    assert err["cublas"] < 0.1 and err["triton"] < 1.2 * err["cublas"] + 0.01, err
+    assert (steps["triton"].argmax(-1) == steps["reference"].argmax(-1)).float().mean() > 0.9

@@ -374,36 +374,6 @@ def test_fp8_matmul_matches_its_reference(block, m):
         fp8_matmul(x[:, :96], xs, w[:, :96].contiguous(), ws, block=(16, 32, 64, 1, 1, 1))
 
 
-@pytest.mark.parametrize("block", [(16, 32, 32, 1, 1, 1), (16, 32, 32, 1, 1, 2)])
-@pytest.mark.parametrize("weight_format", ["fp8", "bf16"])
-def test_fp8_matmul_takes_bfloat16_rows(block, weight_format):
-    """bfloat16 rows without a scale: an e4m3 weight is widened in the kernel (the input is not rounded), a bfloat16
-    weight makes it a plain product; ragged rows and columns, with and without a bias."""
-    from streamgemma.kernels.fp8_matmul import fp8_matmul, fp8_matmul_ref
-
-    g = torch.Generator().manual_seed(3)
-    m, n, k = 5, 48, 128
-    x = torch.randn(m, k + 32, generator=g).bfloat16()[:, :k].to(DEV)
-    w = torch.randn(n, k, generator=g) * 3
-    w, ws = ((w.to(torch.float8_e4m3fn), (torch.rand(n, generator=g) / 50).to(DEV)) if weight_format == "fp8"
-             else (w.bfloat16(), None))
-    w = w.to(DEV)
-    exact = x.float() @ (w.float() * (ws[:, None] if ws is not None else 1)).t()  # x not rounded to e4m3
-    for bias in (None, torch.randn(n, generator=g).bfloat16().to(DEV)):
-        y = fp8_matmul(x, None, w, ws, bias, block=block)
-        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-        assert rel_err(y.float(), exact + (bias.float() if bias is not None else 0)) < 8e-3  # (interpreter: truncated)
-        assert rel_err(y.float(), fp8_matmul_ref(x, None, w, ws, bias).float()) < 8e-3
-        assert torch.equal(fp8_matmul(x, None, w, ws, bias, block=block), y)
-    xq = x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="e4m3 with scales"):
-        fp8_matmul(x, torch.ones(m, device=DEV), w, ws, block=block)  # bfloat16 rows take no scale
-    with pytest.raises(ValueError, match="e4m3 with scales"):
-        fp8_matmul(xq, None, w, ws, block=block)  # e4m3 rows need theirs
-    with pytest.raises(ValueError, match="not under an e4m3"):
-        fp8_matmul(xq, torch.ones(m, device=DEV), w.bfloat16(), None, block=block)
-
-
 def test_fp8_matmul_blocks_follow_the_sweep():
     """default_block: 64-wide tiles up to 64 rows, the wide product's 128 x 128 above, a long K in three slices."""
     from streamgemma.kernels.fp8_matmul import default_block
@@ -430,16 +400,15 @@ def test_fp8_matmul_is_preferred_where_it_was_measured_faster():
     assert not any(preferred(256, *nk) for nk in nine_b.values())
 
 
-@pytest.mark.parametrize("name", ["fp8_matmul_rows", "fp8_head_rows", "fp8_widen_rows"])
 @pytest.mark.parametrize("rows", [(64, 32), (0, -1), (1, 2, 3), "64", (1.0, 8)])
-def test_fp8_matmul_rows_must_be_a_pair_of_counts(name, rows):
+def test_fp8_matmul_rows_must_be_a_pair_of_counts(rows):
     from streamgemma.fast.tuning import KernelConfig
 
-    if rows == (64, 32):  # an empty range is allowed: never, like (0, 0)
-        assert getattr(KernelConfig(**{name: rows}), name) == (64, 32)
+    if rows == (64, 32):  # an empty range is allowed: cuBLAS always, like (0, 0)
+        assert KernelConfig(fp8_matmul_rows=rows).fp8_matmul_rows == (64, 32)
         return
-    with pytest.raises(ValueError, match=name):
-        KernelConfig(**{name: rows})
+    with pytest.raises(ValueError, match="fp8_matmul_rows"):
+        KernelConfig(fp8_matmul_rows=rows)
 
 
 @pytest.mark.parametrize("slices", [1, 2])

@@ -7,14 +7,6 @@ tiles fill a third of them at 256 rows (bench/NOTES.md D13, D15):
   block, S > 1 splitting K (float32 partials, summed by a second launch);
 - `library`: the same with its default block.
 
-`--inputs bf16` times the product of bfloat16 rows (the out projections'
-input, made by the RG-LRU and the attention): `fp8_rows` then cuBLAS or the
-kernel (`cublas`, `library`: what the step ran before `fp8_widen_rows`),
-against the kernel on the bfloat16 rows with the weight widened in registers
-(`widened`, `widened BMx...`). `--weights bf16` times bfloat16 weights and rows:
-cuBLAS's `F.linear` (`cublas`) against the kernel as a plain bfloat16
-product (`triton ...`; #24's batches 2-16, NOTES "Waiting for a GPU" 4).
-
 (Session 21's first run also timed cuBLAS products over K slices on CUDA
 streams, with a copy of the kernel in this script: slower everywhere,
 bench/NOTES.md D15; removed since.)
@@ -24,8 +16,6 @@ together exceed the L2 (as in the step, where every weight comes from HBM);
 us per product, and the error against cuBLAS's product.
 
     python bench/dev/fp8_gemm.py --rows 64,256 --json fp8_gemm.json
-    python bench/dev/fp8_gemm.py --inputs bf16 --shapes out --rows 2,8,64,256
-    python bench/dev/fp8_gemm.py --weights bf16 --rows 2,8,16 --tiles 16x64x128/4/4/2,...
 """
 
 from __future__ import annotations
@@ -39,7 +29,6 @@ import torch.nn.functional as F
 import triton
 
 from streamgemma.kernels.fp8_matmul import fp8_matmul
-from streamgemma.kernels.qmatmul import fp8_rows
 
 # 2B products: name -> (N, K); q|k|v has no bias
 SHAPES = {"qkv": (3072, 2560), "x|y": (5120, 2560), "gate|up": (15360, 2560), "out": (2560, 2560),
@@ -53,44 +42,9 @@ def cublas(xq, w, xs, ws, bias):
     return F.scaled_mm(xq, w.t(), xs, rw, ws[None, :], rw, bias=bias, output_dtype=torch.bfloat16)
 
 
-def rows_then_cublas(x, w, ws, bias):
-    xq, xs = fp8_rows(x)
-    return cublas(xq, w, xs, ws, bias)
-
-
-def block_of(tile):
-    bm, bn, bk, warps, stages, *rest = (int(v) for v in tile.replace("x", "/").split("/"))
-    return bm, bn, bk, warps, stages, rest[0] if rest else 1
-
-
 def triton_mm(xq, w, xs, ws, bias, tile):
-    return fp8_matmul(xq, xs, w, ws, bias, block=block_of(tile))
-
-
-def variants_of(args, m, k, dev):
-    """label -> fn(weight copy), the reference's label"""
-    tiles = list(filter(None, args.tiles.split(",")))
-    if args.weights == "bf16":
-        x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-        out = {"cublas": lambda c: F.linear(x, c[0], c[2])}
-        for tile in tiles:
-            out[f"triton {tile}"] = lambda c, tile=tile: fp8_matmul(x, None, c[0], None, c[2], block=block_of(tile))
-        return out
-    if args.inputs == "bf16":
-        x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-        out = {"cublas": lambda c: rows_then_cublas(x, *c),
-               "library": lambda c: fp8_matmul(*fp8_rows(x), c[0], c[1], c[2]),
-               "widened": lambda c: fp8_matmul(x, None, c[0], c[1], c[2])}
-        for tile in tiles:
-            out[f"widened {tile}"] = lambda c, tile=tile: fp8_matmul(x, None, c[0], c[1], c[2], block=block_of(tile))
-        return out
-    xq = (torch.randn(m, k, device=dev) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
-    xs = torch.rand(m, 1, device=dev) / 100 + 1e-3
-    out = {"cublas": lambda c: cublas(xq, c[0], xs, c[1], c[2]),
-           "library": lambda c: fp8_matmul(xq, xs, c[0], c[1], c[2])}
-    for tile in tiles:
-        out[f"triton {tile}"] = lambda c, tile=tile: triton_mm(xq, c[0], xs.view(-1), c[1], c[2], tile)
-    return out
+    bm, bn, bk, warps, stages, *rest = (int(v) for v in tile.replace("x", "/").split("/"))
+    return fp8_matmul(xq, xs, w, ws, bias, block=(bm, bn, bk, warps, stages, rest[0] if rest else 1))
 
 
 def time_graph(fn, copies, reps):
@@ -125,8 +79,6 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="qkv,x|y,gate|up,out,down")
     p.add_argument("--tiles", default=",".join(TILES))
     p.add_argument("--reps", type=int, default=40)
-    p.add_argument("--inputs", choices=["fp8", "bf16"], default="fp8", help="rows as the kernel gets them")
-    p.add_argument("--weights", choices=["fp8", "bf16"], default="fp8")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -137,15 +89,17 @@ def main(argv=None) -> int:
         ncopies = max(2, (160 << 20) // (n * k))  # > the L2 together
         copies = []
         for _ in range(ncopies):
-            w = torch.randn(n, k, device=dev) / 2
-            bias = None if name == "qkv" else torch.randn(n, device=dev).to(torch.bfloat16)
-            if args.weights == "bf16":
-                copies.append((w.to(torch.bfloat16), None, bias))
-            else:
-                copies.append((w.to(torch.float8_e4m3fn), torch.rand(n, device=dev) / 100 + 1e-3, bias))
+            w = (torch.randn(n, k, device=dev) / 2).to(torch.float8_e4m3fn)
+            copies.append((w, torch.rand(n, device=dev) / 100 + 1e-3,
+                           None if name == "qkv" else torch.randn(n, device=dev).to(torch.bfloat16)))
         for m in (int(r) for r in args.rows.split(",")):
-            variants = variants_of(args, m, k, dev)
-            want = variants["cublas"](copies[0]).float()
+            xq = (torch.randn(m, k, device=dev) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+            xs = torch.rand(m, 1, device=dev) / 100 + 1e-3
+            want = cublas(xq, *copies[0][:1], xs, *copies[0][1:]).float()
+            variants = {"cublas": lambda c: cublas(xq, c[0], xs, c[1], c[2]),
+                        "library": lambda c: fp8_matmul(xq, xs, c[0], c[1], c[2])}
+            for tile in filter(None, args.tiles.split(",")):
+                variants[f"triton {tile}"] = lambda c, tile=tile: triton_mm(xq, c[0], xs.view(-1), c[1], c[2], tile)
             for label, fn in variants.items():
                 try:
                     got = fn(copies[0]).float()
@@ -160,7 +114,7 @@ def main(argv=None) -> int:
                 results.append({"shape": name, "n": n, "k": k, "m": m, "variant": label, "us": us, "rel_err": err})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv[1:],
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "results": results}, f, indent=1)
     return 0
 

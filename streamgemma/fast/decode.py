@@ -99,11 +99,10 @@ class KernelDecoder:
         delta = None
         eps = cfg.rms_norm_eps
         rows = self.kernel_config.fp8_matmul_rows  # (the batched fp8 products' Triton range)
-        widen = self.kernel_config.fp8_widen_rows
 
         def project(src, entry, name, xq=None):  # the layer's projection `name` (FusedWeights' w_/s_/b_ entries)
             return linear(src, entry["w_" + name], entry["s_" + name], entry["b_" + name], xq,
-                          fp8_matmul_rows=rows, fp8_widen_rows=widen)
+                          fp8_matmul_rows=rows)
 
         def norm(delta, scale, weight):
             """normed = the norm of x + delta; for an fp8 tensor-core product of

@@ -81,12 +81,6 @@ class KernelConfig:
     256) and (2, 64): on an H100 each product was faster there, and 2B steps
     4-16% faster, bench/NOTES.md D15); (0, 0): cuBLAS always.
 
-    fp8_widen_rows: (least, most) rows of a batched fp8 product whose input
-    is not made in e4m3 by the launch before it (the out projections) that
-    `kernels/fp8_matmul.py` takes in bfloat16, widening the weight tiles
-    in registers, instead of rounding the rows to e4m3 in a launch of their
-    own first; (0, 0): never.
-
     int4_half_dot: the batch-1 GEMV sums an int4 word's eight products in
     float16 pairs (`kernels/widen.int4_word_dots`; default True: on an H100
     a 2B step took 21% less time, bench/NOTES.md Q7), with float16 rounding
@@ -108,7 +102,6 @@ class KernelConfig:
     int4_half_dot: bool = True
     fp8_matmul_rows: tuple[int, int] = (2, 256)
     fp8_head_rows: tuple[int, int] = (2, 64)
-    fp8_widen_rows: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -140,7 +133,7 @@ class KernelConfig:
         for flag in ("one_byte_words", "int4_half_dot"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        for name in ("fp8_matmul_rows", "fp8_head_rows", "fp8_widen_rows"):
+        for name in ("fp8_matmul_rows", "fp8_head_rows"):
             rows = getattr(self, name)
             if not (isinstance(rows, (tuple, list)) and len(rows) == 2
                     and all(type(v) is int and v >= 0 for v in rows)):
@@ -169,8 +162,7 @@ class KernelConfig:
                      frozenset(self.gemv_tensor_cores.items()),
                      frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl,
                      self.prefill_attention, self.prefill_attention_tiles, self.one_byte_words,
-                     self.dequantize_rows, self.int4_half_dot, self.fp8_matmul_rows, self.fp8_head_rows,
-                     self.fp8_widen_rows))
+                     self.dequantize_rows, self.int4_half_dot, self.fp8_matmul_rows, self.fp8_head_rows))
 
     def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or

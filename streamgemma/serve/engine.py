@@ -279,6 +279,7 @@ class Engine:
             return
         es.closed = True
         async with self._model_lock:  # not while a tick's worker thread uses the session
+            await self.journal.submit()  # records made since the last tick (a seeded generate's) go with them:
             await self.journal.drain()  # its last tokens go out (and its records land) before it ends
             self._finish(es, "cancelled", now=True)
             self.inputs.drop(es, EngineError("closed", "the session was closed"))
@@ -420,7 +421,7 @@ class Engine:
                 with anyio.CancelScope(shield=True):
                     await self.journal.submit()  # its outputs reach clients once it is durable
             for es in self.journal.due(self.sessions):  # bound the replay: a background snapshot
-                await self.offloader.snapshot(es.id, es.live)
+                await self.offloader.background(es.id, es.live)
         if not self.journal.enabled:  # (else the committer signals, once the tokens went out)
             self.deliveries.signal()
         await self.journal.room()  # the device runs ahead of the store by a tick or two at most

@@ -9,7 +9,8 @@ logged and the copy kept (retried when the writer must make room, and by
 `snapshot` and `flush`), so no session is lost while the process lives. At
 most `max_unwritten` copies wait; beyond that a suspension waits for the
 writer, and is refused (EngineError "capacity") once all of them have failed
-twice."""
+twice. The journal's background snapshots are bounded too: at most one a
+session and `max_unwritten` in all wait for the writer (`background`)."""
 
 from __future__ import annotations
 
@@ -132,6 +133,7 @@ class Offloader:
         self._superseded = superseded
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamgemma-writer")
         self._unwritten: dict[str, Write] = {}
+        self._background: dict[str, concurrent.futures.Future] = {}  # `background` writes queued, by id
         self._preloaded: collections.OrderedDict[str, snapshot_format.SnapshotContents] = collections.OrderedDict()
 
     @property
@@ -247,6 +249,17 @@ class Offloader:
         if write is None:
             return None
         return (self._start_write(session_id, write.contents) if write.failed else write).future
+
+    async def background(self, session_id: str, live: Session) -> None:
+        """A snapshot of `live` that bounds its journal's replay, skipped while one
+        of it is still queued or `max_unwritten` of them are: a store slower than
+        they come would pile captured states up in memory without bound (the
+        journal holds what a skipped one would have stored)."""
+        if session_id in self._background or len(self._background) >= self.max_unwritten:
+            return
+        future = await self.snapshot(session_id, live)
+        self._background[session_id] = future  # (before the callback: a write already done removes it at once)
+        future.add_done_callback(lambda _: self._background.pop(session_id, None))
 
     async def delete(self, session_id: str, missing_ok: bool = True) -> None:
         """Forget `session_id` and delete its snapshot, after any write of it

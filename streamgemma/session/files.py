@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
-from ..errors import SnapshotIdError
+from ..errors import SnapshotFormatError, SnapshotIdError
 from ..validate import short
 
 # Ids become file names: no separators, no leading dot (so no '.', '..' or
@@ -50,6 +51,34 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryv
             os.unlink(tmp)
         raise
     fsync_directory(directory)
+
+
+def read_regular_file(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of `path`, a regular file of at most `max_bytes` (None: any
+    size). FileNotFoundError if it is not there; SnapshotFormatError if it is
+    something else (a FIFO planted under the name would block the read, and
+    the thread, forever) or too large."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SnapshotFormatError(f"{path} is not a regular file")
+        limit = info.st_size if max_bytes is None else max_bytes
+        if info.st_size > limit:
+            raise SnapshotFormatError(f"{path} is {info.st_size} bytes, more than it can be ({limit})")
+        parts, size = [], 0
+        while max_bytes is None or size <= max_bytes:  # up to one byte more than allowed: a file that grew
+            part = os.read(fd, 1 << 20 if max_bytes is None else min(1 << 20, max_bytes + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+    finally:
+        os.close(fd)
+    if max_bytes is not None and size > max_bytes:
+        raise SnapshotFormatError(f"{path} is more than {max_bytes} bytes, more than it can be")
+    return b"".join(parts)
 
 
 def fsync_directory(directory: Path) -> None:

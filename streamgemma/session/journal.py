@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
+import stat
 import struct
 import threading
 import zlib
@@ -32,7 +33,7 @@ from pathlib import Path
 import msgpack
 
 from ..errors import SnapshotFormatError
-from .files import fsync_directory, validate_session_id, write_file_atomic
+from .files import fsync_directory, read_regular_file, validate_session_id, write_file_atomic
 
 KINDS = ("feed", "step", "rng")
 # A record on disk: payload length and CRC-32 (u32 LE each), then the msgpack payload.
@@ -222,18 +223,22 @@ class DirectoryJournal(Journal):
         return self.directory / (validate_session_id(session_id) + self.SUFFIX)
 
     def _lock(self, session_id: str) -> threading.Lock:
-        return self._locks[zlib.crc32(session_id.encode()) % len(self._locks)]
+        return self._locks[zlib.crc32(validate_session_id(session_id).encode()) % len(self._locks)]
 
     def _append_one(self, session_id: str, records: list[bytes]) -> None:
         path = self.path(session_id)
         with self._lock(session_id):
             new = not path.exists()
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            # O_NONBLOCK: a FIFO planted under the name fails (ENXIO) instead of waiting for a reader
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                         0o600)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise SnapshotFormatError(f"{path} is not a regular file")
                 known = session_id in self._intact
                 self._intact.discard(session_id)  # until this append is durable
                 if not new and not known:
-                    data = path.read_bytes()
+                    data = read_regular_file(path)
                     if (keep := intact_length(data)) < len(data):
                         os.ftruncate(fd, keep)
                 _write_all(fd, b"".join(records))
@@ -255,7 +260,7 @@ class DirectoryJournal(Journal):
 
     def read(self, session_id: str) -> list[JournalRecord]:
         try:
-            return decode_records(self.path(session_id).read_bytes())
+            return decode_records(read_regular_file(self.path(session_id)))
         except FileNotFoundError:
             return []
 

@@ -11,15 +11,21 @@ import math
 import os
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..config import GriffinConfig
-from ..errors import SnapshotFormatError, SnapshotNotFound, StoreError
+from ..errors import SnapshotNotFound, StoreError
 from . import snapshot as snapshot_format
-from .files import SESSION_ID_PATTERN, TEMP_SUFFIX, fsync_directory, validate_session_id, write_file_atomic
+from .files import (
+    SESSION_ID_PATTERN,
+    TEMP_SUFFIX,
+    fsync_directory,
+    read_regular_file,
+    validate_session_id,
+    write_file_atomic,
+)
 from .journal import DirectoryJournal, Journal
 
 __all__ = ["SESSION_ID_PATTERN", "DirectorySnapshotStore", "SnapshotStore", "validate_session_id",
@@ -150,7 +156,7 @@ class DirectorySnapshotStore(SnapshotStore):
     def journal(self) -> DirectoryJournal:
         """Journals in the subdirectory `journal` (made on first use)."""
         if self._journal is None:
-            self._journal = DirectoryJournal(self.directory / "journal")
+            self._journal = DirectoryJournal(self.directory / "journal")  # (remove_stale_temp_files knows it)
         return self._journal
 
     def describe(self) -> str:
@@ -166,31 +172,10 @@ class DirectorySnapshotStore(SnapshotStore):
         write_file_atomic(self.path(session_id), blob)
 
     def get(self, session_id: str) -> bytes:
-        path = self.path(session_id)
         try:
-            # O_NONBLOCK: opening a FIFO planted under the name must not wait for a writer.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            return read_regular_file(self.path(session_id), self.max_bytes)
         except FileNotFoundError:
             raise SnapshotNotFound(f"no snapshot for session {session_id} in {self.directory}") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise SnapshotFormatError(f"{path} is not a regular file")
-            if info.st_size > self.max_bytes:
-                raise SnapshotFormatError(f"{path} is {info.st_size} bytes, more than a snapshot can be "
-                                          f"({self.max_bytes})")
-            parts, size = [], 0
-            while size <= self.max_bytes:  # up to one byte more than allowed: a file that grew is refused
-                part = os.read(fd, min(1 << 20, self.max_bytes + 1 - size))
-                if not part:
-                    break
-                parts.append(part)
-                size += len(part)
-        finally:
-            os.close(fd)
-        if size > self.max_bytes:
-            raise SnapshotFormatError(f"{path} is more than {self.max_bytes} bytes, more than a snapshot can be")
-        return b"".join(parts)
 
     def delete(self, session_id: str) -> None:
         path = self.path(session_id)
@@ -249,15 +234,19 @@ class DirectorySnapshotStore(SnapshotStore):
         in progress). Returns how many were removed."""
         removed = 0
         cutoff = time.time() - older_than_s
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                ours = (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
-                        and (self.SUFFIX + "." in entry.name or entry.name.startswith(".write-probe")))
-                # (a file another writer renames or deletes meanwhile is not ours to remove)
-                with contextlib.suppress(FileNotFoundError):
-                    if ours and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        removed += 1
+        # (directory, what a temp file's name holds, other temp names): snapshots and the journals' compactions
+        marks = {self.directory: (self.SUFFIX + ".", ".write-probe"),
+                 self.directory / "journal": (DirectoryJournal.SUFFIX + ".",)}
+        for directory, (suffix, *probe) in marks.items():
+            with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+                for entry in entries:
+                    ours = (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
+                            and (suffix in entry.name or any(entry.name.startswith(p) for p in probe)))
+                    # (a file another writer renames or deletes meanwhile is not ours to remove)
+                    with contextlib.suppress(FileNotFoundError):
+                        if ours and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                            os.unlink(entry.path)
+                            removed += 1
         return removed
 
 

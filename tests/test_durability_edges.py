@@ -1,0 +1,110 @@
+"""The stores and the journal at their edges: a FIFO planted as a journal, an id that is not a string, a
+record left for a closed session, compaction temp files, background snapshots behind a slow store (each
+found by a review)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import pytest
+from textfixtures import text_model
+
+import streamgemma as sg
+from streamgemma.sampling.params import SamplingParams
+from streamgemma.serve.engine import Engine
+from streamgemma.serve.record import EngineError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return text_model()
+
+
+async def _ticks_until_consumed(engine, *sessions):
+    while any(es.inputs for es in sessions):
+        await engine.tick()
+
+
+def test_a_fifo_planted_as_a_journal_fails_the_resume_instead_of_hanging(model, tmp_path):
+    """The snapshot file was opened without blocking and checked; the journal beside it was read blindly, so
+    the resume blocked a worker thread forever (no cancel scope reaches it)."""
+    async def main():
+        engine = Engine(model, store=sg.DirectorySnapshotStore(tmp_path))
+        es = await engine.open(seed=1)
+        sid = es.id
+        os.mkfifo(engine.store.journal().path(sid))
+        survivor = Engine(model, store=sg.DirectorySnapshotStore(tmp_path))
+        with anyio.fail_after(10), pytest.raises(EngineError, match="not a regular file"):
+            await survivor.resume(sid)
+        with pytest.raises(OSError):  # an append does not wait for a reader either (ENXIO)
+            survivor.store.journal().append({sid: [b"x"]})
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("method", ["compact", "delete", "read"])
+def test_journal_calls_with_an_id_that_is_not_a_string_name_the_id(tmp_path, method):
+    journal = sg.DirectorySnapshotStore(tmp_path).journal()
+    args = (123, 0) if method == "compact" else (123,)
+    with pytest.raises(sg.SnapshotIdError):  # (compact and delete: AttributeError before)
+        getattr(journal, method)(*args)
+
+
+def test_a_session_closed_before_the_next_tick_leaves_no_journal(model, tmp_path):
+    """A seeded generate records its random stream in the tick's batch; close() waited only for batches already
+    submitted, deleted the journal, and the next tick wrote the leftover record into a new one, which nothing
+    ever removed."""
+    async def main():
+        store = sg.DirectorySnapshotStore(tmp_path)
+        engine = Engine(model, store=store)
+        other, es = await engine.open(), await engine.open(seed=1)
+        engine.append(es, [2, 5, 7])
+        await _ticks_until_consumed(engine, es)
+        await engine.generate(es, SamplingParams(max_tokens=5, seed=42))
+        await engine.close(es)
+        engine.append(other, [2, 9])
+        await _ticks_until_consumed(engine, other)
+        return store.journal().path(es.id).exists()
+
+    assert not anyio.run(main)
+
+
+def test_temp_files_of_interrupted_journal_compactions_are_cleaned_up(tmp_path):
+    store = sg.DirectorySnapshotStore(tmp_path)
+    store.journal().append({"s1": [b"x"]})
+    left = store.journal().directory / ".s1.sgjournal.abcd.tmp"  # what a compaction cut short leaves
+    left.write_bytes(b"partial")
+    old = time.time() - 7200
+    os.utime(left, (old, old))
+    assert store.remove_stale_temp_files() == 1 and not left.exists()
+
+
+def test_background_snapshots_behind_a_slow_store_are_bounded(model, tmp_path, monkeypatch):
+    """Each background snapshot captured a session's whole state and queued it on the writer, outside the
+    max_unwritten bound: behind a store slower than they came, they piled up in memory without bound."""
+    captured, stored = [], []
+    capture = sg.Session.capture
+    monkeypatch.setattr(sg.Session, "capture", lambda self: captured.append(1) or capture(self))
+
+    class SlowStore(sg.DirectorySnapshotStore):
+        def put(self, session_id, blob):
+            time.sleep(0.05)
+            super().put(session_id, blob)
+            stored.append(session_id)
+
+    async def main():
+        engine = Engine(model, max_active=4, store=SlowStore(tmp_path), max_unwritten=2, snapshot_every=2)
+        sessions = [await engine.open(seed=i) for i in range(4)]
+        for es in sessions:
+            engine.append(es, [2, 5, 7])
+        await _ticks_until_consumed(engine, *sessions)
+        for es in sessions:
+            await engine.generate(es, SamplingParams(max_tokens=60, stop_token_ids=()))
+        for _ in range(60):
+            await engine.tick()
+        return len(captured) - len(stored)  # states captured and still waiting for the store
+
+    waiting = anyio.run(main)
+    assert waiting <= 3  # (max_unwritten 2, and one being written); ~100 before

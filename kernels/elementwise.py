@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 from .recurrent_decode import _gelu_tanh
 
 
@@ -23,7 +24,10 @@ def _store_fp8_row(y, q_ptr, qs_ptr, row, cols, mask, D):
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, delta_ptr, scale_ptr, normed_ptr, q_ptr, qs_ptr, D, eps,
-                        HAS_DELTA: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_DELTA: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # (nothing is read before the wait)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -43,21 +47,27 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, scale_ptr, normed_ptr, q_ptr, qs_ptr, 
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, scale: torch.Tensor, eps: float,
-                normed: torch.Tensor, fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                normed: torch.Tensor, fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                pdl: bool = False) -> torch.Tensor:
     """x: residual stream [B, D] (x += delta in place when delta is given);
     scale: [D]; normed: [B, D] output = x / rms(x) * (1 + scale). fp8: (e4m3
     [B, D], float32 [B, 1]) buffers that also receive `qmatmul.fp8_rows(normed)`,
-    the fp8 tensor-core product's input, in the same launch."""
+    the fp8 tensor-core product's input, in the same launch. pdl: launch with
+    programmatic dependent launch (see pdl.py)."""
     batch, width = x.shape
     q, qs = fp8 if fp8 is not None else (normed, normed)
     _add_rmsnorm_kernel[(batch,)](x, delta if delta is not None else x, scale, normed, q, qs, width, eps,
                                   HAS_DELTA=delta is not None, FP8=fp8 is not None,
-                                  BLOCK=triton.next_power_of_2(width), num_warps=8 if width >= 2048 else 4)
+                                  BLOCK=triton.next_power_of_2(width), PDL=pdl,
+                                  num_warps=8 if width >= 2048 else 4, **launch_kwargs(pdl))
     return normed
 
 
 @triton.jit
-def _geglu_kernel(in_ptr, out_ptr, q_ptr, qs_ptr, E, BLOCK: tl.constexpr, FP8: tl.constexpr):
+def _geglu_kernel(in_ptr, out_ptr, q_ptr, qs_ptr, E, BLOCK: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # (nothing is read before the wait)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < E
@@ -70,11 +80,11 @@ def _geglu_kernel(in_ptr, out_ptr, q_ptr, qs_ptr, E, BLOCK: tl.constexpr, FP8: t
 
 
 def geglu(gate_up: torch.Tensor, out: torch.Tensor,
-          fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+          fp8: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool = False) -> torch.Tensor:
     """gate_up: [B, 2E] (gate | up); out: [B, E] = gelu_tanh(gate) * up. fp8:
     (e4m3 [B, E], float32 [B, 1]) buffers that also receive
     `qmatmul.fp8_rows(out)`, the input of the fp8 tensor-core product that
-    follows (the down projection), in the same launch."""
+    follows (the down projection), in the same launch. pdl: as `add_rmsnorm`."""
     batch, e = out.shape
     if fp8 is None:
         block, warps = 1024, 4
@@ -84,7 +94,7 @@ def geglu(gate_up: torch.Tensor, out: torch.Tensor,
         warps = min(16, max(4, block // 1024))  # as fp8_rows launches a row
         q, qs = fp8
     _geglu_kernel[(batch, triton.cdiv(e, block))](gate_up, out, q, qs, e, BLOCK=block, FP8=fp8 is not None,
-                                                  num_warps=warps)
+                                                  PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
     return out
 
 

@@ -15,13 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
+
 Block = tuple[int, int, int, int, int, int]  # (BM, BN, BK, num_warps, num_stages, K slices)
 
 
 @triton.jit
 def _fp8_matmul_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, K_SLICE, x_stride,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr,
-                       HAS_BIAS: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # (nothing is read before the wait)
+        gdc_launch_dependents()
+        gdc_wait()
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -48,7 +53,10 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, K_SL
 
 @triton.jit
 def _sum_kernel(p_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, SLICES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # (nothing is read before the wait)
+        gdc_launch_dependents()
+        gdc_wait()
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < M * N
     acc = tl.load(p_ptr + i, mask=mask, other=0.0)
@@ -88,10 +96,11 @@ def preferred(m: int, n: int, k: int) -> bool:
 
 
 def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None = None, block: Block | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, block: Block | None = None, pdl: bool = False) -> torch.Tensor:
     """xq [M, K] e4m3 (rows contiguous), x_scale float32 [M] or [M, 1], weight
     [N, K] e4m3, w_scale float32 [N], bias [N] or None -> bfloat16 [M, N].
-    K must be a multiple of BK x slices of the block (default `default_block`)."""
+    K must be a multiple of BK x slices of the block (default `default_block`).
+    pdl: launch with programmatic dependent launch (see pdl.py)."""
     m, k = xq.shape
     n = weight.shape[0]
     if xq.stride(1) != 1 or not weight.is_contiguous() or weight.shape[1] != k or w_scale.shape != (n,) \
@@ -110,11 +119,13 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_
     b = bias if bias is not None else w_scale  # (a valid pointer; not read)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), slices)
     _fp8_matmul_kernel[grid](xq, weight, x_scale, w_scale, b, out, m, n, k, k // slices, xq.stride(0), BM=bm, BN=bn,
-                             BK=bk, PARTIAL=partial, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+                             BK=bk, PARTIAL=partial, HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps,
+                             num_stages=stages, **launch_kwargs(pdl))
     if partial:
         size = 1024
         _sum_kernel[(triton.cdiv(m * n, size),)](out, x_scale, w_scale, b, y, m, n, SLICES=slices,
-                                                 HAS_BIAS=bias is not None, BLOCK=size, num_warps=4)
+                                                 HAS_BIAS=bias is not None, BLOCK=size, PDL=pdl, num_warps=4,
+                                                 **launch_kwargs(pdl))
     return y
 
 

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs
 from .widen import CONVERT, default_widen, widen
 
 
@@ -162,7 +163,10 @@ def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, BK: tl.constexpr):
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, BK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # (nothing is read before the wait)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     k = tl.arange(0, BK)
     m = k < K
@@ -172,16 +176,18 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, BK: tl.constexpr):
     tl.store(s_ptr + row, s)
 
 
-def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_rows(x: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~= q * scale per
     row (scale = absmax / 448), in one launch: the fp8 tensor-core product's
-    activation quantization, which as torch ops costs four launches."""
+    activation quantization, which as torch ops costs four launches. pdl: launch
+    with programmatic dependent launch (see pdl.py)."""
     m, k = x.shape
     assert x.stride(1) == 1
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     bk = triton.next_power_of_2(k)
-    _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), BK=bk, num_warps=min(16, max(1, bk // 1024)))
+    _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), BK=bk, PDL=pdl, num_warps=min(16, max(1, bk // 1024)),
+                           **launch_kwargs(pdl))
     return q, s
 
 

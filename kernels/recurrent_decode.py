@@ -27,7 +27,10 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _conv1d_decode_kernel(xy_ptr, xy_stride, conv_ptr, slots_ptr, pos_ptr, w_ptr, b_ptr, out_ptr,
-                          L, K: tl.constexpr, BLOCK: tl.constexpr):
+                          L, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # (nothing is read before the wait)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < L
@@ -52,15 +55,16 @@ def _conv1d_decode_kernel(xy_ptr, xy_stride, conv_ptr, slots_ptr, pos_ptr, w_ptr
 
 
 def conv1d_decode(xy: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
-                  w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                  w: torch.Tensor, b: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """xy: [B, >=L] (the first L columns are linear_x's output, model dtype);
     conv_state: pool buffer [S, K-1, L] (updated in place); slots, pos: [B] int64;
-    w: [K, L]; b: [L]; out: [B, L] model dtype (conv output; padding rows untouched)."""
+    w: [K, L]; b: [L]; out: [B, L] model dtype (conv output; padding rows untouched).
+    pdl: launch with programmatic dependent launch (see pdl.py)."""
     batch = xy.shape[0]
     k, width = w.shape
     block = min(1024, triton.next_power_of_2(width))
     _conv1d_decode_kernel[(batch, triton.cdiv(width, block))](
-        xy, xy.stride(0), conv_state, slots, pos, w, b, out, width, K=k, BLOCK=block)
+        xy, xy.stride(0), conv_state, slots, pos, w, b, out, width, K=k, BLOCK=block, PDL=pdl, **launch_kwargs(pdl))
     return out
 
 

@@ -45,7 +45,7 @@ def test_a_config_is_immutable_and_compares_by_value():
                                  dict(prefill_attention="flash"), dict(prefill_attention_tiles=(128, 64, 8)),
                                  dict(prefill_attention_tiles=(8, 64, 8, 2)),
                                  dict(prefill_attention_tiles=(128, 64, 8, 0)), dict(one_byte_words="no"),
-                                 dict(dequantize_rows=-1)])
+                                 dict(dequantize_rows=-1), dict(batched_pdl=1)])
 def test_bad_values_are_refused_with_the_field_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         sg.KernelConfig(**bad)

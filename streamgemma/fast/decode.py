@@ -99,22 +99,23 @@ class KernelDecoder:
         delta = None
         eps = cfg.rms_norm_eps
         rows = self.kernel_config.fp8_matmul_rows  # (the batched fp8 products' Triton range)
+        pdl = self.pdl and self.kernel_config.batched_pdl  # (cuBLAS products launch plainly: PDL stops there)
 
         def project(src, entry, name, xq=None):  # the layer's projection `name` (FusedWeights' w_/s_/b_ entries)
             return linear(src, entry["w_" + name], entry["s_" + name], entry["b_" + name], xq,
-                          fp8_matmul_rows=rows)
+                          fp8_matmul_rows=rows, pdl=pdl)
 
         def norm(delta, scale, weight):
             """normed = the norm of x + delta; for an fp8 tensor-core product of
             `weight`, also its e4m3 input rows, made by the same launch."""
             xq = _fp8_rows_buffers(normed, weight)
-            self._ew.add_rmsnorm(x, delta, scale, eps, normed, fp8=xq)
+            self._ew.add_rmsnorm(x, delta, scale, eps, normed, fp8=xq, pdl=pdl)
             return xq
 
         for block, entry, state in zip(net.blocks, self.layers, self.pool.layers):
             if block.kind == ATTENTION:
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_qkv"])
-                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq, fp8_matmul_rows=rows)
+                qkv = linear(normed, entry["w_qkv"], entry["s_qkv"], x_fp8=xq, fp8_matmul_rows=rows, pdl=pdl)
                 mixed = torch.empty(batch, cfg.width, dtype=x.dtype, device=x.device)
                 self._attention(qkv, state, slots, pos, mixed)
                 delta = project(mixed, entry, "out")
@@ -123,9 +124,9 @@ class KernelDecoder:
                 l = cfg.lru_width
                 xq = norm(delta, block.temporal_pre_norm.scale, entry["w_xy"])
                 xy = linear(normed, entry["w_xy"], entry["s_xy"], entry["b_xy"], x_fp8=xq,
-                            fp8_matmul_rows=rows)
+                            fp8_matmul_rows=rows, pdl=pdl)
                 xc = torch.empty(batch, l, dtype=x.dtype, device=x.device)
-                self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc)
+                self._rec.conv1d_decode(xy, state[0], slots, pos, rec.conv_1d.w, rec.conv_1d.b, xc, pdl=pdl)
                 gated = torch.empty_like(xc)
                 self._rglru(rec.rg_lru, entry, xc, xy[:, l:], state, slots, pos, gated)
                 delta = project(gated, entry, "out")
@@ -133,11 +134,11 @@ class KernelDecoder:
             gate_up = project(normed, entry, "up", xq)
             hidden = torch.empty(batch, cfg.mlp_width, dtype=x.dtype, device=x.device)
             hq = _fp8_rows_buffers(hidden, entry["w_down"])  # the GeGLU quantizes the down product's input
-            self._ew.geglu(gate_up, hidden, fp8=hq)
+            self._ew.geglu(gate_up, hidden, fp8=hq, pdl=pdl)
             delta = project(hidden, entry, "down", hq)
         xq = norm(delta, net.final_norm.scale, self.embedding)
         return linear(normed, self.embedding, self.embedding_scale, x_fp8=xq,
-                      fp8_matmul_rows=self.kernel_config.fp8_head_rows)
+                      fp8_matmul_rows=self.kernel_config.fp8_head_rows, pdl=pdl)
 
     def _attention(self, qkv, state, slots, pos, out):
         self._attn.attention_decode(qkv, state[0], state[1], slots, pos, self.inv_freq, self.config.num_heads, out,

@@ -40,7 +40,7 @@ _DEQUANTIZED_BYTES = 64 << 20
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
            bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-           dequantize_rows: int = 0, fp8_matmul_rows: tuple[int, int] = (0, 0)) -> torch.Tensor:
+           dequantize_rows: int = 0, fp8_matmul_rows: tuple[int, int] = (0, 0), pdl: bool = False) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias): `scale` None for a plain weight, the
     float32 [N] row scales of an int8 / float8_e4m3fn weight otherwise. x_fp8:
     x's e4m3 rows and scales when already made (`fp8_rows` of x, e.g. by the
@@ -48,14 +48,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     dequantize_rows: from this many rows of x up, a weight not on the fp8
     tensor cores is dequantized in blocks and multiplied by cuBLAS
     (`dequantized_linear`); 0: never. fp8_matmul_rows: (least, most) rows of
-    x whose fp8 tensor-core product runs `kernels.fp8_matmul` (KernelConfig)."""
+    x whose fp8 tensor-core product runs `kernels.fp8_matmul` (KernelConfig).
+    pdl: the fp8 path's Triton launches use programmatic dependent launch."""
     if scale is None:
         return F.linear(x, weight, bias)
     if not x.is_cuda:
         return quantized_linear_ref(x, weight, scale, bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
     if fp8_tensor_cores(x, weight):
-        return fp8_linear(x, weight, scale, bias, x_fp8, fp8_matmul_rows)
+        return fp8_linear(x, weight, scale, bias, x_fp8, fp8_matmul_rows, pdl)
     if dequantize_rows and x.shape[0] >= dequantize_rows:
         return dequantized_linear(x, weight, scale, bias)
     from streamgemma.kernels.qmatmul import q4matmul, qmatmul
@@ -92,7 +93,7 @@ def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-               triton_rows: tuple[int, int] = (0, 0)) -> torch.Tensor:
+               triton_rows: tuple[int, int] = (0, 0), pdl: bool = False) -> torch.Tensor:
     """The fp8 tensor-core product: x rows quantized to e4m3 with their own
     scales (one Triton launch on CUDA, or x_fp8 when given), `F.scaled_mm` with
     row-wise scales and the bias, bfloat16 out (torch also runs it on the CPU,
@@ -104,14 +105,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     elif x.is_cuda:
         from streamgemma.kernels.qmatmul import fp8_rows
 
-        xq, x_scale = fp8_rows(x)
+        xq, x_scale = fp8_rows(x, pdl=pdl)
     else:
         xq, x_scale = fp8_rows_ref(x)
     if x.is_cuda and triton_rows[0] <= x.shape[0] <= triton_rows[1] and x.shape[1] % 128 == 0:
         from streamgemma.kernels.fp8_matmul import fp8_matmul, preferred
 
         if preferred(x.shape[0], *weight.shape):
-            return fp8_matmul(xq, x_scale, weight, scale, bias)
+            return fp8_matmul(xq, x_scale, weight, scale, bias, pdl=pdl)
     rowwise = F.ScalingType.RowWise
     return F.scaled_mm(xq, weight.t(), x_scale, rowwise, scale[None, :], rowwise, bias=bias,
                        output_dtype=torch.bfloat16)

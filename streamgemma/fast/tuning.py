@@ -81,6 +81,10 @@ class KernelConfig:
     256) and (2, 64): on an H100 each product was faster there, and 2B steps
     4-16% faster, bench/NOTES.md D15); (0, 0): cuBLAS always.
 
+    batched_pdl: with `pdl` on, the batched step's norms, GeGLU, conv, fp8
+    row quantization and Triton fp8 products launch with it too (as the
+    RG-LRU and attention kernels do); False: plainly.
+
     int4_half_dot: the batch-1 GEMV sums an int4 word's eight products in
     float16 pairs (`kernels/widen.int4_word_dots`; default True: on an H100
     a 2B step took 21% less time, bench/NOTES.md Q7), with float16 rounding
@@ -102,6 +106,7 @@ class KernelConfig:
     int4_half_dot: bool = True
     fp8_matmul_rows: tuple[int, int] = (2, 256)
     fp8_head_rows: tuple[int, int] = (2, 64)
+    batched_pdl: bool = True
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:
@@ -130,7 +135,7 @@ class KernelConfig:
                                  f"got {self.rglru_launch!r}")
         if not isinstance(self.dequantize_rows, int) or self.dequantize_rows < 0:
             raise ValueError(f"dequantize_rows must be an int >= 0, got {self.dequantize_rows!r}")
-        for flag in ("one_byte_words", "int4_half_dot"):
+        for flag in ("one_byte_words", "int4_half_dot", "batched_pdl"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         for name in ("fp8_matmul_rows", "fp8_head_rows"):
@@ -162,7 +167,8 @@ class KernelConfig:
                      frozenset(self.gemv_tensor_cores.items()),
                      frozenset(self.attention_blocks.items()), self.rglru_launch, self.pdl,
                      self.prefill_attention, self.prefill_attention_tiles, self.one_byte_words,
-                     self.dequantize_rows, self.int4_half_dot, self.fp8_matmul_rows, self.fp8_head_rows))
+                     self.dequantize_rows, self.int4_half_dot, self.fp8_matmul_rows, self.fp8_head_rows,
+                     self.batched_pdl))
 
     def gemv_block(self, batch: int, epilogue: str, n: int, k: int, weight_format: str = "float") -> GemvBlock | None:
         """The block shape for a GEMV of `batch` rows and an [n, k] weight, or

@@ -104,6 +104,31 @@ def test_dependent_launches_change_no_result():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+@pytest.mark.parametrize("batch", [3, 64])
+def test_dependent_launches_of_the_batched_step_change_no_result(quantize, batch):
+    """The batched step (norms, GeGLU, conv, fp8 rows and Triton fp8 products launched with PDL too) against
+    the same step with every launch plain: identical logits step after step."""
+    from streamgemma.fast.tuning import KernelConfig
+    from streamgemma.kernels import pdl
+
+    if not pdl.supported() or (quantize and torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("needs compute capability 9.0+")
+    config = sg.GriffinConfig(vocab_size=512, width=256, mlp_width=768, num_heads=2, lru_width=256,
+                              block_types=sg.GriffinConfig.preset("tiny").block_types, attention_window=16)
+    outs = []
+    for on in (True, False):
+        model = sg.Model.random(config, seed=7, device="cuda", dtype="bfloat16", quantize=quantize,
+                                kernel_config=KernelConfig(pdl=on))
+        sessions = [model.session() for _ in range(batch)]
+        for i, s in enumerate(sessions):
+            s.feed(random_tokens(2 + i % 5, 512, seed=i))
+        slots = [s.slot for s in sessions]
+        outs.append(torch.stack([model.decode(slots, random_tokens(batch, 512, seed=50 + t)).clone()
+                                 for t in range(4)]))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_warm_up_captures_every_bucket_and_leaves_no_session_behind():
     model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=4, device="cuda", dtype="bfloat16")
     seconds = model.warm_up(5, prompt_tokens=8)

@@ -119,7 +119,7 @@ def test_dependent_launches_of_the_batched_step_change_no_result(quantize, batch
     outs = []
     for on in (True, False):
         model = sg.Model.random(config, seed=7, device="cuda", dtype="bfloat16", quantize=quantize,
-                                kernel_config=KernelConfig(pdl=on))
+                                kernel_config=KernelConfig(pdl=on, batched_pdl=True))
         sessions = [model.session() for _ in range(batch)]
         for i, s in enumerate(sessions):
             s.feed(random_tokens(2 + i % 5, 512, seed=i))

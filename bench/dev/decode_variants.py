@@ -14,8 +14,8 @@ bench/dev/tune_gemv.py JSON (--gemv-json: "tuned" its "best" table, the
 fastest fused kernel per shape and batch; "tunedtc" its "best_tensor_core"
 table), "words" / "bytes" (batch-1 1-byte weights read as int32 words, the
 default since session 14, or as byte tensors), "cublas8" / "headcublas8" (the batched fp8 products all
-on cuBLAS, or the LM head's alone, instead of kernels/fp8_matmul.py), "nobpdl" (the batched step's norms,
-GeGLU, conv and fp8 launches plain), or "nopdl" (plain launches);
+on cuBLAS, or the LM head's alone, instead of kernels/fp8_matmul.py), "bpdl" / "nobpdl" (the batched step's
+norms, GeGLU, conv and fp8 launches with PDL or plain), or "nopdl" (plain launches);
 "+" joins them, "base" is the defaults. An older checkout can be timed by the same script ("base"), in its
 own process, for an A/B on one machine.
 
@@ -74,7 +74,7 @@ FUSED = {"fused16": dict(gemv_max_batch=16), "fused8": dict(gemv_max_batch=8), "
          "words": dict(one_byte_words=True), "bytes": dict(one_byte_words=False),
          "half4": dict(int4_half_dot=True), "full4": dict(int4_half_dot=False),
          "cublas8": dict(fp8_matmul_rows=(0, 0), fp8_head_rows=(0, 0)), "headcublas8": dict(fp8_head_rows=(0, 0)),
-         "nobpdl": dict(batched_pdl=False)}
+         "bpdl": dict(batched_pdl=True), "nobpdl": dict(batched_pdl=False)}
 
 
 def random_model(cfg: sg.GriffinConfig, dtype=torch.bfloat16, quantize: str | None = None) -> sg.Model:

@@ -83,7 +83,8 @@ class KernelConfig:
 
     batched_pdl: with `pdl` on, the batched step's norms, GeGLU, conv, fp8
     row quantization and Triton fp8 products launch with it too (as the
-    RG-LRU and attention kernels do); False: plainly.
+    RG-LRU and attention kernels do); default False: plainly (not yet
+    measured on a GPU, bench/NOTES.md "Waiting for a GPU").
 
     int4_half_dot: the batch-1 GEMV sums an int4 word's eight products in
     float16 pairs (`kernels/widen.int4_word_dots`; default True: on an H100
@@ -106,7 +107,7 @@ class KernelConfig:
     int4_half_dot: bool = True
     fp8_matmul_rows: tuple[int, int] = (2, 256)
     fp8_head_rows: tuple[int, int] = (2, 64)
-    batched_pdl: bool = True
+    batched_pdl: bool = False
 
     def __post_init__(self):
         if not isinstance(self.gemv_max_batch, int) or self.gemv_max_batch < 0:

@@ -253,3 +253,30 @@ def test_a_drop_of_a_session_claimed_again_since_it_was_lost_leaves_it_alone(red
 
     live, held = anyio.run(main)
     assert live and held
+
+
+def test_a_resume_that_fails_gives_its_lease_back(redis_server):  # noqa: F811
+    """A resume claims the session's lease, then reads it; a damaged snapshot (or a journal that cannot be read,
+    or a cancelled resume) kept the lease held and renewed for as long as the worker ran, the session open
+    nowhere."""
+    model = text_model()
+
+    async def main():
+        a = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="f"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run)
+            es = await a.open(seed=1)
+            await a.consumed(a.append(es, "hello"))
+            sid = es.id
+            await a.snapshot(es)
+            await a.close(es, delete=False)
+            a.store.put(sid, b"not a snapshot")  # (put needs the lease: written, then given back)
+            a.store.release(sid)
+            with pytest.raises(EngineError, match="cannot be restored"):
+                await a.resume(sid)
+            held = sid in a.store.held()
+            tg.cancel_scope.cancel()
+        a.store.close()
+        return held
+
+    assert not anyio.run(main)

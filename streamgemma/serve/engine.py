@@ -172,9 +172,13 @@ class Engine:
         try:
             await self.wait_input_turn()
             async with self.scheduler.input_work(self._generating):
-                contents = await self.offloader.read(session_id)
-                self.journal.lost.discard(session_id)  # claimed again: a refusal before is history
-                records = await self.journal.read(session_id, contents.position)
+                try:
+                    contents = await self.offloader.read(session_id)
+                    self.journal.lost.discard(session_id)  # claimed again: a refusal before is history
+                    records = await self.journal.read(session_id, contents.position)
+                except BaseException:  # (damaged, cancelled, ...): the lease must not stay held, renewed forever
+                    await self.offloader.release(session_id)
+                    raise
         except (SnapshotNotFound, SnapshotIdError):
             raise EngineError("unknown_session", "no such session") from None
         except SnapshotError as e:
@@ -190,6 +194,7 @@ class Engine:
             except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
                 with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
                     await self.close(es, delete=False)
+                    await self.offloader.release(session_id)
                 if not isinstance(e, SnapshotError):
                     raise
                 raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} "

@@ -27,7 +27,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import zstandard
 
-from ..errors import SessionHeld, SnapshotNotFound
+from ..errors import SessionHeld, SnapshotNotFound, StoreError
 from ..session import snapshot as snapshot_format
 from ..session.journal import Journal
 from ..session.model import Model
@@ -197,15 +197,17 @@ class Offloader:
 
     async def read(self, session_id: str) -> snapshot_format.SnapshotContents:
         """Claim `session_id`, then read and validate its stored snapshot.
-        Raises what the store or the decoder raised."""
+        Raises what the store or the decoder raised (the caller `release`s it then)."""
         validate_session_id(session_id)
         await self.claim(session_id)
-        try:
-            blob = await anyio.to_thread.run_sync(self.store.get, session_id)
-        except SnapshotNotFound:
-            await anyio.to_thread.run_sync(self.store.release, session_id)
-            raise
+        blob = await anyio.to_thread.run_sync(self.store.get, session_id)
         return await anyio.to_thread.run_sync(self._decode, blob)
+
+    async def release(self, session_id: str) -> None:
+        """Stop owning `session_id` in the store (not open here); a store that
+        is down lets the lease expire instead. Runs even in a cancelled scope."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
+            await anyio.to_thread.run_sync(self.store.release, session_id)
 
     def keep(self, session_id: str, contents: snapshot_format.SnapshotContents) -> None:
         """Keep what `read` returned for the restore that usually follows (a few at most)."""

@@ -108,3 +108,25 @@ def test_background_snapshots_behind_a_slow_store_are_bounded(model, tmp_path, m
 
     waiting = anyio.run(main)
     assert waiting <= 3  # (max_unwritten 2, and one being written); ~100 before
+
+
+def test_a_journal_that_cannot_be_compacted_does_not_fail_the_snapshot_write(model, tmp_path, monkeypatch):
+    """The write stored the snapshot, then compaction failed, and the write counted as failed: it was retried,
+    suspensions were eventually refused ("capacity") and shutdown reported a stored session as unsaved."""
+    store = sg.DirectorySnapshotStore(tmp_path)
+
+    def broken(session_id, position):
+        raise OSError("no space left for the compacted journal")
+
+    monkeypatch.setattr(store.journal(), "compact", broken)
+
+    async def main():
+        engine = Engine(model, store=store)
+        es = await engine.open(seed=1)
+        engine.append(es, [2, 5, 7])
+        await _ticks_until_consumed(engine, es)
+        with anyio.fail_after(20):
+            await engine.snapshot(es)  # raised OSError before
+            return engine.stats.write_failures, await engine.offloader.flush()
+
+    assert anyio.run(main) == (0, [])

@@ -314,7 +314,11 @@ class Offloader:
         """In the writer thread: encode and store."""
         self.store.put(session_id, snapshot_format.encode_contents(contents, self.compression_level))
         if self.journal is not None:
-            self.journal.compact(session_id, contents.position)
+            try:
+                self.journal.compact(session_id, contents.position)
+            except Exception as e:  # noqa: BLE001 - the write stands: a replay skips the records it covers
+                log.warning("session %s: its journal could not be compacted after a snapshot (%s: %s); it keeps "
+                            "the records the snapshot covers until the next one", session_id[:8], type(e).__name__, e)
 
     def _decode(self, blob: bytes) -> snapshot_format.SnapshotContents:
         return snapshot_format.decode(blob, self.model.config, self.model.fingerprint)

@@ -315,6 +315,7 @@ def test_metrics_report_sessions_tokens_ttft_and_cache(server):
     complete(server, prompt="The", max_tokens=3)
     text = request(server, "GET", "/metrics").body.decode()
     for name in ("streamgemma_sessions{state=\"live\"}", "streamgemma_generated_tokens_total",
+                 "streamgemma_decoded_input_tokens_total",
                  "streamgemma_decode_batch_size", "streamgemma_queue_sessions",
                  "streamgemma_time_to_first_token_seconds_bucket", "streamgemma_prefix_cache_hits_total",
                  "streamgemma_prefix_cache_misses_total", "streamgemma_http_requests_total"):

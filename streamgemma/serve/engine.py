@@ -398,7 +398,7 @@ class Engine:
                             riders.append(turn)
                     else:
                         await self._input_turn(turn)
-                        self.inputs.next_turn(turn)
+                    self.inputs.next_turn(turn)  # (a restore too: else two sessions could swap slots forever)
                     input_seconds = time.monotonic() - started
                     self.stats.phase_seconds["prefill"] += input_seconds
                 decode = self.scheduler.plan_decode(self._generating.values(), riders)

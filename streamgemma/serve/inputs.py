@@ -24,6 +24,8 @@ from .record import EngineError, PendingInput, SessionRecord
 DEFAULT_MAX_PENDING_TOKENS = 1 << 20  # queued input tokens per session
 DEFAULT_MAX_QUEUED_TOKENS = 1 << 22  # all sessions: 16 MiB of int32 ids
 DEFAULT_MAX_QUEUED_TEXT_BYTES = 1 << 24  # text waiting to be tokenized, all sessions
+# beyond its first text, a session's queued text stays within this share of that pool (one session filled it)
+SESSION_TEXT_SHARE = 4
 # Text up to this size is tokenized as it is appended (well under a millisecond),
 # so short input can ride along in decode rows at once.
 INLINE_TEXT_BYTES = 1024
@@ -85,6 +87,11 @@ class InputQueues:
                 raise ValueError("the text has no tokens (the tokenizer drops all of it)")
             self._check_room(es, len(ids), "text")
             return PendingInput(ids)
+        if es.queued_text_bytes and es.queued_text_bytes + size > self.max_queued_text_bytes // SESSION_TEXT_SHARE:
+            raise EngineError("limit", f"{es.queued_text_bytes} bytes of this session's text are waiting to be "
+                                       f"tokenized; a session may hold one text, or several up to "
+                                       f"{self.max_queued_text_bytes // SESSION_TEXT_SHARE} bytes: wait for "
+                                       "'appended' replies")
         if self.text_bytes + size > self.max_queued_text_bytes:
             raise EngineError("limit", f"the server holds {self.text_bytes} bytes of text waiting to be tokenized; "
                                        f"at most {self.max_queued_text_bytes} may wait: retry after 'appended' "

@@ -48,8 +48,11 @@ class _EngineCollector(Collector):
         stats = engine.stats
         yield CounterMetricFamily("streamgemma_generated_tokens", "Tokens generated (rate: tokens/s)",
                                   value=stats.decoded_tokens)
-        yield CounterMetricFamily("streamgemma_decode_steps", "Batched decode steps (generated / steps: mean "
-                                  "batch size)", value=stats.decode_calls)
+        yield CounterMetricFamily("streamgemma_decoded_input_tokens", "Input tokens consumed in decode rows (short "
+                                  "appends riding a step)", value=stats.decoded_input_tokens)
+        yield CounterMetricFamily("streamgemma_decode_steps", "Batched decode steps, with generated rows, input rows "
+                                  "or both ((generated + decoded input) / steps: mean rows a step)",
+                                  value=stats.decode_calls)
         yield CounterMetricFamily("streamgemma_prefill_calls", "Prefill chunks run", value=stats.prefill_calls)
         yield CounterMetricFamily("streamgemma_suspensions", "Sessions suspended to the store",
                                   value=stats.suspensions)

@@ -1,0 +1,63 @@
+"""The engine's input turns and limits at their edges: restore turns that kept two sessions swapping slots, one
+session holding the whole queued-text pool, the mean batch size of /metrics (each found by a review)."""
+
+from __future__ import annotations
+
+import anyio
+from textfixtures import text_model
+
+import streamgemma as sg
+from streamgemma.serve.engine import Engine
+
+
+def test_sessions_swapping_the_last_slot_do_not_starve_a_long_append():
+    """Every slot busy; A and B keep short input queued (a live transcript's appends), so each tick restores one
+    of them into the free slot, suspending the other. A restore turn left the restored session at the head of
+    the input turns, so L's long append, queued after theirs, never got a turn."""
+    async def main():
+        engine = Engine(text_model(), max_active=2, input_share=1.0, journal=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            g = await engine.open(seed=0)
+            await engine.consumed(engine.append(g, [2, 5, 6]))
+            await engine.generate(g, sg.SamplingParams(max_tokens=100000, stop_token_ids=[]))
+            a, b, long = await engine.open(seed=1), await engine.open(seed=2), await engine.open(seed=3)
+
+            async def transcript(es):
+                while True:
+                    if es.queued_tokens < 8:
+                        engine.append(es, [7] * 8)
+                    await anyio.sleep(0.001)
+
+            engine.append(a, [7] * 8)
+            engine.append(b, [7] * 8)
+            tg.start_soon(transcript, a)
+            tg.start_soon(transcript, b)
+            with anyio.fail_after(20):
+                await engine.consumed(engine.append(long, [9] * 100))
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_one_session_cannot_hold_the_whole_queued_text_pool():
+    """A long text reserves one token of its session's budget until it is tokenized, so one session could queue
+    text until the server's pool was full, and every other session's text over 1 KiB was refused."""
+    from streamgemma.serve.record import EngineError, SessionRecord
+
+    engine = Engine(text_model(), max_active=4, journal=False, max_queued_text_bytes=60 * 1024)
+    hog, other = SessionRecord("hog", None, 0), SessionRecord("other", None, 0)
+    engine.sessions.update(hog=hog, other=other)  # (not run: appends stay queued)
+    text = "hello world " * 512  # 6 KiB: tokenized in an input turn, not as it is appended
+    queued = 0
+    try:
+        while True:
+            engine.append(hog, text)
+            queued += 1
+    except EngineError as e:
+        assert e.code == "limit" and "this session's text" in str(e)
+    assert queued == 2  # up to a quarter of the pool
+    engine.append(other, "quick brown fox " * 100)  # (refused before)
+    big = engine.sessions["big"] = SessionRecord("big", None, 0)
+    engine.append(big, "x" * (40 * 1024))  # one text of any size the pool has room for
+    assert big.queued_text_bytes == 40 * 1024

@@ -336,8 +336,9 @@ def _serve(args: argparse.Namespace) -> None:
         raise ServeError(f"--input-share must be in (0, 1], got {args.input_share}")
     if args.session_ttl is not None and not args.session_ttl > 0:
         raise ServeError(f"--session-ttl must be > 0 seconds, got {args.session_ttl}")
-    if min(args.max_queued_tokens, args.max_queued_bytes, args.max_active) < 1:
-        raise ServeError("--max-queued-tokens, --max-queued-bytes and --max-active must be >= 1")
+    for flag in ("max_queued_tokens", "max_queued_bytes", "max_active"):
+        if getattr(args, flag) < 1:
+            raise ServeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     http = _http_config(args)
     if not args.lease_ttl > 0:
         raise ServeError(f"--lease-ttl must be > 0 seconds, got {args.lease_ttl}")

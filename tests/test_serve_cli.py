@@ -86,6 +86,8 @@ def test_bad_options_fail_in_one_line_before_the_model_loads(tmp_path, saved_mod
     assert "a-file" in line
     line = one_line_failure(serve_command(saved_model_dir, "--store", ""))  # (--store "$DIR", DIR unset)
     assert "--store is empty" in line  # (it served with sessions in memory only)
+    line = one_line_failure(serve_command(saved_model_dir, "--max-active", "0"))
+    assert "--max-active must be >= 1, got 0" in line  # (it named three flags)
 
 
 def test_a_port_in_use_is_one_line(saved_model_dir):

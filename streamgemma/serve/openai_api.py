@@ -89,7 +89,7 @@ def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
     if encoding == "identity":
         return raw
     if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise ApiError(415, f"Content-Encoding {short(encoding, 40)!r} is not supported: send gzip, deflate or none",
+        raise ApiError(415, f"Content-Encoding {short(encoding, 40)} is not supported: send gzip, deflate or none",
                        code="unsupported_encoding")
     # deflate is zlib's format, but some clients send the raw stream (a zlib stream's first byte ends in 8)
     wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS if raw[:1] and raw[0] & 0xF == 8 \

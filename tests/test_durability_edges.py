@@ -40,6 +40,8 @@ def test_a_fifo_planted_as_a_journal_fails_the_resume_instead_of_hanging(model, 
             await survivor.resume(sid)
         with pytest.raises(OSError):  # an append does not wait for a reader either (ENXIO)
             survivor.store.journal().append({sid: [b"x"]})
+        with pytest.raises(sg.SnapshotFormatError, match="not a regular file"):  # nor a compaction
+            survivor.store.journal().compact(sid, 0)
 
     anyio.run(main)
 

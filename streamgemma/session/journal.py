@@ -268,13 +268,14 @@ class DirectoryJournal(Journal):
         with self._lock(session_id):
             path = self.path(session_id)
             try:
-                records = decode_records(path.read_bytes())
+                records = decode_records(read_regular_file(path))
             except FileNotFoundError:
                 return
             keep = [r for r in records if r.end > position or (r.kind == "rng" and r.position >= position)]
             if not keep:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+                    fsync_directory(self.directory)
             elif len(keep) < len(records):
                 write_file_atomic(path, b"".join(r.encode() for r in keep))
 
@@ -282,6 +283,7 @@ class DirectoryJournal(Journal):
         with self._lock(session_id), contextlib.suppress(FileNotFoundError):
             self._intact.discard(session_id)
             self.path(session_id).unlink()
+            fsync_directory(self.directory)  # (a crash must not bring a closed session's records back)
 
 
 

@@ -65,7 +65,7 @@ class GriffinConfig:
         for name, least, strict in (("logits_soft_cap", 0.0, False), ("rms_norm_eps", 0.0, True),
                                     ("rope_base", 0.0, True)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value) \
                     or value < least or (strict and value == least):
                 raise ConfigError(f"config field {name!r} must be a finite number {'>' if strict else '>='} "
                                   f"{least:g}, got {value!r}")
@@ -330,3 +330,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, width=64, mlp_width=192, num_heads=2, lru_width=64,
                  block_types=griffin_pattern(6), attention_window=8),
 }
+
+
+def _finite(value: int | float) -> bool:
+    """Whether `value` is a finite float (an int too large for one is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # imported when a chat starts: `streamgemma --help` needs no 
 CHAT_HELP = """\
 Each line is one turn. Ctrl-C stops a reply (the conversation goes on);
 Ctrl-D ends the chat. A line ending in \\ continues on the next line; a
-block between two lines of \"\"\" alone is one turn.
+block between two unindented lines of \"\"\" alone is one turn.
   /reset       start the conversation again (with the --system prompt)
   /save PATH   save the conversation (continue it later with --resume PATH)
   /help        this text
@@ -88,8 +88,8 @@ def read_turn(inp: TextIO, prompt: TextIO | None) -> str | None:
     backslash; or a block between lines starting and ending with three
     double quotes. None at the end of input (Ctrl-D). `prompt`: where to
     show "> " and "... " (None when the input is not a terminal). A block
-    opened by a line of three quotes alone ends at such a line only, so pasted
-    code whose lines end in three quotes (docstrings) stays one turn."""
+    opened by a line of three quotes alone ends at such a line only (not
+    indented), so pasted code with docstrings stays one turn."""
     lines: list[str] = []
     block = closing = None  # in a block: whether a line must be the quotes alone to close it
     while True:
@@ -101,7 +101,7 @@ def read_turn(inp: TextIO, prompt: TextIO | None) -> str | None:
             return "\n".join(lines) if lines else None
         line = line.rstrip("\r\n")
         if block:
-            if line.strip() == '"""' if closing else line.rstrip().endswith('"""'):
+            if line.rstrip() == '"""' if closing else line.rstrip().endswith('"""'):
                 tail = "" if closing else line.rstrip()[:-3]
                 if tail:
                     lines.append(tail)

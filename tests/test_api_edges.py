@@ -19,7 +19,9 @@ from streamgemma.model import pool as pool_module
 @pytest.mark.parametrize("field,value", [("logits_soft_cap", math.nan), ("logits_soft_cap", -1.0),
                                          ("rms_norm_eps", -1.0), ("rms_norm_eps", 0.0), ("rope_base", 0.0),
                                          ("rope_base", math.inf), ("rope_base", "x"),
-                                         ("embeddings_scale_by_sqrt_dim", "no")])
+                                         ("embeddings_scale_by_sqrt_dim", "no"),
+                                         pytest.param("rope_base", 10 ** 400, id="rope_base-huge-int"),
+                                         pytest.param("rms_norm_eps", -10 ** 400, id="rms_norm_eps-huge-int")])
 def test_config_fields_that_gave_nan_logits_or_deep_errors_are_refused(field, value):
     with pytest.raises(sg.ConfigError, match=field):
         sg.GriffinConfig.preset("tiny", **{field: value})
@@ -94,7 +96,8 @@ def test_a_block_opened_by_quotes_alone_ends_only_at_quotes_alone():
     pasted = 'def f():\n    """Return one."""\n    return 1\n'
     assert read_turn(io.StringIO(f'"""\n{pasted}"""\nnext\n'), None) == pasted.rstrip("\n")
     assert read_turn(io.StringIO('"""first\nsecond"""\n'), None) == "first\nsecond"
-    assert read_turn(io.StringIO('"""\n  indented\n   """\n'), None) == "  indented"
+    docstring = 'def f(x):\n    """Add one.\n\n    Longer text.\n    """\n    return x + 1\n'  # (PEP 257)
+    assert read_turn(io.StringIO(f'"""\n{docstring}"""\n'), None) == docstring.rstrip("\n")
 
 
 def test_stats_of_a_reply_without_tokens_report_no_negative_time():

@@ -280,3 +280,53 @@ def test_a_resume_that_fails_gives_its_lease_back(redis_server):  # noqa: F811
         return held
 
     assert not anyio.run(main)
+
+
+def test_the_fleet_loop_answers_hand_overs_while_a_drop_waits_for_a_resume():
+    """A drop waits for a resume of its id in progress (a claim may wait claim_wait for the holder); awaited in
+    the fleet loop, it kept the loop from reading other workers' hand-over requests all that time."""
+    import types
+
+    from streamgemma.serve import fleet
+    from streamgemma.serve.stored import StoredSessions
+
+    answered = []
+
+    class Store:  # S was lost earlier; another worker asks for T once the loop has begun to drop S
+        polls = 0
+
+        def wait_handover(self, timeout):
+            time.sleep(0.01)
+            self.polls += 1
+            return "T" if self.polls == 2 else None
+
+        def lost(self):
+            return ["S"]
+
+        def release(self, session_id):
+            answered.append((session_id, time.monotonic()))
+
+    async def main():
+        engine = types.SimpleNamespace(store=Store(), journal=types.SimpleNamespace(lost=set()), sessions={})
+        engine.stored = StoredSessions(engine.sessions, None, engine.journal)
+        reading = anyio.Event()
+
+        async def slow_read(session_id):  # a resume of S whose claim waits for its holder
+            reading.set()
+            await anyio.sleep(3)
+            raise RuntimeError("held")
+
+        async def resume():
+            with pytest.raises(RuntimeError):
+                await engine.stored.resume("S", slow_read)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(resume)
+            await reading.wait()
+            tg.start_soon(fleet.serve_fleet, engine)
+            with anyio.fail_after(2):  # (3 s and more before)
+                while not any(sid == "T" for sid, _ in answered):
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)

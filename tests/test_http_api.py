@@ -491,6 +491,27 @@ def test_an_answer_cut_mid_character_ends_as_the_decode_of_its_ids():
             assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == want
 
 
+def test_an_answer_cut_mid_character_counts_the_bytes_a_prompt_of_ids_left_unfinished():
+    """A prompt of ids ending in a character's lead byte, an answer of one continuation byte cut by max_tokens:
+    the session held both bytes, and the tail counted the answer's only (the answer was empty)."""
+    from textfixtures import text_model
+
+    model = text_model()
+    tok = model.tokenizer
+    byte = {int(tok.piece(i)[3:5], 16): i for i in range(tok.vocab_size) if tok.piece(i).startswith("<0x")}
+    prompt = tok.encode("hello", add_bos=True) + [byte[0xE2]]  # the lead byte of a 3-byte character
+    checked = 0
+    with http_server(model) as srv:
+        for seed in range(60):
+            choice = post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "seed": seed,
+                                                   "return_token_ids": True}).json()["choices"][0]
+            ids = choice["token_ids"]
+            # the prompt's text (its decode without the dangling byte), then the answer: the decode of both
+            assert choice["text"] == tok.decode(prompt + ids)[len(tok.decode(prompt[:-1])):]
+            checked += tok.piece(ids[0]).startswith("<0x")
+    assert checked  # some answers were a byte the character was still waiting for
+
+
 def test_a_request_still_prefilling_when_the_server_stops_is_answered_503(model):
     """stop() cancelled only requests already generating; one still prefilling its prompt got a cut
     connection when aiohttp's shutdown cancelled its handler."""
@@ -562,6 +583,19 @@ def test_compressed_bodies_are_read_and_their_inflated_size_limited(server, enco
     assert len(squeeze(bomb)) < LIMITS.max_message_bytes  # small on the wire, over the limit inflated
     reply = request(server, "POST", "/v1/completions", raw=squeeze(bomb), headers=header)
     assert reply.status == 413 and reply.error["code"] == "request_too_large"
+
+
+def test_a_gzip_body_of_several_members_is_read_whole_and_bytes_after_the_data_are_refused(server):
+    import gzip
+    import zlib
+
+    body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 2, "temperature": 0}).encode()
+    members = gzip.compress(body[:10]) + gzip.compress(body[10:])  # (it kept the first member only: a 400)
+    reply = request(server, "POST", "/v1/completions", raw=members, headers={"Content-Encoding": "gzip"})
+    assert reply.status == 200, reply.body
+    for encoding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        reply = request(server, "POST", "/v1/completions", raw=data + b"junk", headers={"Content-Encoding": encoding})
+        assert reply.status == 400 and "after its" in reply.error["message"]  # (accepted before)
 
 
 def test_an_unknown_content_encoding_is_a_415(server):

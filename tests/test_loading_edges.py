@@ -137,3 +137,19 @@ def test_a_float16_save_loads_with_the_fingerprint_of_the_weights_it_was_cast_fr
     save_file(tensors, file, metadata=metadata)
     edited = sg.load(tmp_path / "half", dtype="float16", progress=False)
     assert edited.fingerprint not in (half.fingerprint, again.fingerprint)
+
+
+def test_a_float16_model_changed_after_its_cast_saves_no_claim_to_the_old_fingerprint(tmp_path):
+    source = tmp_path / "source"
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=1, device="cpu", dtype="float32").save(source)
+    for dtype in ("float16", "float32"):
+        model = sg.load(source, dtype=dtype, progress=False)
+        snapshot = model.session().snapshot()
+        with torch.no_grad():
+            for p in model.network.parameters():
+                p.mul_(1.5)  # other weights now (e.g. tuned in place)
+        model.save(tmp_path / dtype)
+        reloaded = sg.load(tmp_path / dtype, dtype=dtype, progress=False)
+        assert reloaded.fingerprint != model.fingerprint
+        with pytest.raises(sg.SnapshotModelMismatch):
+            reloaded.restore(snapshot)

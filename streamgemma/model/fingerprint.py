@@ -34,7 +34,8 @@ SOURCE_KEY, STORED_KEY = "streamgemma.fingerprint", "streamgemma.stored_fingerpr
 def save_metadata(network: Griffin, model_fingerprint: str) -> dict[str, str]:
     """What a save of `network` records so that loading it finds `model_fingerprint`
     again: it, and the fingerprint of the weights as written, where the two differ
-    (a float16 model's weights were cast after their fingerprint was taken)."""
+    (a float16 model's weights were cast after their fingerprint was taken; the
+    caller passes one only for weights unchanged since that cast)."""
     if network.quantization is not None:  # (its config.json carries the fingerprint)
         return {}
     stored = fingerprint(network)

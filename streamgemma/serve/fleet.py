@@ -24,17 +24,26 @@ async def serve_fleet(engine) -> None:
     """Until cancelled: answer hand-over requests (each in its own task, so
     many hand over at once), drop lost sessions."""
     store = engine.store
+    dropping: set[str] = set()  # (a drop may wait for a resume of its id: the loop goes on meanwhile)
     async with anyio.create_task_group() as tg:
         while True:
             try:
                 session_id = await anyio.to_thread.run_sync(store.wait_handover, POLL_S, abandon_on_cancel=True)
                 if session_id is not None:
                     tg.start_soon(_guarded, hand_over, engine, session_id)
-                for lost in set(store.lost()) | engine.journal.lost:
-                    await drop(engine, lost)
+                for lost in (set(store.lost()) | engine.journal.lost) - dropping:
+                    dropping.add(lost)
+                    tg.start_soon(_drop_once, engine, lost, dropping)
             except Exception as e:  # noqa: BLE001 - a store that is down must not stop the engine
                 log.warning("fleet: %s: %s", type(e).__name__, e)
                 await anyio.sleep(POLL_S)
+
+
+async def _drop_once(engine, session_id: str, dropping: set[str]) -> None:
+    try:
+        await _guarded(drop, engine, session_id)
+    finally:
+        dropping.discard(session_id)
 
 
 async def _guarded(fn, *args) -> None:

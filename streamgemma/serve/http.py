@@ -429,10 +429,13 @@ class HttpApi:
             await send(builder.usage_chunk(usage_body))
 
     def _unfinished(self, run: _Run, reason: str) -> str:
-        """An answer cut by max_tokens ends as the decode of its ids does: U+FFFD for each byte of a
-        character left unfinished (the session itself still holds them, should it go on)."""
+        """An answer cut by max_tokens ends as the decode of prompt and answer does: U+FFFD for each byte
+        of a character left unfinished, the prompt's trailing bytes included (the session still holds
+        them, should it go on)."""
         tok = self.engine.model.tokenizer
-        return tok.unfinished([t.id for t in run.tokens]) if reason == "length" and tok is not None else ""
+        if reason != "length" or tok is None:
+            return ""
+        return tok.unfinished(run.prompt_ids + [t.id for t in run.tokens])
 
     def _render_token(self, token_id: int) -> tuple[str, bytes]:
         """A token's text and bytes for logprobs: a byte-fallback piece (<0xFC>) is its one byte,

@@ -94,16 +94,27 @@ def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
     # deflate is zlib's format, but some clients send the raw stream (a zlib stream's first byte ends in 8)
     wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS if raw[:1] and raw[0] & 0xF == 8 \
         else -zlib.MAX_WBITS
-    inflate = zlib.decompressobj(wbits)
-    try:
-        body = inflate.decompress(raw, limit + 1)
-    except zlib.error as e:
-        raise ApiError(400, f"the request body could not be decoded as {encoding}: {e}", code="invalid_json") from None
-    if len(body) > limit:
-        raise too_large(limit)
-    if not inflate.eof:
-        raise ApiError(400, f"the request body could not be decoded as {encoding}: it ends early", code="invalid_json")
-    return body
+    parts, size, rest = [], 0, raw
+    while True:  # a gzip body may hold several members, one after another
+        inflate = zlib.decompressobj(wbits)
+        try:
+            part = inflate.decompress(rest, limit + 1 - size)
+        except zlib.error as e:
+            raise ApiError(400, f"the request body could not be decoded as {encoding}: {e}",
+                           code="invalid_json") from None
+        parts.append(part)
+        size += len(part)
+        if size > limit or inflate.unconsumed_tail:
+            raise too_large(limit)
+        if not inflate.eof:
+            raise ApiError(400, f"the request body could not be decoded as {encoding}: it ends early",
+                           code="invalid_json")
+        rest = inflate.unused_data
+        if not rest:
+            return b"".join(parts)
+        if "gzip" not in encoding or rest[:2] != b"\x1f\x8b":
+            raise ApiError(400, f"the request body has {len(rest)} bytes after its {encoding} data",
+                           code="invalid_json")
 
 
 def parse_body(raw: bytes) -> dict:

@@ -79,8 +79,11 @@ class Model:
         # touches the pool, so sessions may be driven from several threads
         # (agenerate steps run in worker threads).
         self.lock = threading.RLock()
-        # Given where the network's values no longer give it (a float16 cast of a checkpoint).
+        # Given where the network's values no longer give it (a float16 cast of a checkpoint); then also
+        # the digest of the values as cast, which a save records it beside while they are unchanged.
         self._fingerprint: str | None = fingerprint
+        cast = fingerprint is not None and network.dtype == torch.float16 and network.quantization is None
+        self._cast_fingerprint = weights_fingerprint(network) if cast else None
         # None: the Triton decode step (in CUDA graphs) on CUDA, the PyTorch reference elsewhere.
         self.kernels = kernels_available(self.device) if kernels is None else kernels
         if kernels is None and self.device.type == "cuda" and not self.kernels:
@@ -218,7 +221,14 @@ class Model:
         # (None: a tokenizer an earlier save left there would be loaded as this model's)
         tokenizer = self.tokenizer.save if self.tokenizer is not None else None
         weights.save_hf(self.network, Path(directory), max_shard_bytes=max_shard_bytes,
-                        extra_files={"tokenizer.model": tokenizer}, fingerprint=self.fingerprint)
+                        extra_files={"tokenizer.model": tokenizer}, fingerprint=self._saved_fingerprint())
+
+    def _saved_fingerprint(self) -> str | None:
+        """The fingerprint a save records beside the weights' own: a float16 model's, while its weights are
+        those it was cast to (changed since, they are other weights: nothing is recorded)."""
+        if self._cast_fingerprint is None or weights_fingerprint(self.network) != self._cast_fingerprint:
+            return None
+        return self.fingerprint
 
     def warm_up(self, max_batch: int = 1, prompt_tokens: int = 16) -> float:
         """Do the fast paths' one-time work now instead of in the first

@@ -15,6 +15,15 @@ from streamgemma.serve.engine import Engine
 from streamgemma.serve.record import EngineError
 
 
+async def _stored_session(engine: Engine) -> str:
+    """The id of a session `engine` (running) opened, fed, snapshotted and closed, its store copy and lease kept."""
+    es = await engine.open(seed=1)
+    await engine.consumed(engine.append(es, "hello"))
+    await engine.snapshot(es)
+    await engine.close(es, delete=False)
+    return es.id
+
+
 def test_resuming_unknown_ids_leaves_no_redis_keys(redis_server):  # noqa: F811
     """A client may `open` any id; one that does not exist must leave nothing behind in Redis."""
     async def main():
@@ -125,11 +134,7 @@ def test_a_handover_request_during_a_resume_does_not_leave_the_session_on_two_wo
         maker = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="r"))
         async with anyio.create_task_group() as tg:
             tg.start_soon(maker.run)
-            es0 = await maker.open(seed=1)
-            await maker.consumed(maker.append(es0, "hello"))
-            sid = es0.id
-            await maker.snapshot(es0)
-            await maker.close(es0, delete=False)
+            sid = await _stored_session(maker)
             maker.store.release(sid)
             tg.cancel_scope.cancel()
         maker.store.close()
@@ -265,11 +270,7 @@ def test_a_resume_that_fails_gives_its_lease_back(redis_server):  # noqa: F811
         a = Engine(model, max_active=2, store=sg.RedisSnapshotStore(redis_server.url, prefix="f"))
         async with anyio.create_task_group() as tg:
             tg.start_soon(a.run)
-            es = await a.open(seed=1)
-            await a.consumed(a.append(es, "hello"))
-            sid = es.id
-            await a.snapshot(es)
-            await a.close(es, delete=False)
+            sid = await _stored_session(a)
             a.store.put(sid, b"not a snapshot")  # (put needs the lease: written, then given back)
             a.store.release(sid)
             with pytest.raises(EngineError, match="cannot be restored"):

@@ -105,3 +105,10 @@ def test_stats_of_a_reply_without_tokens_report_no_negative_time():
     stats.prompt_read(12)
     list(stats.count([]))
     assert "-" not in stats.summary().split("generated:")[1]
+
+
+def test_user_turns_given_as_tuples_are_trimmed_as_dicts_are():
+    tok = text_model().tokenizer
+    from streamgemma.session.chat_template import chat_prompt_ids
+
+    assert chat_prompt_ids(tok, [("user", "  hi  ")]) == chat_prompt_ids(tok, [{"role": "user", "content": "  hi  "}])

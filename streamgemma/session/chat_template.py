@@ -74,7 +74,7 @@ def normalize_messages(messages: Sequence[Mapping]) -> list[ChatMessage]:
 
 def _checked_turns(turns: Sequence[tuple]) -> list[ChatMessage]:
     """(role, text) turns as `normalize_messages` makes them: user and model alternating, from a user turn to a
-    user turn, texts strings (user turns with text); ValueError naming the first turn that is not."""
+    user turn, texts strings (user turns with text, trimmed); ValueError naming the first turn that is not."""
     for i, turn in enumerate(turns):
         role, text = turn if len(turn) == 2 else (None, None)
         want = "user" if i % 2 == 0 else "model"
@@ -83,7 +83,7 @@ def _checked_turns(turns: Sequence[tuple]) -> list[ChatMessage]:
                              f"(role, text) turns alternate from a user turn, got {turn!r:.80}")
     if len(turns) % 2 == 0:
         raise ValueError("the last turn must be a user turn (the model answers it)")
-    return list(turns)
+    return [(role, text.strip() if role == "user" else text) for role, text in turns]  # (as normalize_messages)
 
 
 def _content_text(content: object, i: int) -> str:

@@ -41,12 +41,8 @@ class StoredSessions:
             return es
         if session_id in self._deleting:
             raise EngineError("unknown_session", "no such session")
-        done = self._resuming[session_id] = anyio.Event()
-        try:
+        async with self.exclusive(session_id):  # (nothing awaited since `resumed`: it begins at once)
             return await read(session_id)
-        finally:
-            del self._resuming[session_id]
-            done.set()
 
     @contextlib.asynccontextmanager
     async def exclusive(self, session_id: str) -> AsyncIterator[None]:

@@ -4,8 +4,11 @@ found by a review)."""
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
 import time
+import weakref
 
 import anyio
 import pytest
@@ -86,15 +89,20 @@ def test_temp_files_of_interrupted_journal_compactions_are_cleaned_up(tmp_path):
 def test_background_snapshots_behind_a_slow_store_are_bounded(model, tmp_path, monkeypatch):
     """Each background snapshot captured a session's whole state and queued it on the writer, outside the
     max_unwritten bound: behind a store slower than they came, they piled up in memory without bound."""
-    captured, stored = [], []
+    captured = []  # weak references: a state replaced before its write is freed, not waiting
     capture = sg.Session.capture
-    monkeypatch.setattr(sg.Session, "capture", lambda self: captured.append(1) or capture(self))
+
+    def counted(self):
+        contents = capture(self)
+        captured.append(weakref.ref(contents))
+        return contents
+
+    monkeypatch.setattr(sg.Session, "capture", counted)
 
     class SlowStore(sg.DirectorySnapshotStore):
         def put(self, session_id, blob):
             time.sleep(0.05)
             super().put(session_id, blob)
-            stored.append(session_id)
 
     async def main():
         engine = Engine(model, max_active=4, store=SlowStore(tmp_path), max_unwritten=2, snapshot_every=2)
@@ -106,10 +114,80 @@ def test_background_snapshots_behind_a_slow_store_are_bounded(model, tmp_path, m
             await engine.generate(es, SamplingParams(max_tokens=60, stop_token_ids=()))
         for _ in range(60):
             await engine.tick()
-        return len(captured) - len(stored)  # states captured and still waiting for the store
+        gc.collect()
+        return sum(ref() is not None for ref in captured)  # states captured and still held for the store
 
     waiting = anyio.run(main)
     assert waiting <= 3  # (max_unwritten 2, and one being written); ~100 before
+
+
+def test_the_newest_background_snapshot_is_written_though_one_was_being_written(model, tmp_path):
+    """A background snapshot was skipped while an earlier one of its session was still queued; once the ticks
+    stopped, the store kept an older state than the last one (CI caught it as a flaky test)."""
+    gate = threading.Event()
+
+    class HeldStore(sg.DirectorySnapshotStore):
+        def put(self, session_id, blob):
+            assert gate.wait(10)
+            super().put(session_id, blob)
+
+    async def main():
+        store = HeldStore(tmp_path)
+        engine = Engine(model, store=store, snapshot_every=1)
+        gate.set()
+        es = await engine.open(seed=1)
+        engine.append(es, [2, 5, 7])
+        await _ticks_until_consumed(engine, es)
+        gate.clear()  # the next background write waits in put, the later ones queue behind it
+        await engine.generate(es, SamplingParams(max_tokens=6, stop_token_ids=()))
+        while es.live is not None and es.position < 3 + 6:
+            await engine.tick()
+        gate.set()
+        with anyio.move_on_after(5):
+            while model.restore(store.get(es.id)).position != es.position:
+                await anyio.sleep(0.01)
+        return model.restore(store.get(es.id)).position, es.position
+
+    stored, last = anyio.run(main)
+    assert stored == last == 9  # the first state of the six before
+
+
+def test_a_snapshot_queued_after_a_background_one_is_not_overtaken_by_a_newer_state(model, tmp_path):
+    """The background write queued before an explicit snapshot must not take a state newer than that
+    snapshot's: it would land first and compact the journal past it, and the snapshot landing after it
+    would leave a store that recovers to an older position than the tokens acknowledged."""
+    gate = threading.Event()
+
+    class HeldStore(sg.DirectorySnapshotStore):
+        def put(self, session_id, blob):
+            assert gate.wait(10)
+            super().put(session_id, blob)
+
+    async def main():
+        store = HeldStore(tmp_path)
+        engine = Engine(model, store=store, snapshot_every=1)
+        gate.set()
+        es = await engine.open(seed=1)
+        engine.append(es, [2, 5, 7])
+        await _ticks_until_consumed(engine, es)
+        gate.clear()
+        await engine.generate(es, SamplingParams(max_tokens=6, stop_token_ids=()))
+        async with anyio.create_task_group() as tg:
+            await engine.tick()  # its background write waits in put
+            await engine.tick()  # its background write is queued
+            tg.start_soon(engine.snapshot, es)  # queued after it
+            await anyio.sleep(0.05)
+            while es.live is not None and es.position < 3 + 6:
+                await engine.tick()
+            gate.set()
+        with anyio.move_on_after(5):
+            while model.restore(store.get(es.id)).position != es.position:
+                await anyio.sleep(0.01)
+        survivor = Engine(model, store=sg.DirectorySnapshotStore(tmp_path))
+        return (await survivor.resume(es.id)).position, es.position
+
+    recovered, last = anyio.run(main)
+    assert recovered == last == 9
 
 
 def test_a_journal_that_cannot_be_compacted_does_not_fail_the_snapshot_write(model, tmp_path, monkeypatch):

@@ -9,8 +9,9 @@ logged and the copy kept (retried when the writer must make room, and by
 `snapshot` and `flush`), so no session is lost while the process lives. At
 most `max_unwritten` copies wait; beyond that a suspension waits for the
 writer, and is refused (EngineError "capacity") once all of them have failed
-twice. The journal's background snapshots are bounded too: at most one a
-session and `max_unwritten` in all wait for the writer (`background`)."""
+twice. The journal's background snapshots are bounded too: one a session
+waits for the writer (a newer one replaces it), `max_unwritten` in all
+(`background`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -133,7 +135,10 @@ class Offloader:
         self._superseded = superseded
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamgemma-writer")
         self._unwritten: dict[str, Write] = {}
-        self._background: dict[str, concurrent.futures.Future] = {}  # `background` writes queued, by id
+        # Each session's `background` state whose write has not started, in a one-item box the queued write
+        # takes it from (a newer state replaces it there), and their lock (the writer takes it too).
+        self._latest: dict[str, list[snapshot_format.SnapshotContents]] = {}
+        self._latest_lock = threading.Lock()
         self._preloaded: collections.OrderedDict[str, snapshot_format.SnapshotContents] = collections.OrderedDict()
 
     @property
@@ -193,6 +198,7 @@ class Offloader:
     def forget(self, session_id: str) -> None:
         """Drop what is held of `session_id` (it is not ours any more)."""
         self._unwritten.pop(session_id, None)
+        self._drop_background(session_id)
         self._preloaded.pop(session_id, None)
 
     async def read(self, session_id: str) -> snapshot_format.SnapshotContents:
@@ -235,6 +241,7 @@ class Offloader:
         await self._make_writer_room()
         contents = await anyio.to_thread.run_sync(live.capture)
         live.close()
+        self._drop_background(session_id)
         self._start_write(session_id, contents)
         self.stats.suspensions += 1
 
@@ -242,6 +249,7 @@ class Offloader:
         """Queue a write of the state of `session_id` (of `live`, or its pending
         or failed suspension) and return its future (caller holds the model
         lock; await the future outside it). None if the store is up to date."""
+        self._drop_background(session_id)
         if live is not None:
             contents = await anyio.to_thread.run_sync(live.capture)
             future = self._writer.submit(self._write, session_id, contents)
@@ -253,20 +261,42 @@ class Offloader:
         return (self._start_write(session_id, write.contents) if write.failed else write).future
 
     async def background(self, session_id: str, live: Session) -> None:
-        """A snapshot of `live` that bounds its journal's replay, skipped while one
-        of it is still queued or `max_unwritten` of them are: a store slower than
-        they come would pile captured states up in memory without bound (the
-        journal holds what a skipped one would have stored)."""
-        if session_id in self._background or len(self._background) >= self.max_unwritten:
+        """A snapshot of `live` that bounds its journal's replay. A store slower
+        than they come must not pile captured states up in memory: one a session
+        waits for the writer (a newer one replaces it, and is what gets written),
+        and while `max_unwritten` sessions' wait, others are skipped (the journal
+        holds what they would have stored)."""
+        if session_id not in self._latest and len(self._latest) >= self.max_unwritten:
             return
-        future = await self.snapshot(session_id, live)
-        self._background[session_id] = future  # (before the callback: a write already done removes it at once)
-        future.add_done_callback(lambda _: self._background.pop(session_id, None))
+        contents = await anyio.to_thread.run_sync(live.capture)
+        with self._latest_lock:
+            box = self._latest.get(session_id)
+            if box is not None:  # its write has not started: it takes this state
+                box[0] = contents
+                return
+            box = self._latest[session_id] = [contents]
+        self._writer.submit(self._write_latest, session_id, box).add_done_callback(self._count_failure)
+
+    def _drop_background(self, session_id: str) -> None:
+        """A write queued after a background one supersedes it: the background
+        one must not store a newer state ahead of it (writes land in order)."""
+        with self._latest_lock:
+            self._latest.pop(session_id, None)
+
+    def _write_latest(self, session_id: str, box: list) -> None:
+        """In the writer thread: the newest background state of `session_id`,
+        unless a later write superseded it (its box is no longer listed)."""
+        with self._latest_lock:
+            if self._latest.get(session_id) is not box:
+                return
+            del self._latest[session_id]
+        self._write(session_id, box[0])
 
     async def delete(self, session_id: str, missing_ok: bool = True) -> None:
         """Forget `session_id` and delete its snapshot, after any write of it
         still queued. SnapshotNotFound if there is none, unless missing_ok."""
         had_write = self._unwritten.pop(session_id, None) is not None
+        self._drop_background(session_id)
         self._preloaded.pop(session_id, None)
         try:
             await anyio.to_thread.run_sync(self._writer.submit(self.store.delete, session_id).result)

@@ -413,3 +413,37 @@ def test_concurrent_durable_opens_stay_within_max_active(tmp_path):
         return len(opened), most[0], engine.active
 
     assert anyio.run(main) == (5, 2, 2)
+
+
+class FailingDeleteStore(sg.DirectorySnapshotStore):
+    """Deletes of `broken` ids fail (a permissions problem, a flaky backend)."""
+
+    broken: set[str] = frozenset()
+
+    def delete(self, session_id):
+        if session_id in self.broken:
+            raise sg.StoreError(f"cannot delete {session_id}")
+        super().delete(session_id)
+
+
+@pytest.mark.parametrize("where", ["open", "stored"])
+def test_one_session_that_cannot_be_deleted_does_not_stop_the_expiry_of_the_others(where, tmp_path, caplog):
+    """The first failing delete ended the pass: every session after it stayed, every pass."""
+    async def main():
+        store = FailingDeleteStore(tmp_path)
+        engine = Engine(text_model(), max_active=4, store=store, session_ttl=0.05)
+        sessions = [await engine.open() for _ in range(3)]
+        store.broken = {sessions[0].id}
+        if where == "stored":  # sessions of an earlier process, only in the store
+            for es in sessions:
+                await engine.close(es, delete=False)
+        else:
+            for es in sessions:
+                es.last_active = time.monotonic() - 1
+        await anyio.sleep(0.1)
+        expired = await engine.expire()
+        return expired, store.list(), sessions[0].id
+
+    expired, left, broken = anyio.run(main)
+    assert (expired, left) == (2, [broken])
+    assert "could not expire session" in caplog.text

@@ -29,7 +29,11 @@ async def expire(engine) -> int:
     closed = 0
     for es in stale:
         if unused(es):  # (again: one may have been opened or given input while another was closed)
-            await engine.close(es)
+            try:
+                await engine.close(es)
+            except Exception as e:  # noqa: BLE001 - one the store cannot delete must not keep the others
+                await _failed(engine, es.id, e)
+                continue
             closed += 1
     stored = await anyio.to_thread.run_sync(engine.store.older_than, ttl)
     gone = 0
@@ -44,13 +48,25 @@ async def expire(engine) -> int:
             continue
         if engine.stored.in_use(sid):  # (a resume began while the claim was asked for)
             continue
-        await engine.stored.delete(sid)
+        try:
+            await engine.stored.delete(sid)
+        except Exception as e:  # noqa: BLE001
+            await _failed(engine, sid, e)
+            continue
         gone += 1
     count = closed + gone
     if count:
         log.info("expired %d sessions unused for %g s", count, ttl)
     engine.stats.expired_sessions += count
     return count
+
+
+async def _failed(engine, session_id: str, error: Exception) -> None:
+    """A session whose snapshot could not be deleted: not ours any more (its
+    lease is released), and still old, so a later pass tries again."""
+    log.warning("could not expire session %s (%s: %s); a later pass tries again",
+                session_id[:8], type(error).__name__, error)
+    await engine.offloader.release(session_id)
 
 
 async def expire_periodically(engine) -> None:

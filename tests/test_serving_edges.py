@@ -1,9 +1,13 @@
 """The engine's input turns and limits at their edges: restore turns that kept two sessions swapping slots, one
-session holding the whole queued-text pool, the mean batch size of /metrics (each found by a review)."""
+session holding the whole queued-text pool, the mean batch size of /metrics, restores for a client's generate or
+capture outside the input share (each found by a review)."""
 
 from __future__ import annotations
 
+import time
+
 import anyio
+import pytest
 from textfixtures import text_model
 
 import streamgemma as sg
@@ -61,3 +65,39 @@ def test_one_session_cannot_hold_the_whole_queued_text_pool():
     big = engine.sessions["big"] = SessionRecord("big", None, 0)
     engine.append(big, "x" * (40 * 1024))  # one text of any size the pool has room for
     assert big.queued_text_bytes == 40 * 1024
+
+
+@pytest.mark.parametrize("request_kind", ["generate", "capture"])
+def test_a_restore_for_a_generate_or_capture_is_input_work(request_kind):
+    """A tick's restore counts against the input share; the one a client's generate or capture of a suspended
+    session needs did not (nor waited for its turn), so such requests could take the device from the sessions
+    generating for as long as they kept coming."""
+    async def main():
+        engine = Engine(text_model(), max_active=2, journal=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            suspended = await engine.open(seed=1)
+            await engine.consumed(engine.append(suspended, [2, 5]))
+            await engine.open(seed=2)
+            g = await engine.open(seed=0)  # the least recently used one makes room: suspended
+            await engine.consumed(engine.append(g, [2, 5, 6]))
+            await engine.generate(g, sg.SamplingParams(max_tokens=100000, stop_token_ids=[]))
+            assert suspended.live is None
+            budget = engine.scheduler.budget
+            budget.next_turn_at = time.monotonic() + 0.5  # the input share is spent for the next half second
+
+            async def request():
+                if request_kind == "generate":
+                    await engine.generate(suspended, sg.SamplingParams(max_tokens=1))
+                else:
+                    await engine.capture(suspended)
+
+            started = time.monotonic()
+            charged_from = budget.next_turn_at
+            await request()
+            waited = time.monotonic() - started
+            tg.cancel_scope.cancel()
+        return waited, budget.next_turn_at > charged_from
+
+    waited, charged = anyio.run(main)
+    assert waited >= 0.4 and charged

@@ -149,10 +149,12 @@ class Engine:
         """The state of `es` copied to host memory (`Session.capture`),
         between two ticks; restored into a slot first if suspended."""
         self._check_usable(es)
+        if es.live is None:
+            await self.wait_input_turn()
         async with self._model_lock:
             self._check_usable(es)
             await self.journal.drain()  # what it reports (e.g. `open` with since) must be durable
-            await self.slots.ensure_live(es)
+            await self._ensure_live(es)
             return await anyio.to_thread.run_sync(es.live.capture)
 
     async def resume(self, session_id: str) -> SessionRecord:
@@ -239,9 +241,11 @@ class Engine:
         if es.generation is not None:
             raise EngineError("generating", "a generation is already running on this session; cancel it first")
         check_position(es.position + params.max_tokens, "max_tokens")
+        if es.live is None:
+            await self.wait_input_turn()
         async with self._model_lock:
             self._check_usable(es)  # (closed while its input was consumed)
-            await self.slots.ensure_live(es)
+            await self._ensure_live(es)
             generation = await anyio.to_thread.run_sync(es.live.start_generation, params)
             if params.seed is not None:  # the reseeded stream, journaled with the next tick
                 self.journal.record(es.id, es.live, "rng")
@@ -491,6 +495,13 @@ class Engine:
         """While sessions generate, wait until the input budget allows more
         input work: for requests whose work is not queued for a tick."""
         await self.scheduler.wait_input_turn(self._generating)
+
+    async def _ensure_live(self, es: SessionRecord) -> None:
+        """Restore `es` into a slot for a client's request (caller holds the
+        model lock, after `wait_input_turn`): input work, as a tick's restore is."""
+        if es.live is None:
+            async with self.scheduler.input_work(self._generating):
+                await self.slots.ensure_live(es)
 
     def _superseded(self, session_id: str) -> bool:
         es = self.sessions.get(session_id)

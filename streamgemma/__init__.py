@@ -12,7 +12,7 @@ _EXPORTS = {
     "Tokenizer": "tokenizer", "Detokenizer": "tokenizer",
     "Token": "types",
     "Model": "session.model", "load": "session.model",
-    "Session": "session.session", "Chat": "session.chat",
+    "Session": "session.session", "Tokens": "session.session", "Chat": "session.chat",
     "SnapshotStore": "session.store", "DirectorySnapshotStore": "session.store",
     "RedisSnapshotStore": "session.redis_store", "open_store": "session.stores",
     "SamplingParams": "sampling.params", "KernelConfig": "fast.tuning",

@@ -193,10 +193,12 @@ def _reply(chat: Chat, text: str, out: TextIO, err: TextIO, sampling: dict, stat
         timing.prompt_read(chat.session.position)
         if not stop.is_set():
             # The seed applies to the whole conversation, not again at each turn.
-            for token in timing.count(chat.reply(**{**sampling, "seed": None})):
+            tokens = chat.reply(**{**sampling, "seed": None})
+            for token in timing.count(tokens):
                 out.write(token.text)
                 out.flush()
                 if stop.is_set():
+                    out.write(tokens.close())  # the text a stop string held back
                     break
     out.write("\n")
     out.flush()

@@ -124,3 +124,47 @@ def test_a_cached_state_is_reused_only_by_a_model_with_the_same_numerics(tmp_pat
 
     same, other = anyio.run(main)
     assert same is not None and same.tokens == 3 and other is None
+
+
+def test_closing_a_generation_left_early_returns_the_text_held_for_a_stop_string():
+    """The text held back as a possible stop string's start was consumed by the session and carried by no token
+    when the caller stopped reading: lost (the engine's `done` carries it)."""
+    model = sg.load("demo")
+    stop = ["Python interpreterX"]  # never completes: " Python interpreter" is held back along the way
+
+    def session():
+        s = model.session(seed=0)
+        s.feed("In this tutorial, we will")
+        return s
+
+    whole = list(session().generate(max_tokens=10, temperature=0, stop=stop))  # ended by length: all released
+    tokens = session().generate(max_tokens=100, temperature=0, stop=stop)
+    first = [next(tokens) for _ in range(10)]
+    assert [t.id for t in first] == [t.id for t in whole]
+    text, held = "".join(t.text for t in first), tokens.close()
+    assert held and text + held == "".join(t.text for t in whole) == model.tokenizer.decode([t.id for t in whole])
+    assert tokens.close() == ""  # (once)
+
+
+def test_a_generation_replaced_by_a_later_one_does_not_go_on():
+    """An earlier generator stayed usable after a later generate() ended at a stop: it sampled past the stop
+    (the model answering itself) and cleared it."""
+    model = sg.load("demo")
+    s = model.session(seed=0)
+    s.feed("In this tutorial, we will")
+    first = s.generate(max_tokens=50, temperature=0)
+    next(first)
+    later = list(s.generate(max_tokens=50, temperature=0, stop=[" "]))
+    assert later[-1].finish_reason == "stop"
+    with pytest.raises(RuntimeError, match="replaced"):
+        next(first)
+    with pytest.raises(sg.StoppedError):
+        next(s.generate(max_tokens=5))
+
+
+def test_complete_checks_its_stop_token_ids_before_feeding_the_prompt():
+    model = sg.load("demo")
+    s = model.session(seed=0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        s.complete("Hello world", max_tokens=5, stop_token_ids=[99999])
+    assert s.position == 0  # (the prompt was fed, then refused: a retry fed it twice)

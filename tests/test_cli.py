@@ -168,6 +168,23 @@ def chat_prefix_ids(model_dir, turn: str) -> list[int]:
     return tok.encode(gemma_turn("user", turn) + gemma_model_prefix(), add_bos=True)
 
 
+def test_ctrl_c_writes_the_text_a_stop_string_held_back(monkeypatch, capsys, saved_model_dir):
+    """The reply's tokens were consumed, but text held back as a possible stop string's start was never
+    written when Ctrl-C stopped the reply."""
+    from types import SimpleNamespace
+
+    from streamgemma.session.session import Tokens
+
+    held = SimpleNamespace(finish_reason=None, flush=lambda: " Pyth")  # (what the generation holds back)
+    steps = (t for t in [sg.Token(7, "Hello"), sg.Token(8, "!")])
+    monkeypatch.setattr(sg.Chat, "reply", lambda self, **kw: Tokens(steps, held))
+    out = CtrlCAtFirstWrite()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a question\n"))
+    rc = main(["chat", "--model", str(saved_model_dir), "--stop", "Python"])
+    assert out.sent and rc == 0 and "Hello Pyth\n" in out.getvalue(), capsys.readouterr().err
+
+
 def saved_ids(model_dir, snapshot) -> list[int]:
     return sg.load(model_dir).restore_file(snapshot).recent_ids
 

@@ -3,14 +3,13 @@ tokens; the history is never re-read."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..tokenizer import END_OF_TURN, START_OF_TURN, gemma_model_prefix, gemma_turn
-from ..types import Token
 from .chat_template import chat_prompt_ids
-from .session import Session
+from .session import Session, Tokens
 
 
 class Chat:
@@ -78,8 +77,8 @@ class Chat:
         self._model_turn_open = True
         return self.session.feed(prefix + gemma_turn("user", text) + gemma_model_prefix())
 
-    def reply(self, **sampling) -> Iterator[Token]:
-        """Generate the model's turn; arguments as `Session.generate`."""
+    def reply(self, **sampling) -> Tokens:
+        """Generate the model's turn; arguments and result as `Session.generate`."""
         self._check_turn()
         return self.session.generate(**sampling)
 

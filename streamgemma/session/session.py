@@ -40,6 +40,24 @@ def check_token_ids(ids: Iterable, vocab_size: int) -> list[int]:
     return out
 
 
+class Tokens(Iterator[Token]):
+    """What `Session.generate` returns: its tokens, each computed when asked
+    for. A loop left early (`break`) leaves the generation where it is;
+    `close()` ends it and returns the text it held back as a possible start
+    of a stop string, which no token carried yet ("" if none)."""
+
+    def __init__(self, steps: Iterator[Token], generation: Generation):
+        self._steps = steps
+        self._generation = generation
+
+    def __next__(self) -> Token:
+        return next(self._steps)
+
+    def close(self) -> str:
+        self._steps.close()
+        return self._generation.flush() if self._generation.finish_reason is None else ""
+
+
 class Session:
     """A live conversation. Its state has a fixed size (one slot of the model's
     state pool plus a few kilobytes on the host) whatever the number of tokens
@@ -59,6 +77,7 @@ class Session:
         # The sampler's counter-based stream: (seed, counter), seed from `seed` or the OS's entropy.
         self.state = HostState(model.tokenizer, RandomStream.seeded(seed))
         self.snapshot_metadata: dict = {}  # the user metadata of the snapshot this session came from
+        self._generation: Generation | None = None  # the latest started: an earlier one may not go on
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -214,8 +233,10 @@ class Session:
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, stop: Sequence[str] | str = (),
                  stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
-                 logprobs: int | None = None) -> Iterator[Token]:
-        """Sample tokens one at a time, consuming each, and yield them as `Token`s.
+                 logprobs: int | None = None) -> Tokens:
+        """Sample tokens one at a time, consuming each, and yield them as `Token`s
+        (a `Tokens` iterator: its `close()` ends a generation left early and
+        returns the text held back for the stop strings).
 
         Arguments are those of `SamplingParams` (validated here, before any
         work). The generation ends after max_tokens, or at a stop: a stop token
@@ -239,13 +260,14 @@ class Session:
                                 presence_penalty=presence_penalty, stop=stop,
                                 stop_token_ids=stop_token_ids,
                                 seed=seed, logprobs=logprobs)
-        return self._generate(self.start_generation(params))
+        generation = self.start_generation(params)
+        return Tokens(self._generate(generation), generation)
 
     def complete(self, prompt: Sequence[int] | str, **sampling: Any) -> str:
         """Feed `prompt` (as `feed`), generate (arguments as `generate`) and
         return the generated text, in one call. Bad sampling arguments are
         refused before the prompt is fed."""
-        SamplingParams(**sampling)
+        self._checked(SamplingParams(**sampling))
         self.feed(prompt)
         return "".join(t.text for t in self.generate(**sampling))
 
@@ -264,18 +286,23 @@ class Session:
         if state.stopped is not None:
             raise StoppedError(f"the last generation ended at {state.stopped}; feed new input "
                                f"(e.g. the next user turn) before generating again")
+        stop_ids = self._checked(params)
+        if params.seed is not None:
+            state.rng = RandomStream.seeded(params.seed)
+        self._generation = Generation(state, params, stop_ids, sampled_vocab(self.model.tokenizer,
+                                                                             self.model.config.vocab_size))
+        return self._generation
+
+    def _checked(self, params: SamplingParams) -> frozenset[int]:
+        """The stop token ids of `params` for this model; raises on what the model cannot do."""
         tok = self.model.tokenizer
         if params.stop and tok is None:
             raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         if params.stop_token_ids is not None:
-            stop_ids = frozenset(check_token_ids(params.stop_token_ids, self.model.config.vocab_size))
-        elif tok is None:
-            stop_ids = frozenset()
-        else:
-            stop_ids = frozenset(i for i in (tok.eos_id, tok.piece_id(END_OF_TURN)) if i is not None and i >= 0)
-        if params.seed is not None:
-            state.rng = RandomStream.seeded(params.seed)
-        return Generation(state, params, stop_ids, sampled_vocab(tok, self.model.config.vocab_size))
+            return frozenset(check_token_ids(params.stop_token_ids, self.model.config.vocab_size))
+        if tok is None:
+            return frozenset()
+        return frozenset(i for i in (tok.eos_id, tok.piece_id(END_OF_TURN)) if i is not None and i >= 0)
 
     def _generate(self, generation: Generation) -> Iterator[Token]:
         while True:
@@ -284,6 +311,8 @@ class Session:
                 if generation.state is not self.state:
                     raise RuntimeError("this generation was ended by reset() or a restore of the session's "
                                        "state; call generate() again")
+                if generation is not self._generation:
+                    raise RuntimeError("a later generate() on this session replaced this generation")
                 # The step reads the sampled id on the device, so it is queued before
                 # the id reaches the host: the device goes on while the host waits.
                 rows = [generation.sample_row()]
@@ -302,7 +331,10 @@ class Session:
 
         On cancellation, the token being computed finishes (it is consumed by
         the session: `position` tells where the session is) and nothing runs
-        on the session after the cancellation has been delivered.
+        on the session after the cancellation has been delivered. Text held
+        back for the stop strings of a generation left early is dropped (an
+        async generator returns nothing at its close): `generate`'s
+        `Tokens.close()` returns it.
         """
         import anyio.to_thread
 

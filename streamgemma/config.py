@@ -69,6 +69,7 @@ class GriffinConfig:
                     or value < least or (strict and value == least):
                 raise ConfigError(f"config field {name!r} must be a finite number {'>' if strict else '>='} "
                                   f"{least:g}, got {value!r}")
+            object.__setattr__(self, name, float(value))  # (JSON reads 0 back as 0.0: one fingerprint)
         if not isinstance(self.embeddings_scale_by_sqrt_dim, bool):
             raise ConfigError(f"config field 'embeddings_scale_by_sqrt_dim' must be True or False, "
                               f"got {self.embeddings_scale_by_sqrt_dim!r}")

@@ -153,3 +153,37 @@ def test_a_float16_model_changed_after_its_cast_saves_no_claim_to_the_old_finger
         assert reloaded.fingerprint != model.fingerprint
         with pytest.raises(sg.SnapshotModelMismatch):
             reloaded.restore(snapshot)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_float16_save_loaded_in_another_dtype_and_saved_again_keeps_the_fingerprint(tmp_path, dtype):
+    """The model loaded from the float16 save had the original's fingerprint; its own save recorded none (only a
+    float16 model's did), so the next load had another, and refused the snapshots of both."""
+    source = tmp_path / "source"
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=1, device="cpu", dtype="float32").save(source)
+    sg.load(source, dtype="float16", progress=False).save(tmp_path / "half")
+    widened = sg.load(tmp_path / "half", dtype=dtype, progress=False)
+    widened.save(tmp_path / "again")
+    again = sg.load(tmp_path / "again", dtype=dtype, progress=False)
+    assert again.fingerprint == widened.fingerprint == sg.load(source, progress=False).fingerprint
+    session = widened.session()
+    session.feed([1, 2, 3])
+    again.restore(session.snapshot())
+
+
+def test_a_config_given_ints_for_its_float_fields_keeps_its_fingerprint_through_a_save(tmp_path):
+    """JSON wrote 0 and read back 0.0: equal configs, other fingerprints, and the reloaded model refused the
+    snapshots of the one saved ("different weights")."""
+    config = sg.GriffinConfig.preset("tiny", logits_soft_cap=0, rope_base=10000, rms_norm_eps=1)
+    assert isinstance(config.logits_soft_cap, float)
+    model = sg.Model.random(config, seed=0, device="cpu")
+    model.save(tmp_path / "m")
+    again = sg.load(tmp_path / "m", progress=False)
+    assert again.fingerprint == model.fingerprint
+
+
+def test_an_index_that_lists_no_shards_is_a_checkpoint_error(tmp_path):
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu").save(tmp_path, max_shard_bytes=20000)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    with pytest.raises(sg.CheckpointError, match="no shard files"):  # (a bare IndexError before)
+        sg.load(tmp_path, progress=False)

@@ -180,6 +180,8 @@ def _shards_from_index(index_file: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+    if not names:
+        raise CheckpointError(f"{index_file}: its weight_map lists no shard files")
     if not all(isinstance(n, str) and n not in ("", ".", "..") and Path(n).name == n for n in names):
         raise CheckpointError(f"{index_file}: a shard named in the index is not a file name of this directory")
     files = [index_file.parent / n for n in names]

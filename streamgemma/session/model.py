@@ -79,10 +79,11 @@ class Model:
         # touches the pool, so sessions may be driven from several threads
         # (agenerate steps run in worker threads).
         self.lock = threading.RLock()
-        # Given where the network's values no longer give it (a float16 cast of a checkpoint); then also
-        # the digest of the values as cast, which a save records it beside while they are unchanged.
+        # Given where the network's values may no longer give it (a float16 cast of a checkpoint, or a
+        # load of such a cast's save); then also the digest of the values as loaded, which a save records
+        # it beside while they are unchanged.
         self._fingerprint: str | None = fingerprint
-        cast = fingerprint is not None and network.dtype == torch.float16 and network.quantization is None
+        cast = fingerprint is not None and network.quantization is None
         self._cast_fingerprint = weights_fingerprint(network) if cast else None
         # None: the Triton decode step (in CUDA graphs) on CUDA, the PyTorch reference elsewhere.
         self.kernels = kernels_available(self.device) if kernels is None else kernels
@@ -224,8 +225,8 @@ class Model:
                         extra_files={"tokenizer.model": tokenizer}, fingerprint=self._saved_fingerprint())
 
     def _saved_fingerprint(self) -> str | None:
-        """The fingerprint a save records beside the weights' own: a float16 model's, while its weights are
-        those it was cast to (changed since, they are other weights: nothing is recorded)."""
+        """The fingerprint a save records beside the weights' own: one given at load, while the weights are
+        those loaded (changed since, they are other weights: nothing is recorded)."""
         if self._cast_fingerprint is None or weights_fingerprint(self.network) != self._cast_fingerprint:
             return None
         return self.fingerprint

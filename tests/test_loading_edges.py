@@ -187,3 +187,13 @@ def test_an_index_that_lists_no_shards_is_a_checkpoint_error(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
     with pytest.raises(sg.CheckpointError, match="no shard files"):  # (a bare IndexError before)
         sg.load(tmp_path, progress=False)
+
+
+def test_a_value_beyond_float16_names_the_cast_not_a_damaged_file(tmp_path):
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, device="cpu").save(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.final_norm.weight"][0] = 1e5  # finite in float32, not in float16
+    save_file(tensors, tmp_path / "model.safetensors")
+    sg.load(tmp_path, dtype="float32", progress=False)
+    with pytest.raises(sg.CheckpointError, match="beyond the range of torch.float16"):  # ("damaged" before)
+        sg.load(tmp_path, dtype="float16", progress=False)

@@ -377,6 +377,9 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
             dst = target[rule.index] if rule.index else target
             dst.copy_(rule.to_target(tensor).to(device=dst.device, dtype=target.dtype))
             if _damaged(dst):
+                if not _damaged(tensor):  # finite in the file: the cast overflowed
+                    raise CheckpointError(f"{file}: tensor {key!r} has values beyond the range of "
+                                          f"{target.dtype}; load it in another dtype (bfloat16, float32)")
                 raise CheckpointError(f"{file}: tensor {key!r} holds NaN or infinite values: the file is damaged "
                                       "(download it again)")
             if rule.target in scales and not bool((dst > 0).all()):  # quantize() never writes one

@@ -1,6 +1,7 @@
 """Websocket connections at their edges (found by a review, each failed before its fix): positions
 reported by `snapshot`, sessions an ending or failed `open` leaves behind, a `close` the store
-refused, the per-connection limit on a session already held, byte rates, and stop strings."""
+refused, the per-connection and server limits on a session already held, byte rates, stop strings, the
+position of `opened` mid-generation, and requests no session can answer."""
 
 from __future__ import annotations
 
@@ -203,5 +204,68 @@ def test_at_most_sixteen_stop_strings():
                 await send(ws, {"type": "generate", "id": 2, "max_tokens": 2, "stop": [f"s{i}" for i in range(16)],
                                 "stop_token_ids": []})
                 assert (await until(ws, lambda e: e["type"] == "done"))[-1]["reason"] == "length"
+
+        run(main)
+
+
+def test_reopening_a_generating_session_reports_only_tokens_already_sent(tmp_path, monkeypatch):
+    """`opened` counted tokens still held for the next coalesced frame, or whose commit was in flight, so a
+    client that trusted it and reconnected with `since` never got them in `missed`."""
+    append = journal_module.DirectoryJournal.append
+
+    def slow(self, batch):
+        time.sleep(0.02)
+        return append(self, batch)
+
+    monkeypatch.setattr(journal_module.DirectoryJournal, "append", slow)
+    with server(store=DirectorySnapshotStore(tmp_path), limits=Limits(coalesce_interval=0.1)) as (srv, url):
+        async def main():
+            async with connect(url) as ws:
+                session = await opened_with_input(ws)
+                await send(ws, {"type": "open", "session": session})
+                position = (await recv(ws))["position"]
+                await send(ws, {"type": "generate", "max_tokens": 400, "stop_token_ids": [], "coalesce": True})
+                received = 0
+                for i in range(5):
+                    await anyio.sleep(0.07)
+                    await send(ws, {"type": "open", "id": i, "session": session})
+                    events = await until(ws, lambda e: e["type"] in ("opened", "done"))
+                    received += sum(len(e["ids"]) if e["type"] == "tokens" else e["type"] == "token" for e in events)
+                    assert events[-1]["type"] == "opened" and events[-1]["position"] == position + received
+                await send(ws, {"type": "cancel"})
+
+        run(main)
+
+
+def test_reopening_a_session_held_here_is_not_refused_at_the_servers_limit():
+    with server(limits=Limits(max_sessions=1)) as (srv, url):
+        async def main():
+            async with connect(url) as ws:
+                await send(ws, {"type": "open"})
+                session = (await recv(ws))["session"]
+                await send(ws, {"type": "open", "id": 2, "session": session})
+                assert (await recv(ws))["type"] == "opened"  # (it was `limit`)
+
+        run(main)
+
+
+def test_requests_that_cannot_be_answered_as_asked_say_why():
+    with server(limits=Limits(max_sessions=4), max_pending_tokens=10) as (srv, url):
+        async def main():
+            async with connect(url) as ws:
+                await send(ws, {"type": "append", "id": 1, "text": "hello"})  # no session held yet
+                reply = await recv(ws)
+                assert reply["code"] == "unknown_session", reply  # (bad_message before)
+                await send(ws, {"type": "open"})
+                session = (await recv(ws))["session"]
+                await send(ws, {"type": "append", "id": 2, "tokens": list(range(2, 14))})  # 12 > 10, alone
+                reply = await recv(ws)
+                assert reply["code"] == "limit" and "send it in parts" in reply["message"], reply
+                await send(ws, {"type": "open", "id": 3, "session": session, "seed": 5})  # (ignored before)
+                reply = await recv(ws)
+                assert reply["code"] == "invalid" and reply["field"] == "seed", reply
+                await send(ws, {"type": "open", "id": 4, "session": session, "since": 2**80})
+                reply = await recv(ws)
+                assert reply["code"] == "invalid" and reply["field"] == "since", reply
 
         run(main)

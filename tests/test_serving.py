@@ -358,7 +358,7 @@ def test_bad_messages_get_errors_and_the_connection_survives(server):
             e = await ask([1, 2])
             assert e["code"] == "bad_message"
             e = await ask({"type": "append", "text": "x"})  # no session open
-            assert e["code"] == "bad_message"
+            assert e["code"] == "unknown_session"
             e = await ask({"type": "open", "session": "no-such-session"})
             assert e["code"] == "unknown_session"
             opened = await ask({"type": "open"})

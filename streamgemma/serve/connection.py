@@ -224,6 +224,8 @@ class Connection:
         if request.session is None:
             if len(self.sessions) == 1:
                 return next(iter(self.sessions.values()))
+            if not self.sessions:
+                raise ProtocolError("unknown_session", "this connection holds no session; open one first", request.id)
             raise ProtocolError("bad_message", "name the session (\"session\": ID): this connection holds "
                                                f"{len(self.sessions)} sessions", request.id)
         es = self.sessions.get(request.session)
@@ -310,7 +312,7 @@ class Connection:
                 len(self.sessions) + self.opening >= self.limits.sessions_per_connection:
             raise ProtocolError("limit", f"this connection already holds {len(self.sessions)} sessions "
                                          f"(the limit); close one first", request.id)
-        if self.server.sessions_held() >= self.limits.max_sessions:
+        if request.session not in self.sessions and self.server.sessions_held() >= self.limits.max_sessions:
             raise ProtocolError("limit", f"the server holds {self.limits.max_sessions} sessions (its limit); "
                                          "retry later", request.id)
         self.opening += 1  # counted as held while the engine opens it: concurrent opens see it
@@ -339,8 +341,10 @@ class Connection:
                 fields["missed"] = {"from": start, "ids": ids, "text": text}
         finally:
             self.opening -= 1
-        log.info("connection %d: session %s %s at position %d", self.number, log_id(es.id), how, es.position)
-        self.send(event("opened", request.id, session=es.id, position=es.position,
+        position = await self.engine.position(es)  # (held here, generating: only tokens sent count)
+        log.info("connection %d: session %s %s at position %d", self.number, log_id(es.id), how, position)
+        self._flush_tokens(es.id)
+        self.send(event("opened", request.id, session=es.id, position=position,
                         state_bytes=self.server.state_bytes, **fields))
 
     async def _history(self, es: SessionRecord, since: int) -> tuple[int, list[int]]:

@@ -468,10 +468,16 @@ class Engine:
         self.inputs.fail_first(es, error)
         self.stats.dropped_inputs += 1
 
+    async def position(self, es: SessionRecord) -> int:
+        """The position of `es` between two ticks, counting only tokens its
+        stream was given (what a reply may report mid-generation)."""
+        async with self._model_lock:
+            await self.journal.drain()
+            return es.position
+
     async def expire(self) -> int:
-        """Close sessions nobody holds (`owner` None) and nobody used for
-        `session_ttl` seconds, and delete stored snapshots not written for as
-        long; returns how many. `run` does it periodically (see `expiry`)."""
+        """`expiry.expire`: close sessions nobody holds or used for `session_ttl` s, delete
+        snapshots not written for as long; how many. `run` does it periodically."""
         return await expiry.expire(self) if self.session_ttl is not None else 0
 
     def _finish(self, es: SessionRecord, reason: str, now: bool = False) -> None:
@@ -487,18 +493,15 @@ class Engine:
         self.journal.end(es.id, active, Done(reason, es.position, held), now)
 
     def charge_input(self, seconds: float) -> None:
-        """Work done for a client outside the ticks (parsing its frames, its
-        open or resume) counts as input while sessions generate."""
+        """Work for a client outside the ticks (its frames, open, resume): input while sessions generate."""
         self.scheduler.charge_outside(self._generating.values(), seconds, time.monotonic())
 
     async def wait_input_turn(self) -> None:
-        """While sessions generate, wait until the input budget allows more
-        input work: for requests whose work is not queued for a tick."""
+        """While sessions generate, wait until the input budget allows work not queued for a tick."""
         await self.scheduler.wait_input_turn(self._generating)
 
     async def _ensure_live(self, es: SessionRecord) -> None:
-        """Restore `es` into a slot for a client's request (caller holds the
-        model lock, after `wait_input_turn`): input work, as a tick's restore is."""
+        """Restore `es` for a client's request (under the model lock): input work, as a tick's restore is."""
         if es.live is None:
             async with self.scheduler.input_work(self._generating):
                 await self.slots.ensure_live(es)

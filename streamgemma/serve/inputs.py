@@ -111,6 +111,9 @@ class InputQueues:
         return ids
 
     def _check_room(self, es: SessionRecord, count: int, field: str) -> None:
+        if count > self.max_pending_tokens:
+            raise EngineError("limit", f"this input is {count} tokens; at most {self.max_pending_tokens} of a "
+                                       "session's input may wait to be consumed: send it in parts")
         if es.queued_tokens + count > self.max_pending_tokens:
             raise EngineError("limit", f"{es.queued_tokens} tokens of this session's input are still waiting to be "
                                        f"consumed; at most {self.max_pending_tokens} may wait: wait for "

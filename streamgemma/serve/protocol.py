@@ -21,7 +21,7 @@ from ..errors import InvalidValueError
 from ..sampling.params import MAX_LOGPROBS, SamplingParams
 from ..session.store import SESSION_ID_PATTERN
 from ..types import Token
-from ..validate import MAX_STOP_STRINGS, check_int, check_sampling, check_seed, short
+from ..validate import MAX_POSITION, MAX_STOP_STRINGS, check_int, check_sampling, check_seed, short
 from .keys import is_reserved_key
 
 PATH = "/v1/stream"
@@ -140,9 +140,12 @@ def parse_request(frame: str | bytes, max_tokens_limit: int, default_max_tokens:
         if kind == "open":
             since = msg.get("since")
             if since is not None and (session is None or isinstance(since, bool) or not isinstance(since, int)
-                                      or since < 0):
-                raise InvalidValueError("since", "\"since\" is a position (an integer >= 0) of the session "
-                                                 "being opened")
+                                      or not 0 <= since < MAX_POSITION):
+                raise InvalidValueError("since", "\"since\" is a position (an integer in [0, 2**62)) of the "
+                                                 "session being opened")
+            if session is not None and msg.get("seed") is not None:  # (it was ignored)
+                raise InvalidValueError("seed", "\"seed\" seeds a new session; a resumed one goes on with its "
+                                                "sampler's stream (generate's \"seed\" reseeds it)")
             return Open(request_id, session, check_seed(msg.get("seed")), since)
         if kind == "append":
             return _append(msg, request_id, session)

@@ -219,3 +219,35 @@ def test_late_tokens_of_a_generation_given_up_on_do_not_reach_the_next_one():
                 assert session.position == 5
 
     run(main)
+
+
+class SlowStore(sg.DirectorySnapshotStore):
+    def put(self, session_id, blob):
+        import time
+
+        time.sleep(0.05)  # ticks go on meanwhile: the reply's position is behind the tokens sent
+        super().put(session_id, blob)
+
+
+def test_a_snapshot_mid_generation_never_moves_the_position_back(tmp_path):
+    """The snapshot's position is the stored state's; tokens generated while the store wrote went out
+    before the reply, and the client set its position back to it (a later `since` repeated them)."""
+    srv = Server(Engine(text_model(), max_active=4, store=SlowStore(tmp_path)), port=0)
+
+    async def main():
+        async with sg.Client(srv.url) as client:
+            s = await client.open(seed=1)
+            await s.append(PROMPT)
+            positions, snapshots = [], []
+            async for t in s.generate(max_tokens=60, stop_token_ids=NO_STOP):
+                positions.append(s.position)
+                if len(positions) % 10 == 0:
+                    snapshots.append(await s.snapshot())
+                    positions.append(s.position)
+            assert s.position == s.last_done["position"]
+            return positions, snapshots
+
+    with serve_in_thread(srv):
+        positions, snapshots = run(main)
+    assert all(b >= a for a, b in zip(positions, positions[1:])), positions
+    assert len(snapshots) == 6

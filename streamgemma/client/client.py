@@ -241,6 +241,9 @@ class Client:
             opened.position += 1
         elif kind == "tokens":
             opened.position += len(msg.get("ids", ()))
+        elif kind == "snapshot" and isinstance(msg.get("position"), int):
+            # The stored state's: mid-generation, tokens after it may have come first.
+            opened.position = max(opened.position, msg["position"])
         elif isinstance(msg.get("position"), int):
             opened.position = msg["position"]
 

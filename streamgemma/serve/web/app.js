@@ -374,7 +374,8 @@ async function copyId() {
 async function snapshot() {
   const wire = await ensureSession();
   const reply = await wire.request({ type: "snapshot", session: state.session });
-  showPosition(reply.position);
+  // The stored state's position: mid-generation, the session has gone on since.
+  if (reply.position > (Number($("fig-position").textContent) || 0)) showPosition(reply.position);
   $("fig-snapshot").textContent = `position ${reply.position}, ${new Date().toLocaleTimeString()}`;
   store.setItem(`sg.snapshot.${state.session}`, $("fig-snapshot").textContent);
   setStatus(`Snapshot stored on the server at position ${reply.position}.`);

@@ -44,10 +44,17 @@ def short(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def type_error(field: str, message: str) -> TypeError:
+    """A TypeError whose `field` names the argument, as InvalidValueError's does."""
+    error = TypeError(message)
+    error.field = field
+    return error
+
+
 def check_int(field: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
     """`value` as an int in [lo, hi] (either bound optional)."""
     if not is_int(value):
-        raise TypeError(f"{field} must be an integer, got {short(value)}")
+        raise type_error(field, f"{field} must be an integer, got {short(value)}")
     value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
@@ -60,7 +67,7 @@ def check_seed(seed: object, field: str = "seed") -> int | None:
     if seed is None:
         return None
     if not is_int(seed):
-        raise TypeError(f"{field} must be an integer or None, got {short(seed)}")
+        raise type_error(field, f"{field} must be an integer or None, got {short(seed)}")
     if not SEED_MIN <= int(seed) < SEED_END:
         raise InvalidValueError(field, f"{field} must be in [-2**63, 2**64) (what a snapshot stores), "
                                        f"got {short(seed)}")
@@ -71,7 +78,7 @@ def check_float32(field: str, value: object, lo: float, hi: float, zero_ok: bool
     """A finite number in [lo, hi] (or exactly 0 if zero_ok) that float32
     represents without becoming 0 or infinite."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{field} must be a number, got {short(value)}")
+        raise type_error(field, f"{field} must be a number, got {short(value)}")
     try:
         value = float(value)
     except OverflowError:  # an integer beyond any float

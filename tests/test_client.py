@@ -239,7 +239,7 @@ def test_a_snapshot_mid_generation_never_moves_the_position_back(tmp_path):
             s = await client.open(seed=1)
             await s.append(PROMPT)
             positions, snapshots = [], []
-            async for t in s.generate(max_tokens=60, stop_token_ids=NO_STOP):
+            async for _ in s.generate(max_tokens=60, stop_token_ids=NO_STOP):
                 positions.append(s.position)
                 if len(positions) % 10 == 0:
                     snapshots.append(await s.snapshot())

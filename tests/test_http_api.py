@@ -150,7 +150,7 @@ def test_logprobs_of_completions_and_chat(server, model):
     ({"model": MODEL, "prompt": ["a", "b"]}, 400, "unsupported", "prompt"),
     ({"model": MODEL, "prompt": [1, 99999]}, 400, "invalid_value", "prompt"),
     ({"model": MODEL, "prompt": ""}, 400, "invalid_value", "prompt"),
-    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "invalid_type", None),
+    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "invalid_type", "temperature"),
     ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "invalid_value",
      "stream_options"),
     ({"model": MODEL, "prompt": "x", "made_up": 1}, 400, "unknown_field", "made_up"),
@@ -760,3 +760,56 @@ def test_held_sessions_closed_elsewhere_give_up_their_places():
         assert await held.take([7, 8, 9, 10]) == (3, c) and await held.take([7, 5]) == (1, a)
 
     anyio.run(main)
+
+
+def _requests_counted(server, endpoint: str, status: int) -> float:
+    line = f'streamgemma_http_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    found = [row for row in request(server, "GET", "/metrics").body.decode().splitlines() if row.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+@pytest.mark.parametrize("leaves", ["before the headers", "mid-generation"])
+def test_a_stream_whose_client_leaves_is_a_499(server, caplog, leaves):
+    """Leaving before the status line went out was a logged 500 (`prepare` outside the connection error's
+    handling); leaving mid-stream was counted as the 200 already sent."""
+    import socket
+    import time
+
+    before = {status: _requests_counted(server, "/v1/completions", status) for status in (200, 499, 500)}
+    prompt = "hello " * 600 if leaves == "before the headers" else "The"
+    body = json.dumps({"prompt": prompt, "max_tokens": 200, "stream": True, "stop": []}).encode()
+    with socket.create_connection(("127.0.0.1", server.http.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        if leaves == "mid-generation":
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        else:
+            time.sleep(0.05)  # (prefilling)
+    deadline = time.monotonic() + 30
+    while _requests_counted(server, "/v1/completions", 499) == before[499] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = {status: _requests_counted(server, "/v1/completions", status) for status in (200, 499, 500)}
+    assert (after[499] - before[499], after[200], after[500]) == (1, before[200], before[500])
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_wrongly_typed_fields_and_bad_messages_name_their_param(server):
+    for path, body, param in (("/v1/completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+                              ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+                              ("/v1/completions", {"prompt": "x", "seed": "a"}, "seed"),
+                              ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+                              ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+                              ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+                              ("/v1/chat/completions", {"messages": []}, "messages")):
+        reply = post(server, path, {"model": MODEL, **body})
+        assert reply.status == 400 and reply.error["param"] == param, (body, reply.error)  # (None before)
+
+
+def test_control_tokens_among_the_alternatives_have_a_text_each(server):
+    """<eos> and <bos> both read "" and shared one key of a completions token's alternatives: one was lost."""
+    reply = post(server, "/v1/completions", {"model": MODEL, "prompt": "The", "max_tokens": 1, "logprobs": 20,
+                                             "temperature": 1.0, "seed": 0})
+    tokenizer = sg.load("demo").tokenizer
+    renders = [server.http._render_token(i)[0] for i in range(tokenizer.vocab_size)]  # noqa: SLF001
+    assert len(reply.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == 20
+    assert renders[tokenizer.eos_id] == "<eos>" and renders.count("") == 0

@@ -28,7 +28,7 @@ from aiohttp.http import HttpProcessingError
 
 from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError, StoppedError, StoreUnavailable
 from ..session.chat_template import chat_prompt_ids
-from ..tokenizer import PIECE_BYTE
+from ..tokenizer import PIECE_BYTE, PIECE_CONTROL
 from ..validate import check_position
 from .engine import Engine
 from .held_sessions import HeldSessions
@@ -119,6 +119,7 @@ class HttpApi:
         held = config.held_sessions
         self.held = HeldSessions(engine, min(8, max(1, engine.max_active // 8)) if held is None else held)
         self.metrics = Metrics(engine, self.cache, server)
+        self._clients_left: set[int] = set()  # id() of streamed requests whose client went away: counted as 499
         self.created = int(time.time())
         self.in_flight = 0
         self.stopping = False
@@ -191,7 +192,9 @@ class HttpApi:
             response = _json(ApiError(500, f"the server failed on this request: {type(e).__name__}",
                                       "server_error", "internal").body(), 500)
         resource = request.match_info.route.resource  # (None: no such route)
-        self.metrics.requests.labels(resource.canonical if resource else "other", str(response.status)).inc()
+        status = 499 if id(request) in self._clients_left else response.status
+        self._clients_left.discard(id(request))
+        self.metrics.requests.labels(resource.canonical if resource else "other", str(status)).inc()
         return response
 
     def _authorize(self, request: web.Request) -> None:
@@ -386,9 +389,9 @@ class HttpApi:
                       arrived: float) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
-        await response.prepare(request)
         send = lambda body: response.write(b"data: " + _encode(body).encode("utf-8") + b"\n\n")  # noqa: E731
         try:
+            await response.prepare(request)
             try:
                 await self._events(request, send, req, run, builder, arrived)
             except ConnectionError:
@@ -399,6 +402,7 @@ class HttpApi:
             await response.write_eof()
         except ConnectionError:  # the client has gone: its generation is cancelled on the way out
             log.debug("HTTP client left a stream")
+            self._clients_left.add(id(request))  # (the status line may be out: the metrics count 499 all the same)
         return response
 
     async def _events(self, request: web.Request, send, req: ApiRequest, run: _Run, builder: ResponseBuilder,
@@ -447,6 +451,8 @@ class HttpApi:
         if kind == PIECE_BYTE:
             raw = bytes([int(piece[3:5], 16)])
             return (raw.decode() if raw[0] < 0x80 else f"bytes:\\x{raw[0]:02x}"), raw
+        if kind == PIECE_CONTROL:  # (no text of its own: "" for all of them, one key in completions' alternatives)
+            return piece, piece.encode("utf-8")
         text = tok.decode([token_id])
         return text, text.encode("utf-8")
 

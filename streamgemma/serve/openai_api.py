@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import InvalidValueError
 from ..sampling.params import MAX_LOGPROBS, SamplingParams
 from ..session.chat_template import ChatMessage, normalize_messages
-from ..validate import MAX_STOP_STRINGS, check_int, check_sampling, short
+from ..validate import MAX_STOP_STRINGS, check_int, check_sampling, short, type_error
 
 
 class ApiError(Exception):
@@ -142,25 +142,30 @@ def parse_request(kind: str, body: Mapping, max_tokens_limit: int, default_max_t
     except InvalidValueError as e:
         raise bad_request(str(e), param=e.field) from None
     except (TypeError, ValueError) as e:
-        raise bad_request(str(e), code="invalid_type" if isinstance(e, TypeError) else "invalid_value") from None
+        raise bad_request(str(e), param=getattr(e, "field", None),
+                          code="invalid_type" if isinstance(e, TypeError) else "invalid_value") from None
 
 
 def _parse(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: int) -> ApiRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise TypeError("model must be a string")
+        raise type_error("model", "model must be a string")
     _refuse_unsupported(kind, body)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, Mapping) and set(options) <= {"include_usage"}):
-        raise TypeError("stream_options must be an object with at most \"include_usage\"")
+        raise type_error("stream_options", "stream_options must be an object with at most \"include_usage\"")
     if options is not None and not stream:  # (as OpenAI: any stream_options, not just include_usage)
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
     include_usage = _bool(options or {}, "include_usage")
     params = _sampling(kind, body, max_tokens_limit, default_max_tokens)
     shape = dict(stream=stream, include_usage=include_usage, return_token_ids=_bool(body, "return_token_ids"))
     if kind == "chat":
-        messages = tuple(normalize_messages(body.get("messages") or []))
+        try:
+            messages = tuple(normalize_messages(body.get("messages") or []))
+        except (TypeError, ValueError) as e:
+            raise bad_request(str(e), param="messages",
+                              code="invalid_type" if isinstance(e, TypeError) else "invalid_value") from None
         for message in messages:
             _check_unicode(message[1], "messages")
         return ApiRequest(kind, model, params, messages=messages, **shape)
@@ -230,7 +235,7 @@ def _sampling(kind: str, body: Mapping, max_tokens_limit: int, default_max_token
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise TypeError("stop must be a string or a list of strings")
+            raise type_error("stop", "stop must be a string or a list of strings")
         if len(stop) > MAX_STOP_STRINGS:
             raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
         for s in stop:
@@ -269,7 +274,7 @@ def _bool(body: Mapping, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be true or false, got {short(value)}")
+        raise type_error(name, f"{name} must be true or false, got {short(value)}")
     return value
 
 

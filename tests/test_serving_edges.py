@@ -101,3 +101,72 @@ def test_a_restore_for_a_generate_or_capture_is_input_work(request_kind):
 
     waited, charged = anyio.run(main)
     assert waited >= 0.4 and charged
+
+
+def test_an_append_that_landed_in_part_waits_for_a_slot_instead_of_failing():
+    """Its first chunk was consumed, then every slot was taken by a generation: the append failed with
+    "capacity" although part of it was in the session, so a client's retry would feed that part twice."""
+    from streamgemma.sampling.params import SamplingParams
+
+    async def main():
+        engine = Engine(text_model(), max_active=1, input_chunk=8, step_input_tokens=0, idle_step_input_tokens=0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            a, b = await engine.open(seed=1), await engine.open(seed=2)
+            await engine.consumed(engine.append(b, [2, 5, 6]))
+            pending = engine.append(a, list(range(10, 110)))  # 13 chunks of 8
+            with anyio.fail_after(10):
+                while a.position < 8:
+                    await anyio.sleep(0)
+            await engine.generate(b, SamplingParams(max_tokens=20, stop_token_ids=()))  # takes a's slot
+            with anyio.fail_after(30):
+                position = await engine.consumed(pending)  # (EngineError "capacity" before, at position 8)
+            tg.cancel_scope.cancel()
+        return position
+
+    assert anyio.run(main) == 100
+
+
+def test_no_more_sessions_than_max_active_hold_a_slot_while_one_is_being_opened(tmp_path):
+    """A generate restored its session while another being opened (its first snapshot being written) held the
+    last slot: past max_active, and three rows decoded together with max_active 2."""
+    import threading
+
+    from streamgemma.sampling.params import SamplingParams
+
+    writing = threading.Event()
+
+    class SlowStore(sg.DirectorySnapshotStore):
+        def put(self, session_id, blob):
+            if writing.is_set():
+                time.sleep(0.3)
+            super().put(session_id, blob)
+
+    async def main():
+        engine = Engine(text_model(), max_active=2, store=SlowStore(tmp_path))
+        most = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            c = await engine.open(seed=3)
+            await engine.consumed(engine.append(c, [2, 7, 8]))
+            a = await engine.open(seed=1)
+            await engine.consumed(engine.append(a, [2, 5, 6]))
+            await engine.generate(a, SamplingParams(max_tokens=3000, stop_token_ids=()))
+            writing.set()
+            tg.start_soon(engine.open)  # suspends c, holds the slot while its snapshot is written
+            await anyio.sleep(0.1)
+
+            async def watch():
+                nonlocal most
+                while True:
+                    most = max(most, engine.active)
+                    await anyio.sleep(0.005)
+
+            tg.start_soon(watch)
+            await engine.generate(c, SamplingParams(max_tokens=5, stop_token_ids=()))  # waits for the open
+            await anyio.sleep(1.0)  # (c's suspension is written first, then the open's snapshot)
+            writing.clear()
+            tg.cancel_scope.cancel()
+        return most
+
+    assert anyio.run(main) <= 2

@@ -191,7 +191,7 @@ class Engine:
         if records:  # it consumed more than its snapshot holds: replay the journal
             try:
                 async with self._model_lock:
-                    await self.slots.ensure_live(es)
+                    await self.slots.ensure_live(es, wait=True)
                     await anyio.to_thread.run_sync(replay, es.live, records)
             except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
                 with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
@@ -444,7 +444,8 @@ class Engine:
             if text is not None:
                 self.inputs.tokenized(es, text, await anyio.to_thread.run_sync(self.inputs.tokenize, text))
                 return
-            await self.slots.ensure_live(es)
+            if not await self.slots.ensure_live(es):
+                return  # (no slot free this tick: a later one)
             chunk = self.inputs.take(es, self.input_chunk)
             await anyio.to_thread.run_sync(es.live.feed, chunk)
             self.stats.prefill_calls += 1
@@ -455,22 +456,21 @@ class Engine:
         self.journal.consumed(es.id, self.inputs.consumed(es, len(chunk)))
 
     async def _restore_for_input(self, es: SessionRecord) -> bool:
-        """Give `es` a slot so its input can ride along; False (its first input
-        failed with the error) if that fails."""
+        """Give `es` a slot so its input can ride along; False if none is free, or that failed."""
         try:
-            await self.slots.ensure_live(es)
+            return await self.slots.ensure_live(es)
         except Exception as e:  # noqa: BLE001 - delivered to whoever awaits this input
             self._input_failed(es, e)
             return False
-        return True
 
     def _input_failed(self, es: SessionRecord, error: BaseException) -> None:
+        if isinstance(error, EngineError) and error.code == "capacity" and self.inputs.started(es):
+            return  # part of it landed: it waits for a slot (a refusal would hide that part)
         self.inputs.fail_first(es, error)
         self.stats.dropped_inputs += 1
 
     async def position(self, es: SessionRecord) -> int:
-        """The position of `es` between two ticks, counting only tokens its
-        stream was given (what a reply may report mid-generation)."""
+        """The position of `es` between two ticks, counting only tokens its stream was given."""
         async with self._model_lock:
             await self.journal.drain()
             return es.position
@@ -504,7 +504,7 @@ class Engine:
         """Restore `es` for a client's request (under the model lock): input work, as a tick's restore is."""
         if es.live is None:
             async with self.scheduler.input_work(self._generating):
-                await self.slots.ensure_live(es)
+                await self.slots.ensure_live(es, wait=True)
 
     def _superseded(self, session_id: str) -> bool:
         es = self.sessions.get(session_id)

@@ -186,6 +186,10 @@ class InputQueues:
             self.waiting.pop(es.id, None)
         return finished
 
+    def started(self, es: SessionRecord) -> bool:
+        """Whether the first queued input of `es` is partly consumed."""
+        return bool(es.inputs) and es.inputs[0].offset > 0
+
     def fail_first(self, es: SessionRecord, error: BaseException) -> None:
         """The first queued input of `es` failed with `error`."""
         self._finish(es, es.inputs.popleft(), error)

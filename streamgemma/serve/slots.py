@@ -1,8 +1,9 @@
 """Pool slots: at most `max_active` sessions of an engine hold one; to make
 room, the `Scheduler` picks a session to suspend (`Offloader`). A session
 `Engine.open` made holds its slot before it is registered (while the store
-writes its first snapshot), so those are counted too, and an open that finds
-only such sessions in the slots waits for them."""
+writes its first snapshot), so those are counted too: a request that finds
+only such sessions in the slots waits for them, a tick leaves its input for
+a later one. No more than `max_active` sessions ever hold a slot."""
 
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ class Slots:
         """Sessions holding a slot now."""
         return sum(1 for s in self.sessions.values() if s.live is not None)
 
-    async def make_room(self, wait: bool = False) -> None:
-        """Suspend sessions until a slot is free. If sessions being opened hold
-        the rest (they cannot be suspended yet): wait for them, else go past
-        max_active for now (a tick must not wait). EngineError("capacity") if
-        every session in a slot generates."""
+    async def make_room(self, wait: bool = False) -> bool:
+        """Suspend sessions until a slot is free; True then. If sessions being
+        opened hold the rest (they cannot be suspended yet): wait for them, or
+        with wait False (a tick must not wait) return False. EngineError("capacity")
+        if every session in a slot generates."""
         while len(live := [es for es in self.sessions.values() if es.live is not None]) + self._opening \
                 >= self.max_active:
             try:
@@ -45,16 +46,19 @@ class Slots:
                 if not self._opening:
                     raise
                 if not wait:
-                    return
+                    return False
                 await self._opened.wait()
                 continue
             await self.suspend(es)
+        return True
 
-    async def ensure_live(self, es: SessionRecord) -> None:
-        """Give `es` a slot, restoring its state."""
+    async def ensure_live(self, es: SessionRecord, wait: bool = False) -> bool:
+        """Give `es` a slot, restoring its state; False if none is free now (see `make_room`)."""
         if es.live is None:
-            await self.make_room()
+            if not await self.make_room(wait):
+                return False
             es.live = await self.offloader.restore(es.id)
+        return True
 
     async def suspend(self, es: SessionRecord) -> None:
         position = es.live.position

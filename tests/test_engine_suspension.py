@@ -447,3 +447,32 @@ def test_one_session_that_cannot_be_deleted_does_not_stop_the_expiry_of_the_othe
     expired, left, broken = anyio.run(main)
     assert (expired, left) == (2, [broken])
     assert "could not expire session" in caplog.text
+
+
+def test_a_session_being_closed_cannot_be_resumed():
+    """resume() returned the record of a session whose close was in progress (closed, waiting for the tick
+    to end, then deleted): the websocket answered `opened` for it, and its next request failed with `closed`."""
+    async def main():
+        model = text_model()
+        decode = model.decode
+
+        def slow_decode(slots, tokens):  # a long tick: the close waits for it
+            time.sleep(0.2)
+            return decode(slots, tokens)
+
+        model.decode = slow_decode
+        engine = Engine(model, max_active=4, step_input_tokens=0, idle_step_input_tokens=0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            other, victim = await engine.open(seed=1), await engine.open(seed=2)
+            await engine.consumed(engine.append(other, [2, 5, 6]))
+            await engine.generate(other, SamplingParams(max_tokens=20, stop_token_ids=()))
+            await anyio.sleep(0.05)  # a tick decodes, holding the model lock
+            tg.start_soon(engine.close, victim)
+            await anyio.sleep(0)
+            assert victim.closed and victim.id in engine.sessions
+            with pytest.raises(EngineError, match="no such session"):
+                await engine.resume(victim.id)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)

@@ -37,6 +37,8 @@ class StoredSessions:
     async def resume(self, session_id: str, read: Callable[[str], Awaitable[SessionRecord]]) -> SessionRecord:
         """The open record of `session_id`, else `read(session_id)`'s (it registers the record), one at a time."""
         es = await self.resumed(session_id)
+        if es is not None and es.closed:  # (being closed: it was open here, and will be deleted)
+            raise EngineError("unknown_session", "no such session (it is being closed)")
         if es is not None:
             return es
         if session_id in self._deleting:

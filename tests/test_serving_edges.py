@@ -170,3 +170,23 @@ def test_no_more_sessions_than_max_active_hold_a_slot_while_one_is_being_opened(
         return most
 
     assert anyio.run(main) <= 2
+
+
+@pytest.mark.parametrize("second", ["short text", "long text"])
+def test_text_queued_behind_a_failed_first_input_begins_with_bos(second):
+    """Whether text starts with BOS was decided when it was appended: behind a first input that then failed,
+    a session's first text was consumed at position 0 without one."""
+    from streamgemma.serve.inputs import INLINE_TEXT_BYTES, InputQueues
+    from streamgemma.serve.record import EngineError, SessionRecord
+
+    tokenizer = sg.load("demo").tokenizer
+    inputs = InputQueues(tokenizer, tokenizer.vocab_size)
+    es = SessionRecord("s", None, 0)
+    inputs.add(es, [5, 6])  # ids: taken as they are, no BOS
+    text = "hello there" if second == "short text" else "hello there " * (INLINE_TEXT_BYTES // 8)
+    pending = inputs.add(es, text)
+    inputs.fail_first(es, EngineError("capacity", "no slot"))
+    if pending.ids is None:
+        inputs.tokenized(es, pending, inputs.tokenize(pending))
+    assert pending.ids[0] == tokenizer.bos_id and list(pending.ids[1:]) == tokenizer.encode(text)
+    assert es.queued_tokens == inputs.tokens == len(pending.ids)

@@ -86,7 +86,7 @@ class InputQueues:
             if not ids:
                 raise ValueError("the text has no tokens (the tokenizer drops all of it)")
             self._check_room(es, len(ids), "text")
-            return PendingInput(ids)
+            return PendingInput(ids, add_bos=add_bos)
         if es.queued_text_bytes and es.queued_text_bytes + size > self.max_queued_text_bytes // SESSION_TEXT_SHARE:
             raise EngineError("limit", f"{es.queued_text_bytes} bytes of this session's text are waiting to be "
                                        f"tokenized; a session may hold one text, or several up to "
@@ -192,9 +192,20 @@ class InputQueues:
 
     def fail_first(self, es: SessionRecord, error: BaseException) -> None:
         """The first queued input of `es` failed with `error`."""
-        self._finish(es, es.inputs.popleft(), error)
+        failed = es.inputs.popleft()
+        self._finish(es, failed, error)
+        if es.position == 0 and failed.offset == 0 and es.inputs and es.inputs[0].add_bos is False:
+            self._start_with_bos(es, es.inputs[0])  # the session's first text now: it begins as one does
         if not es.inputs:
             self.waiting.pop(es.id, None)
+
+    def _start_with_bos(self, es: SessionRecord, pending: PendingInput) -> None:
+        pending.add_bos = True
+        bos = self.tokenizer.bos_id
+        if pending.ids is not None and bos >= 0:  # (tokenized when appended)
+            pending.ids = array.array("i", [bos]) + pending.ids
+            es.queued_tokens += 1
+            self.tokens += 1
 
     def drop(self, es: SessionRecord, error: BaseException) -> int:
         """Fail every queued input of `es` with `error`; how many there were."""

@@ -50,11 +50,11 @@ class PendingInput:
     __slots__ = ("ids", "text", "add_bos", "text_bytes", "offset", "position", "error", "done", "_event",
                  "_callbacks")
 
-    def __init__(self, ids: array.array | None, text: str | None = None, add_bos: bool = False,
+    def __init__(self, ids: array.array | None, text: str | None = None, add_bos: bool | None = None,
                  text_bytes: int = 0):
         self.ids = ids
         self.text = text
-        self.add_bos = add_bos  # put BOS first when tokenizing `text`
+        self.add_bos = add_bos  # text: whether its ids start with BOS (put first when tokenizing); ids: None
         self.text_bytes = text_bytes  # UTF-8 size of `text` while it waits to be tokenized
         self.offset = 0  # ids[:offset] are consumed
         self.position = -1  # the session's position once all ids are consumed

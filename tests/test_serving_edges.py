@@ -190,3 +190,32 @@ def test_text_queued_behind_a_failed_first_input_begins_with_bos(second):
         inputs.tokenized(es, pending, inputs.tokenize(pending))
     assert pending.ids[0] == tokenizer.bos_id and list(pending.ids[1:]) == tokenizer.encode(text)
     assert es.queued_tokens == inputs.tokens == len(pending.ids)
+
+
+def test_closing_a_stream_from_another_task_ends_its_reader():
+    """The reader waited for an item forever: once the stream was closed, nothing more was queued."""
+    from streamgemma.sampling.params import SamplingParams
+
+    async def main():
+        engine = Engine(text_model(), max_active=2, journal=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            es = await engine.open(seed=1)
+            await engine.consumed(engine.append(es, [2, 5, 6]))
+            stream = await engine.generate(es, SamplingParams(max_tokens=100000, stop_token_ids=()))
+            read = []
+
+            async def reader():
+                async for token in stream:
+                    read.append(token)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as readers:
+                    readers.start_soon(reader)
+                    while not read:
+                        await anyio.sleep(0.001)
+                    await stream.aclose()
+            tg.cancel_scope.cancel()
+        return es.generation is None or es.generation.cancelled
+
+    assert anyio.run(main)  # the reader ended, the generation is cancelled

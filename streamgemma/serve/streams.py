@@ -34,11 +34,21 @@ class TokenQueue:
             self._wakeup = None
         return True
 
-    async def get(self) -> Token | Done:
+    async def get(self) -> Token | Done | None:
+        """The next item; None once the reader has gone (`close`) and none is left."""
         while not self.items:
+            if self.reader_gone:
+                return None
             self._wakeup = anyio.Event()
             await self._wakeup.wait()
         return self.items.popleft()
+
+    def close(self) -> None:
+        """The reader has gone: nothing more is queued, and a `get` waiting ends."""
+        self.reader_gone = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
 
 
 class TokenStream:
@@ -58,6 +68,8 @@ class TokenStream:
         if self.done is not None or self._queue.reader_gone:
             raise StopAsyncIteration
         item = await self._queue.get()
+        if item is None:  # (closed by another task)
+            raise StopAsyncIteration
         if isinstance(item, Done):
             self._end(item)
             raise StopAsyncIteration
@@ -101,7 +113,7 @@ class TokenStream:
         """Stop consuming: the generation is cancelled (if still running)."""
         if self.done is None:
             self._cancel()
-        self._queue.reader_gone = True
+        self._queue.close()
         await anyio.lowlevel.checkpoint()
 
 

@@ -213,3 +213,55 @@ def test_the_page_streams_snapshots_and_resumes_after_a_reload(browser, server, 
     wait_for(lambda: page_state(d)["status"] == "Session closed.", what="the close")
     assert session_id not in server.engine.sessions and session_id not in server.engine.store.list()
     assert d.find_element(By.ID, "send").get_attribute("disabled")
+
+
+def test_a_refused_reply_closes_its_turn_and_enter_in_the_id_field_resumes(browser, server):
+    """A generate the server refused left the model's turn open, so the next message landed inside it; the
+    status stayed "Connecting…" after a failed resume, focus was lost, and Enter in the session id field
+    opened a new session (the form's submit button) instead of resuming the id."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    d.get(f"http://127.0.0.1:{server.port}/")
+    fill(d, "token", TOKEN)
+    d.find_element(By.ID, "open-new").click()
+    wait_for(lambda: "opened" in page_state(d)["status"], what="the session to open")
+    session_id = d.find_element(By.ID, "current-session").get_attribute("value")
+
+    fill(d, "temperature", "-1")  # refused by the server
+    d.find_element(By.ID, "prompt").send_keys("first")
+    d.find_element(By.ID, "send").click()
+    refused = wait_for(lambda: page_state(d)["error"], what="the refusal")
+    assert "temperature" in refused and page_state(d)["ttft"] == "–"
+    assert d.switch_to.active_element.get_attribute("id") == "send"  # (focus was on the body)
+    fill(d, "temperature", "0.7")
+    fill(d, "max-tokens", "5")
+    d.find_element(By.ID, "prompt").send_keys("second", Keys.ENTER)
+    idle_after(d, "the reply")
+
+    fill(d, "session-id", "no-such-session")
+    d.find_element(By.ID, "session-id").send_keys(Keys.ENTER)
+    wait_for(lambda: page_state(d)["error"], what="the failed resume")
+    now = page_state(d)
+    assert "unknown_session" in now["error"] and now["state"] != "connecting" and "Connecting" not in now["status"]
+    assert not d.find_elements(By.CSS_SELECTOR, "#chat-log .message") and now["position"] == "–"
+
+    fill(d, "session-id", session_id)
+    d.find_element(By.ID, "session-id").send_keys(Keys.ENTER)  # resumes it (opened a new one before)
+    wait_for(lambda: "resumed" in page_state(d)["status"], what="the resume")
+    assert d.find_element(By.ID, "current-session").get_attribute("value") == session_id
+    d.get("about:blank")  # the page's connection ends: the session is free to read
+
+    with sg.Client.connect_sync(server.url, token=TOKEN) as client:
+        def reopened():  # (once the server has seen the page's connection end)
+            try:
+                return client.open(session_id, since=0)
+            except sg.ServerError as e:
+                assert e.code == "session_busy"
+                return None
+
+        text = wait_for(reopened, what="the session to be free").missed["text"]
+    turns = text.split("<start_of_turn>")[1:]
+    assert [turn.split("\n", 1)[0] for turn in turns] == ["user", "model", "user", "model"], text
+    assert all(turn.rstrip("\n").endswith("<end_of_turn>") for turn in turns[:-1]), text

@@ -61,6 +61,12 @@ function showPosition(position) {
   if (typeof position === "number") $("fig-position").textContent = String(position);
 }
 
+function resetFigures() {
+  $("fig-tokens").textContent = "0";
+  $("fig-ttft").textContent = "–";
+  $("fig-rate").textContent = "–";
+}
+
 function formatBytes(n) {
   if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(2)} MiB`;
   if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(1)} KiB`;
@@ -128,6 +134,10 @@ async function openSession(resumeId) {
   } catch (error) {
     state.session = null; // e.g. unknown_session: nothing is open now
     $("current-session").value = "";
+    $("chat-log").replaceChildren();
+    $("fig-position").textContent = "–";
+    $("fig-state").textContent = "–";
+    resetFigures();
     throw error;
   }
   state.session = opened.session;
@@ -138,10 +148,13 @@ async function openSession(resumeId) {
   if (typeof opened.state_bytes === "number") {
     $("fig-state").textContent = `${formatBytes(opened.state_bytes)} (constant)`;
   }
+  resetFigures();
   loadChat(opened.session, Boolean(resumeId));
   $("fig-snapshot").textContent = (resumeId && store.getItem(`sg.snapshot.${opened.session}`)) || "–";
   setState("idle");
   setStatus(`Session ${resumeId ? "resumed" : "opened"} at position ${opened.position}.`);
+  const last = state.chat[state.chat.length - 1];
+  if (last && last.open) await closeTurn(last); // a reply cut by a reload or a lost connection
   return opened;
 }
 
@@ -218,8 +231,14 @@ async function generate(params, sink, log) {
     });
     if (done.text) sink.textContent += done.text;
     showPosition(done.position);
+    if (first === null) $("fig-ttft").textContent = "–";
+    if (count < 2) $("fig-rate").textContent = "–";
     setStatus(`Generation ended (${done.reason}) at position ${done.position}: ${count} tokens.`);
     return done;
+  } catch (error) {
+    if (first === null) $("fig-ttft").textContent = "–";
+    if (count < 2) $("fig-rate").textContent = "–";
+    throw error;
   } finally {
     state.generating = false;
     if (state.wire) setState("idle");
@@ -231,6 +250,13 @@ async function generate(params, sink, log) {
 // Closes the model's turn so that later input is the user's again.
 async function endTurn(done) {
   await append(done.reason === "stop" ? "\n" : END_OF_TURN);
+}
+
+// Closes a chat reply's turn that no `done` closed (the generation was refused or cut off).
+async function closeTurn(entry) {
+  await append(END_OF_TURN);
+  entry.open = false;
+  saveChat();
 }
 
 // -- chat ----------------------------------------------------------------------------------
@@ -282,12 +308,19 @@ async function sendMessage() {
     await append(turns ? USER_TURN(text) : text);
   }
   const sink = addMessage("model", "");
-  const entry = { role: "model", text: "" };
+  const entry = { role: "model", text: "", open: turns };
   state.chat.push(entry);
   state.streaming = { entry, sink };
   try {
-    const done = await generate(params, sink, $("chat-log"));
+    let done;
+    try {
+      done = await generate(params, sink, $("chat-log"));
+    } catch (error) {
+      if (turns && state.wire && state.wire.open) await closeTurn(entry).catch(() => {});
+      throw error;
+    }
     if (turns) await endTurn(done);
+    entry.open = false;
   } finally {
     saveChat();
     state.streaming = null;
@@ -301,7 +334,8 @@ async function streamTranscript() {
   const every = readInteger("every", "Summary every N lines");
   const summaryTokens = readInteger("summary-tokens", "Tokens per summary");
   const pause = readInteger("line-delay", "Pause between lines");
-  if (every < 1 || summaryTokens < 1 || pause < 0) throw new WireError("input", "N and tokens must be at least 1.");
+  if (every < 1 || summaryTokens < 1) throw new WireError("input", "N and tokens must be at least 1.");
+  if (pause < 0) throw new WireError("input", "The pause between lines must be 0 ms or more.");
   const params = { ...sampling(), max_tokens: summaryTokens };
   await ensureSession();
   state.transcriptRunning = true;
@@ -335,6 +369,7 @@ async function streamTranscript() {
 // -- buttons -------------------------------------------------------------------------------
 // Runs an action, showing its error; `exclusive` actions hold the page busy.
 async function act(action, exclusive = true) {
+  const focused = document.activeElement; // disabled while busy: it loses focus, given back after
   clearError();
   if (exclusive) {
     if (state.busy) return;
@@ -346,9 +381,14 @@ async function act(action, exclusive = true) {
   } catch (error) {
     showError(error);
     if (!state.wire && document.body.dataset.state !== "refused") setState("disconnected");
+    if (document.body.dataset.state === "connecting") setState(state.wire ? "idle" : "disconnected");
+    setStatus(state.session !== null ? "The last action failed (see the message)." : "No session is open.");
   } finally {
     if (exclusive) state.busy = false;
     refreshControls();
+    if (focused && focused !== document.body && document.activeElement === document.body && !focused.disabled) {
+      focused.focus();
+    }
   }
 }
 
@@ -393,6 +433,9 @@ async function closeSession() {
   $("current-session").value = "";
   $("session-id").value = "";
   $("chat-log").replaceChildren();
+  $("fig-position").textContent = "–";
+  $("fig-snapshot").textContent = "–";
+  resetFigures();
 }
 
 async function readFile() {
@@ -407,6 +450,12 @@ function main() {
   $("connect-form").addEventListener("submit", (event) => {
     event.preventDefault();
     act(() => openSession(null));
+  });
+  $("session-id").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.isComposing) {
+      event.preventDefault(); // (the form's submit button opens a new session)
+      $("resume").click();
+    }
   });
   $("resume").addEventListener("click", () => act(() => {
     const id = $("session-id").value.trim();

@@ -476,3 +476,19 @@ def test_a_session_being_closed_cannot_be_resumed():
             tg.cancel_scope.cancel()
 
     anyio.run(main)
+
+
+def test_expiry_while_the_store_is_down_logs_one_line_a_pass(caplog):
+    class DownStore(MemoryStore):
+        def older_than(self, seconds):
+            raise sg.StoreUnavailable("the Redis store is unavailable (older_than): connection refused")
+
+    async def main():
+        engine = Engine(text_model(), max_active=2, store=DownStore(), session_ttl=0.2)
+        with anyio.move_on_after(0.3):  # one pass, after a quarter of the ttl
+            await expiry.expire_periodically(engine)
+
+    with caplog.at_level(logging.WARNING, logger="streamgemma.engine"):
+        anyio.run(main)
+    failures = [r for r in caplog.records if "expiring idle sessions failed" in r.getMessage()]
+    assert failures and all(r.levelname == "WARNING" and r.exc_info is None for r in failures)  # (tracebacks)

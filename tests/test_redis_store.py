@@ -210,3 +210,31 @@ def test_expiry_on_one_worker_leaves_a_session_another_is_using(redis_server):  
         return keys
 
     assert anyio.run(main) == []
+
+
+def test_a_lease_that_expired_while_redis_was_down_is_taken_again_if_nobody_claimed_it(redis_server):  # noqa: F811
+    """A Redis outage longer than the lease's ttl expired every lease inside Redis; once it came back, every
+    renewal and journal append was refused as if another worker had taken the session, and each worker
+    dropped all its sessions. Only a claim by another worker since (the session's `owner`) means lost."""
+    a = sg.RedisSnapshotStore(redis_server.url, prefix="x", lease_ttl=5, claim_wait=2)
+    b = sg.RedisSnapshotStore(redis_server.url, prefix="x", lease_ttl=5, claim_wait=2)
+    for sid in ("s1", "s2", "s3"):
+        a.claim(sid)
+        a.put(sid, b"v1")
+    a.client.delete("x:s:s1:lease", "x:s:s2:lease", "x:s:s3:lease")  # expired while Redis was down
+    b.claim("s3")  # s3 was taken by another worker meanwhile (then released: its lease is gone again)
+    b.release("s3")
+    a.renew_once()
+    assert a.lost() == ["s3"] and a.client.pttl("x:s:s1:lease") > 0  # (s1 and s2: taken again)
+    a.client.delete("x:s:s1:lease", "x:s:s2:lease")
+    assert a.journal().append({"s1": [record(0)]}) == set()  # the append takes it again too
+    a.put("s2", b"v2")  # and a snapshot
+    assert b.get("s2") == b"v2" and [r.position for r in b.journal().read("s1")] == [0]
+    with pytest.raises(sg.LeaseLost):
+        a.put("s3", b"stale")
+    a.release("s1")
+    assert not a.client.exists("x:s:s1:owner")  # released: no one takes it back from the store
+    a.delete("s2")
+    assert not a.client.keys("x:s:s2:*")
+    a.close()
+    b.close()

@@ -12,6 +12,7 @@ import time
 import anyio
 import anyio.to_thread
 
+from ..errors import StoreUnavailable
 from .keys import is_reserved_key
 
 log = logging.getLogger("streamgemma.engine")
@@ -75,5 +76,7 @@ async def expire_periodically(engine) -> None:
         await anyio.sleep(min(engine.session_ttl / 4, 60.0))
         try:
             await expire(engine)
+        except StoreUnavailable as e:  # (its calls report the outage too: one line a pass)
+            log.warning("expiring idle sessions failed: %s; the next pass tries again", e)
         except Exception:  # noqa: BLE001 - a failing store must not stop the scheduler
             log.exception("expiring idle sessions failed")

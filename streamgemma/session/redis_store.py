@@ -5,7 +5,10 @@ Keys, under a prefix (default "streamgemma"): `P:index` (sorted set: id ->
 time of its last snapshot or journal write), `P:fence` (the fencing
 counter), and per session `P:s:ID:snap` (the snapshot), `P:s:ID:journal` (a
 list of journal records), `P:s:ID:lease` ("WORKER:FENCE", with a
-time-to-live) and, while a snapshot is being stored,
+time-to-live), `P:s:ID:owner` (the lease's value from its claim to its
+release, without one: a lease that expired while Redis was down is taken
+again by its holder when nobody claimed the session since) and, while a
+snapshot is being stored,
 `P:s:ID:upload:WORKER:FENCE`. Releases are
 published on the channel `P:released` (the session id).
 
@@ -47,6 +50,7 @@ import msgpack
 
 from ..errors import LeaseLost, SessionHeld, SnapshotFormatError, SnapshotNotFound, StoreError, StoreUnavailable
 from .journal import Journal, JournalRecord, decode_records
+from .redis_scripts import APPEND, CLAIM, DELETE, PROMOTE, RELEASE, RENEW, TRIM
 from .store import SnapshotStore, validate_session_id
 
 log = logging.getLogger("streamgemma.store")
@@ -57,81 +61,8 @@ DEFAULT_MAX_BYTES = 1 << 30
 CLAIM_POLL_S = 0.002  # first wait between claim attempts; doubles up to CLAIM_POLL_MAX_S
 CLAIM_POLL_MAX_S = 0.01  # (a hand-over takes tens of milliseconds: polling must not add as much)
 
-# KEYS[1] lease, KEYS[2] fence; ARGV[1] worker, ARGV[2] ttl ms. Returns {1, value} or {0, holder}.
-CLAIM = """
-local held = redis.call('GET', KEYS[1])
-if held then
-  if string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ':' then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, held}
-  end
-  return {0, held}
-end
-local value = ARGV[1] .. ':' .. redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-return {1, value}
-"""
-# KEYS[1] lease; ARGV[1] value, ARGV[2] ttl ms.
-RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-# KEYS[1] lease; ARGV[1] value, ARGV[2] channel, ARGV[3] id. A claim waiting for the session hears of
-# it at once (`on_release`) instead of at its next poll.
-RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
-"""
-# A snapshot is SET to an upload key beside it (no lease needed: nobody reads it) and, in the
-# same round trip, promoted by this script under the lease. A snapshot (a 2B session's: 18 MB)
-# passed to a script instead would be copied into Lua and out again.
-# KEYS[1] lease, KEYS[2] snap, KEYS[3] index, KEYS[4] upload; ARGV[1] value, ARGV[2] now, ARGV[3] id.
-PROMOTE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  redis.call('DEL', KEYS[4])
-  return 0
-end
-redis.call('RENAME', KEYS[4], KEYS[2])
-redis.call('PERSIST', KEYS[2])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-return 1
-"""
 UPLOAD_TTL_MS = 600_000  # an upload whose promotion never ran (the worker died between the two)
 READ_SIZE = 1 << 20  # socket reads of 1 MiB: a snapshot arrives in 18 reads, not 280
-# One tick's group commit: ARGV[1] the key prefix, ARGV[2] msgpack [[id, lease value, [record,
-# ...]], ...], ARGV[3] now: a journaled session counts as written then (expiry must not take it
-# for abandoned because its snapshot is old). One argument instead of four per session: packing a
-# command's arguments was most of the client's time per commit (256 sessions: 1,283 arguments).
-# The keys are built here (a batch spans many sessions anyway, so it is for one Redis, not a
-# cluster). Returns 1 (appended) or 0 (refused) per session.
-APPEND = """
-local out = {}
-for i, entry in ipairs(cmsgpack.unpack(ARGV[2])) do
-  local key = ARGV[1] .. ':s:' .. entry[1]
-  if redis.call('GET', key .. ':lease') == entry[2] then
-    redis.call('RPUSH', key .. ':journal', unpack(entry[3]))
-    redis.call('ZADD', ARGV[1] .. ':index', 'XX', ARGV[3], entry[1])
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-return out
-"""
-# KEYS[1] lease, KEYS[2] journal; ARGV[1] value, ARGV[2] records to drop from the head.
-TRIM = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('LTRIM', KEYS[2], ARGV[2], -1)
-return 1
-"""
-# KEYS[1] lease, KEYS[2] snap, KEYS[3] journal, KEYS[4] index, KEYS[5] the per-session fence counter
-# older versions kept; ARGV[1] value, ARGV[2] id. Releases too.
-DELETE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local n = redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[3], KEYS[1], KEYS[5])
-redis.call('ZREM', KEYS[4], ARGV[2])
-return n
-"""
 
 
 class RedisSnapshotStore(SnapshotStore):
@@ -165,6 +96,7 @@ class RedisSnapshotStore(SnapshotStore):
         self.url_shown = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
         self.prefix = prefix
         self.lease_ttl = lease_ttl
+        self.ttl_ms = round(lease_ttl * 1000)  # (what the scripts give a lease)
         self.claim_wait = lease_ttl + 2.0 if claim_wait is None else claim_wait
         self.max_bytes = max_bytes
         self.errors = (redis.ConnectionError, redis.TimeoutError)  # retried by redis-py, then unavailable
@@ -244,8 +176,8 @@ class RedisSnapshotStore(SnapshotStore):
         it is `asked`: asked already; or ask=False: only taken if free)."""
         validate_session_id(session_id)
         with self.unavailable("claim"):
-            ok, value = self.run("claim", [self.key(session_id, "lease"), f"{self.prefix}:fence"],
-                                 [self.worker, round(self.lease_ttl * 1000)])
+            ok, value = self.run("claim", [self.key(session_id, "lease"), f"{self.prefix}:fence",
+                                           self.key(session_id, "owner")], [self.worker, self.ttl_ms])
         value = value.decode() if isinstance(value, bytes) else value
         if ok:
             with self._lock:
@@ -267,7 +199,8 @@ class RedisSnapshotStore(SnapshotStore):
             self._lost.discard(session_id)
         if value is not None:
             with self.unavailable("release"):
-                self.run("release", [self.key(session_id, "lease")], [value, f"{self.prefix}:released", session_id])
+                self.run("release", [self.key(session_id, "lease"), self.key(session_id, "owner")],
+                         [value, f"{self.prefix}:released", session_id])
 
     def release_all(self, keep: Iterable[str] = ()) -> None:
         keep = set(keep)
@@ -298,7 +231,7 @@ class RedisSnapshotStore(SnapshotStore):
             return
         pipe = self.client.pipeline(transaction=False)
         for sid, value in held:
-            self.run("renew", [self.key(sid, "lease")], [value, round(self.lease_ttl * 1000)], client=pipe)
+            self.run("renew", [self.key(sid, "lease"), self.key(sid, "owner")], [value, self.ttl_ms], client=pipe)
         results = pipe.execute()
         with self._lock:
             for (sid, value), ok in zip(held, results):
@@ -388,7 +321,8 @@ class RedisSnapshotStore(SnapshotStore):
             pipe = self.client.pipeline(transaction=False)
             pipe.set(upload, data, px=UPLOAD_TTL_MS)
             self.run("promote", [self.key(session_id, "lease"), self.key(session_id, "snap"), f"{self.prefix}:index",
-                                 upload], [value, time.time(), session_id], client=pipe)
+                                 upload, self.key(session_id, "owner")], [value, time.time(), session_id, self.ttl_ms],
+                     client=pipe)
             _, ok = pipe.execute()
         if not ok:
             self.mark_lost(session_id)
@@ -418,7 +352,8 @@ class RedisSnapshotStore(SnapshotStore):
         with self.unavailable("delete"):
             n = self.run("delete", [self.key(session_id, "lease"), self.key(session_id, "snap"),
                                     self.key(session_id, "journal"), f"{self.prefix}:index",
-                                    self.key(session_id, "fence")], [value, session_id])
+                                    self.key(session_id, "fence"), self.key(session_id, "owner")],
+                         [value, session_id, self.ttl_ms])
         with self._lock:
             self._held.pop(session_id, None)
         if n == -1:
@@ -472,7 +407,7 @@ class RedisJournal(Journal):
         if entries:
             with store.unavailable("journal append"):
                 packed = msgpack.packb(entries, use_bin_type=False)
-                results = store.run("append", [], [store.prefix, packed, time.time()])
+                results = store.run("append", [], [store.prefix, packed, time.time(), store.ttl_ms])
             for (sid, _, _), ok in zip(entries, results):
                 if not ok:
                     store.mark_lost(sid)
@@ -495,8 +430,8 @@ class RedisJournal(Journal):
         if drop:
             store = self.store
             with store.unavailable("journal compact"):
-                store.run("trim", [store.key(session_id, "lease"), store.key(session_id, "journal")],
-                          [store.lease(session_id), drop])
+                store.run("trim", [store.key(session_id, "lease"), store.key(session_id, "journal"),
+                                   store.key(session_id, "owner")], [store.lease(session_id), drop, store.ttl_ms])
 
     def delete(self, session_id: str) -> None:
         pass  # `RedisSnapshotStore.delete` removes the journal with the snapshot, under the lease

@@ -121,31 +121,47 @@ def test_background_snapshots_behind_a_slow_store_are_bounded(model, tmp_path, m
     assert waiting <= 3  # (max_unwritten 2, and one being written); ~100 before
 
 
+class GatedStore(sg.DirectorySnapshotStore):
+    """Its writes wait while `gate` is clear."""
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def put(self, session_id, blob):
+        assert self.gate.wait(10)
+        super().put(session_id, blob)
+
+
+async def _generating_behind_a_closed_gate(model, store) -> object:
+    """A session of `model` on `store`, a background snapshot every tick, generating 6 tokens from position
+    3 with the store's writes held."""
+    engine = Engine(model, store=store, snapshot_every=1)
+    es = await engine.open(seed=1)
+    engine.append(es, [2, 5, 7])
+    await _ticks_until_consumed(engine, es)
+    store.gate.clear()  # the next background write waits in put, the later ones queue behind it
+    await engine.generate(es, SamplingParams(max_tokens=6, stop_token_ids=()))
+    return engine, es
+
+
+async def _stored_position_reaches(model, store, es) -> None:
+    with anyio.move_on_after(5):
+        while model.restore(store.get(es.id)).position != es.position:
+            await anyio.sleep(0.01)
+
+
 def test_the_newest_background_snapshot_is_written_though_one_was_being_written(model, tmp_path):
     """A background snapshot was skipped while an earlier one of its session was still queued; once the ticks
     stopped, the store kept an older state than the last one (CI caught it as a flaky test)."""
-    gate = threading.Event()
-
-    class HeldStore(sg.DirectorySnapshotStore):
-        def put(self, session_id, blob):
-            assert gate.wait(10)
-            super().put(session_id, blob)
-
     async def main():
-        store = HeldStore(tmp_path)
-        engine = Engine(model, store=store, snapshot_every=1)
-        gate.set()
-        es = await engine.open(seed=1)
-        engine.append(es, [2, 5, 7])
-        await _ticks_until_consumed(engine, es)
-        gate.clear()  # the next background write waits in put, the later ones queue behind it
-        await engine.generate(es, SamplingParams(max_tokens=6, stop_token_ids=()))
+        store = GatedStore(tmp_path)
+        engine, es = await _generating_behind_a_closed_gate(model, store)
         while es.live is not None and es.position < 3 + 6:
             await engine.tick()
-        gate.set()
-        with anyio.move_on_after(5):
-            while model.restore(store.get(es.id)).position != es.position:
-                await anyio.sleep(0.01)
+        store.gate.set()
+        await _stored_position_reaches(model, store, es)
         return model.restore(store.get(es.id)).position, es.position
 
     stored, last = anyio.run(main)
@@ -156,22 +172,9 @@ def test_a_snapshot_queued_after_a_background_one_is_not_overtaken_by_a_newer_st
     """The background write queued before an explicit snapshot must not take a state newer than that
     snapshot's: it would land first and compact the journal past it, and the snapshot landing after it
     would leave a store that recovers to an older position than the tokens acknowledged."""
-    gate = threading.Event()
-
-    class HeldStore(sg.DirectorySnapshotStore):
-        def put(self, session_id, blob):
-            assert gate.wait(10)
-            super().put(session_id, blob)
-
     async def main():
-        store = HeldStore(tmp_path)
-        engine = Engine(model, store=store, snapshot_every=1)
-        gate.set()
-        es = await engine.open(seed=1)
-        engine.append(es, [2, 5, 7])
-        await _ticks_until_consumed(engine, es)
-        gate.clear()
-        await engine.generate(es, SamplingParams(max_tokens=6, stop_token_ids=()))
+        store = GatedStore(tmp_path)
+        engine, es = await _generating_behind_a_closed_gate(model, store)
         async with anyio.create_task_group() as tg:
             await engine.tick()  # its background write waits in put
             await engine.tick()  # its background write is queued
@@ -179,10 +182,8 @@ def test_a_snapshot_queued_after_a_background_one_is_not_overtaken_by_a_newer_st
             await anyio.sleep(0.05)
             while es.live is not None and es.position < 3 + 6:
                 await engine.tick()
-            gate.set()
-        with anyio.move_on_after(5):
-            while model.restore(store.get(es.id)).position != es.position:
-                await anyio.sleep(0.01)
+            store.gate.set()
+        await _stored_position_reaches(model, store, es)
         survivor = Engine(model, store=sg.DirectorySnapshotStore(tmp_path))
         return (await survivor.resume(es.id)).position, es.position
 

@@ -80,6 +80,7 @@ def test_percentiles_are_nearest_rank():
 @pytest.mark.parametrize("argv", [
     ["decode", "--batches", "1", "--steps", "0", "--positions", "", "--generate-tokens", "0"],
     ["quantize", "--positions", "0", "--formats", "int8"],
+    ["quantize", "--positions", "8", "--chunk", "-5", "--formats", "int8"],
     ["snapshot", "--repeats", "0"],
     ["serve", "--clients", "1", "--tokens", "0", "--prompt", "4", "--procs", "1", "--decode-steps", "0",
      "--timeout", "30"],
@@ -88,3 +89,13 @@ def test_zero_counts_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         main([*argv, *TINY])
     assert e.value.code == 2
+
+
+# 6. a path argument in the record: the JSON was not written, after the whole run
+def test_a_path_argument_is_written_into_the_record(tmp_path):
+    text = tmp_path / "sample.txt"
+    text.write_text("The function returns the value of the key. " * 20)
+    out = tmp_path / "q.json"
+    record = main(["quantize", "--model", "demo", "--device", "cpu", "--text", str(text), "--positions", "20",
+                   "--chunk", "10", "--formats", "int8", "--json", str(out)])
+    assert out.exists() and record["settings"]["text"] == str(text)

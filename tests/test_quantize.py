@@ -36,6 +36,16 @@ def quantized(request):
 
 
 # -- the op ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", [*FMTS, "int4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_weight_that_is_not_finite_is_refused(fmt, bad):
+    """NaN got scale 1 (its whole row rounded to 0), infinity scale inf (its row dequantized to NaN)."""
+    w = torch.randn(4, 64)
+    w[2, 5] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize_rows(w, fmt)
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 def test_quantize_rows_is_symmetric_per_row(fmt):
     g = torch.Generator().manual_seed(0)

@@ -159,7 +159,8 @@ def json_path_usable(path: str | None) -> bool:
 def finish(command: str, args: argparse.Namespace, results: dict) -> dict:
     """The full record of a run (written to --json if given): the command's
     results, its settings, and the environment of results["model"]["device"]."""
-    settings = {k: ("***" if k == "token" and v else redact(v) if isinstance(v, str) else v)
+    settings = {k: ("***" if k == "token" and v else redact(v) if isinstance(v, str)
+                    else str(v) if isinstance(v, Path) else v)
                 for k, v in vars(args).items() if k not in ("run", "json")}
     device = results.get("model", {}).get("device")
     record = {"bench": command, "environment": environment(device), "settings": settings, "results": results}

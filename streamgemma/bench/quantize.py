@@ -30,7 +30,7 @@ from .common import build_model, describe, token_ids
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default="int8,fp8,int4", help="formats to compare (default int8,fp8,int4)")
     parser.add_argument("--positions", type=positive_int, default=2000, help="positions compared (default 2000)")
-    parser.add_argument("--chunk", type=int, default=250, help="positions per prefill call (default 250)")
+    parser.add_argument("--chunk", type=positive_int, default=250, help="positions per prefill call (default 250)")
     parser.add_argument("--text", type=Path, help="compare on the tokens of this text file (needs a tokenizer) "
                                                   "instead of random ids")
 

@@ -91,7 +91,10 @@ def quantize_rows(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     """Quantize `w` [..., N, K] per row: returns (q [..., N, K] in the format's
     dtype, scale [..., N] float32) with w ~= q * scale[..., None]. An all-zero
     row gets scale 1 (q = 0), so no scale is 0 or NaN. int4: (q [..., N, K / 2]
-    uint8, two nibbles a byte, scale [..., N, K / G]), the same per group."""
+    uint8, two nibbles a byte, scale [..., N, K / G]), the same per group.
+    ValueError if `w` holds NaN or infinity (no scale represents its row)."""
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"a weight of shape {tuple(w.shape)} holds NaN or infinite values: it cannot be quantized")
     if fmt == "int4":
         return _quantize_int4(w)
     dtype, qmax = FORMATS[fmt]

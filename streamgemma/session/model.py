@@ -217,7 +217,7 @@ class Model:
         if quantized is not None and bool(quantized) != (self.quantization is not None):
             have = f"{self.quantization} weights" if self.quantization else "unquantized weights"
             raise ValueError(f"save(quantized={quantized}): this model has {have}; quantize at load time "
-                             "(load(..., quantize='int8' or 'fp8')) to save a quantized copy, or load the "
+                             "(load(..., quantize='int8', 'fp8' or 'int4')) to save a quantized copy, or load the "
                              "original checkpoint for an unquantized one")
         # (None: a tokenizer an earlier save left there would be loaded as this model's)
         tokenizer = self.tokenizer.save if self.tokenizer is not None else None

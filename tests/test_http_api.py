@@ -813,3 +813,32 @@ def test_control_tokens_among_the_alternatives_have_a_text_each(server):
     renders = [server.http._render_token(i)[0] for i in range(tokenizer.vocab_size)]  # noqa: SLF001
     assert len(reply.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == 20
     assert renders[tokenizer.eos_id] == "<eos>" and renders.count("") == 0
+
+
+def test_a_held_conversation_whose_snapshot_is_gone_falls_back_to_the_cache(model, tmp_path, caplog):
+    """Suspended to the store, its snapshot then deleted (another server's expiry on a shared directory): the
+    request failed with a 400 quoting the session id and the store's path, though the prefix cache held the
+    same state."""
+    import time
+
+    from streamgemma.serve.http import HttpConfig
+
+    store = sg.DirectorySnapshotStore(tmp_path)
+    server = sg.Server(sg.Engine(model, max_active=1, store=store), port=0, token=TOKEN, limits=LIMITS,
+                       http=HttpConfig(model_name=MODEL, held_sessions=2))
+    with sg.serve_in_thread(server):
+        first = complete(server, prompt=[5, 6, 7], max_tokens=4, temperature=0, return_token_ids=True)
+        history = [5, 6, 7] + first["choices"][0]["token_ids"]
+        complete(server, prompt=[10, 11], max_tokens=4, temperature=0)  # the one slot: the first is suspended
+        deadline = time.monotonic() + 10
+        while not (held := [p for p in tmp_path.glob("*.sgsnap") if not p.name.startswith("prefix.")]):
+            assert time.monotonic() < deadline, "the held session was not suspended to the store"
+            time.sleep(0.01)
+        for path in held:
+            path.unlink()
+        second = complete(server, prompt=history + [8], max_tokens=4, temperature=0, return_token_ids=True)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == len(history)
+    live = model.session()
+    live.feed(history + [8])
+    assert [t.id for t in live.generate(max_tokens=4, temperature=0)] == second["choices"][0]["token_ids"]
+    assert "could not be restored" in caplog.text

@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
 from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError, StoppedError, StoreUnavailable
+from ..sampling.params import SamplingParams
 from ..session.chat_template import chat_prompt_ids
 from ..tokenizer import PIECE_BYTE, PIECE_CONTROL
 from ..validate import check_position
@@ -46,7 +47,7 @@ from .openai_api import (
     usage,
 )
 from .prefix_cache import DEFAULT_MAX_BYTES, DEFAULT_MEMORY_BYTES, PrefixCache
-from .record import EngineError
+from .record import EngineError, SessionRecord
 from .streams import TokenStream
 
 log = logging.getLogger("streamgemma.serve.http")
@@ -317,21 +318,29 @@ class HttpApi:
         try:
             check_position(len(ids) + params.max_tokens, "max_tokens")
             held = await self.held.take(ids)
-            if held is not None:  # the conversation's own session, still open: nothing to restore
-                cached, es = held
-                self.cache.count(cached)
-            else:
-                hit = await self.cache.lookup(ids)
-                try:
-                    # A request's session is never reopened by id: no snapshot at open, no journal.
-                    es = await self.engine.open(seed=params.seed, contents=hit.contents if hit else None,
-                                                durable=False)
-                except SnapshotError as e:  # (a cache entry another model wrote into a shared store)
-                    log.warning("prefix cache: entry not usable: %s", e)
-                    hit, es = None, await self.engine.open(seed=params.seed, durable=False)
-                cached = hit.tokens if hit else 0
         except Exception as e:  # noqa: BLE001 - answered with its status
             raise _engine_error(e) from None
+        if held is not None:  # the conversation's own session, still open: nothing to restore
+            try:
+                run = await self._run(held[1], ids, held[0], params)
+                self.cache.count(held[0])
+                return run
+            except SnapshotError as e:  # (suspended, and its snapshot is gone or damaged: the cache may hold it)
+                log.warning("a held conversation could not be restored (%s); its prefix is looked up instead", e)
+        try:
+            hit = await self.cache.lookup(ids)
+            try:
+                # A request's session is never reopened by id: no snapshot at open, no journal.
+                es = await self.engine.open(seed=params.seed, contents=hit.contents if hit else None, durable=False)
+            except SnapshotError as e:  # (a cache entry another model wrote into a shared store)
+                log.warning("prefix cache: entry not usable: %s", e)
+                hit, es = None, await self.engine.open(seed=params.seed, durable=False)
+        except Exception as e:  # noqa: BLE001 - answered with its status
+            raise _engine_error(e) from None
+        return await self._run(es, ids, hit.tokens if hit else 0, params)
+
+    async def _run(self, es: SessionRecord, ids: list[int], cached: int, params: SamplingParams) -> _Run:
+        """`es` (at `cached` tokens of `ids`) given the rest of them, generating; closed if that fails."""
         self._opening.add(es)
         try:
             await self.engine.consumed(self.engine.append(es, array.array("i", ids[cached:])))
@@ -339,6 +348,8 @@ class HttpApi:
         except BaseException as e:
             with anyio.CancelScope(shield=True):
                 await self.engine.close(es)
+            if isinstance(e, SnapshotError):
+                raise
             if isinstance(e, Exception):
                 raise _engine_error(e) from None
             raise
@@ -490,6 +501,9 @@ def _engine_error(e: Exception) -> ApiError:
         return ApiError(503, str(e), "server_error", "capacity")
     if isinstance(e, StoreUnavailable):
         return ApiError(503, str(e), "server_error", "store_unavailable")
+    if isinstance(e, SnapshotError):  # (a state of the server's own: no fault of the request)
+        log.error("an HTTP request could not restore a stored state: %s", e)
+        return ApiError(500, "the server could not restore a stored state", "server_error", "internal")
     if isinstance(e, InvalidValueError):
         return ApiError(400, str(e), code="invalid_value", param=e.field)
     if isinstance(e, (ValueError, TypeError, StoppedError)):

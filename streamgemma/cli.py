@@ -226,6 +226,11 @@ def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
     from .console import chat_loop
 
     sampling = _sampling(args)
+    if args.system is not None:
+        try:
+            args.system.encode("utf-8")
+        except UnicodeEncodeError as e:  # (a byte of argv that was not UTF-8)
+            raise ValueError(f"--system is not valid UTF-8 (at character {e.start})") from None
     if args.save:  # found before the model loads, not after the first reply
         target = Path(args.save).resolve()
         if not target.parent.is_dir():

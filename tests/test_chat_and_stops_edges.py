@@ -168,3 +168,16 @@ def test_complete_checks_its_stop_token_ids_before_feeding_the_prompt():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         s.complete("Hello world", max_tokens=5, stop_token_ids=[99999])
     assert s.position == 0  # (the prompt was fed, then refused: a retry fed it twice)
+
+
+def test_a_user_turn_refused_leaves_the_chat_as_it_was():
+    """The turn was marked fed (the system prompt dropped, the model's turn taken as open) before the feed
+    refused its text: the next turn began with a stray <end_of_turn> and lost the system prompt."""
+    model = sg.load("demo")
+    chat = sg.Chat(model.session(), system="SYS")
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        chat.user("ab\udcff")  # (a byte of stdin that was not UTF-8)
+    chat.user("hello")
+    fresh = sg.Chat(model.session(), system="SYS")
+    fresh.user("hello")
+    assert chat.session.recent_ids == fresh.session.recent_ids

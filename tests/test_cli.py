@@ -296,6 +296,9 @@ def test_text_that_is_not_utf8_is_one_line_and_a_chat_goes_on():
     assert bad.returncode == 1 and "not valid UTF-8" in err and len(err.strip().splitlines()) == 1
     chat = run("chat", "--max-tokens", "3", "--seed", "0", data=b"hello\n\xff caf\xe9\nthird turn\n")
     assert chat.returncode == 0 and "not sent" in chat.stderr.decode()
+    system = run("chat", "--system", b"\xff".decode("utf-8", "surrogateescape"), data=b"hi\n")
+    err = system.stderr.decode()  # (before: accepted, then dropped with the first turn)
+    assert system.returncode == 1 and "--system is not valid UTF-8" in err and len(err.strip().splitlines()) == 1
 
 
 def test_absurd_threads_are_refused(capsys):

@@ -73,9 +73,10 @@ class Chat:
             prefix = "\n" if last == [self._end_of_turn] else f"{END_OF_TURN}\n"
         if self._system:
             text = f"{self._system}\n\n{text}"
-            self._system = None
+        logits = self.session.feed(prefix + gemma_turn("user", text) + gemma_model_prefix())
+        self._system = None  # (only once it is fed: a turn refused leaves the chat as it was)
         self._model_turn_open = True
-        return self.session.feed(prefix + gemma_turn("user", text) + gemma_model_prefix())
+        return logits
 
     def reply(self, **sampling) -> Tokens:
         """Generate the model's turn; arguments and result as `Session.generate`."""

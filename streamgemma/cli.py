@@ -271,6 +271,13 @@ def _http_config(args: argparse.Namespace):
     from .serve.http import HttpConfig
 
     if args.http_port is None:
+        given = [flag for flag, value, default in (
+            ("--model-name", args.model_name, None), ("--prefix-cache-bytes", args.prefix_cache_bytes, None),
+            ("--prefix-cache-memory-bytes", args.prefix_cache_memory_bytes, 1 << 30),
+            ("--prefix-cache-sessions", args.prefix_cache_sessions, None),
+            ("--http-max-requests", args.http_max_requests, 256)) if value != default]
+        if given:  # (they were ignored)
+            raise ServeError(f"{', '.join(given)} set(s) the HTTP API, which is off: add --http-port")
         return None
     if not 0 <= args.http_port <= 65535 or (args.http_port == args.port and args.port != 0):
         raise ServeError(f"--http-port must be in 0..65535 and differ from --port, got {args.http_port}")

@@ -3,6 +3,7 @@ left with the run's keys, nearest-rank percentiles, zero counts (each found by a
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -81,6 +82,7 @@ def test_percentiles_are_nearest_rank():
     ["decode", "--batches", "1", "--steps", "0", "--positions", "", "--generate-tokens", "0"],
     ["quantize", "--positions", "0", "--formats", "int8"],
     ["quantize", "--positions", "8", "--chunk", "-5", "--formats", "int8"],
+    ["sampling", "--batches", "4", "--steps", "0", "--settings", "greedy"],
     ["snapshot", "--repeats", "0"],
     ["serve", "--clients", "1", "--tokens", "0", "--prompt", "4", "--procs", "1", "--decode-steps", "0",
      "--timeout", "30"],
@@ -99,3 +101,11 @@ def test_a_path_argument_is_written_into_the_record(tmp_path):
     record = main(["quantize", "--model", "demo", "--device", "cpu", "--text", str(text), "--positions", "20",
                    "--chunk", "10", "--formats", "int8", "--json", str(out)])
     assert out.exists() and record["settings"]["text"] == str(text)
+
+
+# 7. --json -: the progress lines came first on stdout, so it was no JSON
+def test_json_to_stdout_is_the_record_alone(capsys):
+    main(["decode", "--batches", "1", "--steps", "2", "--positions", "", "--generate-tokens", "1", *TINY,
+          "--json", "-"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["bench"] == "decode" and "batch 1" in err

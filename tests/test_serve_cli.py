@@ -88,6 +88,10 @@ def test_bad_options_fail_in_one_line_before_the_model_loads(tmp_path, saved_mod
     assert "--store is empty" in line  # (it served with sessions in memory only)
     line = one_line_failure(serve_command(saved_model_dir, "--max-active", "0"))
     assert "--max-active must be >= 1, got 0" in line  # (it named three flags)
+    line = one_line_failure(serve_command(saved_model_dir, "--store", "http://foo"))
+    assert "http:// is not supported" in line  # (it served from a directory named "http:/foo")
+    line = one_line_failure(serve_command(saved_model_dir, "--prefix-cache-bytes", "-5"))
+    assert "--prefix-cache-bytes" in line and "--http-port" in line  # (ignored: the HTTP API was off)
 
 
 def test_a_port_in_use_is_one_line(saved_model_dir):

@@ -14,7 +14,9 @@ another tree of streamgemma put on PYTHONPATH."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import sys
 from collections.abc import Sequence
 
 COMMANDS = ("decode", "prefill", "serve", "resume", "snapshot", "isolation", "sampling", "fuzz", "prefix",
@@ -45,7 +47,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not json_path_usable(args.json):  # (before a run that may take hours, not after)
         parser.error(f"--json {args.json}: no such directory")
-    return finish(args.command, args, args.run(args))
+    if args.json == "-":  # stdout holds the record alone: what the run prints as it goes, stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            results = args.run(args)
+    else:
+        results = args.run(args)
+    return finish(args.command, args, results)
 
 
 def failed(record: dict) -> bool:

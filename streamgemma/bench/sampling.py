@@ -41,6 +41,7 @@ import torch
 
 import streamgemma as sg
 
+from .args import positive_int
 from .common import build_model, describe, sync, token_ids
 
 SETTINGS = {
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"settings to measure (default: all of {', '.join(SETTINGS)})")
     parser.add_argument("--tokens", type=int, default=256,
                         help="timed Session.generate tokens at batch 1 (default 256)")
-    parser.add_argument("--steps", type=int, default=32, help="timed steps at batches > 1 (default 32)")
+    parser.add_argument("--steps", type=positive_int, default=32, help="timed steps at batches > 1 (default 32)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of interleaved batch-1 runs, each setting between two greedy runs (default 5)")
 

@@ -181,3 +181,10 @@ def test_a_user_turn_refused_leaves_the_chat_as_it_was():
     fresh = sg.Chat(model.session(), system="SYS")
     fresh.user("hello")
     assert chat.session.recent_ids == fresh.session.recent_ids
+
+
+def test_a_stop_string_that_is_not_valid_unicode_is_refused():
+    """A lone surrogate (a byte of argv that was not UTF-8) can never match generated text: it was accepted
+    and ignored (the websocket protocol already refused it)."""
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        sg.SamplingParams(stop=["ab\udcff"])

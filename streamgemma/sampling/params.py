@@ -68,6 +68,10 @@ class SamplingParams:
         for s in stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:  # (a lone surrogate: no generated text can ever match it)
+                raise ValueError(f"stop string {s!r} is not valid Unicode") from None
         object.__setattr__(self, "stop", stop)
         if self.stop_token_ids is not None:
             ids = _sequence("stop_token_ids", self.stop_token_ids)

@@ -234,6 +234,10 @@ def test_a_lease_that_expired_while_redis_was_down_is_taken_again_if_nobody_clai
         a.put("s3", b"stale")
     a.release("s1")
     assert not a.client.exists("x:s:s1:owner")  # released: no one takes it back from the store
+    a.claim("s1")
+    a.client.delete("x:s:s1:lease")  # expired before the release ran
+    a.release("s1")
+    assert not a.client.exists("x:s:s1:owner")  # (it stayed: a stale write took the lease back)
     a.delete("s2")
     assert not a.client.keys("x:s:s2:*")
     a.close()

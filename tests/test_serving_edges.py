@@ -219,3 +219,64 @@ def test_closing_a_stream_from_another_task_ends_its_reader():
         return es.generation is None or es.generation.cancelled
 
     assert anyio.run(main)  # the reader ended, the generation is cancelled
+
+
+def test_a_request_waiting_for_an_open_does_not_restore_over_a_session_restored_or_closed_meanwhile(tmp_path):
+    """While a capture or generate waited for a session being opened (the model lock released), a tick restored
+    the session and fed it acknowledged input, or a close ended it; the request then restored it again from its
+    suspension, over the newer state (the input lost), or brought the closed session back into a slot."""
+    import threading
+
+    from streamgemma.sampling.params import SamplingParams
+    from streamgemma.serve.record import EngineError
+
+    gate = threading.Event()
+    gate.set()
+
+    class GatedStore(sg.DirectorySnapshotStore):
+        def put(self, session_id, blob):
+            assert gate.wait(10)
+            super().put(session_id, blob)
+
+    async def main(request_kind):
+        engine = Engine(text_model(), max_active=3, store=GatedStore(tmp_path / request_kind))
+        out = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            c = await engine.open(seed=3)
+            await engine.consumed(engine.append(c, [2, 7, 8]))
+            a, b = await engine.open(seed=1), await engine.open(seed=2)
+            for es in (a, b):
+                await engine.consumed(engine.append(es, [2, 5, 6]))
+                await engine.generate(es, SamplingParams(max_tokens=3000, stop_token_ids=()))
+            gate.clear()
+            tg.start_soon(engine.open)  # c is suspended; the open holds the last slot while its write waits
+            while c.live is not None:
+                await anyio.sleep(0.01)
+
+            async def request():
+                try:
+                    out["captured"] = (await engine.capture(c)).position
+                except EngineError as e:
+                    out["error"] = e.code
+
+            tg.start_soon(request)
+            await anyio.sleep(0.2)  # the request waits for the open
+            await engine.close(a, delete=False)
+            await engine.close(b, delete=False)
+            if request_kind == "restored":
+                out["consumed"] = await engine.consumed(engine.append(c, [11, 12, 13, 14]))
+            else:
+                await engine.close(c, delete=False)
+            gate.set()
+            with anyio.fail_after(10):
+                while not ("captured" in out or "error" in out):
+                    await anyio.sleep(0.01)
+            out["position"], out["live"] = c.position, c.live is not None
+            tg.cancel_scope.cancel()
+        return out
+
+    restored = anyio.run(main, "restored")
+    assert restored["consumed"] == restored["position"] == restored["captured"] == 7, restored
+    closed = anyio.run(main, "closed")
+    assert closed["error"] == "closed" and not closed["live"], closed

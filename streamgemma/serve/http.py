@@ -322,7 +322,7 @@ class HttpApi:
             raise _engine_error(e) from None
         if held is not None:  # the conversation's own session, still open: nothing to restore
             try:
-                run = await self._run(held[1], ids, held[0], params)
+                run = await self._run(held[1], ids, held[0], params, held=True)
                 self.cache.count(held[0])
                 return run
             except SnapshotError as e:  # (suspended, and its snapshot is gone or damaged: the cache may hold it)
@@ -339,8 +339,10 @@ class HttpApi:
             raise _engine_error(e) from None
         return await self._run(es, ids, hit.tokens if hit else 0, params)
 
-    async def _run(self, es: SessionRecord, ids: list[int], cached: int, params: SamplingParams) -> _Run:
-        """`es` (at `cached` tokens of `ids`) given the rest of them, generating; closed if that fails."""
+    async def _run(self, es: SessionRecord, ids: list[int], cached: int, params: SamplingParams,
+                   held: bool = False) -> _Run:
+        """`es` (at `cached` tokens of `ids`) given the rest of them, generating; closed if that fails
+        (held: a SnapshotError, its state lost, is raised as it is, for the caller's fallback)."""
         self._opening.add(es)
         try:
             await self.engine.consumed(self.engine.append(es, array.array("i", ids[cached:])))
@@ -348,7 +350,7 @@ class HttpApi:
         except BaseException as e:
             with anyio.CancelScope(shield=True):
                 await self.engine.close(es)
-            if isinstance(e, SnapshotError):
+            if held and isinstance(e, SnapshotError):
                 raise
             if isinstance(e, Exception):
                 raise _engine_error(e) from None

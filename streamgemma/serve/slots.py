@@ -53,11 +53,16 @@ class Slots:
         return True
 
     async def ensure_live(self, es: SessionRecord, wait: bool = False) -> bool:
-        """Give `es` a slot, restoring its state; False if none is free now (see `make_room`)."""
-        if es.live is None:
+        """Give `es` a slot, restoring its state; False if none is free now (see
+        `make_room`). EngineError("closed") if it was closed meanwhile."""
+        while es.live is None:
+            if es.closed:
+                raise EngineError("closed", f"session {es.id!r} is closed")
             if not await self.make_room(wait):
                 return False
-            es.live = await self.offloader.restore(es.id)
+            # (a wait for an open released the model lock: a tick may have restored it, or a close ended it)
+            if es.live is None and not es.closed:
+                es.live = await self.offloader.restore(es.id)
         return True
 
     async def suspend(self, es: SessionRecord) -> None:

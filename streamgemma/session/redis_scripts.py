@@ -33,11 +33,13 @@ RENEW = HOLDS + """
 if holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
-# KEYS[1] lease, KEYS[2] owner; ARGV[1] value, ARGV[2] channel, ARGV[3] id. A claim waiting for the
-# session hears of it at once (`on_release`) instead of at its next poll.
+# KEYS[1] lease, KEYS[2] owner; ARGV[1] value, ARGV[2] channel, ARGV[3] id. The owner goes even where
+# the lease has expired already. A claim waiting for the session hears of it at once (`on_release`)
+# instead of at its next poll.
 RELEASE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """

@@ -174,6 +174,40 @@ def test_a_refused_commit_drops_its_sessions_outputs_only(tmp_path):
     anyio.run(main)
 
 
+@pytest.mark.parametrize("ending", ["length", "dropped"])
+def test_a_generation_refused_midway_ends_at_the_position_its_client_was_told(tmp_path, ending):
+    """The store starts refusing a generating session's records (another worker took it): the
+    tokens of the refused ticks are never sent, so its `done` must not count them (a client that
+    reopens with `since` would skip tokens it never got). Ended by its length, or by the fleet's drop."""
+    from streamgemma.serve.fleet import drop
+
+    model = text_model()
+
+    async def main():
+        store = HeldStore(tmp_path)
+        engine = Engine(model, store=store)
+        async with running(engine):
+            (a,) = await prompted(engine, 4)
+            start = a.position
+            stream = await engine.generate(a, SamplingParams(max_tokens=200 if ending == "dropped" else 40,
+                                                             stop_token_ids=()))
+            got = []
+            async for token in stream:
+                got.append(token.id)
+                if len(got) == 3:
+                    store.held.refuse = {a.id}
+                    if ending == "dropped":
+                        await wait_for(lambda: a.id in engine.journal.lost)
+                        await drop(engine, a.id)
+            assert a.id not in engine.journal.refused_at or ending == "length"
+        return start, got, stream.done
+
+    start, got, done = anyio.run(main)
+    assert 3 <= len(got) < 40
+    assert got == reference(model, 4, len(got))
+    assert done.position == start + len(got), (done, start, len(got))
+
+
 def test_close_and_shutdown_wait_for_the_pending_commit(tmp_path):
     model = text_model()
 

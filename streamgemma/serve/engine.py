@@ -176,7 +176,7 @@ class Engine:
             async with self.scheduler.input_work(self._generating):
                 try:
                     contents = await self.offloader.read(session_id)
-                    self.journal.lost.discard(session_id)  # claimed again: a refusal before is history
+                    self.journal.claimed(session_id)
                     records = await self.journal.read(session_id, contents.position)
                 except BaseException:  # (damaged, cancelled, ...): the lease must not stay held, renewed forever
                     await self.offloader.release(session_id)

@@ -34,6 +34,7 @@ covers are skipped by `replay` if they land after it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -93,6 +94,8 @@ class TickJournal:
         self._progress = anyio.Event()  # set (and replaced) when a group is done or the committer stops
         self._running = False
         self.lost: set[str] = set()  # sessions whose records the store refused (another worker owns them)
+        # Per refused session, where its first refused record began: what its clients were last told of.
+        self.refused_at: dict[str, int] = {}
         self._since_snapshot: dict[str, int] = {}  # tokens journaled per session since its last snapshot
         self.ephemeral: set[str] = set()  # sessions not journaled (Engine.open(durable=False))
 
@@ -156,11 +159,13 @@ class TickJournal:
     def end(self, session_id: str, active: ActiveGeneration, done: Done, now: bool = False) -> None:
         """End the stream of `active` with `done` after its tokens (now: at
         once, e.g. after `drain`); also if the store refused them."""
+        if (at := self.refused_at.get(session_id)) is not None:  # (now: after a drain that found it refused)
+            done = dataclasses.replace(done, position=at)
         end = functools.partial(self._end, active, done)
         if now or self.journal is None:
             end()
         else:
-            self._after.append((session_id, end, end))
+            self._after.append((session_id, end, functools.partial(self._end_refused, session_id, active, done)))
 
     def consumed(self, session_id: str, finished: list[PendingInput]) -> None:
         """Complete appends (`InputQueues.consumed`) once durable; if refused, they fail."""
@@ -170,6 +175,11 @@ class TickJournal:
     def _put(self, active: ActiveGeneration, token) -> None:
         if not active.ended.is_set() and not active.put(token, self.stats):
             active.cancelled = True
+
+    def _end_refused(self, session_id: str, active: ActiveGeneration, done: Done) -> None:
+        """The end of a generation whose last records the store refused: its position is the last
+        one its client was told of (the tokens of the refused ticks were never sent)."""
+        self._end(active, dataclasses.replace(done, position=self.refused_at.get(session_id, done.position)))
 
     def _end(self, active: ActiveGeneration, done: Done) -> None:
         active.queue.put(done)
@@ -246,6 +256,9 @@ class TickJournal:
         group.refused = self.journal.append(batch)
 
     def _complete(self, group: Group, refused: set[str]) -> None:
+        for session_id in refused:
+            if session_id not in self.refused_at and (records := group.batch.get(session_id)):
+                self.refused_at[session_id] = records[0][0]
         for session_id, fn, on_refused in group.after:
             try:
                 if session_id is None:  # (work of many sessions, which filters the refused ones)
@@ -280,10 +293,16 @@ class TickJournal:
         records = await anyio.to_thread.run_sync(self.journal.read, session_id)
         return records if beyond(records, position) else []
 
+    def claimed(self, session_id: str) -> None:
+        """This worker holds `session_id` again: a refusal before is history."""
+        self.lost.discard(session_id)
+        self.refused_at.pop(session_id, None)
+
     def forget(self, session_id: str) -> None:
         """`session_id` left this engine with its journal kept (handed over, dropped)."""
         self._since_snapshot.pop(session_id, None)
         self.ephemeral.discard(session_id)
+        self.refused_at.pop(session_id, None)
 
     async def delete(self, session_id: str) -> None:
         self.forget(session_id)

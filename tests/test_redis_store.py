@@ -242,3 +242,47 @@ def test_a_lease_that_expired_while_redis_was_down_is_taken_again_if_nobody_clai
     assert not a.client.keys("x:s:s2:*")
     a.close()
     b.close()
+
+
+def documented_acl_rules() -> list[str]:
+    """The rules of docs/deploy.md's `user streamgemma ...` line, its password replaced."""
+    from pathlib import Path
+
+    lines = [line for line in (Path(__file__).parents[1] / "docs" / "deploy.md").read_text().splitlines()
+             if line.startswith("user streamgemma ")]
+    assert len(lines) == 1, lines
+    return [">pw" if rule.startswith(">") else rule for rule in lines[0].split()[2:]]
+
+
+def test_the_fleet_works_as_the_acl_user_docs_deploy_md_gives(redis_server):  # noqa: F811
+    """A worker that connects as the documented ACL user: claims, journals, a hand-over between two
+    workers (its request list, the release notification it waits on), expiry's index, close."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.acl_setuser("streamgemma", reset=True)
+    admin.execute_command("ACL", "SETUSER", "streamgemma", *documented_acl_rules())
+    url = redis_server.url.replace("redis://", "redis://streamgemma:pw@")
+    admin.close()
+
+    async def main():
+        a, b = (Engine(text_model(), max_active=2, store=sg.RedisSnapshotStore(url), session_ttl=3600)
+                for _ in range(2))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run)
+            tg.start_soon(b.run)
+            es = await a.open(seed=3)
+            await a.consumed(a.append(es, "the quick brown fox"))
+            first = await tokens(a, es, 5)
+            with anyio.fail_after(10):
+                moved = await b.resume(es.id)  # A hands it over
+            second = await tokens(b, moved, 5)
+            b.store.older_than(0), b.store.list()  # expiry's queries (each raises if a permission is missing)
+            await b.close(moved)
+            tg.cancel_scope.cancel()
+        a.store.close()
+        b.store.close()
+        return first, second
+
+    first, second = anyio.run(main)
+    assert len(first) == len(second) == 5

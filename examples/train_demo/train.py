@@ -10,7 +10,7 @@ second each) and the final evaluation and save. `--device cpu` with a small
 `--time-budget` (and a smaller --width/--batch) is the CPU smoke test.
 
 Reads DATA/train.npy, DATA/heldout.npy (uint16 token ids) and DATA/tokenizer.model.
-Trains `streamgemma.griffin.Griffin` through its parallel path
+Trains `streamgemma.model.griffin.Griffin` through its parallel path
 (`forward_chunk(tokens, pos, None, logits="all")`) on random windows of the
 token stream (each window starts a fresh sequence at position 0), AdamW with
 warmup and cosine decay, gradient clipping, bf16 autocast on CUDA. Training

@@ -26,11 +26,12 @@ import anyio.to_thread
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
-from ..errors import CapacityError, InvalidValueError, ServeError, SnapshotError, StoppedError, StoreUnavailable
+from ..errors import ServeError, SnapshotError
 from ..sampling.params import SamplingParams
 from ..session.chat_template import chat_prompt_ids
 from ..tokenizer import PIECE_BYTE, PIECE_CONTROL
 from ..validate import check_position
+from . import http_listen
 from .engine import Engine
 from .held_sessions import HeldSessions
 from .limits import DEFAULT_LIMITS, Limits
@@ -40,6 +41,8 @@ from .openai_api import (
     ApiRequest,
     ResponseBuilder,
     decode_body,
+    engine_error,
+    http_error,
     model_list,
     parse_body,
     parse_request,
@@ -47,13 +50,14 @@ from .openai_api import (
     usage,
 )
 from .prefix_cache import DEFAULT_MAX_BYTES, DEFAULT_MEMORY_BYTES, PrefixCache
-from .record import EngineError, SessionRecord
+from .record import SessionRecord
 from .streams import TokenStream
 
 log = logging.getLogger("streamgemma.serve.http")
 
 SHUTDOWN_WAIT_S = 1.0  # in-flight requests get this long to finish when the server stops
 LONG_PROMPT_CHARS = 4096  # tokenized in a worker thread above this
+CLIENT_CHECK_S = 0.25  # while a prompt is prefilled, how often the request's connection is looked at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +123,31 @@ class HttpApi:
         self.cache = PrefixCache(engine.model, engine.store, store_bytes, config.prefix_cache_memory_bytes)
         held = config.held_sessions
         self.held = HeldSessions(engine, min(8, max(1, engine.max_active // 8)) if held is None else held)
+        self.server = server
         self.metrics = Metrics(engine, self.cache, server)
         self._clients_left: set[int] = set()  # id() of streamed requests whose client went away: counted as 499
         self.created = int(time.time())
         self.in_flight = 0
         self.stopping = False
         self._runner: web.AppRunner | None = None
+        self._listener = None  # the asyncio server accepting connections (http_listen)
         self._runs: set[_Run] = set()
         self._opening: set = set()  # the engine sessions of requests still prefilling (not yet in _runs)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def connections(self) -> int:
+        """HTTP connections open now."""
+        return http_listen.connections(self._runner)
+
+    def _room(self) -> bool:
+        """Whether a new connection fits the server's limit (shared with the websocket's, if any)."""
+        if self.server is not None:
+            return self.server.open_connections() < self.server.max_connections
+        return self.connections < self.limits.max_connections
 
     async def start(self) -> int:
         """Listen; the bound port. ServeError if the address cannot be bound."""
@@ -142,18 +159,17 @@ class HttpApi:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         # Bodies are inflated by `decode_body`: aiohttp's own decoding logged a traceback for one that would not.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_WAIT_S,
-                               auto_decompress=False)
+        runner = http_listen.runner(app, self.limits.idle_timeout, SHUTDOWN_WAIT_S)
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
+            self._listener = await http_listen.listen(runner, self.host, self.port, self._room)
         except (OSError, OverflowError) as e:
             await runner.cleanup()
             errno = getattr(e, "errno", None)
             reason = os.strerror(errno) if isinstance(errno, int) and errno > 0 else str(e)
             raise ServeError(f"cannot listen on {self.host}:{self.port} (HTTP API): {reason}") from None
         self._runner = runner
-        self.port = runner.addresses[0][1]
+        self.port = self._listener.sockets[0].getsockname()[1]
         try:
             await self.cache.refresh()  # entries a previous process left in a durable store
         except Exception as e:  # noqa: BLE001 - a store that cannot be listed only costs cache hits
@@ -172,6 +188,7 @@ class HttpApi:
         for es in list(self._opening):  # their prefill ends, and they are answered 503 unavailable
             await self.engine.close(es)
         runner, self._runner = self._runner, None
+        self._listener.close()
         await runner.cleanup()
         with anyio.CancelScope(shield=True):
             await self.held.close_all()
@@ -187,7 +204,7 @@ class HttpApi:
         except ApiError as e:
             response = _json(e.body(), e.status)
         except web.HTTPException as e:
-            response = _json(_http_error(e).body(), e.status)
+            response = _json(http_error(e).body(), e.status)
         except Exception as e:  # noqa: BLE001 - answered, logged
             log.error("HTTP %s %s failed", request.method, request.path, exc_info=e)
             response = _json(ApiError(500, f"the server failed on this request: {type(e).__name__}",
@@ -270,7 +287,7 @@ class HttpApi:
         self.in_flight += 1
         try:
             ids = await self._prompt_ids(req)
-            run = await self._start(req, ids)
+            run = await self._start(request, req, ids)
             self._runs.add(run)
             try:
                 builder = ResponseBuilder(req, self.model_name, self._render_token)
@@ -310,7 +327,7 @@ class HttpApi:
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value", param="messages") from None
 
-    async def _start(self, req: ApiRequest, ids: list[int]) -> _Run:
+    async def _start(self, request: web.Request, req: ApiRequest, ids: list[int]) -> _Run:
         """A session at the longest cached prefix of `ids`, the rest prefilled, generating."""
         params = req.params
         if params.seed is None:  # a restored state's random stream must not repeat the earlier request's
@@ -319,10 +336,10 @@ class HttpApi:
             check_position(len(ids) + params.max_tokens, "max_tokens")
             held = await self.held.take(ids)
         except Exception as e:  # noqa: BLE001 - answered with its status
-            raise _engine_error(e) from None
+            raise engine_error(e) from None
         if held is not None:  # the conversation's own session, still open: nothing to restore
             try:
-                run = await self._run(held[1], ids, held[0], params, held=True)
+                run = await self._run(request, held[1], ids, held[0], params, held=True)
                 self.cache.count(held[0])
                 return run
             except SnapshotError as e:  # (suspended, and its snapshot is gone or damaged: the cache may hold it)
@@ -336,16 +353,25 @@ class HttpApi:
                 log.warning("prefix cache: entry not usable: %s", e)
                 hit, es = None, await self.engine.open(seed=params.seed, durable=False)
         except Exception as e:  # noqa: BLE001 - answered with its status
-            raise _engine_error(e) from None
-        return await self._run(es, ids, hit.tokens if hit else 0, params)
+            raise engine_error(e) from None
+        return await self._run(request, es, ids, hit.tokens if hit else 0, params)
 
-    async def _run(self, es: SessionRecord, ids: list[int], cached: int, params: SamplingParams,
-                   held: bool = False) -> _Run:
+    async def _run(self, request: web.Request, es: SessionRecord, ids: list[int], cached: int,
+                   params: SamplingParams, held: bool = False) -> _Run:
         """`es` (at `cached` tokens of `ids`) given the rest of them, generating; closed if that fails
-        (held: a SnapshotError, its state lost, is raised as it is, for the caller's fallback)."""
+        or the client leaves meanwhile (held: a SnapshotError, its state lost, is raised as it is, for
+        the caller's fallback)."""
         self._opening.add(es)
         try:
-            await self.engine.consumed(self.engine.append(es, array.array("i", ids[cached:])))
+            if self.stopping:  # (`stop` closes the sessions in _opening: this one came after)
+                raise ApiError(503, "the server is shutting down", "server_error", "unavailable")
+            pending = self.engine.append(es, array.array("i", ids[cached:]))
+            while True:  # a long prompt: a client that leaves is not charged the rest of its prefill
+                with anyio.move_on_after(CLIENT_CHECK_S):
+                    await self.engine.consumed(pending)
+                    break
+                if _gone(request):
+                    raise ApiError(499, "the client closed the request", code="client_closed")
             stream = await self.engine.generate(es, params)
         except BaseException as e:
             with anyio.CancelScope(shield=True):
@@ -353,7 +379,7 @@ class HttpApi:
             if held and isinstance(e, SnapshotError):
                 raise
             if isinstance(e, Exception):
-                raise _engine_error(e) from None
+                raise engine_error(e) from None
             raise
         finally:
             self._opening.discard(es)
@@ -387,7 +413,7 @@ class HttpApi:
         parts = []
         async for batch in self._batches(run, req.kind, arrived):
             parts += [t.text for t in batch]
-            if request.transport is None or request.transport.is_closing():
+            if _gone(request):
                 # Its generation is cancelled on the way out; 499 (nginx's "client closed request") is for the metrics.
                 raise ApiError(499, "the client closed the request", code="client_closed")
         done = run.stream.done
@@ -410,7 +436,7 @@ class HttpApi:
             except ConnectionError:
                 raise
             except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-                await send(_engine_error(e).body())
+                await send(engine_error(e).body())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionError:  # the client has gone: its generation is cancelled on the way out
@@ -425,7 +451,7 @@ class HttpApi:
             await send(builder.chunk("", None, [], 0, first=True))
         async for batch in self._batches(run, req.kind, arrived):
             text = "".join(t.text for t in batch)
-            if request.transport is None or request.transport.is_closing():
+            if _gone(request):
                 # A write notices a client that left only once buffers fill, and while text is held
                 # back (a stop string's possible start) nothing is written at all.
                 raise ConnectionError("the client closed the stream")
@@ -470,6 +496,11 @@ class HttpApi:
         return text, text.encode("utf-8")
 
 
+def _gone(request: web.Request) -> bool:
+    """Whether the client of `request` has closed its connection."""
+    return request.transport is None or request.transport.is_closing()
+
+
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
@@ -477,38 +508,3 @@ def _json(body: dict, status: int = 200) -> web.Response:
     # (backslashreplace: an error may quote a lone surrogate the request sent; JSON reads it as an escape)
     return web.Response(body=_encode(body).encode("utf-8", "backslashreplace"), status=status,
                         content_type="application/json")
-
-
-def _http_error(e: web.HTTPException) -> ApiError:
-    """aiohttp's own refusals (no such route, wrong method, body too large) in OpenAI's shape."""
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-    message = {404: "no such endpoint (see docs/openai.md)", 405: "this endpoint does not take that method",
-               413: "the request body is too large"}.get(e.status, e.reason)
-    return ApiError(e.status, message, "invalid_request_error", codes.get(e.status, "http_error"))
-
-
-def _engine_error(e: Exception) -> ApiError:
-    """An engine or validation error as the API's error."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, EngineError):
-        if e.code == "capacity":
-            return ApiError(503, str(e), "server_error", "capacity")
-        if e.code == "limit":
-            return ApiError(429, str(e), "rate_limit_error", "limit")
-        if e.code == "closed":
-            return ApiError(503, str(e), "server_error", "unavailable")
-        return ApiError(500, str(e), "server_error", e.code)
-    if isinstance(e, CapacityError):
-        return ApiError(503, str(e), "server_error", "capacity")
-    if isinstance(e, StoreUnavailable):
-        return ApiError(503, str(e), "server_error", "store_unavailable")
-    if isinstance(e, SnapshotError):  # (a state of the server's own: no fault of the request)
-        log.error("an HTTP request could not restore a stored state: %s", e)
-        return ApiError(500, "the server could not restore a stored state", "server_error", "internal")
-    if isinstance(e, InvalidValueError):
-        return ApiError(400, str(e), code="invalid_value", param=e.field)
-    if isinstance(e, (ValueError, TypeError, StoppedError)):
-        return ApiError(400, str(e), code="invalid_value")
-    log.error("an HTTP request failed", exc_info=e)
-    return ApiError(500, f"the server failed on this request: {type(e).__name__}", "server_error", "internal")

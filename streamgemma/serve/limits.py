@@ -12,8 +12,9 @@ class Limits:
     max_message_bytes: largest frame a client may send (1 MiB); a larger one
     closes the connection with code 1009. sessions_per_connection: sessions one
     connection may hold (16). max_sessions: sessions all connections together
-    may hold (4096). max_connections: connections at once (1024; fewer if the
-    process's file limit is lower); more get HTTP 503. messages_per_second /
+    may hold (4096). max_connections: connections at once, websocket and HTTP
+    API together (1024; fewer if the process's file limit is lower); more get
+    HTTP 503. messages_per_second /
     bytes_per_second: what one connection may send (200 frames, 2 MiB, with a
     second's worth saved up); beyond that the server reads its frames more
     slowly (backpressure, no error), and one that stays beyond it for
@@ -24,7 +25,8 @@ class Limits:
     that reads so slowly that it fills up is disconnected (code 1008) so it
     never slows other sessions. ping_interval / ping_timeout: websocket
     keepalive (20 s / 20 s). idle_timeout: a connection that sends nothing for
-    this long while none of its sessions generates is closed (300 s).
+    this long while none of its sessions generates is closed (300 s; an HTTP
+    API connection, when it has no request in progress).
     coalesce_interval: for a generation that asked for coalescing, the least
     time between two of its frames (0.02 s, at most 0.1 s): each frame
     carries every token ready by then, so a token waits at most this long and

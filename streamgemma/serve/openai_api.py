@@ -1,7 +1,8 @@
 """The OpenAI HTTP API's shapes (docs/openai.md): request bodies of
 `/v1/completions` and `/v1/chat/completions` parsed and validated into a
 typed `ApiRequest`, errors as `ApiError` (the `{"error": {...}}` body and
-its HTTP status), and the response and stream-chunk bodies. No I/O here:
+its HTTP status; the engine's and aiohttp's errors mapped to them), and the
+response and stream-chunk bodies. No I/O here:
 `http` is the adapter that serves them.
 
 Ranges are checked by `validate`, as the Python API and the websocket
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import secrets
 import time
 import types
@@ -21,10 +23,13 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import InvalidValueError
+from ..errors import CapacityError, InvalidValueError, SnapshotError, StoppedError, StoreUnavailable
 from ..sampling.params import MAX_LOGPROBS, SamplingParams
 from ..session.chat_template import ChatMessage, normalize_messages
 from ..validate import MAX_STOP_STRINGS, check_int, check_sampling, short, type_error
+from .record import EngineError
+
+log = logging.getLogger("streamgemma.serve.http")
 
 
 class ApiError(Exception):
@@ -388,3 +393,38 @@ class ResponseBuilder:
 def _printable(name: object) -> str:
     """A field name as UTF-8 can carry it (a lone surrogate escaped), for an error's `param`."""
     return str(name).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def http_error(e) -> ApiError:
+    """aiohttp's own refusals (a web.HTTPException: no such route, wrong method, body too large) in OpenAI's shape."""
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    message = {404: "no such endpoint (see docs/openai.md)", 405: "this endpoint does not take that method",
+               413: "the request body is too large"}.get(e.status, e.reason)
+    return ApiError(e.status, message, "invalid_request_error", codes.get(e.status, "http_error"))
+
+
+def engine_error(e: Exception) -> ApiError:
+    """An engine or validation error as the API's error."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, EngineError):
+        if e.code == "capacity":
+            return ApiError(503, str(e), "server_error", "capacity")
+        if e.code == "limit":
+            return ApiError(429, str(e), "rate_limit_error", "limit")
+        if e.code == "closed":
+            return ApiError(503, str(e), "server_error", "unavailable")
+        return ApiError(500, str(e), "server_error", e.code)
+    if isinstance(e, CapacityError):
+        return ApiError(503, str(e), "server_error", "capacity")
+    if isinstance(e, StoreUnavailable):
+        return ApiError(503, str(e), "server_error", "store_unavailable")
+    if isinstance(e, SnapshotError):  # (a state of the server's own: no fault of the request)
+        log.error("an HTTP request could not restore a stored state: %s", e)
+        return ApiError(500, "the server could not restore a stored state", "server_error", "internal")
+    if isinstance(e, InvalidValueError):
+        return ApiError(400, str(e), code="invalid_value", param=e.field)
+    if isinstance(e, (ValueError, TypeError, StoppedError)):
+        return ApiError(400, str(e), code="invalid_value")
+    log.error("an HTTP request failed", exc_info=e)
+    return ApiError(500, f"the server failed on this request: {type(e).__name__}", "server_error", "internal")

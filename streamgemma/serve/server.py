@@ -94,6 +94,10 @@ class Server:
         self.frames_direct = 0
         self.frames_queued = 0
 
+    def open_connections(self) -> int:
+        """Connections open now, websocket and HTTP API together (`max_connections` bounds them)."""
+        return len(self.connections) + (self.http.connections if self.http is not None else 0)
+
     @property
     def pump_seconds(self) -> float:
         """Seconds spent building and writing token frames (monitoring;
@@ -238,7 +242,7 @@ class Server:
             return page or connection.respond(HTTPStatus.NOT_FOUND, f"not found: the websocket endpoint is {PATH}\n")
         if self.stopping:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down\n")
-        if len(self.connections) >= self.max_connections:
+        if self.open_connections() >= self.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later\n")
         origin = request.headers.get("Origin")  # (with a token, the token is what keeps other sites out)
         if self.token is None and origin is not None \
@@ -271,7 +275,7 @@ class Server:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        if len(self.connections) >= self.max_connections:  # handshakes that raced past _check_request
+        if self.open_connections() >= self.max_connections:  # handshakes that raced past _check_request
             await ws.close(1013, "too many connections; retry later")
             return
         conn = Connection(self, ws, next(self._numbers))

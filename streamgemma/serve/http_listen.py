@@ -1,0 +1,80 @@
+"""The HTTP API's listening socket (aiohttp): connections past the server's
+limit answered 503 at once, an idle timeout, and one log line (not a
+traceback) for a request aiohttp cannot parse. Anyone who can reach the port
+may open connections before any token is checked: without the cap, idle
+ones could use up the file descriptors the store needs (docs/serving.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from aiohttp.http import HttpProcessingError
+
+log = logging.getLogger("streamgemma.serve.http")
+
+BUSY_WAIT_S = 2.0  # how long a connection refused for want of room may take to send its request
+BUSY_BODY = json.dumps({"error": {"message": "too many connections; retry later", "type": "server_error",
+                                  "code": "too_many_connections", "param": None}}).encode()
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(BUSY_BODY)).encode() + b"\r\n\r\n" + BUSY_BODY)
+
+
+def runner(app: web.Application, idle_timeout: float, shutdown_timeout: float) -> web.AppRunner:
+    """aiohttp's runner for `app`: a connection that sends no request for `idle_timeout` s is closed
+    (aiohttp counts from the connection's start too), parse errors are logged on one line."""
+    return web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
+                         auto_decompress=False, keepalive_timeout=idle_timeout, logger=_ParseErrorLog(log))
+
+
+async def listen(runner: web.AppRunner, host: str, port: int, room: Callable[[], bool]) -> asyncio.Server:
+    """Accept connections on host:port for `runner` (set up) while `room()`; others get a 503 and are
+    closed. The caller closes the returned server before `runner.cleanup()`."""
+    handler = runner.server
+
+    def protocol() -> asyncio.Protocol:
+        return handler() if room() else _Busy()
+
+    return await asyncio.get_running_loop().create_server(protocol, host, port)
+
+
+def connections(runner: web.AppRunner | None) -> int:
+    """Connections open on `runner` now."""
+    return len(runner.server.connections) if runner is not None and runner.server is not None else 0
+
+
+class _Busy(asyncio.Protocol):
+    """Answers the first bytes of a request with BUSY and closes (closed at once, a socket with the
+    request unread would be reset, the answer lost); one that sends nothing is closed after BUSY_WAIT_S."""
+
+    transport: asyncio.Transport | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(BUSY_WAIT_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(BUSY)
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.timer.cancel()
+
+
+class _ParseErrorLog(logging.LoggerAdapter):
+    """aiohttp's logger: a request it could not parse (anyone may send one) is a one-line warning."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__(logger, {})
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            detail = f"{type(exc_info).__name__}: {exc_info}"
+            self.warning(msg + ": %s", *args, detail[:200])
+        else:
+            self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)

@@ -1,0 +1,120 @@
+"""The HTTP API's connections (a review found each): the server's connection limit covers them (idle
+ones used up the file descriptors the store needs), idle ones are closed, a client that leaves during
+its prompt's prefill is noticed, a request caught by shutdown before its prefill is a 503, and a request
+aiohttp cannot parse is one log line."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import anyio
+import pytest
+import websockets
+import websockets.sync.client
+from httpfixtures import MODEL, TOKEN, http_server, post, request
+
+import streamgemma as sg
+
+LONG_PROMPT = [2] + [5 + i % 200 for i in range(40000)]  # hundreds of ticks of prefill at 64 tokens a tick
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sg.load("demo")
+
+
+def raw_reply(port: int, data: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_the_connection_limit_covers_http_connections_too(model):
+    with http_server(model, limits=sg.Limits(max_connections=4)) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.http.port)) for _ in range(4)]
+        try:
+            wait_until(lambda: srv.open_connections() == 4)
+            reply = post(srv, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+            assert reply.status == 503 and reply.error["code"] == "too_many_connections"
+            with pytest.raises(websockets.InvalidStatus, match="503"):  # the websocket shares the limit
+                websockets.sync.client.connect(f"ws://127.0.0.1:{srv.port}/v1/stream",
+                                               additional_headers={"Authorization": f"Bearer {TOKEN}"}).close()
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_until(lambda: srv.open_connections() == 0)
+        reply = post(srv, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert reply.status == 200
+
+
+def test_an_idle_http_connection_is_closed_after_the_idle_timeout(model):
+    with http_server(model, limits=sg.Limits(idle_timeout=0.5)) as srv:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", srv.http.port), timeout=10) as sock:
+            assert sock.recv(1) == b""  # closed by the server, having sent nothing
+        assert time.monotonic() - started < 5
+        wait_until(lambda: srv.open_connections() == 0, timeout=5)
+
+
+def test_a_client_that_leaves_during_its_prefill_frees_its_request_at_once(model):
+    with http_server(model, max_requests=1) as srv:
+        body = json.dumps({"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 4}).encode()
+        sock = socket.create_connection(("127.0.0.1", srv.http.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_until(lambda: any(0 < es.position < len(LONG_PROMPT) for es in list(srv.engine.sessions.values())))
+        sock.close()
+        left = time.monotonic()
+        wait_until(lambda: srv.http.in_flight == 0 and not srv.engine.sessions)
+        assert time.monotonic() - left < 5  # (the whole prefill takes far longer: the test above waits for it)
+        reply = post(srv, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert reply.status == 200  # its request slot is free
+        metrics = request(srv, "GET", "/metrics").body.decode()
+        assert 'status="499"' in metrics
+
+
+def test_a_request_caught_by_shutdown_before_its_prefill_is_answered_503(model):
+    answer, entered = {}, threading.Event()
+    with http_server(model, limits=sg.Limits(max_message_bytes=1 << 20, max_tokens=64)) as srv:
+        take = srv.http.held.take
+
+        async def slow_take(ids):  # the request is between the "stopping" check and its prefill
+            entered.set()
+            await anyio.sleep(0.5)
+            return await take(ids)
+
+        srv.http.held.take = slow_take
+
+        def client():
+            reply = post(srv, "/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 4})
+            answer["status"], answer["error"] = reply.status, reply.error
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        assert entered.wait(30)
+    thread.join(60)
+    assert answer["status"] == 503 and answer["error"]["code"] == "unavailable"
+    assert not srv.engine.sessions
+
+
+@pytest.mark.parametrize("head", [b"Content-Length: abc\r\n", b"X-Long: " + b"a" * 9000 + b"\r\n"])
+def test_a_request_aiohttp_cannot_parse_is_one_log_line(model, head, caplog):
+    with http_server(model) as srv:
+        reply = raw_reply(srv.http.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+    assert reply.startswith(b"HTTP/1.") and b" 400 " in reply.split(b"\r\n", 1)[0]
+    errors = [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+    assert [r for r in caplog.records if "Error handling request" in r.getMessage()]

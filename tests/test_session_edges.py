@@ -179,3 +179,80 @@ def test_restore_mid_generation_continues_alike(model):
     a = [(t.id, t.text) for t in gen]
     b = [(t.id, t.text) for t in r.generate(max_tokens=15, stop_token_ids=[])]
     assert a == b
+
+
+def test_model_decode_and_prefill_refuse_ids_outside_the_vocabulary(model):
+    """`Model.decode` / `prefill` (public: docs/gpu.md) took -1 as the last row of the embedding and
+    failed on vocab_size with a bare IndexError (on a device: a read out of bounds)."""
+    vocab = model.config.vocab_size
+    s = model.session()
+    s.feed([2, 5])
+    for bad in (-1, vocab):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.decode([s.slot], [bad])
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.prefill(s.slot, [5, bad])
+    with pytest.raises(TypeError, match="expected an int"):
+        model.decode([s.slot], ["a"])
+    assert s.position == 2  # nothing consumed
+    model.decode([s.slot], [vocab - 1])
+    assert s.position == 3
+
+
+def test_a_closed_session_does_not_report_the_position_of_its_slots_next_owner(model):
+    a = model.session()
+    a.feed([2, 5, 7])
+    a.close()
+    b = model.session()
+    b.feed([2] * 11)
+    assert a.position == 3 and repr(a) == "Session(position=3, closed)"
+    with pytest.raises(RuntimeError, match="closed"):
+        a.state_bytes()
+    b.close()
+
+
+def test_sessions_restored_from_one_capture_do_not_share_their_metadata(model):
+    s = model.session()
+    s.feed([2, 5])
+    contents = s.capture(metadata={"user": "x"})
+    r1, r2 = model.restore(contents), model.restore(contents)
+    r1.snapshot_metadata["user"] = "changed"
+    assert r2.snapshot_metadata.get("user") != "changed"
+
+
+def test_restore_file_refuses_a_fifo_instead_of_blocking(model, tmp_path):
+    import os
+
+    from streamgemma import SnapshotFormatError
+
+    fifo = tmp_path / "s.sgsnap"
+    os.mkfifo(fifo)
+    outcome = {}
+
+    def restore():
+        try:
+            model.restore_file(fifo)
+        except Exception as e:  # noqa: BLE001
+            outcome["error"] = e
+
+    thread = threading.Thread(target=restore, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "restore_file blocked on a FIFO"
+    assert isinstance(outcome.get("error"), SnapshotFormatError)
+
+
+def test_a_random_stream_at_its_last_counter_is_refused_before_it_advances():
+    from streamgemma.sampling.philox import RandomStream
+
+    stream = RandomStream(7, 2 ** 64 - 1)
+    with pytest.raises(ValueError, match="used up"):
+        stream.take()
+    assert stream.counter == 2 ** 64 - 1 and len(stream.to_bytes()) == 20
+
+
+def test_load_of_a_non_path_is_a_type_error_naming_it():
+    import streamgemma as sg
+
+    with pytest.raises(TypeError, match="path must be"):
+        sg.load(123)

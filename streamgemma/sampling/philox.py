@@ -79,6 +79,8 @@ class RandomStream:
 
     def take(self) -> tuple[int, int]:
         """(seed, counter) for one sampled token; the counter then advances by 1."""
+        if self.counter >= SEED_MODULUS - 1:  # (only a hand-made snapshot starts this close to the end)
+            raise ValueError("the random stream is used up: its counter is at 2**64 - 1")
         out = (self.seed, self.counter)
         self.counter += 1
         return out

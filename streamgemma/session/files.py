@@ -66,7 +66,7 @@ def read_regular_file(path: Path, max_bytes: int | None = None) -> bytes:
             raise SnapshotFormatError(f"{path} is not a regular file")
         limit = info.st_size if max_bytes is None else max_bytes
         if info.st_size > limit:
-            raise SnapshotFormatError(f"{path} is {info.st_size} bytes, more than it can be ({limit})")
+            raise SnapshotFormatError(f"{path} is {info.st_size} bytes, larger than it can be ({limit} bytes)")
         parts, size = [], 0
         while max_bytes is None or size <= max_bytes:  # up to one byte more than allowed: a file that grew
             part = os.read(fd, 1 << 20 if max_bytes is None else min(1 << 20, max_bytes + 1 - size))

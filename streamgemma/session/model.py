@@ -30,7 +30,7 @@ from ..sampling.graphs import FilterGraphs
 from ..tokenizer import Tokenizer
 from ..validate import check_int, check_seed, short
 from . import snapshot as snapshot_format
-from .session import Session
+from .session import Session, check_token_ids
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per parallel chunk: bounds activation memory for any input length
 
@@ -197,7 +197,7 @@ class Model:
         except BaseException:
             session.close()
             raise
-        session.snapshot_metadata = contents.metadata
+        session.snapshot_metadata = dict(contents.metadata)  # (contents may restore other sessions too)
         return session
 
     def restore_file(self, path: str | os.PathLike, threads: int | None = None) -> Session:
@@ -268,6 +268,16 @@ class Model:
         return time.perf_counter() - start
 
     # -- batched paths (used by Session and, later, the engine) --------------------------
+    def _check_ids(self, ids: list) -> None:
+        """ValueError (TypeError) naming an id outside the vocabulary (not an int): on the
+        device, an embedding lookup out of bounds reads other memory or faults."""
+        try:
+            if not ids or (0 <= min(ids) and max(ids) < self.config.vocab_size):
+                return  # (the common case, at a few microseconds for a batch of 256)
+        except TypeError:
+            pass
+        check_token_ids(ids, self.config.vocab_size)
+
     @torch.no_grad()
     def decode(self, slots: Sequence[int], tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """One token for each slot: returns float32 logits [B, vocab] and
@@ -292,6 +302,7 @@ class Model:
             tokens = list(tokens)
             if len(tokens) != len(slots):
                 raise ValueError(f"decode: {len(slots)} slots but {len(tokens)} tokens")
+            self._check_ids(tokens)
         positions = [self.pool.positions[s] for s in slots]
         if self.kernels:
             logits = self._decode_with_kernels(list(slots), tokens, positions)
@@ -346,6 +357,7 @@ class Model:
         outputs = []
         for start in range(0, len(tokens), chunk):
             part = list(tokens[start:start + chunk])
+            self._check_ids(part)
             p0 = self.pool.positions[slot]
             last = start + chunk >= len(tokens)
             mode = "all" if all_logits else ("last" if last else "none")
@@ -417,6 +429,8 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | No
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or a path, got {short(path)}")
     # arguments are checked before a Hub download
     check_format(quantize)
     if config is not None and not isinstance(config, GriffinConfig):

@@ -81,8 +81,10 @@ class Session:
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
-        """Release this session's slot. Further calls raise."""
+        """Release this session's slot. Further calls raise; `position` stays
+        where the session ended."""
         if not self._closed:
+            self._final_position = self.position
             self._closed = True
             self.state.logits = None
             with self.model.lock:
@@ -134,6 +136,7 @@ class Session:
     def state_bytes(self) -> int:
         """Bytes this session holds: its slot of the state pool (device) and its
         host state at its bounds. Constant over the session's life."""
+        self._check_open()
         return self.model.pool.slot_bytes() + self.state.nbytes(self.model.config.vocab_size)
 
     # -- snapshots ---------------------------------------------------------------------
@@ -176,6 +179,8 @@ class Session:
     @property
     def position(self) -> int:
         """Tokens consumed so far (the absolute position of the next token)."""
+        if self._closed:  # (its slot may be another session's now)
+            return self._final_position
         return self.model.pool.positions[self.slot]
 
     @property

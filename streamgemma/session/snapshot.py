@@ -28,6 +28,7 @@ import os
 import reprlib
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -44,6 +45,7 @@ from ..errors import (
 from ..model.pool import StatePool
 from ..validate import MAX_POSITION, SEED_END, SEED_MIN
 from . import snapshot_bytes, snapshot_frames
+from .files import read_regular_file
 
 MAGIC = "streamgemma-snapshot"
 FORMAT_VERSION = 2  # 2: the document in several frames behind an index; 1 (read): one frame
@@ -509,12 +511,7 @@ def load_into(pool: StatePool, slot: int, contents: SnapshotContents) -> None:
 
 def read_file(path: str | os.PathLike, config: GriffinConfig) -> bytes:
     """The bytes of a snapshot file, refusing files larger than any snapshot
-    of a model with `config` can be (so a wrong path does not read gigabytes).
+    of a model with `config` can be (so a wrong path does not read gigabytes)
+    and anything but a regular file (a FIFO would block the read forever).
     OSError (missing file, permissions) propagates."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        limit = max_file_bytes(config)
-        if size > limit:
-            raise SnapshotFormatError(f"{os.fspath(path)} is {size} bytes, larger than the {limit} bytes any "
-                                      "snapshot of this model can be: it is not a snapshot of this model")
-        return f.read(limit + 1)
+    return read_regular_file(Path(path), max_file_bytes(config))

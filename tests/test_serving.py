@@ -570,6 +570,26 @@ def test_idle_connection_is_closed_and_its_session_stays_resumable():
         run(main, url)
 
 
+def test_the_idle_timeout_waits_for_a_connections_queued_input():
+    """A connection waiting for `appended` is not idle: it was closed mid-input (input dropped)."""
+    srv = Server(Engine(text_model(), max_active=2, input_chunk=8), port=0, limits=Limits(idle_timeout=0.3))
+    ids = [2] + [5 + i % 200 for i in range(3000)]
+
+    async def main(url):
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "open"}))
+            json.loads(await ws.recv())
+            started = time.monotonic()
+            await ws.send(json.dumps({"type": "append", "tokens": ids}))
+            with anyio.fail_after(60):
+                reply = json.loads(await ws.recv())
+            assert reply["type"] == "appended" and reply["position"] == len(ids), reply
+            return time.monotonic() - started
+
+    with serve_in_thread(srv) as url:
+        assert run(main, url) > 0.3  # (the input outlasted the idle timeout)
+
+
 class _StalledSocket:
     """A websocket whose peer never reads: what the server writes directly
     piles up in a buffer nobody drains, and send() blocks for ever."""

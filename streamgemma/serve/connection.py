@@ -180,8 +180,8 @@ class Connection:
                 except websockets.ConnectionClosed:
                     return
             if idle.cancelled_caught:
-                if any(es.generation is not None for es in self.sessions.values()) or self._starting:
-                    continue
+                if any(es.generation is not None or es.inputs for es in self.sessions.values()) or self._starting:
+                    continue  # (busy: generating, or waiting for input to be consumed)
                 await self.ws.close(1000, "idle timeout")
                 return
             if len(frame) > LARGE_FRAME:  # parsing it is real work: within the input share

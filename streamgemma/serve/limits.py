@@ -25,8 +25,8 @@ class Limits:
     that reads so slowly that it fills up is disconnected (code 1008) so it
     never slows other sessions. ping_interval / ping_timeout: websocket
     keepalive (20 s / 20 s). idle_timeout: a connection that sends nothing for
-    this long while none of its sessions generates is closed (300 s; an HTTP
-    API connection, when it has no request in progress).
+    this long while none of its sessions generates or has input waiting is
+    closed (300 s; an HTTP API connection, when it has no request in progress).
     coalesce_interval: for a generation that asked for coalescing, the least
     time between two of its frames (0.02 s, at most 0.1 s): each frame
     carries every token ready by then, so a token waits at most this long and

@@ -76,3 +76,32 @@ def test_a_script_that_never_closes_its_sync_client_still_exits(model):
         done = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60,
                               env=subprocess_env())
     assert done.returncode == 0, done.stderr
+
+
+def test_ctrl_c_inside_a_sync_generate_loop_cancels_the_generation(model):
+    """KeyboardInterrupt while the loop waits for a token: the read went on in the client's loop
+    thread, closing the iterator failed silently, and the server generated on to max_tokens (the
+    next generate failed with "generating"). As in a notebook, the last traceback is kept."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    engine = Engine(model, max_active=2)
+    with serve_in_thread(Server(engine, port=0)) as url:
+        with sg.Client.connect_sync(url) as client:
+            session = client.open(seed=4)
+            session.append("The Python")
+            threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            try:
+                for _ in session.generate(max_tokens=4000, stop_token_ids=[]):
+                    pass
+            except KeyboardInterrupt:
+                sys.last_traceback = sys.exc_info()[2]
+            deadline = time.monotonic() + 10
+            while engine.sessions[session.id].generation is not None:
+                assert time.monotonic() < deadline, "the server is still generating"
+                time.sleep(0.01)
+            assert len(session.complete(" more", max_tokens=2, stop_token_ids=[])) >= 0  # usable again
+            del sys.last_traceback

@@ -13,6 +13,7 @@ routes them to the request or generation waiting for them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -486,14 +487,27 @@ class SyncSession:
         tokens = self.session.generate(**sampling)
         try:
             while True:
+                read = self._portal.start_task_soon(tokens.__anext__)
                 try:
-                    yield self._portal.call(tokens.__anext__)
+                    token = read.result()
                 except StopAsyncIteration:
                     return
+                except BaseException:
+                    if not read.done():  # Ctrl-C here: the read goes on in the loop's thread
+                        self._interrupted(read)
+                    raise
+                yield token
         finally:
             # (A generator finalized after the client closed has nothing left to stop.)
             with contextlib.suppress(RuntimeError):
                 self._portal.call(tokens.aclose)
+
+    def _interrupted(self, read: concurrent.futures.Future) -> None:
+        """Cancel the generation whose token `read` waits for, and let that read end (at the
+        server's `done`), so the iterator can be closed: else the server generated on to max_tokens."""
+        with contextlib.suppress(Exception):
+            self._portal.call(self.session.cancel)
+            concurrent.futures.wait([read], timeout=self.session.client.timeout)
 
     def complete(self, text_or_tokens: str | Sequence[int], **sampling: Any) -> str:
         return self._portal.call(lambda: self.session.complete(text_or_tokens, **sampling))

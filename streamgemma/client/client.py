@@ -449,9 +449,7 @@ class SyncClient:
 
 
 class SyncSession:
-    """`ClientSession`, blocking: `id`, `position`, `missed`, `last_done`,
-    `append`, `send_append`, `generate` (an iterator), `complete`, `cancel`,
-    `snapshot`, `close`."""
+    """`ClientSession`, blocking (`generate` is an iterator)."""
 
     def __init__(self, portal, session: ClientSession):
         self._portal = portal
@@ -503,9 +501,8 @@ class SyncSession:
                 self._portal.call(tokens.aclose)
 
     def _interrupted(self, read: concurrent.futures.Future) -> None:
-        """Cancel the generation whose token `read` waits for, and let that read end (at the
-        server's `done`), so the iterator can be closed: else the server generated on to max_tokens."""
-        with contextlib.suppress(Exception):
+        """Cancel the generation `read` waits on and let `read` end, so the iterator can close."""
+        with contextlib.suppress(Exception):  # (not closed, the server generated on to max_tokens)
             self._portal.call(self.session.cancel)
             concurrent.futures.wait([read], timeout=self.session.client.timeout)
 

@@ -18,7 +18,7 @@ _EXPORTS = {
     "SamplingParams": "sampling.params", "KernelConfig": "fast.tuning",
     "Engine": "serve.engine", "EngineError": "serve.record",
     "Server": "serve.server", "Limits": "serve.server", "serve_in_thread": "serve.server",
-    "Client": "client.client", "ClientSession": "client.client", "ServerError": "client.events",
+    "Client": "client.client", "ClientSession": "client.session", "ServerError": "client.events",
     "SyncClient": "client.client", "SyncSession": "client.client", "HttpConfig": "serve.http",
     **dict.fromkeys(("StreamgemmaError", "ConfigError", "CheckpointError", "DeviceError", "StoppedError",
                      "SnapshotError", "SnapshotFormatError", "SnapshotCorrupted", "SnapshotVersionError",

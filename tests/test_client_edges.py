@@ -137,3 +137,33 @@ def test_a_sampling_keyword_named_like_a_protocol_field_does_not_hang(server):
                         pass
 
     run(main)
+
+
+def test_a_refused_send_append_is_raised_by_the_sessions_next_call():
+    """The server refuses a send_append (here `capacity`: the one slot generates): the error came
+    with no id and the client dropped it, so the app went on as if the input were in the session."""
+    from textfixtures import text_model
+
+    from streamgemma.serve.engine import Engine
+    from streamgemma.serve.server import Server, serve_in_thread
+
+    srv = Server(Engine(text_model(), max_active=1), port=0)
+
+    async def main():
+        async with sg.Client(srv.url) as client:
+            busy, other = await client.open(), await client.open()
+            await busy.append(PROMPT)
+            async with contextlib.aclosing(busy.generate(max_tokens=4000, stop_token_ids=NO_STOP)) as tokens:
+                await tokens.__anext__()  # the only slot generates
+                await other.send_append(PROMPT)
+                with anyio.fail_after(10):
+                    while not srv.engine.stats.dropped_inputs:  # refused, its error sent...
+                        await anyio.sleep(0.01)
+                await busy.snapshot()  # ... and routed: this reply was sent after it
+                with pytest.raises(sg.ServerError, match="send_append was refused") as refused:
+                    await other.append(" more")
+                assert refused.value.code == "capacity"
+            assert await other.append(PROMPT) > 0  # raised once; the session is usable
+
+    with serve_in_thread(srv):
+        run(main)

@@ -167,3 +167,33 @@ def test_a_refused_send_append_is_raised_by_the_sessions_next_call():
 
     with serve_in_thread(srv):
         run(main)
+
+
+def test_a_dropped_connection_is_a_connection_error_whatever_the_call_and_says_why():
+    """A request waiting when the server closes (1001, "going away"), and a send after it: each a
+    ConnectionError (they were a ServerError and websockets' ConnectionClosedOK), with the reason."""
+    import json
+
+    from websockets.asyncio.server import serve
+
+    async def scripted(ws):
+        async for frame in ws:
+            msg = json.loads(frame)
+            if msg["type"] == "open":
+                await ws.send(json.dumps({"type": "opened", "id": msg["id"], "session": "s", "position": 0}))
+            else:
+                await ws.close(1001, "going away")
+
+    async def main():
+        async with serve(scripted, "127.0.0.1", 0) as srv:
+            port = srv.sockets[0].getsockname()[1]
+            with anyio.fail_after(5):
+                async with sg.Client(f"ws://127.0.0.1:{port}", timeout=3) as client:
+                    session = await client.open()
+                    with pytest.raises(ConnectionError, match="1001: going away") as waiting:
+                        await session.append("x")
+                    assert isinstance(waiting.value, sg.ServerError) and waiting.value.code == "connection_closed"
+                    with pytest.raises(ConnectionError):
+                        await session.send_append("y")
+
+    run(main)

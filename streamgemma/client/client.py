@@ -29,7 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from ..serve.auth import RedactingLogger, bearer_subprotocols, header_value
 from ..types import Token
-from .events import GenerationRoute, Reply, ServerError, refusal
+from .events import ConnectionClosedError, GenerationRoute, Reply, ServerError, refusal
 from .portal import daemon_portal
 from .session import ClientSession
 
@@ -155,7 +155,11 @@ class Client:
         if self._closed_error is not None:
             raise ConnectionError(f"the connection is closed: {self._closed_error}")
         # allow_nan=False: the server refuses NaN/Infinity as bad_json, an error that cannot carry the id.
-        await self._ws.send(json.dumps(msg, allow_nan=False))
+        frame = json.dumps(msg, allow_nan=False)
+        try:
+            await self._ws.send(frame)
+        except websockets.ConnectionClosed as e:  # (before the reader saw it): one type for a dropped connection
+            raise ConnectionError(f"the connection is closed: {e}") from e
 
     @property
     def closed_error(self) -> BaseException | None:
@@ -206,13 +210,13 @@ class Client:
             with contextlib.suppress(Exception):
                 await self._ws.close(1002, "protocol error")
         else:
-            self._closed_error = ConnectionError("closed by the server")
+            code, reason = self._ws.close_code, self._ws.close_reason
+            self._closed_error = ConnectionError(f"closed by the server (code {code}{f': {reason}' if reason else ''})")
         finally:
             if self._closed_error is None:  # the reader was cancelled: the client is being closed
                 self._closed_error = ConnectionError("the client was closed")
-            error = {"type": "error", "code": "connection_closed", "message": str(self._closed_error)}
             for reply in self._replies.values():
-                reply.set(error)
+                reply.fail(ConnectionClosedError(str(self._closed_error)))
             self._unawaited.clear()
             for route in self._streams.values():
                 route.close()

@@ -21,6 +21,15 @@ class ServerError(StreamgemmaError):
         self.code = code
 
 
+class ConnectionClosedError(ServerError, ConnectionError):
+    """A request's answer lost with its connection: a ServerError with code
+    "connection_closed", and a ConnectionError like every other way a
+    dropped connection shows (sending on it, a generation cut off)."""
+
+    def __init__(self, message: str):
+        super().__init__("connection_closed", message)
+
+
 class GenerationRoute:
     """The events of one generation, as the Client routes them to it: tokens,
     then `done` (or an `error` answering its request), after which `ended`
@@ -60,13 +69,22 @@ class Reply:
     def __init__(self):
         self.ready = anyio.Event()
         self.msg: dict | None = None
+        self.error: BaseException | None = None
 
     def set(self, msg: dict) -> None:
         if self.msg is None:
             self.msg = msg
             self.ready.set()
 
+    def fail(self, error: BaseException) -> None:
+        """No reply will come (the connection closed): `result` raises `error`."""
+        if self.msg is None:
+            self.error = error
+            self.set({"type": "error"})
+
     def result(self) -> dict:
+        if self.error is not None:
+            raise self.error
         if self.msg.get("type") == "error":
             raise ServerError(self.msg.get("code", "?"), self.msg.get("message", ""))
         return self.msg

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint for the in-process server: a path, 'demo' (default), or 'tiny' "
                              "(random weights, a tokenizer trained on the transcript)")
     args = parser.parse_args(argv)
+    if args.every < 1 or args.max_tokens < 1:
+        parser.error("--every and --max-tokens must be at least 1")
     text = Path(args.transcript).read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.strip()]
     with contextlib.ExitStack() as stack:

@@ -282,3 +282,41 @@ def test_a_background_snapshot_taken_while_a_commit_is_pending_recovers(tmp_path
         assert [t.id for t in received] == generated[:len(received)]
 
     anyio.run(main)
+
+
+def test_reopening_a_crashed_session_replays_its_journal_without_stalling_the_others(tmp_path):
+    """The journal of a crashed session (400 decode steps here, up to 4096) was replayed in one go
+    under the model lock: every other generation stopped for as long. Now in slices between ticks;
+    the session continues exactly."""
+    model = text_model()
+
+    async def main():
+        first = Engine(model, store=sg.DirectorySnapshotStore(tmp_path))
+        async with running(first):
+            (a,) = await prompted(first, 3)
+            stream = await first.generate(a, SamplingParams(max_tokens=400, stop_token_ids=()))
+            before = [t.id async for t in stream]
+        # a crash: nothing suspended; the store has a's snapshot at open and its journal
+        second = Engine(model, store=sg.DirectorySnapshotStore(tmp_path))
+        gaps = []
+        async with running(second) as tg:
+            (b,) = await prompted(second, 4)
+            stream_b = await second.generate(b, SamplingParams(max_tokens=150, stop_token_ids=()))
+
+            async def read_b():
+                last = time.monotonic()
+                async for _ in stream_b:
+                    gaps.append(time.monotonic() - last)
+                    last = time.monotonic()
+
+            tg.start_soon(read_b)
+            await wait_for(lambda: len(gaps) >= 3)
+            again = await second.resume(a.id)
+            assert again.position == len(PROMPT) + 400
+            stream = await second.generate(again, SamplingParams(max_tokens=5, stop_token_ids=()))
+            after = [t.id async for t in stream]
+        return before + after, max(gaps[1:])
+
+    ids, worst_gap = anyio.run(main)
+    assert ids == reference(model, 3, 405)
+    assert worst_gap < 0.5, f"b waited {worst_gap:.2f} s for a token while a was replayed"

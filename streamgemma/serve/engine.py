@@ -24,11 +24,10 @@ import anyio.to_thread
 
 from ..errors import SnapshotError, SnapshotIdError, SnapshotNotFound
 from ..sampling.params import SamplingParams
-from ..session.journal import replay
 from ..session.model import Model
 from ..session.store import SnapshotStore
 from ..validate import check_position, check_sampling, check_seed
-from . import expiry, fleet, scheduler
+from . import expiry, fleet, recovery, scheduler
 from .batch import batch_executor
 from .inputs import DEFAULT_MAX_PENDING_TOKENS, DEFAULT_MAX_QUEUED_TEXT_BYTES, DEFAULT_MAX_QUEUED_TOKENS, InputQueues
 from .journaling import DEFAULT_SNAPSHOT_EVERY, TickJournal
@@ -186,21 +185,22 @@ class Engine:
         except SnapshotError as e:
             raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} (close it to "
                                                 "delete it)") from None
-        es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
-        self.offloader.keep(session_id, contents)
-        if records:  # it consumed more than its snapshot holds: replay the journal
-            try:
-                async with self._model_lock:
-                    await self.slots.ensure_live(es, wait=True)
-                    await anyio.to_thread.run_sync(replay, es.live, records)
-            except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
-                with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
-                    await self.close(es, delete=False)
-                    await self.offloader.release(session_id)
-                if not isinstance(e, SnapshotError):
-                    raise
-                raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} "
-                                                    "(close it to delete it)") from None
+        if not records:
+            es = self.sessions[session_id] = SessionRecord(session_id, None, contents.position)
+            self.offloader.keep(session_id, contents)  # (restored into a slot when next used)
+            return es
+        try:  # it consumed more than its snapshot holds: replay the journal
+            live = await recovery.replayed(contents, records, self.model.restore, self.slots, self.scheduler,
+                                           self._generating, self._model_lock)
+        except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
+            with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
+                await self.offloader.release(session_id)
+            if not isinstance(e, SnapshotError):
+                raise
+            raise EngineError("snapshot_error", f"the stored session cannot be restored: {e} "
+                                                "(close it to delete it)") from None
+        es = self.sessions[session_id] = SessionRecord(session_id, live, live.position)
+        self._touch(es)
         return es
 
     def append(self, es: SessionRecord, ids_or_text: Sequence[int] | array.array | str) -> PendingInput:

@@ -174,7 +174,7 @@ def test_a_refused_commit_drops_its_sessions_outputs_only(tmp_path):
     anyio.run(main)
 
 
-@pytest.mark.parametrize("ending", ["length", "dropped"])
+@pytest.mark.parametrize("ending", ["length", "dropped", "cancelled"])
 def test_a_generation_refused_midway_ends_at_the_position_its_client_was_told(tmp_path, ending):
     """The store starts refusing a generating session's records (another worker took it): the
     tokens of the refused ticks are never sent, so its `done` must not count them (a client that
@@ -189,21 +189,28 @@ def test_a_generation_refused_midway_ends_at_the_position_its_client_was_told(tm
         async with running(engine):
             (a,) = await prompted(engine, 4)
             start = a.position
-            stream = await engine.generate(a, SamplingParams(max_tokens=200 if ending == "dropped" else 40,
+            stream = await engine.generate(a, SamplingParams(max_tokens=40 if ending == "length" else 200,
                                                              stop_token_ids=()))
             got = []
             async for token in stream:
                 got.append(token.id)
-                if len(got) == 3:
+                if len(got) == 3 and ending == "cancelled":  # while the refused tick is being committed
+                    store.held.gate.clear()
+                    await wait_for(lambda: engine.journal.pending >= 1)
+                    store.held.refuse = {a.id}
+                    engine.cancel(a)
+                    await wait_for(lambda: a.generation is None)  # (its tick had no records of a)
+                    store.held.gate.set()
+                elif len(got) == 3:
                     store.held.refuse = {a.id}
                     if ending == "dropped":
                         await wait_for(lambda: a.id in engine.journal.lost)
                         await drop(engine, a.id)
-            assert a.id not in engine.journal.refused_at or ending == "length"
+            assert a.id not in engine.journal.refused_at or ending != "dropped"
         return start, got, stream.done
 
     start, got, done = anyio.run(main)
-    assert 3 <= len(got) < 40
+    assert 3 <= len(got) < 40 and done.reason == {"length": "length"}.get(ending, "cancelled")
     assert got == reference(model, 4, len(got))
     assert done.position == start + len(got), (done, start, len(got))
 

@@ -159,13 +159,11 @@ class TickJournal:
     def end(self, session_id: str, active: ActiveGeneration, done: Done, now: bool = False) -> None:
         """End the stream of `active` with `done` after its tokens (now: at
         once, e.g. after `drain`); also if the store refused them."""
-        if (at := self.refused_at.get(session_id)) is not None:  # (now: after a drain that found it refused)
-            done = dataclasses.replace(done, position=at)
-        end = functools.partial(self._end, active, done)
+        end = functools.partial(self._end_told, session_id, active, done)
         if now or self.journal is None:
             end()
         else:
-            self._after.append((session_id, end, functools.partial(self._end_refused, session_id, active, done)))
+            self._after.append((session_id, end, end))
 
     def consumed(self, session_id: str, finished: list[PendingInput]) -> None:
         """Complete appends (`InputQueues.consumed`) once durable; if refused, they fail."""
@@ -176,10 +174,12 @@ class TickJournal:
         if not active.ended.is_set() and not active.put(token, self.stats):
             active.cancelled = True
 
-    def _end_refused(self, session_id: str, active: ActiveGeneration, done: Done) -> None:
-        """The end of a generation whose last records the store refused: its position is the last
-        one its client was told of (the tokens of the refused ticks were never sent)."""
-        self._end(active, dataclasses.replace(done, position=self.refused_at.get(session_id, done.position)))
+    def _end_told(self, session_id: str, active: ActiveGeneration, done: Done) -> None:
+        """`_end`; if the store refused records of the session (in this group or an earlier one: looked
+        up now), at the last position its client was told of (the refused ticks' tokens were never sent)."""
+        if (at := self.refused_at.get(session_id)) is not None:
+            done = dataclasses.replace(done, position=at)
+        self._end(active, done)
 
     def _end(self, active: ActiveGeneration, done: Done) -> None:
         active.queue.put(done)

@@ -191,7 +191,7 @@ class Engine:
             return es
         try:  # it consumed more than its snapshot holds: replay the journal
             live = await recovery.replayed(contents, records, self.model.restore, self.slots, self.scheduler,
-                                           self._generating, self._model_lock)
+                                           self._generating, self._model_lock, self.stats)
         except BaseException as e:  # (a gap in the records; no slot free to replay into; ...)
             with anyio.CancelScope(shield=True):  # nothing half-replayed stays; the store keeps it
                 await self.offloader.release(session_id)

@@ -6,10 +6,13 @@ A journal holds up to `snapshot_every` tokens (4096), each replayed as the
 decode step it was: seconds of model work. Replayed in one go under the
 model lock, it stalled every generation of the engine for that long, once
 per session reopened after a crash. So the records go in slices of about
-SLICE_S of model work, each an input turn (charged to the input share,
-waiting for its turn while sessions generate), the ticks running between
-them. Meanwhile the session is not in the engine's books (no tick or client
-request can touch it); its slot is counted as one being opened (`Slots.hold`).
+SLICE_S of model work, a tick running between two slices: while sessions
+generate, the replay and they each get about half of the device. (Slices
+that waited for input turns, at the input share's 15%, made a 4096-step
+replay outlast a client's 60 s timeout.) The slices are charged to the input
+budget, so other input waits its turn after them. Meanwhile the session is
+not in the engine's books (no tick or client request can touch it); its
+slot is counted as one being opened (`Slots.hold`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import anyio.to_thread
 from ..session.journal import JournalRecord, replay
 from ..session.session import Session
 from ..session.snapshot import SnapshotContents
-from .record import SessionRecord
+from .record import EngineStats, SessionRecord
 from .scheduler import Scheduler
 from .slots import Slots
 
-SLICE_S = 0.02  # model work replayed between two ticks: about a prefill chunk's
+SLICE_S = 0.01  # model work replayed between two ticks: about a tick's
 
 
 async def replayed(contents: SnapshotContents, records: Sequence[JournalRecord], restore, slots: Slots,
-                   scheduler: Scheduler, generating: Mapping[str, SessionRecord], model_lock: anyio.Lock) -> Session:
+                   scheduler: Scheduler, generating: Mapping[str, SessionRecord], model_lock: anyio.Lock,
+                   stats: EngineStats) -> Session:
     """A live session restored from `contents` (`restore(contents)`, in a thread) with `records`
     replayed; closed if anything fails (SnapshotFormatError: the records do not continue it)."""
     async with model_lock:
@@ -39,11 +43,11 @@ async def replayed(contents: SnapshotContents, records: Sequence[JournalRecord],
         async with scheduler.input_work(generating):
             live = await anyio.to_thread.run_sync(restore, contents)
         slots.hold()
+        stats.resumptions += 1
     try:
         start = 0
         while start < len(records):
-            await scheduler.wait_input_turn(generating)
-            async with model_lock, scheduler.input_work(generating):
+            async with model_lock, scheduler.input_work(generating):  # (a waiting tick gets the lock next)
                 start = await anyio.to_thread.run_sync(replay_for, live, records, start, SLICE_S)
     except BaseException:
         with anyio.CancelScope(shield=True):

@@ -60,6 +60,53 @@ def test_the_connection_limit_covers_http_connections_too(model):
         assert reply.status == 200
 
 
+BURST = r"""
+import socket, sys, time
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(("127.0.0.1", int(sys.argv[1])))
+    except BlockingIOError:
+        pass
+    socks.append(s)
+time.sleep(4)
+"""
+
+
+def test_a_burst_of_connections_does_not_pass_the_limit_together(model):
+    """One accept round takes up to 100 sockets before aiohttp counts any of them: a burst of 150
+    kept up to 100 open past a limit of 4."""
+    import subprocess
+    import sys
+
+    with http_server(model, limits=sg.Limits(max_connections=4)) as srv:
+        burst = subprocess.Popen([sys.executable, "-c", BURST, str(srv.http.port), "150"])
+        try:
+            time.sleep(3)  # (> BUSY_WAIT_S: the refused are closed, the admitted stay)
+            assert srv.open_connections() <= 4
+        finally:
+            burst.kill()
+            burst.wait()
+
+
+def test_a_refused_request_with_a_large_body_still_reads_its_503(model):
+    """The 503 went out at the first bytes and the socket closed: the rest of a 4 MB body met a
+    reset, and the client never read the answer."""
+    import http.client
+
+    with http_server(model, limits=sg.Limits(max_connections=1)) as srv:
+        with socket.create_connection(("127.0.0.1", srv.http.port)):  # the one connection allowed
+            wait_until(lambda: srv.open_connections() == 1)
+            conn = http.client.HTTPConnection("127.0.0.1", srv.http.port, timeout=10)
+            body = json.dumps({"model": MODEL, "prompt": "x" * 4_000_000}).encode()
+            conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            assert reply.status == 503 and json.loads(reply.read())["error"]["code"] == "too_many_connections"
+            conn.close()
+
+
 def test_an_idle_http_connection_is_closed_after_the_idle_timeout(model):
     with http_server(model, limits=sg.Limits(idle_timeout=0.5)) as srv:
         started = time.monotonic()

@@ -143,11 +143,12 @@ class HttpApi:
         """HTTP connections open now."""
         return http_listen.connections(self._runner)
 
-    def _room(self) -> bool:
-        """Whether a new connection fits the server's limit (shared with the websocket's, if any)."""
+    def _room(self, uncounted: int) -> bool:
+        """Whether a new connection fits the server's limit (shared with the websocket's, if any),
+        besides `uncounted` accepted ones not counted yet."""
         if self.server is not None:
-            return self.server.open_connections() < self.server.max_connections
-        return self.connections < self.limits.max_connections
+            return self.server.open_connections() + uncounted < self.server.max_connections
+        return self.connections + uncounted < self.limits.max_connections
 
     async def start(self) -> int:
         """Listen; the bound port. ServeError if the address cannot be bound."""

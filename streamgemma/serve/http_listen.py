@@ -17,6 +17,7 @@ from aiohttp.http import HttpProcessingError
 log = logging.getLogger("streamgemma.serve.http")
 
 BUSY_WAIT_S = 2.0  # how long a connection refused for want of room may take to send its request
+UNCOUNTED_S = 1.0  # a handler made this long ago that is not connected yet never will be
 BUSY_BODY = json.dumps({"error": {"message": "too many connections; retry later", "type": "server_error",
                                   "code": "too_many_connections", "param": None}}).encode()
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -30,15 +31,24 @@ def runner(app: web.Application, idle_timeout: float, shutdown_timeout: float) -
                          auto_decompress=False, keepalive_timeout=idle_timeout, logger=_ParseErrorLog(log))
 
 
-async def listen(runner: web.AppRunner, host: str, port: int, room: Callable[[], bool]) -> asyncio.Server:
-    """Accept connections on host:port for `runner` (set up) while `room()`; others get a 503 and are
-    closed. The caller closes the returned server before `runner.cleanup()`."""
-    handler = runner.server
+async def listen(runner: web.AppRunner, host: str, port: int, room: Callable[[int], bool]) -> asyncio.Server:
+    """Accept connections on host:port for `runner` (set up) while `room(n)`, n the connections
+    accepted but not counted yet; others get a 503 and are closed. The caller closes the returned
+    server before `runner.cleanup()`."""
+    handler, loop = runner.server, asyncio.get_running_loop()
+    # aiohttp counts a connection once asyncio calls its connection_made, a loop step after the
+    # factory; one accept round makes up to `backlog` (100) handlers before any of them is counted.
+    made: list[tuple[web.RequestHandler, float]] = []
 
     def protocol() -> asyncio.Protocol:
-        return handler() if room() else _Busy()
+        now = loop.time()
+        made[:] = [(h, t) for h, t in made if h.transport is None and now - t < UNCOUNTED_S]
+        if not room(len(made)):
+            return _Busy()
+        made.append((h := handler(), now))
+        return h
 
-    return await asyncio.get_running_loop().create_server(protocol, host, port)
+    return await loop.create_server(protocol, host, port)
 
 
 def connections(runner: web.AppRunner | None) -> int:
@@ -47,20 +57,27 @@ def connections(runner: web.AppRunner | None) -> int:
 
 
 class _Busy(asyncio.Protocol):
-    """Answers the first bytes of a request with BUSY and closes (closed at once, a socket with the
-    request unread would be reset, the answer lost); one that sends nothing is closed after BUSY_WAIT_S."""
+    """Answers a request's first bytes with BUSY, ends its side, and reads (discarding) what the client
+    still sends until it ends its own or BUSY_WAIT_S pass: a socket closed with a request body unread
+    is reset, and the client may never read the answer."""
 
     transport: asyncio.Transport | None = None
     timer: asyncio.TimerHandle | None = None
+    answered = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(BUSY_WAIT_S, transport.close)
 
     def data_received(self, data: bytes) -> None:
-        if not self.transport.is_closing():
+        if not self.answered:
+            self.answered = True
             self.transport.write(BUSY)
-            self.transport.close()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+
+    def eof_received(self) -> bool:
+        return False  # (the transport closes)
 
     def connection_lost(self, exc) -> None:
         self.timer.cancel()

@@ -327,3 +327,58 @@ def test_reopening_a_crashed_session_replays_its_journal_without_stalling_the_ot
     ids, worst_gap = anyio.run(main)
     assert ids == reference(model, 3, 405)
     assert worst_gap < 0.5, f"b waited {worst_gap:.2f} s for a token while a was replayed"
+
+
+def test_shutdown_gives_up_on_a_journal_that_cannot_be_written(tmp_path):
+    """The store's journal is gone for good while sessions generate: shutdown (`suspend_all`) retried
+    the pending commit forever, so `serve` never exited and saved nothing. Now it gives up after
+    `shutdown_retry_s` and suspends the sessions (their snapshots hold their state)."""
+    model = text_model()
+
+    async def main():
+        store = HeldStore(tmp_path)
+        engine = Engine(model, store=store)
+        engine.journal.shutdown_retry_s = 0.5
+        async with running(engine):
+            (a,) = await prompted(engine, 3)
+            stream = await engine.generate(a, SamplingParams(max_tokens=500, stop_token_ids=()))
+            got = [await stream.__anext__() for _ in range(3)]
+            store.held.dead = True  # the journal's disk is gone
+            await wait_for(lambda: engine.stats.journal_failures >= 1)
+        started = time.monotonic()
+        with anyio.fail_after(30):
+            saved = await engine.suspend_all()
+        return a, got, saved, time.monotonic() - started, a.position
+
+    a, got, saved, took, position = anyio.run(main)
+    assert took < 5 and saved == [a.id]
+    restored = model.restore(sg.DirectorySnapshotStore(tmp_path).get(a.id))
+    assert restored.position == position >= len(PROMPT) + len(got)
+
+
+def test_a_server_whose_journal_is_gone_still_stops(tmp_path):
+    """... through `Server`: its connections' clean-up drained the journal, whose committer retried
+    forever, so `serve` hung on SIGTERM until SIGKILL."""
+    from streamgemma.serve.server import Server, serve_in_thread
+
+    store = HeldStore(tmp_path)
+    engine = Engine(text_model(), store=store)
+    engine.journal.shutdown_retry_s = 0.5
+    server = Server(engine, port=0)
+    with serve_in_thread(server) as url:
+        client = sg.Client.connect_sync(url)
+        session = client.open(seed=1)
+        session.append(PROMPT)
+        tokens = session.generate(max_tokens=2000, stop_token_ids=[])
+        next(tokens)
+        store.held.dead = True
+        deadline = time.monotonic() + 10
+        while engine.stats.journal_failures < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        started = time.monotonic()
+    took = time.monotonic() - started
+    with contextlib.suppress(Exception):
+        client.close()
+    assert took < 15, f"stopping took {took:.1f} s"
+    assert server.lost == [] and session.id in store.list()  # its snapshot holds its state

@@ -347,7 +347,7 @@ class Engine:
         be stored are logged as errors and listed in `unsaved`. Queued input
         is dropped."""
         async with self._model_lock:
-            await self.journal.drain()  # (written here: the committer has stopped with `run`)
+            await self.journal.drain(self.journal.shutdown_retry_s)  # (here: the committer has stopped)
             for es in list(self.sessions.values()):
                 self._finish(es, "cancelled", now=True)
                 self.inputs.drop(es, EngineError("closed", "the server is shutting down"))

@@ -37,6 +37,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import anyio
@@ -50,6 +51,7 @@ log = logging.getLogger("streamgemma.engine")
 
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
+SHUTDOWN_RETRY_S = 10.0  # at shutdown, how long a journal that cannot be written is retried
 # Journaled tokens after which a live session is snapshotted in the background,
 # so that recovery replays at most about this many (and journals stay short).
 DEFAULT_SNAPSHOT_EVERY = 4096
@@ -98,6 +100,8 @@ class TickJournal:
         self.refused_at: dict[str, int] = {}
         self._since_snapshot: dict[str, int] = {}  # tokens journaled per session since its last snapshot
         self.ephemeral: set[str] = set()  # sessions not journaled (Engine.open(durable=False))
+        self.shutdown_retry_s = SHUTDOWN_RETRY_S  # at shutdown, the longest a commit is retried
+        self._give_up_at: float | None = None  # set by `shut_down`
 
     @property
     def enabled(self) -> bool:
@@ -188,7 +192,9 @@ class TickJournal:
 
     async def submit(self) -> None:
         """End of a tick: queue its group for the committer (written here, with
-        retries, when no committer runs). Call `room` outside the model lock."""
+        retries for at most `shutdown_retry_s`, when no committer runs: e.g. a
+        tick cancelled at shutdown, whose submit is shielded). Call `room`
+        outside the model lock."""
         if not (self._batch or self._after):
             return
         self._queue.append(Group(self._batch, self._after))
@@ -196,24 +202,42 @@ class TickJournal:
         if self._running:
             self._submitted.set()
         else:
-            await self.drain()
+            await self.drain(self.shutdown_retry_s)
 
     async def room(self) -> None:
         """Wait until at most `in_flight` groups are pending (back-pressure)."""
         while len(self._queue) > self.in_flight and self._running:
             await self._progress.wait()
 
-    async def drain(self) -> None:
+    async def drain(self, within: float | None = None) -> None:
         """Wait until every group submitted so far is durable and its deferred
-        work has run (writing them here if no committer runs)."""
+        work has run (writing them here if no committer runs). within: with no
+        committer (shutdown), stop retrying after about that many seconds and
+        drop what is not durable (logged): the store may be gone for good, and
+        a shutdown that never ends saves nothing."""
         if not self._queue:
             return
         last = self._queue[-1]
+        deadline = None if within is None else time.monotonic() + within
         while not last.done.is_set():
             if self._running:
                 await self._progress.wait()
-            else:
-                await self._write_oldest()
+            elif not await self._write_oldest(deadline):
+                self._abandon()
+                return
+
+    def shut_down(self) -> None:
+        """The server is stopping: commits that still fail `shutdown_retry_s` from now are given up
+        (their outputs dropped), so that whatever drains the journal on the way out returns."""
+        self._give_up_at = time.monotonic() + self.shutdown_retry_s
+
+    def _abandon(self) -> None:
+        """Drop every queued group: its records were never written, its outputs are never sent."""
+        log.error("the journal could not be written: %d ticks' records are dropped, and what they would "
+                  "have acknowledged is not (the sessions' snapshots hold their state)", len(self._queue))
+        while self._queue:
+            self._queue.popleft().done.set()
+        self._notify()
 
     async def run(self) -> None:
         """The committer: writes submitted groups in order until cancelled
@@ -225,15 +249,17 @@ class TickJournal:
                     self._submitted = anyio.Event()
                     await self._submitted.wait()
                     continue
-                await self._write_oldest()
+                if not await self._write_oldest():  # (only after `shut_down`)
+                    self._abandon()
         finally:
             self._running = False
             self._notify()
 
-    async def _write_oldest(self) -> None:
+    async def _write_oldest(self, deadline: float | None = None) -> bool:
+        """Write the oldest group, retrying; False if it is still not written at `deadline`."""
         async with self._writing:
             if not self._queue:
-                return
+                return True
             group = self._queue[0]
             delay = RETRY_FIRST_S
             while group.batch and group.refused is None:
@@ -242,12 +268,16 @@ class TickJournal:
                     self.stats.journal_commits += 1
                 except Exception as e:  # noqa: BLE001 - retried: the group's outputs wait for it
                     self.stats.journal_failures += 1
+                    limit = deadline if deadline is not None else self._give_up_at
+                    if limit is not None and time.monotonic() + delay > limit:
+                        return False
                     log.error("the journal could not be written (%s: %s); retrying in %.2f s, the tick's "
                               "acknowledgements and tokens wait", type(e).__name__, e, delay)
                     await anyio.sleep(delay)
                     delay = min(2 * delay, RETRY_MAX_S)
             self._queue.popleft()
             self._complete(group, group.refused or set())
+            return True
 
     def _append(self, group: Group) -> None:
         """In a worker thread: the result is kept on the group, so a commit

@@ -169,6 +169,7 @@ class Server:
                         log.info("web page: http://%s:%d/ (docs/browser.md)", self.host, self.port)
                     task_status.started(self.port)
                     await self._stop.wait()
+                    self.engine.journal.shut_down()  # (a store gone for good must not hold the exit)
                     if self.http is not None:  # its requests end while the engine runs
                         await self.http.stop()
                     await self._end_generations()

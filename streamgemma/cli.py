@@ -195,8 +195,7 @@ def _weights_line(quantization: str | None) -> str:
 def _generate(args: argparse.Namespace, out: TextIO) -> None:
     from .console import Stats
 
-    # `echo text |` ends the prompt with a newline nobody meant as part of it.
-    prompt = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
+    prompt = _stdin_prompt(sys.stdin.read()) if args.prompt == "-" else args.prompt
     if not prompt and args.no_bos:
         raise ValueError("the prompt is empty and --no-bos leaves out BOS: there is nothing to continue")
     sampling = _sampling(args)
@@ -222,15 +221,30 @@ def _generate(args: argparse.Namespace, out: TextIO) -> None:
         sys.stderr.write(stats.summary())
 
 
+def _stdin_prompt(text: str) -> str:
+    """`echo text |` ends the prompt with a newline nobody meant as part of it; more
+    blank lines than that were meant."""
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _check_utf8(value: str | None, what: str) -> None:
+    """A byte of argv or the environment that is not UTF-8 (Python keeps it as a surrogate)."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 (at character {e.start})") from None
+
+
 def _chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> None:
     from .console import chat_loop
 
     sampling = _sampling(args)
-    if args.system is not None:
-        try:
-            args.system.encode("utf-8")
-        except UnicodeEncodeError as e:  # (a byte of argv that was not UTF-8)
-            raise ValueError(f"--system is not valid UTF-8 (at character {e.start})") from None
+    _check_utf8(args.system, "--system")
+    for flag, value in (("--resume", args.resume), ("--save", args.save)):
+        if value is not None and not value.strip():  # (e.g. --save "$FILE" with FILE unset)
+            raise ValueError(f"{flag} is empty: name a file (or leave {flag} out)")
     if args.save:  # found before the model loads, not after the first reply
         target = Path(args.save).resolve()
         if not target.parent.is_dir():
@@ -311,7 +325,8 @@ def _serve_limit_args(p: argparse.ArgumentParser) -> None:
                         "included (default: keep them)")
     g = p.add_argument_group("logging")
     loud = g.add_mutually_exclusive_group()
-    loud.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="log warnings, errors and the addresses listened on only")
     loud.add_argument("-v", "--verbose", action="store_true", help="log debugging detail too")
 
 
@@ -331,6 +346,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="streamgemma serve: %(message)s")
+    if args.quiet:  # (with --port 0 the log is where the port is found)
+        logging.getLogger("streamgemma.serve.address").setLevel(logging.INFO)
     if args.verbose:
         logging.getLogger("streamgemma").setLevel(logging.DEBUG)
     else:  # our own line per connection says it better
@@ -340,6 +357,8 @@ def _serve(args: argparse.Namespace) -> None:
     if token is not None and not token.strip():
         raise ServeError("the token is empty (--token or STREAMGEMMA_TOKEN): set a token, or unset both to "
                          "run without authentication")
+    _check_utf8(token, "the token (--token or STREAMGEMMA_TOKEN)")
+    _check_utf8(args.model_name, "--model-name")
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
     limits = Limits(max_tokens=args.max_tokens, max_connections=args.max_connections,

@@ -27,6 +27,15 @@ def test_json_path_in_missing_directory_fails_before_the_run(tmp_path, monkeypat
     assert not ran, "the benchmark ran to the end, then could not write its record: the figures are lost"
 
 
+def test_json_path_that_is_a_directory_fails_before_the_run(tmp_path, monkeypatch):
+    import streamgemma.bench.snapshot as snapshot
+
+    monkeypatch.setattr(snapshot, "run", lambda args: pytest.fail("the benchmark ran, then could not write"))
+    with pytest.raises(SystemExit) as e:
+        main(["snapshot", "--repeats", "1", *TINY, "--json", str(tmp_path)])
+    assert e.value.code == 2
+
+
 # 2. secrets given on the command line are written into the JSON record
 def test_record_keeps_no_bearer_token(tmp_path, monkeypatch):
     from streamgemma.bench.serve import serving
@@ -86,6 +95,12 @@ def test_percentiles_are_nearest_rank():
     ["snapshot", "--repeats", "0"],
     ["serve", "--clients", "1", "--tokens", "0", "--prompt", "4", "--procs", "1", "--decode-steps", "0",
      "--timeout", "30"],
+    # lists of counts: tracebacks from deep in the run, or a misleading message
+    ["decode", "--batches", "0", "--steps", "1"],
+    ["decode", "--batches", "1", "--steps", "1", "--positions", "-5"],
+    ["prefill", "--lengths", "-3", "--chunks", "8"],
+    ["prefill", "--lengths", "8", "--chunks", "8,x"],
+    ["sampling", "--batches", "", "--steps", "1", "--settings", "greedy"],
 ])
 def test_zero_counts_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:

@@ -6,6 +6,7 @@ subprocess with piped stdin."""
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,8 @@ def test_chat_with_piped_stdin_in_a_subprocess(saved_model_dir):
     (["generate", "hi", "--threads", "0"], "--threads must be in [1, 1024], got 0"),
     (["info"], "no such file or directory"),
     (["chat", "--save", "/nonexistent-dir/x.snap"], "--save /nonexistent-dir/x.snap: no such directory"),
+    (["chat", "--save", ""], "--save is empty"),  # (the chat ran without saving)
+    (["chat", "--resume", " "], "--resume is empty"),  # (a new conversation started instead)
 ])
 def test_user_errors_are_one_line_without_traceback(capsys, monkeypatch, saved_model_dir, args, message):
     model = saved_model_dir / "missing" if args == ["info"] else saved_model_dir
@@ -121,6 +124,22 @@ def test_a_stdin_prompt_loses_its_trailing_newline(capsys, monkeypatch, saved_mo
     rc, piped, err = cli(capsys, monkeypatch, "generate", "-", *flags, stdin="the quick brown fox\n")
     assert rc == 0, err
     assert piped == cli(capsys, monkeypatch, "generate", "the quick brown fox", *flags)[1]
+
+
+def test_a_stdin_prompt_keeps_its_blank_lines_but_the_last_newline(capsys, monkeypatch, saved_model_dir):
+    """Every trailing newline was stripped: a prompt ending in a blank line lost it."""
+    flags = ["--model", saved_model_dir, "--seed", "3", "--max-tokens", "12", "--temperature", "0"]
+    rc, piped, err = cli(capsys, monkeypatch, "generate", "-", *flags, stdin="the quick brown fox\n\n")
+    assert rc == 0, err
+    assert piped == cli(capsys, monkeypatch, "generate", "the quick brown fox\n", *flags)[1]
+    assert cli(capsys, monkeypatch, "generate", "-", *flags, stdin="the quick brown fox\r\n")[1] == \
+        cli(capsys, monkeypatch, "generate", "the quick brown fox", *flags)[1]
+
+
+def test_python_dash_m_streamgemma_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "streamgemma", "--version"], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"streamgemma {sg.__version__}", r.stderr
 
 
 def test_an_empty_prompt_generates_from_bos_alone(capsys, monkeypatch, saved_model_dir):
@@ -247,6 +266,14 @@ def test_bench_errors_are_one_line_and_a_failed_run_exits_1(capsys, monkeypatch,
     # A fuzz run that found internal errors (here made to) exits 1, as a fleet run that lost data does.
     import streamgemma.bench.fuzz as fuzz
 
+    # Clients that cannot reach --url: a BrokenBarrierError traceback from the main process.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{closed.getsockname()[1]}/v1/stream"
+    rc = main(["bench", "serve", "--url", url, "--clients", "2", "--procs", "1", "--timeout", "30"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert err.startswith(f"streamgemma bench: error: a client process failed against {url}: Connection"), err
     monkeypatch.setattr(fuzz, "failures", lambda result: ["simulated: 3 internal errors"])
     rc = main(["bench", "fuzz", "--preset", "tiny", "--device", "cpu", "--frames", "20", "--handshakes", "2",
                "--connections", "1"])

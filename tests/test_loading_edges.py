@@ -197,3 +197,14 @@ def test_a_value_beyond_float16_names_the_cast_not_a_damaged_file(tmp_path):
     sg.load(tmp_path, dtype="float32", progress=False)
     with pytest.raises(sg.CheckpointError, match="beyond the range of torch.float16"):  # ("damaged" before)
         sg.load(tmp_path, dtype="float16", progress=False)
+
+
+# a corrupt config.json asking for a vocabulary of 10**13 rows: the loader allocated it first (an allocator
+# traceback); the tensors' shapes are checked against it before anything is allocated
+def test_a_config_far_larger_than_its_tensors_is_refused_before_allocating(saved, tmp_path):
+    d = _copy(saved, tmp_path / "ckpt")
+    config = json.loads((d / "config.json").read_text())
+    config["vocab_size"] = 10**13
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(sg.CheckpointError, match=r"implies \[10000000000000, "):
+        sg.load(d, progress=False)

@@ -118,13 +118,52 @@ def test_logs_say_who_connected_and_what_happened_to_the_sessions(saved_model_di
     assert "MemoryStore" not in err and "Traceback" not in err
 
 
-def test_quiet_logs_only_warnings(saved_model_dir):
+def test_quiet_logs_only_warnings_and_where_it_listens(saved_model_dir):
+    """--quiet hid the address too: with --port 0 nobody could learn the port."""
     port = free_port()
     server = Running(serve_command(saved_model_dir, "--port", str(port), "--quiet"), port)
     server.wait_listening()
     open_session(server.url)
     rc, err = server.stop()
-    assert rc == 0 and err == "", err
+    assert rc == 0 and err.splitlines() == [f"streamgemma serve: listening on ws://127.0.0.1:{port}/v1/stream",
+                                            f"streamgemma serve: web page: http://127.0.0.1:{port}/ "
+                                            "(docs/browser.md)"], err
+
+
+def test_an_ipv6_address_is_written_in_brackets(saved_model_dir):
+    if not socket.has_ipv6:
+        pytest.skip("this machine has no IPv6")
+    port, http_port = free_port(), free_port()
+    server = Running(serve_command(saved_model_dir, "--host", "::1", "--port", str(port), "--http-port",
+                                   str(http_port), "--quiet"), port)
+    deadline = time.monotonic() + 60
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("::1", http_port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    rc, err = server.stop()
+    assert rc == 0, err
+    assert f"listening on ws://[::1]:{port}/v1/stream" in err, err
+    assert f"HTTP API on http://[::1]:{http_port}/v1" in err, err
+
+
+def test_a_host_name_that_cannot_be_encoded_is_one_line(saved_model_dir):
+    done = subprocess.run(serve_command(saved_model_dir, "--host", "localhost..local", "--port", "0", "-q"),
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr  # (an exception group's)
+    assert done.stderr.splitlines()[-1] == \
+        "streamgemma serve: error: cannot listen on localhost..local:0: not a valid host name"
+
+
+def test_a_token_or_model_name_that_is_not_utf8_is_refused(saved_model_dir):
+    """Accepted, and then every request failed (HTTP 500 / 404)."""
+    for flag in ("--token", "--model-name"):
+        extra = ["--http-port", "0"] if flag == "--model-name" else []
+        command = [*serve_command(saved_model_dir, *extra), flag, b"t\xffk"]
+        line = one_line_failure(command)
+        assert "is not valid UTF-8 (at character 1)" in line and flag in line, line
 
 
 def test_sessions_a_broken_store_could_not_save_fail_the_exit_status(saved_model_dir, tmp_path):

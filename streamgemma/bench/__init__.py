@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = _parser()
     args = parser.parse_args(argv)
     if not json_path_usable(args.json):  # (before a run that may take hours, not after)
-        parser.error(f"--json {args.json}: no such directory")
+        parser.error(f"--json {args.json}: a directory, or in no such directory: name a file")
     if args.json == "-":  # stdout holds the record alone: what the run prints as it goes, stderr
         with contextlib.redirect_stdout(sys.stderr):
             results = args.run(args)

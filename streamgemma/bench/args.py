@@ -18,3 +18,13 @@ def at_least_zero(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"want a whole number >= 0, got {text!r}")
     return int(text)
+
+
+def int_list(minimum: int, empty: bool = False):
+    """An argparse type: comma-separated whole numbers >= `minimum` ("" is none, if `empty`)."""
+    def parse(text: str) -> list[int]:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if (not parts and not empty) or not all(p.isdigit() and int(p) >= minimum for p in parts):
+            raise argparse.ArgumentTypeError(f"want comma-separated whole numbers >= {minimum}, got {text!r}")
+        return [int(p) for p in parts]
+    return parse

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import threading
 import time
-import traceback
 
 import anyio
 import anyio.to_thread
 from websockets.asyncio.client import connect
+
+from ..errors import StreamgemmaError
 
 
 def percentiles(values: list[float], scale: float = 1e3) -> dict:
@@ -108,9 +110,23 @@ def worker(url: str, token: str | None, indices: list[int], opts: dict, barrier,
     """A worker process: its share of the clients on one event loop."""
     try:
         queue.put(("ok", anyio.run(worker_main, url, token, indices, opts, barrier, backend="asyncio")))
-    except BaseException:  # noqa: BLE001 - reported to the main process, which fails the run
+    except BaseException as e:  # noqa: BLE001 - reported to the main process, which fails the run
         barrier.abort()
-        queue.put(("error", traceback.format_exc()))
+        while getattr(e, "exceptions", None):  # (an exception group of the task group: its first cause)
+            e = e.exceptions[0]
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+class ClientsFailed(StreamgemmaError, RuntimeError):
+    """A client process of the benchmark failed (e.g. the server cannot be reached)."""
+
+
+def _failure(queue, url: str, timeout: float) -> ClientsFailed:
+    try:
+        status, payload = queue.get(timeout=5)
+    except Exception:  # noqa: BLE001 - (queue.Empty) no process said why: they were not ready in time
+        return ClientsFailed(f"the clients were not ready to generate within {timeout:g} s ({url})")
+    return ClientsFailed(f"a client process failed against {url}: {payload}")
 
 
 def run_clients(url: str, token: str | None, clients: int, procs: int, opts: dict) -> tuple[float, list[dict]]:
@@ -125,13 +141,16 @@ def run_clients(url: str, token: str | None, clients: int, procs: int, opts: dic
     for w in workers:
         w.start()
     try:
-        barrier.wait(timeout=opts["timeout"])
+        try:
+            barrier.wait(timeout=opts["timeout"])
+        except threading.BrokenBarrierError:  # a worker failed (it aborts the barrier), or a timeout
+            raise _failure(queue, url, opts["timeout"]) from None
         released = time.monotonic()
         records = []
         for _ in workers:
             status, payload = queue.get(timeout=opts["timeout"])
             if status != "ok":
-                raise RuntimeError(f"a client process failed:\n{payload}")
+                raise ClientsFailed(f"a client process failed against {url}: {payload}")
             records += payload
     finally:
         for w in workers:

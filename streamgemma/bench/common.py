@@ -153,7 +153,7 @@ def redact(text: str) -> str:
 
 def json_path_usable(path: str | None) -> bool:
     """Whether --json can be written: '-', none, or a file in an existing directory (checked before a run)."""
-    return path in (None, "", "-") or Path(path).resolve().parent.is_dir()
+    return path in (None, "", "-") or (not Path(path).is_dir() and Path(path).resolve().parent.is_dir())
 
 
 def finish(command: str, args: argparse.Namespace, results: dict) -> dict:

@@ -30,14 +30,14 @@ import torch
 
 import streamgemma as sg
 
-from .args import positive_int
+from .args import int_list, positive_int
 from .common import build_model, describe, is_cuda, sync, token_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", default="1,8,64,256", help="batch sizes (default 1,8,64,256)")
+    parser.add_argument("--batches", type=int_list(1), default="1,8,64,256", help="batch sizes (default 1,8,64,256)")
     parser.add_argument("--steps", type=positive_int, default=64, help="timed steps per batch size (default 64)")
-    parser.add_argument("--positions", default="100,3000,50000",
+    parser.add_argument("--positions", type=int_list(0, empty=True), default="100,3000,50000",
                         help="positions for batch-1 ms/token ('' to skip; default 100,3000,50000)")
     parser.add_argument("--generate-tokens", type=int, default=None,
                         help="tokens of the timed Session.generate (default: --steps; 0 to skip)")
@@ -150,8 +150,7 @@ def time_hf_generate(config: sg.GriffinConfig, device, batch: int, new_tokens: i
 
 def run(args: argparse.Namespace) -> dict:
     model = build_model(args)
-    batches = [int(b) for b in args.batches.split(",") if b]
-    positions = [int(p) for p in args.positions.split(",") if p]
+    batches, positions = args.batches, args.positions
     out: dict = {"model": describe(model)}
     print(model)
     s = model.session()

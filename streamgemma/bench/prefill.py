@@ -25,12 +25,15 @@ import torch
 
 import streamgemma as sg
 
+from .args import int_list
 from .common import build_model, describe, is_cuda, sync, token_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lengths", default="512,2048,8192,65536", help="prompt lengths (default 512,2048,8192,65536)")
-    parser.add_argument("--chunks", default="512,1024,2048", help="chunk sizes (default 512,1024,2048)")
+    parser.add_argument("--lengths", type=int_list(1), default="512,2048,8192,65536",
+                        help="prompt lengths (default 512,2048,8192,65536)")
+    parser.add_argument("--chunks", type=int_list(1), default="512,1024,2048",
+                        help="chunk sizes (default 512,1024,2048)")
     parser.add_argument("--hf-max", type=int, default=0,
                         help="longest prompt for transformers' forward (default 0: not run)")
     parser.add_argument("--attention", choices=("triton", "sdpa"), default="triton",
@@ -88,8 +91,7 @@ def time_hf(config: sg.GriffinConfig, device, lengths: list[int]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    lengths = [int(n) for n in args.lengths.split(",") if n]
-    chunks = [int(c) for c in args.chunks.split(",") if c]
+    lengths, chunks = args.lengths, args.chunks
     model = build_model(args)
     model.kernel_config = dataclasses.replace(model.kernel_config, prefill_attention=args.attention)
     print(model)

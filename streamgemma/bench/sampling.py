@@ -41,7 +41,7 @@ import torch
 
 import streamgemma as sg
 
-from .args import positive_int
+from .args import int_list, positive_int
 from .common import build_model, describe, sync, token_ids
 
 SETTINGS = {
@@ -55,7 +55,7 @@ SETTINGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", default="1,64,256", help="batch sizes (default 1,64,256)")
+    parser.add_argument("--batches", type=int_list(1), default="1,64,256", help="batch sizes (default 1,64,256)")
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"settings to measure (default: all of {', '.join(SETTINGS)})")
     parser.add_argument("--tokens", type=int, default=256,
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("--rounds must be at least 1")
     out: dict = {"model": describe(model), "settings": {n: SETTINGS[n] for n in names}, "batches": {},
                  "rounds": args.rounds}
-    for batch in (int(b) for b in args.batches.split(",") if b):
+    for batch in args.batches:
         if batch == 1:
             results = batch1_rounds(model, names, args.tokens, args.rounds)
         else:

@@ -348,24 +348,19 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     scales = {r.target for k, r in layout.items() if k.endswith("_scale") and saved is not None}
     requantize = quantize is not None and saved is None
     digest = SourceDigest(network) if saved is None else None
+    # Checked before anything is allocated: a corrupt config can ask for terabytes.
+    _check_tensors(ckpt, sources, layout, dict(network.named_parameters()))
     network = network.to_empty(device=torch.device("cpu") if requantize else device)
     params = dict(network.named_parameters())
-    _check_keys(ckpt, [s[0] for s in sources], layout)
-
-    total = sum(s[4] for s in sources)
-    bar = Progress(f"loading {ckpt.root.name or ckpt.root}", total, unit="B", enabled=progress)
+    bar = Progress(f"loading {ckpt.root.name or ckpt.root}", sum(s[4] for s in sources), unit="B",
+                   enabled=progress)
     with torch.no_grad():
-        for key, file, get, shape, nbytes in sources:
-            rule = layout[key]
-            target = params[rule.target]
-            expected = rule.source_shape(tuple(target.shape))
-            if shape != expected:
-                raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)} but the config "
-                                      f"({_config_source(ckpt)}) implies {list(expected)}")
+        for key, file, get, _, nbytes in sources:
             if key == "lm_head.weight":  # tied to the embedding: nothing to copy
                 bar.advance(nbytes)
                 continue
-            tensor = get()
+            rule, tensor = layout[key], get()
+            target = params[rule.target]
             if digest is not None:
                 digest.add(rule.target, rule.index, rule.to_target(tensor))
             quantized = target.dtype in (d for d, _ in FORMATS.values())
@@ -413,11 +408,9 @@ def _config_beside(path: Path) -> GriffinConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _config_source(ckpt: Checkpoint) -> str:
-    return str(ckpt.config_file) if ckpt.format == "hf" else "inferred from the state dict and hyper-parameters"
-
-
-def _check_keys(ckpt: Checkpoint, keys: list[str], layout: dict[str, _Rule]) -> None:
+def _check_tensors(ckpt: Checkpoint, sources: list, layout: dict[str, _Rule], params: dict) -> None:
+    """The checkpoint has each tensor the config implies, once, in the shape it implies."""
+    keys = [s[0] for s in sources]
     present = set(keys)
     if len(present) != len(keys):  # (one tensor in two shards: which one the loader took would be arbitrary)
         twice = sorted(k for k, n in collections.Counter(keys).items() if n > 1)
@@ -434,6 +427,12 @@ def _check_keys(ckpt: Checkpoint, keys: list[str], layout: dict[str, _Rule]) -> 
                               f"checkpoint of this config: {', '.join(repr(k) for k in unexpected[:5])}")
     if "lm_head.weight" in present:
         layout["lm_head.weight"] = _Rule("embedder.input_embedding")  # tied: shape-checked, then skipped
+    config = ckpt.config_file if ckpt.format == "hf" else "inferred from the state dict and hyper-parameters"
+    for key, file, _, shape, _ in sources:
+        expected = layout[key].source_shape(tuple(params[layout[key].target].shape))
+        if shape != expected:
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)} but the config "
+                                  f"({config}) implies {list(expected)}")
 
 
 # -- saving --------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import dataclasses
 import hmac
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -136,7 +135,7 @@ class HttpApi:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"http://{http_listen.netloc(self.host, self.port)}/v1"
 
     @property
     def connections(self) -> int:
@@ -164,18 +163,17 @@ class HttpApi:
         await runner.setup()
         try:
             self._listener = await http_listen.listen(runner, self.host, self.port, self._room)
-        except (OSError, OverflowError) as e:
+        except (OSError, OverflowError, UnicodeError) as e:  # (UnicodeError: a name IDNA cannot encode)
             await runner.cleanup()
-            errno = getattr(e, "errno", None)
-            reason = os.strerror(errno) if isinstance(errno, int) and errno > 0 else str(e)
-            raise ServeError(f"cannot listen on {self.host}:{self.port} (HTTP API): {reason}") from None
+            raise ServeError(f"cannot listen on {http_listen.netloc(self.host, self.port)} (HTTP API): "
+                             f"{http_listen.bind_failure(e)}") from None
         self._runner = runner
         self.port = self._listener.sockets[0].getsockname()[1]
         try:
             await self.cache.refresh()  # entries a previous process left in a durable store
         except Exception as e:  # noqa: BLE001 - a store that cannot be listed only costs cache hits
             log.warning("prefix cache: could not list the store: %s", e)
-        log.info("HTTP API on %s (model %r)", self.url, self.model_name)
+        http_listen.address_log.info("HTTP API on %s (model %r)", self.url, self.model_name)
         return self.port
 
     async def stop(self) -> None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
 log = logging.getLogger("streamgemma.serve.http")
+# The addresses the server listens on: its own logger, so `serve --quiet` can still say them.
+address_log = logging.getLogger("streamgemma.serve.address")
 
 BUSY_WAIT_S = 2.0  # how long a connection refused for want of room may take to send its request
 UNCOUNTED_S = 1.0  # a handler made this long ago that is not connected yet never will be
@@ -22,6 +25,22 @@ BUSY_BODY = json.dumps({"error": {"message": "too many connections; retry later"
                                   "code": "too_many_connections", "param": None}}).encode()
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
         b"Content-Length: " + str(len(BUSY_BODY)).encode() + b"\r\n\r\n" + BUSY_BODY)
+
+
+def netloc(host: str | None, port: int) -> str:
+    """host:port as a URL writes it: an IPv6 address in brackets."""
+    host = host or ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_failure(e: Exception) -> str:
+    """Why binding failed, without the call that raised it ("Address already in use")."""
+    if isinstance(e, UnicodeError):  # (IDNA, e.g. "a..b")
+        return "not a valid host name"
+    errno = getattr(e, "errno", None)
+    if isinstance(errno, int) and errno > 0:
+        return os.strerror(errno)
+    return getattr(e, "strerror", None) or str(e)
 
 
 def runner(app: web.Application, idle_timeout: float, shutdown_timeout: float) -> web.AppRunner:

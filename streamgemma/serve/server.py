@@ -18,7 +18,6 @@ import functools
 import ipaddress
 import itertools
 import logging
-import os
 import urllib.parse
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -35,6 +34,7 @@ from . import auth
 from .connection import WRITE_BUDGET, Connection
 from .engine import Engine
 from .http import HttpApi, HttpConfig
+from .http_listen import address_log, bind_failure, netloc
 from .limits import DEFAULT_LIMITS, Limits
 from .protocol import PATH
 from .pump import TokenPump
@@ -121,7 +121,7 @@ class Server:
     @property
     def url(self) -> str:
         """The websocket URL clients connect to (the bound port once serving)."""
-        return f"ws://{self.host}:{self.port}{PATH}"
+        return f"ws://{netloc(self.host, self.port)}{PATH}"
 
     def sessions_held(self) -> int:
         """Sessions held by connections now, with those being opened."""
@@ -153,8 +153,9 @@ class Server:
                         # Token frames are tens of bytes: deflating them costs more
                         # server CPU than it saves on the wire.
                         compression=None))
-                except (OSError, OverflowError) as e:  # address in use, no such host, port out of range
-                    raise ServeError(f"cannot listen on {self.host}:{self.port}: {_reason(e)}") from None
+                # address in use, no such host, port out of range, a name IDNA cannot encode
+                except (OSError, OverflowError, UnicodeError) as e:
+                    raise ServeError(f"cannot listen on {netloc(self.host, self.port)}: {bind_failure(e)}") from None
                 started = True
                 self.port = ws_server.sockets[0].getsockname()[1]
                 if self.http_config is not None:  # (ServeError here, before any task, if its port is taken)
@@ -164,9 +165,9 @@ class Server:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.engine.run)
                     tg.start_soon(self.pump.run)
-                    log.info("listening on %s", self.url)
+                    address_log.info("listening on %s", self.url)
                     if self.web_page is not None:
-                        log.info("web page: http://%s:%d/ (docs/browser.md)", self.host, self.port)
+                        address_log.info("web page: http://%s/ (docs/browser.md)", netloc(self.host, self.port))
                     task_status.started(self.port)
                     await self._stop.wait()
                     self.engine.journal.shut_down()  # (a store gone for good must not hold the exit)
@@ -328,17 +329,9 @@ def _connections_allowed(wanted: int) -> int:
     return wanted
 
 
-def _reason(e: Exception) -> str:
-    """An OSError's reason without the call that raised it ("Address already in use")."""
-    errno = getattr(e, "errno", None)
-    if isinstance(errno, int) and errno > 0:
-        return os.strerror(errno)
-    return getattr(e, "strerror", None) or str(e)
-
-
 def _peer(ws: ServerConnection) -> str:
     address = getattr(ws, "remote_address", None)
-    return f"{address[0]}:{address[1]}" if address else "?"
+    return netloc(address[0], address[1]) if address else "?"
 
 
 def _close_reason(ws: ServerConnection) -> str:

@@ -1,11 +1,13 @@
-"""The HTTP API's connections (a review found each): the server's connection limit covers them (idle
-ones used up the file descriptors the store needs), idle ones are closed, a client that leaves during
-its prompt's prefill is noticed, a request caught by shutdown before its prefill is a 503, and a request
-aiohttp cannot parse is one log line."""
+"""Connections to the server's ports (a review found each): the connection limit covers the HTTP API's
+(idle ones used up the file descriptors the store needs; so did connections to the websocket port that
+never finished their handshake, and floods of connections refused on either port), idle ones are
+closed, a client that leaves during its prompt's prefill is noticed, a request caught by shutdown
+before its prefill is a 503, and a request aiohttp cannot parse is one log line."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -17,6 +19,7 @@ import websockets.sync.client
 from httpfixtures import MODEL, TOKEN, http_server, post, request
 
 import streamgemma as sg
+from streamgemma.serve.http_listen import REFUSED_AT_ONCE
 
 LONG_PROMPT = [2] + [5 + i % 200 for i in range(40000)]  # hundreds of ticks of prefill at 64 tokens a tick
 
@@ -89,6 +92,71 @@ def test_a_burst_of_connections_does_not_pass_the_limit_together(model):
         finally:
             burst.kill()
             burst.wait()
+
+
+def test_websocket_handshakes_in_progress_count_toward_the_limit(model):
+    """A connection to the websocket port was counted only once its handshake was done: ones that
+    never sent a request held a file descriptor each (for websockets' open_timeout), uncounted."""
+    with http_server(model, limits=sg.Limits(max_connections=4)) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+        try:
+            wait_until(lambda: srv.open_connections() == 4, timeout=5)
+            with pytest.raises(websockets.InvalidStatus, match="503"):
+                websockets.sync.client.connect(f"ws://127.0.0.1:{srv.port}/v1/stream",
+                                               additional_headers={"Authorization": f"Bearer {TOKEN}"}).close()
+            reply = post(srv, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+            assert reply.status == 503 and reply.error["code"] == "too_many_connections"
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_until(lambda: srv.open_connections() == 0)
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{srv.port}/v1/stream",
+                                            additional_headers={"Authorization": f"Bearer {TOKEN}"}):
+            pass
+
+
+def _sockets_open() -> int:
+    fds = os.listdir("/proc/self/fd")
+    return sum(1 for fd in fds if _readlink(f"/proc/self/fd/{fd}").startswith("socket:"))
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # (closed meanwhile)
+        return ""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_flood_of_idle_connections_holds_a_bounded_number_of_descriptors(model):
+    """300 idle connections to each port: the websocket port held every one until open_timeout (10 s),
+    the HTTP port each refused one for BUSY_WAIT_S, uncounted: enough of them used up the process's
+    file descriptors. Now the server holds at most the limit plus REFUSED_AT_ONCE on each port."""
+    import subprocess
+    import sys
+
+    with http_server(model, limits=sg.Limits(max_connections=4)) as srv:
+        before = _sockets_open()
+        floods = [subprocess.Popen([sys.executable, "-c", BURST, str(port), "300"])
+                  for port in (srv.port, srv.http.port)]
+        try:
+            time.sleep(2)  # (every socket of the floods accepted; an accept round's aborted ones closed)
+            held = min(_sockets_open() - before for _ in range(20) if not time.sleep(0.05))
+        finally:
+            for flood in floods:
+                flood.kill()
+                flood.wait()
+        assert 0 < held <= 4 + 2 * REFUSED_AT_ONCE, held
+        # The flood's last sockets (the kernel's accept queue) still arrive after it ended, for a moment:
+        # a request then may be refused, or reset (past the limit by REFUSED_AT_ONCE).
+        wait_until(lambda: _completes(srv), timeout=15)
+
+
+def _completes(srv) -> bool:
+    try:
+        return post(srv, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1}).status == 200
+    except ConnectionError:
+        return False
 
 
 def test_a_refused_request_with_a_large_body_still_reads_its_503(model):

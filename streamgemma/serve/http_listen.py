@@ -20,6 +20,9 @@ log = logging.getLogger("streamgemma.serve.http")
 address_log = logging.getLogger("streamgemma.serve.address")
 
 BUSY_WAIT_S = 2.0  # how long a connection refused for want of room may take to send its request
+# Connections refused with an answer at once, beyond which one is closed unanswered (on each port: a flood
+# of connections must not use up the file descriptors while they wait for their answer).
+REFUSED_AT_ONCE = 64
 UNCOUNTED_S = 1.0  # a handler made this long ago that is not connected yet never will be
 BUSY_BODY = json.dumps({"error": {"message": "too many connections; retry later", "type": "server_error",
                                   "code": "too_many_connections", "param": None}}).encode()
@@ -58,12 +61,13 @@ async def listen(runner: web.AppRunner, host: str, port: int, room: Callable[[in
     # aiohttp counts a connection once asyncio calls its connection_made, a loop step after the
     # factory; one accept round makes up to `backlog` (100) handlers before any of them is counted.
     made: list[tuple[web.RequestHandler, float]] = []
+    busy: set[_Busy] = set()
 
     def protocol() -> asyncio.Protocol:
         now = loop.time()
         made[:] = [(h, t) for h, t in made if h.transport is None and now - t < UNCOUNTED_S]
         if not room(len(made)):
-            return _Busy()
+            return _Busy(busy)
         made.append((h := handler(), now))
         return h
 
@@ -84,9 +88,16 @@ class _Busy(asyncio.Protocol):
     timer: asyncio.TimerHandle | None = None
     answered = False
 
+    def __init__(self, busy: set[_Busy]):
+        self.busy = busy  # those waiting for their answer now
+
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(BUSY_WAIT_S, transport.close)
+        if len(self.busy) >= REFUSED_AT_ONCE:
+            transport.abort()
+        else:
+            self.busy.add(self)
 
     def data_received(self, data: bytes) -> None:
         if not self.answered:
@@ -100,6 +111,7 @@ class _Busy(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.timer.cancel()
+        self.busy.discard(self)
 
 
 class _ParseErrorLog(logging.LoggerAdapter):

@@ -19,7 +19,7 @@ import ipaddress
 import itertools
 import logging
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 
 import anyio
@@ -34,7 +34,7 @@ from . import auth
 from .connection import WRITE_BUDGET, Connection
 from .engine import Engine
 from .http import HttpApi, HttpConfig
-from .http_listen import address_log, bind_failure, netloc
+from .http_listen import REFUSED_AT_ONCE, address_log, bind_failure, netloc
 from .limits import DEFAULT_LIMITS, Limits
 from .protocol import PATH
 from .pump import TokenPump
@@ -86,6 +86,7 @@ class Server:
         self.http: HttpApi | None = None
         self.max_connections = limits.max_connections  # lowered at start if the file limit is lower
         self.connections: set[Connection] = set()
+        self._accepted: set[_Counted] = set()  # the websocket port's sockets, handshakes included
         self.lost: list[str] = []  # after serve(): sessions not saved to a durable store
         self._numbers = itertools.count(1)
         self._stop = anyio.Event()
@@ -95,8 +96,9 @@ class Server:
         self.frames_queued = 0
 
     def open_connections(self) -> int:
-        """Connections open now, websocket and HTTP API together (`max_connections` bounds them)."""
-        return len(self.connections) + (self.http.connections if self.http is not None else 0)
+        """Connections open now, websocket and HTTP API together, those still in their handshake
+        included (`max_connections` bounds them)."""
+        return len(self._accepted) + (self.http.connections if self.http is not None else 0)
 
     @property
     def pump_seconds(self) -> float:
@@ -152,7 +154,9 @@ class Server:
                         ping_interval=limits.ping_interval, ping_timeout=limits.ping_timeout, close_timeout=5,
                         # Token frames are tens of bytes: deflating them costs more
                         # server CPU than it saves on the wire.
-                        compression=None))
+                        compression=None,
+                        create_connection=functools.partial(_Counted, accepted=self._accepted,
+                                                            refuse_at=lambda: self.max_connections + REFUSED_AT_ONCE)))
                 # address in use, no such host, port out of range, a name IDNA cannot encode
                 except (OSError, OverflowError, UnicodeError) as e:
                     raise ServeError(f"cannot listen on {netloc(self.host, self.port)}: {bind_failure(e)}") from None
@@ -244,7 +248,7 @@ class Server:
             return page or connection.respond(HTTPStatus.NOT_FOUND, f"not found: the websocket endpoint is {PATH}\n")
         if self.stopping:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down\n")
-        if self.open_connections() >= self.max_connections:
+        if self.open_connections() > self.max_connections:  # (this one is counted)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later\n")
         origin = request.headers.get("Origin")  # (with a token, the token is what keeps other sites out)
         if self.token is None and origin is not None \
@@ -277,7 +281,7 @@ class Server:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        if self.open_connections() >= self.max_connections:  # handshakes that raced past _check_request
+        if self.open_connections() > self.max_connections:  # handshakes that raced past _check_request
             await ws.close(1013, "too many connections; retry later")
             return
         conn = Connection(self, ws, next(self._numbers))
@@ -292,6 +296,27 @@ class Server:
 
 
 _WS_LOG = logging.getLogger("websockets.server")
+
+
+class _Counted(ServerConnection):
+    """A connection to the websocket port, counted from its accept to its close: one that never
+    sends its request holds a file descriptor until websockets' open_timeout. Past the limit by
+    REFUSED_AT_ONCE it is closed at once, unanswered (a flood must not use up the descriptors)."""
+
+    def __init__(self, *args, accepted: set[_Counted], refuse_at: Callable[[], int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accepted, self.refuse_at = accepted, refuse_at
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.accepted) >= self.refuse_at():
+            transport.abort()
+        else:
+            self.accepted.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.accepted.discard(self)
+        super().connection_lost(exc)
 
 
 def _select_subprotocol(connection: ServerConnection, offered) -> str | None:

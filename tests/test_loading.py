@@ -109,6 +109,36 @@ def test_save_load_round_trip_with_tokenizer_and_shards(tmp_path):
     assert s.position == len(tok.encode(text)) + 1
 
 
+def test_a_sharded_save_holds_one_shard_in_host_memory_and_shows_progress(tmp_path, monkeypatch, capsys):
+    """Every shard's tensors were copied to host memory before the first was written (a 9B model
+    on a GPU: 17 GB of host memory at once), and a long save showed nothing."""
+    import safetensors.torch
+
+    from streamgemma.model.checkpoint import Rule
+
+    model = sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=5, dtype="float32")
+    copied, written, real_save, real_copy = [0], [], safetensors.torch.save_file, Rule.to_source
+
+    def save_file(tensors, path, metadata=None):
+        written.append((len(tensors), copied[0]))  # (tensors in the shard, copies made so far)
+        copied[0] = 0
+        real_save(tensors, path, metadata=metadata)
+
+    def to_source(rule, t):
+        copied[0] += 1
+        return real_copy(rule, t)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(Rule, "to_source", to_source)
+    model.save(tmp_path / "many", max_shard_bytes=40_000, progress=True)
+    assert len(written) > 1 and all(n == made for n, made in written), written
+    err = capsys.readouterr().err
+    assert "saving many: 100%" in err and err.endswith("\n")
+    assert torch.equal(logits_of(sg.load(tmp_path / "many", progress=False)), logits_of(model))
+    model.save(tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_dtype_and_fingerprint(hf_dir):
     f32 = sg.load(hf_dir, dtype="float32")
     bf16 = sg.load(hf_dir, dtype=torch.bfloat16)

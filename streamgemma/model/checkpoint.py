@@ -1,4 +1,4 @@
-"""Checkpoint discovery, loading and saving (the weights' digest is in
+"""Checkpoint discovery and loading (saving is `save`; the weights' digest is in
 `fingerprint`, the device and dtype in `placement`).
 
 Formats a user has on disk:
@@ -23,7 +23,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from ..config import ATTENTION, GriffinConfig
 from ..errors import CheckpointError, ConfigError
 from ..progress import Progress
-from .fingerprint import SourceDigest, loaded_fingerprint, save_metadata
+from .fingerprint import SourceDigest, loaded_fingerprint
 from .griffin import Griffin
 from .quantize import FORMATS, Quantization, check_format, quantize_network, quantized_layout, quantized_weight_names
 
@@ -45,7 +44,7 @@ QUANT_METHOD = "streamgemma"  # config.json's quantization_config.quant_method o
 
 # -- key layouts ---------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class _Rule:
+class Rule:
     """Where a tensor of a checkpoint layout lands in the network.
 
     kind: "same" (copy), "transpose" (2-D), "conv" ([L, 1, K] <-> [K, L]).
@@ -80,44 +79,44 @@ class _Rule:
         return t
 
 
-def official_layout(network: Griffin) -> dict[str, _Rule]:
+def official_layout(network: Griffin) -> dict[str, Rule]:
     """The reference state dict: our parameter names, unchanged."""
-    return {name: _Rule(name) for name, _ in network.named_parameters()}
+    return {name: Rule(name) for name, _ in network.named_parameters()}
 
 
-def hf_layout(config: GriffinConfig) -> dict[str, _Rule]:
+def hf_layout(config: GriffinConfig) -> dict[str, Rule]:
     """transformers' RecurrentGemmaForCausalLM key names -> network parameters."""
-    rules = {"model.embed_tokens.weight": _Rule("embedder.input_embedding"),
-             "model.final_norm.weight": _Rule("final_norm.scale")}
+    rules = {"model.embed_tokens.weight": Rule("embedder.input_embedding"),
+             "model.final_norm.weight": Rule("final_norm.scale")}
     for i, kind in enumerate(config.block_types):
         hf, us = f"model.layers.{i}.", f"blocks.{i}."
-        rules[hf + "temporal_pre_norm.weight"] = _Rule(us + "temporal_pre_norm.scale")
-        rules[hf + "channel_pre_norm.weight"] = _Rule(us + "channel_pre_norm.scale")
+        rules[hf + "temporal_pre_norm.weight"] = Rule(us + "temporal_pre_norm.scale")
+        rules[hf + "channel_pre_norm.weight"] = Rule(us + "channel_pre_norm.scale")
         t = hf + "temporal_block."
         if kind == ATTENTION:
             a = us + "attention_block."
             for h_name, o_name in (("q_proj", "proj_q"), ("k_proj", "proj_k"), ("v_proj", "proj_v"),
                                    ("o_proj", "proj_final")):
-                rules[t + h_name + ".weight"] = _Rule(a + o_name + ".weight")
-            rules[t + "o_proj.bias"] = _Rule(a + "proj_final.bias")
+                rules[t + h_name + ".weight"] = Rule(a + o_name + ".weight")
+            rules[t + "o_proj.bias"] = Rule(a + "proj_final.bias")
         else:
             r = us + "recurrent_block."
             for lin in ("linear_x", "linear_y", "linear_out"):
-                rules[t + lin + ".weight"] = _Rule(r + lin + ".weight")
-                rules[t + lin + ".bias"] = _Rule(r + lin + ".bias")
-            rules[t + "conv_1d.weight"] = _Rule(r + "conv_1d.w", "conv")
-            rules[t + "conv_1d.bias"] = _Rule(r + "conv_1d.b")
-            rules[t + "rg_lru.recurrent_param"] = _Rule(r + "rg_lru.a_param")
-            rules[t + "rg_lru.input_gate_weight"] = _Rule(r + "rg_lru.input_gate.w")
-            rules[t + "rg_lru.input_gate_bias"] = _Rule(r + "rg_lru.input_gate.b")
-            rules[t + "rg_lru.recurrent_gate_weight"] = _Rule(r + "rg_lru.a_gate.w")
-            rules[t + "rg_lru.recurrent_gate_bias"] = _Rule(r + "rg_lru.a_gate.b")
+                rules[t + lin + ".weight"] = Rule(r + lin + ".weight")
+                rules[t + lin + ".bias"] = Rule(r + lin + ".bias")
+            rules[t + "conv_1d.weight"] = Rule(r + "conv_1d.w", "conv")
+            rules[t + "conv_1d.bias"] = Rule(r + "conv_1d.b")
+            rules[t + "rg_lru.recurrent_param"] = Rule(r + "rg_lru.a_param")
+            rules[t + "rg_lru.input_gate_weight"] = Rule(r + "rg_lru.input_gate.w")
+            rules[t + "rg_lru.input_gate_bias"] = Rule(r + "rg_lru.input_gate.b")
+            rules[t + "rg_lru.recurrent_gate_weight"] = Rule(r + "rg_lru.a_gate.w")
+            rules[t + "rg_lru.recurrent_gate_bias"] = Rule(r + "rg_lru.a_gate.b")
         m, mm = hf + "mlp_block.", us + "mlp_block."
         for j, proj in enumerate(("gate_proj", "up_proj")):
-            rules[m + proj + ".weight"] = _Rule(mm + "ffw_up.w", "transpose", (j,))
-            rules[m + proj + ".bias"] = _Rule(mm + "ffw_up.b", "same", (j, 0, 0))
-        rules[m + "down_proj.weight"] = _Rule(mm + "ffw_down.weight")
-        rules[m + "down_proj.bias"] = _Rule(mm + "ffw_down.bias")
+            rules[m + proj + ".weight"] = Rule(mm + "ffw_up.w", "transpose", (j,))
+            rules[m + proj + ".bias"] = Rule(mm + "ffw_up.b", "same", (j, 0, 0))
+        rules[m + "down_proj.weight"] = Rule(mm + "ffw_down.weight")
+        rules[m + "down_proj.bias"] = Rule(mm + "ffw_down.bias")
     return rules
 
 
@@ -344,7 +343,7 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
             quantize_network(network, saved.format, saved.fingerprint)
         except ValueError as e:  # (a config edited after the save, e.g. a width int4 cannot take)
             raise CheckpointError(f"{ckpt.config_file}: {e}") from None
-        layout = quantized_layout(layout, quantized_weight_names(network), _Rule)
+        layout = quantized_layout(layout, quantized_weight_names(network), Rule)
     scales = {r.target for k, r in layout.items() if k.endswith("_scale") and saved is not None}
     requantize = quantize is not None and saved is None
     digest = SourceDigest(network) if saved is None else None
@@ -408,7 +407,7 @@ def _config_beside(path: Path) -> GriffinConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _check_tensors(ckpt: Checkpoint, sources: list, layout: dict[str, _Rule], params: dict) -> None:
+def _check_tensors(ckpt: Checkpoint, sources: list, layout: dict[str, Rule], params: dict) -> None:
     """The checkpoint has each tensor the config implies, once, in the shape it implies."""
     keys = [s[0] for s in sources]
     present = set(keys)
@@ -426,93 +425,10 @@ def _check_tensors(ckpt: Checkpoint, sources: list, layout: dict[str, _Rule], pa
         raise CheckpointError(f"{where}: unexpected tensor(s) not in a {ckpt.format} RecurrentGemma "
                               f"checkpoint of this config: {', '.join(repr(k) for k in unexpected[:5])}")
     if "lm_head.weight" in present:
-        layout["lm_head.weight"] = _Rule("embedder.input_embedding")  # tied: shape-checked, then skipped
+        layout["lm_head.weight"] = Rule("embedder.input_embedding")  # tied: shape-checked, then skipped
     config = ckpt.config_file if ckpt.format == "hf" else "inferred from the state dict and hyper-parameters"
     for key, file, _, shape, _ in sources:
         expected = layout[key].source_shape(tuple(params[layout[key].target].shape))
         if shape != expected:
             raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)} but the config "
                                   f"({config}) implies {list(expected)}")
-
-
-# -- saving --------------------------------------------------------------------------
-def save_hf(network: Griffin, directory: Path, max_shard_bytes: int = 4 * 1024**3,
-            extra_files: Mapping[str, Callable[[str], None] | None] | None = None,
-            fingerprint: str | None = None) -> None:
-    """Write `network` as a Hugging Face checkpoint (config.json + safetensors,
-    sharded with an index file above `max_shard_bytes`), and `extra_files`
-    (name: a writer of that path, or None: no such file); the model's
-    `fingerprint`, where its weights as written give another. Every file is
-    written under a temporary name first and renamed into place only when
-    all are written, config.json last: a failed save leaves the checkpoint
-    that was there before."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    params = dict(network.named_parameters())
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    layout = hf_layout(network.config)
-    if network.quantization is not None:
-        layout = quantized_layout(layout, quantized_weight_names(network), _Rule)
-    for key, rule in layout.items():
-        t = params[rule.target].detach()
-        t = t[rule.index] if rule.index else t
-        t = rule.to_source(t).contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    meta = {"format": "pt", **(save_metadata(network, fingerprint) if fingerprint else {})}
-    staged: list[tuple[str, Path]] = []  # (temporary path, final path), in commit order
-
-    def stage(name: str, write: Callable[[str], None]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        staged.append((tmp, directory / name))
-        write(tmp)
-
-    try:
-        if len(shards) == 1:
-            stage(HF_SINGLE, lambda path: save_file(shards[0], path, metadata=meta))
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                stage(name, lambda path, shard=shard: save_file(shard, path, metadata=meta))
-                weight_map.update({k: name for k in shard})
-            total = sum(p.numel() * p.element_size() for p in network.parameters())
-            index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-            stage(HF_INDEX, lambda path: Path(path).write_text(index))
-        for name, write in (extra_files or {}).items():
-            if write is not None:
-                stage(name, write)
-        config = json.dumps(_hf_config(network), indent=2)
-        stage("config.json", lambda path: Path(path).write_text(config))
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    finals = {final for _, final in staged}
-    gone = [p for p in [*directory.glob("model*.safetensors"), directory / HF_INDEX] if p not in finals]
-    gone += [directory / name for name, write in (extra_files or {}).items() if write is None]
-    for old in gone:  # (another sharding's files, a file the model no longer has)
-        old.unlink(missing_ok=True)
-    for tmp, final in staged:
-        os.replace(tmp, final)
-
-
-def _hf_config(network: Griffin) -> dict:
-    """config.json of a saved network (transformers' keys; the quantization it was saved with)."""
-    hf_config = network.config.to_hf_dict()
-    hf_config["torch_dtype"] = str(network.dtype).removeprefix("torch.")
-    if network.quantization is not None:
-        q = network.quantization
-        scales = ("per group of input channels of an output channel (group = row length / scale columns), "
-                  "float32; two weights a byte, low nibble first, stored + 8") if q.format == "int4" \
-            else "per output channel, float32"
-        hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": q.format,
-                                            "scales": scales, "fingerprint": q.fingerprint}
-    return hf_config

@@ -25,6 +25,7 @@ from ..model.griffin import Griffin
 from ..model.placement import resolve_device_dtype
 from ..model.pool import StatePool, available_memory
 from ..model.quantize import check_format, quantize_network
+from ..model.save import save_hf
 from ..sampling.filters import device_kernel
 from ..sampling.graphs import FilterGraphs
 from ..tokenizer import Tokenizer
@@ -206,14 +207,15 @@ class Model:
         return self.restore(snapshot_format.read_file(path, self.config), threads)
 
     def save(self, directory: str | os.PathLike, max_shard_bytes: int = 4 * 1024**3, *,
-             quantized: bool | None = None) -> None:
+             quantized: bool | None = None, progress: bool | None = None) -> None:
         """Write the model in the Hugging Face layout (config.json, safetensors,
         tokenizer.model) so `streamgemma.load` and transformers can read it.
         A quantized model is written quantized (int8 / fp8 tensors and their
         scales, the format in config.json: docs/quantization.md), which
         `streamgemma.load` reads back without quantizing again; transformers
         cannot read that. quantized: True or False asserts which of the two
-        is written (ValueError when the model is the other kind)."""
+        is written (ValueError when the model is the other kind). progress:
+        show a progress line (default: when stderr is a terminal)."""
         if quantized is not None and bool(quantized) != (self.quantization is not None):
             have = f"{self.quantization} weights" if self.quantization else "unquantized weights"
             raise ValueError(f"save(quantized={quantized}): this model has {have}; quantize at load time "
@@ -221,8 +223,8 @@ class Model:
                              "original checkpoint for an unquantized one")
         # (None: a tokenizer an earlier save left there would be loaded as this model's)
         tokenizer = self.tokenizer.save if self.tokenizer is not None else None
-        weights.save_hf(self.network, Path(directory), max_shard_bytes=max_shard_bytes,
-                        extra_files={"tokenizer.model": tokenizer}, fingerprint=self._saved_fingerprint())
+        save_hf(self.network, Path(directory), max_shard_bytes=max_shard_bytes,
+                extra_files={"tokenizer.model": tokenizer}, fingerprint=self._saved_fingerprint(), progress=progress)
 
     def _saved_fingerprint(self) -> str | None:
         """The fingerprint a save records beside the weights' own: one given at load, while the weights are

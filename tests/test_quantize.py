@@ -258,3 +258,14 @@ def test_bench_quantize_flag_and_command(tmp_path):
         assert r["formats"][fmt]["positions"] == 40
         assert r["formats"][fmt]["top1_agreement"] >= MIN_TOP1[fmt] - 0.1
         assert 0 < r["formats"][fmt]["rel_error"] < MAX_REL[fmt]
+
+
+def test_quantizing_at_load_shows_its_progress(tmp_path, capsys):
+    """Quantizing a 2B model on a CPU takes ~30 s after the load's progress line ended, showing nothing."""
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, dtype="float32").save(tmp_path)
+    sg.load(tmp_path, quantize="int8", progress=True)
+    err = capsys.readouterr().err
+    layers = len(sg.GriffinConfig.preset("tiny").block_types) + 1
+    assert f"quantizing to int8: 100% ({layers}/{layers})" in err, err
+    sg.load(tmp_path, quantize="int8", progress=False)
+    assert capsys.readouterr().err == ""

@@ -383,7 +383,7 @@ def load_network(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     bar.close()
     fp = loaded_fingerprint(digest.hexdigest(), metadata) if digest is not None else saved.fingerprint
     if requantize:
-        quantize_network(network, quantize, fp, device=device)
+        quantize_network(network, quantize, fp, device=device, progress=progress)
         network = network.to(device)
     return network, fp
 

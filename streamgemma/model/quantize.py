@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ATTENTION
+from ..progress import Progress
 
 # format -> (storage dtype, largest magnitude a scaled weight may take)
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0), "int4": (torch.uint8, 7.0)}
@@ -232,13 +233,15 @@ class Quantization:
     fingerprint: str
 
 
-def quantize_network(network, fmt: str, fingerprint: str, device: torch.device | None = None) -> None:
+def quantize_network(network, fmt: str, fingerprint: str, device: torch.device | None = None,
+                     progress: bool | None = None) -> None:
     """Replace, in place, every large matrix of `network` (a Griffin) by its
     `fmt` quantization. On the meta device only the structure changes (a
     checkpoint's quantized tensors are then loaded into it). `fingerprint`:
     the digest of the unquantized weights, kept as the network's identity.
     device: where the quantized matrices are computed and kept (default: the
-    network's); the caller moves the rest of the network there."""
+    network's); the caller moves the rest of the network there. progress: show
+    a progress line, a layer at a time (default: when stderr is a terminal)."""
     check_format(fmt)
     if network.quantization is not None:
         raise ValueError(f"the network is already quantized ({network.quantization.format})")
@@ -253,6 +256,7 @@ def quantize_network(network, fmt: str, fingerprint: str, device: torch.device |
     fill = network.device.type != "meta"
     device = network.device if device is None else device
     cfg = network.config
+    bar = Progress(f"quantizing to {fmt}", len(network.blocks) + 1, unit="layers", enabled=progress if fill else False)
     with torch.no_grad():
         for block in network.blocks:
             if block.kind == ATTENTION:
@@ -271,12 +275,15 @@ def quantize_network(network, fmt: str, fingerprint: str, device: torch.device |
                 up.w.data, up.w_scale.data = quantize_rows(mlp.ffw_up.w.detach().to(device).transpose(1, 2), fmt)
                 up.b.data = mlp.ffw_up.b.detach()
             mlp.ffw_up = up
+            bar.advance(1)
         old = network.embedder
         emb = QuantEmbedder(cfg.vocab_size, cfg.width, old.scale, fmt, dtype, device)
         if fill:
             emb.input_embedding.data, emb.input_embedding_scale.data = quantize_rows(
                 old.input_embedding.detach().to(device), fmt)
         network.embedder = emb
+    bar.advance(1)
+    bar.close()
     network.quantization = Quantization(fmt, fingerprint)
 
 

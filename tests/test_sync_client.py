@@ -105,3 +105,45 @@ def test_ctrl_c_inside_a_sync_generate_loop_cancels_the_generation(model):
                 time.sleep(0.01)
             assert len(session.complete(" more", max_tokens=2, stop_token_ids=[])) >= 0  # usable again
             del sys.last_traceback
+
+
+@pytest.mark.parametrize("where", ["handing the reader to the loop", "waiting for the third token"])
+def test_ctrl_c_anywhere_in_the_loop_cancels_the_generation(model, where, monkeypatch):
+    """Ctrl-C landing while the iterator handed a read to the loop's thread (not while it waited on
+    one): the read ran on, closing the iterator failed ("already running", silenced), and the server
+    generated on to max_tokens. Raised here from the hand-over itself, and from a wait."""
+    import time
+
+    from streamgemma.client.portal import Feed
+
+    engine = Engine(model, max_active=2)
+    with serve_in_thread(Server(engine, port=0)) as url:
+        with sg.Client.connect_sync(url) as client:
+            session = client.open(seed=4)
+            session.append("The Python")
+            portal = session._portal
+            real_start, real_get, got = portal.start_task_soon, Feed.get, [0]
+
+            def start_task_soon(fn, *args):
+                real_start(fn, *args)
+                raise KeyboardInterrupt
+
+            def get(feed):
+                got[0] += 1
+                if got[0] == 3:
+                    raise KeyboardInterrupt
+                return real_get(feed)
+
+            if where == "handing the reader to the loop":
+                monkeypatch.setattr(portal, "start_task_soon", start_task_soon)
+            else:
+                monkeypatch.setattr(Feed, "get", get)
+            with pytest.raises(KeyboardInterrupt):
+                for _ in session.generate(max_tokens=4000, stop_token_ids=[]):
+                    pass
+            monkeypatch.undo()
+            deadline = time.monotonic() + 10
+            while engine.sessions[session.id].generation is not None:
+                assert time.monotonic() < deadline, "the server is still generating"
+                time.sleep(0.01)
+            assert session.complete(" more", max_tokens=2, stop_token_ids=[]) is not None  # usable again

@@ -13,7 +13,6 @@ routes them to the request or generation waiting for them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -30,7 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from ..serve.auth import RedactingLogger, bearer_subprotocols, header_value
 from ..types import Token
 from .events import ConnectionClosedError, GenerationRoute, Reply, ServerError, refusal
-from .portal import daemon_portal
+from .portal import Feed, daemon_portal
 from .session import ClientSession
 
 
@@ -346,30 +345,21 @@ class SyncSession:
         self._portal.call(self.session.send_append, text_or_tokens)
 
     def generate(self, **sampling: Any) -> Iterator[Token]:
-        """Tokens as they arrive; leaving the loop early cancels the generation."""
-        tokens = self.session.generate(**sampling)
+        """Tokens as they arrive; leaving the loop early (Ctrl-C included) cancels the generation."""
+        feed = Feed(self.session.generate(**sampling))
         try:
+            self._portal.start_task_soon(feed.run)
             while True:
-                read = self._portal.start_task_soon(tokens.__anext__)
                 try:
-                    token = read.result()
-                except StopAsyncIteration:
+                    token = feed.get()
+                except StopIteration:
                     return
-                except BaseException:
-                    if not read.done():  # Ctrl-C here: the read goes on in the loop's thread
-                        self._interrupted(read)
-                    raise
                 yield token
         finally:
             # (A generator finalized after the client closed has nothing left to stop.)
             with contextlib.suppress(RuntimeError):
-                self._portal.call(tokens.aclose)
-
-    def _interrupted(self, read: concurrent.futures.Future) -> None:
-        """Cancel the generation `read` waits on and let `read` end, so the iterator can close."""
-        with contextlib.suppress(Exception):  # (not closed, the server generated on to max_tokens)
-            self._portal.call(self.session.cancel)
-            concurrent.futures.wait([read], timeout=self.session.client.timeout)
+                self._portal.call(feed.stop)
+                feed.finished.wait(self.session.client.timeout)  # (the server's `done`, at most that long)
 
     def complete(self, text_or_tokens: str | Sequence[int], **sampling: Any) -> str:
         return self._portal.call(lambda: self.session.complete(text_or_tokens, **sampling))

@@ -1,8 +1,10 @@
 """`daemon_portal`: an anyio blocking portal for `SyncClient`, its event
-loop in a daemon thread."""
+loop in a daemon thread; `Feed`: an async iterator read from a blocking thread."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 
 import anyio
@@ -35,3 +37,52 @@ def daemon_portal() -> tuple[anyio.from_thread.BlockingPortal, threading.Thread]
     if isinstance(handed[0], BaseException):
         raise handed[0]
     return handed[0], thread
+
+
+_END = object()
+
+
+class Feed:
+    """An async iterator read from a blocking thread: one task in the portal's loop reads it into a
+    queue (`run`), the thread takes items (`get`), and `stop` (from the thread, through the portal)
+    cancels that task wherever it is, its iterator's clean-up included. Every step of the thread's
+    side may be interrupted (Ctrl-C) and `stop` still ends the task: one read handed to the loop per
+    item left a read running that nothing could stop."""
+
+    def __init__(self, items):
+        self.items = items
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.finished = threading.Event()  # the task has ended, or will never touch the iterator
+        self._scope: anyio.CancelScope | None = None
+        self._stopped = False
+
+    async def run(self) -> None:
+        if self._stopped:  # (stopped before it started)
+            return
+        try:
+            with anyio.CancelScope() as self._scope:
+                async with contextlib.aclosing(self.items):
+                    async for item in self.items:
+                        self.queue.put(item)
+                self.queue.put(_END)
+        except Exception as e:  # noqa: BLE001 - raised in the thread that reads
+            self.queue.put(e)
+        finally:
+            self.finished.set()
+
+    def get(self):
+        """The next item (blocking); StopIteration at the end; the iterator's error raised here."""
+        item = self.queue.get()
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        """In the portal's loop: end the task (or keep it from starting)."""
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+        else:
+            self.finished.set()

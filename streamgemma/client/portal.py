@@ -59,15 +59,17 @@ class Feed:
     async def run(self) -> None:
         if self._stopped:  # (stopped before it started)
             return
+        last: object = ConnectionError("the client was closed during the generation")  # (its loop cancelled us)
         try:
             with anyio.CancelScope() as self._scope:
                 async with contextlib.aclosing(self.items):
                     async for item in self.items:
                         self.queue.put(item)
-                self.queue.put(_END)
+            last = _END
         except Exception as e:  # noqa: BLE001 - raised in the thread that reads
-            self.queue.put(e)
+            last = e
         finally:
+            self.queue.put(last)
             self.finished.set()
 
     def get(self):

@@ -121,12 +121,18 @@ class ClientsFailed(StreamgemmaError, RuntimeError):
     """A client process of the benchmark failed (e.g. the server cannot be reached)."""
 
 
-def _failure(queue, url: str, timeout: float) -> ClientsFailed:
+def _failure(queue, url: str, timeout: float, procs: int) -> ClientsFailed:
+    """Why the barrier broke: the first process's own error (the others then report the barrier)."""
+    reasons = []
     try:
-        status, payload = queue.get(timeout=5)
-    except Exception:  # noqa: BLE001 - (queue.Empty) no process said why: they were not ready in time
+        while len(reasons) < procs:
+            reasons.append(queue.get(timeout=5)[1])
+    except Exception:  # noqa: BLE001 - (queue.Empty) the rest said nothing more
+        pass
+    causes = [r for r in reasons if not r.startswith("BrokenBarrierError")]
+    if not causes:
         return ClientsFailed(f"the clients were not ready to generate within {timeout:g} s ({url})")
-    return ClientsFailed(f"a client process failed against {url}: {payload}")
+    return ClientsFailed(f"a client process failed against {url}: {causes[0]}")
 
 
 def run_clients(url: str, token: str | None, clients: int, procs: int, opts: dict) -> tuple[float, list[dict]]:
@@ -144,7 +150,7 @@ def run_clients(url: str, token: str | None, clients: int, procs: int, opts: dic
         try:
             barrier.wait(timeout=opts["timeout"])
         except threading.BrokenBarrierError:  # a worker failed (it aborts the barrier), or a timeout
-            raise _failure(queue, url, opts["timeout"]) from None
+            raise _failure(queue, url, opts["timeout"], procs) from None
         released = time.monotonic()
         records = []
         for _ in workers:

@@ -372,11 +372,13 @@ def test_expiry_leaves_the_prefix_caches_entries_to_the_cache(tmp_path):
 def test_the_connection_limit_stays_below_the_file_limit(monkeypatch):
     resource = pytest.importorskip("resource")
     from streamgemma.serve import server as server_module
+    from streamgemma.serve.http_listen import REFUSED_AT_ONCE
 
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 256))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (512, 512))
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: None)
-    assert server_module._connections_allowed(1024) == 256 - server_module.RESERVED_FDS
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 4096))
+    # (the connections refused while they wait for their 503 hold descriptors too, on each port)
+    assert server_module._connections_allowed(1024) == 512 - server_module.RESERVED_FDS - 2 * REFUSED_AT_ONCE
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (512, 4096))
     assert server_module._connections_allowed(1024) == 1024  # raised the soft limit
 
 

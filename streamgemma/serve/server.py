@@ -340,14 +340,14 @@ def _connections_allowed(wanted: int) -> int:
     except ImportError:  # not POSIX
         return wanted
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = wanted + RESERVED_FDS
+    need = wanted + RESERVED_FDS + 2 * REFUSED_AT_ONCE  # (each port's refused connections wait for their 503)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         if soft < need:
-            allowed = max(1, soft - RESERVED_FDS)
+            allowed = max(1, soft - RESERVED_FDS - 2 * REFUSED_AT_ONCE)
             log.warning("the file limit (%d) allows %d connections, not %d: raise it (ulimit -n) for more",
                         soft, allowed, wanted)
             return allowed

@@ -256,3 +256,38 @@ def test_load_of_a_non_path_is_a_type_error_naming_it():
 
     with pytest.raises(TypeError, match="path must be"):
         sg.load(123)
+
+
+def test_ctrl_c_during_a_long_feed_keeps_the_session_consistent(monkeypatch):
+    """Ctrl-C mid-feed left the state advanced by the chunks done while `position`'s host side,
+    `recent_ids` and the logits were those of before the feed: generate() sampled from stale logits
+    and a snapshot stored them. Now the feed ends at a chunk's end, keeping the chunks consumed."""
+    import os
+    import signal
+
+    import streamgemma as sg
+
+    model = sg.load("demo")
+    model.prefill_chunk = 64
+    ids = [2] + [5 + i % 200 for i in range(400)]
+    s = model.session(seed=0)
+    real, calls = model.prefill, [0]
+
+    def prefill(slot, tokens, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # (delivered while the third chunk runs)
+        return real(slot, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model, "prefill", prefill)
+    with pytest.raises(KeyboardInterrupt):
+        s.feed(ids)
+    monkeypatch.undo()
+    assert s.position == 3 * 64 and len(s.recent_ids) == 3 * 64
+    fresh = model.session(seed=0)
+    fresh.feed(ids[:3 * 64])
+    assert torch.equal(s.logits, fresh.logits)
+    s.feed(ids[3 * 64:])  # the rest, resent, continues as one feed would have
+    whole = model.session(seed=0)
+    whole.feed(ids)
+    assert torch.allclose(s.logits, whole.logits, atol=1e-5)

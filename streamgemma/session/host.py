@@ -5,6 +5,9 @@ generation). It is defined here once; snapshots store its `to_extra()`."""
 from __future__ import annotations
 
 import array
+import contextlib
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -162,3 +165,22 @@ class HostState:
             state.logits = torch.frombuffer(bytearray(logits), dtype=torch.float32).to(device)
         state.stopped = extra.get("stopped")
         return state
+
+
+@contextlib.contextmanager
+def whole_on_interrupt() -> Iterator[None]:
+    """While inside, Ctrl-C waits for the block to end and then raises KeyboardInterrupt, so a
+    chunk of input is consumed whole or not at all (its state is written layer by layer). Only
+    in the main thread, and only over Python's own handler (an application's stays as it is)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt

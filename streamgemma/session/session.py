@@ -20,7 +20,7 @@ from ..tokenizer import END_OF_TURN
 from ..types import Token
 from . import snapshot as snapshot_format
 from .generation import Generation, sampled_vocab
-from .host import HostState
+from .host import HostState, whole_on_interrupt
 from .store import write_file_atomic
 
 
@@ -209,7 +209,8 @@ class Session:
 
         Text is tokenized with the model's tokenizer; BOS is prepended when
         add_bos is True, or when it is None (default) and the session is at
-        position 0. Token ids are consumed as given.
+        position 0. Token ids are consumed as given. Ctrl-C ends a long feed
+        at the end of a chunk: the chunks consumed stay (`position` counts them).
         """
         self._check_open()
         if isinstance(ids_or_text, str):
@@ -228,9 +229,12 @@ class Session:
             ids = check_token_ids(ids_or_text, self.model.config.vocab_size)
         if not ids:
             raise ValueError("feed() got no tokens")
-        with self.model.lock:
-            logits = self.model.prefill(self.slot, ids)
-        self.state.consume(ids, logits)
+        with self.model.lock:  # chunk by chunk, so one interrupted keeps those before it (and `position`)
+            for start in range(0, len(ids), self.model.prefill_chunk):
+                part = ids[start:start + self.model.prefill_chunk]
+                with whole_on_interrupt():
+                    logits = self.model.prefill(self.slot, part)
+                    self.state.consume(part, logits)
         return logits
 
     # -- generation --------------------------------------------------------------------

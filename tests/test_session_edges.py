@@ -291,3 +291,28 @@ def test_ctrl_c_during_a_long_feed_keeps_the_session_consistent(monkeypatch):
     whole = model.session(seed=0)
     whole.feed(ids)
     assert torch.allclose(s.logits, whole.logits, atol=1e-5)
+
+
+def test_an_empty_model_path_is_refused_not_the_current_directory(tmp_path, monkeypatch):
+    import streamgemma as sg
+
+    sg.Model.random(sg.GriffinConfig.preset("tiny"), seed=0, dtype="float32").save(tmp_path)
+    monkeypatch.chdir(tmp_path)  # (a checkpoint here was loaded by sg.load(""))
+    for path in ("", "  "):
+        with pytest.raises(ValueError, match="the model path is empty"):
+            sg.load(path)
+
+
+def test_engine_append_refuses_bytes_instead_of_taking_each_byte_for_a_token(model):
+    import anyio
+
+    from streamgemma.serve.engine import Engine
+
+    async def main():
+        engine = Engine(model, max_active=1)
+        es = await engine.open(seed=0)
+        for data in (b"Hello", bytearray(b"Hi"), memoryview(b"Hi")):
+            with pytest.raises(TypeError, match="decode bytes to text first"):
+                engine.append(es, data)
+
+    anyio.run(main, backend="asyncio")

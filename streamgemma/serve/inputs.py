@@ -104,6 +104,9 @@ class InputQueues:
             if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
                 bad = next(t for t in ids if not 0 <= t < self.vocab_size)
                 raise InvalidValueError("tokens", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        elif isinstance(ids, (bytes, bytearray, memoryview)):  # (each byte was taken for a token id)
+            raise TypeError(f"append takes text or a sequence of token ids, got {type(ids).__name__}: decode "
+                            "bytes to text first")
         else:
             ids = array.array("i", check_token_ids(ids, self.vocab_size))
         if not ids:

@@ -433,6 +433,8 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, quantize: str | No
         raise ValueError(f"threads must be an int >= 1, got {threads!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or a path, got {short(path)}")
+    if not str(path).strip():  # (e.g. --model "$MODEL" with MODEL unset: it loaded the current directory)
+        raise ValueError("the model path is empty: name a checkpoint directory, file, Hub id or 'demo'")
     # arguments are checked before a Hub download
     check_format(quantize)
     if config is not None and not isinstance(config, GriffinConfig):

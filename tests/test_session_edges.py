@@ -316,3 +316,16 @@ def test_engine_append_refuses_bytes_instead_of_taking_each_byte_for_a_token(mod
                 engine.append(es, data)
 
     anyio.run(main, backend="asyncio")
+
+
+def test_logits_returned_by_feed_and_step_are_the_callers_to_change(model):
+    """They were the session's own tensor: masking one in place changed what generate() sampled."""
+    s, t = model.session(seed=0), model.session(seed=0)
+    first = s.feed(PROMPT)
+    t.feed(PROMPT)
+    first[first.argmax()] = float("-inf")
+    s.step(3)[:] = 0
+    t.step(3)
+    assert torch.equal(s.logits, t.logits)
+    assert [x.id for x in s.generate(max_tokens=5, temperature=0)] == \
+        [x.id for x in t.generate(max_tokens=5, temperature=0)]

@@ -190,22 +190,24 @@ class Session:
 
     @property
     def logits(self) -> torch.Tensor | None:
-        """float32 next-token logits [vocab] (None before any input)."""
+        """float32 next-token logits [vocab] (None before any input): the session's own
+        tensor, which its sampling and snapshots read: clone it before changing it in place."""
         return self.state.logits
 
     def step(self, token_id: int) -> torch.Tensor:
         """Consume one token; return float32 logits [vocab] (on the model's
-        device) for the next token."""
+        device) for the next token: a copy, the caller's to change."""
         self._check_open()
         (token,) = check_token_ids([token_id], self.model.config.vocab_size)
         with self.model.lock:
             logits = self.model.decode([self.slot], [token])[0]
         self.state.consume([token], logits)
-        return logits
+        return logits.clone()  # (masked in place, the session's own would change what it samples next)
 
     def feed(self, ids_or_text: Sequence[int] | str, add_bos: bool | None = None) -> torch.Tensor:
         """Consume many tokens with the parallel path (chunked, so any length
-        runs in bounded memory); return float32 logits [vocab] after the last.
+        runs in bounded memory); return float32 logits [vocab] after the last
+        (a copy, the caller's to change).
 
         Text is tokenized with the model's tokenizer; BOS is prepended when
         add_bos is True, or when it is None (default) and the session is at
@@ -235,7 +237,7 @@ class Session:
                 with whole_on_interrupt():
                     logits = self.model.prefill(self.slot, part)
                     self.state.consume(part, logits)
-        return logits
+        return logits.clone()
 
     # -- generation --------------------------------------------------------------------
     def generate(self, max_tokens: int | None = 256, temperature: float = 1.0, top_k: int = 0,

@@ -329,3 +329,19 @@ def test_logits_returned_by_feed_and_step_are_the_callers_to_change(model):
     assert torch.equal(s.logits, t.logits)
     assert [x.id for x in s.generate(max_tokens=5, temperature=0)] == \
         [x.id for x in t.generate(max_tokens=5, temperature=0)]
+
+
+def test_bad_arguments_of_snapshot_warm_up_and_save_are_clear_errors(model, tmp_path):
+    """zstandard's TypeError about 'str' objects, a '<' between str and int, and a save writing a
+    file per tensor for max_shard_bytes=0 (review)."""
+    s = model.session(seed=0)
+    s.feed(PROMPT)
+    for level in ("1", 1.5, True):
+        with pytest.raises(TypeError, match="level must be an int"):
+            s.snapshot(level=level)
+    with pytest.raises(TypeError, match="max_batch must be an integer"):
+        model.warm_up("2")
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="max_shard_bytes must be in"):
+            model.save(tmp_path / "x", max_shard_bytes=size)
+    assert not (tmp_path / "x").exists()

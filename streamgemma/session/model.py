@@ -216,6 +216,7 @@ class Model:
         cannot read that. quantized: True or False asserts which of the two
         is written (ValueError when the model is the other kind). progress:
         show a progress line (default: when stderr is a terminal)."""
+        check_int("max_shard_bytes", max_shard_bytes, 1)  # (0 or -1 wrote a file per tensor)
         if quantized is not None and bool(quantized) != (self.quantization is not None):
             have = f"{self.quantization} weights" if self.quantization else "unquantized weights"
             raise ValueError(f"save(quantized={quantized}): this model has {have}; quantize at load time "
@@ -242,8 +243,8 @@ class Model:
         otherwise the first generation waits ~1 s for compilation, and every
         stream stalls while a new batch size's graph is captured. Returns the
         seconds spent; on the CPU there is nothing to prepare (returns 0)."""
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
+        check_int("max_batch", max_batch, 1)
+        check_int("prompt_tokens", prompt_tokens, 1)
         if self.device.type != "cuda":
             return 0.0
         from ..sampling.params import SamplingParams

@@ -196,6 +196,8 @@ def encode_contents(contents: SnapshotContents, level: int = COMPRESSION_LEVEL,
     (bench/NOTES.md, "Snapshots"). The frames are compressed on up to
     `threads` threads (None: one per core, at most 16); the bytes do not
     depend on it."""
+    if isinstance(level, bool) or not isinstance(level, int):  # (zstandard's own error named no argument)
+        raise TypeError(f"level must be an int (a zstd level), got {type(level).__name__}")
     _require_little_endian()
     _check_writable(contents)
     layers = []

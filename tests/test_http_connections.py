@@ -94,6 +94,23 @@ def test_a_burst_of_connections_does_not_pass_the_limit_together(model):
             burst.wait()
 
 
+def test_closed_connections_stop_counting_at_once(model):
+    """A closed handler has no transport, as one not yet connected: it was counted as "accepted, not
+    counted yet" for a second, and clients opening a connection per request got 503s with one open."""
+    import http.client
+
+    with http_server(model, limits=sg.Limits(max_connections=3)) as srv:
+        statuses = []
+        for _ in range(30):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.http.port, timeout=10)
+            conn.request("GET", "/health")
+            reply = conn.getresponse()
+            reply.read()
+            conn.close()
+            statuses.append(reply.status)
+        assert statuses == [200] * 30, statuses
+
+
 def test_websocket_handshakes_in_progress_count_toward_the_limit(model):
     """A connection to the websocket port was counted only once its handshake was done: ones that
     never sent a request held a file descriptor each (for websockets' open_timeout), uncounted."""

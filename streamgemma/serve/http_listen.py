@@ -23,7 +23,6 @@ BUSY_WAIT_S = 2.0  # how long a connection refused for want of room may take to 
 # Connections refused with an answer at once, beyond which one is closed unanswered (on each port: a flood
 # of connections must not use up the file descriptors while they wait for their answer).
 REFUSED_AT_ONCE = 64
-UNCOUNTED_S = 1.0  # a handler made this long ago that is not connected yet never will be
 BUSY_BODY = json.dumps({"error": {"message": "too many connections; retry later", "type": "server_error",
                                   "code": "too_many_connections", "param": None}}).encode()
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -60,15 +59,17 @@ async def listen(runner: web.AppRunner, host: str, port: int, room: Callable[[in
     handler, loop = runner.server, asyncio.get_running_loop()
     # aiohttp counts a connection once asyncio calls its connection_made, a loop step after the
     # factory; one accept round makes up to `backlog` (100) handlers before any of them is counted.
-    made: list[tuple[web.RequestHandler, float]] = []
+    # A handler is counted here until it has a transport, for two loop steps at most (the transport
+    # made after the factory schedules connection_made): a closed one has no transport either, and
+    # kept as "not connected yet" it held a place for a second.
+    made: set[web.RequestHandler] = set()
     busy: set[_Busy] = set()
 
     def protocol() -> asyncio.Protocol:
-        now = loop.time()
-        made[:] = [(h, t) for h, t in made if h.transport is None and now - t < UNCOUNTED_S]
-        if not room(len(made)):
+        if not room(sum(1 for h in made if h.transport is None)):
             return _Busy(busy)
-        made.append((h := handler(), now))
+        made.add(h := handler())
+        loop.call_soon(loop.call_soon, made.discard, h)
         return h
 
     return await loop.create_server(protocol, host, port)

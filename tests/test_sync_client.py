@@ -147,3 +147,14 @@ def test_ctrl_c_anywhere_in_the_loop_cancels_the_generation(model, where, monkey
                 assert time.monotonic() < deadline, "the server is still generating"
                 time.sleep(0.01)
             assert session.complete(" more", max_tokens=2, stop_token_ids=[]) is not None  # usable again
+
+
+def test_one_stop_string_is_taken_as_session_generate_takes_it(model):
+    """Session.generate(stop="x") works; the client sent the string as is and the server refused it
+    ("stop" must be a list; review)."""
+    with serve_in_thread(Server(Engine(model, max_active=2), port=0)) as url:
+        with sg.Client.connect_sync(url) as client:
+            session = client.open(seed=4)
+            text = session.complete("The Python", max_tokens=40, temperature=0, stop=" ")
+    local = model.session(seed=4).complete("The Python", max_tokens=40, temperature=0, stop=" ")
+    assert text == local and " " not in text

@@ -106,6 +106,8 @@ class ClientSession:
         clash = {"type", "session", "id"} & sampling.keys()
         if clash:
             raise TypeError(f"generate() got protocol fields as sampling arguments: {', '.join(sorted(clash))}")
+        if isinstance(sampling.get("stop"), str):  # (Session.generate takes one stop string; the protocol a list)
+            sampling = {**sampling, "stop": [sampling["stop"]]}
         me: list[weakref.ref] = []
         tokens = self._tokens(sampling, me)
         me.append(weakref.ref(tokens))

@@ -81,3 +81,15 @@ def test_our_errors_are_the_packages_exception_types(client, server):
     with openai.OpenAI(base_url=server.http.url, api_key="wrong", max_retries=0) as other:
         with pytest.raises(openai.AuthenticationError):
             other.models.list()
+
+
+def test_fields_that_change_nothing_here_are_accepted(client):
+    """OpenAI's newer fields (the SDK sends them when a tool sets them) were 400 unknown_field (review)."""
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, seed=3)
+    extra = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, seed=3,
+                                           safety_identifier="u1", prompt_cache_key="k", verbosity="low",
+                                           extra_body={"prompt_cache_retention": "in_memory"})
+    assert extra.choices[0].message.content == plain.choices[0].message.content
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, seed=3, stream=True,
+                                            stream_options={"include_usage": True, "include_obfuscation": False})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == plain.choices[0].message.content

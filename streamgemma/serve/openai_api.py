@@ -70,8 +70,9 @@ class ApiRequest:
 
 
 # Fields OpenAI defines that change nothing here (accepted and ignored).
-_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "modalities",
-            "reasoning_effort", "web_search_options"}
+_IGNORED = {"user", "safety_identifier", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction",
+            "modalities", "reasoning_effort", "verbosity", "web_search_options", "prompt_cache_key",
+            "prompt_cache_retention"}
 _COMMON = {"return_token_ids", "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
            "presence_penalty", "frequency_penalty", "stop", "seed", "n", "stream", "stream_options",
            "logit_bias", "logprobs"} | _IGNORED
@@ -158,8 +159,10 @@ def _parse(kind: str, body: Mapping, max_tokens_limit: int, default_max_tokens: 
     _refuse_unsupported(kind, body)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
-    if options is not None and not (isinstance(options, Mapping) and set(options) <= {"include_usage"}):
-        raise type_error("stream_options", "stream_options must be an object with at most \"include_usage\"")
+    if options is not None and not (isinstance(options, Mapping)
+                                    and set(options) <= {"include_usage", "include_obfuscation"}):
+        raise type_error("stream_options", "stream_options must be an object with at most \"include_usage\" "
+                                           "and \"include_obfuscation\" (ignored)")
     if options is not None and not stream:  # (as OpenAI: any stream_options, not just include_usage)
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
     include_usage = _bool(options or {}, "include_usage")

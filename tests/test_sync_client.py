@@ -158,3 +158,16 @@ def test_one_stop_string_is_taken_as_session_generate_takes_it(model):
             text = session.complete("The Python", max_tokens=40, temperature=0, stop=" ")
     local = model.session(seed=4).complete("The Python", max_tokens=40, temperature=0, stop=" ")
     assert text == local and " " not in text
+
+
+def test_reopening_a_session_this_client_holds_gives_the_same_session(model):
+    """A second ClientSession replaced the first in the client's books: the first one's position went
+    stale (and was then sent as `since` on a reconnect; review)."""
+    with serve_in_thread(Server(Engine(model, max_active=2), port=0)) as url:
+        with sg.Client.connect_sync(url) as client:
+            first = client.open(seed=4)
+            first.append("The Python")
+            again = client.open(first.id)
+            assert again.session is first.session
+            first.complete(" more", max_tokens=3, temperature=0, stop_token_ids=[])
+            assert again.position == first.position == first.last_done["position"]

@@ -119,6 +119,10 @@ class Client:
         if since is not None:
             msg["since"] = since
         reply = await self.request(msg)
+        held = self._sessions.get(reply["session"])
+        if held is not None:  # (one object a session: a second one's position would go stale, or the first's)
+            held.position, held.missed = reply["position"], reply.get("missed")
+            return held
         opened = ClientSession(self, reply["session"], reply["position"])
         opened.missed = reply.get("missed")
         self._sessions[opened.id] = opened
